@@ -1,0 +1,157 @@
+//! Defaulting: the fields the Kubernetes API server fills in when a client leaves them out.
+//! Works on untyped objects so that what the client sent is kept as it was sent.
+
+use serde_json::{json, Value};
+
+fn set_default(obj: &mut Value, key: &str, value: Value) {
+    if let Some(m) = obj.as_object_mut() {
+        if m.get(key).is_none_or(Value::is_null) {
+            m.insert(key.to_string(), value);
+        }
+    }
+}
+
+fn child<'a>(obj: &'a mut Value, key: &str) -> Option<&'a mut Value> {
+    obj.get_mut(key).filter(|v| v.is_object())
+}
+
+/// Defaults for an object of `kind`, in place.
+pub fn apply(kind: &str, obj: &mut Value) {
+    match kind {
+        "Pod" => {
+            if let Some(spec) = child(obj, "spec") {
+                pod_spec(spec);
+            }
+            set_default(obj, "status", json!({}));
+            if let Some(status) = child(obj, "status") {
+                set_default(status, "phase", json!("Pending"));
+            }
+        }
+        "Deployment" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "replicas", json!(1));
+                set_default(spec, "revisionHistoryLimit", json!(10));
+                set_default(spec, "progressDeadlineSeconds", json!(600));
+                set_default(spec, "strategy", json!({}));
+                if let Some(strategy) = child(spec, "strategy") {
+                    set_default(strategy, "type", json!("RollingUpdate"));
+                    if strategy["type"] == "RollingUpdate" {
+                        set_default(strategy, "rollingUpdate", json!({}));
+                        if let Some(ru) = child(strategy, "rollingUpdate") {
+                            set_default(ru, "maxSurge", json!("25%"));
+                            set_default(ru, "maxUnavailable", json!("25%"));
+                        }
+                    }
+                }
+                template(spec);
+            }
+        }
+        "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job" => {
+            if let Some(spec) = child(obj, "spec") {
+                if kind != "DaemonSet" && kind != "Job" {
+                    set_default(spec, "replicas", json!(1));
+                }
+                template(spec);
+            }
+        }
+        "Service" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "type", json!("ClusterIP"));
+                set_default(spec, "sessionAffinity", json!("None"));
+                if spec["type"] == "NodePort" || spec["type"] == "LoadBalancer" {
+                    set_default(spec, "externalTrafficPolicy", json!("Cluster"));
+                }
+                if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
+                    for p in ports {
+                        set_default(p, "protocol", json!("TCP"));
+                        if let Some(port) = p.get("port").cloned() {
+                            set_default(p, "targetPort", port);
+                        }
+                    }
+                }
+            }
+        }
+        "Namespace" => {
+            set_default(obj, "spec", json!({"finalizers": ["kubernetes"]}));
+            set_default(obj, "status", json!({"phase": "Active"}));
+        }
+        _ => {}
+    }
+}
+
+fn template(spec: &mut Value) {
+    if let Some(t) = child(spec, "template") {
+        if let Some(ps) = child(t, "spec") {
+            pod_spec(ps);
+        }
+    }
+}
+
+/// Defaults of a pod spec (also used inside templates).
+pub fn pod_spec(spec: &mut Value) {
+    set_default(spec, "restartPolicy", json!("Always"));
+    set_default(spec, "dnsPolicy", json!("ClusterFirst"));
+    set_default(spec, "terminationGracePeriodSeconds", json!(30));
+    set_default(spec, "schedulerName", json!("default-scheduler"));
+    set_default(spec, "securityContext", json!({}));
+    for list in ["containers", "initContainers"] {
+        if let Some(cs) = spec.get_mut(list).and_then(Value::as_array_mut) {
+            for c in cs {
+                let image = c.get("image").and_then(Value::as_str).unwrap_or("").to_string();
+                set_default(c, "imagePullPolicy", json!(default_pull_policy(&image)));
+                set_default(c, "terminationMessagePath", json!("/dev/termination-log"));
+                set_default(c, "terminationMessagePolicy", json!("File"));
+                set_default(c, "resources", json!({}));
+                if let Some(ports) = c.get_mut("ports").and_then(Value::as_array_mut) {
+                    for p in ports {
+                        set_default(p, "protocol", json!("TCP"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `Always` for `:latest` or untagged images, else `IfNotPresent`, as Kubernetes does.
+pub fn default_pull_policy(image: &str) -> &'static str {
+    if image.contains('@') {
+        return "IfNotPresent";
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.split_once(':') {
+        Some((_, "latest")) | None => "Always",
+        Some(_) => "IfNotPresent",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deployment_defaults() {
+        let mut d = json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "127.0.0.1:5000/x:v1", "ports": [{"containerPort": 80}]}]}}}});
+        apply("Deployment", &mut d);
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["imagePullPolicy"], "IfNotPresent");
+        assert_eq!(c["ports"][0]["protocol"], "TCP");
+        assert_eq!(d["spec"]["template"]["spec"]["restartPolicy"], "Always");
+    }
+
+    #[test]
+    fn pull_policy_and_service_defaults() {
+        assert_eq!(default_pull_policy("127.0.0.1:5000/x"), "Always");
+        assert_eq!(default_pull_policy("x:latest"), "Always");
+        assert_eq!(default_pull_policy("x@sha256:00"), "IfNotPresent");
+        let mut s = json!({"spec": {"type": "NodePort", "ports": [{"port": 80}]}});
+        apply("Service", &mut s);
+        assert_eq!(s["spec"]["ports"][0]["targetPort"], 80);
+        assert_eq!(s["spec"]["externalTrafficPolicy"], "Cluster");
+        // An explicit value is kept.
+        let mut d = json!({"spec": {"replicas": 0, "template": {"spec": {}}}});
+        apply("Deployment", &mut d);
+        assert_eq!(d["spec"]["replicas"], 0);
+    }
+}

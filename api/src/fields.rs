@@ -1,0 +1,87 @@
+//! Field selectors (`?fieldSelector=metadata.name=web,status.phase!=Running`).
+//!
+//! Any dotted path into the object may be selected on; a missing field reads as `""`,
+//! so `spec.nodeName=` selects unscheduled pods as in Kubernetes.
+
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldSelector {
+    terms: Vec<(String, bool, String)>,
+}
+
+impl FieldSelector {
+    pub fn parse(s: &str) -> Result<Self, ApiError> {
+        let mut terms = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (path, eq, value) = if let Some((p, v)) = part.split_once("!=") {
+                (p, false, v)
+            } else if let Some((p, v)) = part.split_once("==") {
+                (p, true, v)
+            } else if let Some((p, v)) = part.split_once('=') {
+                (p, true, v)
+            } else {
+                return Err(ApiError::bad_request(format!(
+                    "invalid field selector: {part:?} is not of the form field=value"
+                )));
+            };
+            terms.push((path.trim().to_string(), eq, value.trim().to_string()));
+        }
+        Ok(FieldSelector { terms })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.terms.is_empty()
+    }
+
+    /// The value of an equality term on `path`, if there is one (used to narrow lookups).
+    pub fn equals(&self, path: &str) -> Option<&str> {
+        self.terms
+            .iter()
+            .find(|(p, eq, _)| *eq && p == path)
+            .map(|(_, _, v)| v.as_str())
+    }
+
+    pub fn matches(&self, obj: &Value) -> bool {
+        self.terms.iter().all(|(path, eq, want)| {
+            let got = lookup(obj, path);
+            (got == *want) == *eq
+        })
+    }
+}
+
+fn lookup(obj: &Value, path: &str) -> String {
+    let mut cur = obj;
+    for seg in path.split('.') {
+        match cur.get(seg) {
+            Some(v) => cur = v,
+            None => return String::new(),
+        }
+    }
+    match cur {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn selects_on_nested_fields() {
+        let pod = json!({"metadata": {"name": "a", "namespace": "default"},
+                         "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
+        assert!(FieldSelector::parse("metadata.name=a,spec.nodeName=n1").unwrap().matches(&pod));
+        assert!(FieldSelector::parse("status.phase!=Pending").unwrap().matches(&pod));
+        assert!(!FieldSelector::parse("metadata.namespace=kube-system").unwrap().matches(&pod));
+        let unscheduled = json!({"metadata": {"name": "b"}, "spec": {}});
+        assert!(FieldSelector::parse("spec.nodeName=").unwrap().matches(&unscheduled));
+        assert!(FieldSelector::parse("nonsense").is_err());
+        assert_eq!(FieldSelector::parse("metadata.name==a").unwrap().equals("metadata.name"), Some("a"));
+    }
+}

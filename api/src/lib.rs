@@ -1,0 +1,31 @@
+//! skiff-api: the Kubernetes-compatible vocabulary every other skiff crate speaks.
+//!
+//! This crate does no IO. It owns:
+//! - [`resources`]: the table of served resources (group, version, plural, kind, scope);
+//! - [`selector`] and [`fields`]: label and field selectors;
+//! - [`validation`] and [`defaults`]: what a well-formed object is, and what is filled in;
+//! - [`patch`]: JSON merge patch, JSON patch and strategic merge patch;
+//! - [`error`]: [`ApiError`], rendered as a Kubernetes `Status`;
+//! - [`meta`]: small accessors over untyped objects (`serde_json::Value`).
+//!
+//! Wire types come from `k8s-openapi`, re-exported as [`k8s`].
+
+pub mod defaults;
+pub mod error;
+pub mod fields;
+pub mod meta;
+pub mod patch;
+pub mod resources;
+pub mod selector;
+pub mod validation;
+
+pub use error::{ApiError, Cause};
+pub use k8s_openapi as k8s;
+pub use resources::{Resource, RESOURCES};
+
+/// Label put on every ReplicaSet and Pod a Deployment owns, as Kubernetes does.
+pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
+/// Annotation carrying a Deployment's (and its ReplicaSets') revision number.
+pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
+/// Node label saying the node runs WebAssembly workloads.
+pub const WASM_NODE_LABEL: &str = "skiff.dev/wasm";

@@ -1,0 +1,536 @@
+//! Validation: decoding into the Kubernetes wire types (with unknown fields reported),
+//! semantic checks per kind, and the rules for what an update may change.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{ApiError, Cause};
+use crate::resources::Resource;
+use crate::selector::Selector;
+
+/// Largest accepted request body, as the Kubernetes API server's default limit (3 MiB).
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+
+/// Decodes `obj` into its wire type. A wrong type is a 400 naming the field;
+/// with `strict`, so is a field the type does not have.
+pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiError> {
+    match resource.kind {
+        "Namespace" => check::<core::Namespace>(obj, strict),
+        "Node" => check::<core::Node>(obj, strict),
+        "Pod" => check::<core::Pod>(obj, strict),
+        "Service" => check::<core::Service>(obj, strict),
+        "Endpoints" => check::<core::Endpoints>(obj, strict),
+        "Event" => check::<core::Event>(obj, strict),
+        "ConfigMap" => check::<core::ConfigMap>(obj, strict),
+        "Secret" => check::<core::Secret>(obj, strict),
+        "ServiceAccount" => check::<core::ServiceAccount>(obj, strict),
+        "Deployment" => check::<apps::Deployment>(obj, strict),
+        "ReplicaSet" => check::<apps::ReplicaSet>(obj, strict),
+        "DaemonSet" => check::<apps::DaemonSet>(obj, strict),
+        "StatefulSet" => check::<apps::StatefulSet>(obj, strict),
+        "Job" => check::<batch::Job>(obj, strict),
+        "CronJob" => check::<batch::CronJob>(obj, strict),
+        other => Err(ApiError::bad_request(format!("no wire type for kind {other}"))),
+    }
+}
+
+/// Decodes into `T`. Errors as the Kubernetes API server words them.
+pub fn typed<T: DeserializeOwned>(obj: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(obj).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad_request(format!("error decoding field {path:?}: {}", e.inner()))
+    })
+}
+
+fn check<T: DeserializeOwned + Serialize>(obj: &Value, strict: bool) -> Result<(), ApiError> {
+    let t: T = typed(obj)?;
+    if strict {
+        let back = serde_json::to_value(&t).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut unknown = Vec::new();
+        unknown_fields(obj, &back, String::new(), &mut unknown);
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
+            return Err(ApiError::bad_request(format!("strict decoding error: {}", list.join(", "))));
+        }
+    }
+    Ok(())
+}
+
+/// Fields present (and not null) in `sent` but absent after a round trip through the type.
+fn unknown_fields(sent: &Value, back: &Value, path: String, out: &mut Vec<String>) {
+    match (sent, back) {
+        (Value::Object(s), Value::Object(b)) => {
+            for (k, v) in s {
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                match b.get(k) {
+                    None if !v.is_null() && !is_empty_container(v) => out.push(p),
+                    None => {}
+                    Some(bv) => unknown_fields(v, bv, p, out),
+                }
+            }
+        }
+        (Value::Array(s), Value::Array(b)) => {
+            for (i, (sv, bv)) in s.iter().zip(b).enumerate() {
+                unknown_fields(sv, bv, format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn is_empty_container(v: &Value) -> bool {
+    matches!(v, Value::Object(m) if m.is_empty()) || matches!(v, Value::Array(a) if a.is_empty())
+}
+
+// ---- names ------------------------------------------------------------------------------
+
+/// A DNS-1123 label: at most 63 lower-case alphanumerics or '-', starting and ending alphanumeric.
+pub fn is_dns1123_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+}
+
+/// A DNS-1123 subdomain: dot-separated labels, at most 253 characters.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns1123_label)
+}
+
+fn is_label_value(v: &str) -> bool {
+    v.is_empty()
+        || (v.len() <= 63
+            && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+            && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()))
+}
+
+fn is_qualified_name(k: &str) -> bool {
+    let (prefix, name) = match k.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, k),
+    };
+    prefix.is_none_or(is_dns1123_subdomain) && !name.is_empty() && is_label_value(name)
+}
+
+const SUBDOMAIN_MSG: &str = "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character";
+const LABEL_MSG: &str = "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character";
+
+/// Kinds whose names must be DNS-1123 labels rather than subdomains.
+fn needs_label_name(kind: &str) -> bool {
+    matches!(kind, "Namespace" | "Service")
+}
+
+fn validate_meta(kind: &str, meta: &ObjectMeta, namespaced: bool, causes: &mut Vec<Cause>) {
+    let name = meta.name.as_deref().unwrap_or("");
+    if name.is_empty() {
+        if meta.generate_name.as_deref().unwrap_or("").is_empty() {
+            causes.push(Cause::required("metadata.name"));
+        }
+    } else if needs_label_name(kind) {
+        if !is_dns1123_label(name) {
+            causes.push(Cause::invalid("metadata.name", format!("{name:?}"), LABEL_MSG));
+        }
+    } else if !is_dns1123_subdomain(name) && kind != "Event" {
+        causes.push(Cause::invalid("metadata.name", format!("{name:?}"), SUBDOMAIN_MSG));
+    }
+    if namespaced {
+        if let Some(ns) = meta.namespace.as_deref() {
+            if !is_dns1123_label(ns) {
+                causes.push(Cause::invalid("metadata.namespace", format!("{ns:?}"), LABEL_MSG));
+            }
+        }
+    }
+    for (k, v) in meta.labels.iter().flatten() {
+        if !is_qualified_name(k) {
+            causes.push(Cause::invalid("metadata.labels", format!("{k:?}"), "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+        }
+        if !is_label_value(v) {
+            causes.push(Cause::invalid("metadata.labels", format!("{v:?}"), "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+        }
+    }
+}
+
+// ---- semantic validation -----------------------------------------------------------------
+
+/// Semantic checks of a (defaulted) object. A failure is a 422 listing every bad field.
+pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
+    let mut causes = Vec::new();
+    let meta: ObjectMeta = typed(obj.get("metadata").unwrap_or(&Value::Null)).unwrap_or_default();
+    if resource.kind != "Pod" && resource.kind != "Service" && obj.get("spec").is_none() && has_required_spec(resource.kind) {
+        causes.push(Cause::required("spec"));
+    }
+    validate_meta(resource.kind, &meta, resource.namespaced, &mut causes);
+    match resource.kind {
+        "Pod" => {
+            let pod: core::Pod = typed(obj)?;
+            match &pod.spec {
+                Some(spec) => pod_spec(spec, "spec", &mut causes),
+                None => causes.push(Cause::required("spec")),
+            }
+        }
+        "Deployment" => {
+            let d: apps::Deployment = typed(obj)?;
+            let spec = &d.spec;
+            workload(spec.replicas, Some(&spec.selector), &spec.template, true, &mut causes);
+            if let Some(s) = &spec.strategy {
+                match s.type_.as_deref() {
+                    None | Some("RollingUpdate") | Some("Recreate") => {}
+                    Some(t) => causes.push(Cause::invalid("spec.strategy.type", format!("{t:?}"), "supported values: \"Recreate\", \"RollingUpdate\"")),
+                }
+                if let Some(ru) = &s.rolling_update {
+                    let surge = ru.max_surge.as_ref().map(|v| int_or_percent(v, 100));
+                    let unavail = ru.max_unavailable.as_ref().map(|v| int_or_percent(v, 100));
+                    if surge == Some(0) && unavail == Some(0) {
+                        causes.push(Cause::invalid("spec.strategy.rollingUpdate.maxUnavailable", "0", "may not be 0 when `maxSurge` is 0"));
+                    }
+                }
+            }
+        }
+        "ReplicaSet" => {
+            let rs: apps::ReplicaSet = typed(obj)?;
+            let tmpl = rs.spec.template.clone().unwrap_or_default();
+            workload(rs.spec.replicas, Some(&rs.spec.selector), &tmpl, true, &mut causes)
+        }
+        "StatefulSet" => {
+            let s: apps::StatefulSet = typed(obj)?;
+            workload(s.spec.replicas, Some(&s.spec.selector), &s.spec.template, true, &mut causes)
+        }
+        "DaemonSet" => {
+            let s: apps::DaemonSet = typed(obj)?;
+            workload(None, Some(&s.spec.selector), &s.spec.template, true, &mut causes)
+        }
+        "Job" => {
+            let j: batch::Job = typed(obj)?;
+            if let Some(spec) = &j.spec {
+                workload(None, spec.selector.as_ref(), &spec.template, false, &mut causes);
+                let rp = spec.template.spec.as_ref().and_then(|s| s.restart_policy.as_deref());
+                if rp == Some("Always") {
+                    causes.push(Cause::invalid("spec.template.spec.restartPolicy", "\"Always\"", "supported values: \"OnFailure\", \"Never\""));
+                }
+            }
+        }
+        "Service" => {
+            let s: core::Service = typed(obj)?;
+            service(&s, &mut causes);
+        }
+        "ConfigMap" => {
+            let cm: core::ConfigMap = typed(obj)?;
+            for k in cm.data.iter().flat_map(|d| d.keys()).chain(cm.binary_data.iter().flat_map(|d| d.keys())) {
+                if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+                    causes.push(Cause::invalid("data", format!("{k:?}"), "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
+                }
+            }
+        }
+        _ => {}
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        let name = meta.name.clone().or(meta.generate_name.clone()).unwrap_or_default();
+        Err(ApiError::invalid(resource.kind, &name, causes))
+    }
+}
+
+fn has_required_spec(kind: &str) -> bool {
+    matches!(kind, "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job" | "CronJob")
+}
+
+/// Resolves an int-or-percent (`maxSurge: 25%`) against `total`; percentages round down.
+pub fn int_or_percent(v: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString, total: i32) -> i32 {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match v {
+        IntOrString::Int(i) => *i,
+        IntOrString::String(s) => s
+            .trim_end_matches('%')
+            .parse::<i64>()
+            .map(|p| (p * total as i64 / 100) as i32)
+            .unwrap_or(0),
+    }
+}
+
+fn workload(
+    replicas: Option<i32>,
+    selector: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    template: &core::PodTemplateSpec,
+    selector_required: bool,
+    causes: &mut Vec<Cause>,
+) {
+    if let Some(r) = replicas {
+        if r < 0 {
+            causes.push(Cause::invalid("spec.replicas", r, "must be greater than or equal to 0"));
+        }
+    }
+    let labels: BTreeMap<String, String> = template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    match selector {
+        None if selector_required => causes.push(Cause::required("spec.selector")),
+        None => {}
+        Some(ls) => match Selector::from_label_selector(ls) {
+            Err(e) => causes.push(Cause::invalid("spec.selector", "", &e)),
+            Ok(s) if s.is_empty() => causes.push(Cause::invalid("spec.selector", "{}", "empty selector is invalid for deployment")),
+            Ok(s) => {
+                if !s.matches(&labels) {
+                    let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    causes.push(Cause::invalid(
+                        "spec.template.metadata.labels",
+                        format!("map[{}]", shown.join(" ")),
+                        "`selector` does not match template `labels`",
+                    ));
+                }
+            }
+        },
+    }
+    match &template.spec {
+        Some(spec) => pod_spec(spec, "spec.template.spec", causes),
+        None => causes.push(Cause::required("spec.template.spec")),
+    }
+}
+
+fn pod_spec(spec: &core::PodSpec, at: &str, causes: &mut Vec<Cause>) {
+    if spec.containers.is_empty() {
+        causes.push(Cause::required(format!("{at}.containers")));
+    }
+    let mut names = BTreeSet::new();
+    for (list, cs) in [("containers", &spec.containers), ("initContainers", spec.init_containers.as_ref().unwrap_or(&Vec::new()))] {
+        for (i, c) in cs.iter().enumerate() {
+            let f = format!("{at}.{list}[{i}]");
+            if c.name.is_empty() {
+                causes.push(Cause::required(format!("{f}.name")));
+            } else if !is_dns1123_label(&c.name) {
+                causes.push(Cause::invalid(format!("{f}.name"), format!("{:?}", c.name), LABEL_MSG));
+            } else if !names.insert(c.name.clone()) {
+                causes.push(Cause::duplicate(format!("{f}.name"), format!("{:?}", c.name)));
+            }
+            if c.image.as_deref().unwrap_or("").trim().is_empty() {
+                causes.push(Cause::required(format!("{f}.image")));
+            }
+            for (j, p) in c.ports.iter().flatten().enumerate() {
+                if !(1..=65535).contains(&p.container_port) {
+                    causes.push(Cause::invalid(format!("{f}.ports[{j}].containerPort"), p.container_port, "must be between 1 and 65535, inclusive"));
+                }
+                if let Some(proto) = p.protocol.as_deref() {
+                    if !matches!(proto, "TCP" | "UDP" | "SCTP") {
+                        causes.push(Cause::invalid(format!("{f}.ports[{j}].protocol"), format!("{proto:?}"), "supported values: \"SCTP\", \"TCP\", \"UDP\""));
+                    }
+                }
+            }
+            if let Some(pp) = c.image_pull_policy.as_deref() {
+                if !matches!(pp, "Always" | "IfNotPresent" | "Never") {
+                    causes.push(Cause::invalid(format!("{f}.imagePullPolicy"), format!("{pp:?}"), "supported values: \"Always\", \"IfNotPresent\", \"Never\""));
+                }
+            }
+            for (j, e) in c.env.iter().flatten().enumerate() {
+                if e.name.is_empty() {
+                    causes.push(Cause::required(format!("{f}.env[{j}].name")));
+                }
+            }
+        }
+    }
+    if let Some(rp) = spec.restart_policy.as_deref() {
+        if !matches!(rp, "Always" | "OnFailure" | "Never") {
+            causes.push(Cause::invalid(format!("{at}.restartPolicy"), format!("{rp:?}"), "supported values: \"Always\", \"OnFailure\", \"Never\""));
+        }
+    }
+    let mut vols = BTreeSet::new();
+    for (i, v) in spec.volumes.iter().flatten().enumerate() {
+        if !is_dns1123_label(&v.name) {
+            causes.push(Cause::invalid(format!("{at}.volumes[{i}].name"), format!("{:?}", v.name), LABEL_MSG));
+        } else if !vols.insert(v.name.clone()) {
+            causes.push(Cause::duplicate(format!("{at}.volumes[{i}].name"), format!("{:?}", v.name)));
+        }
+    }
+    for (i, c) in spec.containers.iter().enumerate() {
+        for (j, m) in c.volume_mounts.iter().flatten().enumerate() {
+            if !vols.contains(&m.name) {
+                causes.push(Cause::invalid(format!("{at}.containers[{i}].volumeMounts[{j}].name"), format!("{:?}", m.name), "not found"));
+            }
+        }
+    }
+}
+
+fn service(s: &core::Service, causes: &mut Vec<Cause>) {
+    let Some(spec) = &s.spec else {
+        causes.push(Cause::required("spec"));
+        return;
+    };
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
+        causes.push(Cause::invalid("spec.type", format!("{ty:?}"), "supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""));
+    }
+    let ports = spec.ports.clone().unwrap_or_default();
+    if ports.is_empty() && ty != "ExternalName" && spec.cluster_ip.as_deref() != Some("None") {
+        causes.push(Cause::required("spec.ports"));
+    }
+    let mut names = BTreeSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        if !(1..=65535).contains(&p.port) {
+            causes.push(Cause::invalid(format!("spec.ports[{i}].port"), p.port, "must be between 1 and 65535, inclusive"));
+        }
+        if ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() {
+            causes.push(Cause::required(format!("spec.ports[{i}].name")));
+        }
+        if let Some(n) = &p.name {
+            if !names.insert(n.clone()) {
+                causes.push(Cause::duplicate(format!("spec.ports[{i}].name"), format!("{n:?}")));
+            }
+        }
+        if let Some(np) = p.node_port {
+            if ty == "ClusterIP" {
+                causes.push(Cause::forbidden(format!("spec.ports[{i}].nodePort"), "may not be used when `type` is 'ClusterIP'"));
+            } else if !(30000..=32767).contains(&np) {
+                causes.push(Cause::invalid(format!("spec.ports[{i}].nodePort"), np, "provided port is not in the valid range. The range of valid ports is 30000-32767"));
+            }
+        }
+    }
+    if ty == "ExternalName" && spec.external_name.as_deref().unwrap_or("").is_empty() {
+        causes.push(Cause::required("spec.externalName"));
+    }
+}
+
+/// What an update may not change. `old` and `new` are the stored and the proposed object.
+pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<(), ApiError> {
+    let mut causes = Vec::new();
+    let immutable = |path: &str, field: &str, causes: &mut Vec<Cause>| {
+        let (a, b) = (old.pointer(path), new.pointer(path));
+        if a.is_some() && a != b {
+            causes.push(Cause::invalid(field, b.map(|v| v.to_string()).unwrap_or_default(), "field is immutable"));
+        }
+    };
+    match resource.kind {
+        "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" => {
+            immutable("/spec/selector", "spec.selector", &mut causes)
+        }
+        "Service" => {
+            let a = old.pointer("/spec/clusterIP");
+            let b = new.pointer("/spec/clusterIP");
+            if a.is_some() && b.is_some() && a != b {
+                causes.push(Cause::invalid("spec.clusterIP", b.map(|v| v.to_string()).unwrap_or_default(), "field is immutable"));
+            }
+        }
+        "Pod" => {
+            // Only images, activeDeadlineSeconds and tolerations may change in a pod spec;
+            // the scheduler's binding sets nodeName once.
+            let strip = |v: &Value| {
+                let mut s = v.get("spec").cloned().unwrap_or(Value::Null);
+                if let Some(m) = s.as_object_mut() {
+                    m.remove("activeDeadlineSeconds");
+                    m.remove("tolerations");
+                    if let Some(cs) = m.get_mut("containers").and_then(Value::as_array_mut) {
+                        for c in cs {
+                            if let Some(c) = c.as_object_mut() {
+                                c.remove("image");
+                            }
+                        }
+                    }
+                    if old.pointer("/spec/nodeName").is_none() {
+                        m.remove("nodeName");
+                    }
+                }
+                s
+            };
+            if strip(old) != strip(new) {
+                causes.push(Cause::forbidden("spec", "pod updates may not change fields other than `spec.containers[*].image`, `spec.activeDeadlineSeconds` or `spec.tolerations`"));
+            }
+        }
+        "Job" => immutable("/spec/template", "spec.template", &mut causes),
+        _ => {}
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(resource.kind, crate::meta::name(new), causes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn deploy() -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "web", "namespace": "default"},
+               "spec": {"selector": {"matchLabels": {"app": "web"}},
+                        "template": {"metadata": {"labels": {"app": "web"}},
+                                     "spec": {"containers": [{"name": "web", "image": "x:v1"}]}}}})
+    }
+
+    fn res(kind: &str) -> &'static Resource {
+        crate::resources::RESOURCES.iter().find(|r| r.kind == kind).unwrap()
+    }
+
+    #[test]
+    fn valid_deployment_passes() {
+        decode(res("Deployment"), &deploy(), true).unwrap();
+        validate(res("Deployment"), &deploy()).unwrap();
+    }
+
+    #[test]
+    fn unknown_and_mistyped_fields_are_named() {
+        let mut d = deploy();
+        d["spec"]["replica"] = json!(3);
+        let e = decode(res("Deployment"), &d, true).unwrap_err();
+        assert_eq!(e.code, 400);
+        assert!(e.message.contains("unknown field \"spec.replica\""), "{}", e.message);
+        decode(res("Deployment"), &d, false).unwrap();
+        let mut d = deploy();
+        d["spec"]["replicas"] = json!("three");
+        let e = decode(res("Deployment"), &d, true).unwrap_err();
+        assert!(e.message.contains("spec.replicas"), "{}", e.message);
+    }
+
+    #[test]
+    fn semantic_errors_list_every_field() {
+        let mut d = deploy();
+        d["metadata"]["name"] = json!("Web_1");
+        d["spec"]["template"]["metadata"]["labels"]["app"] = json!("other");
+        d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("");
+        let e = validate(res("Deployment"), &d).unwrap_err();
+        assert_eq!(e.code, 422);
+        let fields: Vec<&str> = e.causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(fields, vec!["metadata.name", "spec.template.metadata.labels", "spec.template.spec.containers[0].image"]);
+    }
+
+    #[test]
+    fn service_rules() {
+        let svc = json!({"metadata": {"name": "s"}, "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}});
+        let e = validate(res("Service"), &svc).unwrap_err();
+        assert_eq!(e.causes[0].field, "spec.ports[0].nodePort");
+        let svc = json!({"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}, {"port": 81}]}});
+        assert_eq!(validate(res("Service"), &svc).unwrap_err().causes.len(), 2);
+    }
+
+    #[test]
+    fn immutable_fields() {
+        let mut d = deploy();
+        d["spec"]["selector"]["matchLabels"]["app"] = json!("x");
+        let e = validate_update(res("Deployment"), &deploy(), &d).unwrap_err();
+        assert_eq!(e.causes[0].field, "spec.selector");
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "x:1"}]}});
+        let mut bound = pod.clone();
+        bound["spec"]["nodeName"] = json!("n1");
+        validate_update(res("Pod"), &pod, &bound).unwrap();
+        let mut moved = bound.clone();
+        moved["spec"]["nodeName"] = json!("n2");
+        assert!(validate_update(res("Pod"), &bound, &moved).is_err());
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_dns1123_label("web-1"));
+        assert!(!is_dns1123_label("-web"));
+        assert!(!is_dns1123_label("Web"));
+        assert!(is_dns1123_subdomain("a.b-c"));
+        assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+    }
+}
