@@ -15,8 +15,10 @@ pub mod error;
 pub mod fields;
 pub mod meta;
 pub mod patch;
+pub mod quantity;
 pub mod resources;
 pub mod selector;
+pub mod table;
 pub mod validation;
 
 pub use error::{ApiError, Cause};

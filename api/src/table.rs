@@ -1,0 +1,360 @@
+//! Human-readable columns per kind, as `kubectl get` prints them. The API server serves them
+//! as `meta.k8s.io/v1` Tables; the skiff CLI prints the same rows.
+
+use serde_json::{json, Value};
+
+use crate::meta;
+
+/// One column: its header, and whether it only shows with `-o wide`.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    pub name: &'static str,
+    pub wide: bool,
+}
+
+const fn col(name: &'static str) -> Column {
+    Column { name, wide: false }
+}
+const fn wide(name: &'static str) -> Column {
+    Column { name, wide: true }
+}
+
+/// Columns of a kind (the first is always NAME).
+pub fn columns(kind: &str) -> Vec<Column> {
+    match kind {
+        "Pod" => vec![col("NAME"), col("READY"), col("STATUS"), col("RESTARTS"), col("AGE"), wide("IP"), wide("NODE"), wide("NOMINATED NODE"), wide("READINESS GATES")],
+        "Deployment" => vec![col("NAME"), col("READY"), col("UP-TO-DATE"), col("AVAILABLE"), col("AGE"), wide("CONTAINERS"), wide("IMAGES"), wide("SELECTOR")],
+        "ReplicaSet" => vec![col("NAME"), col("DESIRED"), col("CURRENT"), col("READY"), col("AGE"), wide("CONTAINERS"), wide("IMAGES"), wide("SELECTOR")],
+        "Service" => vec![col("NAME"), col("TYPE"), col("CLUSTER-IP"), col("EXTERNAL-IP"), col("PORT(S)"), col("AGE"), wide("SELECTOR")],
+        "Endpoints" => vec![col("NAME"), col("ENDPOINTS"), col("AGE")],
+        "Node" => vec![col("NAME"), col("STATUS"), col("ROLES"), col("AGE"), col("VERSION"), wide("INTERNAL-IP"), wide("EXTERNAL-IP"), wide("OS-IMAGE"), wide("KERNEL-VERSION"), wide("CONTAINER-RUNTIME")],
+        "Namespace" => vec![col("NAME"), col("STATUS"), col("AGE")],
+        "Event" => vec![col("LAST SEEN"), col("TYPE"), col("REASON"), col("OBJECT"), col("MESSAGE")],
+        "ConfigMap" => vec![col("NAME"), col("DATA"), col("AGE")],
+        "Job" => vec![col("NAME"), col("STATUS"), col("COMPLETIONS"), col("DURATION"), col("AGE")],
+        _ => vec![col("NAME"), col("AGE")],
+    }
+}
+
+/// Age like kubectl prints it (`5s`, `3m12s`, `4h`, `2d`), from an RFC 3339 timestamp.
+pub fn age(ts: Option<&str>, now_unix: i64) -> String {
+    let Some(t) = ts.and_then(parse_rfc3339) else {
+        return "<unknown>".into();
+    };
+    let s = (now_unix - t).max(0);
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=599 => format!("{}m{}s", s / 60, s % 60),
+        600..=10799 => format!("{}m", s / 60),
+        10800..=86399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// Seconds since the epoch of `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, se) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + h * 3600 + mi * 60 + se)
+}
+
+fn s(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(v) => v.to_string(),
+    }
+}
+
+fn i(v: Option<&Value>) -> i64 {
+    v.and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn or_none(v: String) -> String {
+    if v.is_empty() {
+        "<none>".into()
+    } else {
+        v
+    }
+}
+
+fn selector_string(v: Option<&Value>) -> String {
+    let Some(v) = v else { return "<none>".into() };
+    let map = if let Some(ml) = v.get("matchLabels") { ml } else { v };
+    let parts: Vec<String> = meta::string_map(Some(map)).iter().map(|(k, v)| format!("{k}={v}")).collect();
+    or_none(parts.join(","))
+}
+
+fn containers_and_images(spec: Option<&Value>) -> (String, String) {
+    let cs = spec.and_then(|s| s.get("containers")).and_then(Value::as_array).cloned().unwrap_or_default();
+    let names: Vec<String> = cs.iter().map(|c| s(c.get("name"))).collect();
+    let images: Vec<String> = cs.iter().map(|c| s(c.get("image"))).collect();
+    (names.join(","), images.join(","))
+}
+
+/// The pod's STATUS column: a waiting/terminated reason of a container wins over the phase.
+pub fn pod_status(pod: &Value) -> String {
+    if meta::is_deleting(pod) {
+        return "Terminating".into();
+    }
+    let mut reason = s(pod.pointer("/status/reason"));
+    if reason.is_empty() {
+        reason = s(pod.pointer("/status/phase"));
+    }
+    for c in pod.pointer("/status/containerStatuses").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(r) = c.pointer("/state/waiting/reason").and_then(Value::as_str) {
+            if !r.is_empty() && r != "ContainerCreating" || reason == "Pending" {
+                reason = r.to_string();
+            }
+        } else if let Some(r) = c.pointer("/state/terminated/reason").and_then(Value::as_str) {
+            if reason == "Running" {
+                reason = r.to_string();
+            }
+        }
+    }
+    if reason.is_empty() {
+        "Pending".into()
+    } else {
+        reason
+    }
+}
+
+/// The cells of one row, matching [`columns`].
+pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
+    let name = meta::name(o).to_string();
+    let age = age(o.pointer("/metadata/creationTimestamp").and_then(Value::as_str), now_unix);
+    match kind {
+        "Pod" => {
+            let total = o.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
+            let statuses = o.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
+            let ready = statuses.iter().filter(|c| c["ready"] == true).count();
+            let restarts: i64 = statuses.iter().map(|c| i(c.get("restartCount"))).sum();
+            vec![
+                name,
+                format!("{ready}/{total}"),
+                pod_status(o),
+                restarts.to_string(),
+                age,
+                or_none(s(o.pointer("/status/podIP"))),
+                or_none(s(o.pointer("/spec/nodeName"))),
+                "<none>".into(),
+                "<none>".into(),
+            ]
+        }
+        "Deployment" => {
+            let (c, im) = containers_and_images(o.pointer("/spec/template/spec"));
+            vec![
+                name,
+                format!("{}/{}", i(o.pointer("/status/readyReplicas")), i(o.pointer("/spec/replicas"))),
+                i(o.pointer("/status/updatedReplicas")).to_string(),
+                i(o.pointer("/status/availableReplicas")).to_string(),
+                age,
+                c,
+                im,
+                selector_string(o.pointer("/spec/selector")),
+            ]
+        }
+        "ReplicaSet" => {
+            let (c, im) = containers_and_images(o.pointer("/spec/template/spec"));
+            vec![
+                name,
+                i(o.pointer("/spec/replicas")).to_string(),
+                i(o.pointer("/status/replicas")).to_string(),
+                i(o.pointer("/status/readyReplicas")).to_string(),
+                age,
+                c,
+                im,
+                selector_string(o.pointer("/spec/selector")),
+            ]
+        }
+        "Service" => {
+            let ports: Vec<String> = o
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|p| match p.get("nodePort") {
+                    Some(np) => format!("{}:{}/{}", i(p.get("port")), np, s(p.get("protocol"))),
+                    None => format!("{}/{}", i(p.get("port")), s(p.get("protocol"))),
+                })
+                .collect();
+            let ingress: Vec<String> = o
+                .pointer("/status/loadBalancer/ingress")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|g| s(g.get("ip")))
+                .collect();
+            let ty = s(o.pointer("/spec/type"));
+            let external = if !ingress.is_empty() {
+                ingress.join(",")
+            } else if ty == "LoadBalancer" {
+                "<pending>".into()
+            } else {
+                "<none>".into()
+            };
+            vec![
+                name,
+                ty,
+                or_none(s(o.pointer("/spec/clusterIP"))),
+                external,
+                or_none(ports.join(",")),
+                age,
+                selector_string(o.pointer("/spec/selector")),
+            ]
+        }
+        "Endpoints" => {
+            let mut eps = Vec::new();
+            for sub in o.get("subsets").and_then(Value::as_array).into_iter().flatten() {
+                for a in sub.get("addresses").and_then(Value::as_array).into_iter().flatten() {
+                    for p in sub.get("ports").and_then(Value::as_array).into_iter().flatten() {
+                        eps.push(format!("{}:{}", s(a.get("ip")), i(p.get("port"))));
+                    }
+                }
+            }
+            let shown = if eps.len() > 3 { format!("{} + {} more...", eps[..3].join(","), eps.len() - 3) } else { eps.join(",") };
+            vec![name, or_none(shown), age]
+        }
+        "Node" => {
+            let ready = o
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                .map(|c| if c["status"] == "True" { "Ready" } else { "NotReady" })
+                .unwrap_or("Unknown");
+            let status = if o.pointer("/spec/unschedulable") == Some(&json!(true)) {
+                format!("{ready},SchedulingDisabled")
+            } else {
+                ready.to_string()
+            };
+            let roles: Vec<String> = meta::labels(o)
+                .keys()
+                .filter_map(|k| k.strip_prefix("node-role.kubernetes.io/").map(String::from))
+                .collect();
+            let addr = |t: &str| {
+                o.pointer("/status/addresses")
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.iter().find(|x| x["type"] == t))
+                    .map(|x| s(x.get("address")))
+                    .unwrap_or_else(|| "<none>".into())
+            };
+            vec![
+                name,
+                status,
+                or_none(roles.join(",")),
+                age,
+                s(o.pointer("/status/nodeInfo/kubeletVersion")),
+                addr("InternalIP"),
+                addr("ExternalIP"),
+                s(o.pointer("/status/nodeInfo/osImage")),
+                s(o.pointer("/status/nodeInfo/kernelVersion")),
+                s(o.pointer("/status/nodeInfo/containerRuntimeVersion")),
+            ]
+        }
+        "Namespace" => vec![name, s(o.pointer("/status/phase")), age],
+        "Event" => {
+            let last = o
+                .get("lastTimestamp")
+                .and_then(Value::as_str)
+                .or(o.get("eventTime").and_then(Value::as_str))
+                .or(o.pointer("/metadata/creationTimestamp").and_then(Value::as_str));
+            vec![
+                self::age(last, now_unix),
+                s(o.get("type")),
+                s(o.get("reason")),
+                format!("{}/{}", s(o.pointer("/involvedObject/kind")).to_lowercase(), s(o.pointer("/involvedObject/name"))),
+                s(o.get("message")),
+            ]
+        }
+        "ConfigMap" => {
+            let n = o.get("data").and_then(Value::as_object).map_or(0, |m| m.len())
+                + o.get("binaryData").and_then(Value::as_object).map_or(0, |m| m.len());
+            vec![name, n.to_string(), age]
+        }
+        "Job" => {
+            let succeeded = i(o.pointer("/status/succeeded"));
+            let completions = o.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1);
+            let failed = o.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c["type"] == "Failed" && c["status"] == "True"));
+            let status = if succeeded >= completions { "Complete" } else if failed { "Failed" } else { "Running" };
+            vec![name, status.into(), format!("{succeeded}/{completions}"), String::new(), age]
+        }
+        _ => vec![name, age],
+    }
+}
+
+/// A `meta.k8s.io/v1` Table of `objects` (each row carries its full object).
+pub fn to_table(kind: &str, objects: &[Value], resource_version: &str, now_unix: i64) -> Value {
+    let cols = columns(kind);
+    let defs: Vec<Value> = cols
+        .iter()
+        .enumerate()
+        .map(|(n, c)| {
+            json!({"name": title(c.name), "type": "string", "format": if n == 0 { "name" } else { "" },
+                   "description": c.name, "priority": if c.wide { 1 } else { 0 }})
+        })
+        .collect();
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|o| json!({"cells": row(kind, o, now_unix), "object": o}))
+        .collect();
+    json!({
+        "kind": "Table",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": {"resourceVersion": resource_version},
+        "columnDefinitions": defs,
+        "rows": rows,
+    })
+}
+
+/// `UP-TO-DATE` → `Up-to-date`: kubectl upper-cases Table column names itself.
+fn title(h: &str) -> String {
+    let lower = h.to_lowercase();
+    let mut c = lower.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_and_timestamps() {
+        let t = parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        assert_eq!(t, 1_704_067_200);
+        assert_eq!(age(Some("2024-01-01T00:00:00Z"), t + 5), "5s");
+        assert_eq!(age(Some("2024-01-01T00:00:00Z"), t + 200), "3m20s");
+        assert_eq!(age(Some("2024-01-01T00:00:00Z"), t + 3 * 86400), "3d");
+    }
+
+    #[test]
+    fn rows_match_columns() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a"}], "nodeName": "n1"},
+            "status": {"phase": "Running", "podIP": "10.88.0.2",
+                       "containerStatuses": [{"ready": true, "restartCount": 2, "state": {"running": {}}}]}});
+        let r = row("Pod", &pod, 0);
+        assert_eq!(r.len(), columns("Pod").len());
+        assert_eq!(&r[..4], &["p", "1/1", "Running", "2"]);
+        let svc = json!({"metadata": {"name": "s"}, "spec": {"type": "NodePort", "clusterIP": "10.96.0.5",
+            "ports": [{"port": 8080, "nodePort": 31000, "protocol": "TCP"}]}});
+        let r = row("Service", &svc, 0);
+        assert_eq!(&r[1..5], &["NodePort", "10.96.0.5", "<none>", "8080:31000/TCP"]);
+        let crash = json!({"metadata": {"name": "c"}, "status": {"phase": "Running",
+            "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
+        assert_eq!(pod_status(&crash), "CrashLoopBackOff");
+    }
+}

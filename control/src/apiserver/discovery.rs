@@ -1,0 +1,87 @@
+//! Discovery documents: `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}`, `/version`.
+
+use serde_json::{json, Value};
+use skiff_api::resources::{groups, RESOURCES};
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "37",
+        "gitVersion": concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "",
+        "goVersion": "",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH }),
+    })
+}
+
+pub fn api_versions(addr: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr}],
+    })
+}
+
+pub fn api_groups() -> Value {
+    let gs: Vec<Value> = groups()
+        .into_iter()
+        .map(|g| {
+            json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}],
+                   "preferredVersion": {"groupVersion": format!("{g}/v1"), "version": "v1"}})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs})
+}
+
+pub fn api_group(group: &str) -> Option<Value> {
+    groups().contains(&group).then(|| {
+        json!({"kind": "APIGroup", "apiVersion": "v1", "name": group,
+               "versions": [{"groupVersion": format!("{group}/v1"), "version": "v1"}],
+               "preferredVersion": {"groupVersion": format!("{group}/v1"), "version": "v1"}})
+    })
+}
+
+const VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+
+pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let rs: Vec<_> = RESOURCES.iter().filter(|r| r.group == group && r.version == version).collect();
+    if rs.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    for r in rs {
+        let mut entry = json!({
+            "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
+            "kind": r.kind, "verbs": VERBS,
+        });
+        if !r.short_names.is_empty() {
+            entry["shortNames"] = json!(r.short_names);
+        }
+        if r.kind == "Deployment" || r.kind == "Pod" || r.kind == "Service" || r.kind == "DaemonSet" || r.kind == "StatefulSet" || r.kind == "Job" || r.kind == "CronJob" {
+            entry["categories"] = json!(["all"]);
+        }
+        if r.kind == "ReplicaSet" {
+            entry["categories"] = json!(["all"]);
+        }
+        out.push(entry);
+        if r.has_status {
+            out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
+                            "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+        }
+        if r.has_scale {
+            out.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
+                            "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
+        }
+        if r.kind == "Pod" {
+            for (sub, kind, verbs) in [("log", "Pod", &["get"][..]), ("exec", "PodExecOptions", &["create", "get"][..]),
+                                       ("binding", "Binding", &["create"][..]), ("eviction", "Eviction", &["create"][..])] {
+                out.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));
+            }
+        }
+    }
+    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
+    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}))
+}

@@ -1,0 +1,338 @@
+//! Request handling: one dispatch over the parsed path and the method.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use skiff_api::fields::FieldSelector;
+use skiff_api::patch::PatchKind;
+use skiff_api::selector::Selector;
+use skiff_api::validation::MAX_BODY_BYTES;
+use skiff_api::{meta, table, ApiError, Resource};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::path::{self, ApiPath};
+use super::{discovery, error_response, json_response, Shared};
+use crate::registry::{DeleteOptions, Sub, WriteOptions};
+
+type Query = HashMap<String, String>;
+
+fn query(req: &Request<Body>) -> Query {
+    req.uri()
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    Some((decode(k)?, decode(v)?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn decode(s: &str) -> Option<String> {
+    let s = s.replace('+', " ");
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let h = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(h, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn wants_table(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=Table"))
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub async fn dispatch(state: Shared, req: Request<Body>) -> Response {
+    match handle(state, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn read_body(req: Request<Body>) -> Result<Value, ApiError> {
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_string();
+    let bytes: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::too_large(format!("the request body is larger than {MAX_BODY_BYTES} bytes")))?;
+    if bytes.is_empty() {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    if ct.contains("yaml") {
+        serde_yaml::from_slice::<Value>(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+    } else if ct.contains("json") || ct.is_empty() {
+        serde_json::from_slice::<Value>(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))
+    } else if ct.contains("protobuf") {
+        Err(ApiError::unsupported_media("protobuf is not supported; send application/json"))
+    } else {
+        Err(ApiError::unsupported_media(format!("unsupported media type {ct:?}")))
+    }
+}
+
+async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError> {
+    let uri_path = req.uri().path().trim_end_matches('/').to_string();
+    let method = req.method().clone();
+    let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+    // Discovery and health.
+    match uri_path.as_str() {
+        "/healthz" | "/livez" | "/readyz" => return Ok((StatusCode::OK, "ok").into_response()),
+        "/version" => return ok(discovery::version()),
+        "/api" => return ok(discovery::api_versions(&state.advertise.to_string())),
+        "/apis" => return ok(discovery::api_groups()),
+        "/api/v1" => return ok(discovery::resource_list("", "v1").expect("core")),
+        _ => {}
+    }
+    let segs: Vec<&str> = uri_path.trim_start_matches('/').split('/').collect();
+    match segs.as_slice() {
+        ["apis", g] => return discovery::api_group(g).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok),
+        ["apis", g, v] => {
+            return discovery::resource_list(g, v).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
+        }
+        _ => {}
+    }
+    let Some(p) = path::parse(&uri_path)? else {
+        return Err(ApiError::not_found_path(&uri_path));
+    };
+    let q = query(&req);
+    let headers = req.headers().clone();
+    let opts = WriteOptions {
+        dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
+        lenient: matches!(q.get("fieldValidation").map(String::as_str), Some("Ignore") | Some("Warn")),
+    };
+    let reg = state.registry.clone();
+    let ns = p.namespace.as_deref();
+    let r = p.resource;
+    match (p.name.as_deref(), p.sub.as_deref(), method.clone()) {
+        (None, None, Method::GET) => {
+            if q.get("watch").is_some_and(|v| v == "true" || v == "1") {
+                return watch(state, &p, &q, wants_table(&headers));
+            }
+            let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+            let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let (items, rev) = reg.list(r, ns, &labels, &fields)?;
+            if wants_table(&headers) {
+                return ok(table::to_table(r.kind, &items, &rev.to_string(), now_unix()));
+            }
+            ok(json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                      "metadata": {"resourceVersion": rev.to_string()}, "items": items}))
+        }
+        (None, None, Method::POST) => {
+            let body = read_body(req).await?;
+            let created = reg.create(r, ns, body, &opts)?;
+            Ok(json_response(StatusCode::CREATED, &created))
+        }
+        (None, None, Method::DELETE) => {
+            // deletecollection
+            let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+            let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let (items, rev) = reg.list(r, ns, &labels, &fields)?;
+            let dopts = delete_options(&q, None);
+            let mut out = Vec::new();
+            for o in items {
+                match reg.delete(r, meta::namespace(&o), meta::name(&o), &dopts) {
+                    Ok(v) => out.push(v),
+                    Err(e) if e.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            ok(json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                      "metadata": {"resourceVersion": rev.to_string()}, "items": out}))
+        }
+        (Some(name), None, Method::GET) => {
+            let obj = reg.get(r, ns, name)?;
+            if wants_table(&headers) {
+                let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
+                return ok(table::to_table(r.kind, &[obj], &rv, now_unix()));
+            }
+            ok(obj)
+        }
+        (Some(name), sub, Method::PUT) => {
+            let sub = subresource(r, sub)?;
+            let body = read_body(req).await?;
+            ok(reg.update(r, ns, name, body, sub, &opts)?)
+        }
+        (Some(name), sub, Method::PATCH) => {
+            let sub = subresource(r, sub)?;
+            let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let kind = PatchKind::from_content_type(ct).ok_or_else(|| {
+                ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"))
+            })?;
+            let body = read_body_as(req, kind).await?;
+            ok(reg.patch(r, ns, name, kind, &body, sub, &opts)?)
+        }
+        (Some(name), None, Method::DELETE) => {
+            let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
+                Ok(b) if !b.is_empty() => Some(serde_json::from_slice::<Value>(&b).map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?),
+                _ => None,
+            };
+            let dopts = delete_options(&q, body.as_ref());
+            let after = reg.delete(r, ns, name, &dopts)?;
+            // Kubernetes answers 200 with the object when it is only marked, and a Status when gone.
+            if meta::is_deleting(&after) && reg.try_get(r, ns, name)?.is_some() {
+                return Ok(json_response(StatusCode::OK, &after));
+            }
+            ok(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                      "details": {"name": name, "group": r.group, "kind": r.plural, "uid": meta::uid(&after)}}))
+        }
+        (Some(name), Some("status"), Method::GET) => ok(reg.get(r, ns, name)?),
+        (Some(name), Some("scale"), Method::GET) => ok(reg.get_scale(r, ns, name)?),
+        (Some(name), Some("binding"), Method::POST) if r.kind == "Pod" => {
+            let body = read_body(req).await?;
+            let node = body.pointer("/target/name").and_then(Value::as_str).ok_or_else(|| {
+                ApiError::invalid("Binding", name, vec![skiff_api::Cause::required("target.name")])
+            })?;
+            let pod = reg.get(r, ns, name)?;
+            if pod.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+                return Err(ApiError::conflict("pods", name, "pod is already assigned to a node"));
+            }
+            reg.bind_all(vec![(pod, node.to_string())])?;
+            Ok(json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})))
+        }
+        (Some(name), Some("eviction"), Method::POST) if r.kind == "Pod" => {
+            reg.delete(r, ns, name, &DeleteOptions::default())?;
+            Ok(json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})))
+        }
+        (Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward")), _) if r.kind == "Pod" => {
+            super::nodeproxy::forward(&state, ns.unwrap_or("default"), name, sub, req).await
+        }
+        _ => Err(ApiError::method_not_allowed(&format!("{method} {uri_path}"))),
+    }
+}
+
+async fn read_body_as(req: Request<Body>, kind: PatchKind) -> Result<Value, ApiError> {
+    if kind == PatchKind::Apply {
+        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+            .await
+            .map_err(|_| ApiError::too_large("the request body is too large"))?;
+        return serde_yaml::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")));
+    }
+    let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::too_large(format!("the request body is larger than {MAX_BODY_BYTES} bytes")))?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))
+}
+
+fn subresource(r: &Resource, sub: Option<&str>) -> Result<Sub, ApiError> {
+    match sub {
+        None => Ok(Sub::Main),
+        Some("status") if r.has_status => Ok(Sub::Status),
+        Some("scale") if r.has_scale => Ok(Sub::Scale),
+        Some(s) => Err(ApiError::not_found_path(&format!("{}/{s}", r.plural))),
+    }
+}
+
+fn delete_options(q: &Query, body: Option<&Value>) -> DeleteOptions {
+    let from_body = |k: &str| body.and_then(|b| b.get(k)).cloned();
+    DeleteOptions {
+        grace_period_seconds: q
+            .get("gracePeriodSeconds")
+            .and_then(|v| v.parse().ok())
+            .or_else(|| from_body("gracePeriodSeconds").and_then(|v| v.as_i64())),
+        propagation: q
+            .get("propagationPolicy")
+            .cloned()
+            .or_else(|| from_body("propagationPolicy").and_then(|v| v.as_str().map(String::from)))
+            .or_else(|| match from_body("orphanDependents").and_then(|v| v.as_bool()) {
+                Some(true) => Some("Orphan".into()),
+                _ => None,
+            }),
+        precondition_uid: body.and_then(|b| b.pointer("/preconditions/uid")).and_then(Value::as_str).map(String::from),
+        precondition_rv: body.and_then(|b| b.pointer("/preconditions/resourceVersion")).and_then(Value::as_str).map(String::from),
+        dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
+    }
+}
+
+/// A watch: newline-delimited JSON events, starting with the current objects when no
+/// resourceVersion (or `sendInitialEvents=true`) is given.
+fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Response, ApiError> {
+    let reg = state.registry.clone();
+    let r = p.resource;
+    let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
+    let send_initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(1800);
+    let mut initial = Vec::new();
+    let from = if rv.is_empty() || rv == "0" || send_initial {
+        let (items, rev) = reg.list(r, p.namespace.as_deref(), &labels, &fields)?;
+        initial = items;
+        rev
+    } else {
+        rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
+    };
+    let kind = r.kind;
+    let encode = move |ty: &str, obj: Value| -> Bytes {
+        let obj = if as_table && ty != "BOOKMARK" && ty != "ERROR" {
+            let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
+            table::to_table(kind, &[obj], &rv, chrono::Utc::now().timestamp())
+        } else {
+            obj
+        };
+        let mut line = serde_json::to_vec(&json!({"type": ty, "object": obj})).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    };
+    let mut first: Vec<Bytes> = initial.into_iter().map(|o| encode("ADDED", o)).collect();
+    if send_initial {
+        first.push(encode(
+            "BOOKMARK",
+            json!({"kind": kind, "apiVersion": r.api_version(),
+                   "metadata": {"resourceVersion": from.to_string(),
+                                "annotations": {"k8s.io/initial-events-end": "true"}}}),
+        ));
+    }
+    let events = match reg.watch(r, p.namespace.as_deref(), from, labels, fields) {
+        Ok(rx) => rx,
+        Err(e) if e.code == 410 => {
+            // Kubernetes reports an expired watch as an ERROR event on a 200 stream.
+            let body = encode("ERROR", e.to_status());
+            return Ok(stream_response(Body::from(body)));
+        }
+        Err(e) => return Err(e),
+    };
+    let live = ReceiverStream::new(events).map(move |ev| encode(ev.kind, ev.object));
+    let stream = futures::stream::iter(first)
+        .chain(live)
+        .take_until(tokio::time::sleep(Duration::from_secs(timeout)))
+        .map(Ok::<Bytes, std::io::Error>);
+    Ok(stream_response(Body::from_stream(stream)))
+}
+
+fn stream_response(body: Body) -> Response {
+    let mut r = Response::new(body);
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+    r
+}

@@ -1,0 +1,80 @@
+//! Parsing of Kubernetes API paths.
+
+use skiff_api::{ApiError, Resource};
+
+/// What a request path addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiPath {
+    pub resource: &'static Resource,
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub sub: Option<String>,
+}
+
+/// Parses `/api/v1/...` or `/apis/{group}/{version}/...` below the group-version prefix.
+/// Returns None for paths that are not resource paths (discovery is handled elsewhere).
+pub fn parse(path: &str) -> Result<Option<ApiPath>, ApiError> {
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, version, rest) = match segs.as_slice() {
+        ["api", v, rest @ ..] => ("", *v, rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return Ok(None),
+    };
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    let find = |plural: &str| {
+        Resource::by_path(group, version, plural).ok_or_else(|| ApiError::not_found_path(path))
+    };
+    let owned = |s: &str| Some(s.to_string());
+    let p = match rest {
+        ["namespaces", ns, plural, tail @ ..] if Resource::by_path(group, version, plural).is_some_and(|r| r.namespaced) => {
+            let resource = find(plural)?;
+            match tail {
+                [] => ApiPath { resource, namespace: owned(ns), name: None, sub: None },
+                [name] => ApiPath { resource, namespace: owned(ns), name: owned(name), sub: None },
+                [name, sub] => ApiPath { resource, namespace: owned(ns), name: owned(name), sub: owned(sub) },
+                _ => return Err(ApiError::not_found_path(path)),
+            }
+        }
+        [plural] => ApiPath { resource: find(plural)?, namespace: None, name: None, sub: None },
+        [plural, name] => {
+            let resource = find(plural)?;
+            if resource.namespaced {
+                return Err(ApiError::not_found_path(path));
+            }
+            ApiPath { resource, namespace: None, name: owned(name), sub: None }
+        }
+        [plural, name, sub] => {
+            let resource = find(plural)?;
+            if resource.namespaced {
+                return Err(ApiError::not_found_path(path));
+            }
+            ApiPath { resource, namespace: None, name: owned(name), sub: owned(sub) }
+        }
+        _ => return Err(ApiError::not_found_path(path)),
+    };
+    Ok(Some(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_resource_paths() {
+        let p = parse("/api/v1/namespaces/default/pods/web-1/log").unwrap().unwrap();
+        assert_eq!((p.resource.plural, p.namespace.as_deref(), p.name.as_deref(), p.sub.as_deref()), ("pods", Some("default"), Some("web-1"), Some("log")));
+        let p = parse("/apis/apps/v1/namespaces/x/deployments").unwrap().unwrap();
+        assert_eq!(p.resource.kind, "Deployment");
+        let p = parse("/api/v1/namespaces/kube-system").unwrap().unwrap();
+        assert_eq!((p.resource.plural, p.name.as_deref()), ("namespaces", Some("kube-system")));
+        let p = parse("/api/v1/namespaces/x/status").unwrap().unwrap();
+        assert_eq!((p.resource.plural, p.sub.as_deref()), ("namespaces", Some("status")));
+        let p = parse("/apis/apps/v1/deployments").unwrap().unwrap();
+        assert!(p.namespace.is_none());
+        assert_eq!(parse("/api/v1/widgets").unwrap_err().code, 404);
+        assert_eq!(parse("/apis/apps/v1/pods").unwrap_err().code, 404);
+        assert!(parse("/api/v1").unwrap().is_none());
+    }
+}

@@ -1,0 +1,295 @@
+//! Controllers: level-triggered reconcilers over watch-fed caches (see [`runtime`]), and the
+//! scheduler. [`start`] wires caches to queues and runs them all.
+
+pub mod deployment;
+pub mod endpoints;
+pub mod events;
+pub mod gc;
+pub mod nodelifecycle;
+pub mod pods;
+pub mod replicaset;
+pub mod runtime;
+pub mod scheduler;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use skiff_api::{meta, Resource};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+use crate::registry::Registry;
+use crate::store::EventType;
+use runtime::{key_of, Cache};
+
+/// Timings of the controllers.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// A node that has not heartbeated for this long is marked NotReady.
+    pub node_grace: Duration,
+    /// Pods on a NotReady node are deleted (and replaced elsewhere) after this long.
+    pub eviction_timeout: Duration,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig { node_grace: Duration::from_secs(40), eviction_timeout: Duration::from_secs(300) }
+    }
+}
+
+fn cache(name: &str) -> Arc<Cache> {
+    Cache::new(Resource::lookup(name).expect("known resource"))
+}
+
+fn owner_key(obj: &Value, kind: &str) -> Option<String> {
+    meta::owners(obj)
+        .into_iter()
+        .find(|o| o.3 && o.1 == kind)
+        .map(|o| format!("{}/{}", meta::namespace(obj).unwrap_or("default"), o.2))
+}
+
+/// Starts every controller and the scheduler; they stop when `stop` turns true.
+pub fn start(reg: Arc<Registry>, config: ControllerConfig, stop: watch::Receiver<bool>) -> JoinSet<()> {
+    let pods = cache("pods");
+    let nodes = cache("nodes");
+    let services = cache("services");
+    let endpoints = cache("endpoints");
+    let deployments = cache("deployments");
+    let replicasets = cache("replicasets");
+    let namespaces = cache("namespaces");
+    let mut tasks = JoinSet::new();
+
+    // ReplicaSets.
+    let (rs_q, rs_rx) = runtime::queue();
+    {
+        let q = rs_q.clone();
+        replicasets.on_change(move |c| q.add(key_of(&c.object)));
+        let q = rs_q.clone();
+        let rs_cache = replicasets.clone();
+        pods.on_change(move |c| match owner_key(&c.object, "ReplicaSet") {
+            Some(k) => q.add(k),
+            None if c.kind != EventType::Deleted => {
+                // An orphan may be adopted by a ReplicaSet of its namespace.
+                for rs in rs_cache.list(meta::namespace(&c.object)) {
+                    q.add(key_of(&rs));
+                }
+            }
+            None => {}
+        });
+    }
+    // Deployments.
+    let (d_q, d_rx) = runtime::queue();
+    {
+        let q = d_q.clone();
+        deployments.on_change(move |c| q.add(key_of(&c.object)));
+        let q = d_q.clone();
+        replicasets.on_change(move |c| {
+            if let Some(k) = owner_key(&c.object, "Deployment") {
+                q.add(k)
+            }
+        });
+    }
+    // Endpoints and LoadBalancer status.
+    let (ep_q, ep_rx) = runtime::queue();
+    {
+        let q = ep_q.clone();
+        services.on_change(move |c| q.add(key_of(&c.object)));
+        let q = ep_q.clone();
+        endpoints.on_change(move |c| q.add(key_of(&c.object)));
+        let q = ep_q.clone();
+        let svc_cache = services.clone();
+        pods.on_change(move |c| {
+            let ns = meta::namespace(&c.object);
+            let labels = meta::labels(&c.object);
+            let prev_labels = c.prev.as_ref().map(|p| meta::labels(p));
+            for s in svc_cache.list(ns) {
+                let sel = meta::string_map(s.pointer("/spec/selector"));
+                if sel.is_empty() {
+                    continue;
+                }
+                let m = |l: &std::collections::BTreeMap<String, String>| sel.iter().all(|(k, v)| l.get(k) == Some(v));
+                if m(&labels) || prev_labels.as_ref().is_some_and(m) {
+                    q.add(key_of(&s));
+                }
+            }
+        });
+        let q = ep_q.clone();
+        let svc_cache = services.clone();
+        nodes.on_change(move |_| {
+            for s in svc_cache.list(None) {
+                if s.pointer("/spec/type").and_then(Value::as_str) == Some("LoadBalancer") {
+                    q.add(key_of(&s));
+                }
+            }
+        });
+    }
+    // Garbage collection and namespaces.
+    let (gc_q, gc_rx) = runtime::queue();
+    {
+        for c in [&pods, &replicasets, &deployments] {
+            let q = gc_q.clone();
+            let r = c.resource;
+            let deps = vec![pods.clone(), replicasets.clone()];
+            c.on_change(move |ch| {
+                let o = &ch.object;
+                if ch.kind == EventType::Deleted {
+                    let uid = meta::uid(o);
+                    for d in &deps {
+                        for dep in d.list(meta::namespace(o)) {
+                            if meta::owners(&dep).iter().any(|ow| ow.0 == uid) {
+                                q.add(gc::dep_key(d.resource, &dep));
+                            }
+                        }
+                    }
+                    return;
+                }
+                if meta::is_deleting(o) && meta::finalizers(o).iter().any(|f| f == "foregroundDeletion" || f == "orphan") {
+                    q.add(gc::owner_key(r, o));
+                }
+                if ch.kind == EventType::Added && !meta::owners(o).is_empty() && ch.prev.is_none() {
+                    q.add(gc::dep_key(r, o));
+                }
+            });
+        }
+        let q = gc_q.clone();
+        namespaces.on_change(move |c| {
+            if meta::is_deleting(&c.object) {
+                q.add(format!("ns:{}", meta::name(&c.object)));
+            }
+        });
+    }
+    // The scheduler: woken by new pending pods and by node changes.
+    let wake = Arc::new(Notify::new());
+    {
+        let w = wake.clone();
+        pods.on_change(move |c| {
+            if c.kind != EventType::Deleted && scheduler::is_pending(&c.object) {
+                w.notify_one();
+            }
+            if c.kind == EventType::Deleted {
+                w.notify_one();
+            }
+        });
+        let w = wake.clone();
+        nodes.on_change(move |_| w.notify_one());
+    }
+
+    for c in [&pods, &nodes, &services, &endpoints, &deployments, &replicasets, &namespaces] {
+        tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
+    }
+    tasks.spawn(runtime::run(
+        Arc::new(replicaset::ReplicaSetController::new(reg.clone(), replicasets.clone(), pods.clone())),
+        rs_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
+        Arc::new(deployment::DeploymentController::new(reg.clone(), deployments.clone(), replicasets.clone())),
+        d_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
+        Arc::new(endpoints::EndpointsController {
+            reg: reg.clone(),
+            services: services.clone(),
+            pods: pods.clone(),
+            endpoints: endpoints.clone(),
+            nodes: nodes.clone(),
+        }),
+        ep_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
+        Arc::new(gc::GarbageCollector { reg: reg.clone(), dependents: vec![pods.clone(), replicasets.clone()] }),
+        gc_rx,
+        stop.clone(),
+    ));
+    let lifecycle = nodelifecycle::NodeLifecycle {
+        reg: reg.clone(),
+        nodes: nodes.clone(),
+        pods: pods.clone(),
+        grace: config.node_grace,
+        eviction_timeout: config.eviction_timeout,
+    };
+    let mut s = stop.clone();
+    tasks.spawn(async move {
+        loop {
+            if let Err(e) = lifecycle.check() {
+                tracing::warn!(error = %e, "node lifecycle pass failed");
+            }
+            tokio::select! {
+                _ = s.changed() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+    tasks.spawn(run_scheduler(reg, pods, nodes, wake, stop));
+    tasks
+}
+
+/// The scheduling loop: every wake-up (and every 5 s), bind what can be bound.
+async fn run_scheduler(reg: Arc<Registry>, pods: Arc<Cache>, nodes: Arc<Cache>, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let mut start = 0usize;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        match schedule_once(&reg, &pods, &nodes, &mut start) {
+            Ok(Some(rev)) => pods.wait_for(rev).await,
+            Ok(None) => {}
+            Err(e) => {
+                if e.code != 409 {
+                    tracing::warn!(error = %e, "scheduling pass failed");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                wake.notify_one();
+            }
+        }
+    }
+}
+
+/// One scheduling pass over all pending pods. Returns the revision of the bind, if any.
+pub fn schedule_once(reg: &Registry, pods: &Cache, nodes: &Cache, start: &mut usize) -> Result<Option<u64>, skiff_api::ApiError> {
+    let all_pods = pods.list(None);
+    let mut pending: Vec<Arc<Value>> = all_pods.iter().filter(|p| scheduler::is_pending(p)).cloned().collect();
+    if pending.is_empty() {
+        return Ok(None);
+    }
+    pending.sort_by(|a, b| {
+        let t = |p: &Value| p.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or("").to_string();
+        t(a).cmp(&t(b)).then(key_of(a).cmp(&key_of(b)))
+    });
+    let node_list = nodes.list(None);
+    let mut infos = scheduler::node_infos(&node_list, &all_pods);
+    let requests: Vec<scheduler::PodRequest> = pending.iter().map(|p| scheduler::PodRequest::from_pod(p)).collect();
+    let placed = scheduler::schedule(&mut infos, &requests, start);
+    let mut binds = Vec::new();
+    for (pod, result) in pending.iter().zip(placed) {
+        match result {
+            Ok(i) => binds.push(((**pod).clone(), infos[i].name.clone())),
+            Err(why) => scheduler::mark_unschedulable(reg, pod, &why)?,
+        }
+    }
+    if binds.is_empty() {
+        return Ok(None);
+    }
+    let mut last = 0;
+    for chunk in binds.chunks(1000) {
+        match reg.bind_all(chunk.to_vec()) {
+            Ok(rev) => last = rev,
+            // One pod changed under us: bind the rest one by one.
+            Err(e) if e.code == 409 => {
+                for b in chunk {
+                    if let Ok(rev) = reg.bind_all(vec![b.clone()]) {
+                        last = rev;
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::debug!(bound = binds.len(), "scheduled pods");
+    Ok(Some(last))
+}

@@ -1,0 +1,119 @@
+//! Pod facts the controllers share: readiness, availability, the order pods are deleted in,
+//! and making a pod from a template.
+
+use std::cmp::Ordering;
+
+use serde_json::{json, Value};
+use skiff_api::{meta, table};
+
+pub fn is_terminal(pod: &Value) -> bool {
+    matches!(pod.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded") | Some("Failed"))
+}
+
+/// Counted as one of a workload's replicas: not finished and not being deleted.
+pub fn is_active(pod: &Value) -> bool {
+    !is_terminal(pod) && !meta::is_deleting(pod)
+}
+
+fn ready_condition(pod: &Value) -> Option<&Value> {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+}
+
+pub fn is_ready(pod: &Value) -> bool {
+    ready_condition(pod).is_some_and(|c| c["status"] == "True")
+}
+
+/// Ready for at least `min_ready_seconds` as of `now` (unix seconds).
+pub fn is_available(pod: &Value, min_ready_seconds: i64, now: i64) -> bool {
+    if !is_ready(pod) {
+        return false;
+    }
+    if min_ready_seconds == 0 {
+        return true;
+    }
+    ready_condition(pod)
+        .and_then(|c| c["lastTransitionTime"].as_str())
+        .and_then(table::parse_rfc3339)
+        .is_some_and(|t| t + min_ready_seconds <= now)
+}
+
+fn phase_rank(pod: &Value) -> u8 {
+    match pod.pointer("/status/phase").and_then(Value::as_str) {
+        Some("Pending") => 0,
+        Some("Running") => 2,
+        _ => 1,
+    }
+}
+
+/// The order pods are removed in when scaling down, as Kubernetes' `ActivePods` sorts them:
+/// unscheduled before scheduled, pending before running, not ready before ready,
+/// more restarts first, newer before older.
+pub fn deletion_order(a: &Value, b: &Value) -> Ordering {
+    let scheduled = |p: &Value| p.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+    let restarts = |p: &Value| -> i64 {
+        p.pointer("/status/containerStatuses")
+            .and_then(Value::as_array)
+            .map(|cs| cs.iter().filter_map(|c| c["restartCount"].as_i64()).sum())
+            .unwrap_or(0)
+    };
+    let created = |p: &Value| p.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or("").to_string();
+    scheduled(a)
+        .cmp(&scheduled(b))
+        .then(phase_rank(a).cmp(&phase_rank(b)))
+        .then(is_ready(a).cmp(&is_ready(b)))
+        .then(restarts(b).cmp(&restarts(a)))
+        .then(created(b).cmp(&created(a)))
+}
+
+/// A new pod for `owner` (kind `owner_kind`) from its pod template.
+pub fn from_template(owner: &Value, owner_kind: &str, template: &Value) -> Value {
+    let mut labels = template.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+    if !labels.is_object() {
+        labels = json!({});
+    }
+    let mut pod = json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": format!("{}-", meta::name(owner)),
+            "namespace": meta::namespace(owner),
+            "labels": labels,
+            "ownerReferences": [{
+                "apiVersion": owner.get("apiVersion"), "kind": owner_kind,
+                "name": meta::name(owner), "uid": meta::uid(owner),
+                "controller": true, "blockOwnerDeletion": true,
+            }],
+        },
+        "spec": template.get("spec").cloned().unwrap_or(json!({})),
+    });
+    if let Some(a) = template.pointer("/metadata/annotations") {
+        pod["metadata"]["annotations"] = a.clone();
+    }
+    pod
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unready_and_unscheduled_pods_go_first() {
+        let ready = json!({"spec": {"nodeName": "n"}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
+        let unready = json!({"spec": {"nodeName": "n"}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}});
+        let pending = json!({"spec": {}, "status": {"phase": "Pending"}});
+        let mut v = vec![ready.clone(), unready.clone(), pending.clone()];
+        v.sort_by(deletion_order);
+        assert_eq!(v, vec![pending, unready, ready]);
+    }
+
+    #[test]
+    fn availability_waits_for_min_ready_seconds() {
+        let p = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2024-01-01T00:00:00Z"}]}});
+        let t = table::parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        assert!(is_available(&p, 0, t));
+        assert!(!is_available(&p, 10, t + 5));
+        assert!(is_available(&p, 10, t + 10));
+    }
+}

@@ -1,0 +1,273 @@
+//! The controller runtime: watch-fed caches (readers never write the store), and a work
+//! queue that runs one reconcile at a time per controller, dedupes keys, requeues on request
+//! and backs off per key on errors, resetting the backoff when the key reconciles cleanly.
+
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use skiff_api::selector::Selector;
+use skiff_api::{meta, ApiError, Resource};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+use crate::registry::Registry;
+use crate::store::EventType;
+
+/// What a reconcile asks for next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Nothing until something changes.
+    AwaitChange,
+    /// Look again after this long (e.g. to count a pod available after minReadySeconds).
+    RequeueAfter(Duration),
+}
+
+/// A level-triggered reconciler: given a key (`namespace/name`), make the world match the spec.
+pub trait Reconciler: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    fn reconcile(&self, key: &str) -> impl Future<Output = Result<Action, ApiError>> + Send;
+}
+
+/// A change seen by a cache.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub kind: EventType,
+    pub object: Arc<Value>,
+    pub prev: Option<Arc<Value>>,
+}
+
+type Handler = Box<dyn Fn(&Change) + Send + Sync>;
+
+/// An in-memory copy of one resource, kept current by a watch.
+pub struct Cache {
+    pub resource: &'static Resource,
+    objects: RwLock<BTreeMap<String, Arc<Value>>>,
+    seen: watch::Sender<u64>,
+    handlers: RwLock<Vec<Handler>>,
+}
+
+pub fn key_of(obj: &Value) -> String {
+    match meta::namespace(obj) {
+        Some(ns) => format!("{ns}/{}", meta::name(obj)),
+        None => meta::name(obj).to_string(),
+    }
+}
+
+/// Splits a queue key into namespace and name.
+pub fn split_key(key: &str) -> (Option<&str>, &str) {
+    match key.split_once('/') {
+        Some((ns, name)) => (Some(ns), name),
+        None => (None, key),
+    }
+}
+
+impl Cache {
+    pub fn new(resource: &'static Resource) -> Arc<Self> {
+        Arc::new(Cache {
+            resource,
+            objects: RwLock::new(BTreeMap::new()),
+            seen: watch::channel(0).0,
+            handlers: RwLock::new(Vec::new()),
+        })
+    }
+
+    /// Calls `f` for every change (and for every object at each full listing).
+    pub fn on_change(&self, f: impl Fn(&Change) + Send + Sync + 'static) {
+        self.handlers.write().expect("handlers").push(Box::new(f));
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Value>> {
+        self.objects.read().expect("cache").get(key).cloned()
+    }
+
+    /// Objects in `ns` (all when None).
+    pub fn list(&self, ns: Option<&str>) -> Vec<Arc<Value>> {
+        let objs = self.objects.read().expect("cache");
+        match ns {
+            Some(ns) => {
+                let from = format!("{ns}/");
+                objs.range(from.clone()..).take_while(|(k, _)| k.starts_with(&from)).map(|(_, v)| v.clone()).collect()
+            }
+            None => objs.values().cloned().collect(),
+        }
+    }
+
+    pub fn select(&self, ns: Option<&str>, sel: &Selector) -> Vec<Arc<Value>> {
+        self.list(ns).into_iter().filter(|o| sel.matches(&meta::labels(o))).collect()
+    }
+
+    /// Waits (at most 2 s) until this cache has seen revision `rev`: after a controller writes,
+    /// its next reconcile must see its own write.
+    pub async fn wait_for(&self, rev: u64) {
+        let mut rx = self.seen.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| *s >= rev)).await;
+    }
+
+    pub fn revision(&self) -> u64 {
+        *self.seen.borrow()
+    }
+
+    fn notify(&self, c: &Change) {
+        for h in self.handlers.read().expect("handlers").iter() {
+            h(c);
+        }
+    }
+
+    /// Keeps the cache current until `stop`: list, then watch; re-list when the watch ends.
+    pub async fn run(self: Arc<Self>, reg: Arc<Registry>, mut stop: watch::Receiver<bool>) {
+        let prefix = self.resource.key_prefix();
+        loop {
+            let (items, rev) = match reg.store().list(&prefix) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(resource = self.resource.plural, error = %e, "cache list failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let fresh: BTreeMap<String, Arc<Value>> = items.into_iter().map(|o| (key_of(&o), Arc::new(o))).collect();
+            let gone: Vec<Arc<Value>> = {
+                let mut objs = self.objects.write().expect("cache");
+                let gone = objs.iter().filter(|(k, _)| !fresh.contains_key(*k)).map(|(_, v)| v.clone()).collect();
+                *objs = fresh.clone();
+                gone
+            };
+            self.seen.send_replace(rev);
+            for o in gone {
+                self.notify(&Change { kind: EventType::Deleted, object: o, prev: None });
+            }
+            for o in fresh.into_values() {
+                self.notify(&Change { kind: EventType::Added, object: o, prev: None });
+            }
+            let mut rx = match reg.store().watch(&prefix, rev) {
+                Ok(rx) => rx,
+                Err(_) => continue,
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    ev = rx.recv() => {
+                        let Some(ev) = ev else { break };
+                        let obj = Arc::new(ev.object.clone());
+                        let key = key_of(&obj);
+                        {
+                            let mut objs = self.objects.write().expect("cache");
+                            if ev.kind == EventType::Deleted {
+                                objs.remove(&key);
+                            } else {
+                                objs.insert(key, obj.clone());
+                            }
+                        }
+                        self.seen.send_replace(ev.revision);
+                        self.notify(&Change { kind: ev.kind, object: obj, prev: ev.prev.clone().map(Arc::new) });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends keys to a controller's queue.
+#[derive(Clone)]
+pub struct Queue {
+    tx: mpsc::UnboundedSender<(String, Option<Instant>)>,
+}
+
+impl Queue {
+    pub fn add(&self, key: impl Into<String>) {
+        let _ = self.tx.send((key.into(), None));
+    }
+    pub fn add_after(&self, key: impl Into<String>, d: Duration) {
+        let _ = self.tx.send((key.into(), Some(Instant::now() + d)));
+    }
+}
+
+/// Per-key error backoff: 5 ms doubling to 30 s; forgotten on success.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(5u64.saturating_mul(1 << failures.min(13))).min(Duration::from_secs(30))
+}
+
+pub fn queue() -> (Queue, mpsc::UnboundedReceiver<(String, Option<Instant>)>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (Queue { tx }, rx)
+}
+
+/// Runs `c` over the keys arriving on `rx` until `stop`.
+pub async fn run<C: Reconciler>(c: Arc<C>, mut rx: mpsc::UnboundedReceiver<(String, Option<Instant>)>, mut stop: watch::Receiver<bool>) {
+    let mut ready: BTreeSet<String> = BTreeSet::new();
+    let mut delayed: BinaryHeap<std::cmp::Reverse<(Instant, String)>> = BinaryHeap::new();
+    let failures: Mutex<HashMap<String, u32>> = Mutex::new(HashMap::new());
+    loop {
+        // Move due delayed keys to ready.
+        let now = Instant::now();
+        while let Some(std::cmp::Reverse((at, _))) = delayed.peek() {
+            if *at > now {
+                break;
+            }
+            let std::cmp::Reverse((_, k)) = delayed.pop().expect("peeked");
+            ready.insert(k);
+        }
+        if let Some(key) = ready.pop_first() {
+            let span = tracing::debug_span!("reconcile", controller = c.name(), key = %key);
+            let result = c.reconcile(&key).instrument(span).await;
+            match result {
+                Ok(action) => {
+                    failures.lock().expect("failures").remove(&key);
+                    if let Action::RequeueAfter(d) = action {
+                        delayed.push(std::cmp::Reverse((Instant::now() + d, key)));
+                    }
+                }
+                Err(e) => {
+                    let n = {
+                        let mut f = failures.lock().expect("failures");
+                        let n = f.entry(key.clone()).or_insert(0);
+                        *n += 1;
+                        *n
+                    };
+                    if e.code != 409 {
+                        tracing::warn!(controller = c.name(), key = %key, error = %e, attempt = n, "reconcile failed");
+                    }
+                    delayed.push(std::cmp::Reverse((Instant::now() + backoff(n), key)));
+                }
+            }
+            // Take whatever arrived meanwhile without blocking.
+            while let Ok((k, at)) = rx.try_recv() {
+                match at {
+                    Some(at) => delayed.push(std::cmp::Reverse((at, k))),
+                    None => {
+                        ready.insert(k);
+                    }
+                }
+            }
+            continue;
+        }
+        let sleep = delayed
+            .peek()
+            .map(|std::cmp::Reverse((at, _))| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(sleep) => {}
+            msg = rx.recv() => match msg {
+                Some((k, None)) => { ready.insert(k); }
+                Some((k, Some(at))) => delayed.push(std::cmp::Reverse((at, k))),
+                None => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(backoff(1), Duration::from_millis(10));
+        assert!(backoff(5) > backoff(4));
+        assert_eq!(backoff(40), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,766 @@
+//! The API's semantics over the store: what create, update, patch, delete and watch mean for a
+//! Kubernetes object. The HTTP layer and the in-process controllers both call this, so a
+//! controller's write is validated exactly like a user's.
+//!
+//! **A rejected write changes nothing**: every check runs before the one store transaction.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{json, Value};
+use skiff_api::fields::FieldSelector;
+use skiff_api::patch::{self, PatchKind};
+use skiff_api::selector::Selector;
+use skiff_api::{defaults, meta, validation, ApiError, Cause, Resource};
+use tokio::sync::mpsc;
+
+use crate::store::{DynStore, EventType, Op, StoreError};
+
+/// Cluster-wide settings the registry allocates from.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Service virtual IPs: a /16 given by its first two octets' network address.
+    pub service_cidr: (Ipv4Addr, u8),
+    /// Pod networks: cut into one /24 per node.
+    pub pod_cidr: (Ipv4Addr, u8),
+    pub node_ports: (u16, u16),
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 16),
+            pod_cidr: (Ipv4Addr::new(10, 88, 0, 0), 16),
+            node_ports: (30000, 32767),
+        }
+    }
+}
+
+/// Options of a write.
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    pub dry_run: bool,
+    /// Unknown fields are an error (`fieldValidation=Strict`, the default).
+    pub lenient: bool,
+}
+
+/// Options of a delete (`DeleteOptions`).
+#[derive(Debug, Clone, Default)]
+pub struct DeleteOptions {
+    pub grace_period_seconds: Option<i64>,
+    /// `Orphan`, `Background` (default) or `Foreground`.
+    pub propagation: Option<String>,
+    pub precondition_uid: Option<String>,
+    pub precondition_rv: Option<String>,
+    pub dry_run: bool,
+}
+
+/// The subresource a write addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sub {
+    Main,
+    Status,
+    Scale,
+}
+
+/// A watch event as the API sends it.
+#[derive(Debug, Clone)]
+pub struct WatchEvent {
+    pub kind: &'static str,
+    pub object: Value,
+}
+
+pub struct Registry {
+    store: DynStore,
+    config: ClusterConfig,
+    /// Serialises allocations (service IPs, node ports, pod CIDRs) with their writes.
+    alloc: Mutex<()>,
+}
+
+pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound(_) => ApiError::not_found(&r.qualified(), name),
+        StoreError::AlreadyExists(_) => ApiError::already_exists(&r.qualified(), name),
+        StoreError::Conflict { .. } => ApiError::conflict(
+            &r.qualified(),
+            name,
+            "the object has been modified; please apply your changes to the latest version and try again",
+        ),
+        StoreError::Expired { requested, oldest } => ApiError::gone(format!(
+            "too old resource version: {requested} ({oldest})"
+        )),
+        StoreError::Backend(m) => ApiError::internal(format!("storage error: {m}")),
+    }
+}
+
+pub fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn random_suffix(n: usize) -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::thread_rng();
+    (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+}
+
+impl Registry {
+    pub fn new(store: DynStore, config: ClusterConfig) -> Arc<Self> {
+        Arc::new(Registry { store, config, alloc: Mutex::new(()) })
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    // ---- reads ---------------------------------------------------------------------------
+
+    pub fn get(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        self.store
+            .get(&r.key(ns, name))
+            .map_err(|e| store_err(r, name, e))?
+            .ok_or_else(|| ApiError::not_found(&r.qualified(), name))
+    }
+
+    pub fn try_get(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Option<Value>, ApiError> {
+        self.store.get(&r.key(ns, name)).map_err(|e| store_err(r, name, e))
+    }
+
+    fn prefix(r: &Resource, ns: Option<&str>) -> String {
+        match (r.namespaced, ns) {
+            (true, Some(ns)) => format!("{}{ns}/", r.key_prefix()),
+            _ => r.key_prefix(),
+        }
+    }
+
+    /// Objects of `r` in `ns` (all namespaces when None) that match both selectors,
+    /// and the revision the list is consistent with.
+    pub fn list(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        labels: &Selector,
+        fields: &FieldSelector,
+    ) -> Result<(Vec<Value>, u64), ApiError> {
+        let (items, rev) = self.store.list(&Self::prefix(r, ns)).map_err(|e| store_err(r, "", e))?;
+        let items = items
+            .into_iter()
+            .filter(|o| labels.matches(&meta::labels(o)) && fields.matches(o))
+            .collect();
+        Ok((items, rev))
+    }
+
+    /// Events for `r` in `ns` after revision `from`, filtered by the selectors. An object that
+    /// stops matching is reported DELETED and one that starts matching ADDED, as Kubernetes does.
+    pub fn watch(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        from: u64,
+        labels: Selector,
+        fields: FieldSelector,
+    ) -> Result<mpsc::Receiver<WatchEvent>, ApiError> {
+        let mut raw = self.store.watch(&Self::prefix(r, ns), from).map_err(|e| store_err(r, "", e))?;
+        let (tx, rx) = mpsc::channel(256);
+        let key_prefix = r.key_prefix();
+        let namespaced = r.namespaced;
+        tokio::spawn(async move {
+            let sel = |o: &Value| labels.matches(&meta::labels(o)) && fields.matches(o);
+            while let Some(ev) = raw.recv().await {
+                // A cluster-scoped prefix would also match deeper keys of other resources.
+                if !namespaced && ev.key[key_prefix.len()..].contains('/') {
+                    continue;
+                }
+                let now = sel(&ev.object);
+                let before = ev.prev.as_ref().is_some_and(sel);
+                let kind = match ev.kind {
+                    EventType::Added if now => "ADDED",
+                    EventType::Modified if now && before => "MODIFIED",
+                    EventType::Modified if now => "ADDED",
+                    EventType::Modified if before => "DELETED",
+                    EventType::Deleted if before || now => "DELETED",
+                    _ => continue,
+                };
+                if tx.send(WatchEvent { kind, object: ev.object.clone() }).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    // ---- writes --------------------------------------------------------------------------
+
+    fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
+        if !obj.is_object() {
+            return Err(ApiError::bad_request("the request body must be a JSON or YAML object"));
+        }
+        let av = obj.get("apiVersion").and_then(Value::as_str).map(String::from);
+        let kind = obj.get("kind").and_then(Value::as_str).map(String::from);
+        if let Some(kind) = &kind {
+            if kind != r.kind {
+                return Err(ApiError::bad_request(format!(
+                    "the kind {kind:?} in the body does not match the resource {} of the request",
+                    r.qualified()
+                )));
+            }
+        }
+        if let Some(av) = &av {
+            if *av != r.api_version() {
+                return Err(ApiError::bad_request(format!(
+                    "the apiVersion {av:?} in the body does not match {} of the request",
+                    r.api_version()
+                )));
+            }
+        }
+        obj["apiVersion"] = json!(r.api_version());
+        obj["kind"] = json!(r.kind);
+        Ok(())
+    }
+
+    fn ensure_namespace(&self, r: &Resource, ns: Option<&str>) -> Result<(), ApiError> {
+        if !r.namespaced {
+            return Ok(());
+        }
+        let ns = ns.ok_or_else(|| ApiError::bad_request("a namespace is required"))?;
+        let nsr = Resource::lookup("namespaces").expect("namespaces");
+        match self.try_get(nsr, None, ns)? {
+            None => Err(ApiError::not_found("namespaces", ns)),
+            Some(n) if meta::is_deleting(&n) => Err(ApiError {
+                code: 403,
+                reason: "Forbidden",
+                message: format!("{} \"{}\" is forbidden: unable to create new content in namespace {ns} because it is being terminated", r.qualified(), meta::name(&n)),
+                kind: None,
+                name: None,
+                group: None,
+                causes: vec![],
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Creates an object. `ns` is the namespace of the request path.
+    pub fn create(&self, r: &Resource, ns: Option<&str>, mut obj: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
+        Self::check_kind(r, &mut obj)?;
+        validation::decode(r, &obj, !opts.lenient)?;
+        {
+            let m = meta::metadata_mut(&mut obj);
+            if r.namespaced {
+                let path_ns = ns.unwrap_or("default");
+                match m.get("namespace").and_then(Value::as_str) {
+                    Some(body_ns) if body_ns != path_ns => {
+                        return Err(ApiError::bad_request(format!(
+                            "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({path_ns})"
+                        )))
+                    }
+                    _ => {
+                        m.insert("namespace".into(), json!(path_ns));
+                    }
+                }
+            } else {
+                m.remove("namespace");
+            }
+            if m.get("name").and_then(Value::as_str).unwrap_or("").is_empty() {
+                if let Some(g) = m.get("generateName").and_then(Value::as_str).filter(|g| !g.is_empty()) {
+                    let name = format!("{g}{}", random_suffix(5));
+                    m.insert("name".into(), json!(name));
+                }
+            }
+            m.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
+            m.insert("creationTimestamp".into(), json!(now()));
+            m.remove("resourceVersion");
+            m.remove("deletionTimestamp");
+            m.remove("deletionGracePeriodSeconds");
+            m.remove("managedFields");
+            if r.has_status || r.has_scale {
+                m.insert("generation".into(), json!(1));
+            }
+        }
+        if r.has_status && r.kind != "Node" {
+            if let Some(o) = obj.as_object_mut() {
+                o.remove("status");
+            }
+        }
+        defaults::apply(r.kind, &mut obj);
+        validation::validate(r, &obj)?;
+        let ns = meta::namespace(&obj).map(String::from);
+        let name = meta::name(&obj).to_string();
+        self.ensure_namespace(r, ns.as_deref())?;
+        let _g = self.alloc.lock().expect("alloc lock");
+        self.admit(r, None, &mut obj)?;
+        if opts.dry_run {
+            return Ok(obj);
+        }
+        let key = r.key(ns.as_deref(), &name);
+        let c = self.store.txn(vec![Op::Create { key, value: obj }]).map_err(|e| store_err(r, &name, e))?;
+        Ok(c.objects.into_iter().next().expect("one object"))
+    }
+
+    /// Replaces an object (PUT). `sub` says whether spec or status is written.
+    pub fn update(&self, r: &Resource, ns: Option<&str>, name: &str, mut obj: Value, sub: Sub, opts: &WriteOptions) -> Result<Value, ApiError> {
+        if sub == Sub::Scale {
+            return self.write_scale(r, ns, name, obj, opts);
+        }
+        Self::check_kind(r, &mut obj)?;
+        validation::decode(r, &obj, !opts.lenient)?;
+        if !meta::name(&obj).is_empty() && meta::name(&obj) != name {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({}) does not match the name on the URL ({name})",
+                meta::name(&obj)
+            )));
+        }
+        let old = self.get(r, ns, name)?;
+        let expect = match meta::resource_version(&obj) {
+            Some(rv) => Some(rv),
+            None if obj.pointer("/metadata/resourceVersion").is_some() => {
+                return Err(ApiError::bad_request("metadata.resourceVersion must be a number"))
+            }
+            None => meta::resource_version(&old),
+        };
+        let new = self.prepare_update(r, &old, obj, sub)?;
+        self.commit_update(r, ns, name, &old, new, expect, opts)
+    }
+
+    /// Applies a patch, retrying on a concurrent write (a patch has no resourceVersion
+    /// unless it carries one).
+    pub fn patch(&self, r: &Resource, ns: Option<&str>, name: &str, kind: PatchKind, body: &Value, sub: Sub, opts: &WriteOptions) -> Result<Value, ApiError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let old = match self.try_get(r, ns, name)? {
+                Some(o) => o,
+                None if kind == PatchKind::Apply && sub == Sub::Main => {
+                    let mut obj = body.clone();
+                    meta::metadata_mut(&mut obj).insert("name".into(), json!(name));
+                    return self.create(r, ns, obj, opts);
+                }
+                None => return Err(ApiError::not_found(&r.qualified(), name)),
+            };
+            let result = if sub == Sub::Scale {
+                let scale = scale_of(r, &old);
+                let patched = patch::apply(kind, &scale, body)?;
+                self.write_scale(r, ns, name, patched, opts)
+            } else {
+                let patched = patch::apply(kind, &old, body)?;
+                let mut patched = patched;
+                Self::check_kind(r, &mut patched)?;
+                validation::decode(r, &patched, !opts.lenient)?;
+                let expect = match patched.pointer("/metadata/resourceVersion") != old.pointer("/metadata/resourceVersion") {
+                    true => meta::resource_version(&patched),
+                    false => meta::resource_version(&old),
+                };
+                let new = self.prepare_update(r, &old, patched, sub)?;
+                self.commit_update(r, ns, name, &old, new, expect, opts)
+            };
+            match result {
+                Err(e) if e.code == 409 && e.reason == "Conflict" && tries < 5 && !body_has_rv(body) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// Builds the object to store from the old one and the proposed one.
+    fn prepare_update(&self, r: &Resource, old: &Value, mut new: Value, sub: Sub) -> Result<Value, ApiError> {
+        if sub == Sub::Status {
+            // Only status (and, for conditions the agent owns, nothing else) changes.
+            let mut out = old.clone();
+            out["status"] = new.get("status").cloned().unwrap_or(json!({}));
+            return Ok(out);
+        }
+        // Server-owned metadata is kept.
+        {
+            let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
+            let m = meta::metadata_mut(&mut new);
+            for k in ["uid", "creationTimestamp", "namespace", "name", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+                match old_meta.get(k) {
+                    Some(v) => {
+                        m.insert(k.into(), v.clone());
+                    }
+                    None => {
+                        m.remove(k);
+                    }
+                }
+            }
+        }
+        if r.has_status && r.kind != "Namespace" {
+            match old.get("status") {
+                Some(s) => new["status"] = s.clone(),
+                None => {
+                    if let Some(o) = new.as_object_mut() {
+                        o.remove("status");
+                    }
+                }
+            }
+        }
+        defaults::apply(r.kind, &mut new);
+        validation::validate(r, &new)?;
+        validation::validate_update(r, old, &new)?;
+        if (r.has_status || r.has_scale) && old.get("spec") != new.get("spec") {
+            let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+            meta::metadata_mut(&mut new).insert("generation".into(), json!(g + 1));
+        }
+        Ok(new)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn commit_update(&self, r: &Resource, ns: Option<&str>, name: &str, old: &Value, mut new: Value, expect: Option<u64>, opts: &WriteOptions) -> Result<Value, ApiError> {
+        let _g = self.alloc.lock().expect("alloc lock");
+        self.admit(r, Some(old), &mut new)?;
+        if opts.dry_run {
+            return Ok(new);
+        }
+        let key = r.key(ns, name);
+        // An object being deleted whose last finalizer is removed goes away now.
+        let op = if meta::is_deleting(&new) && meta::finalizers(&new).is_empty() {
+            Op::Delete { key, expect }
+        } else {
+            Op::Update { key, value: new, expect }
+        };
+        let c = self.store.txn(vec![op]).map_err(|e| store_err(r, name, e))?;
+        Ok(c.objects.into_iter().next().expect("one object"))
+    }
+
+    fn write_scale(&self, r: &Resource, ns: Option<&str>, name: &str, scale: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
+        if !r.has_scale {
+            return Err(ApiError::not_found_path(&format!("{}/scale", r.plural)));
+        }
+        let replicas = scale
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| ApiError::invalid("Scale", name, vec![Cause::required("spec.replicas")]))?;
+        if replicas < 0 {
+            return Err(ApiError::invalid("Scale", name, vec![Cause::invalid("spec.replicas", replicas, "must be greater than or equal to 0")]));
+        }
+        let old = self.get(r, ns, name)?;
+        let expect = meta::resource_version(&scale).or(meta::resource_version(&old));
+        let mut new = old.clone();
+        new["spec"]["replicas"] = json!(replicas);
+        let new = self.prepare_update(r, &old, new, Sub::Main)?;
+        let stored = self.commit_update(r, ns, name, &old, new, expect, opts)?;
+        Ok(scale_of(r, &stored))
+    }
+
+    pub fn get_scale(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        if !r.has_scale {
+            return Err(ApiError::not_found_path(&format!("{}/scale", r.plural)));
+        }
+        Ok(scale_of(r, &self.get(r, ns, name)?))
+    }
+
+    /// Deletes an object, honouring finalizers, graceful pod termination and propagation.
+    /// Returns the object as it is after the call (gone, or marked for deletion).
+    pub fn delete(&self, r: &Resource, ns: Option<&str>, name: &str, opts: &DeleteOptions) -> Result<Value, ApiError> {
+        let old = self.get(r, ns, name)?;
+        if let Some(uid) = &opts.precondition_uid {
+            if uid != meta::uid(&old) {
+                return Err(ApiError::conflict(&r.qualified(), name, &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta::uid(&old))));
+            }
+        }
+        if let Some(rv) = &opts.precondition_rv {
+            if Some(rv.as_str()) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+                return Err(ApiError::conflict(&r.qualified(), name, "Precondition failed: resourceVersion does not match"));
+            }
+        }
+        let mut finalizers = meta::finalizers(&old);
+        match opts.propagation.as_deref() {
+            Some("Foreground") => finalizers.push("foregroundDeletion".into()),
+            Some("Orphan") => finalizers.push("orphan".into()),
+            None if r.kind == "ReplicaSet" || r.kind == "Deployment" => {}
+            _ => {}
+        }
+        if r.kind == "Namespace" {
+            finalizers.push("kubernetes".into());
+        }
+        let grace = opts
+            .grace_period_seconds
+            .or_else(|| old.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+            .unwrap_or(0);
+        // A pod running on a node is stopped by its agent first; the agent then deletes it.
+        let graceful = r.kind == "Pod" && grace > 0 && old.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+        let key = r.key(ns, name);
+        let expect = meta::resource_version(&old);
+        let dedup: BTreeSet<String> = finalizers.iter().cloned().collect();
+        if dedup.is_empty() && !graceful {
+            if opts.dry_run {
+                return Ok(old);
+            }
+            let c = self.store.txn(vec![Op::Delete { key, expect }]).map_err(|e| store_err(r, name, e))?;
+            return Ok(c.objects.into_iter().next().expect("one object"));
+        }
+        if meta::is_deleting(&old) {
+            // Already terminating: a shorter grace period may still be asked for.
+            let cur = old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0);
+            if !(graceful && grace < cur) && opts.grace_period_seconds != Some(0) {
+                return Ok(old);
+            }
+            if opts.grace_period_seconds == Some(0) && dedup.is_empty() {
+                let c = self.store.txn(vec![Op::Delete { key, expect }]).map_err(|e| store_err(r, name, e))?;
+                return Ok(c.objects.into_iter().next().expect("one object"));
+            }
+        }
+        let mut new = old.clone();
+        {
+            let m = meta::metadata_mut(&mut new);
+            m.insert("deletionTimestamp".into(), json!(now()));
+            m.insert("deletionGracePeriodSeconds".into(), json!(if graceful { grace } else { 0 }));
+            if !dedup.is_empty() {
+                m.insert("finalizers".into(), json!(finalizers.into_iter().collect::<BTreeSet<_>>()));
+            }
+        }
+        if r.kind == "Namespace" {
+            new["status"]["phase"] = json!("Terminating");
+        }
+        if opts.dry_run {
+            return Ok(new);
+        }
+        let c = self.store.txn(vec![Op::Update { key, value: new, expect }]).map_err(|e| store_err(r, name, e))?;
+        Ok(c.objects.into_iter().next().expect("one object"))
+    }
+
+    /// Removes a finalizer from an object; when it was the last one of an object being
+    /// deleted, the object is deleted.
+    pub fn remove_finalizer(&self, r: &Resource, ns: Option<&str>, name: &str, finalizer: &str) -> Result<(), ApiError> {
+        let old = self.get(r, ns, name)?;
+        let mut new = old.clone();
+        let left: Vec<String> = meta::finalizers(&old).into_iter().filter(|f| f != finalizer).collect();
+        meta::metadata_mut(&mut new).insert("finalizers".into(), json!(left));
+        let expect = meta::resource_version(&old);
+        let op = if meta::is_deleting(&new) && left.is_empty() {
+            Op::Delete { key: r.key(ns, name), expect }
+        } else {
+            Op::Update { key: r.key(ns, name), value: new, expect }
+        };
+        self.store.txn(vec![op]).map_err(|e| store_err(r, name, e))?;
+        Ok(())
+    }
+
+    /// Binds pods to nodes in one transaction (the scheduler's write). Pods that changed
+    /// since they were read make the whole batch fail with 409; the scheduler retries them.
+    pub fn bind_all(&self, binds: Vec<(Value, String)>) -> Result<u64, ApiError> {
+        let pods = Resource::lookup("pods").expect("pods");
+        let ops: Vec<Op> = binds
+            .into_iter()
+            .map(|(mut pod, node)| {
+                let expect = meta::resource_version(&pod);
+                pod["spec"]["nodeName"] = json!(node);
+                set_condition(&mut pod, "PodScheduled", "True", "", "");
+                Op::Update { key: pods.key(meta::namespace(&pod), meta::name(&pod)), value: pod, expect }
+            })
+            .collect();
+        if ops.is_empty() {
+            return Ok(self.store.revision());
+        }
+        self.store.txn(ops).map(|c| c.revision).map_err(|e| store_err(pods, "", e))
+    }
+
+    // ---- admission: allocations -------------------------------------------------------------
+
+    fn admit(&self, r: &Resource, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
+        match r.kind {
+            "Service" => self.admit_service(old, obj),
+            "Node" if old.is_none() => self.admit_node(obj),
+            _ => Ok(()),
+        }
+    }
+
+    fn admit_service(&self, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
+        let svcs = Resource::lookup("services").expect("services");
+        let (all, _) = self.store.list(&svcs.key_prefix()).map_err(|e| store_err(svcs, "", e))?;
+        let me = (meta::namespace(obj).unwrap_or("").to_string(), meta::name(obj).to_string());
+        let others: Vec<&Value> = all
+            .iter()
+            .filter(|s| (meta::namespace(s).unwrap_or("").to_string(), meta::name(s).to_string()) != me)
+            .collect();
+        let name = meta::name(obj).to_string();
+        let ty = obj.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP").to_string();
+        if ty == "ExternalName" {
+            return Ok(());
+        }
+        // Cluster IP.
+        let used_ips: BTreeSet<String> = others
+            .iter()
+            .filter_map(|s| s.pointer("/spec/clusterIP").and_then(Value::as_str).map(String::from))
+            .collect();
+        let requested = obj.pointer("/spec/clusterIP").and_then(Value::as_str).unwrap_or("").to_string();
+        let ip = if requested == "None" {
+            "None".to_string()
+        } else if !requested.is_empty() {
+            let ip: Ipv4Addr = requested.parse().map_err(|_| {
+                ApiError::invalid("Service", &name, vec![Cause::invalid("spec.clusterIP", &requested, "must be a valid IP address")])
+            })?;
+            if !in_cidr(ip, self.config.service_cidr) {
+                return Err(ApiError::invalid("Service", &name, vec![Cause::invalid("spec.clusterIP", &requested, "provided IP is not in the valid range")]));
+            }
+            if used_ips.contains(&requested) {
+                return Err(ApiError::invalid("Service", &name, vec![Cause::invalid("spec.clusterIP", &requested, "provided IP is already allocated")]));
+            }
+            requested
+        } else {
+            let (base, bits) = self.config.service_cidr;
+            let size = 1u32 << (32 - bits);
+            let base = u32::from(base);
+            (2..size - 1)
+                .map(|i| Ipv4Addr::from(base + i).to_string())
+                .find(|ip| !used_ips.contains(ip))
+                .ok_or_else(|| ApiError::internal("no service IP left to allocate"))?
+        };
+        obj["spec"]["clusterIP"] = json!(ip);
+        if ip != "None" {
+            obj["spec"]["clusterIPs"] = json!([ip]);
+            obj["spec"]["ipFamilies"] = json!(["IPv4"]);
+            obj["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+        }
+        // Node ports.
+        let wants_node_ports = ty == "NodePort" || ty == "LoadBalancer";
+        let mut used_ports: BTreeSet<i64> = others
+            .iter()
+            .flat_map(|s| s.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default())
+            .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
+            .collect();
+        let old_ports: Vec<i64> = old
+            .and_then(|o| o.pointer("/spec/ports").and_then(Value::as_array).cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
+            .collect();
+        let (lo, hi) = (self.config.node_ports.0 as i64, self.config.node_ports.1 as i64);
+        let mut causes = Vec::new();
+        if let Some(ports) = obj.pointer_mut("/spec/ports").and_then(Value::as_array_mut) {
+            for (i, p) in ports.iter_mut().enumerate() {
+                if !wants_node_ports {
+                    if let Some(m) = p.as_object_mut() {
+                        m.remove("nodePort");
+                    }
+                    continue;
+                }
+                match p.get("nodePort").and_then(Value::as_i64) {
+                    Some(np) if !(lo..=hi).contains(&np) => causes.push(Cause::invalid(format!("spec.ports[{i}].nodePort"), np, &format!("provided port is not in the valid range. The range of valid ports is {lo}-{hi}"))),
+                    Some(np) if used_ports.contains(&np) => causes.push(Cause::invalid(format!("spec.ports[{i}].nodePort"), np, "provided port is already allocated")),
+                    Some(np) => {
+                        used_ports.insert(np);
+                    }
+                    None => {
+                        // Keep a port the service had, else take a free one.
+                        let pick = old_ports
+                            .iter()
+                            .copied()
+                            .find(|p| !used_ports.contains(p))
+                            .or_else(|| {
+                                let start = lo + rand::random::<u16>() as i64 % (hi - lo + 1);
+                                (0..=(hi - lo)).map(|d| lo + (start - lo + d) % (hi - lo + 1)).find(|p| !used_ports.contains(p))
+                            });
+                        match pick {
+                            Some(np) => {
+                                used_ports.insert(np);
+                                p["nodePort"] = json!(np);
+                            }
+                            None => causes.push(Cause::invalid(format!("spec.ports[{i}].nodePort"), "", "no node port left to allocate")),
+                        }
+                    }
+                }
+            }
+        }
+        if !causes.is_empty() {
+            return Err(ApiError::invalid("Service", &name, causes));
+        }
+        if obj.get("status").is_none() {
+            obj["status"] = json!({"loadBalancer": {}});
+        }
+        Ok(())
+    }
+
+    fn admit_node(&self, obj: &mut Value) -> Result<(), ApiError> {
+        if obj.pointer("/spec/podCIDR").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+            return Ok(());
+        }
+        let nodes = Resource::lookup("nodes").expect("nodes");
+        let (all, _) = self.store.list(&nodes.key_prefix()).map_err(|e| store_err(nodes, "", e))?;
+        let used: BTreeSet<String> = all
+            .iter()
+            .filter_map(|n| n.pointer("/spec/podCIDR").and_then(Value::as_str).map(String::from))
+            .collect();
+        let (base, bits) = self.config.pod_cidr;
+        let count = 1u32 << (24 - bits.min(24));
+        let cidr = (0..count)
+            .map(|i| format!("{}/24", Ipv4Addr::from(u32::from(base) + (i << 8))))
+            .find(|c| !used.contains(c))
+            .ok_or_else(|| ApiError::internal("no pod CIDR left to allocate"))?;
+        obj["spec"]["podCIDR"] = json!(cidr);
+        obj["spec"]["podCIDRs"] = json!([cidr]);
+        Ok(())
+    }
+}
+
+fn body_has_rv(body: &Value) -> bool {
+    body.pointer("/metadata/resourceVersion").is_some()
+}
+
+fn in_cidr(ip: Ipv4Addr, (base, bits): (Ipv4Addr, u8)) -> bool {
+    let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+    u32::from(ip) & mask == u32::from(base) & mask
+}
+
+/// The `autoscaling/v1` Scale of a scalable object.
+pub fn scale_of(r: &Resource, obj: &Value) -> Value {
+    let selector = obj
+        .pointer("/spec/selector")
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .and_then(|ls| Selector::from_label_selector(&ls).ok())
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    let _ = r;
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": meta::name(obj),
+            "namespace": meta::namespace(obj),
+            "uid": meta::uid(obj),
+            "resourceVersion": obj.pointer("/metadata/resourceVersion"),
+            "creationTimestamp": obj.pointer("/metadata/creationTimestamp"),
+        },
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {
+            "replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)),
+            "selector": selector,
+        }
+    })
+}
+
+/// Sets a condition in `status.conditions`, keeping `lastTransitionTime` when the status is unchanged.
+pub fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &str, message: &str) {
+    if !obj.get("status").is_some_and(Value::is_object) {
+        obj["status"] = json!({});
+    }
+    let conds = obj["status"]
+        .as_object_mut()
+        .expect("status object")
+        .entry("conditions")
+        .or_insert_with(|| json!([]));
+    if !conds.is_array() {
+        *conds = json!([]);
+    }
+    let list = conds.as_array_mut().expect("array");
+    let now = now();
+    let mut c = json!({"type": ty, "status": status, "lastTransitionTime": now, "lastProbeTime": null});
+    if !reason.is_empty() {
+        c["reason"] = json!(reason);
+    }
+    if !message.is_empty() {
+        c["message"] = json!(message);
+    }
+    match list.iter_mut().find(|c| c["type"] == ty) {
+        Some(existing) => {
+            if existing["status"] == status {
+                c["lastTransitionTime"] = existing["lastTransitionTime"].clone();
+            }
+            *existing = c;
+        }
+        None => list.push(c),
+    }
+}

@@ -1,0 +1,178 @@
+//! `skiff server`: opens the store, bootstraps the cluster objects, writes the kubeconfig,
+//! starts the controllers and the scheduler, and serves the API.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use skiff_api::{ApiError, Resource};
+use tokio::sync::watch;
+
+use crate::apiserver::{self, ApiState};
+use crate::controllers::{self, ControllerConfig};
+use crate::registry::{ClusterConfig, Registry, WriteOptions};
+use crate::store::{sled::SledStore, DynStore};
+
+/// Everything `skiff server` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    pub cluster: ClusterConfig,
+    pub controllers: ControllerConfig,
+}
+
+impl ServerConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, api_addr: SocketAddr) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            api_addr,
+            cluster: ClusterConfig::default(),
+            controllers: ControllerConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data directory {path}: {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("bootstrap: {0}")]
+    Bootstrap(#[from] ApiError),
+    #[error("serving the API: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A running control plane. Dropping the handle does not stop it; call [`Server::shutdown`].
+pub struct Server {
+    pub registry: Arc<Registry>,
+    pub addr: SocketAddr,
+    pub token: String,
+    pub kubeconfig: PathBuf,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+/// The bearer token of this data dir: made once, kept in `DIR/token`.
+fn load_or_make_token(dir: &Path) -> Result<String, ServerError> {
+    let path = dir.join("token");
+    let io = |e| ServerError::DataDir { path: path.clone(), source: e };
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        _ => {
+            let t = format!("skiff-{}", uuid::Uuid::new_v4().simple());
+            write_private(&path, t.as_bytes()).map_err(io)?;
+            Ok(t)
+        }
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The kubeconfig both kubectl and the skiff CLI read.
+pub fn kubeconfig_yaml(server_url: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server_url}\nusers:\n- name: skiff-admin\n  user:\n    token: {token}\ncontexts:\n- name: skiff\n  context:\n    cluster: skiff\n    user: skiff-admin\n    namespace: default\ncurrent-context: skiff\npreferences: {{}}\n"
+    )
+}
+
+/// Creates `default`, `kube-system`, `kube-public`, `kube-node-lease` and the `kubernetes`
+/// Service with its Endpoints, if missing.
+pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
+    let ns = Resource::lookup("namespaces").expect("namespaces");
+    let opts = WriteOptions::default();
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        if reg.try_get(ns, None, name)?.is_none() {
+            reg.create(ns, None, json!({"metadata": {"name": name}}), &opts)?;
+        }
+    }
+    let svc = Resource::lookup("services").expect("services");
+    if reg.try_get(svc, Some("default"), "kubernetes")?.is_none() {
+        let first = std::net::Ipv4Addr::from(u32::from(reg.config().service_cidr.0) + 1);
+        reg.create(
+            svc,
+            Some("default"),
+            json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
+                   "spec": {"clusterIP": first.to_string(), "ports": [{"name": "https", "port": 443, "targetPort": api_addr.port()}]}}),
+            &opts,
+        )?;
+    }
+    let ep = Resource::lookup("endpoints").expect("endpoints");
+    let want = json!({"metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
+                      "subsets": [{"addresses": [{"ip": api_addr.ip().to_string()}], "ports": [{"name": "https", "port": api_addr.port(), "protocol": "TCP"}]}]});
+    match reg.try_get(ep, Some("default"), "kubernetes")? {
+        None => {
+            reg.create(ep, Some("default"), want, &opts)?;
+        }
+        Some(cur) if cur.get("subsets") != want.get("subsets") => {
+            let mut next = want;
+            next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+            reg.update(ep, Some("default"), "kubernetes", next, crate::registry::Sub::Main, &opts)?;
+        }
+        Some(_) => {}
+    }
+    Ok(())
+}
+
+impl Server {
+    /// Opens the store under `config.data_dir`, binds the API address and starts everything.
+    pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
+        let dir = &config.data_dir;
+        std::fs::create_dir_all(dir).map_err(|e| ServerError::DataDir { path: dir.clone(), source: e })?;
+        let store: DynStore = Arc::new(SledStore::open(&dir.join("store"))?);
+        let listener = tokio::net::TcpListener::bind(config.api_addr)
+            .await
+            .map_err(|e| ServerError::Listen { addr: config.api_addr, source: e })?;
+        let addr = listener.local_addr().map_err(|e| ServerError::Listen { addr: config.api_addr, source: e })?;
+        let registry = Registry::new(store, config.cluster.clone());
+        bootstrap(&registry, addr)?;
+        let token = load_or_make_token(dir)?;
+        let kubeconfig = dir.join("kubeconfig");
+        write_private(&kubeconfig, kubeconfig_yaml(&format!("http://{addr}"), &token).as_bytes())
+            .map_err(|e| ServerError::DataDir { path: kubeconfig.clone(), source: e })?;
+        let (stop, mut stopped) = watch::channel(false);
+        let mut ctl = controllers::start(registry.clone(), config.controllers.clone(), stop.subscribe());
+        let state = Arc::new(ApiState { registry: registry.clone(), tokens: vec![token.clone()], advertise: addr });
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            let r = apiserver::serve(state, listener, shutdown).await.map_err(ServerError::Serve);
+            ctl.abort_all();
+            r
+        });
+        tracing::info!(%addr, kubeconfig = %kubeconfig.display(), "skiff API server ready");
+        Ok(Server { registry, addr, token, kubeconfig, stop, task })
+    }
+
+    /// Stops serving and the controllers; waits up to 5 s for open requests.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let _ = self.stop.send(true);
+        match tokio::time::timeout(Duration::from_secs(5), self.task).await {
+            Ok(Ok(r)) => r,
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until the server stops by itself (an error while serving).
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        match (&mut self.task).await {
+            Ok(r) => r,
+            Err(e) => Err(ServerError::Serve(std::io::Error::other(e))),
+        }
+    }
+}
