@@ -1,1 +1,242 @@
-fn main() {}
+//! The `skiff` binary: argument parsing and output only. Every role is a subcommand.
+
+mod commands;
+mod print;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "skiff", version, about = "skiff: a WebAssembly-first lightweight orchestrator")]
+pub struct Cli {
+    /// Kubeconfig to use (else KUBECONFIG, else ~/.kube/config).
+    #[arg(long, global = true, env = "SKIFF_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace (else the context's).
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct ServerArgs {
+    /// Where the store, token and kubeconfig live.
+    #[arg(long, env = "SKIFF_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the API.
+    #[arg(long, env = "SKIFF_API_ADDR", default_value = "127.0.0.1:6443")]
+    pub api_addr: SocketAddr,
+    /// Seconds without a heartbeat before a node is marked NotReady.
+    #[arg(long, default_value_t = 40)]
+    pub node_grace_seconds: u64,
+    /// Seconds a node may stay NotReady before its pods are replaced elsewhere.
+    #[arg(long, default_value_t = 300)]
+    pub pod_eviction_seconds: u64,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the control plane (API server, store, scheduler, controllers).
+    Server(ServerArgs),
+    /// Display one or many resources (TYPE[,TYPE...] [NAME]).
+    Get {
+        types: String,
+        names: Vec<String>,
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        #[arg(long)]
+        field_selector: Option<String>,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        #[arg(short = 'w', long)]
+        watch: bool,
+        #[arg(long)]
+        show_labels: bool,
+    },
+    /// Show details of a resource, with its events.
+    Describe { kind: String, name: String },
+    /// Create a resource from a file or with a generator.
+    Create {
+        #[command(subcommand)]
+        what: Option<CreateWhat>,
+        #[arg(short = 'f', long)]
+        filename: Vec<String>,
+    },
+    /// Run a pod.
+    Run {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long, default_value = "Always")]
+        restart: String,
+        #[arg(long)]
+        port: Option<i32>,
+        /// Treat the arguments after -- as the command, not args.
+        #[arg(long)]
+        command: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Expose a deployment, pod or service as a new Service.
+    Expose {
+        /// TYPE/NAME or TYPE NAME.
+        target: Vec<String>,
+        #[arg(long = "type", default_value = "ClusterIP")]
+        service_type: String,
+        #[arg(long)]
+        port: Option<i32>,
+        #[arg(long)]
+        target_port: Option<String>,
+        #[arg(long)]
+        node_port: Option<i32>,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Set the replicas of a deployment or replica set.
+    Scale {
+        target: Vec<String>,
+        #[arg(long)]
+        replicas: i64,
+    },
+    /// Set fields: `set image TYPE/NAME CONTAINER=IMAGE...`.
+    Set {
+        #[command(subcommand)]
+        what: SetWhat,
+    },
+    /// Manage a rollout: status, history, undo.
+    Rollout {
+        #[command(subcommand)]
+        what: RolloutWhat,
+    },
+    /// Create or update resources from files (multi-document YAML, a directory, or - for stdin).
+    Apply {
+        #[arg(short = 'f', long, required = true)]
+        filename: Vec<String>,
+    },
+    /// Delete resources by type and name, or from files.
+    Delete {
+        args: Vec<String>,
+        #[arg(short = 'f', long)]
+        filename: Vec<String>,
+        #[arg(long)]
+        cascade: Option<String>,
+        #[arg(long)]
+        grace_period: Option<i64>,
+        #[arg(long)]
+        ignore_not_found: bool,
+    },
+    /// Add, change (--overwrite) or remove (key-) labels.
+    Label {
+        kind: String,
+        name: String,
+        labels: Vec<String>,
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Add or remove (key:Effect-) taints on a node.
+    Taint {
+        /// Always "nodes" (or "node").
+        kind: String,
+        name: String,
+        taints: Vec<String>,
+    },
+    /// Print a pod's container logs (served by the node through the API server).
+    Logs {
+        pod: String,
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long)]
+        tail: Option<i64>,
+        #[arg(short = 'p', long)]
+        previous: bool,
+    },
+    /// Show where the control plane is.
+    ClusterInfo,
+    /// Print client and server versions.
+    Version,
+    /// Print a shell completion script.
+    Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+pub enum CreateWhat {
+    /// A deployment with the given image(s).
+    Deployment {
+        name: String,
+        #[arg(long, required = true)]
+        image: Vec<String>,
+        #[arg(long)]
+        port: Option<i32>,
+        #[arg(long, default_value_t = 1)]
+        replicas: i32,
+    },
+    /// A namespace.
+    Namespace { name: String },
+}
+
+#[derive(Subcommand)]
+pub enum SetWhat {
+    /// Update container images: TYPE/NAME CONTAINER=IMAGE...
+    Image { target: String, pairs: Vec<String> },
+}
+
+#[derive(Subcommand)]
+pub enum RolloutWhat {
+    /// Watch a rollout until it completes.
+    Status {
+        target: String,
+        /// Seconds to wait (0: forever).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+    },
+    /// List revisions.
+    History { target: String },
+    /// Roll back to the previous (or a given) revision.
+    Undo {
+        target: String,
+        #[arg(long)]
+        to_revision: Option<i64>,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("SKIFF_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Server(_)) {
+        init_tracing();
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(commands::run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("error: {}", msg.lines().next().unwrap_or(""));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,245 @@
-//! placeholder
+//! skiff-client: talks to a skiff (or any Kubernetes) API server over HTTP.
+//!
+//! [`Client`] is the transport (kubeconfig, bearer token, `Status` errors, watch streams);
+//! [`verbs`] builds what the kubectl-like verbs send (deployments, services, rollbacks).
+
+pub mod kubeconfig;
+pub mod verbs;
+
+use futures::StreamExt;
+use serde_json::Value;
+use skiff_api::{ApiError, Resource};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with a `Status`.
+    #[error("{0}")]
+    Api(#[from] ApiError),
+    #[error("cannot reach the API server at {url}: {reason}")]
+    Transport { url: String, reason: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            ClientError::Api(e) => Some(e.code),
+            _ => None,
+        }
+    }
+}
+
+/// A watch event from the server.
+#[derive(Debug, Clone)]
+pub struct WatchEvent {
+    pub kind: String,
+    pub object: Value,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    pub server: String,
+    token: Option<String>,
+    /// The namespace of the current context.
+    pub namespace: String,
+}
+
+/// The path of a collection or object.
+pub fn path(r: &Resource, ns: Option<&str>, name: Option<&str>) -> String {
+    let base = if r.group.is_empty() { format!("/api/{}", r.version) } else { format!("/apis/{}/{}", r.group, r.version) };
+    let mut p = base;
+    if r.namespaced {
+        if let Some(ns) = ns {
+            p.push_str(&format!("/namespaces/{ns}"));
+        }
+    }
+    p.push('/');
+    p.push_str(r.plural);
+    if let Some(n) = name {
+        p.push('/');
+        p.push_str(n);
+    }
+    p
+}
+
+pub fn encode_query(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+impl Client {
+    pub fn new(server: &str, token: Option<String>, namespace: &str) -> Result<Self, ClientError> {
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(Client { http, server: server.trim_end_matches('/').to_string(), token, namespace: namespace.to_string() })
+    }
+
+    /// From a kubeconfig file (see [`kubeconfig::load`]).
+    pub fn from_kubeconfig(path: Option<&std::path::Path>) -> Result<Self, ClientError> {
+        let kc = kubeconfig::load(path)?;
+        Self::new(&kc.server, kc.token, &kc.namespace)
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{path}", self.server));
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
+        r
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = rb.send().await.map_err(|e| ClientError::Transport { url: self.server.clone(), reason: root_cause(&e) })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let code = resp.status().as_u16();
+        let body = resp.bytes().await.unwrap_or_default();
+        let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if v.get("kind").and_then(Value::as_str) == Some("Status") {
+            Err(ClientError::Api(ApiError::from_status(code, &v)))
+        } else {
+            Err(ClientError::Api(ApiError::from_status(code, &serde_json::json!({"message": format!("the server answered {code}: {}", String::from_utf8_lossy(&body).trim())}))))
+        }
+    }
+
+    async fn json(&self, rb: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let resp = self.send(rb).await?;
+        resp.json().await.map_err(|e| ClientError::Transport { url: self.server.clone(), reason: e.to_string() })
+    }
+
+    pub async fn get_path(&self, path: &str) -> Result<Value, ClientError> {
+        self.json(self.req(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn get(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ClientError> {
+        self.get_path(&path(r, ns, Some(name))).await
+    }
+
+    pub async fn list(&self, r: &Resource, ns: Option<&str>, label_selector: Option<&str>, field_selector: Option<&str>) -> Result<Value, ClientError> {
+        let mut p = path(r, ns, None);
+        let mut q = Vec::new();
+        if let Some(l) = label_selector.filter(|s| !s.is_empty()) {
+            q.push(format!("labelSelector={}", encode_query(l)));
+        }
+        if let Some(f) = field_selector.filter(|s| !s.is_empty()) {
+            q.push(format!("fieldSelector={}", encode_query(f)));
+        }
+        if !q.is_empty() {
+            p = format!("{p}?{}", q.join("&"));
+        }
+        self.get_path(&p).await
+    }
+
+    pub async fn create(&self, r: &Resource, ns: Option<&str>, obj: &Value) -> Result<Value, ClientError> {
+        self.json(self.req(reqwest::Method::POST, &path(r, ns, None)).json(obj)).await
+    }
+
+    pub async fn replace(&self, r: &Resource, ns: Option<&str>, name: &str, obj: &Value) -> Result<Value, ClientError> {
+        self.json(self.req(reqwest::Method::PUT, &path(r, ns, Some(name))).json(obj)).await
+    }
+
+    pub async fn replace_status(&self, r: &Resource, ns: Option<&str>, name: &str, obj: &Value) -> Result<Value, ClientError> {
+        self.json(self.req(reqwest::Method::PUT, &format!("{}/status", path(r, ns, Some(name)))).json(obj)).await
+    }
+
+    /// `content_type` is one of the patch media types (`application/merge-patch+json`, …).
+    pub async fn patch(&self, r: &Resource, ns: Option<&str>, name: &str, sub: Option<&str>, content_type: &str, body: &Value) -> Result<Value, ClientError> {
+        let mut p = path(r, ns, Some(name));
+        if let Some(s) = sub {
+            p = format!("{p}/{s}");
+        }
+        let rb = self
+            .req(reqwest::Method::PATCH, &p)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(serde_json::to_vec(body).unwrap_or_default());
+        self.json(rb).await
+    }
+
+    pub async fn delete(&self, r: &Resource, ns: Option<&str>, name: &str, propagation: Option<&str>, grace: Option<i64>) -> Result<Value, ClientError> {
+        let mut body = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1"});
+        if let Some(p) = propagation {
+            body["propagationPolicy"] = p.into();
+        }
+        if let Some(g) = grace {
+            body["gracePeriodSeconds"] = g.into();
+        }
+        self.json(self.req(reqwest::Method::DELETE, &path(r, ns, Some(name))).json(&body)).await
+    }
+
+    /// Raw bytes of a GET (e.g. pod logs).
+    pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        self.send(self.req(reqwest::Method::GET, path)).await
+    }
+
+    /// Watches a collection from `resource_version` (all current objects first when None).
+    pub async fn watch(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        resource_version: Option<&str>,
+        field_selector: Option<&str>,
+        label_selector: Option<&str>,
+    ) -> Result<impl futures::Stream<Item = Result<WatchEvent, ClientError>>, ClientError> {
+        let mut p = format!("{}?watch=true", path(r, ns, None));
+        if let Some(rv) = resource_version {
+            p.push_str(&format!("&resourceVersion={rv}"));
+        }
+        if let Some(f) = field_selector {
+            p.push_str(&format!("&fieldSelector={}", encode_query(f)));
+        }
+        if let Some(l) = label_selector {
+            p.push_str(&format!("&labelSelector={}", encode_query(l)));
+        }
+        let resp = self.send(self.req(reqwest::Method::GET, &p)).await?;
+        let server = self.server.clone();
+        let mut buf = Vec::<u8>::new();
+        let bytes = resp.bytes_stream();
+        Ok(bytes
+            .map(move |chunk| {
+                let chunk = chunk.map_err(|e| ClientError::Transport { url: server.clone(), reason: e.to_string() })?;
+                buf.extend_from_slice(&chunk);
+                let mut events = Vec::new();
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    let v: Value = serde_json::from_slice(&line).map_err(|e| ClientError::Transport { url: server.clone(), reason: format!("bad watch event: {e}") })?;
+                    let kind = v["type"].as_str().unwrap_or("").to_string();
+                    if kind == "ERROR" {
+                        let code = v["object"]["code"].as_u64().unwrap_or(500) as u16;
+                        return Err(ClientError::Api(ApiError::from_status(code, &v["object"])));
+                    }
+                    events.push(Ok(WatchEvent { kind, object: v["object"].clone() }));
+                }
+                Ok(futures::stream::iter(events))
+            })
+            .flat_map(|r: Result<_, ClientError>| match r {
+                Ok(s) => s.left_stream(),
+                Err(e) => futures::stream::iter(vec![Err(e)]).right_stream(),
+            }))
+    }
+}
+
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s = inner.to_string();
+        src = inner.source();
+    }
+    s
+}

@@ -1,0 +1,67 @@
+//! Reading a kubeconfig: `--kubeconfig`, else `KUBECONFIG`, else `~/.kube/config`.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::ClientError;
+
+/// What the client needs from a kubeconfig's current context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeConfig {
+    pub server: String,
+    pub token: Option<String>,
+    pub namespace: String,
+}
+
+/// The kubeconfig file to read.
+pub fn resolve(path: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = path {
+        return Some(p.to_path_buf());
+    }
+    if let Ok(k) = std::env::var("KUBECONFIG") {
+        if let Some(first) = k.split(':').find(|s| !s.is_empty()) {
+            return Some(PathBuf::from(first));
+        }
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config"))
+}
+
+pub fn load(path: Option<&Path>) -> Result<KubeConfig, ClientError> {
+    let p = resolve(path).ok_or_else(|| ClientError::Config("no kubeconfig: pass --kubeconfig or set KUBECONFIG".into()))?;
+    let text = std::fs::read_to_string(&p).map_err(|e| {
+        ClientError::Config(format!("cannot read kubeconfig {}: {e} (start a cluster with `skiff up`, or pass --kubeconfig)", p.display()))
+    })?;
+    parse(&text).map_err(|e| ClientError::Config(format!("kubeconfig {}: {e}", p.display())))
+}
+
+pub fn parse(text: &str) -> Result<KubeConfig, String> {
+    let v: Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let current = v["current-context"].as_str().unwrap_or("");
+    let find = |list: &str, name: &str| -> Option<Value> {
+        v[list].as_array()?.iter().find(|e| e["name"].as_str() == Some(name)).cloned()
+    };
+    let ctx = find("contexts", current)
+        .or_else(|| v["contexts"].as_array().and_then(|a| a.first().cloned()))
+        .ok_or("no context")?;
+    let cluster = find("clusters", ctx["context"]["cluster"].as_str().unwrap_or("")).ok_or("the context's cluster is missing")?;
+    let user = find("users", ctx["context"]["user"].as_str().unwrap_or(""));
+    let server = cluster["cluster"]["server"].as_str().ok_or("the cluster has no server")?.to_string();
+    Ok(KubeConfig {
+        server,
+        token: user.and_then(|u| u["user"]["token"].as_str().map(String::from)),
+        namespace: ctx["context"]["namespace"].as_str().unwrap_or("default").to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_current_context() {
+        let kc = parse("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:6443\nusers:\n- name: u\n  user:\n    token: t0k\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n    namespace: apps\ncurrent-context: x\n").unwrap();
+        assert_eq!(kc, KubeConfig { server: "http://127.0.0.1:6443".into(), token: Some("t0k".into()), namespace: "apps".into() });
+        assert!(parse("clusters: []").is_err());
+    }
+}
