@@ -15,6 +15,9 @@ pub mod error;
 pub mod fields;
 pub mod meta;
 pub mod patch;
+pub mod protobuf;
+#[rustfmt::skip]
+pub mod protobuf_schema;
 pub mod quantity;
 pub mod resources;
 pub mod selector;

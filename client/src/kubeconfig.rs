@@ -12,6 +12,9 @@ pub struct KubeConfig {
     pub server: String,
     pub token: Option<String>,
     pub namespace: String,
+    /// The cluster CA (PEM) from `certificate-authority-data` or `certificate-authority`.
+    pub ca_pem: Option<String>,
+    pub insecure: bool,
 }
 
 /// The kubeconfig file to read.
@@ -47,7 +50,19 @@ pub fn parse(text: &str) -> Result<KubeConfig, String> {
     let cluster = find("clusters", ctx["context"]["cluster"].as_str().unwrap_or("")).ok_or("the context's cluster is missing")?;
     let user = find("users", ctx["context"]["user"].as_str().unwrap_or(""));
     let server = cluster["cluster"]["server"].as_str().ok_or("the cluster has no server")?.to_string();
+    let c = &cluster["cluster"];
+    let ca_pem = match (c["certificate-authority-data"].as_str(), c["certificate-authority"].as_str()) {
+        (Some(data), _) => {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|e| format!("certificate-authority-data: {e}"))?;
+            Some(String::from_utf8(bytes).map_err(|e| format!("certificate-authority-data: {e}"))?)
+        }
+        (None, Some(file)) => Some(std::fs::read_to_string(file).map_err(|e| format!("certificate-authority {file}: {e}"))?),
+        (None, None) => None,
+    };
     Ok(KubeConfig {
+        ca_pem,
+        insecure: c["insecure-skip-tls-verify"].as_bool().unwrap_or(false),
         server,
         token: user.and_then(|u| u["user"]["token"].as_str().map(String::from)),
         namespace: ctx["context"]["namespace"].as_str().unwrap_or("default").to_string(),
@@ -61,7 +76,7 @@ mod tests {
     #[test]
     fn reads_the_current_context() {
         let kc = parse("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:6443\nusers:\n- name: u\n  user:\n    token: t0k\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n    namespace: apps\ncurrent-context: x\n").unwrap();
-        assert_eq!(kc, KubeConfig { server: "http://127.0.0.1:6443".into(), token: Some("t0k".into()), namespace: "apps".into() });
+        assert_eq!(kc, KubeConfig { server: "http://127.0.0.1:6443".into(), token: Some("t0k".into()), namespace: "apps".into(), ca_pem: None, insecure: false });
         assert!(parse("clusters: []").is_err());
     }
 }

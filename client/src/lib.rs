@@ -78,9 +78,17 @@ pub fn encode_query(s: &str) -> String {
 }
 
 impl Client {
-    pub fn new(server: &str, token: Option<String>, namespace: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
+    /// A client for `server`; `ca_pem` is the CA its certificate must chain to.
+    pub fn new(server: &str, token: Option<String>, namespace: &str, ca_pem: Option<&str>, insecure: bool) -> Result<Self, ClientError> {
+        let mut b = reqwest::Client::builder().pool_idle_timeout(std::time::Duration::from_secs(30)).use_rustls_tls();
+        if let Some(ca) = ca_pem {
+            let cert = reqwest::Certificate::from_pem(ca.as_bytes()).map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
+            b = b.add_root_certificate(cert);
+        }
+        if insecure {
+            b = b.danger_accept_invalid_certs(true);
+        }
+        let http = b
             .build()
             .map_err(|e| ClientError::Config(e.to_string()))?;
         Ok(Client { http, server: server.trim_end_matches('/').to_string(), token, namespace: namespace.to_string() })
@@ -89,7 +97,7 @@ impl Client {
     /// From a kubeconfig file (see [`kubeconfig::load`]).
     pub fn from_kubeconfig(path: Option<&std::path::Path>) -> Result<Self, ClientError> {
         let kc = kubeconfig::load(path)?;
-        Self::new(&kc.server, kc.token, &kc.namespace)
+        Self::new(&kc.server, kc.token, &kc.namespace, kc.ca_pem.as_deref(), kc.insecure)
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

@@ -253,7 +253,7 @@ impl Registry {
             if r.namespaced {
                 let path_ns = ns.unwrap_or("default");
                 match m.get("namespace").and_then(Value::as_str) {
-                    Some(body_ns) if body_ns != path_ns => {
+                    Some(body_ns) if !body_ns.is_empty() && body_ns != path_ns => {
                         return Err(ApiError::bad_request(format!(
                             "the namespace of the provided object ({body_ns}) does not match the namespace sent on the request ({path_ns})"
                         )))
@@ -317,7 +317,7 @@ impl Registry {
         let old = self.get(r, ns, name)?;
         let expect = match meta::resource_version(&obj) {
             Some(rv) => Some(rv),
-            None if obj.pointer("/metadata/resourceVersion").is_some() => {
+            None if obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) => {
                 return Err(ApiError::bad_request("metadata.resourceVersion must be a number"))
             }
             None => meta::resource_version(&old),

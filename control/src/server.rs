@@ -22,6 +22,8 @@ pub struct ServerConfig {
     pub api_addr: SocketAddr,
     pub cluster: ClusterConfig,
     pub controllers: ControllerConfig,
+    /// Extra names and addresses the API certificate is valid for.
+    pub tls_sans: Vec<String>,
 }
 
 impl ServerConfig {
@@ -31,6 +33,7 @@ impl ServerConfig {
             api_addr,
             cluster: ClusterConfig::default(),
             controllers: ControllerConfig::default(),
+            tls_sans: Vec::new(),
         }
     }
 }
@@ -45,6 +48,8 @@ pub enum ServerError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("bootstrap: {0}")]
     Bootstrap(#[from] ApiError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("serving the API: {0}")]
     Serve(std::io::Error),
 }
@@ -55,6 +60,8 @@ pub struct Server {
     pub addr: SocketAddr,
     pub token: String,
     pub kubeconfig: PathBuf,
+    /// The cluster CA, PEM.
+    pub ca_pem: String,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
@@ -73,7 +80,7 @@ fn load_or_make_token(dir: &Path) -> Result<String, ServerError> {
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -84,9 +91,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The kubeconfig both kubectl and the skiff CLI read.
-pub fn kubeconfig_yaml(server_url: &str, token: &str) -> String {
+pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server_url}\nusers:\n- name: skiff-admin\n  user:\n    token: {token}\ncontexts:\n- name: skiff\n  context:\n    cluster: skiff\n    user: skiff-admin\n    namespace: default\ncurrent-context: skiff\npreferences: {{}}\n"
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server_url}\n    certificate-authority-data: {ca}\nusers:\n- name: skiff-admin\n  user:\n    token: {token}\ncontexts:\n- name: skiff\n  context:\n    cluster: skiff\n    user: skiff-admin\n    namespace: default\ncurrent-context: skiff\npreferences: {{}}\n"
     )
 }
 
@@ -141,9 +150,13 @@ impl Server {
         let registry = Registry::new(store, config.cluster.clone());
         bootstrap(&registry, addr)?;
         let token = load_or_make_token(dir)?;
+        let mut sans = vec![addr.ip().to_string()];
+        sans.extend(config.tls_sans.iter().cloned());
+        let tls = crate::tls::load_or_create(dir, &sans)?;
         let kubeconfig = dir.join("kubeconfig");
-        write_private(&kubeconfig, kubeconfig_yaml(&format!("http://{addr}"), &token).as_bytes())
+        write_private(&kubeconfig, kubeconfig_yaml(&format!("https://{addr}"), &token, &tls.ca_pem).as_bytes())
             .map_err(|e| ServerError::DataDir { path: kubeconfig.clone(), source: e })?;
+        let tls_ca = tls.ca_pem.clone();
         let (stop, mut stopped) = watch::channel(false);
         let mut ctl = controllers::start(registry.clone(), config.controllers.clone(), stop.subscribe());
         let state = Arc::new(ApiState { registry: registry.clone(), tokens: vec![token.clone()], advertise: addr });
@@ -151,12 +164,13 @@ impl Server {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            let r = apiserver::serve(state, listener, shutdown).await.map_err(ServerError::Serve);
+            let r = apiserver::serve(state, listener, tls.server, shutdown).await.map_err(ServerError::Serve);
             ctl.abort_all();
             r
         });
         tracing::info!(%addr, kubeconfig = %kubeconfig.display(), "skiff API server ready");
-        Ok(Server { registry, addr, token, kubeconfig, stop, task })
+        let ca_pem = tls_ca;
+        Ok(Server { registry, addr, token, kubeconfig, ca_pem, stop, task })
     }
 
     /// Stops serving and the controllers; waits up to 5 s for open requests.

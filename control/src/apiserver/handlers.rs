@@ -92,7 +92,7 @@ async fn read_body(req: Request<Body>) -> Result<Value, ApiError> {
         serde_json::from_slice::<Value>(&bytes)
             .map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))
     } else if ct.contains("protobuf") {
-        Err(ApiError::unsupported_media("protobuf is not supported; send application/json"))
+        skiff_api::protobuf::decode_object(&bytes)
     } else {
         Err(ApiError::unsupported_media(format!("unsupported media type {ct:?}")))
     }

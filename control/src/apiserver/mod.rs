@@ -9,6 +9,7 @@ mod nodeproxy;
 pub mod path;
 
 use std::net::SocketAddr;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -75,11 +76,45 @@ pub fn router(state: Shared) -> Router {
     Router::new().fallback(auth_then_dispatch).with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
+/// Serves the API over TLS on `listener` until `shutdown` resolves; open connections
+/// (watches included) are closed then.
 pub async fn serve(
     state: Shared,
     listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown).await
+    use tower::ServiceExt;
+    let app = router(state);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut conns = tokio::task::JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        conns.spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else { return };
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                app.clone().oneshot(req.map(Body::new))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .with_upgrades()
+                .await;
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    conns.abort_all();
+    Ok(())
 }
