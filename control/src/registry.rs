@@ -197,6 +197,7 @@ impl Registry {
     // ---- writes --------------------------------------------------------------------------
 
     fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
+        strip_nulls(obj);
         if !obj.is_object() {
             return Err(ApiError::bad_request("the request body must be a JSON or YAML object"));
         }
@@ -693,6 +694,18 @@ impl Registry {
         obj["spec"]["podCIDR"] = json!(cidr);
         obj["spec"]["podCIDRs"] = json!([cidr]);
         Ok(())
+    }
+}
+
+/// Removes `null` members: the API never stores them (a null means "unset").
+pub fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
     }
 }
 

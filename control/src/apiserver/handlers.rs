@@ -109,10 +109,15 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         "/api" => return ok(discovery::api_versions(&state.advertise.to_string())),
         "/apis" => return ok(discovery::api_groups()),
         "/api/v1" => return ok(discovery::resource_list("", "v1").expect("core")),
+        "/openapi/v3" => return ok(discovery::openapi_v3_index()),
+        "/openapi/v3/api/v1" => return ok(discovery::openapi_v3("", "v1").expect("core")),
         _ => {}
     }
     let segs: Vec<&str> = uri_path.trim_start_matches('/').split('/').collect();
     match segs.as_slice() {
+        ["openapi", "v3", "apis", g, v] => {
+            return discovery::openapi_v3(g, v).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
+        }
         ["apis", g] => return discovery::api_group(g).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok),
         ["apis", g, v] => {
             return discovery::resource_list(g, v).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)

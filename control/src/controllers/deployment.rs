@@ -44,11 +44,32 @@ pub fn template_hash(template: &Value) -> String {
     out
 }
 
-fn strip_hash(template: &Value) -> Value {
+/// A template with the hash label removed and zero values dropped, for comparing templates
+/// however they were sent: kubectl's protobuf carries `false`/`0` where its JSON omits them.
+fn normalized(template: &Value) -> Value {
+    fn drop_zero(v: &mut Value) -> bool {
+        match v {
+            Value::Object(m) => {
+                m.retain(|_, x| !drop_zero(x));
+                m.is_empty()
+            }
+            Value::Array(a) => {
+                a.iter_mut().for_each(|x| {
+                    drop_zero(x);
+                });
+                a.is_empty()
+            }
+            Value::Bool(b) => !*b,
+            Value::Number(n) => n.as_f64() == Some(0.0),
+            Value::String(s) => s.is_empty(),
+            Value::Null => true,
+        }
+    }
     let mut t = template.clone();
     if let Some(l) = t.pointer_mut("/metadata/labels").and_then(Value::as_object_mut) {
         l.remove(POD_TEMPLATE_HASH);
     }
+    drop_zero(&mut t);
     t
 }
 
@@ -146,7 +167,7 @@ impl Reconciler for DeploymentController {
             .collect();
         owned.sort_by_key(revision);
         let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
-        let hash = template_hash(&template);
+        let hash = template_hash(&normalized(&template));
         let max_rev = owned.iter().map(revision).max().unwrap_or(0);
         let replicas = spec_replicas(&d);
         let paused = d.pointer("/spec/paused") == Some(&json!(true));
@@ -154,7 +175,8 @@ impl Reconciler for DeploymentController {
         let mut last = 0u64;
         let opts = WriteOptions::default();
 
-        let new_idx = owned.iter().position(|rs| strip_hash(rs.pointer("/spec/template").unwrap_or(&Value::Null)) == template);
+        let want = normalized(&template);
+        let new_idx = owned.iter().position(|rs| normalized(rs.pointer("/spec/template").unwrap_or(&Value::Null)) == want);
         let mut new_rs = new_idx.map(|i| owned.remove(i));
         let old: Vec<Value> = owned;
 
