@@ -452,8 +452,8 @@ impl Ctx {
         let r = resource(&kind)?;
         let ns = r.namespaced.then_some(self.ns.as_str());
         let o = self.client.get(r, ns, &name).await?;
-        let kv = |k: &str, v: String| println!("{:<18}{}", format!("{k}:"), v);
-        let map = |m: std::collections::BTreeMap<String, String>| if m.is_empty() { "<none>".to_string() } else { m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("\n                  ") };
+        let kv = |k: &str, v: String| println!("{:<20}{}", format!("{k}:"), v);
+        let map = |m: std::collections::BTreeMap<String, String>| if m.is_empty() { "<none>".to_string() } else { m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("\n                    ") };
         kv("Name", name.clone());
         if let Some(n) = meta::namespace(&o) {
             kv("Namespace", n.to_string());

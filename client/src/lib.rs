@@ -13,7 +13,7 @@ use skiff_api::{ApiError, Resource};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with a `Status`.
-    #[error("{0}")]
+    #[error(transparent)]
     Api(#[from] ApiError),
     #[error("cannot reach the API server at {url}: {reason}")]
     Transport { url: String, reason: String },

@@ -1,1 +1,67 @@
-//! End-to-end test support.
+//! Support for skiff's end-to-end tests: an in-process control plane on its own port and data
+//! dir, fake nodes that act as kubelets through the API, and polling with deadlines.
+//!
+//! Every test gets its own temporary data dir and an OS-assigned port, so tests run in
+//! parallel and leave nothing behind.
+
+pub mod fake_node;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use skiff_client::Client;
+use skiff_control::server::{Server, ServerConfig};
+
+/// A control plane for one test.
+pub struct TestCluster {
+    pub server: Server,
+    pub client: Client,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts a server on 127.0.0.1 with an OS-assigned port; `tune` adjusts its config.
+    pub async fn start(tune: impl FnOnce(&mut ServerConfig)) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::tempdir()?;
+        let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse()?);
+        tune(&mut config);
+        let server = Server::start(config).await?;
+        let client = Client::new(&format!("https://{}", server.addr), Some(server.token.clone()), "default", Some(&server.ca_pem), false)?;
+        Ok(TestCluster { server, client, dir })
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.server.kubeconfig.clone()
+    }
+}
+
+/// Polls `check` every 50 ms until it returns Some, or fails after `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {within:?} waiting for {what}{}", last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `skiff` binary next to the test executable (`cargo build` puts it there).
+pub fn skiff_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe.parent().and_then(|d| d.parent()).ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let bin = dir.join("skiff");
+    anyhow::ensure!(bin.exists(), "{} is missing: run `cargo build -p skiff` first", bin.display());
+    Ok(bin)
+}

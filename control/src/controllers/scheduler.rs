@@ -170,6 +170,9 @@ pub fn schedule(nodes: &mut [NodeInfo], pods: &[PodRequest], start: &mut usize) 
                 }
             }
             *start = (*start + 1) % n.max(1);
+            if n == 0 {
+                return Err("no nodes available to schedule pods".to_string());
+            }
             match best {
                 Some((_, i)) => {
                     nodes[i].add(pod);

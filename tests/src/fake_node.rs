@@ -1,0 +1,135 @@
+//! A fake node: registers a Node, heartbeats, and acts as the kubelet for the pods bound to
+//! it — marks them Running and Ready (after a start delay), and finishes their deletion —
+//! all through the public API, as a real agent does.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use skiff_api::{meta, Resource};
+use skiff_client::Client;
+
+pub struct FakeNode {
+    pub name: String,
+    heartbeat: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+impl FakeNode {
+    /// Registers node `name` (InternalIP `ip`) and starts serving it. Pods become Ready
+    /// `start_delay` after they are bound.
+    pub async fn start(client: Client, name: &str, ip: &str, start_delay: Duration) -> anyhow::Result<FakeNode> {
+        let nodes = Resource::lookup("nodes").expect("nodes");
+        let node = json!({
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
+            "status": {
+                "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "fake node is ready",
+                                "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
+                "nodeInfo": {"kubeletVersion": "v1.37.0-fake", "osImage": "fake", "kernelVersion": "", "containerRuntimeVersion": "fake://1",
+                             "architecture": "amd64", "operatingSystem": "linux", "machineID": "", "systemUUID": "", "bootID": "", "kubeProxyVersion": ""},
+            }
+        });
+        client.create(nodes, None, &node).await?;
+        let heartbeat = Arc::new(AtomicBool::new(true));
+        let hb = heartbeat.clone();
+        let name_s = name.to_string();
+        let ip_s = ip.to_string();
+        let task = tokio::spawn(async move {
+            let mut ready_at: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
+            let mut last_beat = tokio::time::Instant::now();
+            let mut next_ip = 2u32;
+            loop {
+                if hb.load(Ordering::SeqCst) && last_beat.elapsed() > Duration::from_millis(500) {
+                    last_beat = tokio::time::Instant::now();
+                    if let Ok(mut n) = client.get(nodes, None, &name_s).await {
+                        if let Some(c) = n.pointer_mut("/status/conditions").and_then(Value::as_array_mut).and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready")) {
+                            if c["status"] != "True" {
+                                c["lastTransitionTime"] = json!(now());
+                            }
+                            c["status"] = json!("True");
+                            c["reason"] = json!("KubeletReady");
+                            c["lastHeartbeatTime"] = json!(now());
+                        }
+                        let _ = client.replace_status(nodes, None, &name_s, &n).await;
+                    }
+                }
+                if hb.load(Ordering::SeqCst) {
+                    let _ = serve_pods(&client, &name_s, &ip_s, start_delay, &mut ready_at, &mut next_ip).await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Ok(FakeNode { name: name.to_string(), heartbeat, task })
+    }
+
+    /// Stops heartbeating and serving pods, as a node that lost power.
+    pub fn fail(&self) {
+        self.heartbeat.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_pods(
+    client: &Client,
+    node: &str,
+    ip: &str,
+    delay: Duration,
+    ready_at: &mut std::collections::HashMap<String, tokio::time::Instant>,
+    next_ip: &mut u32,
+) -> anyhow::Result<()> {
+    let pods = Resource::lookup("pods").expect("pods");
+    let list = client.list(pods, None, None, Some(&format!("spec.nodeName={node}"))).await?;
+    for p in list["items"].as_array().cloned().unwrap_or_default() {
+        let ns = meta::namespace(&p).unwrap_or("default").to_string();
+        let name = meta::name(&p).to_string();
+        if meta::is_deleting(&p) {
+            // The containers are stopped: finish the deletion.
+            let _ = client.delete(pods, Some(&ns), &name, None, Some(0)).await;
+            ready_at.remove(&meta::uid(&p).to_string());
+            continue;
+        }
+        let uid = meta::uid(&p).to_string();
+        let due = *ready_at.entry(uid.clone()).or_insert_with(|| tokio::time::Instant::now() + delay);
+        let ready = tokio::time::Instant::now() >= due;
+        let is_ready = p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+        let running = p.pointer("/status/phase") == Some(&json!("Running"));
+        if running && is_ready == ready {
+            continue;
+        }
+        let pod_ip = p.pointer("/status/podIP").and_then(Value::as_str).map(String::from).unwrap_or_else(|| {
+            *next_ip += 1;
+            format!("10.99.{}.{}", (*next_ip >> 8) & 255, *next_ip & 255)
+        });
+        let containers: Vec<Value> = p.pointer("/spec/containers").and_then(Value::as_array).cloned().unwrap_or_default().iter().map(|c| json!({
+            "name": c["name"], "image": c["image"], "imageID": "", "ready": ready, "started": true, "restartCount": 0,
+            "state": {"running": {"startedAt": now()}},
+        })).collect();
+        let st = if ready { "True" } else { "False" };
+        let mut next = p.clone();
+        next["status"] = json!({
+            "phase": "Running", "hostIP": ip, "podIP": pod_ip, "podIPs": [{"ip": pod_ip}], "startTime": now(),
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now()},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now()},
+                {"type": "ContainersReady", "status": st, "lastTransitionTime": now()},
+                {"type": "Ready", "status": st, "lastTransitionTime": now()},
+            ],
+            "containerStatuses": containers,
+        });
+        let _ = client.replace_status(pods, Some(&ns), &name, &next).await;
+    }
+    Ok(())
+}
