@@ -95,13 +95,25 @@ impl ApiError {
         e
     }
     pub fn not_found_path(path: &str) -> Self {
-        Self::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
     }
     pub fn method_not_allowed(what: &str) -> Self {
-        Self::new(405, "MethodNotAllowed", format!("the server does not allow this method on the requested resource ({what})"))
+        Self::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource ({what})"),
+        )
     }
     pub fn already_exists(resource: &str, name: &str) -> Self {
-        let mut e = Self::new(409, "AlreadyExists", format!("{resource} \"{name}\" already exists"));
+        let mut e = Self::new(
+            409,
+            "AlreadyExists",
+            format!("{resource} \"{name}\" already exists"),
+        );
         e.kind = Some(resource.to_string());
         e.name = Some(name.to_string());
         e
@@ -166,7 +178,9 @@ impl ApiError {
                 Value::Array(
                     self.causes
                         .iter()
-                        .map(|c| json!({"reason": c.reason, "message": c.message, "field": c.field}))
+                        .map(
+                            |c| json!({"reason": c.reason, "message": c.message, "field": c.field}),
+                        )
                         .collect(),
                 ),
             );
@@ -221,7 +235,13 @@ mod tests {
         let s = e.to_status();
         assert_eq!(s["code"], 422);
         assert_eq!(s["reason"], "Invalid");
-        assert_eq!(s["details"]["causes"][0]["field"], "spec.template.spec.containers[0].image");
-        assert!(s["message"].as_str().unwrap().contains("containers[0].image: Required value"));
+        assert_eq!(
+            s["details"]["causes"][0]["field"],
+            "spec.template.spec.containers[0].image"
+        );
+        assert!(s["message"]
+            .as_str()
+            .unwrap()
+            .contains("containers[0].image: Required value"));
     }
 }

@@ -76,12 +76,25 @@ mod tests {
     fn selects_on_nested_fields() {
         let pod = json!({"metadata": {"name": "a", "namespace": "default"},
                          "spec": {"nodeName": "n1"}, "status": {"phase": "Running"}});
-        assert!(FieldSelector::parse("metadata.name=a,spec.nodeName=n1").unwrap().matches(&pod));
-        assert!(FieldSelector::parse("status.phase!=Pending").unwrap().matches(&pod));
-        assert!(!FieldSelector::parse("metadata.namespace=kube-system").unwrap().matches(&pod));
+        assert!(FieldSelector::parse("metadata.name=a,spec.nodeName=n1")
+            .unwrap()
+            .matches(&pod));
+        assert!(FieldSelector::parse("status.phase!=Pending")
+            .unwrap()
+            .matches(&pod));
+        assert!(!FieldSelector::parse("metadata.namespace=kube-system")
+            .unwrap()
+            .matches(&pod));
         let unscheduled = json!({"metadata": {"name": "b"}, "spec": {}});
-        assert!(FieldSelector::parse("spec.nodeName=").unwrap().matches(&unscheduled));
+        assert!(FieldSelector::parse("spec.nodeName=")
+            .unwrap()
+            .matches(&unscheduled));
         assert!(FieldSelector::parse("nonsense").is_err());
-        assert_eq!(FieldSelector::parse("metadata.name==a").unwrap().equals("metadata.name"), Some("a"));
+        assert_eq!(
+            FieldSelector::parse("metadata.name==a")
+                .unwrap()
+                .equals("metadata.name"),
+            Some("a")
+        );
     }
 }

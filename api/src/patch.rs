@@ -26,7 +26,9 @@ impl PatchKind {
             "application/json-patch+json" => Some(PatchKind::Json),
             "application/merge-patch+json" => Some(PatchKind::Merge),
             "application/strategic-merge-patch+json" => Some(PatchKind::Strategic),
-            "application/apply-patch+yaml" | "application/apply-patch+json" => Some(PatchKind::Apply),
+            "application/apply-patch+yaml" | "application/apply-patch+json" => {
+                Some(PatchKind::Apply)
+            }
             _ => None,
         }
     }
@@ -39,8 +41,13 @@ pub fn apply(kind: PatchKind, target: &Value, patch: &Value) -> Result<Value, Ap
             let ops: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
             let mut doc = target.clone();
-            json_patch::patch(&mut doc, &ops)
-                .map_err(|e| ApiError::invalid("Patch", "", vec![crate::Cause::invalid("patch", "", &e.to_string())]))?;
+            json_patch::patch(&mut doc, &ops).map_err(|e| {
+                ApiError::invalid(
+                    "Patch",
+                    "",
+                    vec![crate::Cause::invalid("patch", "", &e.to_string())],
+                )
+            })?;
             Ok(doc)
         }
         PatchKind::Merge => {
@@ -55,7 +62,9 @@ pub fn apply(kind: PatchKind, target: &Value, patch: &Value) -> Result<Value, Ap
         // fields the configuration names are set, list elements merge by key.
         PatchKind::Strategic | PatchKind::Apply => {
             if !patch.is_object() {
-                return Err(ApiError::bad_request("a strategic merge patch must be a JSON object"));
+                return Err(ApiError::bad_request(
+                    "a strategic merge patch must be a JSON object",
+                ));
             }
             Ok(strategic_merge(target, patch))
         }
@@ -125,7 +134,12 @@ fn strip_directives(mut m: Map<String, Value>) -> Map<String, Value> {
 /// The merge key of a list field, as the Kubernetes types declare it (`patchMergeKey`).
 fn merge_key(field: &str, sample: &Value) -> Option<&'static str> {
     Some(match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "env" | "imagePullSecrets" => "name",
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "volumes"
+        | "env"
+        | "imagePullSecrets" => "name",
         "volumeMounts" => "mountPath",
         "volumeDevices" => "devicePath",
         "conditions" | "addresses" => "type",
@@ -211,14 +225,25 @@ mod tests {
         // What `kubectl set image deployment/x app=a:v2` sends.
         let p = json!({"spec": {"template": {"spec": {"containers": [{"name": "app", "image": "a:v2"}]}}}});
         let out = apply(PatchKind::Strategic, &deployment(), &p).unwrap();
-        let cs = out.pointer("/spec/template/spec/containers").unwrap().as_array().unwrap();
+        let cs = out
+            .pointer("/spec/template/spec/containers")
+            .unwrap()
+            .as_array()
+            .unwrap();
         assert_eq!(cs.len(), 2);
         assert_eq!(cs[0]["image"], "a:v2");
         assert_eq!(cs[0]["ports"][0]["containerPort"], 8080);
         assert_eq!(cs[1]["image"], "s:v1");
         // A merge patch replaces the list instead.
         let out = apply(PatchKind::Merge, &deployment(), &p).unwrap();
-        assert_eq!(out.pointer("/spec/template/spec/containers").unwrap().as_array().unwrap().len(), 1);
+        assert_eq!(
+            out.pointer("/spec/template/spec/containers")
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -228,19 +253,43 @@ mod tests {
             {"name": "side", "$patch": "delete"}
         ], "$setElementOrder/containers": [{"name": "app"}]}}}});
         let out = strategic_merge(&deployment(), &p);
-        let cs = out.pointer("/spec/template/spec/containers").unwrap().as_array().unwrap();
+        let cs = out
+            .pointer("/spec/template/spec/containers")
+            .unwrap()
+            .as_array()
+            .unwrap();
         assert_eq!(cs.len(), 1);
-        let env: Vec<&str> = cs[0]["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        let env: Vec<&str> = cs[0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap())
+            .collect();
         assert_eq!(env, vec!["B", "C"]);
-        assert!(out.pointer("/spec/template/spec/$setElementOrder~1containers").is_none());
+        assert!(out
+            .pointer("/spec/template/spec/$setElementOrder~1containers")
+            .is_none());
 
         let replace = json!({"spec": {"template": {"spec": {"containers": [{"$patch": "replace"}, {"name": "only", "image": "o"}]}}}});
         let out = strategic_merge(&deployment(), &replace);
-        assert_eq!(out.pointer("/spec/template/spec/containers/0/name").unwrap(), "only");
-        assert_eq!(out.pointer("/spec/template/spec/containers").unwrap().as_array().unwrap().len(), 1);
+        assert_eq!(
+            out.pointer("/spec/template/spec/containers/0/name")
+                .unwrap(),
+            "only"
+        );
+        assert_eq!(
+            out.pointer("/spec/template/spec/containers")
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
 
         let null = json!({"spec": {"replicas": null}});
-        assert!(strategic_merge(&deployment(), &null).pointer("/spec/replicas").is_none());
+        assert!(strategic_merge(&deployment(), &null)
+            .pointer("/spec/replicas")
+            .is_none());
     }
 
     #[test]
@@ -257,10 +306,26 @@ mod tests {
     #[test]
     fn json_patch_ops_and_errors() {
         let p = json!([{"op": "replace", "path": "/spec/replicas", "value": 3}]);
-        assert_eq!(apply(PatchKind::Json, &deployment(), &p).unwrap()["spec"]["replicas"], 3);
+        assert_eq!(
+            apply(PatchKind::Json, &deployment(), &p).unwrap()["spec"]["replicas"],
+            3
+        );
         let bad = json!([{"op": "remove", "path": "/spec/nothere"}]);
-        assert_eq!(apply(PatchKind::Json, &deployment(), &bad).unwrap_err().code, 422);
-        assert_eq!(apply(PatchKind::Json, &deployment(), &json!({"x": 1})).unwrap_err().code, 400);
-        assert_eq!(PatchKind::from_content_type("application/strategic-merge-patch+json; charset=utf-8"), Some(PatchKind::Strategic));
+        assert_eq!(
+            apply(PatchKind::Json, &deployment(), &bad)
+                .unwrap_err()
+                .code,
+            422
+        );
+        assert_eq!(
+            apply(PatchKind::Json, &deployment(), &json!({"x": 1}))
+                .unwrap_err()
+                .code,
+            400
+        );
+        assert_eq!(
+            PatchKind::from_content_type("application/strategic-merge-patch+json; charset=utf-8"),
+            Some(PatchKind::Strategic)
+        );
     }
 }

@@ -53,7 +53,10 @@ impl<'a> Reader<'a> {
     fn varint(&mut self) -> Result<u64, ApiError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
-            let b = *self.buf.get(self.pos).ok_or_else(|| bad("truncated varint"))?;
+            let b = *self
+                .buf
+                .get(self.pos)
+                .ok_or_else(|| bad("truncated varint"))?;
             self.pos += 1;
             v |= ((b & 0x7f) as u64) << shift;
             if b & 0x80 == 0 {
@@ -63,7 +66,11 @@ impl<'a> Reader<'a> {
         Err(bad("varint too long"))
     }
     fn bytes(&mut self, n: usize) -> Result<&'a [u8], ApiError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.buf.len()).ok_or_else(|| bad("truncated field"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.buf.len())
+            .ok_or_else(|| bad("truncated field"))?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -77,7 +84,9 @@ impl<'a> Reader<'a> {
     fn value(&mut self, wire: u8) -> Result<Raw<'a>, ApiError> {
         Ok(match wire {
             0 => Raw::Int(self.varint()?),
-            1 => Raw::Int(u64::from_le_bytes(self.bytes(8)?.try_into().expect("8 bytes"))),
+            1 => Raw::Int(u64::from_le_bytes(
+                self.bytes(8)?.try_into().expect("8 bytes"),
+            )),
             5 => Raw::Int(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes")) as u64),
             2 => {
                 let n = self.varint()? as usize;
@@ -101,7 +110,7 @@ fn schema(name: &str) -> Option<&'static [Field]> {
 }
 
 fn string(b: &[u8]) -> Result<Value, ApiError> {
-    Ok(Value::String(String::from_utf8(b.to_vec()).map_err(|e| bad(e))?))
+    Ok(Value::String(String::from_utf8(b.to_vec()).map_err(bad)?))
 }
 
 fn scalar(ty: Ty, raw: Raw<'_>) -> Result<Value, ApiError> {
@@ -113,7 +122,9 @@ fn scalar(ty: Ty, raw: Raw<'_>) -> Result<Value, ApiError> {
             const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
             let mut s = String::new();
             for c in b.chunks(3) {
-                let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+                let n = (c[0] as u32) << 16
+                    | (*c.get(1).unwrap_or(&0) as u32) << 8
+                    | *c.get(2).unwrap_or(&0) as u32;
                 for i in 0..4 {
                     if i <= c.len() {
                         let _ = s.write_char(T[(n >> (18 - 6 * i) & 63) as usize] as char);
@@ -147,14 +158,20 @@ fn rfc3339(seconds: i64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if m <= 2 { y + 1 } else { y };
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
 }
 
 /// Decodes one message of type `name`.
 pub fn message(name: &str, buf: &[u8]) -> Result<Value, ApiError> {
     // Messages whose JSON form is not an object.
     match name {
-        "apimachinery.pkg.api.resource.Quantity" | "apimachinery.pkg.api.resource.QuantityValue" => {
+        "apimachinery.pkg.api.resource.Quantity"
+        | "apimachinery.pkg.api.resource.QuantityValue" => {
             let m = message_fields(name, buf)?;
             return Ok(m.get("string").cloned().unwrap_or(json!("0")));
         }
@@ -201,7 +218,9 @@ fn message_fields(name: &str, buf: &[u8]) -> Result<Map<String, Value>, ApiError
     while !r.done() {
         let (tag, wire) = r.key()?;
         let raw = r.value(wire)?;
-        let Some(f) = fields.iter().find(|f| f.tag == tag) else { continue };
+        let Some(f) = fields.iter().find(|f| f.tag == tag) else {
+            continue;
+        };
         let v = match (f.ty, raw) {
             (Ty::Msg(m), Raw::Bytes(b)) => message(m, b)?,
             (Ty::MapStr | Ty::MapMsg(_) | Ty::MapBytes, Raw::Bytes(b)) => {
@@ -232,7 +251,11 @@ fn message_fields(name: &str, buf: &[u8]) -> Result<Map<String, Value>, ApiError
             continue;
         }
         if f.repeated {
-            out.entry(f.json).or_insert_with(|| json!([])).as_array_mut().expect("array").push(v);
+            out.entry(f.json)
+                .or_insert_with(|| json!([]))
+                .as_array_mut()
+                .expect("array")
+                .push(v);
         } else {
             out.insert(f.json.to_string(), v);
         }
@@ -242,13 +265,20 @@ fn message_fields(name: &str, buf: &[u8]) -> Result<Map<String, Value>, ApiError
 
 /// The message name of a kind in a group version (`apps/v1`, `Deployment` → `api.apps.v1.Deployment`).
 pub fn message_name(api_version: &str, kind: &str) -> String {
-    let (group, version) = api_version.rsplit_once('/').unwrap_or(("core", api_version));
-    format!("api.{}.{version}.{kind}", group.split('.').next().unwrap_or(group))
+    let (group, version) = api_version
+        .rsplit_once('/')
+        .unwrap_or(("core", api_version));
+    format!(
+        "api.{}.{version}.{kind}",
+        group.split('.').next().unwrap_or(group)
+    )
 }
 
 /// Decodes a whole request body: magic, `runtime.Unknown`, then the object.
 pub fn decode_object(body: &[u8]) -> Result<Value, ApiError> {
-    let rest = body.strip_prefix(MAGIC).ok_or_else(|| bad("missing the k8s protobuf magic"))?;
+    let rest = body
+        .strip_prefix(MAGIC)
+        .ok_or_else(|| bad("missing the k8s protobuf magic"))?;
     let mut r = Reader::new(rest);
     let (mut api_version, mut kind, mut raw) = (String::new(), String::new(), &[][..]);
     while !r.done() {
@@ -259,7 +289,9 @@ pub fn decode_object(body: &[u8]) -> Result<Value, ApiError> {
                 while !t.done() {
                     let (tt, w) = t.key()?;
                     match (tt, t.value(w)?) {
-                        (1, Raw::Bytes(b)) => api_version = String::from_utf8(b.to_vec()).map_err(bad)?,
+                        (1, Raw::Bytes(b)) => {
+                            api_version = String::from_utf8(b.to_vec()).map_err(bad)?
+                        }
                         (2, Raw::Bytes(b)) => kind = String::from_utf8(b.to_vec()).map_err(bad)?,
                         _ => {}
                     }
@@ -294,7 +326,12 @@ mod tests {
         let label = [field(1, 2, b"app"), field(2, 2, b"web")].concat();
         let meta = [field(1, 2, b"web"), field(11, 2, &label)].concat();
         let port = field(3, 0, &[0x90, 0x3f]); // 8080
-        let container = [field(1, 2, b"web"), field(2, 2, b"x:v1"), field(6, 2, &port)].concat();
+        let container = [
+            field(1, 2, b"web"),
+            field(2, 2, b"x:v1"),
+            field(6, 2, &port),
+        ]
+        .concat();
         let podspec = field(2, 2, &container);
         let template = field(2, 2, &podspec);
         let spec = [field(1, 0, &[2]), field(3, 2, &template)].concat();
@@ -307,7 +344,10 @@ mod tests {
         assert_eq!(v["metadata"]["name"], "web");
         assert_eq!(v["metadata"]["labels"]["app"], "web");
         assert_eq!(v["spec"]["replicas"], 2);
-        assert_eq!(v["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"], 8080);
+        assert_eq!(
+            v["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"],
+            8080
+        );
         assert!(decode_object(b"nope").is_err());
         assert_eq!(rfc3339(1_704_067_200), "2024-01-01T00:00:00Z");
     }

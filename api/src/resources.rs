@@ -63,7 +63,9 @@ impl Resource {
                 || r.singular == base
                 || r.kind.eq_ignore_ascii_case(&base)
                 || r.short_names.contains(&base.as_str()))
-                && group.as_deref().is_none_or(|g| g == r.group || (g == "core" && r.group.is_empty()))
+                && group
+                    .as_deref()
+                    .is_none_or(|g| g == r.group || (g == "core" && r.group.is_empty()))
         })
     }
 
@@ -135,11 +137,46 @@ pub static RESOURCES: &[Resource] = &[
     core("events", "event", "Event", true, &["ev"], false),
     core("configmaps", "configmap", "ConfigMap", true, &["cm"], false),
     core("secrets", "secret", "Secret", true, &[], false),
-    core("serviceaccounts", "serviceaccount", "ServiceAccount", true, &["sa"], false),
-    grouped("apps", "deployments", "deployment", "Deployment", &["deploy"], true),
-    grouped("apps", "replicasets", "replicaset", "ReplicaSet", &["rs"], true),
-    grouped("apps", "daemonsets", "daemonset", "DaemonSet", &["ds"], false),
-    grouped("apps", "statefulsets", "statefulset", "StatefulSet", &["sts"], true),
+    core(
+        "serviceaccounts",
+        "serviceaccount",
+        "ServiceAccount",
+        true,
+        &["sa"],
+        false,
+    ),
+    grouped(
+        "apps",
+        "deployments",
+        "deployment",
+        "Deployment",
+        &["deploy"],
+        true,
+    ),
+    grouped(
+        "apps",
+        "replicasets",
+        "replicaset",
+        "ReplicaSet",
+        &["rs"],
+        true,
+    ),
+    grouped(
+        "apps",
+        "daemonsets",
+        "daemonset",
+        "DaemonSet",
+        &["ds"],
+        false,
+    ),
+    grouped(
+        "apps",
+        "statefulsets",
+        "statefulset",
+        "StatefulSet",
+        &["sts"],
+        true,
+    ),
     grouped("batch", "jobs", "job", "Job", &[], false),
     grouped("batch", "cronjobs", "cronjob", "CronJob", &["cj"], false),
 ];
@@ -161,7 +198,13 @@ mod tests {
 
     #[test]
     fn lookup_accepts_every_spelling() {
-        for n in ["deploy", "deployments", "deployment", "Deployment", "deployments.apps"] {
+        for n in [
+            "deploy",
+            "deployments",
+            "deployment",
+            "Deployment",
+            "deployments.apps",
+        ] {
             assert_eq!(Resource::lookup(n).unwrap().kind, "Deployment", "{n}");
         }
         assert_eq!(Resource::lookup("po").unwrap().plural, "pods");
@@ -175,10 +218,16 @@ mod tests {
         let pods = Resource::lookup("pods").unwrap();
         assert_eq!(pods.key(Some("default"), "a"), "/registry/pods/default/a");
         let deploy = Resource::lookup("deploy").unwrap();
-        assert_eq!(deploy.key(Some("ns"), "web"), "/registry/deployments.apps/ns/web");
+        assert_eq!(
+            deploy.key(Some("ns"), "web"),
+            "/registry/deployments.apps/ns/web"
+        );
         let nodes = Resource::lookup("nodes").unwrap();
         assert_eq!(nodes.key(None, "n1"), "/registry/nodes/n1");
-        assert_eq!(Resource::by_kind("apps/v1", "ReplicaSet").unwrap().plural, "replicasets");
+        assert_eq!(
+            Resource::by_kind("apps/v1", "ReplicaSet").unwrap().plural,
+            "replicasets"
+        );
         assert_eq!(groups(), vec!["apps", "batch"]);
     }
 }

@@ -88,7 +88,9 @@ impl Selector {
 
     /// Parses the query-string syntax used by `?labelSelector=` and `-l`.
     pub fn parse(s: &str) -> Result<Self, ApiError> {
-        let bad = |why: &str| ApiError::bad_request(format!("unable to parse requirement: {why} in {s:?}"));
+        let bad = |why: &str| {
+            ApiError::bad_request(format!("unable to parse requirement: {why} in {s:?}"))
+        };
         let mut requirements = Vec::new();
         for part in split_top_level(s) {
             let part = part.trim();
@@ -98,15 +100,30 @@ impl Selector {
             let r = if let Some(key) = part.strip_prefix('!') {
                 Requirement::DoesNotExist(check_key(key.trim()).map_err(|e| bad(&e))?)
             } else if let Some((k, v)) = part.split_once("!=") {
-                Requirement::NotEquals(check_key(k.trim()).map_err(|e| bad(&e))?, v.trim().to_string())
+                Requirement::NotEquals(
+                    check_key(k.trim()).map_err(|e| bad(&e))?,
+                    v.trim().to_string(),
+                )
             } else if let Some((k, v)) = part.split_once("==") {
-                Requirement::Equals(check_key(k.trim()).map_err(|e| bad(&e))?, v.trim().to_string())
+                Requirement::Equals(
+                    check_key(k.trim()).map_err(|e| bad(&e))?,
+                    v.trim().to_string(),
+                )
             } else if let Some((k, v)) = part.split_once('=') {
-                Requirement::Equals(check_key(k.trim()).map_err(|e| bad(&e))?, v.trim().to_string())
+                Requirement::Equals(
+                    check_key(k.trim()).map_err(|e| bad(&e))?,
+                    v.trim().to_string(),
+                )
             } else if let Some((k, rest)) = split_set_op(part, " notin ") {
-                Requirement::NotIn(check_key(k).map_err(|e| bad(&e))?, parse_set(rest).map_err(|e| bad(&e))?)
+                Requirement::NotIn(
+                    check_key(k).map_err(|e| bad(&e))?,
+                    parse_set(rest).map_err(|e| bad(&e))?,
+                )
             } else if let Some((k, rest)) = split_set_op(part, " in ") {
-                Requirement::In(check_key(k).map_err(|e| bad(&e))?, parse_set(rest).map_err(|e| bad(&e))?)
+                Requirement::In(
+                    check_key(k).map_err(|e| bad(&e))?,
+                    parse_set(rest).map_err(|e| bad(&e))?,
+                )
             } else {
                 Requirement::Exists(check_key(part).map_err(|e| bad(&e))?)
             };
@@ -182,14 +199,25 @@ mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn parses_and_matches_all_operators() {
-        let s = Selector::parse("app=web, tier!=db,env in (prod, staging),zone notin (x),canary,!legacy").unwrap();
+        let s = Selector::parse(
+            "app=web, tier!=db,env in (prod, staging),zone notin (x),canary,!legacy",
+        )
+        .unwrap();
         assert_eq!(s.requirements.len(), 6);
-        let good = labels(&[("app", "web"), ("env", "prod"), ("zone", "y"), ("canary", "")]);
+        let good = labels(&[
+            ("app", "web"),
+            ("env", "prod"),
+            ("zone", "y"),
+            ("canary", ""),
+        ]);
         assert!(s.matches(&good));
         let mut bad = good.clone();
         bad.insert("legacy".into(), "1".into());

@@ -22,16 +22,75 @@ const fn wide(name: &'static str) -> Column {
 /// Columns of a kind (the first is always NAME).
 pub fn columns(kind: &str) -> Vec<Column> {
     match kind {
-        "Pod" => vec![col("NAME"), col("READY"), col("STATUS"), col("RESTARTS"), col("AGE"), wide("IP"), wide("NODE"), wide("NOMINATED NODE"), wide("READINESS GATES")],
-        "Deployment" => vec![col("NAME"), col("READY"), col("UP-TO-DATE"), col("AVAILABLE"), col("AGE"), wide("CONTAINERS"), wide("IMAGES"), wide("SELECTOR")],
-        "ReplicaSet" => vec![col("NAME"), col("DESIRED"), col("CURRENT"), col("READY"), col("AGE"), wide("CONTAINERS"), wide("IMAGES"), wide("SELECTOR")],
-        "Service" => vec![col("NAME"), col("TYPE"), col("CLUSTER-IP"), col("EXTERNAL-IP"), col("PORT(S)"), col("AGE"), wide("SELECTOR")],
+        "Pod" => vec![
+            col("NAME"),
+            col("READY"),
+            col("STATUS"),
+            col("RESTARTS"),
+            col("AGE"),
+            wide("IP"),
+            wide("NODE"),
+            wide("NOMINATED NODE"),
+            wide("READINESS GATES"),
+        ],
+        "Deployment" => vec![
+            col("NAME"),
+            col("READY"),
+            col("UP-TO-DATE"),
+            col("AVAILABLE"),
+            col("AGE"),
+            wide("CONTAINERS"),
+            wide("IMAGES"),
+            wide("SELECTOR"),
+        ],
+        "ReplicaSet" => vec![
+            col("NAME"),
+            col("DESIRED"),
+            col("CURRENT"),
+            col("READY"),
+            col("AGE"),
+            wide("CONTAINERS"),
+            wide("IMAGES"),
+            wide("SELECTOR"),
+        ],
+        "Service" => vec![
+            col("NAME"),
+            col("TYPE"),
+            col("CLUSTER-IP"),
+            col("EXTERNAL-IP"),
+            col("PORT(S)"),
+            col("AGE"),
+            wide("SELECTOR"),
+        ],
         "Endpoints" => vec![col("NAME"), col("ENDPOINTS"), col("AGE")],
-        "Node" => vec![col("NAME"), col("STATUS"), col("ROLES"), col("AGE"), col("VERSION"), wide("INTERNAL-IP"), wide("EXTERNAL-IP"), wide("OS-IMAGE"), wide("KERNEL-VERSION"), wide("CONTAINER-RUNTIME")],
+        "Node" => vec![
+            col("NAME"),
+            col("STATUS"),
+            col("ROLES"),
+            col("AGE"),
+            col("VERSION"),
+            wide("INTERNAL-IP"),
+            wide("EXTERNAL-IP"),
+            wide("OS-IMAGE"),
+            wide("KERNEL-VERSION"),
+            wide("CONTAINER-RUNTIME"),
+        ],
         "Namespace" => vec![col("NAME"), col("STATUS"), col("AGE")],
-        "Event" => vec![col("LAST SEEN"), col("TYPE"), col("REASON"), col("OBJECT"), col("MESSAGE")],
+        "Event" => vec![
+            col("LAST SEEN"),
+            col("TYPE"),
+            col("REASON"),
+            col("OBJECT"),
+            col("MESSAGE"),
+        ],
         "ConfigMap" => vec![col("NAME"), col("DATA"), col("AGE")],
-        "Job" => vec![col("NAME"), col("STATUS"), col("COMPLETIONS"), col("DURATION"), col("AGE")],
+        "Job" => vec![
+            col("NAME"),
+            col("STATUS"),
+            col("COMPLETIONS"),
+            col("DURATION"),
+            col("AGE"),
+        ],
         _ => vec![col("NAME"), col("AGE")],
     }
 }
@@ -58,7 +117,14 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
         return None;
     }
     let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, se) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    let (y, mo, d, h, mi, se) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
     // Days from civil (Howard Hinnant's algorithm).
     let y2 = if mo <= 2 { y - 1 } else { y };
     let era = y2.div_euclid(400);
@@ -92,13 +158,24 @@ fn or_none(v: String) -> String {
 
 fn selector_string(v: Option<&Value>) -> String {
     let Some(v) = v else { return "<none>".into() };
-    let map = if let Some(ml) = v.get("matchLabels") { ml } else { v };
-    let parts: Vec<String> = meta::string_map(Some(map)).iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let map = if let Some(ml) = v.get("matchLabels") {
+        ml
+    } else {
+        v
+    };
+    let parts: Vec<String> = meta::string_map(Some(map))
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     or_none(parts.join(","))
 }
 
 fn containers_and_images(spec: Option<&Value>) -> (String, String) {
-    let cs = spec.and_then(|s| s.get("containers")).and_then(Value::as_array).cloned().unwrap_or_default();
+    let cs = spec
+        .and_then(|s| s.get("containers"))
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let names: Vec<String> = cs.iter().map(|c| s(c.get("name"))).collect();
     let images: Vec<String> = cs.iter().map(|c| s(c.get("image"))).collect();
     (names.join(","), images.join(","))
@@ -113,12 +190,20 @@ pub fn pod_status(pod: &Value) -> String {
     if reason.is_empty() {
         reason = s(pod.pointer("/status/phase"));
     }
-    for c in pod.pointer("/status/containerStatuses").and_then(Value::as_array).into_iter().flatten() {
+    for c in pod
+        .pointer("/status/containerStatuses")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(r) = c.pointer("/state/waiting/reason").and_then(Value::as_str) {
             if !r.is_empty() && r != "ContainerCreating" || reason == "Pending" {
                 reason = r.to_string();
             }
-        } else if let Some(r) = c.pointer("/state/terminated/reason").and_then(Value::as_str) {
+        } else if let Some(r) = c
+            .pointer("/state/terminated/reason")
+            .and_then(Value::as_str)
+        {
             if reason == "Running" {
                 reason = r.to_string();
             }
@@ -134,11 +219,22 @@ pub fn pod_status(pod: &Value) -> String {
 /// The cells of one row, matching [`columns`].
 pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
     let name = meta::name(o).to_string();
-    let age = age(o.pointer("/metadata/creationTimestamp").and_then(Value::as_str), now_unix);
+    let age = age(
+        o.pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str),
+        now_unix,
+    );
     match kind {
         "Pod" => {
-            let total = o.pointer("/spec/containers").and_then(Value::as_array).map_or(0, Vec::len);
-            let statuses = o.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
+            let total = o
+                .pointer("/spec/containers")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let statuses = o
+                .pointer("/status/containerStatuses")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             let ready = statuses.iter().filter(|c| c["ready"] == true).count();
             let restarts: i64 = statuses.iter().map(|c| i(c.get("restartCount"))).sum();
             vec![
@@ -157,7 +253,11 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             let (c, im) = containers_and_images(o.pointer("/spec/template/spec"));
             vec![
                 name,
-                format!("{}/{}", i(o.pointer("/status/readyReplicas")), i(o.pointer("/spec/replicas"))),
+                format!(
+                    "{}/{}",
+                    i(o.pointer("/status/readyReplicas")),
+                    i(o.pointer("/spec/replicas"))
+                ),
                 i(o.pointer("/status/updatedReplicas")).to_string(),
                 i(o.pointer("/status/availableReplicas")).to_string(),
                 age,
@@ -217,14 +317,33 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
         }
         "Endpoints" => {
             let mut eps = Vec::new();
-            for sub in o.get("subsets").and_then(Value::as_array).into_iter().flatten() {
-                for a in sub.get("addresses").and_then(Value::as_array).into_iter().flatten() {
-                    for p in sub.get("ports").and_then(Value::as_array).into_iter().flatten() {
+            for sub in o
+                .get("subsets")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for a in sub
+                    .get("addresses")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    for p in sub
+                        .get("ports")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
                         eps.push(format!("{}:{}", s(a.get("ip")), i(p.get("port"))));
                     }
                 }
             }
-            let shown = if eps.len() > 3 { format!("{} + {} more...", eps[..3].join(","), eps.len() - 3) } else { eps.join(",") };
+            let shown = if eps.len() > 3 {
+                format!("{} + {} more...", eps[..3].join(","), eps.len() - 3)
+            } else {
+                eps.join(",")
+            };
             vec![name, or_none(shown), age]
         }
         "Node" => {
@@ -232,7 +351,13 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 .pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
-                .map(|c| if c["status"] == "True" { "Ready" } else { "NotReady" })
+                .map(|c| {
+                    if c["status"] == "True" {
+                        "Ready"
+                    } else {
+                        "NotReady"
+                    }
+                })
                 .unwrap_or("Unknown");
             let status = if o.pointer("/spec/unschedulable") == Some(&json!(true)) {
                 format!("{ready},SchedulingDisabled")
@@ -269,26 +394,58 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 .get("lastTimestamp")
                 .and_then(Value::as_str)
                 .or(o.get("eventTime").and_then(Value::as_str))
-                .or(o.pointer("/metadata/creationTimestamp").and_then(Value::as_str));
+                .or(o
+                    .pointer("/metadata/creationTimestamp")
+                    .and_then(Value::as_str));
             vec![
                 self::age(last, now_unix),
                 s(o.get("type")),
                 s(o.get("reason")),
-                format!("{}/{}", s(o.pointer("/involvedObject/kind")).to_lowercase(), s(o.pointer("/involvedObject/name"))),
+                format!(
+                    "{}/{}",
+                    s(o.pointer("/involvedObject/kind")).to_lowercase(),
+                    s(o.pointer("/involvedObject/name"))
+                ),
                 s(o.get("message")),
             ]
         }
         "ConfigMap" => {
-            let n = o.get("data").and_then(Value::as_object).map_or(0, |m| m.len())
-                + o.get("binaryData").and_then(Value::as_object).map_or(0, |m| m.len());
+            let n = o
+                .get("data")
+                .and_then(Value::as_object)
+                .map_or(0, |m| m.len())
+                + o.get("binaryData")
+                    .and_then(Value::as_object)
+                    .map_or(0, |m| m.len());
             vec![name, n.to_string(), age]
         }
         "Job" => {
             let succeeded = i(o.pointer("/status/succeeded"));
-            let completions = o.pointer("/spec/completions").and_then(Value::as_i64).unwrap_or(1);
-            let failed = o.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c["type"] == "Failed" && c["status"] == "True"));
-            let status = if succeeded >= completions { "Complete" } else if failed { "Failed" } else { "Running" };
-            vec![name, status.into(), format!("{succeeded}/{completions}"), String::new(), age]
+            let completions = o
+                .pointer("/spec/completions")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
+            let failed = o
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c["type"] == "Failed" && c["status"] == "True")
+                });
+            let status = if succeeded >= completions {
+                "Complete"
+            } else if failed {
+                "Failed"
+            } else {
+                "Running"
+            };
+            vec![
+                name,
+                status.into(),
+                format!("{succeeded}/{completions}"),
+                String::new(),
+                age,
+            ]
         }
         _ => vec![name, age],
     }
@@ -352,7 +509,10 @@ mod tests {
         let svc = json!({"metadata": {"name": "s"}, "spec": {"type": "NodePort", "clusterIP": "10.96.0.5",
             "ports": [{"port": 8080, "nodePort": 31000, "protocol": "TCP"}]}});
         let r = row("Service", &svc, 0);
-        assert_eq!(&r[1..5], &["NodePort", "10.96.0.5", "<none>", "8080:31000/TCP"]);
+        assert_eq!(
+            &r[1..5],
+            &["NodePort", "10.96.0.5", "<none>", "8080:31000/TCP"]
+        );
         let crash = json!({"metadata": {"name": "c"}, "status": {"phase": "Running",
             "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
         assert_eq!(pod_status(&crash), "CrashLoopBackOff");

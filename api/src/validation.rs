@@ -35,7 +35,9 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "StatefulSet" => check::<apps::StatefulSet>(obj, strict),
         "Job" => check::<batch::Job>(obj, strict),
         "CronJob" => check::<batch::CronJob>(obj, strict),
-        other => Err(ApiError::bad_request(format!("no wire type for kind {other}"))),
+        other => Err(ApiError::bad_request(format!(
+            "no wire type for kind {other}"
+        ))),
     }
 }
 
@@ -54,8 +56,14 @@ fn check<T: DeserializeOwned + Serialize>(obj: &Value, strict: bool) -> Result<(
         let mut unknown = Vec::new();
         unknown_fields(obj, &back, String::new(), &mut unknown);
         if !unknown.is_empty() {
-            let list: Vec<String> = unknown.iter().map(|f| format!("unknown field {f:?}")).collect();
-            return Err(ApiError::bad_request(format!("strict decoding error: {}", list.join(", "))));
+            let list: Vec<String> = unknown
+                .iter()
+                .map(|f| format!("unknown field {f:?}"))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "strict decoding error: {}",
+                list.join(", ")
+            )));
         }
     }
     Ok(())
@@ -66,7 +74,11 @@ fn unknown_fields(sent: &Value, back: &Value, path: String, out: &mut Vec<String
     match (sent, back) {
         (Value::Object(s), Value::Object(b)) => {
             for (k, v) in s {
-                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
                 match b.get(k) {
                     None if !v.is_null() && !is_empty_container(v) => out.push(p),
                     None => {}
@@ -93,7 +105,8 @@ fn is_empty_container(v: &Value) -> bool {
 pub fn is_dns1123_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && s.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
 }
@@ -106,7 +119,8 @@ pub fn is_dns1123_subdomain(s: &str) -> bool {
 fn is_label_value(v: &str) -> bool {
     v.is_empty()
         || (v.len() <= 63
-            && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             && v.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
             && v.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric()))
 }
@@ -135,15 +149,27 @@ fn validate_meta(kind: &str, meta: &ObjectMeta, namespaced: bool, causes: &mut V
         }
     } else if needs_label_name(kind) {
         if !is_dns1123_label(name) {
-            causes.push(Cause::invalid("metadata.name", format!("{name:?}"), LABEL_MSG));
+            causes.push(Cause::invalid(
+                "metadata.name",
+                format!("{name:?}"),
+                LABEL_MSG,
+            ));
         }
     } else if !is_dns1123_subdomain(name) && kind != "Event" {
-        causes.push(Cause::invalid("metadata.name", format!("{name:?}"), SUBDOMAIN_MSG));
+        causes.push(Cause::invalid(
+            "metadata.name",
+            format!("{name:?}"),
+            SUBDOMAIN_MSG,
+        ));
     }
     if namespaced {
         if let Some(ns) = meta.namespace.as_deref() {
             if !is_dns1123_label(ns) {
-                causes.push(Cause::invalid("metadata.namespace", format!("{ns:?}"), LABEL_MSG));
+                causes.push(Cause::invalid(
+                    "metadata.namespace",
+                    format!("{ns:?}"),
+                    LABEL_MSG,
+                ));
             }
         }
     }
@@ -163,7 +189,11 @@ fn validate_meta(kind: &str, meta: &ObjectMeta, namespaced: bool, causes: &mut V
 pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
     let mut causes = Vec::new();
     let meta: ObjectMeta = typed(obj.get("metadata").unwrap_or(&Value::Null)).unwrap_or_default();
-    if resource.kind != "Pod" && resource.kind != "Service" && obj.get("spec").is_none() && has_required_spec(resource.kind) {
+    if resource.kind != "Pod"
+        && resource.kind != "Service"
+        && obj.get("spec").is_none()
+        && has_required_spec(resource.kind)
+    {
         causes.push(Cause::required("spec"));
     }
     validate_meta(resource.kind, &meta, resource.namespaced, &mut causes);
@@ -178,17 +208,31 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         "Deployment" => {
             let d: apps::Deployment = typed(obj)?;
             let spec = &d.spec;
-            workload(spec.replicas, Some(&spec.selector), &spec.template, true, &mut causes);
+            workload(
+                spec.replicas,
+                Some(&spec.selector),
+                &spec.template,
+                true,
+                &mut causes,
+            );
             if let Some(s) = &spec.strategy {
                 match s.type_.as_deref() {
                     None | Some("RollingUpdate") | Some("Recreate") => {}
-                    Some(t) => causes.push(Cause::invalid("spec.strategy.type", format!("{t:?}"), "supported values: \"Recreate\", \"RollingUpdate\"")),
+                    Some(t) => causes.push(Cause::invalid(
+                        "spec.strategy.type",
+                        format!("{t:?}"),
+                        "supported values: \"Recreate\", \"RollingUpdate\"",
+                    )),
                 }
                 if let Some(ru) = &s.rolling_update {
                     let surge = ru.max_surge.as_ref().map(|v| int_or_percent(v, 100));
                     let unavail = ru.max_unavailable.as_ref().map(|v| int_or_percent(v, 100));
                     if surge == Some(0) && unavail == Some(0) {
-                        causes.push(Cause::invalid("spec.strategy.rollingUpdate.maxUnavailable", "0", "may not be 0 when `maxSurge` is 0"));
+                        causes.push(Cause::invalid(
+                            "spec.strategy.rollingUpdate.maxUnavailable",
+                            "0",
+                            "may not be 0 when `maxSurge` is 0",
+                        ));
                     }
                 }
             }
@@ -196,23 +240,55 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         "ReplicaSet" => {
             let rs: apps::ReplicaSet = typed(obj)?;
             let tmpl = rs.spec.template.clone().unwrap_or_default();
-            workload(rs.spec.replicas, Some(&rs.spec.selector), &tmpl, true, &mut causes)
+            workload(
+                rs.spec.replicas,
+                Some(&rs.spec.selector),
+                &tmpl,
+                true,
+                &mut causes,
+            )
         }
         "StatefulSet" => {
             let s: apps::StatefulSet = typed(obj)?;
-            workload(s.spec.replicas, Some(&s.spec.selector), &s.spec.template, true, &mut causes)
+            workload(
+                s.spec.replicas,
+                Some(&s.spec.selector),
+                &s.spec.template,
+                true,
+                &mut causes,
+            )
         }
         "DaemonSet" => {
             let s: apps::DaemonSet = typed(obj)?;
-            workload(None, Some(&s.spec.selector), &s.spec.template, true, &mut causes)
+            workload(
+                None,
+                Some(&s.spec.selector),
+                &s.spec.template,
+                true,
+                &mut causes,
+            )
         }
         "Job" => {
             let j: batch::Job = typed(obj)?;
             if let Some(spec) = &j.spec {
-                workload(None, spec.selector.as_ref(), &spec.template, false, &mut causes);
-                let rp = spec.template.spec.as_ref().and_then(|s| s.restart_policy.as_deref());
+                workload(
+                    None,
+                    spec.selector.as_ref(),
+                    &spec.template,
+                    false,
+                    &mut causes,
+                );
+                let rp = spec
+                    .template
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.restart_policy.as_deref());
                 if rp == Some("Always") {
-                    causes.push(Cause::invalid("spec.template.spec.restartPolicy", "\"Always\"", "supported values: \"OnFailure\", \"Never\""));
+                    causes.push(Cause::invalid(
+                        "spec.template.spec.restartPolicy",
+                        "\"Always\"",
+                        "supported values: \"OnFailure\", \"Never\"",
+                    ));
                 }
             }
         }
@@ -222,8 +298,17 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         }
         "ConfigMap" => {
             let cm: core::ConfigMap = typed(obj)?;
-            for k in cm.data.iter().flat_map(|d| d.keys()).chain(cm.binary_data.iter().flat_map(|d| d.keys())) {
-                if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            for k in cm
+                .data
+                .iter()
+                .flat_map(|d| d.keys())
+                .chain(cm.binary_data.iter().flat_map(|d| d.keys()))
+            {
+                if k.is_empty()
+                    || !k
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+                {
                     causes.push(Cause::invalid("data", format!("{k:?}"), "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
                 }
             }
@@ -233,17 +318,27 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
     if causes.is_empty() {
         Ok(())
     } else {
-        let name = meta.name.clone().or(meta.generate_name.clone()).unwrap_or_default();
+        let name = meta
+            .name
+            .clone()
+            .or(meta.generate_name.clone())
+            .unwrap_or_default();
         Err(ApiError::invalid(resource.kind, &name, causes))
     }
 }
 
 fn has_required_spec(kind: &str) -> bool {
-    matches!(kind, "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job" | "CronJob")
+    matches!(
+        kind,
+        "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job" | "CronJob"
+    )
 }
 
 /// Resolves an int-or-percent (`maxSurge: 25%`) against `total`; percentages round down.
-pub fn int_or_percent(v: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString, total: i32) -> i32 {
+pub fn int_or_percent(
+    v: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+    total: i32,
+) -> i32 {
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     match v {
         IntOrString::Int(i) => *i,
@@ -264,7 +359,11 @@ fn workload(
 ) {
     if let Some(r) = replicas {
         if r < 0 {
-            causes.push(Cause::invalid("spec.replicas", r, "must be greater than or equal to 0"));
+            causes.push(Cause::invalid(
+                "spec.replicas",
+                r,
+                "must be greater than or equal to 0",
+            ));
         }
     }
     let labels: BTreeMap<String, String> = template
@@ -277,10 +376,15 @@ fn workload(
         None => {}
         Some(ls) => match Selector::from_label_selector(ls) {
             Err(e) => causes.push(Cause::invalid("spec.selector", "", &e)),
-            Ok(s) if s.is_empty() => causes.push(Cause::invalid("spec.selector", "{}", "empty selector is invalid for deployment")),
+            Ok(s) if s.is_empty() => causes.push(Cause::invalid(
+                "spec.selector",
+                "{}",
+                "empty selector is invalid for deployment",
+            )),
             Ok(s) => {
                 if !s.matches(&labels) {
-                    let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    let shown: Vec<String> =
+                        labels.iter().map(|(k, v)| format!("{k}:{v}")).collect();
                     causes.push(Cause::invalid(
                         "spec.template.metadata.labels",
                         format!("map[{}]", shown.join(" ")),
@@ -301,32 +405,57 @@ fn pod_spec(spec: &core::PodSpec, at: &str, causes: &mut Vec<Cause>) {
         causes.push(Cause::required(format!("{at}.containers")));
     }
     let mut names = BTreeSet::new();
-    for (list, cs) in [("containers", &spec.containers), ("initContainers", spec.init_containers.as_ref().unwrap_or(&Vec::new()))] {
+    for (list, cs) in [
+        ("containers", &spec.containers),
+        (
+            "initContainers",
+            spec.init_containers.as_ref().unwrap_or(&Vec::new()),
+        ),
+    ] {
         for (i, c) in cs.iter().enumerate() {
             let f = format!("{at}.{list}[{i}]");
             if c.name.is_empty() {
                 causes.push(Cause::required(format!("{f}.name")));
             } else if !is_dns1123_label(&c.name) {
-                causes.push(Cause::invalid(format!("{f}.name"), format!("{:?}", c.name), LABEL_MSG));
+                causes.push(Cause::invalid(
+                    format!("{f}.name"),
+                    format!("{:?}", c.name),
+                    LABEL_MSG,
+                ));
             } else if !names.insert(c.name.clone()) {
-                causes.push(Cause::duplicate(format!("{f}.name"), format!("{:?}", c.name)));
+                causes.push(Cause::duplicate(
+                    format!("{f}.name"),
+                    format!("{:?}", c.name),
+                ));
             }
             if c.image.as_deref().unwrap_or("").trim().is_empty() {
                 causes.push(Cause::required(format!("{f}.image")));
             }
             for (j, p) in c.ports.iter().flatten().enumerate() {
                 if !(1..=65535).contains(&p.container_port) {
-                    causes.push(Cause::invalid(format!("{f}.ports[{j}].containerPort"), p.container_port, "must be between 1 and 65535, inclusive"));
+                    causes.push(Cause::invalid(
+                        format!("{f}.ports[{j}].containerPort"),
+                        p.container_port,
+                        "must be between 1 and 65535, inclusive",
+                    ));
                 }
                 if let Some(proto) = p.protocol.as_deref() {
                     if !matches!(proto, "TCP" | "UDP" | "SCTP") {
-                        causes.push(Cause::invalid(format!("{f}.ports[{j}].protocol"), format!("{proto:?}"), "supported values: \"SCTP\", \"TCP\", \"UDP\""));
+                        causes.push(Cause::invalid(
+                            format!("{f}.ports[{j}].protocol"),
+                            format!("{proto:?}"),
+                            "supported values: \"SCTP\", \"TCP\", \"UDP\"",
+                        ));
                     }
                 }
             }
             if let Some(pp) = c.image_pull_policy.as_deref() {
                 if !matches!(pp, "Always" | "IfNotPresent" | "Never") {
-                    causes.push(Cause::invalid(format!("{f}.imagePullPolicy"), format!("{pp:?}"), "supported values: \"Always\", \"IfNotPresent\", \"Never\""));
+                    causes.push(Cause::invalid(
+                        format!("{f}.imagePullPolicy"),
+                        format!("{pp:?}"),
+                        "supported values: \"Always\", \"IfNotPresent\", \"Never\"",
+                    ));
                 }
             }
             for (j, e) in c.env.iter().flatten().enumerate() {
@@ -338,21 +467,36 @@ fn pod_spec(spec: &core::PodSpec, at: &str, causes: &mut Vec<Cause>) {
     }
     if let Some(rp) = spec.restart_policy.as_deref() {
         if !matches!(rp, "Always" | "OnFailure" | "Never") {
-            causes.push(Cause::invalid(format!("{at}.restartPolicy"), format!("{rp:?}"), "supported values: \"Always\", \"OnFailure\", \"Never\""));
+            causes.push(Cause::invalid(
+                format!("{at}.restartPolicy"),
+                format!("{rp:?}"),
+                "supported values: \"Always\", \"OnFailure\", \"Never\"",
+            ));
         }
     }
     let mut vols = BTreeSet::new();
     for (i, v) in spec.volumes.iter().flatten().enumerate() {
         if !is_dns1123_label(&v.name) {
-            causes.push(Cause::invalid(format!("{at}.volumes[{i}].name"), format!("{:?}", v.name), LABEL_MSG));
+            causes.push(Cause::invalid(
+                format!("{at}.volumes[{i}].name"),
+                format!("{:?}", v.name),
+                LABEL_MSG,
+            ));
         } else if !vols.insert(v.name.clone()) {
-            causes.push(Cause::duplicate(format!("{at}.volumes[{i}].name"), format!("{:?}", v.name)));
+            causes.push(Cause::duplicate(
+                format!("{at}.volumes[{i}].name"),
+                format!("{:?}", v.name),
+            ));
         }
     }
     for (i, c) in spec.containers.iter().enumerate() {
         for (j, m) in c.volume_mounts.iter().flatten().enumerate() {
             if !vols.contains(&m.name) {
-                causes.push(Cause::invalid(format!("{at}.containers[{i}].volumeMounts[{j}].name"), format!("{:?}", m.name), "not found"));
+                causes.push(Cause::invalid(
+                    format!("{at}.containers[{i}].volumeMounts[{j}].name"),
+                    format!("{:?}", m.name),
+                    "not found",
+                ));
             }
         }
     }
@@ -364,8 +508,15 @@ fn service(s: &core::Service, causes: &mut Vec<Cause>) {
         return;
     };
     let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if !matches!(ty, "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName") {
-        causes.push(Cause::invalid("spec.type", format!("{ty:?}"), "supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\""));
+    if !matches!(
+        ty,
+        "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+    ) {
+        causes.push(Cause::invalid(
+            "spec.type",
+            format!("{ty:?}"),
+            "supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"",
+        ));
     }
     let ports = spec.ports.clone().unwrap_or_default();
     if ports.is_empty() && ty != "ExternalName" && spec.cluster_ip.as_deref() != Some("None") {
@@ -374,19 +525,29 @@ fn service(s: &core::Service, causes: &mut Vec<Cause>) {
     let mut names = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
         if !(1..=65535).contains(&p.port) {
-            causes.push(Cause::invalid(format!("spec.ports[{i}].port"), p.port, "must be between 1 and 65535, inclusive"));
+            causes.push(Cause::invalid(
+                format!("spec.ports[{i}].port"),
+                p.port,
+                "must be between 1 and 65535, inclusive",
+            ));
         }
         if ports.len() > 1 && p.name.as_deref().unwrap_or("").is_empty() {
             causes.push(Cause::required(format!("spec.ports[{i}].name")));
         }
         if let Some(n) = &p.name {
             if !names.insert(n.clone()) {
-                causes.push(Cause::duplicate(format!("spec.ports[{i}].name"), format!("{n:?}")));
+                causes.push(Cause::duplicate(
+                    format!("spec.ports[{i}].name"),
+                    format!("{n:?}"),
+                ));
             }
         }
         if let Some(np) = p.node_port {
             if ty == "ClusterIP" {
-                causes.push(Cause::forbidden(format!("spec.ports[{i}].nodePort"), "may not be used when `type` is 'ClusterIP'"));
+                causes.push(Cause::forbidden(
+                    format!("spec.ports[{i}].nodePort"),
+                    "may not be used when `type` is 'ClusterIP'",
+                ));
             } else if !(30000..=32767).contains(&np) {
                 causes.push(Cause::invalid(format!("spec.ports[{i}].nodePort"), np, "provided port is not in the valid range. The range of valid ports is 30000-32767"));
             }
@@ -403,7 +564,11 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
     let immutable = |path: &str, field: &str, causes: &mut Vec<Cause>| {
         let (a, b) = (old.pointer(path), new.pointer(path));
         if a.is_some() && a != b {
-            causes.push(Cause::invalid(field, b.map(|v| v.to_string()).unwrap_or_default(), "field is immutable"));
+            causes.push(Cause::invalid(
+                field,
+                b.map(|v| v.to_string()).unwrap_or_default(),
+                "field is immutable",
+            ));
         }
     };
     match resource.kind {
@@ -414,7 +579,11 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
             let a = old.pointer("/spec/clusterIP");
             let b = new.pointer("/spec/clusterIP");
             if a.is_some() && b.is_some() && a != b {
-                causes.push(Cause::invalid("spec.clusterIP", b.map(|v| v.to_string()).unwrap_or_default(), "field is immutable"));
+                causes.push(Cause::invalid(
+                    "spec.clusterIP",
+                    b.map(|v| v.to_string()).unwrap_or_default(),
+                    "field is immutable",
+                ));
             }
         }
         "Pod" => {
@@ -448,7 +617,11 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
     if causes.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::invalid(resource.kind, crate::meta::name(new), causes))
+        Err(ApiError::invalid(
+            resource.kind,
+            crate::meta::name(new),
+            causes,
+        ))
     }
 }
 
@@ -466,7 +639,10 @@ mod tests {
     }
 
     fn res(kind: &str) -> &'static Resource {
-        crate::resources::RESOURCES.iter().find(|r| r.kind == kind).unwrap()
+        crate::resources::RESOURCES
+            .iter()
+            .find(|r| r.kind == kind)
+            .unwrap()
     }
 
     #[test]
@@ -481,7 +657,11 @@ mod tests {
         d["spec"]["replica"] = json!(3);
         let e = decode(res("Deployment"), &d, true).unwrap_err();
         assert_eq!(e.code, 400);
-        assert!(e.message.contains("unknown field \"spec.replica\""), "{}", e.message);
+        assert!(
+            e.message.contains("unknown field \"spec.replica\""),
+            "{}",
+            e.message
+        );
         decode(res("Deployment"), &d, false).unwrap();
         let mut d = deploy();
         d["spec"]["replicas"] = json!("three");
@@ -498,7 +678,14 @@ mod tests {
         let e = validate(res("Deployment"), &d).unwrap_err();
         assert_eq!(e.code, 422);
         let fields: Vec<&str> = e.causes.iter().map(|c| c.field.as_str()).collect();
-        assert_eq!(fields, vec!["metadata.name", "spec.template.metadata.labels", "spec.template.spec.containers[0].image"]);
+        assert_eq!(
+            fields,
+            vec![
+                "metadata.name",
+                "spec.template.metadata.labels",
+                "spec.template.spec.containers[0].image"
+            ]
+        );
     }
 
     #[test]
@@ -506,7 +693,8 @@ mod tests {
         let svc = json!({"metadata": {"name": "s"}, "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}});
         let e = validate(res("Service"), &svc).unwrap_err();
         assert_eq!(e.causes[0].field, "spec.ports[0].nodePort");
-        let svc = json!({"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}, {"port": 81}]}});
+        let svc =
+            json!({"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}, {"port": 81}]}});
         assert_eq!(validate(res("Service"), &svc).unwrap_err().causes.len(), 2);
     }
 

@@ -17,7 +17,8 @@ const SMP: &str = "application/strategic-merge-patch+json";
 const MERGE: &str = "application/merge-patch+json";
 
 fn resource(name: &str) -> Result<&'static Resource> {
-    Resource::lookup(name).ok_or_else(|| anyhow!("the server doesn't have a resource type \"{name}\""))
+    Resource::lookup(name)
+        .ok_or_else(|| anyhow!("the server doesn't have a resource type \"{name}\""))
 }
 
 /// `TYPE/NAME` or `TYPE NAME`.
@@ -49,67 +50,157 @@ pub async fn run(cli: Cli) -> Result<()> {
         return Ok(());
     }
     let client = Client::from_kubeconfig(cli.kubeconfig.as_deref())?;
-    let ns = cli.namespace.clone().unwrap_or_else(|| client.namespace.clone());
+    let ns = cli
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.namespace.clone());
     let ctx = Ctx { client, ns };
     match cli.command {
         Command::Server(_) | Command::Completion { .. } => unreachable!("handled above"),
-        Command::Get { types, names, output, selector, field_selector, all_namespaces, watch, show_labels } => {
-            ctx.get(&types, &names, Format::parse(output.as_deref())?, selector.as_deref(), field_selector.as_deref(), all_namespaces, watch, show_labels).await
+        Command::Get {
+            types,
+            names,
+            output,
+            selector,
+            field_selector,
+            all_namespaces,
+            watch,
+            show_labels,
+        } => {
+            ctx.get(
+                &types,
+                &names,
+                Format::parse(output.as_deref())?,
+                selector.as_deref(),
+                field_selector.as_deref(),
+                all_namespaces,
+                watch,
+                show_labels,
+            )
+            .await
         }
         Command::Describe { kind, name } => ctx.describe(&kind, &name).await,
         Command::Create { what, filename } => match what {
-            Some(CreateWhat::Deployment { name, image, port, replicas }) => {
+            Some(CreateWhat::Deployment {
+                name,
+                image,
+                port,
+                replicas,
+            }) => {
                 let d = verbs::deployment(&name, &image, port, replicas);
-                ctx.client.create(resource("deployments")?, Some(&ctx.ns), &d).await?;
+                ctx.client
+                    .create(resource("deployments")?, Some(&ctx.ns), &d)
+                    .await?;
                 println!("deployment.apps/{name} created");
                 Ok(())
             }
             Some(CreateWhat::Namespace { name }) => {
-                ctx.client.create(resource("namespaces")?, None, &json!({"metadata": {"name": name}})).await?;
+                ctx.client
+                    .create(
+                        resource("namespaces")?,
+                        None,
+                        &json!({"metadata": {"name": name}}),
+                    )
+                    .await?;
                 println!("namespace/{name} created");
                 Ok(())
             }
-            None if !filename.is_empty() => ctx.from_files(&filename, Mode::Create).await,
+            None if !filename.is_empty() => ctx.apply_files(&filename, Mode::Create).await,
             None => bail!("must specify one of -f or a resource to create (deployment, namespace)"),
         },
-        Command::Run { name, image, restart, port, command, args } => {
+        Command::Run {
+            name,
+            image,
+            restart,
+            port,
+            command,
+            args,
+        } => {
             let p = verbs::pod(&name, &image, &restart, port, &args, command);
-            ctx.client.create(resource("pods")?, Some(&ctx.ns), &p).await?;
+            ctx.client
+                .create(resource("pods")?, Some(&ctx.ns), &p)
+                .await?;
             println!("pod/{name} created");
             Ok(())
         }
-        Command::Expose { target: t, service_type, port, target_port, node_port, name } => {
+        Command::Expose {
+            target: t,
+            service_type,
+            port,
+            target_port,
+            node_port,
+            name,
+        } => {
             let (r, n) = target(&t)?;
             let obj = ctx.client.get(r, Some(&ctx.ns), &n).await?;
-            let svc = verbs::expose(&obj, name.as_deref(), &service_type, port, target_port.as_deref(), node_port)?;
-            let created = ctx.client.create(resource("services")?, Some(&ctx.ns), &svc).await?;
+            let svc = verbs::expose(
+                &obj,
+                name.as_deref(),
+                &service_type,
+                port,
+                target_port.as_deref(),
+                node_port,
+            )?;
+            let created = ctx
+                .client
+                .create(resource("services")?, Some(&ctx.ns), &svc)
+                .await?;
             println!("service/{} exposed", meta::name(&created));
             Ok(())
         }
-        Command::Scale { target: t, replicas } => {
+        Command::Scale {
+            target: t,
+            replicas,
+        } => {
             let (r, n) = target(&t)?;
             if !r.has_scale {
                 bail!("cannot scale a {}", r.kind);
             }
-            ctx.client.patch(r, Some(&ctx.ns), &n, Some("scale"), MERGE, &json!({"spec": {"replicas": replicas}})).await?;
-            println!("{}/{n} scaled", print::name_of(r, &json!({})).trim_end_matches('/'));
+            ctx.client
+                .patch(
+                    r,
+                    Some(&ctx.ns),
+                    &n,
+                    Some("scale"),
+                    MERGE,
+                    &json!({"spec": {"replicas": replicas}}),
+                )
+                .await?;
+            println!(
+                "{}/{n} scaled",
+                print::name_of(r, &json!({})).trim_end_matches('/')
+            );
             Ok(())
         }
-        Command::Set { what: SetWhat::Image { target: t, pairs } } => {
+        Command::Set {
+            what: SetWhat::Image { target: t, pairs },
+        } => {
             let (r, n) = target(std::slice::from_ref(&t))?;
             let obj = ctx.client.get(r, Some(&ctx.ns), &n).await?;
             let pairs: Vec<(String, String)> = pairs
                 .iter()
-                .map(|p| p.split_once('=').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| anyhow!("expected CONTAINER=IMAGE, got {p:?}")))
+                .map(|p| {
+                    p.split_once('=')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .ok_or_else(|| anyhow!("expected CONTAINER=IMAGE, got {p:?}"))
+                })
                 .collect::<Result<_>>()?;
             let patch = verbs::set_image_patch(&obj, &pairs)?;
-            ctx.client.patch(r, Some(&ctx.ns), &n, None, SMP, &patch).await?;
+            ctx.client
+                .patch(r, Some(&ctx.ns), &n, None, SMP, &patch)
+                .await?;
             println!("{} image updated", print::name_of(r, &obj));
             Ok(())
         }
         Command::Rollout { what } => ctx.rollout(what).await,
-        Command::Apply { filename } => ctx.from_files(&filename, Mode::Apply).await,
-        Command::Delete { args, filename, cascade, grace_period, ignore_not_found } => {
+        Command::Apply { filename } => ctx.apply_files(&filename, Mode::Apply).await,
+        Command::Delete {
+            args,
+            filename,
+            cascade,
+            grace_period,
+            ignore_not_found,
+        } => {
             let propagation = match cascade.as_deref() {
                 None | Some("background") | Some("true") => "Background",
                 Some("foreground") => "Foreground",
@@ -117,7 +208,9 @@ pub async fn run(cli: Cli) -> Result<()> {
                 Some(o) => bail!("invalid --cascade {o:?}: use background, foreground or orphan"),
             };
             if !filename.is_empty() {
-                return ctx.from_files(&filename, Mode::Delete(propagation.to_string())).await;
+                return ctx
+                    .apply_files(&filename, Mode::Delete(propagation.to_string()))
+                    .await;
             }
             let pairs: Vec<(&'static Resource, String)> = match args.as_slice() {
                 [] => bail!("you must provide one or more resources by TYPE NAME, TYPE/NAME or -f"),
@@ -126,18 +219,33 @@ pub async fn run(cli: Cli) -> Result<()> {
                     let r = resource(t)?;
                     names.iter().map(|n| (r, n.clone())).collect()
                 }
-                all => all.iter().map(|a| target(std::slice::from_ref(a))).collect::<Result<_>>()?,
+                all => all
+                    .iter()
+                    .map(|a| target(std::slice::from_ref(a)))
+                    .collect::<Result<_>>()?,
             };
             for (r, n) in pairs {
-                match ctx.client.delete(r, Some(&ctx.ns), &n, Some(propagation), grace_period).await {
-                    Ok(_) => println!("{} deleted", print::name_of(r, &json!({"metadata": {"name": n}}))),
+                match ctx
+                    .client
+                    .delete(r, Some(&ctx.ns), &n, Some(propagation), grace_period)
+                    .await
+                {
+                    Ok(_) => println!(
+                        "{} deleted",
+                        print::name_of(r, &json!({"metadata": {"name": n}}))
+                    ),
                     Err(e) if ignore_not_found && e.code() == Some(404) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
             Ok(())
         }
-        Command::Label { kind, name, labels, overwrite } => {
+        Command::Label {
+            kind,
+            name,
+            labels,
+            overwrite,
+        } => {
             let r = resource(&kind)?;
             let obj = ctx.client.get(r, Some(&ctx.ns), &name).await?;
             let current = meta::labels(&obj);
@@ -147,14 +255,26 @@ pub async fn run(cli: Cli) -> Result<()> {
                     patch.insert(k.to_string(), Value::Null);
                 } else if let Some((k, v)) = l.split_once('=') {
                     if current.get(k).is_some_and(|c| c != v) && !overwrite {
-                        bail!("'{k}' already has a value ({}), and --overwrite is false", current[k]);
+                        bail!(
+                            "'{k}' already has a value ({}), and --overwrite is false",
+                            current[k]
+                        );
                     }
                     patch.insert(k.to_string(), json!(v));
                 } else {
                     bail!("invalid label {l:?}: use key=value or key-");
                 }
             }
-            ctx.client.patch(r, Some(&ctx.ns), &name, None, MERGE, &json!({"metadata": {"labels": patch}})).await?;
+            ctx.client
+                .patch(
+                    r,
+                    Some(&ctx.ns),
+                    &name,
+                    None,
+                    MERGE,
+                    &json!({"metadata": {"labels": patch}}),
+                )
+                .await?;
             println!("{} labeled", print::name_of(r, &obj));
             Ok(())
         }
@@ -164,17 +284,26 @@ pub async fn run(cli: Cli) -> Result<()> {
                 bail!("taints apply to nodes only");
             }
             let node = ctx.client.get(r, None, &name).await?;
-            let mut list = node.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
+            let mut list = node
+                .pointer("/spec/taints")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             for t in &taints {
                 if let Some(rm) = t.strip_suffix('-') {
-                    let (key, effect) = rm.split_once(':').map(|(k, e)| (k, Some(e))).unwrap_or((rm, None));
+                    let (key, effect) = rm
+                        .split_once(':')
+                        .map(|(k, e)| (k, Some(e)))
+                        .unwrap_or((rm, None));
                     let before = list.len();
                     list.retain(|x| !(x["key"] == key && effect.is_none_or(|e| x["effect"] == e)));
                     if list.len() == before {
                         bail!("taint {rm:?} not found");
                     }
                 } else {
-                    let (kv, effect) = t.split_once(':').ok_or_else(|| anyhow!("invalid taint {t:?}: use key=value:Effect"))?;
+                    let (kv, effect) = t
+                        .split_once(':')
+                        .ok_or_else(|| anyhow!("invalid taint {t:?}: use key=value:Effect"))?;
                     if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
                         bail!("invalid taint effect {effect:?}: use NoSchedule, PreferNoSchedule or NoExecute");
                     }
@@ -187,11 +316,26 @@ pub async fn run(cli: Cli) -> Result<()> {
                     list.push(taint);
                 }
             }
-            ctx.client.patch(r, None, &name, None, MERGE, &json!({"spec": {"taints": list}})).await?;
+            ctx.client
+                .patch(
+                    r,
+                    None,
+                    &name,
+                    None,
+                    MERGE,
+                    &json!({"spec": {"taints": list}}),
+                )
+                .await?;
             println!("node/{name} tainted");
             Ok(())
         }
-        Command::Logs { pod, container, follow, tail, previous } => {
+        Command::Logs {
+            pod,
+            container,
+            follow,
+            tail,
+            previous,
+        } => {
             let mut q = Vec::new();
             if let Some(c) = container {
                 q.push(format!("container={c}"));
@@ -205,7 +349,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             if previous {
                 q.push("previous=true".into());
             }
-            let path = format!("/api/v1/namespaces/{}/pods/{pod}/log?{}", ctx.ns, q.join("&"));
+            let path = format!(
+                "/api/v1/namespaces/{}/pods/{pod}/log?{}",
+                ctx.ns,
+                q.join("&")
+            );
             let resp = ctx.client.get_raw(&path).await?;
             let mut s = resp.bytes_stream();
             use std::io::Write;
@@ -218,13 +366,19 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         Command::ClusterInfo => {
             ctx.client.get_path("/version").await?;
-            println!("Kubernetes control plane is running at {}", ctx.client.server);
+            println!(
+                "Kubernetes control plane is running at {}",
+                ctx.client.server
+            );
             Ok(())
         }
         Command::Version => {
             println!("Client Version: v{}", env!("CARGO_PKG_VERSION"));
             let v = ctx.client.get_path("/version").await?;
-            println!("Server Version: {}", v["gitVersion"].as_str().unwrap_or("unknown"));
+            println!(
+                "Server Version: {}",
+                v["gitVersion"].as_str().unwrap_or("unknown")
+            );
             Ok(())
         }
     }
@@ -236,7 +390,11 @@ async fn server(args: ServerArgs) -> Result<()> {
     config.controllers.node_grace = Duration::from_secs(args.node_grace_seconds);
     config.controllers.eviction_timeout = Duration::from_secs(args.pod_eviction_seconds);
     let mut server = skiff_control::server::Server::start(config).await?;
-    eprintln!("skiff server listening on http://{} (kubeconfig: {})", server.addr, server.kubeconfig.display());
+    eprintln!(
+        "skiff server listening on http://{} (kubeconfig: {})",
+        server.addr,
+        server.kubeconfig.display()
+    );
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -272,7 +430,10 @@ fn read_sources(files: &[String]) -> Result<Vec<Value>> {
             let mut v: Vec<_> = std::fs::read_dir(p)
                 .with_context(|| format!("reading {f}"))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml" || e == "json"))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+                })
                 .collect();
             v.sort();
             v
@@ -280,7 +441,9 @@ fn read_sources(files: &[String]) -> Result<Vec<Value>> {
             vec![p.to_path_buf()]
         };
         for path in paths {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("the path {:?} does not exist", path.display().to_string()))?;
+            let text = std::fs::read_to_string(&path).with_context(|| {
+                format!("the path {:?} does not exist", path.display().to_string())
+            })?;
             docs.extend(verbs::documents(&text).with_context(|| format!("{}", path.display()))?);
         }
     }
@@ -289,20 +452,30 @@ fn read_sources(files: &[String]) -> Result<Vec<Value>> {
 
 impl Ctx {
     fn ns_for<'a>(&'a self, r: &Resource, obj: &'a Value) -> Option<&'a str> {
-        r.namespaced.then(|| meta::namespace(obj).unwrap_or(&self.ns))
+        r.namespaced
+            .then(|| meta::namespace(obj).unwrap_or(&self.ns))
     }
 
-    async fn from_files(&self, files: &[String], mode: Mode) -> Result<()> {
+    async fn apply_files(&self, files: &[String], mode: Mode) -> Result<()> {
         let docs = read_sources(files)?;
         if docs.is_empty() {
-            bail!("no objects passed to {}", match mode { Mode::Create => "create", Mode::Apply => "apply", Mode::Delete(_) => "delete" });
+            bail!(
+                "no objects passed to {}",
+                match mode {
+                    Mode::Create => "create",
+                    Mode::Apply => "apply",
+                    Mode::Delete(_) => "delete",
+                }
+            );
         }
         // Check every document names a known kind before changing anything.
         let mut typed = Vec::new();
         for d in docs {
             let av = d["apiVersion"].as_str().unwrap_or("");
             let kind = d["kind"].as_str().unwrap_or("");
-            let r = Resource::by_kind(av, kind).ok_or_else(|| anyhow!("resource mapping not found for kind {kind:?} in version {av:?}"))?;
+            let r = Resource::by_kind(av, kind).ok_or_else(|| {
+                anyhow!("resource mapping not found for kind {kind:?} in version {av:?}")
+            })?;
             if meta::name(&d).is_empty() && d.pointer("/metadata/generateName").is_none() {
                 bail!("{kind}: metadata.name is required");
             }
@@ -319,7 +492,9 @@ impl Ctx {
                 }
                 Mode::Delete(p) => match self.client.delete(r, ns, &name, Some(p), None).await {
                     Ok(_) => println!("{shown} deleted"),
-                    Err(e) if e.code() == Some(404) => eprintln!("Error from server (NotFound): {e}"),
+                    Err(e) if e.code() == Some(404) => {
+                        eprintln!("Error from server (NotFound): {e}")
+                    }
                     Err(e) => return Err(e.into()),
                 },
                 Mode::Apply => {
@@ -328,7 +503,8 @@ impl Ctx {
                     if !desired["metadata"]["annotations"].is_object() {
                         desired["metadata"]["annotations"] = json!({});
                     }
-                    desired["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = json!(last);
+                    desired["metadata"]["annotations"]
+                        ["kubectl.kubernetes.io/last-applied-configuration"] = json!(last);
                     match self.client.get(r, ns, &name).await {
                         Err(e) if e.code() == Some(404) => {
                             self.client.create(r, ns, &desired).await?;
@@ -338,8 +514,12 @@ impl Ctx {
                         Ok(cur) => {
                             let patch = apply_patch(&cur, &desired);
                             let out = self.client.patch(r, ns, &name, None, SMP, &patch).await?;
-                            let changed = out.pointer("/metadata/resourceVersion") != cur.pointer("/metadata/resourceVersion");
-                            println!("{shown} {}", if changed { "configured" } else { "unchanged" });
+                            let changed = out.pointer("/metadata/resourceVersion")
+                                != cur.pointer("/metadata/resourceVersion");
+                            println!(
+                                "{shown} {}",
+                                if changed { "configured" } else { "unchanged" }
+                            );
                         }
                     }
                 }
@@ -349,14 +529,40 @@ impl Ctx {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn get(&self, types: &str, names: &[String], fmt: Format, sel: Option<&str>, fsel: Option<&str>, all_ns: bool, watch: bool, show_labels: bool) -> Result<()> {
+    async fn get(
+        &self,
+        types: &str,
+        names: &[String],
+        fmt: Format,
+        sel: Option<&str>,
+        fsel: Option<&str>,
+        all_ns: bool,
+        watch: bool,
+        show_labels: bool,
+    ) -> Result<()> {
         let (types, names): (String, Vec<String>) = match types.split_once('/') {
-            Some((t, n)) => (t.to_string(), std::iter::once(n.to_string()).chain(names.iter().cloned()).collect()),
+            Some((t, n)) => (
+                t.to_string(),
+                std::iter::once(n.to_string())
+                    .chain(names.iter().cloned())
+                    .collect(),
+            ),
             None => (types.to_string(), names.to_vec()),
         };
         let rs: Vec<&'static Resource> = types
             .split(',')
-            .map(|t| if t == "all" { Ok(vec![resource("pods")?, resource("services")?, resource("deployments")?, resource("replicasets")?]) } else { resource(t).map(|r| vec![r]) })
+            .map(|t| {
+                if t == "all" {
+                    Ok(vec![
+                        resource("pods")?,
+                        resource("services")?,
+                        resource("deployments")?,
+                        resource("replicasets")?,
+                    ])
+                } else {
+                    resource(t).map(|r| vec![r])
+                }
+            })
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .flatten()
@@ -365,15 +571,34 @@ impl Ctx {
         let mut structured = Vec::new();
         let mut first = true;
         for r in &rs {
-            let ns = if all_ns || !r.namespaced { None } else { Some(self.ns.as_str()) };
+            let ns = if all_ns || !r.namespaced {
+                None
+            } else {
+                Some(self.ns.as_str())
+            };
             let objs: Vec<Value> = if names.is_empty() {
                 let list = self.client.list(r, ns, sel, fsel).await?;
                 let mut items = list["items"].as_array().cloned().unwrap_or_default();
                 if r.kind == "Event" {
-                    items.sort_by(|a, b| a["lastTimestamp"].as_str().cmp(&b["lastTimestamp"].as_str()));
+                    items.sort_by(|a, b| {
+                        a["lastTimestamp"]
+                            .as_str()
+                            .cmp(&b["lastTimestamp"].as_str())
+                    });
                 }
                 if watch {
-                    return self.watch(r, ns, list["metadata"]["resourceVersion"].as_str().unwrap_or(""), items, fmt, all_ns, sel, fsel).await;
+                    return self
+                        .watch(
+                            r,
+                            ns,
+                            list["metadata"]["resourceVersion"].as_str().unwrap_or(""),
+                            items,
+                            fmt,
+                            all_ns,
+                            sel,
+                            fsel,
+                        )
+                        .await;
                 }
                 items
             } else {
@@ -385,7 +610,9 @@ impl Ctx {
             };
             match fmt {
                 Format::Yaml | Format::Json => structured.extend(objs),
-                Format::Name => objs.iter().for_each(|o| println!("{}", print::name_of(r, o))),
+                Format::Name => objs
+                    .iter()
+                    .for_each(|o| println!("{}", print::name_of(r, o))),
                 Format::Table | Format::Wide => {
                     if objs.is_empty() {
                         if !several {
@@ -405,20 +632,39 @@ impl Ctx {
             }
         }
         if matches!(fmt, Format::Yaml | Format::Json) {
-            print::structured(&structured, !names.is_empty() && rs.len() == 1 && names.len() == 1, fmt)?;
+            print::structured(
+                &structured,
+                !names.is_empty() && rs.len() == 1 && names.len() == 1,
+                fmt,
+            )?;
         }
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn watch(&self, r: &Resource, ns: Option<&str>, rv: &str, initial: Vec<Value>, fmt: Format, all_ns: bool, sel: Option<&str>, fsel: Option<&str>) -> Result<()> {
+    async fn watch(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        rv: &str,
+        initial: Vec<Value>,
+        fmt: Format,
+        all_ns: bool,
+        sel: Option<&str>,
+        fsel: Option<&str>,
+    ) -> Result<()> {
         let show = |o: &Value, header: bool| match fmt {
             Format::Json => println!("{}", serde_json::to_string_pretty(o).unwrap_or_default()),
             Format::Yaml => print!("---\n{}", serde_yaml::to_string(o).unwrap_or_default()),
             Format::Name => println!("{}", print::name_of(r, o)),
             _ => {
                 let cols = skiff_api::table::columns(r.kind);
-                let keep: Vec<usize> = cols.iter().enumerate().filter(|(_, c)| fmt == Format::Wide || !c.wide).map(|(i, _)| i).collect();
+                let keep: Vec<usize> = cols
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| fmt == Format::Wide || !c.wide)
+                    .map(|(i, _)| i)
+                    .collect();
                 let cells = skiff_api::table::row(r.kind, o, print::now());
                 let row: Vec<String> = keep.iter().map(|i| cells[*i].clone()).collect();
                 let mut rows = vec![];
@@ -453,63 +699,197 @@ impl Ctx {
         let ns = r.namespaced.then_some(self.ns.as_str());
         let o = self.client.get(r, ns, &name).await?;
         let kv = |k: &str, v: String| println!("{:<20}{}", format!("{k}:"), v);
-        let map = |m: std::collections::BTreeMap<String, String>| if m.is_empty() { "<none>".to_string() } else { m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("\n                    ") };
+        let map = |m: std::collections::BTreeMap<String, String>| {
+            if m.is_empty() {
+                "<none>".to_string()
+            } else {
+                m.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("\n                    ")
+            }
+        };
         kv("Name", name.clone());
         if let Some(n) = meta::namespace(&o) {
             kv("Namespace", n.to_string());
         }
         kv("Labels", map(meta::labels(&o)));
-        let ann: std::collections::BTreeMap<String, String> = meta::annotations(&o).into_iter().filter(|(k, _)| k != "kubectl.kubernetes.io/last-applied-configuration").collect();
+        let ann: std::collections::BTreeMap<String, String> = meta::annotations(&o)
+            .into_iter()
+            .filter(|(k, _)| k != "kubectl.kubernetes.io/last-applied-configuration")
+            .collect();
         kv("Annotations", map(ann));
-        kv("CreationTimestamp", o.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or("").to_string());
-        let s = |p: &str| o.pointer(p).map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| "<none>".into());
+        kv(
+            "CreationTimestamp",
+            o.pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        );
+        let s = |p: &str| {
+            o.pointer(p)
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .unwrap_or_else(|| "<none>".into())
+        };
         match r.kind {
             "Pod" => {
                 kv("Node", s("/spec/nodeName"));
                 kv("Status", skiff_api::table::pod_status(&o));
                 kv("IP", s("/status/podIP"));
-                kv("Controlled By", meta::owners(&o).iter().find(|x| x.3).map(|x| format!("{}/{}", x.1, x.2)).unwrap_or_else(|| "<none>".into()));
+                kv(
+                    "Controlled By",
+                    meta::owners(&o)
+                        .iter()
+                        .find(|x| x.3)
+                        .map(|x| format!("{}/{}", x.1, x.2))
+                        .unwrap_or_else(|| "<none>".into()),
+                );
                 println!("Containers:");
-                let statuses = o.pointer("/status/containerStatuses").and_then(Value::as_array).cloned().unwrap_or_default();
-                for c in o.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten() {
+                let statuses = o
+                    .pointer("/status/containerStatuses")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                for c in o
+                    .pointer("/spec/containers")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
                     let n = c["name"].as_str().unwrap_or("");
                     println!("  {n}:");
                     println!("    Image:          {}", c["image"].as_str().unwrap_or(""));
-                    let ports: Vec<String> = c["ports"].as_array().into_iter().flatten().map(|p| format!("{}/{}", p["containerPort"], p["protocol"].as_str().unwrap_or("TCP"))).collect();
-                    println!("    Port:           {}", if ports.is_empty() { "<none>".into() } else { ports.join(", ") });
+                    let ports: Vec<String> = c["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            format!(
+                                "{}/{}",
+                                p["containerPort"],
+                                p["protocol"].as_str().unwrap_or("TCP")
+                            )
+                        })
+                        .collect();
+                    println!(
+                        "    Port:           {}",
+                        if ports.is_empty() {
+                            "<none>".into()
+                        } else {
+                            ports.join(", ")
+                        }
+                    );
                     if let Some(st) = statuses.iter().find(|x| x["name"] == n) {
-                        let state = st["state"].as_object().and_then(|m| m.keys().next().cloned()).unwrap_or_default();
+                        let state = st["state"]
+                            .as_object()
+                            .and_then(|m| m.keys().next().cloned())
+                            .unwrap_or_default();
                         println!("    State:          {state}");
                         println!("    Ready:          {}", st["ready"]);
                         println!("    Restart Count:  {}", st["restartCount"]);
                     }
                 }
                 println!("Conditions:");
-                for c in o.pointer("/status/conditions").and_then(Value::as_array).into_iter().flatten() {
-                    println!("  {:<18}{}", c["type"].as_str().unwrap_or(""), c["status"].as_str().unwrap_or(""));
+                for c in o
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    println!(
+                        "  {:<18}{}",
+                        c["type"].as_str().unwrap_or(""),
+                        c["status"].as_str().unwrap_or("")
+                    );
                 }
             }
             "Deployment" | "ReplicaSet" => {
-                kv("Selector", skiff_api::table::row(r.kind, &o, 0).last().cloned().unwrap_or_default());
-                kv("Replicas", format!("{} desired | {} updated | {} total | {} available | {} unavailable",
-                    s("/spec/replicas"), s("/status/updatedReplicas"), s("/status/replicas"), s("/status/availableReplicas"), s("/status/unavailableReplicas")));
+                kv(
+                    "Selector",
+                    skiff_api::table::row(r.kind, &o, 0)
+                        .last()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                kv(
+                    "Replicas",
+                    format!(
+                        "{} desired | {} updated | {} total | {} available | {} unavailable",
+                        s("/spec/replicas"),
+                        s("/status/updatedReplicas"),
+                        s("/status/replicas"),
+                        s("/status/availableReplicas"),
+                        s("/status/unavailableReplicas")
+                    ),
+                );
                 kv("StrategyType", s("/spec/strategy/type"));
-                let images: Vec<String> = o.pointer("/spec/template/spec/containers").and_then(Value::as_array).into_iter().flatten().map(|c| format!("{}: {}", c["name"].as_str().unwrap_or(""), c["image"].as_str().unwrap_or(""))).collect();
+                let images: Vec<String> = o
+                    .pointer("/spec/template/spec/containers")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(|c| {
+                        format!(
+                            "{}: {}",
+                            c["name"].as_str().unwrap_or(""),
+                            c["image"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect();
                 kv("Containers", images.join(", "));
                 println!("Conditions:");
-                for c in o.pointer("/status/conditions").and_then(Value::as_array).into_iter().flatten() {
-                    println!("  {:<16}{:<8}{}", c["type"].as_str().unwrap_or(""), c["status"].as_str().unwrap_or(""), c["reason"].as_str().unwrap_or(""));
+                for c in o
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    println!(
+                        "  {:<16}{:<8}{}",
+                        c["type"].as_str().unwrap_or(""),
+                        c["status"].as_str().unwrap_or(""),
+                        c["reason"].as_str().unwrap_or("")
+                    );
                 }
             }
             "Service" => {
-                kv("Selector", skiff_api::table::row("Service", &o, 0).last().cloned().unwrap_or_default());
+                kv(
+                    "Selector",
+                    skiff_api::table::row("Service", &o, 0)
+                        .last()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
                 kv("Type", s("/spec/type"));
                 kv("IP", s("/spec/clusterIP"));
-                for p in o.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
-                    kv("Port", format!("{} {}/{}", p["name"].as_str().unwrap_or("<unset>"), p["port"], p["protocol"].as_str().unwrap_or("TCP")));
-                    kv("TargetPort", p["targetPort"].to_string().trim_matches('"').to_string());
+                for p in o
+                    .pointer("/spec/ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    kv(
+                        "Port",
+                        format!(
+                            "{} {}/{}",
+                            p["name"].as_str().unwrap_or("<unset>"),
+                            p["port"],
+                            p["protocol"].as_str().unwrap_or("TCP")
+                        ),
+                    );
+                    kv(
+                        "TargetPort",
+                        p["targetPort"].to_string().trim_matches('"').to_string(),
+                    );
                     if let Some(np) = p.get("nodePort") {
-                        kv("NodePort", format!("{} {np}/TCP", p["name"].as_str().unwrap_or("<unset>")));
+                        kv(
+                            "NodePort",
+                            format!("{} {np}/TCP", p["name"].as_str().unwrap_or("<unset>")),
+                        );
                     }
                 }
                 let eps = match self.client.get(resource("endpoints")?, ns, &name).await {
@@ -520,34 +900,110 @@ impl Ctx {
                 kv("Session Affinity", s("/spec/sessionAffinity"));
             }
             "Node" => {
-                kv("Addresses", o.pointer("/status/addresses").and_then(Value::as_array).into_iter().flatten().map(|a| format!("{}={}", a["type"].as_str().unwrap_or(""), a["address"].as_str().unwrap_or(""))).collect::<Vec<_>>().join(", "));
+                kv(
+                    "Addresses",
+                    o.pointer("/status/addresses")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(|a| {
+                            format!(
+                                "{}={}",
+                                a["type"].as_str().unwrap_or(""),
+                                a["address"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
                 kv("PodCIDR", s("/spec/podCIDR"));
-                kv("Taints", o.pointer("/spec/taints").and_then(Value::as_array).into_iter().flatten().map(|t| format!("{}={}:{}", t["key"].as_str().unwrap_or(""), t["value"].as_str().unwrap_or(""), t["effect"].as_str().unwrap_or(""))).collect::<Vec<_>>().join(", "));
-                kv("Capacity", o.pointer("/status/capacity").map(|v| v.to_string()).unwrap_or_default());
-                kv("Allocatable", o.pointer("/status/allocatable").map(|v| v.to_string()).unwrap_or_default());
+                kv(
+                    "Taints",
+                    o.pointer("/spec/taints")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .map(|t| {
+                            format!(
+                                "{}={}:{}",
+                                t["key"].as_str().unwrap_or(""),
+                                t["value"].as_str().unwrap_or(""),
+                                t["effect"].as_str().unwrap_or("")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                );
+                kv(
+                    "Capacity",
+                    o.pointer("/status/capacity")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                );
+                kv(
+                    "Allocatable",
+                    o.pointer("/status/allocatable")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                );
             }
             _ => {
                 if let Some(spec) = o.get("spec") {
-                    println!("Spec:\n{}", serde_yaml::to_string(spec)?.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n"));
+                    println!(
+                        "Spec:\n{}",
+                        serde_yaml::to_string(spec)?
+                            .lines()
+                            .map(|l| format!("  {l}"))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    );
                 }
             }
         }
         let evs = self
             .client
-            .list(resource("events")?, meta::namespace(&o).or(Some("default")), None, Some(&format!("involvedObject.name={name},involvedObject.kind={}", r.kind)))
+            .list(
+                resource("events")?,
+                meta::namespace(&o).or(Some("default")),
+                None,
+                Some(&format!(
+                    "involvedObject.name={name},involvedObject.kind={}",
+                    r.kind
+                )),
+            )
             .await?;
         let mut items = evs["items"].as_array().cloned().unwrap_or_default();
-        items.sort_by(|a, b| a["lastTimestamp"].as_str().cmp(&b["lastTimestamp"].as_str()));
+        items.sort_by(|a, b| {
+            a["lastTimestamp"]
+                .as_str()
+                .cmp(&b["lastTimestamp"].as_str())
+        });
         if items.is_empty() {
             println!("Events:           <none>");
         } else {
             println!("Events:");
-            let mut rows = vec![vec!["  Type".to_string(), "Reason".into(), "Age".into(), "From".into(), "Message".into()]];
+            let mut rows = vec![vec![
+                "  Type".to_string(),
+                "Reason".into(),
+                "Age".into(),
+                "From".into(),
+                "Message".into(),
+            ]];
             for e in items {
                 let age = skiff_api::table::age(e["lastTimestamp"].as_str(), print::now());
                 let count = e["count"].as_i64().unwrap_or(1);
-                let age = if count > 1 { format!("{age} (x{count})") } else { age };
-                rows.push(vec![format!("  {}", e["type"].as_str().unwrap_or("")), e["reason"].as_str().unwrap_or("").into(), age, e["source"]["component"].as_str().unwrap_or("").into(), e["message"].as_str().unwrap_or("").into()]);
+                let age = if count > 1 {
+                    format!("{age} (x{count})")
+                } else {
+                    age
+                };
+                rows.push(vec![
+                    format!("  {}", e["type"].as_str().unwrap_or("")),
+                    e["reason"].as_str().unwrap_or("").into(),
+                    age,
+                    e["source"]["component"].as_str().unwrap_or("").into(),
+                    e["message"].as_str().unwrap_or("").into(),
+                ]);
             }
             print::print_rows(&rows);
         }
@@ -566,7 +1022,8 @@ impl Ctx {
         match what {
             RolloutWhat::Status { target: t, timeout } => {
                 let name = parse(&t)?;
-                let deadline = (timeout > 0).then(|| tokio::time::Instant::now() + Duration::from_secs(timeout));
+                let deadline = (timeout > 0)
+                    .then(|| tokio::time::Instant::now() + Duration::from_secs(timeout));
                 let mut last = String::new();
                 loop {
                     let d = self.client.get(deployments, Some(&self.ns), &name).await?;
@@ -578,9 +1035,16 @@ impl Ctx {
                     if done {
                         return Ok(());
                     }
-                    let rv = d["metadata"]["resourceVersion"].as_str().unwrap_or("").to_string();
+                    let rv = d["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string();
                     let fs = format!("metadata.name={name}");
-                    let mut stream = Box::pin(self.client.watch(deployments, Some(&self.ns), Some(&rv), Some(&fs), None).await?);
+                    let mut stream = Box::pin(
+                        self.client
+                            .watch(deployments, Some(&self.ns), Some(&rv), Some(&fs), None)
+                            .await?,
+                    );
                     let wait = async {
                         while let Some(ev) = stream.next().await {
                             if ev.is_err() || ev.is_ok_and(|e| e.kind != "BOOKMARK") {
@@ -601,21 +1065,43 @@ impl Ctx {
             RolloutWhat::History { target: t } => {
                 let name = parse(&t)?;
                 let d = self.client.get(deployments, Some(&self.ns), &name).await?;
-                let rss = self.client.list(resource("replicasets")?, Some(&self.ns), None, None).await?;
+                let rss = self
+                    .client
+                    .list(resource("replicasets")?, Some(&self.ns), None, None)
+                    .await?;
                 let items = rss["items"].as_array().cloned().unwrap_or_default();
                 println!("deployment.apps/{name}");
                 let mut rows = vec![vec!["REVISION".to_string(), "CHANGE-CAUSE".to_string()]];
-                rows.extend(verbs::history(&d, &items).into_iter().map(|(r, c)| vec![r.to_string(), c]));
+                rows.extend(
+                    verbs::history(&d, &items)
+                        .into_iter()
+                        .map(|(r, c)| vec![r.to_string(), c]),
+                );
                 print::print_rows(&rows);
                 Ok(())
             }
-            RolloutWhat::Undo { target: t, to_revision } => {
+            RolloutWhat::Undo {
+                target: t,
+                to_revision,
+            } => {
                 let name = parse(&t)?;
                 let d = self.client.get(deployments, Some(&self.ns), &name).await?;
-                let rss = self.client.list(resource("replicasets")?, Some(&self.ns), None, None).await?;
+                let rss = self
+                    .client
+                    .list(resource("replicasets")?, Some(&self.ns), None, None)
+                    .await?;
                 let items = rss["items"].as_array().cloned().unwrap_or_default();
                 let (patch, rev) = verbs::rollback_patch(&d, &items, to_revision)?;
-                self.client.patch(deployments, Some(&self.ns), &name, None, "application/json-patch+json", &patch).await?;
+                self.client
+                    .patch(
+                        deployments,
+                        Some(&self.ns),
+                        &name,
+                        None,
+                        "application/json-patch+json",
+                        &patch,
+                    )
+                    .await?;
                 println!("deployment.apps/{name} rolled back (to revision {rev})");
                 Ok(())
             }

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "skiff", version, about = "skiff: a WebAssembly-first lightweight orchestrator")]
+#[command(
+    name = "skiff",
+    version,
+    about = "skiff: a WebAssembly-first lightweight orchestrator"
+)]
 pub struct Cli {
     /// Kubeconfig to use (else KUBECONFIG, else ~/.kube/config).
     #[arg(long, global = true, env = "SKIFF_KUBECONFIG")]
@@ -211,7 +215,9 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("SKIFF_LOG_FORMAT").is_ok_and(|v| v == "json");
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -224,7 +230,10 @@ fn main() -> ExitCode {
     if matches!(cli.command, Command::Server(_)) {
         init_tracing();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

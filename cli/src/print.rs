@@ -32,7 +32,14 @@ pub fn now() -> i64 {
 /// Prints rows aligned in columns, as kubectl's tabwriter does (3 spaces between columns).
 pub fn print_rows(rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols).map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| {
+            rows.iter()
+                .map(|r| r.get(c).map_or(0, |s| s.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
     for r in rows {
         let mut line = String::new();
         for (i, cell) in r.iter().enumerate() {
@@ -47,10 +54,22 @@ pub fn print_rows(rows: &[Vec<String>]) {
 }
 
 /// A table of `objects` of one resource. `prefix_kind` adds `kind/` to names (several types).
-pub fn table(r: &Resource, objects: &[Value], fmt: Format, all_ns: bool, prefix_kind: bool, show_labels: bool) {
+pub fn table(
+    r: &Resource,
+    objects: &[Value],
+    fmt: Format,
+    all_ns: bool,
+    prefix_kind: bool,
+    show_labels: bool,
+) {
     let cols = table::columns(r.kind);
     let wide = fmt == Format::Wide;
-    let keep: Vec<usize> = cols.iter().enumerate().filter(|(_, c)| wide || !c.wide).map(|(i, _)| i).collect();
+    let keep: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| wide || !c.wide)
+        .map(|(i, _)| i)
+        .collect();
     let mut rows = Vec::new();
     let mut header: Vec<String> = keep.iter().map(|i| cols[*i].name.to_string()).collect();
     if all_ns && r.namespaced {
@@ -63,16 +82,34 @@ pub fn table(r: &Resource, objects: &[Value], fmt: Format, all_ns: bool, prefix_
     let t = now();
     for o in objects {
         let cells = table::row(r.kind, o, t);
-        let mut row: Vec<String> = keep.iter().map(|i| cells.get(*i).cloned().unwrap_or_default()).collect();
+        let mut row: Vec<String> = keep
+            .iter()
+            .map(|i| cells.get(*i).cloned().unwrap_or_default())
+            .collect();
         if prefix_kind && r.kind != "Event" {
-            row[0] = format!("{}/{}", if r.group.is_empty() { r.singular.to_string() } else { format!("{}.{}", r.singular, r.group) }, row[0]);
+            row[0] = format!(
+                "{}/{}",
+                if r.group.is_empty() {
+                    r.singular.to_string()
+                } else {
+                    format!("{}.{}", r.singular, r.group)
+                },
+                row[0]
+            );
         }
         if all_ns && r.namespaced {
             row.insert(0, meta::namespace(o).unwrap_or("").to_string());
         }
         if show_labels {
-            let l: Vec<String> = meta::labels(o).iter().map(|(k, v)| format!("{k}={v}")).collect();
-            row.push(if l.is_empty() { "<none>".into() } else { l.join(",") });
+            let l: Vec<String> = meta::labels(o)
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            row.push(if l.is_empty() {
+                "<none>".into()
+            } else {
+                l.join(",")
+            });
         }
         rows.push(row);
     }
@@ -94,6 +131,10 @@ pub fn structured(objects: &[Value], single: bool, fmt: Format) -> anyhow::Resul
 }
 
 pub fn name_of(r: &Resource, o: &Value) -> String {
-    let kind = if r.group.is_empty() { r.singular.to_string() } else { format!("{}.{}", r.singular, r.group) };
+    let kind = if r.group.is_empty() {
+        r.singular.to_string()
+    } else {
+        format!("{}.{}", r.singular, r.group)
+    };
     format!("{kind}/{}", meta::name(o))
 }

@@ -31,7 +31,9 @@ pub fn resolve(path: Option<&Path>) -> Option<PathBuf> {
 }
 
 pub fn load(path: Option<&Path>) -> Result<KubeConfig, ClientError> {
-    let p = resolve(path).ok_or_else(|| ClientError::Config("no kubeconfig: pass --kubeconfig or set KUBECONFIG".into()))?;
+    let p = resolve(path).ok_or_else(|| {
+        ClientError::Config("no kubeconfig: pass --kubeconfig or set KUBECONFIG".into())
+    })?;
     let text = std::fs::read_to_string(&p).map_err(|e| {
         ClientError::Config(format!("cannot read kubeconfig {}: {e} (start a cluster with `skiff up`, or pass --kubeconfig)", p.display()))
     })?;
@@ -42,22 +44,38 @@ pub fn parse(text: &str) -> Result<KubeConfig, String> {
     let v: Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
     let current = v["current-context"].as_str().unwrap_or("");
     let find = |list: &str, name: &str| -> Option<Value> {
-        v[list].as_array()?.iter().find(|e| e["name"].as_str() == Some(name)).cloned()
+        v[list]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"].as_str() == Some(name))
+            .cloned()
     };
     let ctx = find("contexts", current)
         .or_else(|| v["contexts"].as_array().and_then(|a| a.first().cloned()))
         .ok_or("no context")?;
-    let cluster = find("clusters", ctx["context"]["cluster"].as_str().unwrap_or("")).ok_or("the context's cluster is missing")?;
+    let cluster = find("clusters", ctx["context"]["cluster"].as_str().unwrap_or(""))
+        .ok_or("the context's cluster is missing")?;
     let user = find("users", ctx["context"]["user"].as_str().unwrap_or(""));
-    let server = cluster["cluster"]["server"].as_str().ok_or("the cluster has no server")?.to_string();
+    let server = cluster["cluster"]["server"]
+        .as_str()
+        .ok_or("the cluster has no server")?
+        .to_string();
     let c = &cluster["cluster"];
-    let ca_pem = match (c["certificate-authority-data"].as_str(), c["certificate-authority"].as_str()) {
+    let ca_pem = match (
+        c["certificate-authority-data"].as_str(),
+        c["certificate-authority"].as_str(),
+    ) {
         (Some(data), _) => {
             use base64::Engine;
-            let bytes = base64::engine::general_purpose::STANDARD.decode(data.trim()).map_err(|e| format!("certificate-authority-data: {e}"))?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .map_err(|e| format!("certificate-authority-data: {e}"))?;
             Some(String::from_utf8(bytes).map_err(|e| format!("certificate-authority-data: {e}"))?)
         }
-        (None, Some(file)) => Some(std::fs::read_to_string(file).map_err(|e| format!("certificate-authority {file}: {e}"))?),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .map_err(|e| format!("certificate-authority {file}: {e}"))?,
+        ),
         (None, None) => None,
     };
     Ok(KubeConfig {
@@ -65,7 +83,10 @@ pub fn parse(text: &str) -> Result<KubeConfig, String> {
         insecure: c["insecure-skip-tls-verify"].as_bool().unwrap_or(false),
         server,
         token: user.and_then(|u| u["user"]["token"].as_str().map(String::from)),
-        namespace: ctx["context"]["namespace"].as_str().unwrap_or("default").to_string(),
+        namespace: ctx["context"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string(),
     })
 }
 
@@ -76,7 +97,16 @@ mod tests {
     #[test]
     fn reads_the_current_context() {
         let kc = parse("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://127.0.0.1:6443\nusers:\n- name: u\n  user:\n    token: t0k\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\n    namespace: apps\ncurrent-context: x\n").unwrap();
-        assert_eq!(kc, KubeConfig { server: "http://127.0.0.1:6443".into(), token: Some("t0k".into()), namespace: "apps".into(), ca_pem: None, insecure: false });
+        assert_eq!(
+            kc,
+            KubeConfig {
+                server: "http://127.0.0.1:6443".into(),
+                token: Some("t0k".into()),
+                namespace: "apps".into(),
+                ca_pem: None,
+                insecure: false
+            }
+        );
         assert!(parse("clusters: []").is_err());
     }
 }

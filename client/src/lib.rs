@@ -50,7 +50,11 @@ pub struct Client {
 
 /// The path of a collection or object.
 pub fn path(r: &Resource, ns: Option<&str>, name: Option<&str>) -> String {
-    let base = if r.group.is_empty() { format!("/api/{}", r.version) } else { format!("/apis/{}/{}", r.group, r.version) };
+    let base = if r.group.is_empty() {
+        format!("/api/{}", r.version)
+    } else {
+        format!("/apis/{}/{}", r.group, r.version)
+    };
     let mut p = base;
     if r.namespaced {
         if let Some(ns) = ns {
@@ -70,7 +74,9 @@ pub fn encode_query(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
             _ => out.push_str(&format!("%{b:02X}")),
         }
     }
@@ -79,25 +85,43 @@ pub fn encode_query(s: &str) -> String {
 
 impl Client {
     /// A client for `server`; `ca_pem` is the CA its certificate must chain to.
-    pub fn new(server: &str, token: Option<String>, namespace: &str, ca_pem: Option<&str>, insecure: bool) -> Result<Self, ClientError> {
-        let mut b = reqwest::Client::builder().pool_idle_timeout(std::time::Duration::from_secs(30)).use_rustls_tls();
+    pub fn new(
+        server: &str,
+        token: Option<String>,
+        namespace: &str,
+        ca_pem: Option<&str>,
+        insecure: bool,
+    ) -> Result<Self, ClientError> {
+        let mut b = reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .use_rustls_tls();
         if let Some(ca) = ca_pem {
-            let cert = reqwest::Certificate::from_pem(ca.as_bytes()).map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
+            let cert = reqwest::Certificate::from_pem(ca.as_bytes())
+                .map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
             b = b.add_root_certificate(cert);
         }
         if insecure {
             b = b.danger_accept_invalid_certs(true);
         }
-        let http = b
-            .build()
-            .map_err(|e| ClientError::Config(e.to_string()))?;
-        Ok(Client { http, server: server.trim_end_matches('/').to_string(), token, namespace: namespace.to_string() })
+        let http = b.build().map_err(|e| ClientError::Config(e.to_string()))?;
+        Ok(Client {
+            http,
+            server: server.trim_end_matches('/').to_string(),
+            token,
+            namespace: namespace.to_string(),
+        })
     }
 
     /// From a kubeconfig file (see [`kubeconfig::load`]).
     pub fn from_kubeconfig(path: Option<&std::path::Path>) -> Result<Self, ClientError> {
         let kc = kubeconfig::load(path)?;
-        Self::new(&kc.server, kc.token, &kc.namespace, kc.ca_pem.as_deref(), kc.insecure)
+        Self::new(
+            &kc.server,
+            kc.token,
+            &kc.namespace,
+            kc.ca_pem.as_deref(),
+            kc.insecure,
+        )
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -109,7 +133,10 @@ impl Client {
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = rb.send().await.map_err(|e| ClientError::Transport { url: self.server.clone(), reason: root_cause(&e) })?;
+        let resp = rb.send().await.map_err(|e| ClientError::Transport {
+            url: self.server.clone(),
+            reason: root_cause(&e),
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -119,24 +146,41 @@ impl Client {
         if v.get("kind").and_then(Value::as_str) == Some("Status") {
             Err(ClientError::Api(ApiError::from_status(code, &v)))
         } else {
-            Err(ClientError::Api(ApiError::from_status(code, &serde_json::json!({"message": format!("the server answered {code}: {}", String::from_utf8_lossy(&body).trim())}))))
+            Err(ClientError::Api(ApiError::from_status(
+                code,
+                &serde_json::json!({"message": format!("the server answered {code}: {}", String::from_utf8_lossy(&body).trim())}),
+            )))
         }
     }
 
     async fn json(&self, rb: reqwest::RequestBuilder) -> Result<Value, ClientError> {
         let resp = self.send(rb).await?;
-        resp.json().await.map_err(|e| ClientError::Transport { url: self.server.clone(), reason: e.to_string() })
+        resp.json().await.map_err(|e| ClientError::Transport {
+            url: self.server.clone(),
+            reason: e.to_string(),
+        })
     }
 
     pub async fn get_path(&self, path: &str) -> Result<Value, ClientError> {
         self.json(self.req(reqwest::Method::GET, path)).await
     }
 
-    pub async fn get(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ClientError> {
+    pub async fn get(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ClientError> {
         self.get_path(&path(r, ns, Some(name))).await
     }
 
-    pub async fn list(&self, r: &Resource, ns: Option<&str>, label_selector: Option<&str>, field_selector: Option<&str>) -> Result<Value, ClientError> {
+    pub async fn list(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        label_selector: Option<&str>,
+        field_selector: Option<&str>,
+    ) -> Result<Value, ClientError> {
         let mut p = path(r, ns, None);
         let mut q = Vec::new();
         if let Some(l) = label_selector.filter(|s| !s.is_empty()) {
@@ -151,20 +195,60 @@ impl Client {
         self.get_path(&p).await
     }
 
-    pub async fn create(&self, r: &Resource, ns: Option<&str>, obj: &Value) -> Result<Value, ClientError> {
-        self.json(self.req(reqwest::Method::POST, &path(r, ns, None)).json(obj)).await
+    pub async fn create(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        obj: &Value,
+    ) -> Result<Value, ClientError> {
+        self.json(
+            self.req(reqwest::Method::POST, &path(r, ns, None))
+                .json(obj),
+        )
+        .await
     }
 
-    pub async fn replace(&self, r: &Resource, ns: Option<&str>, name: &str, obj: &Value) -> Result<Value, ClientError> {
-        self.json(self.req(reqwest::Method::PUT, &path(r, ns, Some(name))).json(obj)).await
+    pub async fn replace(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        obj: &Value,
+    ) -> Result<Value, ClientError> {
+        self.json(
+            self.req(reqwest::Method::PUT, &path(r, ns, Some(name)))
+                .json(obj),
+        )
+        .await
     }
 
-    pub async fn replace_status(&self, r: &Resource, ns: Option<&str>, name: &str, obj: &Value) -> Result<Value, ClientError> {
-        self.json(self.req(reqwest::Method::PUT, &format!("{}/status", path(r, ns, Some(name)))).json(obj)).await
+    pub async fn replace_status(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        obj: &Value,
+    ) -> Result<Value, ClientError> {
+        self.json(
+            self.req(
+                reqwest::Method::PUT,
+                &format!("{}/status", path(r, ns, Some(name))),
+            )
+            .json(obj),
+        )
+        .await
     }
 
     /// `content_type` is one of the patch media types (`application/merge-patch+json`, …).
-    pub async fn patch(&self, r: &Resource, ns: Option<&str>, name: &str, sub: Option<&str>, content_type: &str, body: &Value) -> Result<Value, ClientError> {
+    pub async fn patch(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        sub: Option<&str>,
+        content_type: &str,
+        body: &Value,
+    ) -> Result<Value, ClientError> {
         let mut p = path(r, ns, Some(name));
         if let Some(s) = sub {
             p = format!("{p}/{s}");
@@ -176,7 +260,14 @@ impl Client {
         self.json(rb).await
     }
 
-    pub async fn delete(&self, r: &Resource, ns: Option<&str>, name: &str, propagation: Option<&str>, grace: Option<i64>) -> Result<Value, ClientError> {
+    pub async fn delete(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        propagation: Option<&str>,
+        grace: Option<i64>,
+    ) -> Result<Value, ClientError> {
         let mut body = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1"});
         if let Some(p) = propagation {
             body["propagationPolicy"] = p.into();
@@ -184,7 +275,11 @@ impl Client {
         if let Some(g) = grace {
             body["gracePeriodSeconds"] = g.into();
         }
-        self.json(self.req(reqwest::Method::DELETE, &path(r, ns, Some(name))).json(&body)).await
+        self.json(
+            self.req(reqwest::Method::DELETE, &path(r, ns, Some(name)))
+                .json(&body),
+        )
+        .await
     }
 
     /// Raw bytes of a GET (e.g. pod logs).
@@ -217,7 +312,10 @@ impl Client {
         let bytes = resp.bytes_stream();
         Ok(bytes
             .map(move |chunk| {
-                let chunk = chunk.map_err(|e| ClientError::Transport { url: server.clone(), reason: e.to_string() })?;
+                let chunk = chunk.map_err(|e| ClientError::Transport {
+                    url: server.clone(),
+                    reason: e.to_string(),
+                })?;
                 buf.extend_from_slice(&chunk);
                 let mut events = Vec::new();
                 while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
@@ -225,13 +323,20 @@ impl Client {
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
                     }
-                    let v: Value = serde_json::from_slice(&line).map_err(|e| ClientError::Transport { url: server.clone(), reason: format!("bad watch event: {e}") })?;
+                    let v: Value =
+                        serde_json::from_slice(&line).map_err(|e| ClientError::Transport {
+                            url: server.clone(),
+                            reason: format!("bad watch event: {e}"),
+                        })?;
                     let kind = v["type"].as_str().unwrap_or("").to_string();
                     if kind == "ERROR" {
                         let code = v["object"]["code"].as_u64().unwrap_or(500) as u16;
                         return Err(ClientError::Api(ApiError::from_status(code, &v["object"])));
                     }
-                    events.push(Ok(WatchEvent { kind, object: v["object"].clone() }));
+                    events.push(Ok(WatchEvent {
+                        kind,
+                        object: v["object"].clone(),
+                    }));
                 }
                 Ok(futures::stream::iter(events))
             })

@@ -12,7 +12,13 @@ pub fn container_name(image: &str) -> String {
     let base = last.split(['@', ':']).next().unwrap_or(last);
     let cleaned: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     cleaned.trim_matches('-').to_string()
 }
@@ -41,7 +47,14 @@ pub fn deployment(name: &str, images: &[String], port: Option<i32>, replicas: i3
 }
 
 /// `run NAME --image [--restart] [--port] [-- args]`.
-pub fn pod(name: &str, image: &str, restart: &str, port: Option<i32>, args: &[String], command: bool) -> Value {
+pub fn pod(
+    name: &str,
+    image: &str,
+    restart: &str,
+    port: Option<i32>,
+    args: &[String],
+    command: bool,
+) -> Value {
     let mut c = json!({"name": name, "image": image});
     if let Some(p) = port {
         c["ports"] = json!([{"containerPort": p}]);
@@ -54,15 +67,35 @@ pub fn pod(name: &str, image: &str, restart: &str, port: Option<i32>, args: &[St
 }
 
 /// `expose KIND/NAME --type --port --target-port --name`: a Service selecting what `target` selects.
-pub fn expose(target: &Value, name: Option<&str>, ty: &str, port: Option<i32>, target_port: Option<&str>, node_port: Option<i32>) -> Result<Value, ClientError> {
+pub fn expose(
+    target: &Value,
+    name: Option<&str>,
+    ty: &str,
+    port: Option<i32>,
+    target_port: Option<&str>,
+    node_port: Option<i32>,
+) -> Result<Value, ClientError> {
     let kind = target["kind"].as_str().unwrap_or("");
     let selector = match kind {
         "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" => target
             .pointer("/spec/selector/matchLabels")
             .cloned()
-            .ok_or_else(|| ClientError::Usage(format!("cannot expose {kind} {}: its selector has no matchLabels", meta::name(target))))?,
-        "Pod" => target.pointer("/metadata/labels").cloned().ok_or_else(|| ClientError::Usage(format!("cannot expose pod {}: it has no labels", meta::name(target))))?,
-        "Service" => target.pointer("/spec/selector").cloned().unwrap_or(json!({})),
+            .ok_or_else(|| {
+                ClientError::Usage(format!(
+                    "cannot expose {kind} {}: its selector has no matchLabels",
+                    meta::name(target)
+                ))
+            })?,
+        "Pod" => target.pointer("/metadata/labels").cloned().ok_or_else(|| {
+            ClientError::Usage(format!(
+                "cannot expose pod {}: it has no labels",
+                meta::name(target)
+            ))
+        })?,
+        "Service" => target
+            .pointer("/spec/selector")
+            .cloned()
+            .unwrap_or(json!({})),
         other => return Err(ClientError::Usage(format!("cannot expose a {other}"))),
     };
     let container_ports: Vec<i64> = match kind {
@@ -72,18 +105,29 @@ pub fn expose(target: &Value, name: Option<&str>, ty: &str, port: Option<i32>, t
     .and_then(Value::as_array)
     .into_iter()
     .flatten()
-    .flat_map(|c| c.get("ports").and_then(Value::as_array).cloned().unwrap_or_default())
+    .flat_map(|c| {
+        c.get("ports")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    })
     .filter_map(|p| p.get("containerPort").and_then(Value::as_i64))
     .collect();
     let port = match port {
         Some(p) => p as i64,
         None => *container_ports.first().ok_or_else(|| {
-            ClientError::Usage(format!("couldn't find port via --port flag or introspection of {}", meta::name(target)))
+            ClientError::Usage(format!(
+                "couldn't find port via --port flag or introspection of {}",
+                meta::name(target)
+            ))
         })?,
     };
     let mut sp = json!({"port": port, "protocol": "TCP"});
     sp["targetPort"] = match target_port {
-        Some(t) => t.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::from(t)),
+        Some(t) => t
+            .parse::<i64>()
+            .map(Value::from)
+            .unwrap_or_else(|_| Value::from(t)),
         None => json!(port),
     };
     if let Some(np) = node_port {
@@ -99,7 +143,11 @@ pub fn expose(target: &Value, name: Option<&str>, ty: &str, port: Option<i32>, t
 
 /// `set image KIND/NAME c1=img1 c2=img2`: a strategic merge patch (`*` sets every container).
 pub fn set_image_patch(obj: &Value, pairs: &[(String, String)]) -> Result<Value, ClientError> {
-    let (path, pod) = if obj["kind"] == "Pod" { ("/spec/containers", false) } else { ("/spec/template/spec/containers", true) };
+    let (path, pod) = if obj["kind"] == "Pod" {
+        ("/spec/containers", false)
+    } else {
+        ("/spec/template/spec/containers", true)
+    };
     let names: Vec<String> = obj
         .pointer(path)
         .and_then(Value::as_array)
@@ -114,7 +162,9 @@ pub fn set_image_patch(obj: &Value, pairs: &[(String, String)]) -> Result<Value,
         } else if names.contains(c) {
             containers.push(json!({"name": c, "image": img}));
         } else {
-            return Err(ClientError::Usage(format!("unable to find container named \"{c}\"")));
+            return Err(ClientError::Usage(format!(
+                "unable to find container named \"{c}\""
+            )));
         }
     }
     Ok(if pod {
@@ -125,13 +175,19 @@ pub fn set_image_patch(obj: &Value, pairs: &[(String, String)]) -> Result<Value,
 }
 
 fn revision_of(o: &Value) -> i64 {
-    meta::annotations(o).get(REVISION_ANNOTATION).and_then(|r| r.parse().ok()).unwrap_or(0)
+    meta::annotations(o)
+        .get(REVISION_ANNOTATION)
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(0)
 }
 
 /// The ReplicaSets a deployment owns, by revision.
 pub fn owned_replicasets<'a>(d: &Value, replicasets: &'a [Value]) -> Vec<&'a Value> {
     let uid = meta::uid(d);
-    let mut out: Vec<&Value> = replicasets.iter().filter(|rs| meta::controller_uid(rs).as_deref() == Some(uid)).collect();
+    let mut out: Vec<&Value> = replicasets
+        .iter()
+        .filter(|rs| meta::controller_uid(rs).as_deref() == Some(uid))
+        .collect();
     out.sort_by_key(|rs| revision_of(rs));
     out
 }
@@ -141,7 +197,10 @@ pub fn history(d: &Value, replicasets: &[Value]) -> Vec<(i64, String)> {
     owned_replicasets(d, replicasets)
         .into_iter()
         .map(|rs| {
-            let cause = meta::annotations(rs).get("kubernetes.io/change-cause").cloned().unwrap_or_else(|| "<none>".into());
+            let cause = meta::annotations(rs)
+                .get("kubernetes.io/change-cause")
+                .cloned()
+                .unwrap_or_else(|| "<none>".into());
             (revision_of(rs), cause)
         })
         .collect()
@@ -149,20 +208,38 @@ pub fn history(d: &Value, replicasets: &[Value]) -> Vec<(i64, String)> {
 
 /// `rollout undo [--to-revision N]`: the JSON patch that puts an old template back, and the
 /// revision rolled back to.
-pub fn rollback_patch(d: &Value, replicasets: &[Value], to_revision: Option<i64>) -> Result<(Value, i64), ClientError> {
+pub fn rollback_patch(
+    d: &Value,
+    replicasets: &[Value],
+    to_revision: Option<i64>,
+) -> Result<(Value, i64), ClientError> {
     let owned = owned_replicasets(d, replicasets);
     let current = revision_of(d);
     let target = match to_revision.filter(|r| *r > 0) {
-        Some(r) => owned.iter().find(|rs| revision_of(rs) == r).copied().ok_or_else(|| ClientError::Usage(format!("unable to find specified revision {r} in history")))?,
+        Some(r) => owned
+            .iter()
+            .find(|rs| revision_of(rs) == r)
+            .copied()
+            .ok_or_else(|| {
+                ClientError::Usage(format!("unable to find specified revision {r} in history"))
+            })?,
         None => owned
             .iter()
             .rev()
             .find(|rs| revision_of(rs) != current)
             .copied()
-            .ok_or_else(|| ClientError::Usage("no rollout history found for the previous revision".into()))?,
+            .ok_or_else(|| {
+                ClientError::Usage("no rollout history found for the previous revision".into())
+            })?,
     };
-    let mut template = target.pointer("/spec/template").cloned().unwrap_or(json!({}));
-    if let Some(l) = template.pointer_mut("/metadata/labels").and_then(Value::as_object_mut) {
+    let mut template = target
+        .pointer("/spec/template")
+        .cloned()
+        .unwrap_or(json!({}));
+    if let Some(l) = template
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
         l.remove(POD_TEMPLATE_HASH);
     }
     let patch = json!([
@@ -175,20 +252,36 @@ pub fn rollback_patch(d: &Value, replicasets: &[Value], to_revision: Option<i64>
 /// `rollout status`: (done, message), by kubectl's rules.
 pub fn rollout_status(d: &Value) -> Result<(bool, String), ClientError> {
     let name = meta::name(d);
-    let generation = d.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
-    let observed = d.pointer("/status/observedGeneration").and_then(Value::as_i64).unwrap_or(0);
+    let generation = d
+        .pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    let observed = d
+        .pointer("/status/observedGeneration")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
     if observed < generation {
-        return Ok((false, "Waiting for deployment spec update to be observed...".into()));
+        return Ok((
+            false,
+            "Waiting for deployment spec update to be observed...".into(),
+        ));
     }
     let progressing = d
         .pointer("/status/conditions")
         .and_then(Value::as_array)
         .and_then(|cs| cs.iter().find(|c| c["type"] == "Progressing"));
     if progressing.is_some_and(|c| c["reason"] == "ProgressDeadlineExceeded") {
-        return Err(ClientError::Usage(format!("deployment \"{name}\" exceeded its progress deadline")));
+        return Err(ClientError::Usage(format!(
+            "deployment \"{name}\" exceeded its progress deadline"
+        )));
     }
     let i = |p: &str| d.pointer(p).and_then(Value::as_i64).unwrap_or(0);
-    let (want, updated, total, available) = (i("/spec/replicas"), i("/status/updatedReplicas"), i("/status/replicas"), i("/status/availableReplicas"));
+    let (want, updated, total, available) = (
+        i("/spec/replicas"),
+        i("/status/updatedReplicas"),
+        i("/status/replicas"),
+        i("/status/availableReplicas"),
+    );
     if updated < want {
         return Ok((false, format!("Waiting for deployment \"{name}\" rollout to finish: {updated} out of {want} new replicas have been updated...")));
     }
@@ -198,21 +291,32 @@ pub fn rollout_status(d: &Value) -> Result<(bool, String), ClientError> {
     if available < updated {
         return Ok((false, format!("Waiting for deployment \"{name}\" rollout to finish: {available} of {updated} updated replicas are available...")));
     }
-    Ok((true, format!("deployment \"{name}\" successfully rolled out")))
+    Ok((
+        true,
+        format!("deployment \"{name}\" successfully rolled out"),
+    ))
 }
 
 /// Splits multi-document YAML (or one JSON object / a List) into objects.
 pub fn documents(text: &str) -> Result<Vec<Value>, ClientError> {
     let mut out = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(text) {
-        let v: Value = serde::Deserialize::deserialize(doc).map_err(|e| ClientError::Usage(format!("error parsing YAML: {e}")))?;
+        let v: Value = serde::Deserialize::deserialize(doc)
+            .map_err(|e| ClientError::Usage(format!("error parsing YAML: {e}")))?;
         match v {
             Value::Null => {}
-            Value::Object(_) if v["kind"].as_str().is_some_and(|k| k.ends_with("List")) && v["items"].is_array() => {
+            Value::Object(_)
+                if v["kind"].as_str().is_some_and(|k| k.ends_with("List"))
+                    && v["items"].is_array() =>
+            {
                 out.extend(v["items"].as_array().cloned().unwrap_or_default())
             }
             Value::Object(_) => out.push(v),
-            _ => return Err(ClientError::Usage("error parsing YAML: a document is not an object".into())),
+            _ => {
+                return Err(ClientError::Usage(
+                    "error parsing YAML: a document is not an object".into(),
+                ))
+            }
         }
     }
     Ok(out)
@@ -224,10 +328,24 @@ mod tests {
 
     #[test]
     fn create_deployment_like_kubectl() {
-        let d = deployment("kubernetes-bootcamp", &["127.0.0.1:5000/bootcamp:v1".into()], Some(8080), 1);
-        assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["name"], "bootcamp");
-        assert_eq!(d["spec"]["selector"]["matchLabels"]["app"], "kubernetes-bootcamp");
-        assert_eq!(container_name("gcr.io/google-samples/kubernetes-bootcamp:v1"), "kubernetes-bootcamp");
+        let d = deployment(
+            "kubernetes-bootcamp",
+            &["127.0.0.1:5000/bootcamp:v1".into()],
+            Some(8080),
+            1,
+        );
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["name"],
+            "bootcamp"
+        );
+        assert_eq!(
+            d["spec"]["selector"]["matchLabels"]["app"],
+            "kubernetes-bootcamp"
+        );
+        assert_eq!(
+            container_name("gcr.io/google-samples/kubernetes-bootcamp:v1"),
+            "kubernetes-bootcamp"
+        );
     }
 
     #[test]
@@ -237,21 +355,28 @@ mod tests {
         assert_eq!(s["spec"]["ports"][0]["port"], 8080);
         assert_eq!(s["spec"]["selector"]["app"], "web");
         let p = set_image_patch(&d, &[("x".into(), "x:v2".into())]).unwrap();
-        assert_eq!(p["spec"]["template"]["spec"]["containers"][0]["image"], "x:v2");
+        assert_eq!(
+            p["spec"]["template"]["spec"]["containers"][0]["image"],
+            "x:v2"
+        );
         assert!(set_image_patch(&d, &[("nope".into(), "x".into())]).is_err());
     }
 
     #[test]
     fn rollback_picks_the_previous_revision() {
         let d = json!({"metadata": {"uid": "u", "resourceVersion": "9", "annotations": {REVISION_ANNOTATION: "2"}}});
-        let rs = |rev: &str, img: &str| json!({"metadata": {"annotations": {REVISION_ANNOTATION: rev},
+        let rs = |rev: &str, img: &str| {
+            json!({"metadata": {"annotations": {REVISION_ANNOTATION: rev},
             "ownerReferences": [{"uid": "u", "controller": true, "kind": "Deployment", "name": "d"}]},
-            "spec": {"template": {"metadata": {"labels": {"app": "d", POD_TEMPLATE_HASH: "h"}}, "spec": {"containers": [{"name": "c", "image": img}]}}}});
+            "spec": {"template": {"metadata": {"labels": {"app": "d", POD_TEMPLATE_HASH: "h"}}, "spec": {"containers": [{"name": "c", "image": img}]}}}})
+        };
         let all = vec![rs("1", "v1"), rs("2", "v2")];
         let (patch, rev) = rollback_patch(&d, &all, None).unwrap();
         assert_eq!(rev, 1);
         assert_eq!(patch[0]["value"]["spec"]["containers"][0]["image"], "v1");
-        assert!(patch[0]["value"]["metadata"]["labels"].get(POD_TEMPLATE_HASH).is_none());
+        assert!(patch[0]["value"]["metadata"]["labels"]
+            .get(POD_TEMPLATE_HASH)
+            .is_none());
         assert!(rollback_patch(&d, &all, Some(7)).is_err());
     }
 

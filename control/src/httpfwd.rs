@@ -9,11 +9,15 @@ use hyper_util::rt::TokioIo;
 use skiff_api::ApiError;
 
 pub async fn forward(url: &str, mut req: Request<Body>) -> Result<Response, ApiError> {
-    let uri: Uri = url.parse().map_err(|e| ApiError::internal(format!("bad node url {url}: {e}")))?;
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| ApiError::internal(format!("bad node url {url}: {e}")))?;
     let authority = uri.authority().map(|a| a.to_string()).unwrap_or_default();
     let stream = tokio::net::TcpStream::connect(&authority)
         .await
-        .map_err(|e| ApiError::unavailable(format!("node agent at {authority} is unreachable: {e}")))?;
+        .map_err(|e| {
+            ApiError::unavailable(format!("node agent at {authority} is unreachable: {e}"))
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ApiError::unavailable(format!("node agent at {authority}: {e}")))?;
@@ -22,9 +26,16 @@ pub async fn forward(url: &str, mut req: Request<Body>) -> Result<Response, ApiE
     });
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    parts.uri = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").parse().expect("path");
+    parts.uri = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .parse()
+        .expect("path");
     parts.headers.remove(http::header::AUTHORIZATION);
-    parts.headers.insert(http::header::HOST, authority.parse().expect("host header"));
+    parts
+        .headers
+        .insert(http::header::HOST, authority.parse().expect("host header"));
     let mut resp = sender
         .send_request(Request::from_parts(parts, body))
         .await

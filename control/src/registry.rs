@@ -102,12 +102,18 @@ fn random_suffix(n: usize) -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::thread_rng();
-    (0..n).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect()
+    (0..n)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect()
 }
 
 impl Registry {
     pub fn new(store: DynStore, config: ClusterConfig) -> Arc<Self> {
-        Arc::new(Registry { store, config, alloc: Mutex::new(()) })
+        Arc::new(Registry {
+            store,
+            config,
+            alloc: Mutex::new(()),
+        })
     }
 
     pub fn store(&self) -> &DynStore {
@@ -127,8 +133,15 @@ impl Registry {
             .ok_or_else(|| ApiError::not_found(&r.qualified(), name))
     }
 
-    pub fn try_get(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Option<Value>, ApiError> {
-        self.store.get(&r.key(ns, name)).map_err(|e| store_err(r, name, e))
+    pub fn try_get(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Value>, ApiError> {
+        self.store
+            .get(&r.key(ns, name))
+            .map_err(|e| store_err(r, name, e))
     }
 
     fn prefix(r: &Resource, ns: Option<&str>) -> String {
@@ -147,7 +160,10 @@ impl Registry {
         labels: &Selector,
         fields: &FieldSelector,
     ) -> Result<(Vec<Value>, u64), ApiError> {
-        let (items, rev) = self.store.list(&Self::prefix(r, ns)).map_err(|e| store_err(r, "", e))?;
+        let (items, rev) = self
+            .store
+            .list(&Self::prefix(r, ns))
+            .map_err(|e| store_err(r, "", e))?;
         let items = items
             .into_iter()
             .filter(|o| labels.matches(&meta::labels(o)) && fields.matches(o))
@@ -165,7 +181,10 @@ impl Registry {
         labels: Selector,
         fields: FieldSelector,
     ) -> Result<mpsc::Receiver<WatchEvent>, ApiError> {
-        let mut raw = self.store.watch(&Self::prefix(r, ns), from).map_err(|e| store_err(r, "", e))?;
+        let mut raw = self
+            .store
+            .watch(&Self::prefix(r, ns), from)
+            .map_err(|e| store_err(r, "", e))?;
         let (tx, rx) = mpsc::channel(256);
         let key_prefix = r.key_prefix();
         let namespaced = r.namespaced;
@@ -186,7 +205,14 @@ impl Registry {
                     EventType::Deleted if before || now => "DELETED",
                     _ => continue,
                 };
-                if tx.send(WatchEvent { kind, object: ev.object.clone() }).await.is_err() {
+                if tx
+                    .send(WatchEvent {
+                        kind,
+                        object: ev.object.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -199,9 +225,14 @@ impl Registry {
     fn check_kind(r: &Resource, obj: &mut Value) -> Result<(), ApiError> {
         strip_nulls(obj);
         if !obj.is_object() {
-            return Err(ApiError::bad_request("the request body must be a JSON or YAML object"));
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON or YAML object",
+            ));
         }
-        let av = obj.get("apiVersion").and_then(Value::as_str).map(String::from);
+        let av = obj
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .map(String::from);
         let kind = obj.get("kind").and_then(Value::as_str).map(String::from);
         if let Some(kind) = &kind {
             if kind != r.kind {
@@ -246,7 +277,13 @@ impl Registry {
     }
 
     /// Creates an object. `ns` is the namespace of the request path.
-    pub fn create(&self, r: &Resource, ns: Option<&str>, mut obj: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
+    pub fn create(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        mut obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         Self::check_kind(r, &mut obj)?;
         validation::decode(r, &obj, !opts.lenient)?;
         {
@@ -266,8 +303,16 @@ impl Registry {
             } else {
                 m.remove("namespace");
             }
-            if m.get("name").and_then(Value::as_str).unwrap_or("").is_empty() {
-                if let Some(g) = m.get("generateName").and_then(Value::as_str).filter(|g| !g.is_empty()) {
+            if m.get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty()
+            {
+                if let Some(g) = m
+                    .get("generateName")
+                    .and_then(Value::as_str)
+                    .filter(|g| !g.is_empty())
+                {
                     let name = format!("{g}{}", random_suffix(5));
                     m.insert("name".into(), json!(name));
                 }
@@ -298,12 +343,23 @@ impl Registry {
             return Ok(obj);
         }
         let key = r.key(ns.as_deref(), &name);
-        let c = self.store.txn(vec![Op::Create { key, value: obj }]).map_err(|e| store_err(r, &name, e))?;
+        let c = self
+            .store
+            .txn(vec![Op::Create { key, value: obj }])
+            .map_err(|e| store_err(r, &name, e))?;
         Ok(c.objects.into_iter().next().expect("one object"))
     }
 
     /// Replaces an object (PUT). `sub` says whether spec or status is written.
-    pub fn update(&self, r: &Resource, ns: Option<&str>, name: &str, mut obj: Value, sub: Sub, opts: &WriteOptions) -> Result<Value, ApiError> {
+    pub fn update(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        mut obj: Value,
+        sub: Sub,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         if sub == Sub::Scale {
             return self.write_scale(r, ns, name, obj, opts);
         }
@@ -318,8 +374,14 @@ impl Registry {
         let old = self.get(r, ns, name)?;
         let expect = match meta::resource_version(&obj) {
             Some(rv) => Some(rv),
-            None if obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) => {
-                return Err(ApiError::bad_request("metadata.resourceVersion must be a number"))
+            None if obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .is_some_and(|s| !s.is_empty()) =>
+            {
+                return Err(ApiError::bad_request(
+                    "metadata.resourceVersion must be a number",
+                ))
             }
             None => meta::resource_version(&old),
         };
@@ -327,9 +389,19 @@ impl Registry {
         self.commit_update(r, ns, name, &old, new, expect, opts)
     }
 
+    #[allow(clippy::too_many_arguments)]
     /// Applies a patch, retrying on a concurrent write (a patch has no resourceVersion
     /// unless it carries one).
-    pub fn patch(&self, r: &Resource, ns: Option<&str>, name: &str, kind: PatchKind, body: &Value, sub: Sub, opts: &WriteOptions) -> Result<Value, ApiError> {
+    pub fn patch(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        kind: PatchKind,
+        body: &Value,
+        sub: Sub,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         let mut tries = 0;
         loop {
             tries += 1;
@@ -351,7 +423,9 @@ impl Registry {
                 let mut patched = patched;
                 Self::check_kind(r, &mut patched)?;
                 validation::decode(r, &patched, !opts.lenient)?;
-                let expect = match patched.pointer("/metadata/resourceVersion") != old.pointer("/metadata/resourceVersion") {
+                let expect = match patched.pointer("/metadata/resourceVersion")
+                    != old.pointer("/metadata/resourceVersion")
+                {
                     true => meta::resource_version(&patched),
                     false => meta::resource_version(&old),
                 };
@@ -359,14 +433,27 @@ impl Registry {
                 self.commit_update(r, ns, name, &old, new, expect, opts)
             };
             match result {
-                Err(e) if e.code == 409 && e.reason == "Conflict" && tries < 5 && !body_has_rv(body) => continue,
+                Err(e)
+                    if e.code == 409
+                        && e.reason == "Conflict"
+                        && tries < 5
+                        && !body_has_rv(body) =>
+                {
+                    continue
+                }
                 other => return other,
             }
         }
     }
 
     /// Builds the object to store from the old one and the proposed one.
-    fn prepare_update(&self, r: &Resource, old: &Value, mut new: Value, sub: Sub) -> Result<Value, ApiError> {
+    fn prepare_update(
+        &self,
+        r: &Resource,
+        old: &Value,
+        mut new: Value,
+        sub: Sub,
+    ) -> Result<Value, ApiError> {
         if sub == Sub::Status {
             // Only status (and, for conditions the agent owns, nothing else) changes.
             let mut out = old.clone();
@@ -377,7 +464,15 @@ impl Registry {
         {
             let old_meta = old.get("metadata").cloned().unwrap_or(json!({}));
             let m = meta::metadata_mut(&mut new);
-            for k in ["uid", "creationTimestamp", "namespace", "name", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"] {
+            for k in [
+                "uid",
+                "creationTimestamp",
+                "namespace",
+                "name",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+            ] {
                 match old_meta.get(k) {
                     Some(v) => {
                         m.insert(k.into(), v.clone());
@@ -402,14 +497,26 @@ impl Registry {
         validation::validate(r, &new)?;
         validation::validate_update(r, old, &new)?;
         if (r.has_status || r.has_scale) && old.get("spec") != new.get("spec") {
-            let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+            let g = old
+                .pointer("/metadata/generation")
+                .and_then(Value::as_i64)
+                .unwrap_or(1);
             meta::metadata_mut(&mut new).insert("generation".into(), json!(g + 1));
         }
         Ok(new)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn commit_update(&self, r: &Resource, ns: Option<&str>, name: &str, old: &Value, mut new: Value, expect: Option<u64>, opts: &WriteOptions) -> Result<Value, ApiError> {
+    fn commit_update(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        old: &Value,
+        mut new: Value,
+        expect: Option<u64>,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         let _g = self.alloc.lock().expect("alloc lock");
         self.admit(r, Some(old), &mut new)?;
         if opts.dry_run {
@@ -420,22 +527,46 @@ impl Registry {
         let op = if meta::is_deleting(&new) && meta::finalizers(&new).is_empty() {
             Op::Delete { key, expect }
         } else {
-            Op::Update { key, value: new, expect }
+            Op::Update {
+                key,
+                value: new,
+                expect,
+            }
         };
-        let c = self.store.txn(vec![op]).map_err(|e| store_err(r, name, e))?;
+        let c = self
+            .store
+            .txn(vec![op])
+            .map_err(|e| store_err(r, name, e))?;
         Ok(c.objects.into_iter().next().expect("one object"))
     }
 
-    fn write_scale(&self, r: &Resource, ns: Option<&str>, name: &str, scale: Value, opts: &WriteOptions) -> Result<Value, ApiError> {
+    fn write_scale(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        scale: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
         if !r.has_scale {
             return Err(ApiError::not_found_path(&format!("{}/scale", r.plural)));
         }
         let replicas = scale
             .pointer("/spec/replicas")
             .and_then(Value::as_i64)
-            .ok_or_else(|| ApiError::invalid("Scale", name, vec![Cause::required("spec.replicas")]))?;
+            .ok_or_else(|| {
+                ApiError::invalid("Scale", name, vec![Cause::required("spec.replicas")])
+            })?;
         if replicas < 0 {
-            return Err(ApiError::invalid("Scale", name, vec![Cause::invalid("spec.replicas", replicas, "must be greater than or equal to 0")]));
+            return Err(ApiError::invalid(
+                "Scale",
+                name,
+                vec![Cause::invalid(
+                    "spec.replicas",
+                    replicas,
+                    "must be greater than or equal to 0",
+                )],
+            ));
         }
         let old = self.get(r, ns, name)?;
         let expect = meta::resource_version(&scale).or(meta::resource_version(&old));
@@ -455,16 +586,37 @@ impl Registry {
 
     /// Deletes an object, honouring finalizers, graceful pod termination and propagation.
     /// Returns the object as it is after the call (gone, or marked for deletion).
-    pub fn delete(&self, r: &Resource, ns: Option<&str>, name: &str, opts: &DeleteOptions) -> Result<Value, ApiError> {
+    pub fn delete(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
         let old = self.get(r, ns, name)?;
         if let Some(uid) = &opts.precondition_uid {
             if uid != meta::uid(&old) {
-                return Err(ApiError::conflict(&r.qualified(), name, &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta::uid(&old))));
+                return Err(ApiError::conflict(
+                    &r.qualified(),
+                    name,
+                    &format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta::uid(&old)
+                    ),
+                ));
             }
         }
         if let Some(rv) = &opts.precondition_rv {
-            if Some(rv.as_str()) != old.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
-                return Err(ApiError::conflict(&r.qualified(), name, "Precondition failed: resourceVersion does not match"));
+            if Some(rv.as_str())
+                != old
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+            {
+                return Err(ApiError::conflict(
+                    &r.qualified(),
+                    name,
+                    "Precondition failed: resourceVersion does not match",
+                ));
             }
         }
         let mut finalizers = meta::finalizers(&old);
@@ -479,10 +631,18 @@ impl Registry {
         }
         let grace = opts
             .grace_period_seconds
-            .or_else(|| old.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64))
+            .or_else(|| {
+                old.pointer("/spec/terminationGracePeriodSeconds")
+                    .and_then(Value::as_i64)
+            })
             .unwrap_or(0);
         // A pod running on a node is stopped by its agent first; the agent then deletes it.
-        let graceful = r.kind == "Pod" && grace > 0 && old.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+        let graceful = r.kind == "Pod"
+            && grace > 0
+            && old
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty());
         let key = r.key(ns, name);
         let expect = meta::resource_version(&old);
         let dedup: BTreeSet<String> = finalizers.iter().cloned().collect();
@@ -490,17 +650,26 @@ impl Registry {
             if opts.dry_run {
                 return Ok(old);
             }
-            let c = self.store.txn(vec![Op::Delete { key, expect }]).map_err(|e| store_err(r, name, e))?;
+            let c = self
+                .store
+                .txn(vec![Op::Delete { key, expect }])
+                .map_err(|e| store_err(r, name, e))?;
             return Ok(c.objects.into_iter().next().expect("one object"));
         }
         if meta::is_deleting(&old) {
             // Already terminating: a shorter grace period may still be asked for.
-            let cur = old.pointer("/metadata/deletionGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(0);
+            let cur = old
+                .pointer("/metadata/deletionGracePeriodSeconds")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
             if !(graceful && grace < cur) && opts.grace_period_seconds != Some(0) {
                 return Ok(old);
             }
             if opts.grace_period_seconds == Some(0) && dedup.is_empty() {
-                let c = self.store.txn(vec![Op::Delete { key, expect }]).map_err(|e| store_err(r, name, e))?;
+                let c = self
+                    .store
+                    .txn(vec![Op::Delete { key, expect }])
+                    .map_err(|e| store_err(r, name, e))?;
                 return Ok(c.objects.into_iter().next().expect("one object"));
             }
         }
@@ -508,9 +677,15 @@ impl Registry {
         {
             let m = meta::metadata_mut(&mut new);
             m.insert("deletionTimestamp".into(), json!(now()));
-            m.insert("deletionGracePeriodSeconds".into(), json!(if graceful { grace } else { 0 }));
+            m.insert(
+                "deletionGracePeriodSeconds".into(),
+                json!(if graceful { grace } else { 0 }),
+            );
             if !dedup.is_empty() {
-                m.insert("finalizers".into(), json!(finalizers.into_iter().collect::<BTreeSet<_>>()));
+                m.insert(
+                    "finalizers".into(),
+                    json!(finalizers.into_iter().collect::<BTreeSet<_>>()),
+                );
             }
         }
         if r.kind == "Namespace" {
@@ -519,24 +694,49 @@ impl Registry {
         if opts.dry_run {
             return Ok(new);
         }
-        let c = self.store.txn(vec![Op::Update { key, value: new, expect }]).map_err(|e| store_err(r, name, e))?;
+        let c = self
+            .store
+            .txn(vec![Op::Update {
+                key,
+                value: new,
+                expect,
+            }])
+            .map_err(|e| store_err(r, name, e))?;
         Ok(c.objects.into_iter().next().expect("one object"))
     }
 
     /// Removes a finalizer from an object; when it was the last one of an object being
     /// deleted, the object is deleted.
-    pub fn remove_finalizer(&self, r: &Resource, ns: Option<&str>, name: &str, finalizer: &str) -> Result<(), ApiError> {
+    pub fn remove_finalizer(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        finalizer: &str,
+    ) -> Result<(), ApiError> {
         let old = self.get(r, ns, name)?;
         let mut new = old.clone();
-        let left: Vec<String> = meta::finalizers(&old).into_iter().filter(|f| f != finalizer).collect();
+        let left: Vec<String> = meta::finalizers(&old)
+            .into_iter()
+            .filter(|f| f != finalizer)
+            .collect();
         meta::metadata_mut(&mut new).insert("finalizers".into(), json!(left));
         let expect = meta::resource_version(&old);
         let op = if meta::is_deleting(&new) && left.is_empty() {
-            Op::Delete { key: r.key(ns, name), expect }
+            Op::Delete {
+                key: r.key(ns, name),
+                expect,
+            }
         } else {
-            Op::Update { key: r.key(ns, name), value: new, expect }
+            Op::Update {
+                key: r.key(ns, name),
+                value: new,
+                expect,
+            }
         };
-        self.store.txn(vec![op]).map_err(|e| store_err(r, name, e))?;
+        self.store
+            .txn(vec![op])
+            .map_err(|e| store_err(r, name, e))?;
         Ok(())
     }
 
@@ -550,13 +750,20 @@ impl Registry {
                 let expect = meta::resource_version(&pod);
                 pod["spec"]["nodeName"] = json!(node);
                 set_condition(&mut pod, "PodScheduled", "True", "", "");
-                Op::Update { key: pods.key(meta::namespace(&pod), meta::name(&pod)), value: pod, expect }
+                Op::Update {
+                    key: pods.key(meta::namespace(&pod), meta::name(&pod)),
+                    value: pod,
+                    expect,
+                }
             })
             .collect();
         if ops.is_empty() {
             return Ok(self.store.revision());
         }
-        self.store.txn(ops).map(|c| c.revision).map_err(|e| store_err(pods, "", e))
+        self.store
+            .txn(ops)
+            .map(|c| c.revision)
+            .map_err(|e| store_err(pods, "", e))
     }
 
     // ---- admission: allocations -------------------------------------------------------------
@@ -571,34 +778,81 @@ impl Registry {
 
     fn admit_service(&self, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
         let svcs = Resource::lookup("services").expect("services");
-        let (all, _) = self.store.list(&svcs.key_prefix()).map_err(|e| store_err(svcs, "", e))?;
-        let me = (meta::namespace(obj).unwrap_or("").to_string(), meta::name(obj).to_string());
+        let (all, _) = self
+            .store
+            .list(&svcs.key_prefix())
+            .map_err(|e| store_err(svcs, "", e))?;
+        let me = (
+            meta::namespace(obj).unwrap_or("").to_string(),
+            meta::name(obj).to_string(),
+        );
         let others: Vec<&Value> = all
             .iter()
-            .filter(|s| (meta::namespace(s).unwrap_or("").to_string(), meta::name(s).to_string()) != me)
+            .filter(|s| {
+                (
+                    meta::namespace(s).unwrap_or("").to_string(),
+                    meta::name(s).to_string(),
+                ) != me
+            })
             .collect();
         let name = meta::name(obj).to_string();
-        let ty = obj.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP").to_string();
+        let ty = obj
+            .pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_string();
         if ty == "ExternalName" {
             return Ok(());
         }
         // Cluster IP.
         let used_ips: BTreeSet<String> = others
             .iter()
-            .filter_map(|s| s.pointer("/spec/clusterIP").and_then(Value::as_str).map(String::from))
+            .filter_map(|s| {
+                s.pointer("/spec/clusterIP")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
             .collect();
-        let requested = obj.pointer("/spec/clusterIP").and_then(Value::as_str).unwrap_or("").to_string();
+        let requested = obj
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         let ip = if requested == "None" {
             "None".to_string()
         } else if !requested.is_empty() {
             let ip: Ipv4Addr = requested.parse().map_err(|_| {
-                ApiError::invalid("Service", &name, vec![Cause::invalid("spec.clusterIP", &requested, "must be a valid IP address")])
+                ApiError::invalid(
+                    "Service",
+                    &name,
+                    vec![Cause::invalid(
+                        "spec.clusterIP",
+                        &requested,
+                        "must be a valid IP address",
+                    )],
+                )
             })?;
             if !in_cidr(ip, self.config.service_cidr) {
-                return Err(ApiError::invalid("Service", &name, vec![Cause::invalid("spec.clusterIP", &requested, "provided IP is not in the valid range")]));
+                return Err(ApiError::invalid(
+                    "Service",
+                    &name,
+                    vec![Cause::invalid(
+                        "spec.clusterIP",
+                        &requested,
+                        "provided IP is not in the valid range",
+                    )],
+                ));
             }
             if used_ips.contains(&requested) {
-                return Err(ApiError::invalid("Service", &name, vec![Cause::invalid("spec.clusterIP", &requested, "provided IP is already allocated")]));
+                return Err(ApiError::invalid(
+                    "Service",
+                    &name,
+                    vec![Cause::invalid(
+                        "spec.clusterIP",
+                        &requested,
+                        "provided IP is already allocated",
+                    )],
+                ));
             }
             requested
         } else {
@@ -620,7 +874,12 @@ impl Registry {
         let wants_node_ports = ty == "NodePort" || ty == "LoadBalancer";
         let mut used_ports: BTreeSet<i64> = others
             .iter()
-            .flat_map(|s| s.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default())
+            .flat_map(|s| {
+                s.pointer("/spec/ports")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+            })
             .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
             .collect();
         let old_ports: Vec<i64> = old
@@ -629,7 +888,10 @@ impl Registry {
             .iter()
             .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
             .collect();
-        let (lo, hi) = (self.config.node_ports.0 as i64, self.config.node_ports.1 as i64);
+        let (lo, hi) = (
+            self.config.node_ports.0 as i64,
+            self.config.node_ports.1 as i64,
+        );
         let mut causes = Vec::new();
         if let Some(ports) = obj.pointer_mut("/spec/ports").and_then(Value::as_array_mut) {
             for (i, p) in ports.iter_mut().enumerate() {
@@ -676,14 +938,25 @@ impl Registry {
     }
 
     fn admit_node(&self, obj: &mut Value) -> Result<(), ApiError> {
-        if obj.pointer("/spec/podCIDR").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+        if obj
+            .pointer("/spec/podCIDR")
+            .and_then(Value::as_str)
+            .is_some_and(|s| !s.is_empty())
+        {
             return Ok(());
         }
         let nodes = Resource::lookup("nodes").expect("nodes");
-        let (all, _) = self.store.list(&nodes.key_prefix()).map_err(|e| store_err(nodes, "", e))?;
+        let (all, _) = self
+            .store
+            .list(&nodes.key_prefix())
+            .map_err(|e| store_err(nodes, "", e))?;
         let used: BTreeSet<String> = all
             .iter()
-            .filter_map(|n| n.pointer("/spec/podCIDR").and_then(Value::as_str).map(String::from))
+            .filter_map(|n| {
+                n.pointer("/spec/podCIDR")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
             .collect();
         let (base, bits) = self.config.pod_cidr;
         let count = 1u32 << (24 - bits.min(24));
@@ -714,7 +987,11 @@ fn body_has_rv(body: &Value) -> bool {
 }
 
 fn in_cidr(ip: Ipv4Addr, (base, bits): (Ipv4Addr, u8)) -> bool {
-    let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+    let mask = if bits == 0 {
+        0
+    } else {
+        u32::MAX << (32 - bits)
+    };
     u32::from(ip) & mask == u32::from(base) & mask
 }
 
@@ -760,7 +1037,8 @@ pub fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &str, mess
     }
     let list = conds.as_array_mut().expect("array");
     let now = now();
-    let mut c = json!({"type": ty, "status": status, "lastTransitionTime": now, "lastProbeTime": null});
+    let mut c =
+        json!({"type": ty, "status": status, "lastTransitionTime": now, "lastProbeTime": null});
     if !reason.is_empty() {
         c["reason"] = json!(reason);
     }

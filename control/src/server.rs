@@ -41,11 +41,17 @@ impl ServerConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("data directory {path}: {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("bootstrap: {0}")]
     Bootstrap(#[from] ApiError),
     #[error("{0}")]
@@ -69,7 +75,10 @@ pub struct Server {
 /// The bearer token of this data dir: made once, kept in `DIR/token`.
 fn load_or_make_token(dir: &Path) -> Result<String, ServerError> {
     let path = dir.join("token");
-    let io = |e| ServerError::DataDir { path: path.clone(), source: e };
+    let io = |e| ServerError::DataDir {
+        path: path.clone(),
+        source: e,
+    };
     match std::fs::read_to_string(&path) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         _ => {
@@ -84,7 +93,12 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -130,7 +144,14 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
         Some(cur) if cur.get("subsets") != want.get("subsets") => {
             let mut next = want;
             next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
-            reg.update(ep, Some("default"), "kubernetes", next, crate::registry::Sub::Main, &opts)?;
+            reg.update(
+                ep,
+                Some("default"),
+                "kubernetes",
+                next,
+                crate::registry::Sub::Main,
+                &opts,
+            )?;
         }
         Some(_) => {}
     }
@@ -141,12 +162,21 @@ impl Server {
     /// Opens the store under `config.data_dir`, binds the API address and starts everything.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| ServerError::DataDir { path: dir.clone(), source: e })?;
+        std::fs::create_dir_all(dir).map_err(|e| ServerError::DataDir {
+            path: dir.clone(),
+            source: e,
+        })?;
         let store: DynStore = Arc::new(SledStore::open(&dir.join("store"))?);
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
-            .map_err(|e| ServerError::Listen { addr: config.api_addr, source: e })?;
-        let addr = listener.local_addr().map_err(|e| ServerError::Listen { addr: config.api_addr, source: e })?;
+            .map_err(|e| ServerError::Listen {
+                addr: config.api_addr,
+                source: e,
+            })?;
+        let addr = listener.local_addr().map_err(|e| ServerError::Listen {
+            addr: config.api_addr,
+            source: e,
+        })?;
         let registry = Registry::new(store, config.cluster.clone());
         bootstrap(&registry, addr)?;
         let token = load_or_make_token(dir)?;
@@ -154,23 +184,47 @@ impl Server {
         sans.extend(config.tls_sans.iter().cloned());
         let tls = crate::tls::load_or_create(dir, &sans)?;
         let kubeconfig = dir.join("kubeconfig");
-        write_private(&kubeconfig, kubeconfig_yaml(&format!("https://{addr}"), &token, &tls.ca_pem).as_bytes())
-            .map_err(|e| ServerError::DataDir { path: kubeconfig.clone(), source: e })?;
+        write_private(
+            &kubeconfig,
+            kubeconfig_yaml(&format!("https://{addr}"), &token, &tls.ca_pem).as_bytes(),
+        )
+        .map_err(|e| ServerError::DataDir {
+            path: kubeconfig.clone(),
+            source: e,
+        })?;
         let tls_ca = tls.ca_pem.clone();
         let (stop, mut stopped) = watch::channel(false);
-        let mut ctl = controllers::start(registry.clone(), config.controllers.clone(), stop.subscribe());
-        let state = Arc::new(ApiState { registry: registry.clone(), tokens: vec![token.clone()], advertise: addr });
+        let mut ctl = controllers::start(
+            registry.clone(),
+            config.controllers.clone(),
+            stop.subscribe(),
+        );
+        let state = Arc::new(ApiState {
+            registry: registry.clone(),
+            tokens: vec![token.clone()],
+            advertise: addr,
+        });
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };
-            let r = apiserver::serve(state, listener, tls.server, shutdown).await.map_err(ServerError::Serve);
+            let r = apiserver::serve(state, listener, tls.server, shutdown)
+                .await
+                .map_err(ServerError::Serve);
             ctl.abort_all();
             r
         });
         tracing::info!(%addr, kubeconfig = %kubeconfig.display(), "skiff API server ready");
         let ca_pem = tls_ca;
-        Ok(Server { registry, addr, token, kubeconfig, ca_pem, stop, task })
+        Ok(Server {
+            registry,
+            addr,
+            token,
+            kubeconfig,
+            ca_pem,
+            stop,
+            task,
+        })
     }
 
     /// Stops serving and the controllers; waits up to 5 s for open requests.

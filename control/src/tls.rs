@@ -6,7 +6,10 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -15,7 +18,10 @@ pub enum TlsError {
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub struct TlsMaterial {
@@ -30,7 +36,11 @@ fn ca_params() -> CertificateParams {
     dn.push(DnType::CommonName, "skiff-ca");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.not_before = rcgen::date_time_ymd(2024, 1, 1);
     p.not_after = rcgen::date_time_ymd(2124, 1, 1);
     p
@@ -60,7 +70,14 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
     params.distinguished_name = dn;
     params.not_before = rcgen::date_time_ymd(2024, 1, 1);
     params.not_after = rcgen::date_time_ymd(2124, 1, 1);
-    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "kubernetes".into(), "kubernetes.default".into(), "kubernetes.default.svc".into(), "kubernetes.default.svc.cluster.local".into()];
+    let mut names: Vec<String> = vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "kubernetes".into(),
+        "kubernetes.default".into(),
+        "kubernetes.default.svc".into(),
+        "kubernetes.default.svc.cluster.local".into(),
+    ];
     names.extend(sans.iter().cloned());
     names.sort();
     names.dedup();
@@ -74,11 +91,17 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     let server_key = KeyPair::generate()?;
     let cert = params.signed_by(&server_key, &issuer)?;
-    let key_der = rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der()).map_err(|e| rustls::Error::General(e.to_string()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.der().clone()], key_der)?;
+    let key_der = rustls::pki_types::PrivateKeyDer::try_from(server_key.serialize_der())
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key_der)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsMaterial { ca_pem, server: Arc::new(config) })
+    Ok(TlsMaterial {
+        ca_pem,
+        server: Arc::new(config),
+    })
 }

@@ -23,7 +23,12 @@ fn now() -> String {
 impl FakeNode {
     /// Registers node `name` (InternalIP `ip`) and starts serving it. Pods become Ready
     /// `start_delay` after they are bound.
-    pub async fn start(client: Client, name: &str, ip: &str, start_delay: Duration) -> anyhow::Result<FakeNode> {
+    pub async fn start(
+        client: Client,
+        name: &str,
+        ip: &str,
+        start_delay: Duration,
+    ) -> anyhow::Result<FakeNode> {
         let nodes = Resource::lookup("nodes").expect("nodes");
         let node = json!({
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
@@ -43,14 +48,19 @@ impl FakeNode {
         let name_s = name.to_string();
         let ip_s = ip.to_string();
         let task = tokio::spawn(async move {
-            let mut ready_at: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
+            let mut ready_at: std::collections::HashMap<String, tokio::time::Instant> =
+                Default::default();
             let mut last_beat = tokio::time::Instant::now();
             let mut next_ip = 2u32;
             loop {
                 if hb.load(Ordering::SeqCst) && last_beat.elapsed() > Duration::from_millis(500) {
                     last_beat = tokio::time::Instant::now();
                     if let Ok(mut n) = client.get(nodes, None, &name_s).await {
-                        if let Some(c) = n.pointer_mut("/status/conditions").and_then(Value::as_array_mut).and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready")) {
+                        if let Some(c) = n
+                            .pointer_mut("/status/conditions")
+                            .and_then(Value::as_array_mut)
+                            .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready"))
+                        {
                             if c["status"] != "True" {
                                 c["lastTransitionTime"] = json!(now());
                             }
@@ -62,12 +72,24 @@ impl FakeNode {
                     }
                 }
                 if hb.load(Ordering::SeqCst) {
-                    let _ = serve_pods(&client, &name_s, &ip_s, start_delay, &mut ready_at, &mut next_ip).await;
+                    let _ = serve_pods(
+                        &client,
+                        &name_s,
+                        &ip_s,
+                        start_delay,
+                        &mut ready_at,
+                        &mut next_ip,
+                    )
+                    .await;
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
-        Ok(FakeNode { name: name.to_string(), heartbeat, task })
+        Ok(FakeNode {
+            name: name.to_string(),
+            heartbeat,
+            task,
+        })
     }
 
     /// Stops heartbeating and serving pods, as a node that lost power.
@@ -91,7 +113,9 @@ async fn serve_pods(
     next_ip: &mut u32,
 ) -> anyhow::Result<()> {
     let pods = Resource::lookup("pods").expect("pods");
-    let list = client.list(pods, None, None, Some(&format!("spec.nodeName={node}"))).await?;
+    let list = client
+        .list(pods, None, None, Some(&format!("spec.nodeName={node}")))
+        .await?;
     for p in list["items"].as_array().cloned().unwrap_or_default() {
         let ns = meta::namespace(&p).unwrap_or("default").to_string();
         let name = meta::name(&p).to_string();
@@ -102,17 +126,29 @@ async fn serve_pods(
             continue;
         }
         let uid = meta::uid(&p).to_string();
-        let due = *ready_at.entry(uid.clone()).or_insert_with(|| tokio::time::Instant::now() + delay);
+        let due = *ready_at
+            .entry(uid.clone())
+            .or_insert_with(|| tokio::time::Instant::now() + delay);
         let ready = tokio::time::Instant::now() >= due;
-        let is_ready = p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+        let is_ready = p
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            });
         let running = p.pointer("/status/phase") == Some(&json!("Running"));
         if running && is_ready == ready {
             continue;
         }
-        let pod_ip = p.pointer("/status/podIP").and_then(Value::as_str).map(String::from).unwrap_or_else(|| {
-            *next_ip += 1;
-            format!("10.99.{}.{}", (*next_ip >> 8) & 255, *next_ip & 255)
-        });
+        let pod_ip = p
+            .pointer("/status/podIP")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .unwrap_or_else(|| {
+                *next_ip += 1;
+                format!("10.99.{}.{}", (*next_ip >> 8) & 255, *next_ip & 255)
+            });
         let containers: Vec<Value> = p.pointer("/spec/containers").and_then(Value::as_array).cloned().unwrap_or_default().iter().map(|c| json!({
             "name": c["name"], "image": c["image"], "imageID": "", "ready": ready, "started": true, "restartCount": 0,
             "state": {"running": {"startedAt": now()}},

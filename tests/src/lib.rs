@@ -27,8 +27,18 @@ impl TestCluster {
         let mut config = ServerConfig::new(dir.path(), "127.0.0.1:0".parse()?);
         tune(&mut config);
         let server = Server::start(config).await?;
-        let client = Client::new(&format!("https://{}", server.addr), Some(server.token.clone()), "default", Some(&server.ca_pem), false)?;
-        Ok(TestCluster { server, client, dir })
+        let client = Client::new(
+            &format!("https://{}", server.addr),
+            Some(server.token.clone()),
+            "default",
+            Some(&server.ca_pem),
+            false,
+        )?;
+        Ok(TestCluster {
+            server,
+            client,
+            dir,
+        })
     }
 
     pub fn kubeconfig(&self) -> PathBuf {
@@ -51,7 +61,12 @@ where
             Err(e) => last_err = Some(e),
         }
         if tokio::time::Instant::now() >= deadline {
-            anyhow::bail!("timed out after {within:?} waiting for {what}{}", last_err.map(|e| format!(" (last error: {e})")).unwrap_or_default());
+            anyhow::bail!(
+                "timed out after {within:?} waiting for {what}{}",
+                last_err
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -60,8 +75,15 @@ where
 /// The `skiff` binary next to the test executable (`cargo build` puts it there).
 pub fn skiff_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe.parent().and_then(|d| d.parent()).ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
     let bin = dir.join("skiff");
-    anyhow::ensure!(bin.exists(), "{} is missing: run `cargo build -p skiff` first", bin.display());
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p skiff` first",
+        bin.display()
+    );
     Ok(bin)
 }

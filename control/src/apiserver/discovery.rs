@@ -44,10 +44,22 @@ pub fn api_group(group: &str) -> Option<Value> {
     })
 }
 
-const VERBS: &[&str] = &["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"];
+const VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let rs: Vec<_> = RESOURCES.iter().filter(|r| r.group == group && r.version == version).collect();
+    let rs: Vec<_> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
     if rs.is_empty() {
         return None;
     }
@@ -60,7 +72,14 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);
         }
-        if r.kind == "Deployment" || r.kind == "Pod" || r.kind == "Service" || r.kind == "DaemonSet" || r.kind == "StatefulSet" || r.kind == "Job" || r.kind == "CronJob" {
+        if r.kind == "Deployment"
+            || r.kind == "Pod"
+            || r.kind == "Service"
+            || r.kind == "DaemonSet"
+            || r.kind == "StatefulSet"
+            || r.kind == "Job"
+            || r.kind == "CronJob"
+        {
             entry["categories"] = json!(["all"]);
         }
         if r.kind == "ReplicaSet" {
@@ -76,22 +95,38 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                             "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
         }
         if r.kind == "Pod" {
-            for (sub, kind, verbs) in [("log", "Pod", &["get"][..]), ("exec", "PodExecOptions", &["create", "get"][..]),
-                                       ("binding", "Binding", &["create"][..]), ("eviction", "Eviction", &["create"][..])] {
+            for (sub, kind, verbs) in [
+                ("log", "Pod", &["get"][..]),
+                ("exec", "PodExecOptions", &["create", "get"][..]),
+                ("binding", "Binding", &["create"][..]),
+                ("eviction", "Eviction", &["create"][..]),
+            ] {
                 out.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));
             }
         }
     }
-    let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-    Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}))
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": out}),
+    )
 }
 
 /// `/openapi/v3`: the group versions that have a document.
 pub fn openapi_v3_index() -> Value {
     let mut paths = serde_json::Map::new();
-    paths.insert("api/v1".into(), json!({"serverRelativeURL": "/openapi/v3/api/v1"}));
+    paths.insert(
+        "api/v1".into(),
+        json!({"serverRelativeURL": "/openapi/v3/api/v1"}),
+    );
     for g in groups() {
-        paths.insert(format!("apis/{g}/v1"), json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/v1")}));
+        paths.insert(
+            format!("apis/{g}/v1"),
+            json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/v1")}),
+        );
     }
     json!({"paths": paths})
 }
@@ -100,17 +135,32 @@ pub fn openapi_v3_index() -> Value {
 /// with the query parameters skiff honours. kubectl reads it to learn that the server
 /// validates fields itself (`fieldValidation`).
 pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
-    let rs: Vec<_> = RESOURCES.iter().filter(|r| r.group == group && r.version == version).collect();
+    let rs: Vec<_> = RESOURCES
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+        .collect();
     if rs.is_empty() {
         return None;
     }
     let param = |n: &str| json!({"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
-    let write_params = json!([param("dryRun"), param("fieldManager"), param("fieldValidation")]);
+    let write_params = json!([
+        param("dryRun"),
+        param("fieldManager"),
+        param("fieldValidation")
+    ]);
     let mut paths = serde_json::Map::new();
     for r in rs {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let prefix = if group.is_empty() { format!("/api/{version}") } else { format!("/apis/{group}/{version}") };
-        let scope = if r.namespaced { "/namespaces/{namespace}" } else { "" };
+        let prefix = if group.is_empty() {
+            format!("/api/{version}")
+        } else {
+            format!("/apis/{group}/{version}")
+        };
+        let scope = if r.namespaced {
+            "/namespaces/{namespace}"
+        } else {
+            ""
+        };
         let op = |action: &str, params: &Value| {
             json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk,
                    "parameters": params, "responses": {"200": {"description": "OK"}}})
@@ -126,5 +176,7 @@ pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
                    "patch": op("patch", &write_params), "delete": op("delete", &json!([param("gracePeriodSeconds"), param("propagationPolicy")]))}),
         );
     }
-    Some(json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.37.0"}, "paths": paths, "components": {"schemas": {}}}))
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.37.0"}, "paths": paths, "components": {"schemas": {}}}),
+    )
 }

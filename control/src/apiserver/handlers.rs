@@ -81,7 +81,11 @@ async fn read_body(req: Request<Body>) -> Result<Value, ApiError> {
         .to_string();
     let bytes: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
         .await
-        .map_err(|_| ApiError::too_large(format!("the request body is larger than {MAX_BODY_BYTES} bytes")))?;
+        .map_err(|_| {
+            ApiError::too_large(format!(
+                "the request body is larger than {MAX_BODY_BYTES} bytes"
+            ))
+        })?;
     if bytes.is_empty() {
         return Err(ApiError::bad_request("the request body is empty"));
     }
@@ -94,7 +98,9 @@ async fn read_body(req: Request<Body>) -> Result<Value, ApiError> {
     } else if ct.contains("protobuf") {
         skiff_api::protobuf::decode_object(&bytes)
     } else {
-        Err(ApiError::unsupported_media(format!("unsupported media type {ct:?}")))
+        Err(ApiError::unsupported_media(format!(
+            "unsupported media type {ct:?}"
+        )))
     }
 }
 
@@ -116,11 +122,16 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     let segs: Vec<&str> = uri_path.trim_start_matches('/').split('/').collect();
     match segs.as_slice() {
         ["openapi", "v3", "apis", g, v] => {
-            return discovery::openapi_v3(g, v).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
+            return discovery::openapi_v3(g, v)
+                .map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
         }
-        ["apis", g] => return discovery::api_group(g).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok),
+        ["apis", g] => {
+            return discovery::api_group(g)
+                .map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
+        }
         ["apis", g, v] => {
-            return discovery::resource_list(g, v).map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
+            return discovery::resource_list(g, v)
+                .map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
         }
         _ => {}
     }
@@ -131,7 +142,10 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     let headers = req.headers().clone();
     let opts = WriteOptions {
         dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
-        lenient: matches!(q.get("fieldValidation").map(String::as_str), Some("Ignore") | Some("Warn")),
+        lenient: matches!(
+            q.get("fieldValidation").map(String::as_str),
+            Some("Ignore") | Some("Warn")
+        ),
     };
     let reg = state.registry.clone();
     let ns = p.namespace.as_deref();
@@ -142,13 +156,21 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                 return watch(state, &p, &q, wants_table(&headers));
             }
             let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let fields =
+                FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
             let (items, rev) = reg.list(r, ns, &labels, &fields)?;
             if wants_table(&headers) {
-                return ok(table::to_table(r.kind, &items, &rev.to_string(), now_unix()));
+                return ok(table::to_table(
+                    r.kind,
+                    &items,
+                    &rev.to_string(),
+                    now_unix(),
+                ));
             }
-            ok(json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
-                      "metadata": {"resourceVersion": rev.to_string()}, "items": items}))
+            ok(
+                json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                      "metadata": {"resourceVersion": rev.to_string()}, "items": items}),
+            )
         }
         (None, None, Method::POST) => {
             let body = read_body(req).await?;
@@ -158,7 +180,8 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         (None, None, Method::DELETE) => {
             // deletecollection
             let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let fields =
+                FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
             let (items, rev) = reg.list(r, ns, &labels, &fields)?;
             let dopts = delete_options(&q, None);
             let mut out = Vec::new();
@@ -169,13 +192,19 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                     Err(e) => return Err(e),
                 }
             }
-            ok(json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
-                      "metadata": {"resourceVersion": rev.to_string()}, "items": out}))
+            ok(
+                json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                      "metadata": {"resourceVersion": rev.to_string()}, "items": out}),
+            )
         }
         (Some(name), None, Method::GET) => {
             let obj = reg.get(r, ns, name)?;
             if wants_table(&headers) {
-                let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
+                let rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string();
                 return ok(table::to_table(r.kind, &[obj], &rv, now_unix()));
             }
             ok(obj)
@@ -187,7 +216,10 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         }
         (Some(name), sub, Method::PATCH) => {
             let sub = subresource(r, sub)?;
-            let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let ct = headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             let kind = PatchKind::from_content_type(ct).ok_or_else(|| {
                 ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"))
             })?;
@@ -196,7 +228,11 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         }
         (Some(name), None, Method::DELETE) => {
             let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
-                Ok(b) if !b.is_empty() => Some(serde_json::from_slice::<Value>(&b).map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))?),
+                Ok(b) if !b.is_empty() => {
+                    Some(serde_json::from_slice::<Value>(&b).map_err(|e| {
+                        ApiError::bad_request(format!("error decoding DeleteOptions: {e}"))
+                    })?)
+                }
                 _ => None,
             };
             let dopts = delete_options(&q, body.as_ref());
@@ -205,31 +241,58 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             if meta::is_deleting(&after) && reg.try_get(r, ns, name)?.is_some() {
                 return Ok(json_response(StatusCode::OK, &after));
             }
-            ok(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
-                      "details": {"name": name, "group": r.group, "kind": r.plural, "uid": meta::uid(&after)}}))
+            ok(
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                      "details": {"name": name, "group": r.group, "kind": r.plural, "uid": meta::uid(&after)}}),
+            )
         }
         (Some(name), Some("status"), Method::GET) => ok(reg.get(r, ns, name)?),
         (Some(name), Some("scale"), Method::GET) => ok(reg.get_scale(r, ns, name)?),
         (Some(name), Some("binding"), Method::POST) if r.kind == "Pod" => {
             let body = read_body(req).await?;
-            let node = body.pointer("/target/name").and_then(Value::as_str).ok_or_else(|| {
-                ApiError::invalid("Binding", name, vec![skiff_api::Cause::required("target.name")])
-            })?;
+            let node = body
+                .pointer("/target/name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "Binding",
+                        name,
+                        vec![skiff_api::Cause::required("target.name")],
+                    )
+                })?;
             let pod = reg.get(r, ns, name)?;
-            if pod.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
-                return Err(ApiError::conflict("pods", name, "pod is already assigned to a node"));
+            if pod
+                .pointer("/spec/nodeName")
+                .and_then(Value::as_str)
+                .is_some_and(|n| !n.is_empty())
+            {
+                return Err(ApiError::conflict(
+                    "pods",
+                    name,
+                    "pod is already assigned to a node",
+                ));
             }
             reg.bind_all(vec![(pod, node.to_string())])?;
-            Ok(json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})))
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
+            ))
         }
         (Some(name), Some("eviction"), Method::POST) if r.kind == "Pod" => {
             reg.delete(r, ns, name, &DeleteOptions::default())?;
-            Ok(json_response(StatusCode::CREATED, &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}})))
+            Ok(json_response(
+                StatusCode::CREATED,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
+            ))
         }
-        (Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward")), _) if r.kind == "Pod" => {
+        (Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward")), _)
+            if r.kind == "Pod" =>
+        {
             super::nodeproxy::forward(&state, ns.unwrap_or("default"), name, sub, req).await
         }
-        _ => Err(ApiError::method_not_allowed(&format!("{method} {uri_path}"))),
+        _ => Err(ApiError::method_not_allowed(&format!(
+            "{method} {uri_path}"
+        ))),
     }
 }
 
@@ -238,12 +301,18 @@ async fn read_body_as(req: Request<Body>, kind: PatchKind) -> Result<Value, ApiE
         let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
             .await
             .map_err(|_| ApiError::too_large("the request body is too large"))?;
-        return serde_yaml::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")));
+        return serde_yaml::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")));
     }
     let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
         .await
-        .map_err(|_| ApiError::too_large(format!("the request body is larger than {MAX_BODY_BYTES} bytes")))?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))
+        .map_err(|_| {
+            ApiError::too_large(format!(
+                "the request body is larger than {MAX_BODY_BYTES} bytes"
+            ))
+        })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))
 }
 
 fn subresource(r: &Resource, sub: Option<&str>) -> Result<Sub, ApiError> {
@@ -266,12 +335,20 @@ fn delete_options(q: &Query, body: Option<&Value>) -> DeleteOptions {
             .get("propagationPolicy")
             .cloned()
             .or_else(|| from_body("propagationPolicy").and_then(|v| v.as_str().map(String::from)))
-            .or_else(|| match from_body("orphanDependents").and_then(|v| v.as_bool()) {
-                Some(true) => Some("Orphan".into()),
-                _ => None,
-            }),
-        precondition_uid: body.and_then(|b| b.pointer("/preconditions/uid")).and_then(Value::as_str).map(String::from),
-        precondition_rv: body.and_then(|b| b.pointer("/preconditions/resourceVersion")).and_then(Value::as_str).map(String::from),
+            .or_else(
+                || match from_body("orphanDependents").and_then(|v| v.as_bool()) {
+                    Some(true) => Some("Orphan".into()),
+                    _ => None,
+                },
+            ),
+        precondition_uid: body
+            .and_then(|b| b.pointer("/preconditions/uid"))
+            .and_then(Value::as_str)
+            .map(String::from),
+        precondition_rv: body
+            .and_then(|b| b.pointer("/preconditions/resourceVersion"))
+            .and_then(Value::as_str)
+            .map(String::from),
         dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
     }
 }
@@ -295,12 +372,17 @@ fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Respon
         initial = items;
         rev
     } else {
-        rv.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
+        rv.parse::<u64>()
+            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
     };
     let kind = r.kind;
     let encode = move |ty: &str, obj: Value| -> Bytes {
         let obj = if as_table && ty != "BOOKMARK" && ty != "ERROR" {
-            let rv = obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
+            let rv = obj
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
             table::to_table(kind, &[obj], &rv, chrono::Utc::now().timestamp())
         } else {
             obj
@@ -337,7 +419,13 @@ fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Respon
 
 fn stream_response(body: Body) -> Response {
     let mut r = Response::new(body);
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, private"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, private"),
+    );
     r
 }

@@ -46,13 +46,19 @@ pub(crate) fn error_response(e: &ApiError) -> Response {
 pub(crate) fn json_response(code: StatusCode, v: &serde_json::Value) -> Response {
     let body = serde_json::to_vec(v).unwrap_or_default();
     let mut r = (code, body).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
 async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> Response {
     let path = req.uri().path().to_string();
-    let public = matches!(path.as_str(), "/healthz" | "/livez" | "/readyz" | "/version");
+    let public = matches!(
+        path.as_str(),
+        "/healthz" | "/livez" | "/readyz" | "/version"
+    );
     if !public {
         let ok = req
             .headers()
@@ -104,7 +110,9 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let app = app.clone();
         conns.spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else { return };
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 app.clone().oneshot(req.map(Body::new))
             });

@@ -11,7 +11,13 @@ use skiff_api::{ApiError, Resource};
 
 use super::Shared;
 
-pub async fn forward(state: &Shared, ns: &str, pod: &str, sub: &str, req: Request<Body>) -> Result<Response, ApiError> {
+pub async fn forward(
+    state: &Shared,
+    ns: &str,
+    pod: &str,
+    sub: &str,
+    req: Request<Body>,
+) -> Result<Response, ApiError> {
     let pods = Resource::lookup("pods").expect("pods");
     let nodes = Resource::lookup("nodes").expect("nodes");
     let p = state.registry.get(pods, Some(ns), pod)?;
@@ -19,9 +25,14 @@ pub async fn forward(state: &Shared, ns: &str, pod: &str, sub: &str, req: Reques
         .pointer("/spec/nodeName")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| ApiError::bad_request(format!("pod {pod} is not scheduled to a node yet")))?;
+        .ok_or_else(|| {
+            ApiError::bad_request(format!("pod {pod} is not scheduled to a node yet"))
+        })?;
     let node = state.registry.get(nodes, None, node_name)?;
-    let port = node.pointer("/status/daemonEndpoints/kubeletEndpoint/Port").and_then(Value::as_i64).unwrap_or(0);
+    let port = node
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
     let ip = node
         .pointer("/status/addresses")
         .and_then(Value::as_array)
@@ -29,9 +40,15 @@ pub async fn forward(state: &Shared, ns: &str, pod: &str, sub: &str, req: Reques
         .and_then(|x| x["address"].as_str())
         .unwrap_or("");
     if port == 0 || ip.is_empty() {
-        return Err(ApiError::bad_request(format!("node {node_name} has no agent endpoint to serve {sub}")));
+        return Err(ApiError::bad_request(format!(
+            "node {node_name} has no agent endpoint to serve {sub}"
+        )));
     }
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     let url = format!("http://{ip}:{port}/pods/{ns}/{pod}/{sub}{query}");
     crate::httpfwd::forward(&url, req).await
 }

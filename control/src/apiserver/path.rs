@@ -28,29 +28,61 @@ pub fn parse(path: &str) -> Result<Option<ApiPath>, ApiError> {
     };
     let owned = |s: &str| Some(s.to_string());
     let p = match rest {
-        ["namespaces", ns, plural, tail @ ..] if Resource::by_path(group, version, plural).is_some_and(|r| r.namespaced) => {
+        ["namespaces", ns, plural, tail @ ..]
+            if Resource::by_path(group, version, plural).is_some_and(|r| r.namespaced) =>
+        {
             let resource = find(plural)?;
             match tail {
-                [] => ApiPath { resource, namespace: owned(ns), name: None, sub: None },
-                [name] => ApiPath { resource, namespace: owned(ns), name: owned(name), sub: None },
-                [name, sub] => ApiPath { resource, namespace: owned(ns), name: owned(name), sub: owned(sub) },
+                [] => ApiPath {
+                    resource,
+                    namespace: owned(ns),
+                    name: None,
+                    sub: None,
+                },
+                [name] => ApiPath {
+                    resource,
+                    namespace: owned(ns),
+                    name: owned(name),
+                    sub: None,
+                },
+                [name, sub] => ApiPath {
+                    resource,
+                    namespace: owned(ns),
+                    name: owned(name),
+                    sub: owned(sub),
+                },
                 _ => return Err(ApiError::not_found_path(path)),
             }
         }
-        [plural] => ApiPath { resource: find(plural)?, namespace: None, name: None, sub: None },
+        [plural] => ApiPath {
+            resource: find(plural)?,
+            namespace: None,
+            name: None,
+            sub: None,
+        },
         [plural, name] => {
             let resource = find(plural)?;
             if resource.namespaced {
                 return Err(ApiError::not_found_path(path));
             }
-            ApiPath { resource, namespace: None, name: owned(name), sub: None }
+            ApiPath {
+                resource,
+                namespace: None,
+                name: owned(name),
+                sub: None,
+            }
         }
         [plural, name, sub] => {
             let resource = find(plural)?;
             if resource.namespaced {
                 return Err(ApiError::not_found_path(path));
             }
-            ApiPath { resource, namespace: None, name: owned(name), sub: owned(sub) }
+            ApiPath {
+                resource,
+                namespace: None,
+                name: owned(name),
+                sub: owned(sub),
+            }
         }
         _ => return Err(ApiError::not_found_path(path)),
     };
@@ -63,14 +95,32 @@ mod tests {
 
     #[test]
     fn parses_resource_paths() {
-        let p = parse("/api/v1/namespaces/default/pods/web-1/log").unwrap().unwrap();
-        assert_eq!((p.resource.plural, p.namespace.as_deref(), p.name.as_deref(), p.sub.as_deref()), ("pods", Some("default"), Some("web-1"), Some("log")));
-        let p = parse("/apis/apps/v1/namespaces/x/deployments").unwrap().unwrap();
+        let p = parse("/api/v1/namespaces/default/pods/web-1/log")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (
+                p.resource.plural,
+                p.namespace.as_deref(),
+                p.name.as_deref(),
+                p.sub.as_deref()
+            ),
+            ("pods", Some("default"), Some("web-1"), Some("log"))
+        );
+        let p = parse("/apis/apps/v1/namespaces/x/deployments")
+            .unwrap()
+            .unwrap();
         assert_eq!(p.resource.kind, "Deployment");
         let p = parse("/api/v1/namespaces/kube-system").unwrap().unwrap();
-        assert_eq!((p.resource.plural, p.name.as_deref()), ("namespaces", Some("kube-system")));
+        assert_eq!(
+            (p.resource.plural, p.name.as_deref()),
+            ("namespaces", Some("kube-system"))
+        );
         let p = parse("/api/v1/namespaces/x/status").unwrap().unwrap();
-        assert_eq!((p.resource.plural, p.sub.as_deref()), ("namespaces", Some("status")));
+        assert_eq!(
+            (p.resource.plural, p.sub.as_deref()),
+            ("namespaces", Some("status"))
+        );
         let p = parse("/apis/apps/v1/deployments").unwrap().unwrap();
         assert!(p.namespace.is_none());
         assert_eq!(parse("/api/v1/widgets").unwrap_err().code, 404);

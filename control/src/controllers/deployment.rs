@@ -22,7 +22,12 @@ pub struct DeploymentController {
 
 impl DeploymentController {
     pub fn new(reg: Arc<Registry>, deployments: Arc<Cache>, replicasets: Arc<Cache>) -> Self {
-        DeploymentController { reg, deployments, replicasets, expect: Mutex::new(HashMap::new()) }
+        DeploymentController {
+            reg,
+            deployments,
+            replicasets,
+            expect: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -66,7 +71,10 @@ fn normalized(template: &Value) -> Value {
         }
     }
     let mut t = template.clone();
-    if let Some(l) = t.pointer_mut("/metadata/labels").and_then(Value::as_object_mut) {
+    if let Some(l) = t
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
         l.remove(POD_TEMPLATE_HASH);
     }
     drop_zero(&mut t);
@@ -74,23 +82,32 @@ fn normalized(template: &Value) -> Value {
 }
 
 fn revision(rs: &Value) -> i64 {
-    rs.pointer(&format!("/metadata/annotations/{}", REVISION_ANNOTATION.replace('/', "~1")))
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    rs.pointer(&format!(
+        "/metadata/annotations/{}",
+        REVISION_ANNOTATION.replace('/', "~1")
+    ))
+    .and_then(Value::as_str)
+    .and_then(|s| s.parse().ok())
+    .unwrap_or(0)
 }
 
 fn spec_replicas(o: &Value) -> i64 {
-    o.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)
+    o.pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
 }
 
 fn status_i(o: &Value, f: &str) -> i64 {
-    o.pointer(&format!("/status/{f}")).and_then(Value::as_i64).unwrap_or(0)
+    o.pointer(&format!("/status/{f}"))
+        .and_then(Value::as_i64)
+        .unwrap_or(0)
 }
 
 /// Resolves int-or-percent against `total`, rounding percentages up or down.
 fn resolve(v: Option<&Value>, total: i64, round_up: bool, default: &str) -> i64 {
-    let v: IntOrString = v.and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or(IntOrString::String(default.into()));
+    let v: IntOrString = v
+        .and_then(|v| serde_json::from_value(v.clone()).ok())
+        .unwrap_or(IntOrString::String(default.into()));
     match v {
         IntOrString::Int(i) => i as i64,
         IntOrString::String(s) => {
@@ -109,7 +126,12 @@ pub fn surge_and_unavailable(d: &Value) -> (i64, i64) {
     let replicas = spec_replicas(d);
     let ru = d.pointer("/spec/strategy/rollingUpdate");
     let surge = resolve(ru.and_then(|r| r.get("maxSurge")), replicas, true, "25%");
-    let mut unavailable = resolve(ru.and_then(|r| r.get("maxUnavailable")), replicas, false, "25%");
+    let mut unavailable = resolve(
+        ru.and_then(|r| r.get("maxUnavailable")),
+        replicas,
+        false,
+        "25%",
+    );
     if surge == 0 && unavailable == 0 {
         unavailable = 1;
     }
@@ -124,16 +146,41 @@ impl DeploymentController {
         let rsr = Resource::lookup("replicasets").expect("rs");
         let mut next = rs.clone();
         next["spec"]["replicas"] = json!(replicas);
-        let ann = next["metadata"]["annotations"].as_object_mut().map(|_| ()).is_some();
+        let ann = next["metadata"]["annotations"]
+            .as_object_mut()
+            .map(|_| ())
+            .is_some();
         if !ann {
             next["metadata"]["annotations"] = json!({});
         }
-        next["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] = json!(spec_replicas(d).to_string());
-        let out = self.reg.update(rsr, meta::namespace(rs), meta::name(rs), next, Sub::Main, &WriteOptions::default())?;
+        next["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] =
+            json!(spec_replicas(d).to_string());
+        let out = self.reg.update(
+            rsr,
+            meta::namespace(rs),
+            meta::name(rs),
+            next,
+            Sub::Main,
+            &WriteOptions::default(),
+        )?;
         *last = (*last).max(meta::resource_version(&out).unwrap_or(0));
-        let verb = if replicas > spec_replicas(rs) { "up" } else { "down" };
-        super::events::record(&self.reg, d, "Normal", "ScalingReplicaSet",
-            &format!("Scaled {verb} replica set {} from {} to {replicas}", meta::name(rs), spec_replicas(rs)), "deployment-controller");
+        let verb = if replicas > spec_replicas(rs) {
+            "up"
+        } else {
+            "down"
+        };
+        super::events::record(
+            &self.reg,
+            d,
+            "Normal",
+            "ScalingReplicaSet",
+            &format!(
+                "Scaled {verb} replica set {} from {} to {replicas}",
+                meta::name(rs),
+                spec_replicas(rs)
+            ),
+            "deployment-controller",
+        );
         Ok(())
     }
 }
@@ -162,7 +209,9 @@ impl Reconciler for DeploymentController {
             .replicasets
             .list(ns)
             .into_iter()
-            .filter(|rs| meta::controller_uid(rs).as_deref() == Some(uid.as_str()) && !meta::is_deleting(rs))
+            .filter(|rs| {
+                meta::controller_uid(rs).as_deref() == Some(uid.as_str()) && !meta::is_deleting(rs)
+            })
             .map(|rs| (*rs).clone())
             .collect();
         owned.sort_by_key(revision);
@@ -176,7 +225,9 @@ impl Reconciler for DeploymentController {
         let opts = WriteOptions::default();
 
         let want = normalized(&template);
-        let new_idx = owned.iter().position(|rs| normalized(rs.pointer("/spec/template").unwrap_or(&Value::Null)) == want);
+        let new_idx = owned.iter().position(|rs| {
+            normalized(rs.pointer("/spec/template").unwrap_or(&Value::Null)) == want
+        });
         let mut new_rs = new_idx.map(|i| owned.remove(i));
         let old: Vec<Value> = owned;
 
@@ -184,12 +235,19 @@ impl Reconciler for DeploymentController {
             let total: i64 = old.iter().map(spec_replicas).sum();
             let old_pods: i64 = old.iter().map(|r| status_i(r, "replicas")).sum();
             let initial = if recreate {
-                if old_pods == 0 && total == 0 { replicas } else { 0 }
+                if old_pods == 0 && total == 0 {
+                    replicas
+                } else {
+                    0
+                }
             } else {
                 let (surge, _) = surge_and_unavailable(&d);
                 (replicas + surge - total).clamp(0, replicas)
             };
-            let mut labels = template.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+            let mut labels = template
+                .pointer("/metadata/labels")
+                .cloned()
+                .unwrap_or(json!({}));
             labels[POD_TEMPLATE_HASH] = json!(hash);
             let mut rs_template = template.clone();
             rs_template["metadata"]["labels"] = labels.clone();
@@ -224,15 +282,27 @@ impl Reconciler for DeploymentController {
                 Err(e) => return Err(e),
             };
             last = last.max(meta::resource_version(&created).unwrap_or(0));
-            super::events::record(&self.reg, &d, "Normal", "ScalingReplicaSet",
-                &format!("Scaled up replica set {} from 0 to {initial}", meta::name(&created)), "deployment-controller");
+            super::events::record(
+                &self.reg,
+                &d,
+                "Normal",
+                "ScalingReplicaSet",
+                &format!(
+                    "Scaled up replica set {} from 0 to {initial}",
+                    meta::name(&created)
+                ),
+                "deployment-controller",
+            );
             new_rs = Some(created);
         } else if let Some(rs) = &new_rs {
             // Rolling back to an older template makes it the newest revision again.
             if revision(rs) < max_rev && !paused {
                 let mut next = rs.clone();
-                next["metadata"]["annotations"][REVISION_ANNOTATION] = json!((max_rev + 1).to_string());
-                let out = self.reg.update(rsr, ns, meta::name(rs), next, Sub::Main, &opts)?;
+                next["metadata"]["annotations"][REVISION_ANNOTATION] =
+                    json!((max_rev + 1).to_string());
+                let out = self
+                    .reg
+                    .update(rsr, ns, meta::name(rs), next, Sub::Main, &opts)?;
                 last = last.max(meta::resource_version(&out).unwrap_or(0));
                 new_rs = Some(out);
             }
@@ -272,7 +342,9 @@ impl Reconciler for DeploymentController {
                         if budget <= 0 {
                             break;
                         }
-                        let unhealthy = (spec_replicas(rs) - status_i(rs, "availableReplicas")).max(0).min(budget);
+                        let unhealthy = (spec_replicas(rs) - status_i(rs, "availableReplicas"))
+                            .max(0)
+                            .min(budget);
                         if unhealthy > 0 {
                             let to = spec_replicas(rs) - unhealthy;
                             self.scale(rs, to, &d, &mut last)?;
@@ -281,7 +353,10 @@ impl Reconciler for DeploymentController {
                         }
                     }
                     // Then available ones, keeping minAvailable.
-                    let available: i64 = olds.iter().map(|r| status_i(r, "availableReplicas").min(spec_replicas(r))).sum::<i64>()
+                    let available: i64 = olds
+                        .iter()
+                        .map(|r| status_i(r, "availableReplicas").min(spec_replicas(r)))
+                        .sum::<i64>()
                         + status_i(nrs, "availableReplicas");
                     let mut down = (available - min_available).min(budget.max(0));
                     for rs in olds.iter() {
@@ -297,11 +372,21 @@ impl Reconciler for DeploymentController {
                 }
             }
             // History: delete old, empty ReplicaSets beyond revisionHistoryLimit.
-            let limit = d.pointer("/spec/revisionHistoryLimit").and_then(Value::as_i64).unwrap_or(10).max(0) as usize;
-            let empty: Vec<&Value> = old.iter().filter(|r| spec_replicas(r) == 0 && status_i(r, "replicas") == 0).collect();
+            let limit = d
+                .pointer("/spec/revisionHistoryLimit")
+                .and_then(Value::as_i64)
+                .unwrap_or(10)
+                .max(0) as usize;
+            let empty: Vec<&Value> = old
+                .iter()
+                .filter(|r| spec_replicas(r) == 0 && status_i(r, "replicas") == 0)
+                .collect();
             if empty.len() > limit {
                 for rs in empty.iter().take(empty.len() - limit) {
-                    match self.reg.delete(rsr, ns, meta::name(rs), &Default::default()) {
+                    match self
+                        .reg
+                        .delete(rsr, ns, meta::name(rs), &Default::default())
+                    {
                         Ok(o) => last = last.max(meta::resource_version(&o).unwrap_or(0)),
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
@@ -310,14 +395,22 @@ impl Reconciler for DeploymentController {
             }
         }
         if last > 0 {
-            self.expect.lock().expect("expect").insert(key.to_string(), last);
+            self.expect
+                .lock()
+                .expect("expect")
+                .insert(key.to_string(), last);
         }
         self.update_status(&d, new_rs.as_ref(), &old)
     }
 }
 
 impl DeploymentController {
-    fn update_status(&self, d: &Value, new_rs: Option<&Value>, old: &[Value]) -> Result<Action, ApiError> {
+    fn update_status(
+        &self,
+        d: &Value,
+        new_rs: Option<&Value>,
+        old: &[Value],
+    ) -> Result<Action, ApiError> {
         let all: Vec<&Value> = new_rs.into_iter().chain(old.iter()).collect();
         let replicas = spec_replicas(d);
         let sum = |f: &str| all.iter().map(|r| status_i(r, f)).sum::<i64>();
@@ -327,46 +420,95 @@ impl DeploymentController {
         let updated = new_rs.map(|r| status_i(r, "replicas")).unwrap_or(0);
         let (_, max_unavailable) = surge_and_unavailable(d);
         let recreate = d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate");
-        let min_available = if recreate { replicas } else { replicas - max_unavailable };
-        let complete = updated == replicas && total == replicas && available == replicas
+        let min_available = if recreate {
+            replicas
+        } else {
+            replicas - max_unavailable
+        };
+        let complete = updated == replicas
+            && total == replicas
+            && available == replicas
             && new_rs.is_some_and(|r| spec_replicas(r) == replicas);
-        let mut status = d.get("status").cloned().filter(Value::is_object).unwrap_or(json!({}));
+        let mut status = d
+            .get("status")
+            .cloned()
+            .filter(Value::is_object)
+            .unwrap_or(json!({}));
         let before = status.clone();
-        status["observedGeneration"] = d.pointer("/metadata/generation").cloned().unwrap_or(json!(1));
+        status["observedGeneration"] = d
+            .pointer("/metadata/generation")
+            .cloned()
+            .unwrap_or(json!(1));
         status["replicas"] = json!(total);
         status["updatedReplicas"] = json!(updated);
         status["readyReplicas"] = json!(ready);
         status["availableReplicas"] = json!(available);
         status["unavailableReplicas"] = json!((replicas - available).max(0));
         let (a_status, a_reason, a_msg) = if available >= min_available {
-            ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.".to_string())
+            (
+                "True",
+                "MinimumReplicasAvailable",
+                "Deployment has minimum availability.".to_string(),
+            )
         } else {
-            ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.".to_string())
+            (
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.".to_string(),
+            )
         };
         let rs_name = new_rs.map(meta::name).unwrap_or("");
-        let progress_changed = ["replicas", "updatedReplicas", "availableReplicas", "readyReplicas"]
-            .iter()
-            .any(|k| before.get(*k) != status.get(*k))
+        let progress_changed = [
+            "replicas",
+            "updatedReplicas",
+            "availableReplicas",
+            "readyReplicas",
+        ]
+        .iter()
+        .any(|k| before.get(*k) != status.get(*k))
             || before.get("observedGeneration") != status.get("observedGeneration");
-        let deadline = d.pointer("/spec/progressDeadlineSeconds").and_then(Value::as_i64).unwrap_or(600);
+        let deadline = d
+            .pointer("/spec/progressDeadlineSeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(600);
         let prev_progress = find_cond(&before, "Progressing");
         let last_update = prev_progress
             .and_then(|c| c["lastUpdateTime"].as_str())
             .and_then(skiff_api::table::parse_rfc3339)
             .unwrap_or(now_unix());
         let (p_status, p_reason, p_msg) = if complete {
-            ("True", "NewReplicaSetAvailable", format!("ReplicaSet \"{rs_name}\" has successfully progressed."))
+            (
+                "True",
+                "NewReplicaSetAvailable",
+                format!("ReplicaSet \"{rs_name}\" has successfully progressed."),
+            )
         } else if !progress_changed && now_unix() - last_update > deadline {
-            ("False", "ProgressDeadlineExceeded", format!("ReplicaSet \"{rs_name}\" has timed out progressing."))
+            (
+                "False",
+                "ProgressDeadlineExceeded",
+                format!("ReplicaSet \"{rs_name}\" has timed out progressing."),
+            )
         } else {
-            ("True", "ReplicaSetUpdated", format!("ReplicaSet \"{rs_name}\" is progressing."))
+            (
+                "True",
+                "ReplicaSetUpdated",
+                format!("ReplicaSet \"{rs_name}\" is progressing."),
+            )
         };
         set_deploy_condition(&mut status, "Available", a_status, a_reason, &a_msg, true);
-        set_deploy_condition(&mut status, "Progressing", p_status, p_reason, &p_msg, progress_changed || prev_progress.is_none_or(|c| c["reason"] != p_reason));
+        set_deploy_condition(
+            &mut status,
+            "Progressing",
+            p_status,
+            p_reason,
+            &p_msg,
+            progress_changed || prev_progress.is_none_or(|c| c["reason"] != p_reason),
+        );
         let mut requeue = Action::AwaitChange;
         if !complete && p_reason != "ProgressDeadlineExceeded" {
             // Look again when the deadline would pass.
-            requeue = Action::RequeueAfter(std::time::Duration::from_secs(deadline.max(1) as u64 + 1));
+            requeue =
+                Action::RequeueAfter(std::time::Duration::from_secs(deadline.max(1) as u64 + 1));
         }
         // Revision annotation follows the newest ReplicaSet.
         let mut next = d.clone();
@@ -380,7 +522,14 @@ impl DeploymentController {
                 }
                 next["metadata"]["annotations"][REVISION_ANNOTATION] = json!(rev);
                 let dr = Resource::lookup("deployments").expect("deploy");
-                let out = self.reg.update(dr, meta::namespace(d), meta::name(d), next.clone(), Sub::Main, &WriteOptions::default())?;
+                let out = self.reg.update(
+                    dr,
+                    meta::namespace(d),
+                    meta::name(d),
+                    next.clone(),
+                    Sub::Main,
+                    &WriteOptions::default(),
+                )?;
                 next = out;
                 changed = true;
             }
@@ -388,17 +537,34 @@ impl DeploymentController {
         if changed {
             next["status"] = status;
             let dr = Resource::lookup("deployments").expect("deploy");
-            self.reg.update(dr, meta::namespace(d), meta::name(d), next, Sub::Status, &WriteOptions::default())?;
+            self.reg.update(
+                dr,
+                meta::namespace(d),
+                meta::name(d),
+                next,
+                Sub::Status,
+                &WriteOptions::default(),
+            )?;
         }
         Ok(requeue)
     }
 }
 
 fn find_cond<'a>(status: &'a Value, ty: &str) -> Option<&'a Value> {
-    status.get("conditions").and_then(Value::as_array).and_then(|cs| cs.iter().find(|c| c["type"] == ty))
+    status
+        .get("conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == ty))
 }
 
-fn set_deploy_condition(status: &mut Value, ty: &str, st: &str, reason: &str, msg: &str, touch: bool) {
+fn set_deploy_condition(
+    status: &mut Value,
+    ty: &str,
+    st: &str,
+    reason: &str,
+    msg: &str,
+    touch: bool,
+) {
     let ts = now();
     if !status["conditions"].is_array() {
         status["conditions"] = json!([]);
@@ -416,8 +582,10 @@ fn set_deploy_condition(status: &mut Value, ty: &str, st: &str, reason: &str, ms
             c["reason"] = json!(reason);
             c["message"] = json!(msg);
         }
-        None => list.push(json!({"type": ty, "status": st, "reason": reason, "message": msg,
-                                 "lastUpdateTime": ts, "lastTransitionTime": ts})),
+        None => list.push(
+            json!({"type": ty, "status": st, "reason": reason, "message": msg,
+                                 "lastUpdateTime": ts, "lastTransitionTime": ts}),
+        ),
     }
 }
 

@@ -33,7 +33,12 @@ fn target_port(svc_port: &Value, pod: &Value) -> Option<i64> {
             pod.pointer("/spec/containers")
                 .and_then(Value::as_array)?
                 .iter()
-                .flat_map(|c| c.get("ports").and_then(Value::as_array).cloned().unwrap_or_default())
+                .flat_map(|c| {
+                    c.get("ports")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+                })
                 .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))
                 .and_then(|p| p.get("containerPort").and_then(Value::as_i64))
         }
@@ -43,11 +48,18 @@ fn target_port(svc_port: &Value, pod: &Value) -> Option<i64> {
 
 /// Subsets for a service over its pods, grouped by resolved port set.
 pub fn subsets(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<String>) {
-    let ports = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
+    let ports = svc
+        .pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let mut groups: BTreeMap<String, (Value, Vec<Value>, Vec<Value>)> = BTreeMap::new();
     let mut unresolved = Vec::new();
     for p in pods {
-        let ip = p.pointer("/status/podIP").and_then(Value::as_str).unwrap_or("");
+        let ip = p
+            .pointer("/status/podIP")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if ip.is_empty() || pods::is_terminal(p) {
             continue;
         }
@@ -56,12 +68,21 @@ pub fn subsets(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<String>) {
             match target_port(sp, p) {
                 Some(port) => {
                     let mut e = json!({"port": port, "protocol": sp.get("protocol").cloned().unwrap_or(json!("TCP"))});
-                    if let Some(n) = sp.get("name").filter(|n| n.as_str().is_some_and(|s| !s.is_empty())) {
+                    if let Some(n) = sp
+                        .get("name")
+                        .filter(|n| n.as_str().is_some_and(|s| !s.is_empty()))
+                    {
                         e["name"] = n.clone();
                     }
                     eps.push(e);
                 }
-                None => unresolved.push(format!("{} (pod {})", sp.get("targetPort").map(|v| v.to_string()).unwrap_or_default(), meta::name(p))),
+                None => unresolved.push(format!(
+                    "{} (pod {})",
+                    sp.get("targetPort")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                    meta::name(p)
+                )),
             }
         }
         if eps.is_empty() {
@@ -73,7 +94,9 @@ pub fn subsets(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<String>) {
             "nodeName": p.pointer("/spec/nodeName"),
             "targetRef": {"kind": "Pod", "name": meta::name(p), "namespace": meta::namespace(p), "uid": meta::uid(p)},
         });
-        let entry = groups.entry(key).or_insert_with(|| (json!(eps), Vec::new(), Vec::new()));
+        let entry = groups
+            .entry(key)
+            .or_insert_with(|| (json!(eps), Vec::new(), Vec::new()));
         if pods::is_ready(p) && !meta::is_deleting(p) {
             entry.1.push(addr);
         } else {
@@ -108,7 +131,7 @@ impl Reconciler for EndpointsController {
         let Some(svc) = self.services.get(key) else {
             // The service is gone: so are its endpoints.
             if let Some(ep) = self.endpoints.get(key) {
-                if meta::labels(&ep).get("endpointslice.kubernetes.io/skip-mirror").is_none() {
+                if !meta::labels(&ep).contains_key("endpointslice.kubernetes.io/skip-mirror") {
                     match self.reg.delete(epr, ns, name, &Default::default()) {
                         Ok(_) => {}
                         Err(e) if e.code == 404 => {}
@@ -119,18 +142,33 @@ impl Reconciler for EndpointsController {
             return Ok(Action::AwaitChange);
         };
         self.load_balancer(&svc)?;
-        let Some(sel_map) = svc.pointer("/spec/selector").filter(|s| s.as_object().is_some_and(|m| !m.is_empty())) else {
+        let Some(sel_map) = svc
+            .pointer("/spec/selector")
+            .filter(|s| s.as_object().is_some_and(|m| !m.is_empty()))
+        else {
             return Ok(Action::AwaitChange);
         };
         let sel = Selector::from_map(&meta::string_map(Some(sel_map)));
         let pods = self.pods.select(ns, &sel);
         let (subsets, unresolved) = subsets(&svc, &pods);
         if !unresolved.is_empty() {
-            super::events::record(&self.reg, &svc, "Warning", "FailedToResolveTargetPort",
-                &format!("no container declares target port {}", unresolved.join(", ")), "endpoint-controller");
+            super::events::record(
+                &self.reg,
+                &svc,
+                "Warning",
+                "FailedToResolveTargetPort",
+                &format!(
+                    "no container declares target port {}",
+                    unresolved.join(", ")
+                ),
+                "endpoint-controller",
+            );
         }
         let mut labels = meta::labels(&svc);
-        labels.insert("endpoints.kubernetes.io/managed-by".into(), "endpoint-controller".into());
+        labels.insert(
+            "endpoints.kubernetes.io/managed-by".into(),
+            "endpoint-controller".into(),
+        );
         match self.endpoints.get(key) {
             Some(ep) if ep.get("subsets").cloned().unwrap_or(json!([])) == subsets => {}
             Some(ep) => {
@@ -171,14 +209,24 @@ impl EndpointsController {
             .collect();
         ips.sort();
         ips.dedup();
-        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip, "ipMode": "VIP"})).collect();
+        let ingress: Vec<Value> = ips
+            .iter()
+            .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
+            .collect();
         let want = json!({"ingress": ingress});
         let want = if ingress.is_empty() { json!({}) } else { want };
         if svc.pointer("/status/loadBalancer") != Some(&want) {
             let mut next = svc.clone();
             next["status"] = json!({"loadBalancer": want});
             let svcr = Resource::lookup("services").expect("svc");
-            self.reg.update(svcr, meta::namespace(svc), meta::name(svc), next, Sub::Status, &WriteOptions::default())?;
+            self.reg.update(
+                svcr,
+                meta::namespace(svc),
+                meta::name(svc),
+                next,
+                Sub::Status,
+                &WriteOptions::default(),
+            )?;
         }
         Ok(())
     }

@@ -42,22 +42,38 @@ impl GarbageCollector {
 
     fn check_dependent(&self, r: &'static Resource, key: &str) -> Result<Action, ApiError> {
         let (ns, name) = split_key(key);
-        let Some(obj) = self.reg.try_get(r, ns, name)? else { return Ok(Action::AwaitChange) };
-        let refs = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default();
+        let Some(obj) = self.reg.try_get(r, ns, name)? else {
+            return Ok(Action::AwaitChange);
+        };
+        let refs = obj
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         if refs.is_empty() {
             return Ok(Action::AwaitChange);
         }
         let mut alive = Vec::new();
         let mut foreground_owner = false;
         for o in &refs {
-            let Some(or) = owner_resource(o["apiVersion"].as_str().unwrap_or(""), o["kind"].as_str().unwrap_or("")) else {
+            let Some(or) = owner_resource(
+                o["apiVersion"].as_str().unwrap_or(""),
+                o["kind"].as_str().unwrap_or(""),
+            ) else {
                 alive.push(o.clone());
                 continue;
             };
             let owner_ns = if or.namespaced { ns } else { None };
-            match self.reg.try_get(or, owner_ns, o["name"].as_str().unwrap_or(""))? {
+            match self
+                .reg
+                .try_get(or, owner_ns, o["name"].as_str().unwrap_or(""))?
+            {
                 Some(owner) if meta::uid(&owner) == o["uid"].as_str().unwrap_or("") => {
-                    if meta::is_deleting(&owner) && meta::finalizers(&owner).iter().any(|f| f == "foregroundDeletion") {
+                    if meta::is_deleting(&owner)
+                        && meta::finalizers(&owner)
+                            .iter()
+                            .any(|f| f == "foregroundDeletion")
+                    {
                         foreground_owner = true;
                     }
                     alive.push(o.clone());
@@ -66,8 +82,20 @@ impl GarbageCollector {
             }
         }
         if alive.is_empty() || (foreground_owner && alive.len() == 1) {
-            let propagation = if foreground_owner { "Foreground" } else { "Background" };
-            match self.reg.delete(r, ns, name, &DeleteOptions { propagation: Some(propagation.into()), ..Default::default() }) {
+            let propagation = if foreground_owner {
+                "Foreground"
+            } else {
+                "Background"
+            };
+            match self.reg.delete(
+                r,
+                ns,
+                name,
+                &DeleteOptions {
+                    propagation: Some(propagation.into()),
+                    ..Default::default()
+                },
+            ) {
                 Ok(_) => {}
                 Err(e) if e.code == 404 => {}
                 Err(e) => return Err(e),
@@ -82,7 +110,9 @@ impl GarbageCollector {
 
     fn finish_owner(&self, r: &'static Resource, key: &str) -> Result<Action, ApiError> {
         let (ns, name) = split_key(key);
-        let Some(obj) = self.reg.try_get(r, ns, name)? else { return Ok(Action::AwaitChange) };
+        let Some(obj) = self.reg.try_get(r, ns, name)? else {
+            return Ok(Action::AwaitChange);
+        };
         if !meta::is_deleting(&obj) {
             return Ok(Action::AwaitChange);
         }
@@ -91,10 +121,23 @@ impl GarbageCollector {
         let deps = self.dependents_of(&uid);
         if finalizers.iter().any(|f| f == "orphan") {
             for (dr, d) in &deps {
-                let refs: Vec<Value> = d.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default()
-                    .into_iter().filter(|o| o["uid"] != uid.as_str()).collect();
-                match self.reg.patch(dr, meta::namespace(d), meta::name(d), PatchKind::Merge,
-                    &json!({"metadata": {"ownerReferences": refs}}), Sub::Main, &WriteOptions::default()) {
+                let refs: Vec<Value> = d
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|o| o["uid"] != uid.as_str())
+                    .collect();
+                match self.reg.patch(
+                    dr,
+                    meta::namespace(d),
+                    meta::name(d),
+                    PatchKind::Merge,
+                    &json!({"metadata": {"ownerReferences": refs}}),
+                    Sub::Main,
+                    &WriteOptions::default(),
+                ) {
                     Ok(_) => {}
                     Err(e) if e.code == 404 => {}
                     Err(e) => return Err(e),
@@ -105,14 +148,23 @@ impl GarbageCollector {
         }
         if finalizers.iter().any(|f| f == "foregroundDeletion") {
             if deps.is_empty() {
-                self.reg.remove_finalizer(r, ns, name, "foregroundDeletion")?;
+                self.reg
+                    .remove_finalizer(r, ns, name, "foregroundDeletion")?;
                 return Ok(Action::AwaitChange);
             }
             for (dr, d) in &deps {
                 if meta::is_deleting(d) {
                     continue;
                 }
-                match self.reg.delete(dr, meta::namespace(d), meta::name(d), &DeleteOptions { propagation: Some("Foreground".into()), ..Default::default() }) {
+                match self.reg.delete(
+                    dr,
+                    meta::namespace(d),
+                    meta::name(d),
+                    &DeleteOptions {
+                        propagation: Some("Foreground".into()),
+                        ..Default::default()
+                    },
+                ) {
                     Ok(_) => {}
                     Err(e) if e.code == 404 => {}
                     Err(e) => return Err(e),
@@ -125,19 +177,29 @@ impl GarbageCollector {
 
     fn finish_namespace(&self, name: &str) -> Result<Action, ApiError> {
         let nsr = Resource::lookup("namespaces").expect("ns");
-        let Some(ns) = self.reg.try_get(nsr, None, name)? else { return Ok(Action::AwaitChange) };
+        let Some(ns) = self.reg.try_get(nsr, None, name)? else {
+            return Ok(Action::AwaitChange);
+        };
         if !meta::is_deleting(&ns) {
             return Ok(Action::AwaitChange);
         }
         let mut left = 0;
         for r in RESOURCES.iter().filter(|r| r.namespaced) {
-            let (items, _) = self.reg.list(r, Some(name), &Selector::everything(), &FieldSelector::default())?;
+            let (items, _) = self.reg.list(
+                r,
+                Some(name),
+                &Selector::everything(),
+                &FieldSelector::default(),
+            )?;
             for o in items {
                 left += 1;
                 if meta::is_deleting(&o) {
                     continue;
                 }
-                match self.reg.delete(r, Some(name), meta::name(&o), &DeleteOptions::default()) {
+                match self
+                    .reg
+                    .delete(r, Some(name), meta::name(&o), &DeleteOptions::default())
+                {
                     Ok(_) => {}
                     Err(e) if e.code == 404 => {}
                     Err(e) => return Err(e),
@@ -160,8 +222,12 @@ impl Reconciler for GarbageCollector {
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         let mut parts = key.splitn(3, ':');
         match (parts.next(), parts.next(), parts.next()) {
-            (Some("dep"), Some(plural), Some(k)) => self.check_dependent(Resource::lookup(plural).expect("known resource"), k),
-            (Some("owner"), Some(plural), Some(k)) => self.finish_owner(Resource::lookup(plural).expect("known resource"), k),
+            (Some("dep"), Some(plural), Some(k)) => {
+                self.check_dependent(Resource::lookup(plural).expect("known resource"), k)
+            }
+            (Some("owner"), Some(plural), Some(k)) => {
+                self.finish_owner(Resource::lookup(plural).expect("known resource"), k)
+            }
             (Some("ns"), Some(name), None) => self.finish_namespace(name),
             _ => Ok(Action::AwaitChange),
         }

@@ -34,7 +34,10 @@ pub struct ControllerConfig {
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        ControllerConfig { node_grace: Duration::from_secs(40), eviction_timeout: Duration::from_secs(300) }
+        ControllerConfig {
+            node_grace: Duration::from_secs(40),
+            eviction_timeout: Duration::from_secs(300),
+        }
     }
 }
 
@@ -50,7 +53,11 @@ fn owner_key(obj: &Value, kind: &str) -> Option<String> {
 }
 
 /// Starts every controller and the scheduler; they stop when `stop` turns true.
-pub fn start(reg: Arc<Registry>, config: ControllerConfig, stop: watch::Receiver<bool>) -> JoinSet<()> {
+pub fn start(
+    reg: Arc<Registry>,
+    config: ControllerConfig,
+    stop: watch::Receiver<bool>,
+) -> JoinSet<()> {
     let pods = cache("pods");
     let nodes = cache("nodes");
     let services = cache("services");
@@ -108,7 +115,9 @@ pub fn start(reg: Arc<Registry>, config: ControllerConfig, stop: watch::Receiver
                 if sel.is_empty() {
                     continue;
                 }
-                let m = |l: &std::collections::BTreeMap<String, String>| sel.iter().all(|(k, v)| l.get(k) == Some(v));
+                let m = |l: &std::collections::BTreeMap<String, String>| {
+                    sel.iter().all(|(k, v)| l.get(k) == Some(v))
+                };
                 if m(&labels) || prev_labels.as_ref().is_some_and(m) {
                     q.add(key_of(&s));
                 }
@@ -144,7 +153,11 @@ pub fn start(reg: Arc<Registry>, config: ControllerConfig, stop: watch::Receiver
                     }
                     return;
                 }
-                if meta::is_deleting(o) && meta::finalizers(o).iter().any(|f| f == "foregroundDeletion" || f == "orphan") {
+                if meta::is_deleting(o)
+                    && meta::finalizers(o)
+                        .iter()
+                        .any(|f| f == "foregroundDeletion" || f == "orphan")
+                {
                     q.add(gc::owner_key(r, o));
                 }
                 if ch.kind == EventType::Added && !meta::owners(o).is_empty() && ch.prev.is_none() {
@@ -175,16 +188,32 @@ pub fn start(reg: Arc<Registry>, config: ControllerConfig, stop: watch::Receiver
         nodes.on_change(move |_| w.notify_one());
     }
 
-    for c in [&pods, &nodes, &services, &endpoints, &deployments, &replicasets, &namespaces] {
+    for c in [
+        &pods,
+        &nodes,
+        &services,
+        &endpoints,
+        &deployments,
+        &replicasets,
+        &namespaces,
+    ] {
         tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
     }
     tasks.spawn(runtime::run(
-        Arc::new(replicaset::ReplicaSetController::new(reg.clone(), replicasets.clone(), pods.clone())),
+        Arc::new(replicaset::ReplicaSetController::new(
+            reg.clone(),
+            replicasets.clone(),
+            pods.clone(),
+        )),
         rs_rx,
         stop.clone(),
     ));
     tasks.spawn(runtime::run(
-        Arc::new(deployment::DeploymentController::new(reg.clone(), deployments.clone(), replicasets.clone())),
+        Arc::new(deployment::DeploymentController::new(
+            reg.clone(),
+            deployments.clone(),
+            replicasets.clone(),
+        )),
         d_rx,
         stop.clone(),
     ));
@@ -200,7 +229,10 @@ pub fn start(reg: Arc<Registry>, config: ControllerConfig, stop: watch::Receiver
         stop.clone(),
     ));
     tasks.spawn(runtime::run(
-        Arc::new(gc::GarbageCollector { reg: reg.clone(), dependents: vec![pods.clone(), replicasets.clone()] }),
+        Arc::new(gc::GarbageCollector {
+            reg: reg.clone(),
+            dependents: vec![pods.clone(), replicasets.clone()],
+        }),
         gc_rx,
         stop.clone(),
     ));
@@ -228,7 +260,13 @@ pub fn start(reg: Arc<Registry>, config: ControllerConfig, stop: watch::Receiver
 }
 
 /// The scheduling loop: every wake-up (and every 5 s), bind what can be bound.
-async fn run_scheduler(reg: Arc<Registry>, pods: Arc<Cache>, nodes: Arc<Cache>, wake: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+async fn run_scheduler(
+    reg: Arc<Registry>,
+    pods: Arc<Cache>,
+    nodes: Arc<Cache>,
+    wake: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut start = 0usize;
     loop {
         tokio::select! {
@@ -251,19 +289,36 @@ async fn run_scheduler(reg: Arc<Registry>, pods: Arc<Cache>, nodes: Arc<Cache>, 
 }
 
 /// One scheduling pass over all pending pods. Returns the revision of the bind, if any.
-pub fn schedule_once(reg: &Registry, pods: &Cache, nodes: &Cache, start: &mut usize) -> Result<Option<u64>, skiff_api::ApiError> {
+pub fn schedule_once(
+    reg: &Registry,
+    pods: &Cache,
+    nodes: &Cache,
+    start: &mut usize,
+) -> Result<Option<u64>, skiff_api::ApiError> {
     let all_pods = pods.list(None);
-    let mut pending: Vec<Arc<Value>> = all_pods.iter().filter(|p| scheduler::is_pending(p)).cloned().collect();
+    let mut pending: Vec<Arc<Value>> = all_pods
+        .iter()
+        .filter(|p| scheduler::is_pending(p))
+        .cloned()
+        .collect();
     if pending.is_empty() {
         return Ok(None);
     }
     pending.sort_by(|a, b| {
-        let t = |p: &Value| p.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or("").to_string();
+        let t = |p: &Value| {
+            p.pointer("/metadata/creationTimestamp")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         t(a).cmp(&t(b)).then(key_of(a).cmp(&key_of(b)))
     });
     let node_list = nodes.list(None);
     let mut infos = scheduler::node_infos(&node_list, &all_pods);
-    let requests: Vec<scheduler::PodRequest> = pending.iter().map(|p| scheduler::PodRequest::from_pod(p)).collect();
+    let requests: Vec<scheduler::PodRequest> = pending
+        .iter()
+        .map(|p| scheduler::PodRequest::from_pod(p))
+        .collect();
     let placed = scheduler::schedule(&mut infos, &requests, start);
     let mut binds = Vec::new();
     for (pod, result) in pending.iter().zip(placed) {

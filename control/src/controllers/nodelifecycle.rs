@@ -40,43 +40,109 @@ impl NodeLifecycle {
         let pods_r = Resource::lookup("pods").expect("pods");
         for node in self.nodes.list(None) {
             let name = meta::name(&node).to_string();
-            let Some(cond) = ready_condition(&node) else { continue };
-            let heartbeat = cond["lastHeartbeatTime"].as_str().and_then(table::parse_rfc3339).unwrap_or(0);
+            let Some(cond) = ready_condition(&node) else {
+                continue;
+            };
+            let heartbeat = cond["lastHeartbeatTime"]
+                .as_str()
+                .and_then(table::parse_rfc3339)
+                .unwrap_or(0);
             let stale = now - heartbeat > self.grace.as_secs() as i64;
             let tainted = has_unreachable_taint(&node);
             if stale && cond["status"] != "Unknown" {
                 let mut next = (*node).clone();
-                set_condition(&mut next, "Ready", "Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status.");
-                if let Some(c) = next.pointer_mut("/status/conditions").and_then(Value::as_array_mut).and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready")) {
+                set_condition(
+                    &mut next,
+                    "Ready",
+                    "Unknown",
+                    "NodeStatusUnknown",
+                    "Kubelet stopped posting node status.",
+                );
+                if let Some(c) = next
+                    .pointer_mut("/status/conditions")
+                    .and_then(Value::as_array_mut)
+                    .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready"))
+                {
                     c["lastHeartbeatTime"] = json!(heartbeat_str(&node));
                     if let Some(m) = c.as_object_mut() {
                         m.remove("lastProbeTime");
                     }
                 }
-                self.reg.update(nodes_r, None, &name, next, Sub::Status, &WriteOptions::default())?;
+                self.reg.update(
+                    nodes_r,
+                    None,
+                    &name,
+                    next,
+                    Sub::Status,
+                    &WriteOptions::default(),
+                )?;
                 tracing::warn!(node = %name, "node stopped heartbeating; marking it NotReady");
-                super::events::record(&self.reg, &node, "Normal", "NodeNotReady", &format!("Node {name} status is now: NodeNotReady"), "node-controller");
+                super::events::record(
+                    &self.reg,
+                    &node,
+                    "Normal",
+                    "NodeNotReady",
+                    &format!("Node {name} status is now: NodeNotReady"),
+                    "node-controller",
+                );
                 for p in self.pods_on(&name) {
                     let mut np = (*p).clone();
-                    set_condition(&mut np, "Ready", "False", "NodeNotReady", "node is not ready");
-                    let _ = self.reg.update(pods_r, meta::namespace(&p), meta::name(&p), np, Sub::Status, &WriteOptions::default());
+                    set_condition(
+                        &mut np,
+                        "Ready",
+                        "False",
+                        "NodeNotReady",
+                        "node is not ready",
+                    );
+                    let _ = self.reg.update(
+                        pods_r,
+                        meta::namespace(&p),
+                        meta::name(&p),
+                        np,
+                        Sub::Status,
+                        &WriteOptions::default(),
+                    );
                 }
                 continue;
             }
             if stale && !tainted {
                 let mut next = (*node).clone();
-                let mut taints = next.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
+                let mut taints = next
+                    .pointer("/spec/taints")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
                 taints.push(json!({"key": UNREACHABLE_TAINT, "effect": "NoExecute", "timeAdded": crate::registry::now()}));
                 next["spec"]["taints"] = json!(taints);
-                self.reg.update(nodes_r, None, &name, next, Sub::Main, &WriteOptions::default())?;
+                self.reg.update(
+                    nodes_r,
+                    None,
+                    &name,
+                    next,
+                    Sub::Main,
+                    &WriteOptions::default(),
+                )?;
                 continue;
             }
             if !stale && tainted && is_ready(&node) {
                 let mut next = (*node).clone();
-                let taints: Vec<Value> = next.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default()
-                    .into_iter().filter(|t| t["key"] != UNREACHABLE_TAINT).collect();
+                let taints: Vec<Value> = next
+                    .pointer("/spec/taints")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|t| t["key"] != UNREACHABLE_TAINT)
+                    .collect();
                 next["spec"]["taints"] = json!(taints);
-                self.reg.update(nodes_r, None, &name, next, Sub::Main, &WriteOptions::default())?;
+                self.reg.update(
+                    nodes_r,
+                    None,
+                    &name,
+                    next,
+                    Sub::Main,
+                    &WriteOptions::default(),
+                )?;
                 continue;
             }
             if stale && now - heartbeat > (self.grace + self.eviction_timeout).as_secs() as i64 {
@@ -85,8 +151,23 @@ impl NodeLifecycle {
                         continue;
                     }
                     tracing::warn!(node = %name, pod = meta::name(&p), "evicting pod from unreachable node");
-                    super::events::record(&self.reg, &p, "Warning", "NodeUnreachable", &format!("Evicting pod: node {name} is unreachable"), "node-controller");
-                    match self.reg.delete(pods_r, meta::namespace(&p), meta::name(&p), &DeleteOptions { grace_period_seconds: Some(0), ..Default::default() }) {
+                    super::events::record(
+                        &self.reg,
+                        &p,
+                        "Warning",
+                        "NodeUnreachable",
+                        &format!("Evicting pod: node {name} is unreachable"),
+                        "node-controller",
+                    );
+                    match self.reg.delete(
+                        pods_r,
+                        meta::namespace(&p),
+                        meta::name(&p),
+                        &DeleteOptions {
+                            grace_period_seconds: Some(0),
+                            ..Default::default()
+                        },
+                    ) {
                         Ok(_) => {}
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
@@ -107,7 +188,10 @@ impl NodeLifecycle {
 }
 
 fn heartbeat_str(node: &Value) -> String {
-    ready_condition(node).and_then(|c| c["lastHeartbeatTime"].as_str()).unwrap_or("").to_string()
+    ready_condition(node)
+        .and_then(|c| c["lastHeartbeatTime"].as_str())
+        .unwrap_or("")
+        .to_string()
 }
 
 fn has_unreachable_taint(node: &Value) -> bool {
@@ -117,10 +201,13 @@ fn has_unreachable_taint(node: &Value) -> bool {
 }
 
 fn tolerates_unreachable_forever(pod: &Value) -> bool {
-    pod.pointer("/spec/tolerations").and_then(Value::as_array).is_some_and(|ts| {
-        ts.iter().any(|t| {
-            (t["key"] == UNREACHABLE_TAINT || (t.get("key").is_none() && t["operator"] == "Exists"))
-                && t.get("tolerationSeconds").is_none_or(Value::is_null)
+    pod.pointer("/spec/tolerations")
+        .and_then(Value::as_array)
+        .is_some_and(|ts| {
+            ts.iter().any(|t| {
+                (t["key"] == UNREACHABLE_TAINT
+                    || (t.get("key").is_none() && t["operator"] == "Exists"))
+                    && t.get("tolerationSeconds").is_none_or(Value::is_null)
+            })
         })
-    })
 }

@@ -7,7 +7,10 @@ use serde_json::{json, Value};
 use skiff_api::{meta, table};
 
 pub fn is_terminal(pod: &Value) -> bool {
-    matches!(pod.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded") | Some("Failed"))
+    matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded") | Some("Failed")
+    )
 }
 
 /// Counted as one of a workload's replicas: not finished and not being deleted.
@@ -51,14 +54,23 @@ fn phase_rank(pod: &Value) -> u8 {
 /// unscheduled before scheduled, pending before running, not ready before ready,
 /// more restarts first, newer before older.
 pub fn deletion_order(a: &Value, b: &Value) -> Ordering {
-    let scheduled = |p: &Value| p.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+    let scheduled = |p: &Value| {
+        p.pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty())
+    };
     let restarts = |p: &Value| -> i64 {
         p.pointer("/status/containerStatuses")
             .and_then(Value::as_array)
             .map(|cs| cs.iter().filter_map(|c| c["restartCount"].as_i64()).sum())
             .unwrap_or(0)
     };
-    let created = |p: &Value| p.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or("").to_string();
+    let created = |p: &Value| {
+        p.pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
     scheduled(a)
         .cmp(&scheduled(b))
         .then(phase_rank(a).cmp(&phase_rank(b)))
@@ -69,7 +81,10 @@ pub fn deletion_order(a: &Value, b: &Value) -> Ordering {
 
 /// A new pod for `owner` (kind `owner_kind`) from its pod template.
 pub fn from_template(owner: &Value, owner_kind: &str, template: &Value) -> Value {
-    let mut labels = template.pointer("/metadata/labels").cloned().unwrap_or(json!({}));
+    let mut labels = template
+        .pointer("/metadata/labels")
+        .cloned()
+        .unwrap_or(json!({}));
     if !labels.is_object() {
         labels = json!({});
     }

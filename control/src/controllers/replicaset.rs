@@ -28,13 +28,19 @@ pub struct ReplicaSetController {
 
 impl ReplicaSetController {
     pub fn new(reg: Arc<Registry>, replicasets: Arc<Cache>, pods: Arc<Cache>) -> Self {
-        ReplicaSetController { reg, replicasets, pods, expect: Mutex::new(HashMap::new()) }
+        ReplicaSetController {
+            reg,
+            replicasets,
+            pods,
+            expect: Mutex::new(HashMap::new()),
+        }
     }
 }
 
 pub(crate) fn selector_of(obj: &Value) -> Result<Selector, ApiError> {
-    let ls: LabelSelector = serde_json::from_value(obj.pointer("/spec/selector").cloned().unwrap_or(json!({})))
-        .map_err(|e| ApiError::internal(format!("bad selector: {e}")))?;
+    let ls: LabelSelector =
+        serde_json::from_value(obj.pointer("/spec/selector").cloned().unwrap_or(json!({})))
+            .map_err(|e| ApiError::internal(format!("bad selector: {e}")))?;
     Selector::from_label_selector(&ls).map_err(ApiError::internal)
 }
 
@@ -69,12 +75,22 @@ impl Reconciler for ReplicaSetController {
         for p in self.pods.list(ns) {
             let controller = meta::controller_uid(&p);
             let matches = sel.matches(&meta::labels(&p));
-            match (controller.as_deref() == Some(uid.as_str()), controller.is_some(), matches) {
+            match (
+                controller.as_deref() == Some(uid.as_str()),
+                controller.is_some(),
+                matches,
+            ) {
                 (true, _, true) => owned.push(p),
                 (true, _, false) => {
                     // Release: the pod no longer matches.
-                    let refs: Vec<Value> = p.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default()
-                        .into_iter().filter(|o| o["uid"] != uid.as_str()).collect();
+                    let refs: Vec<Value> = p
+                        .pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|o| o["uid"] != uid.as_str())
+                        .collect();
                     let out = self.reg.patch(pods_r, ns, meta::name(&p), PatchKind::Merge,
                         &json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.pointer("/metadata/resourceVersion")}}), Sub::Main, &opts);
                     if let Ok(o) = out {
@@ -83,7 +99,11 @@ impl Reconciler for ReplicaSetController {
                 }
                 (false, false, true) if pods::is_active(&p) => {
                     // Adopt a matching orphan.
-                    let mut refs = p.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default();
+                    let mut refs = p
+                        .pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
                     refs.push(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": name, "uid": uid, "controller": true, "blockOwnerDeletion": true}));
                     let out = self.reg.patch(pods_r, ns, meta::name(&p), PatchKind::Merge,
                         &json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.pointer("/metadata/resourceVersion")}}), Sub::Main, &opts);
@@ -95,8 +115,15 @@ impl Reconciler for ReplicaSetController {
                 _ => {}
             }
         }
-        let mut active: Vec<&Value> = owned.iter().map(|p| p.as_ref()).filter(|p| pods::is_active(p)).collect();
-        let replicas = rs.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1) as usize;
+        let mut active: Vec<&Value> = owned
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| pods::is_active(p))
+            .collect();
+        let replicas = rs
+            .pointer("/spec/replicas")
+            .and_then(Value::as_i64)
+            .unwrap_or(1) as usize;
         let mut result = Ok(());
         if active.len() < replicas {
             let template = rs.pointer("/spec/template").cloned().unwrap_or(json!({}));
@@ -105,7 +132,14 @@ impl Reconciler for ReplicaSetController {
                 match self.reg.create(pods_r, ns, pod, &opts) {
                     Ok(p) => last_rev = last_rev.max(meta::resource_version(&p).unwrap_or(0)),
                     Err(e) => {
-                        super::events::record(&self.reg, &rs, "Warning", "FailedCreate", &format!("Error creating: {}", e.message), "replicaset-controller");
+                        super::events::record(
+                            &self.reg,
+                            &rs,
+                            "Warning",
+                            "FailedCreate",
+                            &format!("Error creating: {}", e.message),
+                            "replicaset-controller",
+                        );
                         result = Err(e);
                         break;
                     }
@@ -114,7 +148,10 @@ impl Reconciler for ReplicaSetController {
         } else if active.len() > replicas {
             active.sort_by(|a, b| pods::deletion_order(a, b));
             for p in active.iter().take((active.len() - replicas).min(BURST)) {
-                match self.reg.delete(pods_r, ns, meta::name(p), &Default::default()) {
+                match self
+                    .reg
+                    .delete(pods_r, ns, meta::name(p), &Default::default())
+                {
                     Ok(o) => last_rev = last_rev.max(meta::resource_version(&o).unwrap_or(0)),
                     Err(e) if e.code == 404 => {}
                     Err(e) => {
@@ -125,20 +162,36 @@ impl Reconciler for ReplicaSetController {
             }
         }
         if last_rev > 0 {
-            self.expect.lock().expect("expect").insert(key.to_string(), last_rev);
+            self.expect
+                .lock()
+                .expect("expect")
+                .insert(key.to_string(), last_rev);
         }
         result?;
         // Status from what is there now.
-        let min_ready = rs.pointer("/spec/minReadySeconds").and_then(Value::as_i64).unwrap_or(0);
+        let min_ready = rs
+            .pointer("/spec/minReadySeconds")
+            .and_then(Value::as_i64)
+            .unwrap_or(0);
         let now = now_unix();
-        let live: Vec<&Value> = owned.iter().map(|p| p.as_ref()).filter(|p| pods::is_active(p)).collect();
+        let live: Vec<&Value> = owned
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| pods::is_active(p))
+            .collect();
         let template_labels = meta::string_map(rs.pointer("/spec/template/metadata/labels"));
-        let fully = live.iter().filter(|p| {
-            let l = meta::labels(p);
-            template_labels.iter().all(|(k, v)| l.get(k) == Some(v))
-        }).count();
+        let fully = live
+            .iter()
+            .filter(|p| {
+                let l = meta::labels(p);
+                template_labels.iter().all(|(k, v)| l.get(k) == Some(v))
+            })
+            .count();
         let ready = live.iter().filter(|p| pods::is_ready(p)).count();
-        let available = live.iter().filter(|p| pods::is_available(p, min_ready, now)).count();
+        let available = live
+            .iter()
+            .filter(|p| pods::is_available(p, min_ready, now))
+            .count();
         let status = json!({
             "replicas": live.len(),
             "fullyLabeledReplicas": fully,
@@ -147,9 +200,17 @@ impl Reconciler for ReplicaSetController {
             "observedGeneration": rs.pointer("/metadata/generation"),
         });
         let cur = rs.get("status").cloned().unwrap_or(json!({}));
-        let same = ["replicas", "fullyLabeledReplicas", "readyReplicas", "availableReplicas", "observedGeneration"]
-            .iter()
-            .all(|k| cur.get(*k).cloned().unwrap_or(json!(0)) == status.get(*k).cloned().unwrap_or(json!(0)));
+        let same = [
+            "replicas",
+            "fullyLabeledReplicas",
+            "readyReplicas",
+            "availableReplicas",
+            "observedGeneration",
+        ]
+        .iter()
+        .all(|k| {
+            cur.get(*k).cloned().unwrap_or(json!(0)) == status.get(*k).cloned().unwrap_or(json!(0))
+        });
         if !same {
             let rsr = Resource::lookup("replicasets").expect("rs");
             let mut next = (*rs).clone();

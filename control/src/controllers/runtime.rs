@@ -89,14 +89,20 @@ impl Cache {
         match ns {
             Some(ns) => {
                 let from = format!("{ns}/");
-                objs.range(from.clone()..).take_while(|(k, _)| k.starts_with(&from)).map(|(_, v)| v.clone()).collect()
+                objs.range(from.clone()..)
+                    .take_while(|(k, _)| k.starts_with(&from))
+                    .map(|(_, v)| v.clone())
+                    .collect()
             }
             None => objs.values().cloned().collect(),
         }
     }
 
     pub fn select(&self, ns: Option<&str>, sel: &Selector) -> Vec<Arc<Value>> {
-        self.list(ns).into_iter().filter(|o| sel.matches(&meta::labels(o))).collect()
+        self.list(ns)
+            .into_iter()
+            .filter(|o| sel.matches(&meta::labels(o)))
+            .collect()
     }
 
     /// Waits (at most 2 s) until this cache has seen revision `rev`: after a controller writes,
@@ -128,19 +134,34 @@ impl Cache {
                     continue;
                 }
             };
-            let fresh: BTreeMap<String, Arc<Value>> = items.into_iter().map(|o| (key_of(&o), Arc::new(o))).collect();
+            let fresh: BTreeMap<String, Arc<Value>> = items
+                .into_iter()
+                .map(|o| (key_of(&o), Arc::new(o)))
+                .collect();
             let gone: Vec<Arc<Value>> = {
                 let mut objs = self.objects.write().expect("cache");
-                let gone = objs.iter().filter(|(k, _)| !fresh.contains_key(*k)).map(|(_, v)| v.clone()).collect();
+                let gone = objs
+                    .iter()
+                    .filter(|(k, _)| !fresh.contains_key(*k))
+                    .map(|(_, v)| v.clone())
+                    .collect();
                 *objs = fresh.clone();
                 gone
             };
             self.seen.send_replace(rev);
             for o in gone {
-                self.notify(&Change { kind: EventType::Deleted, object: o, prev: None });
+                self.notify(&Change {
+                    kind: EventType::Deleted,
+                    object: o,
+                    prev: None,
+                });
             }
             for o in fresh.into_values() {
-                self.notify(&Change { kind: EventType::Added, object: o, prev: None });
+                self.notify(&Change {
+                    kind: EventType::Added,
+                    object: o,
+                    prev: None,
+                });
             }
             let mut rx = match reg.store().watch(&prefix, rev) {
                 Ok(rx) => rx,
@@ -196,7 +217,11 @@ pub fn queue() -> (Queue, mpsc::UnboundedReceiver<(String, Option<Instant>)>) {
 }
 
 /// Runs `c` over the keys arriving on `rx` until `stop`.
-pub async fn run<C: Reconciler>(c: Arc<C>, mut rx: mpsc::UnboundedReceiver<(String, Option<Instant>)>, mut stop: watch::Receiver<bool>) {
+pub async fn run<C: Reconciler>(
+    c: Arc<C>,
+    mut rx: mpsc::UnboundedReceiver<(String, Option<Instant>)>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut ready: BTreeSet<String> = BTreeSet::new();
     let mut delayed: BinaryHeap<std::cmp::Reverse<(Instant, String)>> = BinaryHeap::new();
     let failures: Mutex<HashMap<String, u32>> = Mutex::new(HashMap::new());

@@ -38,13 +38,23 @@ impl NodeInfo {
         let alloc = |k: &str, cpu: bool| {
             node.pointer(&format!("/status/allocatable/{k}"))
                 .and_then(Value::as_str)
-                .and_then(|q| if cpu { quantity::cpu_millis(q) } else { quantity::bytes(q) })
+                .and_then(|q| {
+                    if cpu {
+                        quantity::cpu_millis(q)
+                    } else {
+                        quantity::bytes(q)
+                    }
+                })
                 .unwrap_or(0)
         };
         NodeInfo {
             name: meta::name(node).to_string(),
             labels: meta::labels(node),
-            taints: node.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default(),
+            taints: node
+                .pointer("/spec/taints")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
             ready: is_ready(node),
             unschedulable: node.pointer("/spec/unschedulable") == Some(&json!(true)),
             cpu: alloc("cpu", true),
@@ -81,8 +91,17 @@ impl PodRequest {
     pub fn from_pod(pod: &Value) -> PodRequest {
         let mut cpu = 0;
         let mut memory = 0;
-        for c in pod.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten() {
-            let req = |k: &str| c.pointer(&format!("/resources/requests/{k}")).or(c.pointer(&format!("/resources/limits/{k}"))).and_then(Value::as_str);
+        for c in pod
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let req = |k: &str| {
+                c.pointer(&format!("/resources/requests/{k}"))
+                    .or(c.pointer(&format!("/resources/limits/{k}")))
+                    .and_then(Value::as_str)
+            };
             cpu += req("cpu").and_then(quantity::cpu_millis).unwrap_or(0);
             memory += req("memory").and_then(quantity::bytes).unwrap_or(0);
         }
@@ -91,7 +110,11 @@ impl PodRequest {
             memory,
             owner: meta::controller_uid(pod),
             node_selector: meta::string_map(pod.pointer("/spec/nodeSelector")),
-            tolerations: pod.pointer("/spec/tolerations").and_then(Value::as_array).cloned().unwrap_or_default(),
+            tolerations: pod
+                .pointer("/spec/tolerations")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default(),
         }
     }
 }
@@ -99,9 +122,19 @@ impl PodRequest {
 fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
     tolerations.iter().any(|t| {
         let op = t["operator"].as_str().unwrap_or("Equal");
-        let key_ok = t.get("key").and_then(Value::as_str).is_none_or(|k| k.is_empty() && op == "Exists") || t["key"] == taint["key"];
-        let value_ok = op == "Exists" || t.get("value").and_then(Value::as_str).unwrap_or("") == taint.get("value").and_then(Value::as_str).unwrap_or("");
-        let effect_ok = t.get("effect").and_then(Value::as_str).is_none_or(|e| e.is_empty()) || t["effect"] == taint["effect"];
+        let key_ok = t
+            .get("key")
+            .and_then(Value::as_str)
+            .is_none_or(|k| k.is_empty() && op == "Exists")
+            || t["key"] == taint["key"];
+        let value_ok = op == "Exists"
+            || t.get("value").and_then(Value::as_str).unwrap_or("")
+                == taint.get("value").and_then(Value::as_str).unwrap_or("");
+        let effect_ok = t
+            .get("effect")
+            .and_then(Value::as_str)
+            .is_none_or(|e| e.is_empty())
+            || t["effect"] == taint["effect"];
         key_ok && value_ok && effect_ok
     })
 }
@@ -120,7 +153,11 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
             return Some("node(s) had untolerated taint");
         }
     }
-    if !pod.node_selector.iter().all(|(k, v)| node.labels.get(k) == Some(v)) {
+    if !pod
+        .node_selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v))
+    {
         return Some("node(s) didn't match Pod's node affinity/selector");
     }
     if node.pods > 0 && node.used_pods >= node.pods {
@@ -137,15 +174,27 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
 
 /// Higher is better.
 pub fn score(node: &NodeInfo, pod: &PodRequest) -> i64 {
-    let same_owner = pod.owner.as_ref().and_then(|o| node.owners.get(o)).copied().unwrap_or(0);
+    let same_owner = pod
+        .owner
+        .as_ref()
+        .and_then(|o| node.owners.get(o))
+        .copied()
+        .unwrap_or(0);
     let frac = |used: i64, cap: i64| if cap > 0 { used * 100 / cap } else { 0 };
-    let load = (frac(node.used_cpu + pod.cpu, node.cpu) + frac(node.used_memory + pod.memory, node.memory) + frac(node.used_pods + 1, node.pods)) / 3;
+    let load = (frac(node.used_cpu + pod.cpu, node.cpu)
+        + frac(node.used_memory + pod.memory, node.memory)
+        + frac(node.used_pods + 1, node.pods))
+        / 3;
     -same_owner * 1000 - load
 }
 
 /// Picks nodes for `pods` over `nodes`, updating the nodes' usage as it goes. Returns, per pod,
 /// the chosen node index or the reasons it fits nowhere.
-pub fn schedule(nodes: &mut [NodeInfo], pods: &[PodRequest], start: &mut usize) -> Vec<Result<usize, String>> {
+pub fn schedule(
+    nodes: &mut [NodeInfo],
+    pods: &[PodRequest],
+    start: &mut usize,
+) -> Vec<Result<usize, String>> {
     let n = nodes.len();
     let enough = if n <= 100 { n } else { (n * 5 / 100).max(100) };
     pods.iter()
@@ -179,7 +228,10 @@ pub fn schedule(nodes: &mut [NodeInfo], pods: &[PodRequest], start: &mut usize) 
                     Ok(i)
                 }
                 None => {
-                    let mut rs: Vec<String> = reasons.into_iter().map(|(r, c)| format!("{c} {r}")).collect();
+                    let mut rs: Vec<String> = reasons
+                        .into_iter()
+                        .map(|(r, c)| format!("{c} {r}"))
+                        .collect();
                     rs.sort();
                     Err(format!("0/{n} nodes are available: {}.", rs.join(", ")))
                 }
@@ -191,9 +243,17 @@ pub fn schedule(nodes: &mut [NodeInfo], pods: &[PodRequest], start: &mut usize) 
 /// Builds node infos from the caches: nodes with the requests of the pods already on them.
 pub fn node_infos(nodes: &[Arc<Value>], pods: &[Arc<Value>]) -> Vec<NodeInfo> {
     let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| NodeInfo::from_node(n)).collect();
-    let index: HashMap<String, usize> = infos.iter().enumerate().map(|(i, n)| (n.name.clone(), i)).collect();
+    let index: HashMap<String, usize> = infos
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.clone(), i))
+        .collect();
     for p in pods {
-        if let Some(i) = p.pointer("/spec/nodeName").and_then(Value::as_str).and_then(|n| index.get(n)) {
+        if let Some(i) = p
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .and_then(|n| index.get(n))
+        {
             if super::pods::is_active(p) {
                 infos[*i].add(&PodRequest::from_pod(p));
             }
@@ -203,9 +263,14 @@ pub fn node_infos(nodes: &[Arc<Value>], pods: &[Arc<Value>]) -> Vec<NodeInfo> {
 }
 
 pub fn is_pending(pod: &Value) -> bool {
-    pod.pointer("/spec/nodeName").and_then(Value::as_str).is_none_or(str::is_empty)
+    pod.pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .is_none_or(str::is_empty)
         && !meta::is_deleting(pod)
-        && pod.pointer("/spec/schedulerName").and_then(Value::as_str).is_none_or(|s| s == "default-scheduler" || s.is_empty())
+        && pod
+            .pointer("/spec/schedulerName")
+            .and_then(Value::as_str)
+            .is_none_or(|s| s == "default-scheduler" || s.is_empty())
 }
 
 /// Records a pod that fits nowhere: `PodScheduled=False` with the reason, and an Event.
@@ -221,8 +286,22 @@ pub fn mark_unschedulable(reg: &Registry, pod: &Value, message: &str) -> Result<
     let mut next = pod.clone();
     set_condition(&mut next, "PodScheduled", "False", "Unschedulable", message);
     let pods = Resource::lookup("pods").expect("pods");
-    reg.update(pods, meta::namespace(pod), meta::name(pod), next, Sub::Status, &WriteOptions::default())?;
-    super::events::record(reg, pod, "Warning", "FailedScheduling", message, "default-scheduler");
+    reg.update(
+        pods,
+        meta::namespace(pod),
+        meta::name(pod),
+        next,
+        Sub::Status,
+        &WriteOptions::default(),
+    )?;
+    super::events::record(
+        reg,
+        pod,
+        "Warning",
+        "FailedScheduling",
+        message,
+        "default-scheduler",
+    );
     Ok(())
 }
 
@@ -231,15 +310,18 @@ mod tests {
     use super::*;
 
     fn node(name: &str, cpu: &str, taints: Value, labels: Value) -> NodeInfo {
-        NodeInfo::from_node(&json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
+        NodeInfo::from_node(
+            &json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
             "status": {"allocatable": {"cpu": cpu, "memory": "1Gi", "pods": "110"},
-                       "conditions": [{"type": "Ready", "status": "True"}]}}))
+                       "conditions": [{"type": "Ready", "status": "True"}]}}),
+        )
     }
 
     fn pod(cpu: &str, owner: Option<&str>) -> PodRequest {
         let mut p = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}});
         if let Some(o) = owner {
-            p["metadata"]["ownerReferences"] = json!([{"uid": o, "controller": true, "kind": "ReplicaSet", "name": "rs"}]);
+            p["metadata"]["ownerReferences"] =
+                json!([{"uid": o, "controller": true, "kind": "ReplicaSet", "name": "rs"}]);
         }
         PodRequest::from_pod(&p)
     }
@@ -249,10 +331,20 @@ mod tests {
         let n = node("a", "1", json!([]), json!({}));
         assert!(filter(&n, &pod("500m", None)).is_none());
         assert_eq!(filter(&n, &pod("2", None)), Some("Insufficient cpu"));
-        let tainted = node("b", "1", json!([{"key": "dedicated", "value": "edge", "effect": "NoSchedule"}]), json!({}));
-        assert_eq!(filter(&tainted, &pod("1m", None)), Some("node(s) had untolerated taint"));
+        let tainted = node(
+            "b",
+            "1",
+            json!([{"key": "dedicated", "value": "edge", "effect": "NoSchedule"}]),
+            json!({}),
+        );
+        assert_eq!(
+            filter(&tainted, &pod("1m", None)),
+            Some("node(s) had untolerated taint")
+        );
         let mut tolerant = pod("1m", None);
-        tolerant.tolerations = vec![json!({"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"})];
+        tolerant.tolerations = vec![
+            json!({"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}),
+        ];
         assert!(filter(&tainted, &tolerant).is_none());
         let mut picky = pod("1m", None);
         picky.node_selector.insert("zone".into(), "x".into());
@@ -262,13 +354,19 @@ mod tests {
 
     #[test]
     fn spreads_replicas_and_explains_failures() {
-        let mut nodes = vec![node("a", "4", json!([]), json!({})), node("b", "4", json!([]), json!({}))];
+        let mut nodes = vec![
+            node("a", "4", json!([]), json!({})),
+            node("b", "4", json!([]), json!({})),
+        ];
         let pods: Vec<PodRequest> = (0..4).map(|_| pod("100m", Some("rs1"))).collect();
         let mut start = 0;
         let placed = schedule(&mut nodes, &pods, &mut start);
         let on_a = placed.iter().filter(|r| **r == Ok(0)).count();
         assert_eq!(on_a, 2, "{placed:?}");
         let big = schedule(&mut nodes, &[pod("64", None)], &mut start);
-        assert_eq!(big[0], Err("0/2 nodes are available: 2 Insufficient cpu.".to_string()));
+        assert_eq!(
+            big[0],
+            Err("0/2 nodes are available: 2 Insufficient cpu.".to_string())
+        );
     }
 }

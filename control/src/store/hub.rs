@@ -62,7 +62,11 @@ impl Hub {
     /// `start` is the store's revision when the hub was created: resuming from before it is 410.
     pub fn new(start: u64, capacity: usize) -> Self {
         Hub {
-            inner: Mutex::new(Inner { window: VecDeque::new(), floor: start, watchers: Vec::new() }),
+            inner: Mutex::new(Inner {
+                window: VecDeque::new(),
+                floor: start,
+                watchers: Vec::new(),
+            }),
             capacity,
             per_watcher: 4096,
         }
@@ -93,7 +97,10 @@ impl Hub {
     pub fn watch(&self, prefix: &str, from: u64, current: u64) -> Result<WatchStream, StoreError> {
         let mut inner = self.inner.lock().expect("hub lock");
         if from < inner.floor && from < current {
-            return Err(StoreError::Expired { requested: from, oldest: inner.floor });
+            return Err(StoreError::Expired {
+                requested: from,
+                oldest: inner.floor,
+            });
         }
         let backlog: Vec<Arc<Event>> = inner
             .window
@@ -105,7 +112,10 @@ impl Hub {
         for e in backlog {
             tx.try_send(e).expect("channel sized for the backlog");
         }
-        inner.watchers.push(Watcher { prefix: prefix.to_string(), tx });
+        inner.watchers.push(Watcher {
+            prefix: prefix.to_string(),
+            tx,
+        });
         Ok(rx)
     }
 

@@ -21,7 +21,11 @@ pub enum StoreError {
     #[error("key {0} already exists")]
     AlreadyExists(String),
     #[error("key {key} has revision {current}, not {expected}")]
-    Conflict { key: String, expected: u64, current: u64 },
+    Conflict {
+        key: String,
+        expected: u64,
+        current: u64,
+    },
     #[error("revision {requested} is too old (oldest kept: {oldest})")]
     Expired { requested: u64, oldest: u64 },
     #[error("storage: {0}")]
@@ -34,7 +38,11 @@ pub enum Op {
     /// Create `key`; fails if it exists.
     Create { key: String, value: Value },
     /// Replace `key`; `expect` is the revision it must have (None: any, but it must exist).
-    Update { key: String, value: Value, expect: Option<u64> },
+    Update {
+        key: String,
+        value: Value,
+        expect: Option<u64>,
+    },
     /// Remove `key`; `expect` as for updates.
     Delete { key: String, expect: Option<u64> },
 }
@@ -69,5 +77,8 @@ pub type DynStore = Arc<dyn Store>;
 
 /// Sets `metadata.resourceVersion` on an object.
 pub(crate) fn stamp(value: &mut Value, revision: u64) {
-    skiff_api::meta::metadata_mut(value).insert("resourceVersion".into(), Value::String(revision.to_string()));
+    skiff_api::meta::metadata_mut(value).insert(
+        "resourceVersion".into(),
+        Value::String(revision.to_string()),
+    );
 }

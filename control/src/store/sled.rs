@@ -99,32 +99,66 @@ impl Store for SledStore {
                         }
                         stamp(&mut value, rev);
                         batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
-                        events.push(Event { revision: rev, kind: EventType::Added, key, object: value, prev: None });
+                        events.push(Event {
+                            revision: rev,
+                            kind: EventType::Added,
+                            key,
+                            object: value,
+                            prev: None,
+                        });
                     }
-                    Op::Update { key, mut value, expect } => {
-                        let prev = self.read(&key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+                    Op::Update {
+                        key,
+                        mut value,
+                        expect,
+                    } => {
+                        let prev = self
+                            .read(&key)?
+                            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
                         let cur = current_rv(&prev);
                         if let Some(e) = expect {
                             if e != cur {
-                                return Err(StoreError::Conflict { key, expected: e, current: cur });
+                                return Err(StoreError::Conflict {
+                                    key,
+                                    expected: e,
+                                    current: cur,
+                                });
                             }
                         }
                         stamp(&mut value, rev);
                         batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
-                        events.push(Event { revision: rev, kind: EventType::Modified, key, object: value, prev: Some(prev) });
+                        events.push(Event {
+                            revision: rev,
+                            kind: EventType::Modified,
+                            key,
+                            object: value,
+                            prev: Some(prev),
+                        });
                     }
                     Op::Delete { key, expect } => {
-                        let prev = self.read(&key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+                        let prev = self
+                            .read(&key)?
+                            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
                         let cur = current_rv(&prev);
                         if let Some(e) = expect {
                             if e != cur {
-                                return Err(StoreError::Conflict { key, expected: e, current: cur });
+                                return Err(StoreError::Conflict {
+                                    key,
+                                    expected: e,
+                                    current: cur,
+                                });
                             }
                         }
                         let mut last = prev.clone();
                         stamp(&mut last, rev);
                         batch.remove(key.as_bytes());
-                        events.push(Event { revision: rev, kind: EventType::Deleted, key, object: last, prev: Some(prev) });
+                        events.push(Event {
+                            revision: rev,
+                            kind: EventType::Deleted,
+                            key,
+                            object: last,
+                            prev: Some(prev),
+                        });
                     }
                 }
             }
@@ -133,7 +167,10 @@ impl Store for SledStore {
             self.revision.store(rev, Ordering::SeqCst);
             let objects = events.iter().map(|e| e.object.clone()).collect();
             self.hub.publish(events);
-            Committed { revision: rev, objects }
+            Committed {
+                revision: rev,
+                objects,
+            }
         };
         // Durable before acknowledged. Concurrent writers share flushes.
         self.db.flush().map_err(backend)?;
@@ -146,7 +183,8 @@ impl Store for SledStore {
 
     fn watch(&self, prefix: &str, from: u64) -> Result<WatchStream, StoreError> {
         let _g = self.write.lock().expect("write lock");
-        self.hub.watch(prefix, from, self.revision.load(Ordering::SeqCst))
+        self.hub
+            .watch(prefix, from, self.revision.load(Ordering::SeqCst))
     }
 }
 
@@ -165,19 +203,40 @@ mod tests {
         let rev;
         {
             let s = SledStore::open(dir.path()).unwrap();
-            let c = s.txn(vec![Op::Create { key: "/registry/pods/default/a".into(), value: obj("a") }]).unwrap();
+            let c = s
+                .txn(vec![Op::Create {
+                    key: "/registry/pods/default/a".into(),
+                    value: obj("a"),
+                }])
+                .unwrap();
             let rv = current_rv(&c.objects[0]);
             assert_eq!(rv, c.revision);
             assert!(matches!(
-                s.txn(vec![Op::Create { key: "/registry/pods/default/a".into(), value: obj("a") }]),
+                s.txn(vec![Op::Create {
+                    key: "/registry/pods/default/a".into(),
+                    value: obj("a")
+                }]),
                 Err(StoreError::AlreadyExists(_))
             ));
-            let c2 = s.txn(vec![Op::Update { key: "/registry/pods/default/a".into(), value: obj("a"), expect: Some(rv) }]).unwrap();
+            let c2 = s
+                .txn(vec![Op::Update {
+                    key: "/registry/pods/default/a".into(),
+                    value: obj("a"),
+                    expect: Some(rv),
+                }])
+                .unwrap();
             assert!(c2.revision > rv);
             // A stale revision is refused and changes nothing.
             let stale = s.txn(vec![
-                Op::Create { key: "/registry/pods/default/b".into(), value: obj("b") },
-                Op::Update { key: "/registry/pods/default/a".into(), value: obj("a"), expect: Some(rv) },
+                Op::Create {
+                    key: "/registry/pods/default/b".into(),
+                    value: obj("b"),
+                },
+                Op::Update {
+                    key: "/registry/pods/default/a".into(),
+                    value: obj("a"),
+                    expect: Some(rv),
+                },
             ]);
             assert!(matches!(stale, Err(StoreError::Conflict { .. })));
             assert!(s.get("/registry/pods/default/b").unwrap().is_none());
@@ -197,17 +256,36 @@ mod tests {
         let start = s.revision();
         let mut revs = Vec::new();
         for i in 0..5 {
-            revs.push(s.txn(vec![Op::Create { key: format!("/registry/pods/default/p{i}"), value: obj("p") }]).unwrap().revision);
+            revs.push(
+                s.txn(vec![Op::Create {
+                    key: format!("/registry/pods/default/p{i}"),
+                    value: obj("p"),
+                }])
+                .unwrap()
+                .revision,
+            );
         }
         // The window keeps the last three: resuming after revs[1] works, from the start does not.
         let mut w = s.watch("/registry/pods/", revs[1]).unwrap();
         for want in &revs[2..] {
             assert_eq!(w.recv().await.unwrap().revision, *want);
         }
-        assert!(matches!(s.watch("/registry/pods/", start), Err(StoreError::Expired { .. })));
+        assert!(matches!(
+            s.watch("/registry/pods/", start),
+            Err(StoreError::Expired { .. })
+        ));
         // Live events follow, filtered by prefix.
-        s.txn(vec![Op::Create { key: "/registry/services/default/x".into(), value: obj("x") }]).unwrap();
-        let d = s.txn(vec![Op::Delete { key: "/registry/pods/default/p0".into(), expect: None }]).unwrap();
+        s.txn(vec![Op::Create {
+            key: "/registry/services/default/x".into(),
+            value: obj("x"),
+        }])
+        .unwrap();
+        let d = s
+            .txn(vec![Op::Delete {
+                key: "/registry/pods/default/p0".into(),
+                expect: None,
+            }])
+            .unwrap();
         let ev = w.recv().await.unwrap();
         assert_eq!((ev.kind, ev.revision), (EventType::Deleted, d.revision));
         assert!(ev.prev.is_some());
