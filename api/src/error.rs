@@ -150,6 +150,10 @@ impl ApiError {
         e.causes = causes;
         e
     }
+    /// 422 without field causes (e.g. a JSON patch that does not apply).
+    pub fn unprocessable(message: impl Into<String>) -> Self {
+        Self::new(422, "Invalid", message)
+    }
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(500, "InternalError", message)
     }

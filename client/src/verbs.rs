@@ -242,10 +242,7 @@ pub fn rollback_patch(
     {
         l.remove(POD_TEMPLATE_HASH);
     }
-    let patch = json!([
-        {"op": "replace", "path": "/spec/template", "value": template},
-        {"op": "test", "path": "/metadata/resourceVersion", "value": d.pointer("/metadata/resourceVersion")},
-    ]);
+    let patch = json!([{"op": "replace", "path": "/spec/template", "value": template}]);
     Ok((patch, revision_of(target)))
 }
 
