@@ -1,1 +1,17 @@
-//! placeholder
+//! skiff-node: the node agent. It joins the cluster through the API (registers its Node,
+//! heartbeats), watches the pods bound to it, runs them, reports their status as a kubelet
+//! does, and serves their logs to the API server.
+//!
+//! - [`agent`]: the agent loop (registration, heartbeat, pod watch);
+//! - [`pod`]: one pod's worker — pull, start, restart policy, status;
+//! - [`network`]: pod addresses from the node's pod CIDR, behind a trait so tests can fake it;
+//! - [`logs`]: per-container log files and the log endpoint;
+//! - [`backoff`]: crash-loop and pull backoff (10 s doubling to 5 min, reset after 10 min).
+
+pub mod agent;
+pub mod backoff;
+pub mod logs;
+pub mod network;
+pub mod pod;
+
+pub use agent::{Agent, AgentConfig};

@@ -1,0 +1,196 @@
+//! Pod addresses. Every pod takes an address from the node's pod CIDR; the node holds the
+//! gateway (`.1`) on its bridge and each wasm pod's address, so listeners bind there and any
+//! client, proxy or pod reaches both kinds of pod the same way.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("bad pod CIDR {0:?}")]
+    Cidr(String),
+    #[error("the pod CIDR {0} is exhausted")]
+    Exhausted(String),
+    #[error("`{cmd}` failed: {msg}")]
+    Command { cmd: String, msg: String },
+}
+
+/// What the node does to its network. The real one runs `ip`; tests use a fake.
+pub trait Netlink: Send + Sync + 'static {
+    /// Creates the bridge (if missing) with `gateway/prefix` on it, up.
+    fn ensure_bridge(&self, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError>;
+    fn add_address(&self, bridge: &str, ip: Ipv4Addr) -> Result<(), NetError>;
+    fn remove_address(&self, bridge: &str, ip: Ipv4Addr) -> Result<(), NetError>;
+}
+
+/// Drives iproute2's `ip`.
+pub struct IpCommand;
+
+fn ip(args: &[&str]) -> Result<String, NetError> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| NetError::Command {
+            cmd: format!("ip {}", args.join(" ")),
+            msg: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(NetError::Command {
+            cmd: format!("ip {}", args.join(" ")),
+            msg: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+impl Netlink for IpCommand {
+    fn ensure_bridge(&self, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+        if ip(&["link", "show", bridge]).is_err() {
+            ip(&["link", "add", bridge, "type", "bridge"])?;
+        }
+        let have = ip(&["-4", "addr", "show", "dev", bridge])?;
+        let cidr = format!("{gateway}/{prefix}");
+        if !have.contains(&format!("inet {cidr} ")) {
+            ip(&["addr", "add", &cidr, "dev", bridge])?;
+        }
+        ip(&["link", "set", bridge, "up"])?;
+        Ok(())
+    }
+
+    fn add_address(&self, bridge: &str, addr: Ipv4Addr) -> Result<(), NetError> {
+        let cidr = format!("{addr}/32");
+        match ip(&["addr", "add", &cidr, "dev", bridge]) {
+            Err(NetError::Command { msg, .. }) if msg.contains("exists") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
+    fn remove_address(&self, bridge: &str, addr: Ipv4Addr) -> Result<(), NetError> {
+        match ip(&["addr", "del", &format!("{addr}/32"), "dev", bridge]) {
+            Err(NetError::Command { msg, .. }) if msg.contains("Cannot assign") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+}
+
+/// Allocates pod addresses in the node's pod CIDR (a /24 or larger).
+pub struct PodNetwork {
+    pub bridge: String,
+    base: u32,
+    size: u32,
+    prefix: u8,
+    used: Mutex<BTreeSet<u32>>,
+    link: Box<dyn Netlink>,
+}
+
+impl PodNetwork {
+    pub fn new(cidr: &str, bridge: &str, link: Box<dyn Netlink>) -> Result<PodNetwork, NetError> {
+        let (addr, prefix) = cidr
+            .split_once('/')
+            .ok_or_else(|| NetError::Cidr(cidr.to_string()))?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| NetError::Cidr(cidr.to_string()))?;
+        let prefix: u8 = prefix
+            .parse()
+            .ok()
+            .filter(|p| (8..=30).contains(p))
+            .ok_or_else(|| NetError::Cidr(cidr.to_string()))?;
+        let size = 1u32 << (32 - prefix);
+        let base = u32::from(addr) & !(size - 1);
+        let net = PodNetwork {
+            bridge: bridge.to_string(),
+            base,
+            size,
+            prefix,
+            used: Mutex::new(BTreeSet::new()),
+            link,
+        };
+        net.link.ensure_bridge(bridge, net.gateway(), prefix)?;
+        Ok(net)
+    }
+
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.base + 1)
+    }
+
+    pub fn cidr(&self) -> String {
+        format!("{}/{}", Ipv4Addr::from(self.base), self.prefix)
+    }
+
+    /// Takes `want` if it is free and in range (a pod coming back after a restart), else the
+    /// lowest free address.
+    pub fn allocate(&self, want: Option<Ipv4Addr>) -> Result<Ipv4Addr, NetError> {
+        let ip = {
+            let mut used = self.used.lock().expect("used");
+            let pick = want
+                .map(u32::from)
+                .filter(|w| {
+                    *w > self.base + 1 && *w < self.base + self.size - 1 && !used.contains(w)
+                })
+                .or_else(|| (self.base + 2..self.base + self.size - 1).find(|i| !used.contains(i)))
+                .ok_or_else(|| NetError::Exhausted(self.cidr()))?;
+            used.insert(pick);
+            Ipv4Addr::from(pick)
+        };
+        if let Err(e) = self.link.add_address(&self.bridge, ip) {
+            self.used.lock().expect("used").remove(&u32::from(ip));
+            return Err(e);
+        }
+        Ok(ip)
+    }
+
+    pub fn release(&self, ip: Ipv4Addr) {
+        if self.used.lock().expect("used").remove(&u32::from(ip)) {
+            if let Err(e) = self.link.remove_address(&self.bridge, ip) {
+                tracing::warn!(%ip, error = %e, "could not remove a pod address");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Default, Clone)]
+    struct Fake(Arc<Mutex<Vec<String>>>);
+    impl Netlink for Fake {
+        fn ensure_bridge(&self, b: &str, g: Ipv4Addr, p: u8) -> Result<(), NetError> {
+            self.0.lock().unwrap().push(format!("bridge {b} {g}/{p}"));
+            Ok(())
+        }
+        fn add_address(&self, _: &str, ip: Ipv4Addr) -> Result<(), NetError> {
+            self.0.lock().unwrap().push(format!("add {ip}"));
+            Ok(())
+        }
+        fn remove_address(&self, _: &str, ip: Ipv4Addr) -> Result<(), NetError> {
+            self.0.lock().unwrap().push(format!("del {ip}"));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn allocates_in_the_pod_cidr() {
+        let fake = Fake::default();
+        let net = PodNetwork::new("10.88.3.0/24", "skiff0", Box::new(fake.clone())).unwrap();
+        assert_eq!(net.gateway(), Ipv4Addr::new(10, 88, 3, 1));
+        let a = net.allocate(None).unwrap();
+        assert_eq!(a, Ipv4Addr::new(10, 88, 3, 2));
+        // A pod coming back keeps its address.
+        let b = net.allocate(Some(Ipv4Addr::new(10, 88, 3, 77))).unwrap();
+        assert_eq!(b, Ipv4Addr::new(10, 88, 3, 77));
+        // Out of range or taken: the next free one.
+        assert_eq!(
+            net.allocate(Some(Ipv4Addr::new(10, 99, 0, 5))).unwrap(),
+            Ipv4Addr::new(10, 88, 3, 3)
+        );
+        net.release(a);
+        assert_eq!(net.allocate(None).unwrap(), a);
+        assert_eq!(fake.0.lock().unwrap()[0], "bridge skiff0 10.88.3.1/24");
+        let small = PodNetwork::new("10.0.0.0/30", "b", Box::new(Fake::default())).unwrap();
+        small.allocate(None).unwrap();
+        assert!(matches!(small.allocate(None), Err(NetError::Exhausted(_))));
+    }
+}

@@ -1,0 +1,807 @@
+//! One pod's worker: pull each container's image, run it (wasm HTTP components are served on
+//! the pod's address at their container ports; commands run under the restart policy), and
+//! report status as a kubelet does.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use skiff_api::{meta, quantity, Resource};
+use skiff_client::Client;
+use skiff_wasm::artifact::{self, BlobCache, Resolved};
+use skiff_wasm::{GuestConfig, HttpServer, Kind, Preopen, Program, Runtime};
+use tokio::sync::{watch, Notify};
+
+use crate::backoff::Backoff;
+use crate::logs::{LogIndex, PodLogs};
+use crate::network::PodNetwork;
+
+/// What every pod worker on a node shares.
+pub struct NodeContext {
+    pub client: Client,
+    pub runtime: Runtime,
+    pub blobs: BlobCache,
+    pub net: PodNetwork,
+    pub node_name: String,
+    pub node_ip: Ipv4Addr,
+    pub data_dir: std::path::PathBuf,
+    pub insecure_registries: Vec<String>,
+    pub logs: LogIndex,
+    /// CPU deadline of one HTTP request to a wasm component.
+    pub request_timeout: Duration,
+}
+
+pub fn now() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+#[derive(Debug, Clone)]
+struct ContainerStatus {
+    name: String,
+    image: String,
+    image_id: String,
+    ready: bool,
+    started: bool,
+    restart_count: i64,
+    state: Value,
+    last_state: Value,
+}
+
+#[derive(Debug, Clone)]
+struct PodStatus {
+    phase: &'static str,
+    pod_ip: Option<Ipv4Addr>,
+    start_time: String,
+    ready_since: Option<String>,
+    not_ready_since: String,
+    containers: Vec<ContainerStatus>,
+    message: Option<String>,
+    reason: Option<String>,
+}
+
+/// A running pod. Dropping it stops nothing: call [`PodWorker::stop`].
+pub struct PodWorker {
+    pub uid: String,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodWorker {
+    pub fn start(ctx: Arc<NodeContext>, pod: Value) -> PodWorker {
+        let (stop, rx) = watch::channel(false);
+        let uid = meta::uid(&pod).to_string();
+        let task = tokio::spawn(run(ctx, pod, rx));
+        PodWorker { uid, stop, task }
+    }
+
+    /// Stops the pod's containers and waits for the worker to finish (bounded by `grace`).
+    pub async fn stop(self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let mut task = self.task;
+        if tokio::time::timeout(grace + Duration::from_secs(1), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+struct Shared {
+    ctx: Arc<NodeContext>,
+    pod: Value,
+    status: Mutex<PodStatus>,
+    changed: Notify,
+}
+
+impl Shared {
+    fn update(&self, f: impl FnOnce(&mut PodStatus)) {
+        f(&mut self.status.lock().expect("status"));
+        self.changed.notify_one();
+    }
+
+    fn container(&self, i: usize, f: impl FnOnce(&mut ContainerStatus)) {
+        self.update(|s| f(&mut s.containers[i]));
+    }
+
+    async fn event(&self, ty: &str, reason: &str, message: &str) {
+        let events = Resource::lookup("events").expect("events");
+        let ns = meta::namespace(&self.pod).unwrap_or("default");
+        let ts = now();
+        let ev = json!({
+            "metadata": {"name": format!("{}.{:x}", meta::name(&self.pod), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)), "namespace": ns},
+            "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": meta::name(&self.pod), "namespace": ns, "uid": meta::uid(&self.pod)},
+            "reason": reason, "message": message, "type": ty,
+            "source": {"component": "skiff-agent", "host": self.ctx.node_name},
+            "reportingComponent": "skiff-agent", "reportingInstance": self.ctx.node_name,
+            "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
+        });
+        if let Err(e) = self.ctx.client.create(events, Some(ns), &ev).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
+}
+
+fn status_json(s: &PodStatus, node_ip: Ipv4Addr) -> Value {
+    let ready =
+        s.phase == "Running" && !s.containers.is_empty() && s.containers.iter().all(|c| c.ready);
+    let since = if ready {
+        s.ready_since.clone().unwrap_or_else(now)
+    } else {
+        s.not_ready_since.clone()
+    };
+    let r = if ready { "True" } else { "False" };
+    let mut conds = vec![
+        json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": s.start_time, "lastProbeTime": null}),
+        json!({"type": "Initialized", "status": "True", "lastTransitionTime": s.start_time, "lastProbeTime": null}),
+        json!({"type": "ContainersReady", "status": r, "lastTransitionTime": since, "lastProbeTime": null}),
+        json!({"type": "Ready", "status": r, "lastTransitionTime": since, "lastProbeTime": null}),
+    ];
+    if !ready {
+        for c in conds.iter_mut().skip(2) {
+            c["reason"] = json!(if s.phase == "Succeeded" {
+                "PodCompleted"
+            } else {
+                "ContainersNotReady"
+            });
+        }
+    }
+    let mut status = json!({
+        "phase": s.phase,
+        "hostIP": node_ip.to_string(),
+        "hostIPs": [{"ip": node_ip.to_string()}],
+        "startTime": s.start_time,
+        "qosClass": "BestEffort",
+        "conditions": conds,
+        "containerStatuses": s.containers.iter().map(|c| {
+            let mut v = json!({"name": c.name, "image": c.image, "imageID": c.image_id, "ready": c.ready, "started": c.started,
+                               "restartCount": c.restart_count, "state": c.state, "containerID": format!("wasm://{}", c.name)});
+            if !c.last_state.is_null() {
+                v["lastState"] = c.last_state.clone();
+            }
+            v
+        }).collect::<Vec<_>>(),
+    });
+    if let Some(ip) = s.pod_ip {
+        status["podIP"] = json!(ip.to_string());
+        status["podIPs"] = json!([{"ip": ip.to_string()}]);
+    }
+    if let Some(m) = &s.message {
+        status["message"] = json!(m);
+    }
+    if let Some(r) = &s.reason {
+        status["reason"] = json!(r);
+    }
+    status
+}
+
+/// Writes the status whenever it changes (coalescing bursts).
+async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let pods = Resource::lookup("pods").expect("pods");
+    let ns = meta::namespace(&shared.pod)
+        .unwrap_or("default")
+        .to_string();
+    let name = meta::name(&shared.pod).to_string();
+    let mut last = Value::Null;
+    loop {
+        let st = status_json(&shared.status.lock().expect("status"), shared.ctx.node_ip);
+        if st != last {
+            match shared
+                .ctx
+                .client
+                .patch(
+                    pods,
+                    Some(&ns),
+                    &name,
+                    Some("status"),
+                    "application/merge-patch+json",
+                    &json!({"status": st}),
+                )
+                .await
+            {
+                Ok(_) => last = st,
+                Err(e) if e.code() == Some(404) => return,
+                Err(e) => {
+                    tracing::debug!(pod = %name, error = %e, "status update failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shared.changed.notified() => {}
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+    }
+}
+
+/// Environment of a container: its `env` (values and field references) and HOSTNAME.
+pub fn container_env(
+    pod: &Value,
+    container: &Value,
+    pod_ip: Option<Ipv4Addr>,
+    node_name: &str,
+) -> Vec<(String, String)> {
+    let mut env = vec![("HOSTNAME".to_string(), meta::name(pod).to_string())];
+    for e in container
+        .get("env")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let name = e["name"].as_str().unwrap_or("").to_string();
+        let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
+            v.to_string()
+        } else if let Some(path) = e
+            .pointer("/valueFrom/fieldRef/fieldPath")
+            .and_then(Value::as_str)
+        {
+            match path {
+                "metadata.name" => meta::name(pod).to_string(),
+                "metadata.namespace" => meta::namespace(pod).unwrap_or("default").to_string(),
+                "metadata.uid" => meta::uid(pod).to_string(),
+                "status.podIP" => pod_ip.map(|i| i.to_string()).unwrap_or_default(),
+                "spec.nodeName" => node_name.to_string(),
+                "status.hostIP" => String::new(),
+                p => {
+                    let ptr = format!("/{}", p.replace('.', "/"));
+                    pod.pointer(&ptr)
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()
+                }
+            }
+        } else {
+            String::new()
+        };
+        env.retain(|(k, _)| *k != name);
+        env.push((name, value));
+    }
+    env
+}
+
+async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Vec<u8>, String> {
+    let ctx = &shared.ctx;
+    shared
+        .event("Normal", "Pulling", &format!("Pulling image \"{image}\""))
+        .await;
+    let started = Instant::now();
+    let resolved = artifact::resolve(image, &ctx.insecure_registries)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (layer, manifest) = match resolved {
+        Resolved::Wasm { layer_digest, manifest_digest, .. } => (layer_digest, manifest_digest),
+        Resolved::Image { config_media_type, .. } => {
+            return Err(format!("{image} is an OCI container image ({config_media_type}); this node runs wasm only (no runc runtime)"))
+        }
+    };
+    let bytes = if policy == "Never" {
+        ctx.blobs
+            .get(&layer)
+            .ok_or_else(|| format!("image {image} is not present with pull policy of Never"))?
+    } else {
+        artifact::pull_wasm(image, &layer, &ctx.blobs, &ctx.insecure_registries)
+            .await
+            .map_err(|e| e.to_string())?
+    };
+    shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
+    shared
+        .event(
+            "Normal",
+            "Pulled",
+            &format!(
+                "Successfully pulled image \"{image}\" in {:?} ({} bytes)",
+                started.elapsed(),
+                bytes.len()
+            ),
+        )
+        .await;
+    Ok(bytes)
+}
+
+fn waiting(reason: &str, message: &str) -> Value {
+    json!({"waiting": {"reason": reason, "message": message}})
+}
+
+/// Pulls and compiles one container's program, retrying pulls with backoff until `stop`.
+async fn prepare(
+    shared: &Shared,
+    i: usize,
+    container: &Value,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Program> {
+    let image = container["image"].as_str().unwrap_or("").to_string();
+    let policy = container["imagePullPolicy"]
+        .as_str()
+        .unwrap_or("IfNotPresent")
+        .to_string();
+    let mut backoff = Backoff::default();
+    loop {
+        match pull(shared, i, &image, &policy).await {
+            Ok(bytes) => match shared.ctx.runtime.load(&bytes) {
+                Ok(p) => return Some(p),
+                Err(e) => {
+                    let msg = format!("cannot run {image}: {e}");
+                    shared.event("Warning", "Failed", &msg).await;
+                    shared.update(|s| {
+                        s.containers[i].state = waiting("CreateContainerError", &msg);
+                        s.phase = "Failed";
+                        s.reason = Some("UnrunnableImage".into());
+                        s.message = Some(msg.clone());
+                    });
+                    return None;
+                }
+            },
+            Err(msg) => {
+                shared
+                    .event(
+                        "Warning",
+                        "Failed",
+                        &format!("Failed to pull image \"{image}\": {msg}"),
+                    )
+                    .await;
+                shared.container(i, |c| c.state = waiting("ErrImagePull", &msg));
+                let delay = backoff.next(Duration::ZERO);
+                shared
+                    .event(
+                        "Normal",
+                        "BackOff",
+                        &format!("Back-off pulling image \"{image}\""),
+                    )
+                    .await;
+                shared.container(i, |c| {
+                    c.state = waiting(
+                        "ImagePullBackOff",
+                        &format!("Back-off pulling image \"{image}\": {msg}"),
+                    )
+                });
+                tokio::select! {
+                    _ = stop.changed() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+fn memory_limit(container: &Value) -> Option<usize> {
+    container
+        .pointer("/resources/limits/memory")
+        .and_then(Value::as_str)
+        .and_then(quantity::bytes)
+        .map(|b| b as usize)
+}
+
+fn volumes(shared: &Shared, container: &Value, pod_dir: &std::path::Path) -> Vec<Preopen> {
+    let vols = shared
+        .pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for m in container
+        .get("volumeMounts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let Some(v) = vols.iter().find(|v| v["name"] == m["name"]) else {
+            continue;
+        };
+        let host = if let Some(p) = v.pointer("/hostPath/path").and_then(Value::as_str) {
+            std::path::PathBuf::from(p)
+        } else if v.get("emptyDir").is_some() {
+            let d = pod_dir
+                .join("volumes")
+                .join(v["name"].as_str().unwrap_or("v"));
+            let _ = std::fs::create_dir_all(&d);
+            d
+        } else {
+            continue;
+        };
+        out.push(Preopen {
+            host,
+            guest: m["mountPath"].as_str().unwrap_or("/").to_string(),
+            read_only: m["readOnly"] == true,
+        });
+    }
+    out
+}
+
+async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>) {
+    let ns = meta::namespace(&pod).unwrap_or("default").to_string();
+    let name = meta::name(&pod).to_string();
+    let containers: Vec<Value> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let pod_dir = ctx
+        .data_dir
+        .join("pods")
+        .join(format!("{ns}_{name}_{}", meta::uid(&pod)));
+    let logs = match PodLogs::new(pod_dir.join("logs")) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(pod = %name, error = %e, "cannot create the pod's log directory");
+            return;
+        }
+    };
+    ctx.logs.lock().expect("logs").insert(
+        format!("{ns}/{name}"),
+        (
+            logs.clone(),
+            containers
+                .iter()
+                .filter_map(|c| c["name"].as_str().map(String::from))
+                .collect(),
+        ),
+    );
+    let start_time = pod
+        .pointer("/status/startTime")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .unwrap_or_else(now);
+    let shared = Arc::new(Shared {
+        ctx: ctx.clone(),
+        pod: pod.clone(),
+        changed: Notify::new(),
+        status: Mutex::new(PodStatus {
+            phase: "Pending",
+            pod_ip: None,
+            start_time: start_time.clone(),
+            ready_since: None,
+            not_ready_since: start_time,
+            message: None,
+            reason: None,
+            containers: containers
+                .iter()
+                .map(|c| ContainerStatus {
+                    name: c["name"].as_str().unwrap_or("").into(),
+                    image: c["image"].as_str().unwrap_or("").into(),
+                    image_id: String::new(),
+                    ready: false,
+                    started: false,
+                    restart_count: 0,
+                    state: waiting("ContainerCreating", ""),
+                    last_state: Value::Null,
+                })
+                .collect(),
+        }),
+    });
+    let writer = tokio::spawn(status_writer(shared.clone(), stop.clone()));
+
+    // Address first: every pod has one, wasm or not.
+    let want = pod
+        .pointer("/status/podIP")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok());
+    let ip = match ctx.net.allocate(want) {
+        Ok(ip) => ip,
+        Err(e) => {
+            let msg = format!("cannot give the pod an address: {e}");
+            shared
+                .event("Warning", "FailedCreatePodSandBox", &msg)
+                .await;
+            shared.update(|s| s.message = Some(msg));
+            let _ = stop.changed().await;
+            finish(&ctx, &ns, &name, None, writer).await;
+            return;
+        }
+    };
+    shared.update(|s| s.pod_ip = Some(ip));
+
+    let mut servers: Vec<HttpServer> = Vec::new();
+    let mut commands = tokio::task::JoinSet::new();
+    for (i, c) in containers.iter().enumerate() {
+        let Some(program) = prepare(&shared, i, c, &mut stop).await else {
+            if *stop.borrow() {
+                break;
+            }
+            continue;
+        };
+        let cname = c["name"].as_str().unwrap_or("").to_string();
+        let mut args: Vec<String> = vec![cname.clone()];
+        for key in ["command", "args"] {
+            args.extend(
+                c.get(key)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str().map(String::from)),
+            );
+        }
+        let config = GuestConfig {
+            args,
+            env: container_env(&pod, c, Some(ip), &ctx.node_name),
+            memory_limit: memory_limit(c),
+            request_timeout: Some(ctx.request_timeout),
+            preopens: volumes(&shared, c, &pod_dir),
+            stdout: None,
+            stderr: None,
+        };
+        shared
+            .event("Normal", "Created", &format!("Created container {cname}"))
+            .await;
+        match program.kind {
+            Kind::Http => {
+                let file = match logs.open_run(&cname, false) {
+                    Ok(f) => Arc::new(f),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open the container log");
+                        continue;
+                    }
+                };
+                let config = GuestConfig {
+                    stdout: Some(file.clone()),
+                    stderr: Some(file),
+                    ..config
+                };
+                let mut ports: Vec<u16> = c
+                    .get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p["containerPort"].as_u64())
+                    .map(|p| p as u16)
+                    .collect();
+                if ports.is_empty() {
+                    ports.push(8080);
+                }
+                let mut ok = true;
+                for port in ports {
+                    let addr = SocketAddr::from((ip, port));
+                    let served = match tokio::net::TcpListener::bind(addr).await {
+                        Ok(l) => ctx
+                            .runtime
+                            .serve_http(&program, config.clone(), l)
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(format!("cannot listen on {addr}: {e}")),
+                    };
+                    match served {
+                        Ok(s) => servers.push(s),
+                        Err(msg) => {
+                            shared.event("Warning", "Failed", &msg).await;
+                            shared.container(i, |c| c.state = waiting("RunContainerError", &msg));
+                            ok = false;
+                        }
+                    }
+                }
+                if ok {
+                    shared
+                        .event(
+                            "Normal",
+                            "Started",
+                            &format!(
+                                "Started container {cname} (wasi:http, {})",
+                                if program.cached {
+                                    "compile cache"
+                                } else {
+                                    "compiled"
+                                }
+                            ),
+                        )
+                        .await;
+                    shared.update(|s| {
+                        let c = &mut s.containers[i];
+                        c.ready = true;
+                        c.started = true;
+                        c.state = json!({"running": {"startedAt": now()}});
+                    });
+                }
+            }
+            Kind::Command => {
+                let shared2 = shared.clone();
+                let runtime = ctx.runtime.clone();
+                let restart = pod
+                    .pointer("/spec/restartPolicy")
+                    .and_then(Value::as_str)
+                    .unwrap_or("Always")
+                    .to_string();
+                let logs = logs.clone();
+                let stop2 = stop.clone();
+                commands.spawn(run_command(
+                    shared2, i, cname, program, config, restart, logs, runtime, stop2,
+                ));
+            }
+        }
+        shared.update(|s| {
+            if s.phase == "Pending" {
+                s.phase = "Running";
+            }
+        });
+    }
+    shared.update(|s| {
+        if s.containers.iter().all(|c| c.ready) {
+            s.ready_since = Some(now());
+        }
+    });
+    // Commands finish on their own (Succeeded / Failed); servers run until the pod is stopped.
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            done = commands.join_next(), if !commands.is_empty() => {
+                if done.is_none() {
+                    continue;
+                }
+                if commands.is_empty() && servers.is_empty() {
+                    let codes: Vec<i64> = shared.status.lock().expect("status").containers.iter()
+                        .filter_map(|c| c.state.pointer("/terminated/exitCode").and_then(Value::as_i64)).collect();
+                    shared.update(|s| s.phase = if codes.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" });
+                }
+            }
+        }
+    }
+    shared
+        .event("Normal", "Killing", "Stopping the pod's containers")
+        .await;
+    drop(servers);
+    commands.abort_all();
+    finish(&ctx, &ns, &name, Some(ip), writer).await;
+}
+
+async fn finish(
+    ctx: &NodeContext,
+    ns: &str,
+    name: &str,
+    ip: Option<Ipv4Addr>,
+    writer: tokio::task::JoinHandle<()>,
+) {
+    writer.abort();
+    if let Some(ip) = ip {
+        ctx.net.release(ip);
+    }
+    ctx.logs
+        .lock()
+        .expect("logs")
+        .remove(&format!("{ns}/{name}"));
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_command(
+    shared: Arc<Shared>,
+    i: usize,
+    name: String,
+    program: Program,
+    config: GuestConfig,
+    restart: String,
+    logs: PodLogs,
+    runtime: Runtime,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::default();
+    let mut runs = 0;
+    loop {
+        let file = match logs.open_run(&name, runs > 0) {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the container log");
+                return;
+            }
+        };
+        let cfg = GuestConfig {
+            stdout: Some(file.clone()),
+            stderr: Some(file),
+            ..config.clone()
+        };
+        let started_at = now();
+        let started = Instant::now();
+        if runs > 0 {
+            shared
+                .event(
+                    "Normal",
+                    "Started",
+                    &format!("Started container {name} (restart {runs})"),
+                )
+                .await;
+        } else {
+            shared
+                .event(
+                    "Normal",
+                    "Started",
+                    &format!("Started container {name} (wasi command)"),
+                )
+                .await;
+        }
+        shared.container(i, |c| {
+            c.started = true;
+            c.ready = true;
+            c.state = json!({"running": {"startedAt": started_at}});
+        });
+        let code = tokio::select! {
+            r = runtime.run_command(&program, &cfg) => r.unwrap_or(1),
+            _ = stop.changed() => return,
+        };
+        runs += 1;
+        let terminated = json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                                                "startedAt": started_at, "finishedAt": now(), "containerID": format!("wasm://{name}")}});
+        let again = match restart.as_str() {
+            "Never" => false,
+            "OnFailure" => code != 0,
+            _ => true,
+        };
+        if !again {
+            shared.container(i, |c| {
+                c.ready = false;
+                c.state = terminated;
+            });
+            return;
+        }
+        let delay = backoff.next(started.elapsed());
+        shared
+            .event(
+                "Warning",
+                "BackOff",
+                &format!("Back-off restarting container {name} (exit code {code})"),
+            )
+            .await;
+        shared.container(i, |c| {
+            c.ready = false;
+            c.last_state = terminated;
+            c.restart_count += 1;
+            c.state = waiting(
+                "CrashLoopBackOff",
+                &format!("back-off {}s restarting container {name}", delay.as_secs()),
+            );
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_from_values_and_field_refs() {
+        let pod = json!({"metadata": {"name": "web-1", "namespace": "shop", "uid": "u1"}});
+        let c = json!({"env": [{"name": "A", "value": "1"}, {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                               {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                               {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]});
+        let env = container_env(&pod, &c, Some(Ipv4Addr::new(10, 88, 0, 9)), "n1");
+        let get = |k: &str| env.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("HOSTNAME"), Some("web-1"));
+        assert_eq!(get("A"), Some("1"));
+        assert_eq!(get("POD"), Some("web-1"));
+        assert_eq!(get("NS"), Some("shop"));
+        assert_eq!(get("IP"), Some("10.88.0.9"));
+    }
+
+    #[test]
+    fn ready_only_when_every_container_is() {
+        let c = |ready| ContainerStatus {
+            name: "a".into(),
+            image: "i".into(),
+            image_id: String::new(),
+            ready,
+            started: true,
+            restart_count: 0,
+            state: json!({}),
+            last_state: Value::Null,
+        };
+        let mut s = PodStatus {
+            phase: "Running",
+            pod_ip: Some(Ipv4Addr::new(10, 88, 0, 2)),
+            start_time: now(),
+            ready_since: None,
+            not_ready_since: now(),
+            containers: vec![c(true), c(false)],
+            message: None,
+            reason: None,
+        };
+        let st = status_json(&s, Ipv4Addr::LOCALHOST);
+        assert_eq!(st["conditions"][3]["status"], "False");
+        assert_eq!(st["podIP"], "10.88.0.2");
+        s.containers[1].ready = true;
+        assert_eq!(
+            status_json(&s, Ipv4Addr::LOCALHOST)["conditions"][3]["status"],
+            "True"
+        );
+    }
+}

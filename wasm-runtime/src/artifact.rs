@@ -1,0 +1,210 @@
+//! Wasm artifacts in OCI registries: resolve a reference, tell wasm from OCI images by media
+//! type, pull the wasm layer (digest verified, kept content-addressed), and push.
+
+use std::path::{Path, PathBuf};
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OciManifest;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+use crate::sha256_digest;
+
+/// Config media types of wasm artifacts (CNCF, and the older wasm-to-oci one).
+pub const WASM_CONFIG_TYPES: &[&str] = &[
+    "application/vnd.wasm.config.v0+json",
+    "application/vnd.wasm.config.v1+json",
+];
+/// Layer media types of wasm: CNCF, Spin, Krustlet / wasm-to-oci.
+pub const WASM_LAYER_TYPES: &[&str] = &[
+    "application/wasm",
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.module.wasm.content.layer.v1+wasm",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("invalid image reference {0:?}: {1}")]
+    Reference(String, String),
+    #[error("{0}")]
+    Registry(String),
+    #[error("the image {0} is not a wasm artifact (config {1})")]
+    NotWasm(String, String),
+    #[error("blob {expected} failed verification (got {actual})")]
+    Digest { expected: String, actual: String },
+    #[error("image cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a reference resolves to.
+#[derive(Debug, Clone)]
+pub enum Resolved {
+    /// A wasm artifact: the digest of its wasm layer and the manifest digest.
+    Wasm {
+        manifest_digest: String,
+        layer_digest: String,
+        layer_media_type: String,
+    },
+    /// Anything else: an OCI image for runc.
+    Image {
+        manifest_digest: String,
+        config_media_type: String,
+    },
+}
+
+/// Registries reached over plain HTTP: loopback ones, and those listed as insecure.
+pub fn is_insecure(registry: &str, insecure: &[String]) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(registry);
+    host == "localhost"
+        || host.starts_with("127.")
+        || host == "[::1]"
+        || insecure.iter().any(|r| r == registry || r == host)
+}
+
+pub fn client_for(reference: &Reference, insecure: &[String]) -> Client {
+    let registry = reference.resolve_registry().to_string();
+    let protocol = if is_insecure(&registry, insecure) {
+        ClientProtocol::HttpsExcept(vec![registry])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        ..Default::default()
+    })
+}
+
+pub fn parse_reference(image: &str) -> Result<Reference, PullError> {
+    image
+        .parse::<Reference>()
+        .map_err(|e| PullError::Reference(image.to_string(), e.to_string()))
+}
+
+fn registry_err(e: impl std::fmt::Display) -> PullError {
+    PullError::Registry(e.to_string())
+}
+
+/// Resolves `image` to its manifest and says whether it is wasm.
+pub async fn resolve(image: &str, insecure: &[String]) -> Result<Resolved, PullError> {
+    let reference = parse_reference(image)?;
+    let client = client_for(&reference, insecure);
+    let (manifest, digest) = client
+        .pull_manifest(&reference, &RegistryAuth::Anonymous)
+        .await
+        .map_err(registry_err)?;
+    let OciManifest::Image(m) = manifest else {
+        // An index: wasm artifacts are single manifests; indexes are multi-platform OCI images.
+        return Ok(Resolved::Image {
+            manifest_digest: digest,
+            config_media_type: "application/vnd.oci.image.index.v1+json".into(),
+        });
+    };
+    let wasm_layer = m
+        .layers
+        .iter()
+        .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()));
+    match wasm_layer {
+        Some(l)
+            if WASM_CONFIG_TYPES.contains(&m.config.media_type.as_str()) || m.layers.len() == 1 =>
+        {
+            Ok(Resolved::Wasm {
+                manifest_digest: digest,
+                layer_digest: l.digest.clone(),
+                layer_media_type: l.media_type.clone(),
+            })
+        }
+        _ => Ok(Resolved::Image {
+            manifest_digest: digest,
+            config_media_type: m.config.media_type.clone(),
+        }),
+    }
+}
+
+/// The content-addressed blob cache: `DIR/sha256/<hex>`.
+pub struct BlobCache {
+    dir: PathBuf,
+}
+
+impl BlobCache {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        BlobCache { dir: dir.into() }
+    }
+
+    pub fn path(&self, digest: &str) -> PathBuf {
+        let (alg, hex) = digest.split_once(':').unwrap_or(("sha256", digest));
+        self.dir.join(alg).join(hex)
+    }
+
+    pub fn get(&self, digest: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.path(digest))
+            .ok()
+            .filter(|b| sha256_digest(b) == digest)
+    }
+
+    fn put(&self, digest: &str, bytes: &[u8]) -> Result<PathBuf, PullError> {
+        let path = self.path(digest);
+        let io = |e| PullError::Cache {
+            path: path.clone(),
+            source: e,
+        };
+        std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(io)?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, bytes)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(io)?;
+        Ok(path)
+    }
+}
+
+/// Pulls the wasm layer `digest` of `image` into the cache (unless there) and returns it.
+/// A blob whose content does not hash to its digest is refused and not kept.
+pub async fn pull_wasm(
+    image: &str,
+    layer_digest: &str,
+    cache: &BlobCache,
+    insecure: &[String],
+) -> Result<Vec<u8>, PullError> {
+    if let Some(b) = cache.get(layer_digest) {
+        return Ok(b);
+    }
+    let reference = parse_reference(image)?;
+    let client = client_for(&reference, insecure);
+    let mut bytes = Vec::new();
+    client
+        .pull_blob(&reference, layer_digest, &mut bytes)
+        .await
+        .map_err(registry_err)?;
+    let actual = sha256_digest(&bytes);
+    if actual != layer_digest {
+        return Err(PullError::Digest {
+            expected: layer_digest.to_string(),
+            actual,
+        });
+    }
+    cache.put(layer_digest, &bytes)?;
+    Ok(bytes)
+}
+
+/// Pushes a wasm module or component to `image` in the CNCF wasm layout; returns the manifest URL.
+pub async fn push(bytes: Vec<u8>, image: &str, insecure: &[String]) -> Result<String, PullError> {
+    let reference = parse_reference(image)?;
+    let client = oci_wasm::WasmClient::new(client_for(&reference, insecure));
+    let is_component = crate::classify_bytes(&bytes)
+        .ok_or_else(|| PullError::NotWasm(image.to_string(), "the file is not wasm".into()))?;
+    let (config, layer) = if is_component {
+        oci_wasm::WasmConfig::from_raw_component(bytes, None).map_err(registry_err)?
+    } else {
+        oci_wasm::WasmConfig::from_raw_module(bytes, None).map_err(registry_err)?
+    };
+    let resp = client
+        .push(&reference, &RegistryAuth::Anonymous, layer, config, None)
+        .await
+        .map_err(registry_err)?;
+    Ok(resp.manifest_url)
+}

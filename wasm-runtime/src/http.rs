@@ -1,0 +1,177 @@
+//! Serving a wasi:http component: a hyper HTTP/1.1 server on the pod's address, a fresh
+//! instance per request from the pooling allocator. A request that traps or passes its CPU
+//! deadline is answered 500; the server keeps serving.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use tokio::net::TcpListener;
+use wasmtime::Store;
+use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::WasiHttpView;
+
+use crate::host::{GuestConfig, Host};
+use crate::{Inner, Program, Runtime, WasmError, EPOCH_TICK};
+
+/// A running HTTP service. Dropping it stops accepting and closes its connections.
+pub struct HttpServer {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+struct Stats {
+    served: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl HttpServer {
+    /// Requests answered, and those answered 500 because the guest failed.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.stats.served.load(Ordering::Relaxed),
+            self.stats.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One request against a pre-instantiated component: the reusable part of the HTTP path
+/// (the service proxy's in-process fast path calls it too).
+#[derive(Clone)]
+pub struct Handler {
+    pre: ProxyPre<Host>,
+    config: Arc<GuestConfig>,
+}
+
+fn plain(code: StatusCode, msg: &str) -> Response<HyperOutgoingBody> {
+    let body = Full::new(Bytes::from(msg.to_string()))
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync();
+    let mut r = Response::new(body);
+    *r.status_mut() = code;
+    r
+}
+
+impl Handler {
+    pub async fn handle(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<Response<HyperOutgoingBody>, WasmError> {
+        let mut host = Host::new(&self.config, false)?;
+        let incoming = host
+            .http()
+            .new_incoming_request(Scheme::Http, req)
+            .map_err(|e| WasmError::Guest(format!("{e:#}")))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let out = host
+            .http()
+            .new_response_outparam(tx)
+            .map_err(|e| WasmError::Guest(format!("{e:#}")))?;
+        let mut store = Store::new(self.pre.engine(), host);
+        store.limiter(|h| &mut h.limits);
+        let ticks = self
+            .config
+            .request_timeout
+            .map(|t| (t.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64)
+            .unwrap_or(u64::MAX / 2);
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+        let pre = self.pre.clone();
+        let task = tokio::spawn(async move {
+            let proxy = pre.instantiate_async(&mut store).await?;
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, incoming, out)
+                .await
+        });
+        match rx.await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(code)) => Err(WasmError::Guest(format!(
+                "the guest answered with an error: {code:?}"
+            ))),
+            Err(_) => match task.await {
+                Ok(Ok(())) => Err(WasmError::Guest("the guest never set a response".into())),
+                Ok(Err(e)) => Err(WasmError::Guest(format!("{e:#}"))),
+                Err(e) => Err(WasmError::Guest(e.to_string())),
+            },
+        }
+    }
+}
+
+impl Runtime {
+    /// The request handler of an HTTP program.
+    pub fn handler(&self, program: &Program, config: GuestConfig) -> Result<Handler, WasmError> {
+        match &program.inner {
+            Inner::Http(pre) => Ok(Handler {
+                pre: pre.clone(),
+                config: Arc::new(config),
+            }),
+            _ => Err(WasmError::Guest("not an HTTP component".into())),
+        }
+    }
+
+    /// Serves `program` on `listener` until the returned server is dropped.
+    pub fn serve_http(
+        &self,
+        program: &Program,
+        config: GuestConfig,
+        listener: TcpListener,
+    ) -> Result<HttpServer, WasmError> {
+        let handler = self.handler(program, config)?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = tcp.set_nodelay(true);
+                let handler = handler.clone();
+                let st = st.clone();
+                conns.spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let handler = handler.clone();
+                        let st = st.clone();
+                        async move {
+                            st.served.fetch_add(1, Ordering::Relaxed);
+                            Ok::<_, Infallible>(match handler.handle(req).await {
+                                Ok(r) => r,
+                                Err(e) => {
+                                    st.failed.fetch_add(1, Ordering::Relaxed);
+                                    tracing::debug!(error = %e, "guest request failed");
+                                    plain(
+                                        StatusCode::INTERNAL_SERVER_ERROR,
+                                        "internal error: the wasm guest failed\n",
+                                    )
+                                }
+                            })
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .keep_alive(true)
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Ok(HttpServer { addr, task, stats })
+    }
+}
