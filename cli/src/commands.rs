@@ -11,7 +11,7 @@ use skiff_api::{meta, Resource};
 use skiff_client::{verbs, Client};
 
 use crate::print::{self, Format};
-use crate::{Cli, Command, CreateWhat, RolloutWhat, ServerArgs, SetWhat};
+use crate::{Cli, Command, CreateWhat, NodeArgs, RolloutWhat, ServerArgs, SetWhat};
 
 const SMP: &str = "application/strategic-merge-patch+json";
 const MERGE: &str = "application/merge-patch+json";
@@ -41,8 +41,35 @@ fn default_data_dir() -> std::path::PathBuf {
 }
 
 pub async fn run(cli: Cli) -> Result<()> {
-    if let Command::Server(args) = &cli.command {
-        return server(args.clone()).await;
+    match &cli.command {
+        Command::Server(args) => return server(args.clone(), None).await,
+        Command::Up { server: s, node } => return server(s.clone(), Some(node.clone())).await,
+        Command::Agent {
+            server,
+            token,
+            ca_cert,
+            data_dir,
+            node,
+        } => {
+            let ca = match ca_cert {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let client = Client::new(server, Some(token.clone()), "default", ca.as_deref(), false)?;
+            let dir = data_dir
+                .clone()
+                .unwrap_or_else(|| default_data_dir().join("agent"));
+            return agent(client, dir, node.clone()).await;
+        }
+        Command::Push {
+            file,
+            reference,
+            insecure_registries,
+        } => return push(file, reference, insecure_registries).await,
+        _ => {}
     }
     if let Command::Completion { shell } = &cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -56,7 +83,13 @@ pub async fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| client.namespace.clone());
     let ctx = Ctx { client, ns };
     match cli.command {
-        Command::Server(_) | Command::Completion { .. } => unreachable!("handled above"),
+        Command::Server(_)
+        | Command::Up { .. }
+        | Command::Agent { .. }
+        | Command::Push { .. }
+        | Command::Completion { .. } => {
+            unreachable!("handled above")
+        }
         Command::Get {
             types,
             names,
@@ -384,24 +417,109 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-async fn server(args: ServerArgs) -> Result<()> {
-    let dir = args.data_dir.unwrap_or_else(default_data_dir);
-    let mut config = skiff_control::server::ServerConfig::new(dir, args.api_addr);
-    config.controllers.node_grace = Duration::from_secs(args.node_grace_seconds);
-    config.controllers.eviction_timeout = Duration::from_secs(args.pod_eviction_seconds);
-    let mut server = skiff_control::server::Server::start(config).await?;
-    eprintln!(
-        "skiff server listening on http://{} (kubeconfig: {})",
-        server.addr,
-        server.kubeconfig.display()
-    );
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_lowercase())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "skiff-node".into())
+}
+
+fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentConfig {
+    let mut c = skiff_node::AgentConfig::new(&node.name.clone().unwrap_or_else(host_name), dir);
+    c.node_ip = node.node_ip;
+    c.listen = node.agent_addr;
+    c.insecure_registries = node.insecure_registries.clone();
+    c.bridge = node.bridge.clone();
+    c.heartbeat = Duration::from_secs(node.heartbeat_seconds.max(1));
+    c
+}
+
+async fn until_signal() -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// `skiff server`, or with `node` set, `skiff up` (server and agent in one process).
+async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
+    let dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let server_dir = if node.is_some() {
+        dir.join("server")
+    } else {
+        dir.clone()
+    };
+    let mut config = skiff_control::server::ServerConfig::new(server_dir, args.api_addr);
+    config.controllers.node_grace = Duration::from_secs(args.node_grace_seconds);
+    config.controllers.eviction_timeout = Duration::from_secs(args.pod_eviction_seconds);
+    if let Some(n) = &node {
+        config.tls_sans.push(n.node_ip.to_string());
+    }
+    let mut server = skiff_control::server::Server::start(config).await?;
+    if node.is_some() {
+        // The kubeconfig also at the top of the data dir, where users look for it.
+        std::fs::copy(&server.kubeconfig, dir.join("kubeconfig"))
+            .context("writing the kubeconfig")?;
+    }
+    eprintln!(
+        "skiff API server listening on https://{} (kubeconfig: {})",
+        server.addr,
+        dir.join("kubeconfig").display()
+    );
+    let agent = match node {
+        Some(n) => {
+            let client = Client::new(
+                &format!("https://{}", server.addr),
+                Some(server.token.clone()),
+                "default",
+                Some(&server.ca_pem),
+                false,
+            )?;
+            let a = skiff_node::Agent::start(client, agent_config(dir.join("agent"), &n)).await?;
+            eprintln!("skiff node {} ready", a.name);
+            Some(a)
+        }
+        None => None,
+    };
+    tokio::select! {
+        r = until_signal() => r?,
         r = server.wait() => return r.map_err(Into::into),
     }
+    if let Some(a) = agent {
+        a.shutdown().await;
+    }
     server.shutdown().await?;
+    Ok(())
+}
+
+async fn agent(client: Client, dir: std::path::PathBuf, node: NodeArgs) -> Result<()> {
+    let a = skiff_node::Agent::start(client, agent_config(dir, &node)).await?;
+    eprintln!("skiff node {} ready", a.name);
+    until_signal().await?;
+    a.shutdown().await;
+    Ok(())
+}
+
+async fn push(file: &Path, reference: &str, insecure: &[String]) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let size = bytes.len() as u64;
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(format!(
+        "pushing {} ({} KiB) to {reference}",
+        file.display(),
+        size / 1024
+    ));
+    bar.enable_steady_tick(Duration::from_millis(100));
+    let url = skiff_wasm::artifact::push(bytes, reference, insecure).await;
+    bar.finish_and_clear();
+    let url = url?;
+    println!(
+        "pushed {} ({size} bytes) to {reference}: {url}",
+        file.display()
+    );
     Ok(())
 }
 

@@ -42,10 +42,64 @@ pub struct ServerArgs {
     pub pod_eviction_seconds: u64,
 }
 
+#[derive(Args, Clone)]
+pub struct NodeArgs {
+    /// Node name (default: the host name).
+    #[arg(long, env = "SKIFF_NODE_NAME")]
+    pub name: Option<String>,
+    /// The node's InternalIP (NodePorts answer there).
+    #[arg(long, env = "SKIFF_NODE_IP", default_value = "127.0.0.1")]
+    pub node_ip: std::net::Ipv4Addr,
+    /// Address of the agent's endpoint (logs) the API server connects to; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub agent_addr: SocketAddr,
+    /// Registries reached over plain HTTP (loopback registries always are).
+    #[arg(long = "insecure-registry")]
+    pub insecure_registries: Vec<String>,
+    /// Bridge for the pod network.
+    #[arg(long, default_value = "skiff0")]
+    pub bridge: String,
+    /// Seconds between heartbeats.
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_seconds: u64,
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the control plane (API server, store, scheduler, controllers).
     Server(ServerArgs),
+    /// Run the control plane and a node agent in one process: a single-node cluster.
+    Up {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Run a node agent that joins a control plane.
+    Agent {
+        /// The API server's URL.
+        #[arg(long, env = "SKIFF_SERVER")]
+        server: String,
+        /// A bearer token the API server accepts.
+        #[arg(long, env = "SKIFF_TOKEN")]
+        token: String,
+        /// The cluster CA certificate (PEM), from the server's data dir.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// Where the agent keeps images, compiled code, logs and its pod cache.
+        #[arg(long, env = "SKIFF_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Publish a wasm module or component to an OCI registry (CNCF wasm layout).
+    Push {
+        file: PathBuf,
+        /// REGISTRY/REPO:TAG
+        reference: String,
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+    },
     /// Display one or many resources (TYPE[,TYPE...] [NAME]).
     Get {
         types: String,
@@ -227,7 +281,10 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Server(_)) {
+    if matches!(
+        cli.command,
+        Command::Server(_) | Command::Up { .. } | Command::Agent { .. }
+    ) {
         init_tracing();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -162,17 +162,18 @@ pub async fn serve(
     } else {
         logs.current(&container)
     };
-    let content =
-        match std::fs::read(&path) {
-            Ok(c) => c,
-            Err(_) if previous => return Ok(text(
+    let content = match std::fs::read(&path) {
+        Ok(c) => c,
+        Err(_) if previous => {
+            return Ok(text(
                 StatusCode::BAD_REQUEST,
                 format!(
                     "previous terminated container \"{container}\" in pod \"{name}\" not found\n"
                 ),
-            )),
-            Err(_) => Vec::new(),
-        };
+            ))
+        }
+        Err(_) => Vec::new(),
+    };
     let shown = match q.get("tailLines").and_then(|t| t.parse::<usize>().ok()) {
         Some(n) => tail(&content, n).to_vec(),
         None => content.clone(),
