@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need_apt=()
-for pkg in curl iproute2; do
+for pkg in curl iproute2 docker-registry; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

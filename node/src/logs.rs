@@ -178,7 +178,8 @@ pub async fn serve(
         Some(n) => tail(&content, n).to_vec(),
         None => content.clone(),
     };
-    if !q.get("follow").is_some_and(|v| v == "true") || previous {
+    let follow = q.get("follow").is_some_and(|v| v == "true");
+    if !follow || previous {
         return Ok(Response::new(Full::new(Bytes::from(shown)).boxed()));
     }
     // Follow: send what is there, then what is appended, until the pod leaves this node.

@@ -62,7 +62,11 @@ impl Netlink for IpCommand {
     fn add_address(&self, bridge: &str, addr: Ipv4Addr) -> Result<(), NetError> {
         let cidr = format!("{addr}/32");
         match ip(&["addr", "add", &cidr, "dev", bridge]) {
-            Err(NetError::Command { msg, .. }) if msg.contains("exists") => Ok(()),
+            Err(NetError::Command { msg, .. })
+                if msg.contains("exists") || msg.contains("already assigned") =>
+            {
+                Ok(())
+            }
             other => other.map(|_| ()),
         }
     }

@@ -5,6 +5,7 @@
 //! parallel and leave nothing behind.
 
 pub mod fake_node;
+pub mod netns;
 
 use std::future::Future;
 use std::path::PathBuf;

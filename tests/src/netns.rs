@@ -1,0 +1,182 @@
+//! A private network namespace per test: the node's bridge, pod addresses, registry and API
+//! all live inside it, so tests never touch the host's network and can run in parallel.
+//! Needs root and iproute2.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::{eventually, skiff_binary};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+pub struct Netns {
+    pub name: String,
+    children: Vec<Child>,
+}
+
+impl Netns {
+    pub fn new() -> anyhow::Result<Netns> {
+        let name = format!(
+            "skiff-t{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        );
+        let out = Command::new("ip").args(["netns", "add", &name]).output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "ip netns add {name} (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ns = Netns {
+            name,
+            children: Vec::new(),
+        };
+        ns.run(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    /// Runs a command inside the namespace and returns its output.
+    pub fn output(&self, args: &[&str]) -> anyhow::Result<Output> {
+        Ok(self.command(args).output()?)
+    }
+
+    /// Runs a command inside the namespace; it must succeed. Returns stdout.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.output(args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "`{}` failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// Starts a long-running process inside the namespace, logging to `log`. Returns its index.
+    pub fn spawn(&mut self, args: &[&str], log: &Path) -> anyhow::Result<usize> {
+        let f = std::fs::File::create(log)?;
+        let child = self
+            .command(args)
+            .stdout(Stdio::from(f.try_clone()?))
+            .stderr(Stdio::from(f))
+            .spawn()?;
+        self.children.push(child);
+        Ok(self.children.len() - 1)
+    }
+
+    /// `kill -9` a process this namespace started (by its PID).
+    pub fn kill(&mut self, index: usize) -> anyhow::Result<()> {
+        let c = &mut self.children[index];
+        c.kill()?;
+        c.wait()?;
+        Ok(())
+    }
+
+    /// Starts `docker-registry` on 127.0.0.1:5000 inside the namespace.
+    pub async fn start_registry(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let cfg = dir.join("registry.yml");
+        std::fs::write(&cfg, format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\n", dir.join("registry").display()))?;
+        self.spawn(
+            &["docker-registry", "serve", cfg.to_str().unwrap()],
+            &dir.join("registry.log"),
+        )?;
+        eventually("the registry", Duration::from_secs(20), || async {
+            Ok(self
+                .run(&["curl", "-sf", "http://127.0.0.1:5000/v2/"])
+                .ok()
+                .map(|_| ()))
+        })
+        .await
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// `skiff up` inside a namespace, driven with the skiff CLI as a user would.
+pub struct SkiffUp {
+    pub dir: PathBuf,
+    pub index: usize,
+}
+
+impl SkiffUp {
+    pub async fn start(ns: &mut Netns, dir: &Path, extra: &[&str]) -> anyhow::Result<SkiffUp> {
+        let bin = skiff_binary()?;
+        let data = dir.join("skiff");
+        let mut args = vec![
+            bin.to_str().unwrap(),
+            "up",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--api-addr",
+            "127.0.0.1:6443",
+            "--name",
+            "edge-1",
+            "--heartbeat-seconds",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        let index = ns.spawn(
+            &args,
+            &dir.join(format!(
+                "skiff-up-{}.log",
+                chrono::Utc::now().timestamp_millis()
+            )),
+        )?;
+        let up = SkiffUp { dir: data, index };
+        eventually("node edge-1 Ready", Duration::from_secs(30), || async {
+            Ok(up
+                .skiff(ns, &["get", "nodes"])
+                .ok()
+                .filter(|o| o.contains("edge-1") && o.contains(" Ready"))
+                .map(|_| ()))
+        })
+        .await?;
+        Ok(up)
+    }
+
+    /// Runs the skiff CLI inside the namespace against this cluster; it must succeed.
+    pub fn skiff(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.skiff_output(ns, args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "skiff {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    pub fn skiff_output(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<Output> {
+        let bin = skiff_binary()?;
+        let kc = self.dir.join("kubeconfig");
+        let mut full = vec![bin.to_str().unwrap(), "--kubeconfig", kc.to_str().unwrap()];
+        full.extend_from_slice(args);
+        ns.output(&full)
+    }
+
+    /// A JSON field of an object, via `get -o json`.
+    pub fn json(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["-o", "json"]);
+        Ok(serde_json::from_str(&self.skiff(ns, &a)?)?)
+    }
+}

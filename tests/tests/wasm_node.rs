@@ -1,0 +1,250 @@
+//! The reference walk on `skiff up` with the wasm bootcamp app, end to end with real parts:
+//! a `docker-registry` process, the `skiff` binary (API server + agent + wasmtime), pod
+//! addresses on a bridge — all inside a network namespace of the test's own.
+//! Needs root, iproute2, curl, docker-registry and the samples (`samples/build.sh`).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use serde_json::Value;
+use skiff_e2e::eventually;
+use skiff_e2e::netns::{Netns, SkiffUp};
+
+fn samples() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build")
+}
+
+fn pod_ips(up: &SkiffUp, ns: &Netns, selector: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let v = up.json(ns, &["get", "pods", "-l", selector])?;
+    Ok(v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["metadata"].get("deletionTimestamp").is_none())
+        .filter_map(|p| {
+            Some((
+                p["metadata"]["name"].as_str()?.to_string(),
+                p["status"]["podIP"].as_str()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+fn curl(ns: &Netns, ip: &str) -> anyhow::Result<String> {
+    ns.run(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "5",
+        &format!("http://{ip}:8080/"),
+    ])
+}
+
+async fn rolled_out(up: &SkiffUp, ns: &Netns, name: &str) -> anyhow::Result<()> {
+    up.skiff(
+        ns,
+        &[
+            "rollout",
+            "status",
+            &format!("deployment/{name}"),
+            "--timeout",
+            "60",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Every ready bootcamp pod answers at its pod IP with its own name and `version`.
+fn check_answers(up: &SkiffUp, ns: &Netns, want: usize, version: &str) -> anyhow::Result<()> {
+    let pods = pod_ips(up, ns, "app=kubernetes-bootcamp")?;
+    anyhow::ensure!(
+        pods.len() == want,
+        "{} pods, wanted {want}: {pods:?}",
+        pods.len()
+    );
+    let mut names = BTreeSet::new();
+    for (name, ip) in &pods {
+        let body = curl(ns, ip)?;
+        anyhow::ensure!(
+            body == format!("Hello Kubernetes bootcamp! | Running on: {name} | v={version}\n"),
+            "pod {name} at {ip} answered {body:?}"
+        );
+        names.insert(name.clone());
+    }
+    anyhow::ensure!(names.len() == want);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut ns = Netns::new()?;
+    ns.start_registry(dir.path()).await?;
+    let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
+    for (file, reference) in [
+        ("bootcamp-v1.wasm", "bootcamp:v1"),
+        ("bootcamp-v2.wasm", "bootcamp:v2"),
+        ("hello-command.wasm", "hello:v1"),
+    ] {
+        up.skiff(
+            &ns,
+            &[
+                "push",
+                samples().join(file).to_str().unwrap(),
+                &format!("127.0.0.1:5000/{reference}"),
+            ],
+        )?;
+    }
+
+    // create → one pod answering at its pod IP
+    up.skiff(
+        &ns,
+        &[
+            "create",
+            "deployment",
+            "kubernetes-bootcamp",
+            "--image=127.0.0.1:5000/bootcamp:v1",
+            "--port=8080",
+        ],
+    )?;
+    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+    check_answers(&up, &ns, 1, "1")?;
+    let node = up.json(&ns, &["get", "node", "edge-1"])?;
+    assert_eq!(
+        node["metadata"]["labels"][skiff_api::WASM_NODE_LABEL],
+        "true"
+    );
+
+    // scale to 4: four pods, each answering with its own name
+    up.skiff(
+        &ns,
+        &["scale", "deployments/kubernetes-bootcamp", "--replicas=4"],
+    )?;
+    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+    check_answers(&up, &ns, 4, "1")?;
+
+    // set image v2, then roll back to v1
+    up.skiff(
+        &ns,
+        &[
+            "set",
+            "image",
+            "deployments/kubernetes-bootcamp",
+            "bootcamp=127.0.0.1:5000/bootcamp:v2",
+        ],
+    )?;
+    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+    eventually("four v2 pods", Duration::from_secs(20), || async {
+        Ok(check_answers(&up, &ns, 4, "2").ok())
+    })
+    .await?;
+    up.skiff(&ns, &["rollout", "undo", "deployments/kubernetes-bootcamp"])?;
+    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+    eventually("four v1 pods", Duration::from_secs(20), || async {
+        Ok(check_answers(&up, &ns, 4, "1").ok())
+    })
+    .await?;
+
+    // A command pod: its output is its log, its exit code its status.
+    let job = dir.path().join("job.yaml");
+    std::fs::write(&job, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  restartPolicy: Never\n  containers:\n  - name: hello\n    image: 127.0.0.1:5000/hello:v1\n    args: [\"first\"]\n    env:\n    - {name: EXIT_CODE, value: \"3\"}\n")?;
+    up.skiff(&ns, &["apply", "-f", job.to_str().unwrap()])?;
+    let status = eventually(
+        "the command pod to finish",
+        Duration::from_secs(30),
+        || async {
+            let p = up.json(&ns, &["get", "pod", "hello"])?;
+            Ok((p["status"]["phase"] == "Failed").then(|| p["status"].clone()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        status["containerStatuses"][0]["state"]["terminated"]["exitCode"],
+        3
+    );
+    let logs = up.skiff(&ns, &["logs", "hello"])?;
+    assert!(
+        logs.contains("hello from hello")
+            && logs.contains("arg 1: first")
+            && logs.contains("exiting with 3"),
+        "{logs}"
+    );
+
+    // An image that is not there: ErrImagePull, then ImagePullBackOff with the registry's message.
+    up.skiff(
+        &ns,
+        &["run", "missing", "--image=127.0.0.1:5000/nothere:v1"],
+    )?;
+    let reason = eventually("a pull error", Duration::from_secs(30), || async {
+        let p = up.json(&ns, &["get", "pod", "missing"])?;
+        Ok(
+            p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"]
+                .as_str()
+                .filter(|r| r.contains("Image"))
+                .map(|r| {
+                    (
+                        r.to_string(),
+                        p["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                    )
+                }),
+        )
+    })
+    .await?;
+    assert!(
+        reason.0 == "ErrImagePull" || reason.0 == "ImagePullBackOff",
+        "{reason:?}"
+    );
+    assert!(
+        reason.1.to_lowercase().contains("unknown")
+            || reason.1.contains("not found")
+            || reason.1.contains("404"),
+        "{reason:?}"
+    );
+    up.skiff(&ns, &["delete", "pod", "missing", "hello"])?;
+
+    // kill -9 and start again: the same pods come back, not duplicated, from the compile cache.
+    let before: BTreeSet<(String, String)> = pod_ips(&up, &ns, "app=kubernetes-bootcamp")?
+        .into_iter()
+        .collect();
+    ns.kill(up.index)?;
+    let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
+    eventually(
+        "the same four pods serving again",
+        Duration::from_secs(30),
+        || async {
+            let now: BTreeSet<(String, String)> = pod_ips(&up, &ns, "app=kubernetes-bootcamp")?
+                .into_iter()
+                .collect();
+            Ok((now == before && check_answers(&up, &ns, 4, "1").is_ok()).then_some(()))
+        },
+    )
+    .await?;
+    let events = up.json(&ns, &["get", "events"])?;
+    let cached = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("compile cache"))
+        })
+        .count();
+    assert!(
+        cached >= 4,
+        "restarted pods were served from the compile cache ({cached} events say so)"
+    );
+
+    up.skiff(&ns, &["delete", "deployment", "kubernetes-bootcamp"])?;
+    eventually("pods gone", Duration::from_secs(30), || async {
+        Ok(pod_ips(&up, &ns, "app=kubernetes-bootcamp")?
+            .is_empty()
+            .then_some(()))
+    })
+    .await?;
+    let _: Value = up.json(&ns, &["get", "deployments"])?;
+    Ok(())
+}
