@@ -1,39 +1,73 @@
 #!/usr/bin/env bash
-# The main job, on a local single-node control plane: installs what is needed, builds skiff,
-# starts `skiff server` on its own data dir and port, and walks the Kubernetes basics tutorial
-# with the skiff CLI and with kubectl, printing each step. Stops what it started.
+# The main job: installs what is needed, builds skiff and the wasm bootcamp app, starts a local
+# OCI registry and a single-node `skiff up`, and walks the Kubernetes basics tutorial with the
+# bootcamp app as wasm, printing each step and its answers. Then stops what it started.
 #
-# Until the node agent lands (`skiff agent` / `skiff up`), pods are scheduled only once a node
-# joins: this walk shows the control plane's side of it (deployments, replica sets, rollouts,
-# services, rollbacks) with pods Pending.
+# Everything runs inside a network namespace of its own (`skiff-demo`), so the pod network,
+# the registry and the API touch nothing else on the machine. Needs root.
+# Until the service proxy lands, pods are reached at their pod IPs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
+samples/build.sh >/dev/null
 cargo build --release -p skiff
-skiff=./target/release/skiff
+skiff=$PWD/target/release/skiff
 
-dir=$(mktemp -d)
-port=${SKIFF_DEMO_PORT:-16443}
-"$skiff" server --data-dir "$dir" --api-addr "127.0.0.1:$port" >"$dir/server.log" 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do [ -f "$dir/kubeconfig" ] && break; sleep 0.1; done
-export KUBECONFIG="$dir/kubeconfig"
+ns=skiff-demo
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  ip netns del "$ns" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+ip netns del "$ns" 2>/dev/null || true
+ip netns add "$ns"
+in_ns() { ip netns exec "$ns" "$@"; }
+in_ns ip link set lo up
 
-step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; "$@"; }
+cat >"$work/registry.yml" <<YAML
+version: 0.1
+log: {level: warn}
+storage: {filesystem: {rootdirectory: $work/registry}}
+http: {addr: 127.0.0.1:5000}
+YAML
+in_ns docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+pids+=($!)
+in_ns "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name edge-1 >"$work/skiff.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && [ -f "$work/skiff/kubeconfig" ] && break; sleep 0.2; done
+export KUBECONFIG=$work/skiff/kubeconfig
 
-step "$skiff" version
+step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; in_ns "$@"; }
+pod_ips() { in_ns "$skiff" get pods -l app=kubernetes-bootcamp -o json | python3 -c 'import json,sys; print(" ".join(p["status"].get("podIP","") for p in json.load(sys.stdin)["items"] if "deletionTimestamp" not in p["metadata"]))'; }
+curl_all() { for ip in $(pod_ips); do printf '  curl http://%s:8080/  ->  ' "$ip"; in_ns curl -s "http://$ip:8080/"; done; }
+
+until in_ns "$skiff" get nodes 2>/dev/null | grep -q ' Ready'; do sleep 0.2; done
+step "$skiff" push samples/build/bootcamp-v1.wasm 127.0.0.1:5000/bootcamp:v1
+step "$skiff" push samples/build/bootcamp-v2.wasm 127.0.0.1:5000/bootcamp:v2
+step "$skiff" get nodes -o wide
 step "$skiff" create deployment kubernetes-bootcamp --image=127.0.0.1:5000/bootcamp:v1 --port=8080
+step "$skiff" rollout status deployments/kubernetes-bootcamp --timeout 60
 step "$skiff" get deployments,pods -o wide
+curl_all
 step "$skiff" expose deployment/kubernetes-bootcamp --type=NodePort --port=8080
 step "$skiff" get svc
 step "$skiff" scale deployments/kubernetes-bootcamp --replicas=4
-step "$skiff" get rs
+step "$skiff" rollout status deployments/kubernetes-bootcamp --timeout 60
+curl_all
 step "$skiff" set image deployments/kubernetes-bootcamp bootcamp=127.0.0.1:5000/bootcamp:v2
-step "$skiff" rollout history deployments/kubernetes-bootcamp
-step "$skiff" rollout undo deployments/kubernetes-bootcamp
-step kubectl get deployments,replicasets,services
-step kubectl describe deployment kubernetes-bootcamp
+step "$skiff" rollout status deployments/kubernetes-bootcamp --timeout 60
+sleep 1; curl_all
+step kubectl rollout undo deployments/kubernetes-bootcamp
+step kubectl rollout status deployments/kubernetes-bootcamp --timeout=60s
+sleep 1; curl_all
+pod=$(in_ns "$skiff" get pods -l app=kubernetes-bootcamp -o name | head -1 | cut -d/ -f2)
+step "$skiff" describe pod "$pod"
+step "$skiff" logs "$pod"
+step kubectl get deployments,replicasets,pods,services
 step "$skiff" delete deployment kubernetes-bootcamp
-step kubectl get all
+printf '\ndone: the walk ran on a single-node skiff cluster with the bootcamp app as wasm.\n'
