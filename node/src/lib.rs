@@ -13,5 +13,6 @@ pub mod backoff;
 pub mod logs;
 pub mod network;
 pub mod pod;
+pub mod probe;
 
 pub use agent::{Agent, AgentConfig};

@@ -11,6 +11,8 @@ use skiff_api::{meta, quantity, Resource};
 use skiff_client::Client;
 use skiff_wasm::artifact::{self, BlobCache, Resolved};
 use skiff_wasm::{GuestConfig, HttpServer, Kind, Preopen, Program, Runtime};
+
+use crate::probe::{Probe, Verdict};
 use tokio::sync::{watch, Notify};
 
 use crate::backoff::Backoff;
@@ -494,7 +496,8 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
     };
     shared.update(|s| s.pod_ip = Some(ip));
 
-    let mut servers: Vec<HttpServer> = Vec::new();
+    // Every container runs as a task: commands under their restart policy, HTTP components
+    // under their probes.
     let mut commands = tokio::task::JoinSet::new();
     for (i, c) in containers.iter().enumerate() {
         let Some(program) = prepare(&shared, i, c, &mut stop).await else {
@@ -551,46 +554,25 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
                 if ports.is_empty() {
                     ports.push(8080);
                 }
-                let mut ok = true;
-                for port in ports {
-                    let addr = SocketAddr::from((ip, port));
-                    let served = match tokio::net::TcpListener::bind(addr).await {
-                        Ok(l) => ctx
-                            .runtime
-                            .serve_http(&program, config.clone(), l)
-                            .map_err(|e| e.to_string()),
-                        Err(e) => Err(format!("cannot listen on {addr}: {e}")),
-                    };
-                    match served {
-                        Ok(s) => servers.push(s),
-                        Err(msg) => {
-                            shared.event("Warning", "Failed", &msg).await;
-                            shared.container(i, |c| c.state = waiting("RunContainerError", &msg));
-                            ok = false;
-                        }
+                let http = HttpContainer {
+                    shared: shared.clone(),
+                    index: i,
+                    name: cname,
+                    program,
+                    config,
+                    ports,
+                    ip,
+                    container: c.clone(),
+                };
+                match http.serve().await {
+                    Ok(servers) => {
+                        let stop2 = stop.clone();
+                        commands.spawn(http.supervise(servers, stop2));
                     }
-                }
-                if ok {
-                    shared
-                        .event(
-                            "Normal",
-                            "Started",
-                            &format!(
-                                "Started container {cname} (wasi:http, {})",
-                                if program.cached {
-                                    "compile cache"
-                                } else {
-                                    "compiled"
-                                }
-                            ),
-                        )
-                        .await;
-                    shared.update(|s| {
-                        let c = &mut s.containers[i];
-                        c.ready = true;
-                        c.started = true;
-                        c.state = json!({"running": {"startedAt": now()}});
-                    });
+                    Err(msg) => {
+                        shared.event("Warning", "Failed", &msg).await;
+                        shared.container(i, |c| c.state = waiting("RunContainerError", &msg));
+                    }
                 }
             }
             Kind::Command => {
@@ -627,7 +609,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
                 if done.is_none() {
                     continue;
                 }
-                if commands.is_empty() && servers.is_empty() {
+                if commands.is_empty() {
                     let codes: Vec<i64> = shared.status.lock().expect("status").containers.iter()
                         .filter_map(|c| c.state.pointer("/terminated/exitCode").and_then(Value::as_i64)).collect();
                     shared.update(|s| s.phase = if codes.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" });
@@ -638,7 +620,6 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
     shared
         .event("Normal", "Killing", "Stopping the pod's containers")
         .await;
-    drop(servers);
     commands.abort_all();
     finish(&ctx, &ns, &name, Some(ip), writer).await;
 }
@@ -658,6 +639,154 @@ async fn finish(
         .lock()
         .expect("logs")
         .remove(&format!("{ns}/{name}"));
+}
+
+/// A wasi:http container: its listeners on the pod address, and its probes.
+struct HttpContainer {
+    shared: Arc<Shared>,
+    index: usize,
+    name: String,
+    program: Program,
+    config: GuestConfig,
+    ports: Vec<u16>,
+    ip: Ipv4Addr,
+    container: Value,
+}
+
+impl HttpContainer {
+    async fn serve(&self) -> Result<Vec<HttpServer>, String> {
+        let mut servers = Vec::new();
+        for port in &self.ports {
+            let addr = SocketAddr::from((self.ip, *port));
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            servers.push(
+                self.shared
+                    .ctx
+                    .runtime
+                    .serve_http(&self.program, self.config.clone(), l)
+                    .map_err(|e| e.to_string())?,
+            );
+        }
+        let how = if self.program.cached {
+            "compile cache"
+        } else {
+            "compiled"
+        };
+        self.shared
+            .event(
+                "Normal",
+                "Started",
+                &format!("Started container {} (wasi:http, {how})", self.name),
+            )
+            .await;
+        let has_readiness = Probe::of(&self.container, "readinessProbe").is_some();
+        self.shared.container(self.index, |c| {
+            c.started = true;
+            c.ready = !has_readiness;
+            c.state = json!({"running": {"startedAt": now()}});
+        });
+        Ok(servers)
+    }
+
+    /// Runs the probes until `stop`: readiness flips `ready`; a failed liveness probe
+    /// restarts the container (new listeners, restartCount + 1).
+    async fn supervise(self, mut servers: Vec<HttpServer>, mut stop: watch::Receiver<bool>) {
+        let readiness = Probe::of(&self.container, "readinessProbe");
+        let liveness = Probe::of(&self.container, "livenessProbe");
+        if readiness.is_none() && liveness.is_none() {
+            let _ = stop.changed().await;
+            return;
+        }
+        let started = Instant::now();
+        let (mut rv, mut lv) = (Verdict::default(), Verdict::default());
+        let (mut next_r, mut next_l) = (
+            readiness.as_ref().map(|p| started + p.initial_delay),
+            liveness.as_ref().map(|p| started + p.initial_delay),
+        );
+        loop {
+            let next = [next_r, next_l]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(started + Duration::from_secs(3600));
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep_until(next.into()) => {}
+            }
+            let now_i = Instant::now();
+            if let (Some(p), Some(at)) = (&readiness, next_r) {
+                if at <= now_i {
+                    let r = p.check(self.ip).await;
+                    if let Err(why) = &r {
+                        self.shared
+                            .event(
+                                "Warning",
+                                "Unhealthy",
+                                &format!("Readiness probe failed: {why}"),
+                            )
+                            .await;
+                    }
+                    if let Some(ready) = rv.record(p, r.is_ok()) {
+                        self.shared.update(|s| {
+                            s.containers[self.index].ready = ready;
+                            if ready && s.containers.iter().all(|c| c.ready) {
+                                s.ready_since = Some(now());
+                            } else if !ready {
+                                s.not_ready_since = now();
+                            }
+                        });
+                    }
+                    next_r = Some(now_i + p.period);
+                }
+            }
+            if let (Some(p), Some(at)) = (&liveness, next_l) {
+                if at <= now_i {
+                    let r = p.check(self.ip).await;
+                    if let Err(why) = &r {
+                        self.shared
+                            .event(
+                                "Warning",
+                                "Unhealthy",
+                                &format!("Liveness probe failed: {why}"),
+                            )
+                            .await;
+                    }
+                    if lv.record(p, r.is_ok()) == Some(false) {
+                        self.shared
+                            .event(
+                                "Normal",
+                                "Killing",
+                                &format!(
+                                    "Container {} failed liveness probe, will be restarted",
+                                    self.name
+                                ),
+                            )
+                            .await;
+                        servers.clear();
+                        self.shared.container(self.index, |c| {
+                            c.ready = false;
+                            c.restart_count += 1;
+                            c.last_state = json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now()}});
+                        });
+                        match self.serve().await {
+                            Ok(s) => servers = s,
+                            Err(msg) => self.shared.container(self.index, |c| {
+                                c.state = waiting("RunContainerError", &msg)
+                            }),
+                        }
+                        lv = Verdict::default();
+                        rv = Verdict::default();
+                        next_l = Some(Instant::now() + p.initial_delay.max(p.period));
+                        next_r = readiness.as_ref().map(|r| Instant::now() + r.initial_delay);
+                        continue;
+                    }
+                    next_l = Some(now_i + p.period);
+                }
+            }
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

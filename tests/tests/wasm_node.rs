@@ -205,6 +205,57 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
     );
     up.skiff(&ns, &["delete", "pod", "missing", "hello"])?;
 
+    // Readiness probes: a pod whose probe passes is Ready; one probing a port nothing serves
+    // keeps running but never becomes Ready, and says why in its events.
+    let probed = dir.path().join("probed.yaml");
+    let pod = |name: &str, port: u16| {
+        format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n  containers:\n  - name: web\n    image: 127.0.0.1:5000/bootcamp:v1\n    ports: [{{containerPort: 8080, name: http}}]\n    readinessProbe:\n      httpGet: {{path: /, port: {port}}}\n      periodSeconds: 1\n      failureThreshold: 1\n")
+    };
+    std::fs::write(
+        &probed,
+        format!("{}---\n{}", pod("probe-ok", 8080), pod("probe-bad", 9999)),
+    )?;
+    up.skiff(&ns, &["apply", "-f", probed.to_str().unwrap()])?;
+    eventually("probe-ok Ready", Duration::from_secs(20), || async {
+        let p = up.json(&ns, &["get", "pod", "probe-ok"])?;
+        Ok(p["status"]["conditions"]
+            .as_array()
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            })
+            .then_some(()))
+    })
+    .await?;
+    eventually("probe-bad Unhealthy", Duration::from_secs(20), || async {
+        let ev = up.json(
+            &ns,
+            &[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=probe-bad",
+            ],
+        )?;
+        Ok(ev["items"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|e| e["reason"] == "Unhealthy"))
+            .then_some(()))
+    })
+    .await?;
+    let bad = up.json(&ns, &["get", "pod", "probe-bad"])?;
+    assert_eq!(bad["status"]["phase"], "Running");
+    assert!(
+        bad["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "False"),
+        "{}",
+        bad["status"]
+    );
+    up.skiff(&ns, &["delete", "-f", probed.to_str().unwrap()])?;
+
     // kill -9 and start again: the same pods come back, not duplicated, from the compile cache.
     let before: BTreeSet<(String, String)> = pod_ips(&up, &ns, "app=kubernetes-bootcamp")?
         .into_iter()
