@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Prints skiff's benchmark figures, each next to a baseline measured in the same run.
+# Needs root (the pod-start benchmark runs a cluster in a network namespace of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+samples/build.sh >/dev/null
 cargo build --release -p skiff
 cargo bench -p skiff-control --bench control 2>/dev/null | sed -n '/^scheduler:/,$p'
+command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+cargo bench -p skiff-wasm --bench wasm 2>/dev/null | sed -n '/^bootcamp component/,$p'
+cargo bench -p skiff-e2e --bench pod_start 2>/dev/null | sed -n '/^wasm pod start/,$p'
 
 # Idle control-plane memory: a fresh `skiff server`, left idle, against a baseline process
 # (`sleep`) measured the same way.

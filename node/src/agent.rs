@@ -13,7 +13,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use skiff_api::{meta, Resource, WASM_NODE_LABEL};
 use skiff_client::{Client, ClientError};
-use skiff_wasm::artifact::BlobCache;
+use skiff_wasm::artifact::{BlobCache, ImageIndex};
 use skiff_wasm::Runtime;
 use tokio::sync::watch;
 
@@ -239,6 +239,7 @@ impl Agent {
             client: client.clone(),
             runtime,
             blobs: BlobCache::new(config.data_dir.join("blobs")),
+            images: ImageIndex::open(config.data_dir.join("images.json")),
             net,
             node_name: config.name.clone(),
             node_ip: config.node_ip,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use skiff_api::{meta, quantity, Resource};
 use skiff_client::Client;
-use skiff_wasm::artifact::{self, BlobCache, Resolved};
+use skiff_wasm::artifact::{self, BlobCache, ImageIndex, Resolved};
 use skiff_wasm::{GuestConfig, HttpServer, Kind, Preopen, Program, Runtime};
 
 use crate::probe::{Probe, Verdict};
@@ -24,6 +24,7 @@ pub struct NodeContext {
     pub client: Client,
     pub runtime: Runtime,
     pub blobs: BlobCache,
+    pub images: ImageIndex,
     pub net: PodNetwork,
     pub node_name: String,
     pub node_ip: Ipv4Addr,
@@ -107,9 +108,11 @@ impl Shared {
         self.update(|s| f(&mut s.containers[i]));
     }
 
+    /// Records an Event. Events are best effort and never hold up the pod: the write
+    /// happens in the background.
     async fn event(&self, ty: &str, reason: &str, message: &str) {
         let events = Resource::lookup("events").expect("events");
-        let ns = meta::namespace(&self.pod).unwrap_or("default");
+        let ns = meta::namespace(&self.pod).unwrap_or("default").to_string();
         let ts = now();
         let ev = json!({
             "metadata": {"name": format!("{}.{:x}", meta::name(&self.pod), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)), "namespace": ns},
@@ -119,9 +122,12 @@ impl Shared {
             "reportingComponent": "skiff-agent", "reportingInstance": self.ctx.node_name,
             "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
         });
-        if let Err(e) = self.ctx.client.create(events, Some(ns), &ev).await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
+        let client = self.ctx.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.create(events, Some(&ns), &ev).await {
+                tracing::debug!(error = %e, "event not recorded");
+            }
+        });
     }
 }
 
@@ -266,6 +272,27 @@ pub fn container_env(
 
 async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Vec<u8>, String> {
     let ctx = &shared.ctx;
+    // Present already: no registry round trip (IfNotPresent, Never), as the kubelet does.
+    if policy != "Always" {
+        if let Some((manifest, layer)) = ctx.images.get(image) {
+            if let Some(bytes) = ctx.blobs.get(&layer) {
+                shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
+                shared
+                    .event(
+                        "Normal",
+                        "Pulled",
+                        &format!("Container image \"{image}\" already present on machine"),
+                    )
+                    .await;
+                return Ok(bytes);
+            }
+        }
+        if policy == "Never" {
+            return Err(format!(
+                "image {image} is not present with pull policy of Never"
+            ));
+        }
+    }
     shared
         .event("Normal", "Pulling", &format!("Pulling image \"{image}\""))
         .await;
@@ -279,15 +306,10 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Ve
             return Err(format!("{image} is an OCI container image ({config_media_type}); this node runs wasm only (no runc runtime)"))
         }
     };
-    let bytes = if policy == "Never" {
-        ctx.blobs
-            .get(&layer)
-            .ok_or_else(|| format!("image {image} is not present with pull policy of Never"))?
-    } else {
-        artifact::pull_wasm(image, &layer, &ctx.blobs, &ctx.insecure_registries)
-            .await
-            .map_err(|e| e.to_string())?
-    };
+    let bytes = artifact::pull_wasm(image, &layer, &ctx.blobs, &ctx.insecure_registries)
+        .await
+        .map_err(|e| e.to_string())?;
+    ctx.images.put(image, &manifest, &layer);
     shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
     shared
         .event(

@@ -73,6 +73,11 @@ impl Netns {
         Ok(self.children.len() - 1)
     }
 
+    /// The PID of a process this namespace started.
+    pub fn pid(&self, index: usize) -> u32 {
+        self.children[index].id()
+    }
+
     /// `kill -9` a process this namespace started (by its PID).
     pub fn kill(&mut self, index: usize) -> anyhow::Result<()> {
         let c = &mut self.children[index];

@@ -208,3 +208,45 @@ pub async fn push(bytes: Vec<u8>, image: &str, insecure: &[String]) -> Result<St
         .map_err(registry_err)?;
     Ok(resp.manifest_url)
 }
+
+/// Which wasm layer a tag pointed to when it was last pulled: with `IfNotPresent` (or
+/// `Never`) a node that has the image runs it without asking the registry — offline too.
+/// Kept in one JSON file.
+pub struct ImageIndex {
+    path: PathBuf,
+    map: std::sync::Mutex<std::collections::BTreeMap<String, (String, String)>>,
+}
+
+impl ImageIndex {
+    pub fn open(path: impl Into<PathBuf>) -> ImageIndex {
+        let path = path.into();
+        let map = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        ImageIndex {
+            path,
+            map: std::sync::Mutex::new(map),
+        }
+    }
+
+    /// (manifest digest, layer digest) of `image`, if pulled before.
+    pub fn get(&self, image: &str) -> Option<(String, String)> {
+        self.map.lock().expect("image index").get(image).cloned()
+    }
+
+    pub fn put(&self, image: &str, manifest: &str, layer: &str) {
+        let body = {
+            let mut m = self.map.lock().expect("image index");
+            m.insert(image.to_string(), (manifest.to_string(), layer.to_string()));
+            serde_json::to_vec(&*m).unwrap_or_default()
+        };
+        let tmp = self.path.with_extension("tmp");
+        if std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::rename(&tmp, &self.path))
+            .is_err()
+        {
+            tracing::warn!(path = %self.path.display(), "cannot write the image index");
+        }
+    }
+}

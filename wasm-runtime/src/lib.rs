@@ -85,6 +85,8 @@ pub struct Runtime {
     cache_dir: PathBuf,
     component_linker: Arc<Linker<host::Host>>,
     core_linker: Arc<wasmtime::Linker<host::Host>>,
+    /// Programs already linked in this process, by digest.
+    loaded: Arc<std::sync::Mutex<std::collections::HashMap<String, Program>>>,
 }
 
 pub fn sha256_digest(bytes: &[u8]) -> String {
@@ -147,6 +149,7 @@ impl Runtime {
             cache_dir,
             component_linker: Arc::new(component_linker),
             core_linker: Arc::new(core_linker),
+            loaded: Arc::default(),
         })
     }
 
@@ -169,6 +172,26 @@ impl Runtime {
     pub fn load(&self, bytes: &[u8]) -> Result<Program, WasmError> {
         let is_component = classify_bytes(bytes).ok_or(WasmError::NotWasm)?;
         let digest = sha256_digest(bytes);
+        if let Some(p) = self.loaded.lock().expect("loaded").get(&digest) {
+            return Ok(Program {
+                cached: true,
+                ..p.clone()
+            });
+        }
+        let p = self.compile_or_load(bytes, is_component, digest)?;
+        self.loaded
+            .lock()
+            .expect("loaded")
+            .insert(p.digest.clone(), p.clone());
+        Ok(p)
+    }
+
+    fn compile_or_load(
+        &self,
+        bytes: &[u8],
+        is_component: bool,
+        digest: String,
+    ) -> Result<Program, WasmError> {
         let path = self.cache_path(&digest);
         if is_component {
             let (component, cached) = match self.cached_component(&path) {

@@ -1,0 +1,190 @@
+//! Wasm pod start on `skiff up`: pod created through the API → first HTTP 200 at its pod IP,
+//! with the image present and the compile cache warm, next to the floor measured in the same
+//! run (the runtime alone: load from the cache, listen, first 200). Also agent memory per idle
+//! wasm pod with many pods running.
+//!
+//! The cluster runs in a network namespace of its own; the measuring half of this program
+//! re-runs itself inside it. Needs root, docker-registry and `samples/build.sh`.
+//! Run: `cargo bench -p skiff-e2e --bench pod_start` (or `scripts/bench.sh`).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use skiff_api::Resource;
+use skiff_client::Client;
+
+const STARTS: usize = 30;
+
+fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
+    v.sort();
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn pod(name: &str) -> serde_json::Value {
+    json!({"metadata": {"name": name, "labels": {"bench": "start"}},
+           "spec": {"containers": [{"name": "web", "image": "127.0.0.1:5000/bootcamp:v1", "ports": [{"containerPort": 8080}]}]}})
+}
+
+async fn first_200(http: &reqwest::Client, client: &Client, name: &str) -> anyhow::Result<()> {
+    let pods = Resource::lookup("pods").unwrap();
+    let ip = loop {
+        let p = client.get(pods, Some("default"), name).await?;
+        if let Some(ip) = p["status"]["podIP"].as_str() {
+            break ip.to_string();
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    };
+    loop {
+        if let Ok(r) = http.get(format!("http://{ip}:8080/")).send().await {
+            if r.status() == 200 {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// The measuring half, inside the namespace.
+async fn inner(kubeconfig: &str, agent_pid: u32) -> anyhow::Result<()> {
+    let client = Client::from_kubeconfig(Some(std::path::Path::new(kubeconfig)))?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let pods = Resource::lookup("pods").unwrap();
+    // Warm up: the image pulled and compiled once.
+    client.create(pods, Some("default"), &pod("warm")).await?;
+    tokio::time::timeout(Duration::from_secs(60), first_200(&http, &client, "warm")).await??;
+    let mut times = Vec::new();
+    for i in 0..STARTS {
+        let name = format!("start-{i}");
+        let t = Instant::now();
+        client.create(pods, Some("default"), &pod(&name)).await?;
+        tokio::time::timeout(Duration::from_secs(30), first_200(&http, &client, &name)).await??;
+        times.push(t.elapsed());
+    }
+    // The floor: the runtime alone, in this process, same binary and same machine.
+    let bytes = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build/bootcamp-v1.wasm"),
+    )?;
+    let dir = tempfile::tempdir()?;
+    let rt = skiff_wasm::Runtime::new(dir.path(), 64)?;
+    rt.load(&bytes)?;
+    let mut floor = Vec::new();
+    for _ in 0..STARTS {
+        let rt2 = skiff_wasm::Runtime::new(dir.path(), 64)?; // fresh process state, warm disk cache
+        let t = Instant::now();
+        let p = rt2.load(&bytes)?;
+        let server = rt2.serve_http(
+            &p,
+            Default::default(),
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        )?;
+        let r = http.get(format!("http://{}/", server.addr)).send().await?;
+        anyhow::ensure!(r.status() == 200);
+        floor.push(t.elapsed());
+    }
+    println!("wasm pod start, API create -> first HTTP 200 at the pod IP ({STARTS} pods, image present, compile cache warm):");
+    println!("  skiff up:            p50 {:>7.1} ms  p99 {:>7.1} ms   (target p50 <= 10 ms; runwasi 1.2-2 s, runc here ~67 ms)", ms(percentile(times.clone(), 0.5)), ms(percentile(times.clone(), 0.99)));
+    println!("  runtime alone floor: p50 {:>7.1} ms  p99 {:>7.1} ms   -> the orchestration adds {:.1} ms at p50",
+        ms(percentile(floor.clone(), 0.5)), ms(percentile(floor.clone(), 0.99)), ms(percentile(times, 0.5)) - ms(percentile(floor, 0.5)));
+
+    // Density: memory of the whole skiff up process per idle wasm pod.
+    const MORE: usize = 200;
+    let before = rss_kib(agent_pid);
+    let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "density"},
+        "spec": {"replicas": MORE, "selector": {"matchLabels": {"app": "density"}},
+                 "template": {"metadata": {"labels": {"app": "density"}}, "spec": {"containers": [{"name": "web", "image": "127.0.0.1:5000/bootcamp:v1", "ports": [{"containerPort": 8080}]}]}}}});
+    client
+        .create(
+            Resource::lookup("deployments").unwrap(),
+            Some("default"),
+            &deploy,
+        )
+        .await?;
+    let t = Instant::now();
+    loop {
+        let d = client
+            .get(
+                Resource::lookup("deployments").unwrap(),
+                Some("default"),
+                "density",
+            )
+            .await?;
+        if d["status"]["readyReplicas"].as_u64() == Some(MORE as u64) {
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "density pods not ready in 5 min"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all_ready = t.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(agent_pid);
+    println!("density: {MORE} more idle bootcamp pods ready in {:.1} s; skiff up RSS {} MiB -> {} MiB: {:.0} KiB per idle wasm pod (target <= 256 KiB)",
+        all_ready.as_secs_f64(), before / 1024, after / 1024, (after.saturating_sub(before)) as f64 / MORE as f64);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let (Ok(kc), Ok(pid)) = (
+        std::env::var("SKIFF_BENCH_KUBECONFIG"),
+        std::env::var("SKIFF_BENCH_PID"),
+    ) {
+        return rt.block_on(inner(&kc, pid.parse()?));
+    }
+    rt.block_on(async {
+        use skiff_e2e::netns::{Netns, SkiffUp};
+        let dir = tempfile::tempdir()?;
+        let mut ns = Netns::new()?;
+        ns.start_registry(dir.path()).await?;
+        let up = SkiffUp::start(&mut ns, dir.path(), &["--pod-eviction-seconds", "300"]).await?;
+        let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../samples/build/bootcamp-v1.wasm");
+        up.skiff(
+            &ns,
+            &[
+                "push",
+                sample.to_str().unwrap(),
+                "127.0.0.1:5000/bootcamp:v1",
+            ],
+        )?;
+        let pid = ns.pid(up.index);
+        let me = std::env::current_exe()?;
+        let kc = up.dir.join("kubeconfig");
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns.name,
+                "env",
+                &format!("SKIFF_BENCH_KUBECONFIG={}", kc.display()),
+                &format!("SKIFF_BENCH_PID={pid}"),
+                me.to_str().unwrap(),
+            ])
+            .status()?;
+        anyhow::ensure!(out.success(), "the measuring half failed");
+        Ok(())
+    })
+}
