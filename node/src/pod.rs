@@ -840,23 +840,18 @@ async fn run_command(
         };
         let started_at = now();
         let started = Instant::now();
-        if runs > 0 {
-            shared
-                .event(
-                    "Normal",
-                    "Started",
-                    &format!("Started container {name} (restart {runs})"),
-                )
-                .await;
+        let what = if runs > 0 {
+            format!("restart {runs}")
         } else {
-            shared
-                .event(
-                    "Normal",
-                    "Started",
-                    &format!("Started container {name} (wasi command)"),
-                )
-                .await;
-        }
+            "wasi command".to_string()
+        };
+        shared
+            .event(
+                "Normal",
+                "Started",
+                &format!("Started container {name} ({what})"),
+            )
+            .await;
         shared.container(i, |c| {
             c.started = true;
             c.ready = true;

@@ -106,42 +106,27 @@ impl NodeLifecycle {
                 continue;
             }
             if stale && !tainted {
-                let mut next = (*node).clone();
-                let mut taints = next
+                let mut taints = node
                     .pointer("/spec/taints")
                     .and_then(Value::as_array)
                     .cloned()
                     .unwrap_or_default();
                 taints.push(json!({"key": UNREACHABLE_TAINT, "effect": "NoExecute", "timeAdded": crate::registry::now()}));
-                next["spec"]["taints"] = json!(taints);
-                self.reg.update(
-                    nodes_r,
-                    None,
-                    &name,
-                    next,
-                    Sub::Main,
-                    &WriteOptions::default(),
-                )?;
+                self.set_taints(&node, taints)?;
                 continue;
             }
             if !stale && tainted && is_ready(&node) {
-                let mut next = (*node).clone();
-                let taints: Vec<Value> = next
+                let taints = node
                     .pointer("/spec/taints")
                     .and_then(Value::as_array)
                     .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|t| t["key"] != UNREACHABLE_TAINT)
-                    .collect();
-                next["spec"]["taints"] = json!(taints);
-                self.reg.update(
-                    nodes_r,
-                    None,
-                    &name,
-                    next,
-                    Sub::Main,
-                    &WriteOptions::default(),
+                    .unwrap_or_default();
+                self.set_taints(
+                    &node,
+                    taints
+                        .into_iter()
+                        .filter(|t| t["key"] != UNREACHABLE_TAINT)
+                        .collect(),
                 )?;
                 continue;
             }
@@ -176,6 +161,22 @@ impl NodeLifecycle {
             }
         }
         Ok(())
+    }
+
+    fn set_taints(&self, node: &Value, taints: Vec<Value>) -> Result<(), ApiError> {
+        let mut next = node.clone();
+        next["spec"]["taints"] = json!(taints);
+        let nodes_r = Resource::lookup("nodes").expect("nodes");
+        self.reg
+            .update(
+                nodes_r,
+                None,
+                meta::name(node),
+                next,
+                Sub::Main,
+                &WriteOptions::default(),
+            )
+            .map(|_| ())
     }
 
     fn pods_on(&self, node: &str) -> Vec<Arc<Value>> {
