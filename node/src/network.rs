@@ -86,6 +86,9 @@ pub struct PodNetwork {
     size: u32,
     prefix: u8,
     used: Mutex<BTreeSet<u32>>,
+    /// Where the next search for a free address starts: addresses are handed out round-robin,
+    /// as host-local IPAM does, so a just-released address is not reused at once.
+    next: Mutex<u32>,
     link: Box<dyn Netlink>,
 }
 
@@ -108,6 +111,7 @@ impl PodNetwork {
             size,
             prefix,
             used: Mutex::new(BTreeSet::new()),
+            next: Mutex::new(base + 2),
             link,
         };
         net.link.ensure_bridge(bridge, net.gateway(), prefix)?;
@@ -132,9 +136,18 @@ impl PodNetwork {
                 .filter(|w| {
                     *w > self.base + 1 && *w < self.base + self.size - 1 && !used.contains(w)
                 })
-                .or_else(|| (self.base + 2..self.base + self.size - 1).find(|i| !used.contains(i)))
+                .or_else(|| {
+                    let (first, count) = (self.base + 2, self.size - 3);
+                    let start = *self.next.lock().expect("next");
+                    (0..count)
+                        .map(|k| first + (start - first + k) % count)
+                        .find(|i| !used.contains(i))
+                })
                 .ok_or_else(|| NetError::Exhausted(self.cidr()))?;
             used.insert(pick);
+            if want.map(u32::from) != Some(pick) {
+                *self.next.lock().expect("next") = pick + 1;
+            }
             Ipv4Addr::from(pick)
         };
         if let Err(e) = self.link.add_address(&self.bridge, ip) {
@@ -191,7 +204,8 @@ mod tests {
             Ipv4Addr::new(10, 88, 3, 3)
         );
         net.release(a);
-        assert_eq!(net.allocate(None).unwrap(), a);
+        // Round-robin: the released address is not handed out again at once.
+        assert_eq!(net.allocate(None).unwrap(), Ipv4Addr::new(10, 88, 3, 4));
         assert_eq!(fake.0.lock().unwrap()[0], "bridge skiff0 10.88.3.1/24");
         let small = PodNetwork::new("10.0.0.0/30", "b", Box::new(Fake::default())).unwrap();
         small.allocate(None).unwrap();

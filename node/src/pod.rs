@@ -642,7 +642,15 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
     shared
         .event("Normal", "Killing", "Stopping the pod's containers")
         .await;
-    commands.abort_all();
+    // Containers see `stop` and end; their listeners are closed before the address is reused.
+    if tokio::time::timeout(Duration::from_secs(5), async {
+        while commands.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        commands.shutdown().await;
+    }
     finish(&ctx, &ns, &name, Some(ip), writer).await;
 }
 
@@ -719,6 +727,9 @@ impl HttpContainer {
         let liveness = Probe::of(&self.container, "livenessProbe");
         if readiness.is_none() && liveness.is_none() {
             let _ = stop.changed().await;
+            for server in servers {
+                server.shutdown().await;
+            }
             return;
         }
         let started = Instant::now();
@@ -734,7 +745,12 @@ impl HttpContainer {
                 .min()
                 .unwrap_or(started + Duration::from_secs(3600));
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    for server in servers {
+                        server.shutdown().await;
+                    }
+                    return;
+                }
                 _ = tokio::time::sleep_until(next.into()) => {}
             }
             let now_i = Instant::now();
@@ -786,7 +802,9 @@ impl HttpContainer {
                                 ),
                             )
                             .await;
-                        servers.clear();
+                        for server in std::mem::take(&mut servers) {
+                            server.shutdown().await;
+                        }
                         self.shared.container(self.index, |c| {
                             c.ready = false;
                             c.restart_count += 1;

@@ -120,6 +120,8 @@ impl Drop for Netns {
 pub struct SkiffUp {
     pub dir: PathBuf,
     pub index: usize,
+    /// The cluster's log, shown when a command fails.
+    pub log: PathBuf,
 }
 
 impl SkiffUp {
@@ -139,14 +141,16 @@ impl SkiffUp {
             "2",
         ];
         args.extend_from_slice(extra);
-        let index = ns.spawn(
-            &args,
-            &dir.join(format!(
-                "skiff-up-{}.log",
-                chrono::Utc::now().timestamp_millis()
-            )),
-        )?;
-        let up = SkiffUp { dir: data, index };
+        let log = dir.join(format!(
+            "skiff-up-{}.log",
+            chrono::Utc::now().timestamp_millis()
+        ));
+        let index = ns.spawn(&args, &log)?;
+        let up = SkiffUp {
+            dir: data,
+            index,
+            log,
+        };
         eventually("node edge-1 Ready", Duration::from_secs(30), || async {
             Ok(up
                 .skiff(ns, &["get", "nodes"])
@@ -161,12 +165,23 @@ impl SkiffUp {
     /// Runs the skiff CLI inside the namespace against this cluster; it must succeed.
     pub fn skiff(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<String> {
         let out = self.skiff_output(ns, args)?;
-        anyhow::ensure!(
-            out.status.success(),
-            "skiff {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let show = |a: &[&str]| {
+                self.skiff_output(ns, a)
+                    .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+                    .unwrap_or_default()
+            };
+            anyhow::bail!(
+                "skiff {} failed: {}\n--- pods:\n{}--- events:\n{}--- skiff up log (last lines):\n{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr),
+                show(&["get", "pods", "-A", "-o", "wide"]),
+                show(&["get", "events"]),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 

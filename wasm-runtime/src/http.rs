@@ -35,6 +35,13 @@ struct Stats {
 }
 
 impl HttpServer {
+    /// Stops accepting and waits until the listening socket is closed, so its address can be
+    /// given to someone else.
+    pub async fn shutdown(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+
     /// Requests answered, and those answered 500 because the guest failed.
     pub fn counts(&self) -> (u64, u64) {
         (
