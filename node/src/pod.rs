@@ -398,7 +398,13 @@ fn memory_limit(container: &Value) -> Option<usize> {
         .map(|b| b as usize)
 }
 
-fn volumes(shared: &Shared, container: &Value, pod_dir: &std::path::Path) -> Vec<Preopen> {
+/// The container's volume mounts as WASI preopens: `emptyDir` (a directory of the pod's),
+/// `hostPath`, and `configMap` (its keys written as files, always read-only).
+async fn volumes(
+    shared: &Shared,
+    container: &Value,
+    pod_dir: &std::path::Path,
+) -> Result<Vec<Preopen>, String> {
     let vols = shared
         .pod
         .pointer("/spec/volumes")
@@ -415,24 +421,43 @@ fn volumes(shared: &Shared, container: &Value, pod_dir: &std::path::Path) -> Vec
         let Some(v) = vols.iter().find(|v| v["name"] == m["name"]) else {
             continue;
         };
+        let vname = v["name"].as_str().unwrap_or("v");
+        let mut read_only = m["readOnly"] == true;
         let host = if let Some(p) = v.pointer("/hostPath/path").and_then(Value::as_str) {
             std::path::PathBuf::from(p)
         } else if v.get("emptyDir").is_some() {
-            let d = pod_dir
-                .join("volumes")
-                .join(v["name"].as_str().unwrap_or("v"));
-            let _ = std::fs::create_dir_all(&d);
+            let d = pod_dir.join("volumes").join(vname);
+            std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
+            d
+        } else if let Some(cm) = v.pointer("/configMap/name").and_then(Value::as_str) {
+            let cms = Resource::lookup("configmaps").expect("configmaps");
+            let ns = meta::namespace(&shared.pod).unwrap_or("default");
+            let obj = shared
+                .ctx
+                .client
+                .get(cms, Some(ns), cm)
+                .await
+                .map_err(|e| format!("configmap {cm}: {e}"))?;
+            let d = pod_dir.join("volumes").join(vname);
+            std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
+            for (k, val) in obj["data"].as_object().into_iter().flatten() {
+                std::fs::write(d.join(k), val.as_str().unwrap_or(""))
+                    .map_err(|e| format!("volume {vname}: {e}"))?;
+            }
+            read_only = true;
             d
         } else {
-            continue;
+            return Err(format!(
+                "volume {vname}: only emptyDir, hostPath and configMap volumes are supported"
+            ));
         };
         out.push(Preopen {
             host,
             guest: m["mountPath"].as_str().unwrap_or("/").to_string(),
-            read_only: m["readOnly"] == true,
+            read_only,
         });
     }
-    out
+    Ok(out)
 }
 
 async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>) {
@@ -544,7 +569,14 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
             env: container_env(&pod, c, Some(ip), &ctx.node_name),
             memory_limit: memory_limit(c),
             request_timeout: Some(ctx.request_timeout),
-            preopens: volumes(&shared, c, &pod_dir),
+            preopens: match volumes(&shared, c, &pod_dir).await {
+                Ok(v) => v,
+                Err(msg) => {
+                    shared.event("Warning", "FailedMount", &msg).await;
+                    shared.container(i, |c| c.state = waiting("CreateContainerConfigError", &msg));
+                    continue;
+                }
+            },
             stdout: None,
             stderr: None,
         };

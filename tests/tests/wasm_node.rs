@@ -205,6 +205,23 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
     );
     up.skiff(&ns, &["delete", "pod", "missing", "hello"])?;
 
+    // A configMap volume, seen by the guest as a read-only directory.
+    let cm = dir.path().join("cm.yaml");
+    std::fs::write(&cm, "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: greeting\ndata:\n  message.txt: \"hi from a configmap\"\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: reader\nspec:\n  restartPolicy: Never\n  volumes:\n  - name: cfg\n    configMap: {name: greeting}\n  containers:\n  - name: hello\n    image: 127.0.0.1:5000/hello:v1\n    env:\n    - {name: CAT_FILE, value: /config/message.txt}\n    volumeMounts:\n    - {name: cfg, mountPath: /config}\n")?;
+    up.skiff(&ns, &["apply", "-f", cm.to_str().unwrap()])?;
+    eventually(
+        "the reader pod to succeed",
+        Duration::from_secs(30),
+        || async {
+            let p = up.json(&ns, &["get", "pod", "reader"])?;
+            Ok((p["status"]["phase"] == "Succeeded").then_some(()))
+        },
+    )
+    .await?;
+    let logs = up.skiff(&ns, &["logs", "reader"])?;
+    assert!(logs.contains("hi from a configmap"), "{logs}");
+    up.skiff(&ns, &["delete", "pod", "reader"])?;
+
     // Readiness probes: a pod whose probe passes is Ready; one probing a port nothing serves
     // keeps running but never becomes Ready, and says why in its events.
     let probed = dir.path().join("probed.yaml");
