@@ -311,17 +311,13 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
-    let cluster = TestCluster::start(|_| {}).await?;
-    let c = cluster.client.clone();
-    let pod = json!({"metadata": {"name": "big"}, "spec": {"containers": [{"name": "a", "image": "x:v1", "resources": {"requests": {"cpu": "2"}}}]}});
-    c.create(res("pods"), Some("default"), &pod).await?;
-    let msg = eventually(
-        "PodScheduled=False without nodes",
+/// The message of a pod's `PodScheduled=False` condition, once it has one.
+async fn unschedulable_message(c: &Client, pod: &str) -> anyhow::Result<String> {
+    eventually(
+        &format!("PodScheduled=False on {pod}"),
         Duration::from_secs(10),
         || async {
-            let p = c.get(res("pods"), Some("default"), "big").await?;
+            let p = c.get(res("pods"), Some("default"), pod).await?;
             Ok(p.pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .and_then(|cs| {
@@ -331,7 +327,16 @@ async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
                 .map(|c| c["message"].as_str().unwrap_or("").to_string()))
         },
     )
-    .await?;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = cluster.client.clone();
+    let pod = json!({"metadata": {"name": "big"}, "spec": {"containers": [{"name": "a", "image": "x:v1", "resources": {"requests": {"cpu": "2"}}}]}});
+    c.create(res("pods"), Some("default"), &pod).await?;
+    let msg = unschedulable_message(&c, "big").await?;
     assert_eq!(msg, "no nodes available to schedule pods");
     // A node with 4 CPUs joins: the pod is retried and bound.
     let _small = FakeNode::start(c.clone(), "small", "127.0.0.4", Duration::ZERO).await?;
@@ -344,21 +349,7 @@ async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
     .await?;
     let huge = json!({"metadata": {"name": "huge"}, "spec": {"containers": [{"name": "a", "image": "x:v1", "resources": {"requests": {"cpu": "64"}}}]}});
     c.create(res("pods"), Some("default"), &huge).await?;
-    let msg = eventually(
-        "huge PodScheduled=False",
-        Duration::from_secs(10),
-        || async {
-            let p = c.get(res("pods"), Some("default"), "huge").await?;
-            Ok(p.pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .and_then(|cs| {
-                    cs.iter()
-                        .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
-                })
-                .map(|c| c["message"].as_str().unwrap_or("").to_string()))
-        },
-    )
-    .await?;
+    let msg = unschedulable_message(&c, "huge").await?;
     assert_eq!(msg, "0/1 nodes are available: 1 Insufficient cpu.");
     eventually(
         "a FailedScheduling event",

@@ -59,6 +59,22 @@ impl SledStore {
         }
     }
 
+    /// The current object at `key`, which must exist and, when `expect` is given, be at that revision.
+    fn read_expecting(&self, key: &str, expect: Option<u64>) -> Result<Value, StoreError> {
+        let prev = self
+            .read(key)?
+            .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
+        let current = current_rv(&prev);
+        match expect {
+            Some(expected) if expected != current => Err(StoreError::Conflict {
+                key: key.to_string(),
+                expected,
+                current,
+            }),
+            _ => Ok(prev),
+        }
+    }
+
     pub fn watcher_count(&self) -> usize {
         self.hub.watcher_count()
     }
@@ -112,19 +128,7 @@ impl Store for SledStore {
                         mut value,
                         expect,
                     } => {
-                        let prev = self
-                            .read(&key)?
-                            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-                        let cur = current_rv(&prev);
-                        if let Some(e) = expect {
-                            if e != cur {
-                                return Err(StoreError::Conflict {
-                                    key,
-                                    expected: e,
-                                    current: cur,
-                                });
-                            }
-                        }
+                        let prev = self.read_expecting(&key, expect)?;
                         stamp(&mut value, rev);
                         batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
                         events.push(Event {
@@ -136,19 +140,7 @@ impl Store for SledStore {
                         });
                     }
                     Op::Delete { key, expect } => {
-                        let prev = self
-                            .read(&key)?
-                            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-                        let cur = current_rv(&prev);
-                        if let Some(e) = expect {
-                            if e != cur {
-                                return Err(StoreError::Conflict {
-                                    key,
-                                    expected: e,
-                                    current: cur,
-                                });
-                            }
-                        }
+                        let prev = self.read_expecting(&key, expect)?;
                         let mut last = prev.clone();
                         stamp(&mut last, rev);
                         batch.remove(key.as_bytes());
