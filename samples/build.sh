@@ -6,6 +6,9 @@
 # Installs what is missing first. Starts nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
+# Tools installed with pip (kubectl, wasm-tools) and cargo (wit-bindgen) are found even when
+# their directories are not on PATH yet.
+export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 out=build
 mkdir -p "$out"
 

