@@ -22,8 +22,10 @@ use crate::store::{DynStore, EventType, Op, StoreError};
 pub struct ClusterConfig {
     /// Service virtual IPs: a /16 given by its first two octets' network address.
     pub service_cidr: (Ipv4Addr, u8),
-    /// Pod networks: cut into one /24 per node.
+    /// Pod networks: cut into one block per node.
     pub pod_cidr: (Ipv4Addr, u8),
+    /// Prefix length of each node's block (24: 253 pods per node).
+    pub node_cidr_mask: u8,
     pub node_ports: (u16, u16),
 }
 
@@ -32,6 +34,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             service_cidr: (Ipv4Addr::new(10, 96, 0, 0), 16),
             pod_cidr: (Ipv4Addr::new(10, 88, 0, 0), 16),
+            node_cidr_mask: 24,
             node_ports: (30000, 32767),
         }
     }
@@ -959,9 +962,15 @@ impl Registry {
             })
             .collect();
         let (base, bits) = self.config.pod_cidr;
-        let count = 1u32 << (24 - bits.min(24));
+        let mask = self.config.node_cidr_mask.clamp(bits, 30);
+        let count = 1u32 << (mask - bits);
         let cidr = (0..count)
-            .map(|i| format!("{}/24", Ipv4Addr::from(u32::from(base) + (i << 8))))
+            .map(|i| {
+                format!(
+                    "{}/{mask}",
+                    Ipv4Addr::from(u32::from(base) + (i << (32 - mask)))
+                )
+            })
             .find(|c| !used.contains(c))
             .ok_or_else(|| ApiError::internal("no pod CIDR left to allocate"))?;
         obj["spec"]["podCIDR"] = json!(cidr);

@@ -233,6 +233,23 @@ impl Agent {
             .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?
             .to_string();
         let net = PodNetwork::new(&cidr, &config.bridge, link)?;
+        // A node runs as many pods as its pod network has addresses.
+        let pods = net.capacity().to_string();
+        let nodes = Resource::lookup("nodes").expect("nodes");
+        let cap = json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}});
+        if let Err(e) = client
+            .patch(
+                nodes,
+                None,
+                &config.name,
+                Some("status"),
+                "application/merge-patch+json",
+                &cap,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "could not publish the node's pod capacity");
+        }
         let runtime = Runtime::new(config.data_dir.join("compiled"), 1000)?;
         let logs: LogIndex = Arc::default();
         let ctx = Arc::new(NodeContext {

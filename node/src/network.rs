@@ -122,6 +122,11 @@ impl PodNetwork {
         Ipv4Addr::from(self.base + 1)
     }
 
+    /// How many pods the network can address (all but network, gateway and broadcast).
+    pub fn capacity(&self) -> u32 {
+        self.size - 3
+    }
+
     pub fn cidr(&self) -> String {
         format!("{}/{}", Ipv4Addr::from(self.base), self.prefix)
     }

@@ -106,7 +106,7 @@ async fn inner(kubeconfig: &str, agent_pid: u32) -> anyhow::Result<()> {
         ms(percentile(floor.clone(), 0.5)), ms(percentile(floor.clone(), 0.99)), ms(percentile(times, 0.5)) - ms(percentile(floor, 0.5)));
 
     // Density: memory of the whole skiff up process per idle wasm pod.
-    const MORE: usize = 200;
+    const MORE: usize = 1000;
     let before = rss_kib(agent_pid);
     let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "density"},
         "spec": {"replicas": MORE, "selector": {"matchLabels": {"app": "density"}},
@@ -159,7 +159,7 @@ fn main() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let mut ns = Netns::new()?;
         ns.start_registry(dir.path()).await?;
-        let up = SkiffUp::start(&mut ns, dir.path(), &["--pod-eviction-seconds", "300"]).await?;
+        let up = SkiffUp::start(&mut ns, dir.path(), &["--node-cidr-mask-size", "21"]).await?;
         let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../samples/build/bootcamp-v1.wasm");
         up.skiff(
