@@ -90,6 +90,17 @@ pub fn owners(obj: &Value) -> Vec<(String, String, String, bool)> {
         .unwrap_or_default()
 }
 
+/// The object's ownerReferences without the one to `uid` (releasing it from that owner).
+pub fn owner_refs_without(obj: &Value, uid: &str) -> Vec<Value> {
+    obj.pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|o| o["uid"] != uid)
+        .cloned()
+        .collect()
+}
+
 /// The uid of the controlling owner, if any.
 pub fn controller_uid(obj: &Value) -> Option<String> {
     owners(obj).into_iter().find(|o| o.3).map(|o| o.0)

@@ -346,11 +346,7 @@ impl Registry {
             return Ok(obj);
         }
         let key = r.key(ns.as_deref(), &name);
-        let c = self
-            .store
-            .txn(vec![Op::Create { key, value: obj }])
-            .map_err(|e| store_err(r, &name, e))?;
-        Ok(c.objects.into_iter().next().expect("one object"))
+        self.commit_one(r, &name, Op::Create { key, value: obj })
     }
 
     /// Replaces an object (PUT). `sub` says whether spec or status is written.
@@ -536,11 +532,7 @@ impl Registry {
                 expect,
             }
         };
-        let c = self
-            .store
-            .txn(vec![op])
-            .map_err(|e| store_err(r, name, e))?;
-        Ok(c.objects.into_iter().next().expect("one object"))
+        self.commit_one(r, name, op)
     }
 
     fn write_scale(
@@ -653,11 +645,7 @@ impl Registry {
             if opts.dry_run {
                 return Ok(old);
             }
-            let c = self
-                .store
-                .txn(vec![Op::Delete { key, expect }])
-                .map_err(|e| store_err(r, name, e))?;
-            return Ok(c.objects.into_iter().next().expect("one object"));
+            return self.commit_one(r, name, Op::Delete { key, expect });
         }
         if meta::is_deleting(&old) {
             // Already terminating: a shorter grace period may still be asked for.
@@ -669,11 +657,7 @@ impl Registry {
                 return Ok(old);
             }
             if opts.grace_period_seconds == Some(0) && dedup.is_empty() {
-                let c = self
-                    .store
-                    .txn(vec![Op::Delete { key, expect }])
-                    .map_err(|e| store_err(r, name, e))?;
-                return Ok(c.objects.into_iter().next().expect("one object"));
+                return self.commit_one(r, name, Op::Delete { key, expect });
             }
         }
         let mut new = old.clone();
@@ -697,15 +681,24 @@ impl Registry {
         if opts.dry_run {
             return Ok(new);
         }
-        let c = self
-            .store
-            .txn(vec![Op::Update {
+        self.commit_one(
+            r,
+            name,
+            Op::Update {
                 key,
                 value: new,
                 expect,
-            }])
+            },
+        )
+    }
+
+    /// Commits one op and returns the object it wrote (for a delete, its last state).
+    fn commit_one(&self, r: &Resource, name: &str, op: Op) -> Result<Value, ApiError> {
+        let c = self
+            .store
+            .txn(vec![op])
             .map_err(|e| store_err(r, name, e))?;
-        Ok(c.objects.into_iter().next().expect("one object"))
+        Ok(c.objects.into_iter().next().expect("one op, one object"))
     }
 
     /// Removes a finalizer from an object; when it was the last one of an object being
@@ -737,10 +730,7 @@ impl Registry {
                 expect,
             }
         };
-        self.store
-            .txn(vec![op])
-            .map_err(|e| store_err(r, name, e))?;
-        Ok(())
+        self.commit_one(r, name, op).map(|_| ())
     }
 
     /// Binds pods to nodes in one transaction (the scheduler's write). Pods that changed

@@ -121,14 +121,7 @@ impl GarbageCollector {
         let deps = self.dependents_of(&uid);
         if finalizers.iter().any(|f| f == "orphan") {
             for (dr, d) in &deps {
-                let refs: Vec<Value> = d
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|o| o["uid"] != uid.as_str())
-                    .collect();
+                let refs = meta::owner_refs_without(d, &uid);
                 match self.reg.patch(
                     dr,
                     meta::namespace(d),

@@ -83,14 +83,7 @@ impl Reconciler for ReplicaSetController {
                 (true, _, true) => owned.push(p),
                 (true, _, false) => {
                     // Release: the pod no longer matches.
-                    let refs: Vec<Value> = p
-                        .pointer("/metadata/ownerReferences")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter(|o| o["uid"] != uid.as_str())
-                        .collect();
+                    let refs = meta::owner_refs_without(&p, &uid);
                     let out = self.reg.patch(pods_r, ns, meta::name(&p), PatchKind::Merge,
                         &json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.pointer("/metadata/resourceVersion")}}), Sub::Main, &opts);
                     if let Ok(o) = out {
