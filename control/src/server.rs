@@ -134,6 +134,19 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
             &opts,
         )?;
     }
+    if reg.try_get(svc, Some("kube-system"), "kube-dns")?.is_none() {
+        // Answered by the DNS server in every agent, at this address (like kube-dns' 10.96.0.10).
+        let dns = std::net::Ipv4Addr::from(u32::from(reg.config().service_cidr.0) + 10);
+        reg.create(
+            svc,
+            Some("kube-system"),
+            json!({"metadata": {"name": "kube-dns", "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true", "kubernetes.io/name": "skiff-dns"}},
+                   "spec": {"clusterIP": dns.to_string(), "ports": [
+                       {"name": "dns", "port": 53, "protocol": "UDP"},
+                       {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}),
+            &opts,
+        )?;
+    }
     let ep = Resource::lookup("endpoints").expect("endpoints");
     let want = json!({"metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
                       "subsets": [{"addresses": [{"ip": api_addr.ip().to_string()}], "ports": [{"name": "https", "port": api_addr.port(), "protocol": "TCP"}]}]});

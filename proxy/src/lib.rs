@@ -1,1 +1,494 @@
-//! placeholder
+//! The service proxy that runs inside every agent.
+//!
+//! It watches Services and Endpoints and keeps, for every service port, listening sockets on
+//! this node: the ClusterIP (bound to a local interface, as kube-proxy's IPVS mode binds
+//! virtual IPs to a dummy interface), the NodePort (on every node address), and for a
+//! LoadBalancer service its port on the node's InternalIP (the ingress address the control
+//! plane publishes, as k3s's ServiceLB does). Traffic is balanced over ready endpoints of
+//! both kinds, wasm and OCI:
+//!
+//! - HTTP/1 (declared, or recognised from the first bytes) is balanced per request; an
+//!   endpoint that is a wasm component on this node gets the request in-process, with no
+//!   socket opened ([`LocalHttp`]).
+//! - Anything else is balanced per connection and copied both ways.
+//!
+//! A frontend whose service has no ready endpoints does not listen, so clients are refused
+//! at once instead of hanging. `kube-system/kube-dns` is not proxied: its address is served
+//! by this node's DNS server ([`dns`]).
+//!
+//! Module map: [`table`] (objects → frontends, pure), [`balance`] (choosing an endpoint),
+//! [`serve`] (the data path), [`dns`] (names), [`vip`] (local service addresses).
+
+pub mod balance;
+pub mod dns;
+pub mod serve;
+pub mod table;
+pub mod vip;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::Value;
+use skiff_api::Resource;
+use skiff_client::Client;
+use tokio::sync::{mpsc, watch};
+
+use crate::balance::{Backend, Route};
+use crate::dns::{DnsServer, Names, SharedNames};
+use crate::serve::FrontendState;
+pub use crate::serve::{Body, BoxError, BoxFuture, InProcess, LocalHttp, NoLocal};
+use crate::table::{Frontend, NodeAddresses};
+pub use crate::vip::{IpVips, NoVips, VipLink};
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub node: NodeAddresses,
+    pub cluster_domain: String,
+    /// Serve cluster DNS at the kube-dns service address.
+    pub dns: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            node: NodeAddresses::default(),
+            cluster_domain: dns::DEFAULT_DOMAIN.into(),
+            dns: true,
+        }
+    }
+}
+
+/// What the data path and the agent read while the sync loop writes.
+struct Shared {
+    names: SharedNames,
+    /// Every endpoint in some route, and those still finishing requests.
+    backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
+    /// Endpoint IPs in rotation somewhere.
+    routed: RwLock<HashSet<IpAddr>>,
+    /// Frontends listening, by address, with their service (for status and tests).
+    listening: RwLock<BTreeMap<SocketAddr, String>>,
+    synced: watch::Sender<u64>,
+}
+
+/// A running proxy. Dropping it stops it.
+pub struct Proxy {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+enum Update {
+    Reset(&'static str, Vec<Value>),
+    Upsert(&'static str, Value),
+    Delete(&'static str, Value),
+}
+
+/// Lists, then follows the watch, of one collection; on any error starts over.
+async fn reflect(client: Client, resource: &'static str, tx: mpsc::Sender<Update>) {
+    let r = Resource::lookup(resource).expect("known resource");
+    loop {
+        let list = match client.list(r, None, None, None).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(%resource, error = %e, "proxy list failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        if tx.send(Update::Reset(resource, items)).await.is_err() {
+            return;
+        }
+        let rv = list["metadata"]["resourceVersion"]
+            .as_str()
+            .map(str::to_string);
+        let Ok(stream) = client.watch(r, None, rv.as_deref(), None, None).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        let mut stream = Box::pin(stream);
+        while let Some(Ok(ev)) = stream.next().await {
+            let u = match ev.kind.as_str() {
+                "ADDED" | "MODIFIED" => Update::Upsert(resource, ev.object),
+                "DELETED" => Update::Delete(resource, ev.object),
+                _ => continue,
+            };
+            if tx.send(u).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+struct Listening {
+    state: Arc<FrontendState>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+/// The sync loop's own state: what is bound and listening now.
+struct Programmer {
+    config: ProxyConfig,
+    local: Arc<dyn LocalHttp>,
+    link: Arc<dyn VipLink>,
+    shared: Arc<Shared>,
+    services: BTreeMap<String, Value>,
+    endpoints: BTreeMap<String, Value>,
+    listeners: HashMap<SocketAddr, Listening>,
+    /// Addresses that could not be bound, and when that was last tried.
+    failed: HashMap<SocketAddr, Instant>,
+    vips: HashSet<std::net::Ipv4Addr>,
+    dns: Option<DnsServer>,
+    generation: u64,
+}
+
+impl Programmer {
+    fn backend(&self, addr: SocketAddr) -> Arc<Backend> {
+        self.shared
+            .backends
+            .lock()
+            .expect("backends")
+            .entry(addr)
+            .or_insert_with(|| Arc::new(Backend::new(addr)))
+            .clone()
+    }
+
+    fn route(&self, f: &Frontend) -> Route {
+        Route::new(f.backends.iter().map(|a| self.backend(*a)).collect())
+    }
+
+    async fn apply(&mut self) {
+        let want = table::build(&self.services, &self.endpoints, &self.config.node);
+        let names = Names::build(&self.services, &self.endpoints, &self.config.cluster_domain);
+        *self.shared.names.write().expect("names") = Arc::new(names);
+
+        // Service addresses first, so their listeners can bind.
+        let dns_ip = self
+            .services
+            .get(&format!(
+                "{}/{}",
+                table::DNS_SERVICE.0,
+                table::DNS_SERVICE.1
+            ))
+            .and_then(table::cluster_ip)
+            .filter(|_| self.config.dns);
+        let mut vips: HashSet<std::net::Ipv4Addr> = want
+            .values()
+            .filter(|f| !f.backends.is_empty())
+            .filter_map(|f| match f.addr.ip() {
+                IpAddr::V4(ip)
+                    if self
+                        .services
+                        .values()
+                        .any(|s| table::cluster_ip(s) == Some(ip)) =>
+                {
+                    Some(ip)
+                }
+                _ => None,
+            })
+            .collect();
+        vips.extend(dns_ip);
+        let add: Vec<_> = vips.difference(&self.vips).copied().collect();
+        let remove: Vec<_> = self.vips.difference(&vips).copied().collect();
+        if !add.is_empty() || !remove.is_empty() {
+            let link = self.link.clone();
+            let results = tokio::task::spawn_blocking(move || {
+                let mut added = Vec::new();
+                for ip in add {
+                    match link.add(ip) {
+                        Ok(()) => added.push(ip),
+                        Err(e) => tracing::warn!(%ip, error = %e, "cannot bind a service address"),
+                    }
+                }
+                for ip in &remove {
+                    if let Err(e) = link.remove(*ip) {
+                        tracing::warn!(%ip, error = %e, "cannot release a service address");
+                    }
+                }
+                (added, remove)
+            })
+            .await;
+            if let Ok((added, removed)) = results {
+                self.vips.extend(added);
+                for ip in removed {
+                    self.vips.remove(&ip);
+                }
+            }
+        }
+
+        // Cluster DNS.
+        match (dns_ip, &self.dns) {
+            (Some(ip), Some(d)) if d.addr.ip() == IpAddr::V4(ip) => {}
+            (Some(ip), _) if self.vips.contains(&ip) => {
+                self.dns = None;
+                let addr = SocketAddr::from((ip, 53));
+                match DnsServer::start(
+                    addr,
+                    self.shared.names.clone(),
+                    dns::upstream(IpAddr::V4(ip)),
+                )
+                .await
+                {
+                    Ok(d) => {
+                        tracing::info!(%addr, "cluster DNS serving");
+                        self.dns = Some(d);
+                    }
+                    Err(e) => tracing::warn!(%addr, error = %e, "cannot serve cluster DNS"),
+                }
+            }
+            (None, Some(_)) => self.dns = None,
+            _ => {}
+        }
+
+        // Listeners: a frontend listens while it has endpoints.
+        let gone: Vec<SocketAddr> = self
+            .listeners
+            .keys()
+            .filter(|a| want.get(a).is_none_or(|f| f.backends.is_empty()))
+            .copied()
+            .collect();
+        for a in gone {
+            if let Some(l) = self.listeners.remove(&a) {
+                l.accept.abort();
+                tracing::debug!(addr = %a, service = %l.state.service, "frontend closed");
+            }
+        }
+        for (addr, f) in &want {
+            if f.backends.is_empty() {
+                continue;
+            }
+            let route = self.route(f);
+            if let Some(l) = self.listeners.get(addr) {
+                if l.state.service == f.service && l.state.mode == f.mode {
+                    l.state.set_route(route);
+                    continue;
+                }
+                if let Some(old) = self.listeners.remove(addr) {
+                    old.accept.abort();
+                }
+            }
+            let state = Arc::new(FrontendState::new(
+                f.service.clone(),
+                f.mode,
+                route,
+                f.affinity,
+            ));
+            match serve::bind(*addr) {
+                Ok(l) => {
+                    self.failed.remove(addr);
+                    let accept = serve::spawn_accept(l, state.clone(), self.local.clone());
+                    tracing::debug!(%addr, service = %f.service, "frontend listening");
+                    self.listeners.insert(*addr, Listening { state, accept });
+                }
+                Err(e) => {
+                    if self.failed.insert(*addr, Instant::now()).is_none() {
+                        tracing::warn!(%addr, service = %f.service, error = %e, "cannot listen for a service");
+                    }
+                }
+            }
+        }
+
+        // Publish what is routed, and forget endpoints nothing routes to and nothing uses.
+        let routed: HashSet<IpAddr> = self
+            .listeners
+            .values()
+            .flat_map(|l| {
+                l.state
+                    .route()
+                    .backends
+                    .iter()
+                    .map(|b| b.addr.ip())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let in_route: HashSet<SocketAddr> = self
+            .listeners
+            .values()
+            .flat_map(|l| {
+                l.state
+                    .route()
+                    .backends
+                    .iter()
+                    .map(|b| b.addr)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        self.shared
+            .backends
+            .lock()
+            .expect("backends")
+            .retain(|a, b| in_route.contains(a) || b.inflight() > 0);
+        *self.shared.routed.write().expect("routed") = routed;
+        *self.shared.listening.write().expect("listening") = self
+            .listeners
+            .iter()
+            .map(|(a, l)| (*a, l.state.service.clone()))
+            .collect();
+        self.generation += 1;
+        self.shared.synced.send_replace(self.generation);
+    }
+
+    fn update(&mut self, u: Update) {
+        match u {
+            Update::Reset(kind, items) => {
+                let m: BTreeMap<String, Value> =
+                    items.into_iter().map(|o| (table::key(&o), o)).collect();
+                if kind == "services" {
+                    self.services = m;
+                } else {
+                    self.endpoints = m;
+                }
+            }
+            Update::Upsert(kind, o) => {
+                let m = if kind == "services" {
+                    &mut self.services
+                } else {
+                    &mut self.endpoints
+                };
+                m.insert(table::key(&o), o);
+            }
+            Update::Delete(kind, o) => {
+                let m = if kind == "services" {
+                    &mut self.services
+                } else {
+                    &mut self.endpoints
+                };
+                m.remove(&table::key(&o));
+            }
+        }
+    }
+}
+
+/// How often frontends that could not bind are tried again.
+const RETRY_BIND: Duration = Duration::from_secs(5);
+
+impl Proxy {
+    /// Starts watching the cluster and programming this node.
+    pub fn start(
+        client: Client,
+        config: ProxyConfig,
+        local: Arc<dyn LocalHttp>,
+        link: Arc<dyn VipLink>,
+    ) -> Proxy {
+        let (synced, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            names: Arc::new(RwLock::new(Arc::new(Names::default()))),
+            backends: Mutex::new(HashMap::new()),
+            routed: RwLock::new(HashSet::new()),
+            listening: RwLock::new(BTreeMap::new()),
+            synced,
+        });
+        let mut p = Programmer {
+            config,
+            local,
+            link,
+            shared: shared.clone(),
+            services: BTreeMap::new(),
+            endpoints: BTreeMap::new(),
+            listeners: HashMap::new(),
+            failed: HashMap::new(),
+            vips: HashSet::new(),
+            dns: None,
+            generation: 0,
+        };
+        let task = tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::channel(1024);
+            let watchers = [
+                tokio::spawn(reflect(client.clone(), "services", tx.clone())),
+                tokio::spawn(reflect(client, "endpoints", tx)),
+            ];
+            let mut have = HashSet::new();
+            loop {
+                let first = tokio::select! {
+                    u = rx.recv() => u,
+                    _ = tokio::time::sleep(RETRY_BIND), if !p.failed.is_empty() => {
+                        p.apply().await;
+                        continue;
+                    }
+                };
+                let Some(u) = first else { break };
+                if let Update::Reset(kind, _) = &u {
+                    have.insert(*kind);
+                }
+                p.update(u);
+                // Take every update already queued before programming once.
+                while let Ok(u) = rx.try_recv() {
+                    if let Update::Reset(kind, _) = &u {
+                        have.insert(*kind);
+                    }
+                    p.update(u);
+                }
+                if have.len() == 2 {
+                    p.apply().await;
+                }
+            }
+            for w in watchers {
+                w.abort();
+            }
+        });
+        Proxy { shared, task }
+    }
+
+    /// The cluster's names, for resolving wasm guests' outgoing requests.
+    pub fn names(&self) -> SharedNames {
+        self.shared.names.clone()
+    }
+
+    /// The addresses listening now, with the service each serves.
+    pub fn frontends(&self) -> BTreeMap<SocketAddr, String> {
+        self.shared.listening.read().expect("listening").clone()
+    }
+
+    /// Whether requests may still reach `ip` through this proxy: it is in some service's
+    /// rotation, or requests to it are in flight.
+    pub fn routes_to(&self, ip: IpAddr) -> bool {
+        self.shared.routed.read().expect("routed").contains(&ip)
+            || self
+                .shared
+                .backends
+                .lock()
+                .expect("backends")
+                .values()
+                .any(|b| b.addr.ip() == ip && b.inflight() > 0)
+    }
+
+    /// Waits until nothing is routed to `ip` (its pod left every service's endpoints and
+    /// its last request finished), or `deadline` passes. True when drained.
+    pub async fn drain(&self, ip: IpAddr, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        let mut synced = self.shared.synced.subscribe();
+        loop {
+            if !self.routes_to(ip) {
+                return true;
+            }
+            tokio::select! {
+                _ = synced.changed() => {}
+                // In-flight requests end without a sync: look again shortly.
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep_until(until) => return false,
+            }
+        }
+    }
+
+    /// Waits for the first complete programming (services and endpoints listed).
+    pub async fn synced(&self) {
+        let mut rx = self.shared.synced.subscribe();
+        let _ = rx.wait_for(|g| *g > 0).await;
+    }
+}
+
+/// The service addresses this proxy bound are released when it stops.
+impl Drop for Programmer {
+    fn drop(&mut self) {
+        for ip in &self.vips {
+            let _ = self.link.remove(*ip);
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! Serving one frontend: accept, then either HTTP/1 balanced per request (with the
+//! in-process fast path for wasm endpoints on this node) or TCP balanced per connection.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::balance::{Affinity, Backend, Route};
+use crate::table::Mode;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type on both sides of the proxy.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// An HTTP endpoint served inside this process (a wasm component): the proxy hands it the
+/// request instead of opening a socket to the pod.
+pub trait InProcess: Send + Sync {
+    fn call(&self, req: Request<Body>) -> BoxFuture<Response<Body>>;
+}
+
+/// Which endpoint addresses this node serves in-process.
+pub trait LocalHttp: Send + Sync + 'static {
+    fn lookup(&self, addr: SocketAddr) -> Option<Arc<dyn InProcess>>;
+}
+
+/// A node with no in-process endpoints.
+pub struct NoLocal;
+
+impl LocalHttp for NoLocal {
+    fn lookup(&self, _: SocketAddr) -> Option<Arc<dyn InProcess>> {
+        None
+    }
+}
+
+/// How long a connection to an endpoint may take before the next endpoint is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an undeclared port waits for the client's first bytes before treating the
+/// connection as plain TCP (protocols where the server speaks first).
+const SNIFF_TIMEOUT: Duration = Duration::from_millis(300);
+/// Endpoints tried for one request or connection.
+const MAX_TRIES: usize = 3;
+
+/// One listening address and its current endpoints.
+pub struct FrontendState {
+    pub service: String,
+    pub mode: Mode,
+    route: RwLock<Arc<Route>>,
+    affinity: Option<Affinity>,
+}
+
+impl FrontendState {
+    pub fn new(service: String, mode: Mode, route: Route, affinity: Option<Duration>) -> Self {
+        FrontendState {
+            service,
+            mode,
+            route: RwLock::new(Arc::new(route)),
+            affinity: affinity.map(Affinity::new),
+        }
+    }
+
+    pub fn route(&self) -> Arc<Route> {
+        self.route.read().expect("route").clone()
+    }
+
+    pub fn set_route(&self, route: Route) {
+        *self.route.write().expect("route") = Arc::new(route);
+    }
+
+    fn pick(&self, client: IpAddr, tried: &[SocketAddr]) -> Option<Arc<Backend>> {
+        let route = self.route();
+        match &self.affinity {
+            Some(a) => a.pick(&route, client, tried),
+            None => route.pick(tried),
+        }
+    }
+}
+
+/// Binds a frontend's listening socket (with a backlog for bursts of clients).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
+/// Accepts on `listener` until the task is aborted. Connections already accepted keep going.
+pub fn spawn_accept(
+    listener: TcpListener,
+    fe: Arc<FrontendState>,
+    local: Arc<dyn LocalHttp>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(service = %fe.service, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(connection(tcp, peer, fe.clone(), local.clone()));
+        }
+    })
+}
+
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"HEAD ",
+    b"DELETE ",
+    b"PATCH ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"CONNECT ",
+];
+
+/// Whether the first bytes of a connection start an HTTP/1 request.
+pub fn looks_like_http(first: &[u8]) -> bool {
+    !first.is_empty()
+        && METHODS.iter().any(|m| {
+            let n = first.len().min(m.len());
+            first[..n] == m[..n]
+        })
+}
+
+async fn sniff(tcp: &TcpStream) -> bool {
+    let mut buf = [0u8; 8];
+    match tokio::time::timeout(SNIFF_TIMEOUT, tcp.peek(&mut buf)).await {
+        Ok(Ok(n)) => looks_like_http(&buf[..n]),
+        _ => false,
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    fe: Arc<FrontendState>,
+    local: Arc<dyn LocalHttp>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let http = match fe.mode {
+        Mode::Http => true,
+        Mode::Tcp => false,
+        Mode::Auto => sniff(&tcp).await,
+    };
+    if http {
+        let svc = hyper::service::service_fn(move |req| {
+            let fe = fe.clone();
+            let local = local.clone();
+            async move { Ok::<_, Infallible>(forward(&fe, &*local, peer.ip(), req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(tcp), svc)
+            .with_upgrades()
+            .await;
+    } else {
+        splice(tcp, peer, &fe).await;
+    }
+}
+
+/// Plain TCP: one endpoint per connection, bytes copied both ways.
+async fn splice(mut tcp: TcpStream, peer: SocketAddr, fe: &FrontendState) {
+    let mut tried = Vec::new();
+    while tried.len() < MAX_TRIES {
+        let Some(b) = fe.pick(peer.ip(), &tried) else {
+            return;
+        };
+        let _flight = b.begin();
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr)).await {
+            Ok(Ok(mut up)) => {
+                let _ = up.set_nodelay(true);
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
+                return;
+            }
+            _ => {
+                tracing::debug!(service = %fe.service, endpoint = %b.addr, "endpoint refused; trying another");
+                b.eject();
+                tried.push(b.addr);
+            }
+        }
+    }
+}
+
+fn text(code: StatusCode, msg: String) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(msg))
+            .map_err(|never: Infallible| match never {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn boxed(b: Incoming) -> Body {
+    b.map_err(|e| Box::new(e) as BoxError).boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new()
+        .map_err(|never: Infallible| match never {})
+        .boxed_unsync()
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), those named by `Connection` included.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if !(keep_upgrade && n == header::UPGRADE) {
+            h.remove(n);
+        }
+    }
+    for n in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+    ] {
+        h.remove(n);
+    }
+    h.remove("keep-alive");
+    h.remove("proxy-connection");
+    if keep_upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// The parts of a request that can be sent again (bodiless requests with an idempotent
+/// method), for when a pooled connection closes under the request.
+struct Replay {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn request(&self) -> Request<Body> {
+        let mut r = Request::new(empty());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+async fn connect(b: &Backend) -> Result<hyper::client::conn::http1::SendRequest<Body>, BoxError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr)).await??;
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// One HTTP request: pick an endpoint, serve it in-process or send it over a pooled
+/// connection; a refused connection moves the request to another endpoint.
+pub async fn forward(
+    fe: &FrontendState,
+    local: &dyn LocalHttp,
+    client: IpAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let upgrade = req.headers().contains_key(header::UPGRADE);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let xff = match req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(prev) => format!("{prev}, {client}"),
+        None => client.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        req.headers_mut().insert("x-forwarded-for", v);
+    }
+    let replay = (!upgrade
+        && req.body().is_end_stream()
+        && matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        ))
+    .then(|| Replay {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        version: req.version(),
+        headers: req.headers().clone(),
+    });
+    let mut pending = Some(req.map(boxed));
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut last_error = String::new();
+    for _ in 0..MAX_TRIES + 1 {
+        let Some(b) = fe.pick(client, &tried) else {
+            break;
+        };
+        let Some(req) = pending
+            .take()
+            .or_else(|| replay.as_ref().map(Replay::request))
+        else {
+            break;
+        };
+        let flight = b.begin();
+        if !upgrade {
+            if let Some(h) = local.lookup(b.addr) {
+                let resp = h.call(req).await;
+                drop(flight);
+                return resp;
+            }
+        }
+        let mut sender = match b.take_idle() {
+            Some(s) => s,
+            None => match connect(&b).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(service = %fe.service, endpoint = %b.addr, error = %e, "endpoint refused; trying another");
+                    last_error = format!("{}: {e}", b.addr);
+                    b.eject();
+                    tried.push(b.addr);
+                    pending = Some(req);
+                    continue;
+                }
+            },
+        };
+        match sender.try_send_request(req).await {
+            Ok(mut resp) => {
+                drop(flight);
+                if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    let up = hyper::upgrade::on(&mut resp);
+                    if let Some(down) = client_upgrade {
+                        tokio::spawn(async move {
+                            if let (Ok(a), Ok(b)) = (down.await, up.await) {
+                                let _ = tokio::io::copy_bidirectional(
+                                    &mut TokioIo::new(a),
+                                    &mut TokioIo::new(b),
+                                )
+                                .await;
+                            }
+                        });
+                    }
+                    return resp.map(boxed);
+                }
+                let backend = b.clone();
+                tokio::spawn(async move {
+                    if sender.ready().await.is_ok() {
+                        backend.put_idle(sender);
+                    }
+                });
+                let mut resp = resp.map(boxed);
+                strip_hop_by_hop(resp.headers_mut(), false);
+                return resp;
+            }
+            Err(mut e) => {
+                last_error = format!("{}: {}", b.addr, e.error());
+                match e.take_message() {
+                    // Never sent (the pooled connection had closed): send it again.
+                    Some(r) => pending = Some(r),
+                    None if replay.is_some() => tried.push(b.addr),
+                    None => break,
+                }
+            }
+        }
+    }
+    if fe.route().backends.is_empty() {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no endpoints available for service {}\n", fe.service),
+        )
+    } else {
+        text(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "no endpoint of service {} answered: {last_error}\n",
+                fe.service
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_request_lines_are_recognised() {
+        assert!(looks_like_http(b"GET / HTTP/1.1"));
+        assert!(looks_like_http(b"POST /x"));
+        assert!(
+            looks_like_http(b"DEL"),
+            "a short first segment that may be DELETE"
+        );
+        assert!(
+            !looks_like_http(b"PRI * HTTP/2.0"),
+            "h2 prior knowledge goes as TCP"
+        );
+        assert!(!looks_like_http(b"\x16\x03\x01"), "TLS goes as TCP");
+        assert!(!looks_like_http(b"GETX"));
+        assert!(!looks_like_http(b""));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::HOST, HeaderValue::from_static("web"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key(header::HOST));
+
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+    }
+}

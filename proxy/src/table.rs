@@ -1,0 +1,317 @@
+//! From Services and Endpoints to frontends: which local addresses answer for which service
+//! port, and which pod addresses stand behind each. Pure functions over the API objects, so
+//! the proxy's whole routing decision is unit-tested without sockets.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// How a frontend treats its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Declared HTTP (`appProtocol: http`, or a port named `http`/`http-*`): balanced per
+    /// request.
+    Http,
+    /// Declared as something else: balanced per connection, bytes copied both ways.
+    Tcp,
+    /// Undeclared: HTTP/1 when the client's first bytes are an HTTP request line, else TCP.
+    Auto,
+}
+
+/// One local address answering for one service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    pub addr: SocketAddr,
+    /// `namespace/name:port-name` (port name may be empty).
+    pub service: String,
+    pub mode: Mode,
+    /// `sessionAffinity: ClientIP` and its timeout.
+    pub affinity: Option<Duration>,
+    /// Ready endpoints, sorted.
+    pub backends: Vec<SocketAddr>,
+}
+
+/// What this node listens on besides service virtual IPs.
+#[derive(Debug, Clone)]
+pub struct NodeAddresses {
+    /// Where node ports are opened (kube-proxy's `--nodeport-addresses`); `0.0.0.0` means every
+    /// address of the node, 127.0.0.1 included.
+    pub nodeport: Vec<IpAddr>,
+    /// The node's InternalIP: a LoadBalancer service's ingress address answers its port here.
+    pub node_ip: IpAddr,
+}
+
+impl Default for NodeAddresses {
+    fn default() -> Self {
+        NodeAddresses {
+            nodeport: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            node_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        }
+    }
+}
+
+/// The cluster DNS service: served by the node's DNS server rather than proxied.
+pub const DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
+
+pub fn key(obj: &Value) -> String {
+    format!(
+        "{}/{}",
+        obj.pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("default"),
+        obj.pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    )
+}
+
+/// The service's virtual IP, if it has one (not headless, not ExternalName).
+pub fn cluster_ip(svc: &Value) -> Option<Ipv4Addr> {
+    svc.pointer("/spec/clusterIP")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+}
+
+fn mode(port: &Value) -> Mode {
+    let name = port["name"].as_str().unwrap_or("");
+    match port["appProtocol"].as_str() {
+        Some(p) if p.eq_ignore_ascii_case("http") => return Mode::Http,
+        Some(_) => return Mode::Tcp,
+        None => {}
+    }
+    if name == "http" || name.starts_with("http-") {
+        Mode::Http
+    } else if name == "tcp" || name.starts_with("tcp-") {
+        Mode::Tcp
+    } else {
+        Mode::Auto
+    }
+}
+
+/// The ready backends of one service port: the endpoint port with the service port's name,
+/// in every subset.
+pub fn backends(endpoints: Option<&Value>, port_name: &str) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    for subset in endpoints
+        .and_then(|e| e["subsets"].as_array())
+        .into_iter()
+        .flatten()
+    {
+        let Some(port) = subset["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"].as_str().unwrap_or("") == port_name)
+            .and_then(|p| p["port"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for a in subset["addresses"].as_array().into_iter().flatten() {
+            if let Some(ip) = a["ip"].as_str().and_then(|s| s.parse::<IpAddr>().ok()) {
+                out.push(SocketAddr::new(ip, port));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Every frontend a service asks of this node.
+pub fn frontends(svc: &Value, endpoints: Option<&Value>, node: &NodeAddresses) -> Vec<Frontend> {
+    let spec = &svc["spec"];
+    let ty = spec["type"].as_str().unwrap_or("ClusterIP");
+    if ty == "ExternalName" || key(svc) == format!("{}/{}", DNS_SERVICE.0, DNS_SERVICE.1) {
+        return Vec::new();
+    }
+    let vip = cluster_ip(svc);
+    let affinity = (spec["sessionAffinity"].as_str() == Some("ClientIP")).then(|| {
+        Duration::from_secs(
+            spec.pointer("/sessionAffinityConfig/clientIP/timeoutSeconds")
+                .and_then(Value::as_u64)
+                .unwrap_or(10_800),
+        )
+    });
+    let lb_ingress: Vec<IpAddr> = svc
+        .pointer("/status/loadBalancer/ingress")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().and_then(|s| s.parse().ok()))
+        .collect();
+    let mut out = Vec::new();
+    for port in spec["ports"].as_array().into_iter().flatten() {
+        if port["protocol"].as_str().unwrap_or("TCP") != "TCP" {
+            continue;
+        }
+        let Some(number) = port["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        let name = port["name"].as_str().unwrap_or("");
+        let base = Frontend {
+            addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            service: format!("{}:{name}", key(svc)),
+            mode: mode(port),
+            affinity,
+            backends: backends(endpoints, name),
+        };
+        let mut at = |addr: SocketAddr| {
+            out.push(Frontend {
+                addr,
+                ..base.clone()
+            })
+        };
+        if let Some(ip) = vip {
+            at(SocketAddr::from((ip, number)));
+        }
+        if ty == "NodePort" || ty == "LoadBalancer" {
+            if let Some(np) = port["nodePort"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+            {
+                for ip in &node.nodeport {
+                    at(SocketAddr::new(*ip, np));
+                }
+            }
+        }
+        if ty == "LoadBalancer" && lb_ingress.contains(&node.node_ip) {
+            at(SocketAddr::new(node.node_ip, number));
+        }
+    }
+    out
+}
+
+/// All frontends of all services, by address. Two services claiming one address: the
+/// first by name keeps it (the API server's allocators make this rare: only a LoadBalancer
+/// port equal to a node port can collide).
+pub fn build(
+    services: &BTreeMap<String, Value>,
+    endpoints: &BTreeMap<String, Value>,
+    node: &NodeAddresses,
+) -> BTreeMap<SocketAddr, Frontend> {
+    let mut out = BTreeMap::new();
+    for (k, svc) in services {
+        for f in frontends(svc, endpoints.get(k), node) {
+            out.entry(f.addr).or_insert(f);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc(ty: &str, ports: Value) -> Value {
+        json!({"metadata": {"name": "web", "namespace": "default"},
+               "spec": {"type": ty, "clusterIP": "10.96.0.7", "ports": ports}})
+    }
+
+    fn eps(ports: Value, ips: &[&str]) -> Value {
+        json!({"metadata": {"name": "web", "namespace": "default"},
+               "subsets": [{"addresses": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>(), "ports": ports}]})
+    }
+
+    #[test]
+    fn cluster_ip_maps_port_to_ready_endpoints() {
+        let s = svc("ClusterIP", json!([{"port": 80, "targetPort": 8080}]));
+        let e = eps(json!([{"port": 8080}]), &["10.88.0.3", "10.88.0.2"]);
+        let f = frontends(&s, Some(&e), &NodeAddresses::default());
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].addr, "10.96.0.7:80".parse().unwrap());
+        assert_eq!(
+            f[0].backends,
+            vec![
+                "10.88.0.2:8080".parse().unwrap(),
+                "10.88.0.3:8080".parse().unwrap()
+            ]
+        );
+        assert_eq!(f[0].mode, Mode::Auto);
+        assert_eq!(f[0].affinity, None);
+    }
+
+    #[test]
+    fn node_port_and_load_balancer_listen_on_the_node() {
+        let node = NodeAddresses {
+            nodeport: vec!["0.0.0.0".parse().unwrap()],
+            node_ip: "192.168.1.5".parse().unwrap(),
+        };
+        let s = svc(
+            "NodePort",
+            json!([{"port": 8080, "nodePort": 30001, "name": "http"}]),
+        );
+        let addrs: Vec<_> = frontends(&s, None, &node)
+            .into_iter()
+            .map(|f| (f.addr.to_string(), f.mode))
+            .collect();
+        assert_eq!(
+            addrs,
+            vec![
+                ("10.96.0.7:8080".to_string(), Mode::Http),
+                ("0.0.0.0:30001".to_string(), Mode::Http)
+            ]
+        );
+        let mut lb = svc("LoadBalancer", json!([{"port": 8080, "nodePort": 30002}]));
+        lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.168.1.5"}]}});
+        let addrs: Vec<_> = frontends(&lb, None, &node)
+            .into_iter()
+            .map(|f| f.addr.to_string())
+            .collect();
+        assert_eq!(
+            addrs,
+            vec!["10.96.0.7:8080", "0.0.0.0:30002", "192.168.1.5:8080"]
+        );
+    }
+
+    #[test]
+    fn several_ports_pick_endpoint_ports_by_name() {
+        let s = svc(
+            "ClusterIP",
+            json!([{"name": "web", "port": 80}, {"name": "admin", "port": 9000, "appProtocol": "grpc"}]),
+        );
+        let e = eps(
+            json!([{"name": "admin", "port": 9900}, {"name": "web", "port": 8080}]),
+            &["10.88.0.2"],
+        );
+        let f = frontends(&s, Some(&e), &NodeAddresses::default());
+        assert_eq!(f[0].backends, vec!["10.88.0.2:8080".parse().unwrap()]);
+        assert_eq!(f[1].backends, vec!["10.88.0.2:9900".parse().unwrap()]);
+        assert_eq!(f[1].mode, Mode::Tcp);
+    }
+
+    #[test]
+    fn affinity_headless_udp_and_dns_service() {
+        let mut s = svc(
+            "ClusterIP",
+            json!([{"port": 80}, {"port": 53, "protocol": "UDP"}]),
+        );
+        s["spec"]["sessionAffinity"] = json!("ClientIP");
+        s["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 60}});
+        let f = frontends(&s, None, &NodeAddresses::default());
+        assert_eq!(f.len(), 1, "UDP ports are not proxied");
+        assert_eq!(f[0].affinity, Some(Duration::from_secs(60)));
+        assert!(f[0].backends.is_empty());
+
+        s["spec"]["clusterIP"] = json!("None");
+        assert!(frontends(&s, None, &NodeAddresses::default()).is_empty());
+
+        let mut dns = svc("ClusterIP", json!([{"port": 53}]));
+        dns["metadata"] = json!({"name": "kube-dns", "namespace": "kube-system"});
+        assert!(frontends(&dns, None, &NodeAddresses::default()).is_empty());
+    }
+
+    #[test]
+    fn not_ready_addresses_are_not_backends() {
+        let e = json!({"subsets": [{"addresses": [{"ip": "10.88.0.2"}],
+                                     "notReadyAddresses": [{"ip": "10.88.0.9"}],
+                                     "ports": [{"port": 8080}]}]});
+        assert_eq!(
+            backends(Some(&e), ""),
+            vec!["10.88.0.2:8080".parse().unwrap()]
+        );
+    }
+}
