@@ -7,7 +7,7 @@ set -euo pipefail
 export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 need_apt=()
-for pkg in curl iproute2 docker-registry; do
+for pkg in curl iproute2 docker-registry dnsutils wrk nginx-light; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -138,8 +138,23 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("namespace/{name} created");
                 Ok(())
             }
+            Some(CreateWhat::Service {
+                kind,
+                name,
+                tcp,
+                node_port,
+            }) => {
+                let s = verbs::service(&kind, &name, &tcp, node_port)?;
+                ctx.client
+                    .create(resource("services")?, Some(&ctx.ns), &s)
+                    .await?;
+                println!("service/{name} created");
+                Ok(())
+            }
             None if !filename.is_empty() => ctx.apply_files(&filename, Mode::Create).await,
-            None => bail!("must specify one of -f or a resource to create (deployment, namespace)"),
+            None => bail!(
+                "must specify one of -f or a resource to create (deployment, namespace, service)"
+            ),
         },
         Command::Run {
             name,
@@ -432,6 +447,9 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.insecure_registries = node.insecure_registries.clone();
     c.bridge = node.bridge.clone();
     c.heartbeat = Duration::from_secs(node.heartbeat_seconds.max(1));
+    c.proxy = !node.disable_proxy;
+    c.nodeport_addresses = node.nodeport_addresses.clone();
+    c.service_interface = node.service_interface.clone();
     c
 }
 

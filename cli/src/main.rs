@@ -65,6 +65,16 @@ pub struct NodeArgs {
     /// Seconds between heartbeats.
     #[arg(long, default_value_t = 10)]
     pub heartbeat_seconds: u64,
+    /// Addresses node ports are opened on (0.0.0.0: every address of the node).
+    #[arg(long, value_delimiter = ',', default_value = "0.0.0.0")]
+    pub nodeport_addresses: Vec<std::net::IpAddr>,
+    /// Interface that holds service ClusterIPs (created as a dummy interface; `lo` where the
+    /// kernel has no dummy driver).
+    #[arg(long, default_value = "skiff-svc0")]
+    pub service_interface: String,
+    /// Do not run the service proxy and cluster DNS in this agent.
+    #[arg(long)]
+    pub disable_proxy: bool,
 }
 
 #[derive(Subcommand)]
@@ -241,6 +251,19 @@ pub enum CreateWhat {
     },
     /// A namespace.
     Namespace { name: String },
+    /// A service: `create service clusterip|nodeport|loadbalancer NAME --tcp=PORT[:TARGET]`
+    /// (selects pods labelled app=NAME, as kubectl's does).
+    Service {
+        /// clusterip, nodeport or loadbalancer.
+        kind: String,
+        name: String,
+        /// PORT or PORT:TARGETPORT; repeat for several ports.
+        #[arg(long, required = true)]
+        tcp: Vec<String>,
+        /// The node port (nodeport and loadbalancer; default: allocated).
+        #[arg(long)]
+        node_port: Option<i32>,
+    },
 }
 
 #[derive(Subcommand)]

@@ -67,6 +67,53 @@ pub fn pod(
 }
 
 /// `expose KIND/NAME --type --port --target-port --name`: a Service selecting what `target` selects.
+/// `create service KIND NAME --tcp=PORT[:TARGET]...`: a service selecting `app=NAME`.
+pub fn service(
+    kind: &str,
+    name: &str,
+    tcp: &[String],
+    node_port: Option<i32>,
+) -> Result<Value, ClientError> {
+    let ty = match kind.to_ascii_lowercase().as_str() {
+        "clusterip" => "ClusterIP",
+        "nodeport" => "NodePort",
+        "loadbalancer" => "LoadBalancer",
+        other => {
+            return Err(ClientError::Usage(format!(
+                "unknown service type {other:?}: use clusterip, nodeport or loadbalancer"
+            )))
+        }
+    };
+    if node_port.is_some() && ty == "ClusterIP" {
+        return Err(ClientError::Usage(
+            "--node-port applies to nodeport and loadbalancer services".into(),
+        ));
+    }
+    let mut ports = Vec::new();
+    for spec in tcp {
+        let (port, target) = spec.split_once(':').unwrap_or((spec, spec));
+        let bad =
+            || ClientError::Usage(format!("bad --tcp {spec:?}: want PORT or PORT:TARGETPORT"));
+        let port: i32 = port.parse().map_err(|_| bad())?;
+        let target: Value = match target.parse::<i32>() {
+            Ok(n) => json!(n),
+            Err(_) if !target.is_empty() => json!(target),
+            Err(_) => return Err(bad()),
+        };
+        let mut p = json!({"name": format!("{port}-{}", target.as_i64().map(|n| n.to_string()).unwrap_or_else(|| target.as_str().unwrap_or("").to_string())),
+                           "protocol": "TCP", "port": port, "targetPort": target});
+        if let (Some(np), true) = (node_port, ports.is_empty()) {
+            p["nodePort"] = json!(np);
+        }
+        ports.push(p);
+    }
+    Ok(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"type": ty, "selector": {"app": name}, "ports": ports},
+    }))
+}
+
 pub fn expose(
     target: &Value,
     name: Option<&str>,
@@ -343,6 +390,26 @@ mod tests {
             container_name("gcr.io/google-samples/kubernetes-bootcamp:v1"),
             "kubernetes-bootcamp"
         );
+    }
+
+    #[test]
+    fn create_service() {
+        let s = service(
+            "NodePort",
+            "web",
+            &["80:8080".into(), "9000".into()],
+            Some(30080),
+        )
+        .unwrap();
+        assert_eq!(s["spec"]["type"], "NodePort");
+        assert_eq!(s["spec"]["selector"]["app"], "web");
+        assert_eq!(s["spec"]["ports"][0]["targetPort"], 8080);
+        assert_eq!(s["spec"]["ports"][0]["nodePort"], 30080);
+        assert_eq!(s["spec"]["ports"][0]["name"], "80-8080");
+        assert_eq!(s["spec"]["ports"][1]["targetPort"], 9000);
+        assert!(service("headless", "web", &["80".into()], None).is_err());
+        assert!(service("clusterip", "web", &["x:80".into()], None).is_err());
+        assert!(service("clusterip", "web", &["80".into()], Some(30000)).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! while the control plane is unreachable runs them from there, and catches up on reconnect.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::logs::LogIndex;
 use crate::network::{IpCommand, NetError, Netlink, PodNetwork};
 use crate::pod::{now, NodeContext, PodWorker};
+use crate::services::LocalEndpoints;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -34,6 +35,12 @@ pub struct AgentConfig {
     pub bridge: String,
     pub heartbeat: Duration,
     pub request_timeout: Duration,
+    /// Run the service proxy (and cluster DNS) in this agent.
+    pub proxy: bool,
+    /// Where node ports are opened; `0.0.0.0` is every address of the node.
+    pub nodeport_addresses: Vec<IpAddr>,
+    /// The interface that holds service addresses (a dummy one, or `lo` without the driver).
+    pub service_interface: String,
 }
 
 impl AgentConfig {
@@ -47,6 +54,9 @@ impl AgentConfig {
             bridge: "skiff0".into(),
             heartbeat: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
+            proxy: true,
+            nodeport_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
+            service_interface: "skiff-svc0".into(),
         }
     }
 }
@@ -252,6 +262,22 @@ impl Agent {
         }
         let runtime = Runtime::new(config.data_dir.join("compiled"), 1000)?;
         let logs: LogIndex = Arc::default();
+        let local = Arc::new(LocalEndpoints::default());
+        let proxy = config.proxy.then(|| {
+            let pc = skiff_proxy::ProxyConfig {
+                node: skiff_proxy::table::NodeAddresses {
+                    nodeport: config.nodeport_addresses.clone(),
+                    node_ip: IpAddr::V4(config.node_ip),
+                },
+                ..Default::default()
+            };
+            Arc::new(skiff_proxy::Proxy::start(
+                client.clone(),
+                pc,
+                local.clone(),
+                Arc::new(skiff_proxy::IpVips::new(&config.service_interface)),
+            ))
+        });
         let ctx = Arc::new(NodeContext {
             client: client.clone(),
             runtime,
@@ -264,6 +290,8 @@ impl Agent {
             insecure_registries: config.insecure_registries.clone(),
             logs: logs.clone(),
             request_timeout: config.request_timeout,
+            proxy,
+            local,
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(

@@ -1,11 +1,12 @@
 //! skiff-node: the node agent. It joins the cluster through the API (registers its Node,
-//! heartbeats), watches the pods bound to it, runs them, reports their status as a kubelet
+//! heartbeats), runs the node's service proxy, watches the pods bound to it, runs them, reports their status as a kubelet
 //! does, and serves their logs to the API server.
 //!
 //! - [`agent`]: the agent loop (registration, heartbeat, pod watch);
 //! - [`pod`]: one pod's worker — pull, start, restart policy, status;
 //! - [`network`]: pod addresses from the node's pod CIDR, behind a trait so tests can fake it;
 //! - [`logs`]: per-container log files and the log endpoint;
+//! - [`services`]: the wasm endpoints the service proxy (crate skiff-proxy) serves in-process;
 //! - [`backoff`]: crash-loop and pull backoff (10 s doubling to 5 min, reset after 10 min).
 
 pub mod agent;
@@ -14,5 +15,6 @@ pub mod logs;
 pub mod network;
 pub mod pod;
 pub mod probe;
+pub mod services;
 
 pub use agent::{Agent, AgentConfig};

@@ -18,6 +18,7 @@ use tokio::sync::{watch, Notify};
 use crate::backoff::Backoff;
 use crate::logs::{LogIndex, PodLogs};
 use crate::network::PodNetwork;
+use crate::services::LocalEndpoints;
 
 /// What every pod worker on a node shares.
 pub struct NodeContext {
@@ -33,7 +34,16 @@ pub struct NodeContext {
     pub logs: LogIndex,
     /// CPU deadline of one HTTP request to a wasm component.
     pub request_timeout: Duration,
+    /// This node's service proxy, when it runs one.
+    pub proxy: Option<Arc<skiff_proxy::Proxy>>,
+    /// The wasm HTTP endpoints the proxy serves in-process.
+    pub local: Arc<LocalEndpoints>,
 }
+
+/// Longest a stopping pod waits to leave every service's rotation.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// Longest its containers take to stop after that.
+const STOP_MAX: Duration = Duration::from_secs(5);
 
 pub fn now() -> String {
     chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()
@@ -66,25 +76,31 @@ struct PodStatus {
 /// A running pod. Dropping it stops nothing: call [`PodWorker::stop`].
 pub struct PodWorker {
     pub uid: String,
-    stop: watch::Sender<bool>,
+    /// Set to the grace period when the pod is to stop.
+    stop: watch::Sender<Option<Duration>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl PodWorker {
     pub fn start(ctx: Arc<NodeContext>, pod: Value) -> PodWorker {
-        let (stop, rx) = watch::channel(false);
+        let (stop, rx) = watch::channel(None);
         let uid = meta::uid(&pod).to_string();
         let task = tokio::spawn(run(ctx, pod, rx));
         PodWorker { uid, stop, task }
     }
 
-    /// Stops the pod's containers and waits for the worker to finish (bounded by `grace`).
+    /// Stops the pod and waits for the worker to finish. Within `grace` the pod first leaves
+    /// the services' rotation (the proxy routes nothing more to it and its last requests
+    /// finish), then its containers stop.
     pub async fn stop(self, grace: Duration) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Some(grace));
         let mut task = self.task;
-        if tokio::time::timeout(grace + Duration::from_secs(1), &mut task)
-            .await
-            .is_err()
+        if tokio::time::timeout(
+            grace.min(DRAIN_MAX) + STOP_MAX + Duration::from_secs(1),
+            &mut task,
+        )
+        .await
+        .is_err()
         {
             task.abort();
         }
@@ -334,7 +350,7 @@ async fn prepare(
     shared: &Shared,
     i: usize,
     container: &Value,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Option<Program> {
     let image = container["image"].as_str().unwrap_or("").to_string();
     let policy = container["imagePullPolicy"]
@@ -460,7 +476,7 @@ async fn volumes(
     Ok(out)
 }
 
-async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>) {
+async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option<Duration>>) {
     let ns = meta::namespace(&pod).unwrap_or("default").to_string();
     let name = meta::name(&pod).to_string();
     let containers: Vec<Value> = pod
@@ -521,7 +537,10 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
                 .collect(),
         }),
     });
-    let writer = tokio::spawn(status_writer(shared.clone(), stop.clone()));
+    // The containers stop on this, after the pod has left the services' rotation; the status
+    // writer too, so the pod's last status (not ready) is published while it drains.
+    let (stop_containers, containers_stop) = watch::channel(false);
+    let writer = tokio::spawn(status_writer(shared.clone(), containers_stop.clone()));
 
     // Address first: every pod has one, wasm or not.
     let want = pod
@@ -548,7 +567,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
     let mut commands = tokio::task::JoinSet::new();
     for (i, c) in containers.iter().enumerate() {
         let Some(program) = prepare(&shared, i, c, &mut stop).await else {
-            if *stop.borrow() {
+            if stop.borrow().is_some() {
                 break;
             }
             continue;
@@ -579,6 +598,14 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
             },
             stdout: None,
             stderr: None,
+            resolver: ctx.proxy.as_ref().map(|p| {
+                let names = p.names();
+                let ns = ns.clone();
+                skiff_wasm::Resolver(Arc::new(move |host: &str| {
+                    let names = names.read().expect("names").clone();
+                    names.resolve(host, &ns).map(std::net::IpAddr::V4)
+                }))
+            }),
         };
         shared
             .event("Normal", "Created", &format!("Created container {cname}"))
@@ -620,8 +647,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
                 };
                 match http.serve().await {
                     Ok(servers) => {
-                        let stop2 = stop.clone();
-                        commands.spawn(http.supervise(servers, stop2));
+                        commands.spawn(http.supervise(servers, containers_stop.clone()));
                     }
                     Err(msg) => {
                         shared.event("Warning", "Failed", &msg).await;
@@ -638,7 +664,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
                     .unwrap_or("Always")
                     .to_string();
                 let logs = logs.clone();
-                let stop2 = stop.clone();
+                let stop2 = containers_stop.clone();
                 commands.spawn(run_command(
                     shared2, i, cname, program, config, restart, logs, runtime, stop2,
                 ));
@@ -671,11 +697,27 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<bool>)
             }
         }
     }
+    // Out of rotation first: not ready, then wait until no service routes here.
+    let grace = stop.borrow().unwrap_or_default();
+    shared.update(|s| {
+        for c in s.containers.iter_mut() {
+            c.ready = false;
+        }
+    });
+    if let Some(proxy) = &ctx.proxy {
+        if !proxy
+            .drain(std::net::IpAddr::V4(ip), grace.min(DRAIN_MAX))
+            .await
+        {
+            tracing::debug!(pod = %name, "pod still routed when its grace period ran out");
+        }
+    }
+    let _ = stop_containers.send(true);
     shared
         .event("Normal", "Killing", "Stopping the pod's containers")
         .await;
     // Containers see `stop` and end; their listeners are closed before the address is reused.
-    if tokio::time::timeout(Duration::from_secs(5), async {
+    if tokio::time::timeout(STOP_MAX, async {
         while commands.join_next().await.is_some() {}
     })
     .await
@@ -723,13 +765,15 @@ impl HttpContainer {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let runtime = &self.shared.ctx.runtime;
             servers.push(
-                self.shared
-                    .ctx
-                    .runtime
+                runtime
                     .serve_http(&self.program, self.config.clone(), l)
                     .map_err(|e| e.to_string())?,
             );
+            if let Ok(h) = runtime.handler(&self.program, self.config.clone()) {
+                self.shared.ctx.local.insert(addr, h);
+            }
         }
         let how = if self.program.cached {
             "compile cache"
@@ -752,6 +796,17 @@ impl HttpContainer {
         Ok(servers)
     }
 
+    /// Takes the listeners out of the proxy's in-process table, then closes them (requests in
+    /// progress finish).
+    async fn close(&self, servers: Vec<HttpServer>) {
+        for server in &servers {
+            self.shared.ctx.local.remove(server.addr);
+        }
+        for server in servers {
+            server.shutdown().await;
+        }
+    }
+
     /// Runs the probes until `stop`: readiness flips `ready`; a failed liveness probe
     /// restarts the container (new listeners, restartCount + 1).
     async fn supervise(self, mut servers: Vec<HttpServer>, mut stop: watch::Receiver<bool>) {
@@ -759,9 +814,7 @@ impl HttpContainer {
         let liveness = Probe::of(&self.container, "livenessProbe");
         if readiness.is_none() && liveness.is_none() {
             let _ = stop.changed().await;
-            for server in servers {
-                server.shutdown().await;
-            }
+            self.close(servers).await;
             return;
         }
         let started = Instant::now();
@@ -778,9 +831,7 @@ impl HttpContainer {
                 .unwrap_or(started + Duration::from_secs(3600));
             tokio::select! {
                 _ = stop.changed() => {
-                    for server in servers {
-                        server.shutdown().await;
-                    }
+                    self.close(servers).await;
                     return;
                 }
                 _ = tokio::time::sleep_until(next.into()) => {}
@@ -834,9 +885,7 @@ impl HttpContainer {
                                 ),
                             )
                             .await;
-                        for server in std::mem::take(&mut servers) {
-                            server.shutdown().await;
-                        }
+                        self.close(std::mem::take(&mut servers)).await;
                         self.shared.container(self.index, |c| {
                             c.ready = false;
                             c.restart_count += 1;

@@ -47,12 +47,10 @@ impl IpVips {
     /// The interface holding the addresses: created on first use.
     fn device(&self) -> &str {
         self.device.get_or_init(|| {
-            if ip(&["link", "show", &self.name]).is_ok()
-                || ip(&["link", "add", &self.name, "type", "dummy"]).is_ok()
-            {
-                if ip(&["link", "set", &self.name, "up"]).is_ok() {
-                    return self.name.clone();
-                }
+            let exists = ip(&["link", "show", &self.name]).is_ok()
+                || ip(&["link", "add", &self.name, "type", "dummy"]).is_ok();
+            if exists && ip(&["link", "set", &self.name, "up"]).is_ok() {
+                return self.name.clone();
             }
             tracing::info!("no dummy interface driver; service addresses go on lo");
             let _ = ip(&["link", "set", "lo", "up"]);

@@ -5,6 +5,7 @@
 //! parallel and leave nothing behind.
 
 pub mod fake_node;
+pub mod load;
 pub mod netns;
 
 use std::future::Future;

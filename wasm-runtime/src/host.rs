@@ -6,12 +6,17 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use wasmtime::component::ResourceTable;
 use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::OutputFile;
 use wasmtime_wasi::p1::WasiP1Ctx;
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
+    WasiHttpView,
+};
 
 use crate::WasmError;
 
@@ -36,6 +41,65 @@ pub struct GuestConfig {
     /// Where the guest's stdout and stderr go (the container's log files).
     pub stdout: Option<Arc<std::fs::File>>,
     pub stderr: Option<Arc<std::fs::File>>,
+    /// Resolves host names of the guest's outgoing HTTP requests before the system resolver
+    /// (cluster service names).
+    pub resolver: Option<Resolver>,
+}
+
+/// Maps a host name to an address, or None to leave it to the system resolver.
+#[derive(Clone)]
+pub struct Resolver(pub Arc<ResolveFn>);
+
+pub type ResolveFn = dyn Fn(&str) -> Option<IpAddr> + Send + Sync;
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Resolver")
+    }
+}
+
+/// The wasi:http hooks of one instance: outgoing requests to names the resolver knows go to
+/// the address it gives (the `Host` header keeps the name).
+#[derive(Default)]
+pub(crate) struct Hooks {
+    resolver: Option<Resolver>,
+}
+
+type Pending = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+impl WasiHttpHooks for Hooks {
+    fn send_request(
+        &mut self,
+        mut request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Pending,
+    ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, Pending), HttpError>> + Send>
+    {
+        drop(fut);
+        if let Some(r) = &self.resolver {
+            let uri = request.uri().clone();
+            if let Some(auth) = uri.authority() {
+                if let Some(ip) = (r.0)(auth.host()) {
+                    let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+                    let port = auth.port_u16().unwrap_or(if https { 443 } else { 80 });
+                    let mut parts = uri.into_parts();
+                    if let Ok(a) =
+                        http::uri::Authority::try_from(SocketAddr::new(ip, port).to_string())
+                    {
+                        parts.authority = Some(a);
+                        if let Ok(u) = http::Uri::from_parts(parts) {
+                            *request.uri_mut() = u;
+                        }
+                    }
+                }
+            }
+        }
+        Box::new(async move {
+            use http_body_util::BodyExt;
+            let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as Pending))
+        })
+    }
 }
 
 pub(crate) struct Host {
@@ -44,6 +108,7 @@ pub(crate) struct Host {
     pub http: WasiHttpCtx,
     pub table: ResourceTable,
     pub limits: StoreLimits,
+    hooks: Hooks,
     stderr: Option<Arc<std::fs::File>>,
 }
 
@@ -88,6 +153,9 @@ impl Host {
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
             limits: limits.trap_on_grow_failure(true).build(),
+            hooks: Hooks {
+                resolver: config.resolver.clone(),
+            },
             stderr: config.stderr.clone(),
         })
     }
@@ -119,7 +187,7 @@ impl WasiHttpView for Host {
         WasiHttpCtxView {
             ctx: &mut self.http,
             table: &mut self.table,
-            hooks: Default::default(),
+            hooks: &mut self.hooks,
         }
     }
 }

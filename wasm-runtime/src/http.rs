@@ -9,11 +9,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use tokio::net::TcpListener;
 use wasmtime::Store;
-use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme};
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
@@ -21,10 +20,12 @@ use wasmtime_wasi_http::WasiHttpView;
 use crate::host::{GuestConfig, Host};
 use crate::{Inner, Program, Runtime, WasmError, EPOCH_TICK};
 
-/// A running HTTP service. Dropping it stops accepting and closes its connections.
+/// A running HTTP service. Dropping it stops accepting and closes its connections at once;
+/// [`HttpServer::shutdown`] lets requests in progress finish first.
 pub struct HttpServer {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    closing: tokio::sync::watch::Sender<bool>,
     stats: Arc<Stats>,
 }
 
@@ -34,12 +35,19 @@ struct Stats {
     failed: AtomicU64,
 }
 
+/// How long [`HttpServer::shutdown`] waits for requests in progress.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl HttpServer {
-    /// Stops accepting and waits until the listening socket is closed, so its address can be
-    /// given to someone else.
+    /// Stops accepting (the listening socket is closed at once, so its address can be given
+    /// to someone else), lets requests in progress finish, closes idle keep-alive
+    /// connections, and returns when all are done or after a few seconds.
     pub async fn shutdown(mut self) {
-        self.task.abort();
-        let _ = (&mut self.task).await;
+        let _ = self.closing.send(true);
+        if tokio::time::timeout(DRAIN, &mut self.task).await.is_err() {
+            self.task.abort();
+            let _ = (&mut self.task).await;
+        }
     }
 
     /// Requests answered, and those answered 500 because the guest failed.
@@ -75,11 +83,15 @@ fn plain(code: StatusCode, msg: &str) -> Response<HyperOutgoingBody> {
 }
 
 impl Handler {
-    pub async fn handle(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<Response<HyperOutgoingBody>, WasmError> {
+    /// Serves one request with a fresh instance. Any request body type will do: hyper's own
+    /// from the pod's listener, or the service proxy's in-process one.
+    pub async fn handle<B>(&self, req: Request<B>) -> Result<Response<HyperOutgoingBody>, WasmError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: std::fmt::Display,
+    {
         let mut host = Host::new(&self.config, false)?;
+        let req = req.map(|b| b.map_err(|e| ErrorCode::InternalError(Some(e.to_string()))));
         let incoming = host
             .http()
             .new_incoming_request(Scheme::Http, req)
@@ -143,15 +155,24 @@ impl Runtime {
         let addr = listener.local_addr()?;
         let stats = Arc::new(Stats::default());
         let st = stats.clone();
+        let (closing, mut closed) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    continue;
+                let tcp = tokio::select! {
+                    _ = closed.changed() => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
                 };
                 let _ = tcp.set_nodelay(true);
                 let handler = handler.clone();
                 let st = st.clone();
+                let mut closing = closed.clone();
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let handler = handler.clone();
@@ -171,14 +192,28 @@ impl Runtime {
                             })
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
+                    let conn = hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
-                        .await;
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                    tokio::pin!(conn);
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = closing.changed() => {
+                            conn.as_mut().graceful_shutdown();
+                            let _ = conn.await;
+                        }
+                    }
                 });
                 while conns.try_join_next().is_some() {}
             }
+            drop(listener);
+            while conns.join_next().await.is_some() {}
         });
-        Ok(HttpServer { addr, task, stats })
+        Ok(HttpServer {
+            addr,
+            task,
+            closing,
+            stats,
+        })
     }
 }

@@ -24,8 +24,8 @@ use wasmtime::{
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-pub use host::{GuestConfig, Preopen};
-pub use http::HttpServer;
+pub use host::{GuestConfig, Preopen, Resolver};
+pub use http::{Handler, HttpServer};
 
 /// How often the epoch ticks: the granularity of CPU deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
