@@ -38,9 +38,9 @@ log: {level: warn}
 storage: {filesystem: {rootdirectory: $work/registry}}
 http: {addr: 127.0.0.1:5000}
 YAML
-in_ns docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+ip netns exec "$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
 pids+=($!)
-in_ns "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name edge-1 >"$work/skiff.log" 2>&1 &
+ip netns exec "$ns" "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name edge-1 >"$work/skiff.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && [ -f "$work/skiff/kubeconfig" ] && break; sleep 0.2; done
 export KUBECONFIG=$work/skiff/kubeconfig

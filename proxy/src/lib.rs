@@ -130,7 +130,16 @@ async fn reflect(client: Client, resource: &'static str, tx: mpsc::Sender<Update
 
 struct Listening {
     state: Arc<FrontendState>,
-    accept: tokio::task::JoinHandle<()>,
+    /// One accept loop per data-path thread.
+    accept: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Listening {
+    fn close(self) {
+        for a in self.accept {
+            a.abort();
+        }
+    }
 }
 
 /// The sync loop's own state: what is bound and listening now.
@@ -147,6 +156,7 @@ struct Programmer {
     vips: HashSet<std::net::Ipv4Addr>,
     dns: Option<DnsServer>,
     generation: u64,
+    workers: serve::Workers,
 }
 
 impl Programmer {
@@ -256,8 +266,8 @@ impl Programmer {
             .collect();
         for a in gone {
             if let Some(l) = self.listeners.remove(&a) {
-                l.accept.abort();
                 tracing::debug!(addr = %a, service = %l.state.service, "frontend closed");
+                l.close();
             }
         }
         for (addr, f) in &want {
@@ -271,7 +281,7 @@ impl Programmer {
                     continue;
                 }
                 if let Some(old) = self.listeners.remove(addr) {
-                    old.accept.abort();
+                    old.close();
                 }
             }
             let state = Arc::new(FrontendState::new(
@@ -280,10 +290,9 @@ impl Programmer {
                 route,
                 f.affinity,
             ));
-            match serve::bind(*addr) {
-                Ok(l) => {
+            match self.workers.listen(*addr, &state, &self.local) {
+                Ok(accept) => {
                     self.failed.remove(addr);
-                    let accept = serve::spawn_accept(l, state.clone(), self.local.clone());
                     tracing::debug!(%addr, service = %f.service, "frontend listening");
                     self.listeners.insert(*addr, Listening { state, accept });
                 }
@@ -397,6 +406,9 @@ impl Proxy {
             vips: HashSet::new(),
             dns: None,
             generation: 0,
+            workers: serve::Workers::start(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         };
         let task = tokio::spawn(async move {
             let (tx, mut rx) = mpsc::channel(1024);

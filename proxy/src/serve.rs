@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -88,37 +88,122 @@ impl FrontendState {
     }
 }
 
+/// The data path's threads: one single-threaded runtime per core, each accepting on its own
+/// socket of every frontend (`SO_REUSEPORT`: the kernel spreads connections). A connection,
+/// its requests and its upstream connections stay on one thread, as in nginx's workers, so
+/// no request crosses threads on its way through.
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    stop: Vec<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Workers {
+    pub fn start(n: usize) -> Workers {
+        let mut handles = Vec::new();
+        let mut stop = Vec::new();
+        for i in 0..n.max(1) {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a proxy thread");
+                    continue;
+                }
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            handles.push(rt.handle().clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("skiff-proxy-{i}"))
+                .spawn(move || {
+                    rt.block_on(async {
+                        let _ = rx.await;
+                    })
+                });
+            match spawned {
+                Ok(_) => stop.push(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start a proxy thread");
+                    handles.pop();
+                }
+            }
+        }
+        Workers { handles, stop }
+    }
+
+    /// Listens on `addr` on every thread; returns the accept loops.
+    pub fn listen(
+        &self,
+        addr: SocketAddr,
+        fe: &Arc<FrontendState>,
+        local: &Arc<dyn LocalHttp>,
+    ) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+        let mut loops = Vec::new();
+        for h in &self.handles {
+            let listener = {
+                // Registered with the thread's own reactor.
+                let _in = h.enter();
+                bind(addr, self.handles.len() > 1)
+            };
+            match listener {
+                Ok(l) => loops.push(h.spawn(accept(l, fe.clone(), local.clone()))),
+                Err(e) => {
+                    for l in loops {
+                        l.abort();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if loops.is_empty() {
+            // No data-path thread could start: serve from the caller's runtime.
+            loops.push(tokio::spawn(accept(
+                bind(addr, false)?,
+                fe.clone(),
+                local.clone(),
+            )));
+        }
+        Ok(loops)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for s in self.stop.drain(..) {
+            let _ = s.send(());
+        }
+    }
+}
+
 /// Binds a frontend's listening socket (with a backlog for bursts of clients).
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub fn bind(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket.bind(addr)?;
     socket.listen(4096)
 }
 
 /// Accepts on `listener` until the task is aborted. Connections already accepted keep going.
-pub fn spawn_accept(
-    listener: TcpListener,
-    fe: Arc<FrontendState>,
-    local: Arc<dyn LocalHttp>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: back off instead of spinning.
-                    tracing::warn!(service = %fe.service, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            tokio::spawn(connection(tcp, peer, fe.clone(), local.clone()));
-        }
-    })
+async fn accept(listener: TcpListener, fe: Arc<FrontendState>, local: Arc<dyn LocalHttp>) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(service = %fe.service, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(connection(tcp, peer, fe.clone(), local.clone()));
+    }
 }
 
 const METHODS: [&[u8]; 9] = [
@@ -163,10 +248,12 @@ async fn connection(
         Mode::Auto => sniff(&tcp).await,
     };
     if http {
+        let upstreams = Arc::new(Upstreams::default());
         let svc = hyper::service::service_fn(move |req| {
             let fe = fe.clone();
             let local = local.clone();
-            async move { Ok::<_, Infallible>(forward(&fe, &*local, peer.ip(), req).await) }
+            let upstreams = upstreams.clone();
+            async move { Ok::<_, Infallible>(forward(&fe, &*local, peer.ip(), req, &upstreams).await) }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .keep_alive(true)
@@ -277,6 +364,37 @@ impl Replay {
     }
 }
 
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// The upstream connections one client connection used last, by endpoint. An HTTP/1 client
+/// sends its next request only after reading the whole previous answer, so the connection
+/// that carried it is free again: reusing it skips the shared pool. Handed back to the
+/// endpoints' pools when the client goes.
+#[derive(Default)]
+pub struct Upstreams(Mutex<Vec<(Arc<Backend>, Sender)>>);
+
+impl Upstreams {
+    fn take(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut v = self.0.lock().expect("upstreams");
+        let i = v.iter().position(|(b, _)| b.addr == addr)?;
+        Some(v.swap_remove(i).1)
+    }
+
+    fn put(&self, b: Arc<Backend>, s: Sender) {
+        self.0.lock().expect("upstreams").push((b, s));
+    }
+}
+
+impl Drop for Upstreams {
+    fn drop(&mut self) {
+        for (b, s) in self.0.get_mut().expect("upstreams").drain(..) {
+            if !s.is_closed() {
+                b.put_idle(s);
+            }
+        }
+    }
+}
+
 async fn connect(b: &Backend) -> Result<hyper::client::conn::http1::SendRequest<Body>, BoxError> {
     let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr)).await??;
     let _ = tcp.set_nodelay(true);
@@ -294,6 +412,7 @@ pub async fn forward(
     local: &dyn LocalHttp,
     client: IpAddr,
     mut req: Request<Incoming>,
+    upstreams: &Upstreams,
 ) -> Response<Body> {
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -342,7 +461,11 @@ pub async fn forward(
                 return resp;
             }
         }
-        let mut sender = match b.take_idle() {
+        let reused = match upstreams.take(b.addr).or_else(|| b.take_idle()) {
+            Some(mut s) => s.ready().await.is_ok().then_some(s),
+            None => None,
+        };
+        let mut sender = match reused {
             Some(s) => s,
             None => match connect(&b).await {
                 Ok(s) => s,
@@ -374,12 +497,7 @@ pub async fn forward(
                     }
                     return resp.map(boxed);
                 }
-                let backend = b.clone();
-                tokio::spawn(async move {
-                    if sender.ready().await.is_ok() {
-                        backend.put_idle(sender);
-                    }
-                });
+                upstreams.put(b.clone(), sender);
                 let mut resp = resp.map(boxed);
                 strip_hop_by_hop(resp.headers_mut(), false);
                 return resp;

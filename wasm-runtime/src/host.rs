@@ -119,15 +119,32 @@ fn dup(f: &Option<Arc<std::fs::File>>) -> Result<Option<std::fs::File>, WasmErro
     })
 }
 
+/// A guest's stdout and stderr, opened once and shared by every instance (no descriptor is
+/// duplicated per request).
+#[derive(Clone, Default)]
+pub(crate) struct Outputs {
+    stdout: Option<OutputFile>,
+    stderr: Option<OutputFile>,
+}
+
+impl Outputs {
+    pub fn of(config: &GuestConfig) -> Result<Outputs, WasmError> {
+        Ok(Outputs {
+            stdout: dup(&config.stdout)?.map(OutputFile::new),
+            stderr: dup(&config.stderr)?.map(OutputFile::new),
+        })
+    }
+}
+
 impl Host {
-    pub fn new(config: &GuestConfig, core: bool) -> Result<Host, WasmError> {
+    pub fn new(config: &GuestConfig, outputs: &Outputs, core: bool) -> Result<Host, WasmError> {
         let mut b = WasiCtxBuilder::new();
         b.args(&config.args).envs(&config.env);
-        if let Some(f) = dup(&config.stdout)? {
-            b.stdout(OutputFile::new(f));
+        if let Some(f) = &outputs.stdout {
+            b.stdout(f.clone());
         }
-        if let Some(f) = dup(&config.stderr)? {
-            b.stderr(OutputFile::new(f));
+        if let Some(f) = &outputs.stderr {
+            b.stderr(f.clone());
         }
         for p in &config.preopens {
             let perms = if p.read_only {

@@ -17,7 +17,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 use wasmtime_wasi_http::WasiHttpView;
 
-use crate::host::{GuestConfig, Host};
+use crate::host::{GuestConfig, Host, Outputs};
 use crate::{Inner, Program, Runtime, WasmError, EPOCH_TICK};
 
 /// A running HTTP service. Dropping it stops accepting and closes its connections at once;
@@ -71,6 +71,7 @@ impl Drop for HttpServer {
 pub struct Handler {
     pre: ProxyPre<Host>,
     config: Arc<GuestConfig>,
+    outputs: Outputs,
 }
 
 fn plain(code: StatusCode, msg: &str) -> Response<HyperOutgoingBody> {
@@ -90,7 +91,7 @@ impl Handler {
         B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: std::fmt::Display,
     {
-        let mut host = Host::new(&self.config, false)?;
+        let mut host = Host::new(&self.config, &self.outputs, false)?;
         let req = req.map(|b| b.map_err(|e| ErrorCode::InternalError(Some(e.to_string()))));
         let incoming = host
             .http()
@@ -138,6 +139,7 @@ impl Runtime {
         match &program.inner {
             Inner::Http(pre) => Ok(Handler {
                 pre: pre.clone(),
+                outputs: Outputs::of(&config)?,
                 config: Arc::new(config),
             }),
             _ => Err(WasmError::Guest("not an HTTP component".into())),

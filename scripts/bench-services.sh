@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Service proxy figures, all from one run with one load tool (wrk) on one `skiff up` node:
+#  - throughput and p50/p99 latency straight to a pod, through skiff's NodePort, and through
+#    nginx as an L7 proxy in front of the same pods, for wasm pods (skiff serves those
+#    in-process) and for a plain HTTP server reached over sockets (nginx serving a static
+#    answer, standing in for an OCI pod: a service without selector and its own Endpoints);
+#  - requests failed during a rolling update of 4 replicas and a scale 4 -> 2 under load.
+# Everything runs in a network namespace of its own. Needs root; run from scripts/bench.sh
+# (which builds first) or alone after `cargo build --release -p skiff` and samples/build.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+skiff=$PWD/target/release/skiff
+secs=${BENCH_SECONDS:-5}
+conns=${BENCH_CONNECTIONS:-32}
+
+ns=skiff-bench-svc-$$
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  ip netns del "$ns" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+ip netns add "$ns"
+in_ns() { ip netns exec "$ns" "$@"; }
+in_ns ip link set lo up
+
+cat >"$work/registry.yml" <<YAML
+version: 0.1
+log: {level: warn}
+storage: {filesystem: {rootdirectory: $work/registry}}
+http: {addr: 127.0.0.1:5000}
+YAML
+ip netns exec "$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+pids+=($!)
+ip netns exec "$ns" "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name bench >"$work/skiff.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 200); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && [ -f "$work/skiff/kubeconfig" ] && break; sleep 0.1; done
+export KUBECONFIG=$work/skiff/kubeconfig
+k() { in_ns "$skiff" "$@"; }
+until k get nodes 2>/dev/null | grep -q ' Ready'; do sleep 0.2; done
+
+k push samples/build/bootcamp-v1.wasm 127.0.0.1:5000/bootcamp:v1 >/dev/null
+k push samples/build/bootcamp-v2.wasm 127.0.0.1:5000/bootcamp:v2 >/dev/null
+k create deployment kubernetes-bootcamp --image=127.0.0.1:5000/bootcamp:v1 --port=8080 --replicas=2 >/dev/null
+k rollout status deployment/kubernetes-bootcamp --timeout 60 >/dev/null
+k expose deployment/kubernetes-bootcamp --type=NodePort --port=8080 >/dev/null
+wasm_np=$(k get svc kubernetes-bootcamp -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["spec"]["ports"][0]["nodePort"])')
+mapfile -t wasm_ips < <(k get pods -l app=kubernetes-bootcamp -o json | python3 -c 'import json,sys; [print(p["status"]["podIP"]) for p in json.load(sys.stdin)["items"]]')
+
+# The socket-path backend: nginx answering a static body at 10.88.0.250:8081.
+static_ip=10.88.0.250
+in_ns ip addr add "$static_ip/32" dev skiff0
+mkdir -p "$work/nginx"
+cat >"$work/nginx/static.conf" <<CONF
+worker_processes 1;
+pid $work/nginx/static.pid;
+error_log $work/nginx/static-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen $static_ip:8081; location / { return 200 "Hello from a static backend\n"; } }
+}
+CONF
+ip netns exec "$ns" nginx -p "$work/nginx" -c "$work/nginx/static.conf" -g 'daemon off;' &
+pids+=($!)
+cat >"$work/static-svc.yaml" <<YAML
+apiVersion: v1
+kind: Service
+metadata: {name: static}
+spec: {type: NodePort, ports: [{port: 8081, targetPort: 8081}]}
+---
+apiVersion: v1
+kind: Endpoints
+metadata: {name: static}
+subsets: [{addresses: [{ip: $static_ip}], ports: [{port: 8081}]}]
+YAML
+k apply -f "$work/static-svc.yaml" >/dev/null
+static_np=$(k get svc static -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["spec"]["ports"][0]["nodePort"])')
+
+# nginx as an L7 proxy in front of the same endpoints (keep-alive upstreams, as skiff pools).
+upstream_wasm=""
+for ip in "${wasm_ips[@]}"; do upstream_wasm+="server $ip:8080; "; done
+cat >"$work/nginx/proxy.conf" <<CONF
+worker_processes auto;
+pid $work/nginx/proxy.pid;
+error_log $work/nginx/proxy-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream wasm { $upstream_wasm keepalive 64; }
+  upstream static { server $static_ip:8081; keepalive 64; }
+  server { listen 127.0.0.1:18080; location / { proxy_pass http://wasm; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:18081; location / { proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+CONF
+ip netns exec "$ns" nginx -p "$work/nginx" -c "$work/nginx/proxy.conf" -g 'daemon off;' &
+pids+=($!)
+for url in "http://127.0.0.1:$wasm_np/" "http://127.0.0.1:$static_np/" http://127.0.0.1:18080/ http://127.0.0.1:18081/ "http://$static_ip:8081/"; do
+  for _ in $(seq 100); do in_ns curl -sf "$url" >/dev/null && break; sleep 0.1; done
+done
+
+# wrk → "req/s p50_ms p99_ms errors"
+measure() {
+  in_ns wrk -t2 -c"$conns" -d"${secs}s" --latency "$1" | python3 -c '
+import re, sys
+t = sys.stdin.read()
+def ms(label):
+    m = re.search(r"^\s*" + label + r"\s+([\d.]+)(us|ms|s)\s*$", t, re.M)
+    v, u = float(m.group(1)), m.group(2)
+    return v / 1000 if u == "us" else v * 1000 if u == "s" else v
+rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", t)
+sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
+errs = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+p50, p99 = ms("50%"), ms("99%")
+print(f"{rps:.0f} {p50:.2f} {p99:.2f} {errs}")'
+}
+row() { printf '  %-38s %9s req/s  p50 %6s ms  p99 %6s ms  errors %s%s\n' "$1" "$2" "$3" "$4" "$5" "${6:-}"; }
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }
+
+# Each target is measured $rounds times, interleaved with the others so that drift in the
+# machine's speed hits all alike; the median of each is shown.
+rounds=${BENCH_ROUNDS:-3}
+median() { python3 -c 'import sys, statistics; rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]; rows.sort(key=lambda r: r[0]); m = rows[len(rows) // 2]; print(f"{m[0]:.0f} {m[1]:.2f} {m[2]:.2f} {int(sum(r[3] for r in rows))}")'; }
+compare() {  # label-prefix direct-url skiff-url nginx-url target
+  local f=$work/cmp; : >"$f.d"; : >"$f.s"; : >"$f.n"
+  for _ in $(seq "$rounds"); do
+    measure "$2" >>"$f.d"; measure "$3" >>"$f.s"; measure "$4" >>"$f.n"
+  done
+  read -r d_rps d_p50 d_p99 d_err < <(median <"$f.d")
+  read -r s_rps s_p50 s_p99 s_err < <(median <"$f.s")
+  read -r x_rps x_p50 x_p99 x_err < <(median <"$f.n")
+  row "$1, direct to the pod" "$d_rps" "$d_p50" "$d_p99" "$d_err"
+  row "$1, via skiff NodePort" "$s_rps" "$s_p50" "$s_p99" "$s_err" "   = $(ratio "$s_rps" "$d_rps") x direct ($5)"
+  row "$1, via nginx L7 proxy" "$x_rps" "$x_p50" "$x_p99" "$x_err" "   = $(ratio "$x_rps" "$d_rps") x direct; skiff / nginx = $(ratio "$s_rps" "$x_rps")"
+}
+
+echo "service proxy: wrk -t2 -c$conns, ${secs}s per run, median of $rounds interleaved runs (wrk, pods and proxies share the machine's cores)"
+compare "wasm pods (2)" "http://${wasm_ips[0]}:8080/" "http://127.0.0.1:$wasm_np/" http://127.0.0.1:18080/ "in-process path; target >= 0.90"
+compare "socket backend" "http://$static_ip:8081/" "http://127.0.0.1:$static_np/" http://127.0.0.1:18081/ "target >= 0.80"
+
+# Failures under steady load while the deployment rolls and shrinks.
+k scale deployment/kubernetes-bootcamp --replicas=4 >/dev/null
+k rollout status deployment/kubernetes-bootcamp --timeout 60 >/dev/null
+under_load() {
+  local out=$work/wrk-$1.txt
+  in_ns wrk -t2 -c"$conns" -d"${secs}s" "http://127.0.0.1:$wasm_np/" >"$out" &
+  local w=$!
+  sleep 1   # load running before the change starts
+  shift
+  "$@" >/dev/null
+  wait "$w"
+  python3 - "$out" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+reqs = int(re.search(r"(\d+) requests in", t).group(1))
+non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", t)
+sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
+errs = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+print(f"{reqs} requests, {errs} failed")
+PY
+}
+rollout() { k set image deployment/kubernetes-bootcamp bootcamp=127.0.0.1:5000/bootcamp:v2 && k rollout status deployment/kubernetes-bootcamp --timeout 60; }
+shrink() { k scale deployment/kubernetes-bootcamp --replicas=2 && until [ "$(k get pods -l app=kubernetes-bootcamp -o name | wc -l)" = 2 ]; do sleep 0.1; done; }
+echo "  rolling update of 4 replicas under load: $(under_load rollout rollout) (target 0 failed)"
+echo "  scale 4 -> 2 under load:                 $(under_load shrink shrink) (target 0 failed)"
