@@ -2,6 +2,7 @@
 # Builds the wasm samples from source with Debian's clang and WASI libc, wit-bindgen (crates.io)
 # and wasm-tools (PyPI):
 #   samples/build/bootcamp-v1.wasm, bootcamp-v2.wasm  wasi:http components ("... | v=1", "v=2")
+#   samples/build/fetch.wasm                          a wasi:http component calling $UPSTREAM (a service)
 #   samples/build/hello-command.wasm                  a WASI preview1 command (run-to-completion pods)
 # Installs what is missing first. Starts nothing.
 set -euo pipefail
@@ -42,6 +43,17 @@ for v in 1 2; do
   wasm-tools component new "$out/bootcamp-core-v$v.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$out/bootcamp-v$v.wasm"
   rm "$out/bootcamp-core-v$v.wasm"
 done
+
+# The fetch app: a component that calls a service by name.
+rm -rf "$out/wit" "$out/gen"
+mkdir -p "$out/wit/deps" "$out/gen"
+cp fetch/wit/world.wit "$out/wit/"
+cp "$http_dir"/wit/deps/*.wit "$out/wit/deps/"
+wit-bindgen c "$out/wit" --world fetch --out-dir "$out/gen" >/dev/null
+clang-14 --target=wasm32-wasi -mexec-model=reactor -O2 -Wl,--strip-all \
+  -I"$out/gen" -o "$out/fetch-core.wasm" fetch/fetch.c "$out/gen/fetch.c" "$out/gen/fetch_component_type.o"
+wasm-tools component new "$out/fetch-core.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$out/fetch.wasm"
+rm "$out/fetch-core.wasm"
 
 clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o "$out/hello-command.wasm" hello-command/hello.c
 ls -l "$out"/*.wasm

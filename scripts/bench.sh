@@ -10,9 +10,10 @@ export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts")
 samples/build.sh >/dev/null
 cargo build --release -p skiff
 cargo bench -p skiff-control --bench control 2>/dev/null | sed -n '/^scheduler:/,$p'
-command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+scripts/setup.sh >/dev/null
 cargo bench -p skiff-wasm --bench wasm 2>/dev/null | sed -n '/^bootcamp component/,$p'
 cargo bench -p skiff-e2e --bench pod_start 2>/dev/null | sed -n '/^wasm pod start/,$p'
+scripts/bench-services.sh
 
 # Idle control-plane memory: a fresh `skiff server`, left idle, against a baseline process
 # (`sleep`) measured the same way.

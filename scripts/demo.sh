@@ -5,7 +5,7 @@
 #
 # Everything runs inside a network namespace of its own (`skiff-demo`), so the pod network,
 # the registry and the API touch nothing else on the machine. Needs root.
-# Until the service proxy lands, pods are reached at their pod IPs.
+# The app is reached through its NodePort on the node's address, as in the tutorial.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Tools installed with pip (kubectl, wasm-tools) and cargo (wit-bindgen) are found even when
@@ -46,8 +46,24 @@ for _ in $(seq 100); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1
 export KUBECONFIG=$work/skiff/kubeconfig
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; in_ns "$@"; }
-pod_ips() { in_ns "$skiff" get pods -l app=kubernetes-bootcamp -o json | python3 -c 'import json,sys; print(" ".join(p["status"].get("podIP","") for p in json.load(sys.stdin)["items"] if "deletionTimestamp" not in p["metadata"]))'; }
-curl_all() { for ip in $(pod_ips); do printf '  curl http://%s:8080/  ->  ' "$ip"; in_ns curl -s "http://$ip:8080/"; done; }
+node_ip=127.0.0.1
+curl_svc() {  # N requests through the NodePort, each answer printed
+  for _ in $(seq "$1"); do printf '  curl http://%s:%s/  ->  ' "$node_ip" "$node_port"; in_ns curl -s "http://$node_ip:$node_port/"; done
+}
+# A stream of requests through the NodePort until told to stop; tallies answers and failures.
+stream_start() {
+  : >"$work/stream"
+  (while [ ! -f "$work/stream.stop" ]; do
+     in_ns curl -s -o - -w '\n' --max-time 5 "http://$node_ip:$node_port/" | head -1 | grep . >>"$work/stream" || echo FAILED >>"$work/stream"
+   done) &
+  stream_pid=$!
+}
+stream_stop() {
+  touch "$work/stream.stop"; wait "$stream_pid"; rm -f "$work/stream.stop"
+  printf '  requests during the change: %s, failed: %s; answers by version: v=1 %s, v=2 %s\n' \
+    "$(wc -l <"$work/stream")" "$(grep -c FAILED "$work/stream" || true)" \
+    "$(grep -c 'v=1' "$work/stream" || true)" "$(grep -c 'v=2' "$work/stream" || true)"
+}
 
 until in_ns "$skiff" get nodes 2>/dev/null | grep -q ' Ready'; do sleep 0.2; done
 step "$skiff" push samples/build/bootcamp-v1.wasm 127.0.0.1:5000/bootcamp:v1
@@ -56,21 +72,28 @@ step "$skiff" get nodes -o wide
 step "$skiff" create deployment kubernetes-bootcamp --image=127.0.0.1:5000/bootcamp:v1 --port=8080
 step "$skiff" rollout status deployments/kubernetes-bootcamp --timeout 60
 step "$skiff" get deployments,pods -o wide
-curl_all
 step "$skiff" expose deployment/kubernetes-bootcamp --type=NodePort --port=8080
 step "$skiff" get svc
+node_port=$(in_ns "$skiff" get svc kubernetes-bootcamp -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["spec"]["ports"][0]["nodePort"])')
+step "$skiff" describe svc kubernetes-bootcamp
+curl_svc 2
 step "$skiff" scale deployments/kubernetes-bootcamp --replicas=4
 step "$skiff" rollout status deployments/kubernetes-bootcamp --timeout 60
-curl_all
+step "$skiff" get pods -o wide
+curl_svc 8
+stream_start
 step "$skiff" set image deployments/kubernetes-bootcamp bootcamp=127.0.0.1:5000/bootcamp:v2
 step "$skiff" rollout status deployments/kubernetes-bootcamp --timeout 60
-sleep 1; curl_all
+stream_stop
+curl_svc 4
+stream_start
 step kubectl rollout undo deployments/kubernetes-bootcamp
 step kubectl rollout status deployments/kubernetes-bootcamp --timeout=60s
-sleep 1; curl_all
+stream_stop
+curl_svc 4
 pod=$(in_ns "$skiff" get pods -l app=kubernetes-bootcamp -o name | head -1 | cut -d/ -f2)
-step "$skiff" describe pod "$pod"
 step "$skiff" logs "$pod"
 step kubectl get deployments,replicasets,pods,services
 step "$skiff" delete deployment kubernetes-bootcamp
-printf '\ndone: the walk ran on a single-node skiff cluster with the bootcamp app as wasm.\n'
+step "$skiff" delete service kubernetes-bootcamp
+printf '\ndone: the walk ran on a single-node skiff cluster with the bootcamp app as wasm, reached through its NodePort.\n'

@@ -22,6 +22,7 @@ async fn cluster(ns: &mut Netns, dir: &std::path::Path) -> anyhow::Result<SkiffU
     for (file, reference) in [
         ("bootcamp-v1.wasm", "bootcamp:v1"),
         ("bootcamp-v2.wasm", "bootcamp:v2"),
+        ("fetch.wasm", "fetch:v1"),
     ] {
         up.skiff(
             ns,
@@ -193,6 +194,30 @@ async fn node_port_cluster_ip_load_balancer_and_dns() -> anyhow::Result<()> {
         "A",
     ])?;
     assert!(missing.contains("NXDOMAIN"), "{missing}");
+
+    // A wasm pod calling the service by its short name: resolved in the pod's namespace.
+    let manifest = dir.path().join("fetcher.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: fetcher}\nspec:\n  containers:\n  - name: fetch\n    image: 127.0.0.1:5000/fetch:v1\n    ports: [{containerPort: 8080}]\n    env: [{name: UPSTREAM, value: 'http://kubernetes-bootcamp:8080/'}]\n",
+    )?;
+    up.skiff(&ns, &["apply", "-f", manifest.to_str().unwrap()])?;
+    let fetched = eventually(
+        "the fetcher pod answering",
+        Duration::from_secs(30),
+        || async {
+            let p = up.json(&ns, &["get", "pod", "fetcher"])?;
+            Ok(match p["status"]["podIP"].as_str() {
+                Some(ip) => curl(&ns, &format!("http://{ip}:8080/")).ok(),
+                None => None,
+            })
+        },
+    )
+    .await?;
+    assert!(
+        fetched.starts_with("fetched http://kubernetes-bootcamp:8080/ from fetcher: 200 Hello Kubernetes bootcamp! | Running on: kubernetes-bootcamp-"),
+        "{fetched}"
+    );
 
     // LoadBalancer: an EXTERNAL-IP (the node's address) that answers on the service port.
     up.skiff(
