@@ -305,18 +305,6 @@ impl Programmer {
         }
 
         // Publish what is routed, and forget endpoints nothing routes to and nothing uses.
-        let routed: HashSet<IpAddr> = self
-            .listeners
-            .values()
-            .flat_map(|l| {
-                l.state
-                    .route()
-                    .backends
-                    .iter()
-                    .map(|b| b.addr.ip())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
         let in_route: HashSet<SocketAddr> = self
             .listeners
             .values()
@@ -329,6 +317,7 @@ impl Programmer {
                     .collect::<Vec<_>>()
             })
             .collect();
+        let routed: HashSet<IpAddr> = in_route.iter().map(SocketAddr::ip).collect();
         self.shared
             .backends
             .lock()

@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
+use skiff_api::meta;
 
 /// How a frontend treats its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,15 +56,12 @@ impl Default for NodeAddresses {
 /// The cluster DNS service: served by the node's DNS server rather than proxied.
 pub const DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
 
+/// `namespace/name` of an object.
 pub fn key(obj: &Value) -> String {
     format!(
         "{}/{}",
-        obj.pointer("/metadata/namespace")
-            .and_then(Value::as_str)
-            .unwrap_or("default"),
-        obj.pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or("")
+        meta::namespace(obj).unwrap_or("default"),
+        meta::name(obj)
     )
 }
 

@@ -51,6 +51,38 @@ fn deploy(up: &SkiffUp, ns: &Netns, replicas: u32) -> anyhow::Result<()> {
     rolled_out(up, ns)
 }
 
+/// A cluster running the bootcamp deployment with `replicas` pods behind a NodePort service;
+/// returns the node port.
+async fn exposed(
+    ns: &mut Netns,
+    dir: &std::path::Path,
+    replicas: u32,
+) -> anyhow::Result<(SkiffUp, u16)> {
+    let up = cluster(ns, dir).await?;
+    deploy(&up, ns, replicas)?;
+    up.skiff(
+        ns,
+        &[
+            "expose",
+            "deployment/kubernetes-bootcamp",
+            "--type=NodePort",
+            "--port=8080",
+        ],
+    )?;
+    let np = node_port(&up, ns, "kubernetes-bootcamp")?;
+    Ok((up, np))
+}
+
+/// Eight keep-alive clients hitting `addr` back to back, already answered 100 times.
+async fn steady_load(ns: &Netns, addr: &str) -> anyhow::Result<Load> {
+    let load = Load::start(&ns.name, addr, 8);
+    eventually("load flowing", Duration::from_secs(10), || async {
+        Ok((load.report().ok > 100).then_some(()))
+    })
+    .await?;
+    Ok(load)
+}
+
 fn rolled_out(up: &SkiffUp, ns: &Netns) -> anyhow::Result<()> {
     up.skiff(
         ns,
@@ -107,18 +139,7 @@ fn running_pods(up: &SkiffUp, ns: &Netns) -> anyhow::Result<BTreeSet<String>> {
 async fn node_port_cluster_ip_load_balancer_and_dns() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ns = Netns::new()?;
-    let up = cluster(&mut ns, dir.path()).await?;
-    deploy(&up, &ns, 3)?;
-    up.skiff(
-        &ns,
-        &[
-            "expose",
-            "deployment/kubernetes-bootcamp",
-            "--type=NodePort",
-            "--port=8080",
-        ],
-    )?;
-    let np = node_port(&up, &ns, "kubernetes-bootcamp")?;
+    let (up, np) = exposed(&mut ns, dir.path(), 3).await?;
     let svc = up.json(&ns, &["get", "svc", "kubernetes-bootcamp"])?;
     let cip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
 
@@ -294,18 +315,7 @@ async fn node_port_cluster_ip_load_balancer_and_dns() -> anyhow::Result<()> {
 async fn no_request_lost_during_rollout_rollback_and_scale_down() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ns = Netns::new()?;
-    let up = cluster(&mut ns, dir.path()).await?;
-    deploy(&up, &ns, 4)?;
-    up.skiff(
-        &ns,
-        &[
-            "expose",
-            "deployment/kubernetes-bootcamp",
-            "--type=NodePort",
-            "--port=8080",
-        ],
-    )?;
-    let np = node_port(&up, &ns, "kubernetes-bootcamp")?;
+    let (up, np) = exposed(&mut ns, dir.path(), 4).await?;
     let url = format!("http://127.0.0.1:{np}/");
     eventually(
         "the node port answering",
@@ -316,11 +326,7 @@ async fn no_request_lost_during_rollout_rollback_and_scale_down() -> anyhow::Res
     let addr = format!("127.0.0.1:{np}");
 
     // Rolling update v1 → v2 under steady load.
-    let load = Load::start(&ns.name, &addr, 8);
-    eventually("load flowing", Duration::from_secs(10), || async {
-        Ok((load.report().ok > 100).then_some(()))
-    })
-    .await?;
+    let load = steady_load(&ns, &addr).await?;
     up.skiff(
         &ns,
         &[
@@ -381,11 +387,7 @@ async fn no_request_lost_during_rollout_rollback_and_scale_down() -> anyhow::Res
     );
 
     // Scale 4 → 2 under load.
-    let load = Load::start(&ns.name, &addr, 8);
-    eventually("load flowing", Duration::from_secs(10), || async {
-        Ok((load.report().ok > 100).then_some(()))
-    })
-    .await?;
+    let load = steady_load(&ns, &addr).await?;
     up.skiff(
         &ns,
         &["scale", "deployments/kubernetes-bootcamp", "--replicas=2"],
