@@ -163,6 +163,17 @@ async fn node_port_cluster_ip_load_balancer_and_dns() -> anyhow::Result<()> {
         pods
     );
 
+    // Not HTTP (TLS to the API server behind `kubernetes`): balanced per connection, bytes
+    // copied through.
+    let version = ns.run(&[
+        "curl",
+        "-sk",
+        "--max-time",
+        "5",
+        "https://10.96.0.1/version",
+    ])?;
+    assert!(version.contains("gitVersion"), "{version}");
+
     // get / describe show the service like kubectl.
     let table = up.skiff(&ns, &["get", "svc", "kubernetes-bootcamp"])?;
     assert!(table.contains("TYPE") && table.contains("CLUSTER-IP") && table.contains("PORT(S)"));
