@@ -2,6 +2,7 @@
 # Builds the wasm samples from source with Debian's clang and WASI libc, wit-bindgen (crates.io)
 # and wasm-tools (PyPI):
 #   samples/build/bootcamp-v1.wasm, bootcamp-v2.wasm  wasi:http components ("... | v=1", "v=2")
+#   samples/build/misbehave.wasm                      a wasi:http component that traps, spins or grows on request
 #   samples/build/fetch.wasm                          a wasi:http component calling $UPSTREAM (a service)
 #   samples/build/hello-command.wasm                  a WASI preview1 command (run-to-completion pods)
 # Installs what is missing first. Starts nothing.
@@ -43,6 +44,11 @@ for v in 1 2; do
   wasm-tools component new "$out/bootcamp-core-v$v.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$out/bootcamp-v$v.wasm"
   rm "$out/bootcamp-core-v$v.wasm"
 done
+# A component that traps, spins or exhausts memory on request (the bootcamp world's imports).
+clang-14 --target=wasm32-wasi -mexec-model=reactor -O2 -Wl,--strip-all \
+  -I"$out/gen" -o "$out/misbehave-core.wasm" misbehave/misbehave.c "$out/gen/bootcamp.c" "$out/gen/bootcamp_component_type.o"
+wasm-tools component new "$out/misbehave-core.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$out/misbehave.wasm"
+rm "$out/misbehave-core.wasm"
 
 # The fetch app: a component that calls a service by name.
 rm -rf "$out/wit" "$out/gen"

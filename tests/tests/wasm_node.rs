@@ -169,6 +169,16 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
             && logs.contains("exiting with 3"),
         "{logs}"
     );
+    // The real kubectl reads the same logs through the API server.
+    let kc = up.dir.join("kubeconfig");
+    let by_kubectl = ns.run(&[
+        "kubectl",
+        "--kubeconfig",
+        kc.to_str().unwrap(),
+        "logs",
+        "hello",
+    ])?;
+    assert_eq!(by_kubectl, logs);
 
     // An image that is not there: ErrImagePull, then ImagePullBackOff with the registry's message.
     up.skiff(

@@ -165,3 +165,46 @@ async fn wasi_command_sample_runs_with_args_and_exit_code() {
         "{log}"
     );
 }
+
+async fn get_path(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_failing_request_is_a_500_and_the_server_keeps_serving() {
+    let (_d, rt) = runtime();
+    let p = rt.load(&sample("misbehave.wasm")).unwrap();
+    assert_eq!(p.kind, Kind::Http);
+    let cfg = GuestConfig {
+        request_timeout: Some(std::time::Duration::from_millis(300)),
+        memory_limit: Some(8 << 20),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = rt.serve_http(&p, cfg, listener).unwrap();
+    assert_eq!(get_path(server.addr, "/").await, (200, "ok\n".into()));
+
+    // A trap: 500 for that request only.
+    let (code, body) = get_path(server.addr, "/trap").await;
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(get_path(server.addr, "/").await.0, 200);
+
+    // A runaway loop: stopped at the CPU deadline and answered 500.
+    let t = std::time::Instant::now();
+    assert_eq!(get_path(server.addr, "/spin").await.0, 500);
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "the deadline is 300 ms; the spinning request took {took:?}"
+    );
+    assert_eq!(get_path(server.addr, "/").await.0, 200);
+
+    // Memory past the limit: the growth traps (the limiter is set to), answered 500.
+    let (code, body) = get_path(server.addr, "/grow").await;
+    assert_eq!(code, 500, "{body}");
+    assert_eq!(get_path(server.addr, "/").await.0, 200);
+    let (served, failed) = server.counts();
+    assert_eq!(served, 7);
+    assert_eq!(failed, 3, "trap, spin and grow are counted as failures");
+}
