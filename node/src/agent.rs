@@ -84,6 +84,22 @@ pub struct Agent {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Every served wasm pod holds a listener per port and a descriptor per client connection;
+/// a node with hundreds of pods needs more than the usual soft limit of 1,024. Raises the soft
+/// limit on open files to the hard one.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open files limit"),
+    }
+}
+
 fn machine_memory_kib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -212,6 +228,7 @@ impl Agent {
         config: AgentConfig,
         link: Box<dyn Netlink>,
     ) -> Result<Agent, AgentError> {
+        raise_open_files_limit();
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| AgentError::Listen {

@@ -258,7 +258,7 @@ mod tests {
         trim(&big).unwrap();
         let after = std::fs::metadata(&big).unwrap().len();
         assert!(
-            after <= MAX_LOG_BYTES / 2 + 1000 && after % 100 == 0,
+            after <= MAX_LOG_BYTES / 2 + 1000 && after.is_multiple_of(100),
             "{after}"
         );
     }
