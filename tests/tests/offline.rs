@@ -1,0 +1,168 @@
+//! The agent keeps running without the control plane: with `skiff server` and `skiff agent`
+//! as separate processes, the server is stopped and the agent killed with -9 and started
+//! again while the API is unreachable; it serves the pods it had from its on-disk cache, and
+//! when the server is back it catches up without duplicating them.
+//! Needs root, iproute2, curl, docker-registry and the samples (`samples/build.sh`).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use skiff_e2e::netns::{Netns, SkiffUp};
+use skiff_e2e::{eventually, skiff_binary};
+
+fn pods(up: &SkiffUp, ns: &Netns) -> anyhow::Result<BTreeSet<(String, String)>> {
+    let v = up.json(ns, &["get", "pods", "-l", "app=kubernetes-bootcamp"])?;
+    Ok(v["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["metadata"]["name"].as_str()?.to_string(),
+                p["status"]["podIP"].as_str()?.to_string(),
+            ))
+        })
+        .collect())
+}
+
+fn answers(ns: &Netns, pods: &BTreeSet<(String, String)>) -> bool {
+    pods.iter().all(|(name, ip)| {
+        ns.run(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+            &format!("http://{ip}:8080/"),
+        ])
+        .map(|b| b.contains(&format!("Running on: {name} |")))
+        .unwrap_or(false)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_serves_its_pods_while_the_api_is_away() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut ns = Netns::new()?;
+    ns.start_registry(dir.path()).await?;
+    let bin = skiff_binary()?;
+    let bin = bin.to_str().unwrap();
+    let server_dir = dir.path().join("server");
+    let agent_dir = dir.path().join("agent");
+    let server_args = [
+        bin,
+        "server",
+        "--data-dir",
+        server_dir.to_str().unwrap(),
+        "--api-addr",
+        "127.0.0.1:6443",
+    ];
+    let server = ns.spawn(&server_args, &dir.path().join("server.log"))?;
+    eventually("the server's token", Duration::from_secs(20), || async {
+        Ok(std::fs::read_to_string(server_dir.join("token")).ok())
+    })
+    .await?;
+    let token = std::fs::read_to_string(server_dir.join("token"))?;
+    let ca = server_dir.join("ca.crt");
+    let agent_args = [
+        bin,
+        "agent",
+        "--server",
+        "https://127.0.0.1:6443",
+        "--token",
+        token.trim(),
+        "--ca-cert",
+        ca.to_str().unwrap(),
+        "--data-dir",
+        agent_dir.to_str().unwrap(),
+        "--name",
+        "edge-1",
+        "--heartbeat-seconds",
+        "2",
+    ];
+    let log = dir.path().join("agent.log");
+    let agent = ns.spawn(&agent_args, &log)?;
+    let up = SkiffUp {
+        dir: server_dir.clone(),
+        index: server,
+        log: log.clone(),
+    };
+    eventually("node edge-1 Ready", Duration::from_secs(30), || async {
+        Ok(up
+            .skiff(&ns, &["get", "nodes"])
+            .ok()
+            .filter(|o| o.contains(" Ready"))
+            .map(|_| ()))
+    })
+    .await?;
+    let sample =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build/bootcamp-v1.wasm");
+    up.skiff(
+        &ns,
+        &[
+            "push",
+            sample.to_str().unwrap(),
+            "127.0.0.1:5000/bootcamp:v1",
+        ],
+    )?;
+    up.skiff(
+        &ns,
+        &[
+            "create",
+            "deployment",
+            "kubernetes-bootcamp",
+            "--image=127.0.0.1:5000/bootcamp:v1",
+            "--port=8080",
+            "--replicas=2",
+        ],
+    )?;
+    up.skiff(
+        &ns,
+        &[
+            "rollout",
+            "status",
+            "deployment/kubernetes-bootcamp",
+            "--timeout",
+            "60",
+        ],
+    )?;
+    let before = pods(&up, &ns)?;
+    assert_eq!(before.len(), 2);
+    assert!(answers(&ns, &before));
+
+    // The control plane goes away; the agent is killed and started again without it.
+    ns.kill(server)?;
+    ns.kill(agent)?;
+    let log2 = dir.path().join("agent-offline.log");
+    ns.spawn(&agent_args, &log2)?;
+    eventually(
+        "the pods served from the agent's cache",
+        Duration::from_secs(30),
+        || async { Ok(answers(&ns, &before).then_some(())) },
+    )
+    .await
+    .map_err(|e| {
+        let log = std::fs::read_to_string(&log2).unwrap_or_default();
+        anyhow::anyhow!("{e}\n--- agent log:\n{log}")
+    })?;
+
+    // The control plane returns: the same pods, not new ones, still answering.
+    let server = ns.spawn(&server_args, &dir.path().join("server-2.log"))?;
+    let up = SkiffUp {
+        dir: server_dir,
+        index: server,
+        log: log2,
+    };
+    eventually(
+        "the same two pods after reconnecting",
+        Duration::from_secs(30),
+        || async {
+            let now = match pods(&up, &ns) {
+                Ok(p) => p,
+                Err(_) => return Ok(None),
+            };
+            Ok((now == before && answers(&ns, &now)).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
