@@ -765,15 +765,14 @@ impl HttpContainer {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            let runtime = &self.shared.ctx.runtime;
-            servers.push(
-                runtime
-                    .serve_http(&self.program, self.config.clone(), l)
-                    .map_err(|e| e.to_string())?,
-            );
-            if let Ok(h) = runtime.handler(&self.program, self.config.clone()) {
-                self.shared.ctx.local.insert(addr, h);
-            }
+            let server = self
+                .shared
+                .ctx
+                .runtime
+                .serve_http(&self.program, self.config.clone(), l)
+                .map_err(|e| e.to_string())?;
+            self.shared.ctx.local.insert(addr, server.handler());
+            servers.push(server);
         }
         let how = if self.program.cached {
             "compile cache"

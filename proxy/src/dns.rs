@@ -210,6 +210,14 @@ fn servfail(query: &[u8]) -> Option<Vec<u8>> {
     resp.to_vec().ok()
 }
 
+/// The upstream's answer to a query that is not the cluster's, or SERVFAIL.
+async fn forward(query: &[u8], upstream: Option<SocketAddr>) -> Option<Vec<u8>> {
+    match ask_upstream(query, upstream).await {
+        Some(r) => Some(r),
+        None => servfail(query),
+    }
+}
+
 async fn respond(
     query: Vec<u8>,
     names: &SharedNames,
@@ -218,10 +226,7 @@ async fn respond(
     let current = names.read().expect("names").clone();
     match answer(&query, &current) {
         Some(r) => Some(r),
-        None => match ask_upstream(&query, upstream).await {
-            Some(r) => Some(r),
-            None => servfail(&query),
-        },
+        None => forward(&query, upstream).await,
     }
 }
 
@@ -263,10 +268,11 @@ impl DnsServer {
                         let _ = udp.send_to(&r, peer).await;
                     }
                     None => {
+                        // Not a cluster name: the upstream answers, without holding up
+                        // the queries behind this one.
                         let udp = udp.clone();
-                        let n = n.clone();
                         tokio::spawn(async move {
-                            if let Some(r) = respond(query, &n, upstream).await {
+                            if let Some(r) = forward(&query, upstream).await {
                                 let _ = udp.send_to(&r, peer).await;
                             }
                         });

@@ -68,8 +68,6 @@ struct Shared {
     backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
     /// Endpoint IPs in rotation somewhere.
     routed: RwLock<HashSet<IpAddr>>,
-    /// Frontends listening, by address, with their service (for status and tests).
-    listening: RwLock<BTreeMap<SocketAddr, String>>,
     synced: watch::Sender<u64>,
 }
 
@@ -324,11 +322,6 @@ impl Programmer {
             .expect("backends")
             .retain(|a, b| in_route.contains(a) || b.inflight() > 0);
         *self.shared.routed.write().expect("routed") = routed;
-        *self.shared.listening.write().expect("listening") = self
-            .listeners
-            .iter()
-            .map(|(a, l)| (*a, l.state.service.clone()))
-            .collect();
         self.generation += 1;
         self.shared.synced.send_replace(self.generation);
     }
@@ -380,7 +373,6 @@ impl Proxy {
             names: Arc::new(RwLock::new(Arc::new(Names::default()))),
             backends: Mutex::new(HashMap::new()),
             routed: RwLock::new(HashSet::new()),
-            listening: RwLock::new(BTreeMap::new()),
             synced,
         });
         let mut p = Programmer {
@@ -442,11 +434,6 @@ impl Proxy {
         self.shared.names.clone()
     }
 
-    /// The addresses listening now, with the service each serves.
-    pub fn frontends(&self) -> BTreeMap<SocketAddr, String> {
-        self.shared.listening.read().expect("listening").clone()
-    }
-
     /// Whether requests may still reach `ip` through this proxy: it is in some service's
     /// rotation, or requests to it are in flight.
     pub fn routes_to(&self, ip: IpAddr) -> bool {
@@ -476,12 +463,6 @@ impl Proxy {
                 _ = tokio::time::sleep_until(until) => return false,
             }
         }
-    }
-
-    /// Waits for the first complete programming (services and endpoints listed).
-    pub async fn synced(&self) {
-        let mut rx = self.shared.synced.subscribe();
-        let _ = rx.wait_for(|g| *g > 0).await;
     }
 }
 

@@ -354,6 +354,15 @@ struct Replay {
 }
 
 impl Replay {
+    fn of(req: &Request<Body>) -> Replay {
+        Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        }
+    }
+
     fn request(&self) -> Request<Body> {
         let mut r = Request::new(empty());
         *r.method_mut() = self.method.clone();
@@ -428,18 +437,14 @@ pub async fn forward(
     if let Ok(v) = HeaderValue::from_str(&xff) {
         req.headers_mut().insert("x-forwarded-for", v);
     }
-    let replay = (!upgrade
+    let replayable = !upgrade
         && req.body().is_end_stream()
         && matches!(
             *req.method(),
             Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
-        ))
-    .then(|| Replay {
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        version: req.version(),
-        headers: req.headers().clone(),
-    });
+        );
+    // Kept once the request goes over a socket (requests served in-process never need it).
+    let mut replay: Option<Replay> = None;
     let mut pending = Some(req.map(boxed));
     let mut tried: Vec<SocketAddr> = Vec::new();
     let mut last_error = String::new();
@@ -479,6 +484,9 @@ pub async fn forward(
                 }
             },
         };
+        if replayable && replay.is_none() {
+            replay = Some(Replay::of(&req));
+        }
         match sender.try_send_request(req).await {
             Ok(mut resp) => {
                 drop(flight);

@@ -27,6 +27,7 @@ pub struct HttpServer {
     task: tokio::task::JoinHandle<()>,
     closing: tokio::sync::watch::Sender<bool>,
     stats: Arc<Stats>,
+    handler: Handler,
 }
 
 #[derive(Default)]
@@ -48,6 +49,12 @@ impl HttpServer {
             self.task.abort();
             let _ = (&mut self.task).await;
         }
+    }
+
+    /// The handler this server calls: the same component and guest configuration, for
+    /// callers that serve requests without the socket (the service proxy).
+    pub fn handler(&self) -> Handler {
+        self.handler.clone()
     }
 
     /// Requests answered, and those answered 500 because the guest failed.
@@ -154,6 +161,7 @@ impl Runtime {
         listener: TcpListener,
     ) -> Result<HttpServer, WasmError> {
         let handler = self.handler(program, config)?;
+        let served = handler.clone();
         let addr = listener.local_addr()?;
         let stats = Arc::new(Stats::default());
         let st = stats.clone();
@@ -216,6 +224,7 @@ impl Runtime {
             task,
             closing,
             stats,
+            handler: served,
         })
     }
 }
