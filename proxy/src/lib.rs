@@ -189,17 +189,10 @@ impl Programmer {
             .filter(|_| self.config.dns);
         let mut vips: HashSet<std::net::Ipv4Addr> = want
             .values()
-            .filter(|f| !f.backends.is_empty())
+            .filter(|f| f.cluster_ip && !f.backends.is_empty())
             .filter_map(|f| match f.addr.ip() {
-                IpAddr::V4(ip)
-                    if self
-                        .services
-                        .values()
-                        .any(|s| table::cluster_ip(s) == Some(ip)) =>
-                {
-                    Some(ip)
-                }
-                _ => None,
+                IpAddr::V4(ip) => Some(ip),
+                IpAddr::V6(_) => None,
             })
             .collect();
         vips.extend(dns_ip);
@@ -326,32 +319,24 @@ impl Programmer {
         self.shared.synced.send_replace(self.generation);
     }
 
+    fn objects(&mut self, kind: &str) -> &mut BTreeMap<String, Value> {
+        if kind == "services" {
+            &mut self.services
+        } else {
+            &mut self.endpoints
+        }
+    }
+
     fn update(&mut self, u: Update) {
         match u {
             Update::Reset(kind, items) => {
-                let m: BTreeMap<String, Value> =
-                    items.into_iter().map(|o| (table::key(&o), o)).collect();
-                if kind == "services" {
-                    self.services = m;
-                } else {
-                    self.endpoints = m;
-                }
+                *self.objects(kind) = items.into_iter().map(|o| (table::key(&o), o)).collect();
             }
             Update::Upsert(kind, o) => {
-                let m = if kind == "services" {
-                    &mut self.services
-                } else {
-                    &mut self.endpoints
-                };
-                m.insert(table::key(&o), o);
+                self.objects(kind).insert(table::key(&o), o);
             }
             Update::Delete(kind, o) => {
-                let m = if kind == "services" {
-                    &mut self.services
-                } else {
-                    &mut self.endpoints
-                };
-                m.remove(&table::key(&o));
+                self.objects(kind).remove(&table::key(&o));
             }
         }
     }

@@ -27,6 +27,8 @@ pub struct Frontend {
     pub addr: SocketAddr,
     /// `namespace/name:port-name` (port name may be empty).
     pub service: String,
+    /// The address is the service's ClusterIP (bound locally), not a node address.
+    pub cluster_ip: bool,
     pub mode: Mode,
     /// `sessionAffinity: ClientIP` and its timeout.
     pub affinity: Option<Duration>,
@@ -152,18 +154,20 @@ pub fn frontends(svc: &Value, endpoints: Option<&Value>, node: &NodeAddresses) -
         let base = Frontend {
             addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             service: format!("{}:{name}", key(svc)),
+            cluster_ip: false,
             mode: mode(port),
             affinity,
             backends: backends(endpoints, name),
         };
-        let mut at = |addr: SocketAddr| {
+        let mut at = |addr: SocketAddr, cluster_ip: bool| {
             out.push(Frontend {
                 addr,
+                cluster_ip,
                 ..base.clone()
             })
         };
         if let Some(ip) = vip {
-            at(SocketAddr::from((ip, number)));
+            at(SocketAddr::from((ip, number)), true);
         }
         if ty == "NodePort" || ty == "LoadBalancer" {
             if let Some(np) = port["nodePort"]
@@ -171,12 +175,12 @@ pub fn frontends(svc: &Value, endpoints: Option<&Value>, node: &NodeAddresses) -
                 .and_then(|p| u16::try_from(p).ok())
             {
                 for ip in &node.nodeport {
-                    at(SocketAddr::new(*ip, np));
+                    at(SocketAddr::new(*ip, np), false);
                 }
             }
         }
         if ty == "LoadBalancer" && lb_ingress.contains(&node.node_ip) {
-            at(SocketAddr::new(node.node_ip, number));
+            at(SocketAddr::new(node.node_ip, number), false);
         }
     }
     out
@@ -230,6 +234,7 @@ mod tests {
         );
         assert_eq!(f[0].mode, Mode::Auto);
         assert_eq!(f[0].affinity, None);
+        assert!(f[0].cluster_ip);
     }
 
     #[test]
@@ -244,13 +249,13 @@ mod tests {
         );
         let addrs: Vec<_> = frontends(&s, None, &node)
             .into_iter()
-            .map(|f| (f.addr.to_string(), f.mode))
+            .map(|f| (f.addr.to_string(), f.mode, f.cluster_ip))
             .collect();
         assert_eq!(
             addrs,
             vec![
-                ("10.96.0.7:8080".to_string(), Mode::Http),
-                ("0.0.0.0:30001".to_string(), Mode::Http)
+                ("10.96.0.7:8080".to_string(), Mode::Http, true),
+                ("0.0.0.0:30001".to_string(), Mode::Http, false)
             ]
         );
         let mut lb = svc("LoadBalancer", json!([{"port": 8080, "nodePort": 30002}]));
