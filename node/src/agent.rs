@@ -18,7 +18,7 @@ use skiff_wasm::Runtime;
 use tokio::sync::watch;
 
 use crate::logs::LogIndex;
-use crate::network::{IpCommand, NetError, Netlink, PodNetwork};
+use crate::network::{IpCommand, NetError, Netlink, PodNetwork, ServiceAddresses};
 use crate::pod::{now, NodeContext, PodWorker};
 use crate::services::LocalEndpoints;
 
@@ -292,7 +292,7 @@ impl Agent {
                 client.clone(),
                 pc,
                 local.clone(),
-                Arc::new(skiff_proxy::IpVips::new(&config.service_interface)),
+                Arc::new(ServiceAddresses::new(&config.service_interface)),
             ))
         });
         let ctx = Arc::new(NodeContext {

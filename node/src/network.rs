@@ -1,10 +1,12 @@
-//! Pod addresses. Every pod takes an address from the node's pod CIDR; the node holds the
+//! Pod and service addresses. Every pod takes an address from the node's pod CIDR; the node holds the
 //! gateway (`.1`) on its bridge and each wasm pod's address, so listeners bind there and any
 //! client, proxy or pod reaches both kinds of pod the same way.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
+
+use skiff_proxy::vip::{VipError, VipLink};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -60,22 +62,82 @@ impl Netlink for IpCommand {
     }
 
     fn add_address(&self, bridge: &str, addr: Ipv4Addr) -> Result<(), NetError> {
-        let cidr = format!("{addr}/32");
-        match ip(&["addr", "add", &cidr, "dev", bridge]) {
-            Err(NetError::Command { msg, .. })
-                if msg.contains("exists") || msg.contains("already assigned") =>
-            {
-                Ok(())
-            }
-            other => other.map(|_| ()),
-        }
+        add_host_address(bridge, addr)
     }
 
     fn remove_address(&self, bridge: &str, addr: Ipv4Addr) -> Result<(), NetError> {
-        match ip(&["addr", "del", &format!("{addr}/32"), "dev", bridge]) {
-            Err(NetError::Command { msg, .. }) if msg.contains("Cannot assign") => Ok(()),
-            other => other.map(|_| ()),
+        remove_host_address(bridge, addr)
+    }
+}
+
+/// Adds `addr/32` to `dev`; already there is fine.
+fn add_host_address(dev: &str, addr: Ipv4Addr) -> Result<(), NetError> {
+    match ip(&["addr", "add", &format!("{addr}/32"), "dev", dev]) {
+        Err(NetError::Command { msg, .. })
+            if msg.contains("exists") || msg.contains("already assigned") =>
+        {
+            Ok(())
         }
+        other => other.map(|_| ()),
+    }
+}
+
+/// Removes `addr/32` from `dev`; already gone is fine.
+fn remove_host_address(dev: &str, addr: Ipv4Addr) -> Result<(), NetError> {
+    match ip(&["addr", "del", &format!("{addr}/32"), "dev", dev]) {
+        Err(NetError::Command { msg, .. }) if msg.contains("Cannot assign") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Where the service proxy's ClusterIPs live: a dummy interface (like kube-proxy's
+/// `kube-ipvs0`) where the kernel has the dummy driver, else the loopback interface. Either
+/// way the node, and pods routed through it, reach them.
+pub struct ServiceAddresses {
+    name: String,
+    device: OnceLock<String>,
+}
+
+impl ServiceAddresses {
+    pub fn new(name: &str) -> ServiceAddresses {
+        ServiceAddresses {
+            name: name.to_string(),
+            device: OnceLock::new(),
+        }
+    }
+
+    /// The interface holding the addresses: created on first use.
+    fn device(&self) -> &str {
+        self.device.get_or_init(|| {
+            let exists = ip(&["link", "show", &self.name]).is_ok()
+                || ip(&["link", "add", &self.name, "type", "dummy"]).is_ok();
+            if exists && ip(&["link", "set", &self.name, "up"]).is_ok() {
+                return self.name.clone();
+            }
+            tracing::info!("no dummy interface driver; service addresses go on lo");
+            let _ = ip(&["link", "set", "lo", "up"]);
+            "lo".to_string()
+        })
+    }
+}
+
+fn vip_error(e: NetError) -> VipError {
+    match e {
+        NetError::Command { cmd, msg } => VipError { cmd, msg },
+        other => VipError {
+            cmd: String::new(),
+            msg: other.to_string(),
+        },
+    }
+}
+
+impl VipLink for ServiceAddresses {
+    fn add(&self, addr: Ipv4Addr) -> Result<(), VipError> {
+        add_host_address(self.device(), addr).map_err(vip_error)
+    }
+
+    fn remove(&self, addr: Ipv4Addr) -> Result<(), VipError> {
+        remove_host_address(self.device(), addr).map_err(vip_error)
     }
 }
 

@@ -17,7 +17,7 @@
 //! by this node's DNS server ([`dns`]).
 //!
 //! Module map: [`table`] (objects → frontends, pure), [`balance`] (choosing an endpoint),
-//! [`serve`] (the data path), [`dns`] (names), [`vip`] (local service addresses).
+//! [`serve`] (the data path), [`dns`] (names), [`vip`] (what binds service addresses locally).
 
 pub mod balance;
 pub mod dns;
@@ -39,9 +39,9 @@ use tokio::sync::{mpsc, watch};
 use crate::balance::{Backend, Route};
 use crate::dns::{DnsServer, Names, SharedNames};
 use crate::serve::FrontendState;
-pub use crate::serve::{Body, BoxError, BoxFuture, InProcess, LocalHttp, NoLocal};
+pub use crate::serve::{Body, BoxError, BoxFuture, InProcess, LocalHttp};
 use crate::table::{Frontend, NodeAddresses};
-pub use crate::vip::{IpVips, NoVips, VipLink};
+pub use crate::vip::VipLink;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {

@@ -36,15 +36,6 @@ pub trait LocalHttp: Send + Sync + 'static {
     fn lookup(&self, addr: SocketAddr) -> Option<Arc<dyn InProcess>>;
 }
 
-/// A node with no in-process endpoints.
-pub struct NoLocal;
-
-impl LocalHttp for NoLocal {
-    fn lookup(&self, _: SocketAddr) -> Option<Arc<dyn InProcess>> {
-        None
-    }
-}
-
 /// How long a connection to an endpoint may take before the next endpoint is tried.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an undeclared port waits for the client's first bytes before treating the
