@@ -13,34 +13,9 @@ skiff=$PWD/target/release/skiff
 secs=${BENCH_SECONDS:-5}
 conns=${BENCH_CONNECTIONS:-32}
 
-ns=skiff-bench-svc-$$
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  ip netns del "$ns" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-ip netns add "$ns"
-in_ns() { ip netns exec "$ns" "$@"; }
-in_ns ip link set lo up
-
-cat >"$work/registry.yml" <<YAML
-version: 0.1
-log: {level: warn}
-storage: {filesystem: {rootdirectory: $work/registry}}
-http: {addr: 127.0.0.1:5000}
-YAML
-ip netns exec "$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-pids+=($!)
-ip netns exec "$ns" "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name bench >"$work/skiff.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 200); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && [ -f "$work/skiff/kubeconfig" ] && break; sleep 0.1; done
-export KUBECONFIG=$work/skiff/kubeconfig
+. scripts/lib/netns-cluster.sh
+start_netns_cluster "skiff-bench-svc-$$" bench
 k() { in_ns "$skiff" "$@"; }
-until k get nodes 2>/dev/null | grep -q ' Ready'; do sleep 0.2; done
 
 k push samples/build/bootcamp-v1.wasm 127.0.0.1:5000/bootcamp:v1 >/dev/null
 k push samples/build/bootcamp-v2.wasm 127.0.0.1:5000/bootcamp:v2 >/dev/null

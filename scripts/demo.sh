@@ -17,33 +17,8 @@ samples/build.sh >/dev/null
 cargo build --release -p skiff
 skiff=$PWD/target/release/skiff
 
-ns=skiff-demo
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  ip netns del "$ns" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
-ip netns del "$ns" 2>/dev/null || true
-ip netns add "$ns"
-in_ns() { ip netns exec "$ns" "$@"; }
-in_ns ip link set lo up
-
-cat >"$work/registry.yml" <<YAML
-version: 0.1
-log: {level: warn}
-storage: {filesystem: {rootdirectory: $work/registry}}
-http: {addr: 127.0.0.1:5000}
-YAML
-ip netns exec "$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-pids+=($!)
-ip netns exec "$ns" "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name edge-1 >"$work/skiff.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && [ -f "$work/skiff/kubeconfig" ] && break; sleep 0.2; done
-export KUBECONFIG=$work/skiff/kubeconfig
+. scripts/lib/netns-cluster.sh
+start_netns_cluster skiff-demo edge-1
 
 step() { printf '\n\033[1m$ %s\033[0m\n' "$*"; in_ns "$@"; }
 node_ip=127.0.0.1
@@ -65,7 +40,6 @@ stream_stop() {
     "$(grep -c 'v=1' "$work/stream" || true)" "$(grep -c 'v=2' "$work/stream" || true)"
 }
 
-until in_ns "$skiff" get nodes 2>/dev/null | grep -q ' Ready'; do sleep 0.2; done
 step "$skiff" push samples/build/bootcamp-v1.wasm 127.0.0.1:5000/bootcamp:v1
 step "$skiff" push samples/build/bootcamp-v2.wasm 127.0.0.1:5000/bootcamp:v2
 step "$skiff" get nodes -o wide
