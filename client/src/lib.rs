@@ -208,6 +208,11 @@ impl Client {
         .await
     }
 
+    async fn put(&self, path: &str, obj: &Value) -> Result<Value, ClientError> {
+        self.json(self.req(reqwest::Method::PUT, path).json(obj))
+            .await
+    }
+
     pub async fn replace(
         &self,
         r: &Resource,
@@ -215,11 +220,7 @@ impl Client {
         name: &str,
         obj: &Value,
     ) -> Result<Value, ClientError> {
-        self.json(
-            self.req(reqwest::Method::PUT, &path(r, ns, Some(name)))
-                .json(obj),
-        )
-        .await
+        self.put(&path(r, ns, Some(name)), obj).await
     }
 
     pub async fn replace_status(
@@ -229,14 +230,8 @@ impl Client {
         name: &str,
         obj: &Value,
     ) -> Result<Value, ClientError> {
-        self.json(
-            self.req(
-                reqwest::Method::PUT,
-                &format!("{}/status", path(r, ns, Some(name))),
-            )
-            .json(obj),
-        )
-        .await
+        self.put(&format!("{}/status", path(r, ns, Some(name))), obj)
+            .await
     }
 
     /// `content_type` is one of the patch media types (`application/merge-patch+json`, …).

@@ -612,17 +612,8 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
             .await;
         match program.kind {
             Kind::Http => {
-                let file = match logs.open_run(&cname, false) {
-                    Ok(f) => Arc::new(f),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot open the container log");
-                        continue;
-                    }
-                };
-                let config = GuestConfig {
-                    stdout: Some(file.clone()),
-                    stderr: Some(file),
-                    ..config
+                let Some(config) = logged(&logs, &cname, false, config) else {
+                    continue;
                 };
                 let mut ports: Vec<u16> = c
                     .get("ports")
@@ -743,6 +734,30 @@ async fn finish(
         .lock()
         .expect("logs")
         .remove(&format!("{ns}/{name}"));
+}
+
+/// `config` with the guest's stdout and stderr going to a new run of the container's log
+/// (`restarted`: a run after the first). None when the log cannot be opened.
+fn logged(
+    logs: &PodLogs,
+    container: &str,
+    restarted: bool,
+    config: GuestConfig,
+) -> Option<GuestConfig> {
+    match logs.open_run(container, restarted) {
+        Ok(f) => {
+            let file = Arc::new(f);
+            Some(GuestConfig {
+                stdout: Some(file.clone()),
+                stderr: Some(file),
+                ..config
+            })
+        }
+        Err(e) => {
+            tracing::warn!(container, error = %e, "cannot open the container log");
+            None
+        }
+    }
 }
 
 /// A wasi:http container: its listeners on the pod address, and its probes.
@@ -924,17 +939,8 @@ async fn run_command(
     let mut backoff = Backoff::default();
     let mut runs = 0;
     loop {
-        let file = match logs.open_run(&name, runs > 0) {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot open the container log");
-                return;
-            }
-        };
-        let cfg = GuestConfig {
-            stdout: Some(file.clone()),
-            stderr: Some(file),
-            ..config.clone()
+        let Some(cfg) = logged(&logs, &name, runs > 0, config.clone()) else {
+            return;
         };
         let started_at = now();
         let started = Instant::now();
