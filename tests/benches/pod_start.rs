@@ -160,16 +160,7 @@ fn main() -> anyhow::Result<()> {
         let mut ns = Netns::new()?;
         ns.start_registry(dir.path()).await?;
         let up = SkiffUp::start(&mut ns, dir.path(), &["--node-cidr-mask-size", "21"]).await?;
-        let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../samples/build/bootcamp-v1.wasm");
-        up.skiff(
-            &ns,
-            &[
-                "push",
-                sample.to_str().unwrap(),
-                "127.0.0.1:5000/bootcamp:v1",
-            ],
-        )?;
+        up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
         let pid = ns.pid(up.index);
         let me = std::env::current_exe()?;
         let kc = up.dir.join("kubeconfig");

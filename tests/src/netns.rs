@@ -193,6 +193,73 @@ impl SkiffUp {
         ns.output(&full)
     }
 
+    /// Pushes samples built by `samples/build.sh` to the namespace's registry:
+    /// `(FILE, REPO:TAG)` → `127.0.0.1:5000/REPO:TAG`.
+    pub fn push_samples(&self, ns: &Netns, samples: &[(&str, &str)]) -> anyhow::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build");
+        for (file, reference) in samples {
+            self.skiff(
+                ns,
+                &[
+                    "push",
+                    dir.join(file).to_str().unwrap(),
+                    &format!("127.0.0.1:5000/{reference}"),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `create deployment kubernetes-bootcamp` with the pushed `bootcamp:v1`, port 8080.
+    pub fn create_bootcamp(&self, ns: &Netns, replicas: u32) -> anyhow::Result<()> {
+        self.skiff(
+            ns,
+            &[
+                "create",
+                "deployment",
+                "kubernetes-bootcamp",
+                "--image=127.0.0.1:5000/bootcamp:v1",
+                "--port=8080",
+                &format!("--replicas={replicas}"),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// `set image` of the bootcamp deployment to the pushed `bootcamp:TAG`.
+    pub fn set_bootcamp_image(&self, ns: &Netns, tag: &str) -> anyhow::Result<()> {
+        self.skiff(
+            ns,
+            &[
+                "set",
+                "image",
+                "deployments/kubernetes-bootcamp",
+                &format!("bootcamp=127.0.0.1:5000/bootcamp:{tag}"),
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// `rollout status` of a deployment, which must finish within `timeout`.
+    pub fn rolled_out(
+        &self,
+        ns: &Netns,
+        deployment: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        self.skiff(
+            ns,
+            &[
+                "rollout",
+                "status",
+                &format!("deployment/{deployment}"),
+                "--timeout",
+                &timeout.as_secs().to_string(),
+            ],
+        )?;
+        Ok(())
+    }
+
     /// A JSON field of an object, via `get -o json`.
     pub fn json(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let mut a = args.to_vec();

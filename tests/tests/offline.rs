@@ -94,37 +94,9 @@ async fn agent_serves_its_pods_while_the_api_is_away() -> anyhow::Result<()> {
             .map(|_| ()))
     })
     .await?;
-    let sample =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build/bootcamp-v1.wasm");
-    up.skiff(
-        &ns,
-        &[
-            "push",
-            sample.to_str().unwrap(),
-            "127.0.0.1:5000/bootcamp:v1",
-        ],
-    )?;
-    up.skiff(
-        &ns,
-        &[
-            "create",
-            "deployment",
-            "kubernetes-bootcamp",
-            "--image=127.0.0.1:5000/bootcamp:v1",
-            "--port=8080",
-            "--replicas=2",
-        ],
-    )?;
-    up.skiff(
-        &ns,
-        &[
-            "rollout",
-            "status",
-            "deployment/kubernetes-bootcamp",
-            "--timeout",
-            "60",
-        ],
-    )?;
+    up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
+    up.create_bootcamp(&ns, 2)?;
+    up.rolled_out(&ns, "kubernetes-bootcamp", Duration::from_secs(60))?;
     let before = pods(&up, &ns)?;
     assert_eq!(before.len(), 2);
     assert!(answers(&ns, &before));

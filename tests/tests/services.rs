@@ -12,43 +12,26 @@ use skiff_e2e::eventually;
 use skiff_e2e::load::Load;
 use skiff_e2e::netns::{Netns, SkiffUp};
 
-fn samples() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build")
-}
+/// How long a rollout of the bootcamp deployment may take.
+const ROLLOUT: Duration = Duration::from_secs(90);
 
 async fn cluster(ns: &mut Netns, dir: &std::path::Path) -> anyhow::Result<SkiffUp> {
     ns.start_registry(dir).await?;
     let up = SkiffUp::start(ns, dir, &[]).await?;
-    for (file, reference) in [
-        ("bootcamp-v1.wasm", "bootcamp:v1"),
-        ("bootcamp-v2.wasm", "bootcamp:v2"),
-        ("fetch.wasm", "fetch:v1"),
-    ] {
-        up.skiff(
-            ns,
-            &[
-                "push",
-                samples().join(file).to_str().unwrap(),
-                &format!("127.0.0.1:5000/{reference}"),
-            ],
-        )?;
-    }
+    up.push_samples(
+        ns,
+        &[
+            ("bootcamp-v1.wasm", "bootcamp:v1"),
+            ("bootcamp-v2.wasm", "bootcamp:v2"),
+            ("fetch.wasm", "fetch:v1"),
+        ],
+    )?;
     Ok(up)
 }
 
 fn deploy(up: &SkiffUp, ns: &Netns, replicas: u32) -> anyhow::Result<()> {
-    up.skiff(
-        ns,
-        &[
-            "create",
-            "deployment",
-            "kubernetes-bootcamp",
-            "--image=127.0.0.1:5000/bootcamp:v1",
-            "--port=8080",
-            &format!("--replicas={replicas}"),
-        ],
-    )?;
-    rolled_out(up, ns)
+    up.create_bootcamp(ns, replicas)?;
+    up.rolled_out(ns, "kubernetes-bootcamp", ROLLOUT)
 }
 
 /// A cluster running the bootcamp deployment with `replicas` pods behind a NodePort service;
@@ -81,20 +64,6 @@ async fn steady_load(ns: &Netns, addr: &str) -> anyhow::Result<Load> {
     })
     .await?;
     Ok(load)
-}
-
-fn rolled_out(up: &SkiffUp, ns: &Netns) -> anyhow::Result<()> {
-    up.skiff(
-        ns,
-        &[
-            "rollout",
-            "status",
-            "deployment/kubernetes-bootcamp",
-            "--timeout",
-            "90",
-        ],
-    )?;
-    Ok(())
 }
 
 fn node_port(up: &SkiffUp, ns: &Netns, svc: &str) -> anyhow::Result<u16> {
@@ -338,16 +307,8 @@ async fn no_request_lost_during_rollout_rollback_and_scale_down() -> anyhow::Res
 
     // Rolling update v1 → v2 under steady load.
     let load = steady_load(&ns, &addr).await?;
-    up.skiff(
-        &ns,
-        &[
-            "set",
-            "image",
-            "deployments/kubernetes-bootcamp",
-            "bootcamp=127.0.0.1:5000/bootcamp:v2",
-        ],
-    )?;
-    rolled_out(&up, &ns)?;
+    up.set_bootcamp_image(&ns, "v2")?;
+    up.rolled_out(&ns, "kubernetes-bootcamp", ROLLOUT)?;
     let seen_v2 = load.report().ok;
     eventually("v2 answering", Duration::from_secs(20), || async {
         let r = load.report();
@@ -380,7 +341,7 @@ async fn no_request_lost_during_rollout_rollback_and_scale_down() -> anyhow::Res
     // Rollback under load.
     let load = Load::start(&ns.name, &addr, 8);
     up.skiff(&ns, &["rollout", "undo", "deployments/kubernetes-bootcamp"])?;
-    rolled_out(&up, &ns)?;
+    up.rolled_out(&ns, "kubernetes-bootcamp", ROLLOUT)?;
     let pods = running_pods(&up, &ns)?;
     eventually("only v1 answering", Duration::from_secs(30), || async {
         Ok((pods.len() == 4

@@ -10,10 +10,6 @@ use serde_json::Value;
 use skiff_e2e::eventually;
 use skiff_e2e::netns::{Netns, SkiffUp};
 
-fn samples() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build")
-}
-
 fn pod_ips(up: &SkiffUp, ns: &Netns, selector: &str) -> anyhow::Result<Vec<(String, String)>> {
     let v = up.json(ns, &["get", "pods", "-l", selector])?;
     Ok(v["items"]
@@ -38,20 +34,6 @@ fn curl(ns: &Netns, ip: &str) -> anyhow::Result<String> {
         "5",
         &format!("http://{ip}:8080/"),
     ])
-}
-
-async fn rolled_out(up: &SkiffUp, ns: &Netns, name: &str) -> anyhow::Result<()> {
-    up.skiff(
-        ns,
-        &[
-            "rollout",
-            "status",
-            &format!("deployment/{name}"),
-            "--timeout",
-            "60",
-        ],
-    )?;
-    Ok(())
 }
 
 /// Every ready bootcamp pod answers at its pod IP with its own name and `version`.
@@ -81,33 +63,18 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
     let mut ns = Netns::new()?;
     ns.start_registry(dir.path()).await?;
     let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
-    for (file, reference) in [
-        ("bootcamp-v1.wasm", "bootcamp:v1"),
-        ("bootcamp-v2.wasm", "bootcamp:v2"),
-        ("hello-command.wasm", "hello:v1"),
-    ] {
-        up.skiff(
-            &ns,
-            &[
-                "push",
-                samples().join(file).to_str().unwrap(),
-                &format!("127.0.0.1:5000/{reference}"),
-            ],
-        )?;
-    }
-
-    // create → one pod answering at its pod IP
-    up.skiff(
+    up.push_samples(
         &ns,
         &[
-            "create",
-            "deployment",
-            "kubernetes-bootcamp",
-            "--image=127.0.0.1:5000/bootcamp:v1",
-            "--port=8080",
+            ("bootcamp-v1.wasm", "bootcamp:v1"),
+            ("bootcamp-v2.wasm", "bootcamp:v2"),
+            ("hello-command.wasm", "hello:v1"),
         ],
     )?;
-    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+
+    // create → one pod answering at its pod IP
+    up.create_bootcamp(&ns, 1)?;
+    up.rolled_out(&ns, "kubernetes-bootcamp", Duration::from_secs(60))?;
     check_answers(&up, &ns, 1, "1")?;
     let node = up.json(&ns, &["get", "node", "edge-1"])?;
     assert_eq!(
@@ -120,26 +87,18 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
         &ns,
         &["scale", "deployments/kubernetes-bootcamp", "--replicas=4"],
     )?;
-    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+    up.rolled_out(&ns, "kubernetes-bootcamp", Duration::from_secs(60))?;
     check_answers(&up, &ns, 4, "1")?;
 
     // set image v2, then roll back to v1
-    up.skiff(
-        &ns,
-        &[
-            "set",
-            "image",
-            "deployments/kubernetes-bootcamp",
-            "bootcamp=127.0.0.1:5000/bootcamp:v2",
-        ],
-    )?;
-    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+    up.set_bootcamp_image(&ns, "v2")?;
+    up.rolled_out(&ns, "kubernetes-bootcamp", Duration::from_secs(60))?;
     eventually("four v2 pods", Duration::from_secs(20), || async {
         Ok(check_answers(&up, &ns, 4, "2").ok())
     })
     .await?;
     up.skiff(&ns, &["rollout", "undo", "deployments/kubernetes-bootcamp"])?;
-    rolled_out(&up, &ns, "kubernetes-bootcamp").await?;
+    up.rolled_out(&ns, "kubernetes-bootcamp", Duration::from_secs(60))?;
     eventually("four v1 pods", Duration::from_secs(20), || async {
         Ok(check_answers(&up, &ns, 4, "1").ok())
     })
