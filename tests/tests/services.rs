@@ -274,7 +274,56 @@ async fn node_port_cluster_ip_load_balancer_and_dns() -> anyhow::Result<()> {
         );
     }
 
-    // A service that loses its pods stops answering; one that gains them starts.
+    // Node ports out of range or taken are refused by the API, one clear line.
+    for (port, why) in [
+        ("29999".to_string(), "not in the valid range"),
+        (np.to_string(), "already allocated"),
+    ] {
+        let out = up.skiff_output(
+            &ns,
+            &[
+                "create",
+                "service",
+                "nodeport",
+                "bad",
+                "--tcp=80:8080",
+                "--node-port",
+                &port,
+            ],
+        )?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(why),
+            "node port {port}: {err}"
+        );
+    }
+    // A targetPort no container declares: an Event on the service.
+    let badport = dir.path().join("badport.yaml");
+    std::fs::write(
+        &badport,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: badport}\nspec:\n  selector: {app: kubernetes-bootcamp}\n  ports: [{port: 80, targetPort: nope}]\n",
+    )?;
+    up.skiff(&ns, &["apply", "-f", badport.to_str().unwrap()])?;
+    eventually(
+        "an event on the service",
+        Duration::from_secs(20),
+        || async {
+            let events = up.json(&ns, &["get", "events"])?;
+            Ok(events["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| {
+                    e["involvedObject"]["kind"] == "Service"
+                        && e["involvedObject"]["name"] == "badport"
+                        && e["reason"] == "FailedToResolveTargetPort"
+                })
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // A service that loses all its pods stops answering: its node port closes.
     up.skiff(
         &ns,
         &["scale", "deployment/kubernetes-bootcamp", "--replicas=0"],
