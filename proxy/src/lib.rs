@@ -28,7 +28,7 @@ pub mod vip;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
@@ -149,8 +149,8 @@ struct Programmer {
     services: BTreeMap<String, Value>,
     endpoints: BTreeMap<String, Value>,
     listeners: HashMap<SocketAddr, Listening>,
-    /// Addresses that could not be bound, and when that was last tried.
-    failed: HashMap<SocketAddr, Instant>,
+    /// Addresses that could not be bound (tried again every [`RETRY_BIND`]).
+    failed: HashSet<SocketAddr>,
     vips: HashSet<std::net::Ipv4Addr>,
     dns: Option<DnsServer>,
     generation: u64,
@@ -288,7 +288,7 @@ impl Programmer {
                     self.listeners.insert(*addr, Listening { state, accept });
                 }
                 Err(e) => {
-                    if self.failed.insert(*addr, Instant::now()).is_none() {
+                    if self.failed.insert(*addr) {
                         tracing::warn!(%addr, service = %f.service, error = %e, "cannot listen for a service");
                     }
                 }
@@ -368,7 +368,7 @@ impl Proxy {
             services: BTreeMap::new(),
             endpoints: BTreeMap::new(),
             listeners: HashMap::new(),
-            failed: HashMap::new(),
+            failed: HashSet::new(),
             vips: HashSet::new(),
             dns: None,
             generation: 0,
