@@ -432,6 +432,31 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// The `Conditions:` block of `describe`: type and status, and the reason where kubectl
+/// shows one (workloads).
+fn print_conditions(o: &Value, with_reason: bool) {
+    println!("Conditions:");
+    for c in o
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let (ty, status) = (
+            c["type"].as_str().unwrap_or(""),
+            c["status"].as_str().unwrap_or(""),
+        );
+        if with_reason {
+            println!(
+                "  {ty:<16}{status:<8}{}",
+                c["reason"].as_str().unwrap_or("")
+            );
+        } else {
+            println!("  {ty:<18}{status}");
+        }
+    }
+}
+
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_lowercase())
@@ -930,19 +955,7 @@ impl Ctx {
                         println!("    Restart Count:  {}", st["restartCount"]);
                     }
                 }
-                println!("Conditions:");
-                for c in o
-                    .pointer("/status/conditions")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    println!(
-                        "  {:<18}{}",
-                        c["type"].as_str().unwrap_or(""),
-                        c["status"].as_str().unwrap_or("")
-                    );
-                }
+                print_conditions(&o, false);
             }
             "Deployment" | "ReplicaSet" => {
                 kv(
@@ -978,20 +991,7 @@ impl Ctx {
                     })
                     .collect();
                 kv("Containers", images.join(", "));
-                println!("Conditions:");
-                for c in o
-                    .pointer("/status/conditions")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    println!(
-                        "  {:<16}{:<8}{}",
-                        c["type"].as_str().unwrap_or(""),
-                        c["status"].as_str().unwrap_or(""),
-                        c["reason"].as_str().unwrap_or("")
-                    );
-                }
+                print_conditions(&o, true);
             }
             "Service" => {
                 kv(

@@ -798,14 +798,7 @@ impl Registry {
             return Ok(());
         }
         // Cluster IP.
-        let used_ips: BTreeSet<String> = others
-            .iter()
-            .filter_map(|s| {
-                s.pointer("/spec/clusterIP")
-                    .and_then(Value::as_str)
-                    .map(String::from)
-            })
-            .collect();
+        let used_ips = strings_at(others.iter().copied(), "/spec/clusterIP");
         let requested = obj
             .pointer("/spec/clusterIP")
             .and_then(Value::as_str)
@@ -943,14 +936,7 @@ impl Registry {
             .store
             .list(&nodes.key_prefix())
             .map_err(|e| store_err(nodes, "", e))?;
-        let used: BTreeSet<String> = all
-            .iter()
-            .filter_map(|n| {
-                n.pointer("/spec/podCIDR")
-                    .and_then(Value::as_str)
-                    .map(String::from)
-            })
-            .collect();
+        let used = strings_at(&all, "/spec/podCIDR");
         let (base, bits) = self.config.pod_cidr;
         let mask = self.config.node_cidr_mask.clamp(bits, 30);
         let count = 1u32 << (mask - bits);
@@ -979,6 +965,13 @@ pub fn strip_nulls(v: &mut Value) {
         Value::Array(a) => a.iter_mut().for_each(strip_nulls),
         _ => {}
     }
+}
+
+/// The string values at `pointer` in `objs` (the addresses or ranges already taken).
+fn strings_at<'a>(objs: impl IntoIterator<Item = &'a Value>, pointer: &str) -> BTreeSet<String> {
+    objs.into_iter()
+        .filter_map(|o| o.pointer(pointer).and_then(Value::as_str).map(String::from))
+        .collect()
 }
 
 fn body_has_rv(body: &Value) -> bool {
