@@ -47,6 +47,20 @@ fn pod_ready(p: &Value) -> bool {
             })
 }
 
+/// Sets the bootcamp deployment's replicas through its scale subresource.
+async fn scale(c: &Client, replicas: i64) -> anyhow::Result<()> {
+    c.patch(
+        res("deployments"),
+        Some("default"),
+        "bootcamp",
+        Some("scale"),
+        MERGE,
+        &json!({"spec": {"replicas": replicas}}),
+    )
+    .await?;
+    Ok(())
+}
+
 async fn wait_rolled_out(c: &Client, name: &str, replicas: i64, image: &str) -> anyhow::Result<()> {
     eventually(
         &format!("deployment {name} rolled out to {replicas} x {image}"),
@@ -101,15 +115,7 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     wait_rolled_out(&c, "bootcamp", 1, "127.0.0.1:5000/bootcamp:v1").await?;
 
     // scale 1 → 4: replicas spread over both nodes
-    c.patch(
-        res("deployments"),
-        Some("default"),
-        "bootcamp",
-        Some("scale"),
-        MERGE,
-        &json!({"spec": {"replicas": 4}}),
-    )
-    .await?;
+    scale(&c, 4).await?;
     wait_rolled_out(&c, "bootcamp", 4, "127.0.0.1:5000/bootcamp:v1").await?;
     let mut per_node: BTreeMap<String, usize> = BTreeMap::new();
     for p in ready_pods(&c, "bootcamp").await? {
@@ -124,15 +130,7 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     );
 
     // scale 4 → 2
-    c.patch(
-        res("deployments"),
-        Some("default"),
-        "bootcamp",
-        Some("scale"),
-        MERGE,
-        &json!({"spec": {"replicas": 2}}),
-    )
-    .await?;
+    scale(&c, 2).await?;
     wait_rolled_out(&c, "bootcamp", 2, "127.0.0.1:5000/bootcamp:v1").await?;
 
     // set image, watching pods: ready pods never drop below replicas - maxUnavailable (2 - 0).

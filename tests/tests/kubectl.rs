@@ -60,6 +60,18 @@ spec:
   - {port: 80, targetPort: http}
 "#;
 
+fn rolled_out(cluster: &TestCluster) -> anyhow::Result<String> {
+    ok(
+        cluster,
+        &[
+            "rollout",
+            "status",
+            "deployments/kubernetes-bootcamp",
+            "--timeout=60s",
+        ],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_drives_skiff() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|_| {}).await?;
@@ -185,15 +197,7 @@ async fn kubectl_drives_skiff() -> anyhow::Result<()> {
             "bootcamp=127.0.0.1:5000/bootcamp:v2",
         ],
     )?;
-    ok(
-        &cluster,
-        &[
-            "rollout",
-            "status",
-            "deployments/kubernetes-bootcamp",
-            "--timeout=60s",
-        ],
-    )?;
+    rolled_out(&cluster)?;
     let image = ok(
         &cluster,
         &[
@@ -214,15 +218,7 @@ async fn kubectl_drives_skiff() -> anyhow::Result<()> {
         &cluster,
         &["rollout", "undo", "deployments/kubernetes-bootcamp"],
     )?;
-    ok(
-        &cluster,
-        &[
-            "rollout",
-            "status",
-            "deployments/kubernetes-bootcamp",
-            "--timeout=60s",
-        ],
-    )?;
+    rolled_out(&cluster)?;
     let images = ok(
         &cluster,
         &[
