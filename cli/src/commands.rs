@@ -852,6 +852,19 @@ impl Ctx {
         Ok(())
     }
 
+    /// A deployment and every ReplicaSet of its namespace (its revisions are among them).
+    async fn deployment_and_replicasets(&self, name: &str) -> Result<(Value, Vec<Value>)> {
+        let d = self
+            .client
+            .get(resource("deployments")?, Some(&self.ns), name)
+            .await?;
+        let rss = self
+            .client
+            .list(resource("replicasets")?, Some(&self.ns), None, None)
+            .await?;
+        Ok((d, rss["items"].as_array().cloned().unwrap_or_default()))
+    }
+
     async fn describe(&self, kind: &str, name: &str) -> Result<()> {
         let (kind, name) = match kind.split_once('/') {
             Some((k, n)) if name.is_empty() => (k.to_string(), n.to_string()),
@@ -1201,12 +1214,7 @@ impl Ctx {
             }
             RolloutWhat::History { target: t } => {
                 let name = parse(&t)?;
-                let d = self.client.get(deployments, Some(&self.ns), &name).await?;
-                let rss = self
-                    .client
-                    .list(resource("replicasets")?, Some(&self.ns), None, None)
-                    .await?;
-                let items = rss["items"].as_array().cloned().unwrap_or_default();
+                let (d, items) = self.deployment_and_replicasets(&name).await?;
                 println!("deployment.apps/{name}");
                 let mut rows = vec![vec!["REVISION".to_string(), "CHANGE-CAUSE".to_string()]];
                 rows.extend(
@@ -1222,12 +1230,7 @@ impl Ctx {
                 to_revision,
             } => {
                 let name = parse(&t)?;
-                let d = self.client.get(deployments, Some(&self.ns), &name).await?;
-                let rss = self
-                    .client
-                    .list(resource("replicasets")?, Some(&self.ns), None, None)
-                    .await?;
-                let items = rss["items"].as_array().cloned().unwrap_or_default();
+                let (d, items) = self.deployment_and_replicasets(&name).await?;
                 let (patch, rev) = verbs::rollback_patch(&d, &items, to_revision)?;
                 self.client
                     .patch(
