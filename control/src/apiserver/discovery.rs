@@ -2,6 +2,7 @@
 
 use serde_json::{json, Value};
 use skiff_api::resources::{groups, RESOURCES};
+use skiff_api::Resource;
 
 pub fn version() -> Value {
     json!({
@@ -55,14 +56,17 @@ const VERBS: &[&str] = &[
     "watch",
 ];
 
-pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+/// The resources served in a group version; None when it is not served.
+fn served(group: &str, version: &str) -> Option<Vec<&'static Resource>> {
     let rs: Vec<_> = RESOURCES
         .iter()
         .filter(|r| r.group == group && r.version == version)
         .collect();
-    if rs.is_empty() {
-        return None;
-    }
+    (!rs.is_empty()).then_some(rs)
+}
+
+pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let rs = served(group, version)?;
     let mut out = Vec::new();
     for r in rs {
         let mut entry = json!({
@@ -135,13 +139,7 @@ pub fn openapi_v3_index() -> Value {
 /// with the query parameters skiff honours. kubectl reads it to learn that the server
 /// validates fields itself (`fieldValidation`).
 pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
-    let rs: Vec<_> = RESOURCES
-        .iter()
-        .filter(|r| r.group == group && r.version == version)
-        .collect();
-    if rs.is_empty() {
-        return None;
-    }
+    let rs = served(group, version)?;
     let param = |n: &str| json!({"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
     let write_params = json!([
         param("dryRun"),

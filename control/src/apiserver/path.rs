@@ -26,65 +26,33 @@ pub fn parse(path: &str) -> Result<Option<ApiPath>, ApiError> {
     let find = |plural: &str| {
         Resource::by_path(group, version, plural).ok_or_else(|| ApiError::not_found_path(path))
     };
-    let owned = |s: &str| Some(s.to_string());
+    // What follows the resource: nothing (a collection), a name, or a name and a subresource.
+    let at = |resource, namespace: Option<&str>, tail: &[&str]| {
+        if tail.len() > 2 {
+            return Err(ApiError::not_found_path(path));
+        }
+        Ok(ApiPath {
+            resource,
+            namespace: namespace.map(String::from),
+            name: tail.first().map(|s| s.to_string()),
+            sub: tail.get(1).map(|s| s.to_string()),
+        })
+    };
     let p = match rest {
         ["namespaces", ns, plural, tail @ ..]
             if Resource::by_path(group, version, plural).is_some_and(|r| r.namespaced) =>
         {
-            let resource = find(plural)?;
-            match tail {
-                [] => ApiPath {
-                    resource,
-                    namespace: owned(ns),
-                    name: None,
-                    sub: None,
-                },
-                [name] => ApiPath {
-                    resource,
-                    namespace: owned(ns),
-                    name: owned(name),
-                    sub: None,
-                },
-                [name, sub] => ApiPath {
-                    resource,
-                    namespace: owned(ns),
-                    name: owned(name),
-                    sub: owned(sub),
-                },
-                _ => return Err(ApiError::not_found_path(path)),
-            }
+            at(find(plural)?, Some(ns), tail)?
         }
-        [plural] => ApiPath {
-            resource: find(plural)?,
-            namespace: None,
-            name: None,
-            sub: None,
-        },
-        [plural, name] => {
+        [plural, tail @ ..] => {
             let resource = find(plural)?;
-            if resource.namespaced {
+            // A namespaced resource is addressed by name only inside its namespace.
+            if resource.namespaced && !tail.is_empty() {
                 return Err(ApiError::not_found_path(path));
             }
-            ApiPath {
-                resource,
-                namespace: None,
-                name: owned(name),
-                sub: None,
-            }
+            at(resource, None, tail)?
         }
-        [plural, name, sub] => {
-            let resource = find(plural)?;
-            if resource.namespaced {
-                return Err(ApiError::not_found_path(path));
-            }
-            ApiPath {
-                resource,
-                namespace: None,
-                name: owned(name),
-                sub: owned(sub),
-            }
-        }
-        _ => return Err(ApiError::not_found_path(path)),
+        [] => return Ok(None),
     };
     Ok(Some(p))
 }
