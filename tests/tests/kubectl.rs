@@ -60,14 +60,15 @@ spec:
   - {port: 80, targetPort: http}
 "#;
 
-fn rolled_out(cluster: &TestCluster) -> anyhow::Result<String> {
+/// `kubectl rollout status` of the bootcamp deployment, within `timeout` (kubectl's syntax).
+fn rolled_out(cluster: &TestCluster, timeout: &str) -> anyhow::Result<String> {
     ok(
         cluster,
         &[
             "rollout",
             "status",
             "deployments/kubernetes-bootcamp",
-            "--timeout=60s",
+            &format!("--timeout={timeout}"),
         ],
     )
 }
@@ -114,15 +115,7 @@ async fn kubectl_drives_skiff() -> anyhow::Result<()> {
         out.contains("deployment.apps/kubernetes-bootcamp created"),
         "{out}"
     );
-    ok(
-        &cluster,
-        &[
-            "rollout",
-            "status",
-            "deployment/kubernetes-bootcamp",
-            "--timeout=30s",
-        ],
-    )?;
+    rolled_out(&cluster, "30s")?;
     let out = ok(&cluster, &["get", "deployments,pods", "-o", "wide"])?;
     assert!(out.contains("1/1"), "{out}");
     assert!(out.contains("edge-1"), "pods show their node: {out}");
@@ -130,15 +123,7 @@ async fn kubectl_drives_skiff() -> anyhow::Result<()> {
         &cluster,
         &["scale", "deployments/kubernetes-bootcamp", "--replicas=4"],
     )?;
-    ok(
-        &cluster,
-        &[
-            "rollout",
-            "status",
-            "deployment/kubernetes-bootcamp",
-            "--timeout=30s",
-        ],
-    )?;
+    rolled_out(&cluster, "30s")?;
     let ready = ok(
         &cluster,
         &[
@@ -197,7 +182,7 @@ async fn kubectl_drives_skiff() -> anyhow::Result<()> {
             "bootcamp=127.0.0.1:5000/bootcamp:v2",
         ],
     )?;
-    rolled_out(&cluster)?;
+    rolled_out(&cluster, "60s")?;
     let image = ok(
         &cluster,
         &[
@@ -218,7 +203,7 @@ async fn kubectl_drives_skiff() -> anyhow::Result<()> {
         &cluster,
         &["rollout", "undo", "deployments/kubernetes-bootcamp"],
     )?;
-    rolled_out(&cluster)?;
+    rolled_out(&cluster, "60s")?;
     let images = ok(
         &cluster,
         &[
