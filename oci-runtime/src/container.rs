@@ -1,0 +1,112 @@
+//! Containers on disk: each has `containers/ID/` holding its overlay root filesystem (the
+//! image's shared layers below, its own `upper` above) and its bundle's `config.json`.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::bundle::{self, ContainerSpec};
+use crate::image::{Image, ImageStore};
+use crate::OciError;
+
+pub struct Containers {
+    dir: PathBuf,
+}
+
+fn store_err(path: &Path, e: impl std::fmt::Display) -> OciError {
+    OciError::Store(format!("{}: {e}", path.display()))
+}
+
+impl Containers {
+    pub fn new(dir: impl Into<PathBuf>) -> Result<Containers, OciError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|e| store_err(&dir, e))?;
+        Ok(Containers { dir })
+    }
+
+    /// The bundle directory of `id` (its `config.json` and `rootfs`).
+    pub fn bundle(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Mounts a fresh root filesystem for `id` over the image's layers and writes its bundle.
+    /// Whatever an earlier container of that ID left is removed first: a restarted container
+    /// starts from the image again, as Kubernetes' do.
+    pub fn prepare(
+        &self,
+        id: &str,
+        store: &ImageStore,
+        image: &Image,
+        spec: &ContainerSpec,
+    ) -> Result<PathBuf, OciError> {
+        self.remove(id)?;
+        let dir = self.bundle(id);
+        let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
+        for d in [&upper, &work, &rootfs] {
+            std::fs::create_dir_all(d).map_err(|e| store_err(d, e))?;
+        }
+        let mut lower: Vec<String> = image
+            .layers
+            .iter()
+            .rev()
+            .map(|l| store.layer_dir(l).display().to_string())
+            .collect();
+        if lower.is_empty() {
+            let empty = dir.join("empty");
+            std::fs::create_dir_all(&empty).map_err(|e| store_err(&empty, e))?;
+            lower.push(empty.display().to_string());
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .map_err(|e| OciError::Store(format!("overlay mount for {id}: {e}")))?;
+        let result =
+            bundle::spec(&image.config, spec, &rootfs).and_then(|s| bundle::write(&s, &dir));
+        if result.is_err() {
+            let _ = self.remove(id);
+        }
+        result.map(|_| dir)
+    }
+
+    /// Unmounts and deletes what `id` has on disk.
+    pub fn remove(&self, id: &str) -> Result<(), OciError> {
+        let dir = self.bundle(id);
+        if !dir.exists() {
+            return Ok(());
+        }
+        let rootfs = dir.join("rootfs");
+        // Not mounted (EINVAL) is fine.
+        let _ = umount2(&rootfs, MntFlags::MNT_DETACH);
+        std::fs::remove_dir_all(&dir).map_err(|e| store_err(&dir, e))
+    }
+
+    /// IDs of every container with a directory here.
+    pub fn ids(&self) -> Vec<String> {
+        std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Bytes the containers' writable layers use.
+    pub fn disk_usage(&self) -> u64 {
+        self.ids()
+            .iter()
+            .map(|id| crate::disk_usage(&self.bundle(id).join("upper")))
+            .sum()
+    }
+}
