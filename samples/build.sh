@@ -5,6 +5,9 @@
 #   samples/build/misbehave.wasm                      a wasi:http component that traps, spins or grows on request
 #   samples/build/fetch.wasm                          a wasi:http component calling $UPSTREAM (a service)
 #   samples/build/hello-command.wasm                  a WASI preview1 command (run-to-completion pods)
+#   samples/build/bootcamp-oci/                       the bootcamp app as an OCI image layout, tags v1, v2
+#                                                     (a static binary over a busybox layer, no base image)
+#                                                     and foreign (v1 labelled for another architecture)
 # Installs what is missing first. Starts nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -62,4 +65,33 @@ wasm-tools component new "$out/fetch-core.wasm" --adapt "wasi_snapshot_preview1=
 rm "$out/fetch-core.wasm"
 
 clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o "$out/hello-command.wasm" hello-command/hello.c
+# The bootcamp app as an OCI image, from scratch: a busybox-static layer shared by both
+# versions, and a layer with the static server (gcc, Debian's libc6-dev) on top.
+for tool in umoci gcc; do command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (scripts/setup.sh installs it)" >&2; exit 1; }; done
+img="$out/bootcamp-oci"
+base="$out/oci-base"
+rm -rf "$img" "$base"
+mkdir -p "$base/bin" "$base/etc" "$base/tmp" "$base/root"
+chmod 1777 "$base/tmp"
+cp /bin/busybox "$base/bin/busybox"
+for applet in sh ls cat ps echo id hostname sleep env wget nc head tail grep mkdir rm touch true false kill mount; do
+  ln -s busybox "$base/bin/$applet"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$base/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' > "$base/etc/group"
+arch=$(dpkg --print-architecture)
+foreign=$([ "$arch" = arm64 ] && echo amd64 || echo arm64)
+umoci init --layout "$img"
+umoci new --image "$img:base"
+umoci insert --no-history --image "$img:base" "$base" /
+for v in 1 2; do
+  gcc -static -O2 -s -DBOOTCAMP_VERSION="\"$v\"" -o "$out/bootcamp-server-v$v" bootcamp-oci/server.c
+  umoci insert --no-history --image "$img:base" --tag "v$v" "$out/bootcamp-server-v$v" /bootcamp
+  umoci config --no-history --image "$img:v$v" --architecture "$arch" --os linux \
+    --config.entrypoint /bootcamp --config.exposedports 8080/tcp --config.env PORT=8080
+done
+umoci config --no-history --image "$img:v1" --tag foreign --architecture "$foreign"
+umoci gc --layout "$img"
+rm -rf "$base" "$out"/bootcamp-server-v*
 ls -l "$out"/*.wasm
+echo "$img: $(umoci ls --layout "$img" | tr '\n' ' ')"

@@ -7,7 +7,8 @@ set -euo pipefail
 export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 need_apt=()
-for pkg in curl iproute2 docker-registry dnsutils wrk nginx-light; do
+for pkg in curl iproute2 iptables docker-registry dnsutils wrk nginx-light \
+           runc containernetworking-plugins umoci skopeo busybox-static gcc libc6-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then

@@ -34,3 +34,7 @@ pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 pub const REVISION_ANNOTATION: &str = "deployment.kubernetes.io/revision";
 /// Node label saying the node runs WebAssembly workloads.
 pub const WASM_NODE_LABEL: &str = "skiff.dev/wasm";
+/// Label on nodes: "true" where OCI containers run (runc and the CNI plugins are there).
+pub const OCI_NODE_LABEL: &str = "skiff.dev/oci";
+/// Node condition saying whether OCI containers run there, and if not, why.
+pub const OCI_CONDITION: &str = "OCIRuntimeReady";

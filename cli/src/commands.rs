@@ -475,6 +475,9 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.proxy = !node.disable_proxy;
     c.nodeport_addresses = node.nodeport_addresses.clone();
     c.service_interface = node.service_interface.clone();
+    c.oci = !node.disable_oci;
+    c.runc = node.runc.clone();
+    c.cni_bin_dir = node.cni_bin_dir.clone();
     c
 }
 

@@ -80,6 +80,15 @@ pub struct NodeArgs {
     /// Do not run the service proxy and cluster DNS in this agent.
     #[arg(long)]
     pub disable_proxy: bool,
+    /// Run wasm pods only: no OCI containers on this node, even where runc is installed.
+    #[arg(long)]
+    pub disable_oci: bool,
+    /// The runc binary for OCI containers (default: `runc` on PATH).
+    #[arg(long)]
+    pub runc: Option<std::path::PathBuf>,
+    /// Where the CNI plugins (bridge, static, loopback, portmap) are.
+    #[arg(long, default_value = "/usr/lib/cni")]
+    pub cni_bin_dir: std::path::PathBuf,
 }
 
 #[derive(Subcommand)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use skiff_api::{meta, Resource, WASM_NODE_LABEL};
+use skiff_api::{meta, Resource, OCI_CONDITION, OCI_NODE_LABEL, WASM_NODE_LABEL};
 use skiff_client::{Client, ClientError};
 use skiff_wasm::artifact::{BlobCache, ImageIndex};
 use skiff_wasm::Runtime;
@@ -19,6 +19,9 @@ use tokio::sync::watch;
 
 use crate::logs::LogIndex;
 use crate::network::{IpCommand, NetError, Netlink, PodNetwork, ServiceAddresses};
+use crate::oci::OciNode;
+use crate::sandbox::Cni;
+
 use crate::pod::{now, NodeContext, PodWorker};
 use crate::services::LocalEndpoints;
 
@@ -41,6 +44,12 @@ pub struct AgentConfig {
     pub nodeport_addresses: Vec<IpAddr>,
     /// The interface that holds service addresses (a dummy one, or `lo` without the driver).
     pub service_interface: String,
+    /// Run OCI containers (needs root, runc and the CNI plugins); off: a wasm-only node.
+    pub oci: bool,
+    /// The runc binary (default: `runc` on PATH).
+    pub runc: Option<PathBuf>,
+    /// Where the CNI plugins are.
+    pub cni_bin_dir: PathBuf,
 }
 
 impl AgentConfig {
@@ -57,6 +66,9 @@ impl AgentConfig {
             proxy: true,
             nodeport_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
             service_interface: "skiff-svc0".into(),
+            oci: true,
+            runc: None,
+            cni_bin_dir: crate::sandbox::DEFAULT_CNI_BIN.into(),
         }
     }
 }
@@ -112,7 +124,10 @@ fn machine_memory_kib() -> u64 {
         .unwrap_or(1024 * 1024)
 }
 
-fn node_object(c: &AgentConfig, port: u16) -> Value {
+/// What the node says about its OCI runtime: the runc version, or why it has none.
+pub type OciState = Result<String, String>;
+
+fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -135,24 +150,36 @@ fn node_object(c: &AgentConfig, port: u16) -> Value {
         "metadata": {"name": c.name, "labels": {
             "kubernetes.io/hostname": c.name, "kubernetes.io/os": std::env::consts::OS, "kubernetes.io/arch": arch,
             "beta.kubernetes.io/os": std::env::consts::OS, "beta.kubernetes.io/arch": arch,
-            WASM_NODE_LABEL: "true", "node-role.kubernetes.io/edge": "true",
+            WASM_NODE_LABEL: "true", OCI_NODE_LABEL: oci.is_ok().to_string(), "node-role.kubernetes.io/edge": "true",
         }},
         "spec": {},
         "status": {
             "capacity": resources, "allocatable": resources,
             "addresses": [{"type": "InternalIP", "address": c.node_ip.to_string()}, {"type": "Hostname", "address": c.name}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
-            "conditions": conditions(),
+            "conditions": conditions(oci),
             "nodeInfo": {"kubeletVersion": concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")), "kubeProxyVersion": "", "osImage": "skiff",
-                         "kernelVersion": kernel, "containerRuntimeVersion": "wasmtime://48.0.8", "operatingSystem": std::env::consts::OS,
+                         "kernelVersion": kernel, "containerRuntimeVersion": match oci {
+                             Ok(v) => format!("wasmtime://48.0.8, runc://{v}"),
+                             Err(_) => "wasmtime://48.0.8".to_string(),
+                         }, "operatingSystem": std::env::consts::OS,
                          "architecture": arch, "machineID": "", "systemUUID": "", "bootID": ""},
         }
     })
 }
 
-fn conditions() -> Value {
+fn conditions(oci: &OciState) -> Value {
     let t = now();
+    let (oci_status, oci_reason, oci_message) = match oci {
+        Ok(v) => ("True", "RuncFound", format!("runc {v} runs OCI containers")),
+        Err(why) => (
+            "False",
+            "NoOCIRuntime",
+            format!("OCI containers cannot run here: {why}"),
+        ),
+    };
     json!([
+        {"type": OCI_CONDITION, "status": oci_status, "reason": oci_reason, "message": oci_message, "lastHeartbeatTime": t, "lastTransitionTime": t},
         {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "skiff agent is posting ready status", "lastHeartbeatTime": t, "lastTransitionTime": t},
         {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "lastHeartbeatTime": t, "lastTransitionTime": t},
         {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "lastHeartbeatTime": t, "lastTransitionTime": t},
@@ -161,9 +188,14 @@ fn conditions() -> Value {
 }
 
 /// Creates or refreshes the Node; returns it as stored (with its pod CIDR).
-async fn register(client: &Client, config: &AgentConfig, port: u16) -> Result<Value, ClientError> {
+async fn register(
+    client: &Client,
+    config: &AgentConfig,
+    port: u16,
+    oci: &OciState,
+) -> Result<Value, ClientError> {
     let nodes = Resource::lookup("nodes").expect("nodes");
-    let want = node_object(config, port);
+    let want = node_object(config, port, oci);
     match client.get(nodes, None, &config.name).await {
         Ok(mut cur) => {
             cur["status"] = want["status"].clone();
@@ -184,10 +216,10 @@ async fn register(client: &Client, config: &AgentConfig, port: u16) -> Result<Va
     }
 }
 
-async fn heartbeat(client: &Client, name: &str) -> Result<(), ClientError> {
+async fn heartbeat(client: &Client, name: &str, oci: &OciState) -> Result<(), ClientError> {
     let nodes = Resource::lookup("nodes").expect("nodes");
     let t = now();
-    let mut conds = conditions();
+    let mut conds = conditions(oci);
     if let Ok(cur) = client.get(nodes, None, name).await {
         // Keep transition times of conditions whose status did not change.
         for c in conds.as_array_mut().into_iter().flatten() {
@@ -242,8 +274,31 @@ impl Agent {
                 source: e,
             })?
             .port();
+        let oci = if config.oci {
+            OciNode::new(
+                &config.data_dir.join("oci"),
+                config.insecure_registries.clone(),
+                config.runc.as_deref(),
+                Cni {
+                    bin_dir: config.cni_bin_dir.clone(),
+                    bridge: config.bridge.clone(),
+                    gateway: Ipv4Addr::UNSPECIFIED,
+                    prefix: 24,
+                },
+            )
+            .map_err(|e| e.0)
+        } else {
+            Err("disabled on this node".to_string())
+        };
+        let oci_state: OciState = oci
+            .as_ref()
+            .map(|o| o.runc.version.clone())
+            .map_err(Clone::clone);
+        if let Err(why) = &oci_state {
+            tracing::info!(%why, "this node runs wasm only");
+        }
         let cached = load_cache(&config.data_dir);
-        let node = match register(&client, &config, port).await {
+        let node = match register(&client, &config, port, &oci_state).await {
             Ok(n) => n,
             Err(e) => match &cached {
                 // Offline: run what was bound here last time.
@@ -260,6 +315,11 @@ impl Agent {
             .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?
             .to_string();
         let net = PodNetwork::new(&cidr, &config.bridge, link)?;
+        let oci = oci.ok().map(|mut o| {
+            o.cni.gateway = net.gateway();
+            o.cni.prefix = net.prefix();
+            Arc::new(o)
+        });
         // A node runs as many pods as its pod network has addresses.
         let pods = net.capacity().to_string();
         let nodes = Resource::lookup("nodes").expect("nodes");
@@ -309,11 +369,14 @@ impl Agent {
             request_timeout: config.request_timeout,
             proxy,
             local,
+            oci,
+            no_oci: oci_state.as_ref().err().cloned(),
         });
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(run(
             ctx,
             config.clone(),
+            oci_state,
             node,
             cached.map(|c| c.1).unwrap_or_default(),
             listener,
@@ -380,6 +443,7 @@ fn serve_logs(listener: tokio::net::TcpListener, logs: LogIndex) -> tokio::task:
 async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
+    oci_state: OciState,
     node: Value,
     cached: Vec<Value>,
     listener: tokio::net::TcpListener,
@@ -402,7 +466,7 @@ async fn run(
     let mut hb_stop = stop.clone();
     let beats = tokio::spawn(async move {
         loop {
-            if let Err(e) = heartbeat(&hb_client, &name).await {
+            if let Err(e) = heartbeat(&hb_client, &name, &oci_state).await {
                 tracing::warn!(error = %e, "heartbeat failed");
             }
             tokio::select! {
@@ -443,6 +507,16 @@ async fn run(
             handle(&ctx, &mut workers, &deleting, p).await;
         }
         save_cache(&config.data_dir, &node, &workers);
+        if let Some(oci) = &ctx.oci {
+            // What an earlier run left for pods that are gone, and images no pod uses.
+            let keep = workers.keys().cloned().collect();
+            oci.sweep(&keep).await;
+            let images = workers.values().flat_map(|(_, p)| pod_images(p)).collect();
+            let removed = oci.collect_images(&images).await;
+            if removed > 0 {
+                tracing::info!(removed, "image layers no pod uses were removed");
+            }
+        }
         let rv = list["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or("")
@@ -479,6 +553,16 @@ async fn run(
     for (_, (w, _)) in workers.drain() {
         w.stop(Duration::from_secs(1)).await;
     }
+}
+
+/// The images of a pod's containers.
+fn pod_images(pod: &Value) -> Vec<String> {
+    pod.pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["image"].as_str().map(String::from))
+        .collect()
 }
 
 async fn handle(

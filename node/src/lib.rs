@@ -13,8 +13,10 @@ pub mod agent;
 pub mod backoff;
 pub mod logs;
 pub mod network;
+pub mod oci;
 pub mod pod;
 pub mod probe;
+pub mod sandbox;
 pub mod services;
 
 pub use agent::{Agent, AgentConfig};

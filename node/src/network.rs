@@ -180,6 +180,10 @@ impl PodNetwork {
         Ok(net)
     }
 
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(self.base + 1)
     }
@@ -193,8 +197,9 @@ impl PodNetwork {
         format!("{}/{}", Ipv4Addr::from(self.base), self.prefix)
     }
 
-    /// Takes `want` if it is free and in range (a pod coming back after a restart), else the
-    /// lowest free address.
+    /// Reserves `want` if it is free and in range (a pod coming back after a restart), else
+    /// the next free address. A wasm-only pod's address then goes on the node
+    /// ([`PodNetwork::bind_host`]); a sandboxed pod's goes in its namespace.
     pub fn allocate(&self, want: Option<Ipv4Addr>) -> Result<Ipv4Addr, NetError> {
         let ip = {
             let mut used = self.used.lock().expect("used");
@@ -217,11 +222,12 @@ impl PodNetwork {
             }
             Ipv4Addr::from(pick)
         };
-        if let Err(e) = self.link.add_address(&self.bridge, ip) {
-            self.used.lock().expect("used").remove(&u32::from(ip));
-            return Err(e);
-        }
         Ok(ip)
+    }
+
+    /// Puts a reserved address on the node's bridge, for a wasm-only pod's listeners.
+    pub fn bind_host(&self, ip: Ipv4Addr) -> Result<(), NetError> {
+        self.link.add_address(&self.bridge, ip)
     }
 
     pub fn release(&self, ip: Ipv4Addr) {

@@ -18,6 +18,8 @@ use tokio::sync::{watch, Notify};
 use crate::backoff::Backoff;
 use crate::logs::{LogIndex, PodLogs};
 use crate::network::PodNetwork;
+use crate::oci::{self, OciNode};
+use crate::sandbox::Sandbox;
 use crate::services::LocalEndpoints;
 
 /// What every pod worker on a node shares.
@@ -38,10 +40,25 @@ pub struct NodeContext {
     pub proxy: Option<Arc<skiff_proxy::Proxy>>,
     /// The wasm HTTP endpoints the proxy serves in-process.
     pub local: Arc<LocalEndpoints>,
+    /// The OCI side: image store, runc, CNI. None on a node that runs wasm only…
+    pub oci: Option<Arc<OciNode>>,
+    /// …and then why.
+    pub no_oci: Option<String>,
+}
+
+impl NodeContext {
+    /// The cluster DNS address, when this node's proxy serves it (`kube-system/kube-dns`).
+    fn cluster_dns(&self, ns: &str) -> Option<Ipv4Addr> {
+        let names = self.proxy.as_ref()?.names();
+        let names = names.read().expect("names");
+        names.resolve("kube-dns.kube-system.svc.cluster.local", ns)
+    }
 }
 
 /// Longest a stopping pod waits to leave every service's rotation.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// Longest a container is given between TERM and KILL.
+const TERM_MAX: Duration = Duration::from_secs(30);
 /// Longest its containers take to stop after that.
 const STOP_MAX: Duration = Duration::from_secs(5);
 
@@ -54,6 +71,8 @@ struct ContainerStatus {
     name: String,
     image: String,
     image_id: String,
+    /// `wasm://NAME` or `runc://ID`.
+    container_id: String,
     ready: bool,
     started: bool,
     restart_count: i64,
@@ -96,7 +115,7 @@ impl PodWorker {
         let _ = self.stop.send(Some(grace));
         let mut task = self.task;
         if tokio::time::timeout(
-            grace.min(DRAIN_MAX) + STOP_MAX + Duration::from_secs(1),
+            grace.min(DRAIN_MAX) + grace.min(TERM_MAX) + STOP_MAX + Duration::from_secs(1),
             &mut task,
         )
         .await
@@ -112,6 +131,8 @@ struct Shared {
     pod: Value,
     status: Mutex<PodStatus>,
     changed: Notify,
+    /// How long the containers have between TERM and KILL when the pod stops.
+    grace: Mutex<Duration>,
 }
 
 impl Shared {
@@ -127,6 +148,10 @@ impl Shared {
     /// Records an Event. Events are best effort and never hold up the pod: the write
     /// happens in the background.
     async fn event(&self, ty: &str, reason: &str, message: &str) {
+        self.post_event(ty, reason, message)
+    }
+
+    fn post_event(&self, ty: &str, reason: &str, message: &str) {
         let events = Resource::lookup("events").expect("events");
         let ns = meta::namespace(&self.pod).unwrap_or("default").to_string();
         let ts = now();
@@ -180,7 +205,10 @@ fn status_json(s: &PodStatus, node_ip: Ipv4Addr) -> Value {
         "conditions": conds,
         "containerStatuses": s.containers.iter().map(|c| {
             let mut v = json!({"name": c.name, "image": c.image, "imageID": c.image_id, "ready": c.ready, "started": c.started,
-                               "restartCount": c.restart_count, "state": c.state, "containerID": format!("wasm://{}", c.name)});
+                               "restartCount": c.restart_count, "state": c.state});
+            if !c.container_id.is_empty() {
+                v["containerID"] = json!(c.container_id);
+            }
             if !c.last_state.is_null() {
                 v["lastState"] = c.last_state.clone();
             }
@@ -286,21 +314,41 @@ pub fn container_env(
     env
 }
 
-async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Vec<u8>, String> {
+/// A container's image, pulled.
+enum Pulled {
+    Wasm(Vec<u8>),
+    Oci(skiff_oci::Image),
+}
+
+/// A container ready to start.
+enum Prepared {
+    Wasm(Program),
+    Oci(skiff_oci::Image),
+}
+
+async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pulled, String> {
     let ctx = &shared.ctx;
+    let present = |what: String| {
+        shared.post_event(
+            "Normal",
+            "Pulled",
+            &format!("Container image \"{image}\" already present on machine{what}"),
+        )
+    };
     // Present already: no registry round trip (IfNotPresent, Never), as the kubelet does.
     if policy != "Always" {
         if let Some((manifest, layer)) = ctx.images.get(image) {
             if let Some(bytes) = ctx.blobs.get(&layer) {
                 shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
-                shared
-                    .event(
-                        "Normal",
-                        "Pulled",
-                        &format!("Container image \"{image}\" already present on machine"),
-                    )
-                    .await;
-                return Ok(bytes);
+                present(String::new());
+                return Ok(Pulled::Wasm(bytes));
+            }
+        }
+        if let Some(oci) = &ctx.oci {
+            if let Some(img) = oci.store.get(image) {
+                shared.container(i, |c| c.image_id = img.id());
+                present(String::new());
+                return Ok(Pulled::Oci(img));
             }
         }
         if policy == "Never" {
@@ -309,17 +357,19 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Ve
             ));
         }
     }
-    shared
-        .event("Normal", "Pulling", &format!("Pulling image \"{image}\""))
-        .await;
+    shared.post_event("Normal", "Pulling", &format!("Pulling image \"{image}\""));
     let started = Instant::now();
     let resolved = artifact::resolve(image, &ctx.insecure_registries)
         .await
         .map_err(|e| e.to_string())?;
     let (layer, manifest) = match resolved {
-        Resolved::Wasm { layer_digest, manifest_digest, .. } => (layer_digest, manifest_digest),
-        Resolved::Image { config_media_type, .. } => {
-            return Err(format!("{image} is an OCI container image ({config_media_type}); this node runs wasm only (no runc runtime)"))
+        Resolved::Wasm {
+            layer_digest,
+            manifest_digest,
+            ..
+        } => (layer_digest, manifest_digest),
+        Resolved::Image { .. } => {
+            return pull_oci(shared, i, image, started).await.map(Pulled::Oci)
         }
     };
     let bytes = artifact::pull_wasm(image, &layer, &ctx.blobs, &ctx.insecure_registries)
@@ -327,18 +377,68 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Ve
         .map_err(|e| e.to_string())?;
     ctx.images.put(image, &manifest, &layer);
     shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
-    shared
-        .event(
-            "Normal",
-            "Pulled",
-            &format!(
-                "Successfully pulled image \"{image}\" in {:?} ({} bytes)",
-                started.elapsed(),
-                bytes.len()
-            ),
-        )
-        .await;
-    Ok(bytes)
+    shared.post_event(
+        "Normal",
+        "Pulled",
+        &format!(
+            "Successfully pulled image \"{image}\" in {:?} ({} bytes)",
+            started.elapsed(),
+            bytes.len()
+        ),
+    );
+    Ok(Pulled::Wasm(bytes))
+}
+
+/// Pulls an OCI image into the node's layer store, with an Event per layer fetched.
+async fn pull_oci(
+    shared: &Shared,
+    i: usize,
+    image: &str,
+    started: Instant,
+) -> Result<skiff_oci::Image, String> {
+    let oci = match (&shared.ctx.oci, &shared.ctx.no_oci) {
+        (Some(oci), _) => oci,
+        (None, why) => {
+            return Err(format!(
+                "{image} is an OCI container image and this node cannot run OCI containers ({})",
+                why.as_deref().unwrap_or("no OCI runtime")
+            ))
+        }
+    };
+    let _pulling = oci.gc_lock.read().await;
+    let (mut total, mut fetched) = (0, 0);
+    let img = oci
+        .store
+        .pull(image, |p| match p {
+            skiff_oci::Progress::Resolved { layers, .. } => total = layers,
+            skiff_oci::Progress::Layer {
+                index,
+                digest,
+                size,
+                cached,
+            } => {
+                if !cached {
+                    fetched += 1;
+                    shared.post_event(
+                        "Normal",
+                        "Pulling",
+                        &format!("Pulled layer {}/{total} {digest} ({size} bytes)", index + 1),
+                    );
+                }
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    shared.container(i, |c| c.image_id = img.id());
+    shared.post_event(
+        "Normal",
+        "Pulled",
+        &format!(
+            "Successfully pulled image \"{image}\" in {:?} ({total} layers, {fetched} fetched)",
+            started.elapsed()
+        ),
+    );
+    Ok(img)
 }
 
 fn waiting(reason: &str, message: &str) -> Value {
@@ -351,7 +451,7 @@ async fn prepare(
     i: usize,
     container: &Value,
     stop: &mut watch::Receiver<Option<Duration>>,
-) -> Option<Program> {
+) -> Option<Prepared> {
     let image = container["image"].as_str().unwrap_or("").to_string();
     let policy = container["imagePullPolicy"]
         .as_str()
@@ -360,8 +460,9 @@ async fn prepare(
     let mut backoff = Backoff::default();
     loop {
         match pull(shared, i, &image, &policy).await {
-            Ok(bytes) => match shared.ctx.runtime.load(&bytes) {
-                Ok(p) => return Some(p),
+            Ok(Pulled::Oci(img)) => return Some(Prepared::Oci(img)),
+            Ok(Pulled::Wasm(bytes)) => match shared.ctx.runtime.load(&bytes) {
+                Ok(p) => return Some(Prepared::Wasm(p)),
                 Err(e) => {
                     let msg = format!("cannot run {image}: {e}");
                     shared.event("Warning", "Failed", &msg).await;
@@ -514,6 +615,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
         ctx: ctx.clone(),
         pod: pod.clone(),
         changed: Notify::new(),
+        grace: Mutex::new(Duration::ZERO),
         status: Mutex::new(PodStatus {
             phase: "Pending",
             pod_ip: None,
@@ -528,6 +630,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
                     name: c["name"].as_str().unwrap_or("").into(),
                     image: c["image"].as_str().unwrap_or("").into(),
                     image_id: String::new(),
+                    container_id: String::new(),
                     ready: false,
                     started: false,
                     restart_count: 0,
@@ -551,28 +654,148 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
         Ok(ip) => ip,
         Err(e) => {
             let msg = format!("cannot give the pod an address: {e}");
-            shared
-                .event("Warning", "FailedCreatePodSandBox", &msg)
-                .await;
-            shared.update(|s| s.message = Some(msg));
-            let _ = stop.changed().await;
-            finish(&ctx, &ns, &name, None, writer).await;
+            sandbox_failed(&shared, msg, &mut stop).await;
+            finish(&ctx, &pod, None, None, writer).await;
             return;
         }
     };
     shared.update(|s| s.pod_ip = Some(ip));
 
-    // Every container runs as a task: commands under their restart policy, HTTP components
-    // under their probes.
-    let mut commands = tokio::task::JoinSet::new();
+    // Images next: whether any container is an OCI image decides where the pod lives.
+    let mut prepared = Vec::new();
     for (i, c) in containers.iter().enumerate() {
-        let Some(program) = prepare(&shared, i, c, &mut stop).await else {
-            if stop.borrow().is_some() {
-                break;
+        let p = prepare(&shared, i, c, &mut stop).await;
+        if p.is_none() && stop.borrow().is_some() {
+            break;
+        }
+        prepared.push(p);
+    }
+    if stop.borrow().is_some() {
+        finish(&ctx, &pod, Some(ip), None, writer).await;
+        return;
+    }
+    // A pod with an OCI container gets a network namespace on the bridge, and its wasm
+    // containers listen inside it; a wasm-only pod's address goes on the node itself.
+    let sandbox = if prepared.iter().any(|p| matches!(p, Some(Prepared::Oci(_)))) {
+        let oci = ctx
+            .oci
+            .as_ref()
+            .expect("OCI images are only pulled with an OCI runtime");
+        match oci
+            .cni
+            .setup(meta::uid(&pod), ip, oci::host_ports(&pod))
+            .await
+        {
+            Ok(sb) => Some(sb),
+            Err(e) => {
+                sandbox_failed(
+                    &shared,
+                    format!("cannot create the pod's network: {e}"),
+                    &mut stop,
+                )
+                .await;
+                finish(&ctx, &pod, Some(ip), None, writer).await;
+                return;
             }
+        }
+    } else {
+        if let Err(e) = ctx.net.bind_host(ip) {
+            sandbox_failed(
+                &shared,
+                format!("cannot give the pod an address: {e}"),
+                &mut stop,
+            )
+            .await;
+            finish(&ctx, &pod, Some(ip), None, writer).await;
+            return;
+        }
+        None
+    };
+    let pod_files = match &sandbox {
+        Some(_) => match oci::pod_files(&pod_dir, &name, &ns, ip, ctx.cluster_dns(&ns)) {
+            Ok(f) => f,
+            Err(e) => {
+                sandbox_failed(
+                    &shared,
+                    format!("cannot write the pod's /etc files: {e}"),
+                    &mut stop,
+                )
+                .await;
+                finish(&ctx, &pod, Some(ip), sandbox, writer).await;
+                return;
+            }
+        },
+        None => vec![],
+    };
+
+    // Every container runs as a task: commands and OCI containers under their restart
+    // policy, HTTP components under their probes.
+    let restart = pod
+        .pointer("/spec/restartPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("Always")
+        .to_string();
+    let mut commands = tokio::task::JoinSet::new();
+    for (i, (c, p)) in containers.iter().zip(prepared).enumerate() {
+        let Some(p) = p else {
             continue;
         };
         let cname = c["name"].as_str().unwrap_or("").to_string();
+        let env = container_env(&pod, c, Some(ip), &ctx.node_name);
+        let mounts = match volumes(&shared, c, &pod_dir).await {
+            Ok(v) => v,
+            Err(msg) => {
+                shared.event("Warning", "FailedMount", &msg).await;
+                shared.container(i, |c| c.state = waiting("CreateContainerConfigError", &msg));
+                continue;
+            }
+        };
+        shared
+            .event("Normal", "Created", &format!("Created container {cname}"))
+            .await;
+        let program = match p {
+            Prepared::Wasm(program) => program,
+            Prepared::Oci(image) => {
+                let sb = sandbox
+                    .as_ref()
+                    .expect("a pod with OCI containers has a sandbox");
+                let oci = ctx
+                    .oci
+                    .clone()
+                    .expect("OCI images are only pulled with an OCI runtime");
+                let mut binds: Vec<skiff_oci::BindMount> = mounts
+                    .into_iter()
+                    .map(|m| skiff_oci::BindMount {
+                        source: m.host,
+                        destination: m.guest,
+                        read_only: m.read_only,
+                    })
+                    .collect();
+                binds.extend(pod_files.iter().cloned());
+                let id = oci::container_id(meta::uid(&pod), &cname);
+                let spec = oci::container_spec(&pod, c, env, sb, binds, format!("/skiff/{id}"));
+                let container = OciContainer {
+                    shared: shared.clone(),
+                    index: i,
+                    name: cname,
+                    id,
+                    image,
+                    spec,
+                    oci,
+                    logs: logs.clone(),
+                    ip,
+                    container: c.clone(),
+                };
+                commands.spawn(restart_loop(
+                    shared.clone(),
+                    i,
+                    restart.clone(),
+                    containers_stop.clone(),
+                    container,
+                ));
+                continue;
+            }
+        };
         let mut args: Vec<String> = vec![cname.clone()];
         for key in ["command", "args"] {
             args.extend(
@@ -585,31 +808,14 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
         }
         let config = GuestConfig {
             args,
-            env: container_env(&pod, c, Some(ip), &ctx.node_name),
+            env,
             memory_limit: memory_limit(c),
             request_timeout: Some(ctx.request_timeout),
-            preopens: match volumes(&shared, c, &pod_dir).await {
-                Ok(v) => v,
-                Err(msg) => {
-                    shared.event("Warning", "FailedMount", &msg).await;
-                    shared.container(i, |c| c.state = waiting("CreateContainerConfigError", &msg));
-                    continue;
-                }
-            },
+            preopens: mounts,
             stdout: None,
             stderr: None,
-            resolver: ctx.proxy.as_ref().map(|p| {
-                let names = p.names();
-                let ns = ns.clone();
-                skiff_wasm::Resolver(Arc::new(move |host: &str| {
-                    let names = names.read().expect("names").clone();
-                    names.resolve(host, &ns).map(std::net::IpAddr::V4)
-                }))
-            }),
+            resolver: resolver(&ctx, &ns, sandbox.as_ref().map(|_| ip)),
         };
-        shared
-            .event("Normal", "Created", &format!("Created container {cname}"))
-            .await;
         match program.kind {
             Kind::Http => {
                 let Some(config) = logged(&logs, &cname, false, config) else {
@@ -634,6 +840,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
                     config,
                     ports,
                     ip,
+                    netns: sandbox.as_ref().map(|s| s.path.clone()),
                     container: c.clone(),
                 };
                 match http.serve().await {
@@ -647,17 +854,21 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
                 }
             }
             Kind::Command => {
-                let shared2 = shared.clone();
-                let runtime = ctx.runtime.clone();
-                let restart = pod
-                    .pointer("/spec/restartPolicy")
-                    .and_then(Value::as_str)
-                    .unwrap_or("Always")
-                    .to_string();
-                let logs = logs.clone();
-                let stop2 = containers_stop.clone();
-                commands.spawn(run_command(
-                    shared2, i, cname, program, config, restart, logs, runtime, stop2,
+                let command = WasmCommand {
+                    shared: shared.clone(),
+                    index: i,
+                    name: cname,
+                    program,
+                    config,
+                    logs: logs.clone(),
+                    runtime: ctx.runtime.clone(),
+                };
+                commands.spawn(restart_loop(
+                    shared.clone(),
+                    i,
+                    restart.clone(),
+                    containers_stop.clone(),
+                    command,
                 ));
             }
         }
@@ -690,6 +901,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
     }
     // Out of rotation first: not ready, then wait until no service routes here.
     let grace = stop.borrow().unwrap_or_default();
+    let began = Instant::now();
     shared.update(|s| {
         for c in s.containers.iter_mut() {
             c.ready = false;
@@ -703,12 +915,14 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
             tracing::debug!(pod = %name, "pod still routed when its grace period ran out");
         }
     }
+    // What is left of the grace period is the containers' to stop in.
+    *shared.grace.lock().expect("grace") = grace.saturating_sub(began.elapsed()).min(TERM_MAX);
     let _ = stop_containers.send(true);
     shared
         .event("Normal", "Killing", "Stopping the pod's containers")
         .await;
     // Containers see `stop` and end; their listeners are closed before the address is reused.
-    if tokio::time::timeout(STOP_MAX, async {
+    if tokio::time::timeout(TERM_MAX + STOP_MAX, async {
         while commands.join_next().await.is_some() {}
     })
     .await
@@ -716,24 +930,68 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
     {
         commands.shutdown().await;
     }
-    finish(&ctx, &ns, &name, Some(ip), writer).await;
+    finish(&ctx, &pod, Some(ip), sandbox, writer).await;
+}
+
+/// The pod could not get its address or network: say so and wait to be stopped.
+async fn sandbox_failed(
+    shared: &Shared,
+    msg: String,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) {
+    shared
+        .event("Warning", "FailedCreatePodSandBox", &msg)
+        .await;
+    shared.update(|s| s.message = Some(msg));
+    while stop.borrow().is_none() {
+        if stop.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+/// How a wasm guest's outgoing requests resolve names: cluster services by the proxy's
+/// table, and, in a sandboxed pod, `localhost` to the pod's address (its OCI containers).
+fn resolver(
+    ctx: &NodeContext,
+    ns: &str,
+    sandboxed: Option<Ipv4Addr>,
+) -> Option<skiff_wasm::Resolver> {
+    let names = ctx.proxy.as_ref().map(|p| p.names());
+    if names.is_none() && sandboxed.is_none() {
+        return None;
+    }
+    let ns = ns.to_string();
+    Some(skiff_wasm::Resolver(Arc::new(move |host: &str| {
+        if let Some(ip) = sandboxed {
+            if host == "localhost" || host == "127.0.0.1" {
+                return Some(std::net::IpAddr::V4(ip));
+            }
+        }
+        let names = names.as_ref()?.read().expect("names").clone();
+        names.resolve(host, &ns).map(std::net::IpAddr::V4)
+    })))
 }
 
 async fn finish(
     ctx: &NodeContext,
-    ns: &str,
-    name: &str,
+    pod: &Value,
     ip: Option<Ipv4Addr>,
+    sandbox: Option<Sandbox>,
     writer: tokio::task::JoinHandle<()>,
 ) {
     writer.abort();
+    if let (Some(sb), Some(oci)) = (&sandbox, &ctx.oci) {
+        oci.cni.teardown(sb, meta::uid(pod)).await;
+    }
     if let Some(ip) = ip {
         ctx.net.release(ip);
     }
+    let ns = meta::namespace(pod).unwrap_or("default");
     ctx.logs
         .lock()
         .expect("logs")
-        .remove(&format!("{ns}/{name}"));
+        .remove(&format!("{ns}/{}", meta::name(pod)));
 }
 
 /// `config` with the guest's stdout and stderr going to a new run of the container's log
@@ -769,15 +1027,34 @@ struct HttpContainer {
     config: GuestConfig,
     ports: Vec<u16>,
     ip: Ipv4Addr,
+    /// The pod's network namespace, when it has OCI containers too: the listeners are made
+    /// there, on every address of the pod (its containers reach them on localhost).
+    netns: Option<std::path::PathBuf>,
     container: Value,
 }
 
 impl HttpContainer {
+    async fn listen(&self, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+        match &self.netns {
+            None => tokio::net::TcpListener::bind(SocketAddr::from((self.ip, port))).await,
+            Some(ns) => {
+                let ns = ns.clone();
+                let l = tokio::task::spawn_blocking(move || {
+                    crate::sandbox::bind_in(&ns, SocketAddr::from(([0, 0, 0, 0], port)))
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                tokio::net::TcpListener::from_std(l)
+            }
+        }
+    }
+
     async fn serve(&self) -> Result<Vec<HttpServer>, String> {
         let mut servers = Vec::new();
         for port in &self.ports {
             let addr = SocketAddr::from((self.ip, *port));
-            let l = tokio::net::TcpListener::bind(addr)
+            let l = self
+                .listen(*port)
                 .await
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             let server = self
@@ -805,6 +1082,7 @@ impl HttpContainer {
         self.shared.container(self.index, |c| {
             c.started = true;
             c.ready = !has_readiness;
+            c.container_id = format!("wasm://{}", self.name);
             c.state = json!({"running": {"startedAt": now()}});
         });
         Ok(servers)
@@ -924,50 +1202,51 @@ impl HttpContainer {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_command(
+/// How one run of a container ended.
+struct RunEnd {
+    code: i64,
+    reason: &'static str,
+    started_at: String,
+}
+
+/// A container that runs to its end and is restarted under the pod's restart policy: a wasm
+/// command or an OCI container.
+trait Runnable: Send + 'static {
+    /// Runs once (`runs`: how many runs came before). None when `stop` ended it: the
+    /// container is then stopped and cleaned up.
+    fn run_once(
+        &mut self,
+        runs: u32,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = Option<RunEnd>> + Send;
+}
+
+/// Runs `container` under the restart policy (Always, OnFailure, Never) with crash-loop
+/// backoff: 10 s doubling to 5 min, reset after 10 min of running.
+async fn restart_loop(
     shared: Arc<Shared>,
     i: usize,
-    name: String,
-    program: Program,
-    config: GuestConfig,
     restart: String,
-    logs: PodLogs,
-    runtime: Runtime,
     mut stop: watch::Receiver<bool>,
+    mut container: impl Runnable,
 ) {
+    let name = shared.status.lock().expect("status").containers[i]
+        .name
+        .clone();
     let mut backoff = Backoff::default();
     let mut runs = 0;
     loop {
-        let Some(cfg) = logged(&logs, &name, runs > 0, config.clone()) else {
+        let began = Instant::now();
+        let Some(end) = container.run_once(runs, stop.clone()).await else {
             return;
         };
-        let started_at = now();
-        let started = Instant::now();
-        let what = if runs > 0 {
-            format!("restart {runs}")
-        } else {
-            "wasi command".to_string()
-        };
-        shared
-            .event(
-                "Normal",
-                "Started",
-                &format!("Started container {name} ({what})"),
-            )
-            .await;
-        shared.container(i, |c| {
-            c.started = true;
-            c.ready = true;
-            c.state = json!({"running": {"startedAt": started_at}});
-        });
-        let code = tokio::select! {
-            r = runtime.run_command(&program, &cfg) => r.unwrap_or(1),
-            _ = stop.changed() => return,
-        };
         runs += 1;
-        let terminated = json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
-                                                "startedAt": started_at, "finishedAt": now(), "containerID": format!("wasm://{name}")}});
+        let code = end.code;
+        let id = shared.status.lock().expect("status").containers[i]
+            .container_id
+            .clone();
+        let terminated = json!({"terminated": {"exitCode": code, "reason": end.reason,
+                                                "startedAt": end.started_at, "finishedAt": now(), "containerID": id}});
         let again = match restart.as_str() {
             "Never" => false,
             "OnFailure" => code != 0,
@@ -980,7 +1259,7 @@ async fn run_command(
             });
             return;
         }
-        let delay = backoff.next(started.elapsed());
+        let delay = backoff.next(began.elapsed());
         shared
             .event(
                 "Warning",
@@ -1000,6 +1279,284 @@ async fn run_command(
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// A WASI command: runs like a process, its exit code the container's.
+struct WasmCommand {
+    shared: Arc<Shared>,
+    index: usize,
+    name: String,
+    program: Program,
+    config: GuestConfig,
+    logs: PodLogs,
+    runtime: Runtime,
+}
+
+impl Runnable for WasmCommand {
+    async fn run_once(&mut self, runs: u32, mut stop: watch::Receiver<bool>) -> Option<RunEnd> {
+        let name = &self.name;
+        let cfg = logged(&self.logs, name, runs > 0, self.config.clone())?;
+        let started_at = now();
+        let what = if runs > 0 {
+            format!("restart {runs}")
+        } else {
+            "wasi command".to_string()
+        };
+        self.shared
+            .event(
+                "Normal",
+                "Started",
+                &format!("Started container {name} ({what})"),
+            )
+            .await;
+        let id = format!("wasm://{name}");
+        self.shared.container(self.index, |c| {
+            c.started = true;
+            c.ready = true;
+            c.container_id = id;
+            c.state = json!({"running": {"startedAt": started_at}});
+        });
+        let code = tokio::select! {
+            r = self.runtime.run_command(&self.program, &cfg) => r.unwrap_or(1),
+            _ = stop.changed() => return None,
+        };
+        Some(RunEnd {
+            code: code.into(),
+            reason: if code == 0 { "Completed" } else { "Error" },
+            started_at,
+        })
+    }
+}
+
+/// An OCI container run by runc in the pod's sandbox.
+struct OciContainer {
+    shared: Arc<Shared>,
+    index: usize,
+    name: String,
+    id: String,
+    image: skiff_oci::Image,
+    spec: skiff_oci::ContainerSpec,
+    oci: Arc<OciNode>,
+    logs: PodLogs,
+    ip: Ipv4Addr,
+    container: Value,
+}
+
+impl OciContainer {
+    /// Starts the container (or, on the first run, takes over one an earlier agent run left
+    /// running) and returns its init PID and start time.
+    async fn start(&self, runs: u32) -> Result<(i32, String, bool), String> {
+        let oci = &self.oci;
+        if runs == 0 {
+            if let Some(st) = oci.runc.state(&self.id).await {
+                if st.status == "running" && st.pid > 0 {
+                    return Ok((st.pid, now(), true));
+                }
+            }
+        }
+        let _ = oci.runc.delete(&self.id).await;
+        let log = self
+            .logs
+            .open_run(&self.name, runs > 0)
+            .map_err(|e| format!("cannot open the container log: {e}"))?;
+        let bundle = oci
+            .containers
+            .prepare(&self.id, &oci.store, &self.image, &self.spec)
+            .map_err(|e| e.to_string())?;
+        let pid = oci.runc.run(&self.id, &bundle, log).await.map_err(|e| {
+            // runc says why on the container's stderr: the last line of its log.
+            let log = std::fs::read_to_string(self.logs.current(&self.name)).unwrap_or_default();
+            match log.lines().last() {
+                Some(last) if !last.is_empty() => format!("{e}: {last}"),
+                _ => e.to_string(),
+            }
+        });
+        match pid {
+            Ok(pid) => Ok((pid, now(), false)),
+            Err(e) => {
+                let _ = oci.runc.delete(&self.id).await;
+                let _ = oci.containers.remove(&self.id);
+                Err(e)
+            }
+        }
+    }
+
+    /// TERM, the rest of the grace period, then KILL; then the container is deleted.
+    async fn stop(
+        &self,
+        exited: &mut (impl std::future::Future<Output = skiff_oci::Exit> + Unpin),
+    ) {
+        let grace = *self.shared.grace.lock().expect("grace");
+        let oci = &self.oci;
+        let _ = oci.runc.kill(&self.id, "TERM").await;
+        if tokio::time::timeout(grace, &mut *exited).await.is_err() {
+            let _ = oci.runc.kill(&self.id, "KILL").await;
+            let _ = tokio::time::timeout(STOP_MAX, &mut *exited).await;
+        }
+        self.remove().await;
+    }
+
+    async fn remove(&self) {
+        if let Err(e) = self.oci.runc.delete(&self.id).await {
+            tracing::warn!(container = %self.id, error = %e, "runc delete");
+        }
+        if let Err(e) = self.oci.containers.remove(&self.id) {
+            tracing::warn!(container = %self.id, error = %e, "container cleanup");
+        }
+    }
+}
+
+impl Runnable for OciContainer {
+    async fn run_once(&mut self, runs: u32, mut stop: watch::Receiver<bool>) -> Option<RunEnd> {
+        let name = self.name.clone();
+        let (pid, started_at, adopted) = match self.start(runs).await {
+            Ok(started) => started,
+            Err(msg) => {
+                self.shared
+                    .event("Warning", "Failed", &format!("Error: {msg}"))
+                    .await;
+                self.shared
+                    .container(self.index, |c| c.state = waiting("RunContainerError", &msg));
+                return Some(RunEnd {
+                    code: 128,
+                    reason: "StartError",
+                    started_at: now(),
+                });
+            }
+        };
+        let what = if adopted {
+            "left running by an earlier agent run".to_string()
+        } else if runs > 0 {
+            format!("runc, restart {runs}")
+        } else {
+            "runc".to_string()
+        };
+        self.shared
+            .event(
+                "Normal",
+                "Started",
+                &format!("Started container {name} ({what})"),
+            )
+            .await;
+        let readiness = Probe::of(&self.container, "readinessProbe");
+        let id = format!("runc://{}", self.id);
+        let st = started_at.clone();
+        self.shared.container(self.index, |c| {
+            c.started = true;
+            c.ready = readiness.is_none();
+            c.container_id = id;
+            c.state = json!({"running": {"startedAt": st}});
+        });
+        let probes = tokio::spawn(probe_loop(
+            self.shared.clone(),
+            self.index,
+            self.ip,
+            self.container.clone(),
+            self.oci.clone(),
+            self.id.clone(),
+        ));
+        let mut exited = Box::pin(skiff_oci::runc::wait_child(pid));
+        let exit = tokio::select! {
+            exit = &mut exited => exit,
+            _ = stop.changed() => {
+                probes.abort();
+                self.stop(&mut exited).await;
+                return None;
+            }
+        };
+        probes.abort();
+        self.remove().await;
+        Some(match exit {
+            skiff_oci::Exit::Code(code) => RunEnd {
+                code: code.into(),
+                reason: match code {
+                    0 => "Completed",
+                    137 if self.spec.memory_limit.is_some() => "OOMKilled",
+                    _ => "Error",
+                },
+                started_at,
+            },
+            skiff_oci::Exit::Unknown => RunEnd {
+                code: 137,
+                reason: "ContainerStatusUnknown",
+                started_at,
+            },
+        })
+    }
+}
+
+/// Readiness and liveness probes of an OCI container, against the pod's address: readiness
+/// flips `ready`; a failed liveness probe kills the container (its restart policy then
+/// applies).
+async fn probe_loop(
+    shared: Arc<Shared>,
+    i: usize,
+    ip: Ipv4Addr,
+    container: Value,
+    oci: Arc<OciNode>,
+    id: String,
+) {
+    let readiness = Probe::of(&container, "readinessProbe");
+    let liveness = Probe::of(&container, "livenessProbe");
+    let started = Instant::now();
+    let (mut rv, mut lv) = (Verdict::default(), Verdict::default());
+    let mut next_r = readiness.as_ref().map(|p| started + p.initial_delay);
+    let mut next_l = liveness.as_ref().map(|p| started + p.initial_delay);
+    loop {
+        let Some(next) = [next_r, next_l].into_iter().flatten().min() else {
+            return;
+        };
+        tokio::time::sleep_until(next.into()).await;
+        let now_i = Instant::now();
+        if let (Some(p), Some(at)) = (&readiness, next_r) {
+            if at <= now_i {
+                let r = p.check(ip).await;
+                if let Err(why) = &r {
+                    shared.post_event(
+                        "Warning",
+                        "Unhealthy",
+                        &format!("Readiness probe failed: {why}"),
+                    );
+                }
+                if let Some(ready) = rv.record(p, r.is_ok()) {
+                    shared.update(|s| {
+                        s.containers[i].ready = ready;
+                        if ready && s.containers.iter().all(|c| c.ready) {
+                            s.ready_since = Some(now());
+                        } else if !ready {
+                            s.not_ready_since = now();
+                        }
+                    });
+                }
+                next_r = Some(now_i + p.period);
+            }
+        }
+        if let (Some(p), Some(at)) = (&liveness, next_l) {
+            if at <= now_i {
+                let r = p.check(ip).await;
+                if let Err(why) = &r {
+                    shared.post_event(
+                        "Warning",
+                        "Unhealthy",
+                        &format!("Liveness probe failed: {why}"),
+                    );
+                }
+                if lv.record(p, r.is_ok()) == Some(false) {
+                    let name = shared.status.lock().expect("status").containers[i]
+                        .name
+                        .clone();
+                    shared.post_event(
+                        "Normal",
+                        "Killing",
+                        &format!("Container {name} failed liveness probe, will be restarted"),
+                    );
+                    let _ = oci.runc.kill(&id, "KILL").await;
+                    return;
+                }
+                next_l = Some(now_i + p.period);
+            }
         }
     }
 }
@@ -1029,6 +1586,7 @@ mod tests {
             name: "a".into(),
             image: "i".into(),
             image_id: String::new(),
+            container_id: String::new(),
             ready,
             started: true,
             restart_count: 0,

@@ -129,9 +129,14 @@ impl ImageStore {
         self.dir.join("images").join(format!("{h}.json"))
     }
 
-    /// The image `reference` resolved to when last pulled, if all its layers are here.
+    /// The image `reference` resolved to when last pulled, if all its layers are here. Marks
+    /// it used now (garbage collection spares recently used images).
     pub fn get(&self, reference: &str) -> Option<Image> {
-        let bytes = std::fs::read(self.record_path(reference)).ok()?;
+        let path = self.record_path(reference);
+        let bytes = std::fs::read(&path).ok()?;
+        if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
         let image: Image = serde_json::from_slice(&bytes).ok()?;
         image
             .layers
@@ -334,12 +339,18 @@ impl ImageStore {
             .collect()
     }
 
-    /// Forgets the images not in `keep` (references), then removes every layer and config no
-    /// remaining image uses. Returns the number of layers removed.
-    pub fn gc(&self, keep: &HashSet<String>) -> usize {
+    /// Forgets the images neither in `keep` (references) nor used within `min_age`, then
+    /// removes every layer and config no remaining image uses. Returns the number of layers
+    /// removed.
+    pub fn gc(&self, keep: &HashSet<String>, min_age: std::time::Duration) -> usize {
         let mut used = HashSet::new();
         for image in self.images() {
-            if keep.contains(&image.reference) {
+            let recent = std::fs::metadata(self.record_path(&image.reference))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < min_age);
+            if keep.contains(&image.reference) || recent {
                 used.extend(image.layers.iter().map(|l| hex_of(l).to_string()));
                 used.insert(hex_of(&image.config_digest).to_string());
             } else {
@@ -414,7 +425,15 @@ mod tests {
         mk("a:1", &["base", "a1"]);
         mk("b:1", &["base", "b1"]);
         assert!(store.get("a:1").is_some());
-        let removed = store.gc(&HashSet::from(["a:1".to_string()]));
+        // Both were just used: nothing goes.
+        assert_eq!(
+            store.gc(&HashSet::new(), std::time::Duration::from_secs(600)),
+            0
+        );
+        let removed = store.gc(
+            &HashSet::from(["a:1".to_string()]),
+            std::time::Duration::ZERO,
+        );
         assert_eq!(removed, 1);
         assert!(store.layer_dir("sha256:base").is_dir());
         assert!(store.layer_dir("sha256:a1").is_dir());

@@ -96,7 +96,18 @@ pub fn unpack(blob: &Path, compression: Compression, dest: &Path) -> Result<Stri
         archive.set_overwrite(true);
         let entries = archive.entries().map_err(|e| io_err("read", blob, e))?;
         for entry in entries {
-            let mut entry = entry.map_err(|e| io_err("read", blob, e))?;
+            let mut entry = match entry {
+                Ok(entry) => entry,
+                // A stream cut right after its last entry's data (no padding, no end blocks):
+                // some image builders write those. The diff ID below still vouches for it.
+                Err(e)
+                    if e.kind() == io::ErrorKind::UnexpectedEof
+                        || e.to_string() == "unexpected EOF during skip" =>
+                {
+                    break
+                }
+                Err(e) => return Err(io_err("read", blob, e)),
+            };
             let path = clean(&entry.path().map_err(|e| io_err("read", blob, e))?)?;
             let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
                 continue;
@@ -228,6 +239,19 @@ pub(crate) mod tests {
         );
         assert!(!dest.join("var/cache/.wh..wh..opq").exists());
         assert!(dest.join("var/cache/new").exists());
+    }
+
+    #[test]
+    fn a_stream_without_end_blocks_unpacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let full = tar_of(&[("a", Some("x")), ("b", Some("hello"))]);
+        // Cut after the last entry's data: no padding and no end-of-archive blocks.
+        let cut = &full[..512 + 512 + 512 + 5];
+        let src = dir.path().join("cut.tar");
+        std::fs::write(&src, cut).unwrap();
+        let diff_id = unpack(&src, Compression::None, &dir.path().join("l")).unwrap();
+        assert_eq!(diff_id, sha(cut));
+        assert_eq!(std::fs::read(dir.path().join("l/b")).unwrap(), b"hello");
     }
 
     #[test]
