@@ -39,7 +39,7 @@ http {
   server { listen $static_ip:8081; location / { return 200 "Hello from a static backend\n"; } }
 }
 CONF
-ip netns exec "$ns" nginx -p "$work/nginx" -c "$work/nginx/static.conf" -g 'daemon off;' &
+nsenter --net="/run/netns/$ns" nginx -p "$work/nginx" -c "$work/nginx/static.conf" -g 'daemon off;' &
 pids+=($!)
 cat >"$work/static-svc.yaml" <<YAML
 apiVersion: v1
@@ -71,7 +71,7 @@ http {
   server { listen 127.0.0.1:18081; location / { proxy_pass http://static; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 CONF
-ip netns exec "$ns" nginx -p "$work/nginx" -c "$work/nginx/proxy.conf" -g 'daemon off;' &
+nsenter --net="/run/netns/$ns" nginx -p "$work/nginx" -c "$work/nginx/proxy.conf" -g 'daemon off;' &
 pids+=($!)
 for url in "http://127.0.0.1:$wasm_np/" "http://127.0.0.1:$static_np/" http://127.0.0.1:18080/ http://127.0.0.1:18081/ "http://$static_ip:8081/"; do
   for _ in $(seq 100); do in_ns curl -sf "$url" >/dev/null && break; sleep 0.1; done

@@ -69,6 +69,18 @@ pub async fn run(cli: Cli) -> Result<()> {
             reference,
             insecure_registries,
         } => return push(file, reference, insecure_registries).await,
+        Command::Reset { data_dir } => {
+            let dir = data_dir.clone().unwrap_or_else(default_data_dir);
+            let mut stopped = 0;
+            // An agent's own dir, or the one `skiff up` keeps its agent in.
+            for d in [dir.clone(), dir.join("agent")] {
+                stopped += skiff_node::oci::reset(&d)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("reset {}: {e}", d.display()))?;
+            }
+            println!("{stopped} container(s) stopped and removed");
+            return Ok(());
+        }
         _ => {}
     }
     if let Command::Completion { shell } = &cli.command {
@@ -87,6 +99,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         | Command::Up { .. }
         | Command::Agent { .. }
         | Command::Push { .. }
+        | Command::Reset { .. }
         | Command::Completion { .. } => {
             unreachable!("handled above")
         }

@@ -119,6 +119,14 @@ pub enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Stop every OCI container a stopped node agent (or `skiff up`) left running, and remove
+    /// their root filesystems and pod networks. Containers outlive their agent, as with any
+    /// kubelet; this is the clean-up for a node taken out of service.
+    Reset {
+        /// The data dir given to `skiff up` or `skiff agent`.
+        #[arg(long, env = "SKIFF_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
     /// Publish a wasm module or component to an OCI registry (CNCF wasm layout).
     Push {
         file: PathBuf,

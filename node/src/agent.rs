@@ -284,6 +284,7 @@ impl Agent {
                     bridge: config.bridge.clone(),
                     gateway: Ipv4Addr::UNSPECIFIED,
                     prefix: 24,
+                    state_dir: config.data_dir.join("oci/netns"),
                 },
             )
             .map_err(|e| e.0)

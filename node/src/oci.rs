@@ -77,11 +77,11 @@ impl OciNode {
                 let _ = self.containers.remove(&id);
             }
         }
-        for ns in sandbox::existing() {
+        for ns in self.cni.existing() {
             let uid = ns.trim_start_matches("skiff-");
             if !keep.contains(uid) {
                 tracing::info!(netns = %ns, "removing a pod network namespace whose pod is gone");
-                sandbox::remove_stale(&ns).await;
+                self.cni.remove_stale(&ns).await;
             }
         }
     }
@@ -92,6 +92,35 @@ impl OciNode {
         let _guard = self.gc_lock.write().await;
         self.store.gc(in_use, IMAGE_MIN_AGE)
     }
+}
+
+/// Stops every OCI container the agent with data in `dir` started, and removes their root
+/// filesystems and pod namespaces (the agent itself must not be running). Returns how many
+/// containers were stopped.
+pub async fn reset(dir: &Path) -> Result<usize, String> {
+    let oci_dir = dir.join("oci");
+    if !oci_dir.is_dir() {
+        return Ok(0);
+    }
+    let runc = Runc::find(None, oci_dir.join("runc")).ok_or("runc is not installed")?;
+    let containers = Containers::new(oci_dir.join("containers")).map_err(|e| e.to_string())?;
+    let cni = Cni {
+        bin_dir: sandbox::DEFAULT_CNI_BIN.into(),
+        bridge: String::new(),
+        gateway: Ipv4Addr::UNSPECIFIED,
+        prefix: 24,
+        state_dir: oci_dir.join("netns"),
+    };
+    let node = OciNode {
+        store: ImageStore::new(oci_dir.join("images"), vec![]).map_err(|e| e.to_string())?,
+        containers,
+        runc,
+        cni,
+        gc_lock: tokio::sync::RwLock::new(()),
+    };
+    let count = node.runc.list().await.len();
+    node.sweep(&HashSet::new()).await;
+    Ok(count)
 }
 
 /// The runc ID of a pod's container: the pod UID keeps it unique on the node.

@@ -1443,11 +1443,18 @@ impl Runnable for OciContainer {
         let readiness = Probe::of(&self.container, "readinessProbe");
         let id = format!("runc://{}", self.id);
         let st = started_at.clone();
-        self.shared.container(self.index, |c| {
+        self.shared.update(|s| {
+            let c = &mut s.containers[self.index];
             c.started = true;
             c.ready = readiness.is_none();
             c.container_id = id;
             c.state = json!({"running": {"startedAt": st}});
+            if s.phase == "Pending" {
+                s.phase = "Running";
+            }
+            if s.containers.iter().all(|c| c.ready) {
+                s.ready_since = Some(now());
+            }
         });
         let probes = tokio::spawn(probe_loop(
             self.shared.clone(),

@@ -38,6 +38,9 @@ pub struct Cni {
     pub bridge: String,
     pub gateway: Ipv4Addr,
     pub prefix: u8,
+    /// One file per namespace this agent made: what is its own to clean up (other agents
+    /// on the same host have theirs).
+    pub state_dir: PathBuf,
 }
 
 /// A pod's network namespace.
@@ -163,6 +166,8 @@ impl Cni {
             return Ok(sandbox);
         }
         let _ = ip_netns(&["del", &name]).await;
+        let _ = std::fs::create_dir_all(&self.state_dir);
+        let _ = std::fs::write(self.state_dir.join(&name), ip.to_string());
         ip_netns(&["add", &name])
             .await
             .map_err(|msg| SandboxError::Netns {
@@ -223,6 +228,24 @@ impl Cni {
         if let Err(e) = ip_netns(&["del", &sandbox.name]).await {
             tracing::debug!(netns = %sandbox.name, error = %e, "netns del");
         }
+        let _ = std::fs::remove_file(self.state_dir.join(&sandbox.name));
+    }
+
+    /// The pod namespaces this agent made and has not removed.
+    pub fn existing(&self) -> Vec<String> {
+        std::fs::read_dir(&self.state_dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Deletes a namespace this agent made whose pod is gone.
+    pub async fn remove_stale(&self, name: &str) {
+        let _ = ip_netns(&["del", name]).await;
+        let _ = std::fs::remove_file(self.state_dir.join(name));
     }
 }
 
@@ -246,23 +269,6 @@ async fn has_address(name: &str, ip: Ipv4Addr) -> bool {
         .output()
         .await;
     out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("inet {ip}/")))
-}
-
-/// The pod namespaces on this node, by name.
-pub fn existing() -> Vec<String> {
-    std::fs::read_dir("/run/netns")
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().to_string())
-                .filter(|n| n.starts_with("skiff-"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Deletes a pod namespace left behind (its pod is gone).
-pub async fn remove_stale(name: &str) {
-    let _ = ip_netns(&["del", name]).await;
 }
 
 /// Binds a TCP listener inside the network namespace at `netns`: a thread enters the
@@ -292,6 +298,7 @@ mod tests {
             bridge: "skiff0".into(),
             gateway: Ipv4Addr::new(10, 88, 0, 1),
             prefix: 24,
+            state_dir: "/nonexistent".into(),
         };
         let b = cni.bridge_conf(Ipv4Addr::new(10, 88, 0, 7));
         assert_eq!(b["bridge"], "skiff0");

@@ -291,7 +291,11 @@ pub fn spec(
     let capset = json!(caps);
     v["process"]["capabilities"] =
         json!({"bounding": capset, "effective": capset, "permitted": capset});
-    v["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}]);
+    // As many open files as the runtime may grant: containerd's 1048576, or the node's limit.
+    let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard.min(1_048_576))
+        .unwrap_or(1024);
+    v["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}]);
 
     let mut mounts = v["mounts"].as_array().cloned().unwrap_or_default();
     // /sys read-only, as containerd mounts it for an unprivileged container.

@@ -22,21 +22,25 @@ log: {level: warn}
 storage: {filesystem: {rootdirectory: $work/registry}}
 http: {addr: 127.0.0.1:5000}
 YAML
-  # `ip netns exec` execs the command, so $! is the server's own PID.
-  ip netns exec "$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+  # nsenter execs the command, so $! is the server's own PID (not so through a function).
+  nsenter --net="/run/netns/$ns" docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
   pids+=($!)
-  ip netns exec "$ns" "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name "$node" >"$work/skiff.log" 2>&1 &
+  nsenter --net="/run/netns/$ns" "$skiff" up --data-dir "$work/skiff" --api-addr 127.0.0.1:6443 --name "$node" >"$work/skiff.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 200); do in_ns curl -sf http://127.0.0.1:5000/v2/ >/dev/null 2>&1 && [ -f "$work/skiff/kubeconfig" ] && break; sleep 0.1; done
   export KUBECONFIG=$work/skiff/kubeconfig
   until in_ns "$skiff" get nodes 2>/dev/null | grep -q ' Ready'; do sleep 0.2; done
 }
 
-in_ns() { ip netns exec "$ns" "$@"; }
+# `nsenter --net` rather than `ip netns exec`: the namespace's network with the host's mounts
+# (cgroups included, which runc needs).
+in_ns() { nsenter --net="/run/netns/$ns" "$@"; }
 
 _stop_netns_cluster() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  # OCI containers outlive the agent (as with any kubelet): stop them and their pod networks.
+  [ -d "$work/skiff" ] && in_ns "$skiff" reset --data-dir "$work/skiff" >/dev/null 2>&1 || true
   ip netns del "$ns" 2>/dev/null || true
   rm -rf "$work"
 }

@@ -37,9 +37,12 @@ impl Netns {
         Ok(ns)
     }
 
+    /// `nsenter --net`: the namespace's network only. Unlike `ip netns exec` it keeps the
+    /// host's mounts (cgroups included, which runc needs), and the pod namespaces the
+    /// node makes are visible outside, for the tests to look into and to clean up.
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(args);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.name)).args(args);
         c
     }
 
