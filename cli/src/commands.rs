@@ -390,6 +390,35 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("node/{name} tainted");
             Ok(())
         }
+        Command::Exec {
+            pod,
+            container,
+            stdin,
+            tty,
+            command,
+        } => {
+            let opts = skiff_client::exec::ExecOptions {
+                container,
+                command,
+                stdin,
+                tty,
+            };
+            let code = ctx
+                .client
+                .exec(
+                    &ctx.ns,
+                    &pod,
+                    &opts,
+                    tokio::io::stdin(),
+                    tokio::io::stdout(),
+                    tokio::io::stderr(),
+                )
+                .await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
+        }
         Command::Logs {
             pod,
             container,

@@ -251,6 +251,21 @@ pub enum Command {
         #[arg(short = 'p', long)]
         previous: bool,
     },
+    /// Run a command in a pod's OCI container: `skiff exec POD [-c C] [-i] [-t] -- CMD [ARG...]`.
+    /// Exits with the command's exit code.
+    Exec {
+        pod: String,
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+        /// Pass standard input to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Run the command on a terminal.
+        #[arg(short = 't', long)]
+        tty: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Show where the control plane is.
     ClusterInfo,
     /// Print client and server versions.

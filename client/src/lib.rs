@@ -3,6 +3,7 @@
 //! [`Client`] is the transport (kubeconfig, bearer token, `Status` errors, watch streams);
 //! [`verbs`] builds what the kubectl-like verbs send (deployments, services, rollbacks).
 
+pub mod exec;
 pub mod kubeconfig;
 pub mod verbs;
 
@@ -137,7 +138,7 @@ impl Client {
             url: self.server.clone(),
             reason: root_cause(&e),
         })?;
-        if resp.status().is_success() {
+        if resp.status().is_success() || resp.status() == reqwest::StatusCode::SWITCHING_PROTOCOLS {
             return Ok(resp);
         }
         let code = resp.status().as_u16();

@@ -423,21 +423,59 @@ fn save_cache(dir: &std::path::Path, node: &Value, pods: &HashMap<String, (PodWo
     }
 }
 
-fn serve_logs(listener: tokio::net::TcpListener, logs: LogIndex) -> tokio::task::JoinHandle<()> {
+/// The agent's endpoint the API server forwards to: `pods/{ns}/{name}/log` and
+/// `pods/{ns}/{name}/exec` (OCI containers, when the node runs them).
+fn serve_endpoint(
+    listener: tokio::net::TcpListener,
+    logs: LogIndex,
+    runc: Option<skiff_oci::Runc>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
             let logs = logs.clone();
+            let runc = runc.clone();
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(move |req| crate::logs::serve(logs.clone(), req));
+                let svc = hyper::service::service_fn(move |req| {
+                    endpoint(logs.clone(), runc.clone(), req)
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .with_upgrades()
                     .await;
             });
         }
+    })
+}
+
+async fn endpoint(
+    logs: LogIndex,
+    runc: Option<skiff_oci::Runc>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<crate::logs::Body>, std::convert::Infallible> {
+    let path = req.uri().path().trim_matches('/').to_string();
+    let parts: Vec<&str> = path.split('/').collect();
+    let ["pods", ns, name, "exec"] = parts[..] else {
+        return crate::logs::serve(logs, req).await;
+    };
+    let exec = crate::exec::ExecRequest::parse(req.uri().query().unwrap_or(""));
+    let Some(runc) = runc else {
+        return Ok(crate::exec::reject(
+            http::StatusCode::BAD_REQUEST,
+            "this node runs wasm only: exec needs OCI containers",
+        ));
+    };
+    let found = crate::exec::find_container(
+        &logs.lock().expect("log index"),
+        ns,
+        name,
+        exec.container.as_deref(),
+    );
+    Ok(match found {
+        Ok(id) => crate::exec::serve(runc, id, exec, req),
+        Err((code, msg)) => crate::exec::reject(code, &msg),
     })
 }
 
@@ -451,7 +489,7 @@ async fn run(
     logs: LogIndex,
     mut stop: watch::Receiver<bool>,
 ) {
-    let endpoint = serve_logs(listener, logs);
+    let endpoint = serve_endpoint(listener, logs, ctx.oci.as_ref().map(|o| o.runc.clone()));
     let mut workers: HashMap<String, (PodWorker, Value)> = HashMap::new();
     for p in cached {
         if !meta::is_deleting(&p) {

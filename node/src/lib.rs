@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod exec;
 pub mod logs;
 pub mod network;
 pub mod oci;

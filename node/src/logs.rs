@@ -90,10 +90,21 @@ pub fn tail(text: &[u8], n: usize) -> &[u8] {
     text
 }
 
-/// Pods this node serves logs for: `namespace/name` → (logs, container names).
-pub type LogIndex = Arc<Mutex<HashMap<String, (PodLogs, Vec<String>)>>>;
+/// A pod this node runs, as its endpoint (logs, exec) sees it.
+#[derive(Debug, Clone)]
+pub struct PodEntry {
+    pub uid: String,
+    pub logs: PodLogs,
+    /// Every container's name…
+    pub containers: Vec<String>,
+    /// …and those that are OCI containers (exec runs there).
+    pub oci: Vec<String>,
+}
 
-type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+/// Pods this node serves logs and exec for, by `namespace/name`.
+pub type LogIndex = Arc<Mutex<HashMap<String, PodEntry>>>;
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 fn text(code: StatusCode, msg: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(msg)).boxed());
@@ -131,7 +142,10 @@ pub async fn serve(
         .expect("log index")
         .get(&format!("{ns}/{name}"))
         .cloned();
-    let Some((logs, containers)) = entry else {
+    let Some(PodEntry {
+        logs, containers, ..
+    }) = entry
+    else {
         return Ok(text(
             StatusCode::NOT_FOUND,
             format!("pod {ns}/{name} is not running on this node\n"),

@@ -16,7 +16,7 @@ use crate::probe::{Probe, Verdict};
 use tokio::sync::{watch, Notify};
 
 use crate::backoff::Backoff;
-use crate::logs::{LogIndex, PodLogs};
+use crate::logs::{LogIndex, PodEntry, PodLogs};
 use crate::network::PodNetwork;
 use crate::oci::{self, OciNode};
 use crate::sandbox::Sandbox;
@@ -598,13 +598,15 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
     };
     ctx.logs.lock().expect("logs").insert(
         format!("{ns}/{name}"),
-        (
-            logs.clone(),
-            containers
+        PodEntry {
+            uid: meta::uid(&pod).to_string(),
+            logs: logs.clone(),
+            containers: containers
                 .iter()
                 .filter_map(|c| c["name"].as_str().map(String::from))
                 .collect(),
-        ),
+            oci: vec![],
+        },
     );
     let start_time = pod
         .pointer("/status/startTime")
@@ -773,6 +775,14 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
                     .collect();
                 binds.extend(pod_files.iter().cloned());
                 let id = oci::container_id(meta::uid(&pod), &cname);
+                if let Some(e) = ctx
+                    .logs
+                    .lock()
+                    .expect("logs")
+                    .get_mut(&format!("{ns}/{name}"))
+                {
+                    e.oci.push(cname.clone());
+                }
                 let spec = oci::container_spec(&pod, c, env, sb, binds, format!("/skiff/{id}"));
                 let container = OciContainer {
                     shared: shared.clone(),
