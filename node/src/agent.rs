@@ -377,7 +377,6 @@ impl Agent {
         let task = tokio::spawn(run(
             ctx,
             config.clone(),
-            oci_state,
             node,
             cached.map(|c| c.1).unwrap_or_default(),
             listener,
@@ -482,7 +481,6 @@ async fn endpoint(
 async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
-    oci_state: OciState,
     node: Value,
     cached: Vec<Value>,
     listener: tokio::net::TcpListener,
@@ -500,6 +498,10 @@ async fn run(
         }
     }
     let hb_client = ctx.client.clone();
+    let oci_state: OciState = match (&ctx.oci, &ctx.no_oci) {
+        (Some(oci), _) => Ok(oci.runc.version.clone()),
+        (None, why) => Err(why.clone().unwrap_or_default()),
+    };
     let name = config.name.clone();
     let every = config.heartbeat;
     let mut hb_stop = stop.clone();

@@ -179,7 +179,7 @@ async fn run<S>(
 {
     let (mut tx, mut rx) = ws.split();
     let (mut child, outputs, mut stdin) = match spawn(&runc, &id, &exec) {
-        Ok(spawned) => spawned,
+        Ok(s) => (s.child, s.outputs, s.input),
         Err(e) => {
             let _ = tx
                 .send(Message::binary(status_message(
@@ -267,11 +267,14 @@ type Writer = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 
 /// Starts `runc exec`: with pipes, or on a terminal (a pty the agent holds the master of,
 /// whose slave is runc's stdio; runc then gives the process a terminal of its own).
-fn spawn(
-    runc: &Runc,
-    id: &str,
-    exec: &ExecRequest,
-) -> std::io::Result<(tokio::process::Child, Vec<(u8, Reader)>, Option<Writer>)> {
+struct Spawned {
+    child: tokio::process::Child,
+    /// The command's output streams, by channel.
+    outputs: Vec<(u8, Reader)>,
+    input: Option<Writer>,
+}
+
+fn spawn(runc: &Runc, id: &str, exec: &ExecRequest) -> std::io::Result<Spawned> {
     let mut cmd = runc.exec(id, &exec.command, exec.tty);
     cmd.kill_on_drop(true);
     if exec.tty {
@@ -288,7 +291,11 @@ fn spawn(
             None
         };
         let output: Reader = Box::new(tokio::fs::File::from_std(master));
-        return Ok((child, vec![(STDOUT, output)], input));
+        return Ok(Spawned {
+            child,
+            outputs: vec![(STDOUT, output)],
+            input,
+        });
     }
     cmd.stdin(if exec.stdin {
         Stdio::piped()
@@ -306,10 +313,15 @@ fn spawn(
         outputs.push((STDERR, Box::new(p)));
     }
     let input = child.stdin.take().map(|p| Box::new(p) as Writer);
-    Ok((child, outputs, input))
+    Ok(Spawned {
+        child,
+        outputs,
+        input,
+    })
 }
 
-/// Finds the runc ID of container `name` (or the pod's first OCI container) of pod `ns/pod`.
+/// Finds the runc ID of container `container` (by default the pod's first OCI container) of
+/// pod `ns/pod`.
 pub fn find_container(
     index: &HashMap<String, crate::logs::PodEntry>,
     ns: &str,
@@ -322,9 +334,15 @@ pub fn find_container(
             format!("pod {ns}/{pod} does not run on this node"),
         )
     })?;
+    // Without a name: the first container that can run a command.
     let name = match container {
         Some(c) => c.to_string(),
-        None => entry.containers.first().cloned().unwrap_or_default(),
+        None => entry
+            .oci
+            .first()
+            .or(entry.containers.first())
+            .cloned()
+            .unwrap_or_default(),
     };
     if !entry.containers.contains(&name) {
         return Err((

@@ -317,13 +317,13 @@ pub fn container_env(
 /// A container's image, pulled.
 enum Pulled {
     Wasm(Vec<u8>),
-    Oci(skiff_oci::Image),
+    Oci(Box<skiff_oci::Image>),
 }
 
 /// A container ready to start.
 enum Prepared {
     Wasm(Program),
-    Oci(skiff_oci::Image),
+    Oci(Box<skiff_oci::Image>),
 }
 
 async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pulled, String> {
@@ -348,7 +348,7 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pu
             if let Some(img) = oci.store.get(image) {
                 shared.container(i, |c| c.image_id = img.id());
                 present(String::new());
-                return Ok(Pulled::Oci(img));
+                return Ok(Pulled::Oci(Box::new(img)));
             }
         }
         if policy == "Never" {
@@ -369,7 +369,9 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pu
             ..
         } => (layer_digest, manifest_digest),
         Resolved::Image { .. } => {
-            return pull_oci(shared, i, image, started).await.map(Pulled::Oci)
+            return pull_oci(shared, i, image, started)
+                .await
+                .map(|img| Pulled::Oci(Box::new(img)))
         }
     };
     let bytes = artifact::pull_wasm(image, &layer, &ctx.blobs, &ctx.insecure_registries)
@@ -1346,7 +1348,7 @@ struct OciContainer {
     index: usize,
     name: String,
     id: String,
-    image: skiff_oci::Image,
+    image: Box<skiff_oci::Image>,
     spec: skiff_oci::ContainerSpec,
     oci: Arc<OciNode>,
     logs: PodLogs,

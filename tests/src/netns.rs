@@ -14,6 +14,9 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 pub struct Netns {
     pub name: String,
     children: Vec<Child>,
+    /// Data dirs of the skiff nodes started here: their OCI containers are stopped and
+    /// removed (`skiff reset`) once the processes are gone.
+    node_dirs: Vec<PathBuf>,
 }
 
 impl Netns {
@@ -32,6 +35,7 @@ impl Netns {
         let ns = Netns {
             name,
             children: Vec::new(),
+            node_dirs: Vec::new(),
         };
         ns.run(&["ip", "link", "set", "lo", "up"])?;
         Ok(ns)
@@ -113,6 +117,18 @@ impl Drop for Netns {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Ok(bin) = skiff_binary() {
+            for dir in &self.node_dirs {
+                let _ = self
+                    .command(&[
+                        bin.to_str().unwrap(),
+                        "reset",
+                        "--data-dir",
+                        dir.to_str().unwrap(),
+                    ])
+                    .output();
+            }
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .output();
@@ -149,6 +165,9 @@ impl SkiffUp {
             chrono::Utc::now().timestamp_millis()
         ));
         let index = ns.spawn(&args, &log)?;
+        if !ns.node_dirs.contains(&data) {
+            ns.node_dirs.push(data.clone());
+        }
         let up = SkiffUp {
             dir: data,
             index,
@@ -209,6 +228,23 @@ impl SkiffUp {
                     &format!("127.0.0.1:5000/{reference}"),
                 ],
             )?;
+        }
+        Ok(())
+    }
+
+    /// Copies the OCI image layouts built by `samples/build.sh` to the namespace's registry
+    /// with skopeo: `(LAYOUT:TAG, REPO:TAG)` → `127.0.0.1:5000/REPO:TAG`.
+    pub fn push_images(&self, ns: &Netns, images: &[(&str, &str)]) -> anyhow::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build");
+        for (src, reference) in images {
+            ns.run(&[
+                "skopeo",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                &format!("oci:{}", dir.join(src).display()),
+                &format!("docker://127.0.0.1:5000/{reference}"),
+            ])?;
         }
         Ok(())
     }
