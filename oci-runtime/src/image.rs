@@ -34,6 +34,59 @@ pub fn host_platform() -> (&'static str, &'static str) {
     ("linux", arch)
 }
 
+/// Config media types of wasm artifacts (CNCF, and the older wasm-to-oci one).
+pub const WASM_CONFIG_TYPES: &[&str] = &[
+    "application/vnd.wasm.config.v0+json",
+    "application/vnd.wasm.config.v1+json",
+];
+/// Layer media types of wasm: CNCF, Spin, Krustlet / wasm-to-oci.
+pub const WASM_LAYER_TYPES: &[&str] = &[
+    "application/wasm",
+    "application/vnd.wasm.content.layer.v1+wasm",
+    "application/vnd.module.wasm.content.layer.v1+wasm",
+];
+
+/// Whether a manifest is a wasm artifact: a wasm config type, or a single wasm layer.
+/// Everything else (image indexes included) is a container image for runc.
+pub fn is_wasm(manifest: &OciManifest) -> bool {
+    let OciManifest::Image(m) = manifest else {
+        return false;
+    };
+    let wasm_layer = m
+        .layers
+        .iter()
+        .any(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()));
+    wasm_layer && (WASM_CONFIG_TYPES.contains(&m.config.media_type.as_str()) || m.layers.len() == 1)
+}
+
+/// Asks the registry whether `reference` is an OCI container image (true) or a wasm
+/// artifact (false).
+pub async fn is_container_image(reference: &str, insecure: &[String]) -> Result<bool, OciError> {
+    let r: Reference = reference
+        .parse()
+        .map_err(|e| OciError::Reference(reference.to_string(), format!("{e}")))?;
+    let client = client_for(&r, insecure);
+    let (manifest, _) = client
+        .pull_manifest(&r, &RegistryAuth::Anonymous)
+        .await
+        .map_err(|e| OciError::Registry(format!("{reference}: {e}")))?;
+    Ok(!is_wasm(&manifest))
+}
+
+/// A registry client: plain HTTP for loopback and insecure registries.
+pub fn client_for(reference: &Reference, insecure: &[String]) -> Client {
+    let registry = reference.resolve_registry().to_string();
+    let protocol = if is_insecure(&registry, insecure) {
+        ClientProtocol::HttpsExcept(vec![registry])
+    } else {
+        ClientProtocol::Https
+    };
+    Client::new(ClientConfig {
+        protocol,
+        ..Default::default()
+    })
+}
+
 /// An image pulled and unpacked.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Image {
@@ -145,19 +198,6 @@ impl ImageStore {
             .then_some(image)
     }
 
-    fn client(&self, reference: &Reference) -> Client {
-        let registry = reference.resolve_registry().to_string();
-        let protocol = if is_insecure(&registry, &self.insecure) {
-            ClientProtocol::HttpsExcept(vec![registry])
-        } else {
-            ClientProtocol::Https
-        };
-        Client::new(ClientConfig {
-            protocol,
-            ..Default::default()
-        })
-    }
-
     /// Pulls `reference` for this node's platform, unpacking layers not already in the store.
     pub async fn pull(
         &self,
@@ -167,7 +207,7 @@ impl ImageStore {
         let r: Reference = reference
             .parse()
             .map_err(|e| OciError::Reference(reference.to_string(), format!("{e}")))?;
-        let client = self.client(&r);
+        let client = client_for(&r, &self.insecure);
         let auth = RegistryAuth::Anonymous;
         let registry = |e: oci_client::errors::OciDistributionError| {
             OciError::Registry(format!("{reference}: {e}"))
@@ -203,7 +243,7 @@ impl ImageStore {
                 "{reference}: an image index points at another index"
             )));
         };
-        if m.config.media_type.starts_with("application/vnd.wasm") {
+        if is_wasm(&OciManifest::Image(m.clone())) {
             return Err(OciError::Unsupported(format!(
                 "{reference} is a wasm artifact, not a container image"
             )));

@@ -474,3 +474,61 @@ spec:
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_runc_says_so_and_oci_pods_wait_for_one() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut ns = Netns::new()?;
+    ns.start_registry(dir.path()).await?;
+    let up = SkiffUp::start(&mut ns, dir.path(), &["--disable-oci"]).await?;
+    up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
+    up.push_images(&ns, &[("bootcamp-oci:v1", "bootcamp-oci:v1")])?;
+    let node = up.json(&ns, &["get", "node", "edge-1"])?;
+    assert_eq!(
+        node["metadata"]["labels"][skiff_api::OCI_NODE_LABEL],
+        "false"
+    );
+    let cond = node["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == skiff_api::OCI_CONDITION)
+        .cloned()
+        .unwrap();
+    assert_eq!(cond["status"], "False");
+    assert!(
+        cond["message"].as_str().unwrap().contains("disabled"),
+        "{cond}"
+    );
+
+    up.skiff(
+        &ns,
+        &["run", "oci", "--image=127.0.0.1:5000/bootcamp-oci:v1"],
+    )?;
+    up.skiff(&ns, &["run", "wasm", "--image=127.0.0.1:5000/bootcamp:v1"])?;
+    let why = eventually(
+        "the OCI pod to be unschedulable",
+        Duration::from_secs(30),
+        || async {
+            let st = pod_status(&up, &ns, "oci")?;
+            let c = st["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+                .cloned();
+            Ok(c.map(|c| c["message"].as_str().unwrap_or("").to_string()))
+        },
+    )
+    .await?;
+    assert_eq!(
+        why,
+        "0/1 nodes are available: 1 node(s) cannot run OCI containers (no runc)."
+    );
+    eventually("the wasm pod to run", Duration::from_secs(30), || async {
+        Ok((pod_status(&up, &ns, "wasm")?["phase"] == "Running").then_some(()))
+    })
+    .await?;
+    assert_eq!(pod_status(&up, &ns, "oci")?["phase"], "Pending");
+    Ok(())
+}

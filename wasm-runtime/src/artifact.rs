@@ -3,24 +3,14 @@
 
 use std::path::{Path, PathBuf};
 
-use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciManifest;
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 
 use crate::sha256_digest;
 
-/// Config media types of wasm artifacts (CNCF, and the older wasm-to-oci one).
-pub const WASM_CONFIG_TYPES: &[&str] = &[
-    "application/vnd.wasm.config.v0+json",
-    "application/vnd.wasm.config.v1+json",
-];
-/// Layer media types of wasm: CNCF, Spin, Krustlet / wasm-to-oci.
-pub const WASM_LAYER_TYPES: &[&str] = &[
-    "application/wasm",
-    "application/vnd.wasm.content.layer.v1+wasm",
-    "application/vnd.module.wasm.content.layer.v1+wasm",
-];
+// What a wasm artifact is, and how registries are reached, is shared with the OCI side.
+pub use skiff_oci::image::{client_for, is_insecure, WASM_CONFIG_TYPES, WASM_LAYER_TYPES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -55,31 +45,6 @@ pub enum Resolved {
     },
 }
 
-/// Registries reached over plain HTTP: loopback ones, and those listed as insecure.
-pub fn is_insecure(registry: &str, insecure: &[String]) -> bool {
-    let host = registry
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(registry);
-    host == "localhost"
-        || host.starts_with("127.")
-        || host == "[::1]"
-        || insecure.iter().any(|r| r == registry || r == host)
-}
-
-pub fn client_for(reference: &Reference, insecure: &[String]) -> Client {
-    let registry = reference.resolve_registry().to_string();
-    let protocol = if is_insecure(&registry, insecure) {
-        ClientProtocol::HttpsExcept(vec![registry])
-    } else {
-        ClientProtocol::Https
-    };
-    Client::new(ClientConfig {
-        protocol,
-        ..Default::default()
-    })
-}
-
 pub fn parse_reference(image: &str) -> Result<Reference, PullError> {
     image
         .parse::<Reference>()
@@ -98,6 +63,7 @@ pub async fn resolve(image: &str, insecure: &[String]) -> Result<Resolved, PullE
         .pull_manifest(&reference, &RegistryAuth::Anonymous)
         .await
         .map_err(registry_err)?;
+    let wasm = skiff_oci::image::is_wasm(&manifest);
     let OciManifest::Image(m) = manifest else {
         // An index: wasm artifacts are single manifests; indexes are multi-platform OCI images.
         return Ok(Resolved::Image {
@@ -105,20 +71,16 @@ pub async fn resolve(image: &str, insecure: &[String]) -> Result<Resolved, PullE
             config_media_type: "application/vnd.oci.image.index.v1+json".into(),
         });
     };
-    let wasm_layer = m
+    match m
         .layers
         .iter()
-        .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()));
-    match wasm_layer {
-        Some(l)
-            if WASM_CONFIG_TYPES.contains(&m.config.media_type.as_str()) || m.layers.len() == 1 =>
-        {
-            Ok(Resolved::Wasm {
-                manifest_digest: digest,
-                layer_digest: l.digest.clone(),
-                layer_media_type: l.media_type.clone(),
-            })
-        }
+        .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
+    {
+        Some(l) if wasm => Ok(Resolved::Wasm {
+            manifest_digest: digest,
+            layer_digest: l.digest.clone(),
+            layer_media_type: l.media_type.clone(),
+        }),
         _ => Ok(Resolved::Image {
             manifest_digest: digest,
             config_media_type: m.config.media_type.clone(),

@@ -30,6 +30,9 @@ pub struct ControllerConfig {
     pub node_grace: Duration,
     /// Pods on a NotReady node are deleted (and replaced elsewhere) after this long.
     pub eviction_timeout: Duration,
+    /// Registries reached over plain HTTP when the scheduler asks what an image is
+    /// (loopback ones always are).
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for ControllerConfig {
@@ -37,6 +40,7 @@ impl Default for ControllerConfig {
         ControllerConfig {
             node_grace: Duration::from_secs(40),
             eviction_timeout: Duration::from_secs(300),
+            insecure_registries: Vec::new(),
         }
     }
 }
@@ -255,7 +259,8 @@ pub fn start(
             }
         }
     });
-    tasks.spawn(run_scheduler(reg, pods, nodes, wake, stop));
+    let kinds = scheduler::ImageKinds::new(config.insecure_registries.clone(), wake.clone());
+    tasks.spawn(run_scheduler(reg, pods, nodes, kinds, wake, stop));
     tasks
 }
 
@@ -264,6 +269,7 @@ async fn run_scheduler(
     reg: Arc<Registry>,
     pods: Arc<Cache>,
     nodes: Arc<Cache>,
+    kinds: Arc<scheduler::ImageKinds>,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -274,7 +280,7 @@ async fn run_scheduler(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
-        match schedule_once(&reg, &pods, &nodes, &mut start) {
+        match schedule_once(&reg, &pods, &nodes, &kinds, &mut start) {
             Ok(Some(rev)) => pods.wait_for(rev).await,
             Ok(None) => {}
             Err(e) => {
@@ -293,18 +299,35 @@ pub fn schedule_once(
     reg: &Registry,
     pods: &Cache,
     nodes: &Cache,
+    kinds: &Arc<scheduler::ImageKinds>,
     start: &mut usize,
 ) -> Result<Option<u64>, skiff_api::ApiError> {
     let all_pods = pods.list(None);
-    let mut pending: Vec<Arc<Value>> = all_pods
+    let node_list = nodes.list(None);
+    // Whether a pod has OCI containers matters only if some node cannot run them.
+    let wasm_only_nodes = node_list.iter().any(|n| {
+        meta::labels(n)
+            .get(skiff_api::OCI_NODE_LABEL)
+            .map(String::as_str)
+            == Some("false")
+    });
+    let mut pending: Vec<(Arc<Value>, bool)> = all_pods
         .iter()
         .filter(|p| scheduler::is_pending(p))
-        .cloned()
+        .filter_map(|p| {
+            // A pod whose images are still being looked up waits for the next pass.
+            let needs_oci = if wasm_only_nodes {
+                kinds.pod_needs_oci(p)?
+            } else {
+                false
+            };
+            Some((p.clone(), needs_oci))
+        })
         .collect();
     if pending.is_empty() {
         return Ok(None);
     }
-    pending.sort_by(|a, b| {
+    pending.sort_by(|(a, _), (b, _)| {
         let t = |p: &Value| {
             p.pointer("/metadata/creationTimestamp")
                 .and_then(Value::as_str)
@@ -313,15 +336,17 @@ pub fn schedule_once(
         };
         t(a).cmp(&t(b)).then(key_of(a).cmp(&key_of(b)))
     });
-    let node_list = nodes.list(None);
     let mut infos = scheduler::node_infos(&node_list, &all_pods);
     let requests: Vec<scheduler::PodRequest> = pending
         .iter()
-        .map(|p| scheduler::PodRequest::from_pod(p))
+        .map(|(p, needs_oci)| scheduler::PodRequest {
+            needs_oci: *needs_oci,
+            ..scheduler::PodRequest::from_pod(p)
+        })
         .collect();
     let placed = scheduler::schedule(&mut infos, &requests, start);
     let mut binds = Vec::new();
-    for (pod, result) in pending.iter().zip(placed) {
+    for ((pod, _), result) in pending.iter().zip(placed) {
         match result {
             Ok(i) => binds.push(((**pod).clone(), infos[i].name.clone())),
             Err(why) => scheduler::mark_unschedulable(reg, pod, &why)?,

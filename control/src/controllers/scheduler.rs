@@ -2,12 +2,15 @@
 //! (one store transaction per batch).
 //!
 //! Filters: node Ready and schedulable; taints (NoSchedule, NoExecute) tolerated; `nodeSelector`;
-//! resource requests within allocatable. Score: fewest pods of the same owner on the node
+//! OCI pods only on nodes that run OCI containers; resource requests within allocatable. Score: fewest pods of the same owner on the node
 //! (spreading replicas), then least requested. As kube-scheduler does on large clusters, only
 //! enough feasible nodes are scored (at least 100, or 5%), starting where the last pod stopped.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use serde_json::{json, Value};
 use skiff_api::{meta, quantity, ApiError, Resource};
@@ -77,9 +80,108 @@ impl NodeInfo {
     }
 }
 
+/// Which images are OCI container images rather than wasm, as their registries say. Asked
+/// once per image in the background (the scheduling pass never waits on a registry), and
+/// only while some node cannot run OCI containers.
+pub struct ImageKinds {
+    known: Mutex<HashMap<String, (bool, Instant)>>,
+    asking: Mutex<HashSet<String>>,
+    insecure: Vec<String>,
+    wake: Arc<Notify>,
+}
+
+/// How long an answer is kept; a registry that could not be asked is asked again sooner.
+const KIND_TTL: Duration = Duration::from_secs(600);
+const KIND_RETRY: Duration = Duration::from_secs(30);
+
+impl ImageKinds {
+    pub fn new(insecure: Vec<String>, wake: Arc<Notify>) -> Arc<ImageKinds> {
+        Arc::new(ImageKinds {
+            known: Mutex::default(),
+            asking: Mutex::default(),
+            insecure,
+            wake,
+        })
+    }
+
+    /// Records what an image is (tests, and pods that say it with a runtime class).
+    pub fn insert(&self, image: &str, oci: bool) {
+        self.known
+            .lock()
+            .expect("kinds")
+            .insert(image.to_string(), (oci, Instant::now() + KIND_TTL));
+    }
+
+    /// Whether `image` is an OCI container image; None while the registry is being asked
+    /// (the scheduler is woken when it answers).
+    pub fn is_oci(self: &Arc<Self>, image: &str) -> Option<bool> {
+        if let Some((oci, until)) = self.known.lock().expect("kinds").get(image) {
+            if *until > Instant::now() {
+                return Some(*oci);
+            }
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return Some(false);
+        };
+        if self.asking.lock().expect("kinds").insert(image.to_string()) {
+            let me = self.clone();
+            let image = image.to_string();
+            rt.spawn(async move {
+                let asked = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    skiff_oci::image::is_container_image(&image, &me.insecure),
+                )
+                .await;
+                // A registry that cannot say puts no constraint on the pod: the node's pull
+                // reports the error.
+                let (oci, ttl) = match asked {
+                    Ok(Ok(oci)) => (oci, KIND_TTL),
+                    _ => (false, KIND_RETRY),
+                };
+                me.known
+                    .lock()
+                    .expect("kinds")
+                    .insert(image.clone(), (oci, Instant::now() + ttl));
+                me.asking.lock().expect("kinds").remove(&image);
+                me.wake.notify_one();
+            });
+        }
+        None
+    }
+
+    /// Whether `pod` needs a node that runs OCI containers; None while that is being found
+    /// out. `runtimeClassName: runc` or `wasm` says it without asking a registry.
+    pub fn pod_needs_oci(self: &Arc<Self>, pod: &Value) -> Option<bool> {
+        match pod
+            .pointer("/spec/runtimeClassName")
+            .and_then(Value::as_str)
+        {
+            Some("runc") => return Some(true),
+            Some("wasm" | "wasmtime") => return Some(false),
+            _ => {}
+        }
+        let mut needs = Some(false);
+        for c in pod
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            match self.is_oci(c["image"].as_str().unwrap_or("")) {
+                Some(true) => return Some(true),
+                Some(false) => {}
+                None => needs = None,
+            }
+        }
+        needs
+    }
+}
+
 /// What a pod asks of a node.
 #[derive(Debug, Clone)]
 pub struct PodRequest {
+    /// It has OCI containers: only nodes with runc fit.
+    pub needs_oci: bool,
     pub cpu: i64,
     pub memory: i64,
     pub owner: Option<String>,
@@ -106,6 +208,7 @@ impl PodRequest {
             memory += req("memory").and_then(quantity::bytes).unwrap_or(0);
         }
         PodRequest {
+            needs_oci: false,
             cpu,
             memory,
             owner: meta::controller_uid(pod),
@@ -159,6 +262,15 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
         .all(|(k, v)| node.labels.get(k) == Some(v))
     {
         return Some("node(s) didn't match Pod's node affinity/selector");
+    }
+    if pod.needs_oci
+        && node
+            .labels
+            .get(skiff_api::OCI_NODE_LABEL)
+            .map(String::as_str)
+            == Some("false")
+    {
+        return Some("node(s) cannot run OCI containers (no runc)");
     }
     if node.pods > 0 && node.used_pods >= node.pods {
         return Some("Too many pods");
@@ -367,6 +479,72 @@ mod tests {
         assert_eq!(
             big[0],
             Err("0/2 nodes are available: 2 Insufficient cpu.".to_string())
+        );
+    }
+
+    #[test]
+    fn oci_pods_go_to_nodes_that_run_oci_containers() {
+        let mut nodes = vec![
+            node(
+                "wasm-only",
+                "4",
+                json!([]),
+                json!({"skiff.dev/oci": "false"}),
+            ),
+            node("full", "4", json!([]), json!({"skiff.dev/oci": "true"})),
+        ];
+        let oci = PodRequest {
+            needs_oci: true,
+            ..pod("100m", None)
+        };
+        let mut start = 0;
+        for _ in 0..3 {
+            assert_eq!(schedule(&mut nodes, &[oci.clone()], &mut start)[0], Ok(1));
+        }
+        let mut only = vec![nodes[0].clone()];
+        assert_eq!(
+            schedule(&mut only, &[oci], &mut start)[0],
+            Err("0/1 nodes are available: 1 node(s) cannot run OCI containers (no runc).".into())
+        );
+        // A wasm pod still fits the wasm-only node.
+        assert_eq!(
+            schedule(&mut only, &[pod("100m", None)], &mut start)[0],
+            Ok(0)
+        );
+    }
+
+    #[tokio::test]
+    async fn what_a_pod_needs_comes_from_its_runtime_class_or_its_images() {
+        let kinds = ImageKinds::new(vec![], Arc::new(Notify::new()));
+        kinds.insert("reg/app:oci", true);
+        kinds.insert("reg/app:wasm", false);
+        let with = |images: &[&str], class: Option<&str>| {
+            let cs: Vec<Value> = images
+                .iter()
+                .map(|i| json!({"name": "c", "image": i}))
+                .collect();
+            json!({"spec": {"containers": cs, "runtimeClassName": class}})
+        };
+        assert_eq!(
+            kinds.pod_needs_oci(&with(&["reg/app:wasm"], None)),
+            Some(false)
+        );
+        assert_eq!(
+            kinds.pod_needs_oci(&with(&["reg/app:wasm", "reg/app:oci"], None)),
+            Some(true)
+        );
+        assert_eq!(
+            kinds.pod_needs_oci(&with(&["reg/app:wasm"], Some("runc"))),
+            Some(true)
+        );
+        assert_eq!(
+            kinds.pod_needs_oci(&with(&["reg/unknown:1"], Some("wasm"))),
+            Some(false)
+        );
+        // Not known yet: asked in the background, the pod waits.
+        assert_eq!(
+            kinds.pod_needs_oci(&with(&["127.0.0.1:1/nothing:1"], None)),
+            None
         );
     }
 }
