@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job: installs what is needed, builds skiff and the wasm bootcamp app, starts a local
 # OCI registry and a single-node `skiff up`, and walks the Kubernetes basics tutorial with the
-# bootcamp app as wasm, printing each step and its answers. Then stops what it started.
+# bootcamp app as wasm, printing each step and its answers; then an OCI build of the same app
+# joins the service. Then stops what it started.
 #
 # Everything runs inside a network namespace of its own (`skiff-demo`), so the pod network,
 # the registry and the API touch nothing else on the machine. Needs root.
@@ -68,6 +69,30 @@ curl_svc 4
 pod=$(in_ns "$skiff" get pods -l app=kubernetes-bootcamp -o name | head -1 | cut -d/ -f2)
 step "$skiff" logs "$pod"
 step kubectl get deployments,replicasets,pods,services
+
+# Mixed workloads: the same app as an OCI container (runc, built from source without a base
+# image) joins the service; answers come from wasm pods (v=1) and containers (v=2) alike.
+step skopeo copy --quiet --dest-tls-verify=false oci:samples/build/bootcamp-oci:v2 docker://127.0.0.1:5000/bootcamp-oci:v2
+cat >"$work/bootcamp-oci.yaml" <<'YAML'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: bootcamp-oci}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: kubernetes-bootcamp, runtime: runc}}
+  template:
+    metadata: {labels: {app: kubernetes-bootcamp, runtime: runc}}
+    spec:
+      containers:
+      - {name: bootcamp, image: 127.0.0.1:5000/bootcamp-oci:v2, ports: [{containerPort: 8080}]}
+YAML
+step kubectl apply -f "$work/bootcamp-oci.yaml"
+step "$skiff" rollout status deployments/bootcamp-oci --timeout 60
+step "$skiff" get pods -o wide
+curl_svc 8
+oci_pod=$(in_ns "$skiff" get pods -l runtime=runc -o name | head -1 | cut -d/ -f2)
+step "$skiff" exec "$oci_pod" -- ps
+step "$skiff" delete deployment bootcamp-oci
 step "$skiff" delete deployment kubernetes-bootcamp
 step "$skiff" delete service kubernetes-bootcamp
-printf '\ndone: the walk ran on a single-node skiff cluster with the bootcamp app as wasm, reached through its NodePort.\n'
+printf '\ndone: the walk ran on a single-node skiff cluster with the bootcamp app as wasm, reached through its NodePort,\nthen behind the same service with OCI containers of the same app.\n'

@@ -663,7 +663,6 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
             return;
         }
     };
-    shared.update(|s| s.pod_ip = Some(ip));
 
     // Images next: whether any container is an OCI image decides where the pod lives.
     let mut prepared = Vec::new();
@@ -715,6 +714,8 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
         }
         None
     };
+    // Published only now: a client that has the address finds the pod there.
+    shared.update(|s| s.pod_ip = Some(ip));
     let pod_files = match &sandbox {
         Some(_) => match oci::pod_files(&pod_dir, &name, &ns, ip, ctx.cluster_dns(&ns)) {
             Ok(f) => f,

@@ -1,7 +1,9 @@
 //! Wasm pod start on `skiff up`: pod created through the API → first HTTP 200 at its pod IP,
 //! with the image present and the compile cache warm, next to the floor measured in the same
-//! run (the runtime alone: load from the cache, listen, first 200). Also agent memory per idle
-//! wasm pod with many pods running.
+//! run (the runtime alone: load from the cache, listen, first 200), and next to an OCI
+//! container of the same app started by the same harness (runc, image present): the
+//! wasm-vs-container ratio. Then memory and disk per idle OCI container (20 of one image:
+//! shared layers), and agent memory per idle wasm pod with many pods running.
 //!
 //! The cluster runs in a network namespace of its own; the measuring half of this program
 //! re-runs itself inside it. Needs root, docker-registry and `samples/build.sh`.
@@ -14,6 +16,7 @@ use skiff_api::Resource;
 use skiff_client::Client;
 
 const STARTS: usize = 30;
+const OCI_STARTS: usize = 20;
 
 fn percentile(mut v: Vec<Duration>, p: f64) -> Duration {
     v.sort();
@@ -36,9 +39,52 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn pod(name: &str) -> serde_json::Value {
+const WASM_IMAGE: &str = "127.0.0.1:5000/bootcamp:v1";
+const OCI_IMAGE: &str = "127.0.0.1:5000/bootcamp-oci:v1";
+
+fn pod(name: &str, image: &str) -> serde_json::Value {
     json!({"metadata": {"name": name, "labels": {"bench": "start"}},
-           "spec": {"containers": [{"name": "web", "image": "127.0.0.1:5000/bootcamp:v1", "ports": [{"containerPort": 8080}]}]}})
+           "spec": {"containers": [{"name": "web", "image": image, "ports": [{"containerPort": 8080}]}]}})
+}
+
+/// Creates `count` pods of `image` one after the other; the time from each create to its
+/// first HTTP 200 (after one warm-up pod that pulls the image).
+async fn starts(
+    http: &reqwest::Client,
+    client: &Client,
+    prefix: &str,
+    image: &str,
+    count: usize,
+) -> anyhow::Result<Vec<Duration>> {
+    let pods = Resource::lookup("pods").unwrap();
+    let warm = format!("{prefix}-warm");
+    client
+        .create(pods, Some("default"), &pod(&warm, image))
+        .await?;
+    tokio::time::timeout(Duration::from_secs(60), first_200(http, client, &warm)).await??;
+    let mut times = Vec::new();
+    for i in 0..count {
+        let name = format!("{prefix}-{i}");
+        let t = Instant::now();
+        client
+            .create(pods, Some("default"), &pod(&name, image))
+            .await?;
+        tokio::time::timeout(Duration::from_secs(30), first_200(http, client, &name)).await??;
+        times.push(t.elapsed());
+    }
+    Ok(times)
+}
+
+/// Memory charged to a container's cgroup (cgroup v1 or v2 layout).
+fn cgroup_memory(id: &str) -> u64 {
+    [
+        format!("/sys/fs/cgroup/memory/skiff/{id}/memory.usage_in_bytes"),
+        format!("/sys/fs/cgroup/skiff/{id}/memory.current"),
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|s| s.trim().parse().ok())
+    .unwrap_or(0)
 }
 
 async fn first_200(http: &reqwest::Client, client: &Client, name: &str) -> anyhow::Result<()> {
@@ -61,24 +107,13 @@ async fn first_200(http: &reqwest::Client, client: &Client, name: &str) -> anyho
 }
 
 /// The measuring half, inside the namespace.
-async fn inner(kubeconfig: &str, agent_pid: u32) -> anyhow::Result<()> {
+async fn inner(kubeconfig: &str, agent_pid: u32, data: &std::path::Path) -> anyhow::Result<()> {
     let client = Client::from_kubeconfig(Some(std::path::Path::new(kubeconfig)))?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(2))
         .build()?;
-    let pods = Resource::lookup("pods").unwrap();
-    // Warm up: the image pulled and compiled once.
-    client.create(pods, Some("default"), &pod("warm")).await?;
-    tokio::time::timeout(Duration::from_secs(60), first_200(&http, &client, "warm")).await??;
-    let mut times = Vec::new();
-    for i in 0..STARTS {
-        let name = format!("start-{i}");
-        let t = Instant::now();
-        client.create(pods, Some("default"), &pod(&name)).await?;
-        tokio::time::timeout(Duration::from_secs(30), first_200(&http, &client, &name)).await??;
-        times.push(t.elapsed());
-    }
+    let times = starts(&http, &client, "wasm", WASM_IMAGE, STARTS).await?;
     // The floor: the runtime alone, in this process, same binary and same machine.
     let bytes = std::fs::read(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build/bootcamp-v1.wasm"),
@@ -103,7 +138,60 @@ async fn inner(kubeconfig: &str, agent_pid: u32) -> anyhow::Result<()> {
     println!("wasm pod start, API create -> first HTTP 200 at the pod IP ({STARTS} pods, image present, compile cache warm):");
     println!("  skiff up:            p50 {:>7.1} ms  p99 {:>7.1} ms   (target p50 <= 10 ms; runwasi 1.2-2 s, runc here ~67 ms)", ms(percentile(times.clone(), 0.5)), ms(percentile(times.clone(), 0.99)));
     println!("  runtime alone floor: p50 {:>7.1} ms  p99 {:>7.1} ms   -> the orchestration adds {:.1} ms at p50",
-        ms(percentile(floor.clone(), 0.5)), ms(percentile(floor.clone(), 0.99)), ms(percentile(times, 0.5)) - ms(percentile(floor, 0.5)));
+        ms(percentile(floor.clone(), 0.5)), ms(percentile(floor.clone(), 0.99)), ms(percentile(times.clone(), 0.5)) - ms(percentile(floor, 0.5)));
+
+    // The same app as an OCI container, same harness: the headline ratio.
+    let rss_before_oci = rss_kib(agent_pid);
+    let oci = starts(&http, &client, "oci", OCI_IMAGE, OCI_STARTS).await?;
+    let (w50, o50) = (
+        ms(percentile(times.clone(), 0.5)),
+        ms(percentile(oci.clone(), 0.5)),
+    );
+    println!("OCI container start, same harness ({OCI_STARTS} pods, image present; runc + CNI sandbox + overlay rootfs):");
+    println!(
+        "  skiff up:            p50 {:>7.1} ms  p99 {:>7.1} ms",
+        o50,
+        ms(percentile(oci, 0.99))
+    );
+    println!(
+        "  wasm pod start is {:.1}x faster than an OCI container start at p50 (target >= 10x)",
+        o50 / w50
+    );
+
+    // Idle OCI containers: memory charged to their cgroups, the agent's own growth, and disk.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let runc_root = data.join("agent/oci/runc");
+    let list = std::process::Command::new("runc")
+        .args(["--root", runc_root.to_str().unwrap(), "list", "-q"])
+        .output()?;
+    let ids: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    let n = ids.len().max(1) as u64;
+    let cg: u64 = ids.iter().map(|id| cgroup_memory(id)).sum();
+    let agent_growth = rss_kib(agent_pid).saturating_sub(rss_before_oci);
+    println!("idle OCI containers ({n} running): {:.0} KiB per container in its cgroup, agent RSS +{:.0} KiB per container",
+        cg as f64 / 1024.0 / n as f64, agent_growth as f64 / n as f64);
+    let layers = skiff_oci::disk_usage(&data.join("agent/oci/images/layers"));
+    let uppers: u64 = ids
+        .iter()
+        .map(|id| skiff_oci::disk_usage(&data.join("agent/oci/containers").join(id).join("upper")))
+        .sum();
+    println!("  disk for {n} containers of one image: layer store {:.2} MiB once + writable layers {:.0} KiB in all; one copy per container would be {:.2} MiB ({:.1}x more)",
+        layers as f64 / 1048576.0, uppers as f64 / 1024.0, (layers * n) as f64 / 1048576.0,
+        (layers * n) as f64 / (layers + uppers).max(1) as f64);
+    // Out of the way before the density run.
+    let pods = Resource::lookup("pods").unwrap();
+    let list = client.list(pods, Some("default"), None, None).await?;
+    for p in list["items"].as_array().into_iter().flatten() {
+        let name = p["metadata"]["name"].as_str().unwrap_or("");
+        if name.starts_with("oci-") {
+            client
+                .delete(pods, Some("default"), name, None, None)
+                .await?;
+        }
+    }
 
     // Density: memory of the whole skiff up process per idle wasm pod.
     const MORE: usize = 1000;
@@ -148,11 +236,12 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if let (Ok(kc), Ok(pid)) = (
+    if let (Ok(kc), Ok(pid), Ok(data)) = (
         std::env::var("SKIFF_BENCH_KUBECONFIG"),
         std::env::var("SKIFF_BENCH_PID"),
+        std::env::var("SKIFF_BENCH_DATA"),
     ) {
-        return rt.block_on(inner(&kc, pid.parse()?));
+        return rt.block_on(inner(&kc, pid.parse()?, std::path::Path::new(&data)));
     }
     rt.block_on(async {
         use skiff_e2e::netns::{Netns, SkiffUp};
@@ -161,19 +250,17 @@ fn main() -> anyhow::Result<()> {
         ns.start_registry(dir.path()).await?;
         let up = SkiffUp::start(&mut ns, dir.path(), &["--node-cidr-mask-size", "21"]).await?;
         up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
+        up.push_images(&ns, &[("bootcamp-oci:v1", "bootcamp-oci:v1")])?;
         let pid = ns.pid(up.index);
         let me = std::env::current_exe()?;
         let kc = up.dir.join("kubeconfig");
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                "env",
-                &format!("SKIFF_BENCH_KUBECONFIG={}", kc.display()),
-                &format!("SKIFF_BENCH_PID={pid}"),
-                me.to_str().unwrap(),
-            ])
+        // The namespace's network with the host's mounts (the cgroups are read there).
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .env("SKIFF_BENCH_KUBECONFIG", &kc)
+            .env("SKIFF_BENCH_PID", pid.to_string())
+            .env("SKIFF_BENCH_DATA", &up.dir)
+            .arg(me)
             .status()?;
         anyhow::ensure!(out.success(), "the measuring half failed");
         Ok(())

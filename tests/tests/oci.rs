@@ -80,6 +80,7 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
         &ns,
         &[
             ("bootcamp-oci:v1", "bootcamp-oci:v1"),
+            ("bootcamp-oci:v2", "bootcamp-oci:v2"),
             ("bootcamp-oci:foreign", "bootcamp-oci:foreign"),
         ],
     )?;
@@ -269,9 +270,67 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
     .await
     .map(|msg| assert!(msg.contains("this node is linux/"), "{msg}"))?;
 
+    // A layer that does not match its digest (v2's own layer, changed in the registry's
+    // storage): the pull fails, and nothing of it is unpacked into the store.
+    let layout =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build/bootcamp-oci");
+    let index: Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let manifest_of = |tag: &str| -> anyhow::Result<Value> {
+        let m = index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+            .unwrap();
+        let hex = m["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        Ok(serde_json::from_slice(&std::fs::read(
+            layout.join("blobs/sha256").join(hex),
+        )?)?)
+    };
+    let v2_layer = manifest_of("v2")?["layers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let stored = dir
+        .path()
+        .join("registry/docker/registry/v2/blobs/sha256")
+        .join(&v2_layer[..2])
+        .join(&v2_layer)
+        .join("data");
+    let mut bytes = std::fs::read(&stored)?;
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&stored, bytes)?;
+    up.skiff(
+        &ns,
+        &["run", "tampered", "--image=127.0.0.1:5000/bootcamp-oci:v2"],
+    )?;
+    let msg = eventually(
+        "the tampered image to fail",
+        Duration::from_secs(30),
+        || async {
+            let st = pod_status(&up, &ns, "tampered")?;
+            let msg = st
+                .pointer("/containerStatuses/0/state/waiting/message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            Ok(msg.contains("digest").then_some(msg))
+        },
+    )
+    .await?;
+    assert!(msg.contains(&v2_layer[..12]), "{msg}");
+    let layers = std::fs::read_dir(up.dir.join("agent/oci/images/layers"))?.count();
+    assert_eq!(layers, 2, "v1's two layers only (v2 shares the base one)");
+
     // Deleting the pods stops their containers and removes their networks.
     up.skiff(&ns, &["delete", "deployment", "web"])?;
-    up.skiff(&ns, &["delete", "pod", "crash", "foreign"])?;
+    up.skiff(&ns, &["delete", "pod", "crash", "foreign", "tampered"])?;
     eventually("containers to be gone", Duration::from_secs(60), || async {
         let out = ns.run(&[
             "runc",
@@ -322,6 +381,7 @@ spec:
   - name: side
     image: 127.0.0.1:5000/bootcamp-oci:v2
     env: [{name: PORT, value: "8081"}]
+    ports: [{containerPort: 8081, hostPort: 18081}]
 "#,
     )?;
     let ip = eventually(
