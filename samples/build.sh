@@ -7,7 +7,8 @@
 #   samples/build/hello-command.wasm                  a WASI preview1 command (run-to-completion pods)
 #   samples/build/bootcamp-oci/                       the bootcamp app as an OCI image layout, tags v1, v2
 #                                                     (a static binary over a busybox layer, no base image)
-#                                                     and foreign (v1 labelled for another architecture)
+#                                                     foreign (v1 labelled for another architecture)
+#                                                     and multi (an image index over v1 and foreign)
 # Installs what is missing first. Starts nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -91,6 +92,26 @@ for v in 1 2; do
     --config.entrypoint /bootcamp --config.exposedports 8080/tcp --config.env PORT=8080
 done
 umoci config --no-history --image "$img:v1" --tag foreign --architecture "$foreign"
+# A multi-platform image index over v1 (this architecture) and foreign, tagged multi.
+python3 - "$img" "$arch" "$foreign" <<'PY'
+import hashlib, json, os, sys
+img, arch, foreign = sys.argv[1:]
+index_path = os.path.join(img, "index.json")
+index = json.load(open(index_path))
+by_tag = {m["annotations"]["org.opencontainers.image.ref.name"]: m for m in index["manifests"]}
+entries = []
+for tag, a in (("foreign", foreign), ("v1", arch)):
+    m = dict(by_tag[tag]); m.pop("annotations", None)
+    m["platform"] = {"architecture": a, "os": "linux"}
+    entries.append(m)
+blob = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}).encode()
+digest = hashlib.sha256(blob).hexdigest()
+open(os.path.join(img, "blobs", "sha256", digest), "wb").write(blob)
+index["manifests"] = [m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] != "multi"]
+index["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json", "digest": "sha256:" + digest,
+                           "size": len(blob), "annotations": {"org.opencontainers.image.ref.name": "multi"}})
+json.dump(index, open(index_path, "w"))
+PY
 umoci gc --layout "$img"
 rm -rf "$base" "$out"/bootcamp-server-v*
 ls -l "$out"/*.wasm

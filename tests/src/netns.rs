@@ -235,17 +235,28 @@ impl SkiffUp {
     /// Copies the OCI image layouts built by `samples/build.sh` to the namespace's registry
     /// with skopeo: `(LAYOUT:TAG, REPO:TAG)` → `127.0.0.1:5000/REPO:TAG`.
     pub fn push_images(&self, ns: &Netns, images: &[(&str, &str)]) -> anyhow::Result<()> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build");
         for (src, reference) in images {
-            ns.run(&[
-                "skopeo",
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-                &format!("oci:{}", dir.join(src).display()),
-                &format!("docker://127.0.0.1:5000/{reference}"),
-            ])?;
+            self.push_image(ns, src, reference, &[])?;
         }
+        Ok(())
+    }
+
+    /// One `skopeo copy` of a sample layout with extra flags (`--format v2s2`: a Docker
+    /// manifest; `--dest-compress-format zstd`; `--all`: every image of an index).
+    pub fn push_image(
+        &self,
+        ns: &Netns,
+        src: &str,
+        reference: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build");
+        let from = format!("oci:{}", dir.join(src).display());
+        let to = format!("docker://127.0.0.1:5000/{reference}");
+        let mut args = vec!["skopeo", "copy", "--quiet", "--dest-tls-verify=false"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[&from, &to]);
+        ns.run(&args)?;
         Ok(())
     }
 

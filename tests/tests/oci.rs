@@ -76,6 +76,13 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
     let mut ns = Netns::new()?;
     ns.start_registry(dir.path()).await?;
     let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
+    // zstd first: skopeo reuses a gzip blob the registry already has instead of recompressing.
+    up.push_image(
+        &ns,
+        "bootcamp-oci:v1",
+        "zstd-layers:v1",
+        &["--dest-compress", "--dest-compress-format", "zstd"],
+    )?;
     up.push_images(
         &ns,
         &[
@@ -131,6 +138,60 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
         assert_eq!(st["podIP"].as_str(), Some(ip.as_str()));
     }
     let (a, b) = (&web[0].0, &web[1].0);
+
+    // The same image as a Docker v2 manifest, with zstd layers (pushed above), and behind a
+    // multi-platform index (this node's image is picked).
+    up.push_image(
+        &ns,
+        "bootcamp-oci:v1",
+        "docker-format:v1",
+        &["--format", "v2s2"],
+    )?;
+    up.push_image(&ns, "bootcamp-oci:multi", "multi-platform:v1", &["--all"])?;
+    for (pod, image) in [
+        ("docker", "docker-format:v1"),
+        ("zstd", "zstd-layers:v1"),
+        ("multi", "multi-platform:v1"),
+    ] {
+        up.skiff(
+            &ns,
+            &["run", pod, &format!("--image=127.0.0.1:5000/{image}")],
+        )?;
+    }
+    for pod in ["docker", "zstd", "multi"] {
+        let ip = eventually(
+            &format!("pod {pod} to run"),
+            Duration::from_secs(60),
+            || async {
+                let st = pod_status(&up, &ns, pod)?;
+                Ok((st["phase"] == "Running")
+                    .then(|| st["podIP"].as_str().unwrap_or("").to_string()))
+            },
+        )
+        .await?;
+        let body = eventually(
+            &format!("pod {pod} to answer"),
+            Duration::from_secs(10),
+            || async { Ok(curl(&ns, &format!("http://{ip}:8080/")).ok()) },
+        )
+        .await?;
+        assert_eq!(
+            body,
+            format!("Hello Kubernetes bootcamp! | Running on: {pod} | v=1\n")
+        );
+    }
+    let zstd = ns.run(&[
+        "curl",
+        "-sf",
+        "-H",
+        "Accept: application/vnd.oci.image.manifest.v1+json",
+        "http://127.0.0.1:5000/v2/zstd-layers/manifests/v1",
+    ])?;
+    assert!(
+        zstd.contains("tar+zstd"),
+        "the registry holds zstd layers: {zstd}"
+    );
+    up.skiff(&ns, &["delete", "pod", "docker", "zstd", "multi"])?;
 
     // Logs of the OCI container, through the API server.
     let logs = up.skiff(&ns, &["logs", a])?;
