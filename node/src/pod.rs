@@ -1115,103 +1115,150 @@ impl HttpContainer {
     /// Runs the probes until `stop`: readiness flips `ready`; a failed liveness probe
     /// restarts the container (new listeners, restartCount + 1).
     async fn supervise(self, mut servers: Vec<HttpServer>, mut stop: watch::Receiver<bool>) {
-        let readiness = Probe::of(&self.container, "readinessProbe");
-        let liveness = Probe::of(&self.container, "livenessProbe");
-        if readiness.is_none() && liveness.is_none() {
+        let Some(mut probes) =
+            Probes::new(self.shared.clone(), self.index, self.ip, &self.container)
+        else {
             let _ = stop.changed().await;
             self.close(servers).await;
             return;
-        }
-        let started = Instant::now();
-        let (mut rv, mut lv) = (Verdict::default(), Verdict::default());
-        let (mut next_r, mut next_l) = (
-            readiness.as_ref().map(|p| started + p.initial_delay),
-            liveness.as_ref().map(|p| started + p.initial_delay),
-        );
+        };
         loop {
-            let next = [next_r, next_l]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(started + Duration::from_secs(3600));
             tokio::select! {
                 _ = stop.changed() => {
                     self.close(servers).await;
                     return;
                 }
-                _ = tokio::time::sleep_until(next.into()) => {}
-            }
-            let now_i = Instant::now();
-            if let (Some(p), Some(at)) = (&readiness, next_r) {
-                if at <= now_i {
-                    let r = p.check(self.ip).await;
-                    if let Err(why) = &r {
-                        self.shared
-                            .event(
-                                "Warning",
-                                "Unhealthy",
-                                &format!("Readiness probe failed: {why}"),
-                            )
-                            .await;
-                    }
-                    if let Some(ready) = rv.record(p, r.is_ok()) {
-                        self.shared.update(|s| {
-                            s.containers[self.index].ready = ready;
-                            if ready && s.containers.iter().all(|c| c.ready) {
-                                s.ready_since = Some(now());
-                            } else if !ready {
-                                s.not_ready_since = now();
-                            }
-                        });
-                    }
-                    next_r = Some(now_i + p.period);
-                }
-            }
-            if let (Some(p), Some(at)) = (&liveness, next_l) {
-                if at <= now_i {
-                    let r = p.check(self.ip).await;
-                    if let Err(why) = &r {
-                        self.shared
-                            .event(
-                                "Warning",
-                                "Unhealthy",
-                                &format!("Liveness probe failed: {why}"),
-                            )
-                            .await;
-                    }
-                    if lv.record(p, r.is_ok()) == Some(false) {
-                        self.shared
-                            .event(
-                                "Normal",
-                                "Killing",
-                                &format!(
-                                    "Container {} failed liveness probe, will be restarted",
-                                    self.name
-                                ),
-                            )
-                            .await;
-                        self.close(std::mem::take(&mut servers)).await;
-                        self.shared.container(self.index, |c| {
-                            c.ready = false;
-                            c.restart_count += 1;
-                            c.last_state = json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now()}});
-                        });
-                        match self.serve().await {
-                            Ok(s) => servers = s,
-                            Err(msg) => self.shared.container(self.index, |c| {
-                                c.state = waiting("RunContainerError", &msg)
-                            }),
-                        }
-                        lv = Verdict::default();
-                        rv = Verdict::default();
-                        next_l = Some(Instant::now() + p.initial_delay.max(p.period));
-                        next_r = readiness.as_ref().map(|r| Instant::now() + r.initial_delay);
+                live = probes.run_next() => {
+                    if live {
                         continue;
                     }
-                    next_l = Some(now_i + p.period);
+                    self.close(std::mem::take(&mut servers)).await;
+                    self.shared.container(self.index, |c| {
+                        c.ready = false;
+                        c.restart_count += 1;
+                        c.last_state = json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now()}});
+                    });
+                    match self.serve().await {
+                        Ok(s) => servers = s,
+                        Err(msg) => self.shared.container(self.index, |c| {
+                            c.state = waiting("RunContainerError", &msg)
+                        }),
+                    }
+                    probes.restarted();
                 }
             }
         }
+    }
+}
+
+/// A container's readiness and liveness probes (`httpGet`, `tcpSocket`), run against the
+/// pod's address on their schedule.
+struct Probes {
+    shared: Arc<Shared>,
+    index: usize,
+    ip: Ipv4Addr,
+    readiness: Option<Probe>,
+    liveness: Option<Probe>,
+    ready: Verdict,
+    live: Verdict,
+    next_ready: Option<Instant>,
+    next_live: Option<Instant>,
+}
+
+impl Probes {
+    /// None when the container has no probe.
+    fn new(shared: Arc<Shared>, index: usize, ip: Ipv4Addr, container: &Value) -> Option<Probes> {
+        let readiness = Probe::of(container, "readinessProbe");
+        let liveness = Probe::of(container, "livenessProbe");
+        if readiness.is_none() && liveness.is_none() {
+            return None;
+        }
+        let mut p = Probes {
+            shared,
+            index,
+            ip,
+            readiness,
+            liveness,
+            ready: Verdict::default(),
+            live: Verdict::default(),
+            next_ready: None,
+            next_live: None,
+        };
+        p.restarted();
+        Some(p)
+    }
+
+    /// Starts over, as for a container just (re)started.
+    fn restarted(&mut self) {
+        let now_i = Instant::now();
+        self.ready = Verdict::default();
+        self.live = Verdict::default();
+        self.next_ready = self.readiness.as_ref().map(|p| now_i + p.initial_delay);
+        self.next_live = self.liveness.as_ref().map(|p| now_i + p.initial_delay);
+    }
+
+    /// Waits for the next probe due and runs it: a readiness verdict flips `ready`. Returns
+    /// false when liveness failed: the container is to be restarted (then call
+    /// [`Probes::restarted`]).
+    async fn run_next(&mut self) -> bool {
+        let Some(next) = [self.next_ready, self.next_live]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
+            return std::future::pending().await;
+        };
+        tokio::time::sleep_until(next.into()).await;
+        let now_i = Instant::now();
+        if let (Some(p), Some(at)) = (&self.readiness, self.next_ready) {
+            if at <= now_i {
+                let r = p.check(self.ip).await;
+                if let Err(why) = &r {
+                    self.shared.post_event(
+                        "Warning",
+                        "Unhealthy",
+                        &format!("Readiness probe failed: {why}"),
+                    );
+                }
+                if let Some(ready) = self.ready.record(p, r.is_ok()) {
+                    let i = self.index;
+                    self.shared.update(|s| {
+                        s.containers[i].ready = ready;
+                        if ready && s.containers.iter().all(|c| c.ready) {
+                            s.ready_since = Some(now());
+                        } else if !ready {
+                            s.not_ready_since = now();
+                        }
+                    });
+                }
+                self.next_ready = Some(now_i + p.period);
+            }
+        }
+        if let (Some(p), Some(at)) = (&self.liveness, self.next_live) {
+            if at <= now_i {
+                let r = p.check(self.ip).await;
+                if let Err(why) = &r {
+                    self.shared.post_event(
+                        "Warning",
+                        "Unhealthy",
+                        &format!("Liveness probe failed: {why}"),
+                    );
+                }
+                self.next_live = Some(now_i + p.period);
+                if self.live.record(p, r.is_ok()) == Some(false) {
+                    let name = self.shared.status.lock().expect("status").containers[self.index]
+                        .name
+                        .clone();
+                    self.shared.post_event(
+                        "Normal",
+                        "Killing",
+                        &format!("Container {name} failed liveness probe, will be restarted"),
+                    );
+                    return false;
+                }
+            }
+        }
+        true
     }
 }
 
@@ -1507,8 +1554,7 @@ impl Runnable for OciContainer {
     }
 }
 
-/// Readiness and liveness probes of an OCI container, against the pod's address: readiness
-/// flips `ready`; a failed liveness probe kills the container (its restart policy then
+/// The probes of an OCI container: a failed liveness probe kills it (its restart policy then
 /// applies).
 async fn probe_loop(
     shared: Arc<Shared>,
@@ -1518,67 +1564,11 @@ async fn probe_loop(
     oci: Arc<OciNode>,
     id: String,
 ) {
-    let readiness = Probe::of(&container, "readinessProbe");
-    let liveness = Probe::of(&container, "livenessProbe");
-    let started = Instant::now();
-    let (mut rv, mut lv) = (Verdict::default(), Verdict::default());
-    let mut next_r = readiness.as_ref().map(|p| started + p.initial_delay);
-    let mut next_l = liveness.as_ref().map(|p| started + p.initial_delay);
-    loop {
-        let Some(next) = [next_r, next_l].into_iter().flatten().min() else {
-            return;
-        };
-        tokio::time::sleep_until(next.into()).await;
-        let now_i = Instant::now();
-        if let (Some(p), Some(at)) = (&readiness, next_r) {
-            if at <= now_i {
-                let r = p.check(ip).await;
-                if let Err(why) = &r {
-                    shared.post_event(
-                        "Warning",
-                        "Unhealthy",
-                        &format!("Readiness probe failed: {why}"),
-                    );
-                }
-                if let Some(ready) = rv.record(p, r.is_ok()) {
-                    shared.update(|s| {
-                        s.containers[i].ready = ready;
-                        if ready && s.containers.iter().all(|c| c.ready) {
-                            s.ready_since = Some(now());
-                        } else if !ready {
-                            s.not_ready_since = now();
-                        }
-                    });
-                }
-                next_r = Some(now_i + p.period);
-            }
-        }
-        if let (Some(p), Some(at)) = (&liveness, next_l) {
-            if at <= now_i {
-                let r = p.check(ip).await;
-                if let Err(why) = &r {
-                    shared.post_event(
-                        "Warning",
-                        "Unhealthy",
-                        &format!("Liveness probe failed: {why}"),
-                    );
-                }
-                if lv.record(p, r.is_ok()) == Some(false) {
-                    let name = shared.status.lock().expect("status").containers[i]
-                        .name
-                        .clone();
-                    shared.post_event(
-                        "Normal",
-                        "Killing",
-                        &format!("Container {name} failed liveness probe, will be restarted"),
-                    );
-                    let _ = oci.runc.kill(&id, "KILL").await;
-                    return;
-                }
-                next_l = Some(now_i + p.period);
-            }
-        }
-    }
+    let Some(mut probes) = Probes::new(shared, i, ip, &container) else {
+        return;
+    };
+    while probes.run_next().await {}
+    let _ = oci.runc.kill(&id, "KILL").await;
 }
 
 #[cfg(test)]

@@ -310,6 +310,45 @@ impl SkiffUp {
         Ok(())
     }
 
+    /// (name, podIP) of the live pods matching `selector` (not those being deleted).
+    pub fn pod_ips(&self, ns: &Netns, selector: &str) -> anyhow::Result<Vec<(String, String)>> {
+        let v = self.json(ns, &["get", "pods", "-l", selector])?;
+        Ok(v["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["metadata"].get("deletionTimestamp").is_none())
+            .filter_map(|p| {
+                Some((
+                    p["metadata"]["name"].as_str()?.to_string(),
+                    p["status"]["podIP"].as_str()?.to_string(),
+                ))
+            })
+            .collect())
+    }
+
+    /// The node's OCI containers as runc lists them: (ID, init PID).
+    pub fn containers(
+        &self,
+        ns: &Netns,
+    ) -> anyhow::Result<std::collections::BTreeSet<(String, i64)>> {
+        let root = self.dir.join("agent/oci/runc");
+        let out = ns.run(&[
+            "runc",
+            "--root",
+            root.to_str().unwrap(),
+            "list",
+            "--format",
+            "json",
+        ])?;
+        let list: Option<Vec<serde_json::Value>> = serde_json::from_str(&out)?;
+        Ok(list
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| Some((c["id"].as_str()?.to_string(), c["pid"].as_i64()?)))
+            .collect())
+    }
+
     /// A JSON field of an object, via `get -o json`.
     pub fn json(&self, ns: &Netns, args: &[&str]) -> anyhow::Result<serde_json::Value> {
         let mut a = args.to_vec();

@@ -19,23 +19,6 @@ fn curl(ns: &Netns, url: &str) -> anyhow::Result<String> {
     ns.run(&["curl", "-sf", "--max-time", "5", url])
 }
 
-/// (name, podIP) of the live pods matching `selector`.
-fn pods(up: &SkiffUp, ns: &Netns, selector: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let v = up.json(ns, &["get", "pods", "-l", selector])?;
-    Ok(v["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["metadata"].get("deletionTimestamp").is_none())
-        .filter_map(|p| {
-            Some((
-                p["metadata"]["name"].as_str()?.to_string(),
-                p["status"]["podIP"].as_str()?.to_string(),
-            ))
-        })
-        .collect())
-}
-
 /// `skiff exec POD -- ARGS`: (exit code, stdout, stderr).
 fn exec(
     up: &SkiffUp,
@@ -120,7 +103,7 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
         ],
     )?;
     up.rolled_out(&ns, "web", ROLLOUT)?;
-    let web = pods(&up, &ns, "app=web")?;
+    let web = up.pod_ips(&ns, "app=web")?;
     assert_eq!(web.len(), 2, "{web:?}");
     for (name, ip) in &web {
         let body = curl(&ns, &format!("http://{ip}:8080/"))?;
@@ -521,25 +504,7 @@ spec:
 
     // kill -9 the node and start it again: the OCI containers keep running and are taken
     // over, not started twice.
-    let runc_root = up.dir.join("agent/oci/runc");
-    let before = ns.run(&[
-        "runc",
-        "--root",
-        runc_root.to_str().unwrap(),
-        "list",
-        "--format",
-        "json",
-    ])?;
-    let before: Vec<Value> = serde_json::from_str(&before)?;
-    let pids: BTreeSet<(String, i64)> = before
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_string(),
-                c["pid"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let pids = up.containers(&ns)?;
     assert_eq!(pids.len(), 3, "side + 2 mixed-oci: {pids:?}");
     ns.kill(up.index)?;
     let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
@@ -547,7 +512,7 @@ spec:
         "the pods to be ready again",
         Duration::from_secs(60),
         || async {
-            let oci = pods(&up, &ns, "kind=mixed-oci")?;
+            let oci = up.pod_ips(&ns, "kind=mixed-oci")?;
             let ready = up.json(&ns, &["get", "pods"])?["items"]
                 .as_array()
                 .into_iter()
@@ -564,26 +529,9 @@ spec:
         },
     )
     .await?;
-    let after = ns.run(&[
-        "runc",
-        "--root",
-        runc_root.to_str().unwrap(),
-        "list",
-        "--format",
-        "json",
-    ])?;
-    let after: Vec<Value> = serde_json::from_str(&after)?;
-    let pids_after: BTreeSet<(String, i64)> = after
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_str().unwrap().to_string(),
-                c["pid"].as_i64().unwrap(),
-            )
-        })
-        .collect();
+    let pids_after = up.containers(&ns)?;
     assert_eq!(pids, pids_after, "the same containers, the same processes");
-    for (name, ip) in pods(&up, &ns, "kind=mixed-oci")? {
+    for (name, ip) in up.pod_ips(&ns, "kind=mixed-oci")? {
         assert_eq!(
             curl(&ns, &format!("http://{ip}:8080/"))?,
             format!("Hello Kubernetes bootcamp! | Running on: {name} | v=2\n")

@@ -11,17 +11,9 @@ use skiff_e2e::netns::{Netns, SkiffUp};
 use skiff_e2e::{eventually, skiff_binary};
 
 fn pods(up: &SkiffUp, ns: &Netns) -> anyhow::Result<BTreeSet<(String, String)>> {
-    let v = up.json(ns, &["get", "pods", "-l", "app=kubernetes-bootcamp"])?;
-    Ok(v["items"]
-        .as_array()
+    Ok(up
+        .pod_ips(ns, "app=kubernetes-bootcamp")?
         .into_iter()
-        .flatten()
-        .filter_map(|p| {
-            Some((
-                p["metadata"]["name"].as_str()?.to_string(),
-                p["status"]["podIP"].as_str()?.to_string(),
-            ))
-        })
         .collect())
 }
 

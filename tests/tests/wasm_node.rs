@@ -10,22 +10,6 @@ use serde_json::Value;
 use skiff_e2e::eventually;
 use skiff_e2e::netns::{Netns, SkiffUp};
 
-fn pod_ips(up: &SkiffUp, ns: &Netns, selector: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let v = up.json(ns, &["get", "pods", "-l", selector])?;
-    Ok(v["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["metadata"].get("deletionTimestamp").is_none())
-        .filter_map(|p| {
-            Some((
-                p["metadata"]["name"].as_str()?.to_string(),
-                p["status"]["podIP"].as_str()?.to_string(),
-            ))
-        })
-        .collect())
-}
-
 fn curl(ns: &Netns, ip: &str) -> anyhow::Result<String> {
     ns.run(&[
         "curl",
@@ -38,7 +22,7 @@ fn curl(ns: &Netns, ip: &str) -> anyhow::Result<String> {
 
 /// Every ready bootcamp pod answers at its pod IP with its own name and `version`.
 fn check_answers(up: &SkiffUp, ns: &Netns, want: usize, version: &str) -> anyhow::Result<()> {
-    let pods = pod_ips(up, ns, "app=kubernetes-bootcamp")?;
+    let pods = up.pod_ips(ns, "app=kubernetes-bootcamp")?;
     anyhow::ensure!(
         pods.len() == want,
         "{} pods, wanted {want}: {pods:?}",
@@ -243,7 +227,8 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
     up.skiff(&ns, &["delete", "-f", probed.to_str().unwrap()])?;
 
     // kill -9 and start again: the same pods come back, not duplicated, from the compile cache.
-    let before: BTreeSet<(String, String)> = pod_ips(&up, &ns, "app=kubernetes-bootcamp")?
+    let before: BTreeSet<(String, String)> = up
+        .pod_ips(&ns, "app=kubernetes-bootcamp")?
         .into_iter()
         .collect();
     ns.kill(up.index)?;
@@ -252,7 +237,8 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
         "the same four pods serving again",
         Duration::from_secs(30),
         || async {
-            let now: BTreeSet<(String, String)> = pod_ips(&up, &ns, "app=kubernetes-bootcamp")?
+            let now: BTreeSet<(String, String)> = up
+                .pod_ips(&ns, "app=kubernetes-bootcamp")?
                 .into_iter()
                 .collect();
             Ok((now == before && check_answers(&up, &ns, 4, "1").is_ok()).then_some(()))
@@ -277,7 +263,8 @@ async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
 
     up.skiff(&ns, &["delete", "deployment", "kubernetes-bootcamp"])?;
     eventually("pods gone", Duration::from_secs(30), || async {
-        Ok(pod_ips(&up, &ns, "app=kubernetes-bootcamp")?
+        Ok(up
+            .pod_ips(&ns, "app=kubernetes-bootcamp")?
             .is_empty()
             .then_some(()))
     })
