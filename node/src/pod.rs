@@ -679,59 +679,17 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
     }
     // A pod with an OCI container gets a network namespace on the bridge, and its wasm
     // containers listen inside it; a wasm-only pod's address goes on the node itself.
-    let sandbox = if prepared.iter().any(|p| matches!(p, Some(Prepared::Oci(_)))) {
-        let oci = ctx
-            .oci
-            .as_ref()
-            .expect("OCI images are only pulled with an OCI runtime");
-        match oci
-            .cni
-            .setup(meta::uid(&pod), ip, oci::host_ports(&pod))
-            .await
-        {
-            Ok(sb) => Some(sb),
-            Err(e) => {
-                sandbox_failed(
-                    &shared,
-                    format!("cannot create the pod's network: {e}"),
-                    &mut stop,
-                )
-                .await;
-                finish(&ctx, &pod, Some(ip), None, writer).await;
-                return;
-            }
-        }
-    } else {
-        if let Err(e) = ctx.net.bind_host(ip) {
-            sandbox_failed(
-                &shared,
-                format!("cannot give the pod an address: {e}"),
-                &mut stop,
-            )
-            .await;
-            finish(&ctx, &pod, Some(ip), None, writer).await;
+    let sandboxed = prepared.iter().any(|p| matches!(p, Some(Prepared::Oci(_))));
+    let (sandbox, pod_files) = match pod_network(&ctx, &pod, &pod_dir, ip, sandboxed).await {
+        Ok(net) => net,
+        Err((msg, sandbox)) => {
+            sandbox_failed(&shared, msg, &mut stop).await;
+            finish(&ctx, &pod, Some(ip), sandbox, writer).await;
             return;
         }
-        None
     };
     // Published only now: a client that has the address finds the pod there.
     shared.update(|s| s.pod_ip = Some(ip));
-    let pod_files = match &sandbox {
-        Some(_) => match oci::pod_files(&pod_dir, &name, &ns, ip, ctx.cluster_dns(&ns)) {
-            Ok(f) => f,
-            Err(e) => {
-                sandbox_failed(
-                    &shared,
-                    format!("cannot write the pod's /etc files: {e}"),
-                    &mut stop,
-                )
-                .await;
-                finish(&ctx, &pod, Some(ip), sandbox, writer).await;
-                return;
-            }
-        },
-        None => vec![],
-    };
 
     // Every container runs as a task: commands and OCI containers under their restart
     // policy, HTTP components under their probes.
@@ -944,6 +902,41 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
         commands.shutdown().await;
     }
     finish(&ctx, &pod, Some(ip), sandbox, writer).await;
+}
+
+/// Puts the pod's address where its containers listen: in a sandbox made with CNI (with the
+/// /etc files its OCI containers mount), or on the node for a wasm-only pod. On failure, the
+/// message and what was made so far.
+async fn pod_network(
+    ctx: &NodeContext,
+    pod: &Value,
+    pod_dir: &std::path::Path,
+    ip: Ipv4Addr,
+    sandboxed: bool,
+) -> Result<(Option<Sandbox>, Vec<skiff_oci::BindMount>), (String, Option<Sandbox>)> {
+    if !sandboxed {
+        ctx.net
+            .bind_host(ip)
+            .map_err(|e| (format!("cannot give the pod an address: {e}"), None))?;
+        return Ok((None, vec![]));
+    }
+    let oci = ctx
+        .oci
+        .as_ref()
+        .expect("OCI images are only pulled with an OCI runtime");
+    let sandbox = oci
+        .cni
+        .setup(meta::uid(pod), ip, oci::host_ports(pod))
+        .await
+        .map_err(|e| (format!("cannot create the pod's network: {e}"), None))?;
+    let ns = meta::namespace(pod).unwrap_or("default");
+    match oci::pod_files(pod_dir, meta::name(pod), ns, ip, ctx.cluster_dns(ns)) {
+        Ok(files) => Ok((Some(sandbox), files)),
+        Err(e) => Err((
+            format!("cannot write the pod's /etc files: {e}"),
+            Some(sandbox),
+        )),
+    }
 }
 
 /// The pod could not get its address or network: say so and wait to be stopped.

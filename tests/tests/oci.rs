@@ -19,6 +19,22 @@ fn curl(ns: &Netns, url: &str) -> anyhow::Result<String> {
     ns.run(&["curl", "-sf", "--max-time", "5", url])
 }
 
+/// The node's OCI label and its OCI runtime condition.
+fn oci_node(up: &SkiffUp, ns: &Netns) -> anyhow::Result<(Value, Value)> {
+    let node = up.json(ns, &["get", "node", "edge-1"])?;
+    let cond = node["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == skiff_api::OCI_CONDITION)
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no {} condition", skiff_api::OCI_CONDITION))?;
+    Ok((
+        node["metadata"]["labels"][skiff_api::OCI_NODE_LABEL].clone(),
+        cond,
+    ))
+}
+
 /// `skiff exec POD -- ARGS`: (exit code, stdout, stderr).
 fn exec(
     up: &SkiffUp,
@@ -76,18 +92,8 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
     )?;
 
     // The node says it runs OCI containers.
-    let node = up.json(&ns, &["get", "node", "edge-1"])?;
-    assert_eq!(
-        node["metadata"]["labels"][skiff_api::OCI_NODE_LABEL],
-        "true"
-    );
-    let cond = node["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == skiff_api::OCI_CONDITION)
-        .cloned()
-        .expect("the OCI runtime condition");
+    let (label, cond) = oci_node(&up, &ns)?;
+    assert_eq!(label, "true");
     assert_eq!(cond["status"], "True", "{cond}");
 
     // Two replicas of the OCI bootcamp app, each answering at its pod IP with its name.
@@ -552,18 +558,8 @@ async fn a_node_without_runc_says_so_and_oci_pods_wait_for_one() -> anyhow::Resu
     let up = SkiffUp::start(&mut ns, dir.path(), &["--disable-oci"]).await?;
     up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
     up.push_images(&ns, &[("bootcamp-oci:v1", "bootcamp-oci:v1")])?;
-    let node = up.json(&ns, &["get", "node", "edge-1"])?;
-    assert_eq!(
-        node["metadata"]["labels"][skiff_api::OCI_NODE_LABEL],
-        "false"
-    );
-    let cond = node["status"]["conditions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["type"] == skiff_api::OCI_CONDITION)
-        .cloned()
-        .unwrap();
+    let (label, cond) = oci_node(&up, &ns)?;
+    assert_eq!(label, "false");
     assert_eq!(cond["status"], "False");
     assert!(
         cond["message"].as_str().unwrap().contains("disabled"),
