@@ -57,6 +57,8 @@ impl NodeContext {
 
 /// Longest a stopping pod waits to leave every service's rotation.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
+/// How often an OCI container's log is checked against the size cap.
+const LOG_TRIM_EVERY: Duration = Duration::from_secs(30);
 /// Longest a container is given between TERM and KILL.
 const TERM_MAX: Duration = Duration::from_secs(30);
 /// Longest its containers take to stop after that.
@@ -1517,16 +1519,27 @@ impl Runnable for OciContainer {
             self.oci.clone(),
             self.id.clone(),
         ));
+        // The container writes its log file itself (opened for appending): it is kept under
+        // the size cap from here.
+        let log = self.logs.current(&name);
+        let trimmer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LOG_TRIM_EVERY).await;
+                let _ = crate::logs::trim(&log);
+            }
+        });
         let mut exited = Box::pin(skiff_oci::runc::wait_child(pid));
         let exit = tokio::select! {
             exit = &mut exited => exit,
             _ = stop.changed() => {
                 probes.abort();
+                trimmer.abort();
                 self.stop(&mut exited).await;
                 return None;
             }
         };
         probes.abort();
+        trimmer.abort();
         self.remove().await;
         Some(match exit {
             skiff_oci::Exit::Code(code) => RunEnd {
