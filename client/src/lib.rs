@@ -125,6 +125,11 @@ impl Client {
         )
     }
 
+    /// The bearer token this client presents.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let mut r = self.http.request(method, format!("{}{path}", self.server));
         if let Some(t) = &self.token {

@@ -8,7 +8,13 @@ use http::{StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use skiff_api::ApiError;
 
-pub async fn forward(url: &str, mut req: Request<Body>) -> Result<Response, ApiError> {
+/// Forwards `req` to `url`. The caller's credentials are not passed on; `bearer`, when given,
+/// is sent instead (the API server's own credential, which node agents check).
+pub async fn forward(
+    url: &str,
+    mut req: Request<Body>,
+    bearer: Option<&str>,
+) -> Result<Response, ApiError> {
     let uri: Uri = url
         .parse()
         .map_err(|e| ApiError::internal(format!("bad node url {url}: {e}")))?;
@@ -33,6 +39,11 @@ pub async fn forward(url: &str, mut req: Request<Body>) -> Result<Response, ApiE
         .parse()
         .expect("path");
     parts.headers.remove(http::header::AUTHORIZATION);
+    if let Some(token) = bearer {
+        if let Ok(v) = format!("Bearer {token}").parse() {
+            parts.headers.insert(http::header::AUTHORIZATION, v);
+        }
+    }
     parts
         .headers
         .insert(http::header::HOST, authority.parse().expect("host header"));

@@ -423,12 +423,15 @@ fn save_cache(dir: &std::path::Path, node: &Value, pods: &HashMap<String, (PodWo
 }
 
 /// The agent's endpoint the API server forwards to: `pods/{ns}/{name}/log` and
-/// `pods/{ns}/{name}/exec` (OCI containers, when the node runs them).
+/// `pods/{ns}/{name}/exec` (OCI containers, when the node runs them). Requests must carry the
+/// cluster token the agent itself was given, as the API server's forwarded ones do.
 fn serve_endpoint(
     listener: tokio::net::TcpListener,
     logs: LogIndex,
     runc: Option<skiff_oci::Runc>,
+    token: Option<String>,
 ) -> tokio::task::JoinHandle<()> {
+    let expected = token.map(|t| format!("Bearer {t}"));
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -436,9 +439,24 @@ fn serve_endpoint(
             };
             let logs = logs.clone();
             let runc = runc.clone();
+            let expected = expected.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    endpoint(logs.clone(), runc.clone(), req)
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    let allowed = expected.as_deref().is_none_or(|want| {
+                        req.headers()
+                            .get(http::header::AUTHORIZATION)
+                            .is_some_and(|got| got.as_bytes() == want.as_bytes())
+                    });
+                    let (logs, runc) = (logs.clone(), runc.clone());
+                    async move {
+                        if !allowed {
+                            return Ok(crate::exec::reject(
+                                http::StatusCode::UNAUTHORIZED,
+                                "the agent serves logs and exec to the API server only",
+                            ));
+                        }
+                        endpoint(logs, runc, req).await
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
@@ -487,7 +505,12 @@ async fn run(
     logs: LogIndex,
     mut stop: watch::Receiver<bool>,
 ) {
-    let endpoint = serve_endpoint(listener, logs, ctx.oci.as_ref().map(|o| o.runc.clone()));
+    let endpoint = serve_endpoint(
+        listener,
+        logs,
+        ctx.oci.as_ref().map(|o| o.runc.clone()),
+        ctx.client.token().map(String::from),
+    );
     let mut workers: HashMap<String, (PodWorker, Value)> = HashMap::new();
     for p in cached {
         if !meta::is_deleting(&p) {

@@ -214,7 +214,28 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
         ),
     ])?;
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "piped-in\n");
-    // A wasm pod has no processes to exec into; an unknown container is named.
+    // The agent's own endpoint answers the API server only (it holds the cluster token).
+    let node = up.json(&ns, &["get", "node", "edge-1"])?;
+    let port = node
+        .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
+        .and_then(Value::as_i64)
+        .unwrap();
+    for path in [
+        format!("pods/default/{a}/log"),
+        format!("pods/default/{a}/exec?command=id"),
+    ] {
+        let code = ns.run(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{port}/{path}"),
+        ])?;
+        assert_eq!(code, "401", "{path}");
+    }
+    // An unknown container is named.
     let (code, _, err) = {
         let out = up.skiff_output(&ns, &["exec", a, "-c", "nope", "--", "true"])?;
         (

@@ -50,5 +50,6 @@ pub async fn forward(
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
     let url = format!("http://{ip}:{port}/pods/{ns}/{pod}/{sub}{query}");
-    crate::httpfwd::forward(&url, req).await
+    // Agents serve logs and exec only to a holder of the cluster's token.
+    crate::httpfwd::forward(&url, req, state.tokens.first().map(String::as_str)).await
 }
