@@ -5,6 +5,8 @@
 #   samples/build/misbehave.wasm                      a wasi:http component that traps, spins or grows on request
 #   samples/build/fetch.wasm                          a wasi:http component calling $UPSTREAM (a service)
 #   samples/build/hello-command.wasm                  a WASI preview1 command (run-to-completion pods)
+#   samples/build/python-hello.wasm                   a wasi:http component in Python, built with
+#                                                     componentize-py (PyPI), not with this project's tools
 #   samples/build/bootcamp-oci/                       the bootcamp app as an OCI image layout, tags v1, v2
 #                                                     (a static binary over a busybox layer, no base image)
 #                                                     foreign (v1 labelled for another architecture)
@@ -66,6 +68,17 @@ wasm-tools component new "$out/fetch-core.wasm" --adapt "wasi_snapshot_preview1=
 rm "$out/fetch-core.wasm"
 
 clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o "$out/hello-command.wasm" hello-command/hello.c
+
+# A component from a toolchain that is not ours: Python with componentize-py. Rebuilt only
+# when its source changes (it takes ~20 s).
+command -v componentize-py >/dev/null || python3 -m pip install --quiet --disable-pip-version-check componentize-py==0.25.1
+if [ ! -f "$out/python-hello.wasm" ] || [ python-hello/app.py -nt "$out/python-hello.wasm" ]; then
+  rm -rf "$out/python-wit"
+  mkdir -p "$out/python-wit/deps"
+  cp python-hello/wit/world.wit "$out/python-wit/"
+  cp "$http_dir"/wit/deps/*.wit "$out/python-wit/deps/"
+  (cd python-hello && componentize-py -d "../$out/python-wit" -w app componentize app -o "../$out/python-hello.wasm" >/dev/null)
+fi
 # The bootcamp app as an OCI image, from scratch: a busybox-static layer shared by both
 # versions, and a layer with the static server (gcc, Debian's libc6-dev) on top.
 for tool in umoci gcc; do command -v "$tool" >/dev/null || { echo "build.sh: $tool is missing (scripts/setup.sh installs it)" >&2; exit 1; }; done

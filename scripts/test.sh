@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 # their directories are not on PATH yet.
 export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
+# A one-off build (CI) keeps no incremental state: a GB less on disk, and no slower.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
+
 scripts/setup.sh
 # The wasm samples are fixtures built from source, never checked in.
 samples/build.sh
