@@ -5,6 +5,8 @@
 //! - memory per idle served wasm program (listener + handler), 1,000 of them.
 //!
 //! Needs `samples/build.sh` run first and Debian's `wrk`. Run: `cargo bench -p skiff-wasm`.
+//! `SKIFF_BENCH_SEQUENTIAL_ONLY=1` stops after the in-process figures (to profile them:
+//! `cargo bench --profile profiling`, then `perf record` the bench binary).
 
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -12,6 +14,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::Full;
 use skiff_wasm::{GuestConfig, Runtime};
+
+// The allocator the skiff binary runs with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -77,6 +83,26 @@ async fn plain_hyper(body: &'static str) -> std::net::SocketAddr {
     addr
 }
 
+/// Mean time of one request, one after the other, after a warm-up.
+async fn sequential(handler: &skiff_wasm::Handler) -> Duration {
+    use http_body_util::BodyExt;
+    let one = || {
+        http::Request::get("http://bench/")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    for _ in 0..200 {
+        handler.handle(one()).await.unwrap();
+    }
+    const SEQ: u32 = 5000;
+    let t = Instant::now();
+    for _ in 0..SEQ {
+        let r = handler.handle(one()).await.unwrap();
+        r.into_body().collect().await.unwrap();
+    }
+    t.elapsed() / SEQ
+}
+
 fn main() {
     let sample =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples/build/bootcamp-v1.wasm");
@@ -105,6 +131,22 @@ fn main() {
 
         let cfg = GuestConfig { env: vec![("HOSTNAME".into(), "bench".into())], ..Default::default() };
         let server = runtime.serve_http(&p2, cfg, tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()).unwrap();
+        // One request's cost in the runtime alone (no sockets): what the proxy's in-process
+        // path pays, one request after the other, on a multi-threaded runtime (the guest runs
+        // in a task of its own) and on a single thread.
+        let handler = server.handler();
+        let h2 = handler.clone();
+        let multi = sequential(&handler).await;
+        let single = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(sequential(&h2))
+        })
+        .join()
+        .unwrap();
+        println!("one request in the runtime alone (instantiate, handle, collect the body): {multi:?} on the multi-threaded runtime, {single:?} on one thread");
+        if std::env::var_os("SKIFF_BENCH_SEQUENTIAL_ONLY").is_some() {
+            // For profiling the runtime's own cost: nothing else runs.
+            return;
+        }
         let plain = plain_hyper("Hello Kubernetes bootcamp! | Running on: bench | v=1\n").await;
         let wasm_url = format!("http://{}/", server.addr);
         let plain_url = format!("http://{plain}/");

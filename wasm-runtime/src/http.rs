@@ -111,13 +111,23 @@ impl Handler {
             .map_err(|e| WasmError::Guest(format!("{e:#}")))?;
         let mut store = Store::new(self.pre.engine(), host);
         store.limiter(|h| &mut h.limits);
-        let ticks = self
+        let budget = self
             .config
             .request_timeout
             .map(|t| (t.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64)
             .unwrap_or(u64::MAX / 2);
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // A guest running for a tick yields to the other requests of its thread; past its
+        // budget it traps (answered 500).
+        let mut ticks = 0u64;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            ticks += 1;
+            if ticks >= budget {
+                Ok(wasmtime::UpdateDeadline::Interrupt)
+            } else {
+                Ok(wasmtime::UpdateDeadline::Yield(1))
+            }
+        });
         let pre = self.pre.clone();
         let task = tokio::spawn(async move {
             let proxy = pre.instantiate_async(&mut store).await?;
@@ -180,40 +190,51 @@ impl Runtime {
                     },
                 };
                 let _ = tcp.set_nodelay(true);
+                // The connection, and the instances it runs, live on one of the per-core
+                // worker threads: no request hops between threads.
+                let Ok(tcp) = tcp.into_std() else {
+                    continue;
+                };
                 let handler = handler.clone();
                 let st = st.clone();
                 let mut closing = closed.clone();
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        let handler = handler.clone();
-                        let st = st.clone();
-                        async move {
-                            st.served.fetch_add(1, Ordering::Relaxed);
-                            Ok::<_, Infallible>(match handler.handle(req).await {
-                                Ok(r) => r,
-                                Err(e) => {
-                                    st.failed.fetch_add(1, Ordering::Relaxed);
-                                    tracing::debug!(error = %e, "guest request failed");
-                                    plain(
-                                        StatusCode::INTERNAL_SERVER_ERROR,
-                                        "internal error: the wasm guest failed\n",
-                                    )
-                                }
-                            })
+                conns.spawn_on(
+                    async move {
+                        let Ok(tcp) = tokio::net::TcpStream::from_std(tcp) else {
+                            return;
+                        };
+                        let svc = hyper::service::service_fn(move |req| {
+                            let handler = handler.clone();
+                            let st = st.clone();
+                            async move {
+                                st.served.fetch_add(1, Ordering::Relaxed);
+                                Ok::<_, Infallible>(match handler.handle(req).await {
+                                    Ok(r) => r,
+                                    Err(e) => {
+                                        st.failed.fetch_add(1, Ordering::Relaxed);
+                                        tracing::debug!(error = %e, "guest request failed");
+                                        plain(
+                                            StatusCode::INTERNAL_SERVER_ERROR,
+                                            "internal error: the wasm guest failed\n",
+                                        )
+                                    }
+                                })
+                            }
+                        });
+                        let conn = hyper::server::conn::http1::Builder::new()
+                            .keep_alive(true)
+                            .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                        tokio::pin!(conn);
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            _ = closing.changed() => {
+                                conn.as_mut().graceful_shutdown();
+                                let _ = conn.await;
+                            }
                         }
-                    });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .keep_alive(true)
-                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
-                    tokio::pin!(conn);
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = closing.changed() => {
-                            conn.as_mut().graceful_shutdown();
-                            let _ = conn.await;
-                        }
-                    }
-                });
+                    },
+                    &crate::workers::next(),
+                );
                 while conns.try_join_next().is_some() {}
             }
             drop(listener);

@@ -11,6 +11,7 @@
 pub mod artifact;
 mod host;
 mod http;
+mod workers;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -121,7 +122,11 @@ impl Runtime {
             // zeroing, not by returning pages to the kernel: the next instance (a fresh one
             // per HTTP request) then takes no page faults on it.
             .linear_memory_keep_resident(1 << 20)
-            .table_keep_resident(64 << 10);
+            .table_keep_resident(64 << 10)
+            // Only the pages an instance dirtied are reset (one ioctl, Linux 6.7+), and what
+            // must go back to the kernel goes in batches.
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            .decommit_batch_size(32);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
