@@ -244,11 +244,9 @@ fn main() -> anyhow::Result<()> {
         return rt.block_on(inner(&kc, pid.parse()?, std::path::Path::new(&data)));
     }
     rt.block_on(async {
-        use skiff_e2e::netns::{Netns, SkiffUp};
+        use skiff_e2e::netns::SkiffUp;
         let dir = tempfile::tempdir()?;
-        let mut ns = Netns::new()?;
-        ns.start_registry(dir.path()).await?;
-        let up = SkiffUp::start(&mut ns, dir.path(), &["--node-cidr-mask-size", "21"]).await?;
+        let (ns, up) = SkiffUp::in_new_netns(dir.path(), &["--node-cidr-mask-size", "21"]).await?;
         up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
         up.push_images(&ns, &[("bootcamp-oci:v1", "bootcamp-oci:v1")])?;
         let pid = ns.pid(up.index);

@@ -144,6 +144,16 @@ pub struct SkiffUp {
 }
 
 impl SkiffUp {
+    /// A fresh namespace with a registry and `skiff up` (with `extra` flags) inside it, both
+    /// keeping their files under `dir`. Bind the pair in this order (`let (ns, up) = ...`):
+    /// the cluster is then dropped before its namespace.
+    pub async fn in_new_netns(dir: &Path, extra: &[&str]) -> anyhow::Result<(Netns, SkiffUp)> {
+        let mut ns = Netns::new()?;
+        ns.start_registry(dir).await?;
+        let up = SkiffUp::start(&mut ns, dir, extra).await?;
+        Ok((ns, up))
+    }
+
     pub async fn start(ns: &mut Netns, dir: &Path, extra: &[&str]) -> anyhow::Result<SkiffUp> {
         let bin = skiff_binary()?;
         let data = dir.join("skiff");

@@ -6,14 +6,12 @@
 use std::time::Duration;
 
 use skiff_e2e::eventually;
-use skiff_e2e::netns::{Netns, SkiffUp};
+use skiff_e2e::netns::SkiffUp;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_component_built_with_componentize_py_serves() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut ns = Netns::new()?;
-    ns.start_registry(dir.path()).await?;
-    let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
+    let (ns, up) = SkiffUp::in_new_netns(dir.path(), &[]).await?;
     up.push_samples(&ns, &[("python-hello.wasm", "python-hello:v1")])?;
     up.skiff(
         &ns,

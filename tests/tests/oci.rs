@@ -72,9 +72,7 @@ fn pod_status(up: &SkiffUp, ns: &Netns, pod: &str) -> anyhow::Result<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut ns = Netns::new()?;
-    ns.start_registry(dir.path()).await?;
-    let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
+    let (ns, up) = SkiffUp::in_new_netns(dir.path(), &[]).await?;
     // zstd first: skopeo reuses a gzip blob the registry already has instead of recompressing.
     up.push_image(
         &ns,
@@ -420,9 +418,7 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wasm_and_oci_share_pods_and_services_and_survive_an_agent_restart() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut ns = Netns::new()?;
-    ns.start_registry(dir.path()).await?;
-    let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
+    let (mut ns, up) = SkiffUp::in_new_netns(dir.path(), &[]).await?;
     up.push_samples(
         &ns,
         &[
@@ -574,9 +570,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_without_runc_says_so_and_oci_pods_wait_for_one() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut ns = Netns::new()?;
-    ns.start_registry(dir.path()).await?;
-    let up = SkiffUp::start(&mut ns, dir.path(), &["--disable-oci"]).await?;
+    let (ns, up) = SkiffUp::in_new_netns(dir.path(), &["--disable-oci"]).await?;
     up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
     up.push_images(&ns, &[("bootcamp-oci:v1", "bootcamp-oci:v1")])?;
     let (label, cond) = oci_node(&up, &ns)?;

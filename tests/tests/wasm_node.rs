@@ -44,9 +44,7 @@ fn check_answers(up: &SkiffUp, ns: &Netns, want: usize, version: &str) -> anyhow
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_walk_with_wasm_pods() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut ns = Netns::new()?;
-    ns.start_registry(dir.path()).await?;
-    let up = SkiffUp::start(&mut ns, dir.path(), &[]).await?;
+    let (mut ns, up) = SkiffUp::in_new_netns(dir.path(), &[]).await?;
     up.push_samples(
         &ns,
         &[
