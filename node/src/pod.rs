@@ -1207,15 +1207,8 @@ impl Probes {
         let now_i = Instant::now();
         if let (Some(p), Some(at)) = (&self.readiness, self.next_ready) {
             if at <= now_i {
-                let r = p.check(self.ip).await;
-                if let Err(why) = &r {
-                    self.shared.post_event(
-                        "Warning",
-                        "Unhealthy",
-                        &format!("Readiness probe failed: {why}"),
-                    );
-                }
-                if let Some(ready) = self.ready.record(p, r.is_ok()) {
+                let ok = probe_once(&self.shared, p, self.ip, "Readiness").await;
+                if let Some(ready) = self.ready.record(p, ok) {
                     let i = self.index;
                     self.shared.update(|s| {
                         s.containers[i].ready = ready;
@@ -1231,16 +1224,9 @@ impl Probes {
         }
         if let (Some(p), Some(at)) = (&self.liveness, self.next_live) {
             if at <= now_i {
-                let r = p.check(self.ip).await;
-                if let Err(why) = &r {
-                    self.shared.post_event(
-                        "Warning",
-                        "Unhealthy",
-                        &format!("Liveness probe failed: {why}"),
-                    );
-                }
+                let ok = probe_once(&self.shared, p, self.ip, "Liveness").await;
                 self.next_live = Some(now_i + p.period);
-                if self.live.record(p, r.is_ok()) == Some(false) {
+                if self.live.record(p, ok) == Some(false) {
                     let name = self.shared.status.lock().expect("status").containers[self.index]
                         .name
                         .clone();
@@ -1254,6 +1240,21 @@ impl Probes {
             }
         }
         true
+    }
+}
+
+/// Runs `probe` once; a failure is an `Unhealthy` event naming the probe (`what`).
+async fn probe_once(shared: &Shared, probe: &Probe, ip: Ipv4Addr, what: &str) -> bool {
+    match probe.check(ip).await {
+        Ok(()) => true,
+        Err(why) => {
+            shared.post_event(
+                "Warning",
+                "Unhealthy",
+                &format!("{what} probe failed: {why}"),
+            );
+            false
+        }
     }
 }
 
