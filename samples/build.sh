@@ -72,7 +72,7 @@ clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o "$out/hello-command.wasm" h
 # A component from a toolchain that is not ours: Python with componentize-py. Rebuilt only
 # when its source changes (it takes ~20 s).
 command -v componentize-py >/dev/null || python3 -m pip install --quiet --disable-pip-version-check componentize-py==0.25.1
-if [ ! -f "$out/python-hello.wasm" ] || [ python-hello/app.py -nt "$out/python-hello.wasm" ]; then
+if [ ! -f "$out/python-hello.wasm" ] || [ python-hello/app.py -nt "$out/python-hello.wasm" ] || [ python-hello/wit/world.wit -nt "$out/python-hello.wasm" ]; then
   rm -rf "$out/python-wit"
   mkdir -p "$out/python-wit/deps"
   cp python-hello/wit/world.wit "$out/python-wit/"

@@ -19,25 +19,18 @@ fn workers() -> &'static Workers {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
         let handles = (0..n)
             .filter_map(|i| {
-                let (tx, rx) = std::sync::mpsc::channel();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| tracing::error!(error = %e, "cannot start a wasm worker thread"))
+                    .ok()?;
+                let handle = rt.handle().clone();
                 std::thread::Builder::new()
                     .name(format!("skiff-wasm-{i}"))
-                    .spawn(move || {
-                        let rt = match tokio::runtime::Builder::new_current_thread()
-                            .enable_all()
-                            .build()
-                        {
-                            Ok(rt) => rt,
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot start a wasm worker thread");
-                                return;
-                            }
-                        };
-                        let _ = tx.send(rt.handle().clone());
-                        rt.block_on(std::future::pending::<()>());
-                    })
+                    .spawn(move || rt.block_on(std::future::pending::<()>()))
+                    .map_err(|e| tracing::error!(error = %e, "cannot start a wasm worker thread"))
                     .ok()?;
-                rx.recv().ok()
+                Some(handle)
             })
             .collect();
         Workers {
