@@ -8,6 +8,7 @@
 # Everything runs in a network namespace of its own. Needs root; run from scripts/bench.sh
 # (which builds first) or alone after `cargo build --release -p skiff` and samples/build.sh.
 set -euo pipefail
+shopt -s inherit_errexit   # a failed wait inside $(...) fails the script too
 cd "$(dirname "$0")/.."
 skiff=$PWD/target/release/skiff
 secs=${BENCH_SECONDS:-5}
@@ -74,7 +75,7 @@ CONF
 nsenter --net="/run/netns/$ns" nginx -p "$work/nginx" -c "$work/nginx/proxy.conf" -g 'daemon off;' &
 pids+=($!)
 for url in "http://127.0.0.1:$wasm_np/" "http://127.0.0.1:$static_np/" http://127.0.0.1:18080/ http://127.0.0.1:18081/ "http://$static_ip:8081/"; do
-  for _ in $(seq 100); do in_ns curl -sf "$url" >/dev/null && break; sleep 0.1; done
+  wait_for 30 "$url to answer" in_ns curl -sf "$url"
 done
 
 # wrk → "req/s p50_ms p99_ms errors"
@@ -138,7 +139,37 @@ errs = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) i
 print(f"{reqs} requests, {errs} failed")
 PY
 }
+# Settled at N: N Ready pods of the deployment's current ReplicaSet, and no other pod of the
+# deployment still running or terminating (finished pods do not count).
+settled() {
+  k get deployment kubernetes-bootcamp -o json >"$work/deploy.json" &&
+    k get replicasets -l app=kubernetes-bootcamp -o json >"$work/rs.json" &&
+    k get pods -l app=kubernetes-bootcamp -o json >"$work/pods.json" &&
+    python3 - "$1" "$work" <<'PY'
+import json, sys
+want, work = int(sys.argv[1]), sys.argv[2]
+rev_key = "deployment.kubernetes.io/revision"
+rev = json.load(open(f"{work}/deploy.json"))["metadata"].get("annotations", {}).get(rev_key)
+hashes = [rs["metadata"]["labels"].get("pod-template-hash")
+          for rs in json.load(open(f"{work}/rs.json"))["items"]
+          if rs["metadata"].get("annotations", {}).get(rev_key) == rev]
+ready = others = 0
+for p in json.load(open(f"{work}/pods.json"))["items"]:
+    md, st = p["metadata"], p.get("status", {})
+    current = md.get("labels", {}).get("pod-template-hash") in hashes
+    is_ready = any(c["type"] == "Ready" and c["status"] == "True" for c in st.get("conditions", []))
+    if current and is_ready and not md.get("deletionTimestamp"):
+        ready += 1
+    elif st.get("phase") not in ("Succeeded", "Failed"):
+        others += 1
+print(f"{ready} Ready pods of the current ReplicaSet, {others} other pods running or terminating")
+sys.exit(0 if ready == want and others == 0 else 1)
+PY
+}
 rollout() { k set image deployment/kubernetes-bootcamp bootcamp=127.0.0.1:5000/bootcamp:v2 && k rollout status deployment/kubernetes-bootcamp --timeout 60; }
-shrink() { k scale deployment/kubernetes-bootcamp --replicas=2 && until [ "$(k get pods -l app=kubernetes-bootcamp -o name | wc -l)" = 2 ]; do sleep 0.1; done; }
-echo "  rolling update of 4 replicas under load: $(under_load rollout rollout) (target 0 failed)"
-echo "  scale 4 -> 2 under load:                 $(under_load shrink shrink) (target 0 failed)"
+shrink() { k scale deployment/kubernetes-bootcamp --replicas=2 && wait_for 60 "the deployment to settle at 2 pods" settled 2; }
+wait_for 60 "the deployment to settle at 4 pods" settled 4
+result=$(under_load rollout rollout)
+echo "  rolling update of 4 replicas under load: $result (target 0 failed)"
+result=$(under_load shrink shrink)
+echo "  scale 4 -> 2 under load:                 $result (target 0 failed)"
