@@ -1,12 +1,8 @@
 //! The `skiff` binary: argument parsing and output only. Every role is a subcommand.
 
+mod alloc;
 mod commands;
 mod print;
-
-// The proxy's data path and the API server allocate per request; mimalloc's thread-local
-// free lists serve that better than glibc's malloc.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -343,6 +339,7 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
+    alloc::configure();
     let cli = Cli::parse();
     if matches!(
         cli.command,
