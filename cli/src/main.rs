@@ -339,7 +339,6 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
-    alloc::configure();
     let cli = Cli::parse();
     if matches!(
         cli.command,
