@@ -15,18 +15,5 @@ cargo bench -p skiff-wasm --bench wasm 2>/dev/null | sed -n '/^bootcamp componen
 cargo bench -p skiff-e2e --bench pod_start 2>/dev/null | sed -n '/^wasm pod start/,$p'
 scripts/bench-services.sh
 
-# Idle control-plane memory: a fresh `skiff server`, left idle, against a baseline process
-# (`sleep`) measured the same way.
-dir=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-./target/release/skiff server --data-dir "$dir" --api-addr "127.0.0.1:$port" >/dev/null 2>&1 &
-pid=$!
-sleep 30 &
-base=$!
-trap 'kill $pid $base 2>/dev/null || true; wait $pid 2>/dev/null || true; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do [ -f "$dir/kubeconfig" ] && break; sleep 0.1; done
-KUBECONFIG="$dir/kubeconfig" ./target/release/skiff get ns >/dev/null
-sleep 5   # idle on purpose: this measures an idle server
-rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
-base_rss=$(awk '/VmRSS/ {print $2}' /proc/$base/status)
-echo "idle skiff server RSS: $((rss / 1024)) MB (baseline process: $((base_rss / 1024)) MB; target <= 30 MB, a k3s server idles at >= 500 MB)"
+scripts/bench-memory.sh
+scripts/bench-soak.sh
