@@ -193,7 +193,16 @@ impl Registry {
         let namespaced = r.namespaced;
         tokio::spawn(async move {
             let sel = |o: &Value| labels.matches(&meta::labels(o)) && fields.matches(o);
-            while let Some(ev) = raw.recv().await {
+            loop {
+                // A closed client ends the relay at once, whether or not events match it;
+                // dropping `raw` then unsubscribes from the store.
+                let ev = tokio::select! {
+                    _ = tx.closed() => return,
+                    ev = raw.recv() => match ev {
+                        Some(ev) => ev,
+                        None => return,
+                    },
+                };
                 // A cluster-scoped prefix would also match deeper keys of other resources.
                 if !namespaced && ev.key[key_prefix.len()..].contains('/') {
                     continue;
@@ -1045,5 +1054,50 @@ pub fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &str, mess
             *existing = c;
         }
         None => list.push(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::SledStore;
+    use crate::store::Store;
+    use std::time::Duration;
+
+    fn registry() -> (tempfile::TempDir, Arc<SledStore>, Arc<Registry>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let reg = Registry::new(store.clone(), ClusterConfig::default());
+        crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
+        (dir, store, reg)
+    }
+
+    #[tokio::test]
+    async fn closed_selector_watches_are_removed() {
+        let (_dir, store, reg) = registry();
+        let cms = Resource::lookup("configmaps").unwrap();
+        let before = store.watchers();
+        for _ in 0..500 {
+            let rx = reg
+                .watch(
+                    cms,
+                    Some("default"),
+                    store.revision(),
+                    Selector::parse("nomatch=x").unwrap(),
+                    FieldSelector::default(),
+                )
+                .unwrap();
+            drop(rx);
+        }
+        // No event matches those watches: their closing alone must release them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.watchers() != before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the closed watches to go: {} subscribed, {before} before",
+                store.watchers()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -74,10 +74,6 @@ impl SledStore {
             _ => Ok(prev),
         }
     }
-
-    pub fn watcher_count(&self) -> usize {
-        self.hub.watcher_count()
-    }
 }
 
 fn current_rv(v: &Value) -> u64 {
@@ -177,6 +173,10 @@ impl Store for SledStore {
         let _g = self.write.lock().expect("write lock");
         self.hub
             .watch(prefix, from, self.revision.load(Ordering::SeqCst))
+    }
+
+    fn watchers(&self) -> usize {
+        self.hub.watcher_count()
     }
 }
 
