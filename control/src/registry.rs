@@ -349,7 +349,8 @@ impl Registry {
         let ns = meta::namespace(&obj).map(String::from);
         let name = meta::name(&obj).to_string();
         self.ensure_namespace(r, ns.as_deref())?;
-        let _g = self.alloc.lock().expect("alloc lock");
+        // Only kinds that allocate need to be serialised with the writes of their kind.
+        let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
         self.admit(r, None, &mut obj)?;
         if opts.dry_run {
             return Ok(obj);
@@ -770,6 +771,12 @@ impl Registry {
 
     // ---- admission: allocations -------------------------------------------------------------
 
+    /// Whether admitting `r` allocates from a shared range (service IPs and node ports, pod
+    /// CIDRs): such writes hold `alloc` until they are committed, so two never take the same.
+    fn allocates(r: &Resource) -> bool {
+        matches!(r.kind, "Service" | "Node")
+    }
+
     fn admit(&self, r: &Resource, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
         match r.kind {
             "Service" => self.admit_service(old, obj),
@@ -1099,5 +1106,49 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[test]
+    fn concurrent_creates_share_a_flush() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const WRITERS: u64 = 8;
+        let (_dir, store, reg) = registry();
+        let start = store.revision();
+        let flushes = Arc::new(AtomicUsize::new(0));
+        {
+            let flushes = flushes.clone();
+            store.set_flush_hook(move |s, _| {
+                if flushes.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Hold the first flush until every create has been applied (or 10 s passed).
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while s.applied_revision() < start + WRITERS
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            });
+        }
+        let cms = Resource::lookup("configmaps").unwrap();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let reg = reg.clone();
+                std::thread::spawn(move || {
+                    reg.create(
+                        cms,
+                        Some("default"),
+                        json!({"metadata": {"name": format!("cm-{i}")}}),
+                        &WriteOptions::default(),
+                    )
+                    .unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let n = flushes.load(Ordering::SeqCst);
+        assert!(n <= 2, "{WRITERS} concurrent creates took {n} flushes");
+        assert_eq!(store.revision(), start + WRITERS);
     }
 }

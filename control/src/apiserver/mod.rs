@@ -126,3 +126,95 @@ pub async fn serve(
     conns.abort_all();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ClusterConfig;
+    use crate::store::sled::SledStore;
+    use crate::store::Store;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// A write waiting for its disk flush must not stall other requests: the store's work
+    /// runs off the async threads. The runtime here has a single thread, so a handler that
+    /// blocked it would hold every other request until the flush ends.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_waiting_on_disk_does_not_block_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        let registry = Registry::new(store.clone(), ClusterConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        crate::server::bootstrap(&registry, addr).unwrap();
+        let tls = crate::tls::load_or_create(dir.path(), &[addr.ip().to_string()]).unwrap();
+        let state = Arc::new(ApiState {
+            registry,
+            tokens: vec!["t".into()],
+            advertise: addr,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(state, listener, tls.server, async {
+            let _ = stopped.await;
+        }));
+        // The next flush waits until the test has its answer (or 5 s passed).
+        let released = Arc::new(AtomicBool::new(false));
+        let timed_out = Arc::new(AtomicBool::new(false));
+        {
+            let (released, timed_out) = (released.clone(), timed_out.clone());
+            store.set_flush_hook(move |_, _| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !released.load(Ordering::SeqCst) {
+                    if std::time::Instant::now() >= deadline {
+                        timed_out.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let base = format!("https://{addr}/api/v1/namespaces/default/configmaps");
+        let write = {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                http.post(&base)
+                    .bearer_auth("t")
+                    .json(&serde_json::json!({"metadata": {"name": "slow"}}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        };
+        // The write is in its flush once the hook runs: wait for it to have been applied.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while store.applied_revision() == store.revision() && !timed_out.load(Ordering::SeqCst) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the write never reached the store"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let list = http
+            .get(&base)
+            .bearer_auth("t")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        released.store(true, Ordering::SeqCst);
+        assert!(list.is_success());
+        assert!(
+            !timed_out.load(Ordering::SeqCst),
+            "the list was answered only after the write's flush ended"
+        );
+        assert!(write.await.unwrap().is_success());
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+}
