@@ -3,9 +3,13 @@
 //! - scheduler throughput, 1,000 nodes × 10,000 pending pods: the filter/score pipeline alone,
 //!   and end to end with the binds written to the store (baseline: scoring every node);
 //! - API create/get latency over HTTPS (baseline: the same operation on the store directly);
-//! - watch fan-out: 1,000 writes delivered to 100 watchers.
+//! - watch fan-out: 1,000 writes delivered to 100 watchers;
+//! - write throughput over HTTPS: creates/s with 1, 8 and 32 concurrent clients, and GET
+//!   latency while 8 and 32 writers run (baseline: GET latency with no writer).
 //!
-//! Run with `cargo bench -p skiff-control` (or `scripts/bench.sh` for all figures).
+//! Run with `cargo bench -p skiff-control` (or `scripts/bench.sh` for all figures);
+//! `cargo bench -p skiff-control -- NAME...` runs only the named ones
+//! (`scheduler`, `api`, `watch`, `throughput`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -264,13 +268,141 @@ async fn watch_bench() {
     );
 }
 
+/// An HTTPS client of an in-process server, and the configmaps URL of its default namespace.
+fn client_of(server: &Server) -> (reqwest::Client, String) {
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(server.ca_pem.as_bytes()).unwrap())
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap();
+    let base = format!(
+        "https://{}/api/v1/namespaces/default/configmaps",
+        server.addr
+    );
+    (http, base)
+}
+
+/// `clients` tasks, each creating configmaps one after another until `stop` is set.
+/// Returns the tasks; each yields how many creates it had acknowledged.
+fn writers(
+    server: &Server,
+    clients: usize,
+    tag: &str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    (0..clients)
+        .map(|c| {
+            let (http, base) = client_of(server);
+            let token = server.token.clone();
+            let stop = stop.clone();
+            let tag = tag.to_string();
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http
+                        .post(&base)
+                        .bearer_auth(&token)
+                        .json(&json!({"metadata": {"name": format!("{tag}-{c}-{n}")}, "data": {"k": "v"}}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(r.status().is_success(), "create: {}", r.status());
+                    r.bytes().await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect()
+}
+
+async fn throughput_bench() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const RUN: Duration = Duration::from_secs(4);
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(ServerConfig::new(
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    println!("write throughput over HTTPS, in-process server, {RUN:?} per figure");
+    for clients in [1, 8, 32] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = writers(&server, clients, &format!("tp{clients}"), stop.clone());
+        let t = Instant::now();
+        tokio::time::sleep(RUN).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut n = 0;
+        for task in tasks {
+            n += task.await.unwrap();
+        }
+        let took = t.elapsed();
+        println!(
+            "  creates, {clients:>2} clients: {:>7.0} creates/s  ({n} in {took:.2?})",
+            n as f64 / took.as_secs_f64()
+        );
+    }
+    // GET latency of one object, with no writer (baseline) and while writers run.
+    let (http, base) = client_of(&server);
+    let one = format!("{base}/tp1-0-0");
+    for load in [0, 8, 32] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tasks = writers(&server, load, &format!("gl{load}"), stop.clone());
+        let mut lat = Vec::new();
+        let t = Instant::now();
+        while t.elapsed() < RUN {
+            let g = Instant::now();
+            let r = http
+                .get(&one)
+                .bearer_auth(&server.token)
+                .send()
+                .await
+                .unwrap();
+            assert!(r.status().is_success());
+            r.bytes().await.unwrap();
+            lat.push(g.elapsed());
+        }
+        stop.store(true, Ordering::Relaxed);
+        let mut n = 0;
+        for task in tasks {
+            n += task.await.unwrap();
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        let gets = lat.len();
+        println!(
+            "  GET with {load:>2} writers: p50 {:>7.0} us  p99 {:>7.0} us  ({gets} GETs; writers {:.0} creates/s){}",
+            us(percentile(lat.clone(), 0.5)),
+            us(percentile(lat, 0.99)),
+            n as f64 / t.elapsed().as_secs_f64(),
+            if load == 0 { "  <- baseline" } else { "" }
+        );
+    }
+    server.shutdown().await.unwrap();
+}
+
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` passes nothing we need.
-    scheduler_bench();
+    // `cargo bench` passes --bench; other arguments name the benchmarks to run (all if none).
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let run = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    if run("scheduler") {
+        scheduler_bench();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(api_bench());
-    rt.block_on(watch_bench());
+    if run("api") {
+        rt.block_on(api_bench());
+    }
+    if run("watch") {
+        rt.block_on(watch_bench());
+    }
+    if run("throughput") {
+        rt.block_on(throughput_bench());
+    }
 }

@@ -193,7 +193,16 @@ impl Registry {
         let namespaced = r.namespaced;
         tokio::spawn(async move {
             let sel = |o: &Value| labels.matches(&meta::labels(o)) && fields.matches(o);
-            while let Some(ev) = raw.recv().await {
+            loop {
+                // A closed client ends the relay at once, whether or not events match it;
+                // dropping `raw` then unsubscribes from the store.
+                let ev = tokio::select! {
+                    _ = tx.closed() => return,
+                    ev = raw.recv() => match ev {
+                        Some(ev) => ev,
+                        None => return,
+                    },
+                };
                 // A cluster-scoped prefix would also match deeper keys of other resources.
                 if !namespaced && ev.key[key_prefix.len()..].contains('/') {
                     continue;
@@ -340,7 +349,8 @@ impl Registry {
         let ns = meta::namespace(&obj).map(String::from);
         let name = meta::name(&obj).to_string();
         self.ensure_namespace(r, ns.as_deref())?;
-        let _g = self.alloc.lock().expect("alloc lock");
+        // Only kinds that allocate need to be serialised with the writes of their kind.
+        let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
         self.admit(r, None, &mut obj)?;
         if opts.dry_run {
             return Ok(obj);
@@ -761,6 +771,12 @@ impl Registry {
 
     // ---- admission: allocations -------------------------------------------------------------
 
+    /// Whether admitting `r` allocates from a shared range (service IPs and node ports, pod
+    /// CIDRs): such writes hold `alloc` until they are committed, so two never take the same.
+    fn allocates(r: &Resource) -> bool {
+        matches!(r.kind, "Service" | "Node")
+    }
+
     fn admit(&self, r: &Resource, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
         match r.kind {
             "Service" => self.admit_service(old, obj),
@@ -1045,5 +1061,94 @@ pub fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &str, mess
             *existing = c;
         }
         None => list.push(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sled::SledStore;
+    use crate::store::Store;
+    use std::time::Duration;
+
+    fn registry() -> (tempfile::TempDir, Arc<SledStore>, Arc<Registry>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let reg = Registry::new(store.clone(), ClusterConfig::default());
+        crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
+        (dir, store, reg)
+    }
+
+    #[tokio::test]
+    async fn closed_selector_watches_are_removed() {
+        let (_dir, store, reg) = registry();
+        let cms = Resource::lookup("configmaps").unwrap();
+        let before = store.watchers();
+        for _ in 0..500 {
+            let rx = reg
+                .watch(
+                    cms,
+                    Some("default"),
+                    store.revision(),
+                    Selector::parse("nomatch=x").unwrap(),
+                    FieldSelector::default(),
+                )
+                .unwrap();
+            drop(rx);
+        }
+        // No event matches those watches: their closing alone must release them.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.watchers() != before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the closed watches to go: {} subscribed, {before} before",
+                store.watchers()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[test]
+    fn concurrent_creates_share_a_flush() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        const WRITERS: u64 = 8;
+        let (_dir, store, reg) = registry();
+        let start = store.revision();
+        let flushes = Arc::new(AtomicUsize::new(0));
+        {
+            let flushes = flushes.clone();
+            store.set_flush_hook(move |s, _| {
+                if flushes.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Hold the first flush until every create has been applied (or 10 s passed).
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while s.applied_revision() < start + WRITERS
+                        && std::time::Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            });
+        }
+        let cms = Resource::lookup("configmaps").unwrap();
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let reg = reg.clone();
+                std::thread::spawn(move || {
+                    reg.create(
+                        cms,
+                        Some("default"),
+                        json!({"metadata": {"name": format!("cm-{i}")}}),
+                        &WriteOptions::default(),
+                    )
+                    .unwrap();
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let n = flushes.load(Ordering::SeqCst);
+        assert!(n <= 2, "{WRITERS} concurrent creates took {n} flushes");
+        assert_eq!(store.revision(), start + WRITERS);
     }
 }

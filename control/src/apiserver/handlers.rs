@@ -65,6 +65,16 @@ fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
 }
 
+/// Runs store work (which may wait for a disk flush) on the blocking pool, so the async
+/// threads keep serving other requests meanwhile.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("request handler failed: {e}")))?
+}
+
 pub async fn dispatch(state: Shared, req: Request<Body>) -> Response {
     match handle(state, req).await {
         Ok(r) => r,
@@ -149,6 +159,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     };
     let reg = state.registry.clone();
     let ns = p.namespace.as_deref();
+    let owned_ns = p.namespace.clone();
     let r = p.resource;
     match (p.name.as_deref(), p.sub.as_deref(), method.clone()) {
         (None, None, Method::GET) => {
@@ -158,7 +169,8 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
             let fields =
                 FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let (items, rev) = reg.list(r, ns, &labels, &fields)?;
+            let (items, rev) =
+                blocking(move || reg.list(r, owned_ns.as_deref(), &labels, &fields)).await?;
             if wants_table(&headers) {
                 return ok(table::to_table(
                     r.kind,
@@ -174,7 +186,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         }
         (None, None, Method::POST) => {
             let body = read_body(req).await?;
-            let created = reg.create(r, ns, body, &opts)?;
+            let created = blocking(move || reg.create(r, owned_ns.as_deref(), body, &opts)).await?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         (None, None, Method::DELETE) => {
@@ -182,16 +194,20 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
             let fields =
                 FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let (items, rev) = reg.list(r, ns, &labels, &fields)?;
             let dopts = delete_options(&q, None);
-            let mut out = Vec::new();
-            for o in items {
-                match reg.delete(r, meta::namespace(&o), meta::name(&o), &dopts) {
-                    Ok(v) => out.push(v),
-                    Err(e) if e.code == 404 => {}
-                    Err(e) => return Err(e),
+            let (out, rev) = blocking(move || {
+                let (items, rev) = reg.list(r, owned_ns.as_deref(), &labels, &fields)?;
+                let mut out = Vec::new();
+                for o in items {
+                    match reg.delete(r, meta::namespace(&o), meta::name(&o), &dopts) {
+                        Ok(v) => out.push(v),
+                        Err(e) if e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
                 }
-            }
+                Ok((out, rev))
+            })
+            .await?;
             ok(
                 json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
                       "metadata": {"resourceVersion": rev.to_string()}, "items": out}),
@@ -212,7 +228,11 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         (Some(name), sub, Method::PUT) => {
             let sub = subresource(r, sub)?;
             let body = read_body(req).await?;
-            ok(reg.update(r, ns, name, body, sub, &opts)?)
+            let name = name.to_string();
+            ok(
+                blocking(move || reg.update(r, owned_ns.as_deref(), &name, body, sub, &opts))
+                    .await?,
+            )
         }
         (Some(name), sub, Method::PATCH) => {
             let sub = subresource(r, sub)?;
@@ -224,7 +244,11 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                 ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"))
             })?;
             let body = read_body_as(req, kind).await?;
-            ok(reg.patch(r, ns, name, kind, &body, sub, &opts)?)
+            let name = name.to_string();
+            ok(
+                blocking(move || reg.patch(r, owned_ns.as_deref(), &name, kind, &body, sub, &opts))
+                    .await?,
+            )
         }
         (Some(name), None, Method::DELETE) => {
             let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
@@ -236,9 +260,18 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                 _ => None,
             };
             let dopts = delete_options(&q, body.as_ref());
-            let after = reg.delete(r, ns, name, &dopts)?;
+            let (after, marked) = {
+                let name = name.to_string();
+                blocking(move || {
+                    let ns = owned_ns.as_deref();
+                    let after = reg.delete(r, ns, &name, &dopts)?;
+                    let marked = meta::is_deleting(&after) && reg.try_get(r, ns, &name)?.is_some();
+                    Ok((after, marked))
+                })
+                .await?
+            };
             // Kubernetes answers 200 with the object when it is only marked, and a Status when gone.
-            if meta::is_deleting(&after) && reg.try_get(r, ns, name)?.is_some() {
+            if marked {
                 return Ok(json_response(StatusCode::OK, &after));
             }
             ok(
@@ -272,14 +305,17 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                     "pod is already assigned to a node",
                 ));
             }
-            reg.bind_all(vec![(pod, node.to_string())])?;
+            let node = node.to_string();
+            blocking(move || reg.bind_all(vec![(pod, node)])).await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
             ))
         }
         (Some(name), Some("eviction"), Method::POST) if r.kind == "Pod" => {
-            reg.delete(r, ns, name, &DeleteOptions::default())?;
+            let name = name.to_string();
+            blocking(move || reg.delete(r, owned_ns.as_deref(), &name, &DeleteOptions::default()))
+                .await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),

@@ -126,3 +126,150 @@ pub async fn serve(
     conns.abort_all();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ClusterConfig;
+    use crate::store::sled::SledStore;
+    use crate::store::Store;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// An API server over a fresh store in `dir`, and an HTTPS client of it (token `t`).
+    struct Api {
+        store: Arc<SledStore>,
+        addr: SocketAddr,
+        http: reqwest::Client,
+        stop: tokio::sync::oneshot::Sender<()>,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    async fn start(dir: &std::path::Path) -> Api {
+        let store = Arc::new(SledStore::open(&dir.join("store")).unwrap());
+        let registry = Registry::new(store.clone(), ClusterConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        crate::server::bootstrap(&registry, addr).unwrap();
+        let tls = crate::tls::load_or_create(dir, &[addr.ip().to_string()]).unwrap();
+        let state = Arc::new(ApiState {
+            registry,
+            tokens: vec!["t".into()],
+            advertise: addr,
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(state, listener, tls.server, async {
+            let _ = stopped.await;
+        }));
+        let http = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(tls.ca_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        Api {
+            store,
+            addr,
+            http,
+            stop,
+            server,
+        }
+    }
+
+    /// A client that closes a watch releases it on the server, even when no event would have
+    /// matched its selector.
+    #[tokio::test]
+    async fn a_closed_selector_watch_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = start(dir.path()).await;
+        let before = api.store.watchers();
+        let url = format!(
+            "https://{}/api/v1/namespaces/default/configmaps?watch=true&labelSelector=nomatch%3Dx",
+            api.addr
+        );
+        for _ in 0..20 {
+            let resp = api.http.get(&url).bearer_auth("t").send().await.unwrap();
+            assert!(resp.status().is_success());
+            drop(resp);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while api.store.watchers() != before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for the closed watches to go: {} open, {before} before",
+                api.store.watchers()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = api.stop.send(());
+        api.server.await.unwrap().unwrap();
+    }
+
+    /// A write waiting for its disk flush must not stall other requests: the store's work
+    /// runs off the async threads. The runtime here has a single thread, so a handler that
+    /// blocked it would hold every other request until the flush ends.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_write_waiting_on_disk_does_not_block_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let Api {
+            store,
+            addr,
+            http,
+            stop,
+            server,
+        } = start(dir.path()).await;
+        // The next flush waits until the test has its answer (or 5 s passed).
+        let released = Arc::new(AtomicBool::new(false));
+        let timed_out = Arc::new(AtomicBool::new(false));
+        {
+            let (released, timed_out) = (released.clone(), timed_out.clone());
+            store.set_flush_hook(move |_, _| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(5);
+                while !released.load(Ordering::SeqCst) {
+                    if std::time::Instant::now() >= deadline {
+                        timed_out.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
+        }
+        let base = format!("https://{addr}/api/v1/namespaces/default/configmaps");
+        let write = {
+            let (http, base) = (http.clone(), base.clone());
+            tokio::spawn(async move {
+                http.post(&base)
+                    .bearer_auth("t")
+                    .json(&serde_json::json!({"metadata": {"name": "slow"}}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            })
+        };
+        // The write is in its flush once the hook runs: wait for it to have been applied.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while store.applied_revision() == store.revision() && !timed_out.load(Ordering::SeqCst) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the write never reached the store"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let list = http
+            .get(&base)
+            .bearer_auth("t")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        released.store(true, Ordering::SeqCst);
+        assert!(list.is_success());
+        assert!(
+            !timed_out.load(Ordering::SeqCst),
+            "the list was answered only after the write's flush ended"
+        );
+        assert!(write.await.unwrap().is_success());
+        let _ = stop.send(());
+        server.await.unwrap().unwrap();
+    }
+}

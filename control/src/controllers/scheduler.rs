@@ -499,7 +499,10 @@ mod tests {
         };
         let mut start = 0;
         for _ in 0..3 {
-            assert_eq!(schedule(&mut nodes, &[oci.clone()], &mut start)[0], Ok(1));
+            assert_eq!(
+                schedule(&mut nodes, std::slice::from_ref(&oci), &mut start)[0],
+                Ok(1)
+            );
         }
         let mut only = vec![nodes[0].clone()];
         assert_eq!(

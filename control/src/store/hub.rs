@@ -41,6 +41,8 @@ pub type WatchStream = mpsc::Receiver<Arc<Event>>;
 
 struct Watcher {
     prefix: String,
+    /// The revision the watch started after: events up to it are not sent again.
+    after: u64,
     tx: mpsc::Sender<Arc<Event>>,
 }
 
@@ -72,7 +74,8 @@ impl Hub {
         }
     }
 
-    /// Records committed events (called in revision order, under the store's write lock).
+    /// Records committed events. Called in revision order, once they are durable; never
+    /// blocks (a watcher whose channel is full is dropped).
     pub fn publish(&self, events: Vec<Event>) {
         let mut inner = self.inner.lock().expect("hub lock");
         for ev in events {
@@ -85,7 +88,7 @@ impl Hub {
             }
             // A watcher that is full or gone is dropped: its stream ends and it re-lists.
             inner.watchers.retain(|w| {
-                if !ev.key.starts_with(&w.prefix) {
+                if ev.revision <= w.after || !ev.key.starts_with(&w.prefix) {
                     return !w.tx.is_closed();
                 }
                 w.tx.try_send(ev.clone()).is_ok()
@@ -94,8 +97,12 @@ impl Hub {
     }
 
     /// Subscribes to events under `prefix` after `from`; `current` is the store's revision.
+    /// Events up to `from` that are published later (a listing may run ahead of the hub)
+    /// are not sent.
     pub fn watch(&self, prefix: &str, from: u64, current: u64) -> Result<WatchStream, StoreError> {
         let mut inner = self.inner.lock().expect("hub lock");
+        // Watches that were closed go now, not at the next event they would have received.
+        inner.watchers.retain(|w| !w.tx.is_closed());
         if from < inner.floor && from < current {
             return Err(StoreError::Expired {
                 requested: from,
@@ -114,12 +121,16 @@ impl Hub {
         }
         inner.watchers.push(Watcher {
             prefix: prefix.to_string(),
+            after: from,
             tx,
         });
         Ok(rx)
     }
 
+    /// Open watches (closed ones are removed first).
     pub fn watcher_count(&self) -> usize {
-        self.inner.lock().expect("hub lock").watchers.len()
+        let mut inner = self.inner.lock().expect("hub lock");
+        inner.watchers.retain(|w| !w.tx.is_closed());
+        inner.watchers.len()
     }
 }

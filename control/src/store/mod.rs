@@ -71,6 +71,8 @@ pub trait Store: Send + Sync + 'static {
     fn revision(&self) -> u64;
     /// Events under `prefix` after revision `from`.
     fn watch(&self, prefix: &str, from: u64) -> Result<WatchStream, StoreError>;
+    /// How many watches are subscribed (closed ones are not counted).
+    fn watchers(&self) -> usize;
 }
 
 pub type DynStore = Arc<dyn Store>;

@@ -1,10 +1,20 @@
 //! The embedded store on sled: one tree holds the objects and the revision counter, so a
-//! transaction's objects and its revision land in one atomic batch; `flush` makes it durable
-//! before the write is acknowledged.
+//! transaction's objects and its revision land in one atomic batch.
+//!
+//! Writes are **group-committed**: a transaction is checked and applied to the tree under the
+//! write lock (which holds no IO wait), then waits for a flush that covers it. One writer at a
+//! time flushes, for every transaction applied so far, so concurrent writers share one fsync.
+//! Only after that flush are the transactions acknowledged, made visible to readers and sent
+//! to watchers: nothing anyone saw can be lost to a crash, and a revision is never reused.
+//!
+//! Readers (`get`, `list`) are served from an in-memory copy of the durable objects, updated
+//! after each flush together with its revision: a list is a consistent snapshot, taken under a
+//! read lock held only while the matching entries are collected.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 
 use serde_json::Value;
 
@@ -18,9 +28,35 @@ pub const DEFAULT_WINDOW: usize = 10_000;
 pub struct SledStore {
     db: sled::Db,
     tree: sled::Tree,
-    revision: AtomicU64,
+    /// Revision of the last transaction applied to the tree (durable or not).
+    applied: AtomicU64,
+    /// Serialises checking and applying transactions. Never held across a flush.
     write: Mutex<()>,
+    /// Applied transactions waiting for the flush that makes them durable, in revision order.
+    pending: Mutex<VecDeque<(u64, Vec<Event>)>>,
+    flush: Mutex<FlushState>,
+    flushed: Condvar,
+    /// What readers see: the durable objects and their revision.
+    view: RwLock<View>,
     hub: Hub,
+    #[cfg(test)]
+    flush_hook: Mutex<Option<Arc<FlushHook>>>,
+}
+
+/// Called just before each flush with the revision the flush makes durable (tests only).
+#[cfg(test)]
+pub(crate) type FlushHook = dyn Fn(&SledStore, u64) + Send + Sync;
+
+struct FlushState {
+    /// Every transaction up to this revision is durable, visible and published.
+    durable: u64,
+    /// A writer is flushing; the others wait for it.
+    flushing: bool,
+}
+
+struct View {
+    objects: BTreeMap<String, Arc<Value>>,
+    revision: u64,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -43,16 +79,32 @@ impl SledStore {
             Some(b) => u64::from_be_bytes(b.as_ref().try_into().map_err(backend)?),
             None => 1,
         };
+        let mut objects = BTreeMap::new();
+        for kv in tree.scan_prefix(b"/") {
+            let (k, v) = kv.map_err(backend)?;
+            let key = String::from_utf8(k.to_vec()).map_err(backend)?;
+            objects.insert(key, Arc::new(serde_json::from_slice(&v).map_err(backend)?));
+        }
         Ok(SledStore {
             db,
             tree,
-            revision: AtomicU64::new(revision),
+            applied: AtomicU64::new(revision),
             write: Mutex::new(()),
+            pending: Mutex::new(VecDeque::new()),
+            flush: Mutex::new(FlushState {
+                durable: revision,
+                flushing: false,
+            }),
+            flushed: Condvar::new(),
+            view: RwLock::new(View { objects, revision }),
             hub: Hub::new(revision, window),
+            #[cfg(test)]
+            flush_hook: Mutex::new(None),
         })
     }
 
-    fn read(&self, key: &str) -> Result<Option<Value>, StoreError> {
+    /// The object at `key` as the last applied transaction left it (writers' view).
+    fn read_applied(&self, key: &str) -> Result<Option<Value>, StoreError> {
         match self.tree.get(key.as_bytes()).map_err(backend)? {
             Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(backend)?)),
             None => Ok(None),
@@ -62,7 +114,7 @@ impl SledStore {
     /// The current object at `key`, which must exist and, when `expect` is given, be at that revision.
     fn read_expecting(&self, key: &str, expect: Option<u64>) -> Result<Value, StoreError> {
         let prev = self
-            .read(key)?
+            .read_applied(key)?
             .ok_or_else(|| StoreError::NotFound(key.to_string()))?;
         let current = current_rv(&prev);
         match expect {
@@ -75,8 +127,146 @@ impl SledStore {
         }
     }
 
-    pub fn watcher_count(&self) -> usize {
-        self.hub.watcher_count()
+    #[cfg(test)]
+    pub(crate) fn set_flush_hook(&self, hook: impl Fn(&SledStore, u64) + Send + Sync + 'static) {
+        *self.flush_hook.lock().expect("hook lock") = Some(Arc::new(hook));
+    }
+
+    /// The revision of the last applied transaction, durable or not (tests only).
+    #[cfg(test)]
+    pub(crate) fn applied_revision(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Checks `ops` against the applied state and applies them to the tree under one new
+    /// revision; queues their events for the flush. Nothing is changed on an error.
+    fn apply(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
+        let _g = self.write.lock().expect("write lock");
+        let rev = self.applied.load(Ordering::SeqCst) + 1;
+        let mut batch = sled::Batch::default();
+        let mut events = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Create { key, mut value } => {
+                    if self.tree.contains_key(key.as_bytes()).map_err(backend)? {
+                        return Err(StoreError::AlreadyExists(key));
+                    }
+                    stamp(&mut value, rev);
+                    batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
+                    events.push(Event {
+                        revision: rev,
+                        kind: EventType::Added,
+                        key,
+                        object: value,
+                        prev: None,
+                    });
+                }
+                Op::Update {
+                    key,
+                    mut value,
+                    expect,
+                } => {
+                    let prev = self.read_expecting(&key, expect)?;
+                    stamp(&mut value, rev);
+                    batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
+                    events.push(Event {
+                        revision: rev,
+                        kind: EventType::Modified,
+                        key,
+                        object: value,
+                        prev: Some(prev),
+                    });
+                }
+                Op::Delete { key, expect } => {
+                    let prev = self.read_expecting(&key, expect)?;
+                    let mut last = prev.clone();
+                    stamp(&mut last, rev);
+                    batch.remove(key.as_bytes());
+                    events.push(Event {
+                        revision: rev,
+                        kind: EventType::Deleted,
+                        key,
+                        object: last,
+                        prev: Some(prev),
+                    });
+                }
+            }
+        }
+        batch.insert(REVISION_KEY, &rev.to_be_bytes());
+        self.tree.apply_batch(batch).map_err(backend)?;
+        let objects = events.iter().map(|e| e.object.clone()).collect();
+        // Queued before `applied` moves, so a flush up to `applied` finds every event it covers.
+        self.pending
+            .lock()
+            .expect("pending lock")
+            .push_back((rev, events));
+        self.applied.store(rev, Ordering::SeqCst);
+        Ok(Committed {
+            revision: rev,
+            objects,
+        })
+    }
+
+    /// Returns once `rev` is durable: flushes (for every writer waiting) unless another
+    /// writer's flush is under way, in which case it waits for that one and checks again.
+    fn wait_durable(&self, rev: u64) -> Result<(), StoreError> {
+        let mut st = self.flush.lock().expect("flush lock");
+        loop {
+            if st.durable >= rev {
+                return Ok(());
+            }
+            if st.flushing {
+                st = self.flushed.wait(st).expect("flush lock");
+                continue;
+            }
+            st.flushing = true;
+            drop(st);
+            let target = self.applied.load(Ordering::SeqCst);
+            let result = self.flush_through(target);
+            st = self.flush.lock().expect("flush lock");
+            st.flushing = false;
+            if result.is_ok() {
+                st.durable = st.durable.max(target);
+            }
+            self.flushed.notify_all();
+            result?;
+        }
+    }
+
+    /// Flushes the tree, then shows the transactions up to `target` to readers and watchers.
+    fn flush_through(&self, target: u64) -> Result<(), StoreError> {
+        #[cfg(test)]
+        {
+            let hook = self.flush_hook.lock().expect("hook lock").clone();
+            if let Some(hook) = hook {
+                hook(self, target);
+            }
+        }
+        self.db.flush().map_err(backend)?;
+        let mut done = Vec::new();
+        {
+            let mut pending = self.pending.lock().expect("pending lock");
+            while pending.front().is_some_and(|(rev, _)| *rev <= target) {
+                done.extend(pending.pop_front().map(|(_, evs)| evs).unwrap_or_default());
+            }
+        }
+        {
+            let mut view = self.view.write().expect("view lock");
+            for ev in &done {
+                match ev.kind {
+                    EventType::Deleted => {
+                        view.objects.remove(&ev.key);
+                    }
+                    _ => {
+                        view.objects
+                            .insert(ev.key.clone(), Arc::new(ev.object.clone()));
+                    }
+                }
+            }
+            view.revision = view.revision.max(target);
+        }
+        self.hub.publish(done);
+        Ok(())
     }
 }
 
@@ -86,97 +276,51 @@ fn current_rv(v: &Value) -> u64 {
 
 impl Store for SledStore {
     fn get(&self, key: &str) -> Result<Option<Value>, StoreError> {
-        self.read(key)
+        let found = self
+            .view
+            .read()
+            .expect("view lock")
+            .objects
+            .get(key)
+            .cloned();
+        Ok(found.map(|v| (*v).clone()))
     }
 
     fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), StoreError> {
-        // Hold the write lock so the listing and its revision agree.
-        let _g = self.write.lock().expect("write lock");
-        let rev = self.revision.load(Ordering::SeqCst);
-        let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(prefix.as_bytes()) {
-            let (_, v) = kv.map_err(backend)?;
-            out.push(serde_json::from_slice(&v).map_err(backend)?);
-        }
-        Ok((out, rev))
+        // A snapshot: the entries and the revision they are consistent with, taken together.
+        let (found, rev) = {
+            let view = self.view.read().expect("view lock");
+            let found: Vec<Arc<Value>> = view
+                .objects
+                .range::<str, _>((
+                    std::ops::Bound::Included(prefix),
+                    std::ops::Bound::Unbounded,
+                ))
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(_, v)| v.clone())
+                .collect();
+            (found, view.revision)
+        };
+        Ok((found.into_iter().map(|v| (*v).clone()).collect(), rev))
     }
 
     fn txn(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
-        let committed = {
-            let _g = self.write.lock().expect("write lock");
-            let rev = self.revision.load(Ordering::SeqCst) + 1;
-            let mut batch = sled::Batch::default();
-            let mut events = Vec::with_capacity(ops.len());
-            for op in ops {
-                match op {
-                    Op::Create { key, mut value } => {
-                        if self.tree.contains_key(key.as_bytes()).map_err(backend)? {
-                            return Err(StoreError::AlreadyExists(key));
-                        }
-                        stamp(&mut value, rev);
-                        batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
-                        events.push(Event {
-                            revision: rev,
-                            kind: EventType::Added,
-                            key,
-                            object: value,
-                            prev: None,
-                        });
-                    }
-                    Op::Update {
-                        key,
-                        mut value,
-                        expect,
-                    } => {
-                        let prev = self.read_expecting(&key, expect)?;
-                        stamp(&mut value, rev);
-                        batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
-                        events.push(Event {
-                            revision: rev,
-                            kind: EventType::Modified,
-                            key,
-                            object: value,
-                            prev: Some(prev),
-                        });
-                    }
-                    Op::Delete { key, expect } => {
-                        let prev = self.read_expecting(&key, expect)?;
-                        let mut last = prev.clone();
-                        stamp(&mut last, rev);
-                        batch.remove(key.as_bytes());
-                        events.push(Event {
-                            revision: rev,
-                            kind: EventType::Deleted,
-                            key,
-                            object: last,
-                            prev: Some(prev),
-                        });
-                    }
-                }
-            }
-            batch.insert(REVISION_KEY, &rev.to_be_bytes());
-            self.tree.apply_batch(batch).map_err(backend)?;
-            self.revision.store(rev, Ordering::SeqCst);
-            let objects = events.iter().map(|e| e.object.clone()).collect();
-            self.hub.publish(events);
-            Committed {
-                revision: rev,
-                objects,
-            }
-        };
-        // Durable before acknowledged. Concurrent writers share flushes.
-        self.db.flush().map_err(backend)?;
+        let committed = self.apply(ops)?;
+        // Durable, visible and sent to watchers before it is acknowledged.
+        self.wait_durable(committed.revision)?;
         Ok(committed)
     }
 
     fn revision(&self) -> u64 {
-        self.revision.load(Ordering::SeqCst)
+        self.view.read().expect("view lock").revision
     }
 
     fn watch(&self, prefix: &str, from: u64) -> Result<WatchStream, StoreError> {
-        let _g = self.write.lock().expect("write lock");
-        self.hub
-            .watch(prefix, from, self.revision.load(Ordering::SeqCst))
+        self.hub.watch(prefix, from, self.revision())
+    }
+
+    fn watchers(&self) -> usize {
+        self.hub.watcher_count()
     }
 }
 
@@ -281,5 +425,97 @@ mod tests {
         let ev = w.recv().await.unwrap();
         assert_eq!((ev.kind, ev.revision), (EventType::Deleted, d.revision));
         assert!(ev.prev.is_some());
+    }
+
+    fn create(key: &str) -> Vec<Op> {
+        vec![Op::Create {
+            key: key.into(),
+            value: obj("x"),
+        }]
+    }
+
+    /// Waits (up to a deadline) until `cond` holds; says whether it did.
+    fn wait_until(what: &str, cond: impl Fn() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !cond() {
+            if std::time::Instant::now() >= deadline {
+                eprintln!("timed out waiting for {what}");
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        true
+    }
+
+    #[test]
+    fn events_and_reads_follow_the_flush() {
+        use std::sync::{Arc, Mutex as StdMutex};
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let w = Arc::new(StdMutex::new(
+            s.watch("/registry/pods/", s.revision()).unwrap(),
+        ));
+        // What was visible while the write was not yet durable.
+        let seen: Arc<StdMutex<Vec<(bool, bool)>>> = Arc::default();
+        {
+            let (w, seen) = (w.clone(), seen.clone());
+            s.set_flush_hook(move |s, _| {
+                let event = w.lock().unwrap().try_recv().is_ok();
+                let read = s.get("/registry/pods/default/a").unwrap().is_some();
+                seen.lock().unwrap().push((event, read));
+            });
+        }
+        let c = s.txn(create("/registry/pods/default/a")).unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(false, false)],
+            "before the flush: (watch event, readable)"
+        );
+        // Once acknowledged, both are there.
+        assert_eq!(w.lock().unwrap().try_recv().unwrap().revision, c.revision);
+        assert!(s.get("/registry/pods/default/a").unwrap().is_some());
+        assert_eq!(s.revision(), c.revision);
+    }
+
+    #[test]
+    fn concurrent_writers_share_a_flush() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        const WRITERS: u64 = 16;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SledStore::open(dir.path()).unwrap());
+        let start = s.revision();
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let flushed_through = Arc::new(AtomicU64::new(0));
+        {
+            let (flushes, flushed_through) = (flushes.clone(), flushed_through.clone());
+            s.set_flush_hook(move |s, target| {
+                if flushes.fetch_add(1, Ordering::SeqCst) == 0 {
+                    // Hold the first flush until every writer has applied its transaction.
+                    wait_until("all writers applied", || {
+                        s.applied_revision() >= start + WRITERS
+                    });
+                }
+                flushed_through.fetch_max(target, Ordering::SeqCst);
+            });
+        }
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|i| {
+                let (s, flushed_through) = (s.clone(), flushed_through.clone());
+                std::thread::spawn(move || {
+                    let c = s
+                        .txn(create(&format!("/registry/pods/default/p{i}")))
+                        .unwrap();
+                    // Acknowledged only after a flush that covers it.
+                    assert!(flushed_through.load(Ordering::SeqCst) >= c.revision);
+                    c.revision
+                })
+            })
+            .collect();
+        let mut revs: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+        revs.sort();
+        assert_eq!(revs, (start + 1..=start + WRITERS).collect::<Vec<_>>());
+        let n = flushes.load(Ordering::SeqCst);
+        assert!(n <= 2, "{WRITERS} concurrent writes took {n} flushes");
     }
 }
