@@ -225,3 +225,48 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
     cluster.server.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terminating_pods_hold_their_node_slot() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = cluster.client.clone();
+    let _n = node(
+        &c,
+        "two-slots",
+        FakeNodeOptions {
+            stop_delay: Duration::from_secs(3),
+            max_pods: 2,
+            ..Default::default()
+        },
+    )
+    .await?;
+    for p in ["a", "b"] {
+        c.create(res("pods"), Some("default"), &pod(p, "x:v1"))
+            .await?;
+        wait_ready(&c, p).await?;
+    }
+    ok(&cluster, &["delete", "pod", "a", "--wait=false"])?;
+    c.create(res("pods"), Some("default"), &pod("c", "x:v1"))
+        .await?;
+    // While a's containers stop, c does not fit.
+    let why = eventually("c found unschedulable", Duration::from_secs(10), || async {
+        let p = c.get(res("pods"), Some("default"), "c").await?;
+        anyhow::ensure!(
+            p["spec"]["nodeName"].as_str().is_none_or(str::is_empty),
+            "c was bound while a still terminated"
+        );
+        Ok(p.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c["type"] == "PodScheduled" && c["status"] == "False")
+            })
+            .map(|c| c["message"].as_str().unwrap_or("").to_string()))
+    })
+    .await?;
+    assert_eq!(why, "0/1 nodes are available: 1 Too many pods.");
+    // Once a is gone, c is bound.
+    wait_ready(&c, "c").await?;
+    cluster.server.shutdown().await?;
+    Ok(())
+}
