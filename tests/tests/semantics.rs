@@ -227,6 +227,86 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recreate_waits_until_old_pods_are_gone() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = cluster.client.clone();
+    let _n = node(
+        &c,
+        "slow-stop",
+        FakeNodeOptions {
+            stop_delay: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut d = verbs::deployment("rec", &["x:v1".into()], None, 2);
+    d["spec"]["strategy"] = json!({"type": "Recreate"});
+    c.create(res("deployments"), Some("default"), &d).await?;
+    eventually("rec ready", Duration::from_secs(15), || async {
+        let ps = pods_of(&c, "app=rec").await?;
+        Ok((ps.len() == 2 && ps.iter().all(is_ready)).then_some(()))
+    })
+    .await?;
+    let list = c
+        .list(res("pods"), Some("default"), Some("app=rec"), None)
+        .await?;
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let mut pods: BTreeMap<String, Value> = list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| (meta::name(&p).to_string(), p))
+        .collect();
+    let mut stream = Box::pin(
+        c.watch(
+            res("pods"),
+            Some("default"),
+            Some(&rv),
+            None,
+            Some("app=rec"),
+        )
+        .await?,
+    );
+    set_image(&c, "rec", "x:v2").await?;
+    let image = |p: &Value| {
+        p["spec"]["containers"][0]["image"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(ev) = stream.next().await {
+            let ev = ev?;
+            let name = meta::name(&ev.object).to_string();
+            if ev.kind == "DELETED" {
+                pods.remove(&name);
+            } else {
+                pods.insert(name, ev.object);
+            }
+            let old = pods.values().filter(|p| image(p) == "x:v1").count();
+            let new: Vec<&Value> = pods.values().filter(|p| image(p) == "x:v2").collect();
+            anyhow::ensure!(
+                old == 0 || new.is_empty(),
+                "{} new pods beside {old} old ones (terminating included)",
+                new.len()
+            );
+            if old == 0 && new.len() == 2 && new.iter().all(|p| is_ready(p)) {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("watch ended early")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the Recreate rollout did not finish in 30 s"))??;
+    cluster.server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminating_pods_hold_their_node_slot() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|_| {}).await?;
     let c = cluster.client.clone();
@@ -267,6 +347,47 @@ async fn terminating_pods_hold_their_node_slot() -> anyhow::Result<()> {
     assert_eq!(why, "0/1 nodes are available: 1 Too many pods.");
     // Once a is gone, c is bound.
     wait_ready(&c, "c").await?;
+    cluster.server.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_mid_rollout_and_paused_is_proportional() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = cluster.client.clone();
+    let _n = node(&c, "scaler", FakeNodeOptions::default()).await?;
+    let mut d = verbs::deployment("prop", &["x:v1".into()], None, 4);
+    d["spec"]["strategy"] =
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
+    c.create(res("deployments"), Some("default"), &d).await?;
+    wait_sizes(&c, "prop", &[("x:v1", 4)]).await?;
+    eventually("prop ready", Duration::from_secs(15), || async {
+        let ps = pods_of(&c, "app=prop").await?;
+        Ok((ps.len() == 4 && ps.iter().all(is_ready)).then_some(()))
+    })
+    .await?;
+    // A rollout that cannot progress: its pods never become ready.
+    set_image(&c, "prop", "x:unready").await?;
+    wait_sizes(&c, "prop", &[("x:v1", 4), ("x:unready", 1)]).await?;
+    // Scaled down to 2 (max 3 with the surge): the old ReplicaSet gives up its share.
+    ok(&cluster, &["scale", "deploy/prop", "--replicas=2"])?;
+    wait_sizes(&c, "prop", &[("x:v1", 2), ("x:unready", 1)]).await?;
+    // And up again to 6 (max 7).
+    ok(&cluster, &["scale", "deploy/prop", "--replicas=6"])?;
+    wait_sizes(&c, "prop", &[("x:v1", 5), ("x:unready", 2)]).await?;
+
+    // A paused deployment is scaled, and nothing is rolled out.
+    let d = verbs::deployment("paused", &["x:v1".into()], None, 2);
+    c.create(res("deployments"), Some("default"), &d).await?;
+    wait_sizes(&c, "paused", &[("x:v1", 2)]).await?;
+    ok(&cluster, &["rollout", "pause", "deploy/paused"])?;
+    ok(&cluster, &["scale", "deploy/paused", "--replicas=3"])?;
+    wait_sizes(&c, "paused", &[("x:v1", 3)]).await?;
+    set_image(&c, "paused", "x:v2").await?;
+    ok(&cluster, &["scale", "deploy/paused", "--replicas=1"])?;
+    wait_sizes(&c, "paused", &[("x:v1", 1)]).await?;
+    ok(&cluster, &["rollout", "resume", "deploy/paused"])?;
+    wait_sizes(&c, "paused", &[("x:v1", 0), ("x:v2", 1)]).await?;
     cluster.server.shutdown().await?;
     Ok(())
 }

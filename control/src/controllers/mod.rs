@@ -100,6 +100,19 @@ pub fn start(
                 q.add(k)
             }
         });
+        // A Recreate rollout waits until the old pods are gone; a ReplicaSet's status does
+        // not change when a terminating pod finally goes, so the pod's deletion is the signal.
+        let q = d_q.clone();
+        let rs_cache = replicasets.clone();
+        pods.on_change(move |c| {
+            if c.kind != EventType::Deleted {
+                return;
+            }
+            let rs = owner_key(&c.object, "ReplicaSet").and_then(|k| rs_cache.get(&k));
+            if let Some(k) = rs.and_then(|rs| owner_key(&rs, "Deployment")) {
+                q.add(k)
+            }
+        });
     }
     // Endpoints and LoadBalancer status.
     let (ep_q, ep_rx) = runtime::queue();
@@ -217,6 +230,7 @@ pub fn start(
             reg.clone(),
             deployments.clone(),
             replicasets.clone(),
+            pods.clone(),
         )),
         d_rx,
         stop.clone(),
