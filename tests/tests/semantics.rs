@@ -351,6 +351,81 @@ async fn terminating_pods_hold_their_node_slot() -> anyhow::Result<()> {
     Ok(())
 }
 
+const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: keep
+spec:
+  type: NodePort
+  selector: {app: keep}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: admin, port: 81, targetPort: 8081}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_keep_what_was_allocated_and_zero_means_allocate() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = cluster.client.clone();
+    let file = cluster.dir.path().join("svc.yaml");
+    std::fs::write(&file, SERVICE)?;
+    let file = file.to_string_lossy().to_string();
+    ok(&cluster, &["create", "-f", &file])?;
+    let before = c.get(res("services"), Some("default"), "keep").await?;
+    // A PUT of the manifest as written: no clusterIP, no nodePorts.
+    ok(&cluster, &["replace", "-f", &file])?;
+    let after = c.get(res("services"), Some("default"), "keep").await?;
+    assert_eq!(after["spec"]["clusterIP"], before["spec"]["clusterIP"]);
+    assert_eq!(after["spec"]["clusterIPs"], before["spec"]["clusterIPs"]);
+    let node_ports = |s: &Value| {
+        s["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["name"].clone(), p["nodePort"].clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(node_ports(&after), node_ports(&before));
+    // Ports matched by name, whatever their order.
+    let mut swapped = after.clone();
+    swapped["spec"]["ports"] = json!([{"name": "admin", "port": 81, "targetPort": 8081}, {"name": "http", "port": 80, "targetPort": 8080}]);
+    swapped["spec"]["clusterIP"] = json!("");
+    let stored = c
+        .replace(res("services"), Some("default"), "keep", &swapped)
+        .await?;
+    assert_eq!(stored["spec"]["clusterIP"], before["spec"]["clusterIP"]);
+    let mut want = node_ports(&before);
+    want.reverse();
+    assert_eq!(node_ports(&stored), want);
+
+    // kubectl's protobuf carries nodePort: 0, which asks for an allocation.
+    let out = ok(
+        &cluster,
+        &["create", "service", "nodeport", "np", "--tcp=80:8080"],
+    )?;
+    assert!(out.contains("service/np created"), "{out}");
+    let np = c.get(res("services"), Some("default"), "np").await?;
+    let port = np["spec"]["ports"][0]["nodePort"].as_i64().unwrap_or(0);
+    assert!((30000..=32767).contains(&port), "{}", np["spec"]);
+    let out = ok(
+        &cluster,
+        &["create", "service", "clusterip", "cip", "--tcp=80:8080"],
+    )?;
+    assert!(out.contains("service/cip created"), "{out}");
+    let cip = c.get(res("services"), Some("default"), "cip").await?;
+    assert!(
+        cip["spec"]["ports"][0].get("nodePort").is_none(),
+        "{}",
+        cip["spec"]
+    );
+    assert!(cip["spec"]["clusterIP"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("10.96.")));
+    cluster.server.shutdown().await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_mid_rollout_and_paused_is_proportional() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|_| {}).await?;
