@@ -112,6 +112,15 @@ impl Cache {
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| *s >= rev)).await;
     }
 
+    /// Puts an object in the cache as a watch event would (unit tests drive caches by hand).
+    #[cfg(test)]
+    pub(crate) fn insert(&self, obj: Value) {
+        self.objects
+            .write()
+            .expect("cache")
+            .insert(key_of(&obj), Arc::new(obj));
+    }
+
     pub fn revision(&self) -> u64 {
         *self.seen.borrow()
     }
