@@ -466,3 +466,40 @@ async fn scaling_mid_rollout_and_paused_is_proportional() -> anyhow::Result<()> 
     cluster.server.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_a_deleted_node_are_collected() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|c| {
+        c.controllers.pod_gc_period = Duration::from_millis(200);
+        c.controllers.orphan_pod_quarantine = Duration::from_millis(500);
+    })
+    .await?;
+    let c = cluster.client.clone();
+    let n = node(&c, "doomed", FakeNodeOptions::default()).await?;
+    ok(&cluster, &["create", "namespace", "short-lived"])?;
+    c.create(res("pods"), Some("short-lived"), &pod("orphan", "x:v1"))
+        .await?;
+    eventually("orphan running", Duration::from_secs(15), || async {
+        let p = c.get(res("pods"), Some("short-lived"), "orphan").await?;
+        Ok(is_ready(&p).then_some(()))
+    })
+    .await?;
+    // The node is powered off and removed.
+    n.fail();
+    ok(&cluster, &["delete", "node", "doomed"])?;
+    // The namespace's deletion is not held up by a pod no kubelet will finish.
+    ok(
+        &cluster,
+        &["delete", "namespace", "short-lived", "--wait=false"],
+    )?;
+    eventually("namespace gone", Duration::from_secs(15), || async {
+        match c.get(res("namespaces"), None, "short-lived").await {
+            Err(e) if e.code() == Some(404) => Ok(Some(())),
+            Err(e) => Err(e.into()),
+            Ok(_) => Ok(None),
+        }
+    })
+    .await?;
+    cluster.server.shutdown().await?;
+    Ok(())
+}
