@@ -326,7 +326,8 @@ impl DeploymentController {
             _ => None,
         };
         if let Some(i) = only {
-            rss[i] = self.scale(&rss[i], replicas, d, last)?;
+            // Annotated even when its size is already right, so the event is over.
+            rss[i] = self.scale_annotated(&rss[i], replicas, d, last)?;
             return Ok(());
         }
         if let Some(n) = new_at {
