@@ -450,6 +450,9 @@ async fn scaling_mid_rollout_and_paused_is_proportional() -> anyhow::Result<()> 
     // And up again to 6 (max 7).
     ok(&cluster, &["scale", "deploy/prop", "--replicas=6"])?;
     wait_sizes(&c, "prop", &[("x:v1", 5), ("x:unready", 2)]).await?;
+    // Down to 1 (max 2): the new ReplicaSet, above that, shrinks too.
+    ok(&cluster, &["scale", "deploy/prop", "--replicas=1"])?;
+    wait_sizes(&c, "prop", &[("x:v1", 1), ("x:unready", 1)]).await?;
 
     // A paused deployment is scaled, and nothing is rolled out.
     let d = verbs::deployment("paused", &["x:v1".into()], None, 2);
