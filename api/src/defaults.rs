@@ -11,6 +11,15 @@ fn set_default(obj: &mut Value, key: &str, value: Value) {
     }
 }
 
+/// Removes `key` when it holds `zero`.
+fn drop_if(obj: &mut Value, key: &str, zero: &Value) {
+    if let Some(m) = obj.as_object_mut() {
+        if m.get(key) == Some(zero) {
+            m.remove(key);
+        }
+    }
+}
+
 fn child<'a>(obj: &'a mut Value, key: &str) -> Option<&'a mut Value> {
     obj.get_mut(key).filter(|v| v.is_object())
 }
@@ -56,6 +65,11 @@ pub fn apply(kind: &str, obj: &mut Value) {
         }
         "Service" => {
             if let Some(spec) = child(obj, "spec") {
+                // Zero and empty mean "allocate one" (kubectl's protobuf carries Go's zero
+                // values); dropped here, so validation and allocation see them unset.
+                drop_if(spec, "clusterIP", &json!(""));
+                drop_if(spec, "clusterIPs", &json!([]));
+                drop_if(spec, "healthCheckNodePort", &json!(0));
                 set_default(spec, "type", json!("ClusterIP"));
                 set_default(spec, "sessionAffinity", json!("None"));
                 if spec["type"] == "NodePort" || spec["type"] == "LoadBalancer" {
@@ -63,6 +77,7 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 }
                 if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
                     for p in ports {
+                        drop_if(p, "nodePort", &json!(0));
                         set_default(p, "protocol", json!("TCP"));
                         if let Some(port) = p.get("port").cloned() {
                             set_default(p, "targetPort", port);
@@ -153,6 +168,13 @@ mod tests {
         apply("Service", &mut s);
         assert_eq!(s["spec"]["ports"][0]["targetPort"], 80);
         assert_eq!(s["spec"]["externalTrafficPolicy"], "Cluster");
+        // Go's zero values ask for an allocation.
+        let mut s = json!({"spec": {"clusterIP": "", "healthCheckNodePort": 0, "ports": [{"port": 80, "nodePort": 0}, {"port": 81, "nodePort": 30001}]}});
+        apply("Service", &mut s);
+        assert_eq!(s["spec"].get("clusterIP"), None);
+        assert_eq!(s["spec"].get("healthCheckNodePort"), None);
+        assert_eq!(s["spec"]["ports"][0].get("nodePort"), None);
+        assert_eq!(s["spec"]["ports"][1]["nodePort"], 30001);
         // An explicit value is kept.
         let mut d = json!({"spec": {"replicas": 0, "template": {"spec": {}}}});
         apply("Deployment", &mut d);

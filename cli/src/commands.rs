@@ -543,6 +543,7 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     let mut config = skiff_control::server::ServerConfig::new(server_dir, args.api_addr);
     config.controllers.node_grace = Duration::from_secs(args.node_grace_seconds);
     config.controllers.eviction_timeout = Duration::from_secs(args.pod_eviction_seconds);
+    config.controllers.terminated_pod_gc_threshold = args.terminated_pod_gc_threshold;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());

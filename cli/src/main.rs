@@ -41,6 +41,9 @@ pub struct ServerArgs {
     /// Seconds a node may stay NotReady before its pods are replaced elsewhere.
     #[arg(long, default_value_t = 300)]
     pub pod_eviction_seconds: u64,
+    /// Finished pods kept before the oldest are deleted (0: keep them all).
+    #[arg(long, default_value_t = 12500)]
+    pub terminated_pod_gc_threshold: usize,
     /// Prefix length of each node's pod network, cut from 10.88.0.0/16 (24: 253 pods a node).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(16..=28))]
     pub node_cidr_mask_size: u8,

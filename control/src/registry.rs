@@ -532,8 +532,7 @@ impl Registry {
             return Ok(new);
         }
         let key = r.key(ns, name);
-        // An object being deleted whose last finalizer is removed goes away now.
-        let op = if meta::is_deleting(&new) && meta::finalizers(&new).is_empty() {
+        let op = if empties_finalizers(old, &new) {
             Op::Delete { key, expect }
         } else {
             Op::Update {
@@ -712,7 +711,7 @@ impl Registry {
     }
 
     /// Removes a finalizer from an object; when it was the last one of an object being
-    /// deleted, the object is deleted.
+    /// deleted whose grace period is over, the object is deleted (see [`empties_finalizers`]).
     pub fn remove_finalizer(
         &self,
         r: &Resource,
@@ -728,7 +727,7 @@ impl Registry {
             .collect();
         meta::metadata_mut(&mut new).insert("finalizers".into(), json!(left));
         let expect = meta::resource_version(&old);
-        let op = if meta::is_deleting(&new) && left.is_empty() {
+        let op = if empties_finalizers(&old, &new) {
             Op::Delete {
                 key: r.key(ns, name),
                 expect,
@@ -786,6 +785,9 @@ impl Registry {
     }
 
     fn admit_service(&self, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
+        if let Some(old) = old {
+            patch_allocated_values(old, obj);
+        }
         let svcs = Resource::lookup("services").expect("services");
         let (all, _) = self
             .store
@@ -884,12 +886,6 @@ impl Registry {
             })
             .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
             .collect();
-        let old_ports: Vec<i64> = old
-            .and_then(|o| o.pointer("/spec/ports").and_then(Value::as_array).cloned())
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|p| p.get("nodePort").and_then(Value::as_i64))
-            .collect();
         let (lo, hi) = (
             self.config.node_ports.0 as i64,
             self.config.node_ports.1 as i64,
@@ -910,15 +906,9 @@ impl Registry {
                         used_ports.insert(np);
                     }
                     None => {
-                        // Keep a port the service had, else take a free one.
-                        let pick = old_ports
-                            .iter()
-                            .copied()
-                            .find(|p| !used_ports.contains(p))
-                            .or_else(|| {
-                                let start = lo + rand::random::<u16>() as i64 % (hi - lo + 1);
-                                (0..=(hi - lo)).map(|d| lo + (start - lo + d) % (hi - lo + 1)).find(|p| !used_ports.contains(p))
-                            });
+                        // A free one (a port the service had was patched in above).
+                        let start = lo + rand::random::<u16>() as i64 % (hi - lo + 1);
+                        let pick = (0..=(hi - lo)).map(|d| lo + (start - lo + d) % (hi - lo + 1)).find(|p| !used_ports.contains(p));
                         match pick {
                             Some(np) => {
                                 used_ports.insert(np);
@@ -968,6 +958,94 @@ impl Registry {
         obj["spec"]["podCIDR"] = json!(cidr);
         obj["spec"]["podCIDRs"] = json!([cidr]);
         Ok(())
+    }
+}
+
+/// Whether an update from `old` to `new` finishes a deletion, as Kubernetes' store decides it
+/// (`shouldDeleteDuringUpdate`): the object is being deleted, the update removes its last
+/// finalizer, and no grace period is pending (a pod on a node has one until its kubelet
+/// finishes with a zero grace period). Any other update of a deleting object is an update.
+pub fn empties_finalizers(old: &Value, new: &Value) -> bool {
+    let grace_over = old
+        .pointer("/metadata/deletionGracePeriodSeconds")
+        .and_then(Value::as_i64)
+        .is_none_or(|g| g == 0);
+    meta::is_deleting(old)
+        && !meta::finalizers(old).is_empty()
+        && meta::finalizers(new).is_empty()
+        && grace_over
+}
+
+/// Fills what an update of a Service leaves out with what was allocated for it, as
+/// Kubernetes' `patchAllocatedValues` does, so resubmitting the same manifest (or a PUT that
+/// never read the object) keeps its address and ports: the cluster IPs, each port's node port
+/// (matched by port name; not one another port of the update already uses) and the health
+/// check node port.
+fn patch_allocated_values(old: &Value, new: &mut Value) {
+    let ty = |s: &Value| {
+        s.pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_string()
+    };
+    let (old_ty, new_ty) = (ty(old), ty(new));
+    if !new.get("spec").is_some_and(Value::is_object) {
+        return;
+    }
+    let unset = |v: Option<&Value>| {
+        v.is_none_or(|v| v.is_null() || v.as_str() == Some("") || v == &json!([]))
+    };
+    if old_ty != "ExternalName" && new_ty != "ExternalName" {
+        for field in ["clusterIP", "clusterIPs"] {
+            if let Some(v) = old
+                .pointer(&format!("/spec/{field}"))
+                .filter(|v| !unset(Some(v)))
+            {
+                if unset(new["spec"].get(field)) {
+                    new["spec"][field] = v.clone();
+                }
+            }
+        }
+    }
+    let node_ports = |t: &str| t == "NodePort" || t == "LoadBalancer";
+    if node_ports(&old_ty) && node_ports(&new_ty) {
+        let ports_of = |s: &Value| {
+            s.pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let port_name = |p: &Value| p["name"].as_str().unwrap_or("").to_string();
+        let node_port = |p: &Value| {
+            p.get("nodePort")
+                .and_then(Value::as_i64)
+                .filter(|n| *n != 0)
+        };
+        let old_ports = ports_of(old);
+        let mut taken: BTreeSet<i64> = ports_of(new).iter().filter_map(node_port).collect();
+        if let Some(ports) = new.pointer_mut("/spec/ports").and_then(Value::as_array_mut) {
+            for p in ports.iter_mut().filter(|p| node_port(p).is_none()) {
+                let had = old_ports
+                    .iter()
+                    .find(|o| port_name(o) == port_name(p))
+                    .and_then(node_port);
+                if let Some(np) = had.filter(|np| !taken.contains(np)) {
+                    p["nodePort"] = json!(np);
+                    taken.insert(np);
+                }
+            }
+        }
+    }
+    if old_ty == "LoadBalancer"
+        && new_ty == "LoadBalancer"
+        && unset(new["spec"].get("healthCheckNodePort"))
+    {
+        if let Some(hc) = old
+            .pointer("/spec/healthCheckNodePort")
+            .filter(|v| v.as_i64().is_some_and(|n| n != 0))
+        {
+            new["spec"]["healthCheckNodePort"] = hc.clone();
+        }
     }
 }
 

@@ -541,7 +541,7 @@ async fn run(
     });
     let pods_r = Resource::lookup("pods").expect("pods");
     let selector = format!("spec.nodeName={}", config.name);
-    let deleting: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+    let deleting: Finishing = Arc::default();
     'outer: loop {
         // List, reconcile, then follow the watch; on any error start over.
         let list = match ctx.client.list(pods_r, None, None, Some(&selector)).await {
@@ -629,14 +629,26 @@ fn pod_images(pod: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The deletions being finished (containers stopping, then the final delete), by pod UID.
+type Finishing = Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>;
+
 async fn handle(
     ctx: &Arc<NodeContext>,
     workers: &mut HashMap<String, (PodWorker, Value)>,
-    deleting: &Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    deleting: &Finishing,
     pod: Value,
 ) {
     let uid = meta::uid(&pod).to_string();
     if meta::is_deleting(&pod) {
+        {
+            // Already being finished: the pod's own status writes while it drains come back
+            // as changes and must not finish it early. A finish that failed is tried again.
+            let mut d = deleting.lock().expect("deleting");
+            d.retain(|_, h| !h.is_finished());
+            if d.contains_key(&uid) {
+                return;
+            }
+        }
         let worker = workers.remove(&uid).map(|(w, _)| w);
         let grace = pod
             .pointer("/metadata/deletionGracePeriodSeconds")
@@ -661,9 +673,7 @@ async fn handle(
                 }
             }
         });
-        let mut d = deleting.lock().expect("deleting");
-        d.retain(|h| !h.is_finished());
-        d.push(h);
+        deleting.lock().expect("deleting").insert(uid, h);
         return;
     }
     let terminal = matches!(

@@ -1,6 +1,7 @@
 //! A fake node: registers a Node, heartbeats, and acts as the kubelet for the pods bound to
-//! it — marks them Running and Ready (after a start delay), and finishes their deletion —
-//! all through the public API, as a real agent does.
+//! it — marks them Running and Ready (after a start delay), and finishes their deletion
+//! (after a stop delay, as containers draining) — all through the public API, as a real
+//! agent does. A pod whose image names `unready` runs but never becomes ready.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,6 +10,27 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use skiff_api::{meta, Resource};
 use skiff_client::Client;
+
+/// How a fake node behaves.
+#[derive(Debug, Clone)]
+pub struct FakeNodeOptions {
+    /// Pods become Ready this long after they are bound.
+    pub start_delay: Duration,
+    /// A pod being deleted is finished this long after the node first sees it terminating.
+    pub stop_delay: Duration,
+    /// The node's allocatable `pods`.
+    pub max_pods: u32,
+}
+
+impl Default for FakeNodeOptions {
+    fn default() -> Self {
+        FakeNodeOptions {
+            start_delay: Duration::ZERO,
+            stop_delay: Duration::ZERO,
+            max_pods: 110,
+        }
+    }
+}
 
 pub struct FakeNode {
     pub name: String,
@@ -29,12 +51,27 @@ impl FakeNode {
         ip: &str,
         start_delay: Duration,
     ) -> anyhow::Result<FakeNode> {
+        let opts = FakeNodeOptions {
+            start_delay,
+            ..Default::default()
+        };
+        FakeNode::start_with(client, name, ip, opts).await
+    }
+
+    /// Registers node `name` (InternalIP `ip`) and starts serving it as `opts` say.
+    pub async fn start_with(
+        client: Client,
+        name: &str,
+        ip: &str,
+        opts: FakeNodeOptions,
+    ) -> anyhow::Result<FakeNode> {
         let nodes = Resource::lookup("nodes").expect("nodes");
+        let max_pods = opts.max_pods.to_string();
         let node = json!({
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
             "status": {
-                "capacity": {"cpu": "4", "memory": "8Gi", "pods": "110"},
-                "allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                "capacity": {"cpu": "4", "memory": "8Gi", "pods": max_pods},
+                "allocatable": {"cpu": "4", "memory": "8Gi", "pods": max_pods},
                 "addresses": [{"type": "InternalIP", "address": ip}, {"type": "Hostname", "address": name}],
                 "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "fake node is ready",
                                 "lastHeartbeatTime": now(), "lastTransitionTime": now()}],
@@ -49,6 +86,8 @@ impl FakeNode {
         let ip_s = ip.to_string();
         let task = tokio::spawn(async move {
             let mut ready_at: std::collections::HashMap<String, tokio::time::Instant> =
+                Default::default();
+            let mut gone_at: std::collections::HashMap<String, tokio::time::Instant> =
                 Default::default();
             let mut last_beat = tokio::time::Instant::now();
             let mut next_ip = 2u32;
@@ -76,8 +115,9 @@ impl FakeNode {
                         &client,
                         &name_s,
                         &ip_s,
-                        start_delay,
+                        &opts,
                         &mut ready_at,
+                        &mut gone_at,
                         &mut next_ip,
                     )
                     .await;
@@ -108,10 +148,12 @@ async fn serve_pods(
     client: &Client,
     node: &str,
     ip: &str,
-    delay: Duration,
+    opts: &FakeNodeOptions,
     ready_at: &mut std::collections::HashMap<String, tokio::time::Instant>,
+    gone_at: &mut std::collections::HashMap<String, tokio::time::Instant>,
     next_ip: &mut u32,
 ) -> anyhow::Result<()> {
+    let delay = opts.start_delay;
     let pods = Resource::lookup("pods").expect("pods");
     let list = client
         .list(pods, None, None, Some(&format!("spec.nodeName={node}")))
@@ -120,16 +162,30 @@ async fn serve_pods(
         let ns = meta::namespace(&p).unwrap_or("default").to_string();
         let name = meta::name(&p).to_string();
         if meta::is_deleting(&p) {
-            // The containers are stopped: finish the deletion.
-            let _ = client.delete(pods, Some(&ns), &name, None, Some(0)).await;
-            ready_at.remove(&meta::uid(&p).to_string());
+            // Once the containers have stopped, finish the deletion.
+            let uid = meta::uid(&p).to_string();
+            let due = *gone_at
+                .entry(uid.clone())
+                .or_insert_with(|| tokio::time::Instant::now() + opts.stop_delay);
+            if tokio::time::Instant::now() >= due {
+                let _ = client.delete(pods, Some(&ns), &name, None, Some(0)).await;
+                ready_at.remove(&uid);
+                gone_at.remove(&uid);
+            }
             continue;
         }
         let uid = meta::uid(&p).to_string();
         let due = *ready_at
             .entry(uid.clone())
             .or_insert_with(|| tokio::time::Instant::now() + delay);
-        let ready = tokio::time::Instant::now() >= due;
+        let never_ready = p
+            .pointer("/spec/containers")
+            .and_then(Value::as_array)
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c["image"].as_str().is_some_and(|i| i.contains("unready")))
+            });
+        let ready = tokio::time::Instant::now() >= due && !never_ready;
         let is_ready = p
             .pointer("/status/conditions")
             .and_then(Value::as_array)

@@ -17,17 +17,39 @@ pub struct DeploymentController {
     pub reg: Arc<Registry>,
     pub deployments: Arc<Cache>,
     pub replicasets: Arc<Cache>,
+    /// Pods, to know whether an old ReplicaSet's pods still run (Recreate waits for them).
+    pub pods: Arc<Cache>,
     expect: Mutex<HashMap<String, u64>>,
 }
 
 impl DeploymentController {
-    pub fn new(reg: Arc<Registry>, deployments: Arc<Cache>, replicasets: Arc<Cache>) -> Self {
+    pub fn new(
+        reg: Arc<Registry>,
+        deployments: Arc<Cache>,
+        replicasets: Arc<Cache>,
+        pods: Arc<Cache>,
+    ) -> Self {
         DeploymentController {
             reg,
             deployments,
             replicasets,
+            pods,
             expect: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether any pod of the `old` ReplicaSets is still running or terminating (Kubernetes'
+    /// `oldPodsRunning`): a ReplicaSet's `status.replicas` leaves terminating pods out, but
+    /// their containers still run until their node has stopped them.
+    fn old_pods_running(&self, ns: Option<&str>, old: &[Value]) -> bool {
+        if old.iter().any(|r| status_i(r, "replicas") > 0) {
+            return true;
+        }
+        let uids: std::collections::HashSet<&str> = old.iter().map(meta::uid).collect();
+        self.pods.list(ns).iter().any(|p| {
+            meta::controller_uid(p).is_some_and(|u| uids.contains(u.as_str()))
+                && !super::pods::is_terminal(p)
+        })
     }
 }
 
@@ -138,23 +160,119 @@ pub fn surge_and_unavailable(d: &Value) -> (i64, i64) {
     (surge, unavailable.min(replicas))
 }
 
+const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
+const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
+
+fn int_annotation(rs: &Value, key: &str) -> Option<i64> {
+    meta::annotations(rs).get(key).and_then(|v| v.parse().ok())
+}
+
+/// The Deployment's `spec.replicas` when this ReplicaSet was last scaled.
+fn desired_replicas(rs: &Value) -> Option<i64> {
+    int_annotation(rs, DESIRED_REPLICAS)
+}
+
+/// maxSurge as Kubernetes uses it (none for Recreate).
+fn max_surge(d: &Value) -> i64 {
+    if d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate") {
+        0
+    } else {
+        surge_and_unavailable(d).0
+    }
+}
+
+/// Oldest first: creation time, then revision (creation times have one-second steps).
+fn by_age(a: &Value, b: &Value) -> std::cmp::Ordering {
+    let created = |r: &Value| {
+        r.pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    created(a)
+        .cmp(&created(b))
+        .then(revision(a).cmp(&revision(b)))
+        .then(meta::name(a).cmp(meta::name(b)))
+}
+
+/// How many of `to_add` replicas (negative: to remove) go to `rs` when a Deployment of
+/// `d_replicas` (status `d_status_replicas`, max surge `surge`) is scaled proportionally;
+/// `added` have been handed out already (Kubernetes' `GetProportion`).
+fn proportion(
+    rs: &Value,
+    d_replicas: i64,
+    surge: i64,
+    d_status_replicas: i64,
+    to_add: i64,
+    added: i64,
+) -> i64 {
+    let size = spec_replicas(rs);
+    if size == 0 || to_add == 0 || to_add == added {
+        return 0;
+    }
+    let fraction = if d_replicas == 0 {
+        -size
+    } else {
+        // Its share of the Deployment's size before the scale, applied to the size after.
+        let before = int_annotation(rs, MAX_REPLICAS)
+            .filter(|n| *n > 0)
+            .unwrap_or(d_status_replicas);
+        if before <= 0 {
+            0
+        } else {
+            let scaled = (size * (d_replicas + surge)) as f64 / before as f64;
+            scaled.round() as i64 - size
+        }
+    };
+    let allowed = to_add - added;
+    if to_add > 0 {
+        fraction.min(allowed)
+    } else {
+        fraction.max(allowed)
+    }
+}
+
 impl DeploymentController {
-    fn scale(&self, rs: &Value, replicas: i64, d: &Value, last: &mut u64) -> Result<(), ApiError> {
+    /// Sets a ReplicaSet's size with the Deployment's replica annotations, when the size
+    /// changes (Kubernetes' `scaleReplicaSetAndRecordEvent`). Returns the stored ReplicaSet.
+    fn scale(
+        &self,
+        rs: &Value,
+        replicas: i64,
+        d: &Value,
+        last: &mut u64,
+    ) -> Result<Value, ApiError> {
         if spec_replicas(rs) == replicas {
-            return Ok(());
+            return Ok(rs.clone());
+        }
+        self.scale_annotated(rs, replicas, d, last)
+    }
+
+    /// Sets a ReplicaSet's size and the Deployment's replica annotations when either differs
+    /// (Kubernetes' `scaleReplicaSet`). Returns the stored ReplicaSet.
+    fn scale_annotated(
+        &self,
+        rs: &Value,
+        replicas: i64,
+        d: &Value,
+        last: &mut u64,
+    ) -> Result<Value, ApiError> {
+        let desired = spec_replicas(d);
+        let max = desired + max_surge(d);
+        if spec_replicas(rs) == replicas
+            && desired_replicas(rs) == Some(desired)
+            && int_annotation(rs, MAX_REPLICAS) == Some(max)
+        {
+            return Ok(rs.clone());
         }
         let rsr = Resource::lookup("replicasets").expect("rs");
         let mut next = rs.clone();
         next["spec"]["replicas"] = json!(replicas);
-        let ann = next["metadata"]["annotations"]
-            .as_object_mut()
-            .map(|_| ())
-            .is_some();
-        if !ann {
+        if !next["metadata"]["annotations"].is_object() {
             next["metadata"]["annotations"] = json!({});
         }
-        next["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] =
-            json!(spec_replicas(d).to_string());
+        next["metadata"]["annotations"][DESIRED_REPLICAS] = json!(desired.to_string());
+        next["metadata"]["annotations"][MAX_REPLICAS] = json!(max.to_string());
         let out = self.reg.update(
             rsr,
             meta::namespace(rs),
@@ -164,23 +282,195 @@ impl DeploymentController {
             &WriteOptions::default(),
         )?;
         *last = (*last).max(meta::resource_version(&out).unwrap_or(0));
-        let verb = if replicas > spec_replicas(rs) {
-            "up"
-        } else {
-            "down"
+        if spec_replicas(rs) != replicas {
+            let verb = if replicas > spec_replicas(rs) {
+                "up"
+            } else {
+                "down"
+            };
+            super::events::record(
+                &self.reg,
+                d,
+                "Normal",
+                "ScalingReplicaSet",
+                &format!(
+                    "Scaled {verb} replica set {} from {} to {replicas}",
+                    meta::name(rs),
+                    spec_replicas(rs)
+                ),
+                "deployment-controller",
+            );
+        }
+        Ok(out)
+    }
+
+    /// A scaling event or a paused Deployment (Kubernetes' `scale` in sync.go): one active
+    /// ReplicaSet (or, with none, the newest) takes the whole count; a saturated new one has
+    /// the old ones scaled to zero; otherwise a rolling Deployment's size change is spread
+    /// over the active ReplicaSets in proportion to their sizes. `rss` are updated in place;
+    /// `new_at` is the new ReplicaSet's index.
+    fn scale_proportionally(
+        &self,
+        d: &Value,
+        rss: &mut [Value],
+        new_at: Option<usize>,
+        last: &mut u64,
+    ) -> Result<(), ApiError> {
+        let replicas = spec_replicas(d);
+        let active: Vec<usize> = (0..rss.len())
+            .filter(|i| spec_replicas(&rss[*i]) > 0)
+            .collect();
+        let only = match active.len() {
+            0 => new_at.or_else(|| (0..rss.len()).max_by(|a, b| by_age(&rss[*a], &rss[*b]))),
+            1 => Some(active[0]),
+            _ => None,
         };
-        super::events::record(
-            &self.reg,
-            d,
-            "Normal",
-            "ScalingReplicaSet",
-            &format!(
-                "Scaled {verb} replica set {} from {} to {replicas}",
-                meta::name(rs),
-                spec_replicas(rs)
-            ),
-            "deployment-controller",
-        );
+        if let Some(i) = only {
+            // Annotated even when its size is already right, so the event is over.
+            rss[i] = self.scale_annotated(&rss[i], replicas, d, last)?;
+            return Ok(());
+        }
+        if let Some(n) = new_at {
+            let nrs = &rss[n];
+            let saturated = spec_replicas(nrs) == replicas
+                && desired_replicas(nrs) == Some(replicas)
+                && status_i(nrs, "availableReplicas") >= replicas;
+            if saturated {
+                for i in active.into_iter().filter(|i| *i != n) {
+                    rss[i] = self.scale(&rss[i], 0, d, last)?;
+                }
+                return Ok(());
+            }
+        }
+        if d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate") {
+            return Ok(());
+        }
+        let surge = max_surge(d);
+        let total: i64 = active.iter().map(|i| spec_replicas(&rss[*i])).sum();
+        let allowed = if replicas > 0 { replicas + surge } else { 0 };
+        let to_add = allowed - total;
+        // Larger first; of equal ones the newer gets more, the older loses first.
+        let mut order = active;
+        order.sort_by(|a, b| {
+            let age = by_age(&rss[*a], &rss[*b]);
+            spec_replicas(&rss[*b])
+                .cmp(&spec_replicas(&rss[*a]))
+                .then(if to_add > 0 { age.reverse() } else { age })
+        });
+        let status_replicas = status_i(d, "replicas");
+        let mut added = 0;
+        let mut sizes: Vec<i64> = order
+            .iter()
+            .map(|i| {
+                let rs = &rss[*i];
+                let p = proportion(rs, replicas, surge, status_replicas, to_add, added);
+                added += p;
+                spec_replicas(rs) + p
+            })
+            .collect();
+        // What rounding left over goes to (or comes from) the largest.
+        if to_add != 0 {
+            sizes[0] = (sizes[0] + to_add - added).max(0);
+        }
+        for (k, i) in order.into_iter().enumerate() {
+            rss[i] = self.scale_annotated(&rss[i], sizes[k], d, last)?;
+        }
+        Ok(())
+    }
+
+    /// One step of a Recreate rollout: every old ReplicaSet to zero, and the new one up only
+    /// when no old pod runs or terminates any more.
+    fn rollout_recreate(
+        &self,
+        d: &Value,
+        nrs: &mut Value,
+        old: &mut [Value],
+        last: &mut u64,
+    ) -> Result<(), ApiError> {
+        let mut scaled_down = false;
+        for rs in old.iter_mut().filter(|r| spec_replicas(r) > 0) {
+            *rs = self.scale(rs, 0, d, last)?;
+            scaled_down = true;
+        }
+        if scaled_down || self.old_pods_running(meta::namespace(d), old) {
+            return Ok(());
+        }
+        *nrs = self.scale(nrs, spec_replicas(d), d, last)?;
+        Ok(())
+    }
+
+    /// One step of a rolling update (Kubernetes' `rolloutRolling`): the new ReplicaSet to
+    /// its size within maxSurge (down, if the Deployment shrank); if it did not change, old
+    /// ReplicaSets down within maxUnavailable, their unavailable pods first.
+    fn rollout_rolling(
+        &self,
+        d: &Value,
+        nrs: &mut Value,
+        old: &mut [Value],
+        last: &mut u64,
+    ) -> Result<(), ApiError> {
+        let replicas = spec_replicas(d);
+        let (surge, unavailable) = surge_and_unavailable(d);
+        let new_size = spec_replicas(nrs);
+        let all = |old: &[Value], nrs: &Value| {
+            old.iter().map(spec_replicas).sum::<i64>() + spec_replicas(nrs)
+        };
+        if new_size > replicas {
+            *nrs = self.scale(nrs, replicas, d, last)?;
+            return Ok(());
+        }
+        if new_size < replicas {
+            let room = replicas + surge - all(old, nrs);
+            if room > 0 {
+                let to = new_size + room.min(replicas - new_size);
+                *nrs = self.scale(nrs, to, d, last)?;
+                return Ok(());
+            }
+        }
+        if old.iter().all(|r| spec_replicas(r) == 0) {
+            return Ok(());
+        }
+        let min_available = replicas - if replicas == 0 { 0 } else { unavailable };
+        let new_unavailable = spec_replicas(nrs) - status_i(nrs, "availableReplicas");
+        let max_down = all(old, nrs) - min_available - new_unavailable;
+        if max_down <= 0 {
+            return Ok(());
+        }
+        old.sort_by(by_age);
+        // Unavailable old pods first: they would otherwise block the rollout.
+        let mut cleaned = 0;
+        for rs in old.iter_mut() {
+            if cleaned >= max_down {
+                break;
+            }
+            let unhealthy = spec_replicas(rs) - status_i(rs, "availableReplicas");
+            if spec_replicas(rs) == 0 || unhealthy <= 0 {
+                continue;
+            }
+            let n = unhealthy.min(max_down - cleaned);
+            *rs = self.scale(rs, spec_replicas(rs) - n, d, last)?;
+            cleaned += n;
+        }
+        // Then available ones, keeping minAvailable.
+        let available: i64 = old
+            .iter()
+            .map(|r| status_i(r, "availableReplicas"))
+            .sum::<i64>()
+            + status_i(nrs, "availableReplicas");
+        if available <= min_available {
+            return Ok(());
+        }
+        let mut down = available - min_available;
+        for rs in old.iter_mut() {
+            if down <= 0 {
+                break;
+            }
+            let n = spec_replicas(rs).min(down);
+            if n > 0 {
+                *rs = self.scale(rs, spec_replicas(rs) - n, d, last)?;
+                down -= n;
+            }
+        }
         Ok(())
     }
 }
@@ -231,11 +521,19 @@ impl Reconciler for DeploymentController {
         let mut new_rs = new_idx.map(|i| owned.remove(i));
         let old: Vec<Value> = owned;
 
-        if new_rs.is_none() && !paused {
+        // A change of spec.replicas while ReplicaSets carry another desired count is scaled
+        // proportionally over the active ReplicaSets before any rollout step (Kubernetes'
+        // `isScalingEvent`); a paused Deployment is only ever scaled that way.
+        let scaling_event = new_rs
+            .iter()
+            .chain(old.iter())
+            .filter(|r| spec_replicas(r) > 0)
+            .any(|r| desired_replicas(r).is_some_and(|n| n != replicas));
+
+        if new_rs.is_none() && !paused && !scaling_event {
             let total: i64 = old.iter().map(spec_replicas).sum();
-            let old_pods: i64 = old.iter().map(|r| status_i(r, "replicas")).sum();
             let initial = if recreate {
-                if old_pods == 0 && total == 0 {
+                if total == 0 && !self.old_pods_running(ns, &old) {
                     replicas
                 } else {
                     0
@@ -256,7 +554,7 @@ impl Reconciler for DeploymentController {
                 selector["matchLabels"] = json!({});
             }
             selector["matchLabels"][POD_TEMPLATE_HASH] = json!(hash);
-            let (surge, _) = surge_and_unavailable(&d);
+            let surge = max_surge(&d);
             let rs = json!({
                 "apiVersion": "apps/v1", "kind": "ReplicaSet",
                 "metadata": {
@@ -308,79 +606,34 @@ impl Reconciler for DeploymentController {
             }
         }
 
-        if !paused {
-            if let Some(nrs) = &new_rs {
-                if recreate {
-                    let mut old_running = 0;
-                    for rs in &old {
-                        self.scale(rs, 0, &d, &mut last)?;
-                        old_running += status_i(rs, "replicas");
-                    }
-                    if old_running == 0 {
-                        self.scale(nrs, replicas, &d, &mut last)?;
-                    }
-                } else if old.iter().all(|r| spec_replicas(r) == 0) {
-                    self.scale(nrs, replicas, &d, &mut last)?;
-                } else {
-                    let (surge, unavailable) = surge_and_unavailable(&d);
-                    let all: i64 = old.iter().map(spec_replicas).sum::<i64>() + spec_replicas(nrs);
-                    // Scale up the new ReplicaSet within maxSurge.
-                    let max_total = replicas + surge;
-                    let mut new_count = spec_replicas(nrs);
-                    if all < max_total && new_count < replicas {
-                        new_count = (new_count + (max_total - all)).min(replicas);
-                        self.scale(nrs, new_count, &d, &mut last)?;
-                    }
-                    // Scale down old ReplicaSets within maxUnavailable.
-                    let all = old.iter().map(spec_replicas).sum::<i64>() + new_count;
-                    let min_available = replicas - unavailable;
-                    let new_unavailable = (new_count - status_i(nrs, "availableReplicas")).max(0);
-                    let mut budget = all - min_available - new_unavailable;
-                    let mut olds = old.clone();
-                    // First the old pods that are not available anyway.
-                    for rs in olds.iter_mut() {
-                        if budget <= 0 {
-                            break;
-                        }
-                        let unhealthy = (spec_replicas(rs) - status_i(rs, "availableReplicas"))
-                            .max(0)
-                            .min(budget);
-                        if unhealthy > 0 {
-                            let to = spec_replicas(rs) - unhealthy;
-                            self.scale(rs, to, &d, &mut last)?;
-                            rs["spec"]["replicas"] = json!(to);
-                            budget -= unhealthy;
-                        }
-                    }
-                    // Then available ones, keeping minAvailable.
-                    let available: i64 = olds
-                        .iter()
-                        .map(|r| status_i(r, "availableReplicas").min(spec_replicas(r)))
-                        .sum::<i64>()
-                        + status_i(nrs, "availableReplicas");
-                    let mut down = (available - min_available).min(budget.max(0));
-                    for rs in olds.iter() {
-                        if down <= 0 {
-                            break;
-                        }
-                        let n = spec_replicas(rs).min(down);
-                        if n > 0 {
-                            self.scale(rs, spec_replicas(rs) - n, &d, &mut last)?;
-                            down -= n;
-                        }
-                    }
-                }
+        let mut old = old;
+        if paused || scaling_event {
+            let mut all: Vec<Value> = new_rs.iter().cloned().chain(old.iter().cloned()).collect();
+            let new_at = new_rs.is_some().then_some(0);
+            self.scale_proportionally(&d, &mut all, new_at, &mut last)?;
+            if new_rs.is_some() {
+                new_rs = Some(all.remove(0));
             }
+            old = all;
+        } else if let Some(nrs) = new_rs.as_mut() {
+            if recreate {
+                self.rollout_recreate(&d, nrs, &mut old, &mut last)?;
+            } else {
+                self.rollout_rolling(&d, nrs, &mut old, &mut last)?;
+            }
+        }
+        if !paused {
             // History: delete old, empty ReplicaSets beyond revisionHistoryLimit.
             let limit = d
                 .pointer("/spec/revisionHistoryLimit")
                 .and_then(Value::as_i64)
                 .unwrap_or(10)
                 .max(0) as usize;
-            let empty: Vec<&Value> = old
+            let mut empty: Vec<&Value> = old
                 .iter()
                 .filter(|r| spec_replicas(r) == 0 && status_i(r, "replicas") == 0)
                 .collect();
+            empty.sort_by_key(|r| revision(r));
             if empty.len() > limit {
                 for rs in empty.iter().take(empty.len() - limit) {
                     match self

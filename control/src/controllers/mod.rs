@@ -6,6 +6,7 @@ pub mod endpoints;
 pub mod events;
 pub mod gc;
 pub mod nodelifecycle;
+pub mod podgc;
 pub mod pods;
 pub mod replicaset;
 pub mod runtime;
@@ -33,6 +34,13 @@ pub struct ControllerConfig {
     /// Registries reached over plain HTTP when the scheduler asks what an image is
     /// (loopback ones always are).
     pub insecure_registries: Vec<String>,
+    /// Finished pods kept before the oldest are deleted; 0 keeps them all
+    /// (`--terminated-pod-gc-threshold`).
+    pub terminated_pod_gc_threshold: usize,
+    /// How often the pod garbage collector looks.
+    pub pod_gc_period: Duration,
+    /// How long a node must be missing before the pods bound to it are deleted.
+    pub orphan_pod_quarantine: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -41,6 +49,9 @@ impl Default for ControllerConfig {
             node_grace: Duration::from_secs(40),
             eviction_timeout: Duration::from_secs(300),
             insecure_registries: Vec::new(),
+            terminated_pod_gc_threshold: 12500,
+            pod_gc_period: Duration::from_secs(20),
+            orphan_pod_quarantine: Duration::from_secs(40),
         }
     }
 }
@@ -97,6 +108,19 @@ pub fn start(
         let q = d_q.clone();
         replicasets.on_change(move |c| {
             if let Some(k) = owner_key(&c.object, "Deployment") {
+                q.add(k)
+            }
+        });
+        // A Recreate rollout waits until the old pods are gone; a ReplicaSet's status does
+        // not change when a terminating pod finally goes, so the pod's deletion is the signal.
+        let q = d_q.clone();
+        let rs_cache = replicasets.clone();
+        pods.on_change(move |c| {
+            if c.kind != EventType::Deleted {
+                return;
+            }
+            let rs = owner_key(&c.object, "ReplicaSet").and_then(|k| rs_cache.get(&k));
+            if let Some(k) = rs.and_then(|rs| owner_key(&rs, "Deployment")) {
                 q.add(k)
             }
         });
@@ -217,6 +241,7 @@ pub fn start(
             reg.clone(),
             deployments.clone(),
             replicasets.clone(),
+            pods.clone(),
         )),
         d_rx,
         stop.clone(),
@@ -256,6 +281,26 @@ pub fn start(
             tokio::select! {
                 _ = s.changed() => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+    let podgc = podgc::PodGc::new(
+        reg.clone(),
+        pods.clone(),
+        nodes.clone(),
+        config.terminated_pod_gc_threshold,
+        config.orphan_pod_quarantine,
+    );
+    let period = config.pod_gc_period;
+    let mut s = stop.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = s.changed() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+            if let Err(e) = podgc.check() {
+                tracing::warn!(error = %e, "pod garbage collection pass failed");
             }
         }
     });

@@ -85,25 +85,13 @@ impl NodeLifecycle {
                     &format!("Node {name} status is now: NodeNotReady"),
                     "node-controller",
                 );
-                for p in self.pods_on(&name) {
-                    let mut np = (*p).clone();
-                    set_condition(
-                        &mut np,
-                        "Ready",
-                        "False",
-                        "NodeNotReady",
-                        "node is not ready",
-                    );
-                    let _ = self.reg.update(
-                        pods_r,
-                        meta::namespace(&p),
-                        meta::name(&p),
-                        np,
-                        Sub::Status,
-                        &WriteOptions::default(),
-                    );
-                }
+                self.mark_pods_not_ready(&name);
                 continue;
+            }
+            if stale {
+                // Level-triggered: a write that failed last pass (a pod changed meanwhile)
+                // and pods that reached the node since are marked now.
+                self.mark_pods_not_ready(&name);
             }
             if stale && !tainted {
                 let mut taints = node
@@ -163,6 +151,44 @@ impl NodeLifecycle {
         Ok(())
     }
 
+    /// Marks the pods on an unreachable node not ready (so services drop them), those that
+    /// are not already. A write that fails is retried on the next pass.
+    fn mark_pods_not_ready(&self, node: &str) {
+        let pods_r = Resource::lookup("pods").expect("pods");
+        for p in self.pods_on(node) {
+            let already = p
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                .is_some_and(|c| c["status"] == "False");
+            if already || super::pods::is_terminal(&p) {
+                continue;
+            }
+            let mut np = (*p).clone();
+            set_condition(
+                &mut np,
+                "Ready",
+                "False",
+                "NodeNotReady",
+                "node is not ready",
+            );
+            match self.reg.update(
+                pods_r,
+                meta::namespace(&p),
+                meta::name(&p),
+                np,
+                Sub::Status,
+                &WriteOptions::default(),
+            ) {
+                Ok(_) => {}
+                Err(e) if e.code == 404 || e.code == 409 => {}
+                Err(e) => {
+                    tracing::warn!(node, pod = meta::name(&p), error = %e, "marking a pod not ready failed")
+                }
+            }
+        }
+    }
+
     fn set_taints(&self, node: &Value, taints: Vec<Value>) -> Result<(), ApiError> {
         let mut next = node.clone();
         next["spec"]["taints"] = json!(taints);
@@ -211,4 +237,80 @@ fn tolerates_unreachable_forever(pod: &Value) -> bool {
                     && t.get("tolerationSeconds").is_none_or(Value::is_null)
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::ClusterConfig;
+    use crate::store::sled::SledStore;
+
+    fn res(n: &str) -> &'static Resource {
+        Resource::lookup(n).expect("resource")
+    }
+
+    fn pod_ready(reg: &Registry) -> Value {
+        let p = reg.get(res("pods"), Some("default"), "p").expect("pod");
+        ready_condition(&p)
+            .map(|c| c["status"].clone())
+            .unwrap_or(Value::Null)
+    }
+
+    #[tokio::test]
+    async fn a_failed_not_ready_write_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let reg = Registry::new(store, ClusterConfig::default());
+        let opts = WriteOptions::default();
+        reg.create(
+            res("namespaces"),
+            None,
+            json!({"metadata": {"name": "default"}}),
+            &opts,
+        )
+        .unwrap();
+        let node = reg
+            .create(res("nodes"), None, json!({"metadata": {"name": "n1"},
+                "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2020-01-01T00:00:00Z"}]}}), &opts)
+            .unwrap();
+        let pod = reg
+            .create(
+                res("pods"),
+                Some("default"),
+                json!({"metadata": {"name": "p"},
+                "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x:1"}]}}),
+                &opts,
+            )
+            .unwrap();
+        let mut ready = pod.clone();
+        set_condition(&mut ready, "Ready", "True", "", "");
+        let ready = reg
+            .update(res("pods"), Some("default"), "p", ready, Sub::Status, &opts)
+            .unwrap();
+        // The pod cache lags behind the store: the first write, made from it, conflicts.
+        let nodes = Cache::new(res("nodes"));
+        nodes.insert(node);
+        let pods = Cache::new(res("pods"));
+        pods.insert(pod);
+        let lc = NodeLifecycle {
+            reg: reg.clone(),
+            nodes: nodes.clone(),
+            pods: pods.clone(),
+            grace: Duration::from_secs(40),
+            eviction_timeout: Duration::from_secs(3600),
+        };
+        lc.check().unwrap();
+        let n1 = reg.get(res("nodes"), None, "n1").unwrap();
+        assert_eq!(ready_condition(&n1).unwrap()["status"], "Unknown");
+        assert_eq!(
+            pod_ready(&reg),
+            "True",
+            "the conflicting write changed nothing"
+        );
+        // The caches catch up; the next pass marks the pod.
+        nodes.insert(n1);
+        pods.insert(ready);
+        lc.check().unwrap();
+        assert_eq!(pod_ready(&reg), "False");
+    }
 }

@@ -112,6 +112,15 @@ impl Cache {
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|s| *s >= rev)).await;
     }
 
+    /// Puts an object in the cache as a watch event would (unit tests drive caches by hand).
+    #[cfg(test)]
+    pub(crate) fn insert(&self, obj: Value) {
+        self.objects
+            .write()
+            .expect("cache")
+            .insert(key_of(&obj), Arc::new(obj));
+    }
+
     pub fn revision(&self) -> u64 {
         *self.seen.borrow()
     }
@@ -211,6 +220,60 @@ fn backoff(failures: u32) -> Duration {
     Duration::from_millis(5u64.saturating_mul(1 << failures.min(13))).min(Duration::from_secs(30))
 }
 
+/// Keys waiting for a time: at most one timer per key, the earliest asked for kept (as
+/// client-go's delaying queue does), so event-triggered requeues of one key cannot pile up.
+#[derive(Default)]
+struct Delayed {
+    heap: BinaryHeap<std::cmp::Reverse<(Instant, String)>>,
+    /// The one live deadline of each waiting key; heap entries that disagree are stale.
+    at: HashMap<String, Instant>,
+}
+
+impl Delayed {
+    fn add(&mut self, key: String, at: Instant) {
+        match self.at.get(&key) {
+            Some(cur) if *cur <= at => {}
+            _ => {
+                self.at.insert(key.clone(), at);
+                self.heap.push(std::cmp::Reverse((at, key)));
+            }
+        }
+    }
+
+    /// Removes and returns the keys due at `now`.
+    fn take_due(&mut self, now: Instant) -> Vec<String> {
+        let mut due = Vec::new();
+        while let Some(std::cmp::Reverse((at, _))) = self.heap.peek() {
+            if *at > now {
+                break;
+            }
+            let std::cmp::Reverse((at, k)) = self.heap.pop().expect("peeked");
+            if self.at.get(&k) == Some(&at) {
+                self.at.remove(&k);
+                due.push(k);
+            }
+        }
+        due
+    }
+
+    /// When the next key is due.
+    fn next(&mut self) -> Option<Instant> {
+        // Drop stale entries so the loop does not wake for them.
+        while let Some(std::cmp::Reverse((at, k))) = self.heap.peek() {
+            if self.at.get(k) == Some(at) {
+                return Some(*at);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.at.len()
+    }
+}
+
 pub fn queue() -> (Queue, mpsc::UnboundedReceiver<(String, Option<Instant>)>) {
     let (tx, rx) = mpsc::unbounded_channel();
     (Queue { tx }, rx)
@@ -223,18 +286,11 @@ pub async fn run<C: Reconciler>(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut ready: BTreeSet<String> = BTreeSet::new();
-    let mut delayed: BinaryHeap<std::cmp::Reverse<(Instant, String)>> = BinaryHeap::new();
+    let mut delayed = Delayed::default();
     let failures: Mutex<HashMap<String, u32>> = Mutex::new(HashMap::new());
     loop {
         // Move due delayed keys to ready.
-        let now = Instant::now();
-        while let Some(std::cmp::Reverse((at, _))) = delayed.peek() {
-            if *at > now {
-                break;
-            }
-            let std::cmp::Reverse((_, k)) = delayed.pop().expect("peeked");
-            ready.insert(k);
-        }
+        ready.extend(delayed.take_due(Instant::now()));
         if let Some(key) = ready.pop_first() {
             let span = tracing::debug_span!("reconcile", controller = c.name(), key = %key);
             let result = c.reconcile(&key).instrument(span).await;
@@ -242,7 +298,7 @@ pub async fn run<C: Reconciler>(
                 Ok(action) => {
                     failures.lock().expect("failures").remove(&key);
                     if let Action::RequeueAfter(d) = action {
-                        delayed.push(std::cmp::Reverse((Instant::now() + d, key)));
+                        delayed.add(key, Instant::now() + d);
                     }
                 }
                 Err(e) => {
@@ -255,13 +311,13 @@ pub async fn run<C: Reconciler>(
                     if e.code != 409 {
                         tracing::warn!(controller = c.name(), key = %key, error = %e, attempt = n, "reconcile failed");
                     }
-                    delayed.push(std::cmp::Reverse((Instant::now() + backoff(n), key)));
+                    delayed.add(key, Instant::now() + backoff(n));
                 }
             }
             // Take whatever arrived meanwhile without blocking.
             while let Ok((k, at)) = rx.try_recv() {
                 match at {
-                    Some(at) => delayed.push(std::cmp::Reverse((at, k))),
+                    Some(at) => delayed.add(k, at),
                     None => {
                         ready.insert(k);
                     }
@@ -270,15 +326,15 @@ pub async fn run<C: Reconciler>(
             continue;
         }
         let sleep = delayed
-            .peek()
-            .map(|std::cmp::Reverse((at, _))| at.saturating_duration_since(Instant::now()))
+            .next()
+            .map(|at| at.saturating_duration_since(Instant::now()))
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
             _ = stop.changed() => return,
             _ = tokio::time::sleep(sleep) => {}
             msg = rx.recv() => match msg {
                 Some((k, None)) => { ready.insert(k); }
-                Some((k, Some(at))) => delayed.push(std::cmp::Reverse((at, k))),
+                Some((k, Some(at))) => delayed.add(k, at),
                 None => return,
             }
         }
@@ -288,6 +344,34 @@ pub async fn run<C: Reconciler>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_timer_per_key_the_earliest_kept() {
+        let mut d = Delayed::default();
+        let t0 = Instant::now();
+        // A reconcile per event, each asking to look again in 601 s: one timer.
+        for i in 0..1000 {
+            d.add(
+                "ns/app".into(),
+                t0 + Duration::from_secs(601) + Duration::from_millis(i),
+            );
+        }
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.heap.len(), 1, "later deadlines add no entries");
+        assert_eq!(d.next(), Some(t0 + Duration::from_secs(601)));
+        // An earlier deadline replaces it; the later one no longer fires.
+        d.add("ns/app".into(), t0 + Duration::from_secs(1));
+        d.add("ns/other".into(), t0 + Duration::from_secs(5));
+        assert_eq!(d.len(), 2);
+        assert_eq!(d.next(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(d.take_due(t0 + Duration::from_secs(2)), vec!["ns/app"]);
+        assert_eq!(d.take_due(t0 + Duration::from_secs(700)), vec!["ns/other"]);
+        assert_eq!(d.next(), None);
+        assert_eq!(d.len(), 0);
+        // Once fired, the key may wait again.
+        d.add("ns/app".into(), t0 + Duration::from_secs(3));
+        assert_eq!(d.take_due(t0 + Duration::from_secs(3)), vec!["ns/app"]);
+    }
 
     #[test]
     fn backoff_grows_and_caps() {

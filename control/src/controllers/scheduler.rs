@@ -352,7 +352,8 @@ pub fn schedule(
         .collect()
 }
 
-/// Builds node infos from the caches: nodes with the requests of the pods already on them.
+/// Builds node infos from the caches: nodes with the requests of the pods already on them
+/// (terminating ones included: only Succeeded and Failed pods are left out).
 pub fn node_infos(nodes: &[Arc<Value>], pods: &[Arc<Value>]) -> Vec<NodeInfo> {
     let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| NodeInfo::from_node(n)).collect();
     let index: HashMap<String, usize> = infos
@@ -366,7 +367,9 @@ pub fn node_infos(nodes: &[Arc<Value>], pods: &[Arc<Value>]) -> Vec<NodeInfo> {
             .and_then(Value::as_str)
             .and_then(|n| index.get(n))
         {
-            if super::pods::is_active(p) {
+            // A terminating pod still holds its resources, slot and address until it is
+            // gone; only a finished one has given them back.
+            if !super::pods::is_terminal(p) {
                 infos[*i].add(&PodRequest::from_pod(p));
             }
         }
@@ -480,6 +483,32 @@ mod tests {
             big[0],
             Err("0/2 nodes are available: 2 Insufficient cpu.".to_string())
         );
+    }
+
+    #[test]
+    fn terminating_pods_hold_their_node_until_gone() {
+        let n = json!({"metadata": {"name": "a"}, "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "2"},
+                       "conditions": [{"type": "Ready", "status": "True"}]}});
+        let on_a = |phase: &str, deleting: bool| {
+            let mut p = json!({"metadata": {"name": "p"}, "spec": {"nodeName": "a", "containers": [{"name": "c", "resources": {"requests": {"cpu": "400m"}}}]},
+                               "status": {"phase": phase}});
+            if deleting {
+                p["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
+            }
+            Arc::new(p)
+        };
+        let infos = node_infos(
+            &[Arc::new(n.clone())],
+            &[on_a("Running", true), on_a("Running", false)],
+        );
+        assert_eq!((infos[0].used_pods, infos[0].used_cpu), (2, 800));
+        assert_eq!(filter(&infos[0], &pod("100m", None)), Some("Too many pods"));
+        // Finished pods give their slot back.
+        let infos = node_infos(
+            &[Arc::new(n)],
+            &[on_a("Succeeded", false), on_a("Failed", true)],
+        );
+        assert_eq!((infos[0].used_pods, infos[0].used_cpu), (0, 0));
     }
 
     #[test]
