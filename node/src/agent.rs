@@ -641,13 +641,16 @@ impl Pods {
         let worker = self.workers.remove(&uid).map(|(w, _)| w);
         let ctx = ctx.clone();
         let pod = pod.clone();
+        tracing::info!(pod = %meta::name(&pod), ?grace, delete, running = worker.is_some(), "stopping a pod");
         let h = tokio::spawn(async move {
+            let began = Instant::now();
             if let Some(w) = worker {
                 w.stop(grace).await;
             }
             if delete {
                 finish_deletion(&ctx, &pod).await;
             }
+            tracing::info!(pod = %meta::name(&pod), took = ?began.elapsed(), "pod stopped");
             crate::pod::forget_logs(&ctx, &pod);
             remove_pod_dir(&crate::pod::pod_dir(&ctx.data_dir, &pod));
         });

@@ -249,13 +249,15 @@ async fn a_graceful_delete_survives_a_relist() -> anyhow::Result<()> {
     .await?;
     up.push_images(&ns, &[("bootcamp-oci:v2", "bootcamp-oci:v2")])?;
     up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
-    // A container that ignores TERM: it stops only when its grace period is over.
+    // A container that ignores TERM: it stops only when its grace period is over. (The
+    // finalizer keeps the pod object whatever the control plane does while it restarts, so
+    // only the agent decides when the container goes.)
     apply(
         &up,
         &ns,
         dir.path(),
         "stubborn.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: {name: stubborn}\nspec:\n  terminationGracePeriodSeconds: 25\n  containers:\n  - name: app\n    image: 127.0.0.1:5000/bootcamp-oci:v2\n    command: [\"/bin/sh\", \"-c\", \"trap '' TERM; while true; do sleep 1; done\"]\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: stubborn, finalizers: [skiff.test/hold]}\nspec:\n  terminationGracePeriodSeconds: 25\n  containers:\n  - name: app\n    image: 127.0.0.1:5000/bootcamp-oci:v2\n    command: [\"/bin/sh\", \"-c\", \"trap '' TERM; while true; do sleep 1; done\"]\n",
     )?;
     eventually("the OCI pod to run", Duration::from_secs(60), || async {
         Ok(
@@ -326,17 +328,27 @@ async fn a_graceful_delete_survives_a_relist() -> anyhow::Result<()> {
     );
     let p = up.json(&ns, &["get", "pod", "stubborn"])?;
     assert!(p["metadata"]["deletionTimestamp"].is_string(), "{p}");
-    // Once the grace period is over it is killed, and the deletion finishes.
-    eventually("the pod to be deleted", Duration::from_secs(60), || async {
-        let out = up.skiff_output(&ns, &["get", "pod", "stubborn"])?;
-        Ok((!out.status.success()).then_some(()))
-    })
+    // Once the grace period is over it is killed, and the agent finishes the deletion (the
+    // finalizer keeps the object, now with no grace period left).
+    eventually(
+        "the container to be stopped",
+        Duration::from_secs(60),
+        || async { Ok(agent_up.containers(&ns)?.is_empty().then_some(())) },
+    )
     .await?;
     anyhow::ensure!(
         deleted_at.elapsed() >= Duration::from_secs(24),
-        "deleted before its grace period was over ({:?})",
+        "stopped before its grace period was over ({:?})",
         deleted_at.elapsed()
     );
-    assert!(agent_up.containers(&ns)?.is_empty());
+    eventually(
+        "the agent to finish the deletion",
+        Duration::from_secs(30),
+        || async {
+            let p = up.json(&ns, &["get", "pod", "stubborn"])?;
+            Ok((p["metadata"]["deletionGracePeriodSeconds"] == 0).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
