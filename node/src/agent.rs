@@ -3,11 +3,11 @@
 //! The pods bound to this node are also kept on disk (`DATA/pods.json`): an agent that starts
 //! while the control plane is unreachable runs them from there, and catches up on reconnect.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -410,16 +410,94 @@ fn load_cache(dir: &std::path::Path) -> Option<(Value, Vec<Value>)> {
     ))
 }
 
+/// Writes the pod cache atomically: a temporary file of a name no other writer uses, synced,
+/// then renamed over the cache (and the directory synced), so a crash leaves the old cache or
+/// the new one, never a mix.
 fn save_cache(dir: &std::path::Path, node: &Value, pods: &HashMap<String, (PodWorker, Value)>) {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let list: Vec<&Value> = pods.values().map(|(_, p)| p).collect();
     let body = serde_json::to_vec(&json!({"node": node, "pods": list})).unwrap_or_default();
-    let tmp = cache_path(dir).with_extension("tmp");
-    if std::fs::write(&tmp, body)
-        .and_then(|_| std::fs::rename(&tmp, cache_path(dir)))
-        .is_err()
-    {
-        tracing::warn!("cannot write the pod cache");
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("pods.json.{}.{seq}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, cache_path(dir))?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        tracing::warn!(error = %e, "cannot write the pod cache");
     }
+}
+
+/// Coalesces pod cache writes: a burst of watch events is one write, at most one a
+/// [`CACHE_EVERY`].
+#[derive(Debug, Default)]
+struct CacheWrites {
+    dirty: bool,
+    last: Option<Instant>,
+}
+
+/// Fewest time between two writes of the pod cache.
+const CACHE_EVERY: Duration = Duration::from_secs(1);
+
+impl CacheWrites {
+    /// The cache no longer says what the agent knows.
+    fn changed(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Whether to write now (and if so, the write is counted as done).
+    fn due(&mut self, now: Instant) -> bool {
+        let due = self.dirty
+            && self
+                .last
+                .is_none_or(|l| now.duration_since(l) >= CACHE_EVERY);
+        if due {
+            self.dirty = false;
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
+/// Backoff between relists after a failed list or watch: 250 ms doubling to 30 s, each delay
+/// drawn at random from its upper half, so agents that lost the control plane together do not
+/// come back in step.
+#[derive(Debug, Default)]
+struct Relist {
+    failures: u32,
+}
+
+impl Relist {
+    fn next(&mut self) -> Duration {
+        let max = Duration::from_millis(250)
+            .saturating_mul(1 << self.failures.min(7))
+            .min(Duration::from_secs(30));
+        self.failures += 1;
+        let half = max / 2;
+        half + half.mul_f64(jitter())
+    }
+
+    fn reset(&mut self) {
+        self.failures = 0;
+    }
+}
+
+/// A number in [0, 1), random enough to spread retries.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The agent's endpoint the API server forwards to: `pods/{ns}/{name}/log` and
@@ -496,6 +574,168 @@ async fn endpoint(
     })
 }
 
+/// What the agent does with a pod it hears about.
+#[derive(Debug, PartialEq)]
+enum Action {
+    /// Run it: a worker starts.
+    Start,
+    /// Its worker runs already: keep the newest object.
+    Update,
+    /// It is being deleted: stop it within its grace period, then finish the deletion.
+    Delete(Duration),
+    /// Nothing: it finished (a finished pod is never run again) or is being stopped already.
+    Ignore,
+}
+
+fn decide(pod: &Value, running: bool, stopping: bool) -> Action {
+    let finished = matches!(
+        pod.pointer("/status/phase").and_then(Value::as_str),
+        Some("Succeeded") | Some("Failed")
+    );
+    if meta::is_deleting(pod) {
+        if stopping {
+            return Action::Ignore;
+        }
+        let grace = pod
+            .pointer("/metadata/deletionGracePeriodSeconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        Action::Delete(Duration::from_secs(grace.min(30)))
+    } else if running {
+        Action::Update
+    } else if stopping || finished {
+        Action::Ignore
+    } else {
+        Action::Start
+    }
+}
+
+/// The pods this agent runs, and those it is stopping.
+#[derive(Default)]
+struct Pods {
+    workers: HashMap<String, (PodWorker, Value)>,
+    /// Pods being stopped (deleted, or bound here no more), by UID: until its stop is done, what
+    /// such a pod holds (containers, namespace, address, files) is still its own.
+    stopping: HashMap<String, tokio::task::JoinHandle<()>>,
+}
+
+impl Pods {
+    fn forget_stopped(&mut self) {
+        self.stopping.retain(|_, h| !h.is_finished());
+    }
+
+    /// The UIDs of the pods whose containers and namespaces are to be kept.
+    fn owned(&mut self) -> HashSet<String> {
+        self.forget_stopped();
+        self.workers
+            .keys()
+            .chain(self.stopping.keys())
+            .cloned()
+            .collect()
+    }
+
+    /// Stops the pod's worker (if any) in the background; then, for a pod being deleted, its
+    /// API object is deleted (retried until it is), and its files go.
+    fn stop(&mut self, ctx: &Arc<NodeContext>, pod: &Value, grace: Duration, delete: bool) {
+        let uid = meta::uid(pod).to_string();
+        let worker = self.workers.remove(&uid).map(|(w, _)| w);
+        let ctx = ctx.clone();
+        let pod = pod.clone();
+        tracing::info!(pod = %meta::name(&pod), ?grace, delete, running = worker.is_some(), "stopping a pod");
+        let h = tokio::spawn(async move {
+            let began = Instant::now();
+            if let Some(w) = worker {
+                w.stop(grace).await;
+            }
+            if delete {
+                finish_deletion(&ctx, &pod).await;
+            }
+            tracing::info!(pod = %meta::name(&pod), took = ?began.elapsed(), "pod stopped");
+            crate::pod::forget_logs(&ctx, &pod);
+            remove_pod_dir(&crate::pod::pod_dir(&ctx.data_dir, &pod));
+        });
+        self.stopping.insert(uid, h);
+    }
+
+    fn handle(&mut self, ctx: &Arc<NodeContext>, pod: Value) {
+        let uid = meta::uid(&pod).to_string();
+        self.forget_stopped();
+        let running = self.workers.contains_key(&uid);
+        match decide(&pod, running, self.stopping.contains_key(&uid)) {
+            Action::Start => {
+                let w = PodWorker::start(ctx.clone(), pod.clone());
+                self.workers.insert(uid, (w, pod));
+            }
+            Action::Update => {
+                if let Some((_, cur)) = self.workers.get_mut(&uid) {
+                    *cur = pod;
+                }
+            }
+            Action::Delete(grace) => self.stop(ctx, &pod, grace, true),
+            Action::Ignore if !running && !self.stopping.contains_key(&uid) => {
+                crate::pod::keep_logs(ctx, &pod);
+            }
+            Action::Ignore => {}
+        }
+    }
+
+    /// Stops every pod (the agent is shutting down: the pods stay bound here, and their files
+    /// are kept for the next run).
+    async fn shutdown(&mut self) {
+        let stops = self
+            .workers
+            .drain()
+            .map(|(_, (w, _))| w.stop(Duration::from_secs(1)));
+        futures::future::join_all(stops).await;
+        for (_, h) in self.stopping.drain() {
+            h.abort();
+        }
+    }
+}
+
+/// Deletes the API object of a pod whose containers have stopped, retrying with backoff
+/// until it is gone.
+async fn finish_deletion(ctx: &NodeContext, pod: &Value) {
+    let pods = Resource::lookup("pods").expect("pods");
+    let ns = meta::namespace(pod).unwrap_or("default");
+    let name = meta::name(pod);
+    let mut backoff = crate::backoff::Backoff::default();
+    loop {
+        match ctx.client.delete(pods, Some(ns), name, None, Some(0)).await {
+            Ok(_) => return,
+            Err(e) if e.code() == Some(404) => return,
+            Err(e) => {
+                let delay = backoff.next(Duration::ZERO);
+                tracing::warn!(pod = %name, error = %e, ?delay, "finishing the pod's deletion failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn remove_pod_dir(dir: &std::path::Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a pod's files"),
+    }
+}
+
+/// Removes the directories of pods not in `keep` (UIDs): what pods gone while the agent was
+/// away left (logs, emptyDir data, ConfigMap copies).
+fn sweep_pod_dirs(data_dir: &std::path::Path, keep: &HashSet<String>) {
+    let Ok(rd) = std::fs::read_dir(data_dir.join("pods")) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        if !keep.contains(crate::pod::pod_dir_uid(&name)) {
+            tracing::info!(dir = %name, "removing the files of a pod that is gone");
+            remove_pod_dir(&entry.path());
+        }
+    }
+}
+
 async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
@@ -511,15 +751,9 @@ async fn run(
         ctx.oci.as_ref().map(|o| o.runc.clone()),
         ctx.client.token().map(String::from),
     );
-    let mut workers: HashMap<String, (PodWorker, Value)> = HashMap::new();
-    for p in cached {
-        if !meta::is_deleting(&p) {
-            workers.insert(
-                meta::uid(&p).to_string(),
-                (PodWorker::start(ctx.clone(), p.clone()), p),
-            );
-        }
-    }
+    let mut pods = Pods::default();
+    // The cache is for running while the API is away: used only if the first list fails.
+    let mut cached = Some(cached);
     let hb_client = ctx.client.clone();
     let oci_state: OciState = match (&ctx.oci, &ctx.no_oci) {
         (Some(oci), _) => Ok(oci.runc.version.clone()),
@@ -541,44 +775,67 @@ async fn run(
     });
     let pods_r = Resource::lookup("pods").expect("pods");
     let selector = format!("spec.nodeName={}", config.name);
-    let deleting: Finishing = Arc::default();
+    let mut relist = Relist::default();
+    let mut cache = CacheWrites::default();
+    let mut gc: Option<tokio::task::JoinHandle<()>> = None;
+    let mut first = true;
     'outer: loop {
-        // List, reconcile, then follow the watch; on any error start over.
+        if !first {
+            // Start over after a failed list or watch, with backoff.
+            let delay = relist.next();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        first = false;
+        // List, reconcile, then follow the watch.
         let list = match ctx.client.list(pods_r, None, None, Some(&selector)).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing this node's pods failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => continue,
-                    _ = stop.changed() => break,
+                // Offline: run what was bound here last time.
+                for p in cached.take().into_iter().flatten() {
+                    pods.handle(&ctx, p);
                 }
+                continue;
             }
         };
+        cached = None;
         let items = list["items"].as_array().cloned().unwrap_or_default();
-        let live: std::collections::HashSet<String> =
-            items.iter().map(|p| meta::uid(p).to_string()).collect();
-        let gone: Vec<String> = workers
-            .keys()
-            .filter(|u| !live.contains(*u))
-            .cloned()
+        let live: HashSet<String> = items.iter().map(|p| meta::uid(p).to_string()).collect();
+        let gone: Vec<Value> = pods
+            .workers
+            .iter()
+            .filter(|(u, _)| !live.contains(*u))
+            .map(|(_, (_, p))| p.clone())
             .collect();
-        for uid in gone {
-            if let Some((w, _)) = workers.remove(&uid) {
-                w.stop(Duration::from_secs(1)).await;
-            }
+        for p in gone {
+            pods.stop(&ctx, &p, Duration::from_secs(1), false);
         }
         for p in items {
-            handle(&ctx, &mut workers, &deleting, p).await;
+            pods.handle(&ctx, p);
         }
-        save_cache(&config.data_dir, &node, &workers);
+        save_cache(&config.data_dir, &node, &pods.workers);
+        let owned = pods.owned();
+        // Files of pods that are gone; those of finished pods stay while the pod exists.
+        sweep_pod_dirs(&config.data_dir, &live.union(&owned).cloned().collect());
         if let Some(oci) = &ctx.oci {
             // What an earlier run left for pods that are gone, and images no pod uses.
-            let keep = workers.keys().cloned().collect();
-            oci.sweep(&keep).await;
-            let images = workers.values().flat_map(|(_, p)| pod_images(p)).collect();
-            let removed = oci.collect_images(&images).await;
-            if removed > 0 {
-                tracing::info!(removed, "image layers no pod uses were removed");
+            oci.sweep(&owned).await;
+            if gc.as_ref().is_none_or(|h| h.is_finished()) {
+                let images = pods
+                    .workers
+                    .values()
+                    .flat_map(|(_, p)| pod_images(p))
+                    .collect();
+                let oci = oci.clone();
+                gc = Some(tokio::spawn(async move {
+                    let removed = oci.collect_images(&images).await;
+                    if removed > 0 {
+                        tracing::info!(removed, "image layers no pod uses were removed");
+                    }
+                }));
             }
         }
         let rv = list["metadata"]["resourceVersion"]
@@ -591,32 +848,54 @@ async fn run(
             .await
         {
             Ok(s) => Box::pin(s),
-            Err(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching this node's pods failed; relisting");
+                continue;
+            }
         };
+        let mut tick = tokio::time::interval(CACHE_EVERY);
         loop {
             tokio::select! {
                 _ = stop.changed() => break 'outer,
+                _ = tick.tick() => {
+                    if cache.due(Instant::now()) {
+                        save_cache(&config.data_dir, &node, &pods.workers);
+                    }
+                }
                 ev = stream.next() => match ev {
                     Some(Ok(ev)) => {
+                        // The watch works: the next failure starts the backoff over.
+                        relist.reset();
                         if ev.kind == "DELETED" {
-                            if let Some((w, _)) = workers.remove(meta::uid(&ev.object)) {
-                                w.stop(Duration::from_secs(1)).await;
+                            pods.forget_stopped();
+                            if !pods.stopping.contains_key(meta::uid(&ev.object)) {
+                                pods.stop(&ctx, &ev.object, Duration::from_secs(1), false);
                             }
                         } else if ev.kind != "BOOKMARK" {
-                            handle(&ctx, &mut workers, &deleting, ev.object).await;
+                            pods.handle(&ctx, ev.object);
                         }
-                        save_cache(&config.data_dir, &node, &workers);
+                        cache.changed();
                     }
-                    _ => continue 'outer,
+                    _ => {
+                        if cache.dirty {
+                            save_cache(&config.data_dir, &node, &pods.workers);
+                            cache.dirty = false;
+                        }
+                        continue 'outer;
+                    }
                 }
             }
         }
     }
+    if cache.dirty {
+        save_cache(&config.data_dir, &node, &pods.workers);
+    }
     beats.abort();
     endpoint.abort();
-    for (_, (w, _)) in workers.drain() {
-        w.stop(Duration::from_secs(1)).await;
+    if let Some(gc) = gc {
+        gc.abort();
     }
+    pods.shutdown().await;
 }
 
 /// The images of a pod's containers.
@@ -629,63 +908,131 @@ fn pod_images(pod: &Value) -> Vec<String> {
         .collect()
 }
 
-/// The deletions being finished (containers stopping, then the final delete), by pod UID.
-type Finishing = Arc<Mutex<HashMap<String, tokio::task::JoinHandle<()>>>>;
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn handle(
-    ctx: &Arc<NodeContext>,
-    workers: &mut HashMap<String, (PodWorker, Value)>,
-    deleting: &Finishing,
-    pod: Value,
-) {
-    let uid = meta::uid(&pod).to_string();
-    if meta::is_deleting(&pod) {
-        {
-            // Already being finished: the pod's own status writes while it drains come back
-            // as changes and must not finish it early. A finish that failed is tried again.
-            let mut d = deleting.lock().expect("deleting");
-            d.retain(|_, h| !h.is_finished());
-            if d.contains_key(&uid) {
-                return;
-            }
+    fn pod(uid: &str, phase: &str, deleting: Option<u64>) -> Value {
+        let mut p = json!({"metadata": {"name": "p", "namespace": "default", "uid": uid},
+                           "status": {"phase": phase}});
+        if let Some(grace) = deleting {
+            p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
         }
-        let worker = workers.remove(&uid).map(|(w, _)| w);
-        let grace = pod
-            .pointer("/metadata/deletionGracePeriodSeconds")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let client = ctx.client.clone();
-        let (ns, name) = (
-            meta::namespace(&pod).unwrap_or("default").to_string(),
-            meta::name(&pod).to_string(),
-        );
-        // Stop the containers, then finish the deletion, without holding up other pods.
-        let h = tokio::spawn(async move {
-            if let Some(w) = worker {
-                w.stop(Duration::from_secs(grace.min(30))).await;
-            }
-            let pods = Resource::lookup("pods").expect("pods");
-            match client.delete(pods, Some(&ns), &name, None, Some(0)).await {
-                Ok(_) => {}
-                Err(e) if e.code() == Some(404) => {}
-                Err(e) => {
-                    tracing::warn!(pod = %name, error = %e, "finishing the pod's deletion failed")
-                }
-            }
-        });
-        deleting.lock().expect("deleting").insert(uid, h);
-        return;
+        p
     }
-    let terminal = matches!(
-        pod.pointer("/status/phase").and_then(Value::as_str),
-        Some("Succeeded") | Some("Failed")
-    );
-    match workers.get_mut(&uid) {
-        Some((_, cur)) => *cur = pod,
-        None if !terminal => {
-            let w = PodWorker::start(ctx.clone(), pod.clone());
-            workers.insert(uid, (w, pod));
+
+    #[test]
+    fn a_finished_pod_is_never_started_again() {
+        // An agent that starts (or relists) and finds a pod that ran to its end.
+        assert_eq!(
+            decide(&pod("u", "Succeeded", None), false, false),
+            Action::Ignore
+        );
+        assert_eq!(
+            decide(&pod("u", "Failed", None), false, false),
+            Action::Ignore
+        );
+        assert_eq!(
+            decide(&pod("u", "Running", None), false, false),
+            Action::Start
+        );
+        assert_eq!(
+            decide(&pod("u", "Pending", None), true, false),
+            Action::Update
+        );
+    }
+
+    #[test]
+    fn a_deleting_pod_is_stopped_once_with_its_grace_period() {
+        let p = pod("u", "Running", Some(20));
+        assert_eq!(
+            decide(&p, true, false),
+            Action::Delete(Duration::from_secs(20))
+        );
+        // Seen again (its status written while it stops, or a relist): its stop runs already.
+        assert_eq!(decide(&p, false, true), Action::Ignore);
+    }
+
+    #[tokio::test]
+    async fn a_relist_keeps_what_a_stopping_pod_holds() {
+        let mut pods = Pods::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // A graceful stop in progress.
+        pods.stopping.insert(
+            "u-stopping".into(),
+            tokio::spawn(async move {
+                let _ = rx.await;
+            }),
+        );
+        assert!(pods.owned().contains("u-stopping"));
+        let _ = tx.send(());
+        let h = pods.stopping.get_mut("u-stopping").unwrap();
+        (&mut *h).await.unwrap();
+        assert!(
+            !pods.owned().contains("u-stopping"),
+            "stopped: no longer kept"
+        );
+    }
+
+    #[test]
+    fn cache_writes_are_coalesced() {
+        let mut c = CacheWrites::default();
+        let t0 = Instant::now();
+        assert!(!c.due(t0), "nothing changed");
+        c.changed();
+        assert!(c.due(t0));
+        for _ in 0..100 {
+            c.changed();
         }
-        None => {}
+        assert!(!c.due(t0 + Duration::from_millis(10)), "a burst waits");
+        assert!(c.due(t0 + CACHE_EVERY), "and is one write");
+        assert!(!c.due(t0 + 3 * CACHE_EVERY));
+    }
+
+    #[test]
+    fn the_cache_is_replaced_whole() {
+        let d = tempfile::tempdir().unwrap();
+        let node = json!({"metadata": {"name": "n"}});
+        save_cache(d.path(), &node, &HashMap::new());
+        let (n, pods) = load_cache(d.path()).unwrap();
+        assert_eq!(n, node);
+        assert!(pods.is_empty());
+        let names: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(names, vec!["pods.json"], "no temporary file left");
+    }
+
+    #[test]
+    fn relists_back_off_with_jitter() {
+        let mut r = Relist::default();
+        let d: Vec<Duration> = (0..12).map(|_| r.next()).collect();
+        assert!(d[0] >= Duration::from_millis(125) && d[0] <= Duration::from_millis(250));
+        assert!(d[3] >= Duration::from_secs(1) && d[3] <= Duration::from_secs(2));
+        assert!(d[11] >= Duration::from_secs(15) && d[11] <= Duration::from_secs(30));
+        let spread: HashSet<Duration> = (0..20)
+            .map(|_| {
+                let mut r = Relist { failures: 5 };
+                r.next()
+            })
+            .collect();
+        assert!(spread.len() > 1, "delays differ between agents");
+        r.reset();
+        assert!(r.next() <= Duration::from_millis(250));
+    }
+
+    #[test]
+    fn files_of_pods_that_are_gone_are_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let keep = pod("u-keep", "Running", None);
+        let gone = pod("u-gone", "Running", None);
+        for p in [&keep, &gone] {
+            std::fs::create_dir_all(crate::pod::pod_dir(d.path(), p).join("volumes/data")).unwrap();
+        }
+        sweep_pod_dirs(d.path(), &HashSet::from(["u-keep".to_string()]));
+        assert!(crate::pod::pod_dir(d.path(), &keep).exists());
+        assert!(!crate::pod::pod_dir(d.path(), &gone).exists());
     }
 }

@@ -52,6 +52,21 @@ impl PodLogs {
     }
 }
 
+impl PodLogs {
+    /// Trims every container log of the pod that grew past the cap (wasm guests and OCI
+    /// containers append to their files themselves, so the files are checked from outside).
+    pub fn trim_all(&self) {
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                if let Err(e) = trim(&path) {
+                    tracing::warn!(log = %path.display(), error = %e, "cannot trim a container log");
+                }
+            }
+        }
+    }
+}
+
 /// Drops the older half of a log file that grew past the cap.
 pub fn trim(path: &Path) -> std::io::Result<()> {
     let Ok(meta) = std::fs::metadata(path) else {
@@ -242,6 +257,27 @@ fn tokio_stream_from<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_running_guest_log_is_held_to_the_cap() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        let logs = PodLogs::new(d.path().to_path_buf()).unwrap();
+        // A guest holds its log open for appending and writes past the cap.
+        let mut f = logs.open_run("app", false).unwrap();
+        let line = "y".repeat(99) + "\n";
+        for _ in 0..(MAX_LOG_BYTES / 100 + 10) {
+            f.write_all(line.as_bytes()).unwrap();
+        }
+        logs.trim_all();
+        let after = std::fs::metadata(logs.current("app")).unwrap().len();
+        assert!(after <= MAX_LOG_BYTES / 2 + 1000, "{after}");
+        // The guest's next write lands at the new end, not at its old offset.
+        f.write_all(b"last\n").unwrap();
+        let text = std::fs::read_to_string(logs.current("app")).unwrap();
+        assert!(text.ends_with("last\n"));
+        assert_eq!(text.len() as u64, after + 5);
+    }
 
     #[test]
     fn tail_lines() {

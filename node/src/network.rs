@@ -24,6 +24,8 @@ pub trait Netlink: Send + Sync + 'static {
     fn ensure_bridge(&self, bridge: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError>;
     fn add_address(&self, bridge: &str, ip: Ipv4Addr) -> Result<(), NetError>;
     fn remove_address(&self, bridge: &str, ip: Ipv4Addr) -> Result<(), NetError>;
+    /// The IPv4 addresses on the bridge, with their prefix lengths.
+    fn addresses(&self, bridge: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError>;
 }
 
 /// Drives iproute2's `ip`.
@@ -68,6 +70,24 @@ impl Netlink for IpCommand {
     fn remove_address(&self, bridge: &str, addr: Ipv4Addr) -> Result<(), NetError> {
         remove_host_address(bridge, addr)
     }
+
+    fn addresses(&self, bridge: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+        Ok(parse_addresses(&ip(&[
+            "-4", "-o", "addr", "show", "dev", bridge,
+        ])?))
+    }
+}
+
+/// The `inet ADDR/PREFIX` of `ip -4 -o addr show` output.
+fn parse_addresses(out: &str) -> Vec<(Ipv4Addr, u8)> {
+    out.lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            words.find(|w| *w == "inet")?;
+            let (a, p) = words.next()?.split_once('/')?;
+            Some((a.parse().ok()?, p.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Adds `addr/32` to `dev`; already there is fine.
@@ -177,7 +197,22 @@ impl PodNetwork {
             link,
         };
         net.link.ensure_bridge(bridge, net.gateway(), prefix)?;
+        net.remove_stale()?;
         Ok(net)
+    }
+
+    /// Removes the pod addresses (`/32`s of this pod CIDR) an earlier run left on the bridge:
+    /// a new network holds none yet, and a stale one would shadow the route to an OCI pod later
+    /// given that address.
+    fn remove_stale(&self) -> Result<(), NetError> {
+        for (ip, prefix) in self.link.addresses(&self.bridge)? {
+            let a = u32::from(ip);
+            if prefix == 32 && a > self.base + 1 && a < self.base + self.size - 1 {
+                tracing::info!(%ip, "removing a pod address an earlier run left");
+                self.link.remove_address(&self.bridge, ip)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn prefix(&self) -> u8 {
@@ -259,6 +294,61 @@ mod tests {
             self.0.lock().unwrap().push(format!("del {ip}"));
             Ok(())
         }
+        fn addresses(&self, _: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
+            // What the calls so far left on the bridge.
+            let mut have: Vec<(Ipv4Addr, u8)> = Vec::new();
+            for call in self.0.lock().unwrap().iter() {
+                let words: Vec<&str> = call.split_whitespace().collect();
+                match words[..] {
+                    ["bridge", _, cidr] => {
+                        let (a, p) = cidr.split_once('/').unwrap();
+                        have.push((a.parse().unwrap(), p.parse().unwrap()));
+                    }
+                    ["add", a] => have.push((a.parse().unwrap(), 32)),
+                    ["del", a] => have.retain(|(h, p)| !(*p == 32 && h.to_string() == a)),
+                    _ => {}
+                }
+            }
+            Ok(have)
+        }
+    }
+
+    #[test]
+    fn a_new_network_removes_pod_addresses_an_earlier_run_left() {
+        let fake = Fake::default();
+        // An earlier run: two wasm pods' addresses on the bridge, never released (it was
+        // killed, or a stop timed out).
+        let before = PodNetwork::new("10.88.3.0/24", "skiff0", Box::new(fake.clone())).unwrap();
+        let a = before.allocate(None).unwrap();
+        before.bind_host(a).unwrap();
+        before.bind_host(Ipv4Addr::new(10, 88, 3, 9)).unwrap();
+        // Someone else's address on the same bridge, outside this pod CIDR.
+        fake.add_address("skiff0", Ipv4Addr::new(192, 168, 7, 7))
+            .unwrap();
+        drop(before);
+        let _after = PodNetwork::new("10.88.3.0/24", "skiff0", Box::new(fake.clone())).unwrap();
+        let left: BTreeSet<(Ipv4Addr, u8)> =
+            fake.addresses("skiff0").unwrap().into_iter().collect();
+        assert_eq!(
+            left,
+            BTreeSet::from([
+                (Ipv4Addr::new(10, 88, 3, 1), 24),
+                (Ipv4Addr::new(192, 168, 7, 7), 32)
+            ]),
+            "the gateway and the foreign address stay, the pod addresses go"
+        );
+    }
+
+    #[test]
+    fn addresses_are_read_from_ip_output() {
+        let out = "5: skiff0    inet 10.88.0.1/24 brd 10.88.0.255 scope global skiff0\\       valid_lft forever preferred_lft forever\n5: skiff0    inet 10.88.0.7/32 scope global skiff0\\       valid_lft forever preferred_lft forever\n";
+        assert_eq!(
+            parse_addresses(out),
+            vec![
+                (Ipv4Addr::new(10, 88, 0, 1), 24),
+                (Ipv4Addr::new(10, 88, 0, 7), 32)
+            ]
+        );
     }
 
     #[test]

@@ -57,8 +57,11 @@ impl NodeContext {
 
 /// Longest a stopping pod waits to leave every service's rotation.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
-/// How often an OCI container's log is checked against the size cap.
+/// How often a pod's container logs are checked against the size cap.
 const LOG_TRIM_EVERY: Duration = Duration::from_secs(30);
+/// Longest an image pull may take: a registry that stops answering fails the pull (it is then
+/// retried with backoff) instead of holding the pod, and the image store's lock, for good.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest a container is given between TERM and KILL.
 const TERM_MAX: Duration = Duration::from_secs(30);
 /// Longest its containers take to stop after that.
@@ -94,6 +97,28 @@ struct PodStatus {
     reason: Option<String>,
 }
 
+impl PodStatus {
+    /// Ready: running, and every container ready.
+    fn ready(&self) -> bool {
+        self.phase == "Running"
+            && !self.containers.is_empty()
+            && self.containers.iter().all(|c| c.ready)
+    }
+
+    /// Applies `f`, noting when the pod became ready or stopped being so: a condition's
+    /// transition time changes only when its status does.
+    fn change(&mut self, f: impl FnOnce(&mut PodStatus)) {
+        let was = self.ready();
+        f(self);
+        let is = self.ready();
+        if is && (!was || self.ready_since.is_none()) {
+            self.ready_since = Some(now());
+        } else if was && !is {
+            self.not_ready_since = now();
+        }
+    }
+}
+
 /// A running pod. Dropping it stops nothing: call [`PodWorker::stop`].
 pub struct PodWorker {
     pub uid: String,
@@ -113,17 +138,14 @@ impl PodWorker {
     /// Stops the pod and waits for the worker to finish. Within `grace` the pod first leaves
     /// the services' rotation (the proxy routes nothing more to it and its last requests
     /// finish), then its containers stop.
+    ///
+    /// The worker bounds its own waits (drain, TERM, KILL) and, however its containers
+    /// end, gives back what the pod held (address, network, listeners, containers): it is
+    /// waited for, never cut short.
     pub async fn stop(self, grace: Duration) {
         let _ = self.stop.send(Some(grace));
-        let mut task = self.task;
-        if tokio::time::timeout(
-            grace.min(DRAIN_MAX) + grace.min(TERM_MAX) + STOP_MAX + Duration::from_secs(1),
-            &mut task,
-        )
-        .await
-        .is_err()
-        {
-            task.abort();
+        if let Err(e) = self.task.await {
+            tracing::warn!(pod = %self.uid, error = %e, "pod worker ended abnormally");
         }
     }
 }
@@ -139,8 +161,22 @@ struct Shared {
 
 impl Shared {
     fn update(&self, f: impl FnOnce(&mut PodStatus)) {
-        f(&mut self.status.lock().expect("status"));
+        self.status.lock().expect("status").change(f);
         self.changed.notify_one();
+    }
+
+    /// Records that container `i` runs: the pod is Running from its first container on.
+    fn started(&self, i: usize, id: String, ready: bool, started_at: &str) {
+        self.update(|s| {
+            let c = &mut s.containers[i];
+            c.started = true;
+            c.ready = ready;
+            c.container_id = id;
+            c.state = json!({"running": {"startedAt": started_at}});
+            if s.phase == "Pending" {
+                s.phase = "Running";
+            }
+        });
     }
 
     fn container(&self, i: usize, f: impl FnOnce(&mut ContainerStatus)) {
@@ -175,10 +211,11 @@ impl Shared {
 }
 
 fn status_json(s: &PodStatus, node_ip: Ipv4Addr) -> Value {
-    let ready =
-        s.phase == "Running" && !s.containers.is_empty() && s.containers.iter().all(|c| c.ready);
+    let ready = s.ready();
     let since = if ready {
-        s.ready_since.clone().unwrap_or_else(now)
+        s.ready_since
+            .clone()
+            .unwrap_or_else(|| s.not_ready_since.clone())
     } else {
         s.not_ready_since.clone()
     };
@@ -322,12 +359,6 @@ enum Pulled {
     Oci(Box<skiff_oci::Image>),
 }
 
-/// A container ready to start.
-enum Prepared {
-    Wasm(Program),
-    Oci(Box<skiff_oci::Image>),
-}
-
 async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pulled, String> {
     let ctx = &shared.ctx;
     let present = |what: String| {
@@ -361,9 +392,13 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pu
     }
     shared.post_event("Normal", "Pulling", &format!("Pulling image \"{image}\""));
     let started = Instant::now();
-    let resolved = artifact::resolve(image, &ctx.insecure_registries)
-        .await
-        .map_err(|e| e.to_string())?;
+    let resolved = tokio::time::timeout(
+        PULL_TIMEOUT,
+        artifact::resolve(image, &ctx.insecure_registries),
+    )
+    .await
+    .map_err(|_| format!("resolving {image} took longer than {PULL_TIMEOUT:?}"))?
+    .map_err(|e| e.to_string())?;
     let (layer, manifest) = match resolved {
         Resolved::Wasm {
             layer_digest,
@@ -376,9 +411,13 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pu
                 .map(|img| Pulled::Oci(Box::new(img)))
         }
     };
-    let bytes = artifact::pull_wasm(image, &layer, &ctx.blobs, &ctx.insecure_registries)
-        .await
-        .map_err(|e| e.to_string())?;
+    let bytes = tokio::time::timeout(
+        PULL_TIMEOUT,
+        artifact::pull_wasm(image, &layer, &ctx.blobs, &ctx.insecure_registries),
+    )
+    .await
+    .map_err(|_| format!("pulling {image} took longer than {PULL_TIMEOUT:?}"))?
+    .map_err(|e| e.to_string())?;
     ctx.images.put(image, &manifest, &layer);
     shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
     shared.post_event(
@@ -411,27 +450,27 @@ async fn pull_oci(
     };
     let _pulling = oci.gc_lock.read().await;
     let (mut total, mut fetched) = (0, 0);
-    let img = oci
-        .store
-        .pull(image, |p| match p {
-            skiff_oci::Progress::Resolved { layers, .. } => total = layers,
-            skiff_oci::Progress::Layer {
-                index,
-                digest,
-                size,
-                cached,
-            } => {
-                if !cached {
-                    fetched += 1;
-                    shared.post_event(
-                        "Normal",
-                        "Pulling",
-                        &format!("Pulled layer {}/{total} {digest} ({size} bytes)", index + 1),
-                    );
-                }
+    let pulling = oci.store.pull(image, |p| match p {
+        skiff_oci::Progress::Resolved { layers, .. } => total = layers,
+        skiff_oci::Progress::Layer {
+            index,
+            digest,
+            size,
+            cached,
+        } => {
+            if !cached {
+                fetched += 1;
+                shared.post_event(
+                    "Normal",
+                    "Pulling",
+                    &format!("Pulled layer {}/{total} {digest} ({size} bytes)", index + 1),
+                );
             }
-        })
+        }
+    });
+    let img = tokio::time::timeout(PULL_TIMEOUT, pulling)
         .await
+        .map_err(|_| format!("pulling {image} took longer than {PULL_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
     shared.container(i, |c| c.image_id = img.id());
     shared.post_event(
@@ -449,13 +488,13 @@ fn waiting(reason: &str, message: &str) -> Value {
     json!({"waiting": {"reason": reason, "message": message}})
 }
 
-/// Pulls and compiles one container's program, retrying pulls with backoff until `stop`.
+/// Pulls one container's image, retrying with backoff until `stop` (None: stopped first).
 async fn prepare(
     shared: &Shared,
     i: usize,
     container: &Value,
     stop: &mut watch::Receiver<Option<Duration>>,
-) -> Option<Prepared> {
+) -> Option<Pulled> {
     let image = container["image"].as_str().unwrap_or("").to_string();
     let policy = container["imagePullPolicy"]
         .as_str()
@@ -464,21 +503,7 @@ async fn prepare(
     let mut backoff = Backoff::default();
     loop {
         match pull(shared, i, &image, &policy).await {
-            Ok(Pulled::Oci(img)) => return Some(Prepared::Oci(img)),
-            Ok(Pulled::Wasm(bytes)) => match shared.ctx.runtime.load(&bytes) {
-                Ok(p) => return Some(Prepared::Wasm(p)),
-                Err(e) => {
-                    let msg = format!("cannot run {image}: {e}");
-                    shared.event("Warning", "Failed", &msg).await;
-                    shared.update(|s| {
-                        s.containers[i].state = waiting("CreateContainerError", &msg);
-                        s.phase = "Failed";
-                        s.reason = Some("UnrunnableImage".into());
-                        s.message = Some(msg.clone());
-                    });
-                    return None;
-                }
-            },
+            Ok(p) => return Some(p),
             Err(msg) => {
                 shared
                     .event(
@@ -502,13 +527,21 @@ async fn prepare(
                         &format!("Back-off pulling image \"{image}\": {msg}"),
                     )
                 });
-                tokio::select! {
-                    _ = stop.changed() => return None,
-                    _ = tokio::time::sleep(delay) => {}
+                if stopped_within(stop, delay).await {
+                    return None;
                 }
             }
         }
     }
+}
+
+/// Waits `delay`, or less when the pod is stopped meanwhile: true when it was.
+async fn stopped_within(stop: &mut watch::Receiver<Option<Duration>>, delay: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stop.wait_for(Option::is_some) => return true,
+    }
+    stop.borrow().is_some()
 }
 
 fn memory_limit(container: &Value) -> Option<usize> {
@@ -581,37 +614,33 @@ async fn volumes(
     Ok(out)
 }
 
+/// What a pod holds once it is placed on the node: its address, its network namespace (when
+/// it has OCI containers), and the directory of its files and logs.
+struct Placed {
+    ip: Ipv4Addr,
+    sandbox: Option<Sandbox>,
+    pod_files: Vec<skiff_oci::BindMount>,
+    pod_dir: std::path::PathBuf,
+    logs: PodLogs,
+}
+
+/// The log index key of a pod.
+fn log_key(pod: &Value) -> String {
+    format!(
+        "{}/{}",
+        meta::namespace(pod).unwrap_or("default"),
+        meta::name(pod)
+    )
+}
+
 async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option<Duration>>) {
-    let ns = meta::namespace(&pod).unwrap_or("default").to_string();
     let name = meta::name(&pod).to_string();
     let containers: Vec<Value> = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let pod_dir = ctx
-        .data_dir
-        .join("pods")
-        .join(format!("{ns}_{name}_{}", meta::uid(&pod)));
-    let logs = match PodLogs::new(pod_dir.join("logs")) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(pod = %name, error = %e, "cannot create the pod's log directory");
-            return;
-        }
-    };
-    ctx.logs.lock().expect("logs").insert(
-        format!("{ns}/{name}"),
-        PodEntry {
-            uid: meta::uid(&pod).to_string(),
-            logs: logs.clone(),
-            containers: containers
-                .iter()
-                .filter_map(|c| c["name"].as_str().map(String::from))
-                .collect(),
-            oci: vec![],
-        },
-    );
+    let pod_dir = pod_dir(&ctx.data_dir, &pod);
     let start_time = pod
         .pointer("/status/startTime")
         .and_then(Value::as_str)
@@ -651,259 +680,479 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
     let (stop_containers, containers_stop) = watch::channel(false);
     let writer = tokio::spawn(status_writer(shared.clone(), containers_stop.clone()));
 
-    // Address first: every pod has one, wasm or not.
-    let want = pod
-        .pointer("/status/podIP")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok());
-    let ip = match ctx.net.allocate(want) {
-        Ok(ip) => ip,
-        Err(e) => {
-            let msg = format!("cannot give the pod an address: {e}");
-            sandbox_failed(&shared, msg, &mut stop).await;
-            finish(&ctx, &pod, None, None, writer).await;
-            return;
-        }
-    };
-
-    // Images next: whether any container is an OCI image decides where the pod lives.
-    let mut prepared = Vec::new();
+    // Images first: whether any container is an OCI image decides where the pod lives.
+    let mut pulled = Vec::new();
     for (i, c) in containers.iter().enumerate() {
-        let p = prepare(&shared, i, c, &mut stop).await;
-        if p.is_none() && stop.borrow().is_some() {
-            break;
+        match prepare(&shared, i, c, &mut stop).await {
+            Some(p) => pulled.push(p),
+            None => {
+                writer.abort();
+                return;
+            }
         }
-        prepared.push(p);
-    }
-    if stop.borrow().is_some() {
-        finish(&ctx, &pod, Some(ip), None, writer).await;
-        return;
     }
     // A pod with an OCI container gets a network namespace on the bridge, and its wasm
     // containers listen inside it; a wasm-only pod's address goes on the node itself.
-    let sandboxed = prepared.iter().any(|p| matches!(p, Some(Prepared::Oci(_))));
-    let (sandbox, pod_files) = match pod_network(&ctx, &pod, &pod_dir, ip, sandboxed).await {
-        Ok(net) => net,
-        Err((msg, sandbox)) => {
-            sandbox_failed(&shared, msg, &mut stop).await;
-            finish(&ctx, &pod, Some(ip), sandbox, writer).await;
-            return;
-        }
+    let sandboxed = pulled.iter().any(|p| matches!(p, Pulled::Oci(_)));
+    let Some(placed) = place(&shared, &pod_dir, sandboxed, &mut stop).await else {
+        writer.abort();
+        return;
     };
+    let placed = Arc::new(placed);
+    ctx.logs.lock().expect("logs").insert(
+        log_key(&pod),
+        PodEntry {
+            uid: meta::uid(&pod).to_string(),
+            logs: placed.logs.clone(),
+            containers: containers
+                .iter()
+                .filter_map(|c| c["name"].as_str().map(String::from))
+                .collect(),
+            oci: vec![],
+        },
+    );
     // Published only now: a client that has the address finds the pod there.
-    shared.update(|s| s.pod_ip = Some(ip));
+    shared.update(|s| s.pod_ip = Some(placed.ip));
 
-    // Every container runs as a task: commands and OCI containers under their restart
-    // policy, HTTP components under their probes.
+    // Every container runs as a task: created (with backoff while it cannot be), then run —
+    // commands and OCI containers under their restart policy, HTTP components under their
+    // probes.
     let restart = pod
         .pointer("/spec/restartPolicy")
         .and_then(Value::as_str)
         .unwrap_or("Always")
         .to_string();
-    let mut commands = tokio::task::JoinSet::new();
-    for (i, (c, p)) in containers.iter().zip(prepared).enumerate() {
-        let Some(p) = p else {
-            continue;
-        };
-        let cname = c["name"].as_str().unwrap_or("").to_string();
-        let env = container_env(&pod, c, Some(ip), &ctx.node_name);
-        let mounts = match volumes(&shared, c, &pod_dir).await {
-            Ok(v) => v,
-            Err(msg) => {
-                shared.event("Warning", "FailedMount", &msg).await;
-                shared.container(i, |c| c.state = waiting("CreateContainerConfigError", &msg));
-                continue;
-            }
-        };
-        shared
-            .event("Normal", "Created", &format!("Created container {cname}"))
-            .await;
-        let program = match p {
-            Prepared::Wasm(program) => program,
-            Prepared::Oci(image) => {
-                let sb = sandbox
-                    .as_ref()
-                    .expect("a pod with OCI containers has a sandbox");
-                let oci = ctx
-                    .oci
-                    .clone()
-                    .expect("OCI images are only pulled with an OCI runtime");
-                let mut binds: Vec<skiff_oci::BindMount> = mounts
-                    .into_iter()
-                    .map(|m| skiff_oci::BindMount {
-                        source: m.host,
-                        destination: m.guest,
-                        read_only: m.read_only,
-                    })
-                    .collect();
-                binds.extend(pod_files.iter().cloned());
-                let id = oci::container_id(meta::uid(&pod), &cname);
-                if let Some(e) = ctx
-                    .logs
-                    .lock()
-                    .expect("logs")
-                    .get_mut(&format!("{ns}/{name}"))
-                {
-                    e.oci.push(cname.clone());
-                }
-                let spec = oci::container_spec(&pod, c, env, sb, binds, format!("/skiff/{id}"));
-                let container = OciContainer {
-                    shared: shared.clone(),
-                    index: i,
-                    name: cname,
-                    id,
-                    image,
-                    spec,
-                    oci,
-                    logs: logs.clone(),
-                    ip,
-                    container: c.clone(),
-                };
-                commands.spawn(restart_loop(
-                    shared.clone(),
-                    i,
-                    restart.clone(),
-                    containers_stop.clone(),
-                    container,
-                ));
-                continue;
-            }
-        };
-        let mut args: Vec<String> = vec![cname.clone()];
-        for key in ["command", "args"] {
-            args.extend(
-                c.get(key)
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|a| a.as_str().map(String::from)),
-            );
-        }
-        let config = GuestConfig {
-            args,
-            env,
-            memory_limit: memory_limit(c),
-            request_timeout: Some(ctx.request_timeout),
-            preopens: mounts,
-            stdout: None,
-            stderr: None,
-            resolver: resolver(&ctx, &ns, sandbox.as_ref().map(|_| ip)),
-        };
-        match program.kind {
-            Kind::Http => {
-                let Some(config) = logged(&logs, &cname, false, config) else {
-                    continue;
-                };
-                let mut ports: Vec<u16> = c
-                    .get("ports")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|p| p["containerPort"].as_u64())
-                    .map(|p| p as u16)
-                    .collect();
-                if ports.is_empty() {
-                    ports.push(8080);
-                }
-                let http = HttpContainer {
-                    shared: shared.clone(),
-                    index: i,
-                    name: cname,
-                    program,
-                    config,
-                    ports,
-                    ip,
-                    netns: sandbox.as_ref().map(|s| s.path.clone()),
-                    container: c.clone(),
-                };
-                match http.serve().await {
-                    Ok(servers) => {
-                        commands.spawn(http.supervise(servers, containers_stop.clone()));
-                    }
-                    Err(msg) => {
-                        shared.event("Warning", "Failed", &msg).await;
-                        shared.container(i, |c| c.state = waiting("RunContainerError", &msg));
-                    }
-                }
-            }
-            Kind::Command => {
-                let command = WasmCommand {
-                    shared: shared.clone(),
-                    index: i,
-                    name: cname,
-                    program,
-                    config,
-                    logs: logs.clone(),
-                    runtime: ctx.runtime.clone(),
-                };
-                commands.spawn(restart_loop(
-                    shared.clone(),
-                    i,
-                    restart.clone(),
-                    containers_stop.clone(),
-                    command,
-                ));
-            }
-        }
-        shared.update(|s| {
-            if s.phase == "Pending" {
-                s.phase = "Running";
-            }
-        });
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, (c, p)) in containers.iter().zip(pulled).enumerate() {
+        tasks.spawn(container_task(
+            shared.clone(),
+            placed.clone(),
+            i,
+            c.clone(),
+            p,
+            restart.clone(),
+            containers_stop.clone(),
+        ));
     }
-    shared.update(|s| {
-        if s.containers.iter().all(|c| c.ready) {
-            s.ready_since = Some(now());
+    // Guests and OCI containers write their log files themselves: kept under the cap here.
+    let trimmer = tokio::spawn({
+        let logs = placed.logs.clone();
+        async move {
+            loop {
+                tokio::time::sleep(LOG_TRIM_EVERY).await;
+                logs.trim_all();
+            }
         }
     });
     // Commands finish on their own (Succeeded / Failed); servers run until the pod is stopped.
+    // A finished pod gives back its address and network at once, and is never run again; its
+    // logs stay while the pod object exists.
+    let mut held = true;
     loop {
         tokio::select! {
             _ = stop.changed() => break,
-            done = commands.join_next(), if !commands.is_empty() => {
-                if done.is_none() {
-                    continue;
-                }
-                if commands.is_empty() {
+            done = tasks.join_next(), if !tasks.is_empty() => {
+                if done.is_some() && tasks.is_empty() {
                     let codes: Vec<i64> = shared.status.lock().expect("status").containers.iter()
                         .filter_map(|c| c.state.pointer("/terminated/exitCode").and_then(Value::as_i64)).collect();
                     shared.update(|s| s.phase = if codes.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" });
+                    trimmer.abort();
+                    release(&ctx, &pod, placed.ip, placed.sandbox.as_ref()).await;
+                    held = false;
                 }
             }
         }
     }
-    // Out of rotation first: not ready, then wait until no service routes here.
     let grace = stop.borrow().unwrap_or_default();
-    let began = Instant::now();
-    shared.update(|s| {
-        for c in s.containers.iter_mut() {
-            c.ready = false;
+    if held {
+        // Out of rotation first: not ready, then wait until no service routes here.
+        let began = Instant::now();
+        shared.update(|s| {
+            for c in s.containers.iter_mut() {
+                c.ready = false;
+            }
+        });
+        if let Some(proxy) = &ctx.proxy {
+            if !proxy
+                .drain(std::net::IpAddr::V4(placed.ip), grace.min(DRAIN_MAX))
+                .await
+            {
+                tracing::debug!(pod = %name, "pod still routed when its grace period ran out");
+            }
         }
-    });
-    if let Some(proxy) = &ctx.proxy {
-        if !proxy
-            .drain(std::net::IpAddr::V4(ip), grace.min(DRAIN_MAX))
-            .await
-        {
-            tracing::debug!(pod = %name, "pod still routed when its grace period ran out");
-        }
+        // What is left of the grace period is the containers' to stop in.
+        *shared.grace.lock().expect("grace") = grace.saturating_sub(began.elapsed()).min(TERM_MAX);
     }
-    // What is left of the grace period is the containers' to stop in.
-    *shared.grace.lock().expect("grace") = grace.saturating_sub(began.elapsed()).min(TERM_MAX);
     let _ = stop_containers.send(true);
-    shared
-        .event("Normal", "Killing", "Stopping the pod's containers")
-        .await;
-    // Containers see `stop` and end; their listeners are closed before the address is reused.
-    if tokio::time::timeout(TERM_MAX + STOP_MAX, async {
-        while commands.join_next().await.is_some() {}
+    if !tasks.is_empty() {
+        shared
+            .event("Normal", "Killing", "Stopping the pod's containers")
+            .await;
+    }
+    // Containers see `stop` and end within what is left of the grace period (TERM, then
+    // KILL) and a little more; whatever does not is ended here. Either way the pod gives back
+    // everything it holds.
+    let left = *shared.grace.lock().expect("grace");
+    if tokio::time::timeout(left + 2 * STOP_MAX, async {
+        while tasks.join_next().await.is_some() {}
     })
     .await
     .is_err()
     {
-        commands.shutdown().await;
+        tracing::warn!(pod = %name, "containers did not stop in time; removing them");
+        tasks.shutdown().await;
+        force_remove(&ctx, &pod, &containers, placed.ip).await;
     }
-    finish(&ctx, &pod, Some(ip), sandbox, writer).await;
+    trimmer.abort();
+    if held {
+        release(&ctx, &pod, placed.ip, placed.sandbox.as_ref()).await;
+    }
+    writer.abort();
+    forget_logs(&ctx, &pod);
+}
+
+/// Serves the logs a finished pod left, when the agent restarted since: its worker is not
+/// started again, and its logs stay readable while the pod exists.
+pub fn keep_logs(ctx: &NodeContext, pod: &Value) {
+    let dir = pod_dir(&ctx.data_dir, pod).join("logs");
+    if !dir.is_dir() {
+        return;
+    }
+    let containers = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(String::from))
+        .collect();
+    ctx.logs
+        .lock()
+        .expect("logs")
+        .entry(log_key(pod))
+        .or_insert_with(|| PodEntry {
+            uid: meta::uid(pod).to_string(),
+            logs: PodLogs { dir },
+            containers,
+            oci: vec![],
+        });
+}
+
+/// Stops serving the pod's logs (not those of a newer pod of the same name).
+pub fn forget_logs(ctx: &NodeContext, pod: &Value) {
+    let mut logs = ctx.logs.lock().expect("logs");
+    if logs
+        .get(&log_key(pod))
+        .is_some_and(|e| e.uid == meta::uid(pod))
+    {
+        logs.remove(&log_key(pod));
+    }
+}
+
+/// The directory of a pod's files on the node: logs, emptyDir volumes, ConfigMap copies,
+/// /etc files. Named `NAMESPACE_NAME_UID`.
+pub fn pod_dir(data_dir: &std::path::Path, pod: &Value) -> std::path::PathBuf {
+    data_dir.join("pods").join(format!(
+        "{}_{}_{}",
+        meta::namespace(pod).unwrap_or("default"),
+        meta::name(pod),
+        meta::uid(pod)
+    ))
+}
+
+/// The pod UID a pod directory belongs to (see [`pod_dir`]).
+pub fn pod_dir_uid(dir_name: &str) -> &str {
+    dir_name.rsplit('_').next().unwrap_or(dir_name)
+}
+
+/// Places the pod: its log directory, address and network. A failure gives back what was
+/// made, is reported (`FailedCreatePodSandBox`) and is retried with backoff until `stop`
+/// (None: stopped first).
+async fn place(
+    shared: &Shared,
+    pod_dir: &std::path::Path,
+    sandboxed: bool,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> Option<Placed> {
+    let want = shared
+        .pod
+        .pointer("/status/podIP")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok());
+    let mut backoff = Backoff::default();
+    loop {
+        match try_place(&shared.ctx, &shared.pod, pod_dir, want, sandboxed).await {
+            Ok(placed) => {
+                shared.update(|s| s.message = None);
+                return Some(placed);
+            }
+            Err(msg) => {
+                let delay = backoff.next(Duration::ZERO);
+                shared
+                    .event("Warning", "FailedCreatePodSandBox", &msg)
+                    .await;
+                shared.update(|s| s.message = Some(msg));
+                if stopped_within(stop, delay).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+async fn try_place(
+    ctx: &NodeContext,
+    pod: &Value,
+    pod_dir: &std::path::Path,
+    want: Option<Ipv4Addr>,
+    sandboxed: bool,
+) -> Result<Placed, String> {
+    let logs = PodLogs::new(pod_dir.join("logs"))
+        .map_err(|e| format!("cannot create the pod's log directory: {e}"))?;
+    let ip = ctx
+        .net
+        .allocate(want)
+        .map_err(|e| format!("cannot give the pod an address: {e}"))?;
+    match pod_network(ctx, pod, pod_dir, ip, sandboxed).await {
+        Ok((sandbox, pod_files)) => Ok(Placed {
+            ip,
+            sandbox,
+            pod_files,
+            pod_dir: pod_dir.to_path_buf(),
+            logs,
+        }),
+        Err((msg, sandbox)) => {
+            release(ctx, pod, ip, sandbox.as_ref()).await;
+            Err(msg)
+        }
+    }
+}
+
+/// Gives back the pod's network: its namespace unplugged and deleted, its address off the
+/// node and free for another pod.
+async fn release(ctx: &NodeContext, pod: &Value, ip: Ipv4Addr, sandbox: Option<&Sandbox>) {
+    if let (Some(sb), Some(oci)) = (sandbox, &ctx.oci) {
+        oci.cni.teardown(sb, meta::uid(pod)).await;
+    }
+    ctx.net.release(ip);
+}
+
+/// Removes what containers that did not stop in time left: their runc containers and root
+/// filesystems, and the listeners the proxy serves in-process.
+async fn force_remove(ctx: &NodeContext, pod: &Value, containers: &[Value], ip: Ipv4Addr) {
+    for c in containers {
+        if let Some(oci) = &ctx.oci {
+            let id = oci::container_id(meta::uid(pod), c["name"].as_str().unwrap_or(""));
+            if let Err(e) = oci.runc.delete(&id).await {
+                tracing::warn!(container = %id, error = %e, "runc delete");
+            }
+            let _ = oci.containers.remove(&id);
+        }
+        for port in http_ports(c) {
+            ctx.local.remove(SocketAddr::from((ip, port)));
+        }
+    }
+}
+
+/// The ports a wasi:http container is served on (8080 when it declares none).
+fn http_ports(c: &Value) -> Vec<u16> {
+    let mut ports: Vec<u16> = c
+        .get("ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["containerPort"].as_u64())
+        .map(|p| p as u16)
+        .collect();
+    if ports.is_empty() {
+        ports.push(8080);
+    }
+    ports
+}
+
+/// A container made and ready to run.
+enum Made {
+    Http(HttpContainer, Vec<HttpServer>),
+    Command(WasmCommand),
+    Oci(Box<OciContainer>),
+}
+
+/// Why a container could not be made: the waiting reason (`CreateContainerConfigError`,
+/// `CreateContainerError`, `RunContainerError`) and the message.
+type NotMade = (&'static str, String);
+
+/// One container of the pod: made (volumes, program, log, listeners) — with backoff while it
+/// cannot be, under any restart policy, as the kubelet retries — then run until `stop`.
+async fn container_task(
+    shared: Arc<Shared>,
+    placed: Arc<Placed>,
+    i: usize,
+    c: Value,
+    pulled: Pulled,
+    restart: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Backoff::default();
+    let made = loop {
+        match make(&shared, &placed, i, &c, &pulled).await {
+            Ok(made) => break made,
+            Err((reason, msg)) => {
+                if !not_made(&shared, i, &mut backoff, reason, &msg, &mut stop).await {
+                    return;
+                }
+            }
+        }
+    };
+    match made {
+        Made::Http(http, servers) => http.supervise(servers, stop).await,
+        Made::Command(command) => restart_loop(shared, i, restart, stop, command).await,
+        Made::Oci(container) => restart_loop(shared, i, restart, stop, *container).await,
+    }
+}
+
+/// Reports a container that could not be made and waits out its backoff: false when the pod
+/// was stopped meanwhile.
+async fn not_made(
+    shared: &Shared,
+    i: usize,
+    backoff: &mut Backoff,
+    reason: &'static str,
+    msg: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let delay = backoff.next(Duration::ZERO);
+    shared
+        .event("Warning", "Failed", &format!("Error: {msg}"))
+        .await;
+    shared.container(i, |c| {
+        c.ready = false;
+        c.state = waiting(reason, msg);
+    });
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = stop.wait_for(|s| *s) => return false,
+    }
+    !*stop.borrow()
+}
+
+async fn make(
+    shared: &Arc<Shared>,
+    placed: &Placed,
+    i: usize,
+    c: &Value,
+    pulled: &Pulled,
+) -> Result<Made, NotMade> {
+    let ctx = &shared.ctx;
+    let pod = &shared.pod;
+    let cname = c["name"].as_str().unwrap_or("").to_string();
+    let env = container_env(pod, c, Some(placed.ip), &ctx.node_name);
+    let mounts = volumes(shared, c, &placed.pod_dir)
+        .await
+        .map_err(|msg| ("CreateContainerConfigError", msg))?;
+    let created_msg = format!("Created container {cname}");
+    let created = || shared.post_event("Normal", "Created", &created_msg);
+    let bytes = match pulled {
+        Pulled::Wasm(bytes) => bytes,
+        Pulled::Oci(image) => {
+            let sandbox = placed
+                .sandbox
+                .as_ref()
+                .expect("a pod with OCI containers has a sandbox");
+            let oci = ctx
+                .oci
+                .clone()
+                .expect("OCI images are only pulled with an OCI runtime");
+            let mut binds: Vec<skiff_oci::BindMount> = mounts
+                .into_iter()
+                .map(|m| skiff_oci::BindMount {
+                    source: m.host,
+                    destination: m.guest,
+                    read_only: m.read_only,
+                })
+                .collect();
+            binds.extend(placed.pod_files.iter().cloned());
+            let id = oci::container_id(meta::uid(pod), &cname);
+            if let Some(e) = ctx.logs.lock().expect("logs").get_mut(&log_key(pod)) {
+                if !e.oci.contains(&cname) {
+                    e.oci.push(cname.clone());
+                }
+            }
+            let spec = oci::container_spec(pod, c, env, sandbox, binds, format!("/skiff/{id}"));
+            created();
+            return Ok(Made::Oci(Box::new(OciContainer {
+                shared: shared.clone(),
+                index: i,
+                name: cname,
+                id,
+                image: image.clone(),
+                spec,
+                oci,
+                logs: placed.logs.clone(),
+                ip: placed.ip,
+                container: c.clone(),
+            })));
+        }
+    };
+    let image = c["image"].as_str().unwrap_or("");
+    let program = ctx
+        .runtime
+        .load(bytes)
+        .map_err(|e| ("CreateContainerError", format!("cannot run {image}: {e}")))?;
+    let mut args: Vec<String> = vec![cname.clone()];
+    for key in ["command", "args"] {
+        args.extend(
+            c.get(key)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|a| a.as_str().map(String::from)),
+        );
+    }
+    let ns = meta::namespace(pod).unwrap_or("default");
+    let config = GuestConfig {
+        args,
+        env,
+        memory_limit: memory_limit(c),
+        request_timeout: Some(ctx.request_timeout),
+        preopens: mounts,
+        stdout: None,
+        stderr: None,
+        resolver: resolver(ctx, ns, placed.sandbox.as_ref().map(|_| placed.ip)),
+    };
+    match program.kind {
+        Kind::Http => {
+            let config = logged(&placed.logs, &cname, false, config)
+                .map_err(|msg| ("CreateContainerError", msg))?;
+            let http = HttpContainer {
+                shared: shared.clone(),
+                index: i,
+                name: cname,
+                program,
+                config,
+                ports: http_ports(c),
+                ip: placed.ip,
+                netns: placed.sandbox.as_ref().map(|s| s.path.clone()),
+                container: c.clone(),
+            };
+            created();
+            let servers = http
+                .serve()
+                .await
+                .map_err(|msg| ("RunContainerError", msg))?;
+            Ok(Made::Http(http, servers))
+        }
+        Kind::Command => {
+            created();
+            Ok(Made::Command(WasmCommand {
+                shared: shared.clone(),
+                index: i,
+                name: cname,
+                program,
+                config,
+                logs: placed.logs.clone(),
+                runtime: ctx.runtime.clone(),
+            }))
+        }
+    }
 }
 
 /// Puts the pod's address where its containers listen: in a sandbox made with CNI (with the
@@ -941,23 +1190,6 @@ async fn pod_network(
     }
 }
 
-/// The pod could not get its address or network: say so and wait to be stopped.
-async fn sandbox_failed(
-    shared: &Shared,
-    msg: String,
-    stop: &mut watch::Receiver<Option<Duration>>,
-) {
-    shared
-        .event("Warning", "FailedCreatePodSandBox", &msg)
-        .await;
-    shared.update(|s| s.message = Some(msg));
-    while stop.borrow().is_none() {
-        if stop.changed().await.is_err() {
-            break;
-        }
-    }
-}
-
 /// How a wasm guest's outgoing requests resolve names: cluster services by the proxy's
 /// table, and, in a sandboxed pod, `localhost` to the pod's address (its OCI containers).
 fn resolver(
@@ -981,49 +1213,23 @@ fn resolver(
     })))
 }
 
-async fn finish(
-    ctx: &NodeContext,
-    pod: &Value,
-    ip: Option<Ipv4Addr>,
-    sandbox: Option<Sandbox>,
-    writer: tokio::task::JoinHandle<()>,
-) {
-    writer.abort();
-    if let (Some(sb), Some(oci)) = (&sandbox, &ctx.oci) {
-        oci.cni.teardown(sb, meta::uid(pod)).await;
-    }
-    if let Some(ip) = ip {
-        ctx.net.release(ip);
-    }
-    let ns = meta::namespace(pod).unwrap_or("default");
-    ctx.logs
-        .lock()
-        .expect("logs")
-        .remove(&format!("{ns}/{}", meta::name(pod)));
-}
-
 /// `config` with the guest's stdout and stderr going to a new run of the container's log
-/// (`restarted`: a run after the first). None when the log cannot be opened.
+/// (`restarted`: a run after the first), or why the log cannot be opened.
 fn logged(
     logs: &PodLogs,
     container: &str,
     restarted: bool,
     config: GuestConfig,
-) -> Option<GuestConfig> {
-    match logs.open_run(container, restarted) {
-        Ok(f) => {
-            let file = Arc::new(f);
-            Some(GuestConfig {
-                stdout: Some(file.clone()),
-                stderr: Some(file),
-                ..config
-            })
-        }
-        Err(e) => {
-            tracing::warn!(container, error = %e, "cannot open the container log");
-            None
-        }
-    }
+) -> Result<GuestConfig, String> {
+    let f = logs
+        .open_run(container, restarted)
+        .map_err(|e| format!("cannot open the container log: {e}"))?;
+    let file = Arc::new(f);
+    Ok(GuestConfig {
+        stdout: Some(file.clone()),
+        stderr: Some(file),
+        ..config
+    })
 }
 
 /// A wasi:http container: its listeners on the pod address, and its probes.
@@ -1087,12 +1293,12 @@ impl HttpContainer {
             )
             .await;
         let has_readiness = Probe::of(&self.container, "readinessProbe").is_some();
-        self.shared.container(self.index, |c| {
-            c.started = true;
-            c.ready = !has_readiness;
-            c.container_id = format!("wasm://{}", self.name);
-            c.state = json!({"running": {"startedAt": now()}});
-        });
+        self.shared.started(
+            self.index,
+            format!("wasm://{}", self.name),
+            !has_readiness,
+            &now(),
+        );
         Ok(servers)
     }
 
@@ -1102,9 +1308,8 @@ impl HttpContainer {
         for server in &servers {
             self.shared.ctx.local.remove(server.addr);
         }
-        for server in servers {
-            server.shutdown().await;
-        }
+        // Together: each waits for its requests in progress, within the same few seconds.
+        futures::future::join_all(servers.into_iter().map(HttpServer::shutdown)).await;
     }
 
     /// Runs the probes until `stop`: readiness flips `ready`; a failed liveness probe
@@ -1133,12 +1338,18 @@ impl HttpContainer {
                         c.restart_count += 1;
                         c.last_state = json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now()}});
                     });
-                    match self.serve().await {
-                        Ok(s) => servers = s,
-                        Err(msg) => self.shared.container(self.index, |c| {
-                            c.state = waiting("RunContainerError", &msg)
-                        }),
-                    }
+                    // Listening again may fail for a while: retried with backoff.
+                    let mut backoff = Backoff::default();
+                    servers = loop {
+                        match self.serve().await {
+                            Ok(s) => break s,
+                            Err(msg) => {
+                                if !not_made(&self.shared, self.index, &mut backoff, "RunContainerError", &msg, &mut stop).await {
+                                    return;
+                                }
+                            }
+                        }
+                    };
                     probes.restarted();
                 }
             }
@@ -1210,14 +1421,7 @@ impl Probes {
                 let ok = probe_once(&self.shared, p, self.ip, "Readiness").await;
                 if let Some(ready) = self.ready.record(p, ok) {
                     let i = self.index;
-                    self.shared.update(|s| {
-                        s.containers[i].ready = ready;
-                        if ready && s.containers.iter().all(|c| c.ready) {
-                            s.ready_since = Some(now());
-                        } else if !ready {
-                            s.not_ready_since = now();
-                        }
-                    });
+                    self.shared.update(|s| s.containers[i].ready = ready);
                 }
                 self.next_ready = Some(now_i + p.period);
             }
@@ -1265,16 +1469,25 @@ struct RunEnd {
     started_at: String,
 }
 
+/// What one attempt to run a container came to.
+enum Run {
+    /// It ran and ended.
+    Ended(RunEnd),
+    /// `stop` ended it: the container is stopped and cleaned up.
+    Stopped,
+    /// It could not be created (waiting reason, message): retried with backoff, not a run.
+    NotCreated(&'static str, String),
+}
+
 /// A container that runs to its end and is restarted under the pod's restart policy: a wasm
 /// command or an OCI container.
 trait Runnable: Send + 'static {
-    /// Runs once (`runs`: how many runs came before). None when `stop` ended it: the
-    /// container is then stopped and cleaned up.
+    /// Runs once (`runs`: how many runs came before).
     fn run_once(
         &mut self,
         runs: u32,
         stop: watch::Receiver<bool>,
-    ) -> impl std::future::Future<Output = Option<RunEnd>> + Send;
+    ) -> impl std::future::Future<Output = Run> + Send;
 }
 
 /// Runs `container` under the restart policy (Always, OnFailure, Never) with crash-loop
@@ -1293,8 +1506,15 @@ async fn restart_loop(
     let mut runs = 0;
     loop {
         let began = Instant::now();
-        let Some(end) = container.run_once(runs, stop.clone()).await else {
-            return;
+        let end = match container.run_once(runs, stop.clone()).await {
+            Run::Ended(end) => end,
+            Run::Stopped => return,
+            Run::NotCreated(reason, msg) => {
+                if !not_made(&shared, i, &mut backoff, reason, &msg, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
         };
         runs += 1;
         let code = end.code;
@@ -1351,9 +1571,12 @@ struct WasmCommand {
 }
 
 impl Runnable for WasmCommand {
-    async fn run_once(&mut self, runs: u32, mut stop: watch::Receiver<bool>) -> Option<RunEnd> {
+    async fn run_once(&mut self, runs: u32, mut stop: watch::Receiver<bool>) -> Run {
         let name = &self.name;
-        let cfg = logged(&self.logs, name, runs > 0, self.config.clone())?;
+        let cfg = match logged(&self.logs, name, runs > 0, self.config.clone()) {
+            Ok(cfg) => cfg,
+            Err(msg) => return Run::NotCreated("CreateContainerError", msg),
+        };
         let started_at = now();
         let what = if runs > 0 {
             format!("restart {runs}")
@@ -1367,23 +1590,26 @@ impl Runnable for WasmCommand {
                 &format!("Started container {name} ({what})"),
             )
             .await;
-        let id = format!("wasm://{name}");
-        self.shared.container(self.index, |c| {
-            c.started = true;
-            c.ready = true;
-            c.container_id = id;
-            c.state = json!({"running": {"startedAt": started_at}});
-        });
+        self.shared
+            .started(self.index, format!("wasm://{name}"), true, &started_at);
         let code = tokio::select! {
             r = self.runtime.run_command(&self.program, &cfg) => r.unwrap_or(1),
-            _ = stop.changed() => return None,
+            _ = stop.changed() => return Run::Stopped,
         };
-        Some(RunEnd {
+        Run::Ended(RunEnd {
             code: code.into(),
             reason: if code == 0 { "Completed" } else { "Error" },
             started_at,
         })
     }
+}
+
+/// Why an OCI container did not start.
+enum StartFailed {
+    /// Before runc ran it (log, bundle): retried as a container not yet created.
+    Create(String),
+    /// runc could not start it: a run that ended (`StartError`), under the restart policy.
+    Run(String),
 }
 
 /// An OCI container run by runc in the pod's sandbox.
@@ -1403,7 +1629,7 @@ struct OciContainer {
 impl OciContainer {
     /// Starts the container (or, on the first run, takes over one an earlier agent run left
     /// running) and returns its init PID and start time.
-    async fn start(&self, runs: u32) -> Result<(i32, String, bool), String> {
+    async fn start(&self, runs: u32) -> Result<(i32, String, bool), StartFailed> {
         let oci = &self.oci;
         if runs == 0 {
             if let Some(st) = oci.runc.state(&self.id).await {
@@ -1416,11 +1642,11 @@ impl OciContainer {
         let log = self
             .logs
             .open_run(&self.name, runs > 0)
-            .map_err(|e| format!("cannot open the container log: {e}"))?;
+            .map_err(|e| StartFailed::Create(format!("cannot open the container log: {e}")))?;
         let bundle = oci
             .containers
             .prepare(&self.id, &oci.store, &self.image, &self.spec)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| StartFailed::Create(e.to_string()))?;
         let pid = oci.runc.run(&self.id, &bundle, log).await.map_err(|e| {
             // runc says why on the container's stderr: the last line of its log.
             let log = std::fs::read_to_string(self.logs.current(&self.name)).unwrap_or_default();
@@ -1434,7 +1660,7 @@ impl OciContainer {
             Err(e) => {
                 let _ = oci.runc.delete(&self.id).await;
                 let _ = oci.containers.remove(&self.id);
-                Err(e)
+                Err(StartFailed::Run(e))
             }
         }
     }
@@ -1465,17 +1691,18 @@ impl OciContainer {
 }
 
 impl Runnable for OciContainer {
-    async fn run_once(&mut self, runs: u32, mut stop: watch::Receiver<bool>) -> Option<RunEnd> {
+    async fn run_once(&mut self, runs: u32, mut stop: watch::Receiver<bool>) -> Run {
         let name = self.name.clone();
         let (pid, started_at, adopted) = match self.start(runs).await {
             Ok(started) => started,
-            Err(msg) => {
+            Err(StartFailed::Create(msg)) => return Run::NotCreated("CreateContainerError", msg),
+            Err(StartFailed::Run(msg)) => {
                 self.shared
                     .event("Warning", "Failed", &format!("Error: {msg}"))
                     .await;
                 self.shared
                     .container(self.index, |c| c.state = waiting("RunContainerError", &msg));
-                return Some(RunEnd {
+                return Run::Ended(RunEnd {
                     code: 128,
                     reason: "StartError",
                     started_at: now(),
@@ -1497,21 +1724,12 @@ impl Runnable for OciContainer {
             )
             .await;
         let readiness = Probe::of(&self.container, "readinessProbe");
-        let id = format!("runc://{}", self.id);
-        let st = started_at.clone();
-        self.shared.update(|s| {
-            let c = &mut s.containers[self.index];
-            c.started = true;
-            c.ready = readiness.is_none();
-            c.container_id = id;
-            c.state = json!({"running": {"startedAt": st}});
-            if s.phase == "Pending" {
-                s.phase = "Running";
-            }
-            if s.containers.iter().all(|c| c.ready) {
-                s.ready_since = Some(now());
-            }
-        });
+        self.shared.started(
+            self.index,
+            format!("runc://{}", self.id),
+            readiness.is_none(),
+            &started_at,
+        );
         let probes = tokio::spawn(probe_loop(
             self.shared.clone(),
             self.index,
@@ -1520,29 +1738,18 @@ impl Runnable for OciContainer {
             self.oci.clone(),
             self.id.clone(),
         ));
-        // The container writes its log file itself (opened for appending): it is kept under
-        // the size cap from here.
-        let log = self.logs.current(&name);
-        let trimmer = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(LOG_TRIM_EVERY).await;
-                let _ = crate::logs::trim(&log);
-            }
-        });
         let mut exited = Box::pin(skiff_oci::runc::wait_child(pid));
         let exit = tokio::select! {
             exit = &mut exited => exit,
             _ = stop.changed() => {
                 probes.abort();
-                trimmer.abort();
                 self.stop(&mut exited).await;
-                return None;
+                return Run::Stopped;
             }
         };
         probes.abort();
-        trimmer.abort();
         self.remove().await;
-        Some(match exit {
+        Run::Ended(match exit {
             skiff_oci::Exit::Code(code) => RunEnd {
                 code: code.into(),
                 reason: match code {
@@ -1595,6 +1802,56 @@ mod tests {
         assert_eq!(get("POD"), Some("web-1"));
         assert_eq!(get("NS"), Some("shop"));
         assert_eq!(get("IP"), Some("10.88.0.9"));
+    }
+
+    fn status(containers: Vec<ContainerStatus>) -> PodStatus {
+        PodStatus {
+            phase: "Pending",
+            pod_ip: None,
+            start_time: "2026-01-01T00:00:00Z".into(),
+            ready_since: None,
+            not_ready_since: "2026-01-01T00:00:00Z".into(),
+            containers,
+            message: None,
+            reason: None,
+        }
+    }
+
+    fn container(ready: bool) -> ContainerStatus {
+        ContainerStatus {
+            name: "a".into(),
+            image: "i".into(),
+            image_id: String::new(),
+            container_id: String::new(),
+            ready,
+            started: true,
+            restart_count: 0,
+            state: json!({}),
+            last_state: Value::Null,
+        }
+    }
+
+    #[test]
+    fn the_ready_transition_time_is_when_the_pod_became_ready() {
+        // A command: it is ready once it runs, which happens after the pod's containers are
+        // set up (in its own task).
+        let mut s = status(vec![container(false)]);
+        s.change(|s| s.phase = "Running");
+        s.change(|s| s.containers[0].ready = true);
+        let since = s.ready_since.clone().expect("ready since");
+        let st = status_json(&s, Ipv4Addr::LOCALHOST);
+        assert_eq!(st["conditions"][3]["status"], "True");
+        assert_eq!(st["conditions"][3]["lastTransitionTime"], json!(since));
+        // Not ready again: the transition is recorded, and the status is stable.
+        s.change(|s| s.containers[0].ready = false);
+        let st = status_json(&s, Ipv4Addr::LOCALHOST);
+        assert_eq!(st["conditions"][3]["status"], "False");
+        assert_eq!(
+            st["conditions"][3]["lastTransitionTime"],
+            json!(s.not_ready_since)
+        );
+        assert_ne!(s.not_ready_since, "2026-01-01T00:00:00Z");
+        assert_eq!(st, status_json(&s, Ipv4Addr::LOCALHOST));
     }
 
     #[test]

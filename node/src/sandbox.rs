@@ -167,7 +167,7 @@ impl Cni {
         }
         let _ = ip_netns(&["del", &name]).await;
         let _ = std::fs::create_dir_all(&self.state_dir);
-        let _ = std::fs::write(self.state_dir.join(&name), ip.to_string());
+        let _ = std::fs::write(self.state_dir.join(&name), state(&sandbox).to_string());
         ip_netns(&["add", &name])
             .await
             .map_err(|msg| SandboxError::Netns {
@@ -242,11 +242,62 @@ impl Cni {
             .unwrap_or_default()
     }
 
-    /// Deletes a namespace this agent made whose pod is gone.
+    /// Deletes a namespace this agent made whose pod is gone: unplugged first, as at the end
+    /// of a pod (the plugins find the pod's address, masquerade and port rules through it).
     pub async fn remove_stale(&self, name: &str) {
-        let _ = ip_netns(&["del", name]).await;
-        let _ = std::fs::remove_file(self.state_dir.join(name));
+        let recorded = std::fs::read_to_string(self.state_dir.join(name))
+            .ok()
+            .and_then(|text| parse_state(name, &text));
+        match recorded {
+            Some(sandbox) => {
+                let uid = name.trim_start_matches("skiff-").to_string();
+                self.teardown(&sandbox, &uid).await;
+            }
+            None => {
+                let _ = ip_netns(&["del", name]).await;
+                let _ = std::fs::remove_file(self.state_dir.join(name));
+            }
+        }
     }
+}
+
+/// What is recorded of a namespace the agent made: enough to unplug it later.
+fn state(sandbox: &Sandbox) -> Value {
+    json!({
+        "ip": sandbox.ip.to_string(),
+        "ports": sandbox.ports.iter().map(|p| json!({
+            "hostPort": p.host_port, "containerPort": p.container_port, "protocol": p.protocol,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// A recorded namespace (also the bare address earlier versions wrote).
+fn parse_state(name: &str, text: &str) -> Option<Sandbox> {
+    let (ip, ports) = match serde_json::from_str::<Value>(text) {
+        Ok(v) if v.is_object() => {
+            let ip = v["ip"].as_str()?.parse().ok()?;
+            let ports = v["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some(PortMapping {
+                        host_port: p["hostPort"].as_u64()? as u16,
+                        container_port: p["containerPort"].as_u64()? as u16,
+                        protocol: p["protocol"].as_str()?.to_string(),
+                    })
+                })
+                .collect();
+            (ip, ports)
+        }
+        _ => (text.trim().parse().ok()?, vec![]),
+    };
+    Some(Sandbox {
+        name: name.to_string(),
+        path: Path::new("/run/netns").join(name),
+        ip,
+        ports,
+    })
 }
 
 async fn ip_netns(args: &[&str]) -> Result<(), String> {
@@ -317,5 +368,27 @@ mod tests {
         assert_eq!(p["runtimeConfig"]["portMappings"][0]["protocol"], "tcp");
         assert!(p.get("prevResult").is_some());
         assert_eq!(netns_name("u-1"), "skiff-u-1");
+    }
+
+    #[test]
+    fn a_recorded_namespace_can_be_unplugged_later() {
+        let sb = Sandbox {
+            name: "skiff-u".into(),
+            path: "/run/netns/skiff-u".into(),
+            ip: Ipv4Addr::new(10, 88, 0, 9),
+            ports: vec![PortMapping {
+                host_port: 18080,
+                container_port: 8080,
+                protocol: "TCP".into(),
+            }],
+        };
+        let back = parse_state("skiff-u", &state(&sb).to_string()).unwrap();
+        assert_eq!(
+            (back.ip, &back.path, &back.ports),
+            (sb.ip, &sb.path, &sb.ports)
+        );
+        // What earlier versions wrote: the address alone.
+        let old = parse_state("skiff-u", "10.88.0.9").unwrap();
+        assert_eq!((old.ip, old.ports.len()), (sb.ip, 0));
     }
 }

@@ -80,6 +80,14 @@ impl Netns {
         Ok(self.children.len() - 1)
     }
 
+    /// Has the OCI containers of the node with data in `dir` removed (`skiff reset`) when the
+    /// namespace goes: for nodes started with [`Netns::spawn`] rather than [`SkiffUp`].
+    pub fn reset_on_drop(&mut self, dir: &Path) {
+        if !self.node_dirs.iter().any(|d| d == dir) {
+            self.node_dirs.push(dir.to_path_buf());
+        }
+    }
+
     /// The PID of a process this namespace started.
     pub fn pid(&self, index: usize) -> u32 {
         self.children[index].id()
