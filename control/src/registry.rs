@@ -526,7 +526,7 @@ impl Registry {
         expect: Option<u64>,
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
-        let _g = self.alloc.lock().expect("alloc lock");
+        let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
         self.admit(r, Some(old), &mut new)?;
         if opts.dry_run {
             return Ok(new);
