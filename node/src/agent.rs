@@ -450,6 +450,12 @@ impl CacheWrites {
         self.dirty = true;
     }
 
+    /// A write was made now, whether it was due or not.
+    fn written(&mut self, now: Instant) {
+        self.dirty = false;
+        self.last = Some(now);
+    }
+
     /// Whether to write now (and if so, the write is counted as done).
     fn due(&mut self, now: Instant) -> bool {
         let due = self.dirty
@@ -866,6 +872,8 @@ async fn run(
                     Some(Ok(ev)) => {
                         // The watch works: the next failure starts the backoff over.
                         relist.reset();
+                        let uid = meta::uid(&ev.object).to_string();
+                        let known = pods.workers.contains_key(&uid);
                         if ev.kind == "DELETED" {
                             pods.forget_stopped();
                             if !pods.stopping.contains_key(meta::uid(&ev.object)) {
@@ -875,6 +883,12 @@ async fn run(
                             pods.handle(&ctx, ev.object);
                         }
                         cache.changed();
+                        // A pod bound here or gone is written at once (an agent killed right
+                        // after must still run it offline); status changes are coalesced.
+                        if pods.workers.contains_key(&uid) != known {
+                            cache.written(Instant::now());
+                            save_cache(&config.data_dir, &node, &pods.workers);
+                        }
                     }
                     _ => {
                         if cache.dirty {
