@@ -87,10 +87,11 @@ impl OciNode {
     }
 
     /// Forgets images no pod on the node uses and none used within [`IMAGE_MIN_AGE`], and
-    /// deletes their layers that no other image shares.
+    /// deletes their layers that no other image and no container shares.
     pub async fn collect_images(&self, in_use: &HashSet<String>) -> usize {
         let _guard = self.gc_lock.write().await;
-        self.store.gc(in_use, IMAGE_MIN_AGE)
+        self.store
+            .gc(in_use, IMAGE_MIN_AGE, &self.containers.layers_in_use())
     }
 }
 
