@@ -581,6 +581,15 @@ async fn run(
                 tracing::info!(removed, "image layers no pod uses were removed");
             }
         }
+        let in_use = workers.values().flat_map(|(_, p)| pod_images(p)).collect();
+        let gc = skiff_wasm::collect_garbage(
+            &ctx.runtime,
+            &ctx.blobs,
+            &ctx.images,
+            &in_use,
+            Default::default(),
+        );
+        tracing::debug!(?gc, "wasm caches collected");
         let rv = list["metadata"]["resourceVersion"]
             .as_str()
             .unwrap_or("")

@@ -465,7 +465,7 @@ async fn prepare(
     loop {
         match pull(shared, i, &image, &policy).await {
             Ok(Pulled::Oci(img)) => return Some(Prepared::Oci(img)),
-            Ok(Pulled::Wasm(bytes)) => match shared.ctx.runtime.load(&bytes) {
+            Ok(Pulled::Wasm(bytes)) => match shared.ctx.runtime.load(bytes).await {
                 Ok(p) => return Some(Prepared::Wasm(p)),
                 Err(e) => {
                     let msg = format!("cannot run {image}: {e}");
