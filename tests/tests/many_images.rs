@@ -67,43 +67,57 @@ async fn many_new_images_at_once_all_pods_ready_at_the_first_attempt() -> anyhow
     }
     let total: usize = DEPLOYMENTS.iter().map(|d| d.2).sum();
     // The Python component (18 MB, CPython inside) takes long to compile on a busy machine.
-    let pods = eventually(
+    // A pod that failed, restarted or was replaced ends the wait at once (Some(Err)).
+    let outcome = eventually(
         &format!("all {total} pods Ready"),
         Duration::from_secs(600),
         || async {
             let list = up.json(&ns, &["get", "pods"])?;
             let items = list["items"].as_array().cloned().unwrap_or_default();
-            // A pod that failed (or was replaced) is a failure now, not a wait.
-            for p in &items {
-                let phase = p["status"]["phase"].as_str().unwrap_or("");
-                anyhow::ensure!(
-                    phase != "Failed",
-                    "pod {} failed: {}",
-                    p["metadata"]["name"],
-                    p["status"]
-                );
-                for cs in p["status"]["containerStatuses"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                {
+            let broken = || -> anyhow::Result<()> {
+                for p in &items {
+                    let phase = p["status"]["phase"].as_str().unwrap_or("");
                     anyhow::ensure!(
-                        cs["restartCount"].as_i64().unwrap_or(0) == 0,
-                        "pod {} restarted: {cs}",
-                        p["metadata"]["name"]
+                        phase != "Failed",
+                        "pod {} failed: {}",
+                        p["metadata"]["name"],
+                        p["status"]
                     );
+                    for cs in p["status"]["containerStatuses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                    {
+                        anyhow::ensure!(
+                            cs["restartCount"].as_i64().unwrap_or(0) == 0,
+                            "pod {} restarted: {cs}",
+                            p["metadata"]["name"]
+                        );
+                        // Every image is in the registry: a pull or start error is a defect.
+                        let waiting = cs["state"]["waiting"]["reason"].as_str().unwrap_or("");
+                        anyhow::ensure!(
+                            !waiting.ends_with("Error") && !waiting.ends_with("BackOff"),
+                            "pod {}: {cs}",
+                            p["metadata"]["name"]
+                        );
+                    }
                 }
+                anyhow::ensure!(
+                    items.len() <= total,
+                    "{} pods for {total} replicas: some were replaced",
+                    items.len()
+                );
+                Ok(())
+            };
+            if let Err(e) = broken() {
+                return Ok(Some(Err(e)));
             }
-            anyhow::ensure!(
-                items.len() <= total,
-                "{} pods for {total} replicas: some were replaced",
-                items.len()
-            );
-            Ok((items.len() == total && items.iter().all(ready)).then_some(items))
+            Ok((items.len() == total && items.iter().all(ready)).then_some(Ok(items)))
         },
     )
     .await
-    .map_err(|e| {
+    .and_then(|o| o);
+    let pods = outcome.map_err(|e| {
         let events = up.skiff(&ns, &["get", "events"]).unwrap_or_default();
         e.context(format!("events:\n{events}"))
     })?;
