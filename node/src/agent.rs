@@ -433,6 +433,44 @@ fn save_cache(dir: &std::path::Path, node: &Value, pods: &HashMap<String, (PodWo
     }
 }
 
+/// How often what no pod uses is collected (also at every relist).
+const GC_EVERY: Duration = Duration::from_secs(600);
+
+/// The images of the pods this node runs.
+fn images_in_use(workers: &HashMap<String, (PodWorker, Value)>) -> HashSet<String> {
+    workers.values().flat_map(|(_, p)| pod_images(p)).collect()
+}
+
+/// Collects what no pod on the node uses, in the background: OCI image layers (a round is
+/// skipped while a pull runs) and the wasm caches (blobs, compiled code, index entries; their
+/// directory walks on a blocking thread).
+fn collect_garbage(ctx: &Arc<NodeContext>, images: HashSet<String>) -> tokio::task::JoinHandle<()> {
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        if let Some(oci) = &ctx.oci {
+            let removed = oci.collect_images(&images).await;
+            if removed > 0 {
+                tracing::info!(removed, "image layers no pod uses were removed");
+            }
+        }
+        let c = ctx.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            skiff_wasm::collect_garbage(
+                &c.runtime,
+                &c.blobs,
+                &c.images,
+                &images,
+                Default::default(),
+            )
+        })
+        .await;
+        match report {
+            Ok(report) => tracing::debug!(?report, "wasm caches collected"),
+            Err(e) => tracing::warn!(error = %e, "collecting the wasm caches failed"),
+        }
+    })
+}
+
 /// Coalesces pod cache writes: a burst of watch events is one write, at most one a
 /// [`CACHE_EVERY`].
 #[derive(Debug, Default)]
@@ -827,22 +865,11 @@ async fn run(
         // Files of pods that are gone; those of finished pods stay while the pod exists.
         sweep_pod_dirs(&config.data_dir, &live.union(&owned).cloned().collect());
         if let Some(oci) = &ctx.oci {
-            // What an earlier run left for pods that are gone, and images no pod uses.
+            // What an earlier run left for pods that are gone.
             oci.sweep(&owned).await;
-            if gc.as_ref().is_none_or(|h| h.is_finished()) {
-                let images = pods
-                    .workers
-                    .values()
-                    .flat_map(|(_, p)| pod_images(p))
-                    .collect();
-                let oci = oci.clone();
-                gc = Some(tokio::spawn(async move {
-                    let removed = oci.collect_images(&images).await;
-                    if removed > 0 {
-                        tracing::info!(removed, "image layers no pod uses were removed");
-                    }
-                }));
-            }
+        }
+        if gc.as_ref().is_none_or(|h| h.is_finished()) {
+            gc = Some(collect_garbage(&ctx, images_in_use(&pods.workers)));
         }
         let rv = list["metadata"]["resourceVersion"]
             .as_str()
@@ -860,9 +887,16 @@ async fn run(
             }
         };
         let mut tick = tokio::time::interval(CACHE_EVERY);
+        let mut collect =
+            tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
         loop {
             tokio::select! {
                 _ = stop.changed() => break 'outer,
+                _ = collect.tick() => {
+                    if gc.as_ref().is_none_or(|h| h.is_finished()) {
+                        gc = Some(collect_garbage(&ctx, images_in_use(&pods.workers)));
+                    }
+                }
                 _ = tick.tick() => {
                     if cache.due(Instant::now()) {
                         save_cache(&config.data_dir, &node, &pods.workers);

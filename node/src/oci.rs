@@ -87,14 +87,15 @@ impl OciNode {
     }
 
     /// Forgets images no pod on the node uses and none used within [`IMAGE_MIN_AGE`], and
-    /// deletes their layers that no other image shares.
+    /// deletes their layers that no other image and no container shares.
     /// Skipped while a pull is in progress (a later round collects): it never waits for the
     /// network.
     pub async fn collect_images(&self, in_use: &HashSet<String>) -> usize {
         let Ok(_guard) = self.gc_lock.try_write() else {
             return 0;
         };
-        self.store.gc(in_use, IMAGE_MIN_AGE)
+        self.store
+            .gc(in_use, IMAGE_MIN_AGE, &self.containers.layers_in_use())
     }
 }
 

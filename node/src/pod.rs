@@ -1095,7 +1095,8 @@ async fn make(
     let image = c["image"].as_str().unwrap_or("");
     let program = ctx
         .runtime
-        .load(bytes)
+        .load(bytes.as_slice())
+        .await
         .map_err(|e| ("CreateContainerError", format!("cannot run {image}: {e}")))?;
     let mut args: Vec<String> = vec![cname.clone()];
     for key in ["command", "args"] {

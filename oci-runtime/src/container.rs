@@ -1,6 +1,9 @@
 //! Containers on disk: each has `containers/ID/` holding its overlay root filesystem (the
-//! image's shared layers below, its own `upper` above) and its bundle's `config.json`.
+//! image's shared layers below, its own `upper` above) and its bundle's `config.json`, and
+//! `containers/ID.layers`, the layers it mounts: its lease on them, which image garbage
+//! collection honours (see [`Containers::layers_in_use`]) until the container is removed.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -39,7 +42,10 @@ impl Containers {
         image: &Image,
         spec: &ContainerSpec,
     ) -> Result<PathBuf, OciError> {
-        self.remove(id)?;
+        // The lease first: from now on until `remove`, image GC keeps these layers, even if the
+        // image's tag moves and its record names other layers.
+        self.lease(id, image)?;
+        self.remove_files(id)?;
         let dir = self.bundle(id);
         let (upper, work, rootfs) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
         for d in [&upper, &work, &rootfs] {
@@ -78,8 +84,43 @@ impl Containers {
         result.map(|_| dir)
     }
 
-    /// Unmounts and deletes what `id` has on disk.
+    fn lease_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.layers"))
+    }
+
+    /// Records (durably) that container `id` uses the layers of `image`.
+    pub(crate) fn lease(&self, id: &str, image: &Image) -> Result<(), OciError> {
+        let path = self.lease_path(id);
+        let body = serde_json::to_vec(&image.layers).expect("layer list");
+        crate::write_atomic(&path, &body).map_err(|e| store_err(&path, e))
+    }
+
+    /// Diff IDs of every layer a container here uses (until it is removed), read from disk:
+    /// what an earlier agent run started counts too.
+    pub fn layers_in_use(&self) -> HashSet<String> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return HashSet::new();
+        };
+        rd.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "layers"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|b| serde_json::from_slice::<Vec<String>>(&b).ok())
+            .flatten()
+            .collect()
+    }
+
+    /// Unmounts and deletes what `id` has on disk, its lease on its layers last.
     pub fn remove(&self, id: &str) -> Result<(), OciError> {
+        self.remove_files(id)?;
+        let lease = self.lease_path(id);
+        match std::fs::remove_file(&lease) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(store_err(&lease, e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Unmounts and deletes the container's directory (not its lease).
+    fn remove_files(&self, id: &str) -> Result<(), OciError> {
         let dir = self.bundle(id);
         if !dir.exists() {
             return Ok(());
@@ -90,16 +131,27 @@ impl Containers {
         std::fs::remove_dir_all(&dir).map_err(|e| store_err(&dir, e))
     }
 
-    /// IDs of every container with a directory here.
+    /// IDs of every container with a directory or a lease here.
     pub fn ids(&self) -> Vec<String> {
-        std::fs::read_dir(&self.dir)
+        let mut ids: Vec<String> = std::fs::read_dir(&self.dir)
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        if name.starts_with('.') {
+                            None
+                        } else if e.path().is_dir() {
+                            Some(name)
+                        } else {
+                            name.strip_suffix(".layers").map(String::from)
+                        }
+                    })
                     .collect()
             })
-            .unwrap_or_default()
+            .unwrap_or_default();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// Bytes the containers' writable layers use.

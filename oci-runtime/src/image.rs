@@ -4,10 +4,13 @@
 //! Layout under the store's directory:
 //! - `blobs/sha256/HEX`: image configs (layer blobs are deleted once unpacked);
 //! - `layers/HEX`: an unpacked layer, named by its diff ID. It appears only complete: layers are
-//!   unpacked into `layers/.tmp-…` and renamed once their diff ID checks out;
+//!   unpacked into `layers/.tmp-…` (a name of their own per unpack) and renamed once their
+//!   diff ID checks out and their files are on disk; one pull at a time fetches a layer;
 //! - `images/HEX.json`: what a reference resolved to (HEX = sha256 of the reference).
 
 use std::collections::HashSet;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::layer::{self, Compression};
+use crate::util::{KeyedLocks, TEMP_PREFIX};
 use crate::OciError;
 
 /// The platform this node runs, in OCI's words (`linux`, `amd64`).
@@ -133,6 +137,8 @@ pub enum Progress {
 pub struct ImageStore {
     dir: PathBuf,
     insecure: Vec<String>,
+    /// Layers being fetched now, by diff ID: one fetch per layer, other pulls wait for it.
+    flights: KeyedLocks,
 }
 
 fn hex_of(digest: &str) -> &str {
@@ -162,15 +168,24 @@ impl ImageStore {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
-        // Unpacks cut short by a crash are never used; drop them.
-        if let Ok(rd) = std::fs::read_dir(dir.join("layers")) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+        // Downloads and unpacks cut short by a crash are never used; drop them.
+        for sub in ["layers", "blobs/sha256", "images"] {
+            for e in std::fs::read_dir(dir.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
                     let _ = std::fs::remove_dir_all(e.path());
+                    let _ = std::fs::remove_file(e.path());
                 }
             }
         }
-        Ok(ImageStore { dir, insecure })
+        Ok(ImageStore {
+            dir,
+            insecure,
+            flights: KeyedLocks::default(),
+        })
     }
 
     pub fn layer_dir(&self, diff_id: &str) -> PathBuf {
@@ -258,7 +273,7 @@ impl ImageStore {
             .pull_blob(&r, &m.config, &mut config_bytes)
             .await
             .map_err(registry)?;
-        std::fs::write(&config_path, &config_bytes).map_err(io(&config_path))?;
+        crate::write_atomic(&config_path, &config_bytes).map_err(io(&config_path))?;
         let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
             .map_err(|e| OciError::Registry(format!("{reference}: bad image config: {e}")))?;
         if config.os().to_string() != os || config.architecture().to_string() != arch {
@@ -277,9 +292,15 @@ impl ImageStore {
             )));
         }
         for (i, (desc, diff_id)) in m.layers.iter().zip(&diff_ids).enumerate() {
-            let cached = self.layer_dir(diff_id).is_dir();
+            let mut cached = self.layer_dir(diff_id).is_dir();
             if !cached {
-                self.fetch_layer(&client, &r, desc, diff_id).await?;
+                // Another pull of this layer (another image, or another pod of this one) may
+                // be under way: wait for it rather than fetch it twice.
+                let _flight = self.flights.lock(diff_id).await;
+                cached = self.layer_dir(diff_id).is_dir();
+                if !cached {
+                    self.fetch_layer(&client, &r, desc, diff_id).await?;
+                }
             }
             progress(Progress::Layer {
                 index: i,
@@ -296,15 +317,14 @@ impl ImageStore {
             layers: diff_ids,
         };
         let record = self.record_path(reference);
-        let tmp = record.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&image).expect("image record"))
-            .map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &record).map_err(io(&record))?;
+        crate::write_atomic(&record, &serde_json::to_vec(&image).expect("image record"))
+            .map_err(io(&record))?;
         Ok(image)
     }
 
     /// Downloads one layer (its digest checked by the client), unpacks it beside the store,
-    /// checks the diff ID and only then moves it into place.
+    /// checks the diff ID and only then moves it into place. The download and the unpack each
+    /// have a name of their own: concurrent pulls never share a file.
     async fn fetch_layer(
         &self,
         client: &Client,
@@ -314,14 +334,14 @@ impl ImageStore {
     ) -> Result<(), OciError> {
         let compression = Compression::of_media_type(&desc.media_type)?;
         let started = Instant::now();
-        let blob = self.dir.join("blobs/sha256").join(hex_of(&desc.digest));
-        let partial = blob.with_extension("partial");
-        let file = tokio::fs::File::create(&partial)
-            .await
-            .map_err(io(&partial))?;
+        let blobs = self.dir.join("blobs/sha256");
+        let partial = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempfile_in(&blobs)
+            .map_err(io(&blobs))?;
+        let file = tokio::fs::File::from_std(partial.reopen().map_err(io(partial.path()))?);
         let pulled = client.pull_blob(r, desc, file).await;
         if let Err(e) = pulled {
-            let _ = std::fs::remove_file(&partial);
             return Err(match e {
                 oci_client::errors::OciDistributionError::DigestError(d) => {
                     OciError::Digest(format!("layer {}: {d}", desc.digest))
@@ -329,42 +349,65 @@ impl ImageStore {
                 e => OciError::Registry(format!("layer {}: {e}", desc.digest)),
             });
         }
-        std::fs::rename(&partial, &blob).map_err(io(&blob))?;
-        let tmp = self.dir.join("layers").join(format!(
-            ".tmp-{}-{}",
-            hex_of(diff_id),
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&tmp);
-        let (b, t) = (blob.clone(), tmp.clone());
-        let unpacked = tokio::task::spawn_blocking(move || layer::unpack(&b, compression, &t))
-            .await
-            .map_err(|e| OciError::Store(e.to_string()))
-            .and_then(|r| r);
-        let _ = std::fs::remove_file(&blob);
-        let got = match unpacked {
-            Ok(got) => got,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&tmp);
-                return Err(e);
-            }
-        };
-        if got != diff_id {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(OciError::Digest(format!(
-                "layer {} unpacks to {got}, but the image config says {diff_id}",
-                desc.digest
-            )));
-        }
-        let dest = self.layer_dir(diff_id);
-        if let Err(e) = std::fs::rename(&tmp, &dest) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            if !dest.is_dir() {
-                return Err(io(&dest)(e));
-            }
-        }
+        let installed = self
+            .install_layer(partial.path(), compression, diff_id)
+            .await;
+        // The blob is not kept once unpacked (dropping the temporary file removes it).
+        drop(partial);
+        installed.map_err(|e| match e {
+            OciError::Digest(why) => OciError::Digest(format!("layer {}: {why}", desc.digest)),
+            e => e,
+        })?;
         tracing::debug!(layer = %desc.digest, elapsed = ?started.elapsed(), "layer unpacked");
         Ok(())
+    }
+
+    /// Unpacks the layer blob at `blob` into a directory of its own beside the store, checks
+    /// that it is `diff_id` and only then renames it into `layers/`. If another pull put the
+    /// layer there meanwhile, that one stays and this one is dropped.
+    async fn install_layer(
+        &self,
+        blob: &Path,
+        compression: Compression,
+        diff_id: &str,
+    ) -> Result<(), OciError> {
+        let layers = self.dir.join("layers");
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempdir_in(&layers)
+            .map_err(io(&layers))?;
+        // The layer's root is the container's `/` where the tar does not say otherwise.
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755))
+            .map_err(io(tmp.path()))?;
+        let dest = self.layer_dir(diff_id);
+        let (b, t, d, want) = (
+            blob.to_path_buf(),
+            tmp.path().to_path_buf(),
+            dest.clone(),
+            diff_id.to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let got = layer::unpack(&b, compression, &t)?;
+            if got != want {
+                return Err(OciError::Digest(format!(
+                    "it unpacks to {got}, but the image config says {want}"
+                )));
+            }
+            // The layer's files are on disk before its name says it is complete.
+            nix::unistd::syncfs(std::fs::File::open(&t).map_err(io(&t))?.as_raw_fd())
+                .map_err(|e| OciError::Store(format!("{}: {e}", t.display())))?;
+            match std::fs::rename(&t, &d) {
+                Ok(()) => {
+                    crate::util::sync_dir(d.parent().unwrap_or(Path::new("/"))).map_err(io(&d))
+                }
+                // Already there: another pull finished first (both checked the same diff ID).
+                Err(_) if d.is_dir() => Ok(()),
+                Err(e) => Err(io(&d)(e)),
+            }
+        })
+        .await
+        .map_err(|e| OciError::Store(e.to_string()))?
+        // Dropping `tmp` removes what is left of it (everything unless renamed).
     }
 
     /// Every image record in the store.
@@ -380,10 +423,20 @@ impl ImageStore {
     }
 
     /// Forgets the images neither in `keep` (references) nor used within `min_age`, then
-    /// removes every layer and config no remaining image uses. Returns the number of layers
+    /// removes every layer and config that no remaining image uses and that is not in
+    /// `layers_in_use` (diff IDs containers mount: [`crate::Containers::layers_in_use`]; a
+    /// container keeps its layers after its image's tag moved). Returns the number of layers
     /// removed.
-    pub fn gc(&self, keep: &HashSet<String>, min_age: std::time::Duration) -> usize {
-        let mut used = HashSet::new();
+    pub fn gc(
+        &self,
+        keep: &HashSet<String>,
+        min_age: std::time::Duration,
+        layers_in_use: &HashSet<String>,
+    ) -> usize {
+        let mut used: HashSet<String> = layers_in_use
+            .iter()
+            .map(|l| hex_of(l).to_string())
+            .collect();
         for image in self.images() {
             let recent = std::fs::metadata(self.record_path(&image.reference))
                 .and_then(|m| m.modified())
@@ -441,44 +494,142 @@ mod tests {
         assert_eq!(image.id(), "busybox@sha256:ab");
     }
 
+    /// Records `reference` as pulled with `layers` (their directories made).
+    fn record(store: &ImageStore, reference: &str, layers: &[&str]) {
+        let image = Image {
+            reference: reference.into(),
+            manifest_digest: "sha256:m".into(),
+            config_digest: "sha256:c".into(),
+            config: ImageConfiguration::default(),
+            layers: layers.iter().map(|l| format!("sha256:{l}")).collect(),
+        };
+        for l in layers {
+            std::fs::create_dir_all(store.layer_dir(&format!("sha256:{l}"))).unwrap();
+        }
+        std::fs::write(
+            store.record_path(reference),
+            serde_json::to_vec(&image).unwrap(),
+        )
+        .unwrap();
+    }
+
     #[test]
     fn gc_keeps_the_layers_of_kept_images_only() {
         let dir = tempfile::tempdir().unwrap();
         let store = ImageStore::new(dir.path(), vec![]).unwrap();
-        let mk = |reference: &str, layers: &[&str]| {
-            let image = Image {
-                reference: reference.into(),
-                manifest_digest: "sha256:m".into(),
-                config_digest: "sha256:c".into(),
-                config: ImageConfiguration::default(),
-                layers: layers.iter().map(|l| format!("sha256:{l}")).collect(),
-            };
-            for l in layers {
-                std::fs::create_dir_all(store.layer_dir(&format!("sha256:{l}"))).unwrap();
-            }
-            std::fs::write(
-                store.record_path(reference),
-                serde_json::to_vec(&image).unwrap(),
-            )
-            .unwrap();
-        };
+        let mk = |reference: &str, layers: &[&str]| record(&store, reference, layers);
         mk("a:1", &["base", "a1"]);
         mk("b:1", &["base", "b1"]);
         assert!(store.get("a:1").is_some());
         // Both were just used: nothing goes.
         assert_eq!(
-            store.gc(&HashSet::new(), std::time::Duration::from_secs(600)),
+            store.gc(
+                &HashSet::new(),
+                std::time::Duration::from_secs(600),
+                &HashSet::new()
+            ),
             0
         );
         let removed = store.gc(
             &HashSet::from(["a:1".to_string()]),
             std::time::Duration::ZERO,
+            &HashSet::new(),
         );
         assert_eq!(removed, 1);
         assert!(store.layer_dir("sha256:base").is_dir());
         assert!(store.layer_dir("sha256:a1").is_dir());
         assert!(!store.layer_dir("sha256:b1").exists());
         assert!(store.get("b:1").is_none());
+    }
+
+    #[test]
+    fn gc_keeps_the_layers_a_container_uses_after_its_tag_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(dir.path().join("images"), vec![]).unwrap();
+        let containers = crate::Containers::new(dir.path().join("containers")).unwrap();
+        record(&store, "app:v1", &["base", "old"]);
+        let running = store.get("app:v1").unwrap();
+        containers.lease("pod1-app", &running).unwrap();
+        // The tag moved and was pulled again: its record now names other layers.
+        record(&store, "app:v1", &["base", "new"]);
+        let keep = HashSet::from(["app:v1".to_string()]);
+        let gc =
+            |c: &crate::Containers| store.gc(&keep, std::time::Duration::ZERO, &c.layers_in_use());
+        assert_eq!(gc(&containers), 0);
+        // What the container mounts on its next restart is all there; after an agent restart
+        // too (the lease is on disk).
+        let reopened = crate::Containers::new(dir.path().join("containers")).unwrap();
+        assert_eq!(gc(&reopened), 0);
+        assert!(running.layers.iter().all(|l| store.layer_dir(l).is_dir()));
+        assert_eq!(reopened.ids(), vec!["pod1-app".to_string()]);
+        // Once the container is removed, its old layer goes.
+        containers.remove("pod1-app").unwrap();
+        assert_eq!(gc(&containers), 1);
+        assert!(!store.layer_dir("sha256:old").exists());
+        assert!(store.layer_dir("sha256:new").is_dir());
+        assert!(containers.ids().is_empty());
+    }
+
+    /// A gzip layer blob of `files` (name, size) and its diff ID.
+    fn layer_blob(dir: &Path, files: &[(&str, usize)]) -> (PathBuf, String) {
+        let mut tar = tar::Builder::new(Vec::new());
+        for (name, size) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(*size as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            tar.append_data(&mut h, name, &vec![b'x'; *size][..])
+                .unwrap();
+        }
+        let raw = tar.into_inner().unwrap();
+        let diff_id = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &raw).unwrap();
+        let path = dir.join("layer.tar.gz");
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        (path, diff_id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_installs_of_one_layer_all_succeed_with_the_whole_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(ImageStore::new(dir.path().join("store"), vec![]).unwrap());
+        let files: Vec<(String, usize)> = (0..200).map(|i| (format!("f{i}"), 16 << 10)).collect();
+        let named: Vec<(&str, usize)> = files.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+        let (blob, diff_id) = layer_blob(dir.path(), &named);
+        for round in 0..3 {
+            let _ = std::fs::remove_dir_all(store.layer_dir(&diff_id));
+            let mut tasks = Vec::new();
+            for _ in 0..4 {
+                let (store, blob, diff_id) = (store.clone(), blob.clone(), diff_id.clone());
+                tasks.push(tokio::spawn(async move {
+                    store
+                        .install_layer(&blob, Compression::Gzip, &diff_id)
+                        .await
+                }));
+            }
+            for t in tasks {
+                t.await
+                    .unwrap()
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            }
+            let n = std::fs::read_dir(store.layer_dir(&diff_id))
+                .unwrap()
+                .count();
+            assert_eq!(
+                n, 200,
+                "round {round}: the layer in the store is incomplete"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("store/layers"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "temporary unpacks left behind: {left:?}");
     }
 
     #[test]

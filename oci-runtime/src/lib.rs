@@ -8,11 +8,13 @@ pub mod container;
 pub mod image;
 pub mod layer;
 pub mod runc;
+pub mod util;
 
 pub use bundle::{BindMount, ContainerSpec};
 pub use container::Containers;
 pub use image::{Image, ImageStore, Progress};
 pub use runc::{Exit, Runc};
+pub use util::{write_atomic, KeyedLocks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {

@@ -148,12 +148,12 @@ async fn inner(kubeconfig: &str, agent_pid: u32, data: &std::path::Path) -> anyh
     )?;
     let dir = tempfile::tempdir()?;
     let rt = skiff_wasm::Runtime::new(dir.path(), 64)?;
-    rt.load(&bytes)?;
+    rt.load(&bytes[..]).await?;
     let mut floor = Vec::new();
     for _ in 0..STARTS {
         let rt2 = skiff_wasm::Runtime::new(dir.path(), 64)?; // fresh process state, warm disk cache
         let t = Instant::now();
-        let p = rt2.load(&bytes)?;
+        let p = rt2.load(&bytes[..]).await?;
         let server = rt2.serve_http(
             &p,
             Default::default(),

@@ -121,10 +121,10 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let runtime = Runtime::new(dir.path().join("cache"), 1000).unwrap();
         let t = Instant::now();
-        let p = runtime.load(&bytes).unwrap();
+        let p = runtime.load(&bytes[..]).await.unwrap();
         let cold = t.elapsed();
         let t = Instant::now();
-        let p2 = runtime.load(&bytes).unwrap();
+        let p2 = runtime.load(&bytes[..]).await.unwrap();
         let warm = t.elapsed();
         assert!(!p.cached && p2.cached);
         println!("bootcamp component ({} KiB): compile {:?} cold, {:?} from the compile cache ({:.0}x faster)", bytes.len() / 1024, cold, warm, cold.as_secs_f64() / warm.as_secs_f64());

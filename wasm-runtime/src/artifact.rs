@@ -1,13 +1,16 @@
 //! Wasm artifacts in OCI registries: resolve a reference, tell wasm from OCI images by media
 //! type, pull the wasm layer (digest verified, kept content-addressed), and push.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use oci_client::manifest::OciManifest;
 use oci_client::secrets::RegistryAuth;
 use oci_client::Reference;
 
-use crate::sha256_digest;
+use crate::{is_temp, lock, prune, sha256_digest, touch, CacheFile, GcBounds};
+use skiff_oci::KeyedLocks;
 
 // What a wasm artifact is, and how registries are reached, is shared with the OCI side.
 pub use skiff_oci::image::{client_for, is_insecure, WASM_CONFIG_TYPES, WASM_LAYER_TYPES};
@@ -91,11 +94,16 @@ pub async fn resolve(image: &str, insecure: &[String]) -> Result<Resolved, PullE
 /// The content-addressed blob cache: `DIR/sha256/<hex>`.
 pub struct BlobCache {
     dir: PathBuf,
+    /// Digests being pulled now: one pull per digest, the others wait for it.
+    flights: KeyedLocks,
 }
 
 impl BlobCache {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        BlobCache { dir: dir.into() }
+        BlobCache {
+            dir: dir.into(),
+            flights: KeyedLocks::default(),
+        }
     }
 
     pub fn path(&self, digest: &str) -> PathBuf {
@@ -103,35 +111,70 @@ impl BlobCache {
         self.dir.join(alg).join(hex)
     }
 
+    /// The blob, if cached and intact. Marks it used now.
     pub fn get(&self, digest: &str) -> Option<Vec<u8>> {
-        std::fs::read(self.path(digest))
+        let path = self.path(digest);
+        let bytes = std::fs::read(&path)
             .ok()
-            .filter(|b| sha256_digest(b) == digest)
+            .filter(|b| sha256_digest(b) == digest)?;
+        touch(&path);
+        Some(bytes)
     }
 
-    fn put(&self, digest: &str, bytes: &[u8]) -> Result<PathBuf, PullError> {
-        let path = self.path(digest);
+    /// Whether a blob is cached (not checked).
+    pub fn contains(&self, digest: &str) -> bool {
+        self.path(digest).is_file()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn put_for_test(&self, digest: &str, bytes: &[u8]) -> Result<PathBuf, PullError> {
+        Self::put(self.path(digest), bytes)
+    }
+
+    /// Writes a blob under its own temporary name, then renames it into place.
+    fn put(path: PathBuf, bytes: &[u8]) -> Result<PathBuf, PullError> {
         let io = |e| PullError::Cache {
             path: path.clone(),
             source: e,
         };
         std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(io)?;
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(io)?;
+        skiff_oci::write_atomic(&path, bytes).map_err(io)?;
         Ok(path)
+    }
+
+    /// Removes blobs not in `keep` (digests) as `bounds` allow, and writes a crash cut
+    /// short. Returns how many files were removed. Blocking (a directory walk).
+    pub fn collect(&self, keep: &HashSet<String>, bounds: GcBounds) -> usize {
+        let mut files = Vec::new();
+        for alg in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let alg_name = alg.file_name().to_string_lossy().to_string();
+            for e in std::fs::read_dir(alg.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let name = e.file_name().to_string_lossy().to_string();
+                let used = !is_temp(&name) && keep.contains(&format!("{alg_name}:{name}"));
+                files.extend(CacheFile::of(e.path(), used));
+            }
+        }
+        prune(files, bounds)
     }
 }
 
 /// Pulls the wasm layer `digest` of `image` into the cache (unless there) and returns it.
-/// A blob whose content does not hash to its digest is refused and not kept.
+/// A blob whose content does not hash to its digest is refused and not kept. Concurrent pulls
+/// of one digest fetch it once.
 pub async fn pull_wasm(
     image: &str,
     layer_digest: &str,
     cache: &BlobCache,
     insecure: &[String],
 ) -> Result<Vec<u8>, PullError> {
+    if let Some(b) = cache.get(layer_digest) {
+        return Ok(b);
+    }
+    let _flight = cache.flights.lock(layer_digest).await;
     if let Some(b) = cache.get(layer_digest) {
         return Ok(b);
     }
@@ -142,15 +185,18 @@ pub async fn pull_wasm(
         .pull_blob(&reference, layer_digest, &mut bytes)
         .await
         .map_err(registry_err)?;
-    let actual = sha256_digest(&bytes);
-    if actual != layer_digest {
-        return Err(PullError::Digest {
-            expected: layer_digest.to_string(),
-            actual,
-        });
-    }
-    cache.put(layer_digest, &bytes)?;
-    Ok(bytes)
+    let path = cache.path(layer_digest);
+    let expected = layer_digest.to_string();
+    tokio::task::spawn_blocking(move || {
+        let actual = sha256_digest(&bytes);
+        if actual != expected {
+            return Err(PullError::Digest { expected, actual });
+        }
+        BlobCache::put(path, &bytes)?;
+        Ok(bytes)
+    })
+    .await
+    .map_err(|e| PullError::Registry(format!("the blob writer ended: {e}")))?
 }
 
 /// Pushes a wasm module or component to `image` in the CNCF wasm layout; returns the manifest URL.
@@ -173,42 +219,61 @@ pub async fn push(bytes: Vec<u8>, image: &str, insecure: &[String]) -> Result<St
 
 /// Which wasm layer a tag pointed to when it was last pulled: with `IfNotPresent` (or
 /// `Never`) a node that has the image runs it without asking the registry — offline too.
-/// Kept in one JSON file.
+/// Kept in one JSON file, replaced whole (and durably) under the index's lock at each change.
 pub struct ImageIndex {
     path: PathBuf,
-    map: std::sync::Mutex<std::collections::BTreeMap<String, (String, String)>>,
+    map: Mutex<BTreeMap<String, (String, String)>>,
 }
 
 impl ImageIndex {
     pub fn open(path: impl Into<PathBuf>) -> ImageIndex {
         let path = path.into();
-        let map = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let map = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable image index; starting empty");
+                BTreeMap::new()
+            }),
+            Err(_) => BTreeMap::new(),
+        };
         ImageIndex {
             path,
-            map: std::sync::Mutex::new(map),
+            map: Mutex::new(map),
         }
     }
 
     /// (manifest digest, layer digest) of `image`, if pulled before.
     pub fn get(&self, image: &str) -> Option<(String, String)> {
-        self.map.lock().expect("image index").get(image).cloned()
+        lock(&self.map).get(image).cloned()
     }
 
     pub fn put(&self, image: &str, manifest: &str, layer: &str) {
-        let body = {
-            let mut m = self.map.lock().expect("image index");
-            m.insert(image.to_string(), (manifest.to_string(), layer.to_string()));
-            serde_json::to_vec(&*m).unwrap_or_default()
-        };
-        let tmp = self.path.with_extension("tmp");
-        if std::fs::write(&tmp, body)
-            .and_then(|_| std::fs::rename(&tmp, &self.path))
-            .is_err()
-        {
-            tracing::warn!(path = %self.path.display(), "cannot write the image index");
+        let mut m = lock(&self.map);
+        let entry = (manifest.to_string(), layer.to_string());
+        if m.get(image) == Some(&entry) {
+            return;
+        }
+        m.insert(image.to_string(), entry);
+        self.save(&m);
+    }
+
+    /// Keeps the entries `(image, manifest, layer)` for which `keep` says so; returns how many
+    /// were dropped.
+    pub fn retain(&self, mut keep: impl FnMut(&str, &str, &str) -> bool) -> usize {
+        let mut m = lock(&self.map);
+        let before = m.len();
+        m.retain(|image, (manifest, layer)| keep(image, manifest, layer));
+        let dropped = before - m.len();
+        if dropped > 0 {
+            self.save(&m);
+        }
+        dropped
+    }
+
+    /// Writes the index; called with its lock held, so writes never interleave.
+    fn save(&self, m: &BTreeMap<String, (String, String)>) {
+        let body = serde_json::to_vec(m).expect("image index");
+        if let Err(error) = skiff_oci::write_atomic(&self.path, &body) {
+            tracing::warn!(path = %self.path.display(), %error, "cannot write the image index");
         }
     }
 }

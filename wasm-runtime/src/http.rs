@@ -77,6 +77,8 @@ impl Drop for HttpServer {
 #[derive(Clone)]
 pub struct Handler {
     pre: ProxyPre<Host>,
+    /// The program stays loaded (shared with later loads of its binary) while served.
+    _program: Arc<Inner>,
     config: Arc<GuestConfig>,
     outputs: Outputs,
 }
@@ -153,9 +155,10 @@ impl Handler {
 impl Runtime {
     /// The request handler of an HTTP program.
     pub fn handler(&self, program: &Program, config: GuestConfig) -> Result<Handler, WasmError> {
-        match &program.inner {
+        match &*program.inner {
             Inner::Http(pre) => Ok(Handler {
                 pre: pre.clone(),
+                _program: program.inner.clone(),
                 outputs: Outputs::of(&config)?,
                 config: Arc::new(config),
             }),

@@ -1,21 +1,25 @@
 //! skiff-wasm: WebAssembly workloads for skiff, behind skiff's own API (wasmtime stays inside).
 //!
 //! - [`Runtime`]: one wasmtime engine (pooling allocator, epoch interruption), an on-disk
-//!   compile cache keyed by content digest and engine, and classification of a binary by its
+//!   compile cache keyed by content digest and engine (each digest compiled once per process,
+//!   on a blocking thread: [`Runtime::load`]), and classification of a binary by its
 //!   exports: a component exporting `wasi:http/incoming-handler` is an HTTP service
 //!   ([`Runtime::serve_http`], a fresh instance per request); a component exporting
 //!   `wasi:cli/run`, or a core module with `_start`, is a command ([`Runtime::run_command`]).
 //! - [`artifact`]: pulling and pushing wasm from OCI registries (CNCF wasm layout; Spin's and
 //!   Krustlet's layer types accepted), blobs verified and kept content-addressed.
+//! - [`collect_garbage`]: what the node calls now and then so that the compile cache, the blob
+//!   cache, the image index and the programs held in memory never outgrow what its pods use.
 
 pub mod artifact;
 mod host;
 mod http;
 mod workers;
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
@@ -61,23 +65,38 @@ pub enum Kind {
     Command,
 }
 
-/// A compiled, linked program ready to instantiate.
+/// A compiled, linked program ready to instantiate. The runtime keeps it in memory (and
+/// hands it to whoever loads the same binary) only while some `Program` (or a
+/// [`Handler`] made from it) is held.
 #[derive(Clone)]
 pub struct Program {
     pub kind: Kind,
     /// Content digest (`sha256:…`) of the binary.
     pub digest: String,
-    /// Whether it came from the compile cache.
+    /// Whether it came from the compile cache (or was already loaded).
     pub cached: bool,
-    inner: Inner,
+    inner: Arc<Inner>,
 }
 
-#[derive(Clone)]
 enum Inner {
     Http(ProxyPre<host::Host>),
     Command(CommandPre<host::Host>),
     Core(wasmtime::InstancePre<host::Host>),
 }
+
+impl Inner {
+    fn kind(&self) -> Kind {
+        match self {
+            Inner::Http(_) => Kind::Http,
+            Inner::Command(_) | Inner::Core(_) => Kind::Command,
+        }
+    }
+}
+
+/// One digest's place in the runtime's memory: the program while anyone holds it. Whoever
+/// loads the digest holds the slot's lock while compiling, so others wait for that compile
+/// instead of starting their own.
+type Slot = Arc<Mutex<Weak<Inner>>>;
 
 /// The engine and its caches. Cheap to clone.
 #[derive(Clone)]
@@ -86,8 +105,122 @@ pub struct Runtime {
     cache_dir: PathBuf,
     component_linker: Arc<Linker<host::Host>>,
     core_linker: Arc<wasmtime::Linker<host::Host>>,
-    /// Programs already linked in this process, by digest.
-    loaded: Arc<std::sync::Mutex<std::collections::HashMap<String, Program>>>,
+    /// Programs linked in this process and still held somewhere, by digest.
+    loaded: Arc<Mutex<HashMap<String, Slot>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How much the node's caches may keep of what no pod uses. Entries a pod uses are always kept.
+#[derive(Debug, Clone, Copy)]
+pub struct GcBounds {
+    /// Unused entries used (or written) within this long are kept (a rollback finds them)...
+    pub min_age: Duration,
+    /// ...unless the cache is larger than this: then unused entries go, oldest first.
+    pub max_bytes: u64,
+}
+
+impl Default for GcBounds {
+    fn default() -> Self {
+        GcBounds {
+            min_age: Duration::from_secs(600),
+            max_bytes: 2 << 30,
+        }
+    }
+}
+
+/// One file of a content-addressed cache directory, for garbage collection.
+pub(crate) struct CacheFile {
+    pub path: PathBuf,
+    /// In use: never removed.
+    pub used: bool,
+    pub modified: SystemTime,
+    pub size: u64,
+}
+
+impl CacheFile {
+    pub fn of(path: PathBuf, used: bool) -> Option<CacheFile> {
+        let meta = std::fs::symlink_metadata(&path).ok()?;
+        Some(CacheFile {
+            path,
+            used,
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            size: meta.len(),
+        })
+    }
+}
+
+/// Removes the unused files older than `bounds.min_age`, then unused ones oldest first while
+/// the rest is over `bounds.max_bytes`. Returns how many were removed.
+pub(crate) fn prune(mut files: Vec<CacheFile>, bounds: GcBounds) -> usize {
+    let now = SystemTime::now();
+    let old = |f: &CacheFile| {
+        now.duration_since(f.modified)
+            .is_ok_and(|age| age >= bounds.min_age)
+    };
+    files.sort_by_key(|f| f.modified);
+    let mut total: u64 = files.iter().map(|f| f.size).sum();
+    let mut removed = 0;
+    for f in files.iter().filter(|f| !f.used) {
+        if (old(f) || total > bounds.max_bytes) && std::fs::remove_file(&f.path).is_ok() {
+            total -= f.size;
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// What one garbage collection of the wasm caches removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GcReport {
+    /// Wasm blobs (pulled layers).
+    pub blobs: usize,
+    /// Compiled programs (and unusable compile cache files).
+    pub compiled: usize,
+    /// Image index entries whose blob is gone (a later pod of that image pulls it again).
+    pub images: usize,
+}
+
+/// Garbage collection of the node's wasm caches, for the agent to call now and then with the
+/// images its pods use: the blob of each such image and every program held in memory are
+/// kept; of the rest, the blob cache and the compile cache keep what `bounds` allow; image
+/// index entries whose blob went are forgotten. Programs no one holds any more are dropped
+/// from memory as they are let go. Blocking (directory walks): call it on a blocking thread.
+pub fn collect_garbage(
+    runtime: &Runtime,
+    blobs: &artifact::BlobCache,
+    index: &artifact::ImageIndex,
+    images_in_use: &HashSet<String>,
+    bounds: GcBounds,
+) -> GcReport {
+    let mut keep = runtime.loaded_digests();
+    keep.extend(
+        images_in_use
+            .iter()
+            .filter_map(|image| index.get(image))
+            .map(|(_, layer)| layer),
+    );
+    let blobs_removed = blobs.collect(&keep, bounds);
+    let images = index.retain(|_, _, layer| blobs.contains(layer));
+    GcReport {
+        blobs: blobs_removed,
+        compiled: runtime.collect_compiled(&keep, bounds),
+        images,
+    }
+}
+
+/// Marks a cache entry used now (its age for garbage collection starts again).
+pub(crate) fn touch(path: &Path) {
+    if let Ok(f) = std::fs::File::options().append(true).open(path) {
+        let _ = f.set_modified(SystemTime::now());
+    }
+}
+
+/// Whether `name` is a temporary file a cache writer left (a crash mid-write).
+pub(crate) fn is_temp(name: &str) -> bool {
+    name.starts_with(skiff_oci::util::TEMP_PREFIX)
 }
 
 pub fn sha256_digest(bytes: &[u8]) -> String {
@@ -178,22 +311,83 @@ impl Runtime {
         ))
     }
 
-    /// Compiles (or loads from the cache) and classifies a wasm binary.
-    pub fn load(&self, bytes: &[u8]) -> Result<Program, WasmError> {
+    /// Compiles (or loads from the compile cache) and classifies a wasm binary. The work
+    /// (hashing, compiling: seconds for a large component) runs on a blocking thread, never on
+    /// the caller's async one. A binary already held in memory is shared; concurrent loads of
+    /// one binary compile it once, the others wait for that compile.
+    pub async fn load(&self, bytes: impl Into<Vec<u8>>) -> Result<Program, WasmError> {
+        let bytes = bytes.into();
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.load_blocking(&bytes))
+            .await
+            .map_err(|e| WasmError::Compile(format!("the compile task ended: {e}")))?
+    }
+
+    fn load_blocking(&self, bytes: &[u8]) -> Result<Program, WasmError> {
         let is_component = classify_bytes(bytes).ok_or(WasmError::NotWasm)?;
         let digest = sha256_digest(bytes);
-        if let Some(p) = self.loaded.lock().expect("loaded").get(&digest) {
+        let slot = {
+            let mut loaded = lock(&self.loaded);
+            Self::prune_loaded(&mut loaded);
+            loaded.entry(digest.clone()).or_default().clone()
+        };
+        let mut held = lock(&slot);
+        if let Some(inner) = held.upgrade() {
             return Ok(Program {
+                kind: inner.kind(),
+                digest,
                 cached: true,
-                ..p.clone()
+                inner,
             });
         }
         let p = self.compile_or_load(bytes, is_component, digest)?;
-        self.loaded
-            .lock()
-            .expect("loaded")
-            .insert(p.digest.clone(), p.clone());
+        *held = Arc::downgrade(&p.inner);
         Ok(p)
+    }
+
+    /// Drops the slots of programs no one holds (and no one is loading).
+    fn prune_loaded(loaded: &mut HashMap<String, Slot>) {
+        loaded.retain(|_, slot| {
+            Arc::strong_count(slot) > 1
+                || slot.try_lock().map_or(true, |held| held.strong_count() > 0)
+        });
+    }
+
+    /// Digests of the programs held in memory now (by pods, handlers, or loads under way).
+    pub fn loaded_digests(&self) -> HashSet<String> {
+        let mut loaded = lock(&self.loaded);
+        Self::prune_loaded(&mut loaded);
+        loaded.keys().cloned().collect()
+    }
+
+    /// Removes from the compile cache what this engine cannot load (another wasmtime version
+    /// or configuration), writes a crash cut short, and compiled programs neither held in
+    /// memory nor in `keep` (digests) as `bounds` allow. Returns how many files were removed.
+    /// Blocking (a directory walk).
+    pub fn collect_compiled(&self, keep: &HashSet<String>, bounds: GcBounds) -> usize {
+        let live = self.loaded_digests();
+        let suffix = format!("-{}.cwasm", self.engine_key());
+        let Ok(rd) = std::fs::read_dir(&self.cache_dir) else {
+            return 0;
+        };
+        let mut files = Vec::new();
+        let mut removed = 0;
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let digest = name
+                .strip_suffix(&suffix)
+                .map(|hex| format!("sha256:{hex}"));
+            match digest {
+                Some(d) => files.extend(CacheFile::of(
+                    e.path(),
+                    live.contains(&d) || keep.contains(&d),
+                )),
+                // Unfinished writes age out like unused entries; the rest is of no use here.
+                None if is_temp(&name) => files.extend(CacheFile::of(e.path(), false)),
+                None => removed += usize::from(std::fs::remove_file(e.path()).is_ok()),
+            }
+        }
+        removed + prune(files, bounds)
     }
 
     fn compile_or_load(
@@ -209,11 +403,7 @@ impl Runtime {
                 None => {
                     let c = Component::new(&self.engine, bytes)
                         .map_err(|e| WasmError::Compile(format!("{e:#}")))?;
-                    self.store_cache(
-                        &path,
-                        c.serialize()
-                            .map_err(|e| WasmError::Compile(format!("{e:#}")))?,
-                    )?;
+                    self.store_cache(&path, c.serialize());
                     (c, false)
                 }
             };
@@ -224,11 +414,7 @@ impl Runtime {
                 None => {
                     let m = Module::new(&self.engine, bytes)
                         .map_err(|e| WasmError::Compile(format!("{e:#}")))?;
-                    self.store_cache(
-                        &path,
-                        m.serialize()
-                            .map_err(|e| WasmError::Compile(format!("{e:#}")))?,
-                    )?;
+                    self.store_cache(&path, m.serialize());
                     (m, false)
                 }
             };
@@ -243,7 +429,7 @@ impl Runtime {
                 kind: Kind::Command,
                 digest,
                 cached,
-                inner: Inner::Core(pre),
+                inner: Arc::new(Inner::Core(pre)),
             })
         }
     }
@@ -270,7 +456,7 @@ impl Runtime {
                 kind: Kind::Http,
                 digest,
                 cached,
-                inner: Inner::Http(p),
+                inner: Arc::new(Inner::Http(p)),
             })
         } else if has("wasi:cli/run@0.2") {
             let p = CommandPre::new(pre).map_err(|e| WasmError::Link(format!("{e:#}")))?;
@@ -278,7 +464,7 @@ impl Runtime {
                 kind: Kind::Command,
                 digest,
                 cached,
-                inner: Inner::Command(p),
+                inner: Arc::new(Inner::Command(p)),
             })
         } else {
             Err(WasmError::NothingToRun)
@@ -293,6 +479,7 @@ impl Runtime {
         // compatibility hash (it is in the file name), into a cache directory only skiff writes.
         #[allow(unsafe_code)]
         let c = unsafe { Component::deserialize_file(&self.engine, path) };
+        touch(path);
         c.map_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compile cache entry")).ok()
     }
 
@@ -303,17 +490,20 @@ impl Runtime {
         // SAFETY: as for components above.
         #[allow(unsafe_code)]
         let m = unsafe { Module::deserialize_file(&self.engine, path) };
+        touch(path);
         m.map_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring unusable compile cache entry")).ok()
     }
 
-    fn store_cache(&self, path: &Path, bytes: Vec<u8>) -> Result<(), WasmError> {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| WasmError::Cache {
-                path: path.to_path_buf(),
-                source: e,
-            })
+    /// Keeps compiled code for the next load. A file of its own until complete and on disk,
+    /// then renamed into place: a reader never sees a part of one. The cache only saves time,
+    /// so a failure to write it is logged, and the program runs from memory all the same.
+    fn store_cache(&self, path: &Path, compiled: wasmtime::Result<Vec<u8>>) {
+        let written = compiled
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|b| skiff_oci::write_atomic(path, &b).map_err(|e| e.to_string()));
+        if let Err(error) = written {
+            tracing::warn!(path = %path.display(), %error, "cannot write the compile cache");
+        }
     }
 
     /// Runs a command program to completion; returns its exit code. A trap is exit code 1
@@ -330,7 +520,7 @@ impl Runtime {
         store.limiter(|h| &mut h.limits);
         // Commands run as long as they like, yielding to other tasks at every tick.
         store.epoch_deadline_async_yield_and_update(1);
-        let result = match &program.inner {
+        let result = match &*program.inner {
             Inner::Command(pre) => {
                 let cmd = pre.instantiate_async(&mut store).await;
                 match cmd {
