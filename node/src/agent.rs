@@ -433,6 +433,18 @@ fn save_cache(dir: &std::path::Path, node: &Value, pods: &HashMap<String, (PodWo
     }
 }
 
+/// Whether the pod cache holds pod `uid`, and at which pod IP.
+fn cached_address(
+    workers: &HashMap<String, (PodWorker, Value)>,
+    uid: &str,
+) -> Option<Option<String>> {
+    workers.get(uid).map(|(_, p)| {
+        p.pointer("/status/podIP")
+            .and_then(Value::as_str)
+            .map(String::from)
+    })
+}
+
 /// How often what no pod uses is collected (also at every relist).
 const GC_EVERY: Duration = Duration::from_secs(600);
 
@@ -907,7 +919,7 @@ async fn run(
                         // The watch works: the next failure starts the backoff over.
                         relist.reset();
                         let uid = meta::uid(&ev.object).to_string();
-                        let known = pods.workers.contains_key(&uid);
+                        let before = cached_address(&pods.workers, &uid);
                         if ev.kind == "DELETED" {
                             pods.forget_stopped();
                             if !pods.stopping.contains_key(meta::uid(&ev.object)) {
@@ -917,9 +929,10 @@ async fn run(
                             pods.handle(&ctx, ev.object);
                         }
                         cache.changed();
-                        // A pod bound here or gone is written at once (an agent killed right
-                        // after must still run it offline); status changes are coalesced.
-                        if pods.workers.contains_key(&uid) != known {
+                        // A pod bound here or gone, or given its address, is written at once
+                        // (an agent killed right after must still run it offline, at the same
+                        // address); other status changes are coalesced.
+                        if cached_address(&pods.workers, &uid) != before {
                             cache.written(Instant::now());
                             save_cache(&config.data_dir, &node, &pods.workers);
                         }
