@@ -17,4 +17,5 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 # The end-to-end tests start the skiff binary itself.
 cargo build -p skiff
-cargo test --workspace
+# Every test binary runs even when one fails, so a red run shows all that failed.
+cargo test --workspace --no-fail-fast

@@ -89,3 +89,40 @@ pub fn skiff_binary() -> anyhow::Result<PathBuf> {
     );
     Ok(bin)
 }
+
+/// A watch of pods, boxed so a test can hold it beside other state.
+pub type PodWatch = std::pin::Pin<
+    Box<
+        dyn futures::Stream<Item = Result<skiff_client::WatchEvent, skiff_client::ClientError>>
+            + Send,
+    >,
+>;
+
+/// Lists the pods of namespace `ns` matching `selector` (by name) and watches them from the
+/// list's revision on, so a test sees every change after the list and misses none.
+pub async fn list_and_watch_pods(
+    c: &Client,
+    ns: &str,
+    selector: &str,
+) -> anyhow::Result<(
+    std::collections::BTreeMap<String, serde_json::Value>,
+    PodWatch,
+)> {
+    let pods = skiff_api::Resource::lookup("pods").expect("pods");
+    let list = c.list(pods, Some(ns), Some(selector), None).await?;
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let by_name = list["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| (skiff_api::meta::name(&p).to_string(), p))
+        .collect();
+    let stream = c
+        .watch(pods, Some(ns), Some(&rv), None, Some(selector))
+        .await?;
+    Ok((by_name, Box::pin(stream)))
+}

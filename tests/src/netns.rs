@@ -374,3 +374,79 @@ impl SkiffUp {
         Ok(serde_json::from_str(&self.skiff(ns, &a)?)?)
     }
 }
+
+/// `skiff server` and one `skiff agent` (node `edge-1`, heartbeats every 2 s) as separate
+/// processes in a namespace: the server's files under `DIR/server`, the agent's under
+/// `DIR/agent`, their logs `DIR/server.log` and `DIR/agent.log`. The arguments are kept so a
+/// test can stop either and start it again as it was.
+pub struct ServerAndAgent {
+    pub server_args: Vec<String>,
+    pub agent_args: Vec<String>,
+    /// Indexes of the processes in the namespace (for [`Netns::kill`]).
+    pub server: usize,
+    pub agent: usize,
+    /// The server as a cluster the skiff CLI drives (its log: the agent's).
+    pub up: SkiffUp,
+}
+
+impl ServerAndAgent {
+    pub async fn start(ns: &mut Netns, dir: &Path) -> anyhow::Result<ServerAndAgent> {
+        let bin = skiff_binary()?.to_string_lossy().into_owned();
+        let server_dir = dir.join("server");
+        let agent_dir = dir.join("agent");
+        let server_args: Vec<String> = [
+            &bin,
+            "server",
+            "--data-dir",
+            &server_dir.to_string_lossy(),
+            "--api-addr",
+            "127.0.0.1:6443",
+        ]
+        .map(String::from)
+        .into();
+        let server = ns.spawn(&Self::args(&server_args), &dir.join("server.log"))?;
+        eventually("the server's token", Duration::from_secs(20), || async {
+            Ok(std::fs::read_to_string(server_dir.join("token")).ok())
+        })
+        .await?;
+        let token = std::fs::read_to_string(server_dir.join("token"))?;
+        let agent_args: Vec<String> = [
+            &bin,
+            "agent",
+            "--server",
+            "https://127.0.0.1:6443",
+            "--token",
+            token.trim(),
+            "--ca-cert",
+            &server_dir.join("ca.crt").to_string_lossy(),
+            "--data-dir",
+            &agent_dir.to_string_lossy(),
+            "--name",
+            "edge-1",
+            "--heartbeat-seconds",
+            "2",
+        ]
+        .map(String::from)
+        .into();
+        ns.reset_on_drop(&agent_dir);
+        let log = dir.join("agent.log");
+        let agent = ns.spawn(&Self::args(&agent_args), &log)?;
+        let up = SkiffUp {
+            dir: server_dir,
+            index: server,
+            log,
+        };
+        Ok(ServerAndAgent {
+            server_args,
+            agent_args,
+            server,
+            agent,
+            up,
+        })
+    }
+
+    /// Kept arguments in the form [`Netns::spawn`] takes.
+    pub fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+}

@@ -134,30 +134,8 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     wait_rolled_out(&c, "bootcamp", 2, "127.0.0.1:5000/bootcamp:v1").await?;
 
     // set image, watching pods: ready pods never drop below replicas - maxUnavailable (2 - 0).
-    let list = c
-        .list(res("pods"), Some("default"), Some("app=bootcamp"), None)
-        .await?;
-    let rv = list["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let mut pods: BTreeMap<String, Value> = list["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| (meta::name(&p).to_string(), p))
-        .collect();
-    let mut stream = Box::pin(
-        c.watch(
-            res("pods"),
-            Some("default"),
-            Some(&rv),
-            None,
-            Some("app=bootcamp"),
-        )
-        .await?,
-    );
+    let (mut pods, mut stream) =
+        skiff_e2e::list_and_watch_pods(&c, "default", "app=bootcamp").await?;
     let d = c
         .get(res("deployments"), Some("default"), "bootcamp")
         .await?;

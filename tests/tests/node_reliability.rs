@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use skiff_e2e::netns::{Netns, SkiffUp};
-use skiff_e2e::{eventually, skiff_binary};
+use skiff_e2e::eventually;
+use skiff_e2e::netns::{Netns, ServerAndAgent, SkiffUp};
 
 fn apply(
     up: &SkiffUp,
@@ -197,48 +197,8 @@ async fn a_graceful_delete_survives_a_relist() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ns = Netns::new()?;
     ns.start_registry(dir.path()).await?;
-    let bin = skiff_binary()?;
-    let bin = bin.to_str().unwrap();
-    let server_dir = dir.path().join("server");
-    let agent_dir = dir.path().join("agent");
-    let server_args = [
-        bin,
-        "server",
-        "--data-dir",
-        server_dir.to_str().unwrap(),
-        "--api-addr",
-        "127.0.0.1:6443",
-    ];
-    let server = ns.spawn(&server_args, &dir.path().join("server.log"))?;
-    eventually("the server's token", Duration::from_secs(20), || async {
-        Ok(std::fs::read_to_string(server_dir.join("token")).ok())
-    })
-    .await?;
-    let token = std::fs::read_to_string(server_dir.join("token"))?;
-    let ca = server_dir.join("ca.crt");
-    let agent_args = [
-        bin,
-        "agent",
-        "--server",
-        "https://127.0.0.1:6443",
-        "--token",
-        token.trim(),
-        "--ca-cert",
-        ca.to_str().unwrap(),
-        "--data-dir",
-        agent_dir.to_str().unwrap(),
-        "--name",
-        "edge-1",
-        "--heartbeat-seconds",
-        "2",
-    ];
-    ns.reset_on_drop(&agent_dir);
-    ns.spawn(&agent_args, &dir.path().join("agent.log"))?;
-    let up = SkiffUp {
-        dir: server_dir.clone(),
-        index: server,
-        log: dir.path().join("agent.log"),
-    };
+    let cluster = ServerAndAgent::start(&mut ns, dir.path()).await?;
+    let (server, up) = (cluster.server, &cluster.up);
     eventually("node edge-1 Ready", Duration::from_secs(30), || async {
         Ok(up
             .skiff(&ns, &["get", "nodes"])
@@ -253,7 +213,7 @@ async fn a_graceful_delete_survives_a_relist() -> anyhow::Result<()> {
     // finalizer keeps the pod object whatever the control plane does while it restarts, so
     // only the agent decides when the container goes.)
     apply(
-        &up,
+        up,
         &ns,
         dir.path(),
         "stubborn.yaml",
@@ -279,9 +239,12 @@ async fn a_graceful_delete_survives_a_relist() -> anyhow::Result<()> {
     // The control plane restarts: the agent's watch breaks, and it lists its pods again
     // while the pod is still in its grace period.
     ns.kill(server)?;
-    let server = ns.spawn(&server_args, &dir.path().join("server-2.log"))?;
+    let server = ns.spawn(
+        &ServerAndAgent::args(&cluster.server_args),
+        &dir.path().join("server-2.log"),
+    )?;
     let up = SkiffUp {
-        dir: server_dir.clone(),
+        dir: cluster.up.dir.clone(),
         index: server,
         log: dir.path().join("agent.log"),
     };

@@ -7,8 +7,8 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use skiff_e2e::netns::{Netns, SkiffUp};
-use skiff_e2e::{eventually, skiff_binary};
+use skiff_e2e::eventually;
+use skiff_e2e::netns::{Netns, ServerAndAgent, SkiffUp};
 
 fn pods(up: &SkiffUp, ns: &Netns) -> anyhow::Result<BTreeSet<(String, String)>> {
     Ok(up
@@ -36,48 +36,8 @@ async fn agent_serves_its_pods_while_the_api_is_away() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ns = Netns::new()?;
     ns.start_registry(dir.path()).await?;
-    let bin = skiff_binary()?;
-    let bin = bin.to_str().unwrap();
-    let server_dir = dir.path().join("server");
-    let agent_dir = dir.path().join("agent");
-    let server_args = [
-        bin,
-        "server",
-        "--data-dir",
-        server_dir.to_str().unwrap(),
-        "--api-addr",
-        "127.0.0.1:6443",
-    ];
-    let server = ns.spawn(&server_args, &dir.path().join("server.log"))?;
-    eventually("the server's token", Duration::from_secs(20), || async {
-        Ok(std::fs::read_to_string(server_dir.join("token")).ok())
-    })
-    .await?;
-    let token = std::fs::read_to_string(server_dir.join("token"))?;
-    let ca = server_dir.join("ca.crt");
-    let agent_args = [
-        bin,
-        "agent",
-        "--server",
-        "https://127.0.0.1:6443",
-        "--token",
-        token.trim(),
-        "--ca-cert",
-        ca.to_str().unwrap(),
-        "--data-dir",
-        agent_dir.to_str().unwrap(),
-        "--name",
-        "edge-1",
-        "--heartbeat-seconds",
-        "2",
-    ];
-    let log = dir.path().join("agent.log");
-    let agent = ns.spawn(&agent_args, &log)?;
-    let up = SkiffUp {
-        dir: server_dir.clone(),
-        index: server,
-        log: log.clone(),
-    };
+    let cluster = ServerAndAgent::start(&mut ns, dir.path()).await?;
+    let up = &cluster.up;
     eventually("node edge-1 Ready", Duration::from_secs(30), || async {
         Ok(up
             .skiff(&ns, &["get", "nodes"])
@@ -89,15 +49,15 @@ async fn agent_serves_its_pods_while_the_api_is_away() -> anyhow::Result<()> {
     up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
     up.create_bootcamp(&ns, 2)?;
     up.rolled_out(&ns, "kubernetes-bootcamp", Duration::from_secs(60))?;
-    let before = pods(&up, &ns)?;
+    let before = pods(up, &ns)?;
     assert_eq!(before.len(), 2);
     assert!(answers(&ns, &before));
 
     // The control plane goes away; the agent is killed and started again without it.
-    ns.kill(server)?;
-    ns.kill(agent)?;
+    ns.kill(cluster.server)?;
+    ns.kill(cluster.agent)?;
     let log2 = dir.path().join("agent-offline.log");
-    ns.spawn(&agent_args, &log2)?;
+    ns.spawn(&ServerAndAgent::args(&cluster.agent_args), &log2)?;
     eventually(
         "the pods served from the agent's cache",
         Duration::from_secs(30),
@@ -110,9 +70,12 @@ async fn agent_serves_its_pods_while_the_api_is_away() -> anyhow::Result<()> {
     })?;
 
     // The control plane returns: the same pods, not new ones, still answering.
-    let server = ns.spawn(&server_args, &dir.path().join("server-2.log"))?;
+    let server = ns.spawn(
+        &ServerAndAgent::args(&cluster.server_args),
+        &dir.path().join("server-2.log"),
+    )?;
     let up = SkiffUp {
-        dir: server_dir,
+        dir: cluster.up.dir.clone(),
         index: server,
         log: log2,
     };

@@ -247,30 +247,7 @@ async fn recreate_waits_until_old_pods_are_gone() -> anyhow::Result<()> {
         Ok((ps.len() == 2 && ps.iter().all(is_ready)).then_some(()))
     })
     .await?;
-    let list = c
-        .list(res("pods"), Some("default"), Some("app=rec"), None)
-        .await?;
-    let rv = list["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let mut pods: BTreeMap<String, Value> = list["items"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| (meta::name(&p).to_string(), p))
-        .collect();
-    let mut stream = Box::pin(
-        c.watch(
-            res("pods"),
-            Some("default"),
-            Some(&rv),
-            None,
-            Some("app=rec"),
-        )
-        .await?,
-    );
+    let (mut pods, mut stream) = skiff_e2e::list_and_watch_pods(&c, "default", "app=rec").await?;
     set_image(&c, "rec", "x:v2").await?;
     let image = |p: &Value| {
         p["spec"]["containers"][0]["image"]
