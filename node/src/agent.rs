@@ -410,19 +410,22 @@ fn load_cache(dir: &std::path::Path) -> Option<(Value, Vec<Value>)> {
     ))
 }
 
+fn cache_body(node: &Value, pods: &HashMap<String, (PodWorker, Value)>) -> Vec<u8> {
+    let list: Vec<&Value> = pods.values().map(|(_, p)| p).collect();
+    serde_json::to_vec(&json!({"node": node, "pods": list})).unwrap_or_default()
+}
+
 /// Writes the pod cache atomically: a temporary file of a name no other writer uses, synced,
 /// then renamed over the cache (and the directory synced), so a crash leaves the old cache or
 /// the new one, never a mix.
-fn save_cache(dir: &std::path::Path, node: &Value, pods: &HashMap<String, (PodWorker, Value)>) {
+fn write_cache(dir: &std::path::Path, body: &[u8]) {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let list: Vec<&Value> = pods.values().map(|(_, p)| p).collect();
-    let body = serde_json::to_vec(&json!({"node": node, "pods": list})).unwrap_or_default();
     let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!("pods.json.{}.{seq}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&body)?;
+        f.write_all(body)?;
         f.sync_all()?;
         std::fs::rename(&tmp, cache_path(dir))?;
         std::fs::File::open(dir)?.sync_all()
@@ -430,6 +433,40 @@ fn save_cache(dir: &std::path::Path, node: &Value, pods: &HashMap<String, (PodWo
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
         tracing::warn!(error = %e, "cannot write the pod cache");
+    }
+}
+
+/// Writes the pod cache off the agent's loop, which only hands over the newest content: a
+/// task writes it on a blocking thread, one write at a time, in order; what is handed over
+/// while a write runs is coalesced into the newest. The loop never waits for a disk sync.
+struct CacheWriter {
+    tx: watch::Sender<Option<Vec<u8>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CacheWriter {
+    fn new(dir: PathBuf) -> CacheWriter {
+        let (tx, mut rx) = watch::channel(None::<Vec<u8>>);
+        let task = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(body) = rx.borrow_and_update().clone() else {
+                    continue;
+                };
+                let dir = dir.clone();
+                let _ = tokio::task::spawn_blocking(move || write_cache(&dir, &body)).await;
+            }
+        });
+        CacheWriter { tx, task }
+    }
+
+    fn save(&self, node: &Value, pods: &HashMap<String, (PodWorker, Value)>) {
+        self.tx.send_replace(Some(cache_body(node, pods)));
+    }
+
+    /// Waits until what was handed over is on disk.
+    async fn close(self) {
+        drop(self.tx);
+        let _ = self.task.await;
     }
 }
 
@@ -833,6 +870,7 @@ async fn run(
     let selector = format!("spec.nodeName={}", config.name);
     let mut relist = Relist::default();
     let mut cache = CacheWrites::default();
+    let writer = CacheWriter::new(config.data_dir.clone());
     let mut gc: Option<tokio::task::JoinHandle<()>> = None;
     let mut first = true;
     'outer: loop {
@@ -872,7 +910,7 @@ async fn run(
         for p in items {
             pods.handle(&ctx, p);
         }
-        save_cache(&config.data_dir, &node, &pods.workers);
+        writer.save(&node, &pods.workers);
         let owned = pods.owned();
         // Files of pods that are gone; those of finished pods stay while the pod exists.
         sweep_pod_dirs(&config.data_dir, &live.union(&owned).cloned().collect());
@@ -911,7 +949,7 @@ async fn run(
                 }
                 _ = tick.tick() => {
                     if cache.due(Instant::now()) {
-                        save_cache(&config.data_dir, &node, &pods.workers);
+                        writer.save(&node, &pods.workers);
                     }
                 }
                 ev = stream.next() => match ev {
@@ -934,12 +972,12 @@ async fn run(
                         // address); other status changes are coalesced.
                         if cached_address(&pods.workers, &uid) != before {
                             cache.written(Instant::now());
-                            save_cache(&config.data_dir, &node, &pods.workers);
+                            writer.save(&node, &pods.workers);
                         }
                     }
                     _ => {
                         if cache.dirty {
-                            save_cache(&config.data_dir, &node, &pods.workers);
+                            writer.save(&node, &pods.workers);
                             cache.dirty = false;
                         }
                         continue 'outer;
@@ -949,8 +987,9 @@ async fn run(
         }
     }
     if cache.dirty {
-        save_cache(&config.data_dir, &node, &pods.workers);
+        writer.save(&node, &pods.workers);
     }
+    writer.close().await;
     beats.abort();
     endpoint.abort();
     if let Some(gc) = gc {
@@ -1055,7 +1094,7 @@ mod tests {
     fn the_cache_is_replaced_whole() {
         let d = tempfile::tempdir().unwrap();
         let node = json!({"metadata": {"name": "n"}});
-        save_cache(d.path(), &node, &HashMap::new());
+        write_cache(d.path(), &cache_body(&node, &HashMap::new()));
         let (n, pods) = load_cache(d.path()).unwrap();
         assert_eq!(n, node);
         assert!(pods.is_empty());
