@@ -75,9 +75,14 @@ read -r b_fds b_rss b_addrs b_nets b_ctrs b_size < <(sample)
 echo "soak: ${soak}s of rounds of $((wasm_n + oci_n + jobs_n)) pods ($wasm_n wasm, $oci_n OCI, $jobs_n run-to-completion wasm commands) on one skiff up node"
 start=$SECONDS
 rounds=0
+trend=()
 while [ $((SECONDS - start)) -lt "$soak" ]; do
   rounds=$((rounds + 1))
   round "$rounds"
+  # RSS after every 5th round: a level that keeps rising is a leak, one that flattens is a cache.
+  if [ $((rounds % 5)) = 0 ]; then
+    trend+=("$rounds:$(($(awk '/^VmRSS/ {print $2}' "/proc/$up_pid/status") / 1024))")
+  fi
 done
 elapsed=$((SECONDS - start))
 # Teardown of the last round finishes in the background: give it until the counts are back
@@ -93,4 +98,5 @@ printf '  %-44s %10s %10s\n' "/32 addresses on skiff0" "$b_addrs" "$a_addrs"
 printf '  %-44s %10s %10s\n' "pod network namespaces" "$b_nets" "$a_nets"
 printf '  %-44s %10s %10s\n' "OCI containers known to runc" "$b_ctrs" "$a_ctrs"
 printf '  %-44s %10s %10s\n' "agent data dir without image caches (KiB)" "$b_size" "$a_size"
+echo "  RSS of skiff up (MiB) after round: ${trend[*]}"
 printf '  %-44s %10s\n' "image and compile caches (KiB)" "$(du -sk "$data/agent" | cut -f1)"
