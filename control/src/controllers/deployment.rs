@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use serde_json::{json, Value};
 use skiff_api::k8s::apimachinery::pkg::util::intstr::IntOrString;
 use skiff_api::{meta, ApiError, Resource, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
@@ -172,9 +173,16 @@ fn desired_replicas(rs: &Value) -> Option<i64> {
     int_annotation(rs, DESIRED_REPLICAS)
 }
 
+/// Whether the Deployment replaces its pods all at once (`strategy.type: Recreate`).
+fn is_recreate(d: &Value) -> bool {
+    // Stored Deployments passed validation, so they decode.
+    serde_json::from_value::<Deployment>(d.clone())
+        .is_ok_and(|d| d.spec.strategy.and_then(|s| s.type_).as_deref() == Some("Recreate"))
+}
+
 /// maxSurge as Kubernetes uses it (none for Recreate).
 fn max_surge(d: &Value) -> i64 {
-    if d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate") {
+    if is_recreate(d) {
         0
     } else {
         surge_and_unavailable(d).0
@@ -342,7 +350,7 @@ impl DeploymentController {
                 return Ok(());
             }
         }
-        if d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate") {
+        if is_recreate(d) {
             return Ok(());
         }
         let surge = max_surge(d);
@@ -510,7 +518,7 @@ impl Reconciler for DeploymentController {
         let max_rev = owned.iter().map(revision).max().unwrap_or(0);
         let replicas = spec_replicas(&d);
         let paused = d.pointer("/spec/paused") == Some(&json!(true));
-        let recreate = d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate");
+        let recreate = is_recreate(&d);
         let mut last = 0u64;
         let opts = WriteOptions::default();
 
@@ -672,7 +680,7 @@ impl DeploymentController {
         let available = sum("availableReplicas");
         let updated = new_rs.map(|r| status_i(r, "replicas")).unwrap_or(0);
         let (_, max_unavailable) = surge_and_unavailable(d);
-        let recreate = d.pointer("/spec/strategy/type").and_then(Value::as_str) == Some("Recreate");
+        let recreate = is_recreate(d);
         let min_available = if recreate {
             replicas
         } else {

@@ -12,6 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use serde_json::Value;
 use skiff_api::{meta, ApiError, Resource};
 
@@ -35,19 +37,28 @@ pub struct PodGc {
     missing_since: Mutex<HashMap<String, Instant>>,
 }
 
-fn node_name(pod: &Value) -> &str {
-    pod.pointer("/spec/nodeName")
-        .and_then(Value::as_str)
-        .unwrap_or("")
+/// The fields of a pod the collector reads, decoded from the cached object.
+#[derive(Default)]
+struct PodFacts {
+    node_name: String,
+    created: Option<Time>,
+}
+
+fn pod_facts(pod: &Value) -> PodFacts {
+    let p: Pod = serde_json::from_value(pod.clone()).unwrap_or_default();
+    PodFacts {
+        node_name: p.spec.and_then(|s| s.node_name).unwrap_or_default(),
+        created: p.metadata.creation_timestamp,
+    }
 }
 
 fn out_of_service(node: &Value) -> bool {
-    node.pointer("/spec/taints")
-        .and_then(Value::as_array)
-        .is_some_and(|ts| {
-            ts.iter()
-                .any(|t| t["key"] == OUT_OF_SERVICE_TAINT && t["effect"] == "NoExecute")
-        })
+    let n: Node = serde_json::from_value(node.clone()).unwrap_or_default();
+    n.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.key == OUT_OF_SERVICE_TAINT && t.effect == "NoExecute")
 }
 
 impl PodGc {
@@ -82,21 +93,22 @@ impl PodGc {
         if self.terminated_threshold > 0 {
             let mut finished: Vec<&Arc<Value>> = pods.iter().filter(|p| is_terminal(p)).collect();
             if finished.len() > self.terminated_threshold {
-                finished.sort_by_key(|p| {
-                    p.pointer("/metadata/creationTimestamp")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string()
-                });
+                finished.sort_by_cached_key(|p| pod_facts(p).created);
                 let excess = finished.len() - self.terminated_threshold;
                 doomed.extend(finished.into_iter().take(excess).map(|p| (p, "terminated")));
             }
         }
         // Pods whose node is gone, after the quarantine.
         let now = Instant::now();
-        let missing: HashSet<&str> = pods
+        // Each pod's node, decoded once for this pass.
+        let node_of: HashMap<&str, String> = pods
             .iter()
-            .map(|p| node_name(p))
+            .map(|p| (meta::uid(p), pod_facts(p).node_name))
+            .collect();
+        let node_name = |p: &Value| node_of.get(meta::uid(p)).map_or("", String::as_str);
+        let missing: HashSet<&str> = node_of
+            .values()
+            .map(String::as_str)
             .filter(|n| !n.is_empty() && !nodes.contains_key(*n))
             .collect();
         let gone: HashSet<String> = {
