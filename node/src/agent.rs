@@ -22,7 +22,7 @@ use crate::network::{IpCommand, NetError, Netlink, PodNetwork, ServiceAddresses}
 use crate::oci::OciNode;
 use crate::sandbox::Cni;
 
-use crate::pod::{now, NodeContext, PodWorker};
+use crate::pod::{self, now, NodeContext, PodWorker};
 use crate::services::LocalEndpoints;
 
 #[derive(Debug, Clone)]
@@ -475,11 +475,9 @@ fn cached_address(
     workers: &HashMap<String, (PodWorker, Value)>,
     uid: &str,
 ) -> Option<Option<String>> {
-    workers.get(uid).map(|(_, p)| {
-        p.pointer("/status/podIP")
-            .and_then(Value::as_str)
-            .map(String::from)
-    })
+    workers
+        .get(uid)
+        .map(|(_, p)| pod::typed(p).status.and_then(|s| s.pod_ip))
 }
 
 /// How often what no pod uses is collected (also at every relist).
@@ -681,18 +679,20 @@ enum Action {
 }
 
 fn decide(pod: &Value, running: bool, stopping: bool) -> Action {
+    let pod = pod::typed(pod);
     let finished = matches!(
-        pod.pointer("/status/phase").and_then(Value::as_str),
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded") | Some("Failed")
     );
-    if meta::is_deleting(pod) {
+    if pod.metadata.deletion_timestamp.is_some() {
         if stopping {
             return Action::Ignore;
         }
         let grace = pod
-            .pointer("/metadata/deletionGracePeriodSeconds")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+            .metadata
+            .deletion_grace_period_seconds
+            .unwrap_or(0)
+            .max(0) as u64;
         Action::Delete(Duration::from_secs(grace.min(30)))
     } else if running {
         Action::Update

@@ -6,6 +6,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 use skiff_api::{meta, quantity, Resource};
 use skiff_client::Client;
@@ -811,6 +812,12 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
     forget_logs(&ctx, &pod);
 }
 
+/// A pod object as the API handed it over, in its k8s-openapi type (the API validated it, so
+/// it decodes; one that does not reads as an empty pod).
+pub fn typed(pod: &Value) -> Pod {
+    serde_json::from_value(pod.clone()).unwrap_or_default()
+}
+
 /// Serves the logs a finished pod left, when the agent restarted since: its worker is not
 /// started again, and its logs stay readable while the pod exists.
 pub fn keep_logs(ctx: &NodeContext, pod: &Value) {
@@ -818,13 +825,10 @@ pub fn keep_logs(ctx: &NodeContext, pod: &Value) {
     if !dir.is_dir() {
         return;
     }
-    let containers = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c["name"].as_str().map(String::from))
-        .collect();
+    let containers = typed(pod)
+        .spec
+        .map(|s| s.containers.into_iter().map(|c| c.name).collect())
+        .unwrap_or_default();
     ctx.logs
         .lock()
         .expect("logs")
@@ -873,10 +877,9 @@ async fn place(
     sandboxed: bool,
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Option<Placed> {
-    let want = shared
-        .pod
-        .pointer("/status/podIP")
-        .and_then(Value::as_str)
+    let want = typed(&shared.pod)
+        .status
+        .and_then(|s| s.pod_ip)
         .and_then(|s| s.parse().ok());
     let mut backoff = Backoff::default();
     loop {
