@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 use skiff_api::{meta, table, ApiError, Resource};
 
@@ -156,11 +157,10 @@ impl NodeLifecycle {
     fn mark_pods_not_ready(&self, node: &str) {
         let pods_r = Resource::lookup("pods").expect("pods");
         for p in self.pods_on(node) {
-            let already = p
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
-                .is_some_and(|c| c["status"] == "False");
+            let already = serde_json::from_value::<Pod>((*p).clone())
+                .ok()
+                .and_then(|p| p.status?.conditions)
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
             if already || super::pods::is_terminal(&p) {
                 continue;
             }
