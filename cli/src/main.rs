@@ -1,5 +1,6 @@
 //! The `skiff` binary: argument parsing and output only. Every role is a subcommand.
 
+#[cfg(not(feature = "system-alloc"))]
 mod alloc;
 mod commands;
 mod print;
@@ -341,6 +342,17 @@ fn init_tracing() {
     }
 }
 
+/// A client command whose reader goes away (`skiff get pods | head -1`) ends quietly, as
+/// `ls` does, instead of panicking on the closed pipe (Rust ignores SIGPIPE by default).
+/// Not for the server, agent or proxy: they must outlive peers that close their sockets.
+fn end_quietly_on_closed_stdout() {
+    // SAFETY: restores the default action of one signal, before any thread is started.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
@@ -348,6 +360,8 @@ fn main() -> ExitCode {
         Command::Server(_) | Command::Up { .. } | Command::Agent { .. }
     ) {
         init_tracing();
+    } else {
+        end_quietly_on_closed_stdout();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
