@@ -99,10 +99,12 @@ fn load_or_make_node_token(dir: &Path, ca_hash: &str) -> Result<(String, String)
     let path = dir.join("node-token");
     let secret = std::fs::read_to_string(&path)
         .ok()
-        .and_then(|t| match crate::apiserver::auth::parse_join_credential(t.trim()) {
-            Some(crate::apiserver::auth::JoinCredential::Node(s)) => Some(s),
-            _ => None,
-        })
+        .and_then(
+            |t| match crate::apiserver::auth::parse_join_credential(t.trim()) {
+                Some(crate::apiserver::auth::JoinCredential::Node(s)) => Some(s),
+                _ => None,
+            },
+        )
         .unwrap_or_else(|| {
             format!(
                 "{}{}",
@@ -111,7 +113,12 @@ fn load_or_make_node_token(dir: &Path, ca_hash: &str) -> Result<(String, String)
             )
         });
     let token = format!("K10{ca_hash}::node:{secret}");
-    if std::fs::read_to_string(&path).ok().as_deref().map(str::trim) != Some(token.as_str()) {
+    if std::fs::read_to_string(&path)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+        != Some(token.as_str())
+    {
         write_private(&path, format!("{token}\n").as_bytes()).map_err(|e| {
             ServerError::DataDir {
                 path: path.clone(),

@@ -264,9 +264,10 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
         days: 100 * 365,
     })?;
     // Client certificates are asked for, not required: kubectl with a token sends none.
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(ca.roots(), provider())
-        .allow_unauthenticated()
-        .build()?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(ca.roots(), provider())
+            .allow_unauthenticated()
+            .build()?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

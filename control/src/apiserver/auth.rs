@@ -166,8 +166,7 @@ impl Authenticator {
                     .ok_or_else(|| unauthorized(format!("join token {id} is not known")))?;
                 let want = data_field(&obj, "token-secret").unwrap_or_default();
                 if !same_secret(&want, &secret)
-                    || data_field(&obj, "usage-bootstrap-authentication").as_deref()
-                        != Some("true")
+                    || data_field(&obj, "usage-bootstrap-authentication").as_deref() != Some("true")
                 {
                     return Err(unauthorized(format!("join token {id} is not valid")));
                 }
@@ -799,7 +798,10 @@ mod tests {
         assert_eq!(a.authorize(&boot, &join), Decision::Allow);
         assert_eq!(a.authorize(&node("n1"), &join), Decision::NoOpinion);
         assert!(matches!(
-            a.authorize(&boot, &res("list", "secrets", None, Some("kube-system"), None)),
+            a.authorize(
+                &boot,
+                &res("list", "secrets", None, Some("kube-system"), None)
+            ),
             Decision::Deny(_)
         ));
         // A client certificate naming a node but not in system:nodes is no node.
