@@ -536,11 +536,16 @@ async fn until_signal() -> Result<()> {
     Ok(())
 }
 
+/// Where `skiff up` keeps the server's files under its data dir.
+fn server_dir_of(dir: &Path) -> std::path::PathBuf {
+    dir.join("server")
+}
+
 /// `skiff server`, or with `node` set, `skiff up` (server and agent in one process).
 async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
     let server_dir = if node.is_some() {
-        dir.join("server")
+        server_dir_of(&dir)
     } else {
         dir.clone()
     };
@@ -557,6 +562,12 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
         // The kubeconfig also at the top of the data dir, where users look for it.
         std::fs::copy(&server.kubeconfig, dir.join("kubeconfig"))
             .context("writing the kubeconfig")?;
+        // And the join token other nodes' agents take (`skiff agent --token`).
+        std::fs::copy(
+            server_dir_of(&dir).join("node-token"),
+            dir.join("node-token"),
+        )
+        .context("writing the node token")?;
     }
     eprintln!(
         "skiff API server listening on https://{} (kubeconfig: {})",

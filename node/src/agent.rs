@@ -393,8 +393,7 @@ impl Agent {
             config.clone(),
             node,
             cached.map(|c| c.1).unwrap_or_default(),
-            listener,
-            endpoint_tls,
+            (listener, endpoint_tls),
             logs,
             stopped,
         ));
@@ -864,8 +863,7 @@ async fn run(
     config: AgentConfig,
     node: Value,
     cached: Vec<Value>,
-    listener: tokio::net::TcpListener,
-    endpoint_tls: Arc<rustls::ServerConfig>,
+    (listener, endpoint_tls): (tokio::net::TcpListener, Arc<rustls::ServerConfig>),
     logs: LogIndex,
     mut stop: watch::Receiver<bool>,
 ) {
