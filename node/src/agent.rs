@@ -83,7 +83,7 @@ pub enum AgentError {
     Network(#[from] NetError),
     #[error("wasm runtime: {0}")]
     Wasm(#[from] skiff_wasm::WasmError),
-    #[error("{0}")]
+    #[error(transparent)]
     Join(#[from] crate::join::JoinError),
     #[error("agent endpoint {addr}: {source}")]
     Listen {

@@ -33,18 +33,18 @@ pub enum JoinError {
     NoCaHash,
     #[error("the server's CA certificate (sha256 {got}) does not match the join token's CA hash {want}: refusing to send the token")]
     CaMismatch { got: String, want: String },
-    #[error("fetching the cluster CA from {server}: {source}")]
-    FetchCa { server: String, source: ClientError },
-    #[error("joining as node {node}: {source}")]
-    Refused { node: String, source: ClientError },
+    #[error("fetching the cluster CA from {server}: {error}")]
+    FetchCa { server: String, error: ClientError },
+    #[error("joining as node {node}: {error}")]
+    Refused { node: String, error: ClientError },
     #[error("node credential: {0}")]
     Credential(String),
-    #[error("{path}: {source}")]
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("client: {0}")]
+    #[error(transparent)]
     Client(#[from] ClientError),
 }
 
@@ -185,9 +185,9 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JoinError + '_ {
-    move |source| JoinError::Io {
+    move |error| JoinError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     }
 }
 
@@ -355,9 +355,9 @@ impl Pki {
         let answer: Value = client
             .post_path(CREDENTIAL_PATH, &body)
             .await
-            .map_err(|source| JoinError::Refused {
+            .map_err(|error| JoinError::Refused {
                 node: node.to_string(),
-                source,
+                error,
             })?;
         let field = |k: &str| {
             answer[k]
@@ -403,14 +403,14 @@ impl Pki {
         match self.request(client, data_dir, node, ip).await {
             Ok(c) => Ok(c),
             Err(JoinError::Refused {
-                source: source @ ClientError::Transport { .. },
+                error: error @ ClientError::Transport { .. },
                 node: n,
             }) => match self.load() {
                 Some(c) if ca_pem.is_none_or(|ca| ca.trim() == c.ca_pem.trim()) => {
-                    tracing::warn!(error = %source, "cannot renew the node credential now; using the stored one");
+                    tracing::warn!(%error, "cannot renew the node credential now; using the stored one");
                     Ok(c)
                 }
-                _ => Err(JoinError::Refused { node: n, source }),
+                _ => Err(JoinError::Refused { node: n, error }),
             },
             Err(e) => Err(e),
         }
@@ -445,12 +445,12 @@ pub async fn join(
             match skiff_client::fetch_ca_unverified(server).await {
                 Ok(ca) => ca,
                 // The server is away: a CA stored by an earlier join does, if it matches.
-                Err(source) => match pki.load() {
+                Err(error) => match pki.load() {
                     Some(c) if token.check_ca(&c.ca_pem).is_ok() => c.ca_pem,
                     _ => {
                         return Err(JoinError::FetchCa {
                             server: server.to_string(),
-                            source,
+                            error,
                         })
                     }
                 },

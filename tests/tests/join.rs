@@ -199,6 +199,9 @@ async fn nodes_join_with_a_token_and_are_held_to_their_own_objects() -> anyhow::
         "{last}"
     );
     assert!(!cluster.has_node(&ns, "bad-hash")?);
+    // Nothing of it reached the server: no node password was recorded either.
+    let passwords = up.skiff(&ns, &["get", "secrets", "-n", "kube-system"])?;
+    assert!(!passwords.contains("bad-hash"), "{passwords}");
 
     // The right hash with a wrong secret.
     let wrong_secret = format!("{}::node:not-the-secret", token.split_once("::").unwrap().0);
@@ -245,6 +248,11 @@ async fn nodes_join_with_a_token_and_are_held_to_their_own_objects() -> anyhow::
         "{last}"
     );
     assert!(!cluster.has_node(&ns, "expired")?);
+    let passwords = up.skiff(&ns, &["get", "secrets", "-n", "kube-system"])?;
+    assert!(
+        !passwords.contains("expired") && !passwords.contains("bad-secret"),
+        "{passwords}"
+    );
     up.skiff(&ns, &["token", "delete", &short_id])?;
     assert!(!up.skiff(&ns, &["token", "list"])?.contains(&short_id));
 

@@ -420,7 +420,7 @@ impl NodeAuthorizer {
         match (a.group.as_str(), a.resource.as_str()) {
             ("", "nodes") => match (a.verb.as_str(), sub) {
                 (_, None) if read => Decision::Allow,
-                ("create", None) | ("update" | "patch", None | Some("status")) => {
+                ("create" | "delete", None) | ("update" | "patch", None | Some("status")) => {
                     if name == node {
                         Decision::Allow
                     } else {
@@ -675,6 +675,75 @@ mod tests {
             a.authorize(&n1, &res("delete", "nodes", None, None, Some("n2"))),
             Decision::Deny(_)
         ));
+        assert_eq!(
+            a.authorize(&n1, &res("delete", "nodes", None, None, Some("n1"))),
+            Decision::Allow
+        );
+        assert!(matches!(
+            a.authorize(&n1, &res("deletecollection", "nodes", None, None, None)),
+            Decision::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn join_tokens_authenticate_as_bootstrappers_until_they_expire() {
+        use crate::registry::{ClusterConfig, WriteOptions};
+        use crate::store::sled::SledStore;
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        let reg = Registry::new(store, ClusterConfig::default());
+        crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let secrets = Resource::lookup("secrets").unwrap();
+        for (id, exp) in [
+            ("abcdef", chrono::Utc::now() + chrono::Duration::hours(1)),
+            ("zzzzzz", chrono::Utc::now() - chrono::Duration::seconds(1)),
+        ] {
+            reg.create(
+                secrets,
+                Some(TOKEN_NAMESPACE),
+                json!({"metadata": {"name": format!("bootstrap-token-{id}")}, "type": BOOTSTRAP_TOKEN_TYPE,
+                       "data": {"token-id": b64(id), "token-secret": b64("0123456789abcdef"),
+                                "usage-bootstrap-authentication": b64("true"),
+                                "expiration": b64(&exp.to_rfc3339())}}),
+                &WriteOptions::default(),
+            )
+            .unwrap();
+        }
+        let authn = Authenticator {
+            admin_tokens: vec!["admin-t".into()],
+            node_token_secret: Some("nodesecret".into()),
+        };
+        let hash = "f".repeat(64);
+        let user = |t: &str| authn.authenticate(&reg, Some(t), None);
+        assert!(user("admin-t").unwrap().in_group(MASTERS));
+        let u = user(&format!("K10{hash}::abcdef.0123456789abcdef")).unwrap();
+        assert_eq!(u.name, "system:bootstrap:abcdef");
+        assert!(u.in_group(BOOTSTRAPPERS) && !u.in_group(MASTERS));
+        assert_eq!(
+            user(&format!("K10{hash}::node:nodesecret")).unwrap().name,
+            "system:bootstrap:node"
+        );
+        let e = user("zzzzzz.0123456789abcdef").unwrap_err();
+        assert_eq!(e.code, 401);
+        assert!(e.message.contains("expired"), "{}", e.message);
+        for bad in [
+            "abcdef.0123456789abcdee",
+            "qqqqqq.0123456789abcdef",
+            "node:other",
+            "admin-x",
+        ] {
+            assert_eq!(user(bad).unwrap_err().code, 401, "{bad}");
+        }
+        assert_eq!(authn.authenticate(&reg, None, None).unwrap_err().code, 401);
+        // A verified client certificate names the user.
+        let peer = PeerCertificate {
+            common_name: "system:node:n1".into(),
+            organizations: vec![NODES.into()],
+        };
+        let u = authn.authenticate(&reg, None, Some(&peer)).unwrap();
+        assert_eq!(u.node_name(), Some("n1"));
     }
 
     #[test]
