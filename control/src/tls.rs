@@ -79,18 +79,22 @@ impl std::fmt::Debug for ClusterCa {
 
 pub struct TlsMaterial {
     pub ca: Arc<ClusterCa>,
+    /// Signs the serving certificates of node agents' endpoints, and nothing else: what a
+    /// joining node may have signed for its addresses can never pass as the API server's
+    /// certificate to clients that trust the cluster CA (k3s keeps the same split).
+    pub node_serving_ca: Arc<ClusterCa>,
     /// The CA certificate, PEM (goes into kubeconfigs).
     pub ca_pem: String,
     pub server: Arc<rustls::ServerConfig>,
-    /// The API server's client configuration towards node agents: it trusts only the cluster
-    /// CA and presents the `skiff-apiserver-kubelet-client` certificate.
+    /// The API server's client configuration towards node agents: it trusts only the node
+    /// serving CA and presents the `skiff-apiserver-kubelet-client` certificate.
     pub kubelet_client: Arc<rustls::ClientConfig>,
 }
 
-fn ca_params() -> CertificateParams {
+fn ca_params(common_name: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "skiff-ca");
+    dn.push(DnType::CommonName, common_name);
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     p.key_usages = vec![
@@ -123,18 +127,30 @@ fn san(name: &str) -> Option<SanType> {
 }
 
 impl ClusterCa {
-    /// Loads the CA kept in `dir`, or makes one there.
+    /// Loads the cluster CA kept in `dir` (`ca.crt`, `ca.key`), or makes one there.
     pub fn load_or_create(dir: &Path) -> Result<ClusterCa, TlsError> {
+        Self::load_or_create_named(dir, "ca", "skiff-ca")
+    }
+
+    /// Loads the CA `dir/FILE.crt` + `dir/FILE.key`, or makes one there named `common_name`.
+    pub fn load_or_create_named(
+        dir: &Path,
+        file: &str,
+        common_name: &str,
+    ) -> Result<ClusterCa, TlsError> {
         let io = |path: &Path| {
             let path = path.display().to_string();
             move |source| TlsError::Io { path, source }
         };
-        let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+        let (crt, key) = (
+            dir.join(format!("{file}.crt")),
+            dir.join(format!("{file}.key")),
+        );
         let (pem, ca_key) = match (std::fs::read_to_string(&crt), std::fs::read_to_string(&key)) {
             (Ok(c), Ok(k)) => (c, KeyPair::from_pem(&k)?),
             _ => {
                 let k = KeyPair::generate()?;
-                let c = ca_params().self_signed(&k)?;
+                let c = ca_params(common_name).self_signed(&k)?;
                 crate::server::write_private(&key, k.serialize_pem().as_bytes())
                     .map_err(io(&key))?;
                 crate::server::write_private(&crt, c.pem().as_bytes()).map_err(io(&crt))?;
@@ -148,7 +164,7 @@ impl ClusterCa {
         Ok(ClusterCa {
             pem,
             der,
-            issuer: Issuer::new(ca_params(), ca_key),
+            issuer: Issuer::new(ca_params(common_name), ca_key),
         })
     }
 
@@ -247,6 +263,11 @@ pub fn subject_of(der: &[u8]) -> Option<(String, Vec<String>)> {
 /// Loads (or creates) the CA under `dir` and issues a server certificate for `sans`.
 pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsError> {
     let ca = Arc::new(ClusterCa::load_or_create(dir)?);
+    let node_serving_ca = Arc::new(ClusterCa::load_or_create_named(
+        dir,
+        "node-serving-ca",
+        "skiff-node-serving-ca",
+    )?);
     let mut names: Vec<String> = vec![
         "localhost".into(),
         "127.0.0.1".into(),
@@ -282,11 +303,12 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
     })?;
     let kubelet_client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(ca.roots())
+        .with_root_certificates(node_serving_ca.roots())
         .with_client_auth_cert(vec![client_cert], client_key)?;
     Ok(TlsMaterial {
         ca_pem: ca.pem.clone(),
         ca,
+        node_serving_ca,
         server: Arc::new(config),
         kubelet_client: Arc::new(kubelet_client),
     })

@@ -398,15 +398,30 @@ async fn nodes_join_with_a_token_and_are_held_to_their_own_objects() -> anyhow::
         .as_i64()
         .unwrap();
     let url = format!("https://127.0.0.1:{port}/pods/default/on-1/log");
+    // Its serving certificate comes from the node serving CA: it does not pass for a
+    // certificate of the cluster CA (which clients of the API trust).
     let ca = d1.join("pki/ca.crt");
-    let (code, _) = curl(&ns, &["--cacert", ca.to_str().unwrap(), &url])?;
+    let out = ns.output(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "10",
+        "--cacert",
+        ca.to_str().unwrap(),
+        &url,
+    ])?;
+    assert_eq!(
+        out.status.code(),
+        Some(60),
+        "curl should refuse the certificate"
+    );
+    let (code, _) = curl(&ns, &["-k", &url])?;
     assert_eq!(code, "401");
     let (cert, key) = (d2.join("pki/client.crt"), d2.join("pki/client.key"));
     let (code, _) = curl(
         &ns,
         &[
-            "--cacert",
-            ca.to_str().unwrap(),
+            "-k",
             "--cert",
             cert.to_str().unwrap(),
             "--key",

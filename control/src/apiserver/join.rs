@@ -1,8 +1,9 @@
 //! Joining a node, k3s style: `GET /cacerts` (no credential: the agent checks the CA against
 //! its join token's hash before it sends any secret), then `POST /v1-skiff/node-credential`
 //! with the join token, where the node gets its client certificate (`system:node:NAME`, group
-//! `system:nodes`) and the serving certificate of its endpoint, both signed from requests it
-//! made (its keys never leave it).
+//! `system:nodes`, signed by the cluster CA) and the serving certificate of its endpoint
+//! (signed by the node serving CA, which the API server trusts for agents and nobody trusts for
+//! the API), both from requests it made (its keys never leave it).
 //!
 //! A node password (random, kept by the agent) guards a node name: the first join records its
 //! salted hash in the Secret `kube-system/NAME.node-password.skiff`, and a later join for the
@@ -141,10 +142,12 @@ fn check_password(
 }
 
 /// Answers `POST /v1-skiff/node-credential` for `user` (a bootstrapper, an administrator, or
-/// the node itself renewing its certificates).
+/// the node itself renewing its certificates): the client certificate signed by the cluster
+/// CA `ca`, the serving certificate by `serving_ca` (which signs nothing else).
 pub fn node_credential(
     registry: &Registry,
     ca: &ClusterCa,
+    serving_ca: &ClusterCa,
     user: &UserInfo,
     body: &[u8],
 ) -> Result<CredentialResponse, ApiError> {
@@ -189,7 +192,7 @@ pub fn node_credential(
         .map_err(bad_csr)?;
     let mut sans = req.addresses.clone();
     sans.push(req.node_name.clone());
-    let serving = ca
+    let serving = serving_ca
         .sign_request(
             &req.serving_csr,
             &Subject {

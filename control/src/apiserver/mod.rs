@@ -36,8 +36,10 @@ pub struct ApiState {
     pub authenticator: auth::Authenticator,
     /// What they may do.
     pub authorizer: Box<dyn auth::Authorizer>,
-    /// The cluster CA: served at `/cacerts`, signs node credentials.
+    /// The cluster CA: served at `/cacerts`, signs node client certificates.
     pub ca: Arc<crate::tls::ClusterCa>,
+    /// Signs node agents' serving certificates.
+    pub node_serving_ca: Arc<crate::tls::ClusterCa>,
     /// How the API server reaches node agents' endpoints (logs, exec): TLS with its own client
     /// certificate, trusting the cluster CA only.
     pub kubelet_client: Arc<rustls::ClientConfig>,
@@ -63,6 +65,7 @@ impl ApiState {
                 node_token_secret,
             },
             ca: tls.ca.clone(),
+            node_serving_ca: tls.node_serving_ca.clone(),
             kubelet_client: tls.kubelet_client.clone(),
             advertise,
         }
@@ -182,7 +185,13 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
             .map_err(|_| ApiError::too_large("the request body is too large"))?;
         let state = state.clone();
         let answer = tokio::task::spawn_blocking(move || {
-            join::node_credential(&state.registry, &state.ca, &user, &body)
+            join::node_credential(
+                &state.registry,
+                &state.ca,
+                &state.node_serving_ca,
+                &user,
+                &body,
+            )
         })
         .await
         .map_err(|e| ApiError::internal(format!("node credential: {e}")))??;
