@@ -576,14 +576,18 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     );
     let agent = match node {
         Some(n) => {
-            let client = Client::new(
+            // The local node joins like any other: with the node token, as system:node:NAME.
+            let config = agent_config(dir.join("agent"), &n);
+            let client = skiff_node::join::join(
                 &format!("https://{}", server.addr),
-                Some(server.token.clone()),
-                "default",
-                Some(&server.ca_pem),
-                false,
-            )?;
-            let a = skiff_node::Agent::start(client, agent_config(dir.join("agent"), &n)).await?;
+                &server.node_token,
+                Some(server.ca_pem.clone()),
+                &config.data_dir,
+                &config.name,
+                config.node_ip,
+            )
+            .await?;
+            let a = skiff_node::Agent::start(client, config).await?;
             eprintln!("skiff node {} ready", a.name);
             Some(a)
         }
