@@ -216,6 +216,7 @@ pub fn node_credential(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::CertificateParams;
 
     #[test]
     fn node_passwords_are_checked_against_their_salted_hash() {
@@ -226,6 +227,79 @@ mod tests {
         assert!(!password_matches("no-salt", "x"));
         // Another salt, another hash.
         assert_ne!(h, hash_password("correct horse battery", "salt2"));
+    }
+
+    #[test]
+    fn a_second_join_with_another_password_is_refused() {
+        use crate::registry::ClusterConfig;
+        use crate::store::sled::SledStore;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        let reg = Registry::new(store, ClusterConfig::default());
+        crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
+        let ca = ClusterCa::load_or_create(dir.path()).unwrap();
+        let serving = ClusterCa::load_or_create_named(dir.path(), "sv", "sv").unwrap();
+        let csr = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            CertificateParams::default()
+                .serialize_request(&key)
+                .unwrap()
+                .pem()
+                .unwrap()
+        };
+        let body = |password: &str| {
+            serde_json::to_vec(&json!({"nodeName": "n1", "nodePassword": password,
+                "clientCsr": csr(), "servingCsr": csr(), "addresses": ["10.0.0.5"]}))
+            .unwrap()
+        };
+        let boot = UserInfo {
+            name: "system:bootstrap:abcdef".into(),
+            groups: vec![BOOTSTRAPPERS.into()],
+        };
+        let first = "first-host-password-0123456789";
+        let answer = node_credential(&reg, &ca, &serving, &boot, &body(first)).unwrap();
+        let der = crate::tls::pem_certs(&answer.client_certificate).remove(0);
+        assert_eq!(
+            crate::tls::subject_of(&der),
+            Some(("system:node:n1".into(), vec![NODES.into()]))
+        );
+        // The same host again: fine. Another host for the same name: 403.
+        node_credential(&reg, &ca, &serving, &boot, &body(first)).unwrap();
+        let e = node_credential(
+            &reg,
+            &ca,
+            &serving,
+            &boot,
+            &body("another-host-password-0123"),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 403);
+        assert!(e.message.contains("another node password"), "{}", e.message);
+        // Another node's certificate cannot ask for n1's; an administrator can re-home it.
+        let n2 = UserInfo {
+            name: "system:node:n2".into(),
+            groups: vec![NODES.into()],
+        };
+        assert_eq!(
+            node_credential(&reg, &ca, &serving, &n2, &body(first))
+                .unwrap_err()
+                .code,
+            403
+        );
+        let admin = UserInfo {
+            name: "system:admin".into(),
+            groups: vec![MASTERS.into()],
+        };
+        let second = "another-host-password-0123";
+        node_credential(&reg, &ca, &serving, &admin, &body(second)).unwrap();
+        node_credential(&reg, &ca, &serving, &boot, &body(second)).unwrap();
+        assert_eq!(
+            node_credential(&reg, &ca, &serving, &boot, &body(first))
+                .unwrap_err()
+                .code,
+            403
+        );
     }
 
     #[test]
