@@ -82,7 +82,7 @@ impl Cluster {
         .into()
     }
 
-    /// Runs an agent that must fail to join: its exit status and its last stderr line.
+    /// Runs an agent that must fail to join: its exit status and its one line on stderr.
     fn failed_join(
         &self,
         ns: &Netns,
@@ -95,9 +95,11 @@ impl Cluster {
         let mut full = vec!["timeout", "60"];
         full.extend(args);
         let out = ns.output(&full)?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().last().unwrap_or("").to_string();
-        Ok((out, last))
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        anyhow::ensure!(lines.len() == 1, "the agent should say one line: {err}");
+        let line = lines[0].to_string();
+        Ok((out, line))
     }
 
     fn has_node(&self, ns: &Netns, name: &str) -> anyhow::Result<bool> {
