@@ -324,6 +324,19 @@ impl Pki {
         ok(&c.client_identity_pem, false) && ok(&c.serving_cert_pem, true)
     }
 
+    /// Whether the stored client certificate (signed by `ca_pem`) still authenticates `node`:
+    /// then a renewal goes with it rather than with the join token (which may have expired).
+    pub fn can_renew_itself(&self, node: &str, ca_pem: &str) -> bool {
+        let want_cn = format!("system:node:{node}");
+        self.load()
+            .filter(|c| c.ca_pem.trim() == ca_pem.trim())
+            .and_then(|c| cert_info(&c.client_identity_pem))
+            .is_some_and(|i| {
+                i.common_name == want_cn
+                    && i.not_after > chrono::Utc::now() + chrono::Duration::minutes(5)
+            })
+    }
+
     /// Asks the server (through `client`: a join token, an admin, or the node itself) to sign
     /// new certificates for `node`, and stores them.
     pub async fn request(
@@ -471,7 +484,12 @@ pub async fn join(
     if !token.is_join_credential() {
         return Ok(bearer);
     }
-    let cred = pki.ensure(&bearer, data_dir, node, ip, Some(&ca)).await?;
+    // A node renews with its own certificate while it is valid; the token is for joining.
+    let via = match pki.load() {
+        Some(c) if pki.can_renew_itself(node, &ca) => c.client(server)?,
+        _ => bearer,
+    };
+    let cred = pki.ensure(&via, data_dir, node, ip, Some(&ca)).await?;
     Ok(cred.client(server)?)
 }
 

@@ -297,7 +297,7 @@ async fn nodes_join_with_a_token_and_are_held_to_their_own_objects() -> anyhow::
     )?;
     assert!(up.skiff(&ns, &["token", "list"])?.contains("edge-2"));
     let a2_args = cluster.agent_args(&d2, "edge-2", t2.trim(), "skiffb");
-    ns.spawn(
+    let a2 = ns.spawn(
         &a2_args.iter().map(String::as_str).collect::<Vec<_>>(),
         &dir.path().join("edge-2.log"),
     )?;
@@ -464,5 +464,39 @@ async fn nodes_join_with_a_token_and_are_held_to_their_own_objects() -> anyhow::
     )
     .await?;
     assert_eq!(std::fs::read(d1.join("pki/client.crt"))?, cert_before);
+
+    // edge-2's token is deleted, and edge-2 comes back at another address: its serving
+    // certificate no longer names it, so it asks for new certificates, with its own (the
+    // token is no longer valid), and the API server reaches it at the new address.
+    let t2_id = t2
+        .trim()
+        .split_once("::")
+        .unwrap()
+        .1
+        .split('.')
+        .next()
+        .unwrap()
+        .to_string();
+    up.skiff(&ns, &["token", "delete", &t2_id])?;
+    let serving_before = std::fs::read(d2.join("pki/serving.crt"))?;
+    ns.kill(a2)?;
+    let mut moved = a2_args.clone();
+    moved.extend(["--node-ip", "127.0.0.2", "--agent-addr", "127.0.0.2:0"].map(String::from));
+    ns.spawn(
+        &moved.iter().map(String::as_str).collect::<Vec<_>>(),
+        &dir.path().join("edge-2-moved.log"),
+    )?;
+    eventually("edge-2 at 127.0.0.2", Duration::from_secs(40), || async {
+        let n = up.json(&ns, &["get", "node", "edge-2"])?;
+        Ok((n["status"]["addresses"][0]["address"] == "127.0.0.2").then_some(()))
+    })
+    .await
+    .map_err(|e| {
+        let log = std::fs::read_to_string(dir.path().join("edge-2-moved.log")).unwrap_or_default();
+        e.context(format!("edge-2's log:\n{log}"))
+    })?;
+    assert_ne!(std::fs::read(d2.join("pki/serving.crt"))?, serving_before);
+    let logs = up.skiff(&ns, &["logs", "on-2"])?;
+    assert!(logs.contains("arg 1: on-2"), "{logs}");
     Ok(())
 }
