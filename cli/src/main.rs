@@ -107,10 +107,14 @@ pub enum Command {
         /// The API server's URL.
         #[arg(long, env = "SKIFF_SERVER")]
         server: String,
-        /// A bearer token the API server accepts.
+        /// The join token: the server's `DATA/node-token`, or one from `skiff token create`
+        /// (`K10<CA hash>::<credential>`). The agent checks the server's CA against the hash
+        /// before sending it, then runs with a node certificate of its own. With --ca-cert it
+        /// may also be a plain admin token.
         #[arg(long, env = "SKIFF_TOKEN")]
         token: String,
-        /// The cluster CA certificate (PEM), from the server's data dir.
+        /// The cluster CA certificate (PEM), from the server's data dir (instead of fetching
+        /// it from the server and checking it against the token's hash).
         #[arg(long)]
         ca_cert: Option<PathBuf>,
         /// Where the agent keeps images, compiled code, logs and its pod cache.
@@ -266,12 +270,37 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Manage join tokens (what `skiff agent --token` takes).
+    Token {
+        #[command(subcommand)]
+        what: TokenWhat,
+    },
     /// Show where the control plane is.
     ClusterInfo,
     /// Print client and server versions.
     Version,
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+pub enum TokenWhat {
+    /// Create a join token and print it.
+    Create {
+        /// How long it can be used to join (e.g. 24h, 30m; 0: never expires).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List join tokens.
+    List,
+    /// Delete join tokens by ID.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]

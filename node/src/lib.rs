@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod exec;
+pub mod join;
 pub mod logs;
 pub mod network;
 pub mod oci;

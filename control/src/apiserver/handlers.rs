@@ -23,7 +23,7 @@ use crate::registry::{DeleteOptions, Sub, WriteOptions};
 
 type Query = HashMap<String, String>;
 
-fn query(req: &Request<Body>) -> Query {
+pub(super) fn query(req: &Request<Body>) -> Query {
     req.uri()
         .query()
         .map(|q| {
