@@ -16,6 +16,8 @@ pub enum NetError {
     Exhausted(String),
     #[error("`{cmd}` failed: {msg}")]
     Command { cmd: String, msg: String },
+    #[error("--pod-network vxlan needs the kernel's vxlan driver, which is missing ({0})")]
+    NoVxlan(String),
 }
 
 /// What the node does to its network. The real one runs `ip`; tests use a fake.
