@@ -539,6 +539,11 @@ fn parse_fdb(out: &str) -> Vec<(String, Ipv4Addr)> {
         .collect()
 }
 
+/// Whether `ip link add ... type vxlan` failed for want of the kernel's driver.
+fn no_vxlan_driver(msg: &str) -> bool {
+    msg.contains("Unknown device type") || msg.contains("not supported")
+}
+
 /// The masquerade exemption chain of a bridge (iptables allows 28 characters).
 fn exemption_chain(bridge: &str) -> String {
     let mut c = format!("SKIFF-NOMASQ-{bridge}");
@@ -739,9 +744,7 @@ impl RouteLink for IpRoutes {
                 "nolearning",
             ]);
             match made {
-                Err(NetError::Command { msg, .. })
-                    if msg.contains("Unknown device type") || msg.contains("not supported") =>
-                {
+                Err(NetError::Command { msg, .. }) if no_vxlan_driver(&msg) => {
                     return Err(NetError::NoVxlan(msg));
                 }
                 other => other?,
@@ -1052,6 +1055,12 @@ mod tests {
         assert_eq!(
             parse_fdb(fdb),
             vec![("0a:0b:0c:0d:0e:0f".into(), Ipv4Addr::new(192, 168, 77, 9))]
+        );
+        assert!(no_vxlan_driver("Error: Unknown device type."));
+        assert!(!no_vxlan_driver("RTNETLINK answers: File exists"));
+        assert_eq!(
+            NetError::NoVxlan("Error: Unknown device type.".into()).to_string(),
+            "--pod-network vxlan needs the kernel's vxlan driver, which is missing (Error: Unknown device type.)"
         );
         assert_eq!(
             exemption_chain("a-very-long-bridge-name-indeed"),

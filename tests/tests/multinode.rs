@@ -402,3 +402,55 @@ async fn a_deleted_node_loses_its_routes_on_the_others() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_is_reached_again_when_its_link_comes_back() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let c = Cluster::start(
+        dir.path(),
+        ClusterOptions {
+            nodes: 2,
+            ..Default::default()
+        },
+    )
+    .await?;
+    c.push_samples(&[("bootcamp-v1.wasm", "bootcamp:v1")])?;
+    let n2 = c.nodes[1].name.clone();
+    c.apply(
+        "far.yaml",
+        &deployment(&c, "far", "bootcamp:v1", 1, Some(&n2), None),
+    )?;
+    c.up.rolled_out(&c.lan, "far", ROLLOUT)?;
+    let (pod, ip, _) = c.pods("app=far")?.remove(0);
+    let url = format!("http://{ip}:8080/");
+    let reached = |want: bool| {
+        let (c, url) = (&c, url.clone());
+        async move {
+            eventually(
+                &format!(
+                    "{url} from node-1 to be {}",
+                    if want { "reachable" } else { "cut off" }
+                ),
+                Duration::from_secs(20),
+                || async {
+                    let ok = c
+                        .on_node(0, &["curl", "-sf", "--max-time", "1", &url])?
+                        .status
+                        .success();
+                    Ok((ok == want).then_some(()))
+                },
+            )
+            .await
+        }
+    };
+    reached(true).await?;
+    c.set_link(1, false)?;
+    reached(false).await?;
+    c.set_link(1, true)?;
+    reached(true).await?;
+    assert_eq!(
+        answered_by(&c.curl(0, &url)?).as_deref(),
+        Some(pod.as_str())
+    );
+    Ok(())
+}
