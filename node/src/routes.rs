@@ -41,7 +41,7 @@ pub const BACKEND_TYPE_ANNOTATION: &str = "skiff.dev/backend-type";
 /// The backend's data, as flannel publishes it: `{"VNI":1,"VtepMAC":"aa:bb:.."}`.
 pub const BACKEND_DATA_ANNOTATION: &str = "skiff.dev/backend-data";
 /// How often the routes are checked against the Nodes even when nothing changed.
-const RESYNC_EVERY: Duration = Duration::from_secs(30);
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// How pod networks of different nodes reach each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -296,7 +296,7 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vxlan_carries_pod_traffic_and_node_ports_across_nodes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let c = Cluster::start(
+    let mut c = Cluster::start(
         dir.path(),
         ClusterOptions {
             agent_flags: vec!["--pod-network".into(), "vxlan".into()],
@@ -351,6 +351,32 @@ async fn vxlan_carries_pod_traffic_and_node_ports_across_nodes() -> anyhow::Resu
     let node_port = svc["spec"]["ports"][0]["nodePort"].as_u64().unwrap() as u16;
     let seen = node_port_reaches_every_node(&c, 1, node_port, &by_node).await?;
     eprintln!("NodePort {node_port} on node-2 answered by {seen:?}");
+
+    // An agent restarted keeps its VTEP (the MAC the others know) and the overlay keeps working.
+    let mac = |c: &Cluster| -> anyhow::Result<String> {
+        Ok(
+            c.json(&["get", "node", "node-2"])?["metadata"]["annotations"]
+                ["skiff.dev/backend-data"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        )
+    };
+    let before = mac(&c)?;
+    c.kill_agent(1)?;
+    c.start_agent(1)?;
+    // The restarted agent has published its backend again (it logs so once done).
+    eventually(
+        "node-2's restarted agent to publish its VTEP",
+        Duration::from_secs(30),
+        || async {
+            let log = std::fs::read_to_string(&c.nodes[1].log)?;
+            Ok((log.matches("pod network routes follow the nodes").count() == 2).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(mac(&c)?, before, "the VTEP survives an agent restart");
+    every_pod_answers_from_every_node(&c, &by_node).await?;
     Ok(())
 }
 
