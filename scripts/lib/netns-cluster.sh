@@ -94,7 +94,8 @@ start_netns_lan_cluster() {
   ip netns del "$lan" 2>/dev/null || true
   ip netns add "$lan"
   in_lan ip link set lo up
-  in_lan ip link add lan0 type bridge
+  # A MAC set by hand never changes as ports join (else nodes that cached it are cut off).
+  in_lan ip link add lan0 address 02:00:00:00:00:fe type bridge
   in_lan ip addr add "$server_ip/24" dev lan0
   in_lan ip link set lan0 up
   cat >"$work/registry.yml" <<YAML

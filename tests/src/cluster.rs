@@ -83,7 +83,19 @@ impl Cluster {
         let subnet = format!("192.168.{}", 20 + k);
         let server_ip = format!("{subnet}.254");
         let mut lan = Netns::new()?;
-        lan.run(&["ip", "link", "add", "lan0", "type", "bridge"])?;
+        // Its MAC set by hand, so it never changes as ports join (a bridge otherwise takes the
+        // lowest of its ports', and nodes that cached the old one are cut off until they ask
+        // again).
+        lan.run(&[
+            "ip",
+            "link",
+            "add",
+            "lan0",
+            "address",
+            "02:00:00:00:00:fe",
+            "type",
+            "bridge",
+        ])?;
         lan.run(&[
             "ip",
             "addr",
