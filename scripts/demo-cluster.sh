@@ -41,7 +41,10 @@ for p in json.load(sys.stdin)["items"]:
 }
 
 step "$skiff" get nodes -o wide
+# Each agent routes the other two nodes' pod CIDRs (routes it made carry proto 83).
+has_routes() { [ "$(in_node "$1" ip -4 route show proto 83 | wc -l)" -eq 2 ]; }
 for n in 1 2 3; do
+  wait_for 30 "node-$n's routes to the other nodes' pod CIDRs" has_routes "$n"
   printf '  node-%s routes: %s\n' "$n" "$(in_node "$n" ip -4 route show proto 83 | tr '\n' ';')"
 done
 step "$skiff" push samples/build/bootcamp-v1.wasm "$registry/bootcamp:v1" --insecure-registry "$registry"
