@@ -524,6 +524,7 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.oci = !node.disable_oci;
     c.runc = node.runc.clone();
     c.cni_bin_dir = node.cni_bin_dir.clone();
+    c.pod_network = node.pod_network;
     c
 }
 

@@ -89,6 +89,10 @@ pub struct NodeArgs {
     /// Where the CNI plugins (bridge, static, loopback, portmap) are.
     #[arg(long, default_value = "/usr/lib/cni")]
     pub cni_bin_dir: std::path::PathBuf,
+    /// How pods reach pods on other nodes: host-gw (a route per node's pod CIDR via its
+    /// InternalIP; nodes on one link) or vxlan (an overlay between the nodes' InternalIPs).
+    #[arg(long, default_value = "host-gw")]
+    pub pod_network: skiff_node::routes::PodNetworkMode,
 }
 
 #[derive(Subcommand)]

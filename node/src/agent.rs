@@ -50,6 +50,10 @@ pub struct AgentConfig {
     pub runc: Option<PathBuf>,
     /// Where the CNI plugins are.
     pub cni_bin_dir: PathBuf,
+    /// How this node's pod network reaches the other nodes' (host-gw or vxlan).
+    pub pod_network: crate::routes::PodNetworkMode,
+    /// The VXLAN device of the vxlan backend.
+    pub vxlan: crate::routes::Vxlan,
 }
 
 impl AgentConfig {
@@ -69,6 +73,8 @@ impl AgentConfig {
             oci: true,
             runc: None,
             cni_bin_dir: crate::sandbox::DEFAULT_CNI_BIN.into(),
+            pod_network: Default::default(),
+            vxlan: Default::default(),
         }
     }
 }
@@ -388,6 +394,22 @@ impl Agent {
             no_oci: oci_state.as_ref().err().cloned(),
         });
         let (stop, stopped) = watch::channel(false);
+        // Routes to the other nodes' pod networks, following the Nodes until the agent stops.
+        let route_config = crate::routes::RouteConfig {
+            node: config.name.clone(),
+            node_ip: config.node_ip,
+            pod_cidr: cidr.parse().map_err(|_| NetError::Cidr(cidr.clone()))?,
+            bridge: config.bridge.clone(),
+            mode: config.pod_network,
+            vxlan: config.vxlan.clone(),
+        };
+        crate::routes::start(
+            client.clone(),
+            route_config,
+            Arc::new(crate::routes::IpRoutes),
+            stopped.clone(),
+        )
+        .await?;
         let task = tokio::spawn(run(
             ctx,
             config.clone(),

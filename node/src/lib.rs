@@ -5,6 +5,7 @@
 //! - [`agent`]: the agent loop (registration, heartbeat, pod watch);
 //! - [`pod`]: one pod's worker — pull, start, restart policy, status;
 //! - [`network`]: pod addresses from the node's pod CIDR, behind a trait so tests can fake it;
+//! - [`routes`]: routes to the other nodes' pod networks (host-gw or vxlan), following the Nodes;
 //! - [`logs`]: per-container log files and the log endpoint;
 //! - [`services`]: the wasm endpoints the service proxy (crate skiff-proxy) serves in-process;
 //! - [`backoff`]: crash-loop and pull backoff (10 s doubling to 5 min, reset after 10 min).
@@ -18,6 +19,7 @@ pub mod network;
 pub mod oci;
 pub mod pod;
 pub mod probe;
+pub mod routes;
 pub mod sandbox;
 pub mod services;
 
