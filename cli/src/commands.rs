@@ -554,6 +554,8 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     config.controllers.node_grace = Duration::from_secs(args.node_grace_seconds);
     config.controllers.eviction_timeout = Duration::from_secs(args.pod_eviction_seconds);
     config.controllers.terminated_pod_gc_threshold = args.terminated_pod_gc_threshold;
+    config.controllers.event_ttl = Duration::from_secs(args.event_ttl_seconds);
+    config.controllers.max_events = args.max_events;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());
