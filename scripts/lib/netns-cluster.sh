@@ -110,6 +110,7 @@ YAML
   pids+=($!)
   wait_for 30 "the registry at $registry (log: $work/registry.log)" in_lan curl -sf "http://$registry/v2/"
   wait_for 30 "skiff server to write its kubeconfig (log: $work/server.log)" test -f "$work/server/kubeconfig"
+  wait_for 30 "skiff server to write its join token (log: $work/server.log)" test -s "$work/server/node-token"
   export KUBECONFIG=$work/server/kubeconfig
   local n
   for n in $(seq "$count"); do
@@ -129,9 +130,10 @@ YAML
   done
 }
 
-# The flags that join an agent: kept in one place, so another way of joining changes only this.
+# The flags that join an agent: the server's URL and its join token, nothing else (the agent
+# checks the server's CA against the token and gets a credential of its own).
 join_flags() {
-  printf '%s\n' --server "https://$server_ip:6443" --token "$(cat "$work/server/token")" --ca-cert "$work/server/ca.crt"
+  printf '%s\n' --server "https://$server_ip:6443" --token "$(cat "$work/server/node-token")"
 }
 
 # start_agent N: (re)starts node N's agent, appending to its log.

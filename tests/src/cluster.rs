@@ -120,8 +120,8 @@ impl Cluster {
         args.extend(options.server_flags.iter().cloned());
         let log = dir.join("server.log");
         let index = lan.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &log)?;
-        eventually("the server's token", Duration::from_secs(20), || async {
-            Ok(std::fs::read_to_string(server_dir.join("token")).ok())
+        eventually("the server's join token", Duration::from_secs(20), || async {
+            Ok(std::fs::read_to_string(server_dir.join("node-token")).ok())
         })
         .await?;
         let up = SkiffUp {
@@ -150,20 +150,17 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// The flags that join an agent to this cluster. The one place they are made, so a
-    /// different way of joining (a join token) changes only this.
+    /// The flags that join an agent to this cluster: the server's URL and its join token
+    /// (`DATA/node-token`) and nothing else, as a user adds a node; the agent checks the
+    /// server's CA against the token and gets a credential of its own. The one place they
+    /// are made.
     pub fn join_args(&self) -> anyhow::Result<Vec<String>> {
-        let token = std::fs::read_to_string(self.server_dir.join("token"))?;
+        let token = std::fs::read_to_string(self.server_dir.join("node-token"))?;
         Ok(vec![
             "--server".into(),
             format!("https://{}:{API_PORT}", self.server_ip),
             "--token".into(),
             token.trim().to_string(),
-            "--ca-cert".into(),
-            self.server_dir
-                .join("ca.crt")
-                .to_string_lossy()
-                .into_owned(),
         ])
     }
 
