@@ -84,6 +84,7 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("MESSAGE"),
         ],
         "ConfigMap" => vec![col("NAME"), col("DATA"), col("AGE")],
+        "Lease" => vec![col("NAME"), col("HOLDER"), col("AGE")],
         "Job" => vec![
             col("NAME"),
             col("STATUS"),
@@ -419,6 +420,7 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                     .map_or(0, |m| m.len());
             vec![name, n.to_string(), age]
         }
+        "Lease" => vec![name, s(o.pointer("/spec/holderIdentity")), age],
         "Job" => {
             let succeeded = i(o.pointer("/status/succeeded"));
             let completions = o
@@ -516,5 +518,9 @@ mod tests {
         let crash = json!({"metadata": {"name": "c"}, "status": {"phase": "Running",
             "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
         assert_eq!(pod_status(&crash), "CrashLoopBackOff");
+        let lease = json!({"metadata": {"name": "n1"}, "spec": {"holderIdentity": "n1"}});
+        let r = row("Lease", &lease, 0);
+        assert_eq!(r.len(), columns("Lease").len());
+        assert_eq!(&r[..2], &["n1", "n1"]);
     }
 }
