@@ -513,7 +513,9 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.listen = node.agent_addr;
     c.insecure_registries = node.insecure_registries.clone();
     c.bridge = node.bridge.clone();
-    c.heartbeat = Duration::from_secs(node.heartbeat_seconds.max(1));
+    c.heartbeat.renew_every = Duration::from_secs(node.heartbeat_seconds.max(1));
+    c.heartbeat.lease_duration = Duration::from_secs(node.node_lease_duration_seconds.max(1));
+    c.heartbeat.status_every = Duration::from_secs(node.node_status_report_seconds.max(1));
     c.proxy = !node.disable_proxy;
     c.nodeport_addresses = node.nodeport_addresses.clone();
     c.service_interface = node.service_interface.clone();
@@ -541,8 +543,10 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
         dir.clone()
     };
     let mut config = skiff_control::server::ServerConfig::new(server_dir, args.api_addr);
-    config.controllers.node_grace = Duration::from_secs(args.node_grace_seconds);
-    config.controllers.eviction_timeout = Duration::from_secs(args.pod_eviction_seconds);
+    config.controllers.node_grace = args.node_monitor_grace_period;
+    config.cluster.default_not_ready_toleration_seconds = args.default_not_ready_toleration_seconds;
+    config.cluster.default_unreachable_toleration_seconds =
+        args.default_unreachable_toleration_seconds;
     config.controllers.terminated_pod_gc_threshold = args.terminated_pod_gc_threshold;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
     if let Some(n) = &node {

@@ -27,6 +27,11 @@ pub struct ClusterConfig {
     /// Prefix length of each node's block (24: 253 pods per node).
     pub node_cidr_mask: u8,
     pub node_ports: (u16, u16),
+    /// `tolerationSeconds` the DefaultTolerationSeconds admission gives new pods for the
+    /// `not-ready` and `unreachable` NoExecute taints (`--default-not-ready-toleration-seconds`,
+    /// `--default-unreachable-toleration-seconds`).
+    pub default_not_ready_toleration_seconds: i64,
+    pub default_unreachable_toleration_seconds: i64,
 }
 
 impl Default for ClusterConfig {
@@ -36,6 +41,8 @@ impl Default for ClusterConfig {
             pod_cidr: (Ipv4Addr::new(10, 88, 0, 0), 16),
             node_cidr_mask: 24,
             node_ports: (30000, 32767),
+            default_not_ready_toleration_seconds: 10,
+            default_unreachable_toleration_seconds: 10,
         }
     }
 }
@@ -345,6 +352,13 @@ impl Registry {
             }
         }
         defaults::apply(r.kind, &mut obj);
+        if r.kind == "Pod" {
+            defaults::default_toleration_seconds(
+                &mut obj,
+                self.config.default_not_ready_toleration_seconds,
+                self.config.default_unreachable_toleration_seconds,
+            );
+        }
         validation::validate(r, &obj)?;
         let ns = meta::namespace(&obj).map(String::from);
         let name = meta::name(&obj).to_string();
