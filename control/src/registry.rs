@@ -352,6 +352,17 @@ impl Registry {
             }
         }
         defaults::apply(r.kind, &mut obj);
+        if r.kind == "Node" {
+            // Topology spread and anti-affinity by host need it; agents set it, bare Node
+            // objects get their name.
+            let name = meta::name(&obj).to_string();
+            let labels = meta::metadata_mut(&mut obj)
+                .entry("labels")
+                .or_insert_with(|| json!({}));
+            if let Some(l) = labels.as_object_mut() {
+                l.entry("kubernetes.io/hostname").or_insert(json!(name));
+            }
+        }
         if r.kind == "Pod" {
             defaults::default_toleration_seconds(
                 &mut obj,
