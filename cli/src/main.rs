@@ -249,6 +249,26 @@ pub enum Command {
         name: String,
         taints: Vec<String>,
     },
+    /// Mark a node unschedulable: no new pods go there.
+    Cordon { node: String },
+    /// Mark a node schedulable again.
+    Uncordon { node: String },
+    /// Cordon a node and evict its pods (through the eviction API), waiting until they are gone.
+    Drain {
+        node: String,
+        /// Leave DaemonSet pods (they would come back at once).
+        #[arg(long)]
+        ignore_daemonsets: bool,
+        /// Evict pods with emptyDir volumes too (their data is lost).
+        #[arg(long)]
+        delete_emptydir_data: bool,
+        /// Evict pods no controller will replace too.
+        #[arg(long)]
+        force: bool,
+        /// Give up after this long (`0s`: wait for ever).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print a pod's container logs (served by the node through the API server).
     Logs {
         pod: String,
