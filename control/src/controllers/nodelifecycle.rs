@@ -180,7 +180,7 @@ impl NodeLifecycle {
             .lock()
             .expect("probes")
             .retain(|n, _| all.iter().any(|o| meta::name(o) == n));
-        for obj in all {
+        for mut obj in all {
             let name = meta::name(&obj).to_string();
             let Ok(node) = serde_json::from_value::<Node>((*obj).clone()) else {
                 continue;
@@ -211,7 +211,7 @@ impl NodeLifecycle {
                         m.remove("lastProbeTime");
                     }
                 }
-                self.reg.update(
+                let updated = self.reg.update(
                     nodes_r,
                     None,
                     &name,
@@ -228,9 +228,8 @@ impl NodeLifecycle {
                     &format!("Node {name} status is now: NodeNotReady"),
                     "node-controller",
                 );
-                self.mark_pods_not_ready(&name);
-                // The taint follows on the next pass, from the updated cache.
-                continue;
+                // The taint follows at once, on the node as just written.
+                obj = Arc::new(updated);
             }
             if stale {
                 // Level-triggered: a write that failed last pass (a pod changed meanwhile)
@@ -535,7 +534,7 @@ mod tests {
             ready_condition(&serde_json::to_value(w.node()).unwrap()).unwrap()["status"],
             "True"
         );
-        // Silent for longer than the grace period: Unknown, then tainted unreachable.
+        // Silent for longer than the grace period: Unknown and tainted unreachable at once.
         w.lc.check_at(t0 + Duration::from_secs(26)).unwrap();
         w.sync();
         let n = serde_json::to_value(w.node()).unwrap();
@@ -545,6 +544,7 @@ mod tests {
             "2020-01-01T00:00:00Z",
             "the agent's last heartbeat is kept"
         );
+        assert_eq!(w.taint_keys(), vec![UNREACHABLE_TAINT.to_string()]);
         w.lc.check_at(t0 + Duration::from_secs(27)).unwrap();
         w.sync();
         assert_eq!(w.taint_keys(), vec![UNREACHABLE_TAINT.to_string()]);
