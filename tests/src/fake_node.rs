@@ -114,11 +114,12 @@ impl FakeNode {
                 } else if last_renew.is_none_or(|t| t.elapsed() >= opts.lease_every) {
                     last_renew = Some(tokio::time::Instant::now());
                     let renewed = renew_lease(&client, &name_s).await.is_ok();
-                    if renewed && (was_silent || last_status.elapsed() >= opts.status_every) {
-                        if post_ready(&client, &name_s).await.is_ok() {
-                            last_status = tokio::time::Instant::now();
-                            was_silent = false;
-                        }
+                    if renewed
+                        && (was_silent || last_status.elapsed() >= opts.status_every)
+                        && post_ready(&client, &name_s).await.is_ok()
+                    {
+                        last_status = tokio::time::Instant::now();
+                        was_silent = false;
                     }
                 }
                 if hb.load(Ordering::SeqCst) {

@@ -848,8 +848,8 @@ mod tests {
     fn spread_ignores_not_ready_nodes_and_terminating_pods_and_soft_constraints_only_score() {
         let mut nodes = vec![labelled("a", "z"), labelled("b", "z"), labelled("c", "z")];
         nodes[2].ready = false;
-        for i in 0..2 {
-            nodes[i].add(&web(json!({})));
+        for n in nodes.iter_mut().take(2) {
+            n.add(&web(json!({})));
         }
         // The dead node c is no domain: a and b (2, 2) take the replacements 3/3.
         let pods: Vec<PodRequest> = (0..2)
