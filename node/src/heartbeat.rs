@@ -39,6 +39,9 @@ pub struct Timing {
     pub lease_duration: Duration,
     /// Between Node status posts when nothing changed.
     pub status_every: Duration,
+    /// Heartbeat by Node status alone, every `renew_every`, as agents did before Leases (kept
+    /// to measure one against the other).
+    pub node_status_only: bool,
 }
 
 impl Default for Timing {
@@ -47,6 +50,7 @@ impl Default for Timing {
             renew_every: Duration::from_secs(4),
             lease_duration: Duration::from_secs(15),
             status_every: Duration::from_secs(60),
+            node_status_only: false,
         }
     }
 }
@@ -93,6 +97,7 @@ pub struct Heartbeat {
     /// The statuses of the conditions last posted.
     posted: Option<Vec<(String, String)>>,
     failing: bool,
+    requests: u64,
 }
 
 impl Heartbeat {
@@ -106,7 +111,13 @@ impl Heartbeat {
             last_status: None,
             posted: None,
             failing: false,
+            requests: 0,
         }
+    }
+
+    /// HTTP requests sent so far.
+    pub fn requests(&self) -> u64 {
+        self.requests
     }
 
     /// Renews (or creates) the Lease: one request while nobody else wrote it.
@@ -115,6 +126,7 @@ impl Heartbeat {
         if let Some(mut l) = self.lease.take() {
             let spec = l.spec.get_or_insert_with(Default::default);
             spec.renew_time = Some(micro_now());
+            self.requests += 1;
             match self
                 .client
                 .replace(leases(), ns, &self.name, &to_value(&l))
@@ -133,6 +145,7 @@ impl Heartbeat {
             }
         }
         let seconds = self.timing.lease_duration.as_secs().max(1) as i32;
+        self.requests += 2;
         let stored = match self.client.get(leases(), ns, &self.name).await {
             Ok(v) => {
                 let mut l: Lease = serde_json::from_value(v).unwrap_or_default();
@@ -177,6 +190,7 @@ impl Heartbeat {
         let nodes = Resource::lookup("nodes").expect("nodes");
         let t = now();
         let mut conds = conditions(&self.oci);
+        self.requests += 2;
         let cur = self.client.get(nodes, None, &self.name).await?;
         for c in conds.as_array_mut().into_iter().flatten() {
             if let Some(old) = cur
@@ -207,6 +221,12 @@ impl Heartbeat {
 
     /// One beat: renew the Lease, and post the status if it is due.
     pub async fn beat(&mut self) {
+        if self.timing.node_status_only {
+            if let Err(e) = self.post_status().await {
+                tracing::warn!(error = %e, "posting node status failed");
+            }
+            return;
+        }
         let renewed = self.renew().await;
         let recovered = renewed.is_ok() && self.failing;
         if let Err(e) = &renewed {

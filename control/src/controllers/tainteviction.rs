@@ -96,6 +96,10 @@ impl TaintEviction {
             .list(None)
             .into_iter()
             .filter_map(|n| {
+                // Most nodes have no taint: only those with some are decoded.
+                n.pointer("/spec/taints")
+                    .and_then(Value::as_array)
+                    .filter(|ts| !ts.is_empty())?;
                 let node: Node = serde_json::from_value((*n).clone()).ok()?;
                 let taints: Vec<Taint> = node
                     .spec?
