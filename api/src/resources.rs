@@ -179,6 +179,14 @@ pub static RESOURCES: &[Resource] = &[
     ),
     grouped("batch", "jobs", "job", "Job", &[], false),
     grouped("batch", "cronjobs", "cronjob", "CronJob", &["cj"], false),
+    grouped(
+        "policy",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        "PodDisruptionBudget",
+        &["pdb"],
+        false,
+    ),
     // Node heartbeats (`kube-node-lease/NODE`) and leader election: spec only, no status.
     Resource {
         group: "coordination.k8s.io",
@@ -240,7 +248,10 @@ mod tests {
             Resource::by_kind("apps/v1", "ReplicaSet").unwrap().plural,
             "replicasets"
         );
-        assert_eq!(groups(), vec!["apps", "batch", "coordination.k8s.io"]);
+        assert_eq!(
+            groups(),
+            vec!["apps", "batch", "policy", "coordination.k8s.io"]
+        );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();
         assert_eq!(
             leases.key(Some("kube-node-lease"), "n1"),

@@ -85,6 +85,13 @@ pub fn columns(kind: &str) -> Vec<Column> {
         ],
         "ConfigMap" => vec![col("NAME"), col("DATA"), col("AGE")],
         "Lease" => vec![col("NAME"), col("HOLDER"), col("AGE")],
+        "PodDisruptionBudget" => vec![
+            col("NAME"),
+            col("MIN AVAILABLE"),
+            col("MAX UNAVAILABLE"),
+            col("ALLOWED DISRUPTIONS"),
+            col("AGE"),
+        ],
         "Job" => vec![
             col("NAME"),
             col("STATUS"),
@@ -421,6 +428,16 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             vec![name, n.to_string(), age]
         }
         "Lease" => vec![name, s(o.pointer("/spec/holderIdentity")), age],
+        "PodDisruptionBudget" => {
+            let or_na = |v: String| if v.is_empty() { "N/A".to_string() } else { v };
+            vec![
+                name,
+                or_na(s(o.pointer("/spec/minAvailable"))),
+                or_na(s(o.pointer("/spec/maxUnavailable"))),
+                i(o.pointer("/status/disruptionsAllowed")).to_string(),
+                age,
+            ]
+        }
         "Job" => {
             let succeeded = i(o.pointer("/status/succeeded"));
             let completions = o

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{
     apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
+    policy::v1 as policy,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
@@ -38,6 +39,7 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "Job" => check::<batch::Job>(obj, strict),
         "CronJob" => check::<batch::CronJob>(obj, strict),
         "Lease" => check::<coordination::Lease>(obj, strict),
+        "PodDisruptionBudget" => check::<policy::PodDisruptionBudget>(obj, strict),
         other => Err(ApiError::bad_request(format!(
             "no wire type for kind {other}"
         ))),
@@ -314,6 +316,17 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                 {
                     causes.push(Cause::invalid("data", format!("{k:?}"), "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
                 }
+            }
+        }
+        "PodDisruptionBudget" => {
+            let b: policy::PodDisruptionBudget = typed(obj)?;
+            let spec = b.spec.unwrap_or_default();
+            if spec.min_available.is_some() && spec.max_unavailable.is_some() {
+                causes.push(Cause::invalid(
+                    "spec",
+                    "minAvailable and maxUnavailable",
+                    "minAvailable and maxUnavailable cannot be both set",
+                ));
             }
         }
         "Lease" => {

@@ -1,7 +1,8 @@
 //! Failover with fake nodes and the default timings: nodes renew Leases; a node that stops is
 //! marked NotReady and tainted unreachable, and its pods are replaced on the other nodes
 //! within 30 s, except a pod that tolerates the taint for an hour; a node that comes back
-//! loses its taints. `kubectl drain` (evictions) and `skiff drain` move pods off a node.
+//! loses its taints. `kubectl drain` (evictions, held by a PodDisruptionBudget) and `skiff
+//! drain` move pods off a node.
 
 use std::collections::BTreeMap;
 use std::process::Output;
@@ -27,12 +28,10 @@ fn run(cmd: &mut std::process::Command, what: &str) -> anyhow::Result<String> {
         .output()
         .map_err(|e| anyhow::anyhow!("cannot run {what}: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(
-        out.status.success(),
-        "{what} failed: {}{stdout}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    anyhow::ensure!(out.status.success(), "{what} failed: {stderr}{stdout}");
+    // Both: kubectl reports evictions it will retry on stderr.
+    Ok(format!("{stdout}{stderr}"))
 }
 
 /// Runs the real kubectl off the async threads (fake nodes keep running meanwhile).
@@ -236,7 +235,8 @@ async fn kubectl_and_skiff_drain_move_pods_off_a_node() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|_| {}).await?;
     let c = cluster.client.clone();
     let _a = FakeNode::start(c.clone(), "dr-a", "127.0.0.30", Duration::ZERO).await?;
-    let _b = FakeNode::start(c.clone(), "dr-b", "127.0.0.31", Duration::ZERO).await?;
+    // Pods on dr-b take 2 s to become ready: the budget holds the second eviction meanwhile.
+    let _b = FakeNode::start(c.clone(), "dr-b", "127.0.0.31", Duration::from_secs(2)).await?;
     let d = verbs::deployment(
         "drained",
         &["127.0.0.1:5000/bootcamp:v1".into()],
@@ -265,6 +265,30 @@ async fn kubectl_and_skiff_drain_move_pods_off_a_node() -> anyhow::Result<()> {
         "{leases}"
     );
 
+    let pdb = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+        "metadata": {"name": "drained"},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "drained"}}}});
+    c.create(res("pdb"), Some("default"), &pdb).await?;
+    eventually(
+        "the budget allows 1 disruption",
+        Duration::from_secs(10),
+        || async {
+            let out = kubectl(&cluster, &["get", "pdb", "drained"]).await?;
+            let row: Vec<String> = out
+                .lines()
+                .nth(1)
+                .unwrap_or("")
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            Ok(
+                (row.get(1..4) == Some(&["N/A".to_string(), "1".to_string(), "1".to_string()][..]))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+
     let out = kubectl(
         &cluster,
         &[
@@ -280,6 +304,10 @@ async fn kubectl_and_skiff_drain_move_pods_off_a_node() -> anyhow::Result<()> {
     assert!(
         out.contains("evicted"),
         "kubectl evicted (not deleted) the pods: {out}"
+    );
+    assert!(
+        out.contains("disruption budget"),
+        "the budget held the second eviction until the first pod's replacement was ready: {out}"
     );
     eventually("all pods on dr-b", Duration::from_secs(20), || async {
         let by = ready_by_node(&c, "drained").await?;

@@ -2,6 +2,7 @@
 //! scheduler. [`start`] wires caches to queues and runs them all.
 
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod events;
 pub mod gc;
@@ -83,6 +84,7 @@ pub fn start(
     let replicasets = cache("replicasets");
     let namespaces = cache("namespaces");
     let leases = cache("leases");
+    let budgets = cache("poddisruptionbudgets");
     let mut tasks = JoinSet::new();
 
     // ReplicaSets.
@@ -228,6 +230,7 @@ pub fn start(
         &replicasets,
         &namespaces,
         &leases,
+        &budgets,
     ] {
         tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
     }
@@ -281,9 +284,18 @@ pub fn start(
         nodes: nodes.clone(),
         pods: pods.clone(),
     };
+    let disruption = disruption::Disruption {
+        reg: reg.clone(),
+        budgets: budgets.clone(),
+        pods: pods.clone(),
+        replicasets: replicasets.clone(),
+    };
     let mut s = stop.clone();
     tasks.spawn(async move {
         loop {
+            if let Err(e) = disruption.check() {
+                tracing::warn!(error = %e, "disruption budget pass failed");
+            }
             if let Err(e) = lifecycle.check() {
                 tracing::warn!(error = %e, "node lifecycle pass failed");
             }
