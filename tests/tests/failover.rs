@@ -358,3 +358,99 @@ async fn kubectl_and_skiff_drain_move_pods_off_a_node() -> anyhow::Result<()> {
     assert!(err.contains("declare no controller"), "{err}");
     Ok(())
 }
+
+/// The real agent (`skiff agent` beside `skiff server`, in a network namespace of the test's
+/// own): it renews its Lease every 2 s without posting its Node status each time; killed, its
+/// node goes unreachable within the grace period; started again, the taint goes.
+/// Needs root and iproute2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_renews_its_lease_and_its_node_fails_over() -> anyhow::Result<()> {
+    use skiff_e2e::netns::{Netns, ServerAndAgent};
+    let dir = tempfile::tempdir()?;
+    let mut ns = Netns::new()?;
+    let cluster = ServerAndAgent::start(&mut ns, dir.path()).await?;
+    let up = &cluster.up;
+    let lease = || up.json(&ns, &["get", "lease", "edge-1", "-n", "kube-node-lease"]);
+    let first = eventually("edge-1's Lease", Duration::from_secs(30), || async {
+        Ok(lease().ok())
+    })
+    .await?;
+    assert_eq!(first["spec"]["holderIdentity"], "edge-1");
+    assert_eq!(first["spec"]["leaseDurationSeconds"], 15);
+    let micro = first["spec"]["renewTime"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(micro.len(), "2026-01-01T00:00:00.000000Z".len(), "{micro}");
+    let node = up.json(&ns, &["get", "node", "edge-1"])?;
+    assert_eq!(
+        node["metadata"]["labels"]["kubernetes.io/hostname"],
+        "edge-1"
+    );
+    let heartbeat = |n: &Value| {
+        n.pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+            .map(|c| c["lastHeartbeatTime"].clone())
+    };
+    // Renewals move the Lease on; the Node's status is not posted again meanwhile (the
+    // first beat posts it: the check starts after one renewal more).
+    let renewals = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let renewed = |n: usize| {
+        let renewals = &renewals;
+        async move {
+            eventually("Lease renewals", Duration::from_secs(10), || async {
+                let l = lease()?;
+                let mut seen = renewals.lock().expect("renewals");
+                seen.insert(l["spec"]["renewTime"].as_str().unwrap_or("").to_string());
+                Ok((seen.len() >= n).then_some(()))
+            })
+            .await
+        }
+    };
+    renewed(2).await?;
+    let beat0 = heartbeat(&up.json(&ns, &["get", "node", "edge-1"])?);
+    renewed(4).await?;
+    let node = up.json(&ns, &["get", "node", "edge-1"])?;
+    assert_eq!(
+        heartbeat(&node),
+        beat0,
+        "the Node status is posted every 60 s, not at each renewal"
+    );
+
+    // The agent dies: within the grace period (15 s) and a pass, the node is unreachable.
+    let t0 = Instant::now();
+    ns.kill(cluster.agent)?;
+    eventually(
+        "edge-1 Unknown and tainted unreachable",
+        FAILOVER,
+        || async {
+            let n = up.json(&ns, &["get", "node", "edge-1"])?;
+            Ok(
+                (ready_status(&n) == "Unknown"
+                    && taint_keys(&n).contains(&UNREACHABLE.to_string()))
+                .then_some(()),
+            )
+        },
+    )
+    .await?;
+    let noticed = t0.elapsed();
+    eprintln!("a killed agent's node was tainted unreachable after {noticed:?}");
+    assert!(noticed >= Duration::from_secs(13), "too early: {noticed:?}");
+
+    // Back: its first beat posts Ready, and the taint goes.
+    ns.spawn(
+        &ServerAndAgent::args(&cluster.agent_args),
+        &dir.path().join("agent-2.log"),
+    )?;
+    eventually(
+        "edge-1 Ready and untainted",
+        Duration::from_secs(20),
+        || async {
+            let n = up.json(&ns, &["get", "node", "edge-1"])?;
+            Ok((ready_status(&n) == "True" && taint_keys(&n).is_empty()).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
