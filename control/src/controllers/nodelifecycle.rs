@@ -62,7 +62,8 @@ pub fn verdict(ready: &str, stale: bool) -> Verdict {
         };
     }
     let taint = match ready {
-        "True" => None,
+        // "": no Ready condition posted yet (a node just registering): nothing to say.
+        "True" | "" => None,
         "False" => Some(NOT_READY_TAINT),
         _ => Some(UNREACHABLE_TAINT),
     };
@@ -188,7 +189,7 @@ impl NodeLifecycle {
             let Some(stale) = self.stale(&name, &node, now) else {
                 continue;
             };
-            let ready = typed_ready(&node).map_or("Unknown", |c| c.status.as_str());
+            let ready = typed_ready(&node).map_or("", |c| c.status.as_str());
             let v = verdict(ready, stale);
             if v.mark_unknown {
                 let mut next = (*obj).clone();
@@ -211,14 +212,19 @@ impl NodeLifecycle {
                         m.remove("lastProbeTime");
                     }
                 }
-                let updated = self.reg.update(
+                let updated = match self.reg.update(
                     nodes_r,
                     None,
                     &name,
                     next,
                     Sub::Status,
                     &WriteOptions::default(),
-                )?;
+                ) {
+                    Ok(u) => u,
+                    // Changed meanwhile (the agent is back, say) or gone: next pass.
+                    Err(e) if e.code == 409 || e.code == 404 => continue,
+                    Err(e) => return Err(e),
+                };
                 tracing::warn!(node = %name, "node stopped heartbeating; marking it NotReady");
                 super::events::record(
                     &self.reg,
@@ -373,6 +379,9 @@ mod tests {
         );
         // The Lease is renewed again but the agent has not posted Ready yet: still tainted.
         assert_eq!(verdict("Unknown", false).taint, Some(UNREACHABLE_TAINT));
+        // No Ready condition yet: left alone until it goes silent.
+        assert_eq!(verdict("", false).taint, None);
+        assert!(verdict("", true).mark_unknown);
     }
 
     #[test]
