@@ -14,6 +14,7 @@ scripts/setup.sh >/dev/null
 cargo bench -p skiff-wasm --bench wasm 2>/dev/null | sed -n '/^bootcamp component/,$p'
 cargo bench -p skiff-e2e --bench pod_start 2>/dev/null | sed -n '/^wasm pod start/,$p'
 scripts/bench-services.sh
+scripts/bench-cluster.sh
 
 scripts/bench-memory.sh
 scripts/bench-soak.sh

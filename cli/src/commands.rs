@@ -11,7 +11,7 @@ use skiff_api::{meta, Resource};
 use skiff_client::{verbs, Client};
 
 use crate::print::{self, Format};
-use crate::{Cli, Command, CreateWhat, NodeArgs, RolloutWhat, ServerArgs, SetWhat};
+use crate::{Cli, Command, CreateWhat, NodeArgs, RolloutWhat, ServerArgs, SetWhat, TokenWhat};
 
 const SMP: &str = "application/strategic-merge-patch+json";
 const MERGE: &str = "application/merge-patch+json";
@@ -58,10 +58,13 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ),
                 None => None,
             };
-            let client = Client::new(server, Some(token.clone()), "default", ca.as_deref(), false)?;
             let dir = data_dir
                 .clone()
                 .unwrap_or_else(|| default_data_dir().join("agent"));
+            let name = node.name.clone().unwrap_or_else(host_name);
+            // The CA is checked against the token before the token is sent anywhere.
+            let client =
+                skiff_node::join::join(server, token, ca, &dir, &name, node.node_ip).await?;
             return agent(client, dir, node.clone()).await;
         }
         Command::Push {
@@ -95,6 +98,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         .unwrap_or_else(|| client.namespace.clone());
     let ctx = Ctx { client, ns };
     match cli.command {
+        Command::Token { what } => ctx.token(what).await,
         Command::Server(_)
         | Command::Up { .. }
         | Command::Agent { .. }
@@ -538,6 +542,7 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.oci = !node.disable_oci;
     c.runc = node.runc.clone();
     c.cni_bin_dir = node.cni_bin_dir.clone();
+    c.pod_network = node.pod_network;
     c
 }
 
@@ -550,11 +555,16 @@ async fn until_signal() -> Result<()> {
     Ok(())
 }
 
+/// Where `skiff up` keeps the server's files under its data dir.
+fn server_dir_of(dir: &Path) -> std::path::PathBuf {
+    dir.join("server")
+}
+
 /// `skiff server`, or with `node` set, `skiff up` (server and agent in one process).
 async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     let dir = args.data_dir.unwrap_or_else(default_data_dir);
     let server_dir = if node.is_some() {
-        dir.join("server")
+        server_dir_of(&dir)
     } else {
         dir.clone()
     };
@@ -573,6 +583,12 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
         // The kubeconfig also at the top of the data dir, where users look for it.
         std::fs::copy(&server.kubeconfig, dir.join("kubeconfig"))
             .context("writing the kubeconfig")?;
+        // And the join token other nodes' agents take (`skiff agent --token`).
+        std::fs::copy(
+            server_dir_of(&dir).join("node-token"),
+            dir.join("node-token"),
+        )
+        .context("writing the node token")?;
     }
     eprintln!(
         "skiff API server listening on https://{} (kubeconfig: {})",
@@ -581,14 +597,18 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     );
     let agent = match node {
         Some(n) => {
-            let client = Client::new(
+            // The local node joins like any other: with the node token, as system:node:NAME.
+            let config = agent_config(dir.join("agent"), &n);
+            let client = skiff_node::join::join(
                 &format!("https://{}", server.addr),
-                Some(server.token.clone()),
-                "default",
-                Some(&server.ca_pem),
-                false,
-            )?;
-            let a = skiff_node::Agent::start(client, agent_config(dir.join("agent"), &n)).await?;
+                &server.node_token,
+                Some(server.ca_pem.clone()),
+                &config.data_dir,
+                &config.name,
+                config.node_ip,
+            )
+            .await?;
+            let a = skiff_node::Agent::start(client, config).await?;
             eprintln!("skiff node {} ready", a.name);
             Some(a)
         }
@@ -679,6 +699,69 @@ fn read_sources(files: &[String]) -> Result<Vec<Value>> {
 }
 
 impl Ctx {
+    /// `skiff token create|list|delete`: join tokens as bootstrap token Secrets.
+    async fn token(&self, what: TokenWhat) -> Result<()> {
+        use skiff_client::token;
+        let secrets = resource("secrets")?;
+        match what {
+            TokenWhat::Create { ttl, description } => {
+                let ttl = token::parse_ttl(&ttl).map_err(|e| anyhow!("--ttl: {e}"))?;
+                // The CA as the server hands it to joining agents: its hash goes in the token.
+                let ca = self
+                    .client
+                    .get_raw("/cacerts")
+                    .await?
+                    .text()
+                    .await
+                    .context("reading the cluster CA")?;
+                let (id, secret) = token::generate();
+                let obj = token::secret(&id, &secret, ttl, chrono::Utc::now(), &description);
+                self.client
+                    .create(secrets, Some(token::NAMESPACE), &obj)
+                    .await?;
+                println!("{}", token::format_token(&ca, &id, &secret));
+            }
+            TokenWhat::List => {
+                let list = self
+                    .client
+                    .list(secrets, Some(token::NAMESPACE), None, None)
+                    .await?;
+                let now = chrono::Utc::now();
+                let mut rows = vec![["ID", "TTL", "EXPIRES", "DESCRIPTION"]
+                    .map(String::from)
+                    .to_vec()];
+                rows.extend(
+                    list["items"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|s| token::row(s, now))
+                        .map(|r| r.to_vec()),
+                );
+                print::print_rows(&rows);
+            }
+            TokenWhat::Delete { ids } => {
+                for id in ids {
+                    self.client
+                        .delete(
+                            secrets,
+                            Some(token::NAMESPACE),
+                            &token::secret_name(&id),
+                            None,
+                            None,
+                        )
+                        .await
+                        .map_err(|e| match e.code() {
+                            Some(404) => anyhow!("join token {id} not found"),
+                            _ => e.into(),
+                        })?;
+                    println!("join token {id} deleted");
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn ns_for<'a>(&'a self, r: &Resource, obj: &'a Value) -> Option<&'a str> {
         r.namespaced
             .then(|| meta::namespace(obj).unwrap_or(&self.ns))

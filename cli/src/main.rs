@@ -1,5 +1,6 @@
 //! The `skiff` binary: argument parsing and output only. Every role is a subcommand.
 
+#[cfg(not(feature = "system-alloc"))]
 mod alloc;
 mod commands;
 mod print;
@@ -99,6 +100,10 @@ pub struct NodeArgs {
     /// Where the CNI plugins (bridge, static, loopback, portmap) are.
     #[arg(long, default_value = "/usr/lib/cni")]
     pub cni_bin_dir: std::path::PathBuf,
+    /// How pods reach pods on other nodes: host-gw (a route per node's pod CIDR via its
+    /// InternalIP; nodes on one link) or vxlan (an overlay between the nodes' InternalIPs).
+    #[arg(long, default_value = "host-gw")]
+    pub pod_network: skiff_node::routes::PodNetworkMode,
 }
 
 #[derive(Subcommand)]
@@ -117,10 +122,14 @@ pub enum Command {
         /// The API server's URL.
         #[arg(long, env = "SKIFF_SERVER")]
         server: String,
-        /// A bearer token the API server accepts.
+        /// The join token: the server's `DATA/node-token`, or one from `skiff token create`
+        /// (`K10<CA hash>::<credential>`). The agent checks the server's CA against the hash
+        /// before sending it, then runs with a node certificate of its own. With --ca-cert it
+        /// may also be a plain admin token.
         #[arg(long, env = "SKIFF_TOKEN")]
         token: String,
-        /// The cluster CA certificate (PEM), from the server's data dir.
+        /// The cluster CA certificate (PEM), from the server's data dir (instead of fetching
+        /// it from the server and checking it against the token's hash).
         #[arg(long)]
         ca_cert: Option<PathBuf>,
         /// Where the agent keeps images, compiled code, logs and its pod cache.
@@ -296,12 +305,37 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Manage join tokens (what `skiff agent --token` takes).
+    Token {
+        #[command(subcommand)]
+        what: TokenWhat,
+    },
     /// Show where the control plane is.
     ClusterInfo,
     /// Print client and server versions.
     Version,
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+pub enum TokenWhat {
+    /// Create a join token and print it.
+    Create {
+        /// How long it can be used to join (e.g. 24h, 30m; 0: never expires).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// What it is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List join tokens.
+    List,
+    /// Delete join tokens by ID.
+    Delete {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -400,6 +434,17 @@ fn init_tracing() {
     }
 }
 
+/// A client command whose reader goes away (`skiff get pods | head -1`) ends quietly, as
+/// `ls` does, instead of panicking on the closed pipe (Rust ignores SIGPIPE by default).
+/// Not for the server, agent or proxy: they must outlive peers that close their sockets.
+fn end_quietly_on_closed_stdout() {
+    // SAFETY: restores the default action of one signal, before any thread is started.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
@@ -407,6 +452,8 @@ fn main() -> ExitCode {
         Command::Server(_) | Command::Up { .. } | Command::Agent { .. }
     ) {
         init_tracing();
+    } else {
+        end_quietly_on_closed_stdout();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

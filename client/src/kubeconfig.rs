@@ -15,6 +15,10 @@ pub struct KubeConfig {
     /// The cluster CA (PEM) from `certificate-authority-data` or `certificate-authority`.
     pub ca_pem: Option<String>,
     pub insecure: bool,
+    /// The user's client certificate and key (PEM), from `client-certificate(-data)` and
+    /// `client-key(-data)`.
+    pub client_cert_pem: Option<String>,
+    pub client_key_pem: Option<String>,
 }
 
 /// The kubeconfig file to read.
@@ -78,7 +82,30 @@ pub fn parse(text: &str) -> Result<KubeConfig, String> {
         ),
         (None, None) => None,
     };
+    let u = user.as_ref().map(|u| &u["user"]);
+    let pem_field = |data: &str, file: &str| -> Result<Option<String>, String> {
+        let Some(u) = u else { return Ok(None) };
+        match (u[data].as_str(), u[file].as_str()) {
+            (Some(d), _) => {
+                use base64::Engine;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(d.trim())
+                    .map_err(|e| format!("{data}: {e}"))?;
+                Ok(Some(
+                    String::from_utf8(bytes).map_err(|e| format!("{data}: {e}"))?,
+                ))
+            }
+            (None, Some(f)) => Ok(Some(
+                std::fs::read_to_string(f).map_err(|e| format!("{file} {f}: {e}"))?,
+            )),
+            (None, None) => Ok(None),
+        }
+    };
+    let client_cert_pem = pem_field("client-certificate-data", "client-certificate")?;
+    let client_key_pem = pem_field("client-key-data", "client-key")?;
     Ok(KubeConfig {
+        client_cert_pem,
+        client_key_pem,
         ca_pem,
         insecure: c["insecure-skip-tls-verify"].as_bool().unwrap_or(false),
         server,
@@ -104,9 +131,21 @@ mod tests {
                 token: Some("t0k".into()),
                 namespace: "apps".into(),
                 ca_pem: None,
-                insecure: false
+                insecure: false,
+                client_cert_pem: None,
+                client_key_pem: None,
             }
         );
         assert!(parse("clusters: []").is_err());
+    }
+
+    #[test]
+    fn reads_a_client_certificate() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let kc = parse(&format!("clusters:\n- name: c\n  cluster:\n    server: https://h:6443\nusers:\n- name: u\n  user:\n    client-certificate-data: {}\n    client-key-data: {}\ncontexts:\n- name: x\n  context:\n    cluster: c\n    user: u\ncurrent-context: x\n", b64("CERT"), b64("KEY"))).unwrap();
+        assert_eq!(kc.client_cert_pem.as_deref(), Some("CERT"));
+        assert_eq!(kc.client_key_pem.as_deref(), Some("KEY"));
+        assert_eq!(kc.token, None);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod exec;
 pub mod kubeconfig;
+pub mod token;
 pub mod verbs;
 
 use futures::StreamExt;
@@ -93,6 +94,35 @@ impl Client {
         ca_pem: Option<&str>,
         insecure: bool,
     ) -> Result<Self, ClientError> {
+        Self::build(server, token, None, namespace, ca_pem, insecure)
+    }
+
+    /// A client that authenticates with a client certificate: `identity_pem` holds the
+    /// certificate and its private key (PEM).
+    pub fn with_identity(
+        server: &str,
+        identity_pem: &str,
+        namespace: &str,
+        ca_pem: &str,
+    ) -> Result<Self, ClientError> {
+        Self::build(
+            server,
+            None,
+            Some(identity_pem),
+            namespace,
+            Some(ca_pem),
+            false,
+        )
+    }
+
+    fn build(
+        server: &str,
+        token: Option<String>,
+        identity_pem: Option<&str>,
+        namespace: &str,
+        ca_pem: Option<&str>,
+        insecure: bool,
+    ) -> Result<Self, ClientError> {
         let mut b = reqwest::Client::builder()
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .use_rustls_tls();
@@ -100,6 +130,11 @@ impl Client {
             let cert = reqwest::Certificate::from_pem(ca.as_bytes())
                 .map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
             b = b.add_root_certificate(cert);
+        }
+        if let Some(pem) = identity_pem {
+            let id = reqwest::Identity::from_pem(pem.as_bytes())
+                .map_err(|e| ClientError::Config(format!("bad client certificate: {e}")))?;
+            b = b.identity(id);
         }
         if insecure {
             b = b.danger_accept_invalid_certs(true);
@@ -116,9 +151,14 @@ impl Client {
     /// From a kubeconfig file (see [`kubeconfig::load`]).
     pub fn from_kubeconfig(path: Option<&std::path::Path>) -> Result<Self, ClientError> {
         let kc = kubeconfig::load(path)?;
-        Self::new(
+        let identity = match (&kc.client_cert_pem, &kc.client_key_pem) {
+            (Some(c), Some(k)) => Some(format!("{}\n{}", c.trim_end(), k)),
+            _ => None,
+        };
+        Self::build(
             &kc.server,
             kc.token,
+            identity.as_deref(),
             &kc.namespace,
             kc.ca_pem.as_deref(),
             kc.insecure,
@@ -165,6 +205,12 @@ impl Client {
             url: self.server.clone(),
             reason: e.to_string(),
         })
+    }
+
+    /// POSTs `body` to a path outside the resource space (e.g. the join endpoint).
+    pub async fn post_path(&self, path: &str, body: &Value) -> Result<Value, ClientError> {
+        self.json(self.req(reqwest::Method::POST, path).json(body))
+            .await
     }
 
     pub async fn get_path(&self, path: &str) -> Result<Value, ClientError> {
@@ -362,6 +408,35 @@ impl Client {
                 Err(e) => futures::stream::iter(vec![Err(e)]).right_stream(),
             }))
     }
+}
+
+/// The CA certificate (PEM) a server hands out at `GET /cacerts`, fetched WITHOUT checking the
+/// server's certificate: the caller must check what it got (against a join token's hash) before
+/// trusting it or sending any secret.
+pub async fn fetch_ca_unverified(server: &str) -> Result<String, ClientError> {
+    let server = server.trim_end_matches('/');
+    let transport = |reason: String| ClientError::Transport {
+        url: server.to_string(),
+        reason,
+    };
+    let http = reqwest::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+    let resp = http
+        .get(format!("{server}/cacerts"))
+        .send()
+        .await
+        .map_err(|e| transport(root_cause(&e)))?;
+    if !resp.status().is_success() {
+        return Err(transport(format!(
+            "GET /cacerts answered {}",
+            resp.status().as_u16()
+        )));
+    }
+    resp.text().await.map_err(|e| transport(e.to_string()))
 }
 
 fn root_cause(e: &reqwest::Error) -> String {

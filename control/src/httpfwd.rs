@@ -1,6 +1,8 @@
 //! Forwards one HTTP request to another server and streams the answer back, including
 //! protocol upgrades (exec and attach streams).
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::Response;
@@ -8,12 +10,13 @@ use http::{StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use skiff_api::ApiError;
 
-/// Forwards `req` to `url`. The caller's credentials are not passed on; `bearer`, when given,
-/// is sent instead (the API server's own credential, which node agents check).
+/// Forwards `req` to `url`. The caller's credentials are not passed on. An `https` URL is
+/// reached with `tls` (which holds the trusted roots and the client certificate the API server
+/// presents: its own credential, which node agents check).
 pub async fn forward(
     url: &str,
-    mut req: Request<Body>,
-    bearer: Option<&str>,
+    req: Request<Body>,
+    tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Response, ApiError> {
     let uri: Uri = url
         .parse()
@@ -24,6 +27,31 @@ pub async fn forward(
         .map_err(|e| {
             ApiError::unavailable(format!("node agent at {authority} is unreachable: {e}"))
         })?;
+    if uri.scheme_str() != Some("https") {
+        return send(stream, &uri, &authority, req).await;
+    }
+    let tls = tls.ok_or_else(|| ApiError::internal("no TLS configuration for node agents"))?;
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| ApiError::internal(format!("bad node address {host}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, stream)
+        .await
+        .map_err(|e| {
+            ApiError::unavailable(format!("node agent at {authority}: TLS handshake: {e}"))
+        })?;
+    send(stream, &uri, &authority, req).await
+}
+
+async fn send<S>(
+    stream: S,
+    uri: &Uri,
+    authority: &str,
+    mut req: Request<Body>,
+) -> Result<Response, ApiError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ApiError::unavailable(format!("node agent at {authority}: {e}")))?;
@@ -39,11 +67,6 @@ pub async fn forward(
         .parse()
         .expect("path");
     parts.headers.remove(http::header::AUTHORIZATION);
-    if let Some(token) = bearer {
-        if let Ok(v) = format!("Bearer {token}").parse() {
-            parts.headers.insert(http::header::AUTHORIZATION, v);
-        }
-    }
     parts
         .headers
         .insert(http::header::HOST, authority.parse().expect("host header"));

@@ -78,7 +78,7 @@ pub enum Sub {
 #[derive(Debug, Clone)]
 pub struct WatchEvent {
     pub kind: &'static str,
-    pub object: Value,
+    pub object: Arc<Value>,
 }
 
 pub struct Registry {
@@ -218,7 +218,7 @@ impl Registry {
                     continue;
                 }
                 let now = sel(&ev.object);
-                let before = ev.prev.as_ref().is_some_and(sel);
+                let before = ev.prev.as_deref().is_some_and(sel);
                 let kind = match ev.kind {
                     EventType::Added if now => "ADDED",
                     EventType::Modified if now && before => "MODIFIED",

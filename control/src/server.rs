@@ -65,6 +65,9 @@ pub struct Server {
     pub registry: Arc<Registry>,
     pub addr: SocketAddr,
     pub token: String,
+    /// The join token of this server (`K10<CA hash>::node:<secret>`, also in `DIR/node-token`):
+    /// enough for `skiff agent --token` to join, never an admin credential.
+    pub node_token: String,
     pub kubeconfig: PathBuf,
     /// The cluster CA, PEM.
     pub ca_pem: String,
@@ -87,6 +90,43 @@ fn load_or_make_token(dir: &Path) -> Result<String, ServerError> {
             Ok(t)
         }
     }
+}
+
+/// The join token of this data dir, `K10<CA hash>::node:<secret>`: the secret is made once and
+/// kept in `DIR/node-token` (mode 0600) with the hash of the current CA. Returns the token and
+/// its secret.
+fn load_or_make_node_token(dir: &Path, ca_hash: &str) -> Result<(String, String), ServerError> {
+    let path = dir.join("node-token");
+    let secret = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(
+            |t| match crate::apiserver::auth::parse_join_credential(t.trim()) {
+                Some(crate::apiserver::auth::JoinCredential::Node(s)) => Some(s),
+                _ => None,
+            },
+        )
+        .unwrap_or_else(|| {
+            format!(
+                "{}{}",
+                uuid::Uuid::new_v4().simple(),
+                uuid::Uuid::new_v4().simple()
+            )
+        });
+    let token = format!("K10{ca_hash}::node:{secret}");
+    if std::fs::read_to_string(&path)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+        != Some(token.as_str())
+    {
+        write_private(&path, format!("{token}\n").as_bytes()).map_err(|e| {
+            ServerError::DataDir {
+                path: path.clone(),
+                source: e,
+            }
+        })?;
+    }
+    Ok((token, secret))
 }
 
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -196,6 +236,7 @@ impl Server {
         let mut sans = vec![addr.ip().to_string()];
         sans.extend(config.tls_sans.iter().cloned());
         let tls = crate::tls::load_or_create(dir, &sans)?;
+        let (node_token, node_secret) = load_or_make_node_token(dir, &tls.ca.hash())?;
         let kubeconfig = dir.join("kubeconfig");
         write_private(
             &kubeconfig,
@@ -212,11 +253,13 @@ impl Server {
             config.controllers.clone(),
             stop.subscribe(),
         );
-        let state = Arc::new(ApiState {
-            registry: registry.clone(),
-            tokens: vec![token.clone()],
-            advertise: addr,
-        });
+        let state = Arc::new(ApiState::new(
+            registry.clone(),
+            &tls,
+            vec![token.clone()],
+            Some(node_secret),
+            addr,
+        ));
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
@@ -233,6 +276,7 @@ impl Server {
             registry,
             addr,
             token,
+            node_token,
             kubeconfig,
             ca_pem,
             stop,

@@ -51,6 +51,10 @@ pub struct AgentConfig {
     pub runc: Option<PathBuf>,
     /// Where the CNI plugins are.
     pub cni_bin_dir: PathBuf,
+    /// How this node's pod network reaches the other nodes' (host-gw or vxlan).
+    pub pod_network: crate::routes::PodNetworkMode,
+    /// The VXLAN device of the vxlan backend.
+    pub vxlan: crate::routes::Vxlan,
 }
 
 impl AgentConfig {
@@ -70,6 +74,8 @@ impl AgentConfig {
             oci: true,
             runc: None,
             cni_bin_dir: crate::sandbox::DEFAULT_CNI_BIN.into(),
+            pod_network: Default::default(),
+            vxlan: Default::default(),
         }
     }
 }
@@ -84,6 +90,8 @@ pub enum AgentError {
     Network(#[from] NetError),
     #[error("wasm runtime: {0}")]
     Wasm(#[from] skiff_wasm::WasmError),
+    #[error(transparent)]
+    Join(#[from] crate::join::JoinError),
     #[error("agent endpoint {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -267,6 +275,18 @@ impl Agent {
         if let Err(why) = &oci_state {
             tracing::info!(%why, "this node runs wasm only");
         }
+        // The endpoint's serving certificate (and the node's client certificate): kept in the
+        // data dir, asked for through `client` when missing or due.
+        let credential = crate::join::Pki::new(&config.data_dir)
+            .ensure(
+                &client,
+                &config.data_dir,
+                &config.name,
+                config.node_ip,
+                None,
+            )
+            .await?;
+        let endpoint_tls = credential.endpoint_tls()?;
         let cached = load_cache(&config.data_dir);
         let node = match register(&client, &config, port, &oci_state).await {
             Ok(n) => n,
@@ -343,12 +363,28 @@ impl Agent {
             no_oci: oci_state.as_ref().err().cloned(),
         });
         let (stop, stopped) = watch::channel(false);
+        // Routes to the other nodes' pod networks, following the Nodes until the agent stops.
+        let route_config = crate::routes::RouteConfig {
+            node: config.name.clone(),
+            node_ip: config.node_ip,
+            pod_cidr: cidr.parse().map_err(|_| NetError::Cidr(cidr.clone()))?,
+            bridge: config.bridge.clone(),
+            mode: config.pod_network,
+            vxlan: config.vxlan.clone(),
+        };
+        crate::routes::start(
+            client.clone(),
+            route_config,
+            Arc::new(crate::routes::IpRoutes),
+            stopped.clone(),
+        )
+        .await?;
         let task = tokio::spawn(run(
             ctx,
             config.clone(),
             node,
             cached.map(|c| c.1).unwrap_or_default(),
-            listener,
+            (listener, endpoint_tls),
             logs,
             stopped,
         ));
@@ -561,15 +597,16 @@ fn jitter() -> f64 {
 }
 
 /// The agent's endpoint the API server forwards to: `pods/{ns}/{name}/log` and
-/// `pods/{ns}/{name}/exec` (OCI containers, when the node runs them). Requests must carry the
-/// cluster token the agent itself was given, as the API server's forwarded ones do.
+/// `pods/{ns}/{name}/exec` (OCI containers, when the node runs them). It is HTTPS with the
+/// node's serving certificate, and answers only the API server: a client certificate signed by
+/// the cluster CA with the API server's common name.
 fn serve_endpoint(
     listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
     logs: LogIndex,
     runc: Option<skiff_oci::Runc>,
-    token: Option<String>,
 ) -> tokio::task::JoinHandle<()> {
-    let expected = token.map(|t| format!("Bearer {t}"));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
@@ -577,27 +614,41 @@ fn serve_endpoint(
             };
             let logs = logs.clone();
             let runc = runc.clone();
-            let expected = expected.clone();
+            let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                // The verifier checked the chain to the cluster CA; the name must be the API
+                // server's.
+                let caller = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::join::common_name(c));
                 let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let allowed = expected.as_deref().is_none_or(|want| {
-                        req.headers()
-                            .get(http::header::AUTHORIZATION)
-                            .is_some_and(|got| got.as_bytes() == want.as_bytes())
-                    });
-                    let (logs, runc) = (logs.clone(), runc.clone());
+                    let (logs, runc, caller) = (logs.clone(), runc.clone(), caller.clone());
                     async move {
-                        if !allowed {
-                            return Ok(crate::exec::reject(
+                        match caller.as_deref() {
+                            Some(crate::join::API_SERVER_CLIENT_CN) => {
+                                endpoint(logs, runc, req).await
+                            }
+                            Some(other) => Ok(crate::exec::reject(
+                                http::StatusCode::FORBIDDEN,
+                                &format!("the agent serves logs and exec to the API server only, not to {other}"),
+                            )),
+                            None => Ok(crate::exec::reject(
                                 http::StatusCode::UNAUTHORIZED,
-                                "the agent serves logs and exec to the API server only",
-                            ));
+                                "the agent serves logs and exec to the API server only: present its client certificate",
+                            )),
                         }
-                        endpoint(logs, runc, req).await
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .with_upgrades()
                     .await;
             });
@@ -803,15 +854,15 @@ async fn run(
     config: AgentConfig,
     node: Value,
     cached: Vec<Value>,
-    listener: tokio::net::TcpListener,
+    (listener, endpoint_tls): (tokio::net::TcpListener, Arc<rustls::ServerConfig>),
     logs: LogIndex,
     mut stop: watch::Receiver<bool>,
 ) {
     let endpoint = serve_endpoint(
         listener,
+        endpoint_tls,
         logs,
         ctx.oci.as_ref().map(|o| o.runc.clone()),
-        ctx.client.token().map(String::from),
     );
     let mut pods = Pods::default();
     // The cache is for running while the API is away: used only if the first list fails.

@@ -6,6 +6,7 @@
 //! - [`heartbeat`]: the node Lease renewed every few seconds, the Node status posted seldom;
 //! - [`pod`]: one pod's worker — pull, start, restart policy, status;
 //! - [`network`]: pod addresses from the node's pod CIDR, behind a trait so tests can fake it;
+//! - [`routes`]: routes to the other nodes' pod networks (host-gw or vxlan), following the Nodes;
 //! - [`logs`]: per-container log files and the log endpoint;
 //! - [`services`]: the wasm endpoints the service proxy (crate skiff-proxy) serves in-process;
 //! - [`backoff`]: crash-loop and pull backoff (10 s doubling to 5 min, reset after 10 min).
@@ -14,11 +15,13 @@ pub mod agent;
 pub mod backoff;
 pub mod exec;
 pub mod heartbeat;
+pub mod join;
 pub mod logs;
 pub mod network;
 pub mod oci;
 pub mod pod;
 pub mod probe;
+pub mod routes;
 pub mod sandbox;
 pub mod services;
 

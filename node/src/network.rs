@@ -16,6 +16,8 @@ pub enum NetError {
     Exhausted(String),
     #[error("`{cmd}` failed: {msg}")]
     Command { cmd: String, msg: String },
+    #[error("--pod-network vxlan needs the kernel's vxlan driver, which is missing ({0})")]
+    NoVxlan(String),
 }
 
 /// What the node does to its network. The real one runs `ip`; tests use a fake.
@@ -54,6 +56,7 @@ impl Netlink for IpCommand {
         if ip(&["link", "show", bridge]).is_err() {
             ip(&["link", "add", bridge, "type", "bridge"])?;
         }
+        pin_mac(bridge)?;
         let have = ip(&["-4", "addr", "show", "dev", bridge])?;
         let cidr = format!("{gateway}/{prefix}");
         if !have.contains(&format!("inet {cidr} ")) {
@@ -76,6 +79,27 @@ impl Netlink for IpCommand {
             "-4", "-o", "addr", "show", "dev", bridge,
         ])?))
     }
+}
+
+/// Sets a bridge's MAC address to what it is. A bridge whose address was never set takes the
+/// lowest of its ports' and changes it as ports come and go; every neighbour that cached the
+/// old one (pods for their gateway) then sends frames the bridge no longer takes as its own,
+/// and they are dropped until the neighbour asks again. One set by hand never changes.
+fn pin_mac(bridge: &str) -> Result<(), NetError> {
+    let out = ip(&["-o", "link", "show", bridge])?;
+    let mac = link_mac(&out).ok_or_else(|| NetError::Command {
+        cmd: format!("ip -o link show {bridge}"),
+        msg: "no MAC address".into(),
+    })?;
+    ip(&["link", "set", bridge, "address", mac])?;
+    Ok(())
+}
+
+/// The MAC address in `ip -o link show` output.
+fn link_mac(out: &str) -> Option<&str> {
+    out.split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
 }
 
 /// The `inet ADDR/PREFIX` of `ip -4 -o addr show` output.
@@ -337,6 +361,13 @@ mod tests {
             ]),
             "the gateway and the foreign address stay, the pod addresses go"
         );
+    }
+
+    #[test]
+    fn the_mac_is_read_from_ip_output() {
+        let out = "7: skiff0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT group default qlen 1000\\    link/ether 5a:ad:15:13:02:0d brd ff:ff:ff:ff:ff:ff\n";
+        assert_eq!(link_mac(out), Some("5a:ad:15:13:02:0d"));
+        assert_eq!(link_mac("1: lo: <LOOPBACK> link/loopback 00:00"), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Every test gets its own temporary data dir and an OS-assigned port, so tests run in
 //! parallel and leave nothing behind.
 
+pub mod cluster;
 pub mod fake_node;
 pub mod load;
 pub mod netns;

@@ -70,7 +70,19 @@ impl Netns {
 
     /// Starts a long-running process inside the namespace, logging to `log`. Returns its index.
     pub fn spawn(&mut self, args: &[&str], log: &Path) -> anyhow::Result<usize> {
-        let f = std::fs::File::create(log)?;
+        self.spawn_with(args, std::fs::File::create(log)?)
+    }
+
+    /// As [`Netns::spawn`], appending to `log` (a process started again keeps its history).
+    pub fn spawn_appending(&mut self, args: &[&str], log: &Path) -> anyhow::Result<usize> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        self.spawn_with(args, f)
+    }
+
+    fn spawn_with(&mut self, args: &[&str], f: std::fs::File) -> anyhow::Result<usize> {
         let child = self
             .command(args)
             .stdout(Stdio::from(f.try_clone()?))
@@ -103,15 +115,20 @@ impl Netns {
 
     /// Starts `docker-registry` on 127.0.0.1:5000 inside the namespace.
     pub async fn start_registry(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.start_registry_at(dir, "127.0.0.1:5000").await
+    }
+
+    /// Starts `docker-registry` on `addr` (`host:port`) inside the namespace.
+    pub async fn start_registry_at(&mut self, dir: &Path, addr: &str) -> anyhow::Result<()> {
         let cfg = dir.join("registry.yml");
-        std::fs::write(&cfg, format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\n", dir.join("registry").display()))?;
+        std::fs::write(&cfg, format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n", dir.join("registry").display()))?;
         self.spawn(
             &["docker-registry", "serve", cfg.to_str().unwrap()],
             &dir.join("registry.log"),
         )?;
         eventually("the registry", Duration::from_secs(20), || async {
             Ok(self
-                .run(&["curl", "-sf", "http://127.0.0.1:5000/v2/"])
+                .run(&["curl", "-sf", &format!("http://{addr}/v2/")])
                 .ok()
                 .map(|_| ()))
         })

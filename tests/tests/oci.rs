@@ -212,7 +212,7 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
         ),
     ])?;
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "piped-in\n");
-    // The agent's own endpoint answers the API server only (it holds the cluster token).
+    // The agent's own endpoint (HTTPS) answers the API server's client certificate only.
     let node = up.json(&ns, &["get", "node", "edge-1"])?;
     let port = node
         .pointer("/status/daemonEndpoints/kubeletEndpoint/Port")
@@ -229,7 +229,8 @@ async fn oci_pods_answer_exec_are_isolated_and_crash_loops_back_off() -> anyhow:
             "/dev/null",
             "-w",
             "%{http_code}",
-            &format!("http://127.0.0.1:{port}/{path}"),
+            "-k",
+            &format!("https://127.0.0.1:{port}/{path}"),
         ])?;
         assert_eq!(code, "401", "{path}");
     }

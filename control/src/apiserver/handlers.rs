@@ -1,6 +1,7 @@
 //! Request handling: one dispatch over the parsed path and the method.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -22,7 +23,7 @@ use crate::registry::{DeleteOptions, Sub, WriteOptions};
 
 type Query = HashMap<String, String>;
 
-fn query(req: &Request<Body>) -> Query {
+pub(super) fn query(req: &Request<Body>) -> Query {
     req.uri()
         .query()
         .map(|q| {
@@ -412,35 +413,51 @@ fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Respon
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
     };
     let kind = r.kind;
-    let encode = move |ty: &str, obj: Value| -> Bytes {
+    let encode = move |ty: &str, obj: Arc<Value>| -> Bytes {
         let obj = if as_table && ty != "BOOKMARK" && ty != "ERROR" {
             let rv = obj
                 .pointer("/metadata/resourceVersion")
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            table::to_table(kind, &[obj], &rv, chrono::Utc::now().timestamp())
+            let row = Arc::unwrap_or_clone(obj);
+            Arc::new(table::to_table(
+                kind,
+                &[row],
+                &rv,
+                chrono::Utc::now().timestamp(),
+            ))
         } else {
             obj
         };
-        let mut line = serde_json::to_vec(&json!({"type": ty, "object": obj})).unwrap_or_default();
+        // Serialized from the shared object: a watch event costs no copy of it.
+        #[derive(serde::Serialize)]
+        struct Line<'a> {
+            #[serde(rename = "type")]
+            ty: &'a str,
+            object: &'a Value,
+        }
+        let mut line = serde_json::to_vec(&Line { ty, object: &obj }).unwrap_or_default();
         line.push(b'\n');
         Bytes::from(line)
     };
-    let mut first: Vec<Bytes> = initial.into_iter().map(|o| encode("ADDED", o)).collect();
+    let mut first: Vec<Bytes> = initial
+        .into_iter()
+        .map(|o| encode("ADDED", Arc::new(o)))
+        .collect();
     if send_initial {
         first.push(encode(
             "BOOKMARK",
-            json!({"kind": kind, "apiVersion": r.api_version(),
+            Arc::new(json!({"kind": kind, "apiVersion": r.api_version(),
                    "metadata": {"resourceVersion": from.to_string(),
-                                "annotations": {"k8s.io/initial-events-end": "true"}}}),
+                                "annotations": {"k8s.io/initial-events-end": "true"}}})),
         ));
     }
     let events = match reg.watch(r, p.namespace.as_deref(), from, labels, fields) {
         Ok(rx) => rx,
         Err(e) if e.code == 410 => {
             // Kubernetes reports an expired watch as an ERROR event on a 200 stream.
-            let body = encode("ERROR", e.to_status());
+            let body = encode("ERROR", Arc::new(e.to_status()));
             return Ok(stream_response(Body::from(body)));
         }
         Err(e) => return Err(e),

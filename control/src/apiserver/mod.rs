@@ -3,8 +3,10 @@
 //! Paths are parsed by hand ([`path::ApiPath`]) because Kubernetes' URL space (namespaces being
 //! both a resource and a scope) does not fit a route table well.
 
+pub mod auth;
 mod discovery;
 mod handlers;
+pub mod join;
 mod nodeproxy;
 pub mod path;
 
@@ -30,10 +32,44 @@ pub trait NodeRouter: Send + Sync + 'static {
 /// Shared state of the API server.
 pub struct ApiState {
     pub registry: Arc<Registry>,
-    /// Bearer tokens accepted.
-    pub tokens: Vec<String>,
+    /// Who a request comes from.
+    pub authenticator: auth::Authenticator,
+    /// What they may do.
+    pub authorizer: Box<dyn auth::Authorizer>,
+    /// The cluster CA: served at `/cacerts`, signs node client certificates.
+    pub ca: Arc<crate::tls::ClusterCa>,
+    /// Signs node agents' serving certificates.
+    pub node_serving_ca: Arc<crate::tls::ClusterCa>,
+    /// How the API server reaches node agents' endpoints (logs, exec): TLS with its own client
+    /// certificate, trusting the cluster CA only.
+    pub kubelet_client: Arc<rustls::ClientConfig>,
     /// The address clients should use (for the `kubernetes` endpoints and discovery).
     pub advertise: SocketAddr,
+}
+
+impl ApiState {
+    /// The state of an API server over `registry` with the cluster CA and certificates of
+    /// `tls`, accepting `admin_tokens` and the join token secret `node_token_secret`.
+    pub fn new(
+        registry: Arc<Registry>,
+        tls: &crate::tls::TlsMaterial,
+        admin_tokens: Vec<String>,
+        node_token_secret: Option<String>,
+        advertise: SocketAddr,
+    ) -> ApiState {
+        ApiState {
+            authorizer: Box::new(auth::default_authorizer(registry.clone())),
+            registry,
+            authenticator: auth::Authenticator {
+                admin_tokens,
+                node_token_secret,
+            },
+            ca: tls.ca.clone(),
+            node_serving_ca: tls.node_serving_ca.clone(),
+            kubelet_client: tls.kubelet_client.clone(),
+            advertise,
+        }
+    }
 }
 
 pub type Shared = Arc<ApiState>;
@@ -53,26 +89,135 @@ pub(crate) fn json_response(code: StatusCode, v: &serde_json::Value) -> Response
     r
 }
 
+fn text_response(code: StatusCode, body: String) -> Response {
+    let mut r = (code, body).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// What the request asks to do, for the authorizer; for a create, the name is read from the
+/// body (which is then put back), as NodeRestriction checks the object a node creates.
+async fn attributes(
+    req: Request<Body>,
+    user: &auth::UserInfo,
+) -> Result<(auth::Attributes, Request<Body>), ApiError> {
+    let uri_path = req.uri().path().trim_end_matches('/').to_string();
+    let Some(p) = path::parse(&uri_path)? else {
+        let verb = match *req.method() {
+            http::Method::GET | http::Method::HEAD => "get",
+            http::Method::POST => "create",
+            http::Method::PUT => "update",
+            http::Method::PATCH => "patch",
+            http::Method::DELETE => "delete",
+            _ => "unknown",
+        };
+        let attrs = auth::Attributes::NonResource {
+            verb: verb.into(),
+            path: uri_path,
+        };
+        return Ok((attrs, req));
+    };
+    let watch = handlers::query(&req)
+        .get("watch")
+        .is_some_and(|v| v == "true" || v == "1");
+    let verb = auth::verb(req.method(), p.name.is_some(), watch);
+    let mut name = p.name.clone();
+    let mut req = req;
+    // Only a node's creates need the body's name (its own Node, its own Lease).
+    if verb == "create" && name.is_none() && user.node_name().is_some() {
+        let (parts, body) = req.into_parts();
+        let bytes = axum::body::to_bytes(body, skiff_api::validation::MAX_BODY_BYTES)
+            .await
+            .map_err(|_| ApiError::too_large("the request body is too large"))?;
+        name = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v["metadata"]["name"].as_str().map(String::from));
+        req = Request::from_parts(parts, Body::from(bytes));
+    }
+    let attrs = auth::Attributes::Resource(auth::ResourceAttributes {
+        verb: verb.into(),
+        group: p.resource.group.into(),
+        resource: p.resource.plural.into(),
+        subresource: p.sub.clone(),
+        namespace: p.namespace.clone(),
+        name,
+    });
+    Ok((attrs, req))
+}
+
+async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, ApiError> {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let peer = req.extensions().get::<auth::PeerCertificate>().cloned();
+    // Reads of the in-memory store only (a join token's Secret): no disk wait.
+    let user =
+        state
+            .authenticator
+            .authenticate(&state.registry, bearer.as_deref(), peer.as_ref())?;
+    let (attrs, req) = attributes(req, &user).await?;
+    let decision = if user.in_group(auth::MASTERS) {
+        auth::Decision::Allow
+    } else {
+        // The node authorizer may go through the pods bound to a node: off the async threads.
+        let (state, user, attrs) = (state.clone(), user.clone(), attrs.clone());
+        tokio::task::spawn_blocking(move || state.authorizer.authorize(&user, &attrs))
+            .await
+            .map_err(|e| ApiError::internal(format!("authorization failed: {e}")))?
+    };
+    match decision {
+        auth::Decision::Allow => {}
+        auth::Decision::Deny(reason) => return Err(auth::forbidden(&user, &attrs, &reason)),
+        auth::Decision::NoOpinion => return Err(auth::forbidden(&user, &attrs, "")),
+    }
+    if req.uri().path() == auth::NODE_CREDENTIAL_PATH {
+        if req.method() != http::Method::POST {
+            return Err(ApiError::method_not_allowed("GET"));
+        }
+        let body = axum::body::to_bytes(req.into_body(), 64 * 1024)
+            .await
+            .map_err(|_| ApiError::too_large("the request body is too large"))?;
+        let state = state.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            join::node_credential(
+                &state.registry,
+                &state.ca,
+                &state.node_serving_ca,
+                &user,
+                &body,
+            )
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("node credential: {e}")))??;
+        return Ok(json_response(
+            StatusCode::OK,
+            &serde_json::to_value(answer).unwrap_or_default(),
+        ));
+    }
+    Ok(handlers::dispatch(state.clone(), req).await)
+}
+
 async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> Response {
     let path = req.uri().path().to_string();
-    let public = matches!(
-        path.as_str(),
-        "/healthz" | "/livez" | "/readyz" | "/version"
-    );
-    if !public {
-        let ok = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| state.tokens.iter().any(|k| k == t.trim()));
-        if !ok {
-            return error_response(&ApiError::unauthorized());
-        }
-    }
     let method = req.method().clone();
     let started = std::time::Instant::now();
-    let resp = handlers::dispatch(state, req).await;
+    let resp = match path.as_str() {
+        "/healthz" | "/livez" | "/readyz" | "/version" => {
+            handlers::dispatch(state.clone(), req).await
+        }
+        // The CA, to anyone: a joining agent checks it against its token's hash.
+        "/cacerts" => text_response(StatusCode::OK, state.ca.pem.clone()),
+        _ => match authenticated(&state, req).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        },
+    };
     tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     resp
 }
@@ -113,8 +258,23 @@ pub async fn serve(
             let Ok(stream) = acceptor.accept(tcp).await else {
                 return;
             };
+            // The verifier checked the chain to the cluster CA; the subject names the user.
+            let peer = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| crate::tls::subject_of(c))
+                .map(|(common_name, organizations)| auth::PeerCertificate {
+                    common_name,
+                    organizations,
+                });
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                app.clone().oneshot(req.map(Body::new))
+                let mut req = req.map(Body::new);
+                if let Some(p) = &peer {
+                    req.extensions_mut().insert(p.clone());
+                }
+                app.clone().oneshot(req)
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
@@ -152,11 +312,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         crate::server::bootstrap(&registry, addr).unwrap();
         let tls = crate::tls::load_or_create(dir, &[addr.ip().to_string()]).unwrap();
-        let state = Arc::new(ApiState {
-            registry,
-            tokens: vec!["t".into()],
-            advertise: addr,
-        });
+        let state = Arc::new(ApiState::new(registry, &tls, vec!["t".into()], None, addr));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(state, listener, tls.server, async {
             let _ = stopped.await;

@@ -1,7 +1,9 @@
 //! Routing of `pods/{name}/log` and `pods/{name}/exec` to the node agent that runs the pod.
 //!
 //! The agent advertises its endpoint in the Node's `status.daemonEndpoints.kubeletEndpoint.Port`
-//! at its InternalIP, as a kubelet does; the API server forwards the request there.
+//! at its InternalIP, as a kubelet does; the API server forwards the request there over TLS
+//! (the agent's serving certificate is signed by the cluster CA for that address, and the API
+//! server presents its `skiff-apiserver-kubelet-client` certificate).
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -49,7 +51,8 @@ pub async fn forward(
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    let url = format!("http://{ip}:{port}/pods/{ns}/{pod}/{sub}{query}");
-    // Agents serve logs and exec only to a holder of the cluster's token.
-    crate::httpfwd::forward(&url, req, state.tokens.first().map(String::as_str)).await
+    let url = format!("https://{ip}:{port}/pods/{ns}/{pod}/{sub}{query}");
+    // Agents serve logs and exec only to the API server's client certificate; their serving
+    // certificate is checked against the cluster CA for the node's address.
+    crate::httpfwd::forward(&url, req, Some(state.kubelet_client.clone())).await
 }

@@ -135,7 +135,7 @@ impl Cache {
     pub async fn run(self: Arc<Self>, reg: Arc<Registry>, mut stop: watch::Receiver<bool>) {
         let prefix = self.resource.key_prefix();
         loop {
-            let (items, rev) = match reg.store().list(&prefix) {
+            let (items, rev) = match reg.store().list_shared(&prefix) {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(resource = self.resource.plural, error = %e, "cache list failed");
@@ -143,10 +143,8 @@ impl Cache {
                     continue;
                 }
             };
-            let fresh: BTreeMap<String, Arc<Value>> = items
-                .into_iter()
-                .map(|o| (key_of(&o), Arc::new(o)))
-                .collect();
+            let fresh: BTreeMap<String, Arc<Value>> =
+                items.into_iter().map(|o| (key_of(&o), o)).collect();
             let gone: Vec<Arc<Value>> = {
                 let mut objs = self.objects.write().expect("cache");
                 let gone = objs
@@ -181,7 +179,7 @@ impl Cache {
                     _ = stop.changed() => return,
                     ev = rx.recv() => {
                         let Some(ev) = ev else { break };
-                        let obj = Arc::new(ev.object.clone());
+                        let obj = ev.object.clone();
                         let key = key_of(&obj);
                         {
                             let mut objs = self.objects.write().expect("cache");
@@ -192,7 +190,7 @@ impl Cache {
                             }
                         }
                         self.seen.send_replace(ev.revision);
-                        self.notify(&Change { kind: ev.kind, object: obj, prev: ev.prev.clone().map(Arc::new) });
+                        self.notify(&Change { kind: ev.kind, object: obj, prev: ev.prev.clone() });
                     }
                 }
             }

@@ -25,14 +25,19 @@ impl EventType {
     }
 }
 
-/// One change. `prev` is the object before the change (None for creations).
+/// One change. `object` is the object after it (for a deletion, its last state); `prev` is
+/// the object before an update (None for creations and deletions: a deletion's object
+/// already is its last state). Both are shared, not copied: the store's view, the window
+/// and every in-process cache hold the same allocation.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub revision: u64,
     pub kind: EventType,
     pub key: String,
-    pub object: Value,
-    pub prev: Option<Value>,
+    pub object: Arc<Value>,
+    pub prev: Option<Arc<Value>>,
+    /// Bytes of the object as stored (JSON): what the window counts against its byte bound.
+    pub size: usize,
 }
 
 /// Receives events in revision order. Ends (returns None) when the watcher falls too far
@@ -48,28 +53,43 @@ struct Watcher {
 
 struct Inner {
     window: VecDeque<Arc<Event>>,
+    /// Sum of `size` over the window (an update counts twice: it keeps its `prev` alive).
+    bytes: usize,
     /// Revision before the first event in the window: a watch may resume from here on.
     floor: u64,
     watchers: Vec<Watcher>,
 }
 
-/// Keeps the last `capacity` events and fans them out.
+/// Keeps the last events, at most `capacity` of them and `max_bytes` of their objects, and
+/// fans them out. The byte bound keeps a burst of large objects (thousands of pods created
+/// and deleted) from holding hundreds of megabytes: a watcher further behind re-lists.
 pub struct Hub {
     inner: Mutex<Inner>,
     capacity: usize,
+    max_bytes: usize,
     per_watcher: usize,
+}
+
+fn weight(ev: &Event) -> usize {
+    if ev.prev.is_some() {
+        2 * ev.size
+    } else {
+        ev.size
+    }
 }
 
 impl Hub {
     /// `start` is the store's revision when the hub was created: resuming from before it is 410.
-    pub fn new(start: u64, capacity: usize) -> Self {
+    pub fn new(start: u64, capacity: usize, max_bytes: usize) -> Self {
         Hub {
             inner: Mutex::new(Inner {
                 window: VecDeque::new(),
+                bytes: 0,
                 floor: start,
                 watchers: Vec::new(),
             }),
             capacity,
+            max_bytes,
             per_watcher: 4096,
         }
     }
@@ -80,11 +100,16 @@ impl Hub {
         let mut inner = self.inner.lock().expect("hub lock");
         for ev in events {
             let ev = Arc::new(ev);
+            inner.bytes += weight(&ev);
             inner.window.push_back(ev.clone());
-            if inner.window.len() > self.capacity {
-                if let Some(old) = inner.window.pop_front() {
-                    inner.floor = old.revision;
-                }
+            while inner.window.len() > self.capacity
+                || (inner.bytes > self.max_bytes && inner.window.len() > 1)
+            {
+                let Some(old) = inner.window.pop_front() else {
+                    break;
+                };
+                inner.bytes -= weight(&old);
+                inner.floor = old.revision;
             }
             // A watcher that is full or gone is dropped: its stream ends and it re-lists.
             inner.watchers.retain(|w| {
@@ -132,5 +157,48 @@ impl Hub {
         let mut inner = self.inner.lock().expect("hub lock");
         inner.watchers.retain(|w| !w.tx.is_closed());
         inner.watchers.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(revision: u64, size: usize, update: bool) -> Event {
+        let object = Arc::new(json!({"metadata": {"name": "p"}}));
+        Event {
+            revision,
+            kind: if update {
+                EventType::Modified
+            } else {
+                EventType::Added
+            },
+            key: format!("/registry/pods/default/p{revision}"),
+            prev: update.then(|| object.clone()),
+            object,
+            size,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_window_is_bounded_by_bytes_as_well_as_events() {
+        // Room for 100 events but only 10 KB: ten 1 KB creations, or five 1 KB updates.
+        let hub = Hub::new(0, 100, 10_000);
+        hub.publish((1..=20).map(|r| event(r, 1_000, false)).collect());
+        assert!(matches!(
+            hub.watch("/registry/pods/", 9, 20),
+            Err(StoreError::Expired { oldest: 10, .. })
+        ));
+        let mut w = hub.watch("/registry/pods/", 10, 20).unwrap();
+        for want in 11..=20 {
+            assert_eq!(w.recv().await.unwrap().revision, want);
+        }
+        hub.publish((21..=30).map(|r| event(r, 1_000, true)).collect());
+        assert!(hub.watch("/registry/pods/", 24, 30).is_err());
+        assert!(hub.watch("/registry/pods/", 25, 30).is_ok());
+        // One event larger than the bound is still kept: the newest can always be resumed from.
+        hub.publish(vec![event(31, 50_000, false)]);
+        assert!(hub.watch("/registry/pods/", 30, 31).is_ok());
     }
 }

@@ -65,7 +65,13 @@ pub struct Committed {
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> Result<Option<Value>, StoreError>;
     /// Every object under `prefix`, with the revision the listing is consistent with.
-    fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), StoreError>;
+    fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), StoreError> {
+        let (items, rev) = self.list_shared(prefix)?;
+        Ok((items.into_iter().map(Arc::unwrap_or_clone).collect(), rev))
+    }
+    /// As `list`, but the objects are shared with the store: for long-lived caches, which
+    /// then cost no memory of their own.
+    fn list_shared(&self, prefix: &str) -> Result<(Vec<Arc<Value>>, u64), StoreError>;
     /// Applies all ops atomically under one new revision, or none of them.
     fn txn(&self, ops: Vec<Op>) -> Result<Committed, StoreError>;
     fn revision(&self) -> u64;

@@ -22,8 +22,10 @@ use super::hub::{Event, EventType, Hub, WatchStream};
 use super::{stamp, Committed, Op, Store, StoreError};
 
 const REVISION_KEY: &[u8] = b"\0revision";
-/// Events kept for watches to resume from.
+/// Events kept for watches to resume from: at most this many...
 pub const DEFAULT_WINDOW: usize = 10_000;
+/// ...holding at most this many bytes of objects (as JSON; in memory a few times more).
+pub const DEFAULT_WINDOW_BYTES: usize = 8 << 20;
 
 pub struct SledStore {
     db: sled::Db,
@@ -97,7 +99,7 @@ impl SledStore {
             }),
             flushed: Condvar::new(),
             view: RwLock::new(View { objects, revision }),
-            hub: Hub::new(revision, window),
+            hub: Hub::new(revision, window, DEFAULT_WINDOW_BYTES),
             #[cfg(test)]
             flush_hook: Mutex::new(None),
         })
@@ -152,13 +154,16 @@ impl SledStore {
                         return Err(StoreError::AlreadyExists(key));
                     }
                     stamp(&mut value, rev);
-                    batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
+                    let bytes = serde_json::to_vec(&value).map_err(backend)?;
+                    let size = bytes.len();
+                    batch.insert(key.as_bytes(), bytes);
                     events.push(Event {
                         revision: rev,
                         kind: EventType::Added,
                         key,
-                        object: value,
+                        object: Arc::new(value),
                         prev: None,
+                        size,
                     });
                 }
                 Op::Update {
@@ -166,35 +171,39 @@ impl SledStore {
                     mut value,
                     expect,
                 } => {
-                    let prev = self.read_expecting(&key, expect)?;
+                    self.read_expecting(&key, expect)?;
                     stamp(&mut value, rev);
-                    batch.insert(key.as_bytes(), serde_json::to_vec(&value).map_err(backend)?);
+                    let bytes = serde_json::to_vec(&value).map_err(backend)?;
+                    let size = bytes.len();
+                    batch.insert(key.as_bytes(), bytes);
+                    // `prev` is filled in at the flush from the view: the same allocation.
                     events.push(Event {
                         revision: rev,
                         kind: EventType::Modified,
                         key,
-                        object: value,
-                        prev: Some(prev),
+                        object: Arc::new(value),
+                        prev: None,
+                        size,
                     });
                 }
                 Op::Delete { key, expect } => {
-                    let prev = self.read_expecting(&key, expect)?;
-                    let mut last = prev.clone();
+                    let mut last = self.read_expecting(&key, expect)?;
                     stamp(&mut last, rev);
                     batch.remove(key.as_bytes());
                     events.push(Event {
                         revision: rev,
                         kind: EventType::Deleted,
                         key,
-                        object: last,
-                        prev: Some(prev),
+                        object: Arc::new(last),
+                        prev: None,
+                        size: 0,
                     });
                 }
             }
         }
         batch.insert(REVISION_KEY, &rev.to_be_bytes());
         self.tree.apply_batch(batch).map_err(backend)?;
-        let objects = events.iter().map(|e| e.object.clone()).collect();
+        let objects = events.iter().map(|e| (*e.object).clone()).collect();
         // Queued before `applied` moves, so a flush up to `applied` finds every event it covers.
         self.pending
             .lock()
@@ -243,7 +252,7 @@ impl SledStore {
             }
         }
         self.db.flush().map_err(backend)?;
-        let mut done = Vec::new();
+        let mut done: Vec<Event> = Vec::new();
         {
             let mut pending = self.pending.lock().expect("pending lock");
             while pending.front().is_some_and(|(rev, _)| *rev <= target) {
@@ -252,14 +261,18 @@ impl SledStore {
         }
         {
             let mut view = self.view.write().expect("view lock");
-            for ev in &done {
+            // In revision order, so the view holds each update's previous object when the
+            // update is applied: the event shares it instead of a decoded copy.
+            for ev in &mut done {
                 match ev.kind {
                     EventType::Deleted => {
                         view.objects.remove(&ev.key);
                     }
-                    _ => {
-                        view.objects
-                            .insert(ev.key.clone(), Arc::new(ev.object.clone()));
+                    EventType::Added => {
+                        view.objects.insert(ev.key.clone(), ev.object.clone());
+                    }
+                    EventType::Modified => {
+                        ev.prev = view.objects.insert(ev.key.clone(), ev.object.clone());
                     }
                 }
             }
@@ -286,7 +299,7 @@ impl Store for SledStore {
         Ok(found.map(|v| (*v).clone()))
     }
 
-    fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), StoreError> {
+    fn list_shared(&self, prefix: &str) -> Result<(Vec<Arc<Value>>, u64), StoreError> {
         // A snapshot: the entries and the revision they are consistent with, taken together.
         let (found, rev) = {
             let view = self.view.read().expect("view lock");
@@ -301,7 +314,7 @@ impl Store for SledStore {
                 .collect();
             (found, view.revision)
         };
-        Ok((found.into_iter().map(|v| (*v).clone()).collect(), rev))
+        Ok((found, rev))
     }
 
     fn txn(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
@@ -424,7 +437,22 @@ mod tests {
             .unwrap();
         let ev = w.recv().await.unwrap();
         assert_eq!((ev.kind, ev.revision), (EventType::Deleted, d.revision));
-        assert!(ev.prev.is_some());
+        assert_eq!(ev.key, "/registry/pods/default/p0");
+        assert!(ev.prev.is_none(), "a deletion's object is its last state");
+        // An update carries the object before it: the one the view held, not a copy.
+        let before = s.list_shared("/registry/pods/default/p1").unwrap().0;
+        let mut next = obj("p");
+        next["spec"] = serde_json::json!({"changed": true});
+        s.txn(vec![Op::Update {
+            key: "/registry/pods/default/p1".into(),
+            value: next,
+            expect: None,
+        }])
+        .unwrap();
+        let ev = w.recv().await.unwrap();
+        assert_eq!(ev.kind, EventType::Modified);
+        assert!(Arc::ptr_eq(ev.prev.as_ref().unwrap(), &before[0]));
+        assert_eq!(ev.object["spec"]["changed"], true);
     }
 
     fn create(key: &str) -> Vec<Op> {
