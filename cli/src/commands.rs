@@ -574,6 +574,8 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     config.cluster.default_unreachable_toleration_seconds =
         args.default_unreachable_toleration_seconds;
     config.controllers.terminated_pod_gc_threshold = args.terminated_pod_gc_threshold;
+    config.controllers.event_ttl = Duration::from_secs(args.event_ttl_seconds);
+    config.controllers.max_events = args.max_events;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());

@@ -50,6 +50,12 @@ pub struct ServerArgs {
     /// Finished pods kept before the oldest are deleted (0: keep them all).
     #[arg(long, default_value_t = 12500)]
     pub terminated_pod_gc_threshold: usize,
+    /// Seconds an Event is kept after it last happened (Kubernetes' `--event-ttl`).
+    #[arg(long, default_value_t = 3600)]
+    pub event_ttl_seconds: u64,
+    /// Events kept at most, the oldest deleted first (0: no limit).
+    #[arg(long, default_value_t = 5000)]
+    pub max_events: usize,
     /// Prefix length of each node's pod network, cut from 10.88.0.0/16 (24: 253 pods a node).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(16..=28))]
     pub node_cidr_mask_size: u8,

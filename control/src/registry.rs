@@ -788,6 +788,35 @@ impl Registry {
     }
 
     /// Commits one op and returns the object it wrote (for a delete, its last state).
+    /// Deletes objects without finalizers or grace (expiring Events), each only if it is
+    /// still at the resourceVersion it was seen with, in one transaction. Should one have
+    /// changed or gone meanwhile, each is tried alone and those that changed are kept.
+    /// Returns how many were deleted.
+    pub fn delete_unchanged(
+        &self,
+        r: &Resource,
+        seen: &[(String, String, u64)],
+    ) -> Result<usize, ApiError> {
+        let op = |(ns, name, rv): &(String, String, u64)| Op::Delete {
+            key: r.key(r.namespaced.then_some(ns.as_str()), name),
+            expect: Some(*rv),
+        };
+        match self.store.txn(seen.iter().map(op).collect()) {
+            Ok(_) => return Ok(seen.len()),
+            Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
+            Err(e) => return Err(store_err(r, "", e)),
+        }
+        let mut deleted = 0;
+        for s in seen {
+            match self.store.txn(vec![op(s)]) {
+                Ok(_) => deleted += 1,
+                Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
+                Err(e) => return Err(store_err(r, &s.1, e)),
+            }
+        }
+        Ok(deleted)
+    }
+
     fn commit_one(&self, r: &Resource, name: &str, op: Op) -> Result<Value, ApiError> {
         let c = self
             .store

@@ -483,3 +483,59 @@ async fn pods_of_a_deleted_node_are_collected() -> anyhow::Result<()> {
     cluster.server.shutdown().await?;
     Ok(())
 }
+
+/// Events expire: one last seen more than the TTL ago goes, and beyond the limit the oldest
+/// go first, so a cluster that churns pods does not keep every Event it ever recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_expire_by_age_and_by_count() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|c| {
+        c.controllers.max_events = 5;
+    })
+    .await?;
+    let c = &cluster.client;
+    let events = Resource::lookup("events").unwrap();
+    let at = |secs_ago: i64| {
+        (chrono::Utc::now() - chrono::Duration::seconds(secs_ago))
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let event = |name: &str, last: String| {
+        json!({"metadata": {"name": name},
+               "involvedObject": {"kind": "Pod", "name": "p", "namespace": "default"},
+               "reason": "Test", "message": name, "type": "Normal",
+               "firstTimestamp": last, "lastTimestamp": last, "count": 1})
+    };
+    // Two hours old: beyond the default TTL of one hour.
+    c.create(events, Some("default"), &event("stale", at(7200)))
+        .await?;
+    // Eight recent ones, e0 the oldest; with the stale one gone, three more must go.
+    for i in 0..8 {
+        c.create(
+            events,
+            Some("default"),
+            &event(&format!("e{i}"), at(600 - i * 10)),
+        )
+        .await?;
+    }
+    let kept = eventually(
+        "events expired down to 5",
+        Duration::from_secs(40),
+        || async {
+            let list = c.list(events, Some("default"), None, None).await?;
+            let mut names: Vec<String> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| meta::name(e).to_string())
+                .collect();
+            names.sort();
+            Ok((names.len() <= 5).then_some(names))
+        },
+    )
+    .await?;
+    assert_eq!(
+        kept,
+        ["e3", "e4", "e5", "e6", "e7"],
+        "the newest five are kept"
+    );
+    Ok(())
+}

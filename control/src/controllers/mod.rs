@@ -5,6 +5,7 @@ pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
 pub mod events;
+pub mod eventttl;
 pub mod gc;
 pub mod nodelifecycle;
 pub mod podgc;
@@ -43,6 +44,10 @@ pub struct ControllerConfig {
     pub pod_gc_period: Duration,
     /// How long a node must be missing before the pods bound to it are deleted.
     pub orphan_pod_quarantine: Duration,
+    /// Events are deleted this long after they last happened (`--event-ttl`).
+    pub event_ttl: Duration,
+    /// Events kept at most, the oldest deleted first; 0: no limit (`--max-events`).
+    pub max_events: usize,
 }
 
 impl Default for ControllerConfig {
@@ -55,6 +60,8 @@ impl Default for ControllerConfig {
             terminated_pod_gc_threshold: 12500,
             pod_gc_period: Duration::from_secs(20),
             orphan_pod_quarantine: Duration::from_secs(40),
+            event_ttl: Duration::from_secs(3600),
+            max_events: 5000,
         }
     }
 }
@@ -325,6 +332,27 @@ pub fn start(
             }
             if let Err(e) = podgc.check() {
                 tracing::warn!(error = %e, "pod garbage collection pass failed");
+            }
+        }
+    });
+    let expiry = Arc::new(eventttl::EventExpiry {
+        reg: reg.clone(),
+        ttl: config.event_ttl,
+        max: config.max_events,
+    });
+    let mut s = stop.clone();
+    tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = s.changed() => return,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            // Store work belongs on the blocking pool.
+            let e = expiry.clone();
+            match tokio::task::spawn_blocking(move || e.check()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "event expiry pass failed"),
+                Err(e) => tracing::warn!(error = %e, "event expiry pass stopped"),
             }
         }
     });
