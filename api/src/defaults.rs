@@ -131,6 +131,53 @@ pub fn pod_spec(spec: &mut Value) {
     }
 }
 
+/// The taint the node lifecycle controller puts on a node whose agent reports Ready=False.
+pub const NOT_READY_TAINT: &str = "node.kubernetes.io/not-ready";
+/// The taint the node lifecycle controller puts on a node it has stopped hearing from.
+pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+
+/// The DefaultTolerationSeconds admission plugin, on a pod being created: a pod with no
+/// toleration of the `not-ready` (or `unreachable`) NoExecute taint gets one that lasts
+/// `not_ready` (`unreachable`) seconds, so its pods leave a dead node after that long. A
+/// toleration with an empty key (Exists) or an empty effect counts as tolerating it.
+pub fn default_toleration_seconds(pod: &mut Value, not_ready: i64, unreachable: i64) {
+    let Some(spec) = child(pod, "spec") else {
+        return;
+    };
+    let list = spec
+        .get("tolerations")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let covers = |key: &str| {
+        list.iter().any(|t| {
+            let k = t.get("key").and_then(Value::as_str).unwrap_or("");
+            let e = t.get("effect").and_then(Value::as_str).unwrap_or("");
+            (k == key || k.is_empty()) && (e == "NoExecute" || e.is_empty())
+        })
+    };
+    let mut add = Vec::new();
+    for (key, seconds) in [
+        (NOT_READY_TAINT, not_ready),
+        (UNREACHABLE_TAINT, unreachable),
+    ] {
+        if !covers(key) {
+            add.push(
+                json!({"key": key, "operator": "Exists", "effect": "NoExecute",
+                            "tolerationSeconds": seconds}),
+            );
+        }
+    }
+    if add.is_empty() {
+        return;
+    }
+    let mut all = list;
+    all.extend(add);
+    if let Some(m) = spec.as_object_mut() {
+        m.insert("tolerations".into(), Value::Array(all));
+    }
+}
+
 /// `Always` for `:latest` or untagged images, else `IfNotPresent`, as Kubernetes does.
 pub fn default_pull_policy(image: &str) -> &'static str {
     if image.contains('@') {
@@ -157,6 +204,40 @@ mod tests {
         assert_eq!(c["imagePullPolicy"], "IfNotPresent");
         assert_eq!(c["ports"][0]["protocol"], "TCP");
         assert_eq!(d["spec"]["template"]["spec"]["restartPolicy"], "Always");
+    }
+
+    #[test]
+    fn default_tolerations_are_added_unless_the_pod_has_its_own() {
+        let mut p = json!({"spec": {"containers": []}});
+        default_toleration_seconds(&mut p, 10, 20);
+        assert_eq!(
+            p["spec"]["tolerations"],
+            json!([
+                {"key": NOT_READY_TAINT, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 10},
+                {"key": UNREACHABLE_TAINT, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 20},
+            ])
+        );
+        // A pod's own toleration of one taint is kept; only the other is added.
+        let own = json!({"key": UNREACHABLE_TAINT, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 3600});
+        let mut p = json!({"spec": {"tolerations": [own.clone()]}});
+        default_toleration_seconds(&mut p, 10, 20);
+        let ts = p["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(ts.len(), 2);
+        assert_eq!(ts[0], own);
+        assert_eq!(ts[1]["key"], NOT_READY_TAINT);
+        // Tolerating everything (empty key, Exists) or any effect of the key counts.
+        let mut p = json!({"spec": {"tolerations": [{"operator": "Exists"}]}});
+        default_toleration_seconds(&mut p, 10, 20);
+        assert_eq!(p["spec"]["tolerations"].as_array().unwrap().len(), 1);
+        let mut p = json!({"spec": {"tolerations": [{"key": NOT_READY_TAINT, "operator": "Exists"},
+                                                    {"key": UNREACHABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]}});
+        default_toleration_seconds(&mut p, 10, 20);
+        let ts = p["spec"]["tolerations"].as_array().unwrap();
+        assert_eq!(
+            ts.len(),
+            3,
+            "a NoSchedule toleration does not cover NoExecute"
+        );
     }
 
     #[test]

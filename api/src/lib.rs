@@ -11,6 +11,7 @@
 //! Wire types come from `k8s-openapi`, re-exported as [`k8s`].
 
 pub mod defaults;
+pub mod disruption;
 pub mod error;
 pub mod fields;
 pub mod meta;

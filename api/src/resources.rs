@@ -179,6 +179,26 @@ pub static RESOURCES: &[Resource] = &[
     ),
     grouped("batch", "jobs", "job", "Job", &[], false),
     grouped("batch", "cronjobs", "cronjob", "CronJob", &["cj"], false),
+    grouped(
+        "policy",
+        "poddisruptionbudgets",
+        "poddisruptionbudget",
+        "PodDisruptionBudget",
+        &["pdb"],
+        false,
+    ),
+    // Node heartbeats (`kube-node-lease/NODE`) and leader election: spec only, no status.
+    Resource {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        singular: "lease",
+        kind: "Lease",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+    },
 ];
 
 /// The API groups other than core, with their one version each.
@@ -228,6 +248,15 @@ mod tests {
             Resource::by_kind("apps/v1", "ReplicaSet").unwrap().plural,
             "replicasets"
         );
-        assert_eq!(groups(), vec!["apps", "batch"]);
+        assert_eq!(
+            groups(),
+            vec!["apps", "batch", "policy", "coordination.k8s.io"]
+        );
+        let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();
+        assert_eq!(
+            leases.key(Some("kube-node-lease"), "n1"),
+            "/registry/leases.coordination.k8s.io/kube-node-lease/n1"
+        );
+        assert_eq!(Resource::lookup("leases").unwrap().kind, "Lease");
     }
 }

@@ -84,6 +84,14 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("MESSAGE"),
         ],
         "ConfigMap" => vec![col("NAME"), col("DATA"), col("AGE")],
+        "Lease" => vec![col("NAME"), col("HOLDER"), col("AGE")],
+        "PodDisruptionBudget" => vec![
+            col("NAME"),
+            col("MIN AVAILABLE"),
+            col("MAX UNAVAILABLE"),
+            col("ALLOWED DISRUPTIONS"),
+            col("AGE"),
+        ],
         "Job" => vec![
             col("NAME"),
             col("STATUS"),
@@ -419,6 +427,17 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                     .map_or(0, |m| m.len());
             vec![name, n.to_string(), age]
         }
+        "Lease" => vec![name, s(o.pointer("/spec/holderIdentity")), age],
+        "PodDisruptionBudget" => {
+            let or_na = |v: String| if v.is_empty() { "N/A".to_string() } else { v };
+            vec![
+                name,
+                or_na(s(o.pointer("/spec/minAvailable"))),
+                or_na(s(o.pointer("/spec/maxUnavailable"))),
+                i(o.pointer("/status/disruptionsAllowed")).to_string(),
+                age,
+            ]
+        }
         "Job" => {
             let succeeded = i(o.pointer("/status/succeeded"));
             let completions = o
@@ -516,5 +535,9 @@ mod tests {
         let crash = json!({"metadata": {"name": "c"}, "status": {"phase": "Running",
             "containerStatuses": [{"state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
         assert_eq!(pod_status(&crash), "CrashLoopBackOff");
+        let lease = json!({"metadata": {"name": "n1"}, "spec": {"holderIdentity": "n1"}});
+        let r = row("Lease", &lease, 0);
+        assert_eq!(r.len(), columns("Lease").len());
+        assert_eq!(&r[..2], &["n1", "n1"]);
     }
 }

@@ -3,7 +3,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::api::{apps::v1 as apps, batch::v1 as batch, core::v1 as core};
+use k8s_openapi::api::{
+    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
+    policy::v1 as policy,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -35,6 +38,8 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "StatefulSet" => check::<apps::StatefulSet>(obj, strict),
         "Job" => check::<batch::Job>(obj, strict),
         "CronJob" => check::<batch::CronJob>(obj, strict),
+        "Lease" => check::<coordination::Lease>(obj, strict),
+        "PodDisruptionBudget" => check::<policy::PodDisruptionBudget>(obj, strict),
         other => Err(ApiError::bad_request(format!(
             "no wire type for kind {other}"
         ))),
@@ -311,6 +316,35 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                 {
                     causes.push(Cause::invalid("data", format!("{k:?}"), "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
                 }
+            }
+        }
+        "PodDisruptionBudget" => {
+            let b: policy::PodDisruptionBudget = typed(obj)?;
+            let spec = b.spec.unwrap_or_default();
+            if spec.min_available.is_some() && spec.max_unavailable.is_some() {
+                causes.push(Cause::invalid(
+                    "spec",
+                    "minAvailable and maxUnavailable",
+                    "minAvailable and maxUnavailable cannot be both set",
+                ));
+            }
+        }
+        "Lease" => {
+            let l: coordination::Lease = typed(obj)?;
+            let spec = l.spec.unwrap_or_default();
+            if let Some(d) = spec.lease_duration_seconds.filter(|d| *d <= 0) {
+                causes.push(Cause::invalid(
+                    "spec.leaseDurationSeconds",
+                    d,
+                    "must be greater than 0",
+                ));
+            }
+            if let Some(t) = spec.lease_transitions.filter(|t| *t < 0) {
+                causes.push(Cause::invalid(
+                    "spec.leaseTransitions",
+                    t,
+                    "must be greater than or equal to 0",
+                ));
             }
         }
         _ => {}
@@ -711,6 +745,28 @@ mod tests {
         let mut moved = bound.clone();
         moved["spec"]["nodeName"] = json!("n2");
         assert!(validate_update(res("Pod"), &bound, &moved).is_err());
+    }
+
+    #[test]
+    fn leases_decode_and_validate() {
+        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "n1", "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": "n1", "leaseDurationSeconds": 15,
+                     "renewTime": "2026-01-01T00:00:00.123456Z"}});
+        decode(res("Lease"), &lease, true).unwrap();
+        validate(res("Lease"), &lease).unwrap();
+        let mut bad = lease.clone();
+        bad["spec"]["leaseDurationSeconds"] = json!(0);
+        bad["spec"]["leaseTransitions"] = json!(-1);
+        let e = validate(res("Lease"), &bad).unwrap_err();
+        let fields: Vec<&str> = e.causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec!["spec.leaseDurationSeconds", "spec.leaseTransitions"]
+        );
+        let mut unknown = lease;
+        unknown["spec"]["holder"] = json!("n1");
+        assert_eq!(decode(res("Lease"), &unknown, true).unwrap_err().code, 400);
     }
 
     #[test]

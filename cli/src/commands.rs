@@ -343,6 +343,22 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{} labeled", print::name_of(r, &obj));
             Ok(())
         }
+        Command::Cordon { node } => ctx.cordon(&node, true).await,
+        Command::Uncordon { node } => ctx.cordon(&node, false).await,
+        Command::Drain {
+            node,
+            ignore_daemonsets,
+            delete_emptydir_data,
+            force,
+            timeout,
+        } => {
+            let opts = DrainOptions {
+                ignore_daemonsets,
+                delete_emptydir_data,
+                force,
+            };
+            ctx.drain(&node, &opts, timeout).await
+        }
         Command::Taint { kind, name, taints } => {
             let r = resource(&kind)?;
             if r.kind != "Node" {
@@ -517,7 +533,9 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.listen = node.agent_addr;
     c.insecure_registries = node.insecure_registries.clone();
     c.bridge = node.bridge.clone();
-    c.heartbeat = Duration::from_secs(node.heartbeat_seconds.max(1));
+    c.heartbeat.renew_every = Duration::from_secs(node.heartbeat_seconds.max(1));
+    c.heartbeat.lease_duration = Duration::from_secs(node.node_lease_duration_seconds.max(1));
+    c.heartbeat.status_every = Duration::from_secs(node.node_status_report_seconds.max(1));
     c.proxy = !node.disable_proxy;
     c.nodeport_addresses = node.nodeport_addresses.clone();
     c.service_interface = node.service_interface.clone();
@@ -551,8 +569,10 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
         dir.clone()
     };
     let mut config = skiff_control::server::ServerConfig::new(server_dir, args.api_addr);
-    config.controllers.node_grace = Duration::from_secs(args.node_grace_seconds);
-    config.controllers.eviction_timeout = Duration::from_secs(args.pod_eviction_seconds);
+    config.controllers.node_grace = args.node_monitor_grace_period;
+    config.cluster.default_not_ready_toleration_seconds = args.default_not_ready_toleration_seconds;
+    config.cluster.default_unreachable_toleration_seconds =
+        args.default_unreachable_toleration_seconds;
     config.controllers.terminated_pod_gc_threshold = args.terminated_pod_gc_threshold;
     config.controllers.event_ttl = Duration::from_secs(args.event_ttl_seconds);
     config.controllers.max_events = args.max_events;
@@ -1407,5 +1427,224 @@ fn remove_dropped(last: &Value, desired: &Value, patch: &mut Value) {
                 }
             }
         }
+    }
+}
+
+/// What `drain` may evict.
+#[derive(Debug, Clone, Default)]
+pub struct DrainOptions {
+    pub ignore_daemonsets: bool,
+    pub delete_emptydir_data: bool,
+    pub force: bool,
+}
+
+/// What `drain` does with one pod on the node, as kubectl's filters decide.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DrainAction {
+    Evict,
+    /// Left alone (a DaemonSet's pod with `--ignore-daemonsets`, or already finished).
+    Skip,
+    /// Stops the drain, with the reason.
+    Refuse(String),
+}
+
+pub fn drain_action(pod: &Value, opts: &DrainOptions) -> DrainAction {
+    let phase = pod.pointer("/status/phase").and_then(Value::as_str);
+    if meta::is_deleting(pod) {
+        return DrainAction::Evict;
+    }
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return DrainAction::Skip;
+    }
+    let owner = meta::owners(pod).into_iter().find(|o| o.3);
+    match &owner {
+        Some(o) if o.1 == "DaemonSet" => {
+            return if opts.ignore_daemonsets {
+                DrainAction::Skip
+            } else {
+                DrainAction::Refuse(
+                    "cannot delete DaemonSet-managed Pods (use --ignore-daemonsets to ignore)"
+                        .into(),
+                )
+            };
+        }
+        None if !opts.force => {
+            return DrainAction::Refuse(
+                "cannot delete Pods that declare no controller (use --force to override)".into(),
+            )
+        }
+        _ => {}
+    }
+    let empty_dir = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .is_some_and(|vs| vs.iter().any(|v| v.get("emptyDir").is_some()));
+    if empty_dir && !opts.delete_emptydir_data {
+        return DrainAction::Refuse(
+            "cannot delete Pods with local storage (use --delete-emptydir-data to override)".into(),
+        );
+    }
+    DrainAction::Evict
+}
+
+impl Ctx {
+    async fn cordon(&self, node: &str, on: bool) -> Result<()> {
+        let nodes = resource("nodes")?;
+        let cur = self.client.get(nodes, None, node).await?;
+        let was = cur.pointer("/spec/unschedulable") == Some(&json!(true));
+        let word = if on { "cordoned" } else { "uncordoned" };
+        if was == on {
+            println!("node/{node} already {word}");
+            return Ok(());
+        }
+        let value = if on { json!(true) } else { Value::Null };
+        self.client
+            .patch(
+                nodes,
+                None,
+                node,
+                None,
+                MERGE,
+                &json!({"spec": {"unschedulable": value}}),
+            )
+            .await?;
+        println!("node/{node} {word}");
+        Ok(())
+    }
+
+    async fn drain(&self, node: &str, opts: &DrainOptions, timeout: Duration) -> Result<()> {
+        self.cordon(node, true).await?;
+        let pods_r = resource("pods")?;
+        let list = self
+            .client
+            .list(pods_r, None, None, Some(&format!("spec.nodeName={node}")))
+            .await?;
+        let pods = list["items"].as_array().cloned().unwrap_or_default();
+        let mut evict = Vec::new();
+        let mut refused = Vec::new();
+        for p in &pods {
+            let who = format!(
+                "{}/{}",
+                meta::namespace(p).unwrap_or("default"),
+                meta::name(p)
+            );
+            match drain_action(p, opts) {
+                DrainAction::Evict => evict.push(p.clone()),
+                DrainAction::Skip => {
+                    if !matches!(
+                        p.pointer("/status/phase").and_then(Value::as_str),
+                        Some("Succeeded" | "Failed")
+                    ) {
+                        println!("Warning: ignoring DaemonSet-managed Pods: {who}");
+                    }
+                }
+                DrainAction::Refuse(why) => refused.push(format!("{why}: {who}")),
+            }
+        }
+        if !refused.is_empty() {
+            bail!("cannot drain node {node:?}: {}", refused.join("; "));
+        }
+        let deadline = (!timeout.is_zero()).then(|| tokio::time::Instant::now() + timeout);
+        let out_of_time = |what: &str| -> Result<()> {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+                bail!("drain did not complete within {timeout:?}: {what}");
+            }
+            Ok(())
+        };
+        for p in &evict {
+            let (ns, name) = (meta::namespace(p).unwrap_or("default"), meta::name(p));
+            println!("evicting pod {ns}/{name}");
+            loop {
+                match self.client.evict(ns, name).await {
+                    Ok(_) => break,
+                    Err(e) if e.code() == Some(404) => break,
+                    // A disruption budget holds it: try again, as kubectl does.
+                    Err(e) if e.code() == Some(429) => {
+                        println!(
+                            "error when evicting pods/{name} -n {ns} (will retry after 5s): {e}"
+                        );
+                        out_of_time(&format!("evicting pod {ns}/{name}"))?;
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        for p in &evict {
+            let (ns, name, uid) = (
+                meta::namespace(p).unwrap_or("default"),
+                meta::name(p),
+                meta::uid(p),
+            );
+            loop {
+                match self.client.get(pods_r, Some(ns), name).await {
+                    Err(e) if e.code() == Some(404) => break,
+                    Ok(cur) if meta::uid(&cur) != uid => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                out_of_time(&format!("pod {ns}/{name} is still there"))?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            println!("pod/{name} evicted");
+        }
+        println!("node/{node} drained");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod drain_tests {
+    use super::*;
+
+    fn pod(owner: Option<&str>, volumes: Value) -> Value {
+        let mut p = json!({"metadata": {"name": "p", "namespace": "default"},
+            "spec": {"containers": [{"name": "c"}], "volumes": volumes}, "status": {"phase": "Running"}});
+        if let Some(kind) = owner {
+            p["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": kind, "name": "o", "uid": "u", "controller": true}]);
+        }
+        p
+    }
+
+    #[test]
+    fn drain_follows_kubectls_filters() {
+        let none = DrainOptions::default();
+        let all = DrainOptions {
+            ignore_daemonsets: true,
+            delete_emptydir_data: true,
+            force: true,
+        };
+        assert_eq!(
+            drain_action(&pod(Some("ReplicaSet"), json!([])), &none),
+            DrainAction::Evict
+        );
+        assert!(matches!(
+            drain_action(&pod(Some("DaemonSet"), json!([])), &none),
+            DrainAction::Refuse(_)
+        ));
+        assert_eq!(
+            drain_action(&pod(Some("DaemonSet"), json!([])), &all),
+            DrainAction::Skip
+        );
+        assert!(matches!(
+            drain_action(&pod(None, json!([])), &none),
+            DrainAction::Refuse(_)
+        ));
+        assert_eq!(
+            drain_action(&pod(None, json!([])), &all),
+            DrainAction::Evict
+        );
+        let scratch = json!([{"name": "tmp", "emptyDir": {}}]);
+        assert!(matches!(
+            drain_action(&pod(Some("ReplicaSet"), scratch.clone()), &none),
+            DrainAction::Refuse(_)
+        ));
+        assert_eq!(
+            drain_action(&pod(Some("ReplicaSet"), scratch), &all),
+            DrainAction::Evict
+        );
+        let mut done = pod(None, json!([]));
+        done["status"]["phase"] = json!("Succeeded");
+        assert_eq!(drain_action(&done, &none), DrainAction::Skip);
     }
 }

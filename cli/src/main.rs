@@ -36,12 +36,17 @@ pub struct ServerArgs {
     /// Address of the API.
     #[arg(long, env = "SKIFF_API_ADDR", default_value = "127.0.0.1:6443")]
     pub api_addr: SocketAddr,
-    /// Seconds without a heartbeat before a node is marked NotReady.
-    #[arg(long, default_value_t = 40)]
-    pub node_grace_seconds: u64,
-    /// Seconds a node may stay NotReady before its pods are replaced elsewhere.
-    #[arg(long, default_value_t = 300)]
-    pub pod_eviction_seconds: u64,
+    /// How long a node's Lease and status may stand still before it is marked NotReady and
+    /// tainted unreachable (`15s`, `1m`; a bare number is seconds).
+    #[arg(long, alias = "node-grace-seconds", default_value = "15s", value_parser = parse_duration)]
+    pub node_monitor_grace_period: std::time::Duration,
+    /// `tolerationSeconds` new pods get for the `node.kubernetes.io/not-ready:NoExecute`
+    /// taint unless they tolerate it themselves: how long they stay on a NotReady node.
+    #[arg(long, default_value_t = 10)]
+    pub default_not_ready_toleration_seconds: i64,
+    /// The same for `node.kubernetes.io/unreachable:NoExecute` (a node gone silent).
+    #[arg(long, default_value_t = 10)]
+    pub default_unreachable_toleration_seconds: i64,
     /// Finished pods kept before the oldest are deleted (0: keep them all).
     #[arg(long, default_value_t = 12500)]
     pub terminated_pod_gc_threshold: usize,
@@ -73,9 +78,15 @@ pub struct NodeArgs {
     /// Bridge for the pod network.
     #[arg(long, default_value = "skiff0")]
     pub bridge: String,
-    /// Seconds between heartbeats.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds between renewals of the node's Lease.
+    #[arg(long, default_value_t = 4)]
     pub heartbeat_seconds: u64,
+    /// The node Lease's duration, in seconds.
+    #[arg(long, default_value_t = 15)]
+    pub node_lease_duration_seconds: u64,
+    /// Seconds between posts of the Node's status when nothing changed.
+    #[arg(long, default_value_t = 60)]
+    pub node_status_report_seconds: u64,
     /// Addresses node ports are opened on (0.0.0.0: every address of the node).
     #[arg(long, value_delimiter = ',', default_value = "0.0.0.0")]
     pub nodeport_addresses: Vec<std::net::IpAddr>,
@@ -253,6 +264,26 @@ pub enum Command {
         name: String,
         taints: Vec<String>,
     },
+    /// Mark a node unschedulable: no new pods go there.
+    Cordon { node: String },
+    /// Mark a node schedulable again.
+    Uncordon { node: String },
+    /// Cordon a node and evict its pods (through the eviction API), waiting until they are gone.
+    Drain {
+        node: String,
+        /// Leave DaemonSet pods (they would come back at once).
+        #[arg(long)]
+        ignore_daemonsets: bool,
+        /// Evict pods with emptyDir volumes too (their data is lost).
+        #[arg(long)]
+        delete_emptydir_data: bool,
+        /// Evict pods no controller will replace too.
+        #[arg(long)]
+        force: bool,
+        /// Give up after this long (`0s`: wait for ever).
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Print a pod's container logs (served by the node through the API server).
     Logs {
         pod: String,
@@ -367,6 +398,34 @@ pub enum RolloutWhat {
     },
 }
 
+/// A duration as Kubernetes' flags take them: `15s`, `1m`, `500ms`, `1m30s`; a bare number
+/// is seconds.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(std::time::Duration::from_secs(n));
+    }
+    let bad = || format!("invalid duration {s:?} (use e.g. 15s, 1m, 500ms)");
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        total += match &rest[..unit] {
+            "ms" => std::time::Duration::from_millis(n),
+            "s" => std::time::Duration::from_secs(n),
+            "m" => std::time::Duration::from_secs(n * 60),
+            "h" => std::time::Duration::from_secs(n * 3600),
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit..];
+    }
+    Ok(total)
+}
+
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("SKIFF_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
@@ -419,5 +478,21 @@ fn main() -> ExitCode {
             eprintln!("error: {}", msg.lines().next().unwrap_or(""));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_as_kubernetes_flags_take_them() {
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("15x").is_err());
+        assert!(parse_duration("s").is_err());
     }
 }

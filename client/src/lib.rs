@@ -329,6 +329,22 @@ impl Client {
         .await
     }
 
+    /// Evicts a pod (`pods/NAME/eviction`, policy/v1): a graceful delete the API may refuse
+    /// with 429 while a disruption budget forbids it.
+    pub async fn evict(&self, ns: &str, name: &str) -> Result<Value, ClientError> {
+        let pods = Resource::lookup("pods").expect("pods");
+        let body = serde_json::json!({"apiVersion": "policy/v1", "kind": "Eviction",
+            "metadata": {"name": name, "namespace": ns}});
+        self.json(
+            self.req(
+                reqwest::Method::POST,
+                &format!("{}/eviction", path(pods, Some(ns), Some(name))),
+            )
+            .json(&body),
+        )
+        .await
+    }
+
     /// Raw bytes of a GET (e.g. pod logs).
     pub async fn get_raw(&self, path: &str) -> Result<reqwest::Response, ClientError> {
         self.send(self.req(reqwest::Method::GET, path)).await

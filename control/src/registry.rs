@@ -27,6 +27,11 @@ pub struct ClusterConfig {
     /// Prefix length of each node's block (24: 253 pods per node).
     pub node_cidr_mask: u8,
     pub node_ports: (u16, u16),
+    /// `tolerationSeconds` the DefaultTolerationSeconds admission gives new pods for the
+    /// `not-ready` and `unreachable` NoExecute taints (`--default-not-ready-toleration-seconds`,
+    /// `--default-unreachable-toleration-seconds`).
+    pub default_not_ready_toleration_seconds: i64,
+    pub default_unreachable_toleration_seconds: i64,
 }
 
 impl Default for ClusterConfig {
@@ -36,6 +41,8 @@ impl Default for ClusterConfig {
             pod_cidr: (Ipv4Addr::new(10, 88, 0, 0), 16),
             node_cidr_mask: 24,
             node_ports: (30000, 32767),
+            default_not_ready_toleration_seconds: 10,
+            default_unreachable_toleration_seconds: 10,
         }
     }
 }
@@ -79,6 +86,8 @@ pub struct Registry {
     config: ClusterConfig,
     /// Serialises allocations (service IPs, node ports, pod CIDRs) with their writes.
     alloc: Mutex<()>,
+    /// Serialises evictions, so two cannot both spend a budget's last disruption.
+    evictions: Mutex<()>,
 }
 
 pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
@@ -116,6 +125,7 @@ impl Registry {
             store,
             config,
             alloc: Mutex::new(()),
+            evictions: Mutex::new(()),
         })
     }
 
@@ -345,6 +355,24 @@ impl Registry {
             }
         }
         defaults::apply(r.kind, &mut obj);
+        if r.kind == "Node" {
+            // Topology spread and anti-affinity by host need it; agents set it, bare Node
+            // objects get their name.
+            let name = meta::name(&obj).to_string();
+            let labels = meta::metadata_mut(&mut obj)
+                .entry("labels")
+                .or_insert_with(|| json!({}));
+            if let Some(l) = labels.as_object_mut() {
+                l.entry("kubernetes.io/hostname").or_insert(json!(name));
+            }
+        }
+        if r.kind == "Pod" {
+            defaults::default_toleration_seconds(
+                &mut obj,
+                self.config.default_not_ready_toleration_seconds,
+                self.config.default_unreachable_toleration_seconds,
+            );
+        }
         validation::validate(r, &obj)?;
         let ns = meta::namespace(&obj).map(String::from);
         let name = meta::name(&obj).to_string();
@@ -590,6 +618,64 @@ impl Registry {
 
     /// Deletes an object, honouring finalizers, graceful pod termination and propagation.
     /// Returns the object as it is after the call (gone, or marked for deletion).
+    /// Evicts a pod (`pods/NAME/eviction`): a graceful delete, refused with 429 while the
+    /// PodDisruptionBudget covering the pod allows no disruption. Pods that are pending,
+    /// finished or already being deleted are deleted without asking, as Kubernetes does.
+    pub fn evict(&self, ns: &str, name: &str, opts: &DeleteOptions) -> Result<Value, ApiError> {
+        use k8s_openapi::api::core::v1::Pod;
+        use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+        let pods_r = Resource::lookup("pods").expect("pods");
+        let pdbs_r = Resource::lookup("poddisruptionbudgets").expect("pdbs");
+        let _g = self.evictions.lock().expect("evictions lock");
+        let obj = self.get(pods_r, Some(ns), name)?;
+        let pod: Pod = validation::typed(&obj)?;
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if pod.metadata.deletion_timestamp.is_some()
+            || matches!(phase, Some("Pending" | "Succeeded" | "Failed"))
+        {
+            return self.delete(pods_r, Some(ns), name, opts);
+        }
+        let decode = |r: &Resource| -> Result<Vec<Value>, ApiError> {
+            let (all, _) = self
+                .store
+                .list(&format!("{}{ns}/", r.key_prefix()))
+                .map_err(|e| store_err(r, "", e))?;
+            Ok(all)
+        };
+        let budgets: Vec<PodDisruptionBudget> = decode(pdbs_r)?
+            .iter()
+            .filter_map(|b| validation::typed::<PodDisruptionBudget>(b).ok())
+            .filter(|b| skiff_api::disruption::covers(b, &pod))
+            .collect();
+        match budgets.as_slice() {
+            [] => {}
+            [b] => {
+                let pods: Vec<Pod> = decode(pods_r)?
+                    .iter()
+                    .filter_map(|p| validation::typed::<Pod>(p).ok())
+                    .collect();
+                let scale = |kind: &str, name: &str| {
+                    let r = Resource::by_kind("apps/v1", kind).filter(|r| r.has_scale)?;
+                    let o = self.try_get(r, Some(ns), name).ok()??;
+                    o.pointer("/spec/replicas")
+                        .and_then(Value::as_i64)
+                        .map(|n| n as i32)
+                };
+                if skiff_api::disruption::budget(b, &pods, scale).allowed <= 0 {
+                    return Err(ApiError::too_many_requests(
+                        "Cannot evict pod as it would violate the pod's disruption budget.",
+                    ));
+                }
+            }
+            _ => {
+                return Err(ApiError::internal(
+                    "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+                ))
+            }
+        }
+        self.delete(pods_r, Some(ns), name, opts)
+    }
+
     pub fn delete(
         &self,
         r: &Resource,
@@ -1184,6 +1270,73 @@ mod tests {
         let reg = Registry::new(store.clone(), ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         (dir, store, reg)
+    }
+
+    #[tokio::test]
+    async fn evictions_respect_the_disruption_budget_and_pods_get_default_tolerations() {
+        let (_dir, _store, reg) = registry();
+        let pods = Resource::lookup("pods").unwrap();
+        let opts = WriteOptions::default();
+        let rs = reg
+            .create(
+                Resource::lookup("rs").unwrap(),
+                Some("default"),
+                json!({"metadata": {"name": "web"}, "spec": {"replicas": 3,
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "template": {"metadata": {"labels": {"app": "web"}},
+                                 "spec": {"containers": [{"name": "c", "image": "x:1"}]}}}}),
+                &opts,
+            )
+            .unwrap();
+        let owner = json!([{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web",
+                            "uid": meta::uid(&rs), "controller": true}]);
+        for i in 0..3 {
+            let p = reg
+                .create(
+                    pods,
+                    Some("default"),
+                    json!({"metadata": {"name": format!("web-{i}"), "labels": {"app": "web"}, "ownerReferences": owner},
+                           "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "x:1"}]}}),
+                    &opts,
+                )
+                .unwrap();
+            let tolerations = p["spec"]["tolerations"].as_array().unwrap();
+            assert_eq!(tolerations.len(), 2, "{tolerations:?}");
+            let mut running = p.clone();
+            running["status"] = json!({"phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True"}]});
+            reg.update(
+                pods,
+                Some("default"),
+                &format!("web-{i}"),
+                running,
+                Sub::Status,
+                &opts,
+            )
+            .unwrap();
+        }
+        // Without a budget: evicted.
+        reg.evict("default", "web-0", &DeleteOptions::default())
+            .unwrap();
+        let pdbs = Resource::lookup("pdb").unwrap();
+        reg.create(
+            pdbs,
+            Some("default"),
+            json!({"metadata": {"name": "web"},
+                   "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "web"}}}}),
+            &opts,
+        )
+        .unwrap();
+        // web-0 is terminating: the ReplicaSet's 3 are expected, 2 are healthy, and at most one
+        // may be unavailable: no further eviction.
+        let e = reg
+            .evict("default", "web-2", &DeleteOptions::default())
+            .unwrap_err();
+        assert_eq!(e.code, 429, "{e}");
+        assert!(e.message.contains("disruption budget"), "{e}");
+        // Already terminating: evicting again is a plain delete.
+        reg.evict("default", "web-0", &DeleteOptions::default())
+            .unwrap();
     }
 
     #[tokio::test]

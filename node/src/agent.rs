@@ -36,7 +36,8 @@ pub struct AgentConfig {
     pub insecure_registries: Vec<String>,
     /// The bridge holding the pod network's gateway and the wasm pods' addresses.
     pub bridge: String,
-    pub heartbeat: Duration,
+    /// Lease renewals and Node status posts.
+    pub heartbeat: crate::heartbeat::Timing,
     pub request_timeout: Duration,
     /// Run the service proxy (and cluster DNS) in this agent.
     pub proxy: bool,
@@ -65,7 +66,7 @@ impl AgentConfig {
             listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 10250)),
             insecure_registries: Vec::new(),
             bridge: "skiff0".into(),
-            heartbeat: Duration::from_secs(10),
+            heartbeat: crate::heartbeat::Timing::default(),
             request_timeout: Duration::from_secs(10),
             proxy: true,
             nodeport_addresses: vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)],
@@ -176,7 +177,7 @@ fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
     })
 }
 
-fn conditions(oci: &OciState) -> Value {
+pub(crate) fn conditions(oci: &OciState) -> Value {
     let t = now();
     let (oci_status, oci_reason, oci_message) = match oci {
         Ok(v) => ("True", "RuncFound", format!("runc {v} runs OCI containers")),
@@ -222,38 +223,6 @@ async fn register(
         Err(e) if e.code() == Some(404) => client.create(nodes, None, &want).await,
         Err(e) => Err(e),
     }
-}
-
-async fn heartbeat(client: &Client, name: &str, oci: &OciState) -> Result<(), ClientError> {
-    let nodes = Resource::lookup("nodes").expect("nodes");
-    let t = now();
-    let mut conds = conditions(oci);
-    if let Ok(cur) = client.get(nodes, None, name).await {
-        // Keep transition times of conditions whose status did not change.
-        for c in conds.as_array_mut().into_iter().flatten() {
-            if let Some(old) = cur
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .and_then(|cs| cs.iter().find(|o| o["type"] == c["type"]))
-            {
-                if old["status"] == c["status"] {
-                    c["lastTransitionTime"] = old["lastTransitionTime"].clone();
-                }
-            }
-            c["lastHeartbeatTime"] = json!(t);
-        }
-    }
-    client
-        .patch(
-            nodes,
-            None,
-            name,
-            Some("status"),
-            "application/merge-patch+json",
-            &json!({"status": {"conditions": conds}}),
-        )
-        .await
-        .map(|_| ())
 }
 
 impl Agent {
@@ -903,20 +872,10 @@ async fn run(
         (Some(oci), _) => Ok(oci.runc.version.clone()),
         (None, why) => Err(why.clone().unwrap_or_default()),
     };
-    let name = config.name.clone();
-    let every = config.heartbeat;
-    let mut hb_stop = stop.clone();
-    let beats = tokio::spawn(async move {
-        loop {
-            if let Err(e) = heartbeat(&hb_client, &name, &oci_state).await {
-                tracing::warn!(error = %e, "heartbeat failed");
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = hb_stop.changed() => return,
-            }
-        }
-    });
+    let beats = tokio::spawn(
+        crate::heartbeat::Heartbeat::new(hb_client, &config.name, oci_state, config.heartbeat)
+            .run(stop.clone()),
+    );
     let pods_r = Resource::lookup("pods").expect("pods");
     let selector = format!("spec.nodeName={}", config.name);
     let mut relist = Relist::default();

@@ -2,7 +2,8 @@
 //! heartbeats), runs the node's service proxy, watches the pods bound to it, runs them, reports their status as a kubelet
 //! does, and serves their logs to the API server.
 //!
-//! - [`agent`]: the agent loop (registration, heartbeat, pod watch);
+//! - [`agent`]: the agent loop (registration, pod watch);
+//! - [`heartbeat`]: the node Lease renewed every few seconds, the Node status posted seldom;
 //! - [`pod`]: one pod's worker — pull, start, restart policy, status;
 //! - [`network`]: pod addresses from the node's pod CIDR, behind a trait so tests can fake it;
 //! - [`routes`]: routes to the other nodes' pod networks (host-gw or vxlan), following the Nodes;
@@ -13,6 +14,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod exec;
+pub mod heartbeat;
 pub mod join;
 pub mod logs;
 pub mod network;

@@ -9,7 +9,10 @@
 //! them all instead of sampling two.
 //!
 //! An endpoint that refuses a connection sits out for [`EJECT_FOR`] (passive health
-//! checking); if every endpoint is out, they are all tried anyway.
+//! checking); one that does not answer within the connect timeout (a pod on a node that went
+//! dark) sits out for [`EJECT_TIMED_OUT_FOR`], long enough for the control plane to notice the
+//! node and take its endpoints away, so no further request waits on it. If every endpoint is
+//! out, they are all tried anyway.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +26,8 @@ use crate::serve::Body;
 
 /// How long an endpoint that refused a connection stays out of rotation.
 pub const EJECT_FOR: Duration = Duration::from_secs(2);
+/// How long an endpoint whose connection timed out stays out of rotation.
+pub const EJECT_TIMED_OUT_FOR: Duration = Duration::from_secs(15);
 /// Idle upstream connections kept per endpoint.
 const MAX_IDLE: usize = 64;
 
@@ -55,8 +60,23 @@ impl Backend {
         self.inflight.load(Ordering::Relaxed)
     }
 
+    /// Takes the endpoint out of rotation for [`EJECT_FOR`] (it refused a connection).
     pub fn eject(&self) {
-        *self.down_until.lock().expect("down") = Some(Instant::now() + EJECT_FOR);
+        self.eject_for(EJECT_FOR);
+    }
+
+    /// Takes the endpoint out of rotation for `d`, unless it is already out for longer.
+    pub fn eject_for(&self, d: Duration) {
+        let until = Instant::now() + d;
+        let mut down = self.down_until.lock().expect("down");
+        if down.is_none_or(|t| t < until) {
+            *down = Some(until);
+        }
+    }
+
+    /// Whether the endpoint is out of rotation now.
+    pub fn is_ejected(&self) -> bool {
+        self.is_down(Instant::now())
     }
 
     fn is_down(&self, now: Instant) -> bool {

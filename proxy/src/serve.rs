@@ -17,7 +17,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::balance::{Affinity, Backend, Route};
+use crate::balance::{Affinity, Backend, Route, EJECT_TIMED_OUT_FOR};
 use crate::table::Mode;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -36,8 +36,10 @@ pub trait LocalHttp: Send + Sync + 'static {
     fn lookup(&self, addr: SocketAddr) -> Option<Arc<dyn InProcess>>;
 }
 
-/// How long a connection to an endpoint may take before the next endpoint is tried.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection to an endpoint may take before the endpoint is ejected and the next
+/// one tried: past one lost SYN (retransmitted after 1 s) on a slow link, short enough that a
+/// request to a pod on a node that went dark moves on quickly.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// How long an undeclared port waits for the client's first bytes before treating the
 /// connection as plain TCP (protocols where the server speaks first).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(300);
@@ -270,9 +272,14 @@ async fn splice(mut tcp: TcpStream, peer: SocketAddr, fe: &FrontendState) {
                 let _ = tokio::io::copy_bidirectional(&mut tcp, &mut up).await;
                 return;
             }
-            _ => {
+            Ok(Err(_)) => {
                 tracing::debug!(service = %fe.service, endpoint = %b.addr, "endpoint refused; trying another");
                 b.eject();
+                tried.push(b.addr);
+            }
+            Err(_) => {
+                tracing::debug!(service = %fe.service, endpoint = %b.addr, "endpoint timed out; trying another");
+                b.eject_for(EJECT_TIMED_OUT_FOR);
                 tried.push(b.addr);
             }
         }
@@ -395,8 +402,28 @@ impl Drop for Upstreams {
     }
 }
 
-async fn connect(b: &Backend) -> Result<hyper::client::conn::http1::SendRequest<Body>, BoxError> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr)).await??;
+/// Why a connection to an endpoint failed.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("connect timed out after {0:?}")]
+    TimedOut(Duration),
+    #[error("{0}")]
+    Failed(BoxError),
+}
+
+async fn connect(
+    b: &Backend,
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, ConnectError> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(b.addr))
+        .await
+        .map_err(|_| ConnectError::TimedOut(CONNECT_TIMEOUT))?
+        .map_err(|e| ConnectError::Failed(e.into()))?;
+    connected(tcp).await.map_err(ConnectError::Failed)
+}
+
+async fn connected(
+    tcp: TcpStream,
+) -> Result<hyper::client::conn::http1::SendRequest<Body>, BoxError> {
     let _ = tcp.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
     tokio::spawn(async move {
@@ -466,9 +493,12 @@ pub async fn forward(
             None => match connect(&b).await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::debug!(service = %fe.service, endpoint = %b.addr, error = %e, "endpoint refused; trying another");
+                    tracing::debug!(service = %fe.service, endpoint = %b.addr, error = %e, "endpoint unreachable; trying another");
                     last_error = format!("{}: {e}", b.addr);
-                    b.eject();
+                    match e {
+                        ConnectError::TimedOut(_) => b.eject_for(EJECT_TIMED_OUT_FOR),
+                        ConnectError::Failed(_) => b.eject(),
+                    }
                     tried.push(b.addr);
                     pending = Some(req);
                     continue;
@@ -531,6 +561,131 @@ pub async fn forward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct NoLocal;
+
+    impl LocalHttp for NoLocal {
+        fn lookup(&self, _: SocketAddr) -> Option<Arc<dyn InProcess>> {
+            None
+        }
+    }
+
+    /// A loopback address that never completes a connection, as an endpoint on a node that
+    /// went dark: a listener with a backlog of one that never accepts, its one slot taken.
+    async fn blackhole() -> (TcpListener, SocketAddr, TcpStream) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let filler = TcpStream::connect(addr).await.unwrap();
+        (listener, addr, filler)
+    }
+
+    /// An endpoint answering every HTTP/1 request with `ok`.
+    async fn answering() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        match c.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if c.write_all(ok).await.is_err() || head.contains("connection: close")
+                            {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A frontend in `mode` over `endpoints`, accepting on a loopback port.
+    async fn frontend(mode: Mode, endpoints: &[SocketAddr]) -> (Arc<FrontendState>, SocketAddr) {
+        let route = Route::new(
+            endpoints
+                .iter()
+                .map(|a| Arc::new(Backend::new(*a)))
+                .collect(),
+        );
+        let fe = Arc::new(FrontendState::new("web".into(), mode, route, None));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let local: Arc<dyn LocalHttp> = Arc::new(NoLocal);
+        tokio::spawn(accept(l, fe.clone(), local));
+        (fe, addr)
+    }
+
+    async fn get(proxy: SocketAddr) -> String {
+        let mut c = TcpStream::connect(proxy).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: web\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut out)).await;
+        out
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_times_out_is_ejected_and_the_request_retried() {
+        for mode in [Mode::Http, Mode::Tcp] {
+            let (_hole, dark, _filler) = blackhole().await;
+            let good = answering().await;
+            let (fe, proxy) = frontend(mode, &[dark, good]).await;
+            // The first pick is the dark endpoint (first in turn, all idle).
+            let t = std::time::Instant::now();
+            let answer = get(proxy).await;
+            let took = t.elapsed();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{mode:?}: {answer:?}");
+            assert!(answer.ends_with("ok"), "{mode:?}: {answer:?}");
+            assert!(
+                took >= CONNECT_TIMEOUT && took < CONNECT_TIMEOUT + Duration::from_secs(1),
+                "{mode:?}: the retry came after the connect timeout, not later: {took:?}"
+            );
+            let route = fe.route();
+            assert!(route.get(dark).unwrap().is_ejected(), "{mode:?}");
+            assert!(!route.get(good).unwrap().is_ejected(), "{mode:?}");
+            // Ejected: the next requests go straight to the endpoint that answers.
+            for _ in 0..3 {
+                let t = std::time::Instant::now();
+                assert!(get(proxy).await.starts_with("HTTP/1.1 200"));
+                assert!(
+                    t.elapsed() < Duration::from_millis(500),
+                    "{mode:?}: {:?}",
+                    t.elapsed()
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_refused_endpoint_is_ejected_briefly_and_a_dark_one_longer() {
+        let b = Backend::new("127.0.0.1:9".parse().unwrap());
+        b.eject_for(crate::balance::EJECT_TIMED_OUT_FOR);
+        b.eject();
+        assert!(
+            b.is_ejected(),
+            "a shorter ejection does not cut a longer one"
+        );
+        // Every endpoint dark: the request is still tried on each, then answered 502.
+        let (_hole, dark, _filler) = blackhole().await;
+        let (_fe, proxy) = frontend(Mode::Http, &[dark]).await;
+        let answer = get(proxy).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+        assert!(answer.contains("timed out"), "{answer:?}");
+    }
 
     #[test]
     fn http_request_lines_are_recognised() {

@@ -1,7 +1,10 @@
-//! A fake node: registers a Node, heartbeats, and acts as the kubelet for the pods bound to
-//! it — marks them Running and Ready (after a start delay), and finishes their deletion
-//! (after a stop delay, as containers draining) — all through the public API, as a real
-//! agent does. A pod whose image names `unready` runs but never becomes ready.
+//! A fake node: registers a Node, heartbeats as an agent does (renews its Lease in
+//! `kube-node-lease` often, posts its Ready condition seldom and when it comes back), and acts
+//! as the kubelet for the pods bound to it — marks them Running and Ready (after a start
+//! delay), and finishes their deletion (after a stop delay, as containers draining) — all
+//! through the public API, as a real agent does. A pod whose image names `unready` runs but
+//! never becomes ready. [`FakeNode::fail`] silences it (its pods stay bound, as on a node that
+//! lost power); [`FakeNode::resume`] brings it back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,6 +23,12 @@ pub struct FakeNodeOptions {
     pub stop_delay: Duration,
     /// The node's allocatable `pods`.
     pub max_pods: u32,
+    /// Between renewals of the node's Lease.
+    pub lease_every: Duration,
+    /// Between posts of the Node's Ready condition (also posted when the node comes back).
+    pub status_every: Duration,
+    /// Extra labels of the Node (zones, say).
+    pub labels: Vec<(String, String)>,
 }
 
 impl Default for FakeNodeOptions {
@@ -28,6 +37,9 @@ impl Default for FakeNodeOptions {
             start_delay: Duration::ZERO,
             stop_delay: Duration::ZERO,
             max_pods: 110,
+            lease_every: Duration::from_millis(500),
+            status_every: Duration::from_secs(5),
+            labels: Vec::new(),
         }
     }
 }
@@ -67,7 +79,7 @@ impl FakeNode {
     ) -> anyhow::Result<FakeNode> {
         let nodes = Resource::lookup("nodes").expect("nodes");
         let max_pods = opts.max_pods.to_string();
-        let node = json!({
+        let mut node = json!({
             "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}},
             "status": {
                 "capacity": {"cpu": "4", "memory": "8Gi", "pods": max_pods},
@@ -79,6 +91,9 @@ impl FakeNode {
                              "architecture": "amd64", "operatingSystem": "linux", "machineID": "", "systemUUID": "", "bootID": "", "kubeProxyVersion": ""},
             }
         });
+        for (k, v) in &opts.labels {
+            node["metadata"]["labels"][k] = json!(v);
+        }
         client.create(nodes, None, &node).await?;
         let heartbeat = Arc::new(AtomicBool::new(true));
         let hb = heartbeat.clone();
@@ -89,25 +104,22 @@ impl FakeNode {
                 Default::default();
             let mut gone_at: std::collections::HashMap<String, tokio::time::Instant> =
                 Default::default();
-            let mut last_beat = tokio::time::Instant::now();
+            let mut last_renew: Option<tokio::time::Instant> = None;
+            let mut last_status = tokio::time::Instant::now();
+            let mut was_silent = false;
             let mut next_ip = 2u32;
             loop {
-                if hb.load(Ordering::SeqCst) && last_beat.elapsed() > Duration::from_millis(500) {
-                    last_beat = tokio::time::Instant::now();
-                    if let Ok(mut n) = client.get(nodes, None, &name_s).await {
-                        if let Some(c) = n
-                            .pointer_mut("/status/conditions")
-                            .and_then(Value::as_array_mut)
-                            .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready"))
-                        {
-                            if c["status"] != "True" {
-                                c["lastTransitionTime"] = json!(now());
-                            }
-                            c["status"] = json!("True");
-                            c["reason"] = json!("KubeletReady");
-                            c["lastHeartbeatTime"] = json!(now());
-                        }
-                        let _ = client.replace_status(nodes, None, &name_s, &n).await;
+                if !hb.load(Ordering::SeqCst) {
+                    was_silent = true;
+                } else if last_renew.is_none_or(|t| t.elapsed() >= opts.lease_every) {
+                    last_renew = Some(tokio::time::Instant::now());
+                    let renewed = renew_lease(&client, &name_s).await.is_ok();
+                    if renewed
+                        && (was_silent || last_status.elapsed() >= opts.status_every)
+                        && post_ready(&client, &name_s).await.is_ok()
+                    {
+                        last_status = tokio::time::Instant::now();
+                        was_silent = false;
                     }
                 }
                 if hb.load(Ordering::SeqCst) {
@@ -132,10 +144,59 @@ impl FakeNode {
         })
     }
 
-    /// Stops heartbeating and serving pods, as a node that lost power.
+    /// Stops heartbeating and serving pods, as a node that lost power: its pods stay bound.
     pub fn fail(&self) {
         self.heartbeat.store(false, Ordering::SeqCst);
     }
+
+    /// Heartbeats and serves pods again, as a node back on the network: renews its Lease and
+    /// posts Ready at once.
+    pub fn resume(&self) {
+        self.heartbeat.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Renews (or creates) `kube-node-lease/NODE`.
+async fn renew_lease(client: &Client, node: &str) -> anyhow::Result<()> {
+    let leases = Resource::lookup("leases").expect("leases");
+    let ns = Some("kube-node-lease");
+    let t = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
+    match client.get(leases, ns, node).await {
+        Ok(mut l) => {
+            l["spec"]["renewTime"] = json!(t);
+            client.replace(leases, ns, node, &l).await?;
+        }
+        Err(e) if e.code() == Some(404) => {
+            let l = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": node, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": node, "leaseDurationSeconds": 15, "acquireTime": t, "renewTime": t}});
+            client.create(leases, ns, &l).await?;
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(())
+}
+
+/// Posts the Node's Ready=True condition with a fresh heartbeat.
+async fn post_ready(client: &Client, node: &str) -> anyhow::Result<()> {
+    let nodes = Resource::lookup("nodes").expect("nodes");
+    let mut n = client.get(nodes, None, node).await?;
+    if let Some(c) = n
+        .pointer_mut("/status/conditions")
+        .and_then(Value::as_array_mut)
+        .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready"))
+    {
+        if c["status"] != "True" {
+            c["lastTransitionTime"] = json!(now());
+        }
+        c["status"] = json!("True");
+        c["reason"] = json!("KubeletReady");
+        c["lastHeartbeatTime"] = json!(now());
+    }
+    client.replace_status(nodes, None, node, &n).await?;
+    Ok(())
 }
 
 impl Drop for FakeNode {

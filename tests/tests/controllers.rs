@@ -97,7 +97,7 @@ async fn wait_rolled_out(c: &Client, name: &str, replicas: i64, image: &str) -> 
 async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|c| {
         c.controllers.node_grace = Duration::from_secs(3);
-        c.controllers.eviction_timeout = Duration::from_secs(1);
+        c.cluster.default_unreachable_toleration_seconds = 1;
     })
     .await?;
     let c = cluster.client.clone();

@@ -453,11 +453,10 @@ async fn nodes_join_with_a_token_and_are_held_to_their_own_objects() -> anyhow::
         "edge-1 to heartbeat again",
         Duration::from_secs(40),
         || async {
-            let n = up.json(&ns, &["get", "node", "edge-1"])?;
-            let beat = n["status"]["conditions"]
-                .as_array()
-                .and_then(|c| c.iter().find(|c| c["type"] == "Ready"))
-                .and_then(|c| c["lastHeartbeatTime"].as_str())
+            // The heartbeat is the node's Lease (renewed every few seconds, in microseconds).
+            let l = up.json(&ns, &["get", "lease", "edge-1", "-n", "kube-node-lease"])?;
+            let beat = l["spec"]["renewTime"]
+                .as_str()
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
             Ok(beat.filter(|b| *b > since).map(|_| ()))
         },

@@ -105,7 +105,13 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                 ("binding", "Binding", &["create"][..]),
                 ("eviction", "Eviction", &["create"][..]),
             ] {
-                out.push(json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs}));
+                let mut e = json!({"name": format!("pods/{sub}"), "singularName": "", "namespaced": true, "kind": kind, "verbs": verbs});
+                if sub == "eviction" {
+                    // kubectl drain evicts (rather than deletes) only where this is said.
+                    e["group"] = json!("policy");
+                    e["version"] = json!("v1");
+                }
+                out.push(e);
             }
         }
     }

@@ -315,8 +315,8 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         }
         (Some(name), Some("eviction"), Method::POST) if r.kind == "Pod" => {
             let name = name.to_string();
-            blocking(move || reg.delete(r, owned_ns.as_deref(), &name, &DeleteOptions::default()))
-                .await?;
+            let ns = owned_ns.unwrap_or_else(|| "default".into());
+            blocking(move || reg.evict(&ns, &name, &DeleteOptions::default())).await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),

@@ -2,6 +2,7 @@
 //! scheduler. [`start`] wires caches to queues and runs them all.
 
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod events;
 pub mod eventttl;
@@ -12,6 +13,7 @@ pub mod pods;
 pub mod replicaset;
 pub mod runtime;
 pub mod scheduler;
+pub mod tainteviction;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,10 +30,10 @@ use runtime::{key_of, Cache};
 /// Timings of the controllers.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// A node that has not heartbeated for this long is marked NotReady.
+    /// A node whose Lease and Ready heartbeat stood still this long is marked NotReady and
+    /// tainted unreachable (`--node-monitor-grace-period`). Its pods then leave after their
+    /// tolerations' seconds (see `ClusterConfig`'s default toleration seconds).
     pub node_grace: Duration,
-    /// Pods on a NotReady node are deleted (and replaced elsewhere) after this long.
-    pub eviction_timeout: Duration,
     /// Registries reached over plain HTTP when the scheduler asks what an image is
     /// (loopback ones always are).
     pub insecure_registries: Vec<String>,
@@ -51,8 +53,9 @@ pub struct ControllerConfig {
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
-            node_grace: Duration::from_secs(40),
-            eviction_timeout: Duration::from_secs(300),
+            // Agents renew their Lease every 4 s (a quarter of its 15 s duration, as the
+            // kubelet's 10 s of 40 s): three renewals may be lost before a node goes NotReady.
+            node_grace: Duration::from_secs(15),
             insecure_registries: Vec::new(),
             terminated_pod_gc_threshold: 12500,
             pod_gc_period: Duration::from_secs(20),
@@ -87,6 +90,8 @@ pub fn start(
     let deployments = cache("deployments");
     let replicasets = cache("replicasets");
     let namespaces = cache("namespaces");
+    let leases = cache("leases");
+    let budgets = cache("poddisruptionbudgets");
     let mut tasks = JoinSet::new();
 
     // ReplicaSets.
@@ -231,6 +236,8 @@ pub fn start(
         &deployments,
         &replicasets,
         &namespaces,
+        &leases,
+        &budgets,
     ] {
         tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
     }
@@ -272,18 +279,35 @@ pub fn start(
         gc_rx,
         stop.clone(),
     ));
-    let lifecycle = nodelifecycle::NodeLifecycle {
+    let lifecycle = nodelifecycle::NodeLifecycle::new(
+        reg.clone(),
+        nodes.clone(),
+        pods.clone(),
+        leases.clone(),
+        config.node_grace,
+    );
+    let eviction = tainteviction::TaintEviction {
         reg: reg.clone(),
         nodes: nodes.clone(),
         pods: pods.clone(),
-        grace: config.node_grace,
-        eviction_timeout: config.eviction_timeout,
+    };
+    let disruption = disruption::Disruption {
+        reg: reg.clone(),
+        budgets: budgets.clone(),
+        pods: pods.clone(),
+        replicasets: replicasets.clone(),
     };
     let mut s = stop.clone();
     tasks.spawn(async move {
         loop {
+            if let Err(e) = disruption.check() {
+                tracing::warn!(error = %e, "disruption budget pass failed");
+            }
             if let Err(e) = lifecycle.check() {
                 tracing::warn!(error = %e, "node lifecycle pass failed");
+            }
+            if let Err(e) = eviction.check() {
+                tracing::warn!(error = %e, "taint eviction pass failed");
             }
             tokio::select! {
                 _ = s.changed() => return,

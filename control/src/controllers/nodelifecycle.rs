@@ -1,19 +1,28 @@
-//! Node lifecycle: a node whose agent stops heartbeating for the grace period goes
-//! `Ready=Unknown` and gets the `node.kubernetes.io/unreachable:NoExecute` taint; its pods are
-//! marked not ready (so services drop them) and, after the eviction timeout, deleted so their
-//! controllers replace them elsewhere. The taint goes when the node reports again.
+//! Node lifecycle, as Kubernetes' `pkg/controller/nodelifecycle`: a node is healthy while its
+//! agent renews its Lease (`kube-node-lease/NODE`) or posts a fresh Ready condition. The
+//! controller notes, on its own clock, when it last saw either change (agents' clocks may be
+//! off); after the grace period without one the node goes `Ready=Unknown`, its pods are marked
+//! not ready (so services drop them) and it gets the `node.kubernetes.io/unreachable:NoExecute`
+//! taint. A node that reports `Ready=False` gets `node.kubernetes.io/not-ready:NoExecute`.
+//! The taints go when the node is healthy again. Pods leave tainted nodes through the taint
+//! eviction controller ([`super::tainteviction`]), after their tolerations' seconds.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint};
 use serde_json::{json, Value};
-use skiff_api::{meta, table, ApiError, Resource};
+use skiff_api::{meta, ApiError, Resource};
 
 use super::runtime::Cache;
-use crate::registry::{set_condition, DeleteOptions, Registry, Sub, WriteOptions};
+use crate::registry::{set_condition, Registry, Sub, WriteOptions};
 
-pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
+pub use skiff_api::defaults::{NOT_READY_TAINT, UNREACHABLE_TAINT};
+
+/// Where node Leases live.
+pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 
 pub fn ready_condition(node: &Value) -> Option<&Value> {
     node.pointer("/status/conditions")
@@ -25,33 +34,166 @@ pub fn is_ready(node: &Value) -> bool {
     ready_condition(node).is_some_and(|c| c["status"] == "True")
 }
 
+fn typed_ready(node: &Node) -> Option<&NodeCondition> {
+    node.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "Ready")
+}
+
+/// What the controller wants of a node, from its Ready status and whether it went silent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Set `Ready=Unknown` (the node stopped reporting).
+    pub mark_unknown: bool,
+    /// The NoExecute taint the node should carry (`None`: neither of ours).
+    pub taint: Option<&'static str>,
+}
+
+/// The decision for one node: `ready` is its Ready condition's status as stored, `stale` whether
+/// the grace period passed since its Lease or Ready heartbeat last changed.
+pub fn verdict(ready: &str, stale: bool) -> Verdict {
+    if stale {
+        return Verdict {
+            mark_unknown: ready != "Unknown",
+            taint: Some(UNREACHABLE_TAINT),
+        };
+    }
+    let taint = match ready {
+        // "": no Ready condition posted yet (a node just registering): nothing to say.
+        "True" | "" => None,
+        "False" => Some(NOT_READY_TAINT),
+        _ => Some(UNREACHABLE_TAINT),
+    };
+    Verdict {
+        mark_unknown: false,
+        taint,
+    }
+}
+
+/// `taints` with ours set to `want`: the other of our two removed, `want` added (keeping its
+/// `timeAdded` when already there, since eviction counts from it). None when nothing changes.
+pub fn retaint(taints: &[Taint], want: Option<&str>, now: &str) -> Option<Vec<Taint>> {
+    let ours = |t: &Taint| {
+        t.effect == "NoExecute" && (t.key == UNREACHABLE_TAINT || t.key == NOT_READY_TAINT)
+    };
+    let has_want = want.is_some_and(|w| taints.iter().any(|t| ours(t) && t.key == w));
+    let stray = taints
+        .iter()
+        .any(|t| ours(t) && Some(t.key.as_str()) != want);
+    if !stray && (want.is_none() || has_want) {
+        return None;
+    }
+    let mut next: Vec<Taint> = taints
+        .iter()
+        .filter(|t| !ours(t) || Some(t.key.as_str()) == want)
+        .cloned()
+        .collect();
+    if let Some(w) = want.filter(|_| !has_want) {
+        next.push(Taint {
+            key: w.to_string(),
+            effect: "NoExecute".into(),
+            time_added: serde_json::from_value(json!(now)).ok(),
+            value: None,
+        });
+    }
+    Some(next)
+}
+
+/// When the controller last saw a node's Lease renewed or its Ready heartbeat change.
+struct Probe {
+    renew: Option<String>,
+    heartbeat: Option<String>,
+    seen: Instant,
+}
+
 pub struct NodeLifecycle {
     pub reg: Arc<Registry>,
     pub nodes: Arc<Cache>,
     pub pods: Arc<Cache>,
+    pub leases: Arc<Cache>,
     pub grace: Duration,
-    pub eviction_timeout: Duration,
+    probes: Mutex<HashMap<String, Probe>>,
 }
 
 impl NodeLifecycle {
+    pub fn new(
+        reg: Arc<Registry>,
+        nodes: Arc<Cache>,
+        pods: Arc<Cache>,
+        leases: Arc<Cache>,
+        grace: Duration,
+    ) -> NodeLifecycle {
+        NodeLifecycle {
+            reg,
+            nodes,
+            pods,
+            leases,
+            grace,
+            probes: Mutex::default(),
+        }
+    }
+
     /// One pass over all nodes; run every second.
     pub fn check(&self) -> Result<(), ApiError> {
-        let now = chrono::Utc::now().timestamp();
+        self.check_at(Instant::now())
+    }
+
+    /// Whether `node`'s Lease and Ready heartbeat have stood still for the grace period as of
+    /// `now`; records what it saw. None for a node no agent ever reported for.
+    fn stale(&self, name: &str, node: &Node, now: Instant) -> Option<bool> {
+        let lease: Option<Lease> = self
+            .leases
+            .get(&format!("{NODE_LEASE_NAMESPACE}/{name}"))
+            .and_then(|l| serde_json::from_value((*l).clone()).ok());
+        let renew = lease
+            .and_then(|l| l.spec?.renew_time)
+            .map(|t| t.0.to_string());
+        let heartbeat = typed_ready(node)
+            .and_then(|c| c.last_heartbeat_time.as_ref())
+            .map(|t| t.0.to_string());
+        if renew.is_none() && typed_ready(node).is_none() {
+            return None;
+        }
+        let mut probes = self.probes.lock().expect("probes");
+        let p = probes.entry(name.to_string()).or_insert(Probe {
+            renew: renew.clone(),
+            heartbeat: heartbeat.clone(),
+            seen: now,
+        });
+        if p.renew != renew || p.heartbeat != heartbeat {
+            *p = Probe {
+                renew,
+                heartbeat,
+                seen: now,
+            };
+        }
+        Some(now.saturating_duration_since(p.seen) > self.grace)
+    }
+
+    /// One pass as of `now`.
+    pub fn check_at(&self, now: Instant) -> Result<(), ApiError> {
         let nodes_r = Resource::lookup("nodes").expect("nodes");
-        let pods_r = Resource::lookup("pods").expect("pods");
-        for node in self.nodes.list(None) {
-            let name = meta::name(&node).to_string();
-            let Some(cond) = ready_condition(&node) else {
+        let all = self.nodes.list(None);
+        self.probes
+            .lock()
+            .expect("probes")
+            .retain(|n, _| all.iter().any(|o| meta::name(o) == n));
+        for mut obj in all {
+            let name = meta::name(&obj).to_string();
+            let Ok(node) = serde_json::from_value::<Node>((*obj).clone()) else {
                 continue;
             };
-            let heartbeat = cond["lastHeartbeatTime"]
-                .as_str()
-                .and_then(table::parse_rfc3339)
-                .unwrap_or(0);
-            let stale = now - heartbeat > self.grace.as_secs() as i64;
-            let tainted = has_unreachable_taint(&node);
-            if stale && cond["status"] != "Unknown" {
-                let mut next = (*node).clone();
+            let Some(stale) = self.stale(&name, &node, now) else {
+                continue;
+            };
+            let ready = typed_ready(&node).map_or("", |c| c.status.as_str());
+            let v = verdict(ready, stale);
+            if v.mark_unknown {
+                let mut next = (*obj).clone();
+                let heartbeat = ready_condition(&obj).map(|c| c["lastHeartbeatTime"].clone());
                 set_condition(
                     &mut next,
                     "Ready",
@@ -64,89 +206,55 @@ impl NodeLifecycle {
                     .and_then(Value::as_array_mut)
                     .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready"))
                 {
-                    c["lastHeartbeatTime"] = json!(heartbeat_str(&node));
+                    // The heartbeat stays what the agent last posted.
+                    c["lastHeartbeatTime"] = heartbeat.unwrap_or(Value::Null);
                     if let Some(m) = c.as_object_mut() {
                         m.remove("lastProbeTime");
                     }
                 }
-                self.reg.update(
+                let updated = match self.reg.update(
                     nodes_r,
                     None,
                     &name,
                     next,
                     Sub::Status,
                     &WriteOptions::default(),
-                )?;
+                ) {
+                    Ok(u) => u,
+                    // Changed meanwhile (the agent is back, say) or gone: next pass.
+                    Err(e) if e.code == 409 || e.code == 404 => continue,
+                    Err(e) => return Err(e),
+                };
                 tracing::warn!(node = %name, "node stopped heartbeating; marking it NotReady");
                 super::events::record(
                     &self.reg,
-                    &node,
+                    &obj,
                     "Normal",
                     "NodeNotReady",
                     &format!("Node {name} status is now: NodeNotReady"),
                     "node-controller",
                 );
-                self.mark_pods_not_ready(&name);
-                continue;
+                // The taint follows at once, on the node as just written.
+                obj = Arc::new(updated);
             }
             if stale {
                 // Level-triggered: a write that failed last pass (a pod changed meanwhile)
                 // and pods that reached the node since are marked now.
                 self.mark_pods_not_ready(&name);
             }
-            if stale && !tainted {
-                let mut taints = node
-                    .pointer("/spec/taints")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                taints.push(json!({"key": UNREACHABLE_TAINT, "effect": "NoExecute", "timeAdded": crate::registry::now()}));
-                self.set_taints(&node, taints)?;
-                continue;
-            }
-            if !stale && tainted && is_ready(&node) {
-                let taints = node
-                    .pointer("/spec/taints")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                self.set_taints(
-                    &node,
-                    taints
-                        .into_iter()
-                        .filter(|t| t["key"] != UNREACHABLE_TAINT)
-                        .collect(),
-                )?;
-                continue;
-            }
-            if stale && now - heartbeat > (self.grace + self.eviction_timeout).as_secs() as i64 {
-                for p in self.pods_on(&name) {
-                    if tolerates_unreachable_forever(&p) {
-                        continue;
-                    }
-                    tracing::warn!(node = %name, pod = meta::name(&p), "evicting pod from unreachable node");
-                    super::events::record(
-                        &self.reg,
-                        &p,
-                        "Warning",
-                        "NodeUnreachable",
-                        &format!("Evicting pod: node {name} is unreachable"),
-                        "node-controller",
-                    );
-                    match self.reg.delete(
-                        pods_r,
-                        meta::namespace(&p),
-                        meta::name(&p),
-                        &DeleteOptions {
-                            grace_period_seconds: Some(0),
-                            ..Default::default()
-                        },
-                    ) {
-                        Ok(_) => {}
-                        Err(e) if e.code == 404 => {}
-                        Err(e) => return Err(e),
+            let taints = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.clone())
+                .unwrap_or_default();
+            if let Some(next) = retaint(&taints, v.taint, &crate::registry::now()) {
+                match v.taint {
+                    Some(t) => tracing::warn!(node = %name, taint = t, "tainting node"),
+                    None => {
+                        tracing::info!(node = %name, "node is healthy again; removing its taints")
                     }
                 }
+                self.set_taints(&obj, next)?;
             }
         }
         Ok(())
@@ -189,20 +297,24 @@ impl NodeLifecycle {
         }
     }
 
-    fn set_taints(&self, node: &Value, taints: Vec<Value>) -> Result<(), ApiError> {
+    fn set_taints(&self, node: &Value, taints: Vec<Taint>) -> Result<(), ApiError> {
         let mut next = node.clone();
-        next["spec"]["taints"] = json!(taints);
+        next["spec"]["taints"] =
+            serde_json::to_value(taints).map_err(|e| ApiError::internal(e.to_string()))?;
         let nodes_r = Resource::lookup("nodes").expect("nodes");
-        self.reg
-            .update(
-                nodes_r,
-                None,
-                meta::name(node),
-                next,
-                Sub::Main,
-                &WriteOptions::default(),
-            )
-            .map(|_| ())
+        match self.reg.update(
+            nodes_r,
+            None,
+            meta::name(node),
+            next,
+            Sub::Main,
+            &WriteOptions::default(),
+        ) {
+            Ok(_) => Ok(()),
+            // The node changed meanwhile (an agent's status, a cordon): next pass.
+            Err(e) if e.code == 409 => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn pods_on(&self, node: &str) -> Vec<Arc<Value>> {
@@ -212,31 +324,6 @@ impl NodeLifecycle {
             .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node))
             .collect()
     }
-}
-
-fn heartbeat_str(node: &Value) -> String {
-    ready_condition(node)
-        .and_then(|c| c["lastHeartbeatTime"].as_str())
-        .unwrap_or("")
-        .to_string()
-}
-
-fn has_unreachable_taint(node: &Value) -> bool {
-    node.pointer("/spec/taints")
-        .and_then(Value::as_array)
-        .is_some_and(|ts| ts.iter().any(|t| t["key"] == UNREACHABLE_TAINT))
-}
-
-fn tolerates_unreachable_forever(pod: &Value) -> bool {
-    pod.pointer("/spec/tolerations")
-        .and_then(Value::as_array)
-        .is_some_and(|ts| {
-            ts.iter().any(|t| {
-                (t["key"] == UNREACHABLE_TAINT
-                    || (t.get("key").is_none() && t["operator"] == "Exists"))
-                    && t.get("tolerationSeconds").is_none_or(Value::is_null)
-            })
-        })
 }
 
 #[cfg(test)]
@@ -256,19 +343,269 @@ mod tests {
             .unwrap_or(Value::Null)
     }
 
-    #[tokio::test]
-    async fn a_failed_not_ready_write_is_retried() {
+    fn taint(key: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            effect: "NoExecute".into(),
+            time_added: serde_json::from_value(json!("2020-01-01T00:00:00Z")).ok(),
+            value: None,
+        }
+    }
+
+    #[test]
+    fn verdicts_follow_readiness_and_silence() {
+        assert_eq!(
+            verdict("True", false),
+            Verdict {
+                mark_unknown: false,
+                taint: None
+            }
+        );
+        assert_eq!(verdict("False", false).taint, Some(NOT_READY_TAINT));
+        assert_eq!(
+            verdict("True", true),
+            Verdict {
+                mark_unknown: true,
+                taint: Some(UNREACHABLE_TAINT)
+            }
+        );
+        // Already Unknown: not written again; the taint stays.
+        assert_eq!(
+            verdict("Unknown", true),
+            Verdict {
+                mark_unknown: false,
+                taint: Some(UNREACHABLE_TAINT)
+            }
+        );
+        // The Lease is renewed again but the agent has not posted Ready yet: still tainted.
+        assert_eq!(verdict("Unknown", false).taint, Some(UNREACHABLE_TAINT));
+        // No Ready condition yet: left alone until it goes silent.
+        assert_eq!(verdict("", false).taint, None);
+        assert!(verdict("", true).mark_unknown);
+    }
+
+    #[test]
+    fn retainting_keeps_time_added_and_other_taints() {
+        let other = Taint {
+            key: "dedicated".into(),
+            effect: "NoSchedule".into(),
+            time_added: None,
+            value: Some("edge".into()),
+        };
+        let now = "2026-01-01T00:00:00Z";
+        // Already as wanted: no write.
+        assert_eq!(
+            retaint(
+                &[other.clone(), taint(UNREACHABLE_TAINT)],
+                Some(UNREACHABLE_TAINT),
+                now
+            ),
+            None
+        );
+        assert_eq!(retaint(std::slice::from_ref(&other), None, now), None);
+        // not-ready becomes unreachable: the old one goes, the new one is stamped now.
+        let next = retaint(
+            &[other.clone(), taint(NOT_READY_TAINT)],
+            Some(UNREACHABLE_TAINT),
+            now,
+        )
+        .unwrap();
+        assert_eq!(next.len(), 2);
+        assert_eq!(next[0], other);
+        assert_eq!(next[1].key, UNREACHABLE_TAINT);
+        assert_eq!(
+            serde_json::to_value(&next[1].time_added).unwrap(),
+            json!(now)
+        );
+        // Healthy: ours removed, the user's kept.
+        assert_eq!(
+            retaint(&[taint(UNREACHABLE_TAINT), other.clone()], None, now).unwrap(),
+            vec![other]
+        );
+    }
+
+    struct World {
+        reg: Arc<Registry>,
+        lc: NodeLifecycle,
+        _dir: tempfile::TempDir,
+    }
+
+    fn world() -> World {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(SledStore::open(dir.path()).unwrap());
         let reg = Registry::new(store, ClusterConfig::default());
+        for ns in ["default", NODE_LEASE_NAMESPACE] {
+            reg.create(
+                res("namespaces"),
+                None,
+                json!({"metadata": {"name": ns}}),
+                &WriteOptions::default(),
+            )
+            .unwrap();
+        }
+        let lc = NodeLifecycle::new(
+            reg.clone(),
+            Cache::new(res("nodes")),
+            Cache::new(res("pods")),
+            Cache::new(res("leases")),
+            Duration::from_secs(15),
+        );
+        World { reg, lc, _dir: dir }
+    }
+
+    impl World {
+        /// Mirrors the store into the caches, as the watches would.
+        fn sync(&self) {
+            for (r, c) in [
+                ("nodes", &self.lc.nodes),
+                ("pods", &self.lc.pods),
+                ("leases", &self.lc.leases),
+            ] {
+                let (all, _) = self
+                    .reg
+                    .list(
+                        res(r),
+                        None,
+                        &skiff_api::selector::Selector::everything(),
+                        &skiff_api::fields::FieldSelector::default(),
+                    )
+                    .unwrap();
+                for o in all {
+                    c.insert(o);
+                }
+            }
+        }
+
+        fn node(&self) -> Node {
+            serde_json::from_value(self.reg.get(res("nodes"), None, "n1").unwrap()).unwrap()
+        }
+
+        fn taint_keys(&self) -> Vec<String> {
+            self.node()
+                .spec
+                .and_then(|s| s.taints)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| t.key)
+                .collect()
+        }
+
+        fn renew(&self, at: &str) {
+            let l = json!({"metadata": {"name": "n1", "namespace": NODE_LEASE_NAMESPACE},
+                           "spec": {"holderIdentity": "n1", "leaseDurationSeconds": 15, "renewTime": at}});
+            let opts = WriteOptions::default();
+            match self
+                .reg
+                .try_get(res("leases"), Some(NODE_LEASE_NAMESPACE), "n1")
+                .unwrap()
+            {
+                Some(_) => {
+                    self.reg
+                        .update(
+                            res("leases"),
+                            Some(NODE_LEASE_NAMESPACE),
+                            "n1",
+                            l,
+                            Sub::Main,
+                            &opts,
+                        )
+                        .unwrap();
+                }
+                None => {
+                    self.reg
+                        .create(res("leases"), Some(NODE_LEASE_NAMESPACE), l, &opts)
+                        .unwrap();
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_lease_taints_the_node_and_a_renewed_one_untaints_it() {
+        let w = world();
         let opts = WriteOptions::default();
-        reg.create(
-            res("namespaces"),
-            None,
-            json!({"metadata": {"name": "default"}}),
-            &opts,
-        )
-        .unwrap();
+        w.reg
+            .create(res("nodes"), None, json!({"metadata": {"name": "n1"},
+                "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2020-01-01T00:00:00Z"}]}}), &opts)
+            .unwrap();
+        w.renew("2026-01-01T00:00:00.000001Z");
+        w.sync();
+        let t0 = Instant::now();
+        w.lc.check_at(t0).unwrap();
+        // Renewed within the grace period: healthy, although the Ready heartbeat is old.
+        w.renew("2026-01-01T00:00:10.000001Z");
+        w.sync();
+        w.lc.check_at(t0 + Duration::from_secs(10)).unwrap();
+        w.sync();
+        w.lc.check_at(t0 + Duration::from_secs(24)).unwrap();
+        assert!(w.taint_keys().is_empty());
+        assert_eq!(
+            ready_condition(&serde_json::to_value(w.node()).unwrap()).unwrap()["status"],
+            "True"
+        );
+        // Silent for longer than the grace period: Unknown and tainted unreachable at once.
+        w.lc.check_at(t0 + Duration::from_secs(26)).unwrap();
+        w.sync();
+        let n = serde_json::to_value(w.node()).unwrap();
+        assert_eq!(ready_condition(&n).unwrap()["status"], "Unknown");
+        assert_eq!(
+            ready_condition(&n).unwrap()["lastHeartbeatTime"],
+            "2020-01-01T00:00:00Z",
+            "the agent's last heartbeat is kept"
+        );
+        assert_eq!(w.taint_keys(), vec![UNREACHABLE_TAINT.to_string()]);
+        w.lc.check_at(t0 + Duration::from_secs(27)).unwrap();
+        w.sync();
+        assert_eq!(w.taint_keys(), vec![UNREACHABLE_TAINT.to_string()]);
+        // The Lease is renewed again, then the agent posts Ready: the taint goes.
+        w.renew("2026-01-01T00:01:00.000001Z");
+        w.sync();
+        w.lc.check_at(t0 + Duration::from_secs(28)).unwrap();
+        w.sync();
+        assert_eq!(w.taint_keys(), vec![UNREACHABLE_TAINT.to_string()]);
+        let mut n = w.reg.get(res("nodes"), None, "n1").unwrap();
+        set_condition(&mut n, "Ready", "True", "KubeletReady", "");
+        w.reg
+            .update(res("nodes"), None, "n1", n, Sub::Status, &opts)
+            .unwrap();
+        w.sync();
+        w.lc.check_at(t0 + Duration::from_secs(29)).unwrap();
+        assert!(w.taint_keys().is_empty());
+        // An agent that reports Ready=False gets the not-ready taint.
+        w.sync();
+        let mut n = w.reg.get(res("nodes"), None, "n1").unwrap();
+        set_condition(&mut n, "Ready", "False", "KubeletNotReady", "");
+        w.reg
+            .update(res("nodes"), None, "n1", n, Sub::Status, &opts)
+            .unwrap();
+        w.sync();
+        w.lc.check_at(t0 + Duration::from_secs(30)).unwrap();
+        assert_eq!(w.taint_keys(), vec![NOT_READY_TAINT.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn nodes_no_agent_reported_for_are_left_alone() {
+        let w = world();
+        w.reg
+            .create(
+                res("nodes"),
+                None,
+                json!({"metadata": {"name": "n1"}}),
+                &WriteOptions::default(),
+            )
+            .unwrap();
+        w.sync();
+        let t0 = Instant::now();
+        w.lc.check_at(t0).unwrap();
+        w.lc.check_at(t0 + Duration::from_secs(3600)).unwrap();
+        assert!(w.taint_keys().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_not_ready_write_is_retried() {
+        let w = world();
+        let reg = &w.reg;
+        let opts = WriteOptions::default();
         let node = reg
             .create(res("nodes"), None, json!({"metadata": {"name": "n1"},
                 "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2020-01-01T00:00:00Z"}]}}), &opts)
@@ -288,29 +625,22 @@ mod tests {
             .update(res("pods"), Some("default"), "p", ready, Sub::Status, &opts)
             .unwrap();
         // The pod cache lags behind the store: the first write, made from it, conflicts.
-        let nodes = Cache::new(res("nodes"));
-        nodes.insert(node);
-        let pods = Cache::new(res("pods"));
-        pods.insert(pod);
-        let lc = NodeLifecycle {
-            reg: reg.clone(),
-            nodes: nodes.clone(),
-            pods: pods.clone(),
-            grace: Duration::from_secs(40),
-            eviction_timeout: Duration::from_secs(3600),
-        };
-        lc.check().unwrap();
+        w.lc.nodes.insert(node);
+        w.lc.pods.insert(pod);
+        let t0 = Instant::now();
+        w.lc.check_at(t0).unwrap();
+        w.lc.check_at(t0 + Duration::from_secs(16)).unwrap();
         let n1 = reg.get(res("nodes"), None, "n1").unwrap();
         assert_eq!(ready_condition(&n1).unwrap()["status"], "Unknown");
         assert_eq!(
-            pod_ready(&reg),
+            pod_ready(reg),
             "True",
             "the conflicting write changed nothing"
         );
         // The caches catch up; the next pass marks the pod.
-        nodes.insert(n1);
-        pods.insert(ready);
-        lc.check().unwrap();
-        assert_eq!(pod_ready(&reg), "False");
+        w.lc.nodes.insert(n1);
+        w.lc.pods.insert(ready);
+        w.lc.check_at(t0 + Duration::from_secs(17)).unwrap();
+        assert_eq!(pod_ready(reg), "False");
     }
 }

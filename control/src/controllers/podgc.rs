@@ -5,6 +5,9 @@
 //!   quarantine (a node being re-registered is not mistaken for a deleted one) and the
 //!   store, not only the cache, says it is gone;
 //! - terminating pods on a node that is not ready and is tainted out of service;
+//! - terminating pods on a node that is not ready and is tainted unreachable, once their
+//!   grace period is over: the node's agent, gone, will never confirm them (pods of
+//!   StatefulSets excepted, whose at-most-one guarantee needs that confirmation);
 //! - terminating pods never bound to a node;
 //! - finished (Succeeded/Failed) pods beyond the threshold, oldest first.
 
@@ -42,14 +45,37 @@ pub struct PodGc {
 struct PodFacts {
     node_name: String,
     created: Option<Time>,
+    /// When its graceful deletion's grace period ends.
+    grace_over: Option<k8s_openapi::jiff::Timestamp>,
+    of_statefulset: bool,
 }
 
 fn pod_facts(pod: &Value) -> PodFacts {
     let p: Pod = serde_json::from_value(pod.clone()).unwrap_or_default();
+    let grace = p.metadata.deletion_grace_period_seconds.unwrap_or(0);
     PodFacts {
         node_name: p.spec.and_then(|s| s.node_name).unwrap_or_default(),
         created: p.metadata.creation_timestamp,
+        grace_over: p.metadata.deletion_timestamp.and_then(|t| {
+            t.0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(grace))
+                .ok()
+        }),
+        of_statefulset: p
+            .metadata
+            .owner_references
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.kind == "StatefulSet" && o.controller == Some(true)),
     }
+}
+
+fn unreachable(node: &Value) -> bool {
+    let n: Node = serde_json::from_value(node.clone()).unwrap_or_default();
+    n.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .iter()
+        .any(|t| t.key == super::nodelifecycle::UNREACHABLE_TAINT && t.effect == "NoExecute")
 }
 
 fn out_of_service(node: &Value) -> bool {
@@ -143,6 +169,20 @@ impl PodGc {
                     .is_some_and(|n| !is_ready(n) && out_of_service(n))
                 {
                     doomed.push((p, "terminating on an out-of-service node"));
+                } else if nodes
+                    .get(node)
+                    .is_some_and(|n| !is_ready(n) && unreachable(n))
+                {
+                    let f = pod_facts(p);
+                    if !f.of_statefulset
+                        && f.grace_over
+                            .is_some_and(|t| t <= super::tainteviction::now())
+                    {
+                        doomed.push((
+                            p,
+                            "terminating on an unreachable node past its grace period",
+                        ));
+                    }
                 }
             }
         }
@@ -366,6 +406,29 @@ mod tests {
             w.left(),
             vec!["on-down", "on-ready", "running-on-out", "unscheduled"]
         );
+    }
+
+    #[tokio::test]
+    async fn terminating_pods_on_an_unreachable_node_go_after_their_grace_period() {
+        let w = World::new();
+        let unreachable =
+            json!([{"key": super::super::nodelifecycle::UNREACHABLE_TAINT, "effect": "NoExecute"}]);
+        w.node("dark", false, unreachable);
+        // Graceful deletions a minute old: one with 30 s of grace, one with an hour.
+        let mut short = w.pod("short", "dark", "Running", true);
+        short["metadata"]["deletionTimestamp"] = json!("2020-01-01T00:00:00Z");
+        w.pods.insert(short);
+        let mut long = w.pod("long", "dark", "Running", true);
+        long["metadata"]["deletionTimestamp"] = json!(crate::registry::now());
+        w.pods.insert(long);
+        let mut sts = w.pod("sts-0", "dark", "Running", true);
+        sts["metadata"]["deletionTimestamp"] = json!("2020-01-01T00:00:00Z");
+        sts["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "name": "sts", "uid": "u1", "controller": true}]);
+        w.pods.insert(sts);
+        w.pod("running", "dark", "Running", false);
+        assert_eq!(w.gc(0, Duration::from_secs(3600)).check().unwrap(), 1);
+        assert_eq!(w.left(), vec!["long", "running", "sts-0"]);
     }
 
     #[tokio::test]

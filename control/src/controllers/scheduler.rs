@@ -2,9 +2,20 @@
 //! (one store transaction per batch).
 //!
 //! Filters: node Ready and schedulable; taints (NoSchedule, NoExecute) tolerated; `nodeSelector`;
-//! OCI pods only on nodes that run OCI containers; resource requests within allocatable. Score: fewest pods of the same owner on the node
-//! (spreading replicas), then least requested. As kube-scheduler does on large clusters, only
-//! enough feasible nodes are scored (at least 100, or 5%), starting where the last pod stopped.
+//! OCI pods only on nodes that run OCI containers; resource requests within allocatable;
+//! `topologySpreadConstraints` with `whenUnsatisfiable: DoNotSchedule` (maxSkew over the
+//! domains of any node label); required `podAntiAffinity`. Score: fewest pods of the same owner
+//! on the node (spreading replicas), `ScheduleAnyway` spread constraints and preferred
+//! anti-affinity terms (fewer matching pods in the node's domain is better), then least
+//! requested. As kube-scheduler does on large clusters, only enough feasible nodes are scored
+//! (at least 100, or 5%), starting where the last pod stopped.
+//!
+//! Spread domains are the nodes that are Ready and match the pod's `nodeSelector` (and, with
+//! `nodeTaintsPolicy: Honor`, whose taints it tolerates): unlike kube-scheduler, a node that is
+//! not Ready is no domain, so the replacements of a dead node's pods are not held Pending by the
+//! empty domain it leaves. Terminating pods are not counted (as in kube-scheduler). Not
+//! supported: `minDomains`, `matchLabelKeys`, `namespaceSelector`, the symmetric check of
+//! existing pods' anti-affinity, and pod affinity.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -12,7 +23,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use k8s_openapi::api::core::v1::{Affinity, TopologySpreadConstraint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::{json, Value};
+use skiff_api::selector::Selector;
 use skiff_api::{meta, quantity, ApiError, Resource};
 
 use super::nodelifecycle::is_ready;
@@ -34,6 +48,44 @@ pub struct NodeInfo {
     pub used_pods: i64,
     /// Pods per owner uid on this node.
     pub owners: HashMap<String, i64>,
+    /// The pods on this node, for spread constraints and anti-affinity.
+    pub pod_labels: Vec<PodLabels>,
+}
+
+/// What spreading and anti-affinity need of a pod already on a node.
+#[derive(Debug, Clone)]
+pub struct PodLabels {
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub terminating: bool,
+}
+
+/// One `topologySpreadConstraint`.
+#[derive(Debug, Clone)]
+pub struct Spread {
+    pub max_skew: i64,
+    pub key: String,
+    /// `DoNotSchedule` (a filter) rather than `ScheduleAnyway` (a score).
+    pub hard: bool,
+    /// None (no selector) matches no pod.
+    pub selector: Option<Selector>,
+    /// `nodeTaintsPolicy: Honor`: nodes with taints the pod does not tolerate are no domain.
+    pub honor_taints: bool,
+}
+
+/// One `podAntiAffinity` term: no pod matching `selector` in `namespaces` may run (required)
+/// or should run (preferred, by `weight`) in the node's `key` domain.
+#[derive(Debug, Clone)]
+pub struct AntiAffinity {
+    pub key: String,
+    pub selector: Option<Selector>,
+    pub namespaces: Vec<String>,
+    /// 0 for a required term.
+    pub weight: i64,
+}
+
+fn selector(ls: Option<&LabelSelector>) -> Option<Selector> {
+    ls.and_then(|l| Selector::from_label_selector(l).ok())
 }
 
 impl NodeInfo {
@@ -67,6 +119,7 @@ impl NodeInfo {
             used_memory: 0,
             used_pods: 0,
             owners: HashMap::new(),
+            pod_labels: Vec::new(),
         }
     }
 
@@ -77,6 +130,11 @@ impl NodeInfo {
         if let Some(o) = &pod.owner {
             *self.owners.entry(o.clone()).or_insert(0) += 1;
         }
+        self.pod_labels.push(PodLabels {
+            namespace: pod.namespace.clone(),
+            labels: pod.labels.clone(),
+            terminating: pod.terminating,
+        });
     }
 }
 
@@ -187,6 +245,11 @@ pub struct PodRequest {
     pub owner: Option<String>,
     pub node_selector: std::collections::BTreeMap<String, String>,
     pub tolerations: Vec<Value>,
+    pub namespace: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub terminating: bool,
+    pub spread: Vec<Spread>,
+    pub anti_affinity: Vec<AntiAffinity>,
 }
 
 impl PodRequest {
@@ -207,10 +270,57 @@ impl PodRequest {
             cpu += req("cpu").and_then(quantity::cpu_millis).unwrap_or(0);
             memory += req("memory").and_then(quantity::bytes).unwrap_or(0);
         }
+        let namespace = meta::namespace(pod).unwrap_or("default").to_string();
+        let spread: Vec<Spread> = pod
+            .pointer("/spec/topologySpreadConstraints")
+            .and_then(|v| serde_json::from_value::<Vec<TopologySpreadConstraint>>(v.clone()).ok())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| Spread {
+                max_skew: i64::from(c.max_skew.max(1)),
+                hard: c.when_unsatisfiable != "ScheduleAnyway",
+                selector: selector(c.label_selector.as_ref()),
+                honor_taints: c.node_taints_policy.as_deref() == Some("Honor"),
+                key: c.topology_key,
+            })
+            .collect();
+        let mut anti_affinity = Vec::new();
+        if let Some(anti) = pod
+            .pointer("/spec/affinity")
+            .and_then(|v| serde_json::from_value::<Affinity>(v.clone()).ok())
+            .and_then(|a| a.pod_anti_affinity)
+        {
+            let term = |t: k8s_openapi::api::core::v1::PodAffinityTerm, weight: i64| AntiAffinity {
+                key: t.topology_key,
+                selector: selector(t.label_selector.as_ref()),
+                namespaces: t
+                    .namespaces
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| vec![namespace.clone()]),
+                weight,
+            };
+            for t in anti
+                .required_during_scheduling_ignored_during_execution
+                .unwrap_or_default()
+            {
+                anti_affinity.push(term(t, 0));
+            }
+            for w in anti
+                .preferred_during_scheduling_ignored_during_execution
+                .unwrap_or_default()
+            {
+                anti_affinity.push(term(w.pod_affinity_term, i64::from(w.weight.max(1))));
+            }
+        }
         PodRequest {
             needs_oci: false,
             cpu,
             memory,
+            namespace,
+            labels: meta::labels(pod),
+            terminating: meta::is_deleting(pod),
+            spread,
+            anti_affinity,
             owner: meta::controller_uid(pod),
             node_selector: meta::string_map(pod.pointer("/spec/nodeSelector")),
             tolerations: pod
@@ -284,6 +394,131 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
     None
 }
 
+fn taints_tolerated(node: &NodeInfo, pod: &PodRequest) -> bool {
+    node.taints.iter().all(|t| {
+        let effect = t["effect"].as_str().unwrap_or("");
+        !(effect == "NoSchedule" || effect == "NoExecute") || tolerates(&pod.tolerations, t)
+    })
+}
+
+fn matching(
+    node: &NodeInfo,
+    namespaces: &[String],
+    sel: &Option<Selector>,
+    live_only: bool,
+) -> i64 {
+    let Some(sel) = sel else {
+        return 0;
+    };
+    node.pod_labels
+        .iter()
+        .filter(|p| !(live_only && p.terminating))
+        .filter(|p| namespaces.contains(&p.namespace) && sel.matches(&p.labels))
+        .count() as i64
+}
+
+/// What a pod's spread constraints and anti-affinity terms see of the cluster: per constraint,
+/// the matching pods per domain and the smallest count; per term, the matching pods per domain.
+#[derive(Debug, Default)]
+pub struct Topology {
+    spread: Vec<(HashMap<String, i64>, i64)>,
+    anti: Vec<HashMap<String, i64>>,
+}
+
+impl Topology {
+    pub fn new(nodes: &[NodeInfo], pod: &PodRequest) -> Topology {
+        let ns = std::slice::from_ref(&pod.namespace);
+        let spread = pod
+            .spread
+            .iter()
+            .map(|c| {
+                let mut counts: HashMap<String, i64> = HashMap::new();
+                for n in nodes {
+                    let eligible = n.ready
+                        && pod
+                            .node_selector
+                            .iter()
+                            .all(|(k, v)| n.labels.get(k) == Some(v))
+                        && (!c.honor_taints || taints_tolerated(n, pod));
+                    let Some(domain) = n.labels.get(&c.key).filter(|_| eligible) else {
+                        continue;
+                    };
+                    *counts.entry(domain.clone()).or_insert(0) +=
+                        matching(n, ns, &c.selector, true);
+                }
+                let min = counts.values().copied().min().unwrap_or(0);
+                (counts, min)
+            })
+            .collect();
+        let anti = pod
+            .anti_affinity
+            .iter()
+            .map(|t| {
+                let mut counts: HashMap<String, i64> = HashMap::new();
+                for n in nodes {
+                    if let Some(domain) = n.labels.get(&t.key) {
+                        *counts.entry(domain.clone()).or_insert(0) +=
+                            matching(n, &t.namespaces, &t.selector, false);
+                    }
+                }
+                counts
+            })
+            .collect();
+        Topology { spread, anti }
+    }
+
+    /// Why the spread constraints or anti-affinity keep `pod` off `node`, or None.
+    pub fn filter(&self, node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
+        for (c, (counts, min)) in pod.spread.iter().zip(&self.spread) {
+            if !c.hard {
+                continue;
+            }
+            let Some(domain) = node.labels.get(&c.key) else {
+                return Some(
+                    "node(s) didn't match pod topology spread constraints (missing required label)",
+                );
+            };
+            let me = i64::from(c.selector.as_ref().is_some_and(|s| s.matches(&pod.labels)));
+            let skew = counts.get(domain).copied().unwrap_or(0) + me - min;
+            if skew > c.max_skew {
+                return Some("node(s) didn't match pod topology spread constraints");
+            }
+        }
+        for (t, counts) in pod.anti_affinity.iter().zip(&self.anti) {
+            if t.weight == 0
+                && node
+                    .labels
+                    .get(&t.key)
+                    .is_some_and(|d| counts.get(d).copied().unwrap_or(0) > 0)
+            {
+                return Some("node(s) didn't match pod anti-affinity rules");
+            }
+        }
+        None
+    }
+
+    /// The penalty (higher is worse) of `ScheduleAnyway` constraints and preferred terms.
+    pub fn penalty(&self, node: &NodeInfo, pod: &PodRequest) -> i64 {
+        let mut p = 0;
+        for (c, (counts, _)) in pod.spread.iter().zip(&self.spread) {
+            if !c.hard {
+                let domain = node.labels.get(&c.key);
+                p += domain.map_or(1000, |d| counts.get(d).copied().unwrap_or(0)) * 1000;
+            }
+        }
+        for (t, counts) in pod.anti_affinity.iter().zip(&self.anti) {
+            if t.weight > 0 {
+                let n = node
+                    .labels
+                    .get(&t.key)
+                    .map_or(0, |d| counts.get(d).copied().unwrap_or(0));
+                p += t.weight * n * 100;
+            }
+        }
+        p
+    }
+}
+
 /// Higher is better.
 pub fn score(node: &NodeInfo, pod: &PodRequest) -> i64 {
     let same_owner = pod
@@ -314,13 +549,18 @@ pub fn schedule(
             let mut best: Option<(i64, usize)> = None;
             let mut feasible = 0;
             let mut reasons: HashMap<&'static str, usize> = HashMap::new();
+            let topology = (!pod.spread.is_empty() || !pod.anti_affinity.is_empty())
+                .then(|| Topology::new(nodes, pod));
             for step in 0..n {
                 let i = (*start + step) % n;
-                match filter(&nodes[i], pod) {
+                let why = filter(&nodes[i], pod)
+                    .or_else(|| topology.as_ref().and_then(|t| t.filter(&nodes[i], pod)));
+                match why {
                     Some(why) => *reasons.entry(why).or_insert(0) += 1,
                     None => {
                         feasible += 1;
-                        let s = score(&nodes[i], pod);
+                        let s = score(&nodes[i], pod)
+                            - topology.as_ref().map_or(0, |t| t.penalty(&nodes[i], pod));
                         if best.is_none_or(|(b, _)| s > b) {
                             best = Some((s, i));
                         }
@@ -542,6 +782,142 @@ mod tests {
         assert_eq!(
             schedule(&mut only, &[pod("100m", None)], &mut start)[0],
             Ok(0)
+        );
+    }
+
+    fn labelled(name: &str, zone: &str) -> NodeInfo {
+        node(
+            name,
+            "64",
+            json!([]),
+            json!({"kubernetes.io/hostname": name, "zone": zone}),
+        )
+    }
+
+    fn web(extra_spec: Value) -> PodRequest {
+        let mut p = json!({"metadata": {"name": "w", "namespace": "default", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c"}]}});
+        for (k, v) in extra_spec.as_object().unwrap() {
+            p["spec"][k] = v.clone();
+        }
+        PodRequest::from_pod(&p)
+    }
+
+    fn spread(key: &str, when: &str) -> Value {
+        json!({"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": key, "whenUnsatisfiable": when,
+            "labelSelector": {"matchLabels": {"app": "web"}}}]})
+    }
+
+    fn per_node(nodes: &[NodeInfo], placed: &[Result<usize, String>]) -> Vec<usize> {
+        (0..nodes.len())
+            .map(|i| placed.iter().filter(|r| **r == Ok(i)).count())
+            .collect()
+    }
+
+    #[test]
+    fn spread_constraints_hold_max_skew_over_hostnames_and_zones() {
+        let mut nodes = vec![
+            labelled("a", "z1"),
+            labelled("b", "z1"),
+            labelled("c", "z2"),
+        ];
+        // Two web pods already on a: DoNotSchedule puts the next ones on b and c first.
+        for _ in 0..2 {
+            nodes[0].add(&web(json!({})));
+        }
+        let pods: Vec<PodRequest> = (0..4)
+            .map(|_| web(spread("kubernetes.io/hostname", "DoNotSchedule")))
+            .collect();
+        let mut start = 0;
+        let placed = schedule(&mut nodes, &pods, &mut start);
+        assert_eq!(per_node(&nodes, &placed), vec![0, 2, 2], "{placed:?}");
+        // Zones: z1 (a, b) holds 4, z2 (c) holds 2: only c keeps the skew within 1.
+        let z = web(spread("zone", "DoNotSchedule"));
+        let placed = schedule(&mut nodes, std::slice::from_ref(&z), &mut start);
+        assert_eq!(placed, vec![Ok(2)]);
+        // A node without the key is no place for a hard constraint.
+        let mut bare = vec![node("x", "4", json!([]), json!({}))];
+        let placed = schedule(&mut bare, &[z], &mut start);
+        assert_eq!(
+            placed,
+            vec![Err("0/1 nodes are available: 1 node(s) didn't match pod topology spread constraints (missing required label).".into())]
+        );
+    }
+
+    #[test]
+    fn spread_ignores_not_ready_nodes_and_terminating_pods_and_soft_constraints_only_score() {
+        let mut nodes = vec![labelled("a", "z"), labelled("b", "z"), labelled("c", "z")];
+        nodes[2].ready = false;
+        for n in nodes.iter_mut().take(2) {
+            n.add(&web(json!({})));
+        }
+        // The dead node c is no domain: a and b (2, 2) take the replacements 3/3.
+        let pods: Vec<PodRequest> = (0..2)
+            .map(|_| web(spread("kubernetes.io/hostname", "DoNotSchedule")))
+            .collect();
+        let mut start = 0;
+        let placed = schedule(&mut nodes, &pods, &mut start);
+        assert_eq!(per_node(&nodes, &placed), vec![1, 1, 0], "{placed:?}");
+        // Terminating pods do not count.
+        let mut nodes = vec![labelled("a", "z"), labelled("b", "z")];
+        let mut leaving = web(json!({}));
+        leaving.terminating = true;
+        for _ in 0..3 {
+            nodes[0].add(&leaving);
+        }
+        nodes[1].add(&web(json!({})));
+        let p = web(spread("kubernetes.io/hostname", "DoNotSchedule"));
+        assert_eq!(schedule(&mut nodes, &[p], &mut start), vec![Ok(0)]);
+        // ScheduleAnyway never refuses: with every node full of matches it still places.
+        let mut nodes = vec![labelled("a", "z"), labelled("b", "z")];
+        for _ in 0..5 {
+            nodes[0].add(&web(json!({})));
+        }
+        let soft: Vec<PodRequest> = (0..3)
+            .map(|_| web(spread("kubernetes.io/hostname", "ScheduleAnyway")))
+            .collect();
+        let placed = schedule(&mut nodes, &soft, &mut start);
+        assert_eq!(per_node(&nodes, &placed), vec![0, 3], "{placed:?}");
+    }
+
+    #[test]
+    fn anti_affinity_keeps_pods_apart() {
+        let required = json!({"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "web"}}}]}}});
+        let mut nodes = vec![labelled("a", "z"), labelled("b", "z")];
+        let pods: Vec<PodRequest> = (0..3).map(|_| web(required.clone())).collect();
+        let mut start = 0;
+        let placed = schedule(&mut nodes, &pods, &mut start);
+        assert_eq!(placed[..2].iter().filter(|r| r.is_ok()).count(), 2);
+        assert_ne!(placed[0], placed[1]);
+        assert_eq!(
+            placed[2],
+            Err("0/2 nodes are available: 2 node(s) didn't match pod anti-affinity rules.".into())
+        );
+        // Other namespaces' pods do not count.
+        let mut nodes = vec![labelled("a", "z")];
+        let mut elsewhere = web(json!({}));
+        elsewhere.namespace = "other".into();
+        nodes[0].add(&elsewhere);
+        assert_eq!(
+            schedule(&mut nodes, &[web(required)], &mut start),
+            vec![Ok(0)]
+        );
+        // Preferred: the node with a matching pod is avoided while another fits.
+        let preferred = json!({"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "web"}}}}]}}});
+        let mut nodes = vec![labelled("a", "z"), labelled("b", "z")];
+        nodes[1].add(&web(json!({})));
+        let mut start = 1;
+        assert_eq!(
+            schedule(&mut nodes, &[web(preferred.clone())], &mut start),
+            vec![Ok(0)]
+        );
+        // ...and used when nothing else fits.
+        let mut only = vec![nodes[1].clone()];
+        assert_eq!(
+            schedule(&mut only, &[web(preferred)], &mut start),
+            vec![Ok(0)]
         );
     }
 
