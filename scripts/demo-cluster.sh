@@ -7,8 +7,8 @@
 # pods are Ready elsewhere, or what stands after the deadline.
 #
 # Needs root. Builds the release binary unless SKIFF names one. POD_NETWORK=vxlan runs the
-# overlay instead of host-gw; NODE_GRACE / POD_EVICTION (seconds, default 10 / 10) are the
-# server's failover settings, FAILOVER_DEADLINE (default 180) how long to wait for it.
+# overlay instead of host-gw; NODE_GRACE / UNREACHABLE_TOLERATION (seconds, default 15 / 10, the
+# server's defaults) are its failover settings, FAILOVER_DEADLINE (default 180) how long to wait.
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ fi
 [ -f samples/build/bootcamp-v1.wasm ] || samples/build.sh >/dev/null
 
 . scripts/lib/netns-cluster.sh
-SERVER_FLAGS=(--node-grace-seconds "${NODE_GRACE:-10}" --pod-eviction-seconds "${POD_EVICTION:-10}")
+SERVER_FLAGS=(--node-monitor-grace-period "${NODE_GRACE:-15}" --default-unreachable-toleration-seconds "${UNREACHABLE_TOLERATION:-10}")
 echo "starting a server and three nodes in network namespaces (pod network: ${POD_NETWORK:-host-gw})"
 start_netns_lan_cluster "skiff-demo-$$" 3 --pod-network "${POD_NETWORK:-host-gw}"
 

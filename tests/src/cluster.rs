@@ -120,9 +120,11 @@ impl Cluster {
         args.extend(options.server_flags.iter().cloned());
         let log = dir.join("server.log");
         let index = lan.spawn(&args.iter().map(String::as_str).collect::<Vec<_>>(), &log)?;
-        eventually("the server's join token", Duration::from_secs(20), || async {
-            Ok(std::fs::read_to_string(server_dir.join("node-token")).ok())
-        })
+        eventually(
+            "the server's join token",
+            Duration::from_secs(20),
+            || async { Ok(std::fs::read_to_string(server_dir.join("node-token")).ok()) },
+        )
         .await?;
         let up = SkiffUp {
             dir: server_dir.clone(),
