@@ -495,7 +495,13 @@ async fn nodes_join_with_a_token_and_are_held_to_their_own_objects() -> anyhow::
         e.context(format!("edge-2's log:\n{log}"))
     })?;
     assert_ne!(std::fs::read(d2.join("pki/serving.crt"))?, serving_before);
-    let logs = up.skiff(&ns, &["logs", "on-2"])?;
+    // The restarted agent serves the pod's logs once it has listed its pods again.
+    let logs = eventually(
+        "on-2's logs from the restarted edge-2",
+        Duration::from_secs(30),
+        || async { Ok(up.skiff(&ns, &["logs", "on-2"]).ok()) },
+    )
+    .await?;
     assert!(logs.contains("arg 1: on-2"), "{logs}");
     Ok(())
 }
