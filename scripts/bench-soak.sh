@@ -13,7 +13,7 @@
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-skiff=$PWD/target/release/skiff
+skiff=${SKIFF:-$PWD/target/release/skiff}
 soak=${SOAK_SECONDS:-600}
 wasm_n=${SOAK_WASM_PODS:-150}
 oci_n=${SOAK_OCI_PODS:-20}
@@ -100,3 +100,10 @@ printf '  %-44s %10s %10s\n' "OCI containers known to runc" "$b_ctrs" "$a_ctrs"
 printf '  %-44s %10s %10s\n' "agent data dir without image caches (KiB)" "$b_size" "$a_size"
 echo "  RSS of skiff up (MiB) after round: ${trend[*]}"
 printf '  %-44s %10s\n' "image and compile caches (KiB)" "$(du -sk "$data/agent" | cut -f1)"
+# Where the resident memory is: the largest mappings by RSS (a wasm instance pool is one large
+# reservation; the allocator's heap is many smaller anonymous arenas).
+echo "  largest mappings of skiff up by RSS (MiB resident / MiB mapped, name):"
+awk '/^[0-9a-f]+-[0-9a-f]+ / {name = ($6 == "" ? "[anonymous]" : $6)}
+     /^Size:/ {size = $2 / 1024}
+     /^Rss:/ {printf "%.1f %.0f %s\n", $2 / 1024, size, name}' "/proc/$up_pid/smaps" |
+  sort -rn | sed -n 1,6p | while read -r rss size name; do printf '    %8s / %-8s %s\n' "$rss" "$size" "$name"; done
