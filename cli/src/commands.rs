@@ -543,6 +543,7 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.runc = node.runc.clone();
     c.cni_bin_dir = node.cni_bin_dir.clone();
     c.pod_network = node.pod_network;
+    c.cert_check_every = Duration::from_secs(node.cert_check_seconds.max(1));
     c
 }
 

@@ -110,6 +110,10 @@ pub struct NodeArgs {
     /// InternalIP; nodes on one link) or vxlan (an overlay between the nodes' InternalIPs).
     #[arg(long, default_value = "host-gw")]
     pub pod_network: skiff_node::routes::PodNetworkMode,
+    /// Seconds between checks of the node's certificates (renewed when a third of their
+    /// validity is left); for tests.
+    #[arg(long, default_value_t = 3600, hide = true)]
+    pub cert_check_seconds: u64,
 }
 
 #[derive(Subcommand)]
