@@ -162,7 +162,7 @@ fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
         "metadata": {"name": c.name, "labels": {
             "kubernetes.io/hostname": c.name, "kubernetes.io/os": std::env::consts::OS, "kubernetes.io/arch": arch,
             "beta.kubernetes.io/os": std::env::consts::OS, "beta.kubernetes.io/arch": arch,
-            WASM_NODE_LABEL: "true", OCI_NODE_LABEL: oci.is_ok().to_string(), "node-role.kubernetes.io/edge": "true",
+            WASM_NODE_LABEL: "true", OCI_NODE_LABEL: oci.is_ok().to_string(),
         }},
         "spec": {},
         "status": {

@@ -203,6 +203,9 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
             &serde_json::to_value(answer).unwrap_or_default(),
         ));
     }
+    // Who writes, for the admission rules that depend on it (NodeRestriction).
+    let mut req = req;
+    req.extensions_mut().insert(user);
     Ok(handlers::dispatch(state.clone(), req).await)
 }
 
