@@ -708,4 +708,36 @@ mod tests {
         assert!(pki.load().is_none());
         assert!(!pki.is_current("n1", Ipv4Addr::LOCALHOST, None));
     }
+    /// A self-signed certificate valid from `from` to `to` (seconds from now).
+    fn cert(from: i64, to: i64) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:n1");
+        let at = |s: i64| time::OffsetDateTime::now_utc() + time::Duration::seconds(s);
+        params.not_before = at(from);
+        params.not_after = at(to);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn renewal_is_due_when_a_third_of_the_validity_is_left() {
+        let now = chrono::Utc::now();
+        // A year's certificate issued today, or 200 days ago: not due.
+        assert!(!renewal_due(&cert(0, 365 * 86_400), now));
+        assert!(!renewal_due(&cert(-200 * 86_400, 165 * 86_400), now));
+        // 250 days into 365 (115 left, under a third): due; and expired: due.
+        assert!(renewal_due(&cert(-250 * 86_400, 115 * 86_400), now));
+        assert!(renewal_due(&cert(-400 * 86_400, -35 * 86_400), now));
+        // Short test certificates: a minute's, 30 s in, is not due; 45 s in, it is.
+        assert!(!renewal_due(&cert(-30, 30), now));
+        assert!(renewal_due(&cert(-45, 15), now));
+        // What does not read is due.
+        assert!(renewal_due("not a certificate", now));
+        let c = cert(0, 60);
+        assert_eq!(serial(&c), serial(&c));
+        assert!(serial(&c).is_some_and(|s| !s.is_empty()));
+        assert_ne!(serial(&c), serial(&cert(0, 60)));
+    }
 }
