@@ -578,6 +578,7 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     config.controllers.event_ttl = Duration::from_secs(args.event_ttl_seconds);
     config.controllers.max_events = args.max_events;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
+    config.node_cert_validity = args.node_cert_validity;
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());
     }
