@@ -4,6 +4,7 @@
 //! while its process stays the same, the node stays Ready past the first certificate's
 //! expiry, the API server still reaches the agent's endpoint (which serves the new serving
 //! certificate), and the node may not set a `node-restriction.kubernetes.io/` label on itself.
+//! A node whose certificate expired while it was down needs a join token again, and says so.
 //! Needs root, iproute2, curl, openssl, docker-registry and the samples (`samples/build.sh`).
 
 use std::path::Path;
@@ -165,6 +166,54 @@ async fn node_certificates_are_renewed_while_the_agent_runs() -> anyhow::Result<
     })
     .await
     .map_err(|e| e.context(format!("the agent's log:\n{}", log_of())))?;
+    // A second node joins with a token of its own, stops, and its token is deleted: by the
+    // time it comes back its certificate has expired, and it says it needs a join token.
+    let sleeper_token = up.skiff(&ns, &["token", "create", "--ttl", "1h"])?;
+    let sleeper_token = sleeper_token.trim().to_string();
+    let sleeper_dir = dir.path().join("sleeper");
+    ns.reset_on_drop(&sleeper_dir);
+    let sleeper_args = |token: &str| -> Vec<String> {
+        [
+            &bin,
+            "agent",
+            "--server",
+            API,
+            "--token",
+            token,
+            "--data-dir",
+            sleeper_dir.to_str().unwrap(),
+            "--name",
+            "sleeper",
+            "--bridge",
+            "skiffsleep",
+            "--disable-oci",
+            "--disable-proxy",
+            "--agent-addr",
+            "127.0.0.1:0",
+        ]
+        .map(String::from)
+        .into()
+    };
+    let args = sleeper_args(&sleeper_token);
+    let sleeper = ns.spawn(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &dir.path().join("sleeper.log"),
+    )?;
+    eventually(
+        "node sleeper registered",
+        Duration::from_secs(40),
+        || async { Ok(up.skiff(&ns, &["get", "node", "sleeper"]).ok().map(|_| ())) },
+    )
+    .await?;
+    ns.kill(sleeper)?;
+    let sleeper_id = sleeper_token
+        .split_once("::")
+        .and_then(|(_, c)| c.split_once('.'))
+        .map(|(id, _)| id.to_string())
+        .unwrap();
+    up.skiff(&ns, &["token", "delete", &sleeper_id])?;
+    let sleeper_expiry = not_after(&sleeper_dir.join("pki/client.crt"))?;
+
     let client_crt = node_dir.join("pki/client.crt");
     let serving_crt = node_dir.join("pki/serving.crt");
     let first_serial = serial_of(&client_crt)?;
@@ -303,6 +352,25 @@ async fn node_certificates_are_renewed_while_the_agent_runs() -> anyhow::Result<
     let labels = up.json(&ns, &["get", "node", "renewer"])?["metadata"]["labels"].clone();
     assert_eq!(labels["example.com/rack"], "r1");
     assert!(labels.get("node-restriction.kubernetes.io/x").is_none());
+    // The sleeper's certificate has expired: with its deleted token it cannot come back, and
+    // says so in one line.
+    let wait = sleeper_expiry - chrono::Utc::now() + chrono::Duration::seconds(2);
+    if let Ok(wait) = wait.to_std() {
+        tokio::time::sleep(wait).await; // the certificate's own expiry, not a readiness wait
+    }
+    let args = sleeper_args(&sleeper_token);
+    let mut full = vec!["timeout", "60"];
+    full.extend(args.iter().map(String::as_str));
+    let out = ns.output(&full)?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(
+        lines[0].contains("client certificate of node sleeper expired at")
+            && lines[0].contains("valid join token"),
+        "{err}"
+    );
     // An administrator may set it.
     up.skiff(
         &ns,
