@@ -543,6 +543,7 @@ fn agent_config(dir: std::path::PathBuf, node: &NodeArgs) -> skiff_node::AgentCo
     c.runc = node.runc.clone();
     c.cni_bin_dir = node.cni_bin_dir.clone();
     c.pod_network = node.pod_network;
+    c.cert_check_every = Duration::from_secs(node.cert_check_seconds.max(1));
     c
 }
 
@@ -577,6 +578,7 @@ async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<()> {
     config.controllers.event_ttl = Duration::from_secs(args.event_ttl_seconds);
     config.controllers.max_events = args.max_events;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
+    config.node_cert_validity = args.node_cert_validity;
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());
     }

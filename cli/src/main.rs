@@ -40,6 +40,9 @@ pub struct ServerArgs {
     /// tainted unreachable (`15s`, `1m`; a bare number is seconds).
     #[arg(long, alias = "node-grace-seconds", default_value = "15s", value_parser = parse_duration)]
     pub node_monitor_grace_period: std::time::Duration,
+    /// How long node certificates are valid (365 days; tests: `60s`).
+    #[arg(long, default_value = "8760h", value_parser = parse_duration, hide = true)]
+    pub node_cert_validity: std::time::Duration,
     /// `tolerationSeconds` new pods get for the `node.kubernetes.io/not-ready:NoExecute`
     /// taint unless they tolerate it themselves: how long they stay on a NotReady node.
     #[arg(long, default_value_t = 10)]
@@ -110,6 +113,10 @@ pub struct NodeArgs {
     /// InternalIP; nodes on one link) or vxlan (an overlay between the nodes' InternalIPs).
     #[arg(long, default_value = "host-gw")]
     pub pod_network: skiff_node::routes::PodNetworkMode,
+    /// Seconds between checks of the node's certificates (renewed when a third of their
+    /// validity is left); for tests.
+    #[arg(long, default_value_t = 3600, hide = true)]
+    pub cert_check_seconds: u64,
 }
 
 #[derive(Subcommand)]

@@ -8,6 +8,8 @@ pub mod kubeconfig;
 pub mod token;
 pub mod verbs;
 
+use std::sync::{Arc, RwLock};
+
 use futures::StreamExt;
 use serde_json::Value;
 use skiff_api::{ApiError, Resource};
@@ -41,13 +43,46 @@ pub struct WatchEvent {
     pub object: Value,
 }
 
+/// A client and every clone of it share one transport: [`Client::set_identity`] swaps the
+/// client certificate for all of them (a node renewing its certificate while it runs), and
+/// requests from then on go out with the new one.
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::Client,
+    http: Arc<RwLock<reqwest::Client>>,
+    /// What the transport is built from, kept to rebuild it with another identity.
+    tls: Arc<TlsSettings>,
     pub server: String,
     token: Option<String>,
     /// The namespace of the current context.
     pub namespace: String,
+}
+
+/// What a client's transport trusts, apart from the identity it presents.
+struct TlsSettings {
+    ca_pem: Option<String>,
+    insecure: bool,
+}
+
+impl TlsSettings {
+    fn transport(&self, identity_pem: Option<&str>) -> Result<reqwest::Client, ClientError> {
+        let mut b = reqwest::Client::builder()
+            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .use_rustls_tls();
+        if let Some(ca) = &self.ca_pem {
+            let cert = reqwest::Certificate::from_pem(ca.as_bytes())
+                .map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
+            b = b.add_root_certificate(cert);
+        }
+        if let Some(pem) = identity_pem {
+            let id = reqwest::Identity::from_pem(pem.as_bytes())
+                .map_err(|e| ClientError::Config(format!("bad client certificate: {e}")))?;
+            b = b.identity(id);
+        }
+        if self.insecure {
+            b = b.danger_accept_invalid_certs(true);
+        }
+        b.build().map_err(|e| ClientError::Config(e.to_string()))
+    }
 }
 
 /// The path of a collection or object.
@@ -123,29 +158,27 @@ impl Client {
         ca_pem: Option<&str>,
         insecure: bool,
     ) -> Result<Self, ClientError> {
-        let mut b = reqwest::Client::builder()
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
-            .use_rustls_tls();
-        if let Some(ca) = ca_pem {
-            let cert = reqwest::Certificate::from_pem(ca.as_bytes())
-                .map_err(|e| ClientError::Config(format!("bad CA certificate: {e}")))?;
-            b = b.add_root_certificate(cert);
-        }
-        if let Some(pem) = identity_pem {
-            let id = reqwest::Identity::from_pem(pem.as_bytes())
-                .map_err(|e| ClientError::Config(format!("bad client certificate: {e}")))?;
-            b = b.identity(id);
-        }
-        if insecure {
-            b = b.danger_accept_invalid_certs(true);
-        }
-        let http = b.build().map_err(|e| ClientError::Config(e.to_string()))?;
+        let tls = TlsSettings {
+            ca_pem: ca_pem.map(String::from),
+            insecure,
+        };
+        let http = tls.transport(identity_pem)?;
         Ok(Client {
-            http,
+            http: Arc::new(RwLock::new(http)),
+            tls: Arc::new(tls),
             server: server.trim_end_matches('/').to_string(),
             token,
             namespace: namespace.to_string(),
         })
+    }
+
+    /// Authenticates with another client certificate (`identity_pem`: certificate and key,
+    /// PEM) from now on, in this client and every clone of it. Requests already sent (a watch
+    /// in progress) keep their connection; new requests use new connections.
+    pub fn set_identity(&self, identity_pem: &str) -> Result<(), ClientError> {
+        let http = self.tls.transport(Some(identity_pem))?;
+        *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
+        Ok(())
     }
 
     /// From a kubeconfig file (see [`kubeconfig::load`]).
@@ -171,7 +204,8 @@ impl Client {
     }
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let mut r = self.http.request(method, format!("{}{path}", self.server));
+        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut r = http.request(method, format!("{}{path}", self.server));
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
         }

@@ -53,6 +53,9 @@ pub struct WriteOptions {
     pub dry_run: bool,
     /// Unknown fields are an error (`fieldValidation=Strict`, the default).
     pub lenient: bool,
+    /// The node (`system:node:NAME`) making the write: its own Node is held to
+    /// NodeRestriction's rules ([`crate::apiserver::auth::admit_node_write`]).
+    pub by_node: Option<String>,
 }
 
 /// Options of a delete (`DeleteOptions`).
@@ -379,6 +382,7 @@ impl Registry {
         self.ensure_namespace(r, ns.as_deref())?;
         // Only kinds that allocate need to be serialised with the writes of their kind.
         let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
+        Self::node_restriction(r, None, &obj, opts)?;
         self.admit(r, None, &mut obj)?;
         if opts.dry_run {
             return Ok(obj);
@@ -555,6 +559,7 @@ impl Registry {
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
         let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
+        Self::node_restriction(r, Some(old), &new, opts)?;
         self.admit(r, Some(old), &mut new)?;
         if opts.dry_run {
             return Ok(new);
@@ -889,6 +894,24 @@ impl Registry {
     /// CIDRs): such writes hold `alloc` until they are committed, so two never take the same.
     fn allocates(r: &Resource) -> bool {
         matches!(r.kind, "Service" | "Node")
+    }
+
+    /// A node writing its own Node: the labels and taints it may not change.
+    fn node_restriction(
+        r: &Resource,
+        old: Option<&Value>,
+        new: &Value,
+        opts: &WriteOptions,
+    ) -> Result<(), ApiError> {
+        let Some(node) = opts.by_node.as_deref().filter(|_| r.kind == "Node") else {
+            return Ok(());
+        };
+        let typed = |v: &Value| {
+            serde_json::from_value::<k8s_openapi::api::core::v1::Node>(v.clone())
+                .map_err(|e| ApiError::bad_request(format!("node: {e}")))
+        };
+        let old = old.map(typed).transpose()?;
+        crate::apiserver::auth::admit_node_write(node, old.as_ref(), &typed(new)?)
     }
 
     fn admit(&self, r: &Resource, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {

@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub controllers: ControllerConfig,
     /// Extra names and addresses the API certificate is valid for.
     pub tls_sans: Vec<String>,
+    /// How long node certificates are valid (365 days; tests make it seconds).
+    pub node_cert_validity: Duration,
 }
 
 impl ServerConfig {
@@ -34,6 +36,7 @@ impl ServerConfig {
             cluster: ClusterConfig::default(),
             controllers: ControllerConfig::default(),
             tls_sans: Vec::new(),
+            node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
         }
     }
 }
@@ -253,13 +256,15 @@ impl Server {
             config.controllers.clone(),
             stop.subscribe(),
         );
-        let state = Arc::new(ApiState::new(
+        let mut state = ApiState::new(
             registry.clone(),
             &tls,
             vec![token.clone()],
             Some(node_secret),
             addr,
-        ));
+        );
+        state.node_cert_validity = config.node_cert_validity;
+        let state = Arc::new(state);
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;

@@ -21,8 +21,12 @@ use sha2::Digest;
 
 /// The common name of the API server's client certificate towards node agents.
 pub const KUBELET_CLIENT_CN: &str = "skiff-apiserver-kubelet-client";
-/// How long node certificates are valid; agents renew them when less than a third is left.
-pub const NODE_CERT_DAYS: i64 = 365;
+/// How long node certificates are valid (365 days); agents renew them when less than a third
+/// is left. [`crate::server::ServerConfig::node_cert_validity`] sets it (tests: seconds).
+pub const NODE_CERT_VALIDITY: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
+/// How far before now a certificate's validity starts (clocks a little behind still accept
+/// it), at most: a tenth of a short validity.
+const BACKDATE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -47,7 +51,7 @@ pub struct Subject {
     /// DNS names and IP addresses (serving certificates).
     pub sans: Vec<String>,
     pub usage: Usage,
-    pub days: i64,
+    pub validity: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,8 +193,11 @@ impl ClusterCa {
         }
         p.distinguished_name = dn;
         let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::minutes(5);
-        p.not_after = now + time::Duration::days(subject.days);
+        let validity = time::Duration::try_from(subject.validity).unwrap_or(time::Duration::MAX);
+        let backdate = time::Duration::try_from(BACKDATE.min(subject.validity / 10))
+            .unwrap_or(time::Duration::ZERO);
+        p.not_before = now - backdate;
+        p.not_after = now.saturating_add(validity);
         let mut names = subject.sans.clone();
         names.sort();
         names.dedup();
@@ -282,7 +289,7 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
         organizations: Vec::new(),
         sans: names,
         usage: Usage::Server,
-        days: 100 * 365,
+        validity: std::time::Duration::from_secs(100 * 365 * 86_400),
     })?;
     // Client certificates are asked for, not required: kubectl with a token sends none.
     let verifier =
@@ -299,7 +306,7 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
         organizations: vec!["system:masters".into()],
         sans: Vec::new(),
         usage: Usage::Client,
-        days: 100 * 365,
+        validity: std::time::Duration::from_secs(100 * 365 * 86_400),
     })?;
     let kubelet_client = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
@@ -337,7 +344,7 @@ mod tests {
                     organizations: vec!["system:nodes".into()],
                     sans: Vec::new(),
                     usage: Usage::Client,
-                    days: NODE_CERT_DAYS,
+                    validity: NODE_CERT_VALIDITY,
                 },
             )
             .unwrap();

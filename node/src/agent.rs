@@ -55,6 +55,8 @@ pub struct AgentConfig {
     pub pod_network: crate::routes::PodNetworkMode,
     /// The VXLAN device of the vxlan backend.
     pub vxlan: crate::routes::Vxlan,
+    /// How often the node's certificates are checked and renewed when due (with jitter).
+    pub cert_check_every: Duration,
 }
 
 impl AgentConfig {
@@ -76,6 +78,7 @@ impl AgentConfig {
             cni_bin_dir: crate::sandbox::DEFAULT_CNI_BIN.into(),
             pod_network: Default::default(),
             vxlan: Default::default(),
+            cert_check_every: crate::join::RENEW_CHECK_EVERY,
         }
     }
 }
@@ -159,7 +162,7 @@ fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
         "metadata": {"name": c.name, "labels": {
             "kubernetes.io/hostname": c.name, "kubernetes.io/os": std::env::consts::OS, "kubernetes.io/arch": arch,
             "beta.kubernetes.io/os": std::env::consts::OS, "beta.kubernetes.io/arch": arch,
-            WASM_NODE_LABEL: "true", OCI_NODE_LABEL: oci.is_ok().to_string(), "node-role.kubernetes.io/edge": "true",
+            WASM_NODE_LABEL: "true", OCI_NODE_LABEL: oci.is_ok().to_string(),
         }},
         "spec": {},
         "status": {
@@ -286,7 +289,8 @@ impl Agent {
                 None,
             )
             .await?;
-        let endpoint_tls = credential.endpoint_tls()?;
+        let serving = crate::join::ServingCert::new(&credential)?;
+        let endpoint_tls = credential.endpoint_tls(serving.clone())?;
         let cached = load_cache(&config.data_dir);
         let node = match register(&client, &config, port, &oci_state).await {
             Ok(n) => n,
@@ -363,6 +367,19 @@ impl Agent {
             no_oci: oci_state.as_ref().err().cloned(),
         });
         let (stop, stopped) = watch::channel(false);
+        // The certificates renewed while the agent runs: `client` and every clone of it, and
+        // the endpoint, take the new ones.
+        tokio::spawn(
+            crate::join::Renewal {
+                client: client.clone(),
+                serving,
+                data_dir: config.data_dir.clone(),
+                node: config.name.clone(),
+                ip: config.node_ip,
+                every: config.cert_check_every,
+            }
+            .run(stopped.clone()),
+        );
         // Routes to the other nodes' pod networks, following the Nodes until the agent stops.
         let route_config = crate::routes::RouteConfig {
             node: config.name.clone(),

@@ -22,8 +22,8 @@ use skiff_client::{Client, ClientError};
 /// The API server's client certificate's common name: the only caller the endpoint serves.
 pub const API_SERVER_CLIENT_CN: &str = "skiff-apiserver-kubelet-client";
 const CREDENTIAL_PATH: &str = "/v1-skiff/node-credential";
-/// Certificates are renewed when less than this much of their validity is left.
-const RENEW_BEFORE: chrono::Duration = chrono::Duration::days(120);
+/// How often a running agent looks at its certificates by default (with jitter).
+pub const RENEW_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {
@@ -43,6 +43,12 @@ pub enum JoinError {
     Io {
         path: PathBuf,
         error: std::io::Error,
+    },
+    #[error("the client certificate of node {node} expired at {not_after} and the join token was refused ({error}): run the agent again with a valid join token (`skiff token create` on the server)")]
+    Expired {
+        node: String,
+        not_after: chrono::DateTime<chrono::Utc>,
+        error: ClientError,
     },
     #[error(transparent)]
     Client(#[from] ClientError),
@@ -140,12 +146,16 @@ impl NodeCredential {
         Client::with_identity(server, &self.client_identity_pem, "default", &self.ca_pem)
     }
 
-    /// The endpoint's TLS configuration: the serving certificate, and client certificates
-    /// asked for (not required, so a caller without one gets a clear 401) and checked
-    /// against the cluster CA.
-    pub fn endpoint_tls(&self) -> Result<Arc<rustls::ServerConfig>, JoinError> {
+    /// The endpoint's TLS configuration: the serving certificate (from `serving`, which a
+    /// renewal swaps: new connections get the current one), and client certificates asked
+    /// for (not required, so a caller without one gets a clear 401) and checked against the
+    /// cluster CA.
+    pub fn endpoint_tls(
+        &self,
+        serving: Arc<ServingCert>,
+    ) -> Result<Arc<rustls::ServerConfig>, JoinError> {
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        use rustls::pki_types::CertificateDer;
         let bad = |e: String| JoinError::Credential(e);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -161,19 +171,131 @@ impl NodeCredential {
         .allow_unauthenticated()
         .build()
         .map_err(|e| bad(format!("client verifier: {e}")))?;
-        let certs = CertificateDer::pem_slice_iter(self.serving_cert_pem.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(format!("serving certificate: {e}")))?;
-        let key = PrivateKeyDer::from_pem_slice(self.serving_key_pem.as_bytes())
-            .map_err(|e| bad(format!("serving key: {e}")))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(e.to_string()))?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(certs, key)
-            .map_err(|e| bad(format!("serving certificate: {e}")))?;
+            .with_cert_resolver(serving);
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+
+    /// The serving certificate and key, as rustls signs with them.
+    fn certified_serving_key(&self) -> Result<rustls::sign::CertifiedKey, JoinError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: String| JoinError::Credential(e);
+        let certs = CertificateDer::pem_slice_iter(self.serving_cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(format!("serving certificate: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad("serving certificate: none in the PEM".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(self.serving_key_pem.as_bytes())
+            .map_err(|e| bad(format!("serving key: {e}")))?;
+        rustls::sign::CertifiedKey::from_der(certs, key, &rustls::crypto::ring::default_provider())
+            .map_err(|e| bad(format!("serving certificate: {e}")))
+    }
+}
+
+/// The endpoint's current serving certificate: what each new TLS connection is served with,
+/// replaced in place when the node renews its certificates.
+#[derive(Debug)]
+pub struct ServingCert(std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>);
+
+impl ServingCert {
+    pub fn new(cred: &NodeCredential) -> Result<Arc<ServingCert>, JoinError> {
+        Ok(Arc::new(ServingCert(std::sync::RwLock::new(Arc::new(
+            cred.certified_serving_key()?,
+        )))))
+    }
+
+    /// Serves `cred`'s serving certificate from now on.
+    pub fn set(&self, cred: &NodeCredential) -> Result<(), JoinError> {
+        let key = Arc::new(cred.certified_serving_key()?);
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = key;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// Renews a running node's certificates: every `every` (with jitter) it looks at them, and when
+/// either is due ([`renewal_due`]) asks the server for new ones with its current client
+/// certificate, stores them, and swaps them in: `client` (and every clone of it: heartbeat,
+/// proxy, routes, pod workers) authenticates with the new client certificate, `serving` serves
+/// the new serving certificate. Nothing restarts; pods are not touched.
+pub struct Renewal {
+    pub client: Client,
+    pub serving: Arc<ServingCert>,
+    pub data_dir: PathBuf,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub every: std::time::Duration,
+}
+
+impl Renewal {
+    /// Checks once: renews when due. Returns whether new certificates were swapped in.
+    pub async fn check(&self) -> Result<bool, JoinError> {
+        let pki = Pki::new(&self.data_dir);
+        let Some(current) = pki.load() else {
+            return Err(JoinError::Credential(
+                "no node credential under the data dir".into(),
+            ));
+        };
+        let now = chrono::Utc::now();
+        if !renewal_due(&current.client_identity_pem, now)
+            && !renewal_due(&current.serving_cert_pem, now)
+        {
+            return Ok(false);
+        }
+        if let Some(not_after) = cert_info(&current.client_identity_pem)
+            .map(|i| i.not_after)
+            .filter(|t| *t <= now)
+        {
+            // Nothing the server would accept is left: only a join token brings it back.
+            return Err(JoinError::Credential(format!(
+                "the client certificate of node {} expired at {not_after}: restart the agent with a valid join token (`skiff token create` on the server)",
+                self.node
+            )));
+        }
+        let cred = pki
+            .request(&self.client, &self.data_dir, &self.node, self.ip)
+            .await?;
+        // A client with a bearer token (an administrator's) keeps authenticating with it.
+        if self.client.token().is_none() {
+            self.client.set_identity(&cred.client_identity_pem)?;
+        }
+        self.serving.set(&cred)?;
+        tracing::info!(
+            node = %self.node,
+            serial = serial(&cred.client_identity_pem).unwrap_or_default(),
+            "node certificates renewed"
+        );
+        Ok(true)
+    }
+
+    /// Checks every `every` (±10 %) until `stop` turns true.
+    pub async fn run(self, mut stop: tokio::sync::watch::Receiver<bool>) {
+        use rand::Rng;
+        loop {
+            let jitter = rand::thread_rng().gen_range(0.9..1.1);
+            let wait = self.every.mul_f64(jitter);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(error) = self.check().await {
+                tracing::warn!(node = %self.node, %error, "renewing the node certificates failed; trying again at the next check");
+            }
+        }
     }
 }
 
@@ -197,7 +319,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), JoinError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io(parent))?;
     }
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -238,6 +362,7 @@ pub struct Pki {
 /// What a stored certificate says about itself.
 struct CertInfo {
     common_name: String,
+    not_before: chrono::DateTime<chrono::Utc>,
     not_after: chrono::DateTime<chrono::Utc>,
     ips: Vec<std::net::IpAddr>,
 }
@@ -253,6 +378,7 @@ fn cert_info(pem: &str) -> Option<CertInfo> {
         .as_str()
         .ok()?
         .to_string();
+    let not_before = chrono::DateTime::from_timestamp(cert.validity().not_before.timestamp(), 0)?;
     let not_after = chrono::DateTime::from_timestamp(cert.validity().not_after.timestamp(), 0)?;
     let ips = cert
         .subject_alternative_name()
@@ -275,9 +401,31 @@ fn cert_info(pem: &str) -> Option<CertInfo> {
         .unwrap_or_default();
     Some(CertInfo {
         common_name,
+        not_before,
         not_after,
         ips,
     })
+}
+
+impl CertInfo {
+    /// Less than a third of the validity is left at `now`: time to renew.
+    fn due(&self, now: chrono::DateTime<chrono::Utc>) -> bool {
+        self.not_after - now < (self.not_after - self.not_before) / 3
+    }
+}
+
+/// Whether the certificate `pem` is due for renewal at `now`: less than a third of its validity
+/// left (365-day certificates: about 122 days), or unreadable.
+pub fn renewal_due(pem: &str, now: chrono::DateTime<chrono::Utc>) -> bool {
+    cert_info(pem).is_none_or(|i| i.due(now))
+}
+
+/// The serial number of the certificate `pem` (hex), if it reads.
+pub fn serial(pem: &str) -> Option<String> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).ok()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(cert.raw_serial_as_string())
 }
 
 impl Pki {
@@ -304,7 +452,7 @@ impl Pki {
     }
 
     /// Whether the stored credential is for `node` at `ip`, signed by `ca_pem` (when given),
-    /// and has more than [`RENEW_BEFORE`] left.
+    /// and not due for renewal ([`renewal_due`]).
     pub fn is_current(&self, node: &str, ip: Ipv4Addr, ca_pem: Option<&str>) -> bool {
         let Some(c) = self.load() else {
             return false;
@@ -313,11 +461,11 @@ impl Pki {
             return false;
         }
         let want_cn = format!("system:node:{node}");
-        let soon = chrono::Utc::now() + RENEW_BEFORE;
+        let now = chrono::Utc::now();
         let ok = |pem: &str, need_ip: bool| {
             cert_info(pem).is_some_and(|i| {
                 i.common_name == want_cn
-                    && i.not_after > soon
+                    && !i.due(now)
                     && (!need_ip || i.ips.contains(&std::net::IpAddr::V4(ip)))
             })
         };
@@ -333,8 +481,13 @@ impl Pki {
             .and_then(|c| cert_info(&c.client_identity_pem))
             .is_some_and(|i| {
                 i.common_name == want_cn
-                    && i.not_after > chrono::Utc::now() + chrono::Duration::minutes(5)
+                    && i.not_after > chrono::Utc::now() + chrono::Duration::seconds(10)
             })
+    }
+
+    /// When the stored client certificate stops being valid.
+    fn client_not_after(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        cert_info(&self.load()?.client_identity_pem).map(|i| i.not_after)
     }
 
     /// Asks the server (through `client`: a join token, an admin, or the node itself) to sign
@@ -485,11 +638,21 @@ pub async fn join(
         return Ok(bearer);
     }
     // A node renews with its own certificate while it is valid; the token is for joining.
-    let via = match pki.load() {
-        Some(c) if pki.can_renew_itself(node, &ca) => c.client(server)?,
-        _ => bearer,
+    let (via, expired) = match pki.load() {
+        Some(c) if pki.can_renew_itself(node, &ca) => (c.client(server)?, None),
+        // A certificate that has run out (the agent was down a long time): the token must do.
+        _ => (bearer, pki.client_not_after()),
     };
-    let cred = pki.ensure(&via, data_dir, node, ip, Some(&ca)).await?;
+    let cred = match pki.ensure(&via, data_dir, node, ip, Some(&ca)).await {
+        Err(JoinError::Refused { node, error }) if expired.is_some() && error.code().is_some() => {
+            return Err(JoinError::Expired {
+                node,
+                not_after: expired.unwrap_or_default(),
+                error,
+            })
+        }
+        other => other?,
+    };
     Ok(cred.client(server)?)
 }
 
@@ -546,5 +709,37 @@ mod tests {
         let pki = Pki::new(dir.path());
         assert!(pki.load().is_none());
         assert!(!pki.is_current("n1", Ipv4Addr::LOCALHOST, None));
+    }
+    /// A self-signed certificate valid from `from` to `to` (seconds from now).
+    fn cert(from: i64, to: i64) -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "system:node:n1");
+        let at = |s: i64| time::OffsetDateTime::now_utc() + time::Duration::seconds(s);
+        params.not_before = at(from);
+        params.not_after = at(to);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn renewal_is_due_when_a_third_of_the_validity_is_left() {
+        let now = chrono::Utc::now();
+        // A year's certificate issued today, or 200 days ago: not due.
+        assert!(!renewal_due(&cert(0, 365 * 86_400), now));
+        assert!(!renewal_due(&cert(-200 * 86_400, 165 * 86_400), now));
+        // 250 days into 365 (115 left, under a third): due; and expired: due.
+        assert!(renewal_due(&cert(-250 * 86_400, 115 * 86_400), now));
+        assert!(renewal_due(&cert(-400 * 86_400, -35 * 86_400), now));
+        // Short test certificates: a minute's, 30 s in, is not due; 45 s in, it is.
+        assert!(!renewal_due(&cert(-30, 30), now));
+        assert!(renewal_due(&cert(-45, 15), now));
+        // What does not read is due.
+        assert!(renewal_due("not a certificate", now));
+        let c = cert(0, 60);
+        assert_eq!(serial(&c), serial(&c));
+        assert!(serial(&c).is_some_and(|s| !s.is_empty()));
+        assert_ne!(serial(&c), serial(&cert(0, 60)));
     }
 }

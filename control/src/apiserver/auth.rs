@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use skiff_api::{ApiError, Resource};
 
 use crate::registry::Registry;
@@ -517,6 +517,120 @@ pub fn default_authorizer(graph: Arc<dyn NodeGraph>) -> Chain {
     ])
 }
 
+// ---- NodeRestriction admission on a node's own Node ---------------------------------------
+
+/// The labels a kubelet may set on its own Node (Kubernetes' `kubeletapis.IsKubeletLabel`):
+/// these keys, and any key under `kubelet.kubernetes.io` or `node.kubernetes.io` (or a
+/// subdomain of them).
+const KUBELET_LABELS: &[&str] = &[
+    "kubernetes.io/hostname",
+    "topology.kubernetes.io/zone",
+    "topology.kubernetes.io/region",
+    "failure-domain.beta.kubernetes.io/zone",
+    "failure-domain.beta.kubernetes.io/region",
+    "beta.kubernetes.io/instance-type",
+    "node.kubernetes.io/instance-type",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+];
+const KUBELET_LABEL_NAMESPACES: &[&str] = &["kubelet.kubernetes.io", "node.kubernetes.io"];
+const NODE_RESTRICTION_NAMESPACE: &str = "node-restriction.kubernetes.io";
+
+fn label_namespace(key: &str) -> &str {
+    key.split_once('/').map_or("", |(ns, _)| ns)
+}
+
+/// `ns` is `domain` or a subdomain of it.
+fn in_domain(ns: &str, domain: &str) -> bool {
+    ns == domain
+        || ns
+            .strip_suffix(domain)
+            .is_some_and(|rest| rest.ends_with('.'))
+}
+
+/// Whether a node may set, change or remove the label `key` on its own Node: not under
+/// `node-restriction.kubernetes.io`, and of the `kubernetes.io`/`k8s.io` labels only the
+/// kubelet's own.
+pub fn node_may_set_label(key: &str) -> bool {
+    let ns = label_namespace(key);
+    if in_domain(ns, NODE_RESTRICTION_NAMESPACE) {
+        return false;
+    }
+    let kubernetes = in_domain(ns, "kubernetes.io") || in_domain(ns, "k8s.io");
+    let kubelet = KUBELET_LABELS.contains(&key)
+        || KUBELET_LABEL_NAMESPACES
+            .iter()
+            .any(|allowed| in_domain(ns, allowed));
+    !kubernetes || kubelet
+}
+
+/// NodeRestriction's rules for a node writing its own Node (`old`: None on create): the labels
+/// it adds, changes or removes must be ones [`node_may_set_label`] allows, and after creation
+/// it may not change its taints. The error is Kubernetes' 403, e.g. `nodes "n1" is forbidden:
+/// is not allowed to modify labels: node-restriction.kubernetes.io/x`.
+pub fn admit_node_write(node: &str, old: Option<&Node>, new: &Node) -> Result<(), ApiError> {
+    let empty = Default::default();
+    let new_labels = new.metadata.labels.as_ref().unwrap_or(&empty);
+    let old_labels = old
+        .and_then(|o| o.metadata.labels.as_ref())
+        .unwrap_or(&empty);
+    let mut modified: Vec<&String> = new_labels
+        .iter()
+        .filter(|(k, v)| old_labels.get(*k) != Some(*v))
+        .map(|(k, _)| k)
+        .chain(old_labels.keys().filter(|k| !new_labels.contains_key(*k)))
+        .filter(|k| !node_may_set_label(k))
+        .collect();
+    modified.sort();
+    modified.dedup();
+    let refuse = |message: String| {
+        let mut e = ApiError::unauthorized();
+        e.code = 403;
+        e.reason = "Forbidden";
+        e.message = format!(
+            "nodes \"{}\" is forbidden: {message}",
+            new.metadata.name.as_deref().unwrap_or(node)
+        );
+        e
+    };
+    let list = || {
+        modified
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match old {
+        None if !modified.is_empty() => Err(refuse(format!(
+            "node \"{node}\" is not allowed to set the following labels: {}",
+            list()
+        ))),
+        None => Ok(()),
+        Some(old) => {
+            let taints = |n: &Node| {
+                n.spec
+                    .as_ref()
+                    .and_then(|s| s.taints.clone())
+                    .unwrap_or_default()
+            };
+            if taints(old) != taints(new) {
+                return Err(refuse(format!(
+                    "node \"{node}\" is not allowed to modify taints"
+                )));
+            }
+            if !modified.is_empty() {
+                return Err(refuse(format!(
+                    "is not allowed to modify labels: {}",
+                    list()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Kubernetes' 403 for a refused request, e.g. `nodes "n2" is forbidden: User
 /// "system:node:n1" cannot patch resource "nodes" in API group "" at the cluster scope: …`.
 pub fn forbidden(user: &UserInfo, attrs: &Attributes, reason: &str) -> ApiError {
@@ -961,5 +1075,132 @@ mod tests {
         assert!(same_secret("abc", "abc"));
         assert!(!same_secret("abc", "abd"));
         assert!(!same_secret("abc", "abcd"));
+    }
+    fn node_obj(labels: &[(&str, &str)], taints: serde_json::Value) -> Node {
+        let labels: serde_json::Map<String, serde_json::Value> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "labels": labels},
+            "spec": {"taints": taints}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_node_sets_only_kubelet_labels_on_itself() {
+        for allowed in [
+            "kubernetes.io/hostname",
+            "kubernetes.io/arch",
+            "kubernetes.io/os",
+            "beta.kubernetes.io/os",
+            "beta.kubernetes.io/instance-type",
+            "topology.kubernetes.io/zone",
+            "topology.kubernetes.io/region",
+            "node.kubernetes.io/instance-type",
+            "node.kubernetes.io/anything",
+            "kubelet.kubernetes.io/x",
+            "sub.node.kubernetes.io/y",
+            "skiff.dev/wasm",
+            "example.com/team",
+            "plain",
+        ] {
+            assert!(node_may_set_label(allowed), "{allowed}");
+        }
+        for refused in [
+            "node-restriction.kubernetes.io/x",
+            "a.node-restriction.kubernetes.io/x",
+            "node-role.kubernetes.io/master",
+            "kubernetes.io/other",
+            "k8s.io/x",
+            "foo.k8s.io/x",
+            "example.kubernetes.io/x",
+        ] {
+            assert!(!node_may_set_label(refused), "{refused}");
+        }
+        // Not fooled by a look-alike domain.
+        assert!(node_may_set_label("evilkubernetes.io/x"));
+    }
+
+    #[test]
+    fn node_restriction_refuses_label_and_taint_changes() {
+        let none = serde_json::Value::Null;
+        let base = node_obj(
+            &[
+                ("kubernetes.io/hostname", "n1"),
+                ("node-restriction.kubernetes.io/pool", "a"),
+            ],
+            none.clone(),
+        );
+        // Unchanged restricted labels and allowed changes pass.
+        let ok = node_obj(
+            &[
+                ("kubernetes.io/hostname", "n1"),
+                ("node-restriction.kubernetes.io/pool", "a"),
+                ("team", "x"),
+            ],
+            none.clone(),
+        );
+        admit_node_write("n1", Some(&base), &ok).unwrap();
+        // Adding, changing and removing a restricted label are refused.
+        for next in [
+            node_obj(
+                &[
+                    ("kubernetes.io/hostname", "n1"),
+                    ("node-restriction.kubernetes.io/pool", "a"),
+                    ("node-restriction.kubernetes.io/x", "1"),
+                ],
+                none.clone(),
+            ),
+            node_obj(
+                &[
+                    ("kubernetes.io/hostname", "n1"),
+                    ("node-restriction.kubernetes.io/pool", "b"),
+                ],
+                none.clone(),
+            ),
+            node_obj(&[("kubernetes.io/hostname", "n1")], none.clone()),
+        ] {
+            let e = admit_node_write("n1", Some(&base), &next).unwrap_err();
+            assert_eq!(e.code, 403);
+            assert!(e.message.starts_with("nodes \"n1\" is forbidden: is not allowed to modify labels: node-restriction.kubernetes.io/"), "{}", e.message);
+        }
+        // Two at once, listed sorted (removing kubernetes.io/hostname is the kubelet's right).
+        let two = node_obj(
+            &[
+                ("node-role.kubernetes.io/master", ""),
+                ("k8s.io/a", "1"),
+                ("node-restriction.kubernetes.io/pool", "a"),
+            ],
+            none.clone(),
+        );
+        let e = admit_node_write("n1", Some(&base), &two).unwrap_err();
+        assert_eq!(e.message, "nodes \"n1\" is forbidden: is not allowed to modify labels: k8s.io/a, node-role.kubernetes.io/master");
+        // On create: the same labels refused, with the create message; taints allowed.
+        let created = node_obj(
+            &[("node-restriction.kubernetes.io/x", "1")],
+            serde_json::json!([{"key": "k", "effect": "NoSchedule"}]),
+        );
+        let e = admit_node_write("n1", None, &created).unwrap_err();
+        assert_eq!(e.message, "nodes \"n1\" is forbidden: node \"n1\" is not allowed to set the following labels: node-restriction.kubernetes.io/x");
+        let tainted = node_obj(
+            &[("kubernetes.io/hostname", "n1")],
+            serde_json::json!([{"key": "k", "effect": "NoSchedule"}]),
+        );
+        admit_node_write("n1", None, &tainted).unwrap();
+        // After creation taints are not the node's to change: not added, not removed.
+        let e = admit_node_write(
+            "n1",
+            Some(&tainted),
+            &node_obj(&[("kubernetes.io/hostname", "n1")], none.clone()),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.message,
+            "nodes \"n1\" is forbidden: node \"n1\" is not allowed to modify taints"
+        );
+        assert!(admit_node_write("n1", Some(&ok), &tainted).is_err());
+        admit_node_write("n1", Some(&tainted), &tainted).unwrap();
     }
 }

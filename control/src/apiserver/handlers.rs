@@ -157,6 +157,11 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             q.get("fieldValidation").map(String::as_str),
             Some("Ignore") | Some("Warn")
         ),
+        by_node: req
+            .extensions()
+            .get::<super::auth::UserInfo>()
+            .and_then(|u| u.node_name())
+            .map(String::from),
     };
     let reg = state.registry.clone();
     let ns = p.namespace.as_deref();

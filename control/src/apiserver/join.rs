@@ -15,7 +15,7 @@ use skiff_api::{ApiError, Resource};
 
 use super::auth::{UserInfo, BOOTSTRAPPERS, MASTERS, NODES, TOKEN_NAMESPACE};
 use crate::registry::{Registry, Sub, WriteOptions};
-use crate::tls::{ClusterCa, Subject, Usage, NODE_CERT_DAYS};
+use crate::tls::{ClusterCa, Subject, Usage};
 
 /// The type of the Secrets holding node password hashes.
 pub const NODE_PASSWORD_TYPE: &str = "skiff.io/node-password";
@@ -143,11 +143,12 @@ fn check_password(
 
 /// Answers `POST /v1-skiff/node-credential` for `user` (a bootstrapper, an administrator, or
 /// the node itself renewing its certificates): the client certificate signed by the cluster
-/// CA `ca`, the serving certificate by `serving_ca` (which signs nothing else).
+/// CA `ca`, the serving certificate by `serving_ca` (which signs nothing else), both valid for
+/// `validity`.
 pub fn node_credential(
     registry: &Registry,
-    ca: &ClusterCa,
-    serving_ca: &ClusterCa,
+    (ca, serving_ca): (&ClusterCa, &ClusterCa),
+    validity: std::time::Duration,
     user: &UserInfo,
     body: &[u8],
 ) -> Result<CredentialResponse, ApiError> {
@@ -186,7 +187,7 @@ pub fn node_credential(
                 organizations: vec![NODES.into()],
                 sans: Vec::new(),
                 usage: Usage::Client,
-                days: NODE_CERT_DAYS,
+                validity,
             },
         )
         .map_err(bad_csr)?;
@@ -200,7 +201,7 @@ pub fn node_credential(
                 organizations: vec![NODES.into()],
                 sans,
                 usage: Usage::Server,
-                days: NODE_CERT_DAYS,
+                validity,
             },
         )
         .map_err(bad_csr)?;
@@ -216,6 +217,7 @@ pub fn node_credential(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::NODE_CERT_VALIDITY;
     use rcgen::CertificateParams;
 
     #[test]
@@ -258,18 +260,32 @@ mod tests {
             groups: vec![BOOTSTRAPPERS.into()],
         };
         let first = "first-host-password-0123456789";
-        let answer = node_credential(&reg, &ca, &serving, &boot, &body(first)).unwrap();
+        let answer = node_credential(
+            &reg,
+            (&ca, &serving),
+            NODE_CERT_VALIDITY,
+            &boot,
+            &body(first),
+        )
+        .unwrap();
         let der = crate::tls::pem_certs(&answer.client_certificate).remove(0);
         assert_eq!(
             crate::tls::subject_of(&der),
             Some(("system:node:n1".into(), vec![NODES.into()]))
         );
         // The same host again: fine. Another host for the same name: 403.
-        node_credential(&reg, &ca, &serving, &boot, &body(first)).unwrap();
+        node_credential(
+            &reg,
+            (&ca, &serving),
+            NODE_CERT_VALIDITY,
+            &boot,
+            &body(first),
+        )
+        .unwrap();
         let e = node_credential(
             &reg,
-            &ca,
-            &serving,
+            (&ca, &serving),
+            NODE_CERT_VALIDITY,
             &boot,
             &body("another-host-password-0123"),
         )
@@ -282,7 +298,7 @@ mod tests {
             groups: vec![NODES.into()],
         };
         assert_eq!(
-            node_credential(&reg, &ca, &serving, &n2, &body(first))
+            node_credential(&reg, (&ca, &serving), NODE_CERT_VALIDITY, &n2, &body(first))
                 .unwrap_err()
                 .code,
             403
@@ -292,12 +308,32 @@ mod tests {
             groups: vec![MASTERS.into()],
         };
         let second = "another-host-password-0123";
-        node_credential(&reg, &ca, &serving, &admin, &body(second)).unwrap();
-        node_credential(&reg, &ca, &serving, &boot, &body(second)).unwrap();
+        node_credential(
+            &reg,
+            (&ca, &serving),
+            NODE_CERT_VALIDITY,
+            &admin,
+            &body(second),
+        )
+        .unwrap();
+        node_credential(
+            &reg,
+            (&ca, &serving),
+            NODE_CERT_VALIDITY,
+            &boot,
+            &body(second),
+        )
+        .unwrap();
         assert_eq!(
-            node_credential(&reg, &ca, &serving, &boot, &body(first))
-                .unwrap_err()
-                .code,
+            node_credential(
+                &reg,
+                (&ca, &serving),
+                NODE_CERT_VALIDITY,
+                &boot,
+                &body(first)
+            )
+            .unwrap_err()
+            .code,
             403
         );
     }

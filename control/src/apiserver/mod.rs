@@ -45,6 +45,8 @@ pub struct ApiState {
     pub kubelet_client: Arc<rustls::ClientConfig>,
     /// The address clients should use (for the `kubernetes` endpoints and discovery).
     pub advertise: SocketAddr,
+    /// How long the node certificates it signs are valid.
+    pub node_cert_validity: std::time::Duration,
 }
 
 impl ApiState {
@@ -68,6 +70,7 @@ impl ApiState {
             node_serving_ca: tls.node_serving_ca.clone(),
             kubelet_client: tls.kubelet_client.clone(),
             advertise,
+            node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
         }
     }
 }
@@ -187,8 +190,8 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
         let answer = tokio::task::spawn_blocking(move || {
             join::node_credential(
                 &state.registry,
-                &state.ca,
-                &state.node_serving_ca,
+                (&state.ca, &state.node_serving_ca),
+                state.node_cert_validity,
                 &user,
                 &body,
             )
@@ -200,6 +203,9 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
             &serde_json::to_value(answer).unwrap_or_default(),
         ));
     }
+    // Who writes, for the admission rules that depend on it (NodeRestriction).
+    let mut req = req;
+    req.extensions_mut().insert(user);
     Ok(handlers::dispatch(state.clone(), req).await)
 }
 
