@@ -55,9 +55,26 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 template(spec);
             }
         }
-        "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job" => {
+        "DaemonSet" => {
             if let Some(spec) = child(obj, "spec") {
-                if kind != "DaemonSet" && kind != "Job" {
+                set_default(spec, "revisionHistoryLimit", json!(10));
+                set_default(spec, "updateStrategy", json!({}));
+                if let Some(strategy) = child(spec, "updateStrategy") {
+                    set_default(strategy, "type", json!("RollingUpdate"));
+                    if strategy["type"] == "RollingUpdate" {
+                        set_default(strategy, "rollingUpdate", json!({}));
+                        if let Some(ru) = child(strategy, "rollingUpdate") {
+                            set_default(ru, "maxUnavailable", json!(1));
+                            set_default(ru, "maxSurge", json!(0));
+                        }
+                    }
+                }
+                template(spec);
+            }
+        }
+        "ReplicaSet" | "StatefulSet" | "Job" => {
+            if let Some(spec) = child(obj, "spec") {
+                if kind != "Job" {
                     set_default(spec, "replicas", json!(1));
                 }
                 template(spec);

@@ -35,6 +35,7 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "Deployment" => check::<apps::Deployment>(obj, strict),
         "ReplicaSet" => check::<apps::ReplicaSet>(obj, strict),
         "DaemonSet" => check::<apps::DaemonSet>(obj, strict),
+        "ControllerRevision" => check::<apps::ControllerRevision>(obj, strict),
         "StatefulSet" => check::<apps::StatefulSet>(obj, strict),
         "Job" => check::<batch::Job>(obj, strict),
         "CronJob" => check::<batch::CronJob>(obj, strict),
