@@ -551,6 +551,42 @@ async fn kubectl_rollout_status_history_and_undo() -> anyhow::Result<()> {
         .collect();
     assert_eq!(revisions, ["2", "3"], "{out}");
 
+    // The same with the skiff CLI: undo goes back to v2, whose revision becomes the newest.
+    let skiff = |args: &[&str]| -> anyhow::Result<String> {
+        let out = std::process::Command::new(skiff_e2e::skiff_binary()?)
+            .arg("--kubeconfig")
+            .arg(cluster.kubeconfig())
+            .args(args)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        anyhow::ensure!(
+            out.status.success(),
+            "skiff {} failed: {}{stdout}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    };
+    let out = skiff(&["rollout", "undo", "ds/web"])?;
+    assert!(
+        out.contains("daemonset.apps/web rolled back (to revision 2)"),
+        "{out}"
+    );
+    let out = skiff(&["rollout", "status", "ds/web", "--timeout", "60"])?;
+    assert!(
+        out.contains("daemon set \"web\" successfully rolled out"),
+        "{out}"
+    );
+    wait_placed(c, "web", &names, "img:v2").await?;
+    let out = skiff(&["rollout", "history", "ds/web"])?;
+    let revisions: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("REVISION"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(revisions, ["3", "4"], "{out}");
+
     // OnDelete has no rollout status to wait for, as kubectl says.
     patch_ds(
         c,
