@@ -600,3 +600,106 @@ async fn kubectl_rollout_status_history_and_undo() -> anyhow::Result<()> {
     assert!(err.contains("RollingUpdate"), "{err}");
     Ok(())
 }
+
+/// On a real `skiff up` (registry, agent, wasmtime, in a network namespace of the test's
+/// own): the daemon pod is a wasm pod answering at its pod IP, rolled to v2 and back.
+/// Needs root, iproute2, curl, docker-registry and the samples (`samples/build.sh`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wasm_daemon_pod_answers_at_its_pod_ip() -> anyhow::Result<()> {
+    use skiff_e2e::netns::{Netns, SkiffUp};
+
+    fn answer(up: &SkiffUp, ns: &Netns) -> anyhow::Result<String> {
+        let pods = up.pod_ips(ns, "app=bootcamp-ds")?;
+        anyhow::ensure!(pods.len() == 1, "one live daemon pod: {pods:?}");
+        let (name, ip) = &pods[0];
+        let body = ns.run(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "5",
+            &format!("http://{ip}:8080/"),
+        ])?;
+        Ok(body.replace(name.as_str(), "POD"))
+    }
+
+    let dir = tempfile::tempdir()?;
+    let (ns, up) = SkiffUp::in_new_netns(dir.path(), &[]).await?;
+    up.push_samples(
+        &ns,
+        &[
+            ("bootcamp-v1.wasm", "bootcamp:v1"),
+            ("bootcamp-v2.wasm", "bootcamp:v2"),
+        ],
+    )?;
+    let manifest = |tag: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "bootcamp"},
+            "spec": {"selector": {"matchLabels": {"app": "bootcamp-ds"}},
+                     "template": {"metadata": {"labels": {"app": "bootcamp-ds"}},
+                                  "spec": {"containers": [{"name": "bootcamp",
+                                      "image": format!("127.0.0.1:5000/bootcamp:{tag}"),
+                                      "ports": [{"containerPort": 8080}]}]}}}})
+    };
+    let file = dir.path().join("ds.json");
+    let f = file.to_str().unwrap();
+    std::fs::write(&file, serde_json::to_vec(&manifest("v1"))?)?;
+    up.skiff(&ns, &["apply", "-f", f])?;
+    up.skiff(
+        &ns,
+        &["rollout", "status", "ds/bootcamp", "--timeout", "60"],
+    )?;
+    let pod = up.json(&ns, &["get", "pods", "-l", "app=bootcamp-ds"])?;
+    assert_eq!(pod["items"][0]["spec"]["nodeName"], "edge-1");
+    eventually(
+        "the daemon pod answering v=1",
+        Duration::from_secs(20),
+        || async {
+            Ok(answer(&up, &ns)
+                .ok()
+                .filter(|b| b == "Hello Kubernetes bootcamp! | Running on: POD | v=1\n"))
+        },
+    )
+    .await?;
+
+    std::fs::write(&file, serde_json::to_vec(&manifest("v2"))?)?;
+    up.skiff(&ns, &["apply", "-f", f])?;
+    up.skiff(
+        &ns,
+        &["rollout", "status", "ds/bootcamp", "--timeout", "60"],
+    )?;
+    eventually(
+        "the daemon pod answering v=2",
+        Duration::from_secs(20),
+        || async {
+            Ok(answer(&up, &ns)
+                .ok()
+                .filter(|b| b == "Hello Kubernetes bootcamp! | Running on: POD | v=2\n"))
+        },
+    )
+    .await?;
+
+    up.skiff(&ns, &["rollout", "undo", "ds/bootcamp"])?;
+    up.skiff(
+        &ns,
+        &["rollout", "status", "ds/bootcamp", "--timeout", "60"],
+    )?;
+    eventually(
+        "the daemon pod answering v=1 again",
+        Duration::from_secs(20),
+        || async {
+            Ok(answer(&up, &ns)
+                .ok()
+                .filter(|b| b == "Hello Kubernetes bootcamp! | Running on: POD | v=1\n"))
+        },
+    )
+    .await?;
+    let table = up.skiff(&ns, &["get", "ds"])?;
+    assert!(table.starts_with("NAME"), "{table}");
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(&row[..6], ["bootcamp", "1", "1", "1", "1", "1"], "{table}");
+    Ok(())
+}
