@@ -212,6 +212,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn daemonset_defaults() {
+        let mut d =
+            json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "i"}]}}}});
+        apply("DaemonSet", &mut d);
+        assert_eq!(d["spec"]["revisionHistoryLimit"], 10);
+        assert_eq!(
+            d["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
+        );
+        assert!(d["spec"].get("replicas").is_none());
+        let mut d = json!({"spec": {"updateStrategy": {"type": "OnDelete"}, "template": {}}});
+        apply("DaemonSet", &mut d);
+        assert!(d["spec"]["updateStrategy"].get("rollingUpdate").is_none());
+    }
+
+    #[test]
     fn deployment_defaults() {
         let mut d = json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "127.0.0.1:5000/x:v1", "ports": [{"containerPort": 80}]}]}}}});
         apply("Deployment", &mut d);

@@ -594,5 +594,18 @@ mod tests {
         let r = row("Lease", &lease, 0);
         assert_eq!(r.len(), columns("Lease").len());
         assert_eq!(&r[..2], &["n1", "n1"]);
+        let ds = json!({"metadata": {"name": "agent"}, "spec": {"selector": {"matchLabels": {"app": "a"}},
+            "template": {"spec": {"nodeSelector": {"disk": "ssd"}, "containers": [{"name": "c", "image": "i"}]}}},
+            "status": {"desiredNumberScheduled": 3, "currentNumberScheduled": 3, "numberReady": 2,
+                       "updatedNumberScheduled": 1, "numberAvailable": 2}});
+        let r = row("DaemonSet", &ds, 0);
+        assert_eq!(r.len(), columns("DaemonSet").len());
+        assert_eq!(&r[..7], &["agent", "3", "3", "2", "1", "2", "disk=ssd"]);
+        let rev = json!({"metadata": {"name": "agent-5d8f", "ownerReferences": [
+            {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": "u", "controller": true}]},
+            "revision": 2, "data": {}});
+        let r = row("ControllerRevision", &rev, 0);
+        assert_eq!(r.len(), columns("ControllerRevision").len());
+        assert_eq!(&r[..3], &["agent-5d8f", "daemonset.apps/agent", "2"]);
     }
 }
