@@ -703,3 +703,66 @@ async fn wasm_daemon_pod_answers_at_its_pod_ip() -> anyhow::Result<()> {
     assert_eq!(&row[..6], ["bootcamp", "1", "1", "1", "1", "1"], "{table}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_daemon_pods_are_replaced_with_backoff() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = &cluster.client;
+    let _fleet = nodes(c, &["f1", "f2"], Duration::ZERO).await?;
+    c.create(
+        res("daemonsets"),
+        Some("default"),
+        &daemonset("fail", "img:v1"),
+    )
+    .await?;
+    let placed = wait_placed(c, "fail", &["f1", "f2"], "img:v1").await?;
+    // The pod on f1 fails, as a kubelet reports it: it is deleted and replaced; a second
+    // failure on the node is deleted only when the node's backoff (1 s) has passed.
+    let mut gone_at = Vec::new();
+    let mut failed = placed["f1"].clone();
+    for _ in 0..2 {
+        let name = meta::name(&failed).to_string();
+        failed["status"]["phase"] = json!("Failed");
+        c.replace_status(res("pods"), Some("default"), &name, &failed)
+            .await?;
+        eventually(
+            &format!("failed {name} deleted"),
+            Duration::from_secs(30),
+            || async {
+                let pods = live_pods(c, "fail").await?;
+                Ok(pods.iter().all(|p| meta::name(p) != name).then_some(()))
+            },
+        )
+        .await?;
+        gone_at.push(tokio::time::Instant::now());
+        failed = eventually(
+            &format!("a ready pod on f1 in place of {name}"),
+            Duration::from_secs(30),
+            || async {
+                let pods = live_pods(c, "fail").await?;
+                let on_f1: Vec<&Value> = pods.iter().filter(|p| node_of(p) == "f1").collect();
+                Ok((on_f1.len() == 1 && is_ready(on_f1[0])).then(|| on_f1[0].clone()))
+            },
+        )
+        .await?;
+    }
+    let gap = gone_at[1] - gone_at[0];
+    assert!(
+        gap >= Duration::from_millis(900),
+        "failed pods on one node deleted {gap:?} apart"
+    );
+    let events = c.list(res("events"), Some("default"), None, None).await?;
+    let found = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|e| e["reason"] == "FailedDaemonPod");
+    assert!(found, "a FailedDaemonPod event");
+    wait_status(
+        c,
+        "fail",
+        json!({"desiredNumberScheduled": 2, "numberReady": 2}),
+    )
+    .await?;
+    Ok(())
+}
