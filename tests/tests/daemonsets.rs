@@ -766,3 +766,45 @@ async fn failed_daemon_pods_are_replaced_with_backoff() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matching_orphans_are_adopted_and_released_pods_let_go() -> anyhow::Result<()> {
+    let cluster = TestCluster::start(|_| {}).await?;
+    let c = &cluster.client;
+    let _fleet = nodes(c, &["o1", "o2"], Duration::ZERO).await?;
+    // A pod that matches the selector, made before the DaemonSet, already on o1.
+    let orphan = json!({"metadata": {"name": "orphan", "labels": {"ds": "adopt"}},
+        "spec": {"nodeName": "o1", "containers": [{"name": "c", "image": "img:v0"}]}});
+    c.create(res("pods"), Some("default"), &orphan).await?;
+    c.create(
+        res("daemonsets"),
+        Some("default"),
+        &daemonset("adopt", "img:v1"),
+    )
+    .await?;
+    // Adopted (so o1 gets no second pod beside it), then replaced by the rollout.
+    let placed = wait_placed(c, "adopt", &["o1", "o2"], "img:v1").await?;
+    assert_ne!(meta::name(&placed["o1"]), "orphan");
+    // A pod relabelled out of the selector is released, and its node gets a new one.
+    let name = meta::name(&placed["o2"]).to_string();
+    c.patch(
+        res("pods"),
+        Some("default"),
+        &name,
+        None,
+        MERGE,
+        &json!({"metadata": {"labels": {"ds": "gone"}}}),
+    )
+    .await?;
+    eventually(
+        "the relabelled pod released",
+        Duration::from_secs(20),
+        || async {
+            let p = c.get(res("pods"), Some("default"), &name).await?;
+            Ok(meta::controller_uid(&p).is_none().then_some(()))
+        },
+    )
+    .await?;
+    wait_placed(c, "adopt", &["o1", "o2"], "img:v1").await?;
+    Ok(())
+}

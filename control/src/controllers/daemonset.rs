@@ -10,8 +10,9 @@
 //! with the tolerations every daemon pod gets; a running pod may stay while only its NoExecute
 //! taints are tolerated. Cordoned nodes still get daemon pods: they tolerate
 //! `node.kubernetes.io/unschedulable`. Pods on nodes that no longer exist are the pod garbage
-//! collector's; pods not yet bound to a node that is gone are deleted here. Not done: adopting
-//! orphan pods that match the selector, and hash collisions (`collisionCount`).
+//! collector's; pods not yet bound to a node that is gone are deleted here. Orphan pods that
+//! match the selector are adopted and pods that stop matching released, as for ReplicaSets.
+//! Not done: hash collisions (`collisionCount`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -26,11 +27,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
+use skiff_api::patch::PatchKind;
 use skiff_api::{meta, ApiError, Resource};
 
 use super::deployment::{normalized, template_hash};
 use super::pods;
-use super::replicaset::now_unix;
+use super::replicaset::{now_unix, selector_of};
 use super::runtime::{split_key, Action, Cache, Reconciler};
 use super::scheduler::{self, NodeInfo, PodRequest, UNSCHEDULABLE_TAINT};
 use crate::registry::{Registry, Sub, WriteOptions};
@@ -622,9 +624,59 @@ impl Reconciler for DaemonSetController {
         let now = now_unix();
         let uid = meta::uid(&ds_json).to_string();
         let mut by_node: BTreeMap<String, Vec<(DaemonPod, Arc<Value>)>> = BTreeMap::new();
-        for p in self.pods.list(ns) {
-            if meta::controller_uid(&p).as_deref() != Some(uid.as_str()) {
+        let selector = selector_of(&ds_json)?;
+        let pods_r = Resource::lookup("pods").expect("pods");
+        let mut claimed = 0;
+        for mut p in self.pods.list(ns) {
+            let controller = meta::controller_uid(&p);
+            let matches = !selector.is_empty() && selector.matches(&meta::labels(&p));
+            let ours = controller.as_deref() == Some(uid.as_str());
+            // As Kubernetes' ControllerRefManager: adopt matching orphans, release pods
+            // that no longer match.
+            if ours && !matches && !selector.is_empty() {
+                let refs = meta::owner_refs_without(&p, &uid);
+                let body = json!({"metadata": {"ownerReferences": refs,
+                    "resourceVersion": p.pointer("/metadata/resourceVersion")}});
+                if let Ok(o) = self.reg.patch(
+                    pods_r,
+                    ns,
+                    meta::name(&p),
+                    PatchKind::Merge,
+                    &body,
+                    Sub::Main,
+                    &WriteOptions::default(),
+                ) {
+                    claimed = claimed.max(meta::resource_version(&o).unwrap_or(0));
+                }
                 continue;
+            }
+            if !ours {
+                if controller.is_some() || !matches || !pods::is_active(&p) {
+                    continue;
+                }
+                let mut refs = p
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                refs.push(encode(&owner_ref(&ds_json))?);
+                let body = json!({"metadata": {"ownerReferences": refs,
+                    "resourceVersion": p.pointer("/metadata/resourceVersion")}});
+                match self.reg.patch(
+                    pods_r,
+                    ns,
+                    meta::name(&p),
+                    PatchKind::Merge,
+                    &body,
+                    Sub::Main,
+                    &WriteOptions::default(),
+                ) {
+                    Ok(o) => {
+                        claimed = claimed.max(meta::resource_version(&o).unwrap_or(0));
+                        p = Arc::new(o);
+                    }
+                    Err(_) => continue,
+                }
             }
             let typed: Pod = decode(&p)?;
             if let Some(node) = target_node(&typed) {
@@ -721,9 +773,8 @@ impl Reconciler for DaemonSetController {
             plan.delete = step.delete;
         }
 
-        let pods_r = Resource::lookup("pods").expect("pods");
         let opts = WriteOptions::default();
-        let mut last = 0;
+        let mut last = claimed;
         let mut result = Ok(());
         for node in &plan.create {
             let mut t = spec.template.clone();
