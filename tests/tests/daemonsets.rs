@@ -233,7 +233,13 @@ async fn one_pod_per_eligible_node_as_nodes_taints_and_selectors_change() -> any
     )
     .await?;
     fleet.extend(nodes(c, &["n5"], Duration::ZERO).await?);
-    wait_placed(c, "agent", &["n1", "n2", "n3", "tainted", "n5"], "img:v1").await?;
+    let placed = wait_placed(c, "agent", &["n1", "n2", "n3", "tainted", "n5"], "img:v1").await?;
+    // The cordoned node's pod, deleted, is replaced there: the scheduler lets it on.
+    let on_n1 = meta::name(&placed["n1"]).to_string();
+    c.delete(res("pods"), Some("default"), &on_n1, None, None)
+        .await?;
+    let placed = wait_placed(c, "agent", &["n1", "n2", "n3", "tainted", "n5"], "img:v1").await?;
+    assert_ne!(meta::name(&placed["n1"]), on_n1);
 
     // A deleted node loses its pod.
     fleet.retain(|n| n.name != "n2");
