@@ -55,9 +55,26 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 template(spec);
             }
         }
-        "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job" => {
+        "DaemonSet" => {
             if let Some(spec) = child(obj, "spec") {
-                if kind != "DaemonSet" && kind != "Job" {
+                set_default(spec, "revisionHistoryLimit", json!(10));
+                set_default(spec, "updateStrategy", json!({}));
+                if let Some(strategy) = child(spec, "updateStrategy") {
+                    set_default(strategy, "type", json!("RollingUpdate"));
+                    if strategy["type"] == "RollingUpdate" {
+                        set_default(strategy, "rollingUpdate", json!({}));
+                        if let Some(ru) = child(strategy, "rollingUpdate") {
+                            set_default(ru, "maxUnavailable", json!(1));
+                            set_default(ru, "maxSurge", json!(0));
+                        }
+                    }
+                }
+                template(spec);
+            }
+        }
+        "ReplicaSet" | "StatefulSet" | "Job" => {
+            if let Some(spec) = child(obj, "spec") {
+                if kind != "Job" {
                     set_default(spec, "replicas", json!(1));
                 }
                 template(spec);
@@ -193,6 +210,22 @@ pub fn default_pull_policy(image: &str) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn daemonset_defaults() {
+        let mut d =
+            json!({"spec": {"template": {"spec": {"containers": [{"name": "a", "image": "i"}]}}}});
+        apply("DaemonSet", &mut d);
+        assert_eq!(d["spec"]["revisionHistoryLimit"], 10);
+        assert_eq!(
+            d["spec"]["updateStrategy"],
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}})
+        );
+        assert!(d["spec"].get("replicas").is_none());
+        let mut d = json!({"spec": {"updateStrategy": {"type": "OnDelete"}, "template": {}}});
+        apply("DaemonSet", &mut d);
+        assert!(d["spec"]["updateStrategy"].get("rollingUpdate").is_none());
+    }
 
     #[test]
     fn deployment_defaults() {

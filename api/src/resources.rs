@@ -169,6 +169,18 @@ pub static RESOURCES: &[Resource] = &[
         &["ds"],
         false,
     ),
+    // A workload's template versions (DaemonSet and StatefulSet history): no status.
+    Resource {
+        group: "apps",
+        version: "v1",
+        plural: "controllerrevisions",
+        singular: "controllerrevision",
+        kind: "ControllerRevision",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+    },
     grouped(
         "apps",
         "statefulsets",

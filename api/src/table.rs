@@ -53,6 +53,20 @@ pub fn columns(kind: &str) -> Vec<Column> {
             wide("IMAGES"),
             wide("SELECTOR"),
         ],
+        "DaemonSet" => vec![
+            col("NAME"),
+            col("DESIRED"),
+            col("CURRENT"),
+            col("READY"),
+            col("UP-TO-DATE"),
+            col("AVAILABLE"),
+            col("NODE SELECTOR"),
+            col("AGE"),
+            wide("CONTAINERS"),
+            wide("IMAGES"),
+            wide("SELECTOR"),
+        ],
+        "ControllerRevision" => vec![col("NAME"), col("CONTROLLER"), col("REVISION"), col("AGE")],
         "Service" => vec![
             col("NAME"),
             col("TYPE"),
@@ -286,6 +300,47 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 im,
                 selector_string(o.pointer("/spec/selector")),
             ]
+        }
+        "DaemonSet" => {
+            let (c, im) = containers_and_images(o.pointer("/spec/template/spec"));
+            let node_selector: Vec<String> =
+                meta::string_map(o.pointer("/spec/template/spec/nodeSelector"))
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+            vec![
+                name,
+                i(o.pointer("/status/desiredNumberScheduled")).to_string(),
+                i(o.pointer("/status/currentNumberScheduled")).to_string(),
+                i(o.pointer("/status/numberReady")).to_string(),
+                i(o.pointer("/status/updatedNumberScheduled")).to_string(),
+                i(o.pointer("/status/numberAvailable")).to_string(),
+                or_none(node_selector.join(",")),
+                age,
+                c,
+                im,
+                selector_string(o.pointer("/spec/selector")),
+            ]
+        }
+        "ControllerRevision" => {
+            let controller = o
+                .pointer("/metadata/ownerReferences")
+                .and_then(Value::as_array)
+                .and_then(|refs| refs.iter().find(|r| r["controller"] == true))
+                .map(|r| {
+                    let api = s(r.get("apiVersion"));
+                    let group = api
+                        .rsplit_once('/')
+                        .map(|(g, _)| format!(".{g}"))
+                        .unwrap_or_default();
+                    format!(
+                        "{}{group}/{}",
+                        s(r.get("kind")).to_lowercase(),
+                        s(r.get("name"))
+                    )
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![name, controller, i(o.get("revision")).to_string(), age]
         }
         "Service" => {
             let ports: Vec<String> = o
@@ -539,5 +594,18 @@ mod tests {
         let r = row("Lease", &lease, 0);
         assert_eq!(r.len(), columns("Lease").len());
         assert_eq!(&r[..2], &["n1", "n1"]);
+        let ds = json!({"metadata": {"name": "agent"}, "spec": {"selector": {"matchLabels": {"app": "a"}},
+            "template": {"spec": {"nodeSelector": {"disk": "ssd"}, "containers": [{"name": "c", "image": "i"}]}}},
+            "status": {"desiredNumberScheduled": 3, "currentNumberScheduled": 3, "numberReady": 2,
+                       "updatedNumberScheduled": 1, "numberAvailable": 2}});
+        let r = row("DaemonSet", &ds, 0);
+        assert_eq!(r.len(), columns("DaemonSet").len());
+        assert_eq!(&r[..7], &["agent", "3", "3", "2", "1", "2", "disk=ssd"]);
+        let rev = json!({"metadata": {"name": "agent-5d8f", "ownerReferences": [
+            {"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": "u", "controller": true}]},
+            "revision": 2, "data": {}});
+        let r = row("ControllerRevision", &rev, 0);
+        assert_eq!(r.len(), columns("ControllerRevision").len());
+        assert_eq!(&r[..3], &["agent-5d8f", "daemonset.apps/agent", "2"]);
     }
 }

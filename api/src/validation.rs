@@ -35,6 +35,7 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "Deployment" => check::<apps::Deployment>(obj, strict),
         "ReplicaSet" => check::<apps::ReplicaSet>(obj, strict),
         "DaemonSet" => check::<apps::DaemonSet>(obj, strict),
+        "ControllerRevision" => check::<apps::ControllerRevision>(obj, strict),
         "StatefulSet" => check::<apps::StatefulSet>(obj, strict),
         "Job" => check::<batch::Job>(obj, strict),
         "CronJob" => check::<batch::CronJob>(obj, strict),
@@ -271,7 +272,34 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                 &s.spec.template,
                 true,
                 &mut causes,
-            )
+            );
+            if let Some(u) = &s.spec.update_strategy {
+                match u.type_.as_deref() {
+                    None | Some("RollingUpdate") => {}
+                    Some("OnDelete") if u.rolling_update.is_some() => causes.push(Cause::invalid(
+                        "spec.updateStrategy.rollingUpdate",
+                        "",
+                        "may not be specified when strategy `type` is 'OnDelete'",
+                    )),
+                    Some("OnDelete") => {}
+                    Some(t) => causes.push(Cause::invalid(
+                        "spec.updateStrategy.type",
+                        format!("{t:?}"),
+                        "supported values: \"OnDelete\", \"RollingUpdate\"",
+                    )),
+                }
+                if let Some(ru) = &u.rolling_update {
+                    let surge = ru.max_surge.as_ref().map(|v| int_or_percent(v, 100));
+                    let unavail = ru.max_unavailable.as_ref().map(|v| int_or_percent(v, 100));
+                    if surge.unwrap_or(0) == 0 && unavail == Some(0) {
+                        causes.push(Cause::invalid(
+                            "spec.updateStrategy.rollingUpdate.maxUnavailable",
+                            "0",
+                            "may not be 0 when `maxSurge` is 0",
+                        ));
+                    }
+                }
+            }
         }
         "Job" => {
             let j: batch::Job = typed(obj)?;
@@ -776,5 +804,44 @@ mod tests {
         assert!(!is_dns1123_label("Web"));
         assert!(is_dns1123_subdomain("a.b-c"));
         assert!(!is_dns1123_subdomain(&"a".repeat(254)));
+    }
+
+    #[test]
+    fn daemonset_update_strategy_is_checked() {
+        let ds = |strategy: Value| {
+            json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "d", "namespace": "default"},
+                "spec": {"selector": {"matchLabels": {"a": "b"}}, "updateStrategy": strategy,
+                         "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}})
+        };
+        validate(
+            res("DaemonSet"),
+            &ds(json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}})),
+        )
+        .unwrap();
+        validate(res("DaemonSet"), &ds(json!({"type": "OnDelete"}))).unwrap();
+        let e = validate(res("DaemonSet"), &ds(json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 0}}))).unwrap_err();
+        assert_eq!(e.code, 422);
+        assert!(
+            e.message
+                .contains("spec.updateStrategy.rollingUpdate.maxUnavailable"),
+            "{}",
+            e.message
+        );
+        let e = validate(res("DaemonSet"), &ds(json!({"type": "Sometimes"}))).unwrap_err();
+        assert!(
+            e.message.contains("spec.updateStrategy.type"),
+            "{}",
+            e.message
+        );
+        let e = validate(
+            res("DaemonSet"),
+            &ds(json!({"type": "OnDelete", "rollingUpdate": {"maxUnavailable": 1}})),
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("spec.updateStrategy.rollingUpdate"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -1314,23 +1314,26 @@ impl Ctx {
     }
 
     async fn rollout(&self, what: RolloutWhat) -> Result<()> {
-        let deployments = resource("deployments")?;
-        let parse = |t: &str| -> Result<String> {
+        let parse = |t: &str| -> Result<(&'static skiff_api::Resource, String)> {
             let (r, n) = target(&[t.to_string()])?;
-            if r.kind != "Deployment" {
-                bail!("rollout is supported for deployments only");
+            if r.kind != "Deployment" && r.kind != "DaemonSet" {
+                bail!("rollout is supported for deployments and daemonsets only");
             }
-            Ok(n)
+            Ok((r, n))
         };
         match what {
             RolloutWhat::Status { target: t, timeout } => {
-                let name = parse(&t)?;
+                let (r, name) = parse(&t)?;
                 let deadline = (timeout > 0)
                     .then(|| tokio::time::Instant::now() + Duration::from_secs(timeout));
                 let mut last = String::new();
                 loop {
-                    let d = self.client.get(deployments, Some(&self.ns), &name).await?;
-                    let (done, msg) = verbs::rollout_status(&d)?;
+                    let d = self.client.get(r, Some(&self.ns), &name).await?;
+                    let (done, msg) = if r.kind == "DaemonSet" {
+                        verbs::daemonset_rollout_status(&d)?
+                    } else {
+                        verbs::rollout_status(&d)?
+                    };
                     if msg != last {
                         println!("{msg}");
                         last = msg;
@@ -1345,7 +1348,7 @@ impl Ctx {
                     let fs = format!("metadata.name={name}");
                     let mut stream = Box::pin(
                         self.client
-                            .watch(deployments, Some(&self.ns), Some(&rv), Some(&fs), None)
+                            .watch(r, Some(&self.ns), Some(&rv), Some(&fs), None)
                             .await?,
                     );
                     let wait = async {
@@ -1366,15 +1369,18 @@ impl Ctx {
                 }
             }
             RolloutWhat::History { target: t } => {
-                let name = parse(&t)?;
-                let (d, items) = self.deployment_and_replicasets(&name).await?;
-                println!("deployment.apps/{name}");
-                let mut rows = vec![vec!["REVISION".to_string(), "CHANGE-CAUSE".to_string()]];
-                rows.extend(
+                let (r, name) = parse(&t)?;
+                let history = if r.kind == "DaemonSet" {
+                    let (d, items) = self.daemonset_and_revisions(&name).await?;
+                    println!("daemonset.apps/{name}");
+                    verbs::daemonset_history(&d, &items)?
+                } else {
+                    let (d, items) = self.deployment_and_replicasets(&name).await?;
+                    println!("deployment.apps/{name}");
                     verbs::history(&d, &items)
-                        .into_iter()
-                        .map(|(r, c)| vec![r.to_string(), c]),
-                );
+                };
+                let mut rows = vec![vec!["REVISION".to_string(), "CHANGE-CAUSE".to_string()]];
+                rows.extend(history.into_iter().map(|(r, c)| vec![r.to_string(), c]));
                 print::print_rows(&rows);
                 Ok(())
             }
@@ -1382,23 +1388,35 @@ impl Ctx {
                 target: t,
                 to_revision,
             } => {
-                let name = parse(&t)?;
-                let (d, items) = self.deployment_and_replicasets(&name).await?;
-                let (patch, rev) = verbs::rollback_patch(&d, &items, to_revision)?;
+                let (r, name) = parse(&t)?;
+                let (patch, rev, content_type) = if r.kind == "DaemonSet" {
+                    let (d, items) = self.daemonset_and_revisions(&name).await?;
+                    let (patch, rev) = verbs::daemonset_rollback_patch(&d, &items, to_revision)?;
+                    (patch, rev, "application/strategic-merge-patch+json")
+                } else {
+                    let (d, items) = self.deployment_and_replicasets(&name).await?;
+                    let (patch, rev) = verbs::rollback_patch(&d, &items, to_revision)?;
+                    (patch, rev, "application/json-patch+json")
+                };
                 self.client
-                    .patch(
-                        deployments,
-                        Some(&self.ns),
-                        &name,
-                        None,
-                        "application/json-patch+json",
-                        &patch,
-                    )
+                    .patch(r, Some(&self.ns), &name, None, content_type, &patch)
                     .await?;
-                println!("deployment.apps/{name} rolled back (to revision {rev})");
+                println!("{}.apps/{name} rolled back (to revision {rev})", r.singular);
                 Ok(())
             }
         }
+    }
+
+    async fn daemonset_and_revisions(&self, name: &str) -> Result<(Value, Vec<Value>)> {
+        let d = self
+            .client
+            .get(resource("daemonsets")?, Some(&self.ns), name)
+            .await?;
+        let revs = self
+            .client
+            .list(resource("controllerrevisions")?, Some(&self.ns), None, None)
+            .await?;
+        Ok((d, revs["items"].as_array().cloned().unwrap_or_default()))
     }
 }
 

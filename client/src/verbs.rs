@@ -1,7 +1,10 @@
 //! What the kubectl-like verbs send, built as plain objects so they can be tested without a
-//! server: `create deployment`, `run`, `expose`, `set image`, `rollout status|history|undo`.
+//! server: `create deployment`, `run`, `expose`, `set image`, `rollout status|history|undo`
+//! (of Deployments, through their ReplicaSets, and of DaemonSets, through their
+//! ControllerRevisions).
 
 use serde_json::{json, Value};
+use skiff_api::k8s::api::apps::v1::{ControllerRevision, DaemonSet};
 use skiff_api::{meta, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
 
 use crate::ClientError;
@@ -341,6 +344,110 @@ pub fn rollout_status(d: &Value) -> Result<(bool, String), ClientError> {
     ))
 }
 
+fn typed<T: serde::de::DeserializeOwned>(v: &Value, what: &str) -> Result<T, ClientError> {
+    serde_json::from_value(v.clone()).map_err(|e| {
+        ClientError::Usage(format!(
+            "the server sent a {what} that does not decode: {e}"
+        ))
+    })
+}
+
+/// The ControllerRevisions a DaemonSet controls, oldest revision first.
+pub fn daemonset_revisions(
+    ds: &Value,
+    revisions: &[Value],
+) -> Result<Vec<ControllerRevision>, ClientError> {
+    let uid = meta::uid(ds);
+    let mut out: Vec<ControllerRevision> = revisions
+        .iter()
+        .filter(|r| meta::controller_uid(r).as_deref() == Some(uid))
+        .map(|r| typed(r, "ControllerRevision"))
+        .collect::<Result<_, _>>()?;
+    out.sort_by_key(|r| r.revision.unwrap_or(0));
+    Ok(out)
+}
+
+/// `rollout history ds/NAME`: (revision, change-cause) per revision.
+pub fn daemonset_history(
+    ds: &Value,
+    revisions: &[Value],
+) -> Result<Vec<(i64, String)>, ClientError> {
+    Ok(daemonset_revisions(ds, revisions)?
+        .into_iter()
+        .map(|r| {
+            let cause = r
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("kubernetes.io/change-cause").cloned())
+                .unwrap_or_else(|| "<none>".into());
+            (r.revision.unwrap_or(0), cause)
+        })
+        .collect())
+}
+
+/// `rollout undo ds/NAME [--to-revision N]`: as kubectl, the revision's data (a strategic
+/// merge patch that restores its template) and the revision rolled back to. Without a
+/// revision, the newest one before the current.
+pub fn daemonset_rollback_patch(
+    ds: &Value,
+    revisions: &[Value],
+    to_revision: Option<i64>,
+) -> Result<(Value, i64), ClientError> {
+    let revs = daemonset_revisions(ds, revisions)?;
+    let target = match to_revision.filter(|r| *r > 0) {
+        Some(r) => revs.iter().find(|x| x.revision == Some(r)).ok_or_else(|| {
+            ClientError::Usage(format!("unable to find specified revision {r} in history"))
+        })?,
+        None if revs.len() <= 1 => {
+            return Err(ClientError::Usage(
+                "no last revision to roll back to".into(),
+            ))
+        }
+        None => &revs[revs.len() - 2],
+    };
+    Ok((target.data.0.clone(), target.revision.unwrap_or(0)))
+}
+
+/// `rollout status ds/NAME`: (done, message), by kubectl's rules for DaemonSets.
+pub fn daemonset_rollout_status(ds: &Value) -> Result<(bool, String), ClientError> {
+    let d: DaemonSet = typed(ds, "DaemonSet")?;
+    let name = d.metadata.name.clone().unwrap_or_default();
+    let strategy = d
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|s| s.type_.as_deref())
+        .unwrap_or("RollingUpdate");
+    if strategy != "RollingUpdate" {
+        return Err(ClientError::Usage(
+            "rollout status is only available for RollingUpdate strategy type".into(),
+        ));
+    }
+    let status = d.status.unwrap_or_default();
+    if d.metadata.generation.unwrap_or(0) > status.observed_generation.unwrap_or(0) {
+        return Ok((
+            false,
+            "Waiting for daemon set spec update to be observed...".into(),
+        ));
+    }
+    let (desired, updated, available) = (
+        status.desired_number_scheduled,
+        status.updated_number_scheduled.unwrap_or(0),
+        status.number_available.unwrap_or(0),
+    );
+    if updated < desired {
+        return Ok((false, format!("Waiting for daemon set \"{name}\" rollout to finish: {updated} out of {desired} new pods have been updated...")));
+    }
+    if available < desired {
+        return Ok((false, format!("Waiting for daemon set \"{name}\" rollout to finish: {available} of {desired} updated pods are available...")));
+    }
+    Ok((
+        true,
+        format!("daemon set \"{name}\" successfully rolled out"),
+    ))
+}
+
 /// Splits multi-document YAML (or one JSON object / a List) into objects.
 pub fn documents(text: &str) -> Result<Vec<Value>, ClientError> {
     let mut out = Vec::new();
@@ -452,5 +559,53 @@ mod tests {
         assert!(!done);
         assert!(msg.contains("1 old replicas are pending termination"));
         assert_eq!(documents("a: 1\n---\n---\nb: 2\n").unwrap().len(), 2);
+    }
+
+    fn ds(generation: i64, status: Value) -> Value {
+        json!({"metadata": {"name": "agent", "uid": "u1", "generation": generation},
+               "spec": {"selector": {}, "template": {}, "updateStrategy": {"type": "RollingUpdate"}},
+               "status": status})
+    }
+
+    #[test]
+    fn daemonset_rollout_status_follows_kubectl() {
+        let (done, msg) = daemonset_rollout_status(&ds(2, json!({"observedGeneration": 1, "desiredNumberScheduled": 3, "currentNumberScheduled": 3, "numberReady": 3, "numberMisscheduled": 0}))).unwrap();
+        assert!(!done);
+        assert_eq!(msg, "Waiting for daemon set spec update to be observed...");
+        let (done, msg) = daemonset_rollout_status(&ds(2, json!({"observedGeneration": 2, "desiredNumberScheduled": 3, "currentNumberScheduled": 3, "numberReady": 3, "numberMisscheduled": 0, "updatedNumberScheduled": 1, "numberAvailable": 3}))).unwrap();
+        assert!(!done);
+        assert!(
+            msg.contains("1 out of 3 new pods have been updated"),
+            "{msg}"
+        );
+        let (done, msg) = daemonset_rollout_status(&ds(2, json!({"observedGeneration": 2, "desiredNumberScheduled": 3, "currentNumberScheduled": 3, "numberReady": 3, "numberMisscheduled": 0, "updatedNumberScheduled": 3, "numberAvailable": 3}))).unwrap();
+        assert!(done);
+        assert_eq!(msg, "daemon set \"agent\" successfully rolled out");
+        let mut on_delete = ds(1, json!({}));
+        on_delete["spec"]["updateStrategy"]["type"] = json!("OnDelete");
+        assert!(daemonset_rollout_status(&on_delete).is_err());
+    }
+
+    #[test]
+    fn daemonset_history_and_undo_use_controller_revisions() {
+        let d = ds(3, json!({}));
+        let rev = |n: i64, owner: &str, image: &str| {
+            json!({"metadata": {"name": format!("agent-{n}"), "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet", "name": "agent", "uid": owner, "controller": true}]},
+                   "revision": n,
+                   "data": {"spec": {"template": {"$patch": "replace", "spec": {"containers": [{"name": "c", "image": image}]}}}}})
+        };
+        let revs = vec![rev(2, "u1", "v2"), rev(1, "u1", "v1"), rev(9, "other", "x")];
+        assert_eq!(
+            daemonset_history(&d, &revs).unwrap(),
+            vec![(1, "<none>".to_string()), (2, "<none>".to_string())]
+        );
+        let (patch, to) = daemonset_rollback_patch(&d, &revs, None).unwrap();
+        assert_eq!(to, 1);
+        assert_eq!(
+            patch["spec"]["template"]["spec"]["containers"][0]["image"],
+            "v1"
+        );
+        assert!(daemonset_rollback_patch(&d, &revs, Some(7)).is_err());
+        assert!(daemonset_rollback_patch(&d, &revs[..1], None).is_err());
     }
 }

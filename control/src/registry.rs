@@ -688,6 +688,33 @@ impl Registry {
         name: &str,
         opts: &DeleteOptions,
     ) -> Result<Value, ApiError> {
+        // As the Kubernetes API server does, a delete without preconditions is retried when
+        // the object changed between its read and its write (a controller's status update).
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.delete_once(r, ns, name, opts) {
+                Err(e)
+                    if e.code == 409
+                        && e.reason == "Conflict"
+                        && tries < 5
+                        && opts.precondition_uid.is_none()
+                        && opts.precondition_rv.is_none() =>
+                {
+                    continue
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn delete_once(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        opts: &DeleteOptions,
+    ) -> Result<Value, ApiError> {
         let old = self.get(r, ns, name)?;
         if let Some(uid) = &opts.precondition_uid {
             if uid != meta::uid(&old) {

@@ -235,6 +235,13 @@ async fn serve_pods(
             }
             continue;
         }
+        // A finished pod stays finished, as a kubelet leaves it.
+        if matches!(
+            p.pointer("/status/phase").and_then(Value::as_str),
+            Some("Succeeded" | "Failed")
+        ) {
+            continue;
+        }
         let uid = meta::uid(&p).to_string();
         let due = *ready_at
             .entry(uid.clone())

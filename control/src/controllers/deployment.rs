@@ -74,7 +74,7 @@ pub fn template_hash(template: &Value) -> String {
 
 /// A template with the hash label removed and zero values dropped, for comparing templates
 /// however they were sent: kubectl's protobuf carries `false`/`0` where its JSON omits them.
-fn normalized(template: &Value) -> Value {
+pub(crate) fn normalized(template: &Value) -> Value {
     fn drop_zero(v: &mut Value) -> bool {
         match v {
             Value::Object(m) => {

@@ -1,6 +1,7 @@
 //! Controllers: level-triggered reconcilers over watch-fed caches (see [`runtime`]), and the
 //! scheduler. [`start`] wires caches to queues and runs them all.
 
+pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
@@ -92,6 +93,8 @@ pub fn start(
     let namespaces = cache("namespaces");
     let leases = cache("leases");
     let budgets = cache("poddisruptionbudgets");
+    let daemonsets = cache("daemonsets");
+    let revisions = cache("controllerrevisions");
     let mut tasks = JoinSet::new();
 
     // ReplicaSets.
@@ -137,6 +140,39 @@ pub fn start(
             }
         });
     }
+    // DaemonSets: their pods and revisions, and every node change.
+    let (ds_q, ds_rx) = runtime::queue();
+    {
+        let q = ds_q.clone();
+        daemonsets.on_change(move |c| q.add(key_of(&c.object)));
+        let q = ds_q.clone();
+        pods.on_change(move |c| {
+            if let Some(k) = owner_key(&c.object, "DaemonSet") {
+                q.add(k)
+            }
+        });
+        let q = ds_q.clone();
+        revisions.on_change(move |c| {
+            if let Some(k) = owner_key(&c.object, "DaemonSet") {
+                q.add(k)
+            }
+        });
+        let q = ds_q.clone();
+        let ds_cache = daemonsets.clone();
+        nodes.on_change(move |c| {
+            // Heartbeats change only conditions' times: no daemon pod moves for them.
+            let same = |p: &Value| {
+                p.get("spec") == c.object.get("spec")
+                    && p.pointer("/metadata/labels") == c.object.pointer("/metadata/labels")
+            };
+            if c.kind != EventType::Deleted && c.prev.as_deref().is_some_and(same) {
+                return;
+            }
+            for ds in ds_cache.list(None) {
+                q.add(key_of(&ds));
+            }
+        });
+    }
     // Endpoints and LoadBalancer status.
     let (ep_q, ep_rx) = runtime::queue();
     {
@@ -176,10 +212,10 @@ pub fn start(
     // Garbage collection and namespaces.
     let (gc_q, gc_rx) = runtime::queue();
     {
-        for c in [&pods, &replicasets, &deployments] {
+        for c in [&pods, &replicasets, &deployments, &daemonsets, &revisions] {
             let q = gc_q.clone();
             let r = c.resource;
-            let deps = vec![pods.clone(), replicasets.clone()];
+            let deps = vec![pods.clone(), replicasets.clone(), revisions.clone()];
             c.on_change(move |ch| {
                 let o = &ch.object;
                 if ch.kind == EventType::Deleted {
@@ -238,6 +274,8 @@ pub fn start(
         &namespaces,
         &leases,
         &budgets,
+        &daemonsets,
+        &revisions,
     ] {
         tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
     }
@@ -261,6 +299,17 @@ pub fn start(
         stop.clone(),
     ));
     tasks.spawn(runtime::run(
+        Arc::new(daemonset::DaemonSetController::new(
+            reg.clone(),
+            daemonsets.clone(),
+            pods.clone(),
+            nodes.clone(),
+            revisions.clone(),
+        )),
+        ds_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
         Arc::new(endpoints::EndpointsController {
             reg: reg.clone(),
             services: services.clone(),
@@ -274,7 +323,7 @@ pub fn start(
     tasks.spawn(runtime::run(
         Arc::new(gc::GarbageCollector {
             reg: reg.clone(),
-            dependents: vec![pods.clone(), replicasets.clone()],
+            dependents: vec![pods.clone(), replicasets.clone(), revisions.clone()],
         }),
         gc_rx,
         stop.clone(),

@@ -1,7 +1,9 @@
 //! The scheduler: a filter/score pipeline over a node cache, binding pending pods in batches
 //! (one store transaction per batch).
 //!
-//! Filters: node Ready and schedulable; taints (NoSchedule, NoExecute) tolerated; `nodeSelector`;
+//! Filters: node Ready and schedulable (or the `unschedulable` taint tolerated, as daemon pods
+//! do); taints (NoSchedule, NoExecute) tolerated; `nodeSelector`; required node affinity
+//! (`matchExpressions` on labels, `matchFields` on `metadata.name`);
 //! OCI pods only on nodes that run OCI containers; resource requests within allocatable;
 //! `topologySpreadConstraints` with `whenUnsatisfiable: DoNotSchedule` (maxSkew over the
 //! domains of any node label); required `podAntiAffinity`. Score: fewest pods of the same owner
@@ -23,7 +25,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use k8s_openapi::api::core::v1::{Affinity, TopologySpreadConstraint};
+use k8s_openapi::api::core::v1::{
+    Affinity, NodeSelector, NodeSelectorRequirement, TopologySpreadConstraint,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use serde_json::{json, Value};
 use skiff_api::selector::Selector;
@@ -250,6 +254,8 @@ pub struct PodRequest {
     pub terminating: bool,
     pub spread: Vec<Spread>,
     pub anti_affinity: Vec<AntiAffinity>,
+    /// `nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution`.
+    pub node_affinity: Option<NodeSelector>,
 }
 
 impl PodRequest {
@@ -285,11 +291,17 @@ impl PodRequest {
             })
             .collect();
         let mut anti_affinity = Vec::new();
-        if let Some(anti) = pod
+        let affinity = pod
             .pointer("/spec/affinity")
-            .and_then(|v| serde_json::from_value::<Affinity>(v.clone()).ok())
-            .and_then(|a| a.pod_anti_affinity)
-        {
+            .and_then(|v| serde_json::from_value::<Affinity>(v.clone()).ok());
+        let node_affinity = affinity
+            .as_ref()
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .clone()
+            });
+        if let Some(anti) = affinity.and_then(|a| a.pod_anti_affinity) {
             let term = |t: k8s_openapi::api::core::v1::PodAffinityTerm, weight: i64| AntiAffinity {
                 key: t.topology_key,
                 selector: selector(t.label_selector.as_ref()),
@@ -321,6 +333,7 @@ impl PodRequest {
             terminating: meta::is_deleting(pod),
             spread,
             anti_affinity,
+            node_affinity,
             owner: meta::controller_uid(pod),
             node_selector: meta::string_map(pod.pointer("/spec/nodeSelector")),
             tolerations: pod
@@ -330,6 +343,70 @@ impl PodRequest {
                 .unwrap_or_default(),
         }
     }
+}
+
+/// The taint a cordoned node is treated as having: pods that tolerate it (daemon pods) may
+/// still be placed there, as kube-scheduler's NodeUnschedulable plugin allows.
+pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+
+/// Whether `node` satisfies a required node selector: any term matches, and a term matches
+/// when all its label expressions and field expressions (`metadata.name` only) hold; an
+/// empty term matches nothing.
+pub fn node_selector_matches(node: &NodeInfo, sel: &NodeSelector) -> bool {
+    fn holds(value: Option<&str>, r: &NodeSelectorRequirement) -> bool {
+        let values = r.values.as_deref().unwrap_or_default();
+        let num = |v: &str| v.parse::<i64>().ok();
+        match r.operator.as_str() {
+            "In" => value.is_some_and(|v| values.iter().any(|x| x == v)),
+            "NotIn" => value.is_none_or(|v| values.iter().all(|x| x != v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            "Gt" | "Lt" => {
+                let (Some(have), Some(want)) =
+                    (value.and_then(num), values.first().and_then(|w| num(w)))
+                else {
+                    return false;
+                };
+                if r.operator == "Gt" {
+                    have > want
+                } else {
+                    have < want
+                }
+            }
+            _ => false,
+        }
+    }
+    sel.node_selector_terms.iter().any(|t| {
+        let exprs = t.match_expressions.as_deref().unwrap_or_default();
+        let fields = t.match_fields.as_deref().unwrap_or_default();
+        (!exprs.is_empty() || !fields.is_empty())
+            && exprs
+                .iter()
+                .all(|r| holds(node.labels.get(&r.key).map(String::as_str), r))
+            && fields.iter().all(|r| {
+                let value = (r.key == "metadata.name").then_some(node.name.as_str());
+                value.is_some() && holds(value, r)
+            })
+    })
+}
+
+/// Whether `node` matches the pod's `nodeSelector` and required node affinity.
+pub fn node_matches(node: &NodeInfo, pod: &PodRequest) -> bool {
+    pod.node_selector
+        .iter()
+        .all(|(k, v)| node.labels.get(k) == Some(v))
+        && pod
+            .node_affinity
+            .as_ref()
+            .is_none_or(|a| node_selector_matches(node, a))
+}
+
+/// Whether the pod tolerates every taint of `node` with one of `effects`.
+pub fn tolerates_taints(node: &NodeInfo, tolerations: &[Value], effects: &[&str]) -> bool {
+    node.taints.iter().all(|t| {
+        let effect = t["effect"].as_str().unwrap_or("");
+        !effects.contains(&effect) || tolerates(tolerations, t)
+    })
 }
 
 fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
@@ -357,7 +434,12 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
     if !node.ready {
         return Some("node(s) were not ready");
     }
-    if node.unschedulable {
+    if node.unschedulable
+        && !tolerates(
+            &pod.tolerations,
+            &json!({"key": UNSCHEDULABLE_TAINT, "effect": "NoSchedule"}),
+        )
+    {
         return Some("node(s) were unschedulable");
     }
     for t in &node.taints {
@@ -366,11 +448,7 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
             return Some("node(s) had untolerated taint");
         }
     }
-    if !pod
-        .node_selector
-        .iter()
-        .all(|(k, v)| node.labels.get(k) == Some(v))
-    {
+    if !node_matches(node, pod) {
         return Some("node(s) didn't match Pod's node affinity/selector");
     }
     if pod.needs_oci
@@ -435,10 +513,7 @@ impl Topology {
                 let mut counts: HashMap<String, i64> = HashMap::new();
                 for n in nodes {
                     let eligible = n.ready
-                        && pod
-                            .node_selector
-                            .iter()
-                            .all(|(k, v)| n.labels.get(k) == Some(v))
+                        && node_matches(n, pod)
                         && (!c.honor_taints || taints_tolerated(n, pod));
                     let Some(domain) = n.labels.get(&c.key).filter(|_| eligible) else {
                         continue;
@@ -705,6 +780,52 @@ mod tests {
         picky.node_selector.insert("zone".into(), "x".into());
         assert!(filter(&n, &picky).is_some());
         assert!(filter(&node("c", "1", json!([]), json!({"zone": "x"})), &picky).is_none());
+    }
+
+    #[test]
+    fn node_affinity_match_fields_and_expressions() {
+        let a = node("a", "1", json!([]), json!({"zone": "x", "gen": "5"}));
+        let b = node("b", "1", json!([]), json!({"zone": "y"}));
+        let pinned = |spec: Value| {
+            PodRequest::from_pod(
+                &json!({"metadata": {"name": "p"}, "spec": {"containers": [], "affinity": {"nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": spec}}}}}),
+            )
+        };
+        let to_b = pinned(
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}]),
+        );
+        assert!(filter(&a, &to_b).is_some());
+        assert!(filter(&b, &to_b).is_none());
+        let mut nodes = vec![a.clone(), b.clone()];
+        let mut start = 0;
+        assert_eq!(schedule(&mut nodes, &[to_b], &mut start), vec![Ok(1)]);
+        // Terms are ORed; within a term, expressions are ANDed.
+        let either = pinned(json!([
+            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["x"]},
+                                  {"key": "gen", "operator": "Gt", "values": ["4"]}]},
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["nowhere"]}]}
+        ]));
+        assert!(filter(&a, &either).is_none());
+        assert!(filter(&b, &either).is_some());
+        let not_x = pinned(
+            json!([{"matchExpressions": [{"key": "zone", "operator": "NotIn", "values": ["x"]}]}]),
+        );
+        assert!(filter(&a, &not_x).is_some());
+        assert!(filter(&b, &not_x).is_none());
+        // An empty term matches nothing.
+        assert!(filter(&a, &pinned(json!([{}]))).is_some());
+    }
+
+    #[test]
+    fn cordoned_nodes_take_pods_that_tolerate_unschedulable() {
+        let mut n = node("a", "1", json!([]), json!({}));
+        n.unschedulable = true;
+        let mut p = pod("1m", None);
+        assert_eq!(filter(&n, &p), Some("node(s) were unschedulable"));
+        p.tolerations =
+            vec![json!({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})];
+        assert!(filter(&n, &p).is_none());
     }
 
     #[test]
