@@ -39,6 +39,9 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "Job" => check::<batch::Job>(obj, strict),
         "CronJob" => check::<batch::CronJob>(obj, strict),
         "Lease" => check::<coordination::Lease>(obj, strict),
+        "PersistentVolumeClaim" => check::<core::PersistentVolumeClaim>(obj, strict),
+        "PersistentVolume" => check::<core::PersistentVolume>(obj, strict),
+        "StorageClass" => check::<k8s_openapi::api::storage::v1::StorageClass>(obj, strict),
         "PodDisruptionBudget" => check::<policy::PodDisruptionBudget>(obj, strict),
         other => Err(ApiError::bad_request(format!(
             "no wire type for kind {other}"
