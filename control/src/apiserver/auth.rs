@@ -467,11 +467,14 @@ impl NodeAuthorizer {
             ("", "persistentvolumeclaims") if a.verb == "get" && sub.is_none() => {
                 let ns = a.namespace.as_deref().unwrap_or("");
                 let referenced = self.graph.pods_on(node, ns).iter().any(|p| {
-                    p.spec.iter().flat_map(|s| s.volumes.iter().flatten()).any(|v| {
-                        v.persistent_volume_claim
-                            .as_ref()
-                            .is_some_and(|c| c.claim_name == name)
-                    })
+                    p.spec
+                        .iter()
+                        .flat_map(|s| s.volumes.iter().flatten())
+                        .any(|v| {
+                            v.persistent_volume_claim
+                                .as_ref()
+                                .is_some_and(|c| c.claim_name == name)
+                        })
                 });
                 if referenced {
                     Decision::Allow
