@@ -1322,7 +1322,11 @@ impl Ctx {
         };
         match what {
             RolloutWhat::Status { target: t, timeout } => {
-                let name = parse(&t)?;
+                let (r, name) = target(&[t.to_string()])?;
+                if r.kind != "Deployment" && r.kind != "StatefulSet" {
+                    bail!("rollout status is supported for deployments and statefulsets only");
+                }
+                let deployments = r;
                 let deadline = (timeout > 0)
                     .then(|| tokio::time::Instant::now() + Duration::from_secs(timeout));
                 let mut last = String::new();
