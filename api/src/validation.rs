@@ -258,10 +258,30 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         }
         "StatefulSet" => {
             let s: apps::StatefulSet = typed(obj)?;
+            // Containers may mount the claim templates: each becomes a volume of the pod.
+            let mut template = s.spec.template.clone();
+            if let Some(spec) = template.spec.as_mut() {
+                let vols = spec.volumes.get_or_insert_with(Vec::new);
+                for t in s.spec.volume_claim_templates.iter().flatten() {
+                    let name = t.metadata.name.clone().unwrap_or_default();
+                    if !vols.iter().any(|v| v.name == name) {
+                        vols.push(core::Volume {
+                            name: name.clone(),
+                            persistent_volume_claim: Some(
+                                core::PersistentVolumeClaimVolumeSource {
+                                    claim_name: name,
+                                    read_only: None,
+                                },
+                            ),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
             workload(
                 s.spec.replicas,
                 Some(&s.spec.selector),
-                &s.spec.template,
+                &template,
                 true,
                 &mut causes,
             )

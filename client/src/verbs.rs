@@ -325,8 +325,10 @@ pub fn statefulset_rollout_status(s: &Value) -> Result<(bool, String), ClientErr
         ));
     }
     let updated = i("/status/updatedReplicas");
-    let partition = i("/spec/updateStrategy/rollingUpdate/partition");
-    if partition > 0 {
+    // As kubectl: any `rollingUpdate` (the API defaults `partition: 0`) is a partitioned
+    // roll out, complete once the ordinals at or above the partition are updated.
+    if let Some(ru) = s.pointer("/spec/updateStrategy/rollingUpdate") {
+        let partition = ru.get("partition").and_then(Value::as_i64).unwrap_or(0);
         if updated < replicas - partition {
             return Ok((false, format!("Waiting for partitioned roll out to finish: {updated} out of {} new pods have been updated...", replicas - partition)));
         }
@@ -521,6 +523,19 @@ mod tests {
         );
         s["status"] = json!({"observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 1,
             "currentReplicas": 2, "currentRevision": "web-a", "updateRevision": "web-b"});
+        assert_eq!(
+            rollout_status(&s).unwrap().1,
+            "Waiting for partitioned roll out to finish: 1 out of 3 new pods have been updated..."
+        );
+        s["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = json!(2);
+        assert_eq!(
+            rollout_status(&s).unwrap(),
+            (
+                true,
+                "partitioned roll out complete: 1 new pods have been updated...".into()
+            )
+        );
+        s["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
         assert_eq!(
             rollout_status(&s).unwrap().1,
             "waiting for statefulset rolling update to complete 1 pods at revision web-b..."
