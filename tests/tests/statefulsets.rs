@@ -341,3 +341,161 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
     c.get(res("pvc"), Some("default"), "data-db-1").await?;
     Ok(())
 }
+
+// ---- On a real node (`skiff up` in a namespace of the test's own). Needs root, iproute2,
+// curl, dig, docker-registry, runc and the samples (`samples/build.sh`).
+
+use skiff_e2e::netns::{Netns, SkiffUp};
+
+const COUNTER: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{name: http, port: 8080, protocol: TCP}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: web}
+spec:
+  serviceName: web
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: counter
+        image: 127.0.0.1:5000/counter:v1
+        ports: [{name: http, containerPort: 8080}]
+        volumeMounts: [{name: data, mountPath: /data}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {requests: {storage: 16Mi}}
+"#;
+
+fn curl(ns: &Netns, ip: &str) -> anyhow::Result<String> {
+    ns.run(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "5",
+        &format!("http://{ip}:8080/"),
+    ])
+}
+
+fn pod_ip(up: &SkiffUp, ns: &Netns, name: &str) -> anyhow::Result<Option<String>> {
+    Ok(up
+        .pod_ips(ns, "app=web")?
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, ip)| ip))
+}
+
+fn ready_pod(up: &SkiffUp, ns: &Netns, name: &str) -> anyhow::Result<Option<Value>> {
+    let p = up.json(ns, &["get", "pod", name])?;
+    Ok((is_ready(&p) && p["metadata"].get("deletionTimestamp").is_none()).then_some(p))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_keeps_its_count_and_pods_have_dns_names() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ns, up) = SkiffUp::in_new_netns(dir.path(), &[]).await?;
+    up.push_samples(&ns, &[("counter.wasm", "counter:v1")])?;
+    let manifest = dir.path().join("counter.yaml");
+    std::fs::write(&manifest, COUNTER)?;
+    up.skiff(&ns, &["apply", "-f", manifest.to_str().unwrap()])?;
+    let out = up.skiff(&ns, &["rollout", "status", "sts/web", "--timeout", "90"])?;
+    assert!(out.contains("roll out complete"), "{out}");
+
+    // The count lives on the claim's volume.
+    let ip0 = pod_ip(&up, &ns, "web-0")?.expect("web-0 has an address");
+    assert_eq!(curl(&ns, &ip0)?, "count=1 | Running on: web-0\n");
+    assert_eq!(curl(&ns, &ip0)?, "count=2 | Running on: web-0\n");
+    let ip1 = pod_ip(&up, &ns, "web-1")?.expect("web-1 has an address");
+    assert_eq!(curl(&ns, &ip1)?, "count=1 | Running on: web-1\n");
+
+    // Per-pod DNS and SRV for the named port.
+    let dns = up.json(&ns, &["get", "svc", "kube-dns", "-n", "kube-system"])?;
+    let dns_ip = dns["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let dig = |name: &str, ty: &str| {
+        ns.run(&[
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=2",
+            &format!("@{dns_ip}"),
+            name,
+            ty,
+        ])
+    };
+    eventually("web-0's DNS name", Duration::from_secs(20), || async {
+        Ok(dig("web-0.web.default.svc.cluster.local", "A")
+            .ok()
+            .filter(|a| a.trim() == ip0))
+    })
+    .await?;
+    let all = dig("web.default.svc.cluster.local", "A")?;
+    assert!(all.contains(&ip0) && all.contains(&ip1), "{all}");
+    let srv = dig("_http._tcp.web.default.svc.cluster.local", "SRV")?;
+    assert!(
+        srv.contains("8080 web-0.web.default.svc.cluster.local.")
+            && srv.contains("8080 web-1.web.default.svc.cluster.local."),
+        "{srv}"
+    );
+
+    // Deleted, web-0 comes back with the same name on the same node, and counts on.
+    let old = up.json(&ns, &["get", "pod", "web-0"])?;
+    up.skiff(&ns, &["delete", "pod", "web-0"])?;
+    let new = eventually("web-0 back and Ready", Duration::from_secs(60), || async {
+        Ok(ready_pod(&up, &ns, "web-0")?.filter(|p| meta::uid(p) != meta::uid(&old)))
+    })
+    .await?;
+    assert_eq!(new["spec"]["nodeName"], old["spec"]["nodeName"]);
+    let ip0 = new["status"]["podIP"].as_str().unwrap().to_string();
+    let body = eventually("web-0 answering", Duration::from_secs(20), || async {
+        Ok(curl(&ns, &ip0).ok())
+    })
+    .await?;
+    assert_eq!(body, "count=3 | Running on: web-0\n");
+
+    // The claims are Bound to volumes in the node's data directory, and kept on scale down.
+    let pvc = up.json(&ns, &["get", "pvc", "data-web-0"])?;
+    assert_eq!(pvc["status"]["phase"], "Bound");
+    let vol = pvc["spec"]["volumeName"].as_str().unwrap();
+    let on_disk = std::fs::read_to_string(up.dir.join("agent/storage").join(vol).join("count"))?;
+    assert_eq!(on_disk.trim(), "3");
+    up.skiff(&ns, &["scale", "sts/web", "--replicas=1"])?;
+    eventually("web-1 gone", Duration::from_secs(60), || async {
+        Ok(up
+            .skiff_output(&ns, &["get", "pod", "web-1"])?
+            .status
+            .success()
+            .then_some(())
+            .xor(Some(())))
+    })
+    .await?;
+    let pvc1 = up.json(&ns, &["get", "pvc", "data-web-1"])?;
+    assert_eq!(pvc1["status"]["phase"], "Bound", "kept after scale down");
+
+    // A deleted claim takes its volume with it.
+    up.skiff(&ns, &["delete", "pvc", "data-web-1"])?;
+    let vol1 = pvc1["spec"]["volumeName"].as_str().unwrap().to_string();
+    eventually(
+        "data-web-1's volume deleted",
+        Duration::from_secs(20),
+        || async {
+            Ok((!up
+                .skiff_output(&ns, &["get", "pv", &vol1])?
+                .status
+                .success())
+            .then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
