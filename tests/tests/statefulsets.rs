@@ -497,5 +497,97 @@ async fn counter_keeps_its_count_and_pods_have_dns_names() -> anyhow::Result<()>
         },
     )
     .await?;
+    let dir1 = up.dir.join("agent/storage").join(&vol1);
+    eventually(
+        "data-web-1's directory removed",
+        Duration::from_secs(40),
+        || async { Ok((!dir1.exists()).then_some(())) },
+    )
+    .await?;
+    assert!(
+        up.dir.join("agent/storage").join(vol).exists(),
+        "data-web-0's stays"
+    );
+    Ok(())
+}
+
+const OCI_POD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: writer}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: writer
+    image: 127.0.0.1:5000/bootcamp-oci:v1
+    command: ["sh", "-c", "echo run >> /data/log; wc -l < /data/log > /data/seen; sleep 3600"]
+    volumeMounts: [{name: data, mountPath: /data}]
+  volumes:
+  - name: data
+    persistentVolumeClaim: {claimName: oci-data}
+"#;
+
+const OCI_CLAIM: &str = r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: oci-data}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 16Mi}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oci_pod_sees_its_claims_files_after_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (ns, up) = SkiffUp::in_new_netns(dir.path(), &[]).await?;
+    up.push_images(&ns, &[("bootcamp-oci:v1", "bootcamp-oci:v1")])?;
+    let claim = dir.path().join("claim.yaml");
+    std::fs::write(&claim, OCI_CLAIM)?;
+    let pod = dir.path().join("pod.yaml");
+    std::fs::write(&pod, OCI_POD)?;
+    up.skiff(&ns, &["apply", "-f", claim.to_str().unwrap()])?;
+    // WaitForFirstConsumer: no volume until a pod using the claim is scheduled.
+    let pvc = up.json(&ns, &["get", "pvc", "oci-data"])?;
+    assert_eq!(pvc["status"]["phase"], "Pending");
+    up.skiff(&ns, &["apply", "-f", pod.to_str().unwrap()])?;
+    let vol = eventually("oci-data bound", Duration::from_secs(30), || async {
+        let pvc = up.json(&ns, &["get", "pvc", "oci-data"])?;
+        Ok((pvc["status"]["phase"] == "Bound")
+            .then(|| pvc["spec"]["volumeName"].as_str().map(String::from))
+            .flatten())
+    })
+    .await?;
+    let seen = up.dir.join("agent/storage").join(&vol).join("seen");
+    let lines = |want: &'static str| {
+        let seen = seen.clone();
+        async move {
+            eventually(
+                &format!("the writer to see {want} line(s)"),
+                Duration::from_secs(60),
+                || async {
+                    Ok(std::fs::read_to_string(&seen)
+                        .ok()
+                        .filter(|s| s.trim() == want)
+                        .map(|_| ()))
+                },
+            )
+            .await
+        }
+    };
+    lines("1").await?;
+    up.skiff(&ns, &["delete", "pod", "writer"])?;
+    eventually("writer gone", Duration::from_secs(30), || async {
+        Ok((!up
+            .skiff_output(&ns, &["get", "pod", "writer"])?
+            .status
+            .success())
+        .then_some(()))
+    })
+    .await?;
+    up.skiff(&ns, &["apply", "-f", pod.to_str().unwrap()])?;
+    // The second run finds the first one's line on the volume.
+    lines("2").await?;
+    let p = up.json(&ns, &["get", "pod", "writer"])?;
+    assert_eq!(p["spec"]["nodeName"], "edge-1");
     Ok(())
 }

@@ -463,6 +463,8 @@ impl NodeAuthorizer {
                     no_relation()
                 }
             }
+            // Volumes by name: whether a volume directory on the node is still wanted.
+            ("", "persistentvolumes") if a.verb == "get" && sub.is_none() => Decision::Allow,
             // The claims its pods use (to find their volumes).
             ("", "persistentvolumeclaims") if a.verb == "get" && sub.is_none() => {
                 let ns = a.namespace.as_deref().unwrap_or("");
