@@ -38,8 +38,11 @@ pub struct Names {
     /// (namespace, headless service, hostname) → the endpoint's address.
     hosts: HashMap<(String, String, String), Vec<Ipv4Addr>>,
     /// (namespace, service, `_port`, `_proto`) → (port, target name without the domain).
-    srv: HashMap<(String, String, String, String), Vec<(u16, String)>>,
+    srv: HashMap<SrvKey, Vec<(u16, String)>>,
 }
+
+/// (namespace, service, `_port`, `_proto`).
+type SrvKey = (String, String, String, String);
 
 /// What the cluster says about a fully qualified name.
 #[derive(Debug, PartialEq, Eq)]
@@ -61,7 +64,7 @@ impl Names {
     ) -> Names {
         let mut out = HashMap::new();
         let mut hosts: HashMap<(String, String, String), Vec<Ipv4Addr>> = HashMap::new();
-        let mut srv: HashMap<(String, String, String, String), Vec<(u16, String)>> = HashMap::new();
+        let mut srv: HashMap<SrvKey, Vec<(u16, String)>> = HashMap::new();
         let d = domain.trim_matches('.').to_ascii_lowercase();
         for (k, svc) in services {
             let Some((ns, name)) = k.split_once('/') else {

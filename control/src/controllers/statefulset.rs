@@ -490,7 +490,7 @@ impl Reconciler for StatefulSetController {
         let norm = |s: &StatefulSetStatus| {
             let mut v = to_value(s).unwrap_or_default();
             if let Some(m) = v.as_object_mut() {
-                m.retain(|_, x| !(x.is_null() || *x == Value::from(0)));
+                m.retain(|_, x| !(x.is_null() || x.as_i64() == Some(0)));
             }
             v
         };
