@@ -278,7 +278,13 @@ mod tests {
         );
         assert_eq!(
             groups(),
-            vec!["apps", "batch", "policy", "coordination.k8s.io"]
+            vec![
+                "apps",
+                "batch",
+                "policy",
+                "coordination.k8s.io",
+                "storage.k8s.io"
+            ]
         );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();
         assert_eq!(
