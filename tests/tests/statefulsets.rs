@@ -286,6 +286,23 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
         out.contains("partitioned roll out complete: 2 new pods"),
         "{out}"
     );
+
+    // Deleting the set takes its pods; the claims stay (whenDeleted: Retain).
+    ok(&cluster, &["delete", "sts", "web"])?;
+    eventually("web's pods gone", Duration::from_secs(30), || async {
+        let list = c
+            .list(res("pods"), Some("default"), Some("app=web"), None)
+            .await?;
+        Ok(list["items"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            .then_some(()))
+    })
+    .await?;
+    for i in 0..3 {
+        c.get(res("pvc"), Some("default"), &format!("data-web-{i}"))
+            .await?;
+    }
     Ok(())
 }
 

@@ -30,13 +30,20 @@ pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 pub const REVISION_LABEL: &str = "controller-revision-hash";
 
+#[derive(Debug, Default, Clone, Copy)]
+struct Expect {
+    pods: u64,
+    claims: u64,
+}
+
 pub struct StatefulSetController {
     pub reg: Arc<Registry>,
     pub sets: Arc<Cache>,
     pub pods: Arc<Cache>,
     pub claims: Arc<Cache>,
-    /// Revision of this controller's last write per key: the next reconcile waits for it.
-    expect: Mutex<HashMap<String, u64>>,
+    /// Revision of this controller's last pod and claim write per key: the next reconcile
+    /// waits until the caches have seen them.
+    expect: Mutex<HashMap<String, Expect>>,
 }
 
 /// `NAME-ORDINAL` → ORDINAL, when the pod is one of `set`'s.
@@ -297,11 +304,17 @@ impl StatefulSetController {
         }
     }
 
-    fn note(&self, key: &str, obj: &Value) {
+    /// Records a pod write (`claim` false) or a claim write for the next reconcile to wait on.
+    fn note(&self, key: &str, obj: &Value, claim: bool) {
         let rev = meta::resource_version(obj).unwrap_or(0);
         let mut e = self.expect.lock().expect("expect");
-        let cur = e.entry(key.to_string()).or_insert(0);
-        *cur = (*cur).max(rev);
+        let cur = e.entry(key.to_string()).or_default();
+        let slot = if claim {
+            &mut cur.claims
+        } else {
+            &mut cur.pods
+        };
+        *slot = (*slot).max(rev);
     }
 }
 
@@ -316,9 +329,13 @@ impl Reconciler for StatefulSetController {
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         let want = self.expect.lock().expect("expect").get(key).copied();
-        if let Some(rev) = want {
-            self.pods.wait_for(rev).await;
-            self.claims.wait_for(rev).await;
+        if let Some(want) = want {
+            if want.pods > 0 {
+                self.pods.wait_for(want.pods).await;
+            }
+            if want.claims > 0 {
+                self.claims.wait_for(want.claims).await;
+            }
         }
         let Some(obj) = self.sets.get(key) else {
             self.expect.lock().expect("expect").remove(key);
@@ -360,7 +377,7 @@ impl Reconciler for StatefulSetController {
                     continue;
                 }
                 match self.reg.create(pvc_r, ns, to_value(&c)?, &opts) {
-                    Ok(o) => self.note(key, &o),
+                    Ok(o) => self.note(key, &o, true),
                     Err(e) if e.code == 409 => {}
                     Err(e) => {
                         super::events::record(
@@ -381,7 +398,7 @@ impl Reconciler for StatefulSetController {
             let pod = new_pod(&set, *ord, &update_rev);
             match self.reg.create(pods_r, ns, to_value(&pod)?, &opts) {
                 Ok(o) => {
-                    self.note(key, &o);
+                    self.note(key, &o, false);
                     super::events::record(
                         &self.reg,
                         &obj,
@@ -413,7 +430,7 @@ impl Reconciler for StatefulSetController {
         for pname in &plan.delete {
             match self.reg.delete(pods_r, ns, pname, &Default::default()) {
                 Ok(o) => {
-                    self.note(key, &o);
+                    self.note(key, &o, false);
                     super::events::record(
                         &self.reg,
                         &obj,
@@ -434,7 +451,7 @@ impl Reconciler for StatefulSetController {
             for c in new_claims(&set, *ord) {
                 let cname = c.metadata.name.unwrap_or_default();
                 match self.reg.delete(pvc_r, ns, &cname, &Default::default()) {
-                    Ok(o) => self.note(key, &o),
+                    Ok(o) => self.note(key, &o, true),
                     Err(e) if e.code == 404 => {}
                     Err(e) => result = Err(e),
                 }
@@ -498,8 +515,7 @@ impl Reconciler for StatefulSetController {
             let r = Resource::lookup("statefulsets").expect("sts");
             let mut next = (*obj).clone();
             next["status"] = to_value(&status)?;
-            let o = self.reg.update(r, ns, name, next, Sub::Status, &opts)?;
-            self.note(key, &o);
+            self.reg.update(r, ns, name, next, Sub::Status, &opts)?;
         }
         if min_ready > 0 {
             return Ok(Action::RequeueAfter(Duration::from_secs(1)));
