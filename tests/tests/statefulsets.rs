@@ -287,6 +287,17 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
         "{out}"
     );
 
+    // Below the partition, a deleted pod comes back at the current (old) revision.
+    let old_rev = meta::labels(&web0)["controller-revision-hash"].clone();
+    ok(&cluster, &["delete", "pod", "web-0"])?;
+    let back = eventually("web-0 back", Duration::from_secs(30), || async {
+        let p = c.get(res("pods"), Some("default"), "web-0").await.ok();
+        Ok(p.filter(|p| meta::uid(p) != meta::uid(&web0) && is_ready(p)))
+    })
+    .await?;
+    assert_eq!(meta::labels(&back)["controller-revision-hash"], old_rev);
+    assert!(back["metadata"]["annotations"].get("rev").is_none());
+
     // Deleting the set takes its pods; the claims stay (whenDeleted: Retain).
     ok(&cluster, &["delete", "sts", "web"])?;
     eventually("web's pods gone", Duration::from_secs(30), || async {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
 use k8s_openapi::api::core::v1::{
-    PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, Volume,
+    PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodTemplateSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use serde_json::Value;
@@ -44,6 +44,9 @@ pub struct StatefulSetController {
     /// Revision of this controller's last pod and claim write per key: the next reconcile
     /// waits until the caches have seen them.
     expect: Mutex<HashMap<String, Expect>>,
+    /// The pod templates of each set's current and update revisions as seen by this process:
+    /// a pod below the partition is made again at the current revision.
+    templates: Mutex<HashMap<String, HashMap<String, PodTemplateSpec>>>,
 }
 
 /// `NAME-ORDINAL` → ORDINAL, when the pod is one of `set`'s.
@@ -119,6 +122,37 @@ pub fn new_pod(set: &StatefulSet, ordinal: usize, rev: &str) -> Pod {
         spec: Some(spec),
         status: None,
     }
+}
+
+/// The pod of `ordinal` at an older revision, made from `sibling`, a live pod of that revision
+/// (the template of a revision is not kept otherwise): its spec and labels, with this
+/// ordinal's name, hostname and claims.
+pub fn pod_like(set: &StatefulSet, sibling: &Pod, ordinal: usize) -> Pod {
+    let rev = revision_label(sibling).to_string();
+    let mut pod = new_pod(set, ordinal, &rev);
+    let mut spec = sibling.spec.clone().unwrap_or_default();
+    let fresh = pod.spec.take().unwrap_or_default();
+    spec.node_name = None;
+    spec.hostname = fresh.hostname;
+    spec.subdomain = fresh.subdomain;
+    let name = set.metadata.name.as_deref().unwrap_or("");
+    for v in spec.volumes.iter_mut().flatten() {
+        let is_template = set
+            .spec
+            .volume_claim_templates
+            .iter()
+            .flatten()
+            .any(|t| t.metadata.name.as_deref() == Some(v.name.as_str()));
+        if let (true, Some(c)) = (is_template, v.persistent_volume_claim.as_mut()) {
+            c.claim_name = claim_name(&v.name, name, ordinal);
+        }
+    }
+    pod.spec = Some(spec);
+    let mut labels = sibling.metadata.labels.clone().unwrap_or_default();
+    labels.extend(pod.metadata.labels.take().unwrap_or_default());
+    pod.metadata.labels = Some(labels);
+    pod.metadata.annotations = sibling.metadata.annotations.clone();
+    pod
 }
 
 /// The claims of `ordinal`: from the claim templates, labelled with the set's selector.
@@ -301,6 +335,7 @@ impl StatefulSetController {
             pods,
             claims,
             expect: Mutex::new(HashMap::new()),
+            templates: Mutex::new(HashMap::new()),
         }
     }
 
@@ -339,6 +374,7 @@ impl Reconciler for StatefulSetController {
         }
         let Some(obj) = self.sets.get(key) else {
             self.expect.lock().expect("expect").remove(key);
+            self.templates.lock().expect("templates").remove(key);
             return Ok(Action::AwaitChange);
         };
         if meta::is_deleting(&obj) {
@@ -363,6 +399,18 @@ impl Reconciler for StatefulSetController {
         }
         let update_rev = revision_of(&set);
         let plan = plan(&set, &owned, &update_rev);
+        let current = set
+            .status
+            .as_ref()
+            .and_then(|s| s.current_revision.clone())
+            .filter(|r| !r.is_empty() && *r != update_rev);
+        let current_template = {
+            let mut t = self.templates.lock().expect("templates");
+            let known = t.entry(key.to_string()).or_default();
+            known.insert(update_rev.clone(), set.spec.template.clone());
+            known.retain(|r, _| *r == update_rev || current.as_ref() == Some(r));
+            current.as_ref().and_then(|c| known.get(c).cloned())
+        };
 
         let mut result = Ok(());
         for ord in &plan.create {
@@ -395,7 +443,33 @@ impl Reconciler for StatefulSetController {
             if result.is_err() {
                 break;
             }
-            let pod = new_pod(&set, *ord, &update_rev);
+            // Below the partition a pod is made again at the current revision, as Kubernetes
+            // does: from its template when this process saw it, else from a live pod of that
+            // revision, else (a restart forgot it and none lives) at the update revision.
+            let partition = set
+                .spec
+                .update_strategy
+                .as_ref()
+                .filter(|s| s.type_.as_deref().unwrap_or("RollingUpdate") == "RollingUpdate")
+                .and_then(|s| s.rolling_update.as_ref())
+                .and_then(|r| r.partition)
+                .unwrap_or(0)
+                .max(0) as usize;
+            let below = current.as_ref().filter(|_| *ord < partition);
+            let sibling = below.and_then(|cur| {
+                owned
+                    .values()
+                    .find(|p| revision_label(p) == cur && !is_failed(p))
+            });
+            let pod = match (below, &current_template, sibling) {
+                (Some(cur), Some(t), _) => {
+                    let mut old = set.clone();
+                    old.spec.template = t.clone();
+                    new_pod(&old, *ord, cur)
+                }
+                (Some(_), None, Some(sib)) => pod_like(&set, sib, *ord),
+                _ => new_pod(&set, *ord, &update_rev),
+            };
             match self.reg.create(pods_r, ns, to_value(&pod)?, &opts) {
                 Ok(o) => {
                     self.note(key, &o, false);
@@ -622,6 +696,31 @@ mod tests {
             plan(&s, &pods, &rev),
             Plan::default(),
             "web-0 below partition"
+        );
+    }
+
+    #[test]
+    fn below_the_partition_pods_come_back_at_the_current_revision() {
+        let s = set(3, "OrderedReady", 2);
+        let mut sib = new_pod(&s, 1, "web-old");
+        sib.spec.as_mut().unwrap().containers[0].image = Some("old".into());
+        sib.spec.as_mut().unwrap().node_name = Some("n1".into());
+        let p = pod_like(&s, &sib, 0);
+        assert_eq!(p.metadata.name.as_deref(), Some("web-0"));
+        let l = p.metadata.labels.unwrap();
+        assert_eq!(l[REVISION_LABEL], "web-old");
+        assert_eq!(l[POD_NAME_LABEL], "web-0");
+        let spec = p.spec.unwrap();
+        assert_eq!(spec.containers[0].image.as_deref(), Some("old"));
+        assert_eq!(spec.node_name, None);
+        assert_eq!(spec.hostname.as_deref(), Some("web-0"));
+        assert_eq!(
+            spec.volumes.unwrap()[0]
+                .persistent_volume_claim
+                .as_ref()
+                .unwrap()
+                .claim_name,
+            "data-web-0"
         );
     }
 
