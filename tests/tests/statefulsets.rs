@@ -329,7 +329,10 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
     let (_, mut watch) = list_and_watch_pods(c, "default", "app=db").await?;
     let mut s = set("db", 3, "Parallel");
     s["spec"]["persistentVolumeClaimRetentionPolicy"] = json!({"whenScaled": "Delete"});
-    c.create(res("statefulsets"), Some("default"), &s).await?;
+    // Through kubectl apply, as a user would (its server-side field validation included).
+    let manifest = cluster.dir.path().join("db.json");
+    std::fs::write(&manifest, serde_json::to_vec(&s)?)?;
+    ok(&cluster, &["apply", "-f", manifest.to_str().unwrap()])?;
     let mut log = Vec::new();
     record(
         &mut watch,
@@ -346,6 +349,15 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
         assert!(added < first_ready, "{n} waited for another pod: {log:?}");
     }
     wait_set(c, "db", "3 ready", |s| s["status"]["readyReplicas"] == 3).await?;
+    let table = ok(&cluster, &["get", "sts", "db"])?;
+    assert!(table.contains("READY") && table.contains("3/3"), "{table}");
+    let table = ok(&cluster, &["get", "pv"])?;
+    assert!(
+        table.contains("RECLAIM POLICY")
+            && table.contains("default/data-db-0")
+            && table.contains("Delete"),
+        "{table}"
+    );
 
     // whenScaled: Delete — the claims of removed ordinals go, with their volumes.
     let pvc2 = c.get(res("pvc"), Some("default"), "data-db-2").await?;
