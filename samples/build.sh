@@ -4,6 +4,8 @@
 #   samples/build/bootcamp-v1.wasm, bootcamp-v2.wasm  wasi:http components ("... | v=1", "v=2")
 #   samples/build/misbehave.wasm                      a wasi:http component that traps, spins or grows on request
 #   samples/build/fetch.wasm                          a wasi:http component calling $UPSTREAM (a service)
+#   samples/build/counter.wasm                        a wasi:http component counting requests in a file
+#                                                     on its volume ($COUNT_FILE, default /data/count)
 #   samples/build/hello-command.wasm                  a WASI preview1 command (run-to-completion pods)
 #   samples/build/python-hello.wasm                   a wasi:http component in Python, built with
 #                                                     componentize-py (PyPI), not with this project's tools
@@ -66,6 +68,17 @@ clang-14 --target=wasm32-wasi -mexec-model=reactor -O2 -Wl,--strip-all \
   -I"$out/gen" -o "$out/fetch-core.wasm" fetch/fetch.c "$out/gen/fetch.c" "$out/gen/fetch_component_type.o"
 wasm-tools component new "$out/fetch-core.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$out/fetch.wasm"
 rm "$out/fetch-core.wasm"
+
+# The counter: a stateful component keeping its count in a file on its volume.
+rm -rf "$out/wit" "$out/gen"
+mkdir -p "$out/wit/deps" "$out/gen"
+cp counter/wit/world.wit "$out/wit/"
+cp "$http_dir"/wit/deps/*.wit "$out/wit/deps/"
+wit-bindgen c "$out/wit" --world counter --out-dir "$out/gen" >/dev/null
+clang-14 --target=wasm32-wasi -mexec-model=reactor -O2 -Wl,--strip-all \
+  -I"$out/gen" -o "$out/counter-core.wasm" counter/counter.c "$out/gen/counter.c" "$out/gen/counter_component_type.o"
+wasm-tools component new "$out/counter-core.wasm" --adapt "wasi_snapshot_preview1=$adapter" -o "$out/counter.wasm"
+rm "$out/counter-core.wasm"
 
 clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o "$out/hello-command.wasm" hello-command/hello.c
 

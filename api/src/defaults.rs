@@ -72,9 +72,49 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 template(spec);
             }
         }
-        "ReplicaSet" | "StatefulSet" | "Job" => {
+        "StatefulSet" => {
             if let Some(spec) = child(obj, "spec") {
-                if kind != "Job" {
+                set_default(spec, "replicas", json!(1));
+                set_default(spec, "podManagementPolicy", json!("OrderedReady"));
+                set_default(spec, "revisionHistoryLimit", json!(10));
+                set_default(spec, "updateStrategy", json!({}));
+                if let Some(strategy) = child(spec, "updateStrategy") {
+                    set_default(strategy, "type", json!("RollingUpdate"));
+                    if strategy["type"] == "RollingUpdate" {
+                        set_default(strategy, "rollingUpdate", json!({}));
+                        if let Some(ru) = child(strategy, "rollingUpdate") {
+                            set_default(ru, "partition", json!(0));
+                        }
+                    }
+                }
+                set_default(spec, "persistentVolumeClaimRetentionPolicy", json!({}));
+                if let Some(p) = child(spec, "persistentVolumeClaimRetentionPolicy") {
+                    set_default(p, "whenDeleted", json!("Retain"));
+                    set_default(p, "whenScaled", json!("Retain"));
+                }
+                template(spec);
+            }
+        }
+        "PersistentVolumeClaim" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "volumeMode", json!("Filesystem"));
+            }
+            set_default(obj, "status", json!({"phase": "Pending"}));
+        }
+        "PersistentVolume" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "persistentVolumeReclaimPolicy", json!("Retain"));
+                set_default(spec, "volumeMode", json!("Filesystem"));
+            }
+            set_default(obj, "status", json!({"phase": "Pending"}));
+        }
+        "StorageClass" => {
+            set_default(obj, "reclaimPolicy", json!("Delete"));
+            set_default(obj, "volumeBindingMode", json!("Immediate"));
+        }
+        "ReplicaSet" | "Job" => {
+            if let Some(spec) = child(obj, "spec") {
+                if kind == "ReplicaSet" {
                     set_default(spec, "replicas", json!(1));
                 }
                 template(spec);

@@ -189,6 +189,22 @@ pub static RESOURCES: &[Resource] = &[
         &["sts"],
         true,
     ),
+    core(
+        "persistentvolumeclaims",
+        "persistentvolumeclaim",
+        "PersistentVolumeClaim",
+        true,
+        &["pvc"],
+        true,
+    ),
+    core(
+        "persistentvolumes",
+        "persistentvolume",
+        "PersistentVolume",
+        false,
+        &["pv"],
+        true,
+    ),
     grouped("batch", "jobs", "job", "Job", &[], false),
     grouped("batch", "cronjobs", "cronjob", "CronJob", &["cj"], false),
     grouped(
@@ -208,6 +224,18 @@ pub static RESOURCES: &[Resource] = &[
         kind: "Lease",
         namespaced: true,
         short_names: &[],
+        has_status: false,
+        has_scale: false,
+    },
+    // Storage classes: cluster-wide, no status.
+    Resource {
+        group: "storage.k8s.io",
+        version: "v1",
+        plural: "storageclasses",
+        singular: "storageclass",
+        kind: "StorageClass",
+        namespaced: false,
+        short_names: &["sc"],
         has_status: false,
         has_scale: false,
     },
@@ -262,7 +290,13 @@ mod tests {
         );
         assert_eq!(
             groups(),
-            vec!["apps", "batch", "policy", "coordination.k8s.io"]
+            vec![
+                "apps",
+                "batch",
+                "policy",
+                "coordination.k8s.io",
+                "storage.k8s.io"
+            ]
         );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();
         assert_eq!(

@@ -106,6 +106,45 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("ALLOWED DISRUPTIONS"),
             col("AGE"),
         ],
+        "StatefulSet" => vec![
+            col("NAME"),
+            col("READY"),
+            col("AGE"),
+            wide("CONTAINERS"),
+            wide("IMAGES"),
+        ],
+        "PersistentVolumeClaim" => vec![
+            col("NAME"),
+            col("STATUS"),
+            col("VOLUME"),
+            col("CAPACITY"),
+            col("ACCESS MODES"),
+            col("STORAGECLASS"),
+            col("VOLUMEATTRIBUTESCLASS"),
+            col("AGE"),
+            wide("VOLUMEMODE"),
+        ],
+        "PersistentVolume" => vec![
+            col("NAME"),
+            col("CAPACITY"),
+            col("ACCESS MODES"),
+            col("RECLAIM POLICY"),
+            col("STATUS"),
+            col("CLAIM"),
+            col("STORAGECLASS"),
+            col("VOLUMEATTRIBUTESCLASS"),
+            col("REASON"),
+            col("AGE"),
+            wide("VOLUMEMODE"),
+        ],
+        "StorageClass" => vec![
+            col("NAME"),
+            col("PROVISIONER"),
+            col("RECLAIMPOLICY"),
+            col("VOLUMEBINDINGMODE"),
+            col("ALLOWVOLUMEEXPANSION"),
+            col("AGE"),
+        ],
         "Job" => vec![
             col("NAME"),
             col("STATUS"),
@@ -168,6 +207,31 @@ fn s(v: Option<&Value>) -> String {
 
 fn i(v: Option<&Value>) -> i64 {
     v.and_then(Value::as_i64).unwrap_or(0)
+}
+
+fn or_unset(v: String) -> String {
+    if v.is_empty() {
+        "<unset>".into()
+    } else {
+        v
+    }
+}
+
+/// `RWO,ROX` as kubectl abbreviates access modes.
+fn access_modes(v: Option<&Value>) -> String {
+    v.and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(|m| match m {
+            "ReadWriteOnce" => "RWO",
+            "ReadOnlyMany" => "ROX",
+            "ReadWriteMany" => "RWX",
+            "ReadWriteOncePod" => "RWOP",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn or_none(v: String) -> String {
@@ -483,6 +547,85 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             vec![name, n.to_string(), age]
         }
         "Lease" => vec![name, s(o.pointer("/spec/holderIdentity")), age],
+        "StatefulSet" => {
+            let (c, im) = containers_and_images(o.pointer("/spec/template/spec"));
+            vec![
+                name,
+                format!(
+                    "{}/{}",
+                    i(o.pointer("/status/readyReplicas")),
+                    i(o.pointer("/spec/replicas"))
+                ),
+                age,
+                c,
+                im,
+            ]
+        }
+        "PersistentVolumeClaim" => {
+            let bound = o.pointer("/status/phase").and_then(Value::as_str) == Some("Bound");
+            let (cap, modes) = if bound {
+                (
+                    s(o.pointer("/status/capacity/storage")),
+                    access_modes(o.pointer("/status/accessModes")),
+                )
+            } else {
+                (String::new(), String::new())
+            };
+            vec![
+                name,
+                s(o.pointer("/status/phase")),
+                s(o.pointer("/spec/volumeName")),
+                cap,
+                modes,
+                or_unset(s(o.pointer("/spec/storageClassName"))),
+                or_unset(s(o.pointer("/spec/volumeAttributesClassName"))),
+                age,
+                s(o.pointer("/spec/volumeMode")),
+            ]
+        }
+        "PersistentVolume" => {
+            let claim = match (
+                o.pointer("/spec/claimRef/namespace")
+                    .and_then(Value::as_str),
+                o.pointer("/spec/claimRef/name").and_then(Value::as_str),
+            ) {
+                (Some(ns), Some(n)) => format!("{ns}/{n}"),
+                _ => String::new(),
+            };
+            vec![
+                name,
+                s(o.pointer("/spec/capacity/storage")),
+                access_modes(o.pointer("/spec/accessModes")),
+                s(o.pointer("/spec/persistentVolumeReclaimPolicy")),
+                s(o.pointer("/status/phase")),
+                claim,
+                s(o.pointer("/spec/storageClassName")),
+                or_unset(s(o.pointer("/spec/volumeAttributesClassName"))),
+                s(o.pointer("/status/reason")),
+                age,
+                s(o.pointer("/spec/volumeMode")),
+            ]
+        }
+        "StorageClass" => {
+            let default = meta::annotations(o)
+                .get("storageclass.kubernetes.io/is-default-class")
+                .is_some_and(|v| v == "true");
+            vec![
+                if default {
+                    format!("{name} (default)")
+                } else {
+                    name
+                },
+                s(o.get("provisioner")),
+                s(o.get("reclaimPolicy")),
+                s(o.get("volumeBindingMode")),
+                o.get("allowVolumeExpansion")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+                    .to_string(),
+                age,
+            ]
+        }
         "PodDisruptionBudget" => {
             let or_na = |v: String| if v.is_empty() { "N/A".to_string() } else { v };
             vec![

@@ -40,6 +40,9 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "Job" => check::<batch::Job>(obj, strict),
         "CronJob" => check::<batch::CronJob>(obj, strict),
         "Lease" => check::<coordination::Lease>(obj, strict),
+        "PersistentVolumeClaim" => check::<core::PersistentVolumeClaim>(obj, strict),
+        "PersistentVolume" => check::<core::PersistentVolume>(obj, strict),
+        "StorageClass" => check::<k8s_openapi::api::storage::v1::StorageClass>(obj, strict),
         "PodDisruptionBudget" => check::<policy::PodDisruptionBudget>(obj, strict),
         other => Err(ApiError::bad_request(format!(
             "no wire type for kind {other}"
@@ -256,10 +259,30 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         }
         "StatefulSet" => {
             let s: apps::StatefulSet = typed(obj)?;
+            // Containers may mount the claim templates: each becomes a volume of the pod.
+            let mut template = s.spec.template.clone();
+            if let Some(spec) = template.spec.as_mut() {
+                let vols = spec.volumes.get_or_insert_with(Vec::new);
+                for t in s.spec.volume_claim_templates.iter().flatten() {
+                    let name = t.metadata.name.clone().unwrap_or_default();
+                    if !vols.iter().any(|v| v.name == name) {
+                        vols.push(core::Volume {
+                            name: name.clone(),
+                            persistent_volume_claim: Some(
+                                core::PersistentVolumeClaimVolumeSource {
+                                    claim_name: name,
+                                    read_only: None,
+                                },
+                            ),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
             workload(
                 s.spec.replicas,
                 Some(&s.spec.selector),
-                &s.spec.template,
+                &template,
                 true,
                 &mut causes,
             )

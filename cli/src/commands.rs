@@ -1323,7 +1323,10 @@ impl Ctx {
         };
         match what {
             RolloutWhat::Status { target: t, timeout } => {
-                let (r, name) = parse(&t)?;
+                let (r, name) = target(&[t.to_string()])?;
+                if !matches!(r.kind, "Deployment" | "DaemonSet" | "StatefulSet") {
+                    bail!("rollout status is supported for deployments, daemonsets and statefulsets only");
+                }
                 let deadline = (timeout > 0)
                     .then(|| tokio::time::Instant::now() + Duration::from_secs(timeout));
                 let mut last = String::new();

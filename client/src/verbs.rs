@@ -296,8 +296,68 @@ pub fn rollback_patch(
     Ok((patch, revision_of(target)))
 }
 
+/// `rollout status` of a StatefulSet: (done, message), by kubectl's rules.
+pub fn statefulset_rollout_status(s: &Value) -> Result<(bool, String), ClientError> {
+    let i = |p: &str| s.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+    let st = |p: &str| s.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let strategy = s
+        .pointer("/spec/updateStrategy/type")
+        .and_then(Value::as_str)
+        .unwrap_or("RollingUpdate");
+    if strategy != "RollingUpdate" {
+        return Err(ClientError::Usage(
+            "rollout status is only available for RollingUpdate strategy type".into(),
+        ));
+    }
+    let observed = i("/status/observedGeneration");
+    if observed == 0 || i("/metadata/generation") > observed {
+        return Ok((
+            false,
+            "Waiting for statefulset spec update to be observed...".into(),
+        ));
+    }
+    let replicas = s
+        .pointer("/spec/replicas")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    let ready = i("/status/readyReplicas");
+    if ready < replicas {
+        return Ok((
+            false,
+            format!("Waiting for {} pods to be ready...", replicas - ready),
+        ));
+    }
+    let updated = i("/status/updatedReplicas");
+    // As kubectl: any `rollingUpdate` (the API defaults `partition: 0`) is a partitioned
+    // roll out, complete once the ordinals at or above the partition are updated.
+    if let Some(ru) = s.pointer("/spec/updateStrategy/rollingUpdate") {
+        let partition = ru.get("partition").and_then(Value::as_i64).unwrap_or(0);
+        if updated < replicas - partition {
+            return Ok((false, format!("Waiting for partitioned roll out to finish: {updated} out of {} new pods have been updated...", replicas - partition)));
+        }
+        return Ok((
+            true,
+            format!("partitioned roll out complete: {updated} new pods have been updated..."),
+        ));
+    }
+    let (current, update) = (st("/status/currentRevision"), st("/status/updateRevision"));
+    if update != current {
+        return Ok((false, format!("waiting for statefulset rolling update to complete {updated} pods at revision {update}...")));
+    }
+    Ok((
+        true,
+        format!(
+            "statefulset rolling update complete {} pods at revision {current}...",
+            i("/status/currentReplicas")
+        ),
+    ))
+}
+
 /// `rollout status`: (done, message), by kubectl's rules.
 pub fn rollout_status(d: &Value) -> Result<(bool, String), ClientError> {
+    if d.get("kind").and_then(Value::as_str) == Some("StatefulSet") {
+        return statefulset_rollout_status(d);
+    }
     let name = meta::name(d);
     let generation = d
         .pointer("/metadata/generation")
@@ -549,6 +609,55 @@ mod tests {
             .get(POD_TEMPLATE_HASH)
             .is_none());
         assert!(rollback_patch(&d, &all, Some(7)).is_err());
+    }
+
+    #[test]
+    fn statefulset_status_messages() {
+        let mut s = json!({"kind": "StatefulSet", "metadata": {"name": "web", "generation": 2},
+            "spec": {"replicas": 3, "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": 0}}},
+            "status": {"observedGeneration": 1}});
+        assert_eq!(
+            rollout_status(&s).unwrap(),
+            (
+                false,
+                "Waiting for statefulset spec update to be observed...".into()
+            )
+        );
+        s["status"] = json!({"observedGeneration": 2, "readyReplicas": 2});
+        assert_eq!(
+            rollout_status(&s).unwrap().1,
+            "Waiting for 1 pods to be ready..."
+        );
+        s["status"] = json!({"observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 1,
+            "currentReplicas": 2, "currentRevision": "web-a", "updateRevision": "web-b"});
+        assert_eq!(
+            rollout_status(&s).unwrap().1,
+            "Waiting for partitioned roll out to finish: 1 out of 3 new pods have been updated..."
+        );
+        s["spec"]["updateStrategy"]["rollingUpdate"]["partition"] = json!(2);
+        assert_eq!(
+            rollout_status(&s).unwrap(),
+            (
+                true,
+                "partitioned roll out complete: 1 new pods have been updated...".into()
+            )
+        );
+        s["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
+        assert_eq!(
+            rollout_status(&s).unwrap().1,
+            "waiting for statefulset rolling update to complete 1 pods at revision web-b..."
+        );
+        s["status"] = json!({"observedGeneration": 2, "readyReplicas": 3, "updatedReplicas": 3,
+            "currentReplicas": 3, "currentRevision": "web-b", "updateRevision": "web-b"});
+        assert_eq!(
+            rollout_status(&s).unwrap(),
+            (
+                true,
+                "statefulset rolling update complete 3 pods at revision web-b...".into()
+            )
+        );
+        s["spec"]["updateStrategy"] = json!({"type": "OnDelete"});
+        assert!(rollout_status(&s).is_err());
     }
 
     #[test]

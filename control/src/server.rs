@@ -156,8 +156,8 @@ pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
     )
 }
 
-/// Creates `default`, `kube-system`, `kube-public`, `kube-node-lease` and the `kubernetes`
-/// Service with its Endpoints, if missing.
+/// Creates `default`, `kube-system`, `kube-public`, `kube-node-lease`, the `kubernetes`
+/// Service with its Endpoints and the default StorageClass `local-path`, if missing.
 pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
     let ns = Resource::lookup("namespaces").expect("namespaces");
     let opts = WriteOptions::default();
@@ -187,6 +187,19 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
                    "spec": {"clusterIP": dns.to_string(), "ports": [
                        {"name": "dns", "port": 53, "protocol": "UDP"},
                        {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]}}),
+            &opts,
+        )?;
+    }
+    // The default StorageClass: a directory on the node that first runs a claim's pod.
+    let sc = Resource::lookup("storageclasses").expect("storageclasses");
+    if reg.try_get(sc, None, "local-path")?.is_none() {
+        reg.create(
+            sc,
+            None,
+            json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                   "metadata": {"name": "local-path", "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+                   "provisioner": "skiff.dev/local-path", "reclaimPolicy": "Delete",
+                   "volumeBindingMode": "WaitForFirstConsumer"}),
             &opts,
         )?;
     }

@@ -866,6 +866,28 @@ fn sweep_pod_dirs(data_dir: &std::path::Path, keep: &HashSet<String>) {
     }
 }
 
+/// Between looks for the volumes of deleted claims.
+const VOLUME_SWEEP_EVERY: Duration = Duration::from_secs(15);
+
+/// Removes the directories under `DATA/storage` whose PersistentVolume is gone (a claim with
+/// reclaim policy `Delete` was deleted). A directory is kept whenever the API cannot say.
+async fn sweep_volumes(ctx: &NodeContext) {
+    let Ok(rd) = std::fs::read_dir(ctx.data_dir.join("storage")) else {
+        return;
+    };
+    let pvs = Resource::lookup("persistentvolumes").expect("pvs");
+    for entry in rd.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        match ctx.client.get(pvs, None, &name).await {
+            Err(e) if e.code() == Some(404) => {
+                tracing::info!(volume = %name, "removing the directory of a deleted volume");
+                remove_pod_dir(&entry.path());
+            }
+            _ => {}
+        }
+    }
+}
+
 async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
@@ -966,9 +988,11 @@ async fn run(
         let mut tick = tokio::time::interval(CACHE_EVERY);
         let mut collect =
             tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
+        let mut volumes = tokio::time::interval(VOLUME_SWEEP_EVERY);
         loop {
             tokio::select! {
                 _ = stop.changed() => break 'outer,
+                _ = volumes.tick() => sweep_volumes(&ctx).await,
                 _ = collect.tick() => {
                     if gc.as_ref().is_none_or(|h| h.is_finished()) {
                         gc = Some(collect_garbage(&ctx, images_in_use(&pods.workers)));

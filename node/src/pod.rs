@@ -554,7 +554,8 @@ fn memory_limit(container: &Value) -> Option<usize> {
 }
 
 /// The container's volume mounts as WASI preopens: `emptyDir` (a directory of the pod's),
-/// `hostPath`, and `configMap` (its keys written as files, always read-only).
+/// `hostPath`, `configMap` (its keys written as files, always read-only) and
+/// `persistentVolumeClaim` (`DATA/storage/VOLUME` once the claim is bound).
 async fn volumes(
     shared: &Shared,
     container: &Value,
@@ -601,9 +602,34 @@ async fn volumes(
             }
             read_only = true;
             d
+        } else if let Some(claim) = v
+            .pointer("/persistentVolumeClaim/claimName")
+            .and_then(Value::as_str)
+        {
+            // The claim's volume lives in the node's data directory under the volume's
+            // name; it is used once the claim is bound (to a volume on this node).
+            let pvcs = Resource::lookup("persistentvolumeclaims").expect("pvcs");
+            let ns = meta::namespace(&shared.pod).unwrap_or("default");
+            let obj = shared
+                .ctx
+                .client
+                .get(pvcs, Some(ns), claim)
+                .await
+                .map_err(|e| format!("persistentvolumeclaim {claim}: {e}"))?;
+            let volume = obj
+                .pointer("/spec/volumeName")
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty() && !v.contains('/') && !v.starts_with('.'))
+                .ok_or_else(|| format!("persistentvolumeclaim {claim} is not bound yet"))?;
+            let d = shared.ctx.data_dir.join("storage").join(volume);
+            std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
+            if v.pointer("/persistentVolumeClaim/readOnly") == Some(&Value::Bool(true)) {
+                read_only = true;
+            }
+            d
         } else {
             return Err(format!(
-                "volume {vname}: only emptyDir, hostPath and configMap volumes are supported"
+                "volume {vname}: only emptyDir, hostPath, configMap and persistentVolumeClaim volumes are supported"
             ));
         };
         out.push(Preopen {

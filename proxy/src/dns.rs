@@ -1,5 +1,9 @@
 //! Service discovery by name: `NAME.NAMESPACE.svc.cluster.local` answers with the service's
-//! ClusterIP (a headless service: its ready endpoints' addresses).
+//! ClusterIP (a headless service: its ready endpoints' addresses). A headless service's
+//! endpoints with a hostname (pods whose `hostname` and `subdomain` name it, as a
+//! StatefulSet's) are `HOSTNAME.NAME.NAMESPACE.svc.cluster.local`, and each named port is an
+//! SRV record `_PORT._PROTO.NAME.NAMESPACE.svc.cluster.local` (targets: the service, or each
+//! endpoint of a headless one).
 //!
 //! Two ways in: a DNS server on each node at the `kube-system/kube-dns` service address (UDP
 //! and TCP port 53), for OCI pods and anything else that speaks DNS; and
@@ -13,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+use hickory_proto::rr::{rdata::A, rdata::SRV, Name, RData, Record, RecordType};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
@@ -31,12 +35,21 @@ pub struct Names {
     domain: String,
     /// (namespace, service) → addresses.
     services: HashMap<(String, String), Vec<Ipv4Addr>>,
+    /// (namespace, headless service, hostname) → the endpoint's address.
+    hosts: HashMap<(String, String, String), Vec<Ipv4Addr>>,
+    /// (namespace, service, `_port`, `_proto`) → (port, target name without the domain).
+    srv: HashMap<SrvKey, Vec<(u16, String)>>,
 }
+
+/// (namespace, service, `_port`, `_proto`).
+type SrvKey = (String, String, String, String);
 
 /// What the cluster says about a fully qualified name.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
     Found(Vec<Ipv4Addr>),
+    /// A named port: (port, fully qualified target) per SRV record.
+    Srv(Vec<(u16, String)>),
     /// In the cluster domain, but no such service.
     NoSuchName,
     /// Not a cluster name.
@@ -50,10 +63,80 @@ impl Names {
         domain: &str,
     ) -> Names {
         let mut out = HashMap::new();
+        let mut hosts: HashMap<(String, String, String), Vec<Ipv4Addr>> = HashMap::new();
+        let mut srv: HashMap<SrvKey, Vec<(u16, String)>> = HashMap::new();
+        let d = domain.trim_matches('.').to_ascii_lowercase();
         for (k, svc) in services {
             let Some((ns, name)) = k.split_once('/') else {
                 continue;
             };
+            let headless = svc.pointer("/spec/clusterIP").and_then(Value::as_str) == Some("None");
+            let ready: Vec<(&Value, &Value)> = endpoints
+                .get(k)
+                .and_then(|e| e["subsets"].as_array())
+                .into_iter()
+                .flatten()
+                .flat_map(|s| {
+                    s["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(move |a| (a, s))
+                })
+                .collect();
+            if headless {
+                for (a, _) in &ready {
+                    if let (Some(h), Some(ip)) = (
+                        a["hostname"].as_str(),
+                        a["ip"].as_str().and_then(|s| s.parse().ok()),
+                    ) {
+                        hosts
+                            .entry((ns.into(), name.into(), h.to_ascii_lowercase()))
+                            .or_default()
+                            .push(ip);
+                    }
+                }
+            }
+            for p in svc
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(pname) = p["name"].as_str().filter(|n| !n.is_empty()) else {
+                    continue;
+                };
+                let proto = p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
+                let key = (
+                    ns.to_string(),
+                    name.to_string(),
+                    format!("_{}", pname.to_ascii_lowercase()),
+                    format!("_{proto}"),
+                );
+                let mut targets = Vec::new();
+                if headless {
+                    // One record per endpoint, at the port the endpoint serves.
+                    for (a, subset) in &ready {
+                        let port = subset["ports"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .find(|ep| ep["name"].as_str() == Some(pname))
+                            .and_then(|ep| ep["port"].as_u64());
+                        let Some(port) = port else { continue };
+                        let host = match a["hostname"].as_str() {
+                            Some(h) => h.to_string(),
+                            None => a["ip"].as_str().unwrap_or("").replace('.', "-"),
+                        };
+                        targets.push((port as u16, format!("{host}.{name}.{ns}.svc.{d}.")));
+                    }
+                } else if let Some(port) = p["port"].as_u64() {
+                    targets.push((port as u16, format!("{name}.{ns}.svc.{d}.")));
+                }
+                targets.sort();
+                targets.dedup();
+                srv.insert(key, targets);
+            }
             let ips = match table::cluster_ip(svc) {
                 Some(ip) => vec![ip],
                 None if svc.pointer("/spec/clusterIP").and_then(Value::as_str) == Some("None") => {
@@ -74,8 +157,10 @@ impl Names {
             out.insert((ns.to_string(), name.to_string()), ips);
         }
         Names {
-            domain: domain.trim_matches('.').to_ascii_lowercase(),
+            domain: d,
             services: out,
+            hosts,
+            srv,
         }
     }
 
@@ -98,15 +183,23 @@ impl Names {
         let Some(svc_ns) = rest.strip_suffix(".svc") else {
             return Lookup::NoSuchName;
         };
-        match svc_ns.split_once('.') {
-            Some((svc, ns)) if !ns.contains('.') => {
-                match self.services.get(&(ns.to_string(), svc.to_string())) {
-                    Some(ips) => Lookup::Found(ips.clone()),
-                    None => Lookup::NoSuchName,
-                }
-            }
-            _ => Lookup::NoSuchName,
-        }
+        let labels: Vec<&str> = svc_ns.split('.').collect();
+        let found = match labels[..] {
+            [svc, ns] => self
+                .services
+                .get(&(ns.to_string(), svc.to_string()))
+                .map(|ips| Lookup::Found(ips.clone())),
+            [host, svc, ns] => self
+                .hosts
+                .get(&(ns.to_string(), svc.to_string(), host.to_string()))
+                .map(|ips| Lookup::Found(ips.clone())),
+            [port, proto, svc, ns] => self
+                .srv
+                .get(&(ns.into(), svc.into(), port.into(), proto.into()))
+                .map(|t| Lookup::Srv(t.clone())),
+            _ => None,
+        };
+        found.unwrap_or(Lookup::NoSuchName)
     }
 
     /// Resolves `host` as a resolver inside a pod of `namespace` would, with the search path
@@ -167,6 +260,31 @@ pub fn answer(query: &[u8], names: &Names) -> Option<Vec<u8>> {
             }
             // Other types of an existing name: NOERROR with no answers, so resolvers asking
             // for AAAA next to A do not give up on the name.
+        }
+        Lookup::Srv(targets) => {
+            resp.set_authoritative(true);
+            if matches!(q.query_type(), RecordType::SRV | RecordType::ANY) {
+                let weight = (100 / targets.len().max(1)) as u16;
+                for (port, target) in targets {
+                    let Ok(t) = Name::from_ascii(&target) else {
+                        continue;
+                    };
+                    resp.add_answer(Record::from_rdata(
+                        q.name().clone(),
+                        TTL,
+                        RData::SRV(SRV::new(0, weight, port, t.clone())),
+                    ));
+                    if let Lookup::Found(ips) = names.lookup(&target) {
+                        for ip in ips {
+                            resp.add_additional(Record::from_rdata(
+                                t.clone(),
+                                TTL,
+                                RData::A(A(ip)),
+                            ));
+                        }
+                    }
+                }
+            }
         }
     }
     resp.to_vec().ok()
@@ -319,7 +437,6 @@ impl DnsServer {
 mod tests {
     use super::*;
     use hickory_proto::op::Query;
-    use hickory_proto::rr::Name;
     use serde_json::json;
 
     fn names() -> Names {
@@ -365,6 +482,65 @@ mod tests {
         assert_eq!(n.lookup("a.b.c.svc.cluster.local"), Lookup::NoSuchName);
         assert_eq!(n.lookup("example.org"), Lookup::Outside);
         assert_eq!(n.lookup("notcluster.local"), Lookup::Outside);
+    }
+
+    #[test]
+    fn pods_of_a_headless_service_and_named_ports() {
+        let mut services = BTreeMap::new();
+        services.insert(
+            "default/web".to_string(),
+            json!({"spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+        );
+        services.insert(
+            "default/api".to_string(),
+            json!({"spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "grpc", "port": 9000}]}}),
+        );
+        let mut endpoints = BTreeMap::new();
+        endpoints.insert(
+            "default/web".to_string(),
+            json!({"subsets": [{"addresses": [{"ip": "10.88.0.5", "hostname": "web-0"}, {"ip": "10.88.0.6", "hostname": "web-1"}],
+                                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}]}),
+        );
+        let n = Names::build(&services, &endpoints, DEFAULT_DOMAIN);
+        assert_eq!(
+            n.lookup("web-1.web.default.svc.cluster.local"),
+            Lookup::Found(vec!["10.88.0.6".parse().unwrap()])
+        );
+        assert_eq!(
+            n.lookup("web-7.web.default.svc.cluster.local"),
+            Lookup::NoSuchName
+        );
+        assert_eq!(
+            n.lookup("_http._tcp.web.default.svc.cluster.local"),
+            Lookup::Srv(vec![
+                (8080, "web-0.web.default.svc.cluster.local.".into()),
+                (8080, "web-1.web.default.svc.cluster.local.".into())
+            ])
+        );
+        assert_eq!(
+            n.lookup("_grpc._tcp.api.default.svc.cluster.local"),
+            Lookup::Srv(vec![(9000, "api.default.svc.cluster.local.".into())])
+        );
+        let r = Message::from_vec(
+            &answer(
+                &query("_http._tcp.web.default.svc.cluster.local.", RecordType::SRV),
+                &n,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r.answers().len(), 2);
+        let srv = r.answers()[0].data().as_srv().unwrap();
+        assert_eq!(srv.port(), 8080);
+        assert_eq!(
+            srv.target().to_ascii(),
+            "web-0.web.default.svc.cluster.local."
+        );
+        assert_eq!(
+            r.additionals().len(),
+            2,
+            "the targets' addresses come along"
+        );
     }
 
     #[test]

@@ -463,6 +463,27 @@ impl NodeAuthorizer {
                     no_relation()
                 }
             }
+            // Volumes by name: whether a volume directory on the node is still wanted.
+            ("", "persistentvolumes") if a.verb == "get" && sub.is_none() => Decision::Allow,
+            // The claims its pods use (to find their volumes).
+            ("", "persistentvolumeclaims") if a.verb == "get" && sub.is_none() => {
+                let ns = a.namespace.as_deref().unwrap_or("");
+                let referenced = self.graph.pods_on(node, ns).iter().any(|p| {
+                    p.spec
+                        .iter()
+                        .flat_map(|s| s.volumes.iter().flatten())
+                        .any(|v| {
+                            v.persistent_volume_claim
+                                .as_ref()
+                                .is_some_and(|c| c.claim_name == name)
+                        })
+                });
+                if referenced {
+                    Decision::Allow
+                } else {
+                    no_relation()
+                }
+            }
             ("" | "events.k8s.io", "events")
                 if matches!(a.verb.as_str(), "create" | "update" | "patch") =>
             {

@@ -89,11 +89,17 @@ pub fn subsets(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<String>) {
             continue;
         }
         let key = serde_json::to_string(&eps).unwrap_or_default();
-        let addr = json!({
+        let mut addr = json!({
             "ip": ip,
             "nodeName": p.pointer("/spec/nodeName"),
             "targetRef": {"kind": "Pod", "name": meta::name(p), "namespace": meta::namespace(p), "uid": meta::uid(p)},
         });
+        // A pod naming this service as its subdomain is `HOSTNAME.SERVICE.NS.svc` in DNS.
+        if let Some(h) = p.pointer("/spec/hostname").and_then(Value::as_str) {
+            if p.pointer("/spec/subdomain").and_then(Value::as_str) == Some(meta::name(svc)) {
+                addr["hostname"] = json!(h);
+            }
+        }
         let entry = groups
             .entry(key)
             .or_insert_with(|| (json!(eps), Vec::new(), Vec::new()));

@@ -14,7 +14,9 @@ pub mod pods;
 pub mod replicaset;
 pub mod runtime;
 pub mod scheduler;
+pub mod statefulset;
 pub mod tainteviction;
+pub mod volumes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,6 +97,10 @@ pub fn start(
     let budgets = cache("poddisruptionbudgets");
     let daemonsets = cache("daemonsets");
     let revisions = cache("controllerrevisions");
+    let statefulsets = cache("statefulsets");
+    let claims = cache("persistentvolumeclaims");
+    let volumes = cache("persistentvolumes");
+    let classes = cache("storageclasses");
     let mut tasks = JoinSet::new();
 
     // ReplicaSets.
@@ -173,6 +179,46 @@ pub fn start(
             }
         });
     }
+    // StatefulSets: woken by their own changes and their pods'.
+    let (sts_q, sts_rx) = runtime::queue();
+    {
+        let q = sts_q.clone();
+        statefulsets.on_change(move |c| q.add(key_of(&c.object)));
+        let q = sts_q.clone();
+        pods.on_change(move |c| {
+            if let Some(k) = owner_key(&c.object, "StatefulSet") {
+                q.add(k)
+            }
+        });
+    }
+    // Volume binding: woken by claims, by their volumes, and by their pods being scheduled.
+    let (vol_q, vol_rx) = runtime::queue();
+    {
+        let q = vol_q.clone();
+        claims.on_change(move |c| q.add(key_of(&c.object)));
+        let q = vol_q.clone();
+        volumes.on_change(move |c| {
+            if let (Some(ns), Some(n)) = (
+                c.object
+                    .pointer("/spec/claimRef/namespace")
+                    .and_then(Value::as_str),
+                c.object
+                    .pointer("/spec/claimRef/name")
+                    .and_then(Value::as_str),
+            ) {
+                q.add(format!("{ns}/{n}"));
+            }
+        });
+        let q = vol_q.clone();
+        pods.on_change(move |c| {
+            if c.object.pointer("/spec/nodeName").is_some() {
+                let ns = meta::namespace(&c.object).unwrap_or("default");
+                for claim in volumes::claims_of(&c.object) {
+                    q.add(format!("{ns}/{claim}"));
+                }
+            }
+        });
+    }
     // Endpoints and LoadBalancer status.
     let (ep_q, ep_rx) = runtime::queue();
     {
@@ -212,10 +258,10 @@ pub fn start(
     // Garbage collection and namespaces.
     let (gc_q, gc_rx) = runtime::queue();
     {
-        for c in [&pods, &replicasets, &deployments, &daemonsets, &revisions] {
+        for c in [&pods, &replicasets, &deployments, &daemonsets, &revisions, &statefulsets, &claims] {
             let q = gc_q.clone();
             let r = c.resource;
-            let deps = vec![pods.clone(), replicasets.clone(), revisions.clone()];
+            let deps = vec![pods.clone(), replicasets.clone(), revisions.clone(), claims.clone()];
             c.on_change(move |ch| {
                 let o = &ch.object;
                 if ch.kind == EventType::Deleted {
@@ -276,6 +322,10 @@ pub fn start(
         &budgets,
         &daemonsets,
         &revisions,
+        &statefulsets,
+        &claims,
+        &volumes,
+        &classes,
     ] {
         tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
     }
@@ -310,6 +360,27 @@ pub fn start(
         stop.clone(),
     ));
     tasks.spawn(runtime::run(
+        Arc::new(statefulset::StatefulSetController::new(
+            reg.clone(),
+            statefulsets.clone(),
+            pods.clone(),
+            claims.clone(),
+        )),
+        sts_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
+        Arc::new(volumes::VolumeBinder {
+            reg: reg.clone(),
+            claims: claims.clone(),
+            volumes: volumes.clone(),
+            classes: classes.clone(),
+            pods: pods.clone(),
+        }),
+        vol_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
         Arc::new(endpoints::EndpointsController {
             reg: reg.clone(),
             services: services.clone(),
@@ -323,7 +394,7 @@ pub fn start(
     tasks.spawn(runtime::run(
         Arc::new(gc::GarbageCollector {
             reg: reg.clone(),
-            dependents: vec![pods.clone(), replicasets.clone(), revisions.clone()],
+            dependents: vec![pods.clone(), replicasets.clone(), revisions.clone(), claims.clone()],
         }),
         gc_rx,
         stop.clone(),
@@ -406,8 +477,16 @@ pub fn start(
         }
     });
     let kinds = scheduler::ImageKinds::new(config.insecure_registries.clone(), wake.clone());
-    tasks.spawn(run_scheduler(reg, pods, nodes, kinds, wake, stop));
+    let pinned = Pinned { claims, volumes };
+    tasks.spawn(run_scheduler(reg, pods, nodes, pinned, kinds, wake, stop));
     tasks
+}
+
+/// The claims and volumes the scheduler looks at: a pod whose claim is bound to a volume with
+/// node affinity goes to that node.
+pub struct Pinned {
+    pub claims: Arc<Cache>,
+    pub volumes: Arc<Cache>,
 }
 
 /// The scheduling loop: every wake-up (and every 5 s), bind what can be bound.
@@ -415,6 +494,7 @@ async fn run_scheduler(
     reg: Arc<Registry>,
     pods: Arc<Cache>,
     nodes: Arc<Cache>,
+    pinned: Pinned,
     kinds: Arc<scheduler::ImageKinds>,
     wake: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
@@ -426,7 +506,7 @@ async fn run_scheduler(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
-        match schedule_once(&reg, &pods, &nodes, &kinds, &mut start) {
+        match schedule_once(&reg, &pods, &nodes, Some(&pinned), &kinds, &mut start) {
             Ok(Some(rev)) => pods.wait_for(rev).await,
             Ok(None) => {}
             Err(e) => {
@@ -445,6 +525,7 @@ pub fn schedule_once(
     reg: &Registry,
     pods: &Cache,
     nodes: &Cache,
+    pinned: Option<&Pinned>,
     kinds: &Arc<scheduler::ImageKinds>,
     start: &mut usize,
 ) -> Result<Option<u64>, skiff_api::ApiError> {
@@ -485,9 +566,18 @@ pub fn schedule_once(
     let mut infos = scheduler::node_infos(&node_list, &all_pods);
     let requests: Vec<scheduler::PodRequest> = pending
         .iter()
-        .map(|(p, needs_oci)| scheduler::PodRequest {
-            needs_oci: *needs_oci,
-            ..scheduler::PodRequest::from_pod(p)
+        .map(|(p, needs_oci)| {
+            let mut r = scheduler::PodRequest {
+                needs_oci: *needs_oci,
+                ..scheduler::PodRequest::from_pod(p)
+            };
+            // A claim already on a node's disk keeps its pods there.
+            if let Some(node) = pinned.and_then(|v| volumes::pinned_node(p, &v.claims, &v.volumes))
+            {
+                r.node_selector
+                    .insert("kubernetes.io/hostname".into(), node);
+            }
+            r
         })
         .collect();
     let placed = scheduler::schedule(&mut infos, &requests, start);
