@@ -55,9 +55,24 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 template(spec);
             }
         }
-        "ReplicaSet" | "StatefulSet" | "DaemonSet" | "Job" => {
+        "Job" => job(obj),
+        "CronJob" => {
             if let Some(spec) = child(obj, "spec") {
-                if kind != "DaemonSet" && kind != "Job" {
+                set_default(spec, "concurrencyPolicy", json!("Allow"));
+                set_default(spec, "suspend", json!(false));
+                set_default(spec, "successfulJobsHistoryLimit", json!(3));
+                set_default(spec, "failedJobsHistoryLimit", json!(1));
+                if let Some(js) = spec
+                    .pointer_mut("/jobTemplate/spec")
+                    .filter(|s| s.is_object())
+                {
+                    job_spec(js);
+                }
+            }
+        }
+        "ReplicaSet" | "StatefulSet" | "DaemonSet" => {
+            if let Some(spec) = child(obj, "spec") {
+                if kind != "DaemonSet" {
                     set_default(spec, "replicas", json!(1));
                 }
                 template(spec);
@@ -91,6 +106,67 @@ pub fn apply(kind: &str, obj: &mut Value) {
             set_default(obj, "status", json!({"phase": "Active"}));
         }
         _ => {}
+    }
+}
+
+/// A Job's defaults and, unless `manualSelector`, the selector Kubernetes generates from its
+/// uid (labels `batch.kubernetes.io/controller-uid`, `batch.kubernetes.io/job-name` and the
+/// legacy `controller-uid`, `job-name` put on the template).
+fn job(obj: &mut Value) {
+    let uid = obj.pointer("/metadata/uid").cloned();
+    let name = obj.pointer("/metadata/name").cloned();
+    let Some(spec) = child(obj, "spec") else {
+        return;
+    };
+    job_spec(spec);
+    let manual = spec["manualSelector"] == json!(true);
+    if let (false, Some(uid), Some(name)) = (manual, uid, name) {
+        if let Some(t) = child(spec, "template") {
+            set_default(t, "metadata", json!({}));
+            if let Some(m) = child(t, "metadata") {
+                set_default(m, "labels", json!({}));
+                if let Some(l) = m.get_mut("labels").and_then(Value::as_object_mut) {
+                    l.insert("batch.kubernetes.io/controller-uid".into(), uid.clone());
+                    l.insert("batch.kubernetes.io/job-name".into(), name.clone());
+                    l.insert("controller-uid".into(), uid.clone());
+                    l.insert("job-name".into(), name);
+                }
+            }
+        }
+        set_default(
+            spec,
+            "selector",
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+        );
+    }
+}
+
+/// The defaults of a Job's spec (also inside a CronJob's job template).
+fn job_spec(spec: &mut Value) {
+    if spec.get("completions").is_none() && spec.get("parallelism").is_none() {
+        set_default(spec, "completions", json!(1));
+    }
+    set_default(spec, "parallelism", json!(1));
+    set_default(spec, "backoffLimit", json!(6));
+    set_default(spec, "completionMode", json!("NonIndexed"));
+    set_default(spec, "suspend", json!(false));
+    set_default(spec, "manualSelector", json!(false));
+    set_default(spec, "podReplacementPolicy", json!("TerminatedOrFailed"));
+    // A job's pods restart only when told to: no "Always" default here (validation asks
+    // for Never or OnFailure).
+    if let Some(t) = child(spec, "template") {
+        if let Some(ps) = child(t, "spec") {
+            let rp = ps.get("restartPolicy").cloned();
+            pod_spec(ps);
+            match rp {
+                Some(rp) => ps["restartPolicy"] = rp,
+                None => {
+                    if let Some(o) = ps.as_object_mut() {
+                        o.remove("restartPolicy");
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -288,12 +288,34 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                     .spec
                     .as_ref()
                     .and_then(|s| s.restart_policy.as_deref());
-                if rp == Some("Always") {
-                    causes.push(Cause::invalid(
+                match rp {
+                    Some("Never") | Some("OnFailure") => {}
+                    None => causes.push(Cause::required("spec.template.spec.restartPolicy")),
+                    Some(other) => causes.push(Cause::invalid(
                         "spec.template.spec.restartPolicy",
-                        "\"Always\"",
+                        format!("\"{other}\""),
                         "supported values: \"OnFailure\", \"Never\"",
-                    ));
+                    )),
+                }
+                for (field, v) in [
+                    ("spec.completions", spec.completions),
+                    ("spec.parallelism", spec.parallelism),
+                    ("spec.backoffLimit", spec.backoff_limit),
+                ] {
+                    if let Some(v) = v.filter(|v| *v < 0) {
+                        causes.push(Cause::invalid(
+                            field,
+                            v,
+                            "must be greater than or equal to 0",
+                        ));
+                    }
+                }
+                if spec.completion_mode.as_deref() == Some("Indexed") && spec.completions.is_none()
+                {
+                    causes.push(Cause::required("spec.completions"));
+                }
+                if spec.selector.is_none() {
+                    causes.push(Cause::required("spec.selector"));
                 }
             }
         }
