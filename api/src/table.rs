@@ -493,12 +493,20 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             vec![name, status.into(), completions, duration, age]
         }
         "CronJob" => {
-            let or_none = |v: String| if v.is_empty() { "<none>".to_string() } else { v };
+            let or_none = |v: String| {
+                if v.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    v
+                }
+            };
             let active = o
                 .pointer("/status/active")
                 .and_then(Value::as_array)
                 .map_or(0, Vec::len);
-            let last = o.pointer("/status/lastScheduleTime").and_then(Value::as_str);
+            let last = o
+                .pointer("/status/lastScheduleTime")
+                .and_then(Value::as_str);
             vec![
                 name,
                 s(o.pointer("/spec/schedule")),
@@ -607,6 +615,9 @@ mod tests {
             "status": {"active": [{"name": "tick-1"}], "lastScheduleTime": "2024-01-01T00:01:00Z"}});
         let r = row("CronJob", &cj, t + 90);
         assert_eq!(r.len(), columns("CronJob").len());
-        assert_eq!(r, ["tick", "*/1 * * * *", "<none>", "false", "1", "30s", "90s"]);
+        assert_eq!(
+            r,
+            ["tick", "*/1 * * * *", "<none>", "false", "1", "30s", "90s"]
+        );
     }
 }

@@ -1076,7 +1076,12 @@ impl Ctx {
         let sel: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let list = self
             .client
-            .list(resource("pods")?, Some(&self.ns), Some(&sel.join(",")), None)
+            .list(
+                resource("pods")?,
+                Some(&self.ns),
+                Some(&sel.join(",")),
+                None,
+            )
             .await?;
         let mut pods: Vec<&Value> = list["items"].as_array().into_iter().flatten().collect();
         pods.sort_by_key(|p| {

@@ -83,7 +83,10 @@ pub fn cronjob(name: &str, image: &str, schedule: &str, command: &[String]) -> V
 /// `create job NAME --from=cronjob/X`: a Job from the CronJob's job template, owned by it and
 /// annotated `cronjob.kubernetes.io/instantiate: manual`, as kubectl makes it.
 pub fn job_from_cronjob(name: &str, cj: &Value) -> Value {
-    let tmpl = cj.pointer("/spec/jobTemplate").cloned().unwrap_or(json!({}));
+    let tmpl = cj
+        .pointer("/spec/jobTemplate")
+        .cloned()
+        .unwrap_or(json!({}));
     let mut annotations = tmpl
         .pointer("/metadata/annotations")
         .cloned()
@@ -519,7 +522,10 @@ mod tests {
         let cmd = vec!["echo".to_string(), "hi".to_string()];
         let j = job("pi", "reg/pi:v1", &cmd);
         assert_eq!(j["spec"]["template"]["spec"]["restartPolicy"], "Never");
-        assert_eq!(j["spec"]["template"]["spec"]["containers"][0]["command"], json!(cmd));
+        assert_eq!(
+            j["spec"]["template"]["spec"]["containers"][0]["command"],
+            json!(cmd)
+        );
         let cj = cronjob("tick", "reg/pi:v1", "*/1 * * * *", &[]);
         assert_eq!(cj["spec"]["schedule"], "*/1 * * * *");
         let tmpl = &cj["spec"]["jobTemplate"]["spec"]["template"]["spec"];
@@ -528,7 +534,10 @@ mod tests {
         let mut stored = cj.clone();
         stored["metadata"]["uid"] = json!("u-1");
         let m = job_from_cronjob("tick-manual", &stored);
-        assert_eq!(m["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"], "manual");
+        assert_eq!(
+            m["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"],
+            "manual"
+        );
         assert_eq!(m["metadata"]["ownerReferences"][0]["uid"], "u-1");
         assert_eq!(m["spec"]["template"]["spec"]["restartPolicy"], "OnFailure");
     }

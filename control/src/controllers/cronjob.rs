@@ -89,7 +89,11 @@ impl Schedule {
     /// The scheduled times in `(earliest, now]`: the most recent and how many there were,
     /// counting at most `MAX_MISSED + 1` (past that, which is the most recent no longer
     /// matters: nothing starts).
-    pub fn missed(&self, earliest: DateTime<Utc>, now: DateTime<Utc>) -> (Option<DateTime<Utc>>, usize) {
+    pub fn missed(
+        &self,
+        earliest: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> (Option<DateTime<Utc>>, usize) {
         let mut last = None;
         let mut n = 0;
         let mut t = earliest;
@@ -202,7 +206,10 @@ fn failed(j: &Job) -> bool {
 /// A Job for `cj` scheduled at `t`, from its job template.
 pub fn job_from_template(cj_v: &Value, t: DateTime<Utc>) -> Value {
     let name = meta::name(cj_v);
-    let tmpl = cj_v.pointer("/spec/jobTemplate").cloned().unwrap_or(json!({}));
+    let tmpl = cj_v
+        .pointer("/spec/jobTemplate")
+        .cloned()
+        .unwrap_or(json!({}));
     let mut job = json!({
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -290,7 +297,12 @@ impl Reconciler for CronJobController {
                     .as_ref()
                     .and_then(|s| s.start_time.as_ref())
                     .map(|t| t.0.as_second())
-                    .or_else(|| j.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()))
+                    .or_else(|| {
+                        j.metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| t.0.as_second())
+                    })
             });
             let extra = list.len().saturating_sub(keep.max(0) as usize);
             for j in list.iter().take(extra) {
@@ -320,7 +332,14 @@ impl Reconciler for CronJobController {
         let sched = match Schedule::parse(&spec.schedule, spec.time_zone.as_deref()) {
             Ok(s) => Some(s),
             Err(e) => {
-                super::events::record(&self.reg, &cj_v, "Warning", "UnparseableSchedule", &e.to_string(), "cronjob-controller");
+                super::events::record(
+                    &self.reg,
+                    &cj_v,
+                    "Warning",
+                    "UnparseableSchedule",
+                    &e.to_string(),
+                    "cronjob-controller",
+                );
                 None
             }
         };
@@ -339,7 +358,9 @@ impl Reconciler for CronJobController {
                 }
                 Due::Start(t) => {
                     let jn = job_name(name, t);
-                    let exists = owned.iter().any(|j| j.metadata.name.as_deref() == Some(jn.as_str()));
+                    let exists = owned
+                        .iter()
+                        .any(|j| j.metadata.name.as_deref() == Some(jn.as_str()));
                     let policy = spec.concurrency_policy.as_deref().unwrap_or("Allow");
                     if exists {
                         // Already made (its status may lag): nothing to do for this time.
@@ -356,27 +377,54 @@ impl Reconciler for CronJobController {
                                 };
                                 let jn = j.metadata.name.as_deref().unwrap_or("");
                                 match self.reg.delete(jobs_r, ns, jn, &o) {
-                                    Ok(v) => last_rev = last_rev.max(meta::resource_version(&v).unwrap_or(0)),
+                                    Ok(v) => {
+                                        last_rev =
+                                            last_rev.max(meta::resource_version(&v).unwrap_or(0))
+                                    }
                                     Err(e) if e.code == 404 => {}
                                     Err(e) => return Err(e),
                                 }
-                                super::events::record(&self.reg, &cj_v, "Normal", "SuccessfulDelete", &format!("Deleted job {jn}"), "cronjob-controller");
+                                super::events::record(
+                                    &self.reg,
+                                    &cj_v,
+                                    "Normal",
+                                    "SuccessfulDelete",
+                                    &format!("Deleted job {jn}"),
+                                    "cronjob-controller",
+                                );
                             }
                             refs.clear();
                         }
-                        match self.reg.create(jobs_r, ns, job_from_template(&cj_v, t), &opts) {
+                        match self
+                            .reg
+                            .create(jobs_r, ns, job_from_template(&cj_v, t), &opts)
+                        {
                             Ok(j) => {
                                 last_rev = last_rev.max(meta::resource_version(&j).unwrap_or(0));
                                 let job: Job = decode(&j)?;
                                 refs.push(job_ref(&job));
                                 st.last_schedule_time = Some(to_time(t));
-                                super::events::record(&self.reg, &cj_v, "Normal", "SuccessfulCreate", &format!("Created job {jn}"), "cronjob-controller");
+                                super::events::record(
+                                    &self.reg,
+                                    &cj_v,
+                                    "Normal",
+                                    "SuccessfulCreate",
+                                    &format!("Created job {jn}"),
+                                    "cronjob-controller",
+                                );
                             }
                             Err(e) if e.code == 409 => {
                                 st.last_schedule_time = Some(to_time(t));
                             }
                             Err(e) => {
-                                super::events::record(&self.reg, &cj_v, "Warning", "FailedCreate", &format!("Error creating job: {}", e.message), "cronjob-controller");
+                                super::events::record(
+                                    &self.reg,
+                                    &cj_v,
+                                    "Warning",
+                                    "FailedCreate",
+                                    &format!("Error creating job: {}", e.message),
+                                    "cronjob-controller",
+                                );
                                 return Err(e);
                             }
                         }
@@ -430,7 +478,16 @@ mod tests {
 
     #[test]
     fn five_fields_and_macros_parse_six_do_not() {
-        for e in ["*/1 * * * *", "0 3 * * 1-5", "@hourly", "@daily", "@weekly", "@monthly", "@yearly", "@annually"] {
+        for e in [
+            "*/1 * * * *",
+            "0 3 * * 1-5",
+            "@hourly",
+            "@daily",
+            "@weekly",
+            "@monthly",
+            "@yearly",
+            "@annually",
+        ] {
             assert!(Schedule::parse(e, None).is_ok(), "{e}");
         }
         assert!(Schedule::parse("0 */1 * * * *", None).is_err());
@@ -444,22 +501,43 @@ mod tests {
     #[test]
     fn next_times_and_macros() {
         let s = Schedule::parse("*/15 * * * *", None).unwrap();
-        assert_eq!(s.next_after(at("2026-01-01T10:07:30Z")), Some(at("2026-01-01T10:15:00Z")));
-        assert_eq!(s.next_after(at("2026-01-01T10:15:00Z")), Some(at("2026-01-01T10:30:00Z")));
+        assert_eq!(
+            s.next_after(at("2026-01-01T10:07:30Z")),
+            Some(at("2026-01-01T10:15:00Z"))
+        );
+        assert_eq!(
+            s.next_after(at("2026-01-01T10:15:00Z")),
+            Some(at("2026-01-01T10:30:00Z"))
+        );
         let h = Schedule::parse("@hourly", None).unwrap();
-        assert_eq!(h.next_after(at("2026-01-01T10:07:00Z")), Some(at("2026-01-01T11:00:00Z")));
+        assert_eq!(
+            h.next_after(at("2026-01-01T10:07:00Z")),
+            Some(at("2026-01-01T11:00:00Z"))
+        );
         let d = Schedule::parse("@daily", None).unwrap();
-        assert_eq!(d.next_after(at("2026-01-01T10:07:00Z")), Some(at("2026-01-02T00:00:00Z")));
+        assert_eq!(
+            d.next_after(at("2026-01-01T10:07:00Z")),
+            Some(at("2026-01-02T00:00:00Z"))
+        );
     }
 
     #[test]
     fn time_zones_shift_the_schedule() {
         // 09:00 in New York is 14:00 UTC in winter and 13:00 UTC in summer.
         let s = Schedule::parse("0 9 * * *", Some("America/New_York")).unwrap();
-        assert_eq!(s.next_after(at("2026-01-15T00:00:00Z")), Some(at("2026-01-15T14:00:00Z")));
-        assert_eq!(s.next_after(at("2026-07-15T00:00:00Z")), Some(at("2026-07-15T13:00:00Z")));
+        assert_eq!(
+            s.next_after(at("2026-01-15T00:00:00Z")),
+            Some(at("2026-01-15T14:00:00Z"))
+        );
+        assert_eq!(
+            s.next_after(at("2026-07-15T00:00:00Z")),
+            Some(at("2026-07-15T13:00:00Z"))
+        );
         let t = Schedule::parse("0 9 * * *", Some("Asia/Tokyo")).unwrap();
-        assert_eq!(t.next_after(at("2026-01-15T00:00:00Z")), Some(at("2026-01-16T00:00:00Z")));
+        assert_eq!(
+            t.next_after(at("2026-01-15T00:00:00Z")),
+            Some(at("2026-01-16T00:00:00Z"))
+        );
     }
 
     #[test]
@@ -467,7 +545,10 @@ mod tests {
         let s = Schedule::parse("*/1 * * * *", None).unwrap();
         let created = at("2026-01-01T10:00:30Z");
         // Nothing due before the first minute.
-        assert_eq!(due(&s, created, None, at("2026-01-01T10:00:59Z")), Due::Nothing);
+        assert_eq!(
+            due(&s, created, None, at("2026-01-01T10:00:59Z")),
+            Due::Nothing
+        );
         // Three missed: the most recent starts.
         assert_eq!(
             due(&s, created, None, at("2026-01-01T10:03:10Z")),
@@ -478,9 +559,15 @@ mod tests {
             due(&s, created, Some(30), at("2026-01-01T10:03:10Z")),
             Due::Start(at("2026-01-01T10:03:00Z"))
         );
-        assert_eq!(due(&s, created, Some(5), at("2026-01-01T10:03:10Z")), Due::Nothing);
+        assert_eq!(
+            due(&s, created, Some(5), at("2026-01-01T10:03:10Z")),
+            Due::Nothing
+        );
         // A time older than the deadline is never started.
-        assert_eq!(due(&s, created, Some(40), at("2026-01-01T10:03:50Z")), Due::Nothing);
+        assert_eq!(
+            due(&s, created, Some(40), at("2026-01-01T10:03:50Z")),
+            Due::Nothing
+        );
         // Over 100 missed without a deadline: nothing starts.
         assert!(matches!(
             due(&s, created, None, at("2026-01-01T12:00:10Z")),
@@ -495,11 +582,17 @@ mod tests {
 
     #[test]
     fn job_names_use_scheduled_unix_minutes() {
-        assert_eq!(job_name("hello", at("2026-01-01T10:03:00Z")), format!("hello-{}", at("2026-01-01T10:03:00Z").timestamp() / 60));
+        assert_eq!(
+            job_name("hello", at("2026-01-01T10:03:00Z")),
+            format!("hello-{}", at("2026-01-01T10:03:00Z").timestamp() / 60)
+        );
         let cj = json!({"metadata": {"name": "hello", "namespace": "ns", "uid": "u1"},
             "spec": {"schedule": "* * * * *", "jobTemplate": {"metadata": {"labels": {"a": "b"}}, "spec": {"template": {}}}}});
         let j = job_from_template(&cj, at("2026-01-01T10:03:00Z"));
-        assert_eq!(j["metadata"]["annotations"][SCHEDULED_TIMESTAMP], "2026-01-01T10:03:00Z");
+        assert_eq!(
+            j["metadata"]["annotations"][SCHEDULED_TIMESTAMP],
+            "2026-01-01T10:03:00Z"
+        );
         assert_eq!(j["metadata"]["ownerReferences"][0]["kind"], "CronJob");
         assert_eq!(j["metadata"]["labels"]["a"], "b");
     }

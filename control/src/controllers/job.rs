@@ -79,7 +79,11 @@ pub fn format_indexes(ix: &BTreeSet<i32>) -> String {
         while it.peek() == Some(&(b + 1)) {
             b = it.next().expect("peeked");
         }
-        out.push(if a == b { a.to_string() } else { format!("{a}-{b}") });
+        out.push(if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        });
     }
     out.join(",")
 }
@@ -287,7 +291,10 @@ impl JobController {
 
     /// A new pod of `job` (index `index` for Indexed Jobs) from its template.
     fn pod_for(job_v: &Value, job: &Job, index: Option<i32>) -> Value {
-        let template = job_v.pointer("/spec/template").cloned().unwrap_or(json!({}));
+        let template = job_v
+            .pointer("/spec/template")
+            .cloned()
+            .unwrap_or(json!({}));
         let mut pod = super::pods::from_template(job_v, "Job", &template);
         let name = job.metadata.name.clone().unwrap_or_default();
         let uid = job.metadata.uid.clone().unwrap_or_default();
@@ -485,9 +492,11 @@ impl Reconciler for JobController {
                 "BackoffLimitExceeded".into(),
                 "Job has reached the specified backoff limit".into(),
             ));
-        } else if let (Some(ads), Some(start), false) =
-            (spec.active_deadline_seconds, unix(&cur.start_time), suspended)
-        {
+        } else if let (Some(ads), Some(start), false) = (
+            spec.active_deadline_seconds,
+            unix(&cur.start_time),
+            suspended,
+        ) {
             if start + ads <= now {
                 finish = Some((
                     "Failed",
@@ -515,10 +524,31 @@ impl Reconciler for JobController {
                 set_condition(&mut st, "Failed", "True", reason, msg, now);
                 super::events::record(&self.reg, &job_v, "Warning", reason, msg, "job-controller");
             } else {
-                set_condition(&mut st, "SuccessCriteriaMet", "True", "CompletionsReached", "Reached expected number of succeeded pods", now);
-                set_condition(&mut st, "Complete", "True", "CompletionsReached", "Reached expected number of succeeded pods", now);
+                set_condition(
+                    &mut st,
+                    "SuccessCriteriaMet",
+                    "True",
+                    "CompletionsReached",
+                    "Reached expected number of succeeded pods",
+                    now,
+                );
+                set_condition(
+                    &mut st,
+                    "Complete",
+                    "True",
+                    "CompletionsReached",
+                    "Reached expected number of succeeded pods",
+                    now,
+                );
                 st.completion_time = Some(time(now));
-                super::events::record(&self.reg, &job_v, "Normal", "Completed", "Job completed", "job-controller");
+                super::events::record(
+                    &self.reg,
+                    &job_v,
+                    "Normal",
+                    "Completed",
+                    "Job completed",
+                    "job-controller",
+                );
             }
             st.active = Some(0);
             st.ready = Some(0);
@@ -530,18 +560,46 @@ impl Reconciler for JobController {
         } else if suspended {
             self.delete_pods(ns, &active, &mut last_rev);
             if !has_condition(&cur, "Suspended") {
-                set_condition(&mut st, "Suspended", "True", "JobSuspended", "Job suspended", now);
-                super::events::record(&self.reg, &job_v, "Normal", "Suspended", "Job suspended", "job-controller");
+                set_condition(
+                    &mut st,
+                    "Suspended",
+                    "True",
+                    "JobSuspended",
+                    "Job suspended",
+                    now,
+                );
+                super::events::record(
+                    &self.reg,
+                    &job_v,
+                    "Normal",
+                    "Suspended",
+                    "Job suspended",
+                    "job-controller",
+                );
             }
             st.active = Some(0);
             st.ready = Some(0);
             requeue = None;
         } else {
             if has_condition(&cur, "Suspended") {
-                set_condition(&mut st, "Suspended", "False", "JobResumed", "Job resumed", now);
+                set_condition(
+                    &mut st,
+                    "Suspended",
+                    "False",
+                    "JobResumed",
+                    "Job resumed",
+                    now,
+                );
                 // The deadline counts from the resume, as Kubernetes resets startTime.
                 st.start_time = Some(time(now));
-                super::events::record(&self.reg, &job_v, "Normal", "Resumed", "Job resumed", "job-controller");
+                super::events::record(
+                    &self.reg,
+                    &job_v,
+                    "Normal",
+                    "Resumed",
+                    "Job resumed",
+                    "job-controller",
+                );
                 if let Some(ads) = spec.active_deadline_seconds {
                     requeue = Some(Duration::from_secs(ads.max(0) as u64));
                 }
@@ -563,7 +621,8 @@ impl Reconciler for JobController {
             } else {
                 let room = (parallelism as usize).saturating_sub(active.len());
                 if indexed {
-                    let running: BTreeSet<i32> = active.iter().filter_map(|p| pod_index(p)).collect();
+                    let running: BTreeSet<i32> =
+                        active.iter().filter_map(|p| pod_index(p)).collect();
                     to_make = (0..completions.unwrap_or(0))
                         .filter(|i| !succeeded_idx.contains(i) && !running.contains(i))
                         .take(room)
@@ -619,7 +678,9 @@ impl Reconciler for JobController {
             let mut next = (*job_v).clone();
             next["status"] = serde_json::to_value(&st)
                 .map_err(|e| ApiError::internal(format!("encode: {e}")))?;
-            let out = self.reg.update(jobs_r, ns, name, next, Sub::Status, &opts)?;
+            let out = self
+                .reg
+                .update(jobs_r, ns, name, next, Sub::Status, &opts)?;
             let _ = out;
         }
         Ok(requeue.map_or(Action::AwaitChange, Action::RequeueAfter))
@@ -670,13 +731,22 @@ mod tests {
             ]}
         }))
         .unwrap();
-        assert_eq!(failure_verdict(&spec, &failed_pod(3)), FailureVerdict::Ignore);
+        assert_eq!(
+            failure_verdict(&spec, &failed_pod(3)),
+            FailureVerdict::Ignore
+        );
         assert!(matches!(
             failure_verdict(&spec, &failed_pod(42)),
             FailureVerdict::FailJob(m) if m.contains("exit code 42")
         ));
-        assert_eq!(failure_verdict(&spec, &failed_pod(1)), FailureVerdict::Count);
+        assert_eq!(
+            failure_verdict(&spec, &failed_pod(1)),
+            FailureVerdict::Count
+        );
         let plain = JobSpec::default();
-        assert_eq!(failure_verdict(&plain, &failed_pod(42)), FailureVerdict::Count);
+        assert_eq!(
+            failure_verdict(&plain, &failed_pod(42)),
+            FailureVerdict::Count
+        );
     }
 }

@@ -269,7 +269,11 @@ pub fn start(
         tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
     }
     tasks.spawn(runtime::run(
-        Arc::new(job::JobController::new(reg.clone(), jobs.clone(), pods.clone())),
+        Arc::new(job::JobController::new(
+            reg.clone(),
+            jobs.clone(),
+            pods.clone(),
+        )),
         job_rx,
         stop.clone(),
     ));
