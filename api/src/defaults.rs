@@ -337,4 +337,38 @@ mod tests {
         apply("Deployment", &mut d);
         assert_eq!(d["spec"]["replicas"], 0);
     }
+
+    #[test]
+    fn job_defaults_and_generated_selector() {
+        let mut j = json!({"metadata": {"name": "pi", "uid": "u-1"},
+            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}}});
+        apply("Job", &mut j);
+        let spec = &j["spec"];
+        assert_eq!(spec["completions"], 1);
+        assert_eq!(spec["parallelism"], 1);
+        assert_eq!(spec["backoffLimit"], 6);
+        assert_eq!(spec["completionMode"], "NonIndexed");
+        assert_eq!(spec["suspend"], false);
+        assert_eq!(spec["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"], "u-1");
+        let labels = &spec["template"]["metadata"]["labels"];
+        assert_eq!(labels["controller-uid"], "u-1");
+        assert_eq!(labels["job-name"], "pi");
+        assert_eq!(spec["template"]["spec"]["restartPolicy"], "Never");
+        // A work queue (parallelism alone) keeps completions unset; no restartPolicy is
+        // invented (validation asks for one).
+        let mut q = json!({"metadata": {"name": "q", "uid": "u-2"},
+            "spec": {"parallelism": 3, "manualSelector": true, "selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": []}}}});
+        apply("Job", &mut q);
+        assert!(q["spec"].get("completions").is_none());
+        assert_eq!(q["spec"]["selector"]["matchLabels"], json!({"a": "b"}));
+        assert!(q["spec"]["template"]["metadata"]["labels"].get("job-name").is_none());
+        assert!(q["spec"]["template"]["spec"].get("restartPolicy").is_none());
+        let mut cj = json!({"spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}}});
+        apply("CronJob", &mut cj);
+        assert_eq!(cj["spec"]["concurrencyPolicy"], "Allow");
+        assert_eq!(cj["spec"]["successfulJobsHistoryLimit"], 3);
+        assert_eq!(cj["spec"]["failedJobsHistoryLimit"], 1);
+        assert_eq!(cj["spec"]["jobTemplate"]["spec"]["backoffLimit"], 6);
+    }
 }
