@@ -349,7 +349,10 @@ mod tests {
         assert_eq!(spec["backoffLimit"], 6);
         assert_eq!(spec["completionMode"], "NonIndexed");
         assert_eq!(spec["suspend"], false);
-        assert_eq!(spec["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"], "u-1");
+        assert_eq!(
+            spec["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"],
+            "u-1"
+        );
         let labels = &spec["template"]["metadata"]["labels"];
         assert_eq!(labels["controller-uid"], "u-1");
         assert_eq!(labels["job-name"], "pi");
@@ -362,7 +365,9 @@ mod tests {
         apply("Job", &mut q);
         assert!(q["spec"].get("completions").is_none());
         assert_eq!(q["spec"]["selector"]["matchLabels"], json!({"a": "b"}));
-        assert!(q["spec"]["template"]["metadata"]["labels"].get("job-name").is_none());
+        assert!(q["spec"]["template"]["metadata"]["labels"]
+            .get("job-name")
+            .is_none());
         assert!(q["spec"]["template"]["spec"].get("restartPolicy").is_none());
         let mut cj = json!({"spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}}});
         apply("CronJob", &mut cj);
