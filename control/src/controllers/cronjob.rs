@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
-use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
 use k8s_openapi::api::batch::v1::{CronJob, CronJobStatus, Job};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -36,44 +35,22 @@ pub struct Schedule {
     tz: Tz,
 }
 
-/// Why a schedule cannot be used.
+/// Why a schedule cannot be used (validation keeps these out of the store).
 #[derive(Debug, thiserror::Error)]
-pub enum ScheduleError {
-    #[error("unparseable schedule {0:?}: {1}")]
-    Cron(String, String),
-    #[error("unknown time zone {0:?}")]
-    TimeZone(String),
+#[error("{field}: {message}")]
+pub struct ScheduleError {
+    pub field: String,
+    pub message: String,
 }
 
 impl Schedule {
-    /// Parses a standard 5-field schedule or a macro (`@hourly`, `@daily`/`@midnight`,
-    /// `@weekly`, `@monthly`, `@yearly`/`@annually`), in IANA zone `tz` (UTC when None).
+    /// Parses a schedule as the API validates it ([`skiff_api::validation::cron_schedule`]).
     pub fn parse(expr: &str, tz: Option<&str>) -> Result<Schedule, ScheduleError> {
-        let tz = match tz.filter(|t| !t.is_empty()) {
-            Some(t) => t
-                .parse::<Tz>()
-                .map_err(|_| ScheduleError::TimeZone(t.into()))?,
-            None => Tz::UTC,
-        };
-        let e = expr.trim();
-        let fields = if e.starts_with('@') {
-            e.to_string()
-        } else {
-            // Kubernetes (robfig/cron) takes exactly five fields.
-            if e.split_whitespace().count() != 5 {
-                return Err(ScheduleError::Cron(
-                    expr.into(),
-                    "expected exactly 5 fields".into(),
-                ));
-            }
-            e.to_string()
-        };
-        let cron = CronParser::builder()
-            .seconds(Seconds::Disallowed)
-            .year(Year::Disallowed)
-            .build()
-            .parse(&fields)
-            .map_err(|err| ScheduleError::Cron(expr.into(), err.to_string()))?;
+        let (cron, tz) =
+            skiff_api::validation::cron_schedule(expr, tz).map_err(|c| ScheduleError {
+                field: c.field,
+                message: c.message,
+            })?;
         Ok(Schedule { cron, tz })
     }
 
@@ -492,10 +469,9 @@ mod tests {
         }
         assert!(Schedule::parse("0 */1 * * * *", None).is_err());
         assert!(Schedule::parse("not a schedule", None).is_err());
-        assert!(matches!(
-            Schedule::parse("* * * * *", Some("Mars/Olympus")),
-            Err(ScheduleError::TimeZone(_))
-        ));
+        assert!(Schedule::parse("@every 5m", None).is_err());
+        let e = Schedule::parse("* * * * *", Some("Mars/Olympus")).unwrap_err();
+        assert_eq!(e.field, "spec.timeZone");
     }
 
     #[test]
