@@ -484,6 +484,24 @@ async fn cronjobs_run_on_the_minute() -> anyhow::Result<()> {
         &cron("hist", "  successfulJobsHistoryLimit: 1\n", ""),
     )?;
 
+    // A schedule the API refuses, with one clear line.
+    let out = up.skiff_output(
+        &ns,
+        &[
+            "create",
+            "cronjob",
+            "bad",
+            &format!("--image={IMAGE}"),
+            "--schedule=* * *",
+        ],
+    )?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spec.schedule") && err.lines().count() == 1,
+        "{err}"
+    );
+
     // A manual run from the template, at once.
     let out = up.skiff(&ns, &["create", "job", "tick-now", "--from=cronjob/tick"])?;
     assert_eq!(out.trim(), "job.batch/tick-now created");

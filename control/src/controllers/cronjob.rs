@@ -572,4 +572,263 @@ mod tests {
         assert_eq!(j["metadata"]["ownerReferences"][0]["kind"], "CronJob");
         assert_eq!(j["metadata"]["labels"]["a"], "b");
     }
+
+    mod controller {
+        use super::super::*;
+        use crate::registry::ClusterConfig;
+        use crate::store::sled::SledStore;
+        use tokio::sync::watch;
+
+        fn res(p: &str) -> &'static Resource {
+            Resource::lookup(p).unwrap()
+        }
+
+        struct World {
+            reg: Arc<Registry>,
+            c: CronJobController,
+            _stop: watch::Sender<bool>,
+            _dir: tempfile::TempDir,
+        }
+
+        async fn world() -> World {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(SledStore::open(dir.path()).unwrap());
+            let reg = Registry::new(store, ClusterConfig::default());
+            let opts = WriteOptions::default();
+            reg.create(
+                res("namespaces"),
+                None,
+                json!({"metadata": {"name": "default"}}),
+                &opts,
+            )
+            .unwrap();
+            let (stop, rx) = watch::channel(false);
+            let cronjobs = Cache::new(res("cronjobs"));
+            let jobs = Cache::new(res("jobs"));
+            tokio::spawn(cronjobs.clone().run(reg.clone(), rx.clone()));
+            tokio::spawn(jobs.clone().run(reg.clone(), rx));
+            let c = CronJobController::new(reg.clone(), cronjobs, jobs);
+            World {
+                reg,
+                c,
+                _stop: stop,
+                _dir: dir,
+            }
+        }
+
+        impl World {
+            /// Creates CronJob `name` as last scheduled `ago` seconds before now.
+            async fn cronjob(&self, name: &str, extra: Value, ago: i64) {
+                let mut cj = json!({"metadata": {"name": name, "namespace": "default"},
+                    "spec": {"schedule": "*/1 * * * *", "jobTemplate": {"spec": {"template": {"spec": {
+                        "restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}}}}});
+                for (k, v) in extra.as_object().unwrap() {
+                    cj["spec"][k] = v.clone();
+                }
+                let opts = WriteOptions::default();
+                let mut o = self
+                    .reg
+                    .create(res("cronjobs"), Some("default"), cj, &opts)
+                    .unwrap();
+                let last = (Utc::now() - chrono::Duration::seconds(ago))
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                o["status"] = json!({"lastScheduleTime": last});
+                let o = self
+                    .reg
+                    .update(
+                        res("cronjobs"),
+                        Some("default"),
+                        name,
+                        o,
+                        Sub::Status,
+                        &opts,
+                    )
+                    .unwrap();
+                self.c
+                    .cronjobs
+                    .wait_for(meta::resource_version(&o).unwrap())
+                    .await;
+            }
+
+            async fn reconcile(&self, name: &str) {
+                let key = format!("default/{name}");
+                self.c.reconcile(&key).await.unwrap();
+                // The caches catch up with what the reconcile wrote.
+                let jobs_rev = self.c.expect.lock().unwrap().get(&key).copied();
+                if let Some(rev) = jobs_rev {
+                    self.c.jobs.wait_for(rev).await;
+                }
+                let cj = self
+                    .reg
+                    .get(res("cronjobs"), Some("default"), name)
+                    .unwrap();
+                self.c
+                    .cronjobs
+                    .wait_for(meta::resource_version(&cj).unwrap())
+                    .await;
+            }
+
+            fn jobs(&self) -> Vec<Job> {
+                self.c
+                    .jobs
+                    .list(Some("default"))
+                    .iter()
+                    .filter(|j| !meta::is_deleting(j))
+                    .map(|j| serde_json::from_value((**j).clone()).unwrap())
+                    .collect()
+            }
+
+            async fn create_job(&self, j: Value) {
+                let o = self
+                    .reg
+                    .create(res("jobs"), Some("default"), j, &WriteOptions::default())
+                    .unwrap();
+                self.c
+                    .jobs
+                    .wait_for(meta::resource_version(&o).unwrap())
+                    .await;
+            }
+
+            /// Marks Job `name` finished (`Complete` or `Failed`).
+            async fn finish(&self, name: &str, ty: &str, started: DateTime<Utc>) {
+                let mut j = self.reg.get(res("jobs"), Some("default"), name).unwrap();
+                let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                let started = started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                j["status"] = json!({"startTime": started, "completionTime": now,
+                    "conditions": [{"type": ty, "status": "True"}]});
+                let o = self
+                    .reg
+                    .update(
+                        res("jobs"),
+                        Some("default"),
+                        name,
+                        j,
+                        Sub::Status,
+                        &WriteOptions::default(),
+                    )
+                    .unwrap();
+                self.c
+                    .jobs
+                    .wait_for(meta::resource_version(&o).unwrap())
+                    .await;
+            }
+        }
+
+        #[tokio::test]
+        async fn starts_the_due_job_once_and_keeps_concurrency_policies() {
+            let w = world().await;
+            // Allow: one Job for the most recent minute, named after it, and only one.
+            w.cronjob("allow", json!({}), 90).await;
+            w.reconcile("allow").await;
+            w.reconcile("allow").await;
+            let jobs = w.jobs();
+            assert_eq!(jobs.len(), 1);
+            let at = Utc::now().timestamp() / 60 * 60;
+            let name = jobs[0].metadata.name.clone().unwrap();
+            assert!(
+                name == format!("allow-{}", at / 60) || name == format!("allow-{}", at / 60 - 1),
+                "{name}"
+            );
+            let cj: CronJob =
+                serde_json::from_value((*w.c.cronjobs.get("default/allow").unwrap()).clone())
+                    .unwrap();
+            let st = cj.status.unwrap();
+            assert_eq!(st.active.unwrap()[0].name.as_deref(), Some(name.as_str()));
+            assert!(st.last_schedule_time.is_some());
+            w.finish(&name, "Complete", Utc::now()).await;
+            w.reconcile("allow").await;
+            let cj: CronJob =
+                serde_json::from_value((*w.c.cronjobs.get("default/allow").unwrap()).clone())
+                    .unwrap();
+            let st = cj.status.unwrap();
+            assert!(st.active.is_none(), "a finished Job leaves active");
+            assert!(st.last_successful_time.is_some());
+
+            // Forbid: a running Job keeps the next time from starting.
+            w.cronjob("forbid", json!({"concurrencyPolicy": "Forbid"}), 200)
+                .await;
+            let mut j = job_from_template(
+                &w.reg
+                    .get(res("cronjobs"), Some("default"), "forbid")
+                    .unwrap(),
+                Utc::now() - chrono::Duration::seconds(600),
+            );
+            j["spec"]["template"]["metadata"] = json!({});
+            w.create_job(j).await;
+            w.reconcile("forbid").await;
+            let forbid: Vec<Job> = w
+                .jobs()
+                .into_iter()
+                .filter(|j| j.metadata.name.as_deref().unwrap().starts_with("forbid-"))
+                .collect();
+            assert_eq!(forbid.len(), 1, "Forbid started nothing while one runs");
+
+            // Replace: the running Job goes, the new one comes.
+            w.cronjob("replace", json!({"concurrencyPolicy": "Replace"}), 200)
+                .await;
+            let old = job_from_template(
+                &w.reg
+                    .get(res("cronjobs"), Some("default"), "replace")
+                    .unwrap(),
+                Utc::now() - chrono::Duration::seconds(600),
+            );
+            let old_name = old["metadata"]["name"].as_str().unwrap().to_string();
+            w.create_job(old).await;
+            w.reconcile("replace").await;
+            let names: Vec<String> = w
+                .jobs()
+                .into_iter()
+                .filter_map(|j| j.metadata.name)
+                .filter(|n| n.starts_with("replace-"))
+                .collect();
+            assert_eq!(names.len(), 1, "{names:?}");
+            assert_ne!(names[0], old_name);
+
+            // Suspended: nothing starts.
+            w.cronjob("paused", json!({"suspend": true}), 200).await;
+            w.reconcile("paused").await;
+            assert!(!w.jobs().iter().any(|j| j
+                .metadata
+                .name
+                .as_deref()
+                .unwrap()
+                .starts_with("paused-")));
+        }
+
+        #[tokio::test]
+        async fn history_limits_prune_the_oldest_finished_jobs() {
+            let w = world().await;
+            w.cronjob("hist", json!({"successfulJobsHistoryLimit": 2, "failedJobsHistoryLimit": 1, "suspend": true}), 30).await;
+            let cj = w.reg.get(res("cronjobs"), Some("default"), "hist").unwrap();
+            for (i, ty) in [
+                (10, "Complete"),
+                (9, "Complete"),
+                (8, "Failed"),
+                (7, "Complete"),
+                (6, "Failed"),
+            ] {
+                let j = job_from_template(&cj, Utc::now() - chrono::Duration::minutes(i));
+                let name = j["metadata"]["name"].as_str().unwrap().to_string();
+                w.create_job(j).await;
+                w.finish(&name, ty, Utc::now() - chrono::Duration::minutes(i))
+                    .await;
+            }
+            w.reconcile("hist").await;
+            let left: Vec<String> = w
+                .jobs()
+                .into_iter()
+                .filter_map(|j| j.metadata.name)
+                .collect();
+            let m = |i: i64| {
+                format!(
+                    "hist-{}",
+                    (Utc::now() - chrono::Duration::minutes(i)).timestamp() / 60
+                )
+            };
+            assert_eq!(left.len(), 3, "{left:?}");
+            for keep in [m(9), m(7), m(6)] {
+                assert!(left.contains(&keep), "{keep} kept: {left:?}");
+            }
+        }
+    }
 }
