@@ -749,4 +749,284 @@ mod tests {
             FailureVerdict::Count
         );
     }
+
+    mod controller {
+        use super::super::*;
+        use crate::registry::ClusterConfig;
+        use crate::store::sled::SledStore;
+        use tokio::sync::watch;
+
+        fn res(p: &str) -> &'static Resource {
+            Resource::lookup(p).unwrap()
+        }
+
+        struct World {
+            reg: Arc<Registry>,
+            c: JobController,
+            _stop: watch::Sender<bool>,
+            _dir: tempfile::TempDir,
+        }
+
+        async fn world() -> World {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(SledStore::open(dir.path()).unwrap());
+            let reg = Registry::new(store, ClusterConfig::default());
+            let opts = WriteOptions::default();
+            reg.create(
+                res("namespaces"),
+                None,
+                json!({"metadata": {"name": "default"}}),
+                &opts,
+            )
+            .unwrap();
+            let (stop, rx) = watch::channel(false);
+            let jobs = Cache::new(res("jobs"));
+            let pods = Cache::new(res("pods"));
+            tokio::spawn(jobs.clone().run(reg.clone(), rx.clone()));
+            tokio::spawn(pods.clone().run(reg.clone(), rx));
+            let c = JobController::new(reg.clone(), jobs, pods);
+            World {
+                reg,
+                c,
+                _stop: stop,
+                _dir: dir,
+            }
+        }
+
+        impl World {
+            async fn job(&self, name: &str, spec: Value, restart: &str) {
+                let mut j = json!({"metadata": {"name": name, "namespace": "default"},
+                    "spec": {"template": {"spec": {"restartPolicy": restart,
+                        "containers": [{"name": "c", "image": "x"}]}}}});
+                for (k, v) in spec.as_object().unwrap() {
+                    j["spec"][k] = v.clone();
+                }
+                let o = self
+                    .reg
+                    .create(res("jobs"), Some("default"), j, &WriteOptions::default())
+                    .unwrap();
+                self.c
+                    .jobs
+                    .wait_for(meta::resource_version(&o).unwrap())
+                    .await;
+            }
+
+            async fn reconcile(&self, name: &str) -> Action {
+                let key = format!("default/{name}");
+                let a = self.c.reconcile(&key).await.unwrap();
+                let rev = self.c.expect.lock().unwrap().get(&key).copied();
+                if let Some(rev) = rev {
+                    self.c.pods.wait_for(rev).await;
+                }
+                let j = self.reg.get(res("jobs"), Some("default"), name).unwrap();
+                self.c
+                    .jobs
+                    .wait_for(meta::resource_version(&j).unwrap())
+                    .await;
+                a
+            }
+
+            fn status(&self, name: &str) -> JobStatus {
+                let j: Job = serde_json::from_value(
+                    self.reg.get(res("jobs"), Some("default"), name).unwrap(),
+                )
+                .unwrap();
+                j.status.unwrap_or_default()
+            }
+
+            fn pods(&self) -> Vec<Value> {
+                self.c
+                    .pods
+                    .list(Some("default"))
+                    .iter()
+                    .filter(|p| !meta::is_deleting(p))
+                    .map(|p| (**p).clone())
+                    .collect()
+            }
+
+            /// Sets a pod's status as its node would.
+            async fn set_status(&self, pod: &str, status: Value) {
+                let mut p = self.reg.get(res("pods"), Some("default"), pod).unwrap();
+                p["status"] = status;
+                let o = self
+                    .reg
+                    .update(
+                        res("pods"),
+                        Some("default"),
+                        pod,
+                        p,
+                        Sub::Status,
+                        &WriteOptions::default(),
+                    )
+                    .unwrap();
+                self.c
+                    .pods
+                    .wait_for(meta::resource_version(&o).unwrap())
+                    .await;
+            }
+        }
+
+        fn finished(phase: &str, code: i32) -> Value {
+            json!({"phase": phase, "containerStatuses": [{"name": "c", "image": "x", "imageID": "",
+                "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "finishedAt": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}}}]})
+        }
+
+        #[tokio::test]
+        async fn indexed_pods_carry_their_index_and_each_index_runs_once() {
+            let w = world().await;
+            w.job(
+                "idx",
+                json!({"completions": 3, "parallelism": 2, "completionMode": "Indexed"}),
+                "Never",
+            )
+            .await;
+            w.reconcile("idx").await;
+            let pods = w.pods();
+            assert_eq!(pods.len(), 2, "parallelism 2");
+            let mut ix: Vec<String> = Vec::new();
+            for p in &pods {
+                let i = p["metadata"]["annotations"][COMPLETION_INDEX]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                assert_eq!(p["metadata"]["labels"][COMPLETION_INDEX], i);
+                assert_eq!(p["spec"]["hostname"], format!("idx-{i}"));
+                assert_eq!(
+                    p["spec"]["containers"][0]["env"][0],
+                    json!({"name": "JOB_COMPLETION_INDEX", "value": i})
+                );
+                assert_eq!(p["metadata"]["labels"][JOB_NAME_LABEL], "idx");
+                assert_eq!(
+                    p["metadata"]["ownerReferences"][0]["apiVersion"],
+                    "batch/v1"
+                );
+                ix.push(i);
+            }
+            ix.sort();
+            assert_eq!(ix, ["0", "1"]);
+            // Index 1 succeeds: index 2 starts, and 1 is never run again.
+            let one = pods
+                .iter()
+                .find(|p| p["metadata"]["annotations"][COMPLETION_INDEX] == "1")
+                .unwrap();
+            w.set_status(meta::name(one), finished("Succeeded", 0))
+                .await;
+            w.reconcile("idx").await;
+            let st = w.status("idx");
+            assert_eq!(st.completed_indexes.as_deref(), Some("1"));
+            assert_eq!(st.active, Some(1));
+            let running: Vec<String> = w
+                .pods()
+                .iter()
+                .filter(|p| p["status"]["phase"] != "Succeeded")
+                .map(|p| {
+                    p["metadata"]["annotations"][COMPLETION_INDEX]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect();
+            let mut running = running;
+            running.sort();
+            assert_eq!(running, ["0", "2"]);
+        }
+
+        #[tokio::test]
+        async fn a_failure_waits_out_the_backoff_and_on_failure_restarts_count() {
+            let w = world().await;
+            w.job("never", json!({"backoffLimit": 3}), "Never").await;
+            w.reconcile("never").await;
+            let p = w.pods()[0].clone();
+            w.set_status(meta::name(&p), finished("Failed", 1)).await;
+            let a = w.reconcile("never").await;
+            assert_eq!(w.status("never").failed, Some(1));
+            assert_eq!(w.pods().len(), 1, "no new pod before the 10 s delay");
+            assert!(
+                matches!(a, Action::RequeueAfter(d) if d > Duration::from_secs(7) && d <= Duration::from_secs(10)),
+                "{a:?}"
+            );
+
+            // OnFailure: the node restarts the container; restarts past backoffLimit fail the Job.
+            w.job("onfail", json!({"backoffLimit": 1}), "OnFailure")
+                .await;
+            w.reconcile("onfail").await;
+            let p = w
+                .pods()
+                .into_iter()
+                .find(|p| p["metadata"]["labels"]["job-name"] == "onfail")
+                .unwrap();
+            let running = |restarts: i32| {
+                json!({"phase": "Running", "containerStatuses": [{"name": "c", "image": "x",
+                "imageID": "", "ready": false, "restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]})
+            };
+            w.set_status(meta::name(&p), running(1)).await;
+            w.reconcile("onfail").await;
+            assert!(
+                !is_finished(&w.status("onfail")),
+                "one restart is within backoffLimit 1"
+            );
+            w.set_status(meta::name(&p), running(2)).await;
+            w.reconcile("onfail").await;
+            let st = w.status("onfail");
+            let failed = st
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Failed")
+                .unwrap();
+            assert_eq!(failed.reason.as_deref(), Some("BackoffLimitExceeded"));
+            assert!(st
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "FailureTarget"));
+            assert!(
+                !w.pods()
+                    .iter()
+                    .any(|p| p["metadata"]["labels"]["job-name"] == "onfail"),
+                "the restarting pod is deleted"
+            );
+        }
+
+        #[tokio::test]
+        async fn ignored_failures_do_not_count_and_fail_job_fails_at_once() {
+            let w = world().await;
+            let policy = json!({"rules": [
+                {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [137]}},
+                {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [42]}}]});
+            w.job(
+                "pfp",
+                json!({"backoffLimit": 0, "podFailurePolicy": policy}),
+                "Never",
+            )
+            .await;
+            w.reconcile("pfp").await;
+            let p = w.pods()[0].clone();
+            w.set_status(meta::name(&p), finished("Failed", 137)).await;
+            w.reconcile("pfp").await;
+            let st = w.status("pfp");
+            assert!(
+                !is_finished(&st),
+                "an ignored failure does not count: {st:?}"
+            );
+            assert_eq!(st.failed, Some(0));
+            let fresh = w
+                .pods()
+                .into_iter()
+                .find(|q| q["status"]["phase"] != "Failed")
+                .expect("a replacement pod at once");
+            w.set_status(meta::name(&fresh), finished("Failed", 42))
+                .await;
+            w.reconcile("pfp").await;
+            let st = w.status("pfp");
+            let failed = st
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Failed")
+                .unwrap();
+            assert_eq!(failed.reason.as_deref(), Some("PodFailurePolicy"));
+        }
+    }
 }
