@@ -167,6 +167,8 @@ async fn wasm_jobs_complete_fail_and_keep_their_parallelism() -> anyhow::Result<
         let j = up.json(&ns, &["get", "job", "par"])?;
         if condition(&j, "Complete").is_some() {
             assert_eq!(j["status"]["succeeded"], 4);
+            // Listed again: the Job may have completed after the list above.
+            let pods = pods_of(&up, &ns, "par")?;
             assert_eq!(pods.iter().filter(|p| phase(p) == "Succeeded").count(), 4);
             break;
         }
