@@ -7,12 +7,15 @@
 #   samples/build/counter.wasm                        a wasi:http component counting requests in a file
 #                                                     on its volume ($COUNT_FILE, default /data/count)
 #   samples/build/hello-command.wasm                  a WASI preview1 command (run-to-completion pods)
+#   samples/build/job-square.wasm                     a WASI command for Jobs: the square and pi digits of
+#                                                     its JOB_COMPLETION_INDEX
 #   samples/build/python-hello.wasm                   a wasi:http component in Python, built with
 #                                                     componentize-py (PyPI), not with this project's tools
 #   samples/build/bootcamp-oci/                       the bootcamp app as an OCI image layout, tags v1, v2
 #                                                     (a static binary over a busybox layer, no base image)
 #                                                     foreign (v1 labelled for another architecture)
 #                                                     and multi (an image index over v1 and foreign)
+#   samples/build/job-square-oci/                     job-square as an OCI image (static binary over busybox), v1
 # Installs what is missing first. Starts nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -81,6 +84,7 @@ wasm-tools component new "$out/counter-core.wasm" --adapt "wasi_snapshot_preview
 rm "$out/counter-core.wasm"
 
 clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o "$out/hello-command.wasm" hello-command/hello.c
+clang-14 --target=wasm32-wasi -O2 -Wl,--strip-all -o "$out/job-square.wasm" job-square/square.c
 
 # A component from a toolchain that is not ours: Python with componentize-py. Rebuilt only
 # when its source changes (it takes ~20 s).
@@ -139,6 +143,18 @@ index["manifests"].append({"mediaType": "application/vnd.oci.image.index.v1+json
 json.dump(index, open(index_path, "w"))
 PY
 umoci gc --layout "$img"
+# The Job sample as an OCI image: the same C source, static, over the busybox layer.
+sq="$out/job-square-oci"
+rm -rf "$sq"
+gcc -static -O2 -s -o "$out/job-square" job-square/square.c
+umoci init --layout "$sq"
+umoci new --image "$sq:base"
+umoci insert --no-history --image "$sq:base" "$base" /
+umoci insert --no-history --image "$sq:base" --tag v1 "$out/job-square" /job-square
+umoci config --no-history --image "$sq:v1" --architecture "$arch" --os linux --config.entrypoint /job-square
+umoci gc --layout "$sq"
+rm -f "$out/job-square"
 rm -rf "$base" "$out"/bootcamp-server-v*
 ls -l "$out"/*.wasm
 echo "$img: $(umoci ls --layout "$img" | tr '\n' ' ')"
+echo "$sq: $(umoci ls --layout "$sq" | tr '\n' ' ')"

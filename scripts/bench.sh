@@ -15,6 +15,7 @@ cargo bench -p skiff-wasm --bench wasm 2>/dev/null | sed -n '/^bootcamp componen
 cargo bench -p skiff-e2e --bench pod_start 2>/dev/null | sed -n '/^wasm pod start/,$p'
 scripts/bench-services.sh
 scripts/bench-cluster.sh
+scripts/bench-jobs.sh
 
 scripts/bench-memory.sh
 scripts/bench-soak.sh

@@ -112,11 +112,24 @@ pub fn apply(kind: &str, obj: &mut Value) {
             set_default(obj, "reclaimPolicy", json!("Delete"));
             set_default(obj, "volumeBindingMode", json!("Immediate"));
         }
-        "ReplicaSet" | "Job" => {
+        "Job" => job(obj),
+        "CronJob" => {
             if let Some(spec) = child(obj, "spec") {
-                if kind == "ReplicaSet" {
-                    set_default(spec, "replicas", json!(1));
+                set_default(spec, "concurrencyPolicy", json!("Allow"));
+                set_default(spec, "suspend", json!(false));
+                set_default(spec, "successfulJobsHistoryLimit", json!(3));
+                set_default(spec, "failedJobsHistoryLimit", json!(1));
+                if let Some(js) = spec
+                    .pointer_mut("/jobTemplate/spec")
+                    .filter(|s| s.is_object())
+                {
+                    job_spec(js);
                 }
+            }
+        }
+        "ReplicaSet" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "replicas", json!(1));
                 template(spec);
             }
         }
@@ -148,6 +161,67 @@ pub fn apply(kind: &str, obj: &mut Value) {
             set_default(obj, "status", json!({"phase": "Active"}));
         }
         _ => {}
+    }
+}
+
+/// A Job's defaults and, unless `manualSelector`, the selector Kubernetes generates from its
+/// uid (labels `batch.kubernetes.io/controller-uid`, `batch.kubernetes.io/job-name` and the
+/// legacy `controller-uid`, `job-name` put on the template).
+fn job(obj: &mut Value) {
+    let uid = obj.pointer("/metadata/uid").cloned();
+    let name = obj.pointer("/metadata/name").cloned();
+    let Some(spec) = child(obj, "spec") else {
+        return;
+    };
+    job_spec(spec);
+    let manual = spec["manualSelector"] == json!(true);
+    if let (false, Some(uid), Some(name)) = (manual, uid, name) {
+        if let Some(t) = child(spec, "template") {
+            set_default(t, "metadata", json!({}));
+            if let Some(m) = child(t, "metadata") {
+                set_default(m, "labels", json!({}));
+                if let Some(l) = m.get_mut("labels").and_then(Value::as_object_mut) {
+                    l.insert("batch.kubernetes.io/controller-uid".into(), uid.clone());
+                    l.insert("batch.kubernetes.io/job-name".into(), name.clone());
+                    l.insert("controller-uid".into(), uid.clone());
+                    l.insert("job-name".into(), name);
+                }
+            }
+        }
+        set_default(
+            spec,
+            "selector",
+            json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}),
+        );
+    }
+}
+
+/// The defaults of a Job's spec (also inside a CronJob's job template).
+fn job_spec(spec: &mut Value) {
+    if spec.get("completions").is_none() && spec.get("parallelism").is_none() {
+        set_default(spec, "completions", json!(1));
+    }
+    set_default(spec, "parallelism", json!(1));
+    set_default(spec, "backoffLimit", json!(6));
+    set_default(spec, "completionMode", json!("NonIndexed"));
+    set_default(spec, "suspend", json!(false));
+    set_default(spec, "manualSelector", json!(false));
+    set_default(spec, "podReplacementPolicy", json!("TerminatedOrFailed"));
+    // A job's pods restart only when told to: no "Always" default here (validation asks
+    // for Never or OnFailure).
+    if let Some(t) = child(spec, "template") {
+        if let Some(ps) = child(t, "spec") {
+            let rp = ps.get("restartPolicy").cloned();
+            pod_spec(ps);
+            match rp {
+                Some(rp) => ps["restartPolicy"] = rp,
+                None => {
+                    if let Some(o) = ps.as_object_mut() {
+                        o.remove("restartPolicy");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -333,5 +407,44 @@ mod tests {
         let mut d = json!({"spec": {"replicas": 0, "template": {"spec": {}}}});
         apply("Deployment", &mut d);
         assert_eq!(d["spec"]["replicas"], 0);
+    }
+
+    #[test]
+    fn job_defaults_and_generated_selector() {
+        let mut j = json!({"metadata": {"name": "pi", "uid": "u-1"},
+            "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}}});
+        apply("Job", &mut j);
+        let spec = &j["spec"];
+        assert_eq!(spec["completions"], 1);
+        assert_eq!(spec["parallelism"], 1);
+        assert_eq!(spec["backoffLimit"], 6);
+        assert_eq!(spec["completionMode"], "NonIndexed");
+        assert_eq!(spec["suspend"], false);
+        assert_eq!(
+            spec["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"],
+            "u-1"
+        );
+        let labels = &spec["template"]["metadata"]["labels"];
+        assert_eq!(labels["controller-uid"], "u-1");
+        assert_eq!(labels["job-name"], "pi");
+        assert_eq!(spec["template"]["spec"]["restartPolicy"], "Never");
+        // A work queue (parallelism alone) keeps completions unset; no restartPolicy is
+        // invented (validation asks for one).
+        let mut q = json!({"metadata": {"name": "q", "uid": "u-2"},
+            "spec": {"parallelism": 3, "manualSelector": true, "selector": {"matchLabels": {"a": "b"}},
+                     "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"containers": []}}}});
+        apply("Job", &mut q);
+        assert!(q["spec"].get("completions").is_none());
+        assert_eq!(q["spec"]["selector"]["matchLabels"], json!({"a": "b"}));
+        assert!(q["spec"]["template"]["metadata"]["labels"]
+            .get("job-name")
+            .is_none());
+        assert!(q["spec"]["template"]["spec"].get("restartPolicy").is_none());
+        let mut cj = json!({"spec": {"schedule": "@daily", "jobTemplate": {"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}}});
+        apply("CronJob", &mut cj);
+        assert_eq!(cj["spec"]["concurrencyPolicy"], "Allow");
+        assert_eq!(cj["spec"]["successfulJobsHistoryLimit"], 3);
+        assert_eq!(cj["spec"]["failedJobsHistoryLimit"], 1);
+        assert_eq!(cj["spec"]["jobTemplate"]["spec"]["backoffLimit"], 6);
     }
 }

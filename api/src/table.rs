@@ -152,6 +152,15 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("DURATION"),
             col("AGE"),
         ],
+        "CronJob" => vec![
+            col("NAME"),
+            col("SCHEDULE"),
+            col("TIMEZONE"),
+            col("SUSPEND"),
+            col("ACTIVE"),
+            col("LAST SCHEDULE"),
+            col("AGE"),
+        ],
         _ => vec![col("NAME"), col("AGE")],
     }
 }
@@ -637,30 +646,76 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             ]
         }
         "Job" => {
-            let succeeded = i(o.pointer("/status/succeeded"));
-            let completions = o
-                .pointer("/spec/completions")
-                .and_then(Value::as_i64)
-                .unwrap_or(1);
-            let failed = o
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["type"] == "Failed" && c["status"] == "True")
-                });
-            let status = if succeeded >= completions {
+            // As kubectl prints a Job: the condition that says most, completions as
+            // `succeeded/completions` (`succeeded/1 of parallelism` for a work queue), and the
+            // time from start to completion (or to now).
+            let cond = |t: &str| {
+                o.pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .is_some_and(|cs| cs.iter().any(|c| c["type"] == t && c["status"] == "True"))
+            };
+            let status = if cond("Complete") {
                 "Complete"
-            } else if failed {
+            } else if cond("Failed") {
                 "Failed"
+            } else if o.pointer("/metadata/deletionTimestamp").is_some() {
+                "Terminating"
+            } else if cond("SuccessCriteriaMet") {
+                "SuccessCriteriaMet"
+            } else if cond("Suspended") {
+                "Suspended"
+            } else if cond("FailureTarget") {
+                "FailureTarget"
             } else {
                 "Running"
             };
+            let succeeded = i(o.pointer("/status/succeeded"));
+            let completions = match o.pointer("/spec/completions").and_then(Value::as_i64) {
+                Some(c) => format!("{succeeded}/{c}"),
+                None => match o.pointer("/spec/parallelism").and_then(Value::as_i64) {
+                    Some(p) if p > 1 => format!("{succeeded}/1 of {p}"),
+                    _ => format!("{succeeded}/1"),
+                },
+            };
+            let start = o.pointer("/status/startTime").and_then(Value::as_str);
+            let end = o
+                .pointer("/status/completionTime")
+                .and_then(Value::as_str)
+                .and_then(parse_rfc3339)
+                .unwrap_or(now_unix);
+            let duration = if start.is_some() {
+                self::age(start, end)
+            } else {
+                String::new()
+            };
+            vec![name, status.into(), completions, duration, age]
+        }
+        "CronJob" => {
+            let or_none = |v: String| {
+                if v.is_empty() {
+                    "<none>".to_string()
+                } else {
+                    v
+                }
+            };
+            let active = o
+                .pointer("/status/active")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let last = o
+                .pointer("/status/lastScheduleTime")
+                .and_then(Value::as_str);
             vec![
                 name,
-                status.into(),
-                format!("{succeeded}/{completions}"),
-                String::new(),
+                s(o.pointer("/spec/schedule")),
+                or_none(s(o.pointer("/spec/timeZone"))),
+                (o.pointer("/spec/suspend") == Some(&Value::Bool(true))).to_string(),
+                active.to_string(),
+                if last.is_some() {
+                    self::age(last, now_unix)
+                } else {
+                    "<none>".into()
+                },
                 age,
             ]
         }
@@ -750,5 +805,30 @@ mod tests {
         let r = row("ControllerRevision", &rev, 0);
         assert_eq!(r.len(), columns("ControllerRevision").len());
         assert_eq!(&r[..3], &["agent-5d8f", "daemonset.apps/agent", "2"]);
+    }
+
+    #[test]
+    fn job_and_cronjob_rows() {
+        let t = parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        let job = json!({"metadata": {"name": "pi", "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"completions": 4, "parallelism": 2},
+            "status": {"succeeded": 4, "startTime": "2024-01-01T00:00:00Z",
+                "completionTime": "2024-01-01T00:00:07Z",
+                "conditions": [{"type": "Complete", "status": "True"}]}});
+        let r = row("Job", &job, t + 60);
+        assert_eq!(r.len(), columns("Job").len());
+        assert_eq!(r, ["pi", "Complete", "4/4", "7s", "60s"]);
+        let running = json!({"metadata": {"name": "q"}, "spec": {"completions": 3},
+            "status": {"succeeded": 1, "startTime": "2024-01-01T00:00:00Z"}});
+        assert_eq!(&row("Job", &running, t + 9)[1..4], ["Running", "1/3", "9s"]);
+        let cj = json!({"metadata": {"name": "tick", "creationTimestamp": "2024-01-01T00:00:00Z"},
+            "spec": {"schedule": "*/1 * * * *", "suspend": false},
+            "status": {"active": [{"name": "tick-1"}], "lastScheduleTime": "2024-01-01T00:01:00Z"}});
+        let r = row("CronJob", &cj, t + 90);
+        assert_eq!(r.len(), columns("CronJob").len());
+        assert_eq!(
+            r,
+            ["tick", "*/1 * * * *", "<none>", "false", "1", "30s", "90s"]
+        );
     }
 }

@@ -327,25 +327,17 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         "Job" => {
             let j: batch::Job = typed(obj)?;
             if let Some(spec) = &j.spec {
-                workload(
-                    None,
-                    spec.selector.as_ref(),
-                    &spec.template,
-                    false,
-                    &mut causes,
-                );
-                let rp = spec
-                    .template
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.restart_policy.as_deref());
-                if rp == Some("Always") {
-                    causes.push(Cause::invalid(
-                        "spec.template.spec.restartPolicy",
-                        "\"Always\"",
-                        "supported values: \"OnFailure\", \"Never\"",
-                    ));
-                }
+                job_spec("spec", spec, true, &mut causes);
+            }
+        }
+        "CronJob" => {
+            let c: batch::CronJob = typed(obj)?;
+            let spec = &c.spec;
+            if let Err(c) = cron_schedule(&spec.schedule, spec.time_zone.as_deref()) {
+                causes.push(c);
+            }
+            if let Some(js) = &spec.job_template.spec {
+                job_spec("spec.jobTemplate.spec", js, false, &mut causes);
             }
         }
         "Service" => {
@@ -433,6 +425,101 @@ pub fn int_or_percent(
             .map(|p| (p * total as i64 / 100) as i32)
             .unwrap_or(0),
     }
+}
+
+/// The checks of a Job's spec (`at`: where it sits). A Job's own spec has its selector by
+/// now (defaulted from its uid unless `manualSelector`); a CronJob's template gets one per Job.
+fn job_spec(at: &str, spec: &batch::JobSpec, own: bool, causes: &mut Vec<Cause>) {
+    let mut inner = Vec::new();
+    workload(
+        None,
+        if own { spec.selector.as_ref() } else { None },
+        &spec.template,
+        false,
+        &mut inner,
+    );
+    let rp = spec
+        .template
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref());
+    match rp {
+        Some("Never") | Some("OnFailure") => {}
+        None => inner.push(Cause::required("spec.template.spec.restartPolicy")),
+        Some(other) => inner.push(Cause::invalid(
+            "spec.template.spec.restartPolicy",
+            format!("\"{other}\""),
+            "supported values: \"OnFailure\", \"Never\"",
+        )),
+    }
+    for (field, v) in [
+        ("spec.completions", spec.completions),
+        ("spec.parallelism", spec.parallelism),
+        ("spec.backoffLimit", spec.backoff_limit),
+    ] {
+        if let Some(v) = v.filter(|v| *v < 0) {
+            inner.push(Cause::invalid(
+                field,
+                v,
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
+    if spec.completion_mode.as_deref() == Some("Indexed") && spec.completions.is_none() {
+        inner.push(Cause::required("spec.completions"));
+    }
+    if own && spec.selector.is_none() {
+        inner.push(Cause::required("spec.selector"));
+    }
+    for mut c in inner {
+        if let Some(rest) = c.field.strip_prefix("spec.") {
+            c.field = format!("{at}.{rest}");
+        }
+        causes.push(c);
+    }
+}
+
+/// The five fields of a cron macro Kubernetes (robfig/cron) accepts.
+fn cron_macro(expr: &str) -> Option<&'static str> {
+    Some(match expr {
+        "@yearly" | "@annually" => "0 0 1 1 *",
+        "@monthly" => "0 0 1 * *",
+        "@weekly" => "0 0 * * 0",
+        "@daily" | "@midnight" => "0 0 * * *",
+        "@hourly" => "0 * * * *",
+        _ => return None,
+    })
+}
+
+/// A CronJob's schedule as Kubernetes takes it: five fields or a macro (`@hourly`, `@daily`,
+/// `@midnight`, `@weekly`, `@monthly`, `@yearly`, `@annually`), in an IANA time zone (UTC
+/// when unset). The CronJob controller computes its times from what this returns.
+pub fn cron_schedule(
+    expr: &str,
+    time_zone: Option<&str>,
+) -> Result<(croner::Cron, chrono_tz::Tz), Cause> {
+    let tz = match time_zone {
+        None => chrono_tz::Tz::UTC,
+        Some(t) => t.parse::<chrono_tz::Tz>().map_err(|_| {
+            Cause::invalid("spec.timeZone", format!("\"{t}\""), "unknown time zone")
+        })?,
+    };
+    let e = expr.trim();
+    let bad = |why: &str| Cause::invalid("spec.schedule", format!("\"{expr}\""), why);
+    let e = if e.starts_with('@') {
+        cron_macro(e).ok_or_else(|| bad("unknown schedule macro"))?
+    } else if e.split_whitespace().count() != 5 {
+        return Err(bad("expected exactly 5 fields"));
+    } else {
+        e
+    };
+    let cron = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Disallowed)
+        .year(croner::parser::Year::Disallowed)
+        .build()
+        .parse(e)
+        .map_err(|err| bad(&err.to_string()))?;
+    Ok((cron, tz))
 }
 
 fn workload(
@@ -771,6 +858,48 @@ mod tests {
                 "spec.template.spec.containers[0].image"
             ]
         );
+    }
+
+    #[test]
+    fn job_and_cronjob_rules() {
+        let tmpl = |rp: &str| json!({"metadata": {"labels": {"a": "b"}}, "spec": {"restartPolicy": rp, "containers": [{"name": "c", "image": "x"}]}});
+        let job = |rp: &str| json!({"metadata": {"name": "j"}, "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": tmpl(rp)}});
+        assert!(validate(res("Job"), &job("Never")).is_ok());
+        assert!(validate(res("Job"), &job("OnFailure")).is_ok());
+        let e = validate(res("Job"), &job("Always")).unwrap_err();
+        assert_eq!(e.causes[0].field, "spec.template.spec.restartPolicy");
+        let mut idx = job("Never");
+        idx["spec"]["completionMode"] = json!("Indexed");
+        idx["spec"]["parallelism"] = json!(-1);
+        let e = validate(res("Job"), &idx).unwrap_err();
+        let fields: Vec<&str> = e.causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(fields, ["spec.parallelism", "spec.completions"]);
+        let cj = |sched: &str, tz: Option<&str>, rp: &str| {
+            json!({"metadata": {"name": "c"},
+            "spec": {"schedule": sched, "timeZone": tz, "jobTemplate": {"spec": {"template": tmpl(rp)}}}})
+        };
+        assert!(validate(
+            res("CronJob"),
+            &cj("*/5 * * * *", Some("Europe/Paris"), "OnFailure")
+        )
+        .is_ok());
+        assert!(validate(res("CronJob"), &cj("@midnight", None, "Never")).is_ok());
+        for (sched, tz, rp, field) in [
+            ("* * * *", None, "Never", "spec.schedule"),
+            ("0 0 * * * *", None, "Never", "spec.schedule"),
+            ("@fortnightly", None, "Never", "spec.schedule"),
+            ("61 * * * *", None, "Never", "spec.schedule"),
+            ("* * * * *", Some("Nowhere/City"), "Never", "spec.timeZone"),
+            (
+                "* * * * *",
+                None,
+                "Always",
+                "spec.jobTemplate.spec.template.spec.restartPolicy",
+            ),
+        ] {
+            let e = validate(res("CronJob"), &cj(sched, tz, rp)).unwrap_err();
+            assert_eq!(e.causes[0].field, field, "{sched} {tz:?} {rp}");
+        }
     }
 
     #[test]

@@ -144,6 +144,49 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("deployment.apps/{name} created");
                 Ok(())
             }
+            Some(CreateWhat::Job {
+                name,
+                image,
+                from,
+                command,
+            }) => {
+                let j = match (image, from) {
+                    (_, Some(from)) => {
+                        let Some(cj) = from
+                            .strip_prefix("cronjob/")
+                            .or_else(|| from.strip_prefix("cronjobs/"))
+                            .or_else(|| from.strip_prefix("cj/"))
+                        else {
+                            bail!("from must be an existing cronjob: cronjob/NAME, not {from:?}");
+                        };
+                        let cj = ctx
+                            .client
+                            .get(resource("cronjobs")?, Some(&ctx.ns), cj)
+                            .await?;
+                        verbs::job_from_cronjob(&name, &cj)
+                    }
+                    (Some(image), None) => verbs::job(&name, &image, &command),
+                    (None, None) => bail!("--image or --from is required"),
+                };
+                ctx.client
+                    .create(resource("jobs")?, Some(&ctx.ns), &j)
+                    .await?;
+                println!("job.batch/{name} created");
+                Ok(())
+            }
+            Some(CreateWhat::CronJob {
+                name,
+                image,
+                schedule,
+                command,
+            }) => {
+                let cj = verbs::cronjob(&name, &image, &schedule, &command);
+                ctx.client
+                    .create(resource("cronjobs")?, Some(&ctx.ns), &cj)
+                    .await?;
+                println!("cronjob.batch/{name} created");
+                Ok(())
+            }
             Some(CreateWhat::Namespace { name }) => {
                 ctx.client
                     .create(
@@ -170,7 +213,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             None if !filename.is_empty() => ctx.apply_files(&filename, Mode::Create).await,
             None => bail!(
-                "must specify one of -f or a resource to create (deployment, namespace, service)"
+                "must specify one of -f or a resource to create (deployment, job, cronjob, namespace, service)"
             ),
         },
         Command::Run {
@@ -459,6 +502,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             if previous {
                 q.push("previous=true".into());
             }
+            let pod = match pod.split_once('/') {
+                Some(("job" | "jobs" | "job.batch", job)) => ctx.first_pod_of_job(job).await?,
+                Some(("pod" | "pods", p)) => p.to_string(),
+                Some((kind, _)) => bail!("cannot get logs of {kind}: use a pod or job/NAME"),
+                None => pod,
+            };
             let path = format!(
                 "/api/v1/namespaces/{}/pods/{pod}/log?{}",
                 ctx.ns,
@@ -1016,6 +1065,40 @@ impl Ctx {
             .list(resource("replicasets")?, Some(&self.ns), None, None)
             .await?;
         Ok((d, rss["items"].as_array().cloned().unwrap_or_default()))
+    }
+
+    /// The pod `logs job/NAME` reads, as kubectl picks it: among the Job's pods (by its
+    /// selector), a running one before a finished one, then the oldest.
+    async fn first_pod_of_job(&self, job: &str) -> Result<String> {
+        let j = self
+            .client
+            .get(resource("jobs")?, Some(&self.ns), job)
+            .await?;
+        let labels = meta::string_map(j.pointer("/spec/selector/matchLabels"));
+        let sel: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let list = self
+            .client
+            .list(
+                resource("pods")?,
+                Some(&self.ns),
+                Some(&sel.join(",")),
+                None,
+            )
+            .await?;
+        let mut pods: Vec<&Value> = list["items"].as_array().into_iter().flatten().collect();
+        pods.sort_by_key(|p| {
+            (
+                p.pointer("/status/phase").and_then(Value::as_str) != Some("Running"),
+                p.pointer("/metadata/creationTimestamp")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        });
+        match pods.first() {
+            Some(p) => Ok(meta::name(p).to_string()),
+            None => bail!("no pods found for job {job}"),
+        }
     }
 
     async fn describe(&self, kind: &str, name: &str) -> Result<()> {

@@ -291,7 +291,8 @@ pub enum Command {
         #[arg(long, default_value = "0s", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
-    /// Print a pod's container logs (served by the node through the API server).
+    /// Print a pod's container logs (served by the node through the API server); `job/NAME`
+    /// prints those of the Job's first pod.
     Logs {
         pod: String,
         #[arg(short = 'c', long)]
@@ -362,6 +363,28 @@ pub enum CreateWhat {
         port: Option<i32>,
         #[arg(long, default_value_t = 1)]
         replicas: i32,
+    },
+    /// A Job: `create job NAME --image=IMG [-- CMD...]` or `create job NAME --from=cronjob/X`.
+    Job {
+        name: String,
+        #[arg(long, required_unless_present = "from")]
+        image: Option<String>,
+        /// `cronjob/NAME`: a Job from that CronJob's template.
+        #[arg(long, conflicts_with = "image")]
+        from: Option<String>,
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// A CronJob: `create cronjob NAME --image=IMG --schedule="*/1 * * * *" [-- CMD...]`.
+    #[command(name = "cronjob", visible_alias = "cj")]
+    CronJob {
+        name: String,
+        #[arg(long)]
+        image: String,
+        #[arg(long)]
+        schedule: String,
+        #[arg(last = true)]
+        command: Vec<String>,
     },
     /// A namespace.
     Namespace { name: String },

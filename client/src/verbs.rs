@@ -49,6 +49,69 @@ pub fn deployment(name: &str, images: &[String], port: Option<i32>, replicas: i3
     })
 }
 
+/// The pod template of `create job` / `create cronjob`: one container named NAME running
+/// `command` (kubectl puts what follows `--` in `command`).
+fn job_template(name: &str, image: &str, command: &[String], restart: &str) -> Value {
+    let mut c = json!({"name": name, "image": image});
+    if !command.is_empty() {
+        c["command"] = json!(command);
+    }
+    json!({"spec": {"containers": [c], "restartPolicy": restart}})
+}
+
+/// `create job NAME --image=IMG [-- CMD...]`.
+pub fn job(name: &str, image: &str, command: &[String]) -> Value {
+    json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {"template": job_template(name, image, command, "Never")},
+    })
+}
+
+/// `create cronjob NAME --image=IMG --schedule=S [-- CMD...]`.
+pub fn cronjob(name: &str, image: &str, schedule: &str, command: &[String]) -> Value {
+    json!({
+        "apiVersion": "batch/v1", "kind": "CronJob",
+        "metadata": {"name": name},
+        "spec": {
+            "schedule": schedule,
+            "jobTemplate": {
+                "metadata": {"name": name},
+                "spec": {"template": job_template(name, image, command, "OnFailure")},
+            },
+        },
+    })
+}
+
+/// `create job NAME --from=cronjob/X`: a Job from the CronJob's job template, owned by it and
+/// annotated `cronjob.kubernetes.io/instantiate: manual`, as kubectl makes it.
+pub fn job_from_cronjob(name: &str, cj: &Value) -> Value {
+    let tmpl = cj
+        .pointer("/spec/jobTemplate")
+        .cloned()
+        .unwrap_or(json!({}));
+    let mut annotations = tmpl
+        .pointer("/metadata/annotations")
+        .cloned()
+        .filter(Value::is_object)
+        .unwrap_or(json!({}));
+    annotations["cronjob.kubernetes.io/instantiate"] = json!("manual");
+    json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {
+            "name": name,
+            "labels": tmpl.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
+            "annotations": annotations,
+            "ownerReferences": [{
+                "apiVersion": "batch/v1", "kind": "CronJob",
+                "name": cj.pointer("/metadata/name"), "uid": cj.pointer("/metadata/uid"),
+                "controller": true,
+            }],
+        },
+        "spec": tmpl.get("spec").cloned().unwrap_or(json!({})),
+    })
+}
+
 /// `run NAME --image [--restart] [--port] [-- args]`.
 pub fn pod(
     name: &str,
@@ -716,5 +779,30 @@ mod tests {
         );
         assert!(daemonset_rollback_patch(&d, &revs, Some(7)).is_err());
         assert!(daemonset_rollback_patch(&d, &revs[..1], None).is_err());
+    }
+
+    #[test]
+    fn create_job_and_cronjob_bodies() {
+        let cmd = vec!["echo".to_string(), "hi".to_string()];
+        let j = job("pi", "reg/pi:v1", &cmd);
+        assert_eq!(j["spec"]["template"]["spec"]["restartPolicy"], "Never");
+        assert_eq!(
+            j["spec"]["template"]["spec"]["containers"][0]["command"],
+            json!(cmd)
+        );
+        let cj = cronjob("tick", "reg/pi:v1", "*/1 * * * *", &[]);
+        assert_eq!(cj["spec"]["schedule"], "*/1 * * * *");
+        let tmpl = &cj["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+        assert_eq!(tmpl["restartPolicy"], "OnFailure");
+        assert!(tmpl["containers"][0].get("command").is_none());
+        let mut stored = cj.clone();
+        stored["metadata"]["uid"] = json!("u-1");
+        let m = job_from_cronjob("tick-manual", &stored);
+        assert_eq!(
+            m["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"],
+            "manual"
+        );
+        assert_eq!(m["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(m["spec"]["template"]["spec"]["restartPolicy"], "OnFailure");
     }
 }

@@ -198,7 +198,7 @@ pub fn container_spec(
         working_dir: container["workingDir"].as_str().map(String::from),
         run_as_user: sc("runAsUser").and_then(Value::as_u64).map(|u| u as u32),
         run_as_group: sc("runAsGroup").and_then(Value::as_u64).map(|g| g as u32),
-        hostname: skiff_api::meta::name(pod).to_string(),
+        hostname: crate::pod::hostname(pod).to_string(),
         netns: Some(sandbox.path.clone()),
         read_only_root: container
             .pointer("/securityContext/readOnlyRootFilesystem")

@@ -309,6 +309,15 @@ async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// The pod's host name: `spec.hostname` when set (an Indexed Job's `JOB-INDEX`), else its
+/// name, as the kubelet gives it.
+pub fn hostname(pod: &Value) -> &str {
+    pod.pointer("/spec/hostname")
+        .and_then(Value::as_str)
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| meta::name(pod))
+}
+
 /// Environment of a container: its `env` (values and field references) and HOSTNAME.
 pub fn container_env(
     pod: &Value,
@@ -316,7 +325,7 @@ pub fn container_env(
     pod_ip: Option<Ipv4Addr>,
     node_name: &str,
 ) -> Vec<(String, String)> {
-    let mut env = vec![("HOSTNAME".to_string(), meta::name(pod).to_string())];
+    let mut env = vec![("HOSTNAME".to_string(), hostname(pod).to_string())];
     for e in container
         .get("env")
         .and_then(Value::as_array)
@@ -1211,7 +1220,7 @@ async fn pod_network(
         .await
         .map_err(|e| (format!("cannot create the pod's network: {e}"), None))?;
     let ns = meta::namespace(pod).unwrap_or("default");
-    match oci::pod_files(pod_dir, meta::name(pod), ns, ip, ctx.cluster_dns(ns)) {
+    match oci::pod_files(pod_dir, hostname(pod), ns, ip, ctx.cluster_dns(ns)) {
         Ok(files) => Ok((Some(sandbox), files)),
         Err(e) => Err((
             format!("cannot write the pod's /etc files: {e}"),
@@ -1828,6 +1837,10 @@ mod tests {
         let env = container_env(&pod, &c, Some(Ipv4Addr::new(10, 88, 0, 9)), "n1");
         let get = |k: &str| env.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
         assert_eq!(get("HOSTNAME"), Some("web-1"));
+        let mut indexed = pod.clone();
+        indexed["spec"] = json!({"hostname": "sq-3"});
+        let env = container_env(&indexed, &c, None, "n1");
+        assert!(env.contains(&("HOSTNAME".to_string(), "sq-3".to_string())));
         assert_eq!(get("A"), Some("1"));
         assert_eq!(get("POD"), Some("web-1"));
         assert_eq!(get("NS"), Some("shop"));

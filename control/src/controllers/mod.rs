@@ -1,6 +1,7 @@
 //! Controllers: level-triggered reconcilers over watch-fed caches (see [`runtime`]), and the
 //! scheduler. [`start`] wires caches to queues and runs them all.
 
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
@@ -8,6 +9,7 @@ pub mod endpoints;
 pub mod events;
 pub mod eventttl;
 pub mod gc;
+pub mod job;
 pub mod nodelifecycle;
 pub mod podgc;
 pub mod pods;
@@ -101,6 +103,8 @@ pub fn start(
     let claims = cache("persistentvolumeclaims");
     let volumes = cache("persistentvolumes");
     let classes = cache("storageclasses");
+    let jobs = cache("jobs");
+    let cronjobs = cache("cronjobs");
     let mut tasks = JoinSet::new();
 
     // ReplicaSets.
@@ -219,6 +223,27 @@ pub fn start(
             }
         });
     }
+    // Jobs and CronJobs.
+    let (job_q, job_rx) = runtime::queue();
+    let (cj_q, cj_rx) = runtime::queue();
+    {
+        let q = job_q.clone();
+        jobs.on_change(move |c| q.add(key_of(&c.object)));
+        let q = job_q.clone();
+        pods.on_change(move |c| {
+            if let Some(k) = owner_key(&c.object, "Job") {
+                q.add(k)
+            }
+        });
+        let q = cj_q.clone();
+        cronjobs.on_change(move |c| q.add(key_of(&c.object)));
+        let q = cj_q.clone();
+        jobs.on_change(move |c| {
+            if let Some(k) = owner_key(&c.object, "CronJob") {
+                q.add(k)
+            }
+        });
+    }
     // Endpoints and LoadBalancer status.
     let (ep_q, ep_rx) = runtime::queue();
     {
@@ -258,10 +283,26 @@ pub fn start(
     // Garbage collection and namespaces.
     let (gc_q, gc_rx) = runtime::queue();
     {
-        for c in [&pods, &replicasets, &deployments, &daemonsets, &revisions, &statefulsets, &claims] {
+        for c in [
+            &pods,
+            &replicasets,
+            &deployments,
+            &daemonsets,
+            &revisions,
+            &statefulsets,
+            &claims,
+            &jobs,
+            &cronjobs,
+        ] {
             let q = gc_q.clone();
             let r = c.resource;
-            let deps = vec![pods.clone(), replicasets.clone(), revisions.clone(), claims.clone()];
+            let deps = vec![
+                pods.clone(),
+                replicasets.clone(),
+                revisions.clone(),
+                claims.clone(),
+                jobs.clone(),
+            ];
             c.on_change(move |ch| {
                 let o = &ch.object;
                 if ch.kind == EventType::Deleted {
@@ -326,9 +367,29 @@ pub fn start(
         &claims,
         &volumes,
         &classes,
+        &jobs,
+        &cronjobs,
     ] {
         tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
     }
+    tasks.spawn(runtime::run(
+        Arc::new(job::JobController::new(
+            reg.clone(),
+            jobs.clone(),
+            pods.clone(),
+        )),
+        job_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
+        Arc::new(cronjob::CronJobController::new(
+            reg.clone(),
+            cronjobs.clone(),
+            jobs.clone(),
+        )),
+        cj_rx,
+        stop.clone(),
+    ));
     tasks.spawn(runtime::run(
         Arc::new(replicaset::ReplicaSetController::new(
             reg.clone(),
@@ -394,7 +455,13 @@ pub fn start(
     tasks.spawn(runtime::run(
         Arc::new(gc::GarbageCollector {
             reg: reg.clone(),
-            dependents: vec![pods.clone(), replicasets.clone(), revisions.clone(), claims.clone()],
+            dependents: vec![
+                pods.clone(),
+                replicasets.clone(),
+                revisions.clone(),
+                claims.clone(),
+                jobs.clone(),
+            ],
         }),
         gc_rx,
         stop.clone(),

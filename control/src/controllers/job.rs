@@ -1,0 +1,1032 @@
+//! The Job controller: runs a Job's pods to `completions` successes with at most `parallelism`
+//! at once (`NonIndexed`, or `Indexed`: one success per completion index), replacing failed
+//! pods after an exponential delay until `backoffLimit`, `activeDeadlineSeconds` or a
+//! `podFailurePolicy` rule fails the Job; `suspend` deletes the active pods; a finished Job
+//! is deleted `ttlSecondsAfterFinished` later. Finished pods are counted from the pod cache
+//! (no `batch.kubernetes.io/job-tracking` finalizer): a finished pod deleted by hand before
+//! the Job finishes is not counted again, as counts never go down.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec, JobStatus, PodFailurePolicyRule};
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{json, Value};
+use skiff_api::selector::Selector;
+use skiff_api::{meta, ApiError, Resource};
+
+use super::replicaset::{now_unix, selector_of};
+use super::runtime::{split_key, Action, Cache, Reconciler};
+use crate::registry::{DeleteOptions, Registry, Sub, WriteOptions};
+
+/// The completion index of an Indexed Job's pod (annotation and label).
+pub const COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
+pub const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
+pub const CONTROLLER_UID_LABEL: &str = "batch.kubernetes.io/controller-uid";
+
+/// Most pods created in one reconcile.
+const BURST: usize = 500;
+
+pub struct JobController {
+    pub reg: Arc<Registry>,
+    pub jobs: Arc<Cache>,
+    pub pods: Arc<Cache>,
+    expect: Mutex<HashMap<String, u64>>,
+}
+
+impl JobController {
+    pub fn new(reg: Arc<Registry>, jobs: Arc<Cache>, pods: Arc<Cache>) -> Self {
+        JobController {
+            reg,
+            jobs,
+            pods,
+            expect: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
+    serde_json::from_value(v.clone()).map_err(|e| ApiError::internal(format!("decode: {e}")))
+}
+
+fn unix(t: &Option<Time>) -> Option<i64> {
+    t.as_ref().map(|t| t.0.as_second())
+}
+
+fn time(s: i64) -> Time {
+    Time(Timestamp::from_second(s).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// The delay before a Job makes a new pod after `failures` failed ones: 10 s doubling, at
+/// most 6 minutes (the Job controller's `DefaultJobPodFailureBackOff`/`MaxJobPodFailureBackOff`).
+pub fn backoff_delay(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let secs = 10u64.saturating_mul(1u64 << (failures - 1).min(16));
+    Duration::from_secs(secs.min(360))
+}
+
+/// `completedIndexes` as Kubernetes writes it: ascending, runs as `a-b`, comma separated.
+pub fn format_indexes(ix: &BTreeSet<i32>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut it = ix.iter().copied().peekable();
+    while let Some(a) = it.next() {
+        let mut b = a;
+        while it.peek() == Some(&(b + 1)) {
+            b = it.next().expect("peeked");
+        }
+        out.push(if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        });
+    }
+    out.join(",")
+}
+
+/// Reads `completedIndexes` back.
+pub fn parse_indexes(s: &str) -> BTreeSet<i32> {
+    let mut out = BTreeSet::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                if let (Ok(a), Ok(b)) = (a.parse::<i32>(), b.parse::<i32>()) {
+                    out.extend(a..=b);
+                }
+            }
+            None => {
+                if let Ok(a) = part.parse() {
+                    out.insert(a);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What a `podFailurePolicy` says about a failed pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureVerdict {
+    /// Counted towards `backoffLimit` (no rule matched, or `Count`).
+    Count,
+    /// Not counted.
+    Ignore,
+    /// The Job fails at once; the message names the container and rule.
+    FailJob(String),
+}
+
+fn rule_matches(rule: &PodFailurePolicyRule, pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if let Some(req) = &rule.on_exit_codes {
+        let statuses = status.container_statuses.iter().flatten();
+        for cs in statuses {
+            if req.container_name.as_ref().is_some_and(|n| n != &cs.name) {
+                continue;
+            }
+            let Some(code) = cs
+                .state
+                .as_ref()
+                .and_then(|s| s.terminated.as_ref())
+                .map(|t| t.exit_code)
+            else {
+                continue;
+            };
+            if code == 0 {
+                continue;
+            }
+            let inside = req.values.contains(&code);
+            let hit = match req.operator.as_str() {
+                "In" => inside,
+                "NotIn" => !inside,
+                _ => false,
+            };
+            if hit {
+                return Some(format!(
+                    "Container {} for pod {}/{} failed with exit code {} matching {} rule",
+                    cs.name,
+                    pod.metadata.namespace.as_deref().unwrap_or("default"),
+                    pod.metadata.name.as_deref().unwrap_or(""),
+                    code,
+                    rule.action
+                ));
+            }
+        }
+        return None;
+    }
+    for p in rule.on_pod_conditions.iter().flatten() {
+        let has = status.conditions.iter().flatten().any(|c| {
+            c.type_ == p.type_ && c.status == p.status.clone().unwrap_or_else(|| "True".into())
+        });
+        if has {
+            return Some(format!(
+                "Pod {} has condition {} matching {} rule",
+                pod.metadata.name.as_deref().unwrap_or(""),
+                p.type_,
+                rule.action
+            ));
+        }
+    }
+    None
+}
+
+/// The verdict of `spec.podFailurePolicy` (first matching rule) on a failed pod.
+pub fn failure_verdict(spec: &JobSpec, pod: &Pod) -> FailureVerdict {
+    let Some(policy) = &spec.pod_failure_policy else {
+        return FailureVerdict::Count;
+    };
+    for rule in &policy.rules {
+        if let Some(msg) = rule_matches(rule, pod) {
+            return match rule.action.as_str() {
+                "FailJob" => FailureVerdict::FailJob(msg),
+                "Ignore" => FailureVerdict::Ignore,
+                _ => FailureVerdict::Count,
+            };
+        }
+    }
+    FailureVerdict::Count
+}
+
+fn phase(p: &Pod) -> &str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .unwrap_or("Pending")
+}
+
+fn pod_index(p: &Pod) -> Option<i32> {
+    p.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(COMPLETION_INDEX))
+        .and_then(|s| s.parse().ok())
+}
+
+fn restarts(p: &Pod) -> i32 {
+    p.status
+        .as_ref()
+        .map(|s| {
+            s.container_statuses
+                .iter()
+                .flatten()
+                .map(|c| c.restart_count)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// When a pod finished (its containers' latest finish), for the retry delay.
+fn finished_at(p: &Pod) -> Option<i64> {
+    let s = p.status.as_ref()?;
+    s.container_statuses
+        .iter()
+        .flatten()
+        .filter_map(|c| {
+            c.state
+                .as_ref()
+                .and_then(|st| st.terminated.as_ref())
+                .and_then(|t| unix(&t.finished_at))
+        })
+        .max()
+        .or_else(|| unix(&p.metadata.creation_timestamp))
+}
+
+fn is_ready(p: &Pod) -> bool {
+    p.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn has_condition(st: &JobStatus, ty: &str) -> bool {
+    st.conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == ty && c.status == "True")
+}
+
+/// Sets condition `ty` (keeping its transition time when the status is unchanged).
+fn set_condition(st: &mut JobStatus, ty: &str, status: &str, reason: &str, msg: &str, now: i64) {
+    let conds = st.conditions.get_or_insert_with(Vec::new);
+    if let Some(c) = conds.iter_mut().find(|c| c.type_ == ty) {
+        if c.status != status {
+            c.last_transition_time = Some(time(now));
+        }
+        c.status = status.into();
+        c.reason = Some(reason.into());
+        c.message = Some(msg.into());
+        c.last_probe_time = Some(time(now));
+        return;
+    }
+    conds.push(JobCondition {
+        type_: ty.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(msg.into()),
+        last_probe_time: Some(time(now)),
+        last_transition_time: Some(time(now)),
+    });
+}
+
+/// A Job is finished once it has a true `Complete` or `Failed` condition.
+pub fn is_finished(st: &JobStatus) -> bool {
+    has_condition(st, "Complete") || has_condition(st, "Failed")
+}
+
+impl JobController {
+    fn delete_pods(&self, ns: Option<&str>, pods: &[&Pod], last_rev: &mut u64) {
+        let pods_r = Resource::lookup("pods").expect("pods");
+        for p in pods {
+            let name = p.metadata.name.as_deref().unwrap_or("");
+            match self.reg.delete(pods_r, ns, name, &DeleteOptions::default()) {
+                Ok(o) => *last_rev = (*last_rev).max(meta::resource_version(&o).unwrap_or(0)),
+                Err(e) if e.code == 404 => {}
+                Err(e) => tracing::warn!(pod = name, error = %e, "job pod not deleted"),
+            }
+        }
+    }
+
+    /// A new pod of `job` (index `index` for Indexed Jobs) from its template.
+    fn pod_for(job_v: &Value, job: &Job, index: Option<i32>) -> Value {
+        let template = job_v
+            .pointer("/spec/template")
+            .cloned()
+            .unwrap_or(json!({}));
+        let mut pod = super::pods::from_template(job_v, "Job", &template);
+        let name = job.metadata.name.clone().unwrap_or_default();
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        pod["metadata"]["ownerReferences"][0]["apiVersion"] = json!("batch/v1");
+        let labels = &mut pod["metadata"]["labels"];
+        labels[JOB_NAME_LABEL] = json!(name);
+        labels[CONTROLLER_UID_LABEL] = json!(uid);
+        labels["job-name"] = json!(name);
+        labels["controller-uid"] = json!(uid);
+        if let Some(i) = index {
+            labels[COMPLETION_INDEX] = json!(i.to_string());
+            if !pod["metadata"]["annotations"].is_object() {
+                pod["metadata"]["annotations"] = json!({});
+            }
+            pod["metadata"]["annotations"][COMPLETION_INDEX] = json!(i.to_string());
+            pod["metadata"]["generateName"] = json!(format!("{name}-{i}-"));
+            if pod["spec"]["hostname"].as_str().unwrap_or("").is_empty() {
+                pod["spec"]["hostname"] = json!(format!("{name}-{i}"));
+            }
+            let env = serde_json::to_value(EnvVar {
+                name: "JOB_COMPLETION_INDEX".into(),
+                value: Some(i.to_string()),
+                ..Default::default()
+            })
+            .expect("env var");
+            for list in ["initContainers", "containers"] {
+                if let Some(cs) = pod["spec"][list].as_array_mut() {
+                    for c in cs {
+                        if !c["env"].is_array() {
+                            c["env"] = json!([]);
+                        }
+                        let envs = c["env"].as_array_mut().expect("array");
+                        envs.retain(|e| e["name"] != "JOB_COMPLETION_INDEX");
+                        envs.push(env.clone());
+                    }
+                }
+            }
+        }
+        pod
+    }
+}
+
+impl Reconciler for JobController {
+    fn name(&self) -> &'static str {
+        "job"
+    }
+
+    async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
+        let want = self.expect.lock().expect("expect").get(key).copied();
+        if let Some(rev) = want {
+            self.pods.wait_for(rev).await;
+        }
+        let Some(job_v) = self.jobs.get(key) else {
+            self.expect.lock().expect("expect").remove(key);
+            return Ok(Action::AwaitChange);
+        };
+        if meta::is_deleting(&job_v) {
+            return Ok(Action::AwaitChange);
+        }
+        let (ns, name) = split_key(key);
+        let job: Job = decode(&job_v)?;
+        let spec = job.spec.clone().unwrap_or_default();
+        let cur = job.status.clone().unwrap_or_default();
+        let mut st = cur.clone();
+        let now = now_unix();
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        let sel: Selector = selector_of(&job_v)?;
+        let jobs_r = Resource::lookup("jobs").expect("jobs");
+        let pods_r = Resource::lookup("pods").expect("pods");
+        let opts = WriteOptions::default();
+        let mut last_rev = 0u64;
+
+        let owned: Vec<Pod> = self
+            .pods
+            .list(ns)
+            .into_iter()
+            .filter(|p| meta::controller_uid(p).as_deref() == Some(uid.as_str()))
+            .filter(|p| sel.matches(&meta::labels(p)))
+            .map(|p| decode::<Pod>(&p))
+            .collect::<Result<_, _>>()?;
+        let deleting = |p: &Pod| p.metadata.deletion_timestamp.is_some();
+        let active: Vec<&Pod> = owned
+            .iter()
+            .filter(|p| !deleting(p) && !matches!(phase(p), "Succeeded" | "Failed"))
+            .collect();
+
+        // A finished Job only waits for its time to live.
+        if is_finished(&cur) {
+            if !active.is_empty() {
+                self.delete_pods(ns, &active, &mut last_rev);
+            }
+            if let Some(ttl) = spec.ttl_seconds_after_finished {
+                let done = unix(&cur.completion_time)
+                    .or_else(|| {
+                        cur.conditions
+                            .iter()
+                            .flatten()
+                            .filter(|c| {
+                                (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True"
+                            })
+                            .filter_map(|c| unix(&c.last_transition_time))
+                            .max()
+                    })
+                    .unwrap_or(now);
+                let at = done + i64::from(ttl);
+                if at <= now {
+                    let o = DeleteOptions {
+                        propagation: Some("Background".into()),
+                        precondition_uid: Some(uid.clone()),
+                        ..Default::default()
+                    };
+                    match self.reg.delete(jobs_r, ns, name, &o) {
+                        Ok(_) => {}
+                        Err(e) if e.code == 404 => {}
+                        Err(e) => return Err(e),
+                    }
+                    return Ok(Action::AwaitChange);
+                }
+                return Ok(Action::RequeueAfter(Duration::from_secs((at - now) as u64)));
+            }
+            return Ok(Action::AwaitChange);
+        }
+
+        let indexed = spec.completion_mode.as_deref() == Some("Indexed");
+        let completions = spec.completions;
+        let parallelism = spec.parallelism.unwrap_or(1).max(0);
+        let backoff_limit = spec.backoff_limit.unwrap_or(6);
+        let on_failure = spec
+            .template
+            .spec
+            .as_ref()
+            .and_then(|s| s.restart_policy.as_deref())
+            == Some("OnFailure");
+
+        // Count what finished.
+        let mut succeeded_idx: BTreeSet<i32> = cur
+            .completed_indexes
+            .as_deref()
+            .map(parse_indexes)
+            .unwrap_or_default();
+        let mut succeeded_pods = 0i32;
+        let mut failed_pods = 0i32;
+        let mut last_failure: Option<i64> = None;
+        let mut fail_job: Option<String> = None;
+        for p in &owned {
+            match phase(p) {
+                "Succeeded" => {
+                    succeeded_pods += 1;
+                    if let Some(i) = pod_index(p) {
+                        if completions.is_some_and(|c| i < c) {
+                            succeeded_idx.insert(i);
+                        }
+                    }
+                }
+                "Failed" => match failure_verdict(&spec, p) {
+                    FailureVerdict::Ignore => {}
+                    FailureVerdict::Count => {
+                        failed_pods += 1;
+                        last_failure = last_failure.max(finished_at(p));
+                    }
+                    FailureVerdict::FailJob(m) => {
+                        failed_pods += 1;
+                        fail_job.get_or_insert(m);
+                    }
+                },
+                _ => {}
+            }
+        }
+        let succeeded = if indexed {
+            succeeded_idx.len() as i32
+        } else {
+            succeeded_pods.max(cur.succeeded.unwrap_or(0))
+        };
+        let failed = failed_pods.max(cur.failed.unwrap_or(0));
+        // With OnFailure a pod's restarts are its failures.
+        let restarts_total: i32 = if on_failure {
+            active.iter().map(|p| restarts(p)).sum()
+        } else {
+            0
+        };
+        st.succeeded = Some(succeeded);
+        st.failed = Some(failed);
+        if indexed {
+            st.completed_indexes = Some(format_indexes(&succeeded_idx));
+        }
+
+        let suspended = spec.suspend.unwrap_or(false);
+        let mut requeue: Option<Duration> = None;
+        let mut finish: Option<(&str, String, String)> = None; // (type, reason, message)
+        if let Some(m) = fail_job {
+            finish = Some(("Failed", "PodFailurePolicy".into(), m));
+        } else if failed + restarts_total > backoff_limit {
+            finish = Some((
+                "Failed",
+                "BackoffLimitExceeded".into(),
+                "Job has reached the specified backoff limit".into(),
+            ));
+        } else if let (Some(ads), Some(start), false) = (
+            spec.active_deadline_seconds,
+            unix(&cur.start_time),
+            suspended,
+        ) {
+            if start + ads <= now {
+                finish = Some((
+                    "Failed",
+                    "DeadlineExceeded".into(),
+                    "Job was active longer than specified deadline".into(),
+                ));
+            } else {
+                requeue = Some(Duration::from_secs((start + ads - now) as u64));
+            }
+        }
+        let complete = match completions {
+            Some(c) => succeeded >= c,
+            // A work queue Job: done once one pod succeeded and none is left running.
+            None => succeeded > 0 && active.is_empty(),
+        };
+        if finish.is_none() && complete {
+            finish = Some(("Complete", String::new(), String::new()));
+        }
+
+        let mut result = Ok(());
+        if let Some((ty, reason, msg)) = &finish {
+            self.delete_pods(ns, &active, &mut last_rev);
+            if *ty == "Failed" {
+                set_condition(&mut st, "FailureTarget", "True", reason, msg, now);
+                set_condition(&mut st, "Failed", "True", reason, msg, now);
+                super::events::record(&self.reg, &job_v, "Warning", reason, msg, "job-controller");
+            } else {
+                set_condition(
+                    &mut st,
+                    "SuccessCriteriaMet",
+                    "True",
+                    "CompletionsReached",
+                    "Reached expected number of succeeded pods",
+                    now,
+                );
+                set_condition(
+                    &mut st,
+                    "Complete",
+                    "True",
+                    "CompletionsReached",
+                    "Reached expected number of succeeded pods",
+                    now,
+                );
+                st.completion_time = Some(time(now));
+                super::events::record(
+                    &self.reg,
+                    &job_v,
+                    "Normal",
+                    "Completed",
+                    "Job completed",
+                    "job-controller",
+                );
+            }
+            st.active = Some(0);
+            st.ready = Some(0);
+            if let Some(ttl) = spec.ttl_seconds_after_finished {
+                requeue = Some(Duration::from_secs(ttl.max(0) as u64));
+            } else {
+                requeue = None;
+            }
+        } else if suspended {
+            self.delete_pods(ns, &active, &mut last_rev);
+            if !has_condition(&cur, "Suspended") {
+                set_condition(
+                    &mut st,
+                    "Suspended",
+                    "True",
+                    "JobSuspended",
+                    "Job suspended",
+                    now,
+                );
+                super::events::record(
+                    &self.reg,
+                    &job_v,
+                    "Normal",
+                    "Suspended",
+                    "Job suspended",
+                    "job-controller",
+                );
+            }
+            st.active = Some(0);
+            st.ready = Some(0);
+            requeue = None;
+        } else {
+            if has_condition(&cur, "Suspended") {
+                set_condition(
+                    &mut st,
+                    "Suspended",
+                    "False",
+                    "JobResumed",
+                    "Job resumed",
+                    now,
+                );
+                // The deadline counts from the resume, as Kubernetes resets startTime.
+                st.start_time = Some(time(now));
+                super::events::record(
+                    &self.reg,
+                    &job_v,
+                    "Normal",
+                    "Resumed",
+                    "Job resumed",
+                    "job-controller",
+                );
+                if let Some(ads) = spec.active_deadline_seconds {
+                    requeue = Some(Duration::from_secs(ads.max(0) as u64));
+                }
+            } else if st.start_time.is_none() {
+                st.start_time = Some(time(now));
+                if let Some(ads) = spec.active_deadline_seconds {
+                    requeue = Some(Duration::from_secs(ads.max(0) as u64));
+                }
+            }
+            // New pods wait out the failure backoff.
+            let delay = backoff_delay((failed + restarts_total) as u32);
+            let wait = last_failure
+                .map(|t| t + delay.as_secs() as i64 - now)
+                .filter(|w| *w > 0 && !on_failure);
+            let mut to_make: Vec<Option<i32>> = Vec::new();
+            if let Some(w) = wait {
+                let d = Duration::from_secs(w as u64);
+                requeue = Some(requeue.map_or(d, |r| r.min(d)));
+            } else {
+                let room = (parallelism as usize).saturating_sub(active.len());
+                if indexed {
+                    let running: BTreeSet<i32> =
+                        active.iter().filter_map(|p| pod_index(p)).collect();
+                    to_make = (0..completions.unwrap_or(0))
+                        .filter(|i| !succeeded_idx.contains(i) && !running.contains(i))
+                        .take(room)
+                        .map(Some)
+                        .collect();
+                } else {
+                    let left = match completions {
+                        Some(c) => (c - succeeded).max(0) as usize,
+                        // A work queue Job makes pods only until one succeeds.
+                        None if succeeded > 0 => 0,
+                        None => parallelism as usize,
+                    };
+                    let n = left.saturating_sub(active.len()).min(room);
+                    to_make = vec![None; n];
+                }
+            }
+            // Extra pods (parallelism lowered): the newest go.
+            if active.len() > parallelism as usize {
+                let mut extra: Vec<&Pod> = active.clone();
+                extra.sort_by_key(|p| std::cmp::Reverse(unix(&p.metadata.creation_timestamp)));
+                let n = active.len() - parallelism as usize;
+                self.delete_pods(ns, &extra[..n], &mut last_rev);
+            }
+            for index in to_make.into_iter().take(BURST) {
+                let pod = Self::pod_for(&job_v, &job, index);
+                match self.reg.create(pods_r, ns, pod, &opts) {
+                    Ok(p) => last_rev = last_rev.max(meta::resource_version(&p).unwrap_or(0)),
+                    Err(e) => {
+                        super::events::record(
+                            &self.reg,
+                            &job_v,
+                            "Warning",
+                            "FailedCreate",
+                            &format!("Error creating: {}", e.message),
+                            "job-controller",
+                        );
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            st.active = Some(active.len() as i32);
+            st.ready = Some(active.iter().filter(|p| is_ready(p)).count() as i32);
+        }
+        if last_rev > 0 {
+            self.expect
+                .lock()
+                .expect("expect")
+                .insert(key.to_string(), last_rev);
+        }
+        result?;
+        if st != cur {
+            let mut next = (*job_v).clone();
+            next["status"] = serde_json::to_value(&st)
+                .map_err(|e| ApiError::internal(format!("encode: {e}")))?;
+            let out = self
+                .reg
+                .update(jobs_r, ns, name, next, Sub::Status, &opts)?;
+            let _ = out;
+        }
+        Ok(requeue.map_or(Action::AwaitChange, Action::RequeueAfter))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_ten_seconds_to_six_minutes() {
+        assert_eq!(backoff_delay(0), Duration::ZERO);
+        assert_eq!(backoff_delay(1), Duration::from_secs(10));
+        assert_eq!(backoff_delay(2), Duration::from_secs(20));
+        assert_eq!(backoff_delay(6), Duration::from_secs(320));
+        assert_eq!(backoff_delay(7), Duration::from_secs(360));
+        assert_eq!(backoff_delay(60), Duration::from_secs(360));
+    }
+
+    #[test]
+    fn completed_indexes_round_trip() {
+        let ix: BTreeSet<i32> = [0, 1, 2, 4, 6, 7].into_iter().collect();
+        assert_eq!(format_indexes(&ix), "0-2,4,6-7");
+        assert_eq!(parse_indexes("0-2,4,6-7"), ix);
+        assert_eq!(format_indexes(&BTreeSet::new()), "");
+    }
+
+    fn failed_pod(code: i32) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns"},
+            "status": {"phase": "Failed", "containerStatuses": [{
+                "name": "main", "image": "x", "imageID": "", "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code}}
+            }]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn pod_failure_policy_first_matching_rule_wins() {
+        let spec: JobSpec = serde_json::from_value(json!({
+            "template": {},
+            "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [3]}},
+                {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}},
+                {"action": "Count", "onExitCodes": {"operator": "NotIn", "values": [42]}}
+            ]}
+        }))
+        .unwrap();
+        assert_eq!(
+            failure_verdict(&spec, &failed_pod(3)),
+            FailureVerdict::Ignore
+        );
+        assert!(matches!(
+            failure_verdict(&spec, &failed_pod(42)),
+            FailureVerdict::FailJob(m) if m.contains("exit code 42")
+        ));
+        assert_eq!(
+            failure_verdict(&spec, &failed_pod(1)),
+            FailureVerdict::Count
+        );
+        let plain = JobSpec::default();
+        assert_eq!(
+            failure_verdict(&plain, &failed_pod(42)),
+            FailureVerdict::Count
+        );
+    }
+
+    mod controller {
+        use super::super::*;
+        use crate::registry::ClusterConfig;
+        use crate::store::sled::SledStore;
+        use tokio::sync::watch;
+
+        fn res(p: &str) -> &'static Resource {
+            Resource::lookup(p).unwrap()
+        }
+
+        struct World {
+            reg: Arc<Registry>,
+            c: JobController,
+            _stop: watch::Sender<bool>,
+            _dir: tempfile::TempDir,
+        }
+
+        async fn world() -> World {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Arc::new(SledStore::open(dir.path()).unwrap());
+            let reg = Registry::new(store, ClusterConfig::default());
+            let opts = WriteOptions::default();
+            reg.create(
+                res("namespaces"),
+                None,
+                json!({"metadata": {"name": "default"}}),
+                &opts,
+            )
+            .unwrap();
+            let (stop, rx) = watch::channel(false);
+            let jobs = Cache::new(res("jobs"));
+            let pods = Cache::new(res("pods"));
+            tokio::spawn(jobs.clone().run(reg.clone(), rx.clone()));
+            tokio::spawn(pods.clone().run(reg.clone(), rx));
+            let c = JobController::new(reg.clone(), jobs, pods);
+            World {
+                reg,
+                c,
+                _stop: stop,
+                _dir: dir,
+            }
+        }
+
+        impl World {
+            async fn job(&self, name: &str, spec: Value, restart: &str) {
+                let mut j = json!({"metadata": {"name": name, "namespace": "default"},
+                    "spec": {"template": {"spec": {"restartPolicy": restart,
+                        "containers": [{"name": "c", "image": "x"}]}}}});
+                for (k, v) in spec.as_object().unwrap() {
+                    j["spec"][k] = v.clone();
+                }
+                let o = self
+                    .reg
+                    .create(res("jobs"), Some("default"), j, &WriteOptions::default())
+                    .unwrap();
+                self.c
+                    .jobs
+                    .wait_for(meta::resource_version(&o).unwrap())
+                    .await;
+            }
+
+            async fn reconcile(&self, name: &str) -> Action {
+                let key = format!("default/{name}");
+                let a = self.c.reconcile(&key).await.unwrap();
+                let rev = self.c.expect.lock().unwrap().get(&key).copied();
+                if let Some(rev) = rev {
+                    self.c.pods.wait_for(rev).await;
+                }
+                let j = self.reg.get(res("jobs"), Some("default"), name).unwrap();
+                self.c
+                    .jobs
+                    .wait_for(meta::resource_version(&j).unwrap())
+                    .await;
+                a
+            }
+
+            fn status(&self, name: &str) -> JobStatus {
+                let j: Job = serde_json::from_value(
+                    self.reg.get(res("jobs"), Some("default"), name).unwrap(),
+                )
+                .unwrap();
+                j.status.unwrap_or_default()
+            }
+
+            fn pods(&self) -> Vec<Value> {
+                self.c
+                    .pods
+                    .list(Some("default"))
+                    .iter()
+                    .filter(|p| !meta::is_deleting(p))
+                    .map(|p| (**p).clone())
+                    .collect()
+            }
+
+            /// Sets a pod's status as its node would.
+            async fn set_status(&self, pod: &str, status: Value) {
+                let mut p = self.reg.get(res("pods"), Some("default"), pod).unwrap();
+                p["status"] = status;
+                let o = self
+                    .reg
+                    .update(
+                        res("pods"),
+                        Some("default"),
+                        pod,
+                        p,
+                        Sub::Status,
+                        &WriteOptions::default(),
+                    )
+                    .unwrap();
+                self.c
+                    .pods
+                    .wait_for(meta::resource_version(&o).unwrap())
+                    .await;
+            }
+        }
+
+        fn finished(phase: &str, code: i32) -> Value {
+            json!({"phase": phase, "containerStatuses": [{"name": "c", "image": "x", "imageID": "",
+                "ready": false, "restartCount": 0,
+                "state": {"terminated": {"exitCode": code, "finishedAt": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)}}}]})
+        }
+
+        #[tokio::test]
+        async fn indexed_pods_carry_their_index_and_each_index_runs_once() {
+            let w = world().await;
+            w.job(
+                "idx",
+                json!({"completions": 3, "parallelism": 2, "completionMode": "Indexed"}),
+                "Never",
+            )
+            .await;
+            w.reconcile("idx").await;
+            let pods = w.pods();
+            assert_eq!(pods.len(), 2, "parallelism 2");
+            let mut ix: Vec<String> = Vec::new();
+            for p in &pods {
+                let i = p["metadata"]["annotations"][COMPLETION_INDEX]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                assert_eq!(p["metadata"]["labels"][COMPLETION_INDEX], i);
+                assert_eq!(p["spec"]["hostname"], format!("idx-{i}"));
+                assert_eq!(
+                    p["spec"]["containers"][0]["env"][0],
+                    json!({"name": "JOB_COMPLETION_INDEX", "value": i})
+                );
+                assert_eq!(p["metadata"]["labels"][JOB_NAME_LABEL], "idx");
+                assert_eq!(
+                    p["metadata"]["ownerReferences"][0]["apiVersion"],
+                    "batch/v1"
+                );
+                ix.push(i);
+            }
+            ix.sort();
+            assert_eq!(ix, ["0", "1"]);
+            // Index 1 succeeds: index 2 starts, and 1 is never run again.
+            let one = pods
+                .iter()
+                .find(|p| p["metadata"]["annotations"][COMPLETION_INDEX] == "1")
+                .unwrap();
+            w.set_status(meta::name(one), finished("Succeeded", 0))
+                .await;
+            w.reconcile("idx").await;
+            let st = w.status("idx");
+            assert_eq!(st.completed_indexes.as_deref(), Some("1"));
+            assert_eq!(st.active, Some(1));
+            let running: Vec<String> = w
+                .pods()
+                .iter()
+                .filter(|p| p["status"]["phase"] != "Succeeded")
+                .map(|p| {
+                    p["metadata"]["annotations"][COMPLETION_INDEX]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+                })
+                .collect();
+            let mut running = running;
+            running.sort();
+            assert_eq!(running, ["0", "2"]);
+        }
+
+        #[tokio::test]
+        async fn a_failure_waits_out_the_backoff_and_on_failure_restarts_count() {
+            let w = world().await;
+            w.job("never", json!({"backoffLimit": 3}), "Never").await;
+            w.reconcile("never").await;
+            let p = w.pods()[0].clone();
+            w.set_status(meta::name(&p), finished("Failed", 1)).await;
+            let a = w.reconcile("never").await;
+            assert_eq!(w.status("never").failed, Some(1));
+            assert_eq!(w.pods().len(), 1, "no new pod before the 10 s delay");
+            assert!(
+                matches!(a, Action::RequeueAfter(d) if d > Duration::from_secs(7) && d <= Duration::from_secs(10)),
+                "{a:?}"
+            );
+
+            // OnFailure: the node restarts the container; restarts past backoffLimit fail the Job.
+            w.job("onfail", json!({"backoffLimit": 1}), "OnFailure")
+                .await;
+            w.reconcile("onfail").await;
+            let p = w
+                .pods()
+                .into_iter()
+                .find(|p| p["metadata"]["labels"]["job-name"] == "onfail")
+                .unwrap();
+            let running = |restarts: i32| {
+                json!({"phase": "Running", "containerStatuses": [{"name": "c", "image": "x",
+                "imageID": "", "ready": false, "restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]})
+            };
+            w.set_status(meta::name(&p), running(1)).await;
+            w.reconcile("onfail").await;
+            assert!(
+                !is_finished(&w.status("onfail")),
+                "one restart is within backoffLimit 1"
+            );
+            w.set_status(meta::name(&p), running(2)).await;
+            w.reconcile("onfail").await;
+            let st = w.status("onfail");
+            let failed = st
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Failed")
+                .unwrap();
+            assert_eq!(failed.reason.as_deref(), Some("BackoffLimitExceeded"));
+            assert!(st
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "FailureTarget"));
+            assert!(
+                !w.pods()
+                    .iter()
+                    .any(|p| p["metadata"]["labels"]["job-name"] == "onfail"),
+                "the restarting pod is deleted"
+            );
+        }
+
+        #[tokio::test]
+        async fn ignored_failures_do_not_count_and_fail_job_fails_at_once() {
+            let w = world().await;
+            let policy = json!({"rules": [
+                {"action": "Ignore", "onExitCodes": {"operator": "In", "values": [137]}},
+                {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [42]}}]});
+            w.job(
+                "pfp",
+                json!({"backoffLimit": 0, "podFailurePolicy": policy}),
+                "Never",
+            )
+            .await;
+            w.reconcile("pfp").await;
+            let p = w.pods()[0].clone();
+            w.set_status(meta::name(&p), finished("Failed", 137)).await;
+            w.reconcile("pfp").await;
+            let st = w.status("pfp");
+            assert!(
+                !is_finished(&st),
+                "an ignored failure does not count: {st:?}"
+            );
+            assert_eq!(st.failed, Some(0));
+            let fresh = w
+                .pods()
+                .into_iter()
+                .find(|q| q["status"]["phase"] != "Failed")
+                .expect("a replacement pod at once");
+            w.set_status(meta::name(&fresh), finished("Failed", 42))
+                .await;
+            w.reconcile("pfp").await;
+            let st = w.status("pfp");
+            let failed = st
+                .conditions
+                .iter()
+                .flatten()
+                .find(|c| c.type_ == "Failed")
+                .unwrap();
+            assert_eq!(failed.reason.as_deref(), Some("PodFailurePolicy"));
+        }
+    }
+}
