@@ -77,6 +77,10 @@ pub enum Sub {
     Scale,
 }
 
+/// How often a patch is re-applied to the newest object after losing a race with another
+/// writer before the conflict is returned.
+const PATCH_TRIES: u32 = 64;
+
 /// A watch event as the API sends it.
 #[derive(Debug, Clone)]
 pub struct WatchEvent {
@@ -432,7 +436,8 @@ impl Registry {
 
     #[allow(clippy::too_many_arguments)]
     /// Applies a patch, retrying on a concurrent write (a patch has no resourceVersion
-    /// unless it carries one).
+    /// unless it carries one), as Kubernetes' storage retries an update on the newest object
+    /// until it lands: a busy writer (a controller's status) must not make users' patches fail.
     pub fn patch(
         &self,
         r: &Resource,
@@ -446,7 +451,14 @@ impl Registry {
         let mut tries = 0;
         loop {
             tries += 1;
-            let old = match self.try_get(r, ns, name)? {
+            // A retry starts from the newest applied version: the readers' view may still be
+            // waiting for the flush of the write that caused the conflict.
+            let read = if tries == 1 {
+                self.store.get(&r.key(ns, name))
+            } else {
+                self.store.get_latest(&r.key(ns, name))
+            };
+            let old = match read.map_err(|e| store_err(r, name, e))? {
                 Some(o) => o,
                 None if kind == PatchKind::Apply && sub == Sub::Main => {
                     let mut obj = body.clone();
@@ -477,7 +489,7 @@ impl Registry {
                 Err(e)
                     if e.code == 409
                         && e.reason == "Conflict"
-                        && tries < 5
+                        && tries < PATCH_TRIES
                         && !body_has_rv(body) =>
                 {
                     continue
@@ -1320,6 +1332,67 @@ mod tests {
         let reg = Registry::new(store.clone(), ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         (dir, store, reg)
+    }
+
+    /// A patch retried after a conflict starts from the newest write, not from the readers'
+    /// view that may still wait for that write's flush: patches racing a busy status writer
+    /// all succeed (kubectl's `rollout pause` failed with 409 after five stale retries).
+    #[test]
+    fn patches_racing_status_writes_all_succeed() {
+        let (_dir, _store, reg) = registry();
+        let deploy = Resource::lookup("deployments").unwrap();
+        reg.create(
+            deploy,
+            Some("default"),
+            json!({"metadata": {"name": "web"}, "spec": {"replicas": 1,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                             "spec": {"containers": [{"name": "c", "image": "x"}]}}}}),
+            &WriteOptions::default(),
+        )
+        .unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (reg, stop) = (reg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let _ = reg.patch(
+                        deploy,
+                        Some("default"),
+                        "web",
+                        PatchKind::Merge,
+                        &json!({"status": {"observedGeneration": i}}),
+                        Sub::Status,
+                        &WriteOptions::default(),
+                    );
+                }
+            })
+        };
+        let failed: Vec<String> = (0..100)
+            .filter_map(|i| {
+                reg.patch(
+                    deploy,
+                    Some("default"),
+                    "web",
+                    PatchKind::Merge,
+                    &json!({"metadata": {"labels": {"round": i.to_string()}}}),
+                    Sub::Main,
+                    &WriteOptions::default(),
+                )
+                .err()
+                .map(|e| e.message)
+            })
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} patches failed: {:?}",
+            failed.len(),
+            failed.first()
+        );
     }
 
     #[tokio::test]

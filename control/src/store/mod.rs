@@ -64,6 +64,12 @@ pub struct Committed {
 /// - **watch events arrive in revision order**, with no gap, from the requested revision on.
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> Result<Option<Value>, StoreError>;
+    /// The object as the last applied transaction left it, which may not be durable (and so
+    /// not visible to `get`) yet: what a writer retrying after a conflict must start from,
+    /// or it would read the same stale version again until the flush catches up.
+    fn get_latest(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        self.get(key)
+    }
     /// Every object under `prefix`, with the revision the listing is consistent with.
     fn list(&self, prefix: &str) -> Result<(Vec<Value>, u64), StoreError> {
         let (items, rev) = self.list_shared(prefix)?;

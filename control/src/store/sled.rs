@@ -299,6 +299,10 @@ impl Store for SledStore {
         Ok(found.map(|v| (*v).clone()))
     }
 
+    fn get_latest(&self, key: &str) -> Result<Option<Value>, StoreError> {
+        self.read_applied(key)
+    }
+
     fn list_shared(&self, prefix: &str) -> Result<(Vec<Arc<Value>>, u64), StoreError> {
         // A snapshot: the entries and the revision they are consistent with, taken together.
         let (found, rev) = {
@@ -484,20 +488,21 @@ mod tests {
             s.watch("/registry/pods/", s.revision()).unwrap(),
         ));
         // What was visible while the write was not yet durable.
-        let seen: Arc<StdMutex<Vec<(bool, bool)>>> = Arc::default();
+        let seen: Arc<StdMutex<Vec<(bool, bool, bool)>>> = Arc::default();
         {
             let (w, seen) = (w.clone(), seen.clone());
             s.set_flush_hook(move |s, _| {
                 let event = w.lock().unwrap().try_recv().is_ok();
                 let read = s.get("/registry/pods/default/a").unwrap().is_some();
-                seen.lock().unwrap().push((event, read));
+                let latest = s.get_latest("/registry/pods/default/a").unwrap().is_some();
+                seen.lock().unwrap().push((event, read, latest));
             });
         }
         let c = s.txn(create("/registry/pods/default/a")).unwrap();
         assert_eq!(
             *seen.lock().unwrap(),
-            vec![(false, false)],
-            "before the flush: (watch event, readable)"
+            vec![(false, false, true)],
+            "before the flush: (watch event, readable, readable by a retrying writer)"
         );
         // Once acknowledged, both are there.
         assert_eq!(w.lock().unwrap().try_recv().unwrap().revision, c.revision);
