@@ -11,6 +11,7 @@
 //! outgoing requests. Names outside the cluster domain are forwarded to the node's own
 //! resolver.
 
+use k8s_openapi::api::core::v1::{EndpointAddress, EndpointSubset, Endpoints, Service};
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -70,26 +71,24 @@ impl Names {
             let Some((ns, name)) = k.split_once('/') else {
                 continue;
             };
-            let headless = svc.pointer("/spec/clusterIP").and_then(Value::as_str) == Some("None");
-            let ready: Vec<(&Value, &Value)> = endpoints
+            let spec = serde_json::from_value::<Service>(svc.clone())
+                .ok()
+                .and_then(|s| s.spec)
+                .unwrap_or_default();
+            let headless = spec.cluster_ip.as_deref() == Some("None");
+            let subsets = endpoints
                 .get(k)
-                .and_then(|e| e["subsets"].as_array())
-                .into_iter()
-                .flatten()
-                .flat_map(|s| {
-                    s["addresses"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(move |a| (a, s))
-                })
+                .and_then(|e| serde_json::from_value::<Endpoints>(e.clone()).ok())
+                .and_then(|e| e.subsets)
+                .unwrap_or_default();
+            // Each ready address with the subset (and so the ports) it belongs to.
+            let ready: Vec<(&EndpointAddress, &EndpointSubset)> = subsets
+                .iter()
+                .flat_map(|s| s.addresses.iter().flatten().map(move |a| (a, s)))
                 .collect();
             if headless {
                 for (a, _) in &ready {
-                    if let (Some(h), Some(ip)) = (
-                        a["hostname"].as_str(),
-                        a["ip"].as_str().and_then(|s| s.parse().ok()),
-                    ) {
+                    if let (Some(h), Ok(ip)) = (&a.hostname, a.ip.parse()) {
                         hosts
                             .entry((ns.into(), name.into(), h.to_ascii_lowercase()))
                             .or_default()
@@ -97,16 +96,11 @@ impl Names {
                     }
                 }
             }
-            for p in svc
-                .pointer("/spec/ports")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let Some(pname) = p["name"].as_str().filter(|n| !n.is_empty()) else {
+            for p in spec.ports.iter().flatten() {
+                let Some(pname) = p.name.as_deref().filter(|n| !n.is_empty()) else {
                     continue;
                 };
-                let proto = p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase();
+                let proto = p.protocol.as_deref().unwrap_or("TCP").to_ascii_lowercase();
                 let key = (
                     ns.to_string(),
                     name.to_string(),
@@ -117,21 +111,21 @@ impl Names {
                 if headless {
                     // One record per endpoint, at the port the endpoint serves.
                     for (a, subset) in &ready {
-                        let port = subset["ports"]
-                            .as_array()
-                            .into_iter()
+                        let port = subset
+                            .ports
+                            .iter()
                             .flatten()
-                            .find(|ep| ep["name"].as_str() == Some(pname))
-                            .and_then(|ep| ep["port"].as_u64());
+                            .find(|ep| ep.name.as_deref() == Some(pname))
+                            .map(|ep| ep.port);
                         let Some(port) = port else { continue };
-                        let host = match a["hostname"].as_str() {
-                            Some(h) => h.to_string(),
-                            None => a["ip"].as_str().unwrap_or("").replace('.', "-"),
+                        let host = match &a.hostname {
+                            Some(h) => h.clone(),
+                            None => a.ip.replace('.', "-"),
                         };
                         targets.push((port as u16, format!("{host}.{name}.{ns}.svc.{d}.")));
                     }
-                } else if let Some(port) = p["port"].as_u64() {
-                    targets.push((port as u16, format!("{name}.{ns}.svc.{d}.")));
+                } else {
+                    targets.push((p.port as u16, format!("{name}.{ns}.svc.{d}.")));
                 }
                 targets.sort();
                 targets.dedup();
@@ -139,14 +133,10 @@ impl Names {
             }
             let ips = match table::cluster_ip(svc) {
                 Some(ip) => vec![ip],
-                None if svc.pointer("/spec/clusterIP").and_then(Value::as_str) == Some("None") => {
-                    let mut ips: Vec<Ipv4Addr> = endpoints
-                        .get(k)
-                        .and_then(|e| e["subsets"].as_array())
-                        .into_iter()
-                        .flatten()
-                        .flat_map(|s| s["addresses"].as_array().into_iter().flatten())
-                        .filter_map(|a| a["ip"].as_str().and_then(|s| s.parse().ok()))
+                None if headless => {
+                    let mut ips: Vec<Ipv4Addr> = ready
+                        .iter()
+                        .filter_map(|(a, _)| a.ip.parse().ok())
                         .collect();
                     ips.sort();
                     ips.dedup();
