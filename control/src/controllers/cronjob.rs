@@ -4,8 +4,7 @@
 //! and prunes finished Jobs to the history limits. It wakes for the next scheduled time
 //! rather than polling.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -19,7 +18,7 @@ use serde_json::{json, Value};
 use skiff_api::{meta, ApiError, Resource};
 
 use super::job::is_finished;
-use super::runtime::{split_key, Action, Cache, Reconciler};
+use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
 use crate::registry::{DeleteOptions, Registry, Sub, WriteOptions};
 
 /// The annotation a CronJob's Job carries: the time it was scheduled for (RFC 3339).
@@ -135,7 +134,7 @@ pub struct CronJobController {
     pub reg: Arc<Registry>,
     pub cronjobs: Arc<Cache>,
     pub jobs: Arc<Cache>,
-    expect: Mutex<HashMap<String, u64>>,
+    expect: Expectations,
 }
 
 impl CronJobController {
@@ -144,7 +143,7 @@ impl CronJobController {
             reg,
             cronjobs,
             jobs,
-            expect: Mutex::new(HashMap::new()),
+            expect: Expectations::default(),
         }
     }
 }
@@ -213,12 +212,9 @@ impl Reconciler for CronJobController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
-        let want = self.expect.lock().expect("expect").get(key).copied();
-        if let Some(rev) = want {
-            self.jobs.wait_for(rev).await;
-        }
+        self.expect.settle(key, &self.jobs).await;
         let Some(cj_v) = self.cronjobs.get(key) else {
-            self.expect.lock().expect("expect").remove(key);
+            self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
         if meta::is_deleting(&cj_v) {
@@ -415,12 +411,7 @@ impl Reconciler for CronJobController {
             }
         }
         st.active = if refs.is_empty() { None } else { Some(refs) };
-        if last_rev > 0 {
-            self.expect
-                .lock()
-                .expect("expect")
-                .insert(key.to_string(), last_rev);
-        }
+        self.expect.wrote(key, last_rev);
         let norm = |s: &CronJobStatus| {
             let mut s = s.clone();
             for r in s.active.iter_mut().flatten() {
@@ -654,7 +645,7 @@ mod tests {
                 let key = format!("default/{name}");
                 self.c.reconcile(&key).await.unwrap();
                 // The caches catch up with what the reconcile wrote.
-                let jobs_rev = self.c.expect.lock().unwrap().get(&key).copied();
+                let jobs_rev = self.c.expect.get(&key);
                 if let Some(rev) = jobs_rev {
                     self.c.jobs.wait_for(rev).await;
                 }

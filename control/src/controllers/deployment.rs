@@ -2,8 +2,7 @@
 //! `deployment.kubernetes.io/revision`, RollingUpdate (maxSurge/maxUnavailable) and Recreate,
 //! rollback by re-applying an old template, history pruned to `revisionHistoryLimit`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use serde_json::{json, Value};
@@ -11,7 +10,7 @@ use skiff_api::k8s::apimachinery::pkg::util::intstr::IntOrString;
 use skiff_api::{meta, ApiError, Resource, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
 
 use super::replicaset::now_unix;
-use super::runtime::{split_key, Action, Cache, Reconciler};
+use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
 use crate::registry::{now, Registry, Sub, WriteOptions};
 
 pub struct DeploymentController {
@@ -20,7 +19,7 @@ pub struct DeploymentController {
     pub replicasets: Arc<Cache>,
     /// Pods, to know whether an old ReplicaSet's pods still run (Recreate waits for them).
     pub pods: Arc<Cache>,
-    expect: Mutex<HashMap<String, u64>>,
+    expect: Expectations,
 }
 
 impl DeploymentController {
@@ -35,7 +34,7 @@ impl DeploymentController {
             deployments,
             replicasets,
             pods,
-            expect: Mutex::new(HashMap::new()),
+            expect: Expectations::default(),
         }
     }
 
@@ -489,12 +488,9 @@ impl Reconciler for DeploymentController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
-        let want = self.expect.lock().expect("expect").get(key).copied();
-        if let Some(rev) = want {
-            self.replicasets.wait_for(rev).await;
-        }
+        self.expect.settle(key, &self.replicasets).await;
         let Some(d) = self.deployments.get(key) else {
-            self.expect.lock().expect("expect").remove(key);
+            self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
         if meta::is_deleting(&d) {
@@ -655,12 +651,7 @@ impl Reconciler for DeploymentController {
                 }
             }
         }
-        if last > 0 {
-            self.expect
-                .lock()
-                .expect("expect")
-                .insert(key.to_string(), last);
-        }
+        self.expect.wrote(key, last);
         self.update_status(&d, new_rs.as_ref(), &old)
     }
 }

@@ -6,8 +6,8 @@
 //! (no `batch.kubernetes.io/job-tracking` finalizer): a finished pod deleted by hand before
 //! the Job finishes is not counted again, as counts never go down.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec, JobStatus, PodFailurePolicyRule};
@@ -19,7 +19,7 @@ use skiff_api::selector::Selector;
 use skiff_api::{meta, ApiError, Resource};
 
 use super::replicaset::{now_unix, selector_of};
-use super::runtime::{split_key, Action, Cache, Reconciler};
+use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
 use crate::registry::{DeleteOptions, Registry, Sub, WriteOptions};
 
 /// The completion index of an Indexed Job's pod (annotation and label).
@@ -34,7 +34,7 @@ pub struct JobController {
     pub reg: Arc<Registry>,
     pub jobs: Arc<Cache>,
     pub pods: Arc<Cache>,
-    expect: Mutex<HashMap<String, u64>>,
+    expect: Expectations,
 }
 
 impl JobController {
@@ -43,7 +43,7 @@ impl JobController {
             reg,
             jobs,
             pods,
-            expect: Mutex::new(HashMap::new()),
+            expect: Expectations::default(),
         }
     }
 }
@@ -343,12 +343,9 @@ impl Reconciler for JobController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
-        let want = self.expect.lock().expect("expect").get(key).copied();
-        if let Some(rev) = want {
-            self.pods.wait_for(rev).await;
-        }
+        self.expect.settle(key, &self.pods).await;
         let Some(job_v) = self.jobs.get(key) else {
-            self.expect.lock().expect("expect").remove(key);
+            self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
         if meta::is_deleting(&job_v) {
@@ -667,12 +664,7 @@ impl Reconciler for JobController {
             st.active = Some(active.len() as i32);
             st.ready = Some(active.iter().filter(|p| is_ready(p)).count() as i32);
         }
-        if last_rev > 0 {
-            self.expect
-                .lock()
-                .expect("expect")
-                .insert(key.to_string(), last_rev);
-        }
+        self.expect.wrote(key, last_rev);
         result?;
         if st != cur {
             let mut next = (*job_v).clone();
@@ -814,7 +806,7 @@ mod tests {
             async fn reconcile(&self, name: &str) -> Action {
                 let key = format!("default/{name}");
                 let a = self.c.reconcile(&key).await.unwrap();
-                let rev = self.c.expect.lock().unwrap().get(&key).copied();
+                let rev = self.c.expect.get(&key);
                 if let Some(rev) = rev {
                     self.c.pods.wait_for(rev).await;
                 }

@@ -1,8 +1,7 @@
 //! The ReplicaSet controller: keeps `spec.replicas` active pods, adopting matching orphans and
 //! releasing pods that no longer match, deleting unready pods first when scaling down.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -12,7 +11,7 @@ use skiff_api::selector::Selector;
 use skiff_api::{meta, ApiError, Resource};
 
 use super::pods;
-use super::runtime::{split_key, Action, Cache, Reconciler};
+use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
 use crate::registry::{Registry, Sub, WriteOptions};
 
 /// Most pods created or deleted in one reconcile (Kubernetes' burst is 500).
@@ -23,7 +22,7 @@ pub struct ReplicaSetController {
     pub replicasets: Arc<Cache>,
     pub pods: Arc<Cache>,
     /// Revision of this controller's last pod write per key: the next reconcile waits for it.
-    expect: Mutex<HashMap<String, u64>>,
+    expect: Expectations,
 }
 
 impl ReplicaSetController {
@@ -32,7 +31,7 @@ impl ReplicaSetController {
             reg,
             replicasets,
             pods,
-            expect: Mutex::new(HashMap::new()),
+            expect: Expectations::default(),
         }
     }
 }
@@ -54,12 +53,9 @@ impl Reconciler for ReplicaSetController {
     }
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
-        let want = self.expect.lock().expect("expect").get(key).copied();
-        if let Some(rev) = want {
-            self.pods.wait_for(rev).await;
-        }
+        self.expect.settle(key, &self.pods).await;
         let Some(rs) = self.replicasets.get(key) else {
-            self.expect.lock().expect("expect").remove(key);
+            self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
         if meta::is_deleting(&rs) {
@@ -154,12 +150,7 @@ impl Reconciler for ReplicaSetController {
                 }
             }
         }
-        if last_rev > 0 {
-            self.expect
-                .lock()
-                .expect("expect")
-                .insert(key.to_string(), last_rev);
-        }
+        self.expect.wrote(key, last_rev);
         result?;
         // Status from what is there now.
         let min_ready = rs

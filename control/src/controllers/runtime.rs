@@ -378,3 +378,38 @@ mod tests {
         assert_eq!(backoff(40), Duration::from_secs(30));
     }
 }
+
+/// The revision of each key's last write, which the key's next reconcile waits for the
+/// written resource's cache to have seen: a controller never acts on a cache older than its
+/// own writes.
+#[derive(Default)]
+pub struct Expectations(std::sync::Mutex<std::collections::HashMap<String, u64>>);
+
+impl Expectations {
+    /// The revision the next reconcile of `key` waits for, if any.
+    pub fn get(&self, key: &str) -> Option<u64> {
+        self.0.lock().expect("expectations").get(key).copied()
+    }
+
+    /// Records that reconciling `key` wrote up to revision `rev` (0: nothing written).
+    pub fn wrote(&self, key: &str, rev: u64) {
+        if rev > 0 {
+            self.0
+                .lock()
+                .expect("expectations")
+                .insert(key.to_string(), rev);
+        }
+    }
+
+    /// Forgets `key` (its object is gone).
+    pub fn forget(&self, key: &str) {
+        self.0.lock().expect("expectations").remove(key);
+    }
+
+    /// Waits until `cache` has seen the last write recorded for `key`.
+    pub async fn settle(&self, key: &str, cache: &Cache) {
+        if let Some(rev) = self.get(key) {
+            cache.wait_for(rev).await;
+        }
+    }
+}
