@@ -6,10 +6,12 @@
 //! - [`validation`] and [`defaults`]: what a well-formed object is, and what is filled in;
 //! - [`patch`]: JSON merge patch, JSON patch and strategic merge patch;
 //! - [`error`]: [`ApiError`], rendered as a Kubernetes `Status`;
+//! - [`conditions`]: setting status conditions of any kind by Kubernetes' rule;
 //! - [`meta`]: small accessors over untyped objects (`serde_json::Value`).
 //!
 //! Wire types come from `k8s-openapi`, re-exported as [`k8s`].
 
+pub mod conditions;
 pub mod defaults;
 pub mod disruption;
 pub mod error;
