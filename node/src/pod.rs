@@ -10,7 +10,8 @@ use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 use skiff_api::{meta, quantity, Resource};
 use skiff_client::Client;
-use skiff_wasm::artifact::{self, BlobCache, ImageIndex, Resolved};
+use skiff_registry::Resolved;
+use skiff_wasm::artifact::{self, BlobCache, ImageIndex};
 use skiff_wasm::{GuestConfig, HttpServer, Kind, Preopen, Program, Runtime};
 
 use crate::probe::{Probe, Verdict};
@@ -404,7 +405,7 @@ async fn pull(shared: &Shared, i: usize, image: &str, policy: &str) -> Result<Pu
     let started = Instant::now();
     let resolved = tokio::time::timeout(
         PULL_TIMEOUT,
-        artifact::resolve(image, &ctx.insecure_registries),
+        skiff_registry::resolve(image, &ctx.insecure_registries),
     )
     .await
     .map_err(|_| format!("resolving {image} took longer than {PULL_TIMEOUT:?}"))?

@@ -92,7 +92,7 @@ impl Containers {
     pub(crate) fn lease(&self, id: &str, image: &Image) -> Result<(), OciError> {
         let path = self.lease_path(id);
         let body = serde_json::to_vec(&image.layers).expect("layer list");
-        crate::write_atomic(&path, &body).map_err(|e| store_err(&path, e))
+        skiff_registry::write_atomic(&path, &body).map_err(|e| store_err(&path, e))
     }
 
     /// Diff IDs of every layer a container here uses (until it is removed), read from disk:

@@ -14,16 +14,15 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::manifest::{OciDescriptor, OciManifest};
-use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use oci_spec::image::ImageConfiguration;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use skiff_registry::{
+    client_for, is_wasm, parse_reference, pull_blob_to, pull_platform_manifest, Client, KeyedLocks,
+    OciDescriptor, OciManifest, Reference, RegistryError, TEMP_PREFIX,
+};
 
 use crate::layer::{self, Compression};
-use crate::util::{KeyedLocks, TEMP_PREFIX};
 use crate::OciError;
 
 /// The platform this node runs, in OCI's words (`linux`, `amd64`).
@@ -36,59 +35,6 @@ pub fn host_platform() -> (&'static str, &'static str) {
         other => other,
     };
     ("linux", arch)
-}
-
-/// Config media types of wasm artifacts (CNCF, and the older wasm-to-oci one).
-pub const WASM_CONFIG_TYPES: &[&str] = &[
-    "application/vnd.wasm.config.v0+json",
-    "application/vnd.wasm.config.v1+json",
-];
-/// Layer media types of wasm: CNCF, Spin, Krustlet / wasm-to-oci.
-pub const WASM_LAYER_TYPES: &[&str] = &[
-    "application/wasm",
-    "application/vnd.wasm.content.layer.v1+wasm",
-    "application/vnd.module.wasm.content.layer.v1+wasm",
-];
-
-/// Whether a manifest is a wasm artifact: a wasm config type, or a single wasm layer.
-/// Everything else (image indexes included) is a container image for runc.
-pub fn is_wasm(manifest: &OciManifest) -> bool {
-    let OciManifest::Image(m) = manifest else {
-        return false;
-    };
-    let wasm_layer = m
-        .layers
-        .iter()
-        .any(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()));
-    wasm_layer && (WASM_CONFIG_TYPES.contains(&m.config.media_type.as_str()) || m.layers.len() == 1)
-}
-
-/// Asks the registry whether `reference` is an OCI container image (true) or a wasm
-/// artifact (false).
-pub async fn is_container_image(reference: &str, insecure: &[String]) -> Result<bool, OciError> {
-    let r: Reference = reference
-        .parse()
-        .map_err(|e| OciError::Reference(reference.to_string(), format!("{e}")))?;
-    let client = client_for(&r, insecure);
-    let (manifest, _) = client
-        .pull_manifest(&r, &RegistryAuth::Anonymous)
-        .await
-        .map_err(|e| OciError::Registry(format!("{reference}: {e}")))?;
-    Ok(!is_wasm(&manifest))
-}
-
-/// A registry client: plain HTTP for loopback and insecure registries.
-pub fn client_for(reference: &Reference, insecure: &[String]) -> Client {
-    let registry = reference.resolve_registry().to_string();
-    let protocol = if is_insecure(&registry, insecure) {
-        ClientProtocol::HttpsExcept(vec![registry])
-    } else {
-        ClientProtocol::Https
-    };
-    Client::new(ClientConfig {
-        protocol,
-        ..Default::default()
-    })
 }
 
 /// An image pulled and unpacked.
@@ -149,18 +95,6 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> OciError + '_ {
     move |e| OciError::Store(format!("{}: {e}", path.display()))
 }
 
-/// Registries reached over plain HTTP: loopback ones, and those listed as insecure.
-pub fn is_insecure(registry: &str, insecure: &[String]) -> bool {
-    let host = registry
-        .rsplit_once(':')
-        .map(|(h, _)| h)
-        .unwrap_or(registry);
-    host == "localhost"
-        || host.starts_with("127.")
-        || host == "[::1]"
-        || insecure.iter().any(|r| r == registry || r == host)
-}
-
 impl ImageStore {
     pub fn new(dir: impl Into<PathBuf>, insecure: Vec<String>) -> Result<ImageStore, OciError> {
         let dir = dir.into();
@@ -219,45 +153,10 @@ impl ImageStore {
         reference: &str,
         mut progress: impl FnMut(Progress),
     ) -> Result<Image, OciError> {
-        let r: Reference = reference
-            .parse()
-            .map_err(|e| OciError::Reference(reference.to_string(), format!("{e}")))?;
+        let r = parse_reference(reference)?;
         let client = client_for(&r, &self.insecure);
-        let auth = RegistryAuth::Anonymous;
-        let registry = |e: oci_client::errors::OciDistributionError| {
-            OciError::Registry(format!("{reference}: {e}"))
-        };
         let (os, arch) = host_platform();
-        let (mut manifest, mut digest) = client.pull_manifest(&r, &auth).await.map_err(registry)?;
-        if let OciManifest::ImageIndex(index) = &manifest {
-            let found = index.manifests.iter().find(|m| {
-                m.platform
-                    .as_ref()
-                    .is_some_and(|p| p.os.to_string() == os && p.architecture.to_string() == arch)
-            });
-            let Some(entry) = found else {
-                let has: Vec<String> = index
-                    .manifests
-                    .iter()
-                    .filter_map(|m| m.platform.as_ref())
-                    .map(|p| format!("{}/{}", p.os, p.architecture))
-                    .collect();
-                return Err(OciError::Platform(format!(
-                    "{reference} has no image for {os}/{arch} (it has {})",
-                    has.join(", ")
-                )));
-            };
-            let pinned = r.clone_with_digest(entry.digest.clone());
-            (manifest, digest) = client
-                .pull_manifest(&pinned, &auth)
-                .await
-                .map_err(registry)?;
-        }
-        let OciManifest::Image(m) = manifest else {
-            return Err(OciError::Registry(format!(
-                "{reference}: an image index points at another index"
-            )));
-        };
+        let (m, digest) = pull_platform_manifest(&client, &r, (os, arch)).await?;
         if is_wasm(&OciManifest::Image(m.clone())) {
             return Err(OciError::Unsupported(format!(
                 "{reference} is a wasm artifact, not a container image"
@@ -269,11 +168,8 @@ impl ImageStore {
         });
         let config_path = self.dir.join("blobs/sha256").join(hex_of(&m.config.digest));
         let mut config_bytes = Vec::new();
-        client
-            .pull_blob(&r, &m.config, &mut config_bytes)
-            .await
-            .map_err(registry)?;
-        crate::write_atomic(&config_path, &config_bytes).map_err(io(&config_path))?;
+        pull_blob_to(&client, &r, &m.config, &mut config_bytes).await?;
+        skiff_registry::write_atomic(&config_path, &config_bytes).map_err(io(&config_path))?;
         let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
             .map_err(|e| OciError::Registry(format!("{reference}: bad image config: {e}")))?;
         if config.os().to_string() != os || config.architecture().to_string() != arch {
@@ -317,7 +213,7 @@ impl ImageStore {
             layers: diff_ids,
         };
         let record = self.record_path(reference);
-        crate::write_atomic(&record, &serde_json::to_vec(&image).expect("image record"))
+        skiff_registry::write_atomic(&record, &serde_json::to_vec(&image).expect("image record"))
             .map_err(io(&record))?;
         Ok(image)
     }
@@ -340,15 +236,14 @@ impl ImageStore {
             .tempfile_in(&blobs)
             .map_err(io(&blobs))?;
         let file = tokio::fs::File::from_std(partial.reopen().map_err(io(partial.path()))?);
-        let pulled = client.pull_blob(r, desc, file).await;
-        if let Err(e) = pulled {
-            return Err(match e {
-                oci_client::errors::OciDistributionError::DigestError(d) => {
-                    OciError::Digest(format!("layer {}: {d}", desc.digest))
+        pull_blob_to(client, r, desc, file)
+            .await
+            .map_err(|e| match e {
+                RegistryError::Digest { expected, actual } => {
+                    OciError::Digest(format!("layer {expected}: it hashes to {actual}"))
                 }
                 e => OciError::Registry(format!("layer {}: {e}", desc.digest)),
-            });
-        }
+            })?;
         let installed = self
             .install_layer(partial.path(), compression, diff_id)
             .await;
@@ -397,9 +292,8 @@ impl ImageStore {
             nix::unistd::syncfs(std::fs::File::open(&t).map_err(io(&t))?.as_raw_fd())
                 .map_err(|e| OciError::Store(format!("{}: {e}", t.display())))?;
             match std::fs::rename(&t, &d) {
-                Ok(()) => {
-                    crate::util::sync_dir(d.parent().unwrap_or(Path::new("/"))).map_err(io(&d))
-                }
+                Ok(()) => skiff_registry::util::sync_dir(d.parent().unwrap_or(Path::new("/")))
+                    .map_err(io(&d)),
                 // Already there: another pull finished first (both checked the same diff ID).
                 Err(_) if d.is_dir() => Ok(()),
                 Err(e) => Err(io(&d)(e)),
@@ -630,16 +524,5 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(left.len(), 1, "temporary unpacks left behind: {left:?}");
-    }
-
-    #[test]
-    fn loopback_registries_are_plain_http() {
-        assert!(is_insecure("127.0.0.1:5000", &[]));
-        assert!(is_insecure("localhost:5000", &[]));
-        assert!(!is_insecure("registry.example:5000", &[]));
-        assert!(is_insecure(
-            "registry.example:5000",
-            &["registry.example".into()]
-        ));
     }
 }

@@ -1,20 +1,19 @@
 //! skiff's OCI side: images pulled from registries into a shared layer store
 //! ([`image::ImageStore`]), overlay root filesystems and runtime bundles written with `oci-spec`
 //! ([`container::Containers`], [`bundle`]), and the `runc` binary driven to run them
-//! ([`runc::Runc`]).
+//! ([`runc::Runc`]). Registry access (references, clients, manifests, verified blobs) is
+//! `skiff-registry`'s.
 
 pub mod bundle;
 pub mod container;
 pub mod image;
 pub mod layer;
 pub mod runc;
-pub mod util;
 
 pub use bundle::{BindMount, ContainerSpec};
 pub use container::Containers;
 pub use image::{Image, ImageStore, Progress};
 pub use runc::{Exit, Runc};
-pub use util::{write_atomic, KeyedLocks};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
@@ -36,6 +35,20 @@ pub enum OciError {
     Config(String),
     #[error("{0}")]
     Runtime(String),
+}
+
+impl From<skiff_registry::RegistryError> for OciError {
+    fn from(e: skiff_registry::RegistryError) -> OciError {
+        use skiff_registry::RegistryError as R;
+        match e {
+            R::Reference(reference, why) => OciError::Reference(reference, why),
+            R::Registry(why) => OciError::Registry(why),
+            R::Platform(why) => OciError::Platform(why),
+            R::Digest { expected, actual } => {
+                OciError::Digest(format!("{expected}: it hashes to {actual}"))
+            }
+        }
+    }
 }
 
 /// Every capability, for privileged containers.

@@ -1,19 +1,14 @@
-//! Wasm artifacts in OCI registries: resolve a reference, tell wasm from OCI images by media
-//! type, pull the wasm layer (digest verified, kept content-addressed), and push.
+//! Wasm artifacts in OCI registries: the wasm layer pulled (digest verified by
+//! `skiff-registry`) into a content-addressed cache, the tag → layer index for running
+//! offline, and push in the CNCF wasm layout.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use oci_client::manifest::OciManifest;
-use oci_client::secrets::RegistryAuth;
-use oci_client::Reference;
+use skiff_registry::{auth, client_for, parse_reference, KeyedLocks, RegistryError};
 
 use crate::{is_temp, lock, prune, sha256_digest, touch, CacheFile, GcBounds};
-use skiff_oci::KeyedLocks;
-
-// What a wasm artifact is, and how registries are reached, is shared with the OCI side.
-pub use skiff_oci::image::{client_for, is_insecure, WASM_CONFIG_TYPES, WASM_LAYER_TYPES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -32,63 +27,18 @@ pub enum PullError {
     },
 }
 
-/// What a reference resolves to.
-#[derive(Debug, Clone)]
-pub enum Resolved {
-    /// A wasm artifact: the digest of its wasm layer and the manifest digest.
-    Wasm {
-        manifest_digest: String,
-        layer_digest: String,
-        layer_media_type: String,
-    },
-    /// Anything else: an OCI image for runc.
-    Image {
-        manifest_digest: String,
-        config_media_type: String,
-    },
-}
-
-pub fn parse_reference(image: &str) -> Result<Reference, PullError> {
-    image
-        .parse::<Reference>()
-        .map_err(|e| PullError::Reference(image.to_string(), e.to_string()))
+impl From<RegistryError> for PullError {
+    fn from(e: RegistryError) -> PullError {
+        match e {
+            RegistryError::Reference(image, why) => PullError::Reference(image, why),
+            RegistryError::Digest { expected, actual } => PullError::Digest { expected, actual },
+            e => PullError::Registry(e.to_string()),
+        }
+    }
 }
 
 fn registry_err(e: impl std::fmt::Display) -> PullError {
     PullError::Registry(e.to_string())
-}
-
-/// Resolves `image` to its manifest and says whether it is wasm.
-pub async fn resolve(image: &str, insecure: &[String]) -> Result<Resolved, PullError> {
-    let reference = parse_reference(image)?;
-    let client = client_for(&reference, insecure);
-    let (manifest, digest) = client
-        .pull_manifest(&reference, &RegistryAuth::Anonymous)
-        .await
-        .map_err(registry_err)?;
-    let wasm = skiff_oci::image::is_wasm(&manifest);
-    let OciManifest::Image(m) = manifest else {
-        // An index: wasm artifacts are single manifests; indexes are multi-platform OCI images.
-        return Ok(Resolved::Image {
-            manifest_digest: digest,
-            config_media_type: "application/vnd.oci.image.index.v1+json".into(),
-        });
-    };
-    match m
-        .layers
-        .iter()
-        .find(|l| WASM_LAYER_TYPES.contains(&l.media_type.as_str()))
-    {
-        Some(l) if wasm => Ok(Resolved::Wasm {
-            manifest_digest: digest,
-            layer_digest: l.digest.clone(),
-            layer_media_type: l.media_type.clone(),
-        }),
-        _ => Ok(Resolved::Image {
-            manifest_digest: digest,
-            config_media_type: m.config.media_type.clone(),
-        }),
-    }
 }
 
 /// The content-addressed blob cache: `DIR/sha256/<hex>`.
@@ -138,7 +88,7 @@ impl BlobCache {
             source: e,
         };
         std::fs::create_dir_all(path.parent().unwrap_or(Path::new("."))).map_err(io)?;
-        skiff_oci::write_atomic(&path, bytes).map_err(io)?;
+        skiff_registry::write_atomic(&path, bytes).map_err(io)?;
         Ok(path)
     }
 
@@ -180,18 +130,9 @@ pub async fn pull_wasm(
     }
     let reference = parse_reference(image)?;
     let client = client_for(&reference, insecure);
-    let mut bytes = Vec::new();
-    client
-        .pull_blob(&reference, layer_digest, &mut bytes)
-        .await
-        .map_err(registry_err)?;
+    let bytes = skiff_registry::pull_blob_verified(&client, &reference, layer_digest).await?;
     let path = cache.path(layer_digest);
-    let expected = layer_digest.to_string();
     tokio::task::spawn_blocking(move || {
-        let actual = sha256_digest(&bytes);
-        if actual != expected {
-            return Err(PullError::Digest { expected, actual });
-        }
         BlobCache::put(path, &bytes)?;
         Ok(bytes)
     })
@@ -211,7 +152,7 @@ pub async fn push(bytes: Vec<u8>, image: &str, insecure: &[String]) -> Result<St
         oci_wasm::WasmConfig::from_raw_module(bytes, None).map_err(registry_err)?
     };
     let resp = client
-        .push(&reference, &RegistryAuth::Anonymous, layer, config, None)
+        .push(&reference, &auth(&reference), layer, config, None)
         .await
         .map_err(registry_err)?;
     Ok(resp.manifest_url)
@@ -272,7 +213,7 @@ impl ImageIndex {
     /// Writes the index; called with its lock held, so writes never interleave.
     fn save(&self, m: &BTreeMap<String, (String, String)>) {
         let body = serde_json::to_vec(m).expect("image index");
-        if let Err(error) = skiff_oci::write_atomic(&self.path, &body) {
+        if let Err(error) = skiff_registry::write_atomic(&self.path, &body) {
             tracing::warn!(path = %self.path.display(), %error, "cannot write the image index");
         }
     }

@@ -220,7 +220,7 @@ pub(crate) fn touch(path: &Path) {
 
 /// Whether `name` is a temporary file a cache writer left (a crash mid-write).
 pub(crate) fn is_temp(name: &str) -> bool {
-    name.starts_with(skiff_oci::util::TEMP_PREFIX)
+    name.starts_with(skiff_registry::TEMP_PREFIX)
 }
 
 pub fn sha256_digest(bytes: &[u8]) -> String {
@@ -500,7 +500,7 @@ impl Runtime {
     fn store_cache(&self, path: &Path, compiled: wasmtime::Result<Vec<u8>>) {
         let written = compiled
             .map_err(|e| format!("{e:#}"))
-            .and_then(|b| skiff_oci::write_atomic(path, &b).map_err(|e| e.to_string()));
+            .and_then(|b| skiff_registry::write_atomic(path, &b).map_err(|e| e.to_string()));
         if let Err(error) = written {
             tracing::warn!(path = %path.display(), %error, "cannot write the compile cache");
         }

@@ -88,17 +88,6 @@ async fn memory_limit_traps_growth() {
     );
 }
 
-#[test]
-fn insecure_registries() {
-    assert!(artifact::is_insecure("127.0.0.1:5000", &[]));
-    assert!(artifact::is_insecure("localhost:5000", &[]));
-    assert!(!artifact::is_insecure("ghcr.io", &[]));
-    assert!(artifact::is_insecure(
-        "edge-registry:5000",
-        &["edge-registry:5000".into()]
-    ));
-}
-
 /// The samples built by `samples/build.sh` (scripts/test.sh builds them first).
 fn sample(name: &str) -> Vec<u8> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -191,7 +191,7 @@ impl ImageKinds {
             rt.spawn(async move {
                 let asked = tokio::time::timeout(
                     Duration::from_secs(10),
-                    skiff_oci::image::is_container_image(&image, &me.insecure),
+                    skiff_registry::is_container_image(&image, &me.insecure),
                 )
                 .await;
                 // A registry that cannot say puts no constraint on the pod: the node's pull
