@@ -132,13 +132,13 @@ pub fn job_name(cronjob: &str, t: DateTime<Utc>) -> String {
 
 pub struct CronJobController {
     pub reg: Arc<Registry>,
-    pub cronjobs: Arc<Cache>,
-    pub jobs: Arc<Cache>,
+    pub cronjobs: Arc<Cache<CronJob>>,
+    pub jobs: Arc<Cache<Job>>,
     expect: Expectations,
 }
 
 impl CronJobController {
-    pub fn new(reg: Arc<Registry>, cronjobs: Arc<Cache>, jobs: Arc<Cache>) -> Self {
+    pub fn new(reg: Arc<Registry>, cronjobs: Arc<Cache<CronJob>>, jobs: Arc<Cache<Job>>) -> Self {
         CronJobController {
             reg,
             cronjobs,
@@ -213,7 +213,7 @@ impl Reconciler for CronJobController {
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         self.expect.settle(key, &self.jobs).await;
-        let Some(cj_v) = self.cronjobs.get(key) else {
+        let Some(cj_v) = self.cronjobs.get_raw(key) else {
             self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
@@ -234,7 +234,7 @@ impl Reconciler for CronJobController {
 
         let owned: Vec<Job> = self
             .jobs
-            .list(ns)
+            .list_raw(ns)
             .into_iter()
             .filter(|j| meta::controller_uid(j).as_deref() == Some(uid.as_str()))
             .map(|j| decode::<Job>(&j))
@@ -305,7 +305,7 @@ impl Reconciler for CronJobController {
         let sched = match Schedule::parse(&spec.schedule, spec.time_zone.as_deref()) {
             Ok(s) => Some(s),
             Err(e) => {
-                super::events::record(
+                super::events::record_raw(
                     &self.reg,
                     &cj_v,
                     "Warning",
@@ -327,7 +327,7 @@ impl Reconciler for CronJobController {
             match due(sched, earliest, spec.starting_deadline_seconds, now) {
                 Due::Nothing => {}
                 Due::TooManyMissed(n) => {
-                    super::events::record(&self.reg, &cj_v, "Warning", "TooManyMissedTimes", &format!("too many missed start times: {n}. Set or decrease .spec.startingDeadlineSeconds or check clock skew"), "cronjob-controller");
+                    super::events::record_raw(&self.reg, &cj_v, "Warning", "TooManyMissedTimes", &format!("too many missed start times: {n}. Set or decrease .spec.startingDeadlineSeconds or check clock skew"), "cronjob-controller");
                 }
                 Due::Start(t) => {
                     let jn = job_name(name, t);
@@ -338,7 +338,7 @@ impl Reconciler for CronJobController {
                     if exists {
                         // Already made (its status may lag): nothing to do for this time.
                     } else if policy == "Forbid" && !active.is_empty() {
-                        super::events::record(&self.reg, &cj_v, "Normal", "JobAlreadyActive", "Not starting job because prior execution is running and concurrency policy is Forbid", "cronjob-controller");
+                        super::events::record_raw(&self.reg, &cj_v, "Normal", "JobAlreadyActive", "Not starting job because prior execution is running and concurrency policy is Forbid", "cronjob-controller");
                         // Looked at again when the running Job finishes (a Job change
                         // wakes this key), or at the next time.
                     } else {
@@ -357,7 +357,7 @@ impl Reconciler for CronJobController {
                                     Err(e) if e.code == 404 => {}
                                     Err(e) => return Err(e),
                                 }
-                                super::events::record(
+                                super::events::record_raw(
                                     &self.reg,
                                     &cj_v,
                                     "Normal",
@@ -377,7 +377,7 @@ impl Reconciler for CronJobController {
                                 let job: Job = decode(&j)?;
                                 refs.push(job_ref(&job));
                                 st.last_schedule_time = Some(to_time(t));
-                                super::events::record(
+                                super::events::record_raw(
                                     &self.reg,
                                     &cj_v,
                                     "Normal",
@@ -390,7 +390,7 @@ impl Reconciler for CronJobController {
                                 st.last_schedule_time = Some(to_time(t));
                             }
                             Err(e) => {
-                                super::events::record(
+                                super::events::record_raw(
                                     &self.reg,
                                     &cj_v,
                                     "Warning",
@@ -594,8 +594,8 @@ mod tests {
             )
             .unwrap();
             let (stop, rx) = watch::channel(false);
-            let cronjobs = Cache::new(res("cronjobs"));
-            let jobs = Cache::new(res("jobs"));
+            let cronjobs = Cache::<CronJob>::new();
+            let jobs = Cache::<Job>::new();
             tokio::spawn(cronjobs.clone().run(reg.clone(), rx.clone()));
             tokio::spawn(jobs.clone().run(reg.clone(), rx));
             let c = CronJobController::new(reg.clone(), cronjobs, jobs);
@@ -662,7 +662,7 @@ mod tests {
             fn jobs(&self) -> Vec<Job> {
                 self.c
                     .jobs
-                    .list(Some("default"))
+                    .list_raw(Some("default"))
                     .iter()
                     .filter(|j| !meta::is_deleting(j))
                     .map(|j| serde_json::from_value((**j).clone()).unwrap())
@@ -721,7 +721,7 @@ mod tests {
                 "{name}"
             );
             let cj: CronJob =
-                serde_json::from_value((*w.c.cronjobs.get("default/allow").unwrap()).clone())
+                serde_json::from_value((*w.c.cronjobs.get_raw("default/allow").unwrap()).clone())
                     .unwrap();
             let st = cj.status.unwrap();
             assert_eq!(st.active.unwrap()[0].name.as_deref(), Some(name.as_str()));
@@ -729,7 +729,7 @@ mod tests {
             w.finish(&name, "Complete", Utc::now()).await;
             w.reconcile("allow").await;
             let cj: CronJob =
-                serde_json::from_value((*w.c.cronjobs.get("default/allow").unwrap()).clone())
+                serde_json::from_value((*w.c.cronjobs.get_raw("default/allow").unwrap()).clone())
                     .unwrap();
             let st = cj.status.unwrap();
             assert!(st.active.is_none(), "a finished Job leaves active");

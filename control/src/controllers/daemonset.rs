@@ -14,6 +14,7 @@
 //! match the selector are adopted and pods that stop matching released, as for ReplicaSets.
 //! Not done: hash collisions (`collisionCount`).
 
+use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -206,8 +207,8 @@ impl DaemonPod {
             updated: labels.get(REVISION_HASH_LABEL).map(String::as_str) == Some(hash)
                 || (!labels.contains_key(REVISION_HASH_LABEL)
                     && labels.get(TEMPLATE_GENERATION_LABEL) == Some(&generation.to_string())),
-            ready: pods::is_ready(p),
-            available: pods::is_available(p, min_ready, now),
+            ready: pods::raw::is_ready(p),
+            available: pods::raw::is_available(p, min_ready, now),
             deleting: meta::is_deleting(p),
             phase: p
                 .pointer("/status/phase")
@@ -436,10 +437,10 @@ fn is_on_delete(ds: &DaemonSet) -> bool {
 
 pub struct DaemonSetController {
     pub reg: Arc<Registry>,
-    pub daemonsets: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub nodes: Arc<Cache>,
-    pub revisions: Arc<Cache>,
+    pub daemonsets: Arc<Cache<DaemonSet>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub nodes: Arc<Cache<Node>>,
+    pub revisions: Arc<Cache<ControllerRevision>>,
     /// Revisions of this controller's last pod and revision writes per key.
     expect: Mutex<HashMap<String, (u64, u64)>>,
     /// Per DaemonSet and node: failed pods replaced so far and when the next may be.
@@ -449,10 +450,10 @@ pub struct DaemonSetController {
 impl DaemonSetController {
     pub fn new(
         reg: Arc<Registry>,
-        daemonsets: Arc<Cache>,
-        pods: Arc<Cache>,
-        nodes: Arc<Cache>,
-        revisions: Arc<Cache>,
+        daemonsets: Arc<Cache<DaemonSet>>,
+        pods: Arc<Cache<Pod>>,
+        nodes: Arc<Cache<Node>>,
+        revisions: Arc<Cache<ControllerRevision>>,
     ) -> Self {
         DaemonSetController {
             reg,
@@ -489,7 +490,7 @@ impl DaemonSetController {
         let r = Resource::lookup("controllerrevisions").expect("controllerrevisions");
         let mut revs: Vec<ControllerRevision> = self
             .revisions
-            .list(ns)
+            .list_raw(ns)
             .iter()
             .filter(|v| meta::controller_uid(v).as_deref() == Some(uid))
             .map(|v| decode(v))
@@ -591,7 +592,7 @@ impl Reconciler for DaemonSetController {
                 self.revisions.wait_for(r).await;
             }
         }
-        let Some(ds_json) = self.daemonsets.get(key) else {
+        let Some(ds_json) = self.daemonsets.get_raw(key) else {
             self.expect.lock().expect("expect").remove(key);
             let prefix = (key.to_string(), String::new());
             self.backoff
@@ -615,10 +616,14 @@ impl Reconciler for DaemonSetController {
         let mut daemon_template: PodTemplateSpec = spec.template.clone();
         let pod_spec = daemon_template.spec.get_or_insert_with(Default::default);
         add_daemon_tolerations(pod_spec);
-        let request = PodRequest::from_pod(&json!({
-            "metadata": {"namespace": ns},
-            "spec": encode(&daemon_template.spec)?,
-        }));
+        let request = PodRequest::from_pod(&Pod {
+            metadata: ObjectMeta {
+                namespace: ns.map(String::from),
+                ..Default::default()
+            },
+            spec: daemon_template.spec.clone(),
+            status: None,
+        });
 
         let min_ready = i64::from(spec.min_ready_seconds.unwrap_or(0));
         let now = now_unix();
@@ -627,7 +632,7 @@ impl Reconciler for DaemonSetController {
         let selector = selector_of(&ds_json)?;
         let pods_r = Resource::lookup("pods").expect("pods");
         let mut claimed = 0;
-        for mut p in self.pods.list(ns) {
+        for mut p in self.pods.list_raw(ns) {
             let controller = meta::controller_uid(&p);
             let matches = !selector.is_empty() && selector.matches(&meta::labels(&p));
             let ours = controller.as_deref() == Some(uid.as_str());
@@ -651,7 +656,7 @@ impl Reconciler for DaemonSetController {
                 continue;
             }
             if !ours {
-                if controller.is_some() || !matches || !pods::is_active(&p) {
+                if controller.is_some() || !matches || !pods::raw::is_active(&p) {
                     continue;
                 }
                 let mut refs = p
@@ -749,7 +754,7 @@ impl Reconciler for DaemonSetController {
                             .saturating_mul(1 << n.min(10))
                             .min(FAILED_BACKOFF_MAX);
                         backoff.insert(k, (n, at + wait));
-                        super::events::record(
+                        super::events::record_raw(
                             &self.reg,
                             &ds_json,
                             "Warning",
@@ -785,11 +790,11 @@ impl Reconciler for DaemonSetController {
             let pod_spec = t.spec.get_or_insert_with(Default::default);
             add_daemon_tolerations(pod_spec);
             pin_to_node(pod_spec, node);
-            let pod = pods::from_template(&ds_json, "DaemonSet", &encode(&t)?);
+            let pod = pods::raw::from_template(&ds_json, "DaemonSet", &encode(&t)?);
             match self.reg.create(pods_r, ns, pod, &opts) {
                 Ok(p) => {
                     last = last.max(meta::resource_version(&p).unwrap_or(0));
-                    super::events::record(
+                    super::events::record_raw(
                         &self.reg,
                         &ds_json,
                         "Normal",
@@ -799,7 +804,7 @@ impl Reconciler for DaemonSetController {
                     );
                 }
                 Err(e) => {
-                    super::events::record(
+                    super::events::record_raw(
                         &self.reg,
                         &ds_json,
                         "Warning",
@@ -817,7 +822,7 @@ impl Reconciler for DaemonSetController {
                 match self.reg.delete(pods_r, ns, pod, &Default::default()) {
                     Ok(o) => {
                         last = last.max(meta::resource_version(&o).unwrap_or(0));
-                        super::events::record(
+                        super::events::record_raw(
                             &self.reg,
                             &ds_json,
                             "Normal",
@@ -944,16 +949,26 @@ mod tests {
 
     fn node(name: &str, taints: Value, labels: Value) -> NodeInfo {
         NodeInfo::from_node(
-            &json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
+            &serde_json::from_value(
+                json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
             "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "110"},
                        "conditions": [{"type": "Ready", "status": "True"}]}}),
+            )
+            .unwrap(),
         )
     }
 
     fn daemon_request(spec: Value) -> PodRequest {
         let mut t: PodTemplateSpec = serde_json::from_value(json!({"spec": spec})).unwrap();
         add_daemon_tolerations(t.spec.as_mut().unwrap());
-        PodRequest::from_pod(&json!({"metadata": {"namespace": "default"}, "spec": t.spec}))
+        PodRequest::from_pod(&Pod {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: t.spec,
+            status: None,
+        })
     }
 
     #[test]
@@ -1030,7 +1045,7 @@ mod tests {
             v.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms"),
             Some(&json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]))
         );
-        let req = PodRequest::from_pod(&v);
+        let req = PodRequest::from_pod(&pod);
         assert!(scheduler::node_matches(
             &node("n1", json!([]), json!({})),
             &req

@@ -2,6 +2,8 @@
 //! `deployment.kubernetes.io/revision`, RollingUpdate (maxSurge/maxUnavailable) and Recreate,
 //! rollback by re-applying an old template, history pruned to `revisionHistoryLimit`.
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -15,19 +17,19 @@ use crate::registry::{now, Registry, Sub, WriteOptions};
 
 pub struct DeploymentController {
     pub reg: Arc<Registry>,
-    pub deployments: Arc<Cache>,
-    pub replicasets: Arc<Cache>,
+    pub deployments: Arc<Cache<Deployment>>,
+    pub replicasets: Arc<Cache<ReplicaSet>>,
     /// Pods, to know whether an old ReplicaSet's pods still run (Recreate waits for them).
-    pub pods: Arc<Cache>,
+    pub pods: Arc<Cache<Pod>>,
     expect: Expectations,
 }
 
 impl DeploymentController {
     pub fn new(
         reg: Arc<Registry>,
-        deployments: Arc<Cache>,
-        replicasets: Arc<Cache>,
-        pods: Arc<Cache>,
+        deployments: Arc<Cache<Deployment>>,
+        replicasets: Arc<Cache<ReplicaSet>>,
+        pods: Arc<Cache<Pod>>,
     ) -> Self {
         DeploymentController {
             reg,
@@ -46,9 +48,9 @@ impl DeploymentController {
             return true;
         }
         let uids: std::collections::HashSet<&str> = old.iter().map(meta::uid).collect();
-        self.pods.list(ns).iter().any(|p| {
+        self.pods.list_raw(ns).iter().any(|p| {
             meta::controller_uid(p).is_some_and(|u| uids.contains(u.as_str()))
-                && !super::pods::is_terminal(p)
+                && !super::pods::raw::is_terminal(p)
         })
     }
 }
@@ -295,7 +297,7 @@ impl DeploymentController {
             } else {
                 "down"
             };
-            super::events::record(
+            super::events::record_raw(
                 &self.reg,
                 d,
                 "Normal",
@@ -489,7 +491,7 @@ impl Reconciler for DeploymentController {
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         self.expect.settle(key, &self.replicasets).await;
-        let Some(d) = self.deployments.get(key) else {
+        let Some(d) = self.deployments.get_raw(key) else {
             self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
@@ -501,7 +503,7 @@ impl Reconciler for DeploymentController {
         let uid = meta::uid(&d).to_string();
         let mut owned: Vec<Value> = self
             .replicasets
-            .list(ns)
+            .list_raw(ns)
             .into_iter()
             .filter(|rs| {
                 meta::controller_uid(rs).as_deref() == Some(uid.as_str()) && !meta::is_deleting(rs)
@@ -584,7 +586,7 @@ impl Reconciler for DeploymentController {
                 Err(e) => return Err(e),
             };
             last = last.max(meta::resource_version(&created).unwrap_or(0));
-            super::events::record(
+            super::events::record_raw(
                 &self.reg,
                 &d,
                 "Normal",

@@ -2,6 +2,7 @@
 //! pods, disruptions allowed) current, for `kubectl get pdb`. Evictions do not read it: the
 //! registry counts the budget afresh under its eviction lock (see `Registry::evict`).
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -14,9 +15,9 @@ use crate::registry::{Registry, Sub, WriteOptions};
 
 pub struct Disruption {
     pub reg: Arc<Registry>,
-    pub budgets: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub replicasets: Arc<Cache>,
+    pub budgets: Arc<Cache<PodDisruptionBudget>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub replicasets: Arc<Cache<ReplicaSet>>,
 }
 
 impl Disruption {
@@ -24,14 +25,14 @@ impl Disruption {
     pub fn check(&self) -> Result<usize, ApiError> {
         let r = Resource::lookup("poddisruptionbudgets").expect("pdbs");
         let mut written = 0;
-        for obj in self.budgets.list(None) {
+        for obj in self.budgets.list_raw(None) {
             let Ok(pdb) = serde_json::from_value::<PodDisruptionBudget>((*obj).clone()) else {
                 continue;
             };
             let ns = meta::namespace(&obj);
             let pods: Vec<Pod> = self
                 .pods
-                .list(ns)
+                .list_raw(ns)
                 .iter()
                 .filter_map(|p| serde_json::from_value((**p).clone()).ok())
                 .collect();
@@ -41,7 +42,7 @@ impl Disruption {
                 }
                 let rs = self
                     .replicasets
-                    .get(&format!("{}/{name}", ns.unwrap_or("default")))?;
+                    .get_raw(&format!("{}/{name}", ns.unwrap_or("default")))?;
                 rs.pointer("/spec/replicas")
                     .and_then(Value::as_i64)
                     .map(|n| n as i32)

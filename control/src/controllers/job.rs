@@ -32,13 +32,13 @@ const BURST: usize = 500;
 
 pub struct JobController {
     pub reg: Arc<Registry>,
-    pub jobs: Arc<Cache>,
-    pub pods: Arc<Cache>,
+    pub jobs: Arc<Cache<Job>>,
+    pub pods: Arc<Cache<Pod>>,
     expect: Expectations,
 }
 
 impl JobController {
-    pub fn new(reg: Arc<Registry>, jobs: Arc<Cache>, pods: Arc<Cache>) -> Self {
+    pub fn new(reg: Arc<Registry>, jobs: Arc<Cache<Job>>, pods: Arc<Cache<Pod>>) -> Self {
         JobController {
             reg,
             jobs,
@@ -295,7 +295,7 @@ impl JobController {
             .pointer("/spec/template")
             .cloned()
             .unwrap_or(json!({}));
-        let mut pod = super::pods::from_template(job_v, "Job", &template);
+        let mut pod = super::pods::raw::from_template(job_v, "Job", &template);
         let name = job.metadata.name.clone().unwrap_or_default();
         let uid = job.metadata.uid.clone().unwrap_or_default();
         pod["metadata"]["ownerReferences"][0]["apiVersion"] = json!("batch/v1");
@@ -344,7 +344,7 @@ impl Reconciler for JobController {
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         self.expect.settle(key, &self.pods).await;
-        let Some(job_v) = self.jobs.get(key) else {
+        let Some(job_v) = self.jobs.get_raw(key) else {
             self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
@@ -366,7 +366,7 @@ impl Reconciler for JobController {
 
         let owned: Vec<Pod> = self
             .pods
-            .list(ns)
+            .list_raw(ns)
             .into_iter()
             .filter(|p| meta::controller_uid(p).as_deref() == Some(uid.as_str()))
             .filter(|p| sel.matches(&meta::labels(p)))
@@ -519,7 +519,14 @@ impl Reconciler for JobController {
             if *ty == "Failed" {
                 set_condition(&mut st, "FailureTarget", "True", reason, msg, now);
                 set_condition(&mut st, "Failed", "True", reason, msg, now);
-                super::events::record(&self.reg, &job_v, "Warning", reason, msg, "job-controller");
+                super::events::record_raw(
+                    &self.reg,
+                    &job_v,
+                    "Warning",
+                    reason,
+                    msg,
+                    "job-controller",
+                );
             } else {
                 set_condition(
                     &mut st,
@@ -538,7 +545,7 @@ impl Reconciler for JobController {
                     now,
                 );
                 st.completion_time = Some(time(now));
-                super::events::record(
+                super::events::record_raw(
                     &self.reg,
                     &job_v,
                     "Normal",
@@ -565,7 +572,7 @@ impl Reconciler for JobController {
                     "Job suspended",
                     now,
                 );
-                super::events::record(
+                super::events::record_raw(
                     &self.reg,
                     &job_v,
                     "Normal",
@@ -589,7 +596,7 @@ impl Reconciler for JobController {
                 );
                 // The deadline counts from the resume, as Kubernetes resets startTime.
                 st.start_time = Some(time(now));
-                super::events::record(
+                super::events::record_raw(
                     &self.reg,
                     &job_v,
                     "Normal",
@@ -648,7 +655,7 @@ impl Reconciler for JobController {
                 match self.reg.create(pods_r, ns, pod, &opts) {
                     Ok(p) => last_rev = last_rev.max(meta::resource_version(&p).unwrap_or(0)),
                     Err(e) => {
-                        super::events::record(
+                        super::events::record_raw(
                             &self.reg,
                             &job_v,
                             "Warning",
@@ -772,8 +779,8 @@ mod tests {
             )
             .unwrap();
             let (stop, rx) = watch::channel(false);
-            let jobs = Cache::new(res("jobs"));
-            let pods = Cache::new(res("pods"));
+            let jobs = Cache::<Job>::new();
+            let pods = Cache::<Pod>::new();
             tokio::spawn(jobs.clone().run(reg.clone(), rx.clone()));
             tokio::spawn(pods.clone().run(reg.clone(), rx));
             let c = JobController::new(reg.clone(), jobs, pods);
@@ -829,7 +836,7 @@ mod tests {
             fn pods(&self) -> Vec<Value> {
                 self.c
                     .pods
-                    .list(Some("default"))
+                    .list_raw(Some("default"))
                     .iter()
                     .filter(|p| !meta::is_deleting(p))
                     .map(|p| (**p).clone())

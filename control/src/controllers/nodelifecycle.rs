@@ -111,9 +111,9 @@ struct Probe {
 
 pub struct NodeLifecycle {
     pub reg: Arc<Registry>,
-    pub nodes: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub leases: Arc<Cache>,
+    pub nodes: Arc<Cache<Node>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub leases: Arc<Cache<Lease>>,
     pub grace: Duration,
     probes: Mutex<HashMap<String, Probe>>,
 }
@@ -121,9 +121,9 @@ pub struct NodeLifecycle {
 impl NodeLifecycle {
     pub fn new(
         reg: Arc<Registry>,
-        nodes: Arc<Cache>,
-        pods: Arc<Cache>,
-        leases: Arc<Cache>,
+        nodes: Arc<Cache<Node>>,
+        pods: Arc<Cache<Pod>>,
+        leases: Arc<Cache<Lease>>,
         grace: Duration,
     ) -> NodeLifecycle {
         NodeLifecycle {
@@ -146,7 +146,7 @@ impl NodeLifecycle {
     fn stale(&self, name: &str, node: &Node, now: Instant) -> Option<bool> {
         let lease: Option<Lease> = self
             .leases
-            .get(&format!("{NODE_LEASE_NAMESPACE}/{name}"))
+            .get_raw(&format!("{NODE_LEASE_NAMESPACE}/{name}"))
             .and_then(|l| serde_json::from_value((*l).clone()).ok());
         let renew = lease
             .and_then(|l| l.spec?.renew_time)
@@ -176,7 +176,7 @@ impl NodeLifecycle {
     /// One pass as of `now`.
     pub fn check_at(&self, now: Instant) -> Result<(), ApiError> {
         let nodes_r = Resource::lookup("nodes").expect("nodes");
-        let all = self.nodes.list(None);
+        let all = self.nodes.list_raw(None);
         self.probes
             .lock()
             .expect("probes")
@@ -226,7 +226,7 @@ impl NodeLifecycle {
                     Err(e) => return Err(e),
                 };
                 tracing::warn!(node = %name, "node stopped heartbeating; marking it NotReady");
-                super::events::record(
+                super::events::record_raw(
                     &self.reg,
                     &obj,
                     "Normal",
@@ -269,7 +269,7 @@ impl NodeLifecycle {
                 .ok()
                 .and_then(|p| p.status?.conditions)
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
-            if already || super::pods::is_terminal(&p) {
+            if already || super::pods::raw::is_terminal(&p) {
                 continue;
             }
             let mut np = (*p).clone();
@@ -319,7 +319,7 @@ impl NodeLifecycle {
 
     fn pods_on(&self, node: &str) -> Vec<Arc<Value>> {
         self.pods
-            .list(None)
+            .list_raw(None)
             .into_iter()
             .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node))
             .collect()
@@ -445,35 +445,34 @@ mod tests {
         }
         let lc = NodeLifecycle::new(
             reg.clone(),
-            Cache::new(res("nodes")),
-            Cache::new(res("pods")),
-            Cache::new(res("leases")),
+            Cache::<Node>::new(),
+            Cache::<Pod>::new(),
+            Cache::<Lease>::new(),
             Duration::from_secs(15),
         );
         World { reg, lc, _dir: dir }
     }
 
+    fn fill<K: crate::controllers::runtime::Object>(reg: &Registry, c: &Cache<K>) {
+        let (all, _) = reg
+            .list(
+                c.resource,
+                None,
+                &skiff_api::selector::Selector::everything(),
+                &skiff_api::fields::FieldSelector::default(),
+            )
+            .unwrap();
+        for o in all {
+            c.insert(o);
+        }
+    }
+
     impl World {
         /// Mirrors the store into the caches, as the watches would.
         fn sync(&self) {
-            for (r, c) in [
-                ("nodes", &self.lc.nodes),
-                ("pods", &self.lc.pods),
-                ("leases", &self.lc.leases),
-            ] {
-                let (all, _) = self
-                    .reg
-                    .list(
-                        res(r),
-                        None,
-                        &skiff_api::selector::Selector::everything(),
-                        &skiff_api::fields::FieldSelector::default(),
-                    )
-                    .unwrap();
-                for o in all {
-                    c.insert(o);
-                }
-            }
+            fill(&self.reg, &self.lc.nodes);
+            fill(&self.reg, &self.lc.pods);
+            fill(&self.reg, &self.lc.leases);
         }
 
         fn node(&self) -> Node {

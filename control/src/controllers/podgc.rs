@@ -21,7 +21,7 @@ use serde_json::Value;
 use skiff_api::{meta, ApiError, Resource};
 
 use super::nodelifecycle::is_ready;
-use super::pods::is_terminal;
+use super::pods::raw::is_terminal;
 use super::runtime::Cache;
 use crate::registry::{DeleteOptions, Registry};
 
@@ -30,8 +30,8 @@ pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
 
 pub struct PodGc {
     pub reg: Arc<Registry>,
-    pub pods: Arc<Cache>,
-    pub nodes: Arc<Cache>,
+    pub pods: Arc<Cache<Pod>>,
+    pub nodes: Arc<Cache<Node>>,
     /// Finished pods kept at most; 0 keeps them all (`--terminated-pod-gc-threshold`).
     pub terminated_threshold: usize,
     /// How long a node must be missing before its pods are collected.
@@ -90,8 +90,8 @@ fn out_of_service(node: &Value) -> bool {
 impl PodGc {
     pub fn new(
         reg: Arc<Registry>,
-        pods: Arc<Cache>,
-        nodes: Arc<Cache>,
+        pods: Arc<Cache<Pod>>,
+        nodes: Arc<Cache<Node>>,
         terminated_threshold: usize,
         quarantine: Duration,
     ) -> PodGc {
@@ -107,10 +107,10 @@ impl PodGc {
 
     /// One pass. Returns how many pods it deleted.
     pub fn check(&self) -> Result<usize, ApiError> {
-        let pods = self.pods.list(None);
+        let pods = self.pods.list_raw(None);
         let nodes: HashMap<String, Arc<Value>> = self
             .nodes
-            .list(None)
+            .list_raw(None)
             .into_iter()
             .map(|n| (meta::name(&n).to_string(), n))
             .collect();
@@ -231,8 +231,8 @@ mod tests {
 
     struct World {
         reg: Arc<Registry>,
-        pods: Arc<Cache>,
-        nodes: Arc<Cache>,
+        pods: Arc<Cache<Pod>>,
+        nodes: Arc<Cache<Node>>,
         _dir: tempfile::TempDir,
     }
 
@@ -250,8 +250,8 @@ mod tests {
             .unwrap();
             World {
                 reg,
-                pods: Cache::new(res("pods")),
-                nodes: Cache::new(res("nodes")),
+                pods: Cache::<Pod>::new(),
+                nodes: Cache::<Node>::new(),
                 _dir: dir,
             }
         }

@@ -38,9 +38,9 @@ struct Expect {
 
 pub struct StatefulSetController {
     pub reg: Arc<Registry>,
-    pub sets: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub claims: Arc<Cache>,
+    pub sets: Arc<Cache<StatefulSet>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub claims: Arc<Cache<PersistentVolumeClaim>>,
     /// Revision of this controller's last pod and claim write per key: the next reconcile
     /// waits until the caches have seen them.
     expect: Mutex<HashMap<String, Expect>>,
@@ -328,7 +328,12 @@ pub fn plan(set: &StatefulSet, pods: &BTreeMap<usize, Pod>, update_rev: &str) ->
 }
 
 impl StatefulSetController {
-    pub fn new(reg: Arc<Registry>, sets: Arc<Cache>, pods: Arc<Cache>, claims: Arc<Cache>) -> Self {
+    pub fn new(
+        reg: Arc<Registry>,
+        sets: Arc<Cache<StatefulSet>>,
+        pods: Arc<Cache<Pod>>,
+        claims: Arc<Cache<PersistentVolumeClaim>>,
+    ) -> Self {
         StatefulSetController {
             reg,
             sets,
@@ -372,7 +377,7 @@ impl Reconciler for StatefulSetController {
                 self.claims.wait_for(want.claims).await;
             }
         }
-        let Some(obj) = self.sets.get(key) else {
+        let Some(obj) = self.sets.get_raw(key) else {
             self.expect.lock().expect("expect").remove(key);
             self.templates.lock().expect("templates").remove(key);
             return Ok(Action::AwaitChange);
@@ -388,7 +393,7 @@ impl Reconciler for StatefulSetController {
         let opts = WriteOptions::default();
 
         let mut owned: BTreeMap<usize, Pod> = BTreeMap::new();
-        for p in self.pods.list(ns) {
+        for p in self.pods.list_raw(ns) {
             if meta::controller_uid(&p).as_deref() != Some(uid.as_str()) {
                 continue;
             }
@@ -419,7 +424,7 @@ impl Reconciler for StatefulSetController {
                 let cname = c.metadata.name.clone().unwrap_or_default();
                 if self
                     .claims
-                    .get(&format!("{}/{cname}", ns.unwrap_or("")))
+                    .get_raw(&format!("{}/{cname}", ns.unwrap_or("")))
                     .is_some()
                 {
                     continue;
@@ -428,7 +433,7 @@ impl Reconciler for StatefulSetController {
                     Ok(o) => self.note(key, &o, true),
                     Err(e) if e.code == 409 => {}
                     Err(e) => {
-                        super::events::record(
+                        super::events::record_raw(
                             &self.reg,
                             &obj,
                             "Warning",
@@ -473,7 +478,7 @@ impl Reconciler for StatefulSetController {
             match self.reg.create(pods_r, ns, to_value(&pod)?, &opts) {
                 Ok(o) => {
                     self.note(key, &o, false);
-                    super::events::record(
+                    super::events::record_raw(
                         &self.reg,
                         &obj,
                         "Normal",
@@ -485,7 +490,7 @@ impl Reconciler for StatefulSetController {
                 // Still there under its old self (being deleted): the next pass sees it.
                 Err(e) if e.code == 409 => {}
                 Err(e) => {
-                    super::events::record(
+                    super::events::record_raw(
                         &self.reg,
                         &obj,
                         "Warning",
@@ -505,7 +510,7 @@ impl Reconciler for StatefulSetController {
             match self.reg.delete(pods_r, ns, pname, &Default::default()) {
                 Ok(o) => {
                     self.note(key, &o, false);
-                    super::events::record(
+                    super::events::record_raw(
                         &self.reg,
                         &obj,
                         "Normal",
@@ -544,11 +549,11 @@ impl Reconciler for StatefulSetController {
             .unwrap_or_else(|| update_rev.clone());
         let live: Vec<Arc<Value>> = self
             .pods
-            .list(ns)
+            .list_raw(ns)
             .into_iter()
             .filter(|p| meta::controller_uid(p).as_deref() == Some(uid.as_str()))
             .filter(|p| ordinal_of(name, meta::name(p)).is_some())
-            .filter(|p| !pods::is_terminal(p) && !meta::is_deleting(p))
+            .filter(|p| !pods::raw::is_terminal(p) && !meta::is_deleting(p))
             .collect();
         let rev_of = |p: &Value| {
             meta::labels(p)
@@ -565,10 +570,10 @@ impl Reconciler for StatefulSetController {
         let status = StatefulSetStatus {
             observed_generation: set.metadata.generation,
             replicas: live.len() as i32,
-            ready_replicas: Some(live.iter().filter(|p| pods::is_ready(p)).count() as i32),
+            ready_replicas: Some(live.iter().filter(|p| pods::raw::is_ready(p)).count() as i32),
             available_replicas: Some(
                 live.iter()
-                    .filter(|p| pods::is_available(p, min_ready, now))
+                    .filter(|p| pods::raw::is_available(p, min_ready, now))
                     .count() as i32,
             ),
             current_replicas: Some(live.iter().filter(|p| rev_of(p) == current_rev).count() as i32),

@@ -80,8 +80,8 @@ pub fn decide(tolerations: &[Toleration], taints: &[Taint], now: Timestamp) -> E
 
 pub struct TaintEviction {
     pub reg: Arc<Registry>,
-    pub nodes: Arc<Cache>,
-    pub pods: Arc<Cache>,
+    pub nodes: Arc<Cache<Node>>,
+    pub pods: Arc<Cache<Pod>>,
 }
 
 impl TaintEviction {
@@ -93,7 +93,7 @@ impl TaintEviction {
     pub fn check_at(&self, now: Timestamp) -> Result<usize, ApiError> {
         let tainted: HashMap<String, Vec<Taint>> = self
             .nodes
-            .list(None)
+            .list_raw(None)
             .into_iter()
             .filter_map(|n| {
                 // Most nodes have no taint: only those with some are decoded.
@@ -115,8 +115,8 @@ impl TaintEviction {
         }
         let pods_r = Resource::lookup("pods").expect("pods");
         let mut deleted = 0;
-        for p in self.pods.list(None) {
-            if meta::is_deleting(&p) || super::pods::is_terminal(&p) {
+        for p in self.pods.list_raw(None) {
+            if meta::is_deleting(&p) || super::pods::raw::is_terminal(&p) {
                 continue;
             }
             let Some(node) = p.pointer("/spec/nodeName").and_then(Value::as_str) else {
@@ -139,7 +139,7 @@ impl TaintEviction {
                 pod = name,
                 "evicting pod from a NoExecute-tainted node"
             );
-            super::events::record(
+            super::events::record_raw(
                 &self.reg,
                 &p,
                 "Normal",
