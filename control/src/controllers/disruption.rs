@@ -2,16 +2,16 @@
 //! pods, disruptions allowed) current, for `kubectl get pdb`. Evictions do not read it: the
 //! registry counts the budget afresh under its eviction lock (see `Registry::evict`).
 
-use k8s_openapi::api::apps::v1::ReplicaSet;
 use std::sync::Arc;
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use serde_json::Value;
-use skiff_api::{disruption, meta, ApiError, Resource};
+use skiff_api::{disruption, ApiError};
 
+use super::api;
 use super::runtime::Cache;
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::Registry;
 
 pub struct Disruption {
     pub reg: Arc<Registry>,
@@ -23,46 +23,24 @@ pub struct Disruption {
 impl Disruption {
     /// One pass over every budget. Returns how many statuses it wrote.
     pub fn check(&self) -> Result<usize, ApiError> {
-        let r = Resource::lookup("poddisruptionbudgets").expect("pdbs");
         let mut written = 0;
-        for obj in self.budgets.list_raw(None) {
-            let Ok(pdb) = serde_json::from_value::<PodDisruptionBudget>((*obj).clone()) else {
-                continue;
-            };
-            let ns = meta::namespace(&obj);
-            let pods: Vec<Pod> = self
-                .pods
-                .list_raw(ns)
-                .iter()
-                .filter_map(|p| serde_json::from_value((**p).clone()).ok())
-                .collect();
+        for pdb in self.budgets.list(None) {
+            let ns = pdb.metadata.namespace.as_deref();
+            let pods: Vec<Pod> = self.pods.list(ns).iter().map(|p| (**p).clone()).collect();
             let scale = |kind: &str, name: &str| {
                 if kind != "ReplicaSet" {
                     return None;
                 }
                 let rs = self
                     .replicasets
-                    .get_raw(&format!("{}/{name}", ns.unwrap_or("default")))?;
-                rs.pointer("/spec/replicas")
-                    .and_then(Value::as_i64)
-                    .map(|n| n as i32)
+                    .get(&format!("{}/{name}", ns.unwrap_or("default")))?;
+                rs.spec.replicas
             };
             let status = disruption::budget(&pdb, &pods, scale).to_status(pdb.metadata.generation);
-            let want =
-                serde_json::to_value(&status).map_err(|e| ApiError::internal(e.to_string()))?;
-            if obj.get("status") == Some(&want) {
+            if pdb.status.as_ref() == Some(&status) {
                 continue;
             }
-            let mut next: Value = (*obj).clone();
-            next["status"] = want;
-            match self.reg.update(
-                r,
-                ns,
-                meta::name(&obj),
-                next,
-                Sub::Status,
-                &WriteOptions::default(),
-            ) {
+            match api::update_status(&self.reg, &*pdb, &status) {
                 Ok(_) => written += 1,
                 Err(e) if e.code == 404 || e.code == 409 => {}
                 Err(e) => return Err(e),

@@ -12,35 +12,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint};
-use serde_json::{json, Value};
-use skiff_api::{meta, ApiError, Resource};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, PodCondition, Taint};
+use serde_json::json;
+use skiff_api::conditions::{self, Condition};
+use skiff_api::ApiError;
 
+use super::api;
 use super::runtime::Cache;
-use crate::registry::{set_condition, Registry, Sub, WriteOptions};
+use crate::registry::{Registry, Sub};
 
 pub use skiff_api::defaults::{NOT_READY_TAINT, UNREACHABLE_TAINT};
 
 /// Where node Leases live.
 pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 
-pub fn ready_condition(node: &Value) -> Option<&Value> {
-    node.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+fn ready_condition(node: &Node) -> Option<&NodeCondition> {
+    conditions::get(node.status.as_ref()?.conditions.as_deref(), "Ready")
 }
 
-pub fn is_ready(node: &Value) -> bool {
-    ready_condition(node).is_some_and(|c| c["status"] == "True")
-}
-
-fn typed_ready(node: &Node) -> Option<&NodeCondition> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Ready")
+pub fn is_ready(node: &Node) -> bool {
+    ready_condition(node).is_some_and(|c| c.status == "True")
 }
 
 /// What the controller wants of a node, from its Ready status and whether it went silent.
@@ -144,17 +135,14 @@ impl NodeLifecycle {
     /// Whether `node`'s Lease and Ready heartbeat have stood still for the grace period as of
     /// `now`; records what it saw. None for a node no agent ever reported for.
     fn stale(&self, name: &str, node: &Node, now: Instant) -> Option<bool> {
-        let lease: Option<Lease> = self
-            .leases
-            .get_raw(&format!("{NODE_LEASE_NAMESPACE}/{name}"))
-            .and_then(|l| serde_json::from_value((*l).clone()).ok());
+        let lease = self.leases.get(&format!("{NODE_LEASE_NAMESPACE}/{name}"));
         let renew = lease
-            .and_then(|l| l.spec?.renew_time)
+            .and_then(|l| l.spec.as_ref()?.renew_time.clone())
             .map(|t| t.0.to_string());
-        let heartbeat = typed_ready(node)
+        let heartbeat = ready_condition(node)
             .and_then(|c| c.last_heartbeat_time.as_ref())
             .map(|t| t.0.to_string());
-        if renew.is_none() && typed_ready(node).is_none() {
+        if renew.is_none() && ready_condition(node).is_none() {
             return None;
         }
         let mut probes = self.probes.lock().expect("probes");
@@ -175,50 +163,50 @@ impl NodeLifecycle {
 
     /// One pass as of `now`.
     pub fn check_at(&self, now: Instant) -> Result<(), ApiError> {
-        let nodes_r = Resource::lookup("nodes").expect("nodes");
-        let all = self.nodes.list_raw(None);
+        let all = self.nodes.list(None);
         self.probes
             .lock()
             .expect("probes")
-            .retain(|n, _| all.iter().any(|o| meta::name(o) == n));
-        for mut obj in all {
-            let name = meta::name(&obj).to_string();
-            let Ok(node) = serde_json::from_value::<Node>((*obj).clone()) else {
-                continue;
-            };
+            .retain(|n, _| all.iter().any(|o| o.metadata.name.as_deref() == Some(n)));
+        for node in all {
+            let name = node.metadata.name.clone().unwrap_or_default();
             let Some(stale) = self.stale(&name, &node, now) else {
                 continue;
             };
-            let ready = typed_ready(&node).map_or("", |c| c.status.as_str());
+            let ready = ready_condition(&node).map_or("", |c| c.status.as_str());
             let v = verdict(ready, stale);
+            // The version the next write expects.
+            let mut rv = node.metadata.resource_version.clone();
             if v.mark_unknown {
-                let mut next = (*obj).clone();
-                let heartbeat = ready_condition(&obj).map(|c| c["lastHeartbeatTime"].clone());
-                set_condition(
-                    &mut next,
-                    "Ready",
-                    "Unknown",
-                    "NodeStatusUnknown",
-                    "Kubelet stopped posting node status.",
+                let mut conds = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                let heartbeat = ready_condition(&node).and_then(|c| c.last_heartbeat_time.clone());
+                let t = api::now();
+                conditions::set(
+                    &mut conds,
+                    NodeCondition::new(
+                        "Ready",
+                        "Unknown",
+                        "NodeStatusUnknown",
+                        "Kubelet stopped posting node status.",
+                        &t,
+                    ),
+                    &t,
                 );
-                if let Some(c) = next
-                    .pointer_mut("/status/conditions")
-                    .and_then(Value::as_array_mut)
-                    .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready"))
-                {
+                if let Some(c) = conds.iter_mut().find(|c| c.type_ == "Ready") {
                     // The heartbeat stays what the agent last posted.
-                    c["lastHeartbeatTime"] = heartbeat.unwrap_or(Value::Null);
-                    if let Some(m) = c.as_object_mut() {
-                        m.remove("lastProbeTime");
-                    }
+                    c.last_heartbeat_time = heartbeat;
                 }
-                let updated = match self.reg.update(
-                    nodes_r,
+                // Only the conditions are written: the rest of the status is the agent's.
+                let updated = match api::patch::<Node>(
+                    &self.reg,
                     None,
                     &name,
-                    next,
+                    &json!({"metadata": {"resourceVersion": rv}, "status": {"conditions": conds}}),
                     Sub::Status,
-                    &WriteOptions::default(),
                 ) {
                     Ok(u) => u,
                     // Changed meanwhile (the agent is back, say) or gone: next pass.
@@ -226,16 +214,16 @@ impl NodeLifecycle {
                     Err(e) => return Err(e),
                 };
                 tracing::warn!(node = %name, "node stopped heartbeating; marking it NotReady");
-                super::events::record_raw(
+                super::events::record(
                     &self.reg,
-                    &obj,
+                    &*node,
                     "Normal",
                     "NodeNotReady",
                     &format!("Node {name} status is now: NodeNotReady"),
                     "node-controller",
                 );
                 // The taint follows at once, on the node as just written.
-                obj = Arc::new(updated);
+                rv = updated.metadata.resource_version;
             }
             if stale {
                 // Level-triggered: a write that failed last pass (a pod changed meanwhile)
@@ -254,7 +242,7 @@ impl NodeLifecycle {
                         tracing::info!(node = %name, "node is healthy again; removing its taints")
                     }
                 }
-                self.set_taints(&obj, next)?;
+                self.set_taints(&name, rv, next)?;
             }
         }
         Ok(())
@@ -263,52 +251,46 @@ impl NodeLifecycle {
     /// Marks the pods on an unreachable node not ready (so services drop them), those that
     /// are not already. A write that fails is retried on the next pass.
     fn mark_pods_not_ready(&self, node: &str) {
-        let pods_r = Resource::lookup("pods").expect("pods");
         for p in self.pods_on(node) {
-            let already = serde_json::from_value::<Pod>((*p).clone())
-                .ok()
-                .and_then(|p| p.status?.conditions)
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
-            if already || super::pods::raw::is_terminal(&p) {
+            let mut status = p.status.clone().unwrap_or_default();
+            let mut conds = status.conditions.take().unwrap_or_default();
+            let already = conds
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False");
+            if already || super::pods::is_terminal(&p) {
                 continue;
             }
-            let mut np = (*p).clone();
-            set_condition(
-                &mut np,
-                "Ready",
-                "False",
-                "NodeNotReady",
-                "node is not ready",
+            let t = api::now();
+            conditions::set(
+                &mut conds,
+                PodCondition::new("Ready", "False", "NodeNotReady", "node is not ready", &t),
+                &t,
             );
-            match self.reg.update(
-                pods_r,
-                meta::namespace(&p),
-                meta::name(&p),
-                np,
-                Sub::Status,
-                &WriteOptions::default(),
-            ) {
+            status.conditions = Some(conds);
+            match api::update_status(&self.reg, &*p, &status) {
                 Ok(_) => {}
                 Err(e) if e.code == 404 || e.code == 409 => {}
                 Err(e) => {
-                    tracing::warn!(node, pod = meta::name(&p), error = %e, "marking a pod not ready failed")
+                    let pod = p.metadata.name.as_deref().unwrap_or("");
+                    tracing::warn!(node, pod, error = %e, "marking a pod not ready failed")
                 }
             }
         }
     }
 
-    fn set_taints(&self, node: &Value, taints: Vec<Taint>) -> Result<(), ApiError> {
-        let mut next = node.clone();
-        next["spec"]["taints"] =
-            serde_json::to_value(taints).map_err(|e| ApiError::internal(e.to_string()))?;
-        let nodes_r = Resource::lookup("nodes").expect("nodes");
-        match self.reg.update(
-            nodes_r,
+    /// Sets the node's taints, if it is still at `rv`.
+    fn set_taints(
+        &self,
+        name: &str,
+        rv: Option<String>,
+        taints: Vec<Taint>,
+    ) -> Result<(), ApiError> {
+        match api::patch::<Node>(
+            &self.reg,
             None,
-            meta::name(node),
-            next,
+            name,
+            &json!({"metadata": {"resourceVersion": rv}, "spec": {"taints": taints}}),
             Sub::Main,
-            &WriteOptions::default(),
         ) {
             Ok(_) => Ok(()),
             // The node changed meanwhile (an agent's status, a cordon): next pass.
@@ -317,11 +299,11 @@ impl NodeLifecycle {
         }
     }
 
-    fn pods_on(&self, node: &str) -> Vec<Arc<Value>> {
+    fn pods_on(&self, node: &str) -> Vec<Arc<Pod>> {
         self.pods
-            .list_raw(None)
+            .list(None)
             .into_iter()
-            .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node))
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
             .collect()
     }
 }
@@ -329,7 +311,17 @@ impl NodeLifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::ClusterConfig;
+    use crate::registry::{set_condition, ClusterConfig, WriteOptions};
+    use serde_json::Value;
+    use skiff_api::Resource;
+
+    /// The Ready condition of a stored node or pod.
+    fn raw_ready(obj: &Value) -> Option<&Value> {
+        obj.pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")
+    }
     use crate::store::sled::SledStore;
 
     fn res(n: &str) -> &'static Resource {
@@ -338,7 +330,7 @@ mod tests {
 
     fn pod_ready(reg: &Registry) -> Value {
         let p = reg.get(res("pods"), Some("default"), "p").expect("pod");
-        ready_condition(&p)
+        raw_ready(&p)
             .map(|c| c["status"].clone())
             .unwrap_or(Value::Null)
     }
@@ -539,16 +531,16 @@ mod tests {
         w.lc.check_at(t0 + Duration::from_secs(24)).unwrap();
         assert!(w.taint_keys().is_empty());
         assert_eq!(
-            ready_condition(&serde_json::to_value(w.node()).unwrap()).unwrap()["status"],
+            raw_ready(&serde_json::to_value(w.node()).unwrap()).unwrap()["status"],
             "True"
         );
         // Silent for longer than the grace period: Unknown and tainted unreachable at once.
         w.lc.check_at(t0 + Duration::from_secs(26)).unwrap();
         w.sync();
         let n = serde_json::to_value(w.node()).unwrap();
-        assert_eq!(ready_condition(&n).unwrap()["status"], "Unknown");
+        assert_eq!(raw_ready(&n).unwrap()["status"], "Unknown");
         assert_eq!(
-            ready_condition(&n).unwrap()["lastHeartbeatTime"],
+            raw_ready(&n).unwrap()["lastHeartbeatTime"],
             "2020-01-01T00:00:00Z",
             "the agent's last heartbeat is kept"
         );
@@ -630,7 +622,7 @@ mod tests {
         w.lc.check_at(t0).unwrap();
         w.lc.check_at(t0 + Duration::from_secs(16)).unwrap();
         let n1 = reg.get(res("nodes"), None, "n1").unwrap();
-        assert_eq!(ready_condition(&n1).unwrap()["status"], "Unknown");
+        assert_eq!(raw_ready(&n1).unwrap()["status"], "Unknown");
         assert_eq!(
             pod_ready(reg),
             "True",
