@@ -720,9 +720,9 @@ mod tests {
     mod controller {
         use super::super::*;
         use crate::registry::{ClusterConfig, Sub, WriteOptions};
+        use crate::store::sled::SledStore;
         use serde_json::{json, Value};
         use skiff_api::{meta, Resource};
-        use crate::store::sled::SledStore;
         use tokio::sync::watch;
 
         fn res(p: &str) -> &'static Resource {
