@@ -28,15 +28,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
-use skiff_api::patch::PatchKind;
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
+use super::api::{self, encode};
 use super::deployment::{normalized, template_hash};
 use super::pods;
-use super::replicaset::{now_unix, selector_of};
+use super::replicaset::{now_unix, selector};
 use super::runtime::{split_key, Action, Cache, Reconciler};
 use super::scheduler::{self, NodeInfo, PodRequest, UNSCHEDULABLE_TAINT};
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::{Registry, Sub};
 
 /// The label naming the template version of a revision and of the pods made from it.
 pub const REVISION_HASH_LABEL: &str = "controller-revision-hash";
@@ -49,16 +49,13 @@ const MANAGER: &str = "daemonset-controller";
 const FAILED_BACKOFF_START: Duration = Duration::from_secs(1);
 const FAILED_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(e.to_string())
-}
-
-fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_json::from_value(v.clone()).map_err(internal)
-}
-
-fn encode<T: serde::Serialize>(t: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(t).map_err(internal)
+/// The uid of the controller owning an object.
+fn controller_uid(m: &ObjectMeta) -> Option<&str> {
+    m.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
 }
 
 /// The tolerations the Kubernetes DaemonSet controller gives every daemon pod, so it keeps
@@ -200,26 +197,28 @@ pub struct DaemonPod {
 }
 
 impl DaemonPod {
-    fn from_pod(p: &Value, hash: &str, generation: i64, min_ready: i64, now: i64) -> DaemonPod {
-        let labels = meta::labels(p);
+    fn from_pod(p: &Pod, hash: &str, generation: i64, min_ready: i64, now: i64) -> DaemonPod {
+        let no_labels = BTreeMap::new();
+        let labels = p.metadata.labels.as_ref().unwrap_or(&no_labels);
         DaemonPod {
-            name: meta::name(p).to_string(),
+            name: p.metadata.name.clone().unwrap_or_default(),
             updated: labels.get(REVISION_HASH_LABEL).map(String::as_str) == Some(hash)
                 || (!labels.contains_key(REVISION_HASH_LABEL)
                     && labels.get(TEMPLATE_GENERATION_LABEL) == Some(&generation.to_string())),
-            ready: pods::raw::is_ready(p),
-            available: pods::raw::is_available(p, min_ready, now),
-            deleting: meta::is_deleting(p),
+            ready: pods::is_ready(p),
+            available: pods::is_available(p, min_ready, now),
+            deleting: p.metadata.deletion_timestamp.is_some(),
             phase: p
-                .pointer("/status/phase")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default(),
             created: p
-                .pointer("/metadata/creationTimestamp")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -481,23 +480,20 @@ impl DaemonSetController {
     fn sync_revisions(
         &self,
         ds: &DaemonSet,
-        ds_json: &Value,
         template: &Value,
     ) -> Result<(String, Vec<ControllerRevision>, u64), ApiError> {
-        let ns = meta::namespace(ds_json);
-        let uid = meta::uid(ds_json);
-        let name = meta::name(ds_json);
-        let r = Resource::lookup("controllerrevisions").expect("controllerrevisions");
+        let ns = ds.metadata.namespace.as_deref();
+        let uid = ds.metadata.uid.as_deref().unwrap_or("");
+        let name = ds.metadata.name.as_deref().unwrap_or("");
         let mut revs: Vec<ControllerRevision> = self
             .revisions
-            .list_raw(ns)
+            .list(ns)
             .iter()
-            .filter(|v| meta::controller_uid(v).as_deref() == Some(uid))
-            .map(|v| decode(v))
-            .collect::<Result<_, _>>()?;
+            .filter(|v| controller_uid(&v.metadata) == Some(uid))
+            .map(|v| (**v).clone())
+            .collect();
         let want = normalized(template);
         let max = revs.iter().filter_map(|r| r.revision).max().unwrap_or(0);
-        let opts = WriteOptions::default();
         let mut last = 0;
         let hash = match revs
             .iter_mut()
@@ -507,16 +503,8 @@ impl DaemonSetController {
                 // A template seen before (a rollback): its revision becomes the newest.
                 if cur.revision.unwrap_or(0) < max {
                     cur.revision = Some(max + 1);
-                    let out = self.reg.update(
-                        r,
-                        ns,
-                        cur.metadata.name.as_deref().unwrap_or(""),
-                        encode(&*cur)?,
-                        Sub::Main,
-                        &opts,
-                    )?;
-                    last = meta::resource_version(&out).unwrap_or(0);
-                    *cur = decode(&out)?;
+                    *cur = api::update(&self.reg, &*cur)?;
+                    last = api::revision(&cur.metadata);
                 }
                 cur.metadata
                     .labels
@@ -544,16 +532,16 @@ impl DaemonSetController {
                             a.remove("deprecated.daemonset.template.generation");
                             a
                         }),
-                        owner_references: Some(vec![owner_ref(ds_json)]),
+                        owner_references: Some(vec![pods::controller_ref(ds)]),
                         ..Default::default()
                     },
                     data: RawExtension(revision_data(template)),
                     revision: Some(max + 1),
                 };
-                match self.reg.create(r, ns, encode(&rev)?, &opts) {
+                match api::create(&self.reg, ns, &rev) {
                     Ok(out) => {
-                        last = meta::resource_version(&out).unwrap_or(0);
-                        revs.push(decode(&out)?);
+                        last = api::revision(&out.metadata);
+                        revs.push(out);
                     }
                     // Made by an earlier pass the cache has not shown yet.
                     Err(e) if e.code == 409 => {}
@@ -563,17 +551,6 @@ impl DaemonSetController {
             }
         };
         Ok((hash, revs, last))
-    }
-}
-
-fn owner_ref(ds: &Value) -> OwnerReference {
-    OwnerReference {
-        api_version: "apps/v1".into(),
-        kind: "DaemonSet".into(),
-        name: meta::name(ds).into(),
-        uid: meta::uid(ds).into(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
     }
 }
 
@@ -592,7 +569,7 @@ impl Reconciler for DaemonSetController {
                 self.revisions.wait_for(r).await;
             }
         }
-        let Some(ds_json) = self.daemonsets.get_raw(key) else {
+        let Some(ds) = self.daemonsets.get(key) else {
             self.expect.lock().expect("expect").remove(key);
             let prefix = (key.to_string(), String::new());
             self.backoff
@@ -601,15 +578,14 @@ impl Reconciler for DaemonSetController {
                 .retain(|k, _| k.0 != prefix.0);
             return Ok(Action::AwaitChange);
         };
-        if meta::is_deleting(&ds_json) {
+        if ds.metadata.deletion_timestamp.is_some() {
             return Ok(Action::AwaitChange);
         }
-        let (ns, name) = split_key(key);
-        let ds: DaemonSet = decode(&ds_json)?;
+        let (ns, _) = split_key(key);
         let spec = ds.spec.clone();
         let generation = ds.metadata.generation.unwrap_or(0);
         let template = encode(&spec.template)?;
-        let (hash, revs, revs_rev) = self.sync_revisions(&ds, &ds_json, &template)?;
+        let (hash, revs, revs_rev) = self.sync_revisions(&ds, &template)?;
         self.note(key, 0, revs_rev);
 
         // The template as a daemon pod, for eligibility.
@@ -627,64 +603,46 @@ impl Reconciler for DaemonSetController {
 
         let min_ready = i64::from(spec.min_ready_seconds.unwrap_or(0));
         let now = now_unix();
-        let uid = meta::uid(&ds_json).to_string();
-        let mut by_node: BTreeMap<String, Vec<(DaemonPod, Arc<Value>)>> = BTreeMap::new();
-        let selector = selector_of(&ds_json)?;
-        let pods_r = Resource::lookup("pods").expect("pods");
+        let uid = ds.metadata.uid.clone().unwrap_or_default();
+        let mut by_node: BTreeMap<String, Vec<(DaemonPod, Arc<Pod>)>> = BTreeMap::new();
+        let selector = selector(&spec.selector)?;
         let mut claimed = 0;
-        for mut p in self.pods.list_raw(ns) {
-            let controller = meta::controller_uid(&p);
-            let matches = !selector.is_empty() && selector.matches(&meta::labels(&p));
+        let no_labels = BTreeMap::new();
+        for mut p in self.pods.list(ns) {
+            let controller = controller_uid(&p.metadata).map(String::from);
+            let matches = !selector.is_empty()
+                && selector.matches(p.metadata.labels.as_ref().unwrap_or(&no_labels));
             let ours = controller.as_deref() == Some(uid.as_str());
+            let pod_name = p.metadata.name.clone().unwrap_or_default();
+            let refs: Vec<OwnerReference> = p.metadata.owner_references.clone().unwrap_or_default();
             // As Kubernetes' ControllerRefManager: adopt matching orphans, release pods
             // that no longer match.
             if ours && !matches && !selector.is_empty() {
-                let refs = meta::owner_refs_without(&p, &uid);
-                let body = json!({"metadata": {"ownerReferences": refs,
-                    "resourceVersion": p.pointer("/metadata/resourceVersion")}});
-                if let Ok(o) = self.reg.patch(
-                    pods_r,
-                    ns,
-                    meta::name(&p),
-                    PatchKind::Merge,
-                    &body,
-                    Sub::Main,
-                    &WriteOptions::default(),
-                ) {
-                    claimed = claimed.max(meta::resource_version(&o).unwrap_or(0));
+                let left: Vec<&OwnerReference> = refs.iter().filter(|o| o.uid != uid).collect();
+                let body = json!({"metadata": {"ownerReferences": left,
+                    "resourceVersion": p.metadata.resource_version}});
+                if let Ok(o) = api::patch::<Pod>(&self.reg, ns, &pod_name, &body, Sub::Main) {
+                    claimed = claimed.max(api::revision(&o.metadata));
                 }
                 continue;
             }
             if !ours {
-                if controller.is_some() || !matches || !pods::raw::is_active(&p) {
+                if controller.is_some() || !matches || !pods::is_active(&p) {
                     continue;
                 }
-                let mut refs = p
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                refs.push(encode(&owner_ref(&ds_json))?);
+                let mut refs = refs;
+                refs.push(pods::controller_ref(&*ds));
                 let body = json!({"metadata": {"ownerReferences": refs,
-                    "resourceVersion": p.pointer("/metadata/resourceVersion")}});
-                match self.reg.patch(
-                    pods_r,
-                    ns,
-                    meta::name(&p),
-                    PatchKind::Merge,
-                    &body,
-                    Sub::Main,
-                    &WriteOptions::default(),
-                ) {
+                    "resourceVersion": p.metadata.resource_version}});
+                match api::patch::<Pod>(&self.reg, ns, &pod_name, &body, Sub::Main) {
                     Ok(o) => {
-                        claimed = claimed.max(meta::resource_version(&o).unwrap_or(0));
+                        claimed = claimed.max(api::revision(&o.metadata));
                         p = Arc::new(o);
                     }
                     Err(_) => continue,
                 }
             }
-            let typed: Pod = decode(&p)?;
-            if let Some(node) = target_node(&typed) {
+            if let Some(node) = target_node(&p) {
                 let facts = DaemonPod::from_pod(&p, &hash, generation, min_ready, now);
                 by_node.entry(node).or_default().push((facts, p));
             }
@@ -693,7 +651,7 @@ impl Reconciler for DaemonSetController {
         for n in self.nodes.list(None) {
             let info = NodeInfo::from_node(&n);
             let (should_run, should_continue) = eligibility(&info, &request);
-            let mut pods: Vec<(DaemonPod, Arc<Value>)> =
+            let mut pods: Vec<(DaemonPod, Arc<Pod>)> =
                 by_node.remove(&info.name).unwrap_or_default();
             pods.sort_by(|a, b| a.0.created.cmp(&b.0.created).then(a.0.name.cmp(&b.0.name)));
             states.push((
@@ -712,8 +670,9 @@ impl Reconciler for DaemonSetController {
             let unbound: Vec<DaemonPod> = pods
                 .iter()
                 .filter(|p| {
-                    p.1.pointer("/spec/nodeName")
-                        .and_then(Value::as_str)
+                    p.1.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_deref())
                         .is_none_or(str::is_empty)
                 })
                 .map(|p| p.0.clone())
@@ -754,9 +713,9 @@ impl Reconciler for DaemonSetController {
                             .saturating_mul(1 << n.min(10))
                             .min(FAILED_BACKOFF_MAX);
                         backoff.insert(k, (n, at + wait));
-                        super::events::record_raw(
+                        super::events::record(
                             &self.reg,
-                            &ds_json,
+                            &*ds,
                             "Warning",
                             "FailedDaemonPod",
                             &format!(
@@ -778,7 +737,6 @@ impl Reconciler for DaemonSetController {
             plan.delete = step.delete;
         }
 
-        let opts = WriteOptions::default();
         let mut last = claimed;
         let mut result = Ok(());
         for node in &plan.create {
@@ -790,23 +748,23 @@ impl Reconciler for DaemonSetController {
             let pod_spec = t.spec.get_or_insert_with(Default::default);
             add_daemon_tolerations(pod_spec);
             pin_to_node(pod_spec, node);
-            let pod = pods::raw::from_template(&ds_json, "DaemonSet", &encode(&t)?);
-            match self.reg.create(pods_r, ns, pod, &opts) {
+            let pod = pods::from_template(&*ds, &t);
+            match api::create(&self.reg, ns, &pod) {
                 Ok(p) => {
-                    last = last.max(meta::resource_version(&p).unwrap_or(0));
-                    super::events::record_raw(
+                    last = last.max(api::revision(&p.metadata));
+                    super::events::record(
                         &self.reg,
-                        &ds_json,
+                        &*ds,
                         "Normal",
                         "SuccessfulCreate",
-                        &format!("Created pod: {}", meta::name(&p)),
+                        &format!("Created pod: {}", p.metadata.name.as_deref().unwrap_or("")),
                         MANAGER,
                     );
                 }
                 Err(e) => {
-                    super::events::record_raw(
+                    super::events::record(
                         &self.reg,
-                        &ds_json,
+                        &*ds,
                         "Warning",
                         "FailedCreate",
                         &format!("Error creating: {}", e.message),
@@ -819,12 +777,12 @@ impl Reconciler for DaemonSetController {
         }
         if result.is_ok() {
             for pod in &plan.delete {
-                match self.reg.delete(pods_r, ns, pod, &Default::default()) {
-                    Ok(o) => {
-                        last = last.max(meta::resource_version(&o).unwrap_or(0));
-                        super::events::record_raw(
+                match api::delete::<Pod>(&self.reg, ns, pod, &Default::default()) {
+                    Ok(rev) => {
+                        last = last.max(rev);
+                        super::events::record(
                             &self.reg,
-                            &ds_json,
+                            &*ds,
                             "Normal",
                             "SuccessfulDelete",
                             &format!("Deleted pod: {pod}"),
@@ -846,8 +804,14 @@ impl Reconciler for DaemonSetController {
         let in_use: Vec<String> = states
             .iter()
             .flat_map(|s| s.1.iter())
-            .filter(|p| !meta::is_deleting(&p.1))
-            .filter_map(|p| meta::labels(&p.1).get(REVISION_HASH_LABEL).cloned())
+            .filter(|p| p.1.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                p.1.metadata
+                    .labels
+                    .as_ref()?
+                    .get(REVISION_HASH_LABEL)
+                    .cloned()
+            })
             .collect();
         let listed: Vec<(String, i64, String)> = revs
             .iter()
@@ -871,9 +835,8 @@ impl Reconciler for DaemonSetController {
             .map(|r| r.0.clone())
             .unwrap_or_default();
         let limit = spec.revision_history_limit.unwrap_or(10).max(0) as usize;
-        let rr = Resource::lookup("controllerrevisions").expect("controllerrevisions");
         for n in revisions_to_prune(&listed, &current, &in_use, limit) {
-            match self.reg.delete(rr, ns, &n, &Default::default()) {
+            match api::delete::<ControllerRevision>(&self.reg, ns, &n, &Default::default()) {
                 Ok(_) => {}
                 Err(e) if e.code == 404 => {}
                 Err(e) => return Err(e),
@@ -921,11 +884,8 @@ impl Reconciler for DaemonSetController {
         status.number_unavailable = Some(status.desired_number_scheduled - available);
         let next_status = encode(&status)?;
         let zeroed = |v: &Value| normalized(&json!({ "s": v }));
-        if zeroed(ds_json.get("status").unwrap_or(&Value::Null)) != zeroed(&next_status) {
-            let dsr = Resource::lookup("daemonsets").expect("daemonsets");
-            let mut next = (*ds_json).clone();
-            next["status"] = next_status;
-            match self.reg.update(dsr, ns, name, next, Sub::Status, &opts) {
+        if zeroed(&encode(&ds.status)?) != zeroed(&next_status) {
+            match api::update_status(&self.reg, &*ds, &status) {
                 Ok(_) => {}
                 // A newer DaemonSet is on its way; its change requeues the key.
                 Err(e) if e.code == 409 => {}

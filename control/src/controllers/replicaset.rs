@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::Pod;
-use serde_json::{json, Value};
+use serde_json::json;
 use skiff_api::k8s::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use skiff_api::selector::Selector;
 use skiff_api::ApiError;
@@ -40,14 +40,6 @@ impl ReplicaSetController {
             expect: Expectations::default(),
         }
     }
-}
-
-/// The selector of a stored object's `spec.selector`.
-pub(crate) fn selector_of(obj: &Value) -> Result<Selector, ApiError> {
-    let ls: LabelSelector =
-        serde_json::from_value(obj.pointer("/spec/selector").cloned().unwrap_or(json!({})))
-            .map_err(|e| ApiError::internal(format!("bad selector: {e}")))?;
-    selector(&ls)
 }
 
 /// A label selector as a matcher.
