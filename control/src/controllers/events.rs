@@ -5,8 +5,7 @@ use std::hash::{Hash, Hasher};
 
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde_json::{json, Value};
-use skiff_api::meta;
+use serde_json::json;
 
 use super::api;
 use super::runtime::Object;
@@ -29,28 +28,6 @@ pub fn record<K: Object>(
         namespace: m.namespace.clone(),
         uid: m.uid.clone(),
         resource_version: m.resource_version.clone(),
-        ..Default::default()
-    };
-    record_about(reg, about, ty, reason, message, component)
-}
-
-/// Records an event about an object of a kind known only from its stored JSON.
-pub fn record_raw(
-    reg: &Registry,
-    obj: &Value,
-    ty: &str,
-    reason: &str,
-    message: &str,
-    component: &str,
-) {
-    let s = |v: Option<&Value>| v.and_then(Value::as_str).map(String::from);
-    let about = ObjectReference {
-        kind: s(obj.get("kind")),
-        api_version: s(obj.get("apiVersion")),
-        name: Some(meta::name(obj).to_string()),
-        namespace: meta::namespace(obj).map(String::from),
-        uid: Some(meta::uid(obj).to_string()),
-        resource_version: s(obj.pointer("/metadata/resourceVersion")),
         ..Default::default()
     };
     record_about(reg, about, ty, reason, message, component)

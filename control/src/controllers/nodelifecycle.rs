@@ -311,9 +311,24 @@ impl NodeLifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{set_condition, ClusterConfig, WriteOptions};
+    use crate::registry::{ClusterConfig, WriteOptions};
     use serde_json::Value;
     use skiff_api::Resource;
+
+    /// The node's agent posts its Ready condition.
+    fn agent_posts_ready(reg: &Registry, status: &str, reason: &str) {
+        let mut n: Node =
+            serde_json::from_value(reg.get(res("nodes"), None, "n1").unwrap()).unwrap();
+        let t = api::now();
+        let st = n.status.get_or_insert_with(Default::default);
+        conditions::set(
+            st.conditions.get_or_insert_with(Vec::new),
+            NodeCondition::new("Ready", status, reason, "", &t),
+            &t,
+        );
+        let st = st.clone();
+        api::update_status(reg, &n, &st).unwrap();
+    }
 
     /// The Ready condition of a stored node or pod.
     fn raw_ready(obj: &Value) -> Option<&Value> {
@@ -554,21 +569,13 @@ mod tests {
         w.lc.check_at(t0 + Duration::from_secs(28)).unwrap();
         w.sync();
         assert_eq!(w.taint_keys(), vec![UNREACHABLE_TAINT.to_string()]);
-        let mut n = w.reg.get(res("nodes"), None, "n1").unwrap();
-        set_condition(&mut n, "Ready", "True", "KubeletReady", "");
-        w.reg
-            .update(res("nodes"), None, "n1", n, Sub::Status, &opts)
-            .unwrap();
+        agent_posts_ready(&w.reg, "True", "KubeletReady");
         w.sync();
         w.lc.check_at(t0 + Duration::from_secs(29)).unwrap();
         assert!(w.taint_keys().is_empty());
         // An agent that reports Ready=False gets the not-ready taint.
         w.sync();
-        let mut n = w.reg.get(res("nodes"), None, "n1").unwrap();
-        set_condition(&mut n, "Ready", "False", "KubeletNotReady", "");
-        w.reg
-            .update(res("nodes"), None, "n1", n, Sub::Status, &opts)
-            .unwrap();
+        agent_posts_ready(&w.reg, "False", "KubeletNotReady");
         w.sync();
         w.lc.check_at(t0 + Duration::from_secs(30)).unwrap();
         assert_eq!(w.taint_keys(), vec![NOT_READY_TAINT.to_string()]);
@@ -610,11 +617,20 @@ mod tests {
                 &opts,
             )
             .unwrap();
-        let mut ready = pod.clone();
-        set_condition(&mut ready, "Ready", "True", "", "");
-        let ready = reg
-            .update(res("pods"), Some("default"), "p", ready, Sub::Status, &opts)
-            .unwrap();
+        let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
+        let t = api::now();
+        let mut conds = Vec::new();
+        conditions::set(
+            &mut conds,
+            PodCondition::new("Ready", "True", "", "", &t),
+            &t,
+        );
+        let status = k8s_openapi::api::core::v1::PodStatus {
+            conditions: Some(conds),
+            ..Default::default()
+        };
+        let ready =
+            serde_json::to_value(api::update_status(reg, &typed, &status).unwrap()).unwrap();
         // The pod cache lags behind the store: the first write, made from it, conflicts.
         w.lc.nodes.insert(node);
         w.lc.pods.insert(pod);

@@ -190,13 +190,6 @@ impl<K: Object> Cache<K> {
         self.entries(ns).into_iter().map(|e| e.raw).collect()
     }
 
-    pub fn select_raw(&self, ns: Option<&str>, sel: &Selector) -> Vec<Arc<Value>> {
-        self.list_raw(ns)
-            .into_iter()
-            .filter(|o| sel.matches(&meta::labels(o)))
-            .collect()
-    }
-
     pub fn select(&self, ns: Option<&str>, sel: &Selector) -> Vec<Arc<K>> {
         let empty = BTreeMap::new();
         self.list(ns)
