@@ -155,6 +155,7 @@ pub fn revision_data(template: &Value) -> Value {
 
 /// The template a revision's data restores, comparable with [`normalized`] templates.
 fn revision_template(rev: &ControllerRevision) -> Option<Value> {
+    // A revision's data is free-form JSON (a RawExtension): this controller wrote it as a patch.
     let mut t = rev.data.0.pointer("/spec/template")?.clone();
     t.as_object_mut()?.remove("$patch");
     Some(normalized(&t))

@@ -4,6 +4,9 @@
 //! Keys: `dep:{plural}:{ns}/{name}` (does this dependent still have an owner?),
 //! `owner:{plural}:{ns}/{name}` (an owner being deleted with the foreground or orphan finalizer),
 //! `ns:{name}` (a namespace being deleted).
+//!
+//! The collector serves every kind alike and reads only `metadata`, so it works on the stored
+//! JSON (no k8s-openapi type spans all kinds).
 
 use std::sync::Arc;
 use std::time::Duration;
