@@ -515,6 +515,78 @@ mod tests {
         assert_eq!(d.take_due(t0 + Duration::from_secs(3)), vec!["ns/app"]);
     }
 
+    #[tokio::test]
+    async fn a_cache_holds_typed_objects_and_hands_handlers_the_one_before() {
+        use crate::registry::{ClusterConfig, WriteOptions};
+        use crate::store::sled::SledStore;
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use serde_json::json;
+
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(
+            Arc::new(SledStore::open(dir.path()).unwrap()),
+            ClusterConfig::default(),
+        );
+        let opts = WriteOptions::default();
+        let res = |p: &str| Resource::lookup(p).unwrap();
+        reg.create(
+            res("namespaces"),
+            None,
+            json!({"metadata": {"name": "default"}}),
+            &opts,
+        )
+        .unwrap();
+        let cms = Cache::<ConfigMap>::new();
+        type Seen = (EventType, Option<String>, Option<String>);
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let s = seen.clone();
+        cms.on_change(move |c| {
+            let v = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("k").cloned());
+            s.lock()
+                .unwrap()
+                .push((c.kind, v(&c.object), c.prev.as_deref().and_then(v)));
+        });
+        let (_stop, rx) = watch::channel(false);
+        tokio::spawn(cms.clone().run(reg.clone(), rx));
+        let cm =
+            |v: &str| json!({"metadata": {"name": "c", "labels": {"app": "x"}}, "data": {"k": v}});
+        let first = reg
+            .create(res("configmaps"), Some("default"), cm("1"), &opts)
+            .unwrap();
+        cms.wait_for(meta::resource_version(&first).unwrap()).await;
+        let out = reg
+            .update(
+                res("configmaps"),
+                Some("default"),
+                "c",
+                cm("2"),
+                crate::registry::Sub::Main,
+                &opts,
+            )
+            .unwrap();
+        cms.wait_for(meta::resource_version(&out).unwrap()).await;
+        let got = cms.get("default/c").expect("cached");
+        assert_eq!(got.data.as_ref().unwrap()["k"], "2");
+        assert_eq!(got.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(cms.list(Some("default")).len(), 1);
+        assert!(cms.list(Some("other")).is_empty());
+        assert_eq!(
+            cms.select(
+                None,
+                &Selector::from_map(&[("app".to_string(), "x".to_string())].into())
+            )
+            .len(),
+            1
+        );
+        assert_eq!(cms.get_raw("default/c").unwrap()["data"]["k"], "2");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.last(),
+            Some(&(EventType::Modified, Some("2".into()), Some("1".into()))),
+            "an update's handler sees the object before it, typed: {seen:?}"
+        );
+    }
+
     #[test]
     fn backoff_grows_and_caps() {
         assert_eq!(backoff(1), Duration::from_millis(10));
