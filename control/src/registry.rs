@@ -910,7 +910,7 @@ impl Registry {
             .map(|(mut pod, node)| {
                 let expect = meta::resource_version(&pod);
                 pod["spec"]["nodeName"] = json!(node);
-                set_condition(&mut pod, "PodScheduled", "True", "", "");
+                scheduled(&mut pod);
                 Op::Update {
                     key: pods.key(meta::namespace(&pod), meta::name(&pod)),
                     value: pod,
@@ -1285,38 +1285,28 @@ pub fn scale_of(r: &Resource, obj: &Value) -> Value {
     })
 }
 
-/// Sets a condition in `status.conditions`, keeping `lastTransitionTime` when the status is unchanged.
-pub fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: &str, message: &str) {
-    if !obj.get("status").is_some_and(Value::is_object) {
-        obj["status"] = json!({});
+/// Sets `PodScheduled=True` on a stored pod (the bind), through `skiff_api::conditions`;
+/// the rest of the pod is left as stored.
+fn scheduled(pod: &mut Value) {
+    use k8s_openapi::api::core::v1::PodCondition;
+    use skiff_api::conditions::{self, Condition};
+    if !pod.get("status").is_some_and(Value::is_object) {
+        pod["status"] = json!({});
     }
-    let conds = obj["status"]
-        .as_object_mut()
-        .expect("status object")
-        .entry("conditions")
-        .or_insert_with(|| json!([]));
-    if !conds.is_array() {
-        *conds = json!([]);
-    }
-    let list = conds.as_array_mut().expect("array");
-    let now = now();
-    let mut c =
-        json!({"type": ty, "status": status, "lastTransitionTime": now, "lastProbeTime": null});
-    if !reason.is_empty() {
-        c["reason"] = json!(reason);
-    }
-    if !message.is_empty() {
-        c["message"] = json!(message);
-    }
-    match list.iter_mut().find(|c| c["type"] == ty) {
-        Some(existing) => {
-            if existing["status"] == status {
-                c["lastTransitionTime"] = existing["lastTransitionTime"].clone();
-            }
-            *existing = c;
-        }
-        None => list.push(c),
-    }
+    let mut conds: Vec<PodCondition> = pod["status"]
+        .get("conditions")
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::from_second(chrono::Utc::now().timestamp())
+            .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+    );
+    conditions::set(
+        &mut conds,
+        PodCondition::new("PodScheduled", "True", "", "", &now),
+        &now,
+    );
+    pod["status"]["conditions"] = serde_json::to_value(conds).unwrap_or_default();
 }
 
 #[cfg(test)]

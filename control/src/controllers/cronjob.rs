@@ -12,14 +12,14 @@ use chrono_tz::Tz;
 use croner::Cron;
 use k8s_openapi::api::batch::v1::{CronJob, CronJobStatus, Job};
 use k8s_openapi::api::core::v1::ObjectReference;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use serde_json::{json, Value};
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
+use super::api;
 use super::job::is_finished;
 use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
-use crate::registry::{DeleteOptions, Registry, Sub, WriteOptions};
+use crate::registry::{DeleteOptions, Registry};
 
 /// The annotation a CronJob's Job carries: the time it was scheduled for (RFC 3339).
 pub const SCHEDULED_TIMESTAMP: &str = "batch.kubernetes.io/cronjob-scheduled-timestamp";
@@ -132,13 +132,13 @@ pub fn job_name(cronjob: &str, t: DateTime<Utc>) -> String {
 
 pub struct CronJobController {
     pub reg: Arc<Registry>,
-    pub cronjobs: Arc<Cache>,
-    pub jobs: Arc<Cache>,
+    pub cronjobs: Arc<Cache<CronJob>>,
+    pub jobs: Arc<Cache<Job>>,
     expect: Expectations,
 }
 
 impl CronJobController {
-    pub fn new(reg: Arc<Registry>, cronjobs: Arc<Cache>, jobs: Arc<Cache>) -> Self {
+    pub fn new(reg: Arc<Registry>, cronjobs: Arc<Cache<CronJob>>, jobs: Arc<Cache<Job>>) -> Self {
         CronJobController {
             reg,
             cronjobs,
@@ -146,10 +146,6 @@ impl CronJobController {
             expect: Expectations::default(),
         }
     }
-}
-
-fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_json::from_value(v.clone()).map_err(|e| ApiError::internal(format!("decode: {e}")))
 }
 
 fn to_chrono(t: &Time) -> DateTime<Utc> {
@@ -180,30 +176,27 @@ fn failed(j: &Job) -> bool {
 }
 
 /// A Job for `cj` scheduled at `t`, from its job template.
-pub fn job_from_template(cj_v: &Value, t: DateTime<Utc>) -> Value {
-    let name = meta::name(cj_v);
-    let tmpl = cj_v
-        .pointer("/spec/jobTemplate")
-        .cloned()
-        .unwrap_or(json!({}));
-    let mut job = json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": job_name(name, t),
-            "namespace": meta::namespace(cj_v),
-            "labels": tmpl.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
-            "annotations": tmpl.pointer("/metadata/annotations").cloned().unwrap_or(json!({})),
-            "ownerReferences": [{
-                "apiVersion": "batch/v1", "kind": "CronJob", "name": name,
-                "uid": meta::uid(cj_v), "controller": true, "blockOwnerDeletion": true,
-            }],
+pub fn job_from_template(cj: &CronJob, t: DateTime<Utc>) -> Job {
+    let name = cj.metadata.name.as_deref().unwrap_or("");
+    let tmpl = &cj.spec.job_template;
+    let tm = tmpl.metadata.as_ref();
+    let mut annotations = tm.and_then(|m| m.annotations.clone()).unwrap_or_default();
+    annotations.insert(
+        SCHEDULED_TIMESTAMP.into(),
+        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    );
+    Job {
+        metadata: ObjectMeta {
+            name: Some(job_name(name, t)),
+            namespace: cj.metadata.namespace.clone(),
+            labels: Some(tm.and_then(|m| m.labels.clone()).unwrap_or_default()),
+            annotations: Some(annotations),
+            owner_references: Some(vec![super::pods::controller_ref(cj)]),
+            ..Default::default()
         },
-        "spec": tmpl.get("spec").cloned().unwrap_or(json!({})),
-    });
-    job["metadata"]["annotations"][SCHEDULED_TIMESTAMP] =
-        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
-    job
+        spec: Some(tmpl.spec.clone().unwrap_or_default()),
+        status: None,
+    }
 }
 
 impl Reconciler for CronJobController {
@@ -213,32 +206,33 @@ impl Reconciler for CronJobController {
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         self.expect.settle(key, &self.jobs).await;
-        let Some(cj_v) = self.cronjobs.get(key) else {
+        let Some(cj) = self.cronjobs.get(key) else {
             self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
-        if meta::is_deleting(&cj_v) {
+        if cj.metadata.deletion_timestamp.is_some() {
             return Ok(Action::AwaitChange);
         }
         let (ns, name) = split_key(key);
-        let cj: CronJob = decode(&cj_v)?;
         let spec = cj.spec.clone();
         let cur = cj.status.clone().unwrap_or_default();
         let mut st: CronJobStatus = cur.clone();
         let uid = cj.metadata.uid.clone().unwrap_or_default();
-        let jobs_r = Resource::lookup("jobs").expect("jobs");
-        let cj_r = Resource::lookup("cronjobs").expect("cronjobs");
-        let opts = WriteOptions::default();
         let now = Utc::now();
         let mut last_rev = 0u64;
 
-        let owned: Vec<Job> = self
+        let owned: Vec<Arc<Job>> = self
             .jobs
             .list(ns)
             .into_iter()
-            .filter(|j| meta::controller_uid(j).as_deref() == Some(uid.as_str()))
-            .map(|j| decode::<Job>(&j))
-            .collect::<Result<_, _>>()?;
+            .filter(|j| {
+                j.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.controller == Some(true) && o.uid == uid)
+            })
+            .collect();
         let mut active: Vec<&Job> = Vec::new();
         let mut done_ok: Vec<&Job> = Vec::new();
         let mut done_bad: Vec<&Job> = Vec::new();
@@ -284,8 +278,8 @@ impl Reconciler for CronJobController {
                     ..Default::default()
                 };
                 let jn = j.metadata.name.as_deref().unwrap_or("");
-                match self.reg.delete(jobs_r, ns, jn, &o) {
-                    Ok(v) => *last_rev = (*last_rev).max(meta::resource_version(&v).unwrap_or(0)),
+                match api::delete::<Job>(&self.reg, ns, jn, &o) {
+                    Ok(rev) => *last_rev = (*last_rev).max(rev),
                     Err(e) if e.code == 404 => {}
                     Err(e) => tracing::warn!(job = jn, error = %e, "old job not deleted"),
                 }
@@ -307,7 +301,7 @@ impl Reconciler for CronJobController {
             Err(e) => {
                 super::events::record(
                     &self.reg,
-                    &cj_v,
+                    &*cj,
                     "Warning",
                     "UnparseableSchedule",
                     &e.to_string(),
@@ -327,7 +321,7 @@ impl Reconciler for CronJobController {
             match due(sched, earliest, spec.starting_deadline_seconds, now) {
                 Due::Nothing => {}
                 Due::TooManyMissed(n) => {
-                    super::events::record(&self.reg, &cj_v, "Warning", "TooManyMissedTimes", &format!("too many missed start times: {n}. Set or decrease .spec.startingDeadlineSeconds or check clock skew"), "cronjob-controller");
+                    super::events::record(&self.reg, &*cj, "Warning", "TooManyMissedTimes", &format!("too many missed start times: {n}. Set or decrease .spec.startingDeadlineSeconds or check clock skew"), "cronjob-controller");
                 }
                 Due::Start(t) => {
                     let jn = job_name(name, t);
@@ -338,7 +332,7 @@ impl Reconciler for CronJobController {
                     if exists {
                         // Already made (its status may lag): nothing to do for this time.
                     } else if policy == "Forbid" && !active.is_empty() {
-                        super::events::record(&self.reg, &cj_v, "Normal", "JobAlreadyActive", "Not starting job because prior execution is running and concurrency policy is Forbid", "cronjob-controller");
+                        super::events::record(&self.reg, &*cj, "Normal", "JobAlreadyActive", "Not starting job because prior execution is running and concurrency policy is Forbid", "cronjob-controller");
                         // Looked at again when the running Job finishes (a Job change
                         // wakes this key), or at the next time.
                     } else {
@@ -349,17 +343,14 @@ impl Reconciler for CronJobController {
                                     ..Default::default()
                                 };
                                 let jn = j.metadata.name.as_deref().unwrap_or("");
-                                match self.reg.delete(jobs_r, ns, jn, &o) {
-                                    Ok(v) => {
-                                        last_rev =
-                                            last_rev.max(meta::resource_version(&v).unwrap_or(0))
-                                    }
+                                match api::delete::<Job>(&self.reg, ns, jn, &o) {
+                                    Ok(rev) => last_rev = last_rev.max(rev),
                                     Err(e) if e.code == 404 => {}
                                     Err(e) => return Err(e),
                                 }
                                 super::events::record(
                                     &self.reg,
-                                    &cj_v,
+                                    &*cj,
                                     "Normal",
                                     "SuccessfulDelete",
                                     &format!("Deleted job {jn}"),
@@ -368,18 +359,14 @@ impl Reconciler for CronJobController {
                             }
                             refs.clear();
                         }
-                        match self
-                            .reg
-                            .create(jobs_r, ns, job_from_template(&cj_v, t), &opts)
-                        {
-                            Ok(j) => {
-                                last_rev = last_rev.max(meta::resource_version(&j).unwrap_or(0));
-                                let job: Job = decode(&j)?;
+                        match api::create(&self.reg, ns, &job_from_template(&cj, t)) {
+                            Ok(job) => {
+                                last_rev = last_rev.max(api::revision(&job.metadata));
                                 refs.push(job_ref(&job));
                                 st.last_schedule_time = Some(to_time(t));
                                 super::events::record(
                                     &self.reg,
-                                    &cj_v,
+                                    &*cj,
                                     "Normal",
                                     "SuccessfulCreate",
                                     &format!("Created job {jn}"),
@@ -392,7 +379,7 @@ impl Reconciler for CronJobController {
                             Err(e) => {
                                 super::events::record(
                                     &self.reg,
-                                    &cj_v,
+                                    &*cj,
                                     "Warning",
                                     "FailedCreate",
                                     &format!("Error creating job: {}", e.message),
@@ -423,10 +410,7 @@ impl Reconciler for CronJobController {
             s
         };
         if norm(&st) != norm(&cur) {
-            let mut next = (*cj_v).clone();
-            next["status"] = serde_json::to_value(&st)
-                .map_err(|e| ApiError::internal(format!("encode: {e}")))?;
-            self.reg.update(cj_r, ns, name, next, Sub::Status, &opts)?;
+            api::update_status(&self.reg, &*cj, &st)?;
         }
         Ok(requeue.map_or(Action::AwaitChange, Action::RequeueAfter))
     }
@@ -439,6 +423,7 @@ fn unix_of(t: &Option<Time>) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn at(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -553,9 +538,9 @@ mod tests {
             job_name("hello", at("2026-01-01T10:03:00Z")),
             format!("hello-{}", at("2026-01-01T10:03:00Z").timestamp() / 60)
         );
-        let cj = json!({"metadata": {"name": "hello", "namespace": "ns", "uid": "u1"},
-            "spec": {"schedule": "* * * * *", "jobTemplate": {"metadata": {"labels": {"a": "b"}}, "spec": {"template": {}}}}});
-        let j = job_from_template(&cj, at("2026-01-01T10:03:00Z"));
+        let cj: CronJob = serde_json::from_value(json!({"metadata": {"name": "hello", "namespace": "ns", "uid": "u1"},
+            "spec": {"schedule": "* * * * *", "jobTemplate": {"metadata": {"labels": {"a": "b"}}, "spec": {"template": {}}}}})).unwrap();
+        let j = serde_json::to_value(job_from_template(&cj, at("2026-01-01T10:03:00Z"))).unwrap();
         assert_eq!(
             j["metadata"]["annotations"][SCHEDULED_TIMESTAMP],
             "2026-01-01T10:03:00Z"
@@ -566,8 +551,10 @@ mod tests {
 
     mod controller {
         use super::super::*;
-        use crate::registry::ClusterConfig;
+        use crate::registry::{ClusterConfig, Sub, WriteOptions};
         use crate::store::sled::SledStore;
+        use serde_json::{json, Value};
+        use skiff_api::{meta, Resource};
         use tokio::sync::watch;
 
         fn res(p: &str) -> &'static Resource {
@@ -594,8 +581,8 @@ mod tests {
             )
             .unwrap();
             let (stop, rx) = watch::channel(false);
-            let cronjobs = Cache::new(res("cronjobs"));
-            let jobs = Cache::new(res("jobs"));
+            let cronjobs = Cache::<CronJob>::new();
+            let jobs = Cache::<Job>::new();
             tokio::spawn(cronjobs.clone().run(reg.clone(), rx.clone()));
             tokio::spawn(jobs.clone().run(reg.clone(), rx));
             let c = CronJobController::new(reg.clone(), cronjobs, jobs);
@@ -662,7 +649,7 @@ mod tests {
             fn jobs(&self) -> Vec<Job> {
                 self.c
                     .jobs
-                    .list(Some("default"))
+                    .list_raw(Some("default"))
                     .iter()
                     .filter(|j| !meta::is_deleting(j))
                     .map(|j| serde_json::from_value((**j).clone()).unwrap())
@@ -721,7 +708,7 @@ mod tests {
                 "{name}"
             );
             let cj: CronJob =
-                serde_json::from_value((*w.c.cronjobs.get("default/allow").unwrap()).clone())
+                serde_json::from_value((*w.c.cronjobs.get_raw("default/allow").unwrap()).clone())
                     .unwrap();
             let st = cj.status.unwrap();
             assert_eq!(st.active.unwrap()[0].name.as_deref(), Some(name.as_str()));
@@ -729,7 +716,7 @@ mod tests {
             w.finish(&name, "Complete", Utc::now()).await;
             w.reconcile("allow").await;
             let cj: CronJob =
-                serde_json::from_value((*w.c.cronjobs.get("default/allow").unwrap()).clone())
+                serde_json::from_value((*w.c.cronjobs.get_raw("default/allow").unwrap()).clone())
                     .unwrap();
             let st = cj.status.unwrap();
             assert!(st.active.is_none(), "a finished Job leaves active");
@@ -738,12 +725,16 @@ mod tests {
             // Forbid: a running Job keeps the next time from starting.
             w.cronjob("forbid", json!({"concurrencyPolicy": "Forbid"}), 200)
                 .await;
-            let mut j = job_from_template(
-                &w.reg
-                    .get(res("cronjobs"), Some("default"), "forbid")
-                    .unwrap(),
+            let j = job_from_template(
+                &serde_json::from_value(
+                    w.reg
+                        .get(res("cronjobs"), Some("default"), "forbid")
+                        .unwrap(),
+                )
+                .unwrap(),
                 Utc::now() - chrono::Duration::seconds(600),
             );
+            let mut j = serde_json::to_value(j).unwrap();
             j["spec"]["template"]["metadata"] = json!({});
             w.create_job(j).await;
             w.reconcile("forbid").await;
@@ -758,11 +749,15 @@ mod tests {
             w.cronjob("replace", json!({"concurrencyPolicy": "Replace"}), 200)
                 .await;
             let old = job_from_template(
-                &w.reg
-                    .get(res("cronjobs"), Some("default"), "replace")
-                    .unwrap(),
+                &serde_json::from_value(
+                    w.reg
+                        .get(res("cronjobs"), Some("default"), "replace")
+                        .unwrap(),
+                )
+                .unwrap(),
                 Utc::now() - chrono::Duration::seconds(600),
             );
+            let old = serde_json::to_value(old).unwrap();
             let old_name = old["metadata"]["name"].as_str().unwrap().to_string();
             w.create_job(old).await;
             w.reconcile("replace").await;
@@ -798,7 +793,11 @@ mod tests {
                 (7, "Complete"),
                 (6, "Failed"),
             ] {
-                let j = job_from_template(&cj, Utc::now() - chrono::Duration::minutes(i));
+                let j = job_from_template(
+                    &serde_json::from_value(cj.clone()).unwrap(),
+                    Utc::now() - chrono::Duration::minutes(i),
+                );
+                let j = serde_json::to_value(j).unwrap();
                 let name = j["metadata"]["name"].as_str().unwrap().to_string();
                 w.create_job(j).await;
                 w.finish(&name, ty, Utc::now() - chrono::Duration::minutes(i))

@@ -14,6 +14,7 @@
 //! match the selector are adopted and pods that stop matching released, as for ReplicaSets.
 //! Not done: hash collisions (`collisionCount`).
 
+use k8s_openapi::api::core::v1::Node;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,15 +28,15 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{json, Value};
-use skiff_api::patch::PatchKind;
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
+use super::api::{self, encode};
 use super::deployment::{normalized, template_hash};
 use super::pods;
-use super::replicaset::{now_unix, selector_of};
+use super::replicaset::{now_unix, selector};
 use super::runtime::{split_key, Action, Cache, Reconciler};
 use super::scheduler::{self, NodeInfo, PodRequest, UNSCHEDULABLE_TAINT};
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::{Registry, Sub};
 
 /// The label naming the template version of a revision and of the pods made from it.
 pub const REVISION_HASH_LABEL: &str = "controller-revision-hash";
@@ -48,16 +49,13 @@ const MANAGER: &str = "daemonset-controller";
 const FAILED_BACKOFF_START: Duration = Duration::from_secs(1);
 const FAILED_BACKOFF_MAX: Duration = Duration::from_secs(15 * 60);
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::internal(e.to_string())
-}
-
-fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_json::from_value(v.clone()).map_err(internal)
-}
-
-fn encode<T: serde::Serialize>(t: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(t).map_err(internal)
+/// The uid of the controller owning an object.
+fn controller_uid(m: &ObjectMeta) -> Option<&str> {
+    m.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
 }
 
 /// The tolerations the Kubernetes DaemonSet controller gives every daemon pod, so it keeps
@@ -157,6 +155,7 @@ pub fn revision_data(template: &Value) -> Value {
 
 /// The template a revision's data restores, comparable with [`normalized`] templates.
 fn revision_template(rev: &ControllerRevision) -> Option<Value> {
+    // A revision's data is free-form JSON (a RawExtension): this controller wrote it as a patch.
     let mut t = rev.data.0.pointer("/spec/template")?.clone();
     t.as_object_mut()?.remove("$patch");
     Some(normalized(&t))
@@ -199,26 +198,28 @@ pub struct DaemonPod {
 }
 
 impl DaemonPod {
-    fn from_pod(p: &Value, hash: &str, generation: i64, min_ready: i64, now: i64) -> DaemonPod {
-        let labels = meta::labels(p);
+    fn from_pod(p: &Pod, hash: &str, generation: i64, min_ready: i64, now: i64) -> DaemonPod {
+        let no_labels = BTreeMap::new();
+        let labels = p.metadata.labels.as_ref().unwrap_or(&no_labels);
         DaemonPod {
-            name: meta::name(p).to_string(),
+            name: p.metadata.name.clone().unwrap_or_default(),
             updated: labels.get(REVISION_HASH_LABEL).map(String::as_str) == Some(hash)
                 || (!labels.contains_key(REVISION_HASH_LABEL)
                     && labels.get(TEMPLATE_GENERATION_LABEL) == Some(&generation.to_string())),
             ready: pods::is_ready(p),
             available: pods::is_available(p, min_ready, now),
-            deleting: meta::is_deleting(p),
+            deleting: p.metadata.deletion_timestamp.is_some(),
             phase: p
-                .pointer("/status/phase")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+                .status
+                .as_ref()
+                .and_then(|s| s.phase.clone())
+                .unwrap_or_default(),
             created: p
-                .pointer("/metadata/creationTimestamp")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -436,10 +437,10 @@ fn is_on_delete(ds: &DaemonSet) -> bool {
 
 pub struct DaemonSetController {
     pub reg: Arc<Registry>,
-    pub daemonsets: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub nodes: Arc<Cache>,
-    pub revisions: Arc<Cache>,
+    pub daemonsets: Arc<Cache<DaemonSet>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub nodes: Arc<Cache<Node>>,
+    pub revisions: Arc<Cache<ControllerRevision>>,
     /// Revisions of this controller's last pod and revision writes per key.
     expect: Mutex<HashMap<String, (u64, u64)>>,
     /// Per DaemonSet and node: failed pods replaced so far and when the next may be.
@@ -449,10 +450,10 @@ pub struct DaemonSetController {
 impl DaemonSetController {
     pub fn new(
         reg: Arc<Registry>,
-        daemonsets: Arc<Cache>,
-        pods: Arc<Cache>,
-        nodes: Arc<Cache>,
-        revisions: Arc<Cache>,
+        daemonsets: Arc<Cache<DaemonSet>>,
+        pods: Arc<Cache<Pod>>,
+        nodes: Arc<Cache<Node>>,
+        revisions: Arc<Cache<ControllerRevision>>,
     ) -> Self {
         DaemonSetController {
             reg,
@@ -480,23 +481,20 @@ impl DaemonSetController {
     fn sync_revisions(
         &self,
         ds: &DaemonSet,
-        ds_json: &Value,
         template: &Value,
     ) -> Result<(String, Vec<ControllerRevision>, u64), ApiError> {
-        let ns = meta::namespace(ds_json);
-        let uid = meta::uid(ds_json);
-        let name = meta::name(ds_json);
-        let r = Resource::lookup("controllerrevisions").expect("controllerrevisions");
+        let ns = ds.metadata.namespace.as_deref();
+        let uid = ds.metadata.uid.as_deref().unwrap_or("");
+        let name = ds.metadata.name.as_deref().unwrap_or("");
         let mut revs: Vec<ControllerRevision> = self
             .revisions
             .list(ns)
             .iter()
-            .filter(|v| meta::controller_uid(v).as_deref() == Some(uid))
-            .map(|v| decode(v))
-            .collect::<Result<_, _>>()?;
+            .filter(|v| controller_uid(&v.metadata) == Some(uid))
+            .map(|v| (**v).clone())
+            .collect();
         let want = normalized(template);
         let max = revs.iter().filter_map(|r| r.revision).max().unwrap_or(0);
-        let opts = WriteOptions::default();
         let mut last = 0;
         let hash = match revs
             .iter_mut()
@@ -506,16 +504,8 @@ impl DaemonSetController {
                 // A template seen before (a rollback): its revision becomes the newest.
                 if cur.revision.unwrap_or(0) < max {
                     cur.revision = Some(max + 1);
-                    let out = self.reg.update(
-                        r,
-                        ns,
-                        cur.metadata.name.as_deref().unwrap_or(""),
-                        encode(&*cur)?,
-                        Sub::Main,
-                        &opts,
-                    )?;
-                    last = meta::resource_version(&out).unwrap_or(0);
-                    *cur = decode(&out)?;
+                    *cur = api::update(&self.reg, &*cur)?;
+                    last = api::revision(&cur.metadata);
                 }
                 cur.metadata
                     .labels
@@ -543,16 +533,16 @@ impl DaemonSetController {
                             a.remove("deprecated.daemonset.template.generation");
                             a
                         }),
-                        owner_references: Some(vec![owner_ref(ds_json)]),
+                        owner_references: Some(vec![pods::controller_ref(ds)]),
                         ..Default::default()
                     },
                     data: RawExtension(revision_data(template)),
                     revision: Some(max + 1),
                 };
-                match self.reg.create(r, ns, encode(&rev)?, &opts) {
+                match api::create(&self.reg, ns, &rev) {
                     Ok(out) => {
-                        last = meta::resource_version(&out).unwrap_or(0);
-                        revs.push(decode(&out)?);
+                        last = api::revision(&out.metadata);
+                        revs.push(out);
                     }
                     // Made by an earlier pass the cache has not shown yet.
                     Err(e) if e.code == 409 => {}
@@ -562,17 +552,6 @@ impl DaemonSetController {
             }
         };
         Ok((hash, revs, last))
-    }
-}
-
-fn owner_ref(ds: &Value) -> OwnerReference {
-    OwnerReference {
-        api_version: "apps/v1".into(),
-        kind: "DaemonSet".into(),
-        name: meta::name(ds).into(),
-        uid: meta::uid(ds).into(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
     }
 }
 
@@ -591,7 +570,7 @@ impl Reconciler for DaemonSetController {
                 self.revisions.wait_for(r).await;
             }
         }
-        let Some(ds_json) = self.daemonsets.get(key) else {
+        let Some(ds) = self.daemonsets.get(key) else {
             self.expect.lock().expect("expect").remove(key);
             let prefix = (key.to_string(), String::new());
             self.backoff
@@ -600,53 +579,51 @@ impl Reconciler for DaemonSetController {
                 .retain(|k, _| k.0 != prefix.0);
             return Ok(Action::AwaitChange);
         };
-        if meta::is_deleting(&ds_json) {
+        if ds.metadata.deletion_timestamp.is_some() {
             return Ok(Action::AwaitChange);
         }
-        let (ns, name) = split_key(key);
-        let ds: DaemonSet = decode(&ds_json)?;
+        let (ns, _) = split_key(key);
         let spec = ds.spec.clone();
         let generation = ds.metadata.generation.unwrap_or(0);
         let template = encode(&spec.template)?;
-        let (hash, revs, revs_rev) = self.sync_revisions(&ds, &ds_json, &template)?;
+        let (hash, revs, revs_rev) = self.sync_revisions(&ds, &template)?;
         self.note(key, 0, revs_rev);
 
         // The template as a daemon pod, for eligibility.
         let mut daemon_template: PodTemplateSpec = spec.template.clone();
         let pod_spec = daemon_template.spec.get_or_insert_with(Default::default);
         add_daemon_tolerations(pod_spec);
-        let request = PodRequest::from_pod(&json!({
-            "metadata": {"namespace": ns},
-            "spec": encode(&daemon_template.spec)?,
-        }));
+        let request = PodRequest::from_pod(&Pod {
+            metadata: ObjectMeta {
+                namespace: ns.map(String::from),
+                ..Default::default()
+            },
+            spec: daemon_template.spec.clone(),
+            status: None,
+        });
 
         let min_ready = i64::from(spec.min_ready_seconds.unwrap_or(0));
         let now = now_unix();
-        let uid = meta::uid(&ds_json).to_string();
-        let mut by_node: BTreeMap<String, Vec<(DaemonPod, Arc<Value>)>> = BTreeMap::new();
-        let selector = selector_of(&ds_json)?;
-        let pods_r = Resource::lookup("pods").expect("pods");
+        let uid = ds.metadata.uid.clone().unwrap_or_default();
+        let mut by_node: BTreeMap<String, Vec<(DaemonPod, Arc<Pod>)>> = BTreeMap::new();
+        let selector = selector(&spec.selector)?;
         let mut claimed = 0;
+        let no_labels = BTreeMap::new();
         for mut p in self.pods.list(ns) {
-            let controller = meta::controller_uid(&p);
-            let matches = !selector.is_empty() && selector.matches(&meta::labels(&p));
+            let controller = controller_uid(&p.metadata).map(String::from);
+            let matches = !selector.is_empty()
+                && selector.matches(p.metadata.labels.as_ref().unwrap_or(&no_labels));
             let ours = controller.as_deref() == Some(uid.as_str());
+            let pod_name = p.metadata.name.clone().unwrap_or_default();
+            let refs: Vec<OwnerReference> = p.metadata.owner_references.clone().unwrap_or_default();
             // As Kubernetes' ControllerRefManager: adopt matching orphans, release pods
             // that no longer match.
             if ours && !matches && !selector.is_empty() {
-                let refs = meta::owner_refs_without(&p, &uid);
-                let body = json!({"metadata": {"ownerReferences": refs,
-                    "resourceVersion": p.pointer("/metadata/resourceVersion")}});
-                if let Ok(o) = self.reg.patch(
-                    pods_r,
-                    ns,
-                    meta::name(&p),
-                    PatchKind::Merge,
-                    &body,
-                    Sub::Main,
-                    &WriteOptions::default(),
-                ) {
-                    claimed = claimed.max(meta::resource_version(&o).unwrap_or(0));
+                let left: Vec<&OwnerReference> = refs.iter().filter(|o| o.uid != uid).collect();
+                let body = json!({"metadata": {"ownerReferences": left,
+                    "resourceVersion": p.metadata.resource_version}});
+                if let Ok(o) = api::patch::<Pod>(&self.reg, ns, &pod_name, &body, Sub::Main) {
+                    claimed = claimed.max(api::revision(&o.metadata));
                 }
                 continue;
             }
@@ -654,32 +631,19 @@ impl Reconciler for DaemonSetController {
                 if controller.is_some() || !matches || !pods::is_active(&p) {
                     continue;
                 }
-                let mut refs = p
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                refs.push(encode(&owner_ref(&ds_json))?);
+                let mut refs = refs;
+                refs.push(pods::controller_ref(&*ds));
                 let body = json!({"metadata": {"ownerReferences": refs,
-                    "resourceVersion": p.pointer("/metadata/resourceVersion")}});
-                match self.reg.patch(
-                    pods_r,
-                    ns,
-                    meta::name(&p),
-                    PatchKind::Merge,
-                    &body,
-                    Sub::Main,
-                    &WriteOptions::default(),
-                ) {
+                    "resourceVersion": p.metadata.resource_version}});
+                match api::patch::<Pod>(&self.reg, ns, &pod_name, &body, Sub::Main) {
                     Ok(o) => {
-                        claimed = claimed.max(meta::resource_version(&o).unwrap_or(0));
+                        claimed = claimed.max(api::revision(&o.metadata));
                         p = Arc::new(o);
                     }
                     Err(_) => continue,
                 }
             }
-            let typed: Pod = decode(&p)?;
-            if let Some(node) = target_node(&typed) {
+            if let Some(node) = target_node(&p) {
                 let facts = DaemonPod::from_pod(&p, &hash, generation, min_ready, now);
                 by_node.entry(node).or_default().push((facts, p));
             }
@@ -688,7 +652,7 @@ impl Reconciler for DaemonSetController {
         for n in self.nodes.list(None) {
             let info = NodeInfo::from_node(&n);
             let (should_run, should_continue) = eligibility(&info, &request);
-            let mut pods: Vec<(DaemonPod, Arc<Value>)> =
+            let mut pods: Vec<(DaemonPod, Arc<Pod>)> =
                 by_node.remove(&info.name).unwrap_or_default();
             pods.sort_by(|a, b| a.0.created.cmp(&b.0.created).then(a.0.name.cmp(&b.0.name)));
             states.push((
@@ -707,8 +671,9 @@ impl Reconciler for DaemonSetController {
             let unbound: Vec<DaemonPod> = pods
                 .iter()
                 .filter(|p| {
-                    p.1.pointer("/spec/nodeName")
-                        .and_then(Value::as_str)
+                    p.1.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_deref())
                         .is_none_or(str::is_empty)
                 })
                 .map(|p| p.0.clone())
@@ -751,7 +716,7 @@ impl Reconciler for DaemonSetController {
                         backoff.insert(k, (n, at + wait));
                         super::events::record(
                             &self.reg,
-                            &ds_json,
+                            &*ds,
                             "Warning",
                             "FailedDaemonPod",
                             &format!(
@@ -773,7 +738,6 @@ impl Reconciler for DaemonSetController {
             plan.delete = step.delete;
         }
 
-        let opts = WriteOptions::default();
         let mut last = claimed;
         let mut result = Ok(());
         for node in &plan.create {
@@ -785,23 +749,23 @@ impl Reconciler for DaemonSetController {
             let pod_spec = t.spec.get_or_insert_with(Default::default);
             add_daemon_tolerations(pod_spec);
             pin_to_node(pod_spec, node);
-            let pod = pods::from_template(&ds_json, "DaemonSet", &encode(&t)?);
-            match self.reg.create(pods_r, ns, pod, &opts) {
+            let pod = pods::from_template(&*ds, &t);
+            match api::create(&self.reg, ns, &pod) {
                 Ok(p) => {
-                    last = last.max(meta::resource_version(&p).unwrap_or(0));
+                    last = last.max(api::revision(&p.metadata));
                     super::events::record(
                         &self.reg,
-                        &ds_json,
+                        &*ds,
                         "Normal",
                         "SuccessfulCreate",
-                        &format!("Created pod: {}", meta::name(&p)),
+                        &format!("Created pod: {}", p.metadata.name.as_deref().unwrap_or("")),
                         MANAGER,
                     );
                 }
                 Err(e) => {
                     super::events::record(
                         &self.reg,
-                        &ds_json,
+                        &*ds,
                         "Warning",
                         "FailedCreate",
                         &format!("Error creating: {}", e.message),
@@ -814,12 +778,12 @@ impl Reconciler for DaemonSetController {
         }
         if result.is_ok() {
             for pod in &plan.delete {
-                match self.reg.delete(pods_r, ns, pod, &Default::default()) {
-                    Ok(o) => {
-                        last = last.max(meta::resource_version(&o).unwrap_or(0));
+                match api::delete::<Pod>(&self.reg, ns, pod, &Default::default()) {
+                    Ok(rev) => {
+                        last = last.max(rev);
                         super::events::record(
                             &self.reg,
-                            &ds_json,
+                            &*ds,
                             "Normal",
                             "SuccessfulDelete",
                             &format!("Deleted pod: {pod}"),
@@ -841,8 +805,14 @@ impl Reconciler for DaemonSetController {
         let in_use: Vec<String> = states
             .iter()
             .flat_map(|s| s.1.iter())
-            .filter(|p| !meta::is_deleting(&p.1))
-            .filter_map(|p| meta::labels(&p.1).get(REVISION_HASH_LABEL).cloned())
+            .filter(|p| p.1.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| {
+                p.1.metadata
+                    .labels
+                    .as_ref()?
+                    .get(REVISION_HASH_LABEL)
+                    .cloned()
+            })
             .collect();
         let listed: Vec<(String, i64, String)> = revs
             .iter()
@@ -866,9 +836,8 @@ impl Reconciler for DaemonSetController {
             .map(|r| r.0.clone())
             .unwrap_or_default();
         let limit = spec.revision_history_limit.unwrap_or(10).max(0) as usize;
-        let rr = Resource::lookup("controllerrevisions").expect("controllerrevisions");
         for n in revisions_to_prune(&listed, &current, &in_use, limit) {
-            match self.reg.delete(rr, ns, &n, &Default::default()) {
+            match api::delete::<ControllerRevision>(&self.reg, ns, &n, &Default::default()) {
                 Ok(_) => {}
                 Err(e) if e.code == 404 => {}
                 Err(e) => return Err(e),
@@ -916,11 +885,8 @@ impl Reconciler for DaemonSetController {
         status.number_unavailable = Some(status.desired_number_scheduled - available);
         let next_status = encode(&status)?;
         let zeroed = |v: &Value| normalized(&json!({ "s": v }));
-        if zeroed(ds_json.get("status").unwrap_or(&Value::Null)) != zeroed(&next_status) {
-            let dsr = Resource::lookup("daemonsets").expect("daemonsets");
-            let mut next = (*ds_json).clone();
-            next["status"] = next_status;
-            match self.reg.update(dsr, ns, name, next, Sub::Status, &opts) {
+        if zeroed(&encode(&ds.status)?) != zeroed(&next_status) {
+            match api::update_status(&self.reg, &*ds, &status) {
                 Ok(_) => {}
                 // A newer DaemonSet is on its way; its change requeues the key.
                 Err(e) if e.code == 409 => {}
@@ -944,16 +910,26 @@ mod tests {
 
     fn node(name: &str, taints: Value, labels: Value) -> NodeInfo {
         NodeInfo::from_node(
-            &json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
+            &serde_json::from_value(
+                json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
             "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "110"},
                        "conditions": [{"type": "Ready", "status": "True"}]}}),
+            )
+            .unwrap(),
         )
     }
 
     fn daemon_request(spec: Value) -> PodRequest {
         let mut t: PodTemplateSpec = serde_json::from_value(json!({"spec": spec})).unwrap();
         add_daemon_tolerations(t.spec.as_mut().unwrap());
-        PodRequest::from_pod(&json!({"metadata": {"namespace": "default"}, "spec": t.spec}))
+        PodRequest::from_pod(&Pod {
+            metadata: ObjectMeta {
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: t.spec,
+            status: None,
+        })
     }
 
     #[test]
@@ -1030,7 +1006,7 @@ mod tests {
             v.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms"),
             Some(&json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]))
         );
-        let req = PodRequest::from_pod(&v);
+        let req = PodRequest::from_pod(&pod);
         assert!(scheduler::node_matches(
             &node("n1", json!([]), json!({})),
             &req

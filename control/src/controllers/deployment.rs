@@ -2,32 +2,40 @@
 //! `deployment.kubernetes.io/revision`, RollingUpdate (maxSurge/maxUnavailable) and Recreate,
 //! rollback by re-applying an old template, history pruned to `revisionHistoryLimit`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec,
+};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::{json, Value};
+use skiff_api::conditions::{self, Condition};
 use skiff_api::k8s::apimachinery::pkg::util::intstr::IntOrString;
-use skiff_api::{meta, ApiError, Resource, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
+use skiff_api::{ApiError, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
 
+use super::api;
+use super::pods;
 use super::replicaset::now_unix;
 use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
-use crate::registry::{now, Registry, Sub, WriteOptions};
+use crate::registry::{Registry, Sub};
 
 pub struct DeploymentController {
     pub reg: Arc<Registry>,
-    pub deployments: Arc<Cache>,
-    pub replicasets: Arc<Cache>,
+    pub deployments: Arc<Cache<Deployment>>,
+    pub replicasets: Arc<Cache<ReplicaSet>>,
     /// Pods, to know whether an old ReplicaSet's pods still run (Recreate waits for them).
-    pub pods: Arc<Cache>,
+    pub pods: Arc<Cache<Pod>>,
     expect: Expectations,
 }
 
 impl DeploymentController {
     pub fn new(
         reg: Arc<Registry>,
-        deployments: Arc<Cache>,
-        replicasets: Arc<Cache>,
-        pods: Arc<Cache>,
+        deployments: Arc<Cache<Deployment>>,
+        replicasets: Arc<Cache<ReplicaSet>>,
+        pods: Arc<Cache<Pod>>,
     ) -> Self {
         DeploymentController {
             reg,
@@ -41,16 +49,27 @@ impl DeploymentController {
     /// Whether any pod of the `old` ReplicaSets is still running or terminating (Kubernetes'
     /// `oldPodsRunning`): a ReplicaSet's `status.replicas` leaves terminating pods out, but
     /// their containers still run until their node has stopped them.
-    fn old_pods_running(&self, ns: Option<&str>, old: &[Value]) -> bool {
-        if old.iter().any(|r| status_i(r, "replicas") > 0) {
+    fn old_pods_running(&self, ns: Option<&str>, old: &[ReplicaSet]) -> bool {
+        if old.iter().any(|r| status_replicas(r) > 0) {
             return true;
         }
-        let uids: std::collections::HashSet<&str> = old.iter().map(meta::uid).collect();
+        let uids: std::collections::HashSet<&str> = old
+            .iter()
+            .filter_map(|r| r.metadata.uid.as_deref())
+            .collect();
         self.pods.list(ns).iter().any(|p| {
-            meta::controller_uid(p).is_some_and(|u| uids.contains(u.as_str()))
-                && !super::pods::is_terminal(p)
+            controller_uid(&p.metadata).is_some_and(|u| uids.contains(u)) && !pods::is_terminal(p)
         })
     }
+}
+
+/// The uid of the controller owning an object.
+fn controller_uid(m: &ObjectMeta) -> Option<&str> {
+    m.owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
 }
 
 /// FNV-1a of the template, spelled with Kubernetes' safe alphabet (no vowels, no look-alikes).
@@ -103,34 +122,49 @@ pub(crate) fn normalized(template: &Value) -> Value {
     t
 }
 
-fn revision(rs: &Value) -> i64 {
-    rs.pointer(&format!(
-        "/metadata/annotations/{}",
-        REVISION_ANNOTATION.replace('/', "~1")
-    ))
-    .and_then(Value::as_str)
-    .and_then(|s| s.parse().ok())
-    .unwrap_or(0)
+fn annotation<'a>(m: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    m.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
-fn spec_replicas(o: &Value) -> i64 {
-    o.pointer("/spec/replicas")
-        .and_then(Value::as_i64)
+fn revision(rs: &ReplicaSet) -> i64 {
+    annotation(&rs.metadata, REVISION_ANNOTATION)
+        .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
 
-fn status_i(o: &Value, f: &str) -> i64 {
-    o.pointer(&format!("/status/{f}"))
-        .and_then(Value::as_i64)
-        .unwrap_or(0)
+fn name_of(m: &ObjectMeta) -> &str {
+    m.name.as_deref().unwrap_or("")
+}
+
+fn rs_replicas(rs: &ReplicaSet) -> i64 {
+    i64::from(rs.spec.replicas.unwrap_or(0))
+}
+
+fn d_replicas(d: &Deployment) -> i64 {
+    i64::from(d.spec.replicas.unwrap_or(0))
+}
+
+fn status_replicas(rs: &ReplicaSet) -> i64 {
+    rs.status.as_ref().map_or(0, |s| i64::from(s.replicas))
+}
+
+fn available_replicas(rs: &ReplicaSet) -> i64 {
+    rs.status
+        .as_ref()
+        .and_then(|s| s.available_replicas)
+        .map_or(0, i64::from)
+}
+
+fn ready_replicas(rs: &ReplicaSet) -> i64 {
+    rs.status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .map_or(0, i64::from)
 }
 
 /// Resolves int-or-percent against `total`, rounding percentages up or down.
-fn resolve(v: Option<&Value>, total: i64, round_up: bool, default: &str) -> i64 {
-    let v: IntOrString = v
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or(IntOrString::String(default.into()));
-    match v {
+fn resolve(v: Option<&IntOrString>, total: i64, round_up: bool, default: &str) -> i64 {
+    match v.cloned().unwrap_or(IntOrString::String(default.into())) {
         IntOrString::Int(i) => i as i64,
         IntOrString::String(s) => {
             let p: i64 = s.trim_end_matches('%').parse().unwrap_or(0);
@@ -144,12 +178,16 @@ fn resolve(v: Option<&Value>, total: i64, round_up: bool, default: &str) -> i64 
 }
 
 /// (maxSurge, maxUnavailable) of a RollingUpdate deployment; never both zero.
-pub fn surge_and_unavailable(d: &Value) -> (i64, i64) {
-    let replicas = spec_replicas(d);
-    let ru = d.pointer("/spec/strategy/rollingUpdate");
-    let surge = resolve(ru.and_then(|r| r.get("maxSurge")), replicas, true, "25%");
+pub fn surge_and_unavailable(d: &Deployment) -> (i64, i64) {
+    let replicas = d_replicas(d);
+    let ru = d
+        .spec
+        .strategy
+        .as_ref()
+        .and_then(|s| s.rolling_update.as_ref());
+    let surge = resolve(ru.and_then(|r| r.max_surge.as_ref()), replicas, true, "25%");
     let mut unavailable = resolve(
-        ru.and_then(|r| r.get("maxUnavailable")),
+        ru.and_then(|r| r.max_unavailable.as_ref()),
         replicas,
         false,
         "25%",
@@ -163,24 +201,22 @@ pub fn surge_and_unavailable(d: &Value) -> (i64, i64) {
 const DESIRED_REPLICAS: &str = "deployment.kubernetes.io/desired-replicas";
 const MAX_REPLICAS: &str = "deployment.kubernetes.io/max-replicas";
 
-fn int_annotation(rs: &Value, key: &str) -> Option<i64> {
-    meta::annotations(rs).get(key).and_then(|v| v.parse().ok())
+fn int_annotation(rs: &ReplicaSet, key: &str) -> Option<i64> {
+    annotation(&rs.metadata, key).and_then(|v| v.parse().ok())
 }
 
 /// The Deployment's `spec.replicas` when this ReplicaSet was last scaled.
-fn desired_replicas(rs: &Value) -> Option<i64> {
+fn desired_replicas(rs: &ReplicaSet) -> Option<i64> {
     int_annotation(rs, DESIRED_REPLICAS)
 }
 
 /// Whether the Deployment replaces its pods all at once (`strategy.type: Recreate`).
-fn is_recreate(d: &Value) -> bool {
-    // Stored Deployments passed validation, so they decode.
-    serde_json::from_value::<Deployment>(d.clone())
-        .is_ok_and(|d| d.spec.strategy.and_then(|s| s.type_).as_deref() == Some("Recreate"))
+fn is_recreate(d: &Deployment) -> bool {
+    d.spec.strategy.as_ref().and_then(|s| s.type_.as_deref()) == Some("Recreate")
 }
 
 /// maxSurge as Kubernetes uses it (none for Recreate).
-fn max_surge(d: &Value) -> i64 {
+fn max_surge(d: &Deployment) -> i64 {
     if is_recreate(d) {
         0
     } else {
@@ -189,31 +225,26 @@ fn max_surge(d: &Value) -> i64 {
 }
 
 /// Oldest first: creation time, then revision (creation times have one-second steps).
-fn by_age(a: &Value, b: &Value) -> std::cmp::Ordering {
-    let created = |r: &Value| {
-        r.pointer("/metadata/creationTimestamp")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
+fn by_age(a: &ReplicaSet, b: &ReplicaSet) -> std::cmp::Ordering {
+    let created = |r: &ReplicaSet| r.metadata.creation_timestamp.as_ref().map(|t| t.0);
     created(a)
         .cmp(&created(b))
         .then(revision(a).cmp(&revision(b)))
-        .then(meta::name(a).cmp(meta::name(b)))
+        .then(name_of(&a.metadata).cmp(name_of(&b.metadata)))
 }
 
 /// How many of `to_add` replicas (negative: to remove) go to `rs` when a Deployment of
 /// `d_replicas` (status `d_status_replicas`, max surge `surge`) is scaled proportionally;
 /// `added` have been handed out already (Kubernetes' `GetProportion`).
 fn proportion(
-    rs: &Value,
+    rs: &ReplicaSet,
     d_replicas: i64,
     surge: i64,
     d_status_replicas: i64,
     to_add: i64,
     added: i64,
 ) -> i64 {
-    let size = spec_replicas(rs);
+    let size = rs_replicas(rs);
     if size == 0 || to_add == 0 || to_add == added {
         return 0;
     }
@@ -244,12 +275,12 @@ impl DeploymentController {
     /// changes (Kubernetes' `scaleReplicaSetAndRecordEvent`). Returns the stored ReplicaSet.
     fn scale(
         &self,
-        rs: &Value,
+        rs: &ReplicaSet,
         replicas: i64,
-        d: &Value,
+        d: &Deployment,
         last: &mut u64,
-    ) -> Result<Value, ApiError> {
-        if spec_replicas(rs) == replicas {
+    ) -> Result<ReplicaSet, ApiError> {
+        if rs_replicas(rs) == replicas {
             return Ok(rs.clone());
         }
         self.scale_annotated(rs, replicas, d, last)
@@ -259,38 +290,36 @@ impl DeploymentController {
     /// (Kubernetes' `scaleReplicaSet`). Returns the stored ReplicaSet.
     fn scale_annotated(
         &self,
-        rs: &Value,
+        rs: &ReplicaSet,
         replicas: i64,
-        d: &Value,
+        d: &Deployment,
         last: &mut u64,
-    ) -> Result<Value, ApiError> {
-        let desired = spec_replicas(d);
+    ) -> Result<ReplicaSet, ApiError> {
+        let desired = d_replicas(d);
         let max = desired + max_surge(d);
-        if spec_replicas(rs) == replicas
+        if rs_replicas(rs) == replicas
             && desired_replicas(rs) == Some(desired)
             && int_annotation(rs, MAX_REPLICAS) == Some(max)
         {
             return Ok(rs.clone());
         }
-        let rsr = Resource::lookup("replicasets").expect("rs");
-        let mut next = rs.clone();
-        next["spec"]["replicas"] = json!(replicas);
-        if !next["metadata"]["annotations"].is_object() {
-            next["metadata"]["annotations"] = json!({});
-        }
-        next["metadata"]["annotations"][DESIRED_REPLICAS] = json!(desired.to_string());
-        next["metadata"]["annotations"][MAX_REPLICAS] = json!(max.to_string());
-        let out = self.reg.update(
-            rsr,
-            meta::namespace(rs),
-            meta::name(rs),
-            next,
+        // Only the size and the two annotations, at the version read.
+        let out: ReplicaSet = api::patch::<ReplicaSet>(
+            &self.reg,
+            rs.metadata.namespace.as_deref(),
+            name_of(&rs.metadata),
+            &json!({
+                "metadata": {
+                    "resourceVersion": rs.metadata.resource_version,
+                    "annotations": {DESIRED_REPLICAS: desired.to_string(), MAX_REPLICAS: max.to_string()},
+                },
+                "spec": {"replicas": replicas},
+            }),
             Sub::Main,
-            &WriteOptions::default(),
         )?;
-        *last = (*last).max(meta::resource_version(&out).unwrap_or(0));
-        if spec_replicas(rs) != replicas {
-            let verb = if replicas > spec_replicas(rs) {
+        *last = (*last).max(api::revision(&out.metadata));
+        if rs_replicas(rs) != replicas {
+            let verb = if replicas > rs_replicas(rs) {
                 "up"
             } else {
                 "down"
@@ -302,8 +331,8 @@ impl DeploymentController {
                 "ScalingReplicaSet",
                 &format!(
                     "Scaled {verb} replica set {} from {} to {replicas}",
-                    meta::name(rs),
-                    spec_replicas(rs)
+                    name_of(&rs.metadata),
+                    rs_replicas(rs)
                 ),
                 "deployment-controller",
             );
@@ -318,14 +347,14 @@ impl DeploymentController {
     /// `new_at` is the new ReplicaSet's index.
     fn scale_proportionally(
         &self,
-        d: &Value,
-        rss: &mut [Value],
+        d: &Deployment,
+        rss: &mut [ReplicaSet],
         new_at: Option<usize>,
         last: &mut u64,
     ) -> Result<(), ApiError> {
-        let replicas = spec_replicas(d);
+        let replicas = d_replicas(d);
         let active: Vec<usize> = (0..rss.len())
-            .filter(|i| spec_replicas(&rss[*i]) > 0)
+            .filter(|i| rs_replicas(&rss[*i]) > 0)
             .collect();
         let only = match active.len() {
             0 => new_at.or_else(|| (0..rss.len()).max_by(|a, b| by_age(&rss[*a], &rss[*b]))),
@@ -339,9 +368,9 @@ impl DeploymentController {
         }
         if let Some(n) = new_at {
             let nrs = &rss[n];
-            let saturated = spec_replicas(nrs) == replicas
+            let saturated = rs_replicas(nrs) == replicas
                 && desired_replicas(nrs) == Some(replicas)
-                && status_i(nrs, "availableReplicas") >= replicas;
+                && available_replicas(nrs) >= replicas;
             if saturated {
                 for i in active.into_iter().filter(|i| *i != n) {
                     rss[i] = self.scale(&rss[i], 0, d, last)?;
@@ -353,18 +382,22 @@ impl DeploymentController {
             return Ok(());
         }
         let surge = max_surge(d);
-        let total: i64 = active.iter().map(|i| spec_replicas(&rss[*i])).sum();
+        let total: i64 = active.iter().map(|i| rs_replicas(&rss[*i])).sum();
         let allowed = if replicas > 0 { replicas + surge } else { 0 };
         let to_add = allowed - total;
         // Larger first; of equal ones the newer gets more, the older loses first.
         let mut order = active;
         order.sort_by(|a, b| {
             let age = by_age(&rss[*a], &rss[*b]);
-            spec_replicas(&rss[*b])
-                .cmp(&spec_replicas(&rss[*a]))
+            rs_replicas(&rss[*b])
+                .cmp(&rs_replicas(&rss[*a]))
                 .then(if to_add > 0 { age.reverse() } else { age })
         });
-        let status_replicas = status_i(d, "replicas");
+        let status_replicas = d
+            .status
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .map_or(0, i64::from);
         let mut added = 0;
         let mut sizes: Vec<i64> = order
             .iter()
@@ -372,7 +405,7 @@ impl DeploymentController {
                 let rs = &rss[*i];
                 let p = proportion(rs, replicas, surge, status_replicas, to_add, added);
                 added += p;
-                spec_replicas(rs) + p
+                rs_replicas(rs) + p
             })
             .collect();
         // What rounding left over goes to (or comes from) the largest.
@@ -389,20 +422,20 @@ impl DeploymentController {
     /// when no old pod runs or terminates any more.
     fn rollout_recreate(
         &self,
-        d: &Value,
-        nrs: &mut Value,
-        old: &mut [Value],
+        d: &Deployment,
+        nrs: &mut ReplicaSet,
+        old: &mut [ReplicaSet],
         last: &mut u64,
     ) -> Result<(), ApiError> {
         let mut scaled_down = false;
-        for rs in old.iter_mut().filter(|r| spec_replicas(r) > 0) {
+        for rs in old.iter_mut().filter(|r| rs_replicas(r) > 0) {
             *rs = self.scale(rs, 0, d, last)?;
             scaled_down = true;
         }
-        if scaled_down || self.old_pods_running(meta::namespace(d), old) {
+        if scaled_down || self.old_pods_running(d.metadata.namespace.as_deref(), old) {
             return Ok(());
         }
-        *nrs = self.scale(nrs, spec_replicas(d), d, last)?;
+        *nrs = self.scale(nrs, d_replicas(d), d, last)?;
         Ok(())
     }
 
@@ -411,16 +444,16 @@ impl DeploymentController {
     /// ReplicaSets down within maxUnavailable, their unavailable pods first.
     fn rollout_rolling(
         &self,
-        d: &Value,
-        nrs: &mut Value,
-        old: &mut [Value],
+        d: &Deployment,
+        nrs: &mut ReplicaSet,
+        old: &mut [ReplicaSet],
         last: &mut u64,
     ) -> Result<(), ApiError> {
-        let replicas = spec_replicas(d);
+        let replicas = d_replicas(d);
         let (surge, unavailable) = surge_and_unavailable(d);
-        let new_size = spec_replicas(nrs);
-        let all = |old: &[Value], nrs: &Value| {
-            old.iter().map(spec_replicas).sum::<i64>() + spec_replicas(nrs)
+        let new_size = rs_replicas(nrs);
+        let all = |old: &[ReplicaSet], nrs: &ReplicaSet| {
+            old.iter().map(rs_replicas).sum::<i64>() + rs_replicas(nrs)
         };
         if new_size > replicas {
             *nrs = self.scale(nrs, replicas, d, last)?;
@@ -434,11 +467,11 @@ impl DeploymentController {
                 return Ok(());
             }
         }
-        if old.iter().all(|r| spec_replicas(r) == 0) {
+        if old.iter().all(|r| rs_replicas(r) == 0) {
             return Ok(());
         }
         let min_available = replicas - if replicas == 0 { 0 } else { unavailable };
-        let new_unavailable = spec_replicas(nrs) - status_i(nrs, "availableReplicas");
+        let new_unavailable = rs_replicas(nrs) - available_replicas(nrs);
         let max_down = all(old, nrs) - min_available - new_unavailable;
         if max_down <= 0 {
             return Ok(());
@@ -450,20 +483,17 @@ impl DeploymentController {
             if cleaned >= max_down {
                 break;
             }
-            let unhealthy = spec_replicas(rs) - status_i(rs, "availableReplicas");
-            if spec_replicas(rs) == 0 || unhealthy <= 0 {
+            let unhealthy = rs_replicas(rs) - available_replicas(rs);
+            if rs_replicas(rs) == 0 || unhealthy <= 0 {
                 continue;
             }
             let n = unhealthy.min(max_down - cleaned);
-            *rs = self.scale(rs, spec_replicas(rs) - n, d, last)?;
+            *rs = self.scale(rs, rs_replicas(rs) - n, d, last)?;
             cleaned += n;
         }
         // Then available ones, keeping minAvailable.
-        let available: i64 = old
-            .iter()
-            .map(|r| status_i(r, "availableReplicas"))
-            .sum::<i64>()
-            + status_i(nrs, "availableReplicas");
+        let available: i64 =
+            old.iter().map(available_replicas).sum::<i64>() + available_replicas(nrs);
         if available <= min_available {
             return Ok(());
         }
@@ -472,9 +502,9 @@ impl DeploymentController {
             if down <= 0 {
                 break;
             }
-            let n = spec_replicas(rs).min(down);
+            let n = rs_replicas(rs).min(down);
             if n > 0 {
-                *rs = self.scale(rs, spec_replicas(rs) - n, d, last)?;
+                *rs = self.scale(rs, rs_replicas(rs) - n, d, last)?;
                 down -= n;
             }
         }
@@ -493,37 +523,43 @@ impl Reconciler for DeploymentController {
             self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
-        if meta::is_deleting(&d) {
+        if d.metadata.deletion_timestamp.is_some() {
             return Ok(Action::AwaitChange);
         }
         let (ns, name) = split_key(key);
-        let rsr = Resource::lookup("replicasets").expect("rs");
-        let uid = meta::uid(&d).to_string();
-        let mut owned: Vec<Value> = self
+        let uid = d.metadata.uid.clone().unwrap_or_default();
+        let mut owned: Vec<ReplicaSet> = self
             .replicasets
             .list(ns)
             .into_iter()
             .filter(|rs| {
-                meta::controller_uid(rs).as_deref() == Some(uid.as_str()) && !meta::is_deleting(rs)
+                controller_uid(&rs.metadata) == Some(uid.as_str())
+                    && rs.metadata.deletion_timestamp.is_none()
             })
             .map(|rs| (*rs).clone())
             .collect();
         owned.sort_by_key(revision);
-        let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
-        let hash = template_hash(&normalized(&template));
+        let template = d.spec.template.clone();
+        // Templates are compared and hashed as JSON with zero values dropped, however
+        // they were sent (see `normalized`).
+        let want = normalized(&api::encode(&template)?);
+        let hash = template_hash(&want);
         let max_rev = owned.iter().map(revision).max().unwrap_or(0);
-        let replicas = spec_replicas(&d);
-        let paused = d.pointer("/spec/paused") == Some(&json!(true));
+        let replicas = d_replicas(&d);
+        let paused = d.spec.paused == Some(true);
         let recreate = is_recreate(&d);
         let mut last = 0u64;
-        let opts = WriteOptions::default();
 
-        let want = normalized(&template);
-        let new_idx = owned.iter().position(|rs| {
-            normalized(rs.pointer("/spec/template").unwrap_or(&Value::Null)) == want
-        });
+        let mut new_idx = None;
+        for (i, rs) in owned.iter().enumerate() {
+            let t = rs.spec.template.as_ref().map(api::encode).transpose()?;
+            if normalized(t.as_ref().unwrap_or(&Value::Null)) == want {
+                new_idx = Some(i);
+                break;
+            }
+        }
         let mut new_rs = new_idx.map(|i| owned.remove(i));
-        let old: Vec<Value> = owned;
+        let old: Vec<ReplicaSet> = owned;
 
         // A change of spec.replicas while ReplicaSets carry another desired count is scaled
         // proportionally over the active ReplicaSets before any rollout step (Kubernetes'
@@ -531,11 +567,11 @@ impl Reconciler for DeploymentController {
         let scaling_event = new_rs
             .iter()
             .chain(old.iter())
-            .filter(|r| spec_replicas(r) > 0)
+            .filter(|r| rs_replicas(r) > 0)
             .any(|r| desired_replicas(r).is_some_and(|n| n != replicas));
 
         if new_rs.is_none() && !paused && !scaling_event {
-            let total: i64 = old.iter().map(spec_replicas).sum();
+            let total: i64 = old.iter().map(rs_replicas).sum();
             let initial = if recreate {
                 if total == 0 && !self.old_pods_running(ns, &old) {
                     replicas
@@ -546,52 +582,56 @@ impl Reconciler for DeploymentController {
                 let (surge, _) = surge_and_unavailable(&d);
                 (replicas + surge - total).clamp(0, replicas)
             };
-            let mut labels = template
-                .pointer("/metadata/labels")
-                .cloned()
-                .unwrap_or(json!({}));
-            labels[POD_TEMPLATE_HASH] = json!(hash);
+            let mut labels: BTreeMap<String, String> = template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.labels.clone())
+                .unwrap_or_default();
+            labels.insert(POD_TEMPLATE_HASH.into(), hash.clone());
             let mut rs_template = template.clone();
-            rs_template["metadata"]["labels"] = labels.clone();
-            let mut selector = d.pointer("/spec/selector").cloned().unwrap_or(json!({}));
-            if !selector.get("matchLabels").is_some_and(Value::is_object) {
-                selector["matchLabels"] = json!({});
-            }
-            selector["matchLabels"][POD_TEMPLATE_HASH] = json!(hash);
+            rs_template
+                .metadata
+                .get_or_insert_with(Default::default)
+                .labels = Some(labels.clone());
+            let mut selector = d.spec.selector.clone();
+            selector
+                .match_labels
+                .get_or_insert_with(Default::default)
+                .insert(POD_TEMPLATE_HASH.into(), hash.clone());
             let surge = max_surge(&d);
-            let rs = json!({
-                "apiVersion": "apps/v1", "kind": "ReplicaSet",
-                "metadata": {
-                    "name": format!("{name}-{hash}"), "namespace": ns, "labels": labels,
-                    "annotations": {
-                        REVISION_ANNOTATION: (max_rev + 1).to_string(),
-                        "deployment.kubernetes.io/desired-replicas": replicas.to_string(),
-                        "deployment.kubernetes.io/max-replicas": (replicas + surge).to_string(),
-                    },
-                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": name, "uid": uid,
-                                         "controller": true, "blockOwnerDeletion": true}],
+            let rs = ReplicaSet {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-{hash}")),
+                    namespace: ns.map(String::from),
+                    labels: Some(labels),
+                    annotations: Some(BTreeMap::from([
+                        (REVISION_ANNOTATION.to_string(), (max_rev + 1).to_string()),
+                        (DESIRED_REPLICAS.to_string(), replicas.to_string()),
+                        (MAX_REPLICAS.to_string(), (replicas + surge).to_string()),
+                    ])),
+                    owner_references: Some(vec![pods::controller_ref(&*d)]),
+                    ..Default::default()
                 },
-                "spec": {"replicas": initial, "minReadySeconds": d.pointer("/spec/minReadySeconds").cloned().unwrap_or(json!(0)),
-                         "selector": selector, "template": rs_template},
-            });
-            let created = match self.reg.create(rsr, ns, rs, &opts) {
-                Ok(c) => c,
-                Err(e) if e.code == 409 => {
-                    // A ReplicaSet of that name exists but is not ours or has another template:
-                    // retry after the cache catches up.
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
+                spec: ReplicaSetSpec {
+                    replicas: Some(initial as i32),
+                    min_ready_seconds: Some(d.spec.min_ready_seconds.unwrap_or(0)),
+                    selector,
+                    template: Some(rs_template),
+                },
+                status: None,
             };
-            last = last.max(meta::resource_version(&created).unwrap_or(0));
+            // A ReplicaSet of that name that is not ours or has another template (409):
+            // retried after the cache catches up.
+            let created = api::create(&self.reg, ns, &rs)?;
+            last = last.max(api::revision(&created.metadata));
             super::events::record(
                 &self.reg,
-                &d,
+                &*d,
                 "Normal",
                 "ScalingReplicaSet",
                 &format!(
                     "Scaled up replica set {} from 0 to {initial}",
-                    meta::name(&created)
+                    name_of(&created.metadata)
                 ),
                 "deployment-controller",
             );
@@ -599,20 +639,25 @@ impl Reconciler for DeploymentController {
         } else if let Some(rs) = &new_rs {
             // Rolling back to an older template makes it the newest revision again.
             if revision(rs) < max_rev && !paused {
-                let mut next = rs.clone();
-                next["metadata"]["annotations"][REVISION_ANNOTATION] =
-                    json!((max_rev + 1).to_string());
-                let out = self
-                    .reg
-                    .update(rsr, ns, meta::name(rs), next, Sub::Main, &opts)?;
-                last = last.max(meta::resource_version(&out).unwrap_or(0));
+                let out = api::patch::<ReplicaSet>(
+                    &self.reg,
+                    ns,
+                    name_of(&rs.metadata),
+                    &json!({"metadata": {
+                        "resourceVersion": rs.metadata.resource_version,
+                        "annotations": {REVISION_ANNOTATION: (max_rev + 1).to_string()},
+                    }}),
+                    Sub::Main,
+                )?;
+                last = last.max(api::revision(&out.metadata));
                 new_rs = Some(out);
             }
         }
 
         let mut old = old;
         if paused || scaling_event {
-            let mut all: Vec<Value> = new_rs.iter().cloned().chain(old.iter().cloned()).collect();
+            let mut all: Vec<ReplicaSet> =
+                new_rs.iter().cloned().chain(old.iter().cloned()).collect();
             let new_at = new_rs.is_some().then_some(0);
             self.scale_proportionally(&d, &mut all, new_at, &mut last)?;
             if new_rs.is_some() {
@@ -628,23 +673,21 @@ impl Reconciler for DeploymentController {
         }
         if !paused {
             // History: delete old, empty ReplicaSets beyond revisionHistoryLimit.
-            let limit = d
-                .pointer("/spec/revisionHistoryLimit")
-                .and_then(Value::as_i64)
-                .unwrap_or(10)
-                .max(0) as usize;
-            let mut empty: Vec<&Value> = old
+            let limit = d.spec.revision_history_limit.unwrap_or(10).max(0) as usize;
+            let mut empty: Vec<&ReplicaSet> = old
                 .iter()
-                .filter(|r| spec_replicas(r) == 0 && status_i(r, "replicas") == 0)
+                .filter(|r| rs_replicas(r) == 0 && status_replicas(r) == 0)
                 .collect();
             empty.sort_by_key(|r| revision(r));
             if empty.len() > limit {
                 for rs in empty.iter().take(empty.len() - limit) {
-                    match self
-                        .reg
-                        .delete(rsr, ns, meta::name(rs), &Default::default())
-                    {
-                        Ok(o) => last = last.max(meta::resource_version(&o).unwrap_or(0)),
+                    match api::delete::<ReplicaSet>(
+                        &self.reg,
+                        ns,
+                        name_of(&rs.metadata),
+                        &Default::default(),
+                    ) {
+                        Ok(rev) => last = last.max(rev),
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
                     }
@@ -659,17 +702,16 @@ impl Reconciler for DeploymentController {
 impl DeploymentController {
     fn update_status(
         &self,
-        d: &Value,
-        new_rs: Option<&Value>,
-        old: &[Value],
+        d: &Deployment,
+        new_rs: Option<&ReplicaSet>,
+        old: &[ReplicaSet],
     ) -> Result<Action, ApiError> {
-        let all: Vec<&Value> = new_rs.into_iter().chain(old.iter()).collect();
-        let replicas = spec_replicas(d);
-        let sum = |f: &str| all.iter().map(|r| status_i(r, f)).sum::<i64>();
-        let total = sum("replicas");
-        let ready = sum("readyReplicas");
-        let available = sum("availableReplicas");
-        let updated = new_rs.map(|r| status_i(r, "replicas")).unwrap_or(0);
+        let all: Vec<&ReplicaSet> = new_rs.into_iter().chain(old.iter()).collect();
+        let replicas = d_replicas(d);
+        let total: i64 = all.iter().map(|r| status_replicas(r)).sum();
+        let ready: i64 = all.iter().map(|r| ready_replicas(r)).sum();
+        let available: i64 = all.iter().map(|r| available_replicas(r)).sum();
+        let updated = new_rs.map(status_replicas).unwrap_or(0);
         let (_, max_unavailable) = surge_and_unavailable(d);
         let recreate = is_recreate(d);
         let min_available = if recreate {
@@ -680,22 +722,15 @@ impl DeploymentController {
         let complete = updated == replicas
             && total == replicas
             && available == replicas
-            && new_rs.is_some_and(|r| spec_replicas(r) == replicas);
-        let mut status = d
-            .get("status")
-            .cloned()
-            .filter(Value::is_object)
-            .unwrap_or(json!({}));
-        let before = status.clone();
-        status["observedGeneration"] = d
-            .pointer("/metadata/generation")
-            .cloned()
-            .unwrap_or(json!(1));
-        status["replicas"] = json!(total);
-        status["updatedReplicas"] = json!(updated);
-        status["readyReplicas"] = json!(ready);
-        status["availableReplicas"] = json!(available);
-        status["unavailableReplicas"] = json!((replicas - available).max(0));
+            && new_rs.is_some_and(|r| rs_replicas(r) == replicas);
+        let before = d.status.clone().unwrap_or_default();
+        let mut status = before.clone();
+        status.observed_generation = Some(d.metadata.generation.unwrap_or(1));
+        status.replicas = Some(total as i32);
+        status.updated_replicas = Some(updated as i32);
+        status.ready_replicas = Some(ready as i32);
+        status.available_replicas = Some(available as i32);
+        status.unavailable_replicas = Some((replicas - available).max(0) as i32);
         let (a_status, a_reason, a_msg) = if available >= min_available {
             (
                 "True",
@@ -709,24 +744,22 @@ impl DeploymentController {
                 "Deployment does not have minimum availability.".to_string(),
             )
         };
-        let rs_name = new_rs.map(meta::name).unwrap_or("");
-        let progress_changed = [
-            "replicas",
-            "updatedReplicas",
-            "availableReplicas",
-            "readyReplicas",
-        ]
-        .iter()
-        .any(|k| before.get(*k) != status.get(*k))
-            || before.get("observedGeneration") != status.get("observedGeneration");
-        let deadline = d
-            .pointer("/spec/progressDeadlineSeconds")
-            .and_then(Value::as_i64)
-            .unwrap_or(600);
-        let prev_progress = find_cond(&before, "Progressing");
+        let rs_name = new_rs.map_or("", |r| name_of(&r.metadata));
+        let counts = |s: &DeploymentStatus| {
+            (
+                s.replicas,
+                s.updated_replicas,
+                s.available_replicas,
+                s.ready_replicas,
+                s.observed_generation,
+            )
+        };
+        let progress_changed = counts(&before) != counts(&status);
+        let deadline = i64::from(d.spec.progress_deadline_seconds.unwrap_or(600));
+        let prev_progress = conditions::get(before.conditions.as_deref(), "Progressing");
         let last_update = prev_progress
-            .and_then(|c| c["lastUpdateTime"].as_str())
-            .and_then(skiff_api::table::parse_rfc3339)
+            .and_then(|c| c.last_update_time.as_ref())
+            .map(|t| t.0.as_second())
             .unwrap_or(now_unix());
         let (p_status, p_reason, p_msg) = if complete {
             (
@@ -747,15 +780,19 @@ impl DeploymentController {
                 format!("ReplicaSet \"{rs_name}\" is progressing."),
             )
         };
-        set_deploy_condition(&mut status, "Available", a_status, a_reason, &a_msg, true);
+        let touch_progress =
+            progress_changed || prev_progress.is_none_or(|c| c.reason.as_deref() != Some(p_reason));
+        let mut conds = status.conditions.take().unwrap_or_default();
+        set_deploy_condition(&mut conds, "Available", a_status, a_reason, &a_msg, true);
         set_deploy_condition(
-            &mut status,
+            &mut conds,
             "Progressing",
             p_status,
             p_reason,
             &p_msg,
-            progress_changed || prev_progress.is_none_or(|c| c["reason"] != p_reason),
+            touch_progress,
         );
+        status.conditions = Some(conds);
         let mut requeue = Action::AwaitChange;
         if !complete && p_reason != "ProgressDeadlineExceeded" {
             // Look again when the deadline would pass.
@@ -763,81 +800,56 @@ impl DeploymentController {
                 Action::RequeueAfter(std::time::Duration::from_secs(deadline.max(1) as u64 + 1));
         }
         // Revision annotation follows the newest ReplicaSet.
-        let mut next = d.clone();
         let mut changed = before != status;
+        let mut current: Option<Deployment> = None;
         if let Some(r) = new_rs {
             let rev = revision(r).to_string();
-            let cur = meta::annotations(d).get(REVISION_ANNOTATION).cloned();
-            if cur.as_deref() != Some(rev.as_str()) {
-                if !next["metadata"]["annotations"].is_object() {
-                    next["metadata"]["annotations"] = json!({});
-                }
-                next["metadata"]["annotations"][REVISION_ANNOTATION] = json!(rev);
-                let dr = Resource::lookup("deployments").expect("deploy");
-                let out = self.reg.update(
-                    dr,
-                    meta::namespace(d),
-                    meta::name(d),
-                    next.clone(),
+            if annotation(&d.metadata, REVISION_ANNOTATION) != Some(rev.as_str()) {
+                current = Some(api::patch::<Deployment>(
+                    &self.reg,
+                    d.metadata.namespace.as_deref(),
+                    name_of(&d.metadata),
+                    &json!({"metadata": {
+                        "resourceVersion": d.metadata.resource_version,
+                        "annotations": {REVISION_ANNOTATION: rev},
+                    }}),
                     Sub::Main,
-                    &WriteOptions::default(),
-                )?;
-                next = out;
+                )?);
                 changed = true;
             }
         }
         if changed {
-            next["status"] = status;
-            let dr = Resource::lookup("deployments").expect("deploy");
-            self.reg.update(
-                dr,
-                meta::namespace(d),
-                meta::name(d),
-                next,
-                Sub::Status,
-                &WriteOptions::default(),
-            )?;
+            api::update_status(&self.reg, current.as_ref().unwrap_or(d), &status)?;
         }
         Ok(requeue)
     }
 }
 
-fn find_cond<'a>(status: &'a Value, ty: &str) -> Option<&'a Value> {
-    status
-        .get("conditions")
-        .and_then(Value::as_array)
-        .and_then(|cs| cs.iter().find(|c| c["type"] == ty))
-}
-
+/// Sets a Deployment condition: the transition time moves with the status (as
+/// `skiff_api::conditions` does), the update time only when `touch`, the status or the reason
+/// changes (Kubernetes' progress deadline counts from it).
 fn set_deploy_condition(
-    status: &mut Value,
+    conds: &mut Vec<DeploymentCondition>,
     ty: &str,
     st: &str,
     reason: &str,
     msg: &str,
     touch: bool,
 ) {
-    let ts = now();
-    if !status["conditions"].is_array() {
-        status["conditions"] = json!([]);
-    }
-    let list = status["conditions"].as_array_mut().expect("array");
-    match list.iter_mut().find(|c| c["type"] == ty) {
-        Some(c) => {
-            if c["status"] != st {
-                c["lastTransitionTime"] = json!(ts);
+    let prev = conditions::get(Some(conds.as_slice()), ty).cloned();
+    let now = api::now();
+    conditions::set(
+        conds,
+        DeploymentCondition::new(ty, st, reason, msg, &now),
+        &now,
+    );
+    if let Some(prev) = prev {
+        let same = prev.status() == st && prev.reason() == reason;
+        if !touch && same {
+            if let Some(c) = conds.iter_mut().find(|c| c.type_() == ty) {
+                c.last_update_time = prev.last_update_time;
             }
-            if touch || c["status"] != st || c["reason"] != reason {
-                c["lastUpdateTime"] = json!(ts);
-            }
-            c["status"] = json!(st);
-            c["reason"] = json!(reason);
-            c["message"] = json!(msg);
         }
-        None => list.push(
-            json!({"type": ty, "status": st, "reason": reason, "message": msg,
-                                 "lastUpdateTime": ts, "lastTransitionTime": ts}),
-        ),
     }
 }
 
@@ -845,13 +857,21 @@ fn set_deploy_condition(
 mod tests {
     use super::*;
 
+    fn deployment(v: Value) -> Deployment {
+        serde_json::from_value(v).unwrap()
+    }
+
     #[test]
     fn surge_rounds_up_and_unavailable_down() {
-        let d = json!({"spec": {"replicas": 4, "strategy": {"rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}}});
+        let d = deployment(
+            json!({"spec": {"replicas": 4, "strategy": {"rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}}}}),
+        );
         assert_eq!(surge_and_unavailable(&d), (1, 1));
-        let d = json!({"spec": {"replicas": 3}});
+        let d = deployment(json!({"spec": {"replicas": 3}}));
         assert_eq!(surge_and_unavailable(&d), (1, 0));
-        let d = json!({"spec": {"replicas": 1, "strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}}});
+        let d = deployment(
+            json!({"spec": {"replicas": 1, "strategy": {"rollingUpdate": {"maxSurge": 0, "maxUnavailable": 0}}}}),
+        );
         assert_eq!(surge_and_unavailable(&d), (0, 1));
     }
 

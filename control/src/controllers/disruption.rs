@@ -4,37 +4,29 @@
 
 use std::sync::Arc;
 
+use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use serde_json::Value;
-use skiff_api::{disruption, meta, ApiError, Resource};
+use skiff_api::{disruption, ApiError};
 
+use super::api;
 use super::runtime::Cache;
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::Registry;
 
 pub struct Disruption {
     pub reg: Arc<Registry>,
-    pub budgets: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub replicasets: Arc<Cache>,
+    pub budgets: Arc<Cache<PodDisruptionBudget>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub replicasets: Arc<Cache<ReplicaSet>>,
 }
 
 impl Disruption {
     /// One pass over every budget. Returns how many statuses it wrote.
     pub fn check(&self) -> Result<usize, ApiError> {
-        let r = Resource::lookup("poddisruptionbudgets").expect("pdbs");
         let mut written = 0;
-        for obj in self.budgets.list(None) {
-            let Ok(pdb) = serde_json::from_value::<PodDisruptionBudget>((*obj).clone()) else {
-                continue;
-            };
-            let ns = meta::namespace(&obj);
-            let pods: Vec<Pod> = self
-                .pods
-                .list(ns)
-                .iter()
-                .filter_map(|p| serde_json::from_value((**p).clone()).ok())
-                .collect();
+        for pdb in self.budgets.list(None) {
+            let ns = pdb.metadata.namespace.as_deref();
+            let pods: Vec<Pod> = self.pods.list(ns).iter().map(|p| (**p).clone()).collect();
             let scale = |kind: &str, name: &str| {
                 if kind != "ReplicaSet" {
                     return None;
@@ -42,26 +34,13 @@ impl Disruption {
                 let rs = self
                     .replicasets
                     .get(&format!("{}/{name}", ns.unwrap_or("default")))?;
-                rs.pointer("/spec/replicas")
-                    .and_then(Value::as_i64)
-                    .map(|n| n as i32)
+                rs.spec.replicas
             };
             let status = disruption::budget(&pdb, &pods, scale).to_status(pdb.metadata.generation);
-            let want =
-                serde_json::to_value(&status).map_err(|e| ApiError::internal(e.to_string()))?;
-            if obj.get("status") == Some(&want) {
+            if pdb.status.as_ref() == Some(&status) {
                 continue;
             }
-            let mut next: Value = (*obj).clone();
-            next["status"] = want;
-            match self.reg.update(
-                r,
-                ns,
-                meta::name(&obj),
-                next,
-                Sub::Status,
-                &WriteOptions::default(),
-            ) {
+            match api::update_status(&self.reg, &*pdb, &status) {
                 Ok(_) => written += 1,
                 Err(e) if e.code == 404 || e.code == 409 => {}
                 Err(e) => return Err(e),

@@ -6,82 +6,91 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use k8s_openapi::api::core::v1::{
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, LoadBalancerIngress,
+    LoadBalancerStatus, Node, ObjectReference, Pod, Service, ServicePort, ServiceStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use skiff_api::conditions;
 use skiff_api::selector::Selector;
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
+use super::api;
 use super::pods;
 use super::runtime::{split_key, Action, Cache, Reconciler};
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::Registry;
 
 pub struct EndpointsController {
     pub reg: Arc<Registry>,
-    pub services: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub endpoints: Arc<Cache>,
-    pub nodes: Arc<Cache>,
+    pub services: Arc<Cache<Service>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub endpoints: Arc<Cache<Endpoints>>,
+    pub nodes: Arc<Cache<Node>>,
 }
 
 /// The port a service port targets on one pod: a number, or a container port by name.
-fn target_port(svc_port: &Value, pod: &Value) -> Option<i64> {
-    match svc_port.get("targetPort") {
-        Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(name)) => {
-            if let Ok(n) = name.parse::<i64>() {
+fn target_port(svc_port: &ServicePort, pod: &Pod) -> Option<i32> {
+    match &svc_port.target_port {
+        Some(IntOrString::Int(n)) => Some(*n),
+        Some(IntOrString::String(name)) => {
+            if let Ok(n) = name.parse::<i32>() {
                 return Some(n);
             }
-            pod.pointer("/spec/containers")
-                .and_then(Value::as_array)?
+            pod.spec
+                .as_ref()?
+                .containers
                 .iter()
-                .flat_map(|c| {
-                    c.get("ports")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default()
-                })
-                .find(|p| p.get("name").and_then(Value::as_str) == Some(name.as_str()))
-                .and_then(|p| p.get("containerPort").and_then(Value::as_i64))
+                .flat_map(|c| c.ports.iter().flatten())
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .map(|p| p.container_port)
         }
-        _ => svc_port.get("port").and_then(Value::as_i64),
+        None => Some(svc_port.port),
     }
 }
 
-/// Subsets for a service over its pods, grouped by resolved port set.
-pub fn subsets(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<String>) {
-    let ports = svc
-        .pointer("/spec/ports")
-        .and_then(Value::as_array)
-        .cloned()
+/// Subsets for a service over its pods, grouped by resolved port set, and the target ports
+/// no container declares.
+pub fn subsets(svc: &Service, pods: &[Arc<Pod>]) -> (Vec<EndpointSubset>, Vec<String>) {
+    let ports: &[ServicePort] = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
         .unwrap_or_default();
-    let mut groups: BTreeMap<String, (Value, Vec<Value>, Vec<Value>)> = BTreeMap::new();
+    let svc_name = svc.metadata.name.as_deref().unwrap_or("");
+    type Group = (
+        Vec<EndpointPort>,
+        Vec<EndpointAddress>,
+        Vec<EndpointAddress>,
+    );
+    let mut groups: BTreeMap<String, Group> = BTreeMap::new();
     let mut unresolved = Vec::new();
     for p in pods {
         let ip = p
-            .pointer("/status/podIP")
-            .and_then(Value::as_str)
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.as_deref())
             .unwrap_or("");
         if ip.is_empty() || pods::is_terminal(p) {
             continue;
         }
+        let pod_name = p.metadata.name.as_deref().unwrap_or("");
         let mut eps = Vec::new();
-        for sp in &ports {
+        for sp in ports {
             match target_port(sp, p) {
-                Some(port) => {
-                    let mut e = json!({"port": port, "protocol": sp.get("protocol").cloned().unwrap_or(json!("TCP"))});
-                    if let Some(n) = sp
-                        .get("name")
-                        .filter(|n| n.as_str().is_some_and(|s| !s.is_empty()))
-                    {
-                        e["name"] = n.clone();
-                    }
-                    eps.push(e);
-                }
+                Some(port) => eps.push(EndpointPort {
+                    port,
+                    protocol: Some(sp.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                    name: sp.name.clone().filter(|n| !n.is_empty()),
+                    ..Default::default()
+                }),
                 None => unresolved.push(format!(
-                    "{} (pod {})",
-                    sp.get("targetPort")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
-                    meta::name(p)
+                    "{} (pod {pod_name})",
+                    match &sp.target_port {
+                        Some(IntOrString::Int(n)) => n.to_string(),
+                        Some(IntOrString::String(s)) => format!("{s:?}"),
+                        None => String::new(),
+                    }
                 )),
             }
         }
@@ -89,21 +98,29 @@ pub fn subsets(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<String>) {
             continue;
         }
         let key = serde_json::to_string(&eps).unwrap_or_default();
-        let mut addr = json!({
-            "ip": ip,
-            "nodeName": p.pointer("/spec/nodeName"),
-            "targetRef": {"kind": "Pod", "name": meta::name(p), "namespace": meta::namespace(p), "uid": meta::uid(p)},
-        });
+        let spec = p.spec.as_ref();
+        let mut addr = EndpointAddress {
+            ip: ip.to_string(),
+            node_name: spec.and_then(|s| s.node_name.clone()),
+            target_ref: Some(ObjectReference {
+                kind: Some("Pod".into()),
+                name: p.metadata.name.clone(),
+                namespace: p.metadata.namespace.clone(),
+                uid: p.metadata.uid.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         // A pod naming this service as its subdomain is `HOSTNAME.SERVICE.NS.svc` in DNS.
-        if let Some(h) = p.pointer("/spec/hostname").and_then(Value::as_str) {
-            if p.pointer("/spec/subdomain").and_then(Value::as_str) == Some(meta::name(svc)) {
-                addr["hostname"] = json!(h);
+        if let Some(h) = spec.and_then(|s| s.hostname.as_ref()) {
+            if spec.and_then(|s| s.subdomain.as_deref()) == Some(svc_name) {
+                addr.hostname = Some(h.clone());
             }
         }
         let entry = groups
             .entry(key)
-            .or_insert_with(|| (json!(eps), Vec::new(), Vec::new()));
-        if pods::is_ready(p) && !meta::is_deleting(p) {
+            .or_insert_with(|| (eps, Vec::new(), Vec::new()));
+        if pods::is_ready(p) && p.metadata.deletion_timestamp.is_none() {
             entry.1.push(addr);
         } else {
             entry.2.push(addr);
@@ -111,18 +128,15 @@ pub fn subsets(svc: &Value, pods: &[Arc<Value>]) -> (Value, Vec<String>) {
     }
     let mut out = Vec::new();
     for (_, (ports, mut ready, mut not_ready)) in groups {
-        ready.sort_by(|a, b| a["ip"].as_str().cmp(&b["ip"].as_str()));
-        not_ready.sort_by(|a, b| a["ip"].as_str().cmp(&b["ip"].as_str()));
-        let mut s = json!({"ports": ports});
-        if !ready.is_empty() {
-            s["addresses"] = json!(ready);
-        }
-        if !not_ready.is_empty() {
-            s["notReadyAddresses"] = json!(not_ready);
-        }
-        out.push(s);
+        ready.sort_by(|a, b| a.ip.cmp(&b.ip));
+        not_ready.sort_by(|a, b| a.ip.cmp(&b.ip));
+        out.push(EndpointSubset {
+            ports: Some(ports),
+            addresses: (!ready.is_empty()).then_some(ready),
+            not_ready_addresses: (!not_ready.is_empty()).then_some(not_ready),
+        });
     }
-    (json!(out), unresolved)
+    (out, unresolved)
 }
 
 impl Reconciler for EndpointsController {
@@ -132,13 +146,16 @@ impl Reconciler for EndpointsController {
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         let (ns, name) = split_key(key);
-        let epr = Resource::lookup("endpoints").expect("ep");
-        let opts = WriteOptions::default();
         let Some(svc) = self.services.get(key) else {
             // The service is gone: so are its endpoints.
             if let Some(ep) = self.endpoints.get(key) {
-                if !meta::labels(&ep).contains_key("endpointslice.kubernetes.io/skip-mirror") {
-                    match self.reg.delete(epr, ns, name, &Default::default()) {
+                let mirrored = ep
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .is_none_or(|l| !l.contains_key("endpointslice.kubernetes.io/skip-mirror"));
+                if mirrored {
+                    match api::delete::<Endpoints>(&self.reg, ns, name, &Default::default()) {
                         Ok(_) => {}
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
@@ -149,18 +166,20 @@ impl Reconciler for EndpointsController {
         };
         self.load_balancer(&svc)?;
         let Some(sel_map) = svc
-            .pointer("/spec/selector")
-            .filter(|s| s.as_object().is_some_and(|m| !m.is_empty()))
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .filter(|m| !m.is_empty())
         else {
             return Ok(Action::AwaitChange);
         };
-        let sel = Selector::from_map(&meta::string_map(Some(sel_map)));
+        let sel = Selector::from_map(sel_map);
         let pods = self.pods.select(ns, &sel);
         let (subsets, unresolved) = subsets(&svc, &pods);
         if !unresolved.is_empty() {
             super::events::record(
                 &self.reg,
-                &svc,
+                &*svc,
                 "Warning",
                 "FailedToResolveTargetPort",
                 &format!(
@@ -170,26 +189,31 @@ impl Reconciler for EndpointsController {
                 "endpoint-controller",
             );
         }
-        let mut labels = meta::labels(&svc);
+        let mut labels = svc.metadata.labels.clone().unwrap_or_default();
         labels.insert(
             "endpoints.kubernetes.io/managed-by".into(),
             "endpoint-controller".into(),
         );
         match self.endpoints.get(key) {
-            Some(ep) if ep.get("subsets").cloned().unwrap_or(json!([])) == subsets => {}
+            Some(ep) if ep.subsets.as_deref().unwrap_or_default() == subsets.as_slice() => {}
             Some(ep) => {
+                // Endpoints have nothing but metadata and subsets: the whole object is ours.
                 let mut next = (*ep).clone();
-                next["subsets"] = subsets;
-                next["metadata"]["labels"] = json!(labels);
-                self.reg.update(epr, ns, name, next, Sub::Main, &opts)?;
+                next.subsets = Some(subsets);
+                next.metadata.labels = Some(labels);
+                api::update(&self.reg, &next)?;
             }
             None => {
-                let ep = json!({"metadata": {"name": name, "namespace": ns, "labels": labels}, "subsets": subsets});
-                match self.reg.create(epr, ns, ep, &opts) {
-                    Ok(_) => {}
-                    Err(e) if e.code == 409 => return Err(e),
-                    Err(e) => return Err(e),
-                }
+                let ep = Endpoints {
+                    metadata: ObjectMeta {
+                        name: Some(name.to_string()),
+                        namespace: ns.map(String::from),
+                        labels: Some(labels),
+                        ..Default::default()
+                    },
+                    subsets: Some(subsets),
+                };
+                api::create(&self.reg, ns, &ep)?;
             }
         }
         Ok(Action::AwaitChange)
@@ -197,41 +221,51 @@ impl Reconciler for EndpointsController {
 }
 
 impl EndpointsController {
-    fn load_balancer(&self, svc: &Value) -> Result<(), ApiError> {
-        if svc.pointer("/spec/type").and_then(Value::as_str) != Some("LoadBalancer") {
+    fn load_balancer(&self, svc: &Service) -> Result<(), ApiError> {
+        if svc.spec.as_ref().and_then(|s| s.type_.as_deref()) != Some("LoadBalancer") {
             return Ok(());
         }
         let mut ips: Vec<String> = self
             .nodes
             .list(None)
             .iter()
-            .filter(|n| super::nodelifecycle::is_ready(n))
+            .filter(|n| {
+                conditions::is_true(
+                    n.status.as_ref().and_then(|s| s.conditions.as_deref()),
+                    "Ready",
+                )
+            })
             .filter_map(|n| {
-                n.pointer("/status/addresses")
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.iter().find(|x| x["type"] == "InternalIP"))
-                    .and_then(|x| x["address"].as_str().map(String::from))
+                n.status
+                    .as_ref()?
+                    .addresses
+                    .as_ref()?
+                    .iter()
+                    .find(|a| a.type_ == "InternalIP")
+                    .map(|a| a.address.clone())
             })
             .collect();
         ips.sort();
         ips.dedup();
-        let ingress: Vec<Value> = ips
-            .iter()
-            .map(|ip| json!({"ip": ip, "ipMode": "VIP"}))
-            .collect();
-        let want = json!({"ingress": ingress});
-        let want = if ingress.is_empty() { json!({}) } else { want };
-        if svc.pointer("/status/loadBalancer") != Some(&want) {
-            let mut next = svc.clone();
-            next["status"] = json!({"loadBalancer": want});
-            let svcr = Resource::lookup("services").expect("svc");
-            self.reg.update(
-                svcr,
-                meta::namespace(svc),
-                meta::name(svc),
-                next,
-                Sub::Status,
-                &WriteOptions::default(),
+        let want = LoadBalancerStatus {
+            ingress: (!ips.is_empty()).then(|| {
+                ips.into_iter()
+                    .map(|ip| LoadBalancerIngress {
+                        ip: Some(ip),
+                        ip_mode: Some("VIP".into()),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+        };
+        if svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()) != Some(&want) {
+            api::update_status(
+                &self.reg,
+                svc,
+                &ServiceStatus {
+                    load_balancer: Some(want),
+                    ..Default::default()
+                },
             )?;
         }
         Ok(())

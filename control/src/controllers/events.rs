@@ -3,44 +3,94 @@
 
 use std::hash::{Hash, Hasher};
 
-use serde_json::{json, Value};
-use skiff_api::{meta, Resource};
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::json;
 
-use crate::registry::{now, Registry, Sub, WriteOptions};
+use super::api;
+use super::runtime::Object;
+use crate::registry::{Registry, Sub};
 
-pub fn record(reg: &Registry, obj: &Value, ty: &str, reason: &str, message: &str, component: &str) {
-    let events = Resource::lookup("events").expect("events");
-    let ns = meta::namespace(obj).unwrap_or("default").to_string();
+/// Records an event about `obj`.
+pub fn record<K: Object>(
+    reg: &Registry,
+    obj: &K,
+    ty: &str,
+    reason: &str,
+    message: &str,
+    component: &str,
+) {
+    let m = obj.metadata();
+    let about = ObjectReference {
+        kind: Some(K::KIND.to_string()),
+        api_version: Some(K::API_VERSION.to_string()),
+        name: m.name.clone(),
+        namespace: m.namespace.clone(),
+        uid: m.uid.clone(),
+        resource_version: m.resource_version.clone(),
+        ..Default::default()
+    };
+    record_about(reg, about, ty, reason, message, component)
+}
+
+fn record_about(
+    reg: &Registry,
+    about: ObjectReference,
+    ty: &str,
+    reason: &str,
+    message: &str,
+    component: &str,
+) {
+    let ns = about
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string());
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (meta::uid(obj), reason, message).hash(&mut h);
-    let name = format!("{}.{:016x}", meta::name(obj), h.finish());
-    let ts = now();
-    let result = match reg.try_get(events, Some(&ns), &name) {
-        Ok(Some(mut ev)) => {
-            let count = ev.get("count").and_then(Value::as_i64).unwrap_or(1);
-            ev["count"] = json!(count + 1);
-            ev["lastTimestamp"] = json!(ts);
-            reg.update(events, Some(&ns), &name, ev, Sub::Main, &WriteOptions::default()).map(|_| ())
-        }
-        Ok(None) => reg
-            .create(
-                events,
-                Some(&ns),
-                json!({
-                    "metadata": {"name": name, "namespace": ns},
-                    "involvedObject": {
-                        "kind": obj.get("kind"), "apiVersion": obj.get("apiVersion"),
-                        "name": meta::name(obj), "namespace": meta::namespace(obj),
-                        "uid": meta::uid(obj), "resourceVersion": obj.pointer("/metadata/resourceVersion"),
-                    },
-                    "reason": reason, "message": message, "type": ty,
-                    "source": {"component": component},
-                    "reportingComponent": component,
-                    "firstTimestamp": ts, "lastTimestamp": ts, "count": 1,
+    (about.uid.as_deref().unwrap_or(""), reason, message).hash(&mut h);
+    let name = format!(
+        "{}.{:016x}",
+        about.name.as_deref().unwrap_or(""),
+        h.finish()
+    );
+    let ts = api::now();
+    let result = match api::get::<Event>(reg, Some(&ns), &name) {
+        Ok(Some(ev)) => api::patch::<Event>(
+            reg,
+            Some(&ns),
+            &name,
+            &json!({
+                "count": ev.count.unwrap_or(1) + 1,
+                "lastTimestamp": ts,
+                "metadata": {"resourceVersion": ev.metadata.resource_version},
+            }),
+            Sub::Main,
+        )
+        .map(|_| ()),
+        Ok(None) => api::create(
+            reg,
+            Some(&ns),
+            &Event {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(ns.clone()),
+                    ..Default::default()
+                },
+                involved_object: about,
+                reason: Some(reason.to_string()),
+                message: Some(message.to_string()),
+                type_: Some(ty.to_string()),
+                source: Some(EventSource {
+                    component: Some(component.to_string()),
+                    ..Default::default()
                 }),
-                &WriteOptions::default(),
-            )
-            .map(|_| ()),
+                reporting_component: Some(component.to_string()),
+                first_timestamp: Some(ts.clone()),
+                last_timestamp: Some(ts),
+                count: Some(1),
+                ..Default::default()
+            },
+        )
+        .map(|_| ()),
         Err(e) => Err(e),
     };
     if let Err(e) = result {

@@ -6,9 +6,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
-use skiff_api::{meta, ApiError, Resource};
+use k8s_openapi::api::core::v1::Event;
+use serde::Deserialize;
+use skiff_api::ApiError;
 
+use super::api;
 use crate::registry::Registry;
 
 /// Events deleted per store transaction.
@@ -23,17 +25,14 @@ pub struct EventExpiry {
 
 /// When an Event last happened: `lastTimestamp`, else `eventTime` (events.k8s.io), else when
 /// it was created. Seconds since the epoch.
-fn last_seen(ev: &Value) -> i64 {
-    [
-        "/lastTimestamp",
-        "/eventTime",
-        "/metadata/creationTimestamp",
-    ]
-    .iter()
-    .filter_map(|p| ev.pointer(p).and_then(Value::as_str))
-    .find_map(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
-    .map(|t| t.timestamp())
-    .unwrap_or(0)
+fn last_seen(ev: &Event) -> i64 {
+    ev.last_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .or(ev.event_time.as_ref().map(|t| t.0))
+        .or(ev.metadata.creation_timestamp.as_ref().map(|t| t.0))
+        .map(|t| t.as_second())
+        .unwrap_or(0)
 }
 
 /// Which Events go, given (last seen, key) for each: those older than `ttl` at `now`, and the
@@ -56,7 +55,7 @@ fn expired<K: Clone + Ord>(mut seen: Vec<(i64, K)>, now: i64, ttl: Duration, max
 impl EventExpiry {
     /// One pass; returns how many Events were deleted.
     pub fn check(&self) -> Result<usize, ApiError> {
-        let events = Resource::lookup("events").expect("events");
+        let events = api::resource::<Event>();
         let (items, _) = self
             .reg
             .store()
@@ -64,13 +63,16 @@ impl EventExpiry {
             .map_err(|e| crate::registry::store_err(events, "", e))?;
         let seen = items
             .iter()
-            .map(|ev| {
+            .map(|raw| {
+                // One that does not decode counts as as old as can be.
+                let ev = Event::deserialize(&**raw).unwrap_or_default();
+                let m = &ev.metadata;
                 let key = (
-                    meta::namespace(ev).unwrap_or("default").to_string(),
-                    meta::name(ev).to_string(),
-                    meta::resource_version(ev).unwrap_or(0),
+                    m.namespace.clone().unwrap_or_else(|| "default".into()),
+                    m.name.clone().unwrap_or_default(),
+                    api::revision(m),
                 );
-                (last_seen(ev), key)
+                (last_seen(&ev), key)
             })
             .collect();
         drop(items);
@@ -113,7 +115,8 @@ mod tests {
                         "metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}});
         let created = json!({"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}});
         let micro = json!({"eventTime": "2026-01-01T00:00:00.123456Z"});
-        assert_eq!(last_seen(&ev) - last_seen(&created), 600);
-        assert_eq!(last_seen(&micro), last_seen(&created));
+        let seen = |v| last_seen(&serde_json::from_value(v).unwrap());
+        assert_eq!(seen(ev) - seen(created.clone()), 600);
+        assert_eq!(seen(micro), seen(created));
     }
 }

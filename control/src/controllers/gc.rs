@@ -4,6 +4,9 @@
 //! Keys: `dep:{plural}:{ns}/{name}` (does this dependent still have an owner?),
 //! `owner:{plural}:{ns}/{name}` (an owner being deleted with the foreground or orphan finalizer),
 //! `ns:{name}` (a namespace being deleted).
+//!
+//! The collector serves every kind alike and reads only `metadata`, so it works on the stored
+//! JSON (no k8s-openapi type spans all kinds).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,13 +17,14 @@ use skiff_api::patch::PatchKind;
 use skiff_api::selector::Selector;
 use skiff_api::{meta, ApiError, Resource, RESOURCES};
 
-use super::runtime::{key_of, split_key, Action, Cache, Reconciler};
+use super::runtime::{split_key, Action, AnyCache, Reconciler};
 use crate::registry::{DeleteOptions, Registry, Sub, WriteOptions};
 
 pub struct GarbageCollector {
     pub reg: Arc<Registry>,
-    /// Caches of the kinds that are owned by others (pods, replica sets).
-    pub dependents: Vec<Arc<Cache>>,
+    /// Caches of the kinds that are owned by others (pods, replica sets). The collector reads
+    /// only metadata, alike for every kind, so it reads their stored JSON.
+    pub dependents: Vec<Arc<dyn AnyCache>>,
 }
 
 fn owner_resource(api_version: &str, kind: &str) -> Option<&'static Resource> {
@@ -32,10 +36,10 @@ impl GarbageCollector {
         self.dependents
             .iter()
             .flat_map(|c| {
-                c.list(None)
+                c.list_raw(None)
                     .into_iter()
                     .filter(|o| meta::owners(o).iter().any(|ow| ow.0 == uid))
-                    .map(move |o| (c.resource, o))
+                    .map(move |o| (c.resource(), o))
             })
             .collect()
     }
@@ -228,11 +232,11 @@ impl Reconciler for GarbageCollector {
 }
 
 /// The queue key asking whether `obj` (of resource `r`) still has its owners.
-pub fn dep_key(r: &Resource, obj: &Value) -> String {
-    format!("dep:{}:{}", r.plural, key_of(obj))
+pub fn dep_key(r: &Resource, key: &str) -> String {
+    format!("dep:{}:{key}", r.plural)
 }
 
 /// The queue key for an owner being deleted with a finalizer the collector serves.
-pub fn owner_key(r: &Resource, obj: &Value) -> String {
-    format!("owner:{}:{}", r.plural, key_of(obj))
+pub fn owner_key(r: &Resource, key: &str) -> String {
+    format!("owner:{}:{key}", r.plural)
 }

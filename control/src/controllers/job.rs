@@ -14,13 +14,14 @@ use k8s_openapi::api::batch::v1::{Job, JobCondition, JobSpec, JobStatus, PodFail
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use serde_json::{json, Value};
+use skiff_api::conditions::{self, Condition};
 use skiff_api::selector::Selector;
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
-use super::replicaset::{now_unix, selector_of};
+use super::api;
+use super::replicaset::{now_unix, selector};
 use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
-use crate::registry::{DeleteOptions, Registry, Sub, WriteOptions};
+use crate::registry::{DeleteOptions, Registry};
 
 /// The completion index of an Indexed Job's pod (annotation and label).
 pub const COMPLETION_INDEX: &str = "batch.kubernetes.io/job-completion-index";
@@ -32,13 +33,13 @@ const BURST: usize = 500;
 
 pub struct JobController {
     pub reg: Arc<Registry>,
-    pub jobs: Arc<Cache>,
-    pub pods: Arc<Cache>,
+    pub jobs: Arc<Cache<Job>>,
+    pub pods: Arc<Cache<Pod>>,
     expect: Expectations,
 }
 
 impl JobController {
-    pub fn new(reg: Arc<Registry>, jobs: Arc<Cache>, pods: Arc<Cache>) -> Self {
+    pub fn new(reg: Arc<Registry>, jobs: Arc<Cache<Job>>, pods: Arc<Cache<Pod>>) -> Self {
         JobController {
             reg,
             jobs,
@@ -46,10 +47,6 @@ impl JobController {
             expect: Expectations::default(),
         }
     }
-}
-
-fn decode<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, ApiError> {
-    serde_json::from_value(v.clone()).map_err(|e| ApiError::internal(format!("decode: {e}")))
 }
 
 fn unix(t: &Option<Time>) -> Option<i64> {
@@ -248,27 +245,14 @@ fn has_condition(st: &JobStatus, ty: &str) -> bool {
         .any(|c| c.type_ == ty && c.status == "True")
 }
 
-/// Sets condition `ty` (keeping its transition time when the status is unchanged).
+/// Sets condition `ty` through `skiff_api::conditions`.
 fn set_condition(st: &mut JobStatus, ty: &str, status: &str, reason: &str, msg: &str, now: i64) {
-    let conds = st.conditions.get_or_insert_with(Vec::new);
-    if let Some(c) = conds.iter_mut().find(|c| c.type_ == ty) {
-        if c.status != status {
-            c.last_transition_time = Some(time(now));
-        }
-        c.status = status.into();
-        c.reason = Some(reason.into());
-        c.message = Some(msg.into());
-        c.last_probe_time = Some(time(now));
-        return;
-    }
-    conds.push(JobCondition {
-        type_: ty.into(),
-        status: status.into(),
-        reason: Some(reason.into()),
-        message: Some(msg.into()),
-        last_probe_time: Some(time(now)),
-        last_transition_time: Some(time(now)),
-    });
+    let t = time(now);
+    conditions::set(
+        st.conditions.get_or_insert_with(Vec::new),
+        JobCondition::new(ty, status, reason, msg, &t),
+        &t,
+    );
 }
 
 /// A Job is finished once it has a true `Complete` or `Failed` condition.
@@ -278,11 +262,10 @@ pub fn is_finished(st: &JobStatus) -> bool {
 
 impl JobController {
     fn delete_pods(&self, ns: Option<&str>, pods: &[&Pod], last_rev: &mut u64) {
-        let pods_r = Resource::lookup("pods").expect("pods");
         for p in pods {
             let name = p.metadata.name.as_deref().unwrap_or("");
-            match self.reg.delete(pods_r, ns, name, &DeleteOptions::default()) {
-                Ok(o) => *last_rev = (*last_rev).max(meta::resource_version(&o).unwrap_or(0)),
+            match api::delete::<Pod>(&self.reg, ns, name, &DeleteOptions::default()) {
+                Ok(rev) => *last_rev = (*last_rev).max(rev),
                 Err(e) if e.code == 404 => {}
                 Err(e) => tracing::warn!(pod = name, error = %e, "job pod not deleted"),
             }
@@ -290,47 +273,41 @@ impl JobController {
     }
 
     /// A new pod of `job` (index `index` for Indexed Jobs) from its template.
-    fn pod_for(job_v: &Value, job: &Job, index: Option<i32>) -> Value {
-        let template = job_v
-            .pointer("/spec/template")
-            .cloned()
-            .unwrap_or(json!({}));
-        let mut pod = super::pods::from_template(job_v, "Job", &template);
+    fn pod_for(job: &Job, index: Option<i32>) -> Pod {
+        let template = job
+            .spec
+            .as_ref()
+            .map(|s| s.template.clone())
+            .unwrap_or_default();
+        let mut pod = super::pods::from_template(job, &template);
         let name = job.metadata.name.clone().unwrap_or_default();
         let uid = job.metadata.uid.clone().unwrap_or_default();
-        pod["metadata"]["ownerReferences"][0]["apiVersion"] = json!("batch/v1");
-        let labels = &mut pod["metadata"]["labels"];
-        labels[JOB_NAME_LABEL] = json!(name);
-        labels[CONTROLLER_UID_LABEL] = json!(uid);
-        labels["job-name"] = json!(name);
-        labels["controller-uid"] = json!(uid);
+        let labels = pod.metadata.labels.get_or_insert_with(Default::default);
+        labels.insert(JOB_NAME_LABEL.into(), name.clone());
+        labels.insert(CONTROLLER_UID_LABEL.into(), uid.clone());
+        labels.insert("job-name".into(), name.clone());
+        labels.insert("controller-uid".into(), uid);
         if let Some(i) = index {
-            labels[COMPLETION_INDEX] = json!(i.to_string());
-            if !pod["metadata"]["annotations"].is_object() {
-                pod["metadata"]["annotations"] = json!({});
+            labels.insert(COMPLETION_INDEX.into(), i.to_string());
+            pod.metadata
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(COMPLETION_INDEX.into(), i.to_string());
+            pod.metadata.generate_name = Some(format!("{name}-{i}-"));
+            let spec = pod.spec.get_or_insert_with(Default::default);
+            if spec.hostname.as_deref().unwrap_or("").is_empty() {
+                spec.hostname = Some(format!("{name}-{i}"));
             }
-            pod["metadata"]["annotations"][COMPLETION_INDEX] = json!(i.to_string());
-            pod["metadata"]["generateName"] = json!(format!("{name}-{i}-"));
-            if pod["spec"]["hostname"].as_str().unwrap_or("").is_empty() {
-                pod["spec"]["hostname"] = json!(format!("{name}-{i}"));
-            }
-            let env = serde_json::to_value(EnvVar {
+            let env = EnvVar {
                 name: "JOB_COMPLETION_INDEX".into(),
                 value: Some(i.to_string()),
                 ..Default::default()
-            })
-            .expect("env var");
-            for list in ["initContainers", "containers"] {
-                if let Some(cs) = pod["spec"][list].as_array_mut() {
-                    for c in cs {
-                        if !c["env"].is_array() {
-                            c["env"] = json!([]);
-                        }
-                        let envs = c["env"].as_array_mut().expect("array");
-                        envs.retain(|e| e["name"] != "JOB_COMPLETION_INDEX");
-                        envs.push(env.clone());
-                    }
-                }
+            };
+            let inits = spec.init_containers.iter_mut().flatten();
+            for c in inits.chain(spec.containers.iter_mut()) {
+                let envs = c.env.get_or_insert_with(Vec::new);
+                envs.retain(|e| e.name != "JOB_COMPLETION_INDEX");
+                envs.push(env.clone());
             }
         }
         pod
@@ -344,37 +321,40 @@ impl Reconciler for JobController {
 
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         self.expect.settle(key, &self.pods).await;
-        let Some(job_v) = self.jobs.get(key) else {
+        let Some(job) = self.jobs.get(key) else {
             self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
-        if meta::is_deleting(&job_v) {
+        if job.metadata.deletion_timestamp.is_some() {
             return Ok(Action::AwaitChange);
         }
         let (ns, name) = split_key(key);
-        let job: Job = decode(&job_v)?;
         let spec = job.spec.clone().unwrap_or_default();
         let cur = job.status.clone().unwrap_or_default();
         let mut st = cur.clone();
         let now = now_unix();
         let uid = job.metadata.uid.clone().unwrap_or_default();
-        let sel: Selector = selector_of(&job_v)?;
-        let jobs_r = Resource::lookup("jobs").expect("jobs");
-        let pods_r = Resource::lookup("pods").expect("pods");
-        let opts = WriteOptions::default();
+        let sel: Selector = selector(&spec.selector.clone().unwrap_or_default())?;
         let mut last_rev = 0u64;
 
-        let owned: Vec<Pod> = self
+        let no_labels = Default::default();
+        let owned: Vec<Arc<Pod>> = self
             .pods
             .list(ns)
             .into_iter()
-            .filter(|p| meta::controller_uid(p).as_deref() == Some(uid.as_str()))
-            .filter(|p| sel.matches(&meta::labels(p)))
-            .map(|p| decode::<Pod>(&p))
-            .collect::<Result<_, _>>()?;
+            .filter(|p| {
+                p.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.controller == Some(true) && o.uid == uid)
+            })
+            .filter(|p| sel.matches(p.metadata.labels.as_ref().unwrap_or(&no_labels)))
+            .collect();
         let deleting = |p: &Pod| p.metadata.deletion_timestamp.is_some();
         let active: Vec<&Pod> = owned
             .iter()
+            .map(|p| &**p)
             .filter(|p| !deleting(p) && !matches!(phase(p), "Succeeded" | "Failed"))
             .collect();
 
@@ -403,7 +383,7 @@ impl Reconciler for JobController {
                         precondition_uid: Some(uid.clone()),
                         ..Default::default()
                     };
-                    match self.reg.delete(jobs_r, ns, name, &o) {
+                    match api::delete::<Job>(&self.reg, ns, name, &o) {
                         Ok(_) => {}
                         Err(e) if e.code == 404 => {}
                         Err(e) => return Err(e),
@@ -519,7 +499,7 @@ impl Reconciler for JobController {
             if *ty == "Failed" {
                 set_condition(&mut st, "FailureTarget", "True", reason, msg, now);
                 set_condition(&mut st, "Failed", "True", reason, msg, now);
-                super::events::record(&self.reg, &job_v, "Warning", reason, msg, "job-controller");
+                super::events::record(&self.reg, &*job, "Warning", reason, msg, "job-controller");
             } else {
                 set_condition(
                     &mut st,
@@ -540,7 +520,7 @@ impl Reconciler for JobController {
                 st.completion_time = Some(time(now));
                 super::events::record(
                     &self.reg,
-                    &job_v,
+                    &*job,
                     "Normal",
                     "Completed",
                     "Job completed",
@@ -567,7 +547,7 @@ impl Reconciler for JobController {
                 );
                 super::events::record(
                     &self.reg,
-                    &job_v,
+                    &*job,
                     "Normal",
                     "Suspended",
                     "Job suspended",
@@ -591,7 +571,7 @@ impl Reconciler for JobController {
                 st.start_time = Some(time(now));
                 super::events::record(
                     &self.reg,
-                    &job_v,
+                    &*job,
                     "Normal",
                     "Resumed",
                     "Job resumed",
@@ -644,13 +624,13 @@ impl Reconciler for JobController {
                 self.delete_pods(ns, &extra[..n], &mut last_rev);
             }
             for index in to_make.into_iter().take(BURST) {
-                let pod = Self::pod_for(&job_v, &job, index);
-                match self.reg.create(pods_r, ns, pod, &opts) {
-                    Ok(p) => last_rev = last_rev.max(meta::resource_version(&p).unwrap_or(0)),
+                let pod = Self::pod_for(&job, index);
+                match api::create(&self.reg, ns, &pod) {
+                    Ok(p) => last_rev = last_rev.max(api::revision(&p.metadata)),
                     Err(e) => {
                         super::events::record(
                             &self.reg,
-                            &job_v,
+                            &*job,
                             "Warning",
                             "FailedCreate",
                             &format!("Error creating: {}", e.message),
@@ -667,13 +647,7 @@ impl Reconciler for JobController {
         self.expect.wrote(key, last_rev);
         result?;
         if st != cur {
-            let mut next = (*job_v).clone();
-            next["status"] = serde_json::to_value(&st)
-                .map_err(|e| ApiError::internal(format!("encode: {e}")))?;
-            let out = self
-                .reg
-                .update(jobs_r, ns, name, next, Sub::Status, &opts)?;
-            let _ = out;
+            api::update_status(&self.reg, &*job, &st)?;
         }
         Ok(requeue.map_or(Action::AwaitChange, Action::RequeueAfter))
     }
@@ -682,6 +656,7 @@ impl Reconciler for JobController {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn backoff_doubles_from_ten_seconds_to_six_minutes() {
@@ -744,8 +719,10 @@ mod tests {
 
     mod controller {
         use super::super::*;
-        use crate::registry::ClusterConfig;
+        use crate::registry::{ClusterConfig, Sub, WriteOptions};
         use crate::store::sled::SledStore;
+        use serde_json::{json, Value};
+        use skiff_api::{meta, Resource};
         use tokio::sync::watch;
 
         fn res(p: &str) -> &'static Resource {
@@ -772,8 +749,8 @@ mod tests {
             )
             .unwrap();
             let (stop, rx) = watch::channel(false);
-            let jobs = Cache::new(res("jobs"));
-            let pods = Cache::new(res("pods"));
+            let jobs = Cache::<Job>::new();
+            let pods = Cache::<Pod>::new();
             tokio::spawn(jobs.clone().run(reg.clone(), rx.clone()));
             tokio::spawn(pods.clone().run(reg.clone(), rx));
             let c = JobController::new(reg.clone(), jobs, pods);
@@ -829,7 +806,7 @@ mod tests {
             fn pods(&self) -> Vec<Value> {
                 self.c
                     .pods
-                    .list(Some("default"))
+                    .list_raw(Some("default"))
                     .iter()
                     .filter(|p| !meta::is_deleting(p))
                     .map(|p| (**p).clone())

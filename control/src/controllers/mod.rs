@@ -1,6 +1,7 @@
 //! Controllers: level-triggered reconcilers over watch-fed caches (see [`runtime`]), and the
 //! scheduler. [`start`] wires caches to queues and runs them all.
 
+pub mod api;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
@@ -23,14 +24,24 @@ pub mod volumes;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
-use skiff_api::{meta, Resource};
+use k8s_openapi::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
+use k8s_openapi::api::batch::v1::{CronJob, Job};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{
+    Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
+};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use skiff_api::meta;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::registry::Registry;
 use crate::store::EventType;
-use runtime::{key_of, Cache};
+use runtime::{key, AnyCache, Cache, Object, Queue};
 
 /// Timings of the controllers.
 #[derive(Debug, Clone)]
@@ -71,15 +82,47 @@ impl Default for ControllerConfig {
     }
 }
 
-fn cache(name: &str) -> Arc<Cache> {
-    Cache::new(Resource::lookup(name).expect("known resource"))
+/// The queue key of the controller of kind `kind` that owns the object with metadata `m`.
+fn owner_key(m: &ObjectMeta, kind: &str) -> Option<String> {
+    m.owner_references
+        .as_deref()?
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == kind)
+        .map(|o| format!("{}/{}", m.namespace.as_deref().unwrap_or("default"), o.name))
 }
 
-fn owner_key(obj: &Value, kind: &str) -> Option<String> {
-    meta::owners(obj)
-        .into_iter()
-        .find(|o| o.3 && o.1 == kind)
-        .map(|o| format!("{}/{}", meta::namespace(obj).unwrap_or("default"), o.2))
+/// Queues for the garbage collector what a change of an object in `c` may concern: the
+/// dependents of a deleted owner, an owner deleted in the foreground or orphaning, a new
+/// dependent.
+fn collect_garbage_of<K: Object>(c: &Cache<K>, deps: Vec<Arc<dyn AnyCache>>, q: Queue) {
+    let r = c.resource;
+    c.on_change(move |ch| {
+        let m = ch.object.metadata();
+        let ns = m.namespace.as_deref();
+        let owned = m.owner_references.as_ref().is_some_and(|o| !o.is_empty());
+        if ch.kind == EventType::Deleted {
+            let uid = m.uid.as_deref().unwrap_or("");
+            for d in &deps {
+                for dep in d.list_raw(ns) {
+                    if meta::owners(&dep).iter().any(|ow| ow.0 == uid) {
+                        q.add(gc::dep_key(d.resource(), &runtime::key_of(&dep)));
+                    }
+                }
+            }
+            return;
+        }
+        if m.deletion_timestamp.is_some()
+            && m.finalizers
+                .iter()
+                .flatten()
+                .any(|f| f == "foregroundDeletion" || f == "orphan")
+        {
+            q.add(gc::owner_key(r, &key(&*ch.object)));
+        }
+        if ch.kind == EventType::Added && owned && ch.prev.is_none() {
+            q.add(gc::dep_key(r, &key(&*ch.object)));
+        }
+    });
 }
 
 /// Starts every controller and the scheduler; they stop when `stop` turns true.
@@ -88,38 +131,38 @@ pub fn start(
     config: ControllerConfig,
     stop: watch::Receiver<bool>,
 ) -> JoinSet<()> {
-    let pods = cache("pods");
-    let nodes = cache("nodes");
-    let services = cache("services");
-    let endpoints = cache("endpoints");
-    let deployments = cache("deployments");
-    let replicasets = cache("replicasets");
-    let namespaces = cache("namespaces");
-    let leases = cache("leases");
-    let budgets = cache("poddisruptionbudgets");
-    let daemonsets = cache("daemonsets");
-    let revisions = cache("controllerrevisions");
-    let statefulsets = cache("statefulsets");
-    let claims = cache("persistentvolumeclaims");
-    let volumes = cache("persistentvolumes");
-    let classes = cache("storageclasses");
-    let jobs = cache("jobs");
-    let cronjobs = cache("cronjobs");
+    let pods = Cache::<Pod>::new();
+    let nodes = Cache::<Node>::new();
+    let services = Cache::<Service>::new();
+    let endpoints = Cache::<Endpoints>::new();
+    let deployments = Cache::<Deployment>::new();
+    let replicasets = Cache::<ReplicaSet>::new();
+    let namespaces = Cache::<Namespace>::new();
+    let leases = Cache::<Lease>::new();
+    let budgets = Cache::<PodDisruptionBudget>::new();
+    let daemonsets = Cache::<DaemonSet>::new();
+    let revisions = Cache::<ControllerRevision>::new();
+    let statefulsets = Cache::<StatefulSet>::new();
+    let claims = Cache::<PersistentVolumeClaim>::new();
+    let volumes = Cache::<PersistentVolume>::new();
+    let classes = Cache::<StorageClass>::new();
+    let jobs = Cache::<Job>::new();
+    let cronjobs = Cache::<CronJob>::new();
     let mut tasks = JoinSet::new();
 
     // ReplicaSets.
     let (rs_q, rs_rx) = runtime::queue();
     {
         let q = rs_q.clone();
-        replicasets.on_change(move |c| q.add(key_of(&c.object)));
+        replicasets.on_change(move |c| q.add(key(&*c.object)));
         let q = rs_q.clone();
         let rs_cache = replicasets.clone();
-        pods.on_change(move |c| match owner_key(&c.object, "ReplicaSet") {
+        pods.on_change(move |c| match owner_key(&c.object.metadata, "ReplicaSet") {
             Some(k) => q.add(k),
             None if c.kind != EventType::Deleted => {
                 // An orphan may be adopted by a ReplicaSet of its namespace.
-                for rs in rs_cache.list(meta::namespace(&c.object)) {
-                    q.add(key_of(&rs));
+                for rs in rs_cache.list(c.object.metadata.namespace.as_deref()) {
+                    q.add(key(&*rs));
                 }
             }
             None => {}
@@ -129,10 +172,10 @@ pub fn start(
     let (d_q, d_rx) = runtime::queue();
     {
         let q = d_q.clone();
-        deployments.on_change(move |c| q.add(key_of(&c.object)));
+        deployments.on_change(move |c| q.add(key(&*c.object)));
         let q = d_q.clone();
         replicasets.on_change(move |c| {
-            if let Some(k) = owner_key(&c.object, "Deployment") {
+            if let Some(k) = owner_key(&c.object.metadata, "Deployment") {
                 q.add(k)
             }
         });
@@ -144,8 +187,8 @@ pub fn start(
             if c.kind != EventType::Deleted {
                 return;
             }
-            let rs = owner_key(&c.object, "ReplicaSet").and_then(|k| rs_cache.get(&k));
-            if let Some(k) = rs.and_then(|rs| owner_key(&rs, "Deployment")) {
+            let rs = owner_key(&c.object.metadata, "ReplicaSet").and_then(|k| rs_cache.get(&k));
+            if let Some(k) = rs.and_then(|rs| owner_key(&rs.metadata, "Deployment")) {
                 q.add(k)
             }
         });
@@ -154,16 +197,16 @@ pub fn start(
     let (ds_q, ds_rx) = runtime::queue();
     {
         let q = ds_q.clone();
-        daemonsets.on_change(move |c| q.add(key_of(&c.object)));
+        daemonsets.on_change(move |c| q.add(key(&*c.object)));
         let q = ds_q.clone();
         pods.on_change(move |c| {
-            if let Some(k) = owner_key(&c.object, "DaemonSet") {
+            if let Some(k) = owner_key(&c.object.metadata, "DaemonSet") {
                 q.add(k)
             }
         });
         let q = ds_q.clone();
         revisions.on_change(move |c| {
-            if let Some(k) = owner_key(&c.object, "DaemonSet") {
+            if let Some(k) = owner_key(&c.object.metadata, "DaemonSet") {
                 q.add(k)
             }
         });
@@ -171,15 +214,13 @@ pub fn start(
         let ds_cache = daemonsets.clone();
         nodes.on_change(move |c| {
             // Heartbeats change only conditions' times: no daemon pod moves for them.
-            let same = |p: &Value| {
-                p.get("spec") == c.object.get("spec")
-                    && p.pointer("/metadata/labels") == c.object.pointer("/metadata/labels")
-            };
+            let same =
+                |p: &Node| p.spec == c.object.spec && p.metadata.labels == c.object.metadata.labels;
             if c.kind != EventType::Deleted && c.prev.as_deref().is_some_and(same) {
                 return;
             }
             for ds in ds_cache.list(None) {
-                q.add(key_of(&ds));
+                q.add(key(&*ds));
             }
         });
     }
@@ -187,10 +228,10 @@ pub fn start(
     let (sts_q, sts_rx) = runtime::queue();
     {
         let q = sts_q.clone();
-        statefulsets.on_change(move |c| q.add(key_of(&c.object)));
+        statefulsets.on_change(move |c| q.add(key(&*c.object)));
         let q = sts_q.clone();
         pods.on_change(move |c| {
-            if let Some(k) = owner_key(&c.object, "StatefulSet") {
+            if let Some(k) = owner_key(&c.object.metadata, "StatefulSet") {
                 q.add(k)
             }
         });
@@ -199,24 +240,22 @@ pub fn start(
     let (vol_q, vol_rx) = runtime::queue();
     {
         let q = vol_q.clone();
-        claims.on_change(move |c| q.add(key_of(&c.object)));
+        claims.on_change(move |c| q.add(key(&*c.object)));
         let q = vol_q.clone();
         volumes.on_change(move |c| {
-            if let (Some(ns), Some(n)) = (
-                c.object
-                    .pointer("/spec/claimRef/namespace")
-                    .and_then(Value::as_str),
-                c.object
-                    .pointer("/spec/claimRef/name")
-                    .and_then(Value::as_str),
-            ) {
+            let claim = c.object.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+            if let Some((Some(ns), Some(n))) = claim.map(|r| (&r.namespace, &r.name)) {
                 q.add(format!("{ns}/{n}"));
             }
         });
         let q = vol_q.clone();
         pods.on_change(move |c| {
-            if c.object.pointer("/spec/nodeName").is_some() {
-                let ns = meta::namespace(&c.object).unwrap_or("default");
+            if c.object
+                .spec
+                .as_ref()
+                .is_some_and(|s| s.node_name.is_some())
+            {
+                let ns = c.object.metadata.namespace.as_deref().unwrap_or("default");
                 for claim in volumes::claims_of(&c.object) {
                     q.add(format!("{ns}/{claim}"));
                 }
@@ -228,18 +267,18 @@ pub fn start(
     let (cj_q, cj_rx) = runtime::queue();
     {
         let q = job_q.clone();
-        jobs.on_change(move |c| q.add(key_of(&c.object)));
+        jobs.on_change(move |c| q.add(key(&*c.object)));
         let q = job_q.clone();
         pods.on_change(move |c| {
-            if let Some(k) = owner_key(&c.object, "Job") {
+            if let Some(k) = owner_key(&c.object.metadata, "Job") {
                 q.add(k)
             }
         });
         let q = cj_q.clone();
-        cronjobs.on_change(move |c| q.add(key_of(&c.object)));
+        cronjobs.on_change(move |c| q.add(key(&*c.object)));
         let q = cj_q.clone();
         jobs.on_change(move |c| {
-            if let Some(k) = owner_key(&c.object, "CronJob") {
+            if let Some(k) = owner_key(&c.object.metadata, "CronJob") {
                 q.add(k)
             }
         });
@@ -248,25 +287,27 @@ pub fn start(
     let (ep_q, ep_rx) = runtime::queue();
     {
         let q = ep_q.clone();
-        services.on_change(move |c| q.add(key_of(&c.object)));
+        services.on_change(move |c| q.add(key(&*c.object)));
         let q = ep_q.clone();
-        endpoints.on_change(move |c| q.add(key_of(&c.object)));
+        endpoints.on_change(move |c| q.add(key(&*c.object)));
         let q = ep_q.clone();
         let svc_cache = services.clone();
         pods.on_change(move |c| {
-            let ns = meta::namespace(&c.object);
-            let labels = meta::labels(&c.object);
-            let prev_labels = c.prev.as_ref().map(|p| meta::labels(p));
+            let ns = c.object.metadata.namespace.as_deref();
+            let labels = c.object.metadata.labels.as_ref();
+            let prev_labels = c.prev.as_ref().map(|p| p.metadata.labels.as_ref());
             for s in svc_cache.list(ns) {
-                let sel = meta::string_map(s.pointer("/spec/selector"));
+                let Some(sel) = s.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+                    continue;
+                };
                 if sel.is_empty() {
                     continue;
                 }
-                let m = |l: &std::collections::BTreeMap<String, String>| {
-                    sel.iter().all(|(k, v)| l.get(k) == Some(v))
+                let m = |l: Option<&std::collections::BTreeMap<String, String>>| {
+                    sel.iter().all(|(k, v)| l.and_then(|l| l.get(k)) == Some(v))
                 };
-                if m(&labels) || prev_labels.as_ref().is_some_and(m) {
-                    q.add(key_of(&s));
+                if m(labels) || prev_labels.is_some_and(m) {
+                    q.add(key(&*s));
                 }
             }
         });
@@ -274,64 +315,38 @@ pub fn start(
         let svc_cache = services.clone();
         nodes.on_change(move |_| {
             for s in svc_cache.list(None) {
-                if s.pointer("/spec/type").and_then(Value::as_str) == Some("LoadBalancer") {
-                    q.add(key_of(&s));
+                if s.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer") {
+                    q.add(key(&*s));
                 }
             }
         });
     }
     // Garbage collection and namespaces.
     let (gc_q, gc_rx) = runtime::queue();
+    let dependents: Vec<Arc<dyn AnyCache>> = vec![
+        pods.clone(),
+        replicasets.clone(),
+        revisions.clone(),
+        claims.clone(),
+        jobs.clone(),
+    ];
     {
-        for c in [
-            &pods,
-            &replicasets,
-            &deployments,
-            &daemonsets,
-            &revisions,
-            &statefulsets,
-            &claims,
-            &jobs,
-            &cronjobs,
-        ] {
-            let q = gc_q.clone();
-            let r = c.resource;
-            let deps = vec![
-                pods.clone(),
-                replicasets.clone(),
-                revisions.clone(),
-                claims.clone(),
-                jobs.clone(),
-            ];
-            c.on_change(move |ch| {
-                let o = &ch.object;
-                if ch.kind == EventType::Deleted {
-                    let uid = meta::uid(o);
-                    for d in &deps {
-                        for dep in d.list(meta::namespace(o)) {
-                            if meta::owners(&dep).iter().any(|ow| ow.0 == uid) {
-                                q.add(gc::dep_key(d.resource, &dep));
-                            }
-                        }
-                    }
-                    return;
-                }
-                if meta::is_deleting(o)
-                    && meta::finalizers(o)
-                        .iter()
-                        .any(|f| f == "foregroundDeletion" || f == "orphan")
-                {
-                    q.add(gc::owner_key(r, o));
-                }
-                if ch.kind == EventType::Added && !meta::owners(o).is_empty() && ch.prev.is_none() {
-                    q.add(gc::dep_key(r, o));
-                }
-            });
-        }
+        collect_garbage_of(&pods, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&replicasets, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&deployments, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&daemonsets, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&revisions, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&statefulsets, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&claims, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&jobs, dependents.clone(), gc_q.clone());
+        collect_garbage_of(&cronjobs, dependents.clone(), gc_q.clone());
         let q = gc_q.clone();
         namespaces.on_change(move |c| {
-            if meta::is_deleting(&c.object) {
-                q.add(format!("ns:{}", meta::name(&c.object)));
+            if c.object.metadata.deletion_timestamp.is_some() {
+                q.add(format!(
+                    "ns:{}",
+                    c.object.metadata.name.as_deref().unwrap_or("")
+                ));
             }
         });
     }
@@ -351,27 +366,23 @@ pub fn start(
         nodes.on_change(move |_| w.notify_one());
     }
 
-    for c in [
-        &pods,
-        &nodes,
-        &services,
-        &endpoints,
-        &deployments,
-        &replicasets,
-        &namespaces,
-        &leases,
-        &budgets,
-        &daemonsets,
-        &revisions,
-        &statefulsets,
-        &claims,
-        &volumes,
-        &classes,
-        &jobs,
-        &cronjobs,
-    ] {
-        tasks.spawn(c.clone().run(reg.clone(), stop.clone()));
-    }
+    tasks.spawn(pods.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(nodes.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(services.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(endpoints.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(deployments.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(replicasets.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(namespaces.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(leases.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(budgets.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(daemonsets.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(revisions.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(statefulsets.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(claims.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(volumes.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(classes.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(jobs.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(cronjobs.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(runtime::run(
         Arc::new(job::JobController::new(
             reg.clone(),
@@ -455,13 +466,7 @@ pub fn start(
     tasks.spawn(runtime::run(
         Arc::new(gc::GarbageCollector {
             reg: reg.clone(),
-            dependents: vec![
-                pods.clone(),
-                replicasets.clone(),
-                revisions.clone(),
-                claims.clone(),
-                jobs.clone(),
-            ],
+            dependents,
         }),
         gc_rx,
         stop.clone(),
@@ -552,15 +557,15 @@ pub fn start(
 /// The claims and volumes the scheduler looks at: a pod whose claim is bound to a volume with
 /// node affinity goes to that node.
 pub struct Pinned {
-    pub claims: Arc<Cache>,
-    pub volumes: Arc<Cache>,
+    pub claims: Arc<Cache<PersistentVolumeClaim>>,
+    pub volumes: Arc<Cache<PersistentVolume>>,
 }
 
 /// The scheduling loop: every wake-up (and every 5 s), bind what can be bound.
 async fn run_scheduler(
     reg: Arc<Registry>,
-    pods: Arc<Cache>,
-    nodes: Arc<Cache>,
+    pods: Arc<Cache<Pod>>,
+    nodes: Arc<Cache<Node>>,
     pinned: Pinned,
     kinds: Arc<scheduler::ImageKinds>,
     wake: Arc<Notify>,
@@ -590,8 +595,8 @@ async fn run_scheduler(
 /// One scheduling pass over all pending pods. Returns the revision of the bind, if any.
 pub fn schedule_once(
     reg: &Registry,
-    pods: &Cache,
-    nodes: &Cache,
+    pods: &Cache<Pod>,
+    nodes: &Cache<Node>,
     pinned: Option<&Pinned>,
     kinds: &Arc<scheduler::ImageKinds>,
     start: &mut usize,
@@ -600,12 +605,14 @@ pub fn schedule_once(
     let node_list = nodes.list(None);
     // Whether a pod has OCI containers matters only if some node cannot run them.
     let wasm_only_nodes = node_list.iter().any(|n| {
-        meta::labels(n)
-            .get(skiff_api::OCI_NODE_LABEL)
+        n.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(skiff_api::OCI_NODE_LABEL))
             .map(String::as_str)
             == Some("false")
     });
-    let mut pending: Vec<(Arc<Value>, bool)> = all_pods
+    let mut pending: Vec<(Arc<Pod>, bool)> = all_pods
         .iter()
         .filter(|p| scheduler::is_pending(p))
         .filter_map(|p| {
@@ -622,13 +629,8 @@ pub fn schedule_once(
         return Ok(None);
     }
     pending.sort_by(|(a, _), (b, _)| {
-        let t = |p: &Value| {
-            p.pointer("/metadata/creationTimestamp")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string()
-        };
-        t(a).cmp(&t(b)).then(key_of(a).cmp(&key_of(b)))
+        let t = |p: &Pod| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        t(a).cmp(&t(b)).then(key(&**a).cmp(&key(&**b)))
     });
     let mut infos = scheduler::node_infos(&node_list, &all_pods);
     let requests: Vec<scheduler::PodRequest> = pending
@@ -651,7 +653,11 @@ pub fn schedule_once(
     let mut binds = Vec::new();
     for ((pod, _), result) in pending.iter().zip(placed) {
         match result {
-            Ok(i) => binds.push(((**pod).clone(), infos[i].name.clone())),
+            // The bind writes the pod as stored, so fields its type does not know survive.
+            Ok(i) => match pods.get_raw(&key(&**pod)) {
+                Some(raw) => binds.push(((*raw).clone(), infos[i].name.clone())),
+                None => continue,
+            },
             Err(why) => scheduler::mark_unschedulable(reg, pod, &why)?,
         }
     }

@@ -12,35 +12,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, Taint};
-use serde_json::{json, Value};
-use skiff_api::{meta, ApiError, Resource};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Pod, PodCondition, Taint};
+use serde_json::json;
+use skiff_api::conditions::{self, Condition};
+use skiff_api::ApiError;
 
+use super::api;
 use super::runtime::Cache;
-use crate::registry::{set_condition, Registry, Sub, WriteOptions};
+use crate::registry::{Registry, Sub};
 
 pub use skiff_api::defaults::{NOT_READY_TAINT, UNREACHABLE_TAINT};
 
 /// Where node Leases live.
 pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
 
-pub fn ready_condition(node: &Value) -> Option<&Value> {
-    node.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+fn ready_condition(node: &Node) -> Option<&NodeCondition> {
+    conditions::get(node.status.as_ref()?.conditions.as_deref(), "Ready")
 }
 
-pub fn is_ready(node: &Value) -> bool {
-    ready_condition(node).is_some_and(|c| c["status"] == "True")
-}
-
-fn typed_ready(node: &Node) -> Option<&NodeCondition> {
-    node.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "Ready")
+pub fn is_ready(node: &Node) -> bool {
+    ready_condition(node).is_some_and(|c| c.status == "True")
 }
 
 /// What the controller wants of a node, from its Ready status and whether it went silent.
@@ -111,9 +102,9 @@ struct Probe {
 
 pub struct NodeLifecycle {
     pub reg: Arc<Registry>,
-    pub nodes: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub leases: Arc<Cache>,
+    pub nodes: Arc<Cache<Node>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub leases: Arc<Cache<Lease>>,
     pub grace: Duration,
     probes: Mutex<HashMap<String, Probe>>,
 }
@@ -121,9 +112,9 @@ pub struct NodeLifecycle {
 impl NodeLifecycle {
     pub fn new(
         reg: Arc<Registry>,
-        nodes: Arc<Cache>,
-        pods: Arc<Cache>,
-        leases: Arc<Cache>,
+        nodes: Arc<Cache<Node>>,
+        pods: Arc<Cache<Pod>>,
+        leases: Arc<Cache<Lease>>,
         grace: Duration,
     ) -> NodeLifecycle {
         NodeLifecycle {
@@ -144,17 +135,14 @@ impl NodeLifecycle {
     /// Whether `node`'s Lease and Ready heartbeat have stood still for the grace period as of
     /// `now`; records what it saw. None for a node no agent ever reported for.
     fn stale(&self, name: &str, node: &Node, now: Instant) -> Option<bool> {
-        let lease: Option<Lease> = self
-            .leases
-            .get(&format!("{NODE_LEASE_NAMESPACE}/{name}"))
-            .and_then(|l| serde_json::from_value((*l).clone()).ok());
+        let lease = self.leases.get(&format!("{NODE_LEASE_NAMESPACE}/{name}"));
         let renew = lease
-            .and_then(|l| l.spec?.renew_time)
+            .and_then(|l| l.spec.as_ref()?.renew_time.clone())
             .map(|t| t.0.to_string());
-        let heartbeat = typed_ready(node)
+        let heartbeat = ready_condition(node)
             .and_then(|c| c.last_heartbeat_time.as_ref())
             .map(|t| t.0.to_string());
-        if renew.is_none() && typed_ready(node).is_none() {
+        if renew.is_none() && ready_condition(node).is_none() {
             return None;
         }
         let mut probes = self.probes.lock().expect("probes");
@@ -175,50 +163,50 @@ impl NodeLifecycle {
 
     /// One pass as of `now`.
     pub fn check_at(&self, now: Instant) -> Result<(), ApiError> {
-        let nodes_r = Resource::lookup("nodes").expect("nodes");
         let all = self.nodes.list(None);
         self.probes
             .lock()
             .expect("probes")
-            .retain(|n, _| all.iter().any(|o| meta::name(o) == n));
-        for mut obj in all {
-            let name = meta::name(&obj).to_string();
-            let Ok(node) = serde_json::from_value::<Node>((*obj).clone()) else {
-                continue;
-            };
+            .retain(|n, _| all.iter().any(|o| o.metadata.name.as_deref() == Some(n)));
+        for node in all {
+            let name = node.metadata.name.clone().unwrap_or_default();
             let Some(stale) = self.stale(&name, &node, now) else {
                 continue;
             };
-            let ready = typed_ready(&node).map_or("", |c| c.status.as_str());
+            let ready = ready_condition(&node).map_or("", |c| c.status.as_str());
             let v = verdict(ready, stale);
+            // The version the next write expects.
+            let mut rv = node.metadata.resource_version.clone();
             if v.mark_unknown {
-                let mut next = (*obj).clone();
-                let heartbeat = ready_condition(&obj).map(|c| c["lastHeartbeatTime"].clone());
-                set_condition(
-                    &mut next,
-                    "Ready",
-                    "Unknown",
-                    "NodeStatusUnknown",
-                    "Kubelet stopped posting node status.",
+                let mut conds = node
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                let heartbeat = ready_condition(&node).and_then(|c| c.last_heartbeat_time.clone());
+                let t = api::now();
+                conditions::set(
+                    &mut conds,
+                    NodeCondition::new(
+                        "Ready",
+                        "Unknown",
+                        "NodeStatusUnknown",
+                        "Kubelet stopped posting node status.",
+                        &t,
+                    ),
+                    &t,
                 );
-                if let Some(c) = next
-                    .pointer_mut("/status/conditions")
-                    .and_then(Value::as_array_mut)
-                    .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Ready"))
-                {
+                if let Some(c) = conds.iter_mut().find(|c| c.type_ == "Ready") {
                     // The heartbeat stays what the agent last posted.
-                    c["lastHeartbeatTime"] = heartbeat.unwrap_or(Value::Null);
-                    if let Some(m) = c.as_object_mut() {
-                        m.remove("lastProbeTime");
-                    }
+                    c.last_heartbeat_time = heartbeat;
                 }
-                let updated = match self.reg.update(
-                    nodes_r,
+                // Only the conditions are written: the rest of the status is the agent's.
+                let updated = match api::patch::<Node>(
+                    &self.reg,
                     None,
                     &name,
-                    next,
+                    &json!({"metadata": {"resourceVersion": rv}, "status": {"conditions": conds}}),
                     Sub::Status,
-                    &WriteOptions::default(),
                 ) {
                     Ok(u) => u,
                     // Changed meanwhile (the agent is back, say) or gone: next pass.
@@ -228,14 +216,14 @@ impl NodeLifecycle {
                 tracing::warn!(node = %name, "node stopped heartbeating; marking it NotReady");
                 super::events::record(
                     &self.reg,
-                    &obj,
+                    &*node,
                     "Normal",
                     "NodeNotReady",
                     &format!("Node {name} status is now: NodeNotReady"),
                     "node-controller",
                 );
                 // The taint follows at once, on the node as just written.
-                obj = Arc::new(updated);
+                rv = updated.metadata.resource_version;
             }
             if stale {
                 // Level-triggered: a write that failed last pass (a pod changed meanwhile)
@@ -254,7 +242,7 @@ impl NodeLifecycle {
                         tracing::info!(node = %name, "node is healthy again; removing its taints")
                     }
                 }
-                self.set_taints(&obj, next)?;
+                self.set_taints(&name, rv, next)?;
             }
         }
         Ok(())
@@ -263,52 +251,46 @@ impl NodeLifecycle {
     /// Marks the pods on an unreachable node not ready (so services drop them), those that
     /// are not already. A write that fails is retried on the next pass.
     fn mark_pods_not_ready(&self, node: &str) {
-        let pods_r = Resource::lookup("pods").expect("pods");
         for p in self.pods_on(node) {
-            let already = serde_json::from_value::<Pod>((*p).clone())
-                .ok()
-                .and_then(|p| p.status?.conditions)
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "False"));
+            let mut status = p.status.clone().unwrap_or_default();
+            let mut conds = status.conditions.take().unwrap_or_default();
+            let already = conds
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "False");
             if already || super::pods::is_terminal(&p) {
                 continue;
             }
-            let mut np = (*p).clone();
-            set_condition(
-                &mut np,
-                "Ready",
-                "False",
-                "NodeNotReady",
-                "node is not ready",
+            let t = api::now();
+            conditions::set(
+                &mut conds,
+                PodCondition::new("Ready", "False", "NodeNotReady", "node is not ready", &t),
+                &t,
             );
-            match self.reg.update(
-                pods_r,
-                meta::namespace(&p),
-                meta::name(&p),
-                np,
-                Sub::Status,
-                &WriteOptions::default(),
-            ) {
+            status.conditions = Some(conds);
+            match api::update_status(&self.reg, &*p, &status) {
                 Ok(_) => {}
                 Err(e) if e.code == 404 || e.code == 409 => {}
                 Err(e) => {
-                    tracing::warn!(node, pod = meta::name(&p), error = %e, "marking a pod not ready failed")
+                    let pod = p.metadata.name.as_deref().unwrap_or("");
+                    tracing::warn!(node, pod, error = %e, "marking a pod not ready failed")
                 }
             }
         }
     }
 
-    fn set_taints(&self, node: &Value, taints: Vec<Taint>) -> Result<(), ApiError> {
-        let mut next = node.clone();
-        next["spec"]["taints"] =
-            serde_json::to_value(taints).map_err(|e| ApiError::internal(e.to_string()))?;
-        let nodes_r = Resource::lookup("nodes").expect("nodes");
-        match self.reg.update(
-            nodes_r,
+    /// Sets the node's taints, if it is still at `rv`.
+    fn set_taints(
+        &self,
+        name: &str,
+        rv: Option<String>,
+        taints: Vec<Taint>,
+    ) -> Result<(), ApiError> {
+        match api::patch::<Node>(
+            &self.reg,
             None,
-            meta::name(node),
-            next,
+            name,
+            &json!({"metadata": {"resourceVersion": rv}, "spec": {"taints": taints}}),
             Sub::Main,
-            &WriteOptions::default(),
         ) {
             Ok(_) => Ok(()),
             // The node changed meanwhile (an agent's status, a cordon): next pass.
@@ -317,11 +299,11 @@ impl NodeLifecycle {
         }
     }
 
-    fn pods_on(&self, node: &str) -> Vec<Arc<Value>> {
+    fn pods_on(&self, node: &str) -> Vec<Arc<Pod>> {
         self.pods
             .list(None)
             .into_iter()
-            .filter(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(node))
+            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
             .collect()
     }
 }
@@ -329,7 +311,32 @@ impl NodeLifecycle {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::ClusterConfig;
+    use crate::registry::{ClusterConfig, WriteOptions};
+    use serde_json::Value;
+    use skiff_api::Resource;
+
+    /// The node's agent posts its Ready condition.
+    fn agent_posts_ready(reg: &Registry, status: &str, reason: &str) {
+        let mut n: Node =
+            serde_json::from_value(reg.get(res("nodes"), None, "n1").unwrap()).unwrap();
+        let t = api::now();
+        let st = n.status.get_or_insert_with(Default::default);
+        conditions::set(
+            st.conditions.get_or_insert_with(Vec::new),
+            NodeCondition::new("Ready", status, reason, "", &t),
+            &t,
+        );
+        let st = st.clone();
+        api::update_status(reg, &n, &st).unwrap();
+    }
+
+    /// The Ready condition of a stored node or pod.
+    fn raw_ready(obj: &Value) -> Option<&Value> {
+        obj.pointer("/status/conditions")?
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Ready")
+    }
     use crate::store::sled::SledStore;
 
     fn res(n: &str) -> &'static Resource {
@@ -338,7 +345,7 @@ mod tests {
 
     fn pod_ready(reg: &Registry) -> Value {
         let p = reg.get(res("pods"), Some("default"), "p").expect("pod");
-        ready_condition(&p)
+        raw_ready(&p)
             .map(|c| c["status"].clone())
             .unwrap_or(Value::Null)
     }
@@ -445,35 +452,34 @@ mod tests {
         }
         let lc = NodeLifecycle::new(
             reg.clone(),
-            Cache::new(res("nodes")),
-            Cache::new(res("pods")),
-            Cache::new(res("leases")),
+            Cache::<Node>::new(),
+            Cache::<Pod>::new(),
+            Cache::<Lease>::new(),
             Duration::from_secs(15),
         );
         World { reg, lc, _dir: dir }
     }
 
+    fn fill<K: crate::controllers::runtime::Object>(reg: &Registry, c: &Cache<K>) {
+        let (all, _) = reg
+            .list(
+                c.resource,
+                None,
+                &skiff_api::selector::Selector::everything(),
+                &skiff_api::fields::FieldSelector::default(),
+            )
+            .unwrap();
+        for o in all {
+            c.insert(o);
+        }
+    }
+
     impl World {
         /// Mirrors the store into the caches, as the watches would.
         fn sync(&self) {
-            for (r, c) in [
-                ("nodes", &self.lc.nodes),
-                ("pods", &self.lc.pods),
-                ("leases", &self.lc.leases),
-            ] {
-                let (all, _) = self
-                    .reg
-                    .list(
-                        res(r),
-                        None,
-                        &skiff_api::selector::Selector::everything(),
-                        &skiff_api::fields::FieldSelector::default(),
-                    )
-                    .unwrap();
-                for o in all {
-                    c.insert(o);
-                }
-            }
+            fill(&self.reg, &self.lc.nodes);
+            fill(&self.reg, &self.lc.pods);
+            fill(&self.reg, &self.lc.leases);
         }
 
         fn node(&self) -> Node {
@@ -540,16 +546,16 @@ mod tests {
         w.lc.check_at(t0 + Duration::from_secs(24)).unwrap();
         assert!(w.taint_keys().is_empty());
         assert_eq!(
-            ready_condition(&serde_json::to_value(w.node()).unwrap()).unwrap()["status"],
+            raw_ready(&serde_json::to_value(w.node()).unwrap()).unwrap()["status"],
             "True"
         );
         // Silent for longer than the grace period: Unknown and tainted unreachable at once.
         w.lc.check_at(t0 + Duration::from_secs(26)).unwrap();
         w.sync();
         let n = serde_json::to_value(w.node()).unwrap();
-        assert_eq!(ready_condition(&n).unwrap()["status"], "Unknown");
+        assert_eq!(raw_ready(&n).unwrap()["status"], "Unknown");
         assert_eq!(
-            ready_condition(&n).unwrap()["lastHeartbeatTime"],
+            raw_ready(&n).unwrap()["lastHeartbeatTime"],
             "2020-01-01T00:00:00Z",
             "the agent's last heartbeat is kept"
         );
@@ -563,21 +569,13 @@ mod tests {
         w.lc.check_at(t0 + Duration::from_secs(28)).unwrap();
         w.sync();
         assert_eq!(w.taint_keys(), vec![UNREACHABLE_TAINT.to_string()]);
-        let mut n = w.reg.get(res("nodes"), None, "n1").unwrap();
-        set_condition(&mut n, "Ready", "True", "KubeletReady", "");
-        w.reg
-            .update(res("nodes"), None, "n1", n, Sub::Status, &opts)
-            .unwrap();
+        agent_posts_ready(&w.reg, "True", "KubeletReady");
         w.sync();
         w.lc.check_at(t0 + Duration::from_secs(29)).unwrap();
         assert!(w.taint_keys().is_empty());
         // An agent that reports Ready=False gets the not-ready taint.
         w.sync();
-        let mut n = w.reg.get(res("nodes"), None, "n1").unwrap();
-        set_condition(&mut n, "Ready", "False", "KubeletNotReady", "");
-        w.reg
-            .update(res("nodes"), None, "n1", n, Sub::Status, &opts)
-            .unwrap();
+        agent_posts_ready(&w.reg, "False", "KubeletNotReady");
         w.sync();
         w.lc.check_at(t0 + Duration::from_secs(30)).unwrap();
         assert_eq!(w.taint_keys(), vec![NOT_READY_TAINT.to_string()]);
@@ -619,11 +617,20 @@ mod tests {
                 &opts,
             )
             .unwrap();
-        let mut ready = pod.clone();
-        set_condition(&mut ready, "Ready", "True", "", "");
-        let ready = reg
-            .update(res("pods"), Some("default"), "p", ready, Sub::Status, &opts)
-            .unwrap();
+        let typed: Pod = serde_json::from_value(pod.clone()).unwrap();
+        let t = api::now();
+        let mut conds = Vec::new();
+        conditions::set(
+            &mut conds,
+            PodCondition::new("Ready", "True", "", "", &t),
+            &t,
+        );
+        let status = k8s_openapi::api::core::v1::PodStatus {
+            conditions: Some(conds),
+            ..Default::default()
+        };
+        let ready =
+            serde_json::to_value(api::update_status(reg, &typed, &status).unwrap()).unwrap();
         // The pod cache lags behind the store: the first write, made from it, conflicts.
         w.lc.nodes.insert(node);
         w.lc.pods.insert(pod);
@@ -631,7 +638,7 @@ mod tests {
         w.lc.check_at(t0).unwrap();
         w.lc.check_at(t0 + Duration::from_secs(16)).unwrap();
         let n1 = reg.get(res("nodes"), None, "n1").unwrap();
-        assert_eq!(ready_condition(&n1).unwrap()["status"], "Unknown");
+        assert_eq!(raw_ready(&n1).unwrap()["status"], "Unknown");
         assert_eq!(
             pod_ready(reg),
             "True",

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use serde_json::Value;
-use skiff_api::{meta, ApiError, Resource};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use skiff_api::ApiError;
 
+use super::api;
 use super::nodelifecycle::is_ready;
 use super::pods::is_terminal;
 use super::runtime::Cache;
@@ -30,8 +30,8 @@ pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
 
 pub struct PodGc {
     pub reg: Arc<Registry>,
-    pub pods: Arc<Cache>,
-    pub nodes: Arc<Cache>,
+    pub pods: Arc<Cache<Pod>>,
+    pub nodes: Arc<Cache<Node>>,
     /// Finished pods kept at most; 0 keeps them all (`--terminated-pod-gc-threshold`).
     pub terminated_threshold: usize,
     /// How long a node must be missing before its pods are collected.
@@ -40,58 +40,50 @@ pub struct PodGc {
     missing_since: Mutex<HashMap<String, Instant>>,
 }
 
-/// The fields of a pod the collector reads, decoded from the cached object.
-#[derive(Default)]
-struct PodFacts {
-    node_name: String,
-    created: Option<Time>,
-    /// When its graceful deletion's grace period ends.
-    grace_over: Option<k8s_openapi::jiff::Timestamp>,
-    of_statefulset: bool,
+fn node_name(p: &Pod) -> &str {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .unwrap_or("")
 }
 
-fn pod_facts(pod: &Value) -> PodFacts {
-    let p: Pod = serde_json::from_value(pod.clone()).unwrap_or_default();
+/// When the pod's graceful deletion's grace period ends.
+fn grace_over(p: &Pod) -> Option<Timestamp> {
     let grace = p.metadata.deletion_grace_period_seconds.unwrap_or(0);
-    PodFacts {
-        node_name: p.spec.and_then(|s| s.node_name).unwrap_or_default(),
-        created: p.metadata.creation_timestamp,
-        grace_over: p.metadata.deletion_timestamp.and_then(|t| {
-            t.0.checked_add(k8s_openapi::jiff::SignedDuration::from_secs(grace))
-                .ok()
-        }),
-        of_statefulset: p
-            .metadata
-            .owner_references
-            .unwrap_or_default()
-            .iter()
-            .any(|o| o.kind == "StatefulSet" && o.controller == Some(true)),
-    }
+    p.metadata
+        .deletion_timestamp
+        .as_ref()
+        .and_then(|t| t.0.checked_add(SignedDuration::from_secs(grace)).ok())
 }
 
-fn unreachable(node: &Value) -> bool {
-    let n: Node = serde_json::from_value(node.clone()).unwrap_or_default();
-    n.spec
-        .and_then(|s| s.taints)
-        .unwrap_or_default()
+fn of_statefulset(p: &Pod) -> bool {
+    p.metadata
+        .owner_references
         .iter()
-        .any(|t| t.key == super::nodelifecycle::UNREACHABLE_TAINT && t.effect == "NoExecute")
+        .flatten()
+        .any(|o| o.kind == "StatefulSet" && o.controller == Some(true))
 }
 
-fn out_of_service(node: &Value) -> bool {
-    let n: Node = serde_json::from_value(node.clone()).unwrap_or_default();
-    n.spec
-        .and_then(|s| s.taints)
-        .unwrap_or_default()
-        .iter()
-        .any(|t| t.key == OUT_OF_SERVICE_TAINT && t.effect == "NoExecute")
+fn has_no_execute(node: &Node, key: &str) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|ts| ts.iter().any(|t| t.key == key && t.effect == "NoExecute"))
+}
+
+fn unreachable(node: &Node) -> bool {
+    has_no_execute(node, super::nodelifecycle::UNREACHABLE_TAINT)
+}
+
+fn out_of_service(node: &Node) -> bool {
+    has_no_execute(node, OUT_OF_SERVICE_TAINT)
 }
 
 impl PodGc {
     pub fn new(
         reg: Arc<Registry>,
-        pods: Arc<Cache>,
-        nodes: Arc<Cache>,
+        pods: Arc<Cache<Pod>>,
+        nodes: Arc<Cache<Node>>,
         terminated_threshold: usize,
         quarantine: Duration,
     ) -> PodGc {
@@ -108,33 +100,27 @@ impl PodGc {
     /// One pass. Returns how many pods it deleted.
     pub fn check(&self) -> Result<usize, ApiError> {
         let pods = self.pods.list(None);
-        let nodes: HashMap<String, Arc<Value>> = self
+        let nodes: HashMap<String, Arc<Node>> = self
             .nodes
             .list(None)
             .into_iter()
-            .map(|n| (meta::name(&n).to_string(), n))
+            .map(|n| (n.metadata.name.clone().unwrap_or_default(), n))
             .collect();
-        let mut doomed: Vec<(&Arc<Value>, &'static str)> = Vec::new();
+        let mut doomed: Vec<(&Arc<Pod>, &'static str)> = Vec::new();
         // Finished pods beyond the threshold, oldest first.
         if self.terminated_threshold > 0 {
-            let mut finished: Vec<&Arc<Value>> = pods.iter().filter(|p| is_terminal(p)).collect();
+            let mut finished: Vec<&Arc<Pod>> = pods.iter().filter(|p| is_terminal(p)).collect();
             if finished.len() > self.terminated_threshold {
-                finished.sort_by_cached_key(|p| pod_facts(p).created);
+                finished.sort_by_key(|p| p.metadata.creation_timestamp.as_ref().map(|t| t.0));
                 let excess = finished.len() - self.terminated_threshold;
                 doomed.extend(finished.into_iter().take(excess).map(|p| (p, "terminated")));
             }
         }
         // Pods whose node is gone, after the quarantine.
         let now = Instant::now();
-        // Each pod's node, decoded once for this pass.
-        let node_of: HashMap<&str, String> = pods
+        let missing: HashSet<&str> = pods
             .iter()
-            .map(|p| (meta::uid(p), pod_facts(p).node_name))
-            .collect();
-        let node_name = |p: &Value| node_of.get(meta::uid(p)).map_or("", String::as_str);
-        let missing: HashSet<&str> = node_of
-            .values()
-            .map(String::as_str)
+            .map(|p| node_name(p))
             .filter(|n| !n.is_empty() && !nodes.contains_key(*n))
             .collect();
         let gone: HashSet<String> = {
@@ -149,11 +135,10 @@ impl PodGc {
             }
             gone
         };
-        let nodes_r = Resource::lookup("nodes").expect("nodes");
         let mut confirmed = HashSet::new();
         for n in gone {
             // The cache may lag: ask the store before deleting anything.
-            if self.reg.try_get(nodes_r, None, &n)?.is_none() {
+            if api::get::<Node>(&self.reg, None, &n)?.is_none() {
                 confirmed.insert(n);
             }
         }
@@ -161,7 +146,7 @@ impl PodGc {
             let node = node_name(p);
             if confirmed.contains(node) {
                 doomed.push((p, "orphaned"));
-            } else if meta::is_deleting(p) {
+            } else if p.metadata.deletion_timestamp.is_some() {
                 if node.is_empty() {
                     doomed.push((p, "unscheduled and terminating"));
                 } else if nodes
@@ -172,40 +157,37 @@ impl PodGc {
                 } else if nodes
                     .get(node)
                     .is_some_and(|n| !is_ready(n) && unreachable(n))
+                    && !of_statefulset(p)
+                    && grace_over(p).is_some_and(|t| t <= super::tainteviction::now())
                 {
-                    let f = pod_facts(p);
-                    if !f.of_statefulset
-                        && f.grace_over
-                            .is_some_and(|t| t <= super::tainteviction::now())
-                    {
-                        doomed.push((
-                            p,
-                            "terminating on an unreachable node past its grace period",
-                        ));
-                    }
+                    doomed.push((
+                        p,
+                        "terminating on an unreachable node past its grace period",
+                    ));
                 }
             }
         }
-        let pods_r = Resource::lookup("pods").expect("pods");
         let mut seen = HashSet::new();
         let mut deleted = 0;
         for (p, why) in doomed {
-            if !seen.insert(meta::uid(p).to_string()) {
+            let uid = p.metadata.uid.clone().unwrap_or_default();
+            if !seen.insert(uid.clone()) {
                 continue;
             }
+            let name = p.metadata.name.as_deref().unwrap_or("");
             tracing::info!(
-                pod = meta::name(p),
+                pod = name,
                 node = node_name(p),
                 reason = why,
                 "collecting pod"
             );
-            match self.reg.delete(
-                pods_r,
-                meta::namespace(p),
-                meta::name(p),
+            match api::delete::<Pod>(
+                &self.reg,
+                p.metadata.namespace.as_deref(),
+                name,
                 &DeleteOptions {
                     grace_period_seconds: Some(0),
-                    precondition_uid: Some(meta::uid(p).to_string()),
+                    precondition_uid: Some(uid),
                     ..Default::default()
                 },
             ) {
@@ -223,7 +205,8 @@ mod tests {
     use super::*;
     use crate::registry::{ClusterConfig, WriteOptions};
     use crate::store::sled::SledStore;
-    use serde_json::json;
+    use serde_json::{json, Value};
+    use skiff_api::{meta, Resource};
 
     fn res(n: &str) -> &'static Resource {
         Resource::lookup(n).expect("resource")
@@ -231,8 +214,8 @@ mod tests {
 
     struct World {
         reg: Arc<Registry>,
-        pods: Arc<Cache>,
-        nodes: Arc<Cache>,
+        pods: Arc<Cache<Pod>>,
+        nodes: Arc<Cache<Node>>,
         _dir: tempfile::TempDir,
     }
 
@@ -250,8 +233,8 @@ mod tests {
             .unwrap();
             World {
                 reg,
-                pods: Cache::new(res("pods")),
-                nodes: Cache::new(res("nodes")),
+                pods: Cache::<Pod>::new(),
+                nodes: Cache::<Node>::new(),
                 _dir: dir,
             }
         }

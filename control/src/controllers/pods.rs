@@ -3,47 +3,48 @@
 
 use std::cmp::Ordering;
 
-use serde_json::{json, Value};
-use skiff_api::{meta, table};
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use skiff_api::conditions;
 
-pub fn is_terminal(pod: &Value) -> bool {
-    matches!(
-        pod.pointer("/status/phase").and_then(Value::as_str),
-        Some("Succeeded") | Some("Failed")
-    )
+use super::runtime::Object;
+
+fn phase(pod: &Pod) -> Option<&str> {
+    pod.status.as_ref()?.phase.as_deref()
+}
+
+pub fn is_terminal(pod: &Pod) -> bool {
+    matches!(phase(pod), Some("Succeeded") | Some("Failed"))
 }
 
 /// Counted as one of a workload's replicas: not finished and not being deleted.
-pub fn is_active(pod: &Value) -> bool {
-    !is_terminal(pod) && !meta::is_deleting(pod)
+pub fn is_active(pod: &Pod) -> bool {
+    !is_terminal(pod) && pod.metadata.deletion_timestamp.is_none()
 }
 
-fn ready_condition(pod: &Value) -> Option<&Value> {
-    pod.pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+fn pod_conditions(pod: &Pod) -> Option<&[PodCondition]> {
+    pod.status.as_ref()?.conditions.as_deref()
 }
 
-pub fn is_ready(pod: &Value) -> bool {
-    ready_condition(pod).is_some_and(|c| c["status"] == "True")
+pub fn is_ready(pod: &Pod) -> bool {
+    conditions::is_true(pod_conditions(pod), "Ready")
 }
 
 /// Ready for at least `min_ready_seconds` as of `now` (unix seconds).
-pub fn is_available(pod: &Value, min_ready_seconds: i64, now: i64) -> bool {
+pub fn is_available(pod: &Pod, min_ready_seconds: i64, now: i64) -> bool {
     if !is_ready(pod) {
         return false;
     }
     if min_ready_seconds == 0 {
         return true;
     }
-    ready_condition(pod)
-        .and_then(|c| c["lastTransitionTime"].as_str())
-        .and_then(table::parse_rfc3339)
-        .is_some_and(|t| t + min_ready_seconds <= now)
+    conditions::get(pod_conditions(pod), "Ready")
+        .and_then(|c| c.last_transition_time.as_ref())
+        .is_some_and(|t| t.0.as_second() + min_ready_seconds <= now)
 }
 
-fn phase_rank(pod: &Value) -> u8 {
-    match pod.pointer("/status/phase").and_then(Value::as_str) {
+fn phase_rank(pod: &Pod) -> u8 {
+    match phase(pod) {
         Some("Pending") => 0,
         Some("Running") => 2,
         _ => 1,
@@ -53,24 +54,21 @@ fn phase_rank(pod: &Value) -> u8 {
 /// The order pods are removed in when scaling down, as Kubernetes' `ActivePods` sorts them:
 /// unscheduled before scheduled, pending before running, not ready before ready,
 /// more restarts first, newer before older.
-pub fn deletion_order(a: &Value, b: &Value) -> Ordering {
-    let scheduled = |p: &Value| {
-        p.pointer("/spec/nodeName")
-            .and_then(Value::as_str)
+pub fn deletion_order(a: &Pod, b: &Pod) -> Ordering {
+    let scheduled = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
             .is_some_and(|n| !n.is_empty())
     };
-    let restarts = |p: &Value| -> i64 {
-        p.pointer("/status/containerStatuses")
-            .and_then(Value::as_array)
-            .map(|cs| cs.iter().filter_map(|c| c["restartCount"].as_i64()).sum())
+    let restarts = |p: &Pod| -> i64 {
+        p.status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .map(|cs| cs.iter().map(|c| i64::from(c.restart_count)).sum())
             .unwrap_or(0)
     };
-    let created = |p: &Value| {
-        p.pointer("/metadata/creationTimestamp")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string()
-    };
+    let created = |p: &Pod| p.metadata.creation_timestamp.as_ref().map(|t| t.0);
     scheduled(a)
         .cmp(&scheduled(b))
         .then(phase_rank(a).cmp(&phase_rank(b)))
@@ -79,45 +77,55 @@ pub fn deletion_order(a: &Value, b: &Value) -> Ordering {
         .then(created(b).cmp(&created(a)))
 }
 
-/// A new pod for `owner` (kind `owner_kind`) from its pod template.
-pub fn from_template(owner: &Value, owner_kind: &str, template: &Value) -> Value {
-    let mut labels = template
-        .pointer("/metadata/labels")
-        .cloned()
-        .unwrap_or(json!({}));
-    if !labels.is_object() {
-        labels = json!({});
+/// The controller reference to `owner`, as its pods and other dependents carry it.
+pub fn controller_ref<K: Object>(owner: &K) -> OwnerReference {
+    let m = owner.metadata();
+    OwnerReference {
+        api_version: K::API_VERSION.to_string(),
+        kind: K::KIND.to_string(),
+        name: m.name.clone().unwrap_or_default(),
+        uid: m.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
     }
-    let mut pod = json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "generateName": format!("{}-", meta::name(owner)),
-            "namespace": meta::namespace(owner),
-            "labels": labels,
-            "ownerReferences": [{
-                "apiVersion": owner.get("apiVersion"), "kind": owner_kind,
-                "name": meta::name(owner), "uid": meta::uid(owner),
-                "controller": true, "blockOwnerDeletion": true,
-            }],
+}
+
+/// A new pod for `owner` from its pod template.
+pub fn from_template<K: Object>(owner: &K, template: &PodTemplateSpec) -> Pod {
+    let m = owner.metadata();
+    let tm = template.metadata.as_ref();
+    Pod {
+        metadata: ObjectMeta {
+            generate_name: Some(format!("{}-", m.name.as_deref().unwrap_or(""))),
+            namespace: m.namespace.clone(),
+            labels: Some(tm.and_then(|t| t.labels.clone()).unwrap_or_default()),
+            annotations: tm.and_then(|t| t.annotations.clone()),
+            owner_references: Some(vec![controller_ref(owner)]),
+            ..Default::default()
         },
-        "spec": template.get("spec").cloned().unwrap_or(json!({})),
-    });
-    if let Some(a) = template.pointer("/metadata/annotations") {
-        pod["metadata"]["annotations"] = a.clone();
+        spec: Some(template.spec.clone().unwrap_or_default()),
+        status: None,
     }
-    pod
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).expect("a pod")
+    }
 
     #[test]
     fn unready_and_unscheduled_pods_go_first() {
-        let ready = json!({"spec": {"nodeName": "n"}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}});
-        let unready = json!({"spec": {"nodeName": "n"}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}});
-        let pending = json!({"spec": {}, "status": {"phase": "Pending"}});
+        let ready = pod(
+            json!({"spec": {"nodeName": "n", "containers": []}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}),
+        );
+        let unready = pod(
+            json!({"spec": {"nodeName": "n", "containers": []}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}}),
+        );
+        let pending = pod(json!({"spec": {"containers": []}, "status": {"phase": "Pending"}}));
         let mut v = vec![ready.clone(), unready.clone(), pending.clone()];
         v.sort_by(deletion_order);
         assert_eq!(v, vec![pending, unready, ready]);
@@ -125,8 +133,10 @@ mod tests {
 
     #[test]
     fn availability_waits_for_min_ready_seconds() {
-        let p = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2024-01-01T00:00:00Z"}]}});
-        let t = table::parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
+        let p = pod(
+            json!({"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2024-01-01T00:00:00Z"}]}}),
+        );
+        let t = skiff_api::table::parse_rfc3339("2024-01-01T00:00:00Z").unwrap();
         assert!(is_available(&p, 0, t));
         assert!(!is_available(&p, 10, t + 5));
         assert!(is_available(&p, 10, t + 10));

@@ -4,29 +4,35 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
 use skiff_api::k8s::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use skiff_api::patch::PatchKind;
 use skiff_api::selector::Selector;
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
+use super::api;
 use super::pods;
 use super::runtime::{split_key, Action, Cache, Expectations, Reconciler};
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::{Registry, Sub};
 
 /// Most pods created or deleted in one reconcile (Kubernetes' burst is 500).
 const BURST: usize = 500;
 
 pub struct ReplicaSetController {
     pub reg: Arc<Registry>,
-    pub replicasets: Arc<Cache>,
-    pub pods: Arc<Cache>,
+    pub replicasets: Arc<Cache<ReplicaSet>>,
+    pub pods: Arc<Cache<Pod>>,
     /// Revision of this controller's last pod write per key: the next reconcile waits for it.
     expect: Expectations,
 }
 
 impl ReplicaSetController {
-    pub fn new(reg: Arc<Registry>, replicasets: Arc<Cache>, pods: Arc<Cache>) -> Self {
+    pub fn new(
+        reg: Arc<Registry>,
+        replicasets: Arc<Cache<ReplicaSet>>,
+        pods: Arc<Cache<Pod>>,
+    ) -> Self {
         ReplicaSetController {
             reg,
             replicasets,
@@ -36,15 +42,22 @@ impl ReplicaSetController {
     }
 }
 
-pub(crate) fn selector_of(obj: &Value) -> Result<Selector, ApiError> {
-    let ls: LabelSelector =
-        serde_json::from_value(obj.pointer("/spec/selector").cloned().unwrap_or(json!({})))
-            .map_err(|e| ApiError::internal(format!("bad selector: {e}")))?;
-    Selector::from_label_selector(&ls).map_err(ApiError::internal)
+/// A label selector as a matcher.
+pub(crate) fn selector(ls: &LabelSelector) -> Result<Selector, ApiError> {
+    Selector::from_label_selector(ls).map_err(ApiError::internal)
 }
 
 pub(crate) fn now_unix() -> i64 {
     chrono::Utc::now().timestamp()
+}
+
+fn labels_match(
+    want: Option<&std::collections::BTreeMap<String, String>>,
+    have: Option<&std::collections::BTreeMap<String, String>>,
+) -> bool {
+    want.into_iter()
+        .flatten()
+        .all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
 }
 
 impl Reconciler for ReplicaSetController {
@@ -58,72 +71,77 @@ impl Reconciler for ReplicaSetController {
             self.expect.forget(key);
             return Ok(Action::AwaitChange);
         };
-        if meta::is_deleting(&rs) {
+        if rs.metadata.deletion_timestamp.is_some() {
             return Ok(Action::AwaitChange);
         }
-        let (ns, name) = split_key(key);
-        let pods_r = Resource::lookup("pods").expect("pods");
-        let sel = selector_of(&rs)?;
-        let uid = meta::uid(&rs).to_string();
-        let opts = WriteOptions::default();
-        let mut owned = Vec::new();
+        let (ns, _) = split_key(key);
+        let spec = rs.spec.clone();
+        let sel = selector(&spec.selector)?;
+        let uid = rs.metadata.uid.clone().unwrap_or_default();
+        let mut owned: Vec<Arc<Pod>> = Vec::new();
         let mut last_rev = 0;
         for p in self.pods.list(ns) {
-            let controller = meta::controller_uid(&p);
-            let matches = sel.matches(&meta::labels(&p));
+            let refs = p.metadata.owner_references.as_deref().unwrap_or_default();
+            let controller = refs.iter().find(|o| o.controller == Some(true));
+            let empty = Default::default();
+            let matches = sel.matches(p.metadata.labels.as_ref().unwrap_or(&empty));
+            let pod_name = p.metadata.name.as_deref().unwrap_or("");
             match (
-                controller.as_deref() == Some(uid.as_str()),
+                controller.is_some_and(|o| o.uid == uid),
                 controller.is_some(),
                 matches,
             ) {
                 (true, _, true) => owned.push(p),
                 (true, _, false) => {
                     // Release: the pod no longer matches.
-                    let refs = meta::owner_refs_without(&p, &uid);
-                    let out = self.reg.patch(pods_r, ns, meta::name(&p), PatchKind::Merge,
-                        &json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.pointer("/metadata/resourceVersion")}}), Sub::Main, &opts);
+                    let left: Vec<_> = refs.iter().filter(|o| o.uid != uid).collect();
+                    let out = api::patch::<Pod>(
+                        &self.reg,
+                        ns,
+                        pod_name,
+                        &json!({"metadata": {"ownerReferences": left, "resourceVersion": p.metadata.resource_version}}),
+                        Sub::Main,
+                    );
                     if let Ok(o) = out {
-                        last_rev = last_rev.max(meta::resource_version(&o).unwrap_or(0));
+                        last_rev = last_rev.max(api::revision(&o.metadata));
                     }
                 }
                 (false, false, true) if pods::is_active(&p) => {
                     // Adopt a matching orphan.
-                    let mut refs = p
-                        .pointer("/metadata/ownerReferences")
-                        .and_then(Value::as_array)
-                        .cloned()
-                        .unwrap_or_default();
-                    refs.push(json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": name, "uid": uid, "controller": true, "blockOwnerDeletion": true}));
-                    let out = self.reg.patch(pods_r, ns, meta::name(&p), PatchKind::Merge,
-                        &json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.pointer("/metadata/resourceVersion")}}), Sub::Main, &opts);
+                    let mut refs = refs.to_vec();
+                    refs.push(pods::controller_ref(&*rs));
+                    let out = api::patch::<Pod>(
+                        &self.reg,
+                        ns,
+                        pod_name,
+                        &json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.metadata.resource_version}}),
+                        Sub::Main,
+                    );
                     if let Ok(o) = out {
-                        last_rev = last_rev.max(meta::resource_version(&o).unwrap_or(0));
+                        last_rev = last_rev.max(api::revision(&o.metadata));
                         owned.push(Arc::new(o));
                     }
                 }
                 _ => {}
             }
         }
-        let mut active: Vec<&Value> = owned
+        let mut active: Vec<&Pod> = owned
             .iter()
             .map(|p| p.as_ref())
             .filter(|p| pods::is_active(p))
             .collect();
-        let replicas = rs
-            .pointer("/spec/replicas")
-            .and_then(Value::as_i64)
-            .unwrap_or(1) as usize;
+        let replicas = spec.replicas.unwrap_or(1).max(0) as usize;
         let mut result = Ok(());
         if active.len() < replicas {
-            let template = rs.pointer("/spec/template").cloned().unwrap_or(json!({}));
+            let template = spec.template.clone().unwrap_or_default();
             for _ in 0..(replicas - active.len()).min(BURST) {
-                let pod = pods::from_template(&rs, "ReplicaSet", &template);
-                match self.reg.create(pods_r, ns, pod, &opts) {
-                    Ok(p) => last_rev = last_rev.max(meta::resource_version(&p).unwrap_or(0)),
+                let pod = pods::from_template(&*rs, &template);
+                match api::create(&self.reg, ns, &pod) {
+                    Ok(p) => last_rev = last_rev.max(api::revision(&p.metadata)),
                     Err(e) => {
                         super::events::record(
                             &self.reg,
-                            &rs,
+                            &*rs,
                             "Warning",
                             "FailedCreate",
                             &format!("Error creating: {}", e.message),
@@ -137,11 +155,9 @@ impl Reconciler for ReplicaSetController {
         } else if active.len() > replicas {
             active.sort_by(|a, b| pods::deletion_order(a, b));
             for p in active.iter().take((active.len() - replicas).min(BURST)) {
-                match self
-                    .reg
-                    .delete(pods_r, ns, meta::name(p), &Default::default())
-                {
-                    Ok(o) => last_rev = last_rev.max(meta::resource_version(&o).unwrap_or(0)),
+                let pod_name = p.metadata.name.as_deref().unwrap_or("");
+                match api::delete::<Pod>(&self.reg, ns, pod_name, &Default::default()) {
+                    Ok(rev) => last_rev = last_rev.max(rev),
                     Err(e) if e.code == 404 => {}
                     Err(e) => {
                         result = Err(e);
@@ -153,53 +169,47 @@ impl Reconciler for ReplicaSetController {
         self.expect.wrote(key, last_rev);
         result?;
         // Status from what is there now.
-        let min_ready = rs
-            .pointer("/spec/minReadySeconds")
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
+        let min_ready = i64::from(spec.min_ready_seconds.unwrap_or(0));
         let now = now_unix();
-        let live: Vec<&Value> = owned
+        let live: Vec<&Pod> = owned
             .iter()
             .map(|p| p.as_ref())
             .filter(|p| pods::is_active(p))
             .collect();
-        let template_labels = meta::string_map(rs.pointer("/spec/template/metadata/labels"));
+        let template_labels = spec
+            .template
+            .as_ref()
+            .and_then(|t| t.metadata.as_ref())
+            .and_then(|m| m.labels.as_ref());
         let fully = live
             .iter()
-            .filter(|p| {
-                let l = meta::labels(p);
-                template_labels.iter().all(|(k, v)| l.get(k) == Some(v))
-            })
+            .filter(|p| labels_match(template_labels, p.metadata.labels.as_ref()))
             .count();
         let ready = live.iter().filter(|p| pods::is_ready(p)).count();
         let available = live
             .iter()
             .filter(|p| pods::is_available(p, min_ready, now))
             .count();
-        let status = json!({
-            "replicas": live.len(),
-            "fullyLabeledReplicas": fully,
-            "readyReplicas": ready,
-            "availableReplicas": available,
-            "observedGeneration": rs.pointer("/metadata/generation"),
-        });
-        let cur = rs.get("status").cloned().unwrap_or(json!({}));
-        let same = [
-            "replicas",
-            "fullyLabeledReplicas",
-            "readyReplicas",
-            "availableReplicas",
-            "observedGeneration",
-        ]
-        .iter()
-        .all(|k| {
-            cur.get(*k).cloned().unwrap_or(json!(0)) == status.get(*k).cloned().unwrap_or(json!(0))
-        });
-        if !same {
-            let rsr = Resource::lookup("replicasets").expect("rs");
-            let mut next = (*rs).clone();
-            next["status"] = status;
-            self.reg.update(rsr, ns, name, next, Sub::Status, &opts)?;
+        let status = ReplicaSetStatus {
+            replicas: live.len() as i32,
+            fully_labeled_replicas: Some(fully as i32),
+            ready_replicas: Some(ready as i32),
+            available_replicas: Some(available as i32),
+            observed_generation: rs.metadata.generation,
+            ..Default::default()
+        };
+        let cur = rs.status.clone().unwrap_or_default();
+        let counts = |s: &ReplicaSetStatus| {
+            (
+                s.replicas,
+                s.fully_labeled_replicas.unwrap_or(0),
+                s.ready_replicas.unwrap_or(0),
+                s.available_replicas.unwrap_or(0),
+                s.observed_generation.unwrap_or(0),
+            )
+        };
+        if counts(&cur) != counts(&status) {
+            api::update_status(&self.reg, &*rs, &status)?;
         }
         // Pods ready but not yet available are looked at again when they become so.
         if min_ready > 0 && ready > available {

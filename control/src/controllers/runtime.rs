@@ -7,6 +7,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 use skiff_api::selector::Selector;
 use skiff_api::{meta, ApiError, Resource};
@@ -31,28 +34,82 @@ pub trait Reconciler: Send + Sync + 'static {
     fn reconcile(&self, key: &str) -> impl Future<Output = Result<Action, ApiError>> + Send;
 }
 
-/// A change seen by a cache.
-#[derive(Debug, Clone)]
-pub struct Change {
+/// What a typed cache holds: a k8s-openapi resource type.
+pub trait Object:
+    k8s_openapi::Resource
+    + k8s_openapi::Metadata<Ty = ObjectMeta>
+    + DeserializeOwned
+    + Serialize
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Object for K where
+    K: k8s_openapi::Resource
+        + k8s_openapi::Metadata<Ty = ObjectMeta>
+        + DeserializeOwned
+        + Serialize
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A change seen by a cache: the object after it (for a deletion, its last state), and for an
+/// update the object before it.
+#[derive(Debug)]
+pub struct Change<K> {
     pub kind: EventType,
-    pub object: Arc<Value>,
-    pub prev: Option<Arc<Value>>,
+    pub object: Arc<K>,
+    pub prev: Option<Arc<K>>,
 }
 
-type Handler = Box<dyn Fn(&Change) + Send + Sync>;
+type Handler<K> = Box<dyn Fn(&Change<K>) + Send + Sync>;
 
-/// An in-memory copy of one resource, kept current by a watch.
-pub struct Cache {
+/// One cached object: decoded once when its event arrives, and the stored JSON it came from
+/// (shared with the store, so keeping it costs no copy) for kind-agnostic readers.
+struct Entry<K> {
+    obj: Arc<K>,
+    raw: Arc<Value>,
+}
+
+impl<K> Clone for Entry<K> {
+    fn clone(&self) -> Self {
+        Entry {
+            obj: self.obj.clone(),
+            raw: self.raw.clone(),
+        }
+    }
+}
+
+/// An in-memory copy of one resource, kept current by a watch; each event is decoded into
+/// its k8s-openapi type once, however many handlers and readers see it.
+pub struct Cache<K> {
     pub resource: &'static Resource,
-    objects: RwLock<BTreeMap<String, Arc<Value>>>,
+    objects: RwLock<BTreeMap<String, Entry<K>>>,
     seen: watch::Sender<u64>,
-    handlers: RwLock<Vec<Handler>>,
+    handlers: RwLock<Vec<Handler<K>>>,
 }
 
+/// The queue key (`namespace/name`, or `name`) of a stored object.
 pub fn key_of(obj: &Value) -> String {
     match meta::namespace(obj) {
         Some(ns) => format!("{ns}/{}", meta::name(obj)),
         None => meta::name(obj).to_string(),
+    }
+}
+
+/// The queue key (`namespace/name`, or `name`) of a typed object.
+pub fn key<K: k8s_openapi::Metadata<Ty = ObjectMeta>>(obj: &K) -> String {
+    let m = obj.metadata();
+    let name = m.name.as_deref().unwrap_or("");
+    match m.namespace.as_deref() {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
     }
 }
 
@@ -64,8 +121,21 @@ pub fn split_key(key: &str) -> (Option<&str>, &str) {
     }
 }
 
-impl Cache {
-    pub fn new(resource: &'static Resource) -> Arc<Self> {
+/// Decodes a stored object into its type. A stored object always passed validation against
+/// its type, so a failure is logged and the object left out rather than guessed at.
+fn decode<K: Object>(v: &Value) -> Option<K> {
+    match K::deserialize(v) {
+        Ok(k) => Some(k),
+        Err(e) => {
+            tracing::warn!(kind = K::KIND, key = %key_of(v), error = %e, "cache cannot decode object");
+            None
+        }
+    }
+}
+
+impl<K: Object> Cache<K> {
+    pub fn new() -> Arc<Self> {
+        let resource = Resource::lookup(K::URL_PATH_SEGMENT).expect("a served resource");
         Arc::new(Cache {
             resource,
             objects: RwLock::new(BTreeMap::new()),
@@ -75,16 +145,19 @@ impl Cache {
     }
 
     /// Calls `f` for every change (and for every object at each full listing).
-    pub fn on_change(&self, f: impl Fn(&Change) + Send + Sync + 'static) {
+    pub fn on_change(&self, f: impl Fn(&Change<K>) + Send + Sync + 'static) {
         self.handlers.write().expect("handlers").push(Box::new(f));
     }
 
-    pub fn get(&self, key: &str) -> Option<Arc<Value>> {
-        self.objects.read().expect("cache").get(key).cloned()
+    pub fn get(&self, key: &str) -> Option<Arc<K>> {
+        self.objects
+            .read()
+            .expect("cache")
+            .get(key)
+            .map(|e| e.obj.clone())
     }
 
-    /// Objects in `ns` (all when None).
-    pub fn list(&self, ns: Option<&str>) -> Vec<Arc<Value>> {
+    fn entries(&self, ns: Option<&str>) -> Vec<Entry<K>> {
         let objs = self.objects.read().expect("cache");
         match ns {
             Some(ns) => {
@@ -98,10 +171,30 @@ impl Cache {
         }
     }
 
-    pub fn select(&self, ns: Option<&str>, sel: &Selector) -> Vec<Arc<Value>> {
+    /// Objects in `ns` (all when None).
+    pub fn list(&self, ns: Option<&str>) -> Vec<Arc<K>> {
+        self.entries(ns).into_iter().map(|e| e.obj).collect()
+    }
+
+    /// The stored JSON of `key`, for code that reads any kind alike.
+    pub fn get_raw(&self, key: &str) -> Option<Arc<Value>> {
+        self.objects
+            .read()
+            .expect("cache")
+            .get(key)
+            .map(|e| e.raw.clone())
+    }
+
+    /// The stored JSON of the objects in `ns` (all when None).
+    pub fn list_raw(&self, ns: Option<&str>) -> Vec<Arc<Value>> {
+        self.entries(ns).into_iter().map(|e| e.raw).collect()
+    }
+
+    pub fn select(&self, ns: Option<&str>, sel: &Selector) -> Vec<Arc<K>> {
+        let empty = BTreeMap::new();
         self.list(ns)
             .into_iter()
-            .filter(|o| sel.matches(&meta::labels(o)))
+            .filter(|o| sel.matches(o.metadata().labels.as_ref().unwrap_or(&empty)))
             .collect()
     }
 
@@ -115,17 +208,21 @@ impl Cache {
     /// Puts an object in the cache as a watch event would (unit tests drive caches by hand).
     #[cfg(test)]
     pub(crate) fn insert(&self, obj: Value) {
-        self.objects
-            .write()
-            .expect("cache")
-            .insert(key_of(&obj), Arc::new(obj));
+        let typed: K = serde_json::from_value(obj.clone()).expect("a valid object");
+        self.objects.write().expect("cache").insert(
+            key_of(&obj),
+            Entry {
+                obj: Arc::new(typed),
+                raw: Arc::new(obj),
+            },
+        );
     }
 
     pub fn revision(&self) -> u64 {
         *self.seen.borrow()
     }
 
-    fn notify(&self, c: &Change) {
+    fn notify(&self, c: &Change<K>) {
         for h in self.handlers.read().expect("handlers").iter() {
             h(c);
         }
@@ -143,14 +240,27 @@ impl Cache {
                     continue;
                 }
             };
-            let fresh: BTreeMap<String, Arc<Value>> =
-                items.into_iter().map(|o| (key_of(&o), o)).collect();
-            let gone: Vec<Arc<Value>> = {
+            let fresh: BTreeMap<String, Entry<K>> = {
+                // An object unchanged since the last listing keeps its decoded form.
+                let old = self.objects.read().expect("cache");
+                items
+                    .into_iter()
+                    .filter_map(|raw| {
+                        let k = key_of(&raw);
+                        let obj = match old.get(&k) {
+                            Some(e) if Arc::ptr_eq(&e.raw, &raw) => e.obj.clone(),
+                            _ => Arc::new(decode::<K>(&raw)?),
+                        };
+                        Some((k, Entry { obj, raw }))
+                    })
+                    .collect()
+            };
+            let gone: Vec<Arc<K>> = {
                 let mut objs = self.objects.write().expect("cache");
                 let gone = objs
                     .iter()
                     .filter(|(k, _)| !fresh.contains_key(*k))
-                    .map(|(_, v)| v.clone())
+                    .map(|(_, v)| v.obj.clone())
                     .collect();
                 *objs = fresh.clone();
                 gone
@@ -163,10 +273,10 @@ impl Cache {
                     prev: None,
                 });
             }
-            for o in fresh.into_values() {
+            for e in fresh.into_values() {
                 self.notify(&Change {
                     kind: EventType::Added,
-                    object: o,
+                    object: e.obj,
                     prev: None,
                 });
             }
@@ -179,22 +289,56 @@ impl Cache {
                     _ = stop.changed() => return,
                     ev = rx.recv() => {
                         let Some(ev) = ev else { break };
-                        let obj = ev.object.clone();
-                        let key = key_of(&obj);
-                        {
+                        let raw = ev.object.clone();
+                        let key = key_of(&raw);
+                        let decoded = decode::<K>(&raw).map(Arc::new);
+                        // The object before an update is the one this cache held.
+                        let old = {
                             let mut objs = self.objects.write().expect("cache");
-                            if ev.kind == EventType::Deleted {
-                                objs.remove(&key);
-                            } else {
-                                objs.insert(key, obj.clone());
+                            match (&decoded, ev.kind) {
+                                (Some(obj), kind) if kind != EventType::Deleted => objs.insert(
+                                    key,
+                                    Entry { obj: obj.clone(), raw },
+                                ),
+                                _ => objs.remove(&key),
                             }
-                        }
+                        };
                         self.seen.send_replace(ev.revision);
-                        self.notify(&Change { kind: ev.kind, object: obj, prev: ev.prev.clone() });
+                        let prev = match ev.prev.as_deref() {
+                            None => None,
+                            Some(p) => match &old {
+                                Some(e) => Some(e.obj.clone()),
+                                None => decode::<K>(p).map(Arc::new),
+                            },
+                        };
+                        let object = match (decoded, old) {
+                            (Some(o), _) => o,
+                            // An undecodable deletion still tells handlers what went.
+                            (None, Some(e)) if ev.kind == EventType::Deleted => e.obj,
+                            _ => continue,
+                        };
+                        self.notify(&Change { kind: ev.kind, object, prev });
                     }
                 }
             }
         }
+    }
+}
+
+/// What kind-agnostic code (the garbage collector) reads of a cache of any kind: the stored
+/// JSON, since it reads only `metadata`, which every kind has.
+pub trait AnyCache: Send + Sync {
+    fn resource(&self) -> &'static Resource;
+    /// The stored objects in `ns` (all when None).
+    fn list_raw(&self, ns: Option<&str>) -> Vec<Arc<Value>>;
+}
+
+impl<K: Object> AnyCache for Cache<K> {
+    fn resource(&self) -> &'static Resource {
+        self.resource
+    }
+    fn list_raw(&self, ns: Option<&str>) -> Vec<Arc<Value>> {
+        Cache::list_raw(self, ns)
     }
 }
 
@@ -371,6 +515,78 @@ mod tests {
         assert_eq!(d.take_due(t0 + Duration::from_secs(3)), vec!["ns/app"]);
     }
 
+    #[tokio::test]
+    async fn a_cache_holds_typed_objects_and_hands_handlers_the_one_before() {
+        use crate::registry::{ClusterConfig, WriteOptions};
+        use crate::store::sled::SledStore;
+        use k8s_openapi::api::core::v1::ConfigMap;
+        use serde_json::json;
+
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(
+            Arc::new(SledStore::open(dir.path()).unwrap()),
+            ClusterConfig::default(),
+        );
+        let opts = WriteOptions::default();
+        let res = |p: &str| Resource::lookup(p).unwrap();
+        reg.create(
+            res("namespaces"),
+            None,
+            json!({"metadata": {"name": "default"}}),
+            &opts,
+        )
+        .unwrap();
+        let cms = Cache::<ConfigMap>::new();
+        type Seen = (EventType, Option<String>, Option<String>);
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let s = seen.clone();
+        cms.on_change(move |c| {
+            let v = |cm: &ConfigMap| cm.data.as_ref().and_then(|d| d.get("k").cloned());
+            s.lock()
+                .unwrap()
+                .push((c.kind, v(&c.object), c.prev.as_deref().and_then(v)));
+        });
+        let (_stop, rx) = watch::channel(false);
+        tokio::spawn(cms.clone().run(reg.clone(), rx));
+        let cm =
+            |v: &str| json!({"metadata": {"name": "c", "labels": {"app": "x"}}, "data": {"k": v}});
+        let first = reg
+            .create(res("configmaps"), Some("default"), cm("1"), &opts)
+            .unwrap();
+        cms.wait_for(meta::resource_version(&first).unwrap()).await;
+        let out = reg
+            .update(
+                res("configmaps"),
+                Some("default"),
+                "c",
+                cm("2"),
+                crate::registry::Sub::Main,
+                &opts,
+            )
+            .unwrap();
+        cms.wait_for(meta::resource_version(&out).unwrap()).await;
+        let got = cms.get("default/c").expect("cached");
+        assert_eq!(got.data.as_ref().unwrap()["k"], "2");
+        assert_eq!(got.metadata.namespace.as_deref(), Some("default"));
+        assert_eq!(cms.list(Some("default")).len(), 1);
+        assert!(cms.list(Some("other")).is_empty());
+        assert_eq!(
+            cms.select(
+                None,
+                &Selector::from_map(&[("app".to_string(), "x".to_string())].into())
+            )
+            .len(),
+            1
+        );
+        assert_eq!(cms.get_raw("default/c").unwrap()["data"]["k"], "2");
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.last(),
+            Some(&(EventType::Modified, Some("2".into()), Some("1".into()))),
+            "an update's handler sees the object before it, typed: {seen:?}"
+        );
+    }
+
     #[test]
     fn backoff_grows_and_caps() {
         assert_eq!(backoff(1), Duration::from_millis(10));
@@ -407,7 +623,7 @@ impl Expectations {
     }
 
     /// Waits until `cache` has seen the last write recorded for `key`.
-    pub async fn settle(&self, key: &str, cache: &Cache) {
+    pub async fn settle<K: Object>(&self, key: &str, cache: &Cache<K>) {
         if let Some(rev) = self.get(key) {
             cache.wait_for(rev).await;
         }

@@ -26,22 +26,23 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, NodeSelector, NodeSelectorRequirement, TopologySpreadConstraint,
+    Node, NodeSelector, NodeSelectorRequirement, Pod, PodCondition, PodStatus, Taint, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-use serde_json::{json, Value};
+use skiff_api::conditions::{self, Condition};
+use skiff_api::quantity;
 use skiff_api::selector::Selector;
-use skiff_api::{meta, quantity, ApiError, Resource};
+use skiff_api::ApiError;
 
-use super::nodelifecycle::is_ready;
-use crate::registry::{set_condition, Registry, Sub, WriteOptions};
+use super::api;
+use crate::registry::Registry;
 
 /// What a node offers and what is already asked of it.
 #[derive(Debug, Clone)]
 pub struct NodeInfo {
     pub name: String,
     pub labels: std::collections::BTreeMap<String, String>,
-    pub taints: Vec<Value>,
+    pub taints: Vec<Taint>,
     pub ready: bool,
     pub unschedulable: bool,
     pub cpu: i64,
@@ -93,11 +94,14 @@ fn selector(ls: Option<&LabelSelector>) -> Option<Selector> {
 }
 
 impl NodeInfo {
-    pub fn from_node(node: &Value) -> NodeInfo {
+    pub fn from_node(node: &Node) -> NodeInfo {
+        let allocatable = node.status.as_ref().and_then(|s| s.allocatable.as_ref());
+        let spec = node.spec.as_ref();
         let alloc = |k: &str, cpu: bool| {
-            node.pointer(&format!("/status/allocatable/{k}"))
-                .and_then(Value::as_str)
+            allocatable
+                .and_then(|a| a.get(k))
                 .and_then(|q| {
+                    let q = q.0.as_str();
                     if cpu {
                         quantity::cpu_millis(q)
                     } else {
@@ -107,15 +111,14 @@ impl NodeInfo {
                 .unwrap_or(0)
         };
         NodeInfo {
-            name: meta::name(node).to_string(),
-            labels: meta::labels(node),
-            taints: node
-                .pointer("/spec/taints")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default(),
-            ready: is_ready(node),
-            unschedulable: node.pointer("/spec/unschedulable") == Some(&json!(true)),
+            name: node.metadata.name.clone().unwrap_or_default(),
+            labels: node.metadata.labels.clone().unwrap_or_default(),
+            taints: spec.and_then(|s| s.taints.clone()).unwrap_or_default(),
+            ready: conditions::is_true(
+                node.status.as_ref().and_then(|s| s.conditions.as_deref()),
+                "Ready",
+            ),
+            unschedulable: spec.and_then(|s| s.unschedulable) == Some(true),
             cpu: alloc("cpu", true),
             memory: alloc("memory", false),
             pods: alloc("pods", false),
@@ -213,23 +216,16 @@ impl ImageKinds {
 
     /// Whether `pod` needs a node that runs OCI containers; None while that is being found
     /// out. `runtimeClassName: runc` or `wasm` says it without asking a registry.
-    pub fn pod_needs_oci(self: &Arc<Self>, pod: &Value) -> Option<bool> {
-        match pod
-            .pointer("/spec/runtimeClassName")
-            .and_then(Value::as_str)
-        {
+    pub fn pod_needs_oci(self: &Arc<Self>, pod: &Pod) -> Option<bool> {
+        let spec = pod.spec.as_ref();
+        match spec.and_then(|s| s.runtime_class_name.as_deref()) {
             Some("runc") => return Some(true),
             Some("wasm" | "wasmtime") => return Some(false),
             _ => {}
         }
         let mut needs = Some(false);
-        for c in pod
-            .pointer("/spec/containers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            match self.is_oci(c["image"].as_str().unwrap_or("")) {
+        for c in spec.into_iter().flat_map(|s| &s.containers) {
+            match self.is_oci(c.image.as_deref().unwrap_or("")) {
                 Some(true) => return Some(true),
                 Some(false) => {}
                 None => needs = None,
@@ -248,7 +244,7 @@ pub struct PodRequest {
     pub memory: i64,
     pub owner: Option<String>,
     pub node_selector: std::collections::BTreeMap<String, String>,
-    pub tolerations: Vec<Value>,
+    pub tolerations: Vec<Toleration>,
     pub namespace: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub terminating: bool,
@@ -259,88 +255,95 @@ pub struct PodRequest {
 }
 
 impl PodRequest {
-    pub fn from_pod(pod: &Value) -> PodRequest {
+    pub fn from_pod(pod: &Pod) -> PodRequest {
+        let spec = pod.spec.as_ref();
         let mut cpu = 0;
         let mut memory = 0;
-        for c in pod
-            .pointer("/spec/containers")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
+        for c in spec.into_iter().flat_map(|s| &s.containers) {
+            let res = c.resources.as_ref();
             let req = |k: &str| {
-                c.pointer(&format!("/resources/requests/{k}"))
-                    .or(c.pointer(&format!("/resources/limits/{k}")))
-                    .and_then(Value::as_str)
+                res.and_then(|r| r.requests.as_ref())
+                    .and_then(|m| m.get(k))
+                    .or_else(|| res.and_then(|r| r.limits.as_ref()).and_then(|m| m.get(k)))
+                    .map(|q| q.0.as_str())
             };
             cpu += req("cpu").and_then(quantity::cpu_millis).unwrap_or(0);
             memory += req("memory").and_then(quantity::bytes).unwrap_or(0);
         }
-        let namespace = meta::namespace(pod).unwrap_or("default").to_string();
-        let spread: Vec<Spread> = pod
-            .pointer("/spec/topologySpreadConstraints")
-            .and_then(|v| serde_json::from_value::<Vec<TopologySpreadConstraint>>(v.clone()).ok())
+        let namespace = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_string());
+        let spread: Vec<Spread> = spec
+            .and_then(|s| s.topology_spread_constraints.as_deref())
             .unwrap_or_default()
-            .into_iter()
+            .iter()
             .map(|c| Spread {
                 max_skew: i64::from(c.max_skew.max(1)),
                 hard: c.when_unsatisfiable != "ScheduleAnyway",
                 selector: selector(c.label_selector.as_ref()),
                 honor_taints: c.node_taints_policy.as_deref() == Some("Honor"),
-                key: c.topology_key,
+                key: c.topology_key.clone(),
             })
             .collect();
         let mut anti_affinity = Vec::new();
-        let affinity = pod
-            .pointer("/spec/affinity")
-            .and_then(|v| serde_json::from_value::<Affinity>(v.clone()).ok());
+        let affinity = spec.and_then(|s| s.affinity.as_ref());
         let node_affinity = affinity
-            .as_ref()
             .and_then(|a| a.node_affinity.as_ref())
             .and_then(|n| {
                 n.required_during_scheduling_ignored_during_execution
                     .clone()
             });
-        if let Some(anti) = affinity.and_then(|a| a.pod_anti_affinity) {
-            let term = |t: k8s_openapi::api::core::v1::PodAffinityTerm, weight: i64| AntiAffinity {
-                key: t.topology_key,
-                selector: selector(t.label_selector.as_ref()),
-                namespaces: t
-                    .namespaces
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| vec![namespace.clone()]),
-                weight,
-            };
+        if let Some(anti) = affinity.and_then(|a| a.pod_anti_affinity.as_ref()) {
+            let term =
+                |t: &k8s_openapi::api::core::v1::PodAffinityTerm, weight: i64| AntiAffinity {
+                    key: t.topology_key.clone(),
+                    selector: selector(t.label_selector.as_ref()),
+                    namespaces: t
+                        .namespaces
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| vec![namespace.clone()]),
+                    weight,
+                };
             for t in anti
                 .required_during_scheduling_ignored_during_execution
-                .unwrap_or_default()
+                .iter()
+                .flatten()
             {
                 anti_affinity.push(term(t, 0));
             }
             for w in anti
                 .preferred_during_scheduling_ignored_during_execution
-                .unwrap_or_default()
+                .iter()
+                .flatten()
             {
-                anti_affinity.push(term(w.pod_affinity_term, i64::from(w.weight.max(1))));
+                anti_affinity.push(term(&w.pod_affinity_term, i64::from(w.weight.max(1))));
             }
         }
+        let owner = pod
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+            .map(|o| o.uid.clone());
         PodRequest {
             needs_oci: false,
             cpu,
             memory,
             namespace,
-            labels: meta::labels(pod),
-            terminating: meta::is_deleting(pod),
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            terminating: pod.metadata.deletion_timestamp.is_some(),
             spread,
             anti_affinity,
             node_affinity,
-            owner: meta::controller_uid(pod),
-            node_selector: meta::string_map(pod.pointer("/spec/nodeSelector")),
-            tolerations: pod
-                .pointer("/spec/tolerations")
-                .and_then(Value::as_array)
-                .cloned()
+            owner,
+            node_selector: spec
+                .and_then(|s| s.node_selector.clone())
                 .unwrap_or_default(),
+            tolerations: spec.and_then(|s| s.tolerations.clone()).unwrap_or_default(),
         }
     }
 }
@@ -402,29 +405,26 @@ pub fn node_matches(node: &NodeInfo, pod: &PodRequest) -> bool {
 }
 
 /// Whether the pod tolerates every taint of `node` with one of `effects`.
-pub fn tolerates_taints(node: &NodeInfo, tolerations: &[Value], effects: &[&str]) -> bool {
-    node.taints.iter().all(|t| {
-        let effect = t["effect"].as_str().unwrap_or("");
-        !effects.contains(&effect) || tolerates(tolerations, t)
-    })
+pub fn tolerates_taints(node: &NodeInfo, tolerations: &[Toleration], effects: &[&str]) -> bool {
+    node.taints
+        .iter()
+        .all(|t| !effects.contains(&t.effect.as_str()) || tolerates(tolerations, t))
 }
 
-fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
+/// Whether one of `tolerations` tolerates `taint` (an empty key with `Exists` tolerates
+/// every taint; an empty effect every effect).
+pub fn tolerates(tolerations: &[Toleration], taint: &Taint) -> bool {
     tolerations.iter().any(|t| {
-        let op = t["operator"].as_str().unwrap_or("Equal");
+        let op = t.operator.as_deref().unwrap_or("Equal");
         let key_ok = t
-            .get("key")
-            .and_then(Value::as_str)
+            .key
+            .as_deref()
             .is_none_or(|k| k.is_empty() && op == "Exists")
-            || t["key"] == taint["key"];
+            || t.key.as_deref() == Some(taint.key.as_str());
         let value_ok = op == "Exists"
-            || t.get("value").and_then(Value::as_str).unwrap_or("")
-                == taint.get("value").and_then(Value::as_str).unwrap_or("");
-        let effect_ok = t
-            .get("effect")
-            .and_then(Value::as_str)
-            .is_none_or(|e| e.is_empty())
-            || t["effect"] == taint["effect"];
+            || t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
+        let effect_ok = t.effect.as_deref().is_none_or(str::is_empty)
+            || t.effect.as_deref() == Some(&*taint.effect);
         key_ok && value_ok && effect_ok
     })
 }
@@ -437,13 +437,17 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
     if node.unschedulable
         && !tolerates(
             &pod.tolerations,
-            &json!({"key": UNSCHEDULABLE_TAINT, "effect": "NoSchedule"}),
+            &Taint {
+                key: UNSCHEDULABLE_TAINT.into(),
+                effect: "NoSchedule".into(),
+                ..Default::default()
+            },
         )
     {
         return Some("node(s) were unschedulable");
     }
     for t in &node.taints {
-        let effect = t["effect"].as_str().unwrap_or("");
+        let effect = t.effect.as_str();
         if (effect == "NoSchedule" || effect == "NoExecute") && !tolerates(&pod.tolerations, t) {
             return Some("node(s) had untolerated taint");
         }
@@ -474,7 +478,7 @@ pub fn filter(node: &NodeInfo, pod: &PodRequest) -> Option<&'static str> {
 
 fn taints_tolerated(node: &NodeInfo, pod: &PodRequest) -> bool {
     node.taints.iter().all(|t| {
-        let effect = t["effect"].as_str().unwrap_or("");
+        let effect = t.effect.as_str();
         !(effect == "NoSchedule" || effect == "NoExecute") || tolerates(&pod.tolerations, t)
     })
 }
@@ -669,7 +673,7 @@ pub fn schedule(
 
 /// Builds node infos from the caches: nodes with the requests of the pods already on them
 /// (terminating ones included: only Succeeded and Failed pods are left out).
-pub fn node_infos(nodes: &[Arc<Value>], pods: &[Arc<Value>]) -> Vec<NodeInfo> {
+pub fn node_infos(nodes: &[Arc<Node>], pods: &[Arc<Pod>]) -> Vec<NodeInfo> {
     let mut infos: Vec<NodeInfo> = nodes.iter().map(|n| NodeInfo::from_node(n)).collect();
     let index: HashMap<String, usize> = infos
         .iter()
@@ -678,8 +682,9 @@ pub fn node_infos(nodes: &[Arc<Value>], pods: &[Arc<Value>]) -> Vec<NodeInfo> {
         .collect();
     for p in pods {
         if let Some(i) = p
-            .pointer("/spec/nodeName")
-            .and_then(Value::as_str)
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
             .and_then(|n| index.get(n))
         {
             // A terminating pod still holds its resources, slot and address until it is
@@ -692,38 +697,27 @@ pub fn node_infos(nodes: &[Arc<Value>], pods: &[Arc<Value>]) -> Vec<NodeInfo> {
     infos
 }
 
-pub fn is_pending(pod: &Value) -> bool {
-    pod.pointer("/spec/nodeName")
-        .and_then(Value::as_str)
+pub fn is_pending(pod: &Pod) -> bool {
+    let spec = pod.spec.as_ref();
+    spec.and_then(|s| s.node_name.as_deref())
         .is_none_or(str::is_empty)
-        && !meta::is_deleting(pod)
-        && pod
-            .pointer("/spec/schedulerName")
-            .and_then(Value::as_str)
+        && pod.metadata.deletion_timestamp.is_none()
+        && spec
+            .and_then(|s| s.scheduler_name.as_deref())
             .is_none_or(|s| s == "default-scheduler" || s.is_empty())
 }
 
 /// Records a pod that fits nowhere: `PodScheduled=False` with the reason, and an Event.
-pub fn mark_unschedulable(reg: &Registry, pod: &Value, message: &str) -> Result<(), ApiError> {
-    let already = pod
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "PodScheduled"))
-        .is_some_and(|c| c["status"] == "False" && c["message"] == message);
-    if already {
+pub fn mark_unschedulable(reg: &Registry, pod: &Pod, message: &str) -> Result<(), ApiError> {
+    let mut status: PodStatus = pod.status.clone().unwrap_or_default();
+    let mut conds = status.conditions.take().unwrap_or_default();
+    let now = api::now();
+    let c = PodCondition::new("PodScheduled", "False", "Unschedulable", message, &now);
+    if !conditions::set(&mut conds, c, &now) {
         return Ok(());
     }
-    let mut next = pod.clone();
-    set_condition(&mut next, "PodScheduled", "False", "Unschedulable", message);
-    let pods = Resource::lookup("pods").expect("pods");
-    reg.update(
-        pods,
-        meta::namespace(pod),
-        meta::name(pod),
-        next,
-        Sub::Status,
-        &WriteOptions::default(),
-    )?;
+    status.conditions = Some(conds);
+    api::update_status(reg, pod, &status)?;
     super::events::record(
         reg,
         pod,
@@ -738,13 +732,18 @@ pub fn mark_unschedulable(reg: &Registry, pod: &Value, message: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
+
+    fn typed<T: serde::de::DeserializeOwned>(v: Value) -> T {
+        serde_json::from_value(v).expect("a valid object")
+    }
 
     fn node(name: &str, cpu: &str, taints: Value, labels: Value) -> NodeInfo {
-        NodeInfo::from_node(
-            &json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
+        NodeInfo::from_node(&typed(
+            json!({"metadata": {"name": name, "labels": labels}, "spec": {"taints": taints},
             "status": {"allocatable": {"cpu": cpu, "memory": "1Gi", "pods": "110"},
                        "conditions": [{"type": "Ready", "status": "True"}]}}),
-        )
+        ))
     }
 
     fn pod(cpu: &str, owner: Option<&str>) -> PodRequest {
@@ -753,7 +752,7 @@ mod tests {
             p["metadata"]["ownerReferences"] =
                 json!([{"uid": o, "controller": true, "kind": "ReplicaSet", "name": "rs"}]);
         }
-        PodRequest::from_pod(&p)
+        PodRequest::from_pod(&typed(p))
     }
 
     #[test]
@@ -772,9 +771,9 @@ mod tests {
             Some("node(s) had untolerated taint")
         );
         let mut tolerant = pod("1m", None);
-        tolerant.tolerations = vec![
+        tolerant.tolerations = vec![typed(
             json!({"key": "dedicated", "operator": "Equal", "value": "edge", "effect": "NoSchedule"}),
-        ];
+        )];
         assert!(filter(&tainted, &tolerant).is_none());
         let mut picky = pod("1m", None);
         picky.node_selector.insert("zone".into(), "x".into());
@@ -787,10 +786,10 @@ mod tests {
         let a = node("a", "1", json!([]), json!({"zone": "x", "gen": "5"}));
         let b = node("b", "1", json!([]), json!({"zone": "y"}));
         let pinned = |spec: Value| {
-            PodRequest::from_pod(
-                &json!({"metadata": {"name": "p"}, "spec": {"containers": [], "affinity": {"nodeAffinity": {
+            PodRequest::from_pod(&typed(
+                json!({"metadata": {"name": "p"}, "spec": {"containers": [], "affinity": {"nodeAffinity": {
                 "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": spec}}}}}),
-            )
+            ))
         };
         let to_b = pinned(
             json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["b"]}]}]),
@@ -823,8 +822,9 @@ mod tests {
         n.unschedulable = true;
         let mut p = pod("1m", None);
         assert_eq!(filter(&n, &p), Some("node(s) were unschedulable"));
-        p.tolerations =
-            vec![json!({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"})];
+        p.tolerations = vec![typed(
+            json!({"key": UNSCHEDULABLE_TAINT, "operator": "Exists", "effect": "NoSchedule"}),
+        )];
         assert!(filter(&n, &p).is_none());
     }
 
@@ -856,17 +856,17 @@ mod tests {
             if deleting {
                 p["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
             }
-            Arc::new(p)
+            Arc::new(typed::<Pod>(p))
         };
         let infos = node_infos(
-            &[Arc::new(n.clone())],
+            &[Arc::new(typed(n.clone()))],
             &[on_a("Running", true), on_a("Running", false)],
         );
         assert_eq!((infos[0].used_pods, infos[0].used_cpu), (2, 800));
         assert_eq!(filter(&infos[0], &pod("100m", None)), Some("Too many pods"));
         // Finished pods give their slot back.
         let infos = node_infos(
-            &[Arc::new(n)],
+            &[Arc::new(typed(n))],
             &[on_a("Succeeded", false), on_a("Failed", true)],
         );
         assert_eq!((infos[0].used_pods, infos[0].used_cpu), (0, 0));
@@ -921,7 +921,7 @@ mod tests {
         for (k, v) in extra_spec.as_object().unwrap() {
             p["spec"][k] = v.clone();
         }
-        PodRequest::from_pod(&p)
+        PodRequest::from_pod(&typed(p))
     }
 
     fn spread(key: &str, when: &str) -> Value {
@@ -1052,7 +1052,7 @@ mod tests {
                 .iter()
                 .map(|i| json!({"name": "c", "image": i}))
                 .collect();
-            json!({"spec": {"containers": cs, "runtimeClassName": class}})
+            typed::<Pod>(json!({"spec": {"containers": cs, "runtimeClassName": class}}))
         };
         assert_eq!(
             kinds.pod_needs_oci(&with(&["reg/app:wasm"], None)),

@@ -16,15 +16,14 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, Pod, PodTemplateSpec, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
-use skiff_api::validation::typed;
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
+use super::api;
 use super::pods;
 use super::replicaset::now_unix;
 use super::runtime::{split_key, Action, Cache, Reconciler};
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::Registry;
 
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
@@ -38,9 +37,9 @@ struct Expect {
 
 pub struct StatefulSetController {
     pub reg: Arc<Registry>,
-    pub sets: Arc<Cache>,
-    pub pods: Arc<Cache>,
-    pub claims: Arc<Cache>,
+    pub sets: Arc<Cache<StatefulSet>>,
+    pub pods: Arc<Cache<Pod>>,
+    pub claims: Arc<Cache<PersistentVolumeClaim>>,
     /// Revision of this controller's last pod and claim write per key: the next reconcile
     /// waits until the caches have seen them.
     expect: Mutex<HashMap<String, Expect>>,
@@ -328,7 +327,12 @@ pub fn plan(set: &StatefulSet, pods: &BTreeMap<usize, Pod>, update_rev: &str) ->
 }
 
 impl StatefulSetController {
-    pub fn new(reg: Arc<Registry>, sets: Arc<Cache>, pods: Arc<Cache>, claims: Arc<Cache>) -> Self {
+    pub fn new(
+        reg: Arc<Registry>,
+        sets: Arc<Cache<StatefulSet>>,
+        pods: Arc<Cache<Pod>>,
+        claims: Arc<Cache<PersistentVolumeClaim>>,
+    ) -> Self {
         StatefulSetController {
             reg,
             sets,
@@ -340,8 +344,7 @@ impl StatefulSetController {
     }
 
     /// Records a pod write (`claim` false) or a claim write for the next reconcile to wait on.
-    fn note(&self, key: &str, obj: &Value, claim: bool) {
-        let rev = meta::resource_version(obj).unwrap_or(0);
+    fn note(&self, key: &str, rev: u64, claim: bool) {
         let mut e = self.expect.lock().expect("expect");
         let cur = e.entry(key.to_string()).or_default();
         let slot = if claim {
@@ -353,8 +356,16 @@ impl StatefulSetController {
     }
 }
 
-fn to_value<T: serde::Serialize>(t: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(t).map_err(|e| ApiError::internal(e.to_string()))
+/// Whether the controller `uid` owns the object with metadata `m`.
+fn owned_by(m: &ObjectMeta, uid: &str) -> bool {
+    m.owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+fn name_of(m: &ObjectMeta) -> &str {
+    m.name.as_deref().unwrap_or("")
 }
 
 impl Reconciler for StatefulSetController {
@@ -372,30 +383,26 @@ impl Reconciler for StatefulSetController {
                 self.claims.wait_for(want.claims).await;
             }
         }
-        let Some(obj) = self.sets.get(key) else {
+        let Some(set) = self.sets.get(key) else {
             self.expect.lock().expect("expect").remove(key);
             self.templates.lock().expect("templates").remove(key);
             return Ok(Action::AwaitChange);
         };
-        if meta::is_deleting(&obj) {
+        if set.metadata.deletion_timestamp.is_some() {
             return Ok(Action::AwaitChange);
         }
-        let set: StatefulSet = typed(&obj)?;
         let (ns, name) = split_key(key);
         let uid = set.metadata.uid.clone().unwrap_or_default();
-        let pods_r = Resource::lookup("pods").expect("pods");
-        let pvc_r = Resource::lookup("persistentvolumeclaims").expect("pvcs");
-        let opts = WriteOptions::default();
 
         let mut owned: BTreeMap<usize, Pod> = BTreeMap::new();
         for p in self.pods.list(ns) {
-            if meta::controller_uid(&p).as_deref() != Some(uid.as_str()) {
+            if !owned_by(&p.metadata, &uid) {
                 continue;
             }
-            let Some(ord) = ordinal_of(name, meta::name(&p)) else {
+            let Some(ord) = ordinal_of(name, name_of(&p.metadata)) else {
                 continue;
             };
-            owned.insert(ord, typed(&p)?);
+            owned.insert(ord, (*p).clone());
         }
         let update_rev = revision_of(&set);
         let plan = plan(&set, &owned, &update_rev);
@@ -424,13 +431,13 @@ impl Reconciler for StatefulSetController {
                 {
                     continue;
                 }
-                match self.reg.create(pvc_r, ns, to_value(&c)?, &opts) {
-                    Ok(o) => self.note(key, &o, true),
+                match api::create(&self.reg, ns, &c) {
+                    Ok(o) => self.note(key, api::revision(&o.metadata), true),
                     Err(e) if e.code == 409 => {}
                     Err(e) => {
                         super::events::record(
                             &self.reg,
-                            &obj,
+                            &*set,
                             "Warning",
                             "FailedCreate",
                             &format!("create Claim {cname} for Pod {name}-{ord} in StatefulSet {name} failed error: {}", e.message),
@@ -463,19 +470,19 @@ impl Reconciler for StatefulSetController {
             });
             let pod = match (below, &current_template, sibling) {
                 (Some(cur), Some(t), _) => {
-                    let mut old = set.clone();
+                    let mut old = (*set).clone();
                     old.spec.template = t.clone();
                     new_pod(&old, *ord, cur)
                 }
                 (Some(_), None, Some(sib)) => pod_like(&set, sib, *ord),
                 _ => new_pod(&set, *ord, &update_rev),
             };
-            match self.reg.create(pods_r, ns, to_value(&pod)?, &opts) {
+            match api::create(&self.reg, ns, &pod) {
                 Ok(o) => {
-                    self.note(key, &o, false);
+                    self.note(key, api::revision(&o.metadata), false);
                     super::events::record(
                         &self.reg,
-                        &obj,
+                        &*set,
                         "Normal",
                         "SuccessfulCreate",
                         &format!("create Pod {name}-{ord} in StatefulSet {name} successful"),
@@ -487,7 +494,7 @@ impl Reconciler for StatefulSetController {
                 Err(e) => {
                     super::events::record(
                         &self.reg,
-                        &obj,
+                        &*set,
                         "Warning",
                         "FailedCreate",
                         &format!(
@@ -502,12 +509,12 @@ impl Reconciler for StatefulSetController {
             }
         }
         for pname in &plan.delete {
-            match self.reg.delete(pods_r, ns, pname, &Default::default()) {
-                Ok(o) => {
-                    self.note(key, &o, false);
+            match api::delete::<Pod>(&self.reg, ns, pname, &Default::default()) {
+                Ok(rev) => {
+                    self.note(key, rev, false);
                     super::events::record(
                         &self.reg,
-                        &obj,
+                        &*set,
                         "Normal",
                         "SuccessfulDelete",
                         &format!("delete Pod {pname} in StatefulSet {name} successful"),
@@ -524,8 +531,13 @@ impl Reconciler for StatefulSetController {
         for ord in &plan.release_claims {
             for c in new_claims(&set, *ord) {
                 let cname = c.metadata.name.unwrap_or_default();
-                match self.reg.delete(pvc_r, ns, &cname, &Default::default()) {
-                    Ok(o) => self.note(key, &o, true),
+                match api::delete::<PersistentVolumeClaim>(
+                    &self.reg,
+                    ns,
+                    &cname,
+                    &Default::default(),
+                ) {
+                    Ok(rev) => self.note(key, rev, true),
                     Err(e) if e.code == 404 => {}
                     Err(e) => result = Err(e),
                 }
@@ -542,20 +554,15 @@ impl Reconciler for StatefulSetController {
             .clone()
             .filter(|r| !r.is_empty())
             .unwrap_or_else(|| update_rev.clone());
-        let live: Vec<Arc<Value>> = self
+        let live: Vec<Arc<Pod>> = self
             .pods
             .list(ns)
             .into_iter()
-            .filter(|p| meta::controller_uid(p).as_deref() == Some(uid.as_str()))
-            .filter(|p| ordinal_of(name, meta::name(p)).is_some())
-            .filter(|p| !pods::is_terminal(p) && !meta::is_deleting(p))
+            .filter(|p| owned_by(&p.metadata, &uid))
+            .filter(|p| ordinal_of(name, name_of(&p.metadata)).is_some())
+            .filter(|p| !pods::is_terminal(p) && p.metadata.deletion_timestamp.is_none())
             .collect();
-        let rev_of = |p: &Value| {
-            meta::labels(p)
-                .get(REVISION_LABEL)
-                .cloned()
-                .unwrap_or_default()
-        };
+        let rev_of = |p: &Pod| revision_label(p).to_string();
         let replicas = set.spec.replicas.unwrap_or(1).max(0);
         let updated = live.iter().filter(|p| rev_of(p) == update_rev).count() as i32;
         if updated == replicas && live.len() as i32 == replicas {
@@ -579,17 +586,14 @@ impl Reconciler for StatefulSetController {
             conditions: cur.conditions.clone(),
         };
         let norm = |s: &StatefulSetStatus| {
-            let mut v = to_value(s).unwrap_or_default();
+            let mut v = api::encode(s).unwrap_or_default();
             if let Some(m) = v.as_object_mut() {
                 m.retain(|_, x| !(x.is_null() || x.as_i64() == Some(0)));
             }
             v
         };
         if norm(&status) != norm(&cur) {
-            let r = Resource::lookup("statefulsets").expect("sts");
-            let mut next = (*obj).clone();
-            next["status"] = to_value(&status)?;
-            self.reg.update(r, ns, name, next, Sub::Status, &opts)?;
+            api::update_status(&self.reg, &*set, &status)?;
         }
         if min_ready > 0 {
             return Ok(Action::RequeueAfter(Duration::from_secs(1)));

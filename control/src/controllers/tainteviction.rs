@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Pod, Taint, Toleration};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use serde_json::Value;
-use skiff_api::{meta, ApiError, Resource};
+use skiff_api::ApiError;
 
+use super::api;
 use super::runtime::Cache;
 use crate::registry::{DeleteOptions, Registry};
 
@@ -80,8 +80,8 @@ pub fn decide(tolerations: &[Toleration], taints: &[Taint], now: Timestamp) -> E
 
 pub struct TaintEviction {
     pub reg: Arc<Registry>,
-    pub nodes: Arc<Cache>,
-    pub pods: Arc<Cache>,
+    pub nodes: Arc<Cache<Node>>,
+    pub pods: Arc<Cache<Pod>>,
 }
 
 impl TaintEviction {
@@ -96,44 +96,41 @@ impl TaintEviction {
             .list(None)
             .into_iter()
             .filter_map(|n| {
-                // Most nodes have no taint: only those with some are decoded.
-                n.pointer("/spec/taints")
-                    .and_then(Value::as_array)
-                    .filter(|ts| !ts.is_empty())?;
-                let node: Node = serde_json::from_value((*n).clone()).ok()?;
-                let taints: Vec<Taint> = node
-                    .spec?
-                    .taints?
-                    .into_iter()
+                let taints: Vec<Taint> = n
+                    .spec
+                    .as_ref()?
+                    .taints
+                    .iter()
+                    .flatten()
                     .filter(|t| t.effect == "NoExecute")
+                    .cloned()
                     .collect();
-                (!taints.is_empty()).then(|| (meta::name(&n).to_string(), taints))
+                (!taints.is_empty()).then(|| (n.metadata.name.clone().unwrap_or_default(), taints))
             })
             .collect();
         if tainted.is_empty() {
             return Ok(0);
         }
-        let pods_r = Resource::lookup("pods").expect("pods");
         let mut deleted = 0;
         for p in self.pods.list(None) {
-            if meta::is_deleting(&p) || super::pods::is_terminal(&p) {
+            if p.metadata.deletion_timestamp.is_some() || super::pods::is_terminal(&p) {
                 continue;
             }
-            let Some(node) = p.pointer("/spec/nodeName").and_then(Value::as_str) else {
+            let spec = p.spec.as_ref();
+            let Some(node) = spec.and_then(|s| s.node_name.as_deref()) else {
                 continue;
             };
             let Some(taints) = tainted.get(node) else {
                 continue;
             };
-            let pod: Pod = match serde_json::from_value((*p).clone()) {
-                Ok(pod) => pod,
-                Err(_) => continue,
-            };
-            let tolerations = pod.spec.and_then(|s| s.tolerations).unwrap_or_default();
-            if decide(&tolerations, taints, now) != Eviction::Now {
+            let tolerations = spec
+                .and_then(|s| s.tolerations.as_deref())
+                .unwrap_or_default();
+            if decide(tolerations, taints, now) != Eviction::Now {
                 continue;
             }
-            let (ns, name) = (meta::namespace(&p), meta::name(&p));
+            let ns = p.metadata.namespace.as_deref();
+            let name = p.metadata.name.as_deref().unwrap_or("");
             tracing::warn!(
                 node,
                 pod = name,
@@ -141,7 +138,7 @@ impl TaintEviction {
             );
             super::events::record(
                 &self.reg,
-                &p,
+                &*p,
                 "Normal",
                 "TaintManagerEviction",
                 &format!(
@@ -150,12 +147,12 @@ impl TaintEviction {
                 ),
                 "taint-eviction-controller",
             );
-            match self.reg.delete(
-                pods_r,
+            match api::delete::<Pod>(
+                &self.reg,
                 ns,
                 name,
                 &DeleteOptions {
-                    precondition_uid: Some(meta::uid(&p).to_string()),
+                    precondition_uid: p.metadata.uid.clone(),
                     ..Default::default()
                 },
             ) {
@@ -171,7 +168,7 @@ impl TaintEviction {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn taint(key: &str, added: &str) -> Taint {
         serde_json::from_value(json!({"key": key, "effect": "NoExecute", "timeAdded": added}))

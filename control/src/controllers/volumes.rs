@@ -16,12 +16,12 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde_json::Value;
-use skiff_api::validation::typed;
-use skiff_api::{meta, ApiError, Resource};
+use serde_json::json;
+use skiff_api::ApiError;
 
+use super::api;
 use super::runtime::{split_key, Action, Cache, Reconciler};
-use crate::registry::{Registry, Sub, WriteOptions};
+use crate::registry::{Registry, Sub};
 
 pub const PROVISIONER: &str = "skiff.dev/local-path";
 pub const DEFAULT_CLASS_ANNOTATION: &str = "storageclass.kubernetes.io/is-default-class";
@@ -29,21 +29,19 @@ const HOSTNAME_LABEL: &str = "kubernetes.io/hostname";
 
 pub struct VolumeBinder {
     pub reg: Arc<Registry>,
-    pub claims: Arc<Cache>,
-    pub volumes: Arc<Cache>,
-    pub classes: Arc<Cache>,
-    pub pods: Arc<Cache>,
+    pub claims: Arc<Cache<PersistentVolumeClaim>>,
+    pub volumes: Arc<Cache<PersistentVolume>>,
+    pub classes: Arc<Cache<StorageClass>>,
+    pub pods: Arc<Cache<Pod>>,
 }
 
 /// The claims a pod names.
-pub fn claims_of(pod: &Value) -> Vec<String> {
-    pod.pointer("/spec/volumes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|v| v.pointer("/persistentVolumeClaim/claimName"))
-        .filter_map(Value::as_str)
-        .map(String::from)
+pub fn claims_of(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .map(|c| c.claim_name.clone())
         .collect()
 }
 
@@ -65,18 +63,17 @@ pub fn volume_node(pv: &PersistentVolume) -> Option<String> {
 }
 
 /// The node a pending pod must go to because a claim it uses is bound to a volume there.
-pub fn pinned_node(pod: &Value, claims: &Cache, volumes: &Cache) -> Option<String> {
-    let ns = meta::namespace(pod).unwrap_or("default");
+pub fn pinned_node(
+    pod: &Pod,
+    claims: &Cache<PersistentVolumeClaim>,
+    volumes: &Cache<PersistentVolume>,
+) -> Option<String> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
     claims_of(pod).iter().find_map(|c| {
         let claim = claims.get(&format!("{ns}/{c}"))?;
-        let vname = claim.pointer("/spec/volumeName")?.as_str()?;
-        let pv: PersistentVolume = typed(volumes.get(vname)?.as_ref()).ok()?;
-        volume_node(&pv)
+        let vname = claim.spec.as_ref()?.volume_name.as_deref()?;
+        volume_node(&*volumes.get(vname)?)
     })
-}
-
-fn to_value<T: serde::Serialize>(t: &T) -> Result<Value, ApiError> {
-    serde_json::to_value(t).map_err(|e| ApiError::internal(e.to_string()))
 }
 
 impl VolumeBinder {
@@ -86,7 +83,7 @@ impl VolumeBinder {
             .classes
             .list(None)
             .iter()
-            .filter_map(|c| typed(c).ok())
+            .map(|c| (**c).clone())
             .collect();
         match claim
             .spec
@@ -108,9 +105,7 @@ impl VolumeBinder {
 
     /// A claim is gone: its provisioned volume goes too when its reclaim policy says so.
     fn release(&self, ns: &str, name: &str) -> Result<Action, ApiError> {
-        let pv_r = Resource::lookup("persistentvolumes").expect("pvs");
-        for v in self.volumes.list(None) {
-            let pv: PersistentVolume = typed(&v)?;
+        for pv in self.volumes.list(None) {
             let spec = pv.spec.clone().unwrap_or_default();
             let bound_here = spec.claim_ref.as_ref().is_some_and(|r| {
                 r.namespace.as_deref() == Some(ns) && r.name.as_deref() == Some(name)
@@ -120,33 +115,27 @@ impl VolumeBinder {
             }
             let live_claim = self.claims.get(&format!("{ns}/{name}"));
             let same_uid = live_claim.as_ref().is_some_and(|c| {
-                Some(meta::uid(c)) == spec.claim_ref.as_ref().and_then(|r| r.uid.as_deref())
+                c.metadata.uid.as_deref() == spec.claim_ref.as_ref().and_then(|r| r.uid.as_deref())
             });
             if same_uid {
                 continue;
             }
             if spec.persistent_volume_reclaim_policy.as_deref() == Some("Delete") {
-                match self
-                    .reg
-                    .delete(pv_r, None, meta::name(&v), &Default::default())
+                let pv_name = pv.metadata.name.as_deref().unwrap_or("");
+                match api::delete::<PersistentVolume>(&self.reg, None, pv_name, &Default::default())
                 {
                     Ok(_) => {}
                     Err(e) if e.code == 404 => {}
                     Err(e) => return Err(e),
                 }
             } else if pv.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Released") {
-                let mut next = (*v).clone();
-                next["status"] = to_value(&PersistentVolumeStatus {
-                    phase: Some("Released".into()),
-                    ..Default::default()
-                })?;
-                self.reg.update(
-                    pv_r,
-                    None,
-                    meta::name(&v),
-                    next,
-                    Sub::Status,
-                    &WriteOptions::default(),
+                api::update_status(
+                    &self.reg,
+                    &*pv,
+                    &PersistentVolumeStatus {
+                        phase: Some("Released".into()),
+                        ..Default::default()
+                    },
                 )?;
             }
         }
@@ -162,36 +151,32 @@ impl Reconciler for VolumeBinder {
     async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
         let (ns, name) = split_key(key);
         let ns = ns.unwrap_or("default");
-        let Some(obj) = self.claims.get(key) else {
+        let Some(claim) = self.claims.get(key) else {
             return self.release(ns, name);
         };
-        if meta::is_deleting(&obj) {
+        if claim.metadata.deletion_timestamp.is_some() {
             return self.release(ns, name);
         }
-        let claim: PersistentVolumeClaim = typed(&obj)?;
         let spec = claim.spec.clone().unwrap_or_default();
-        let opts = WriteOptions::default();
-        let pv_r = Resource::lookup("persistentvolumes").expect("pvs");
-        let pvc_r = Resource::lookup("persistentvolumeclaims").expect("pvcs");
         if spec.volume_name.as_deref().is_some_and(|v| !v.is_empty()) {
             // Bound (or being bound): make sure the claim says so.
             let phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
             if phase != Some("Bound") {
                 let vname = spec.volume_name.clone().unwrap_or_default();
-                let Some(v) = self.volumes.get(&vname) else {
+                let Some(pv) = self.volumes.get(&vname) else {
                     return Ok(Action::AwaitChange);
                 };
-                let pv: PersistentVolume = typed(&v)?;
-                let pvs = pv.spec.unwrap_or_default();
-                let mut next = (*obj).clone();
-                next["status"] = to_value(&PersistentVolumeClaimStatus {
-                    phase: Some("Bound".into()),
-                    access_modes: pvs.access_modes.clone(),
-                    capacity: pvs.capacity.clone(),
-                    ..Default::default()
-                })?;
-                self.reg
-                    .update(pvc_r, Some(ns), name, next, Sub::Status, &opts)?;
+                let pvs = pv.spec.clone().unwrap_or_default();
+                api::update_status(
+                    &self.reg,
+                    &*claim,
+                    &PersistentVolumeClaimStatus {
+                        phase: Some("Bound".into()),
+                        access_modes: pvs.access_modes,
+                        capacity: pvs.capacity,
+                        ..Default::default()
+                    },
+                )?;
             }
             return Ok(Action::AwaitChange);
         }
@@ -202,13 +187,17 @@ impl Reconciler for VolumeBinder {
             return Ok(Action::AwaitChange);
         }
         // The first consumer scheduled decides the node.
-        let node = self.pods.list(Some(ns)).into_iter().find_map(|p| {
-            let pod: Pod = typed(&p).ok()?;
-            if pod.metadata.deletion_timestamp.is_some() || !claims_of(&p).iter().any(|c| c == name)
+        let node = self.pods.list(Some(ns)).into_iter().find_map(|pod| {
+            if pod.metadata.deletion_timestamp.is_some()
+                || !claims_of(&pod).iter().any(|c| c == name)
             {
                 return None;
             }
-            pod.spec?.node_name.filter(|n| !n.is_empty())
+            pod.spec
+                .as_ref()?
+                .node_name
+                .clone()
+                .filter(|n| !n.is_empty())
         });
         let Some(node) = node else {
             return Ok(Action::AwaitChange);
@@ -270,35 +259,43 @@ impl Reconciler for VolumeBinder {
                 }),
                 status: None,
             };
-            let created = match self.reg.create(pv_r, None, to_value(&pv)?, &opts) {
+            let created = match api::create(&self.reg, None, &pv) {
                 Ok(o) => o,
                 Err(e) if e.code == 409 => return Ok(Action::AwaitChange),
                 Err(e) => return Err(e),
             };
-            let mut next = created;
-            next["status"] = to_value(&PersistentVolumeStatus {
-                phase: Some("Bound".into()),
-                ..Default::default()
-            })?;
-            self.reg
-                .update(pv_r, None, &pv_name, next, Sub::Status, &opts)?;
+            api::update_status(
+                &self.reg,
+                &created,
+                &PersistentVolumeStatus {
+                    phase: Some("Bound".into()),
+                    ..Default::default()
+                },
+            )?;
         }
         // Bind the claim to it: `spec.volumeName`, then `Bound` (next pass, from the cache).
-        let mut next = (*obj).clone();
-        next["spec"]["volumeName"] = Value::from(pv_name);
-        if next["spec"].get("storageClassName").is_none() {
-            next["spec"]["storageClassName"] = to_value(&class.metadata.name)?;
-        }
-        let anns = next["metadata"]
-            .as_object_mut()
-            .expect("object")
-            .entry("annotations")
-            .or_insert_with(|| Value::Object(Default::default()));
-        anns["pv.kubernetes.io/bind-completed"] = "yes".into();
-        anns["volume.kubernetes.io/selected-node"] = node.into();
-        anns["volume.kubernetes.io/storage-provisioner"] = PROVISIONER.into();
-        self.reg
-            .update(pvc_r, Some(ns), name, next, Sub::Main, &opts)?;
+        // Only the fields this binder owns are written, at the version it read.
+        let class_name = spec
+            .storage_class_name
+            .clone()
+            .or_else(|| class.metadata.name.clone());
+        api::patch::<PersistentVolumeClaim>(
+            &self.reg,
+            Some(ns),
+            name,
+            &json!({
+                "metadata": {
+                    "resourceVersion": claim.metadata.resource_version,
+                    "annotations": {
+                        "pv.kubernetes.io/bind-completed": "yes",
+                        "volume.kubernetes.io/selected-node": node,
+                        "volume.kubernetes.io/storage-provisioner": PROVISIONER,
+                    },
+                },
+                "spec": {"volumeName": pv_name, "storageClassName": class_name},
+            }),
+            Sub::Main,
+        )?;
         Ok(Action::AwaitChange)
     }
 }
