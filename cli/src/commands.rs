@@ -139,7 +139,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }) => {
                 let d = verbs::deployment(&name, &image, port, replicas);
                 ctx.client
-                    .create(resource("deployments")?, Some(&ctx.ns), &d)
+                    .create_dyn(resource("deployments")?, Some(&ctx.ns), &d)
                     .await?;
                 println!("deployment.apps/{name} created");
                 Ok(())
@@ -161,7 +161,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         };
                         let cj = ctx
                             .client
-                            .get(resource("cronjobs")?, Some(&ctx.ns), cj)
+                            .get_dyn(resource("cronjobs")?, Some(&ctx.ns), cj)
                             .await?;
                         verbs::job_from_cronjob(&name, &cj)
                     }
@@ -169,7 +169,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     (None, None) => bail!("--image or --from is required"),
                 };
                 ctx.client
-                    .create(resource("jobs")?, Some(&ctx.ns), &j)
+                    .create_dyn(resource("jobs")?, Some(&ctx.ns), &j)
                     .await?;
                 println!("job.batch/{name} created");
                 Ok(())
@@ -182,14 +182,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             }) => {
                 let cj = verbs::cronjob(&name, &image, &schedule, &command);
                 ctx.client
-                    .create(resource("cronjobs")?, Some(&ctx.ns), &cj)
+                    .create_dyn(resource("cronjobs")?, Some(&ctx.ns), &cj)
                     .await?;
                 println!("cronjob.batch/{name} created");
                 Ok(())
             }
             Some(CreateWhat::Namespace { name }) => {
                 ctx.client
-                    .create(
+                    .create_dyn(
                         resource("namespaces")?,
                         None,
                         &json!({"metadata": {"name": name}}),
@@ -206,7 +206,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             }) => {
                 let s = verbs::service(&kind, &name, &tcp, node_port)?;
                 ctx.client
-                    .create(resource("services")?, Some(&ctx.ns), &s)
+                    .create_dyn(resource("services")?, Some(&ctx.ns), &s)
                     .await?;
                 println!("service/{name} created");
                 Ok(())
@@ -226,7 +226,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         } => {
             let p = verbs::pod(&name, &image, &restart, port, &args, command);
             ctx.client
-                .create(resource("pods")?, Some(&ctx.ns), &p)
+                .create_dyn(resource("pods")?, Some(&ctx.ns), &p)
                 .await?;
             println!("pod/{name} created");
             Ok(())
@@ -240,7 +240,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             name,
         } => {
             let (r, n) = target(&t)?;
-            let obj = ctx.client.get(r, Some(&ctx.ns), &n).await?;
+            let obj = ctx.client.get_dyn(r, Some(&ctx.ns), &n).await?;
             let svc = verbs::expose(
                 &obj,
                 name.as_deref(),
@@ -251,7 +251,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             )?;
             let created = ctx
                 .client
-                .create(resource("services")?, Some(&ctx.ns), &svc)
+                .create_dyn(resource("services")?, Some(&ctx.ns), &svc)
                 .await?;
             println!("service/{} exposed", meta::name(&created));
             Ok(())
@@ -265,7 +265,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 bail!("cannot scale a {}", r.kind);
             }
             ctx.client
-                .patch(
+                .patch_dyn(
                     r,
                     Some(&ctx.ns),
                     &n,
@@ -284,7 +284,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             what: SetWhat::Image { target: t, pairs },
         } => {
             let (r, n) = target(std::slice::from_ref(&t))?;
-            let obj = ctx.client.get(r, Some(&ctx.ns), &n).await?;
+            let obj = ctx.client.get_dyn(r, Some(&ctx.ns), &n).await?;
             let pairs: Vec<(String, String)> = pairs
                 .iter()
                 .map(|p| {
@@ -295,7 +295,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<_>>()?;
             let patch = verbs::set_image_patch(&obj, &pairs)?;
             ctx.client
-                .patch(r, Some(&ctx.ns), &n, None, SMP, &patch)
+                .patch_dyn(r, Some(&ctx.ns), &n, None, SMP, &patch)
                 .await?;
             println!("{} image updated", print::name_of(r, &obj));
             Ok(())
@@ -335,7 +335,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             for (r, n) in pairs {
                 match ctx
                     .client
-                    .delete(r, Some(&ctx.ns), &n, Some(propagation), grace_period)
+                    .delete_dyn(r, Some(&ctx.ns), &n, Some(propagation), grace_period)
                     .await
                 {
                     Ok(_) => println!(
@@ -355,7 +355,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             overwrite,
         } => {
             let r = resource(&kind)?;
-            let obj = ctx.client.get(r, Some(&ctx.ns), &name).await?;
+            let obj = ctx.client.get_dyn(r, Some(&ctx.ns), &name).await?;
             let current = meta::labels(&obj);
             let mut patch = serde_json::Map::new();
             for l in &labels {
@@ -374,7 +374,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             }
             ctx.client
-                .patch(
+                .patch_dyn(
                     r,
                     Some(&ctx.ns),
                     &name,
@@ -407,7 +407,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             if r.kind != "Node" {
                 bail!("taints apply to nodes only");
             }
-            let node = ctx.client.get(r, None, &name).await?;
+            let node = ctx.client.get_dyn(r, None, &name).await?;
             let mut list = node
                 .pointer("/spec/taints")
                 .and_then(Value::as_array)
@@ -441,7 +441,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 }
             }
             ctx.client
-                .patch(
+                .patch_dyn(
                     r,
                     None,
                     &name,
@@ -770,14 +770,14 @@ impl Ctx {
                 let (id, secret) = token::generate();
                 let obj = token::secret(&id, &secret, ttl, chrono::Utc::now(), &description);
                 self.client
-                    .create(secrets, Some(token::NAMESPACE), &obj)
+                    .create_dyn(secrets, Some(token::NAMESPACE), &obj)
                     .await?;
                 println!("{}", token::format_token(&ca, &id, &secret));
             }
             TokenWhat::List => {
                 let list = self
                     .client
-                    .list(secrets, Some(token::NAMESPACE), None, None)
+                    .list_dyn(secrets, Some(token::NAMESPACE), None, None)
                     .await?;
                 let now = chrono::Utc::now();
                 let mut rows = vec![["ID", "TTL", "EXPIRES", "DESCRIPTION"]
@@ -796,7 +796,7 @@ impl Ctx {
             TokenWhat::Delete { ids } => {
                 for id in ids {
                     self.client
-                        .delete(
+                        .delete_dyn(
                             secrets,
                             Some(token::NAMESPACE),
                             &token::secret_name(&id),
@@ -851,16 +851,18 @@ impl Ctx {
             let shown = print::name_of(r, &d);
             match &mode {
                 Mode::Create => {
-                    self.client.create(r, ns, &d).await?;
+                    self.client.create_dyn(r, ns, &d).await?;
                     println!("{shown} created");
                 }
-                Mode::Delete(p) => match self.client.delete(r, ns, &name, Some(p), None).await {
-                    Ok(_) => println!("{shown} deleted"),
-                    Err(e) if e.code() == Some(404) => {
-                        eprintln!("Error from server (NotFound): {e}")
+                Mode::Delete(p) => {
+                    match self.client.delete_dyn(r, ns, &name, Some(p), None).await {
+                        Ok(_) => println!("{shown} deleted"),
+                        Err(e) if e.code() == Some(404) => {
+                            eprintln!("Error from server (NotFound): {e}")
+                        }
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
-                },
+                }
                 Mode::Apply => {
                     let mut desired = d.clone();
                     let last = serde_json::to_string(&d)?;
@@ -869,15 +871,18 @@ impl Ctx {
                     }
                     desired["metadata"]["annotations"]
                         ["kubectl.kubernetes.io/last-applied-configuration"] = json!(last);
-                    match self.client.get(r, ns, &name).await {
+                    match self.client.get_dyn(r, ns, &name).await {
                         Err(e) if e.code() == Some(404) => {
-                            self.client.create(r, ns, &desired).await?;
+                            self.client.create_dyn(r, ns, &desired).await?;
                             println!("{shown} created");
                         }
                         Err(e) => return Err(e.into()),
                         Ok(cur) => {
                             let patch = apply_patch(&cur, &desired);
-                            let out = self.client.patch(r, ns, &name, None, SMP, &patch).await?;
+                            let out = self
+                                .client
+                                .patch_dyn(r, ns, &name, None, SMP, &patch)
+                                .await?;
                             let changed = out.pointer("/metadata/resourceVersion")
                                 != cur.pointer("/metadata/resourceVersion");
                             println!(
@@ -941,7 +946,7 @@ impl Ctx {
                 Some(self.ns.as_str())
             };
             let objs: Vec<Value> = if names.is_empty() {
-                let list = self.client.list(r, ns, sel, fsel).await?;
+                let list = self.client.list_dyn(r, ns, sel, fsel).await?;
                 let mut items = list["items"].as_array().cloned().unwrap_or_default();
                 if r.kind == "Event" {
                     items.sort_by(|a, b| {
@@ -968,7 +973,7 @@ impl Ctx {
             } else {
                 let mut v = Vec::new();
                 for n in &names {
-                    v.push(self.client.get(r, ns, n).await?);
+                    v.push(self.client.get_dyn(r, ns, n).await?);
                 }
                 v
             };
@@ -1045,7 +1050,7 @@ impl Ctx {
             show(o, header);
             header = false;
         }
-        let mut stream = Box::pin(self.client.watch(r, ns, Some(rv), fsel, sel).await?);
+        let mut stream = Box::pin(self.client.watch_dyn(r, ns, Some(rv), fsel, sel).await?);
         while let Some(ev) = stream.next().await {
             let ev = ev?;
             show(&ev.object, header);
@@ -1058,11 +1063,11 @@ impl Ctx {
     async fn deployment_and_replicasets(&self, name: &str) -> Result<(Value, Vec<Value>)> {
         let d = self
             .client
-            .get(resource("deployments")?, Some(&self.ns), name)
+            .get_dyn(resource("deployments")?, Some(&self.ns), name)
             .await?;
         let rss = self
             .client
-            .list(resource("replicasets")?, Some(&self.ns), None, None)
+            .list_dyn(resource("replicasets")?, Some(&self.ns), None, None)
             .await?;
         Ok((d, rss["items"].as_array().cloned().unwrap_or_default()))
     }
@@ -1072,13 +1077,13 @@ impl Ctx {
     async fn first_pod_of_job(&self, job: &str) -> Result<String> {
         let j = self
             .client
-            .get(resource("jobs")?, Some(&self.ns), job)
+            .get_dyn(resource("jobs")?, Some(&self.ns), job)
             .await?;
         let labels = meta::string_map(j.pointer("/spec/selector/matchLabels"));
         let sel: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let list = self
             .client
-            .list(
+            .list_dyn(
                 resource("pods")?,
                 Some(&self.ns),
                 Some(&sel.join(",")),
@@ -1108,7 +1113,7 @@ impl Ctx {
         };
         let r = resource(&kind)?;
         let ns = r.namespaced.then_some(self.ns.as_str());
-        let o = self.client.get(r, ns, &name).await?;
+        let o = self.client.get_dyn(r, ns, &name).await?;
         let kv = |k: &str, v: String| println!("{:<20}{}", format!("{k}:"), v);
         let map = |m: std::collections::BTreeMap<String, String>| {
             if m.is_empty() {
@@ -1278,7 +1283,7 @@ impl Ctx {
                         );
                     }
                 }
-                let eps = match self.client.get(resource("endpoints")?, ns, &name).await {
+                let eps = match self.client.get_dyn(resource("endpoints")?, ns, &name).await {
                     Ok(ep) => skiff_api::table::row("Endpoints", &ep, 0)[1].clone(),
                     Err(_) => "<none>".into(),
                 };
@@ -1348,7 +1353,7 @@ impl Ctx {
         }
         let evs = self
             .client
-            .list(
+            .list_dyn(
                 resource("events")?,
                 meta::namespace(&o).or(Some("default")),
                 None,
@@ -1414,7 +1419,7 @@ impl Ctx {
                     .then(|| tokio::time::Instant::now() + Duration::from_secs(timeout));
                 let mut last = String::new();
                 loop {
-                    let d = self.client.get(r, Some(&self.ns), &name).await?;
+                    let d = self.client.get_dyn(r, Some(&self.ns), &name).await?;
                     let (done, msg) = if r.kind == "DaemonSet" {
                         verbs::daemonset_rollout_status(&d)?
                     } else {
@@ -1434,7 +1439,7 @@ impl Ctx {
                     let fs = format!("metadata.name={name}");
                     let mut stream = Box::pin(
                         self.client
-                            .watch(r, Some(&self.ns), Some(&rv), Some(&fs), None)
+                            .watch_dyn(r, Some(&self.ns), Some(&rv), Some(&fs), None)
                             .await?,
                     );
                     let wait = async {
@@ -1485,7 +1490,7 @@ impl Ctx {
                     (patch, rev, "application/json-patch+json")
                 };
                 self.client
-                    .patch(r, Some(&self.ns), &name, None, content_type, &patch)
+                    .patch_dyn(r, Some(&self.ns), &name, None, content_type, &patch)
                     .await?;
                 println!("{}.apps/{name} rolled back (to revision {rev})", r.singular);
                 Ok(())
@@ -1496,11 +1501,11 @@ impl Ctx {
     async fn daemonset_and_revisions(&self, name: &str) -> Result<(Value, Vec<Value>)> {
         let d = self
             .client
-            .get(resource("daemonsets")?, Some(&self.ns), name)
+            .get_dyn(resource("daemonsets")?, Some(&self.ns), name)
             .await?;
         let revs = self
             .client
-            .list(resource("controllerrevisions")?, Some(&self.ns), None, None)
+            .list_dyn(resource("controllerrevisions")?, Some(&self.ns), None, None)
             .await?;
         Ok((d, revs["items"].as_array().cloned().unwrap_or_default()))
     }
@@ -1596,7 +1601,7 @@ pub fn drain_action(pod: &Value, opts: &DrainOptions) -> DrainAction {
 impl Ctx {
     async fn cordon(&self, node: &str, on: bool) -> Result<()> {
         let nodes = resource("nodes")?;
-        let cur = self.client.get(nodes, None, node).await?;
+        let cur = self.client.get_dyn(nodes, None, node).await?;
         let was = cur.pointer("/spec/unschedulable") == Some(&json!(true));
         let word = if on { "cordoned" } else { "uncordoned" };
         if was == on {
@@ -1605,7 +1610,7 @@ impl Ctx {
         }
         let value = if on { json!(true) } else { Value::Null };
         self.client
-            .patch(
+            .patch_dyn(
                 nodes,
                 None,
                 node,
@@ -1623,7 +1628,7 @@ impl Ctx {
         let pods_r = resource("pods")?;
         let list = self
             .client
-            .list(pods_r, None, None, Some(&format!("spec.nodeName={node}")))
+            .list_dyn(pods_r, None, None, Some(&format!("spec.nodeName={node}")))
             .await?;
         let pods = list["items"].as_array().cloned().unwrap_or_default();
         let mut evict = Vec::new();
@@ -1683,7 +1688,7 @@ impl Ctx {
                 meta::uid(p),
             );
             loop {
-                match self.client.get(pods_r, Some(ns), name).await {
+                match self.client.get_dyn(pods_r, Some(ns), name).await {
                     Err(e) if e.code() == Some(404) => break,
                     Ok(cur) if meta::uid(&cur) != uid => break,
                     Ok(_) => {}

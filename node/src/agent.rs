@@ -208,7 +208,7 @@ async fn register(
 ) -> Result<Value, ClientError> {
     let nodes = Resource::lookup("nodes").expect("nodes");
     let want = node_object(config, port, oci);
-    match client.get(nodes, None, &config.name).await {
+    match client.get_dyn(nodes, None, &config.name).await {
         Ok(mut cur) => {
             cur["status"] = want["status"].clone();
             for (k, v) in want["metadata"]["labels"]
@@ -218,12 +218,14 @@ async fn register(
             {
                 cur["metadata"]["labels"][k] = v;
             }
-            let cur = client.replace(nodes, None, &config.name, &cur).await?;
+            let cur = client.replace_dyn(nodes, None, &config.name, &cur).await?;
             let mut st = cur.clone();
             st["status"] = want["status"].clone();
-            client.replace_status(nodes, None, &config.name, &st).await
+            client
+                .replace_status_dyn(nodes, None, &config.name, &st)
+                .await
         }
-        Err(e) if e.code() == Some(404) => client.create(nodes, None, &want).await,
+        Err(e) if e.code() == Some(404) => client.create_dyn(nodes, None, &want).await,
         Err(e) => Err(e),
     }
 }
@@ -319,7 +321,7 @@ impl Agent {
         let nodes = Resource::lookup("nodes").expect("nodes");
         let cap = json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}});
         if let Err(e) = client
-            .patch(
+            .patch_dyn(
                 nodes,
                 None,
                 &config.name,
@@ -831,7 +833,11 @@ async fn finish_deletion(ctx: &NodeContext, pod: &Value) {
     let name = meta::name(pod);
     let mut backoff = crate::backoff::Backoff::default();
     loop {
-        match ctx.client.delete(pods, Some(ns), name, None, Some(0)).await {
+        match ctx
+            .client
+            .delete_dyn(pods, Some(ns), name, None, Some(0))
+            .await
+        {
             Ok(_) => return,
             Err(e) if e.code() == Some(404) => return,
             Err(e) => {
@@ -878,7 +884,7 @@ async fn sweep_volumes(ctx: &NodeContext) {
     let pvs = Resource::lookup("persistentvolumes").expect("pvs");
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        match ctx.client.get(pvs, None, &name).await {
+        match ctx.client.get_dyn(pvs, None, &name).await {
             Err(e) if e.code() == Some(404) => {
                 tracing::info!(volume = %name, "removing the directory of a deleted volume");
                 remove_pod_dir(&entry.path());
@@ -933,7 +939,11 @@ async fn run(
         }
         first = false;
         // List, reconcile, then follow the watch.
-        let list = match ctx.client.list(pods_r, None, None, Some(&selector)).await {
+        let list = match ctx
+            .client
+            .list_dyn(pods_r, None, None, Some(&selector))
+            .await
+        {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing this node's pods failed; retrying");
@@ -976,7 +986,7 @@ async fn run(
             .to_string();
         let mut stream = match ctx
             .client
-            .watch(pods_r, None, Some(&rv), Some(&selector), None)
+            .watch_dyn(pods_r, None, Some(&rv), Some(&selector), None)
             .await
         {
             Ok(s) => Box::pin(s),

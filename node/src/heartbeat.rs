@@ -129,7 +129,7 @@ impl Heartbeat {
             self.requests += 1;
             match self
                 .client
-                .replace(leases(), ns, &self.name, &to_value(&l))
+                .replace_dyn(leases(), ns, &self.name, &to_value(&l))
                 .await
             {
                 Ok(v) => {
@@ -146,7 +146,7 @@ impl Heartbeat {
         }
         let seconds = self.timing.lease_duration.as_secs().max(1) as i32;
         self.requests += 2;
-        let stored = match self.client.get(leases(), ns, &self.name).await {
+        let stored = match self.client.get_dyn(leases(), ns, &self.name).await {
             Ok(v) => {
                 let mut l: Lease = serde_json::from_value(v).unwrap_or_default();
                 let spec = l.spec.get_or_insert_with(Default::default);
@@ -158,7 +158,7 @@ impl Heartbeat {
                 spec.lease_duration_seconds = Some(seconds);
                 spec.renew_time = Some(micro_now());
                 self.client
-                    .replace(leases(), ns, &self.name, &to_value(&l))
+                    .replace_dyn(leases(), ns, &self.name, &to_value(&l))
                     .await?
             }
             Err(e) if e.code() == Some(404) => {
@@ -176,7 +176,7 @@ impl Heartbeat {
                         ..Default::default()
                     }),
                 };
-                self.client.create(leases(), ns, &to_value(&l)).await?
+                self.client.create_dyn(leases(), ns, &to_value(&l)).await?
             }
             Err(e) => return Err(e),
         };
@@ -191,7 +191,7 @@ impl Heartbeat {
         let t = now();
         let mut conds = conditions(&self.oci);
         self.requests += 2;
-        let cur = self.client.get(nodes, None, &self.name).await?;
+        let cur = self.client.get_dyn(nodes, None, &self.name).await?;
         for c in conds.as_array_mut().into_iter().flatten() {
             if let Some(old) = cur
                 .pointer("/status/conditions")
@@ -205,7 +205,7 @@ impl Heartbeat {
             c["lastHeartbeatTime"] = json!(t);
         }
         self.client
-            .patch(
+            .patch_dyn(
                 nodes,
                 None,
                 &self.name,

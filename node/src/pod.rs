@@ -204,7 +204,7 @@ impl Shared {
         });
         let client = self.ctx.client.clone();
         tokio::spawn(async move {
-            if let Err(e) = client.create(events, Some(&ns), &ev).await {
+            if let Err(e) = client.create_dyn(events, Some(&ns), &ev).await {
                 tracing::debug!(error = %e, "event not recorded");
             }
         });
@@ -282,7 +282,7 @@ async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             match shared
                 .ctx
                 .client
-                .patch(
+                .patch_dyn(
                     pods,
                     Some(&ns),
                     &name,
@@ -600,7 +600,7 @@ async fn volumes(
             let obj = shared
                 .ctx
                 .client
-                .get(cms, Some(ns), cm)
+                .get_dyn(cms, Some(ns), cm)
                 .await
                 .map_err(|e| format!("configmap {cm}: {e}"))?;
             let d = pod_dir.join("volumes").join(vname);
@@ -622,7 +622,7 @@ async fn volumes(
             let obj = shared
                 .ctx
                 .client
-                .get(pvcs, Some(ns), claim)
+                .get_dyn(pvcs, Some(ns), claim)
                 .await
                 .map_err(|e| format!("persistentvolumeclaim {claim}: {e}"))?;
             let volume = obj

@@ -334,7 +334,7 @@ pub async fn start(
     };
     let nodes = Resource::lookup("nodes").expect("nodes");
     if let Err(e) = client
-        .patch(
+        .patch_dyn(
             nodes,
             None,
             &cfg.node,
@@ -378,7 +378,7 @@ async fn follow(
     let decode = |v: Value| serde_json::from_value::<Node>(v).ok();
     loop {
         let list = tokio::select! {
-            l = client.list(r, None, None, None) => l,
+            l = client.list_dyn(r, None, None, None) => l,
             _ = stop.changed() => return,
         };
         let list = match list {
@@ -403,7 +403,7 @@ async fn follow(
         let rv = list["metadata"]["resourceVersion"]
             .as_str()
             .map(str::to_string);
-        let Ok(stream) = client.watch(r, None, rv.as_deref(), None, None).await else {
+        let Ok(stream) = client.watch_dyn(r, None, rv.as_deref(), None, None).await else {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 _ = stop.changed() => return,

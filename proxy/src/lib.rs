@@ -93,7 +93,7 @@ enum Update {
 async fn reflect(client: Client, resource: &'static str, tx: mpsc::Sender<Update>) {
     let r = Resource::lookup(resource).expect("known resource");
     loop {
-        let list = match client.list(r, None, None, None).await {
+        let list = match client.list_dyn(r, None, None, None).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(%resource, error = %e, "proxy list failed; retrying");
@@ -108,7 +108,7 @@ async fn reflect(client: Client, resource: &'static str, tx: mpsc::Sender<Update
         let rv = list["metadata"]["resourceVersion"]
             .as_str()
             .map(str::to_string);
-        let Ok(stream) = client.watch(r, None, rv.as_deref(), None, None).await else {
+        let Ok(stream) = client.watch_dyn(r, None, rv.as_deref(), None, None).await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
