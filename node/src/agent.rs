@@ -10,9 +10,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
+    NodeSystemInfo,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
+use skiff_api::conditions::Condition;
 use skiff_api::{meta, Resource, OCI_CONDITION, OCI_NODE_LABEL, WASM_NODE_LABEL};
-use skiff_client::{Client, ClientError};
+use skiff_client::{Client, ClientError, Patch};
 use skiff_wasm::artifact::{BlobCache, ImageIndex};
 use skiff_wasm::Runtime;
 use tokio::sync::watch;
@@ -22,7 +32,7 @@ use crate::network::{IpCommand, NetError, Netlink, PodNetwork, ServiceAddresses}
 use crate::oci::OciNode;
 use crate::sandbox::Cni;
 
-use crate::pod::{self, now, NodeContext, PodWorker};
+use crate::pod::{self, NodeContext, PodWorker};
 use crate::services::LocalEndpoints;
 
 #[derive(Debug, Clone)]
@@ -139,7 +149,7 @@ fn machine_memory_kib() -> u64 {
 /// What the node says about its OCI runtime: the runc version, or why it has none.
 pub type OciState = Result<String, String>;
 
-fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
+fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Node {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -155,33 +165,70 @@ fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
         .unwrap_or_default()
         .trim()
         .to_string();
-    let resources =
-        json!({"cpu": cpus.to_string(), "memory": mem, "pods": "1000", "ephemeral-storage": "0"});
-    json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": c.name, "labels": {
-            "kubernetes.io/hostname": c.name, "kubernetes.io/os": std::env::consts::OS, "kubernetes.io/arch": arch,
-            "beta.kubernetes.io/os": std::env::consts::OS, "beta.kubernetes.io/arch": arch,
-            WASM_NODE_LABEL: "true", OCI_NODE_LABEL: oci.is_ok().to_string(),
-        }},
-        "spec": {},
-        "status": {
-            "capacity": resources, "allocatable": resources,
-            "addresses": [{"type": "InternalIP", "address": c.node_ip.to_string()}, {"type": "Hostname", "address": c.name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
-            "conditions": conditions(oci),
-            "nodeInfo": {"kubeletVersion": concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")), "kubeProxyVersion": "", "osImage": "skiff",
-                         "kernelVersion": kernel, "containerRuntimeVersion": match oci {
-                             Ok(v) => format!("wasmtime://48.0.8, runc://{v}"),
-                             Err(_) => "wasmtime://48.0.8".to_string(),
-                         }, "operatingSystem": std::env::consts::OS,
-                         "architecture": arch, "machineID": "", "systemUUID": "", "bootID": ""},
-        }
-    })
+    let os = std::env::consts::OS;
+    let resources: BTreeMap<String, Quantity> = [
+        ("cpu", cpus.to_string()),
+        ("memory", mem),
+        ("pods", "1000".into()),
+        ("ephemeral-storage", "0".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), Quantity(v)))
+    .collect();
+    let labels = [
+        ("kubernetes.io/hostname", c.name.clone()),
+        ("kubernetes.io/os", os.into()),
+        ("kubernetes.io/arch", arch.into()),
+        ("beta.kubernetes.io/os", os.into()),
+        ("beta.kubernetes.io/arch", arch.into()),
+        (WASM_NODE_LABEL, "true".into()),
+        (OCI_NODE_LABEL, oci.is_ok().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let address = |ty: &str, a: String| NodeAddress {
+        type_: ty.into(),
+        address: a,
+    };
+    Node {
+        metadata: ObjectMeta {
+            name: Some(c.name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec::default()),
+        status: Some(NodeStatus {
+            capacity: Some(resources.clone()),
+            allocatable: Some(resources),
+            addresses: Some(vec![
+                address("InternalIP", c.node_ip.to_string()),
+                address("Hostname", c.name.clone()),
+            ]),
+            daemon_endpoints: Some(NodeDaemonEndpoints {
+                kubelet_endpoint: Some(DaemonEndpoint { port: port.into() }),
+            }),
+            conditions: Some(conditions(oci)),
+            node_info: Some(NodeSystemInfo {
+                kubelet_version: concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")).into(),
+                os_image: "skiff".into(),
+                kernel_version: kernel,
+                container_runtime_version: match oci {
+                    Ok(v) => format!("wasmtime://48.0.8, runc://{v}"),
+                    Err(_) => "wasmtime://48.0.8".to_string(),
+                },
+                operating_system: os.into(),
+                architecture: arch.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
 }
 
-pub(crate) fn conditions(oci: &OciState) -> Value {
-    let t = now();
+/// The node's conditions as they stand now (transition and heartbeat times: now).
+pub(crate) fn conditions(oci: &OciState) -> Vec<NodeCondition> {
+    let t = time_now();
     let (oci_status, oci_reason, oci_message) = match oci {
         Ok(v) => ("True", "RuncFound", format!("runc {v} runs OCI containers")),
         Err(why) => (
@@ -190,42 +237,48 @@ pub(crate) fn conditions(oci: &OciState) -> Value {
             format!("OCI containers cannot run here: {why}"),
         ),
     };
-    json!([
-        {"type": OCI_CONDITION, "status": oci_status, "reason": oci_reason, "message": oci_message, "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "skiff agent is posting ready status", "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "lastHeartbeatTime": t, "lastTransitionTime": t},
-    ])
+    [
+        (OCI_CONDITION, oci_status, oci_reason, oci_message.as_str()),
+        (
+            "Ready",
+            "True",
+            "KubeletReady",
+            "skiff agent is posting ready status",
+        ),
+        ("MemoryPressure", "False", "KubeletHasSufficientMemory", ""),
+        ("DiskPressure", "False", "KubeletHasNoDiskPressure", ""),
+        ("PIDPressure", "False", "KubeletHasSufficientPID", ""),
+    ]
+    .into_iter()
+    .map(|(ty, status, reason, message)| NodeCondition::new(ty, status, reason, message, &t))
+    .collect()
 }
 
-/// Creates or refreshes the Node; returns it as stored (with its pod CIDR).
+/// Now, to the second, as status times are written.
+pub(crate) fn time_now() -> Time {
+    Time(Timestamp::from_second(chrono::Utc::now().timestamp()).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// Creates or refreshes the Node; returns it as stored (with its pod CIDR). A Node that exists
+/// is patched, labels and status: what others wrote on it (taints, annotations, the pod CIDR)
+/// stays.
 async fn register(
     client: &Client,
     config: &AgentConfig,
     port: u16,
     oci: &OciState,
-) -> Result<Value, ClientError> {
-    let nodes = Resource::lookup("nodes").expect("nodes");
+) -> Result<Node, ClientError> {
     let want = node_object(config, port, oci);
-    match client.get_dyn(nodes, None, &config.name).await {
-        Ok(mut cur) => {
-            cur["status"] = want["status"].clone();
-            for (k, v) in want["metadata"]["labels"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default()
-            {
-                cur["metadata"]["labels"][k] = v;
-            }
-            let cur = client.replace_dyn(nodes, None, &config.name, &cur).await?;
-            let mut st = cur.clone();
-            st["status"] = want["status"].clone();
+    match client.get::<Node>(None, &config.name).await {
+        Ok(_) => {
+            let labels = Patch::Merge(json!({"metadata": {"labels": want.metadata.labels}}));
+            client.patch::<Node>(None, &config.name, &labels).await?;
+            let status = Patch::Merge(json!({"status": want.status}));
             client
-                .replace_status_dyn(nodes, None, &config.name, &st)
+                .patch_status::<Node>(None, &config.name, &status)
                 .await
         }
-        Err(e) if e.code() == Some(404) => client.create_dyn(nodes, None, &want).await,
+        Err(e) if e.code() == Some(404) => client.create(None, &want).await,
         Err(e) => Err(e),
     }
 }
@@ -306,10 +359,10 @@ impl Agent {
             },
         };
         let cidr = node
-            .pointer("/spec/podCIDR")
-            .and_then(Value::as_str)
-            .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?
-            .to_string();
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.clone())
+            .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?;
         let net = PodNetwork::new(&cidr, &config.bridge, link)?;
         let oci = oci.ok().map(|mut o| {
             o.cni.gateway = net.gateway();
@@ -318,19 +371,10 @@ impl Agent {
         });
         // A node runs as many pods as its pod network has addresses.
         let pods = net.capacity().to_string();
-        let nodes = Resource::lookup("nodes").expect("nodes");
-        let cap = json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}});
-        if let Err(e) = client
-            .patch_dyn(
-                nodes,
-                None,
-                &config.name,
-                Some("status"),
-                "application/merge-patch+json",
-                &cap,
-            )
-            .await
-        {
+        let cap = Patch::Merge(
+            json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}}),
+        );
+        if let Err(e) = client.patch_status::<Node>(None, &config.name, &cap).await {
             tracing::warn!(error = %e, "could not publish the node's pod capacity");
         }
         let runtime = Runtime::new(config.data_dir.join("compiled"), 1000)?;
@@ -426,15 +470,20 @@ fn cache_path(dir: &std::path::Path) -> PathBuf {
     dir.join("pods.json")
 }
 
-fn load_cache(dir: &std::path::Path) -> Option<(Value, Vec<Value>)> {
-    let v: Value = serde_json::from_slice(&std::fs::read(cache_path(dir)).ok()?).ok()?;
-    Some((
-        v["node"].clone(),
-        v["pods"].as_array().cloned().unwrap_or_default(),
-    ))
+/// The pod cache on disk: the Node as last registered and the pods bound to it.
+#[derive(serde::Deserialize)]
+struct Cache {
+    node: Node,
+    #[serde(default)]
+    pods: Vec<Value>,
 }
 
-fn cache_body(node: &Value, pods: &HashMap<String, (PodWorker, Value)>) -> Vec<u8> {
+fn load_cache(dir: &std::path::Path) -> Option<(Node, Vec<Value>)> {
+    let c: Cache = serde_json::from_slice(&std::fs::read(cache_path(dir)).ok()?).ok()?;
+    Some((c.node, c.pods))
+}
+
+fn cache_body(node: &Node, pods: &HashMap<String, (PodWorker, Value)>) -> Vec<u8> {
     let list: Vec<&Value> = pods.values().map(|(_, p)| p).collect();
     serde_json::to_vec(&json!({"node": node, "pods": list})).unwrap_or_default()
 }
@@ -483,7 +532,7 @@ impl CacheWriter {
         CacheWriter { tx, task }
     }
 
-    fn save(&self, node: &Value, pods: &HashMap<String, (PodWorker, Value)>) {
+    fn save(&self, node: &Node, pods: &HashMap<String, (PodWorker, Value)>) {
         self.tx.send_replace(Some(cache_body(node, pods)));
     }
 
@@ -897,7 +946,7 @@ async fn sweep_volumes(ctx: &NodeContext) {
 async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
-    node: Value,
+    node: Node,
     cached: Vec<Value>,
     (listener, endpoint_tls): (tokio::net::TcpListener, Arc<rustls::ServerConfig>),
     logs: LogIndex,
@@ -1154,7 +1203,13 @@ mod tests {
     #[test]
     fn the_cache_is_replaced_whole() {
         let d = tempfile::tempdir().unwrap();
-        let node = json!({"metadata": {"name": "n"}});
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some("n".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         write_cache(d.path(), &cache_body(&node, &HashMap::new()));
         let (n, pods) = load_cache(d.path()).unwrap();
         assert_eq!(n, node);
