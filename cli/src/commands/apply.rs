@@ -144,3 +144,54 @@ impl Ctx {
         Ok(())
     }
 }
+
+impl Ctx {
+    /// `delete TYPE NAME…`, `delete TYPE/NAME…` or `delete -f`.
+    pub(super) async fn delete(
+        &self,
+        args: Vec<String>,
+        filename: Vec<String>,
+        cascade: Option<String>,
+        grace_period: Option<i64>,
+        ignore_not_found: bool,
+    ) -> Result<()> {
+        let propagation = match cascade.as_deref() {
+            None | Some("background") | Some("true") => "Background",
+            Some("foreground") => "Foreground",
+            Some("orphan") | Some("false") => "Orphan",
+            Some(o) => bail!("invalid --cascade {o:?}: use background, foreground or orphan"),
+        };
+        if !filename.is_empty() {
+            return self
+                .apply_files(&filename, Mode::Delete(propagation.to_string()))
+                .await;
+        }
+        let pairs: Vec<(&'static Resource, String)> = match args.as_slice() {
+            [] => bail!("you must provide one or more resources by TYPE NAME, TYPE/NAME or -f"),
+            [one] if one.contains('/') => vec![target(std::slice::from_ref(one))?],
+            [t, names @ ..] if !t.contains('/') && !names.is_empty() => {
+                let r = resource(t)?;
+                names.iter().map(|n| (r, n.clone())).collect()
+            }
+            all => all
+                .iter()
+                .map(|a| target(std::slice::from_ref(a)))
+                .collect::<Result<_>>()?,
+        };
+        for (r, n) in pairs {
+            match self
+                .client
+                .delete_dyn(r, Some(&self.ns), &n, Some(propagation), grace_period)
+                .await
+            {
+                Ok(_) => println!(
+                    "{} deleted",
+                    print::name_of(r, &json!({"metadata": {"name": n}}))
+                ),
+                Err(e) if ignore_not_found && e.code() == Some(404) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}

@@ -37,3 +37,81 @@ impl Ctx {
         }
     }
 }
+
+impl Ctx {
+    /// `exec POD -- COMMAND`: exits with the command's code.
+    pub(super) async fn exec(
+        &self,
+        pod: String,
+        container: Option<String>,
+        stdin: bool,
+        tty: bool,
+        command: Vec<String>,
+    ) -> Result<()> {
+        let opts = skiff_client::exec::ExecOptions {
+            container,
+            command,
+            stdin,
+            tty,
+        };
+        let code = self
+            .client
+            .exec(
+                &self.ns,
+                &pod,
+                &opts,
+                tokio::io::stdin(),
+                tokio::io::stdout(),
+                tokio::io::stderr(),
+            )
+            .await?;
+        if code != 0 {
+            std::process::exit(code);
+        }
+        Ok(())
+    }
+
+    /// `logs POD|job/NAME`, streamed to stdout.
+    pub(super) async fn logs(
+        &self,
+        pod: String,
+        container: Option<String>,
+        follow: bool,
+        tail: Option<i64>,
+        previous: bool,
+    ) -> Result<()> {
+        let mut q = Vec::new();
+        if let Some(c) = container {
+            q.push(format!("container={c}"));
+        }
+        if follow {
+            q.push("follow=true".into());
+        }
+        if let Some(t) = tail {
+            q.push(format!("tailLines={t}"));
+        }
+        if previous {
+            q.push("previous=true".into());
+        }
+        let pod = match pod.split_once('/') {
+            Some(("job" | "jobs" | "job.batch", job)) => self.first_pod_of_job(job).await?,
+            Some(("pod" | "pods", p)) => p.to_string(),
+            Some((kind, _)) => bail!("cannot get logs of {kind}: use a pod or job/NAME"),
+            None => pod,
+        };
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/{pod}/log?{}",
+            self.ns,
+            q.join("&")
+        );
+        let resp = self.client.get_raw(&path).await?;
+        let mut s = resp.bytes_stream();
+        use std::io::Write;
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk?;
+            std::io::stdout().write_all(&chunk)?;
+            std::io::stdout().flush()?;
+        }
+        Ok(())
+    }
+}

@@ -5,6 +5,8 @@
 
 mod apply;
 mod cluster;
+mod create;
+mod edit;
 mod get;
 mod logs_exec;
 mod rollout;
@@ -140,92 +142,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             .await
         }
         Command::Describe { kind, name } => ctx.describe(&kind, &name).await,
-        Command::Create { what, filename } => match what {
-            Some(CreateWhat::Deployment {
-                name,
-                image,
-                port,
-                replicas,
-            }) => {
-                let d = verbs::deployment(&name, &image, port, replicas);
-                ctx.client
-                    .create_dyn(resource("deployments")?, Some(&ctx.ns), &d)
-                    .await?;
-                println!("deployment.apps/{name} created");
-                Ok(())
-            }
-            Some(CreateWhat::Job {
-                name,
-                image,
-                from,
-                command,
-            }) => {
-                let j = match (image, from) {
-                    (_, Some(from)) => {
-                        let Some(cj) = from
-                            .strip_prefix("cronjob/")
-                            .or_else(|| from.strip_prefix("cronjobs/"))
-                            .or_else(|| from.strip_prefix("cj/"))
-                        else {
-                            bail!("from must be an existing cronjob: cronjob/NAME, not {from:?}");
-                        };
-                        let cj = ctx
-                            .client
-                            .get_dyn(resource("cronjobs")?, Some(&ctx.ns), cj)
-                            .await?;
-                        verbs::job_from_cronjob(&name, &cj)
-                    }
-                    (Some(image), None) => verbs::job(&name, &image, &command),
-                    (None, None) => bail!("--image or --from is required"),
-                };
-                ctx.client
-                    .create_dyn(resource("jobs")?, Some(&ctx.ns), &j)
-                    .await?;
-                println!("job.batch/{name} created");
-                Ok(())
-            }
-            Some(CreateWhat::CronJob {
-                name,
-                image,
-                schedule,
-                command,
-            }) => {
-                let cj = verbs::cronjob(&name, &image, &schedule, &command);
-                ctx.client
-                    .create_dyn(resource("cronjobs")?, Some(&ctx.ns), &cj)
-                    .await?;
-                println!("cronjob.batch/{name} created");
-                Ok(())
-            }
-            Some(CreateWhat::Namespace { name }) => {
-                ctx.client
-                    .create_dyn(
-                        resource("namespaces")?,
-                        None,
-                        &json!({"metadata": {"name": name}}),
-                    )
-                    .await?;
-                println!("namespace/{name} created");
-                Ok(())
-            }
-            Some(CreateWhat::Service {
-                kind,
-                name,
-                tcp,
-                node_port,
-            }) => {
-                let s = verbs::service(&kind, &name, &tcp, node_port)?;
-                ctx.client
-                    .create_dyn(resource("services")?, Some(&ctx.ns), &s)
-                    .await?;
-                println!("service/{name} created");
-                Ok(())
-            }
-            None if !filename.is_empty() => ctx.apply_files(&filename, Mode::Create).await,
-            None => bail!(
-                "must specify one of -f or a resource to create (deployment, job, cronjob, namespace, service)"
-            ),
-        },
+        Command::Create { what, filename } => ctx.create(what, filename).await,
         Command::Run {
             name,
             image,
@@ -233,83 +150,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             port,
             command,
             args,
-        } => {
-            let p = verbs::pod(&name, &image, &restart, port, &args, command);
-            ctx.client
-                .create_dyn(resource("pods")?, Some(&ctx.ns), &p)
-                .await?;
-            println!("pod/{name} created");
-            Ok(())
-        }
+        } => ctx.run_pod(name, image, restart, port, command, args).await,
         Command::Expose {
-            target: t,
+            target,
             service_type,
             port,
             target_port,
             node_port,
             name,
         } => {
-            let (r, n) = target(&t)?;
-            let obj = ctx.client.get_dyn(r, Some(&ctx.ns), &n).await?;
-            let svc = verbs::expose(
-                &obj,
-                name.as_deref(),
-                &service_type,
-                port,
-                target_port.as_deref(),
-                node_port,
-            )?;
-            let created = ctx
-                .client
-                .create_dyn(resource("services")?, Some(&ctx.ns), &svc)
-                .await?;
-            println!("service/{} exposed", meta::name(&created));
-            Ok(())
+            ctx.expose(target, service_type, port, target_port, node_port, name)
+                .await
         }
-        Command::Scale {
-            target: t,
-            replicas,
-        } => {
-            let (r, n) = target(&t)?;
-            if !r.has_scale {
-                bail!("cannot scale a {}", r.kind);
-            }
-            ctx.client
-                .patch_dyn(
-                    r,
-                    Some(&ctx.ns),
-                    &n,
-                    Some("scale"),
-                    MERGE,
-                    &json!({"spec": {"replicas": replicas}}),
-                )
-                .await?;
-            println!(
-                "{}/{n} scaled",
-                print::name_of(r, &json!({})).trim_end_matches('/')
-            );
-            Ok(())
-        }
-        Command::Set {
-            what: SetWhat::Image { target: t, pairs },
-        } => {
-            let (r, n) = target(std::slice::from_ref(&t))?;
-            let obj = ctx.client.get_dyn(r, Some(&ctx.ns), &n).await?;
-            let pairs: Vec<(String, String)> = pairs
-                .iter()
-                .map(|p| {
-                    p.split_once('=')
-                        .map(|(a, b)| (a.to_string(), b.to_string()))
-                        .ok_or_else(|| anyhow!("expected CONTAINER=IMAGE, got {p:?}"))
-                })
-                .collect::<Result<_>>()?;
-            let patch = verbs::set_image_patch(&obj, &pairs)?;
-            ctx.client
-                .patch_dyn(r, Some(&ctx.ns), &n, None, SMP, &patch)
-                .await?;
-            println!("{} image updated", print::name_of(r, &obj));
-            Ok(())
-        }
+        Command::Scale { target, replicas } => ctx.scale(target, replicas).await,
+        Command::Set { what } => ctx.set(what).await,
         Command::Rollout { what } => ctx.rollout(what).await,
         Command::Apply { filename } => ctx.apply_files(&filename, Mode::Apply).await,
         Command::Delete {
@@ -319,83 +173,15 @@ pub async fn run(cli: Cli) -> Result<()> {
             grace_period,
             ignore_not_found,
         } => {
-            let propagation = match cascade.as_deref() {
-                None | Some("background") | Some("true") => "Background",
-                Some("foreground") => "Foreground",
-                Some("orphan") | Some("false") => "Orphan",
-                Some(o) => bail!("invalid --cascade {o:?}: use background, foreground or orphan"),
-            };
-            if !filename.is_empty() {
-                return ctx
-                    .apply_files(&filename, Mode::Delete(propagation.to_string()))
-                    .await;
-            }
-            let pairs: Vec<(&'static Resource, String)> = match args.as_slice() {
-                [] => bail!("you must provide one or more resources by TYPE NAME, TYPE/NAME or -f"),
-                [one] if one.contains('/') => vec![target(std::slice::from_ref(one))?],
-                [t, names @ ..] if !t.contains('/') && !names.is_empty() => {
-                    let r = resource(t)?;
-                    names.iter().map(|n| (r, n.clone())).collect()
-                }
-                all => all
-                    .iter()
-                    .map(|a| target(std::slice::from_ref(a)))
-                    .collect::<Result<_>>()?,
-            };
-            for (r, n) in pairs {
-                match ctx
-                    .client
-                    .delete_dyn(r, Some(&ctx.ns), &n, Some(propagation), grace_period)
-                    .await
-                {
-                    Ok(_) => println!(
-                        "{} deleted",
-                        print::name_of(r, &json!({"metadata": {"name": n}}))
-                    ),
-                    Err(e) if ignore_not_found && e.code() == Some(404) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(())
+            ctx.delete(args, filename, cascade, grace_period, ignore_not_found)
+                .await
         }
         Command::Label {
             kind,
             name,
             labels,
             overwrite,
-        } => {
-            let r = resource(&kind)?;
-            let obj = ctx.client.get_dyn(r, Some(&ctx.ns), &name).await?;
-            let current = meta::labels(&obj);
-            let mut patch = serde_json::Map::new();
-            for l in &labels {
-                if let Some(k) = l.strip_suffix('-') {
-                    patch.insert(k.to_string(), Value::Null);
-                } else if let Some((k, v)) = l.split_once('=') {
-                    if current.get(k).is_some_and(|c| c != v) && !overwrite {
-                        bail!(
-                            "'{k}' already has a value ({}), and --overwrite is false",
-                            current[k]
-                        );
-                    }
-                    patch.insert(k.to_string(), json!(v));
-                } else {
-                    bail!("invalid label {l:?}: use key=value or key-");
-                }
-            }
-            ctx.client
-                .patch_dyn(
-                    r,
-                    Some(&ctx.ns),
-                    &name,
-                    None,
-                    MERGE,
-                    &json!({"metadata": {"labels": patch}}),
-                )
-                .await?;
-            println!("{} labeled", print::name_of(r, &obj));
-            Ok(())
-        }
+        } => ctx.label(kind, name, labels, overwrite).await,
         Command::Cordon { node } => ctx.cordon(&node, true).await,
         Command::Uncordon { node } => ctx.cordon(&node, false).await,
         Command::Drain {
@@ -412,127 +198,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             ctx.drain(&node, &opts, timeout).await
         }
-        Command::Taint { kind, name, taints } => {
-            let r = resource(&kind)?;
-            if r.kind != "Node" {
-                bail!("taints apply to nodes only");
-            }
-            let node = ctx.client.get_dyn(r, None, &name).await?;
-            let mut list = node
-                .pointer("/spec/taints")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
-            for t in &taints {
-                if let Some(rm) = t.strip_suffix('-') {
-                    let (key, effect) = rm
-                        .split_once(':')
-                        .map(|(k, e)| (k, Some(e)))
-                        .unwrap_or((rm, None));
-                    let before = list.len();
-                    list.retain(|x| !(x["key"] == key && effect.is_none_or(|e| x["effect"] == e)));
-                    if list.len() == before {
-                        bail!("taint {rm:?} not found");
-                    }
-                } else {
-                    let (kv, effect) = t
-                        .split_once(':')
-                        .ok_or_else(|| anyhow!("invalid taint {t:?}: use key=value:Effect"))?;
-                    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
-                        bail!("invalid taint effect {effect:?}: use NoSchedule, PreferNoSchedule or NoExecute");
-                    }
-                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                    list.retain(|x| !(x["key"] == k && x["effect"] == effect));
-                    let mut taint = json!({"key": k, "effect": effect});
-                    if !v.is_empty() {
-                        taint["value"] = json!(v);
-                    }
-                    list.push(taint);
-                }
-            }
-            ctx.client
-                .patch_dyn(
-                    r,
-                    None,
-                    &name,
-                    None,
-                    MERGE,
-                    &json!({"spec": {"taints": list}}),
-                )
-                .await?;
-            println!("node/{name} tainted");
-            Ok(())
-        }
+        Command::Taint { kind, name, taints } => ctx.taint(kind, name, taints).await,
         Command::Exec {
             pod,
             container,
             stdin,
             tty,
             command,
-        } => {
-            let opts = skiff_client::exec::ExecOptions {
-                container,
-                command,
-                stdin,
-                tty,
-            };
-            let code = ctx
-                .client
-                .exec(
-                    &ctx.ns,
-                    &pod,
-                    &opts,
-                    tokio::io::stdin(),
-                    tokio::io::stdout(),
-                    tokio::io::stderr(),
-                )
-                .await?;
-            if code != 0 {
-                std::process::exit(code);
-            }
-            Ok(())
-        }
+        } => ctx.exec(pod, container, stdin, tty, command).await,
         Command::Logs {
             pod,
             container,
             follow,
             tail,
             previous,
-        } => {
-            let mut q = Vec::new();
-            if let Some(c) = container {
-                q.push(format!("container={c}"));
-            }
-            if follow {
-                q.push("follow=true".into());
-            }
-            if let Some(t) = tail {
-                q.push(format!("tailLines={t}"));
-            }
-            if previous {
-                q.push("previous=true".into());
-            }
-            let pod = match pod.split_once('/') {
-                Some(("job" | "jobs" | "job.batch", job)) => ctx.first_pod_of_job(job).await?,
-                Some(("pod" | "pods", p)) => p.to_string(),
-                Some((kind, _)) => bail!("cannot get logs of {kind}: use a pod or job/NAME"),
-                None => pod,
-            };
-            let path = format!(
-                "/api/v1/namespaces/{}/pods/{pod}/log?{}",
-                ctx.ns,
-                q.join("&")
-            );
-            let resp = ctx.client.get_raw(&path).await?;
-            let mut s = resp.bytes_stream();
-            use std::io::Write;
-            while let Some(chunk) = s.next().await {
-                let chunk = chunk?;
-                std::io::stdout().write_all(&chunk)?;
-                std::io::stdout().flush()?;
-            }
-            Ok(())
-        }
+        } => ctx.logs(pod, container, follow, tail, previous).await,
         Command::ClusterInfo => {
             ctx.client.get_path("/version").await?;
             println!(
