@@ -137,7 +137,7 @@ impl Shared {
             c.started = true;
             c.ready = ready;
             c.container_id = id;
-            c.state = json!({"running": {"startedAt": started_at}});
+            c.state = running(started_at);
             if s.phase == "Pending" {
                 s.phase = "Running";
             }
@@ -221,7 +221,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
                     started: false,
                     restart_count: 0,
                     state: waiting("ContainerCreating", ""),
-                    last_state: Value::Null,
+                    last_state: None,
                 })
                 .collect(),
         }),
@@ -305,7 +305,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
             done = tasks.join_next(), if !tasks.is_empty() => {
                 if done.is_some() && tasks.is_empty() {
                     let codes: Vec<i64> = shared.status.lock().expect("status").containers.iter()
-                        .filter_map(|c| c.state.pointer("/terminated/exitCode").and_then(Value::as_i64)).collect();
+                        .filter_map(|c| c.state.terminated.as_ref().map(|t| i64::from(t.exit_code))).collect();
                     shared.update(|s| s.phase = if codes.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" });
                     trimmer.abort();
                     release(&ctx, &pod, placed.ip, placed.sandbox.as_ref()).await;

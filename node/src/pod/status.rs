@@ -1,6 +1,14 @@
 //! The pod's status as this worker records it, and its writing to the API: the record,
 //! the PodStatus built from it, and the writer that patches it whenever it changes.
 
+use k8s_openapi::api::core::v1::{
+    self as v1, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, PodCondition,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use skiff_api::conditions::Condition;
+use skiff_client::Patch;
+
 use super::*;
 
 #[derive(Debug, Clone)]
@@ -13,8 +21,8 @@ pub(super) struct ContainerStatus {
     pub(super) ready: bool,
     pub(super) started: bool,
     pub(super) restart_count: i64,
-    pub(super) state: Value,
-    pub(super) last_state: Value,
+    pub(super) state: ContainerState,
+    pub(super) last_state: Option<ContainerState>,
 }
 
 #[derive(Debug, Clone)]
@@ -51,7 +59,15 @@ impl PodStatus {
     }
 }
 
-pub(super) fn status_json(s: &PodStatus, node_ip: Ipv4Addr) -> Value {
+/// A time this worker recorded (`now()`, or the pod's own start time), as the API writes it.
+pub(super) fn time(s: &str) -> Time {
+    s.parse()
+        .map(Time)
+        .unwrap_or_else(|_| crate::agent::time_now())
+}
+
+/// The pod's status as the API shows it.
+pub(super) fn pod_status(s: &PodStatus, node_ip: Ipv4Addr) -> v1::PodStatus {
     let ready = s.ready();
     let since = if ready {
         s.ready_since
@@ -61,78 +77,115 @@ pub(super) fn status_json(s: &PodStatus, node_ip: Ipv4Addr) -> Value {
         s.not_ready_since.clone()
     };
     let r = if ready { "True" } else { "False" };
-    let mut conds = vec![
-        json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": s.start_time, "lastProbeTime": null}),
-        json!({"type": "Initialized", "status": "True", "lastTransitionTime": s.start_time, "lastProbeTime": null}),
-        json!({"type": "ContainersReady", "status": r, "lastTransitionTime": since, "lastProbeTime": null}),
-        json!({"type": "Ready", "status": r, "lastTransitionTime": since, "lastProbeTime": null}),
-    ];
-    if !ready {
-        for c in conds.iter_mut().skip(2) {
-            c["reason"] = json!(if s.phase == "Succeeded" {
-                "PodCompleted"
-            } else {
-                "ContainersNotReady"
-            });
-        }
+    let not_ready = match (ready, s.phase) {
+        (true, _) => "",
+        (false, "Succeeded") => "PodCompleted",
+        (false, _) => "ContainersNotReady",
+    };
+    let (started, since) = (time(&s.start_time), time(&since));
+    let conditions = [
+        ("PodScheduled", "True", "", &started),
+        ("Initialized", "True", "", &started),
+        ("ContainersReady", r, not_ready, &since),
+        ("Ready", r, not_ready, &since),
+    ]
+    .into_iter()
+    .map(|(ty, status, reason, at)| PodCondition {
+        // No probe behind these: a worker's observation, not a probe's.
+        last_probe_time: None,
+        ..PodCondition::new(ty, status, reason, "", at)
+    })
+    .collect();
+    let ip = |ip: Ipv4Addr| v1::HostIP { ip: ip.to_string() };
+    v1::PodStatus {
+        phase: Some(s.phase.to_string()),
+        host_ip: Some(node_ip.to_string()),
+        host_ips: Some(vec![ip(node_ip)]),
+        pod_ip: s.pod_ip.map(|i| i.to_string()),
+        pod_ips: s.pod_ip.map(|i| vec![v1::PodIP { ip: i.to_string() }]),
+        start_time: Some(started),
+        qos_class: Some("BestEffort".into()),
+        conditions: Some(conditions),
+        container_statuses: Some(s.containers.iter().map(container_status).collect()),
+        message: s.message.clone(),
+        reason: s.reason.clone(),
+        ..Default::default()
     }
-    let mut status = json!({
-        "phase": s.phase,
-        "hostIP": node_ip.to_string(),
-        "hostIPs": [{"ip": node_ip.to_string()}],
-        "startTime": s.start_time,
-        "qosClass": "BestEffort",
-        "conditions": conds,
-        "containerStatuses": s.containers.iter().map(|c| {
-            let mut v = json!({"name": c.name, "image": c.image, "imageID": c.image_id, "ready": c.ready, "started": c.started,
-                               "restartCount": c.restart_count, "state": c.state});
-            if !c.container_id.is_empty() {
-                v["containerID"] = json!(c.container_id);
-            }
-            if !c.last_state.is_null() {
-                v["lastState"] = c.last_state.clone();
-            }
-            v
-        }).collect::<Vec<_>>(),
-    });
-    if let Some(ip) = s.pod_ip {
-        status["podIP"] = json!(ip.to_string());
-        status["podIPs"] = json!([{"ip": ip.to_string()}]);
+}
+
+fn container_status(c: &ContainerStatus) -> v1::ContainerStatus {
+    v1::ContainerStatus {
+        name: c.name.clone(),
+        image: c.image.clone(),
+        image_id: c.image_id.clone(),
+        container_id: Some(c.container_id.clone()).filter(|id| !id.is_empty()),
+        ready: c.ready,
+        started: Some(c.started),
+        restart_count: c.restart_count as i32,
+        state: Some(c.state.clone()),
+        last_state: c.last_state.clone(),
+        ..Default::default()
     }
-    if let Some(m) = &s.message {
-        status["message"] = json!(m);
+}
+
+/// A container waiting: why, and what the reason is about.
+pub(super) fn waiting(reason: &str, message: &str) -> ContainerState {
+    ContainerState {
+        waiting: Some(ContainerStateWaiting {
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+        }),
+        ..Default::default()
     }
-    if let Some(r) = &s.reason {
-        status["reason"] = json!(r);
+}
+
+/// A container running since `started_at`.
+pub(super) fn running(started_at: &str) -> ContainerState {
+    ContainerState {
+        running: Some(ContainerStateRunning {
+            started_at: Some(time(started_at)),
+        }),
+        ..Default::default()
     }
-    status
+}
+
+/// A container that ended now with `exit_code`.
+pub(super) fn terminated(
+    exit_code: i64,
+    reason: &str,
+    started_at: Option<&str>,
+    container_id: Option<String>,
+) -> ContainerState {
+    ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: exit_code as i32,
+            reason: Some(reason.into()),
+            started_at: started_at.map(time),
+            finished_at: Some(time(&now())),
+            container_id,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Writes the status whenever it changes (coalescing bursts).
 pub(super) async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let pods = Resource::lookup("pods").expect("pods");
     let ns = meta::namespace(&shared.pod)
         .unwrap_or("default")
         .to_string();
     let name = meta::name(&shared.pod).to_string();
-    let mut last = Value::Null;
+    let mut last = None;
     loop {
-        let st = status_json(&shared.status.lock().expect("status"), shared.ctx.node_ip);
-        if st != last {
+        let st = pod_status(&shared.status.lock().expect("status"), shared.ctx.node_ip);
+        if last.as_ref() != Some(&st) {
             match shared
                 .ctx
                 .client
-                .patch_dyn(
-                    pods,
-                    Some(&ns),
-                    &name,
-                    Some("status"),
-                    "application/merge-patch+json",
-                    &json!({"status": st}),
-                )
+                .patch_status::<Pod>(Some(&ns), &name, &Patch::Merge(json!({"status": st})))
                 .await
             {
-                Ok(_) => last = st,
+                Ok(_) => last = Some(st),
                 Err(e) if e.code() == Some(404) => return,
                 Err(e) => {
                     tracing::debug!(pod = %name, error = %e, "status update failed; retrying");
@@ -149,13 +202,13 @@ pub(super) async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver
     }
 }
 
-pub(super) fn waiting(reason: &str, message: &str) -> Value {
-    json!({"waiting": {"reason": reason, "message": message}})
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn json(s: &PodStatus) -> Value {
+        serde_json::to_value(pod_status(s, Ipv4Addr::LOCALHOST)).unwrap()
+    }
 
     fn status(containers: Vec<ContainerStatus>) -> PodStatus {
         PodStatus {
@@ -179,8 +232,8 @@ mod tests {
             ready,
             started: true,
             restart_count: 0,
-            state: json!({}),
-            last_state: Value::Null,
+            state: ContainerState::default(),
+            last_state: None,
         }
     }
 
@@ -192,19 +245,19 @@ mod tests {
         s.change(|s| s.phase = "Running");
         s.change(|s| s.containers[0].ready = true);
         let since = s.ready_since.clone().expect("ready since");
-        let st = status_json(&s, Ipv4Addr::LOCALHOST);
+        let st = json(&s);
         assert_eq!(st["conditions"][3]["status"], "True");
         assert_eq!(st["conditions"][3]["lastTransitionTime"], json!(since));
         // Not ready again: the transition is recorded, and the status is stable.
         s.change(|s| s.containers[0].ready = false);
-        let st = status_json(&s, Ipv4Addr::LOCALHOST);
+        let st = json(&s);
         assert_eq!(st["conditions"][3]["status"], "False");
         assert_eq!(
             st["conditions"][3]["lastTransitionTime"],
             json!(s.not_ready_since)
         );
         assert_ne!(s.not_ready_since, "2026-01-01T00:00:00Z");
-        assert_eq!(st, status_json(&s, Ipv4Addr::LOCALHOST));
+        assert_eq!(st, json(&s));
     }
 
     #[test]
@@ -217,8 +270,8 @@ mod tests {
             ready,
             started: true,
             restart_count: 0,
-            state: json!({}),
-            last_state: Value::Null,
+            state: ContainerState::default(),
+            last_state: None,
         };
         let mut s = PodStatus {
             phase: "Running",
@@ -230,13 +283,10 @@ mod tests {
             message: None,
             reason: None,
         };
-        let st = status_json(&s, Ipv4Addr::LOCALHOST);
+        let st = json(&s);
         assert_eq!(st["conditions"][3]["status"], "False");
         assert_eq!(st["podIP"], "10.88.0.2");
         s.containers[1].ready = true;
-        assert_eq!(
-            status_json(&s, Ipv4Addr::LOCALHOST)["conditions"][3]["status"],
-            "True"
-        );
+        assert_eq!(json(&s)["conditions"][3]["status"], "True");
     }
 }

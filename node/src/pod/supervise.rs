@@ -346,7 +346,7 @@ impl HttpContainer {
                     self.shared.container(self.index, |c| {
                         c.ready = false;
                         c.restart_count += 1;
-                        c.last_state = json!({"terminated": {"exitCode": 137, "reason": "Error", "finishedAt": now()}});
+                        c.last_state = Some(terminated(137, "Error", None, None));
                     });
                     // Listening again may fail for a while: retried with backoff.
                     let mut backoff = Backoff::default();
@@ -536,8 +536,7 @@ pub(super) async fn restart_loop(
         let id = shared.status.lock().expect("status").containers[i]
             .container_id
             .clone();
-        let terminated = json!({"terminated": {"exitCode": code, "reason": end.reason,
-                                                "startedAt": end.started_at, "finishedAt": now(), "containerID": id}});
+        let ended = terminated(code, end.reason, Some(&end.started_at), Some(id));
         let again = match restart.as_str() {
             "Never" => false,
             "OnFailure" => code != 0,
@@ -546,7 +545,7 @@ pub(super) async fn restart_loop(
         if !again {
             shared.container(i, |c| {
                 c.ready = false;
-                c.state = terminated;
+                c.state = ended;
             });
             return;
         }
@@ -560,7 +559,7 @@ pub(super) async fn restart_loop(
             .await;
         shared.container(i, |c| {
             c.ready = false;
-            c.last_state = terminated;
+            c.last_state = Some(ended);
             c.restart_count += 1;
             c.state = waiting(
                 "CrashLoopBackOff",
