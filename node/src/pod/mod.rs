@@ -184,20 +184,53 @@ fn log_key(pod: &Value) -> String {
     )
 }
 
+/// The pod's life: set up and start its containers, run until stopped (or finished), stop.
 async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option<Duration>>) {
-    let name = meta::name(&pod).to_string();
     let containers: Vec<Value> = pod
         .pointer("/spec/containers")
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let pod_dir = pod_dir(&ctx.data_dir, &pod);
+    let shared = new_shared(&ctx, &pod, &containers);
+    // The containers stop on this, after the pod has left the services' rotation; the status
+    // writer too, so the pod's last status (not ready) is published while it drains.
+    let (stop_containers, containers_stop) = watch::channel(false);
+    let writer = tokio::spawn(status_writer(shared.clone(), containers_stop.clone()));
+    let Some(mut running) = start(&shared, &containers, containers_stop, &mut stop).await else {
+        writer.abort();
+        return;
+    };
+    let held = run_until_stopped(&shared, &mut running, &mut stop).await;
+    let grace = stop.borrow().unwrap_or_default();
+    if held {
+        leave_rotation(&shared, running.placed.ip, grace).await;
+    }
+    let _ = stop_containers.send(true);
+    stop_containers_of(&shared, &mut running, &containers).await;
+    if held {
+        let placed = &running.placed;
+        release(&ctx, &pod, placed.ip, placed.sandbox.as_ref()).await;
+    }
+    writer.abort();
+    forget_logs(&ctx, &pod);
+}
+
+/// What a started pod holds: its place on the node, its container tasks, its log trimmer.
+struct Running {
+    placed: Arc<Placed>,
+    tasks: tokio::task::JoinSet<()>,
+    trimmer: tokio::task::JoinHandle<()>,
+}
+
+/// The worker's shared state for a pod that has not started: Pending, every container
+/// creating.
+fn new_shared(ctx: &Arc<NodeContext>, pod: &Value, containers: &[Value]) -> Arc<Shared> {
     let start_time = pod
         .pointer("/status/startTime")
         .and_then(Value::as_str)
         .map(String::from)
         .unwrap_or_else(now);
-    let shared = Arc::new(Shared {
+    Arc::new(Shared {
         ctx: ctx.clone(),
         pod: pod.clone(),
         changed: Notify::new(),
@@ -225,35 +258,32 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
                 })
                 .collect(),
         }),
-    });
-    // The containers stop on this, after the pod has left the services' rotation; the status
-    // writer too, so the pod's last status (not ready) is published while it drains.
-    let (stop_containers, containers_stop) = watch::channel(false);
-    let writer = tokio::spawn(status_writer(shared.clone(), containers_stop.clone()));
+    })
+}
 
+/// Pulls the images, places the pod and starts a task per container. None when the pod was
+/// stopped first.
+async fn start(
+    shared: &Arc<Shared>,
+    containers: &[Value],
+    containers_stop: watch::Receiver<bool>,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> Option<Running> {
+    let (ctx, pod) = (&shared.ctx, &shared.pod);
     // Images first: whether any container is an OCI image decides where the pod lives.
     let mut pulled = Vec::new();
     for (i, c) in containers.iter().enumerate() {
-        match prepare(&shared, i, c, &mut stop).await {
-            Some(p) => pulled.push(p),
-            None => {
-                writer.abort();
-                return;
-            }
-        }
+        pulled.push(prepare(shared, i, c, stop).await?);
     }
     // A pod with an OCI container gets a network namespace on the bridge, and its wasm
     // containers listen inside it; a wasm-only pod's address goes on the node itself.
     let sandboxed = pulled.iter().any(|p| matches!(p, Pulled::Oci(_)));
-    let Some(placed) = place(&shared, &pod_dir, sandboxed, &mut stop).await else {
-        writer.abort();
-        return;
-    };
-    let placed = Arc::new(placed);
+    let pod_dir = pod_dir(&ctx.data_dir, pod);
+    let placed = Arc::new(place(shared, &pod_dir, sandboxed, stop).await?);
     ctx.logs.lock().expect("logs").insert(
-        log_key(&pod),
+        log_key(pod),
         PodEntry {
-            uid: meta::uid(&pod).to_string(),
+            uid: meta::uid(pod).to_string(),
             logs: placed.logs.clone(),
             containers: containers
                 .iter()
@@ -295,54 +325,71 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
             }
         }
     });
-    // Commands finish on their own (Succeeded / Failed); servers run until the pod is stopped.
-    // A finished pod gives back its address and network at once, and is never run again; its
-    // logs stay while the pod object exists.
+    Some(Running {
+        placed,
+        tasks,
+        trimmer,
+    })
+}
+
+/// Runs until the pod is stopped. Commands finish on their own (Succeeded / Failed); servers
+/// run until the pod is stopped. A finished pod gives back its address and network at once,
+/// and is never run again; its logs stay while the pod object exists. True while the pod
+/// still holds its place.
+async fn run_until_stopped(
+    shared: &Shared,
+    running: &mut Running,
+    stop: &mut watch::Receiver<Option<Duration>>,
+) -> bool {
     let mut held = true;
     loop {
         tokio::select! {
-            _ = stop.changed() => break,
-            done = tasks.join_next(), if !tasks.is_empty() => {
-                if done.is_some() && tasks.is_empty() {
+            _ = stop.changed() => return held,
+            done = running.tasks.join_next(), if !running.tasks.is_empty() => {
+                if done.is_some() && running.tasks.is_empty() {
                     let codes: Vec<i64> = shared.status.lock().expect("status").containers.iter()
                         .filter_map(|c| c.state.terminated.as_ref().map(|t| i64::from(t.exit_code))).collect();
                     shared.update(|s| s.phase = if codes.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" });
-                    trimmer.abort();
-                    release(&ctx, &pod, placed.ip, placed.sandbox.as_ref()).await;
+                    running.trimmer.abort();
+                    let placed = &running.placed;
+                    release(&shared.ctx, &shared.pod, placed.ip, placed.sandbox.as_ref()).await;
                     held = false;
                 }
             }
         }
     }
-    let grace = stop.borrow().unwrap_or_default();
-    if held {
-        // Out of rotation first: not ready, then wait until no service routes here.
-        let began = Instant::now();
-        shared.update(|s| {
-            for c in s.containers.iter_mut() {
-                c.ready = false;
-            }
-        });
-        if let Some(proxy) = &ctx.proxy {
-            if !proxy
-                .drain(std::net::IpAddr::V4(placed.ip), grace.min(DRAIN_MAX))
-                .await
-            {
-                tracing::debug!(pod = %name, "pod still routed when its grace period ran out");
-            }
+}
+
+/// Takes the pod out of rotation: not ready, then waits until no service routes to `ip`.
+/// What is left of `grace` is the containers' to stop in.
+async fn leave_rotation(shared: &Shared, ip: Ipv4Addr, grace: Duration) {
+    let began = Instant::now();
+    shared.update(|s| {
+        for c in s.containers.iter_mut() {
+            c.ready = false;
         }
-        // What is left of the grace period is the containers' to stop in.
-        *shared.grace.lock().expect("grace") = grace.saturating_sub(began.elapsed()).min(TERM_MAX);
+    });
+    if let Some(proxy) = &shared.ctx.proxy {
+        if !proxy
+            .drain(std::net::IpAddr::V4(ip), grace.min(DRAIN_MAX))
+            .await
+        {
+            let pod = meta::name(&shared.pod);
+            tracing::debug!(%pod, "pod still routed when its grace period ran out");
+        }
     }
-    let _ = stop_containers.send(true);
+    *shared.grace.lock().expect("grace") = grace.saturating_sub(began.elapsed()).min(TERM_MAX);
+}
+
+/// Waits for the containers, told to stop, to end. They end within what is left of the grace
+/// period (TERM, then KILL) and a little more; whatever does not is ended here.
+async fn stop_containers_of(shared: &Shared, running: &mut Running, containers: &[Value]) {
+    let tasks = &mut running.tasks;
     if !tasks.is_empty() {
         shared
             .event("Normal", "Killing", "Stopping the pod's containers")
             .await;
     }
-    // Containers see `stop` and end within what is left of the grace period (TERM, then
-    // KILL) and a little more; whatever does not is ended here. Either way the pod gives back
-    // everything it holds.
     let left = *shared.grace.lock().expect("grace");
     if tokio::time::timeout(left + 2 * STOP_MAX, async {
         while tasks.join_next().await.is_some() {}
@@ -350,16 +397,12 @@ async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option
     .await
     .is_err()
     {
-        tracing::warn!(pod = %name, "containers did not stop in time; removing them");
+        let pod = meta::name(&shared.pod);
+        tracing::warn!(%pod, "containers did not stop in time; removing them");
         tasks.shutdown().await;
-        force_remove(&ctx, &pod, &containers, placed.ip).await;
+        force_remove(&shared.ctx, &shared.pod, containers, running.placed.ip).await;
     }
-    trimmer.abort();
-    if held {
-        release(&ctx, &pod, placed.ip, placed.sandbox.as_ref()).await;
-    }
-    writer.abort();
-    forget_logs(&ctx, &pod);
+    running.trimmer.abort();
 }
 
 /// A pod object as the API handed it over, in its k8s-openapi type (the API validated it, so
