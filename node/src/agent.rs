@@ -832,8 +832,9 @@ impl Pods {
                 finish_deletion(&ctx, &pod).await;
             }
             tracing::info!(pod = %meta::name(&pod), took = ?began.elapsed(), "pod stopped");
-            crate::pod::forget_logs(&ctx, &pod);
-            remove_pod_dir(&crate::pod::pod_dir(&ctx.data_dir, &pod));
+            let pod = pod::typed(&pod);
+            pod::forget_logs(&ctx, &pod);
+            remove_pod_dir(&pod::pod_dir(&ctx.data_dir, &pod));
         });
         self.stopping.insert(uid, h);
     }
@@ -844,7 +845,7 @@ impl Pods {
         let running = self.workers.contains_key(&uid);
         match decide(&pod, running, self.stopping.contains_key(&uid)) {
             Action::Start => {
-                let w = PodWorker::start(ctx.clone(), pod.clone());
+                let w = PodWorker::start(ctx.clone(), pod::typed(&pod));
                 self.workers.insert(uid, (w, pod));
             }
             Action::Update => {
@@ -854,7 +855,7 @@ impl Pods {
             }
             Action::Delete(grace) => self.stop(ctx, &pod, grace, true),
             Action::Ignore if !running && !self.stopping.contains_key(&uid) => {
-                crate::pod::keep_logs(ctx, &pod);
+                pod::keep_logs(ctx, &pod::typed(&pod));
             }
             Action::Ignore => {}
         }
@@ -1245,10 +1246,13 @@ mod tests {
         let keep = pod("u-keep", "Running", None);
         let gone = pod("u-gone", "Running", None);
         for p in [&keep, &gone] {
-            std::fs::create_dir_all(crate::pod::pod_dir(d.path(), p).join("volumes/data")).unwrap();
+            std::fs::create_dir_all(
+                crate::pod::pod_dir(d.path(), &pod::typed(p)).join("volumes/data"),
+            )
+            .unwrap();
         }
         sweep_pod_dirs(d.path(), &HashSet::from(["u-keep".to_string()]));
-        assert!(crate::pod::pod_dir(d.path(), &keep).exists());
-        assert!(!crate::pod::pod_dir(d.path(), &gone).exists());
+        assert!(crate::pod::pod_dir(d.path(), &pod::typed(&keep)).exists());
+        assert!(!crate::pod::pod_dir(d.path(), &pod::typed(&gone)).exists());
     }
 }

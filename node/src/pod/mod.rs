@@ -14,9 +14,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{json, Value};
-use skiff_api::{meta, quantity, Resource};
+use skiff_api::{quantity, Resource};
 use skiff_client::Client;
 use skiff_wasm::artifact::{self, BlobCache, ImageIndex, Resolved};
 use skiff_wasm::{GuestConfig, HttpServer, Kind, Preopen, Program, Runtime};
@@ -93,9 +93,9 @@ pub struct PodWorker {
 }
 
 impl PodWorker {
-    pub fn start(ctx: Arc<NodeContext>, pod: Value) -> PodWorker {
+    pub fn start(ctx: Arc<NodeContext>, pod: Pod) -> PodWorker {
         let (stop, rx) = watch::channel(None);
-        let uid = meta::uid(&pod).to_string();
+        let uid = uid_of(&pod).to_string();
         let task = tokio::spawn(run(ctx, pod, rx));
         PodWorker { uid, stop, task }
     }
@@ -117,7 +117,7 @@ impl PodWorker {
 
 struct Shared {
     ctx: Arc<NodeContext>,
-    pod: Value,
+    pod: Pod,
     status: Mutex<PodStatus>,
     changed: Notify,
     /// How long the containers have between TERM and KILL when the pod stops.
@@ -156,11 +156,15 @@ impl Shared {
 
     fn post_event(&self, ty: &str, reason: &str, message: &str) {
         let events = Resource::lookup("events").expect("events");
-        let ns = meta::namespace(&self.pod).unwrap_or("default").to_string();
+        let (ns, name, uid) = (
+            ns_of(&self.pod).to_string(),
+            name_of(&self.pod),
+            uid_of(&self.pod),
+        );
         let ts = now();
         let ev = json!({
-            "metadata": {"name": format!("{}.{:x}", meta::name(&self.pod), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)), "namespace": ns},
-            "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": meta::name(&self.pod), "namespace": ns, "uid": meta::uid(&self.pod)},
+            "metadata": {"name": format!("{name}.{:x}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)), "namespace": ns},
+            "involvedObject": {"kind": "Pod", "apiVersion": "v1", "name": name, "namespace": ns, "uid": uid},
             "reason": reason, "message": message, "type": ty,
             "source": {"component": "skiff-agent", "host": self.ctx.node_name},
             "reportingComponent": "skiff-agent", "reportingInstance": self.ctx.node_name,
@@ -176,20 +180,31 @@ impl Shared {
 }
 
 /// The log index key of a pod.
-fn log_key(pod: &Value) -> String {
-    format!(
-        "{}/{}",
-        meta::namespace(pod).unwrap_or("default"),
-        meta::name(pod)
-    )
+fn log_key(pod: &Pod) -> String {
+    format!("{}/{}", ns_of(pod), name_of(pod))
+}
+
+/// A pod's namespace ("default" when it has none).
+pub(crate) fn ns_of(pod: &Pod) -> &str {
+    pod.metadata.namespace.as_deref().unwrap_or("default")
+}
+
+/// A pod's name ("" when it has none).
+pub(crate) fn name_of(pod: &Pod) -> &str {
+    pod.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// A pod's uid ("" when it has none).
+pub(crate) fn uid_of(pod: &Pod) -> &str {
+    pod.metadata.uid.as_deref().unwrap_or_default()
 }
 
 /// The pod's life: set up and start its containers, run until stopped (or finished), stop.
-async fn run(ctx: Arc<NodeContext>, pod: Value, mut stop: watch::Receiver<Option<Duration>>) {
-    let containers: Vec<Value> = pod
-        .pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .cloned()
+async fn run(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receiver<Option<Duration>>) {
+    let containers: Vec<Container> = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.clone())
         .unwrap_or_default();
     let shared = new_shared(&ctx, &pod, &containers);
     // The containers stop on this, after the pod has left the services' rotation; the status
@@ -224,11 +239,12 @@ struct Running {
 
 /// The worker's shared state for a pod that has not started: Pending, every container
 /// creating.
-fn new_shared(ctx: &Arc<NodeContext>, pod: &Value, containers: &[Value]) -> Arc<Shared> {
+fn new_shared(ctx: &Arc<NodeContext>, pod: &Pod, containers: &[Container]) -> Arc<Shared> {
     let start_time = pod
-        .pointer("/status/startTime")
-        .and_then(Value::as_str)
-        .map(String::from)
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .map(|t| t.0.to_string())
         .unwrap_or_else(now);
     Arc::new(Shared {
         ctx: ctx.clone(),
@@ -246,8 +262,8 @@ fn new_shared(ctx: &Arc<NodeContext>, pod: &Value, containers: &[Value]) -> Arc<
             containers: containers
                 .iter()
                 .map(|c| ContainerStatus {
-                    name: c["name"].as_str().unwrap_or("").into(),
-                    image: c["image"].as_str().unwrap_or("").into(),
+                    name: c.name.clone(),
+                    image: c.image.clone().unwrap_or_default(),
                     image_id: String::new(),
                     container_id: String::new(),
                     ready: false,
@@ -265,7 +281,7 @@ fn new_shared(ctx: &Arc<NodeContext>, pod: &Value, containers: &[Value]) -> Arc<
 /// stopped first.
 async fn start(
     shared: &Arc<Shared>,
-    containers: &[Value],
+    containers: &[Container],
     containers_stop: watch::Receiver<bool>,
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Option<Running> {
@@ -283,12 +299,9 @@ async fn start(
     ctx.logs.lock().expect("logs").insert(
         log_key(pod),
         PodEntry {
-            uid: meta::uid(pod).to_string(),
+            uid: uid_of(pod).to_string(),
             logs: placed.logs.clone(),
-            containers: containers
-                .iter()
-                .filter_map(|c| c["name"].as_str().map(String::from))
-                .collect(),
+            containers: containers.iter().map(|c| c.name.clone()).collect(),
             oci: vec![],
         },
     );
@@ -299,10 +312,10 @@ async fn start(
     // commands and OCI containers under their restart policy, HTTP components under their
     // probes.
     let restart = pod
-        .pointer("/spec/restartPolicy")
-        .and_then(Value::as_str)
-        .unwrap_or("Always")
-        .to_string();
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.clone())
+        .unwrap_or_else(|| "Always".into());
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (c, p)) in containers.iter().zip(pulled).enumerate() {
         tasks.spawn(container_task(
@@ -374,7 +387,7 @@ async fn leave_rotation(shared: &Shared, ip: Ipv4Addr, grace: Duration) {
             .drain(std::net::IpAddr::V4(ip), grace.min(DRAIN_MAX))
             .await
         {
-            let pod = meta::name(&shared.pod);
+            let pod = name_of(&shared.pod);
             tracing::debug!(%pod, "pod still routed when its grace period ran out");
         }
     }
@@ -383,7 +396,7 @@ async fn leave_rotation(shared: &Shared, ip: Ipv4Addr, grace: Duration) {
 
 /// Waits for the containers, told to stop, to end. They end within what is left of the grace
 /// period (TERM, then KILL) and a little more; whatever does not is ended here.
-async fn stop_containers_of(shared: &Shared, running: &mut Running, containers: &[Value]) {
+async fn stop_containers_of(shared: &Shared, running: &mut Running, containers: &[Container]) {
     let tasks = &mut running.tasks;
     if !tasks.is_empty() {
         shared
@@ -397,7 +410,7 @@ async fn stop_containers_of(shared: &Shared, running: &mut Running, containers: 
     .await
     .is_err()
     {
-        let pod = meta::name(&shared.pod);
+        let pod = name_of(&shared.pod);
         tracing::warn!(%pod, "containers did not stop in time; removing them");
         tasks.shutdown().await;
         force_remove(&shared.ctx, &shared.pod, containers, running.placed.ip).await;

@@ -1,58 +1,59 @@
 //! Setting a pod up and tearing it down: images pulled, volumes and config files made, the
 //! pod placed on the node (address, sandbox, files) and released.
 
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Volume};
+
 use super::*;
 
 /// The pod's host name: `spec.hostname` when set (an Indexed Job's `JOB-INDEX`), else its
 /// name, as the kubelet gives it.
-pub fn hostname(pod: &Value) -> &str {
-    pod.pointer("/spec/hostname")
-        .and_then(Value::as_str)
+pub fn hostname(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.hostname.as_deref())
         .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| meta::name(pod))
+        .unwrap_or_else(|| name_of(pod))
 }
 
 /// Environment of a container: its `env` (values and field references) and HOSTNAME.
 pub fn container_env(
-    pod: &Value,
-    container: &Value,
+    pod: &Pod,
+    container: &Container,
     pod_ip: Option<Ipv4Addr>,
     node_name: &str,
 ) -> Vec<(String, String)> {
     let mut env = vec![("HOSTNAME".to_string(), hostname(pod).to_string())];
-    for e in container
-        .get("env")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let name = e["name"].as_str().unwrap_or("").to_string();
-        let value = if let Some(v) = e.get("value").and_then(Value::as_str) {
-            v.to_string()
-        } else if let Some(path) = e
-            .pointer("/valueFrom/fieldRef/fieldPath")
-            .and_then(Value::as_str)
-        {
+    for e in container.env.iter().flatten() {
+        let field = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        let value = if let Some(v) = &e.value {
+            v.clone()
+        } else if let Some(path) = field {
             match path {
-                "metadata.name" => meta::name(pod).to_string(),
-                "metadata.namespace" => meta::namespace(pod).unwrap_or("default").to_string(),
-                "metadata.uid" => meta::uid(pod).to_string(),
+                "metadata.name" => name_of(pod).to_string(),
+                "metadata.namespace" => ns_of(pod).to_string(),
+                "metadata.uid" => uid_of(pod).to_string(),
                 "status.podIP" => pod_ip.map(|i| i.to_string()).unwrap_or_default(),
                 "spec.nodeName" => node_name.to_string(),
                 "status.hostIP" => String::new(),
-                p => {
-                    let ptr = format!("/{}", p.replace('.', "/"));
-                    pod.pointer(&ptr)
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string()
-                }
+                // Any other field path, known only at run time: read from the pod's JSON.
+                p => serde_json::to_value(pod)
+                    .ok()
+                    .and_then(|v| {
+                        v.pointer(&format!("/{}", p.replace('.', "/")))
+                            .and_then(Value::as_str)
+                            .map(String::from)
+                    })
+                    .unwrap_or_default(),
             }
         } else {
             String::new()
         };
-        env.retain(|(k, _)| *k != name);
-        env.push((name, value));
+        env.retain(|(k, _)| *k != e.name);
+        env.push((e.name.clone(), value));
     }
     env
 }
@@ -197,14 +198,14 @@ pub(super) async fn pull_oci(
 pub(super) async fn prepare(
     shared: &Shared,
     i: usize,
-    container: &Value,
+    container: &Container,
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Option<Pulled> {
-    let image = container["image"].as_str().unwrap_or("").to_string();
-    let policy = container["imagePullPolicy"]
-        .as_str()
-        .unwrap_or("IfNotPresent")
-        .to_string();
+    let image = container.image.clone().unwrap_or_default();
+    let policy = container
+        .image_pull_policy
+        .clone()
+        .unwrap_or_else(|| "IfNotPresent".into());
     let mut backoff = Backoff::default();
     loop {
         match pull(shared, i, &image, &policy).await {
@@ -240,12 +241,9 @@ pub(super) async fn prepare(
     }
 }
 
-pub(super) fn memory_limit(container: &Value) -> Option<usize> {
-    container
-        .pointer("/resources/limits/memory")
-        .and_then(Value::as_str)
-        .and_then(quantity::bytes)
-        .map(|b| b as usize)
+pub(super) fn memory_limit(container: &Container) -> Option<usize> {
+    let limits = container.resources.as_ref()?.limits.as_ref()?;
+    quantity::bytes(&limits.get("memory")?.0).map(|b| b as usize)
 }
 
 /// The container's volume mounts as WASI preopens: `emptyDir` (a directory of the pod's),
@@ -253,87 +251,86 @@ pub(super) fn memory_limit(container: &Value) -> Option<usize> {
 /// `persistentVolumeClaim` (`DATA/storage/VOLUME` once the claim is bound).
 pub(super) async fn volumes(
     shared: &Shared,
-    container: &Value,
+    container: &Container,
     pod_dir: &std::path::Path,
 ) -> Result<Vec<Preopen>, String> {
     let vols = shared
         .pod
-        .pointer("/spec/volumes")
-        .and_then(Value::as_array)
-        .cloned()
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
         .unwrap_or_default();
     let mut out = Vec::new();
-    for m in container
-        .get("volumeMounts")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let Some(v) = vols.iter().find(|v| v["name"] == m["name"]) else {
+    for m in container.volume_mounts.iter().flatten() {
+        let Some(v) = vols.iter().find(|v| v.name == m.name) else {
             continue;
         };
-        let vname = v["name"].as_str().unwrap_or("v");
-        let mut read_only = m["readOnly"] == true;
-        let host = if let Some(p) = v.pointer("/hostPath/path").and_then(Value::as_str) {
-            std::path::PathBuf::from(p)
-        } else if v.get("emptyDir").is_some() {
-            let d = pod_dir.join("volumes").join(vname);
-            std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
-            d
-        } else if let Some(cm) = v.pointer("/configMap/name").and_then(Value::as_str) {
-            let cms = Resource::lookup("configmaps").expect("configmaps");
-            let ns = meta::namespace(&shared.pod).unwrap_or("default");
-            let obj = shared
-                .ctx
-                .client
-                .get_dyn(cms, Some(ns), cm)
-                .await
-                .map_err(|e| format!("configmap {cm}: {e}"))?;
-            let d = pod_dir.join("volumes").join(vname);
-            std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
-            for (k, val) in obj["data"].as_object().into_iter().flatten() {
-                std::fs::write(d.join(k), val.as_str().unwrap_or(""))
-                    .map_err(|e| format!("volume {vname}: {e}"))?;
-            }
-            read_only = true;
-            d
-        } else if let Some(claim) = v
-            .pointer("/persistentVolumeClaim/claimName")
-            .and_then(Value::as_str)
-        {
-            // The claim's volume lives in the node's data directory under the volume's
-            // name; it is used once the claim is bound (to a volume on this node).
-            let pvcs = Resource::lookup("persistentvolumeclaims").expect("pvcs");
-            let ns = meta::namespace(&shared.pod).unwrap_or("default");
-            let obj = shared
-                .ctx
-                .client
-                .get_dyn(pvcs, Some(ns), claim)
-                .await
-                .map_err(|e| format!("persistentvolumeclaim {claim}: {e}"))?;
-            let volume = obj
-                .pointer("/spec/volumeName")
-                .and_then(Value::as_str)
-                .filter(|v| !v.is_empty() && !v.contains('/') && !v.starts_with('.'))
-                .ok_or_else(|| format!("persistentvolumeclaim {claim} is not bound yet"))?;
-            let d = shared.ctx.data_dir.join("storage").join(volume);
-            std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
-            if v.pointer("/persistentVolumeClaim/readOnly") == Some(&Value::Bool(true)) {
-                read_only = true;
-            }
-            d
-        } else {
-            return Err(format!(
-                "volume {vname}: only emptyDir, hostPath, configMap and persistentVolumeClaim volumes are supported"
-            ));
-        };
+        let mut read_only = m.read_only == Some(true);
+        let host = volume_dir(shared, v, pod_dir, &mut read_only).await?;
         out.push(Preopen {
             host,
-            guest: m["mountPath"].as_str().unwrap_or("/").to_string(),
+            guest: m.mount_path.clone(),
             read_only,
         });
     }
     Ok(out)
+}
+
+/// Where volume `v` lives on the node, made ready; `read_only` is set for what must be.
+async fn volume_dir(
+    shared: &Shared,
+    v: &Volume,
+    pod_dir: &std::path::Path,
+    read_only: &mut bool,
+) -> Result<std::path::PathBuf, String> {
+    let vname = v.name.as_str();
+    let ns = ns_of(&shared.pod);
+    if let Some(p) = &v.host_path {
+        Ok(std::path::PathBuf::from(&p.path))
+    } else if v.empty_dir.is_some() {
+        let d = pod_dir.join("volumes").join(vname);
+        std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
+        Ok(d)
+    } else if let Some(cm) = v.config_map.as_ref().map(|c| c.name.as_str()) {
+        let obj = shared
+            .ctx
+            .client
+            .get::<ConfigMap>(Some(ns), cm)
+            .await
+            .map_err(|e| format!("configmap {cm}: {e}"))?;
+        let d = pod_dir.join("volumes").join(vname);
+        std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
+        for (k, val) in obj.data.iter().flatten() {
+            std::fs::write(d.join(k), val).map_err(|e| format!("volume {vname}: {e}"))?;
+        }
+        *read_only = true;
+        Ok(d)
+    } else if let Some(pvc) = &v.persistent_volume_claim {
+        // The claim's volume lives in the node's data directory under the volume's
+        // name; it is used once the claim is bound (to a volume on this node).
+        let claim = pvc.claim_name.as_str();
+        let obj = shared
+            .ctx
+            .client
+            .get::<PersistentVolumeClaim>(Some(ns), claim)
+            .await
+            .map_err(|e| format!("persistentvolumeclaim {claim}: {e}"))?;
+        let volume = obj
+            .spec
+            .and_then(|s| s.volume_name)
+            .filter(|v| !v.is_empty() && !v.contains('/') && !v.starts_with('.'))
+            .ok_or_else(|| format!("persistentvolumeclaim {claim} is not bound yet"))?;
+        let d = shared.ctx.data_dir.join("storage").join(volume);
+        std::fs::create_dir_all(&d).map_err(|e| format!("volume {vname}: {e}"))?;
+        if pvc.read_only == Some(true) {
+            *read_only = true;
+        }
+        Ok(d)
+    } else {
+        Err(format!(
+            "volume {vname}: only emptyDir, hostPath, configMap and persistentVolumeClaim volumes are supported"
+        ))
+    }
 }
 
 /// What a pod holds once it is placed on the node: its address, its network namespace (when
@@ -348,21 +345,22 @@ pub(super) struct Placed {
 
 /// Serves the logs a finished pod left, when the agent restarted since: its worker is not
 /// started again, and its logs stay readable while the pod exists.
-pub fn keep_logs(ctx: &NodeContext, pod: &Value) {
+pub fn keep_logs(ctx: &NodeContext, pod: &Pod) {
     let dir = pod_dir(&ctx.data_dir, pod).join("logs");
     if !dir.is_dir() {
         return;
     }
-    let containers = typed(pod)
+    let containers = pod
         .spec
-        .map(|s| s.containers.into_iter().map(|c| c.name).collect())
-        .unwrap_or_default();
+        .iter()
+        .flat_map(|s| s.containers.iter().map(|c| c.name.clone()))
+        .collect();
     ctx.logs
         .lock()
         .expect("logs")
         .entry(log_key(pod))
         .or_insert_with(|| PodEntry {
-            uid: meta::uid(pod).to_string(),
+            uid: uid_of(pod).to_string(),
             logs: PodLogs { dir },
             containers,
             oci: vec![],
@@ -370,11 +368,11 @@ pub fn keep_logs(ctx: &NodeContext, pod: &Value) {
 }
 
 /// Stops serving the pod's logs (not those of a newer pod of the same name).
-pub fn forget_logs(ctx: &NodeContext, pod: &Value) {
+pub fn forget_logs(ctx: &NodeContext, pod: &Pod) {
     let mut logs = ctx.logs.lock().expect("logs");
     if logs
         .get(&log_key(pod))
-        .is_some_and(|e| e.uid == meta::uid(pod))
+        .is_some_and(|e| e.uid == uid_of(pod))
     {
         logs.remove(&log_key(pod));
     }
@@ -382,13 +380,10 @@ pub fn forget_logs(ctx: &NodeContext, pod: &Value) {
 
 /// The directory of a pod's files on the node: logs, emptyDir volumes, ConfigMap copies,
 /// /etc files. Named `NAMESPACE_NAME_UID`.
-pub fn pod_dir(data_dir: &std::path::Path, pod: &Value) -> std::path::PathBuf {
-    data_dir.join("pods").join(format!(
-        "{}_{}_{}",
-        meta::namespace(pod).unwrap_or("default"),
-        meta::name(pod),
-        meta::uid(pod)
-    ))
+pub fn pod_dir(data_dir: &std::path::Path, pod: &Pod) -> std::path::PathBuf {
+    data_dir
+        .join("pods")
+        .join(format!("{}_{}_{}", ns_of(pod), name_of(pod), uid_of(pod)))
 }
 
 /// The pod UID a pod directory belongs to (see [`pod_dir`]).
@@ -405,9 +400,11 @@ pub(super) async fn place(
     sandboxed: bool,
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Option<Placed> {
-    let want = typed(&shared.pod)
+    let want = shared
+        .pod
         .status
-        .and_then(|s| s.pod_ip)
+        .as_ref()
+        .and_then(|s| s.pod_ip.as_deref())
         .and_then(|s| s.parse().ok());
     let mut backoff = Backoff::default();
     loop {
@@ -432,7 +429,7 @@ pub(super) async fn place(
 
 pub(super) async fn try_place(
     ctx: &NodeContext,
-    pod: &Value,
+    pod: &Pod,
     pod_dir: &std::path::Path,
     want: Option<Ipv4Addr>,
     sandboxed: bool,
@@ -460,14 +457,9 @@ pub(super) async fn try_place(
 
 /// Gives back the pod's network: its namespace unplugged and deleted, its address off the
 /// node and free for another pod.
-pub(super) async fn release(
-    ctx: &NodeContext,
-    pod: &Value,
-    ip: Ipv4Addr,
-    sandbox: Option<&Sandbox>,
-) {
+pub(super) async fn release(ctx: &NodeContext, pod: &Pod, ip: Ipv4Addr, sandbox: Option<&Sandbox>) {
     if let (Some(sb), Some(oci)) = (sandbox, &ctx.oci) {
-        oci.cni.teardown(sb, meta::uid(pod)).await;
+        oci.cni.teardown(sb, uid_of(pod)).await;
     }
     ctx.net.release(ip);
 }
@@ -476,13 +468,13 @@ pub(super) async fn release(
 /// filesystems, and the listeners the proxy serves in-process.
 pub(super) async fn force_remove(
     ctx: &NodeContext,
-    pod: &Value,
-    containers: &[Value],
+    pod: &Pod,
+    containers: &[Container],
     ip: Ipv4Addr,
 ) {
     for c in containers {
         if let Some(oci) = &ctx.oci {
-            let id = oci::container_id(meta::uid(pod), c["name"].as_str().unwrap_or(""));
+            let id = oci::container_id(uid_of(pod), &c.name);
             if let Err(e) = oci.runc.delete(&id).await {
                 tracing::warn!(container = %id, error = %e, "runc delete");
             }
@@ -499,7 +491,7 @@ pub(super) async fn force_remove(
 /// message and what was made so far.
 pub(super) async fn pod_network(
     ctx: &NodeContext,
-    pod: &Value,
+    pod: &Pod,
     pod_dir: &std::path::Path,
     ip: Ipv4Addr,
     sandboxed: bool,
@@ -516,10 +508,10 @@ pub(super) async fn pod_network(
         .expect("OCI images are only pulled with an OCI runtime");
     let sandbox = oci
         .cni
-        .setup(meta::uid(pod), ip, oci::host_ports(pod))
+        .setup(uid_of(pod), ip, oci::host_ports(pod))
         .await
         .map_err(|e| (format!("cannot create the pod's network: {e}"), None))?;
-    let ns = meta::namespace(pod).unwrap_or("default");
+    let ns = ns_of(pod);
     match oci::pod_files(pod_dir, hostname(pod), ns, ip, ctx.cluster_dns(ns)) {
         Ok(files) => Ok((Some(sandbox), files)),
         Err(e) => Err((
@@ -556,17 +548,23 @@ pub(super) fn resolver(
 mod tests {
     use super::*;
 
+    fn typed_spec(v: Value) -> k8s_openapi::api::core::v1::PodSpec {
+        serde_json::from_value(v).unwrap()
+    }
+
     #[test]
     fn env_from_values_and_field_refs() {
         let pod = json!({"metadata": {"name": "web-1", "namespace": "shop", "uid": "u1"}});
-        let c = json!({"env": [{"name": "A", "value": "1"}, {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        let pod = typed(&pod);
+        let c = json!({"name": "c", "env": [{"name": "A", "value": "1"}, {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                                {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
                                {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]});
+        let c: Container = serde_json::from_value(c).unwrap();
         let env = container_env(&pod, &c, Some(Ipv4Addr::new(10, 88, 0, 9)), "n1");
         let get = |k: &str| env.iter().find(|(a, _)| a == k).map(|(_, v)| v.as_str());
         assert_eq!(get("HOSTNAME"), Some("web-1"));
         let mut indexed = pod.clone();
-        indexed["spec"] = json!({"hostname": "sq-3"});
+        indexed.spec = Some(typed_spec(json!({"containers": [], "hostname": "sq-3"})));
         let env = container_env(&indexed, &c, None, "n1");
         assert!(env.contains(&("HOSTNAME".to_string(), "sq-3".to_string())));
         assert_eq!(get("A"), Some("1"));

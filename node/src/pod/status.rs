@@ -171,10 +171,8 @@ pub(super) fn terminated(
 
 /// Writes the status whenever it changes (coalescing bursts).
 pub(super) async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    let ns = meta::namespace(&shared.pod)
-        .unwrap_or("default")
-        .to_string();
-    let name = meta::name(&shared.pod).to_string();
+    let ns = ns_of(&shared.pod).to_string();
+    let name = name_of(&shared.pod).to_string();
     let mut last = None;
     loop {
         let st = pod_status(&shared.status.lock().expect("status"), shared.ctx.node_ip);

@@ -17,14 +17,12 @@ pub(super) async fn stopped_within(
 }
 
 /// The ports a wasi:http container is served on (8080 when it declares none).
-pub(super) fn http_ports(c: &Value) -> Vec<u16> {
+pub(super) fn http_ports(c: &Container) -> Vec<u16> {
     let mut ports: Vec<u16> = c
-        .get("ports")
-        .and_then(Value::as_array)
-        .into_iter()
+        .ports
+        .iter()
         .flatten()
-        .filter_map(|p| p["containerPort"].as_u64())
-        .map(|p| p as u16)
+        .filter_map(|p| u16::try_from(p.container_port).ok())
         .collect();
     if ports.is_empty() {
         ports.push(8080);
@@ -34,8 +32,8 @@ pub(super) fn http_ports(c: &Value) -> Vec<u16> {
 
 /// A container made and ready to run.
 pub(super) enum Made {
-    Http(HttpContainer, Vec<HttpServer>),
-    Command(WasmCommand),
+    Http(Box<HttpContainer>, Vec<HttpServer>),
+    Command(Box<WasmCommand>),
     Oci(Box<OciContainer>),
 }
 
@@ -49,7 +47,7 @@ pub(super) async fn container_task(
     shared: Arc<Shared>,
     placed: Arc<Placed>,
     i: usize,
-    c: Value,
+    c: Container,
     pulled: Pulled,
     restart: String,
     mut stop: watch::Receiver<bool>,
@@ -67,7 +65,7 @@ pub(super) async fn container_task(
     };
     match made {
         Made::Http(http, servers) => http.supervise(servers, stop).await,
-        Made::Command(command) => restart_loop(shared, i, restart, stop, command).await,
+        Made::Command(command) => restart_loop(shared, i, restart, stop, *command).await,
         Made::Oci(container) => restart_loop(shared, i, restart, stop, *container).await,
     }
 }
@@ -101,12 +99,12 @@ pub(super) async fn make(
     shared: &Arc<Shared>,
     placed: &Placed,
     i: usize,
-    c: &Value,
+    c: &Container,
     pulled: &Pulled,
 ) -> Result<Made, NotMade> {
     let ctx = &shared.ctx;
     let pod = &shared.pod;
-    let cname = c["name"].as_str().unwrap_or("").to_string();
+    let cname = c.name.clone();
     let env = container_env(pod, c, Some(placed.ip), &ctx.node_name);
     let mounts = volumes(shared, c, &placed.pod_dir)
         .await
@@ -133,7 +131,7 @@ pub(super) async fn make(
                 })
                 .collect();
             binds.extend(placed.pod_files.iter().cloned());
-            let id = oci::container_id(meta::uid(pod), &cname);
+            let id = oci::container_id(uid_of(pod), &cname);
             if let Some(e) = ctx.logs.lock().expect("logs").get_mut(&log_key(pod)) {
                 if !e.oci.contains(&cname) {
                     e.oci.push(cname.clone());
@@ -155,23 +153,16 @@ pub(super) async fn make(
             })));
         }
     };
-    let image = c["image"].as_str().unwrap_or("");
+    let image = c.image.as_deref().unwrap_or("");
     let program = ctx
         .runtime
         .load(bytes.as_slice())
         .await
         .map_err(|e| ("CreateContainerError", format!("cannot run {image}: {e}")))?;
     let mut args: Vec<String> = vec![cname.clone()];
-    for key in ["command", "args"] {
-        args.extend(
-            c.get(key)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|a| a.as_str().map(String::from)),
-        );
-    }
-    let ns = meta::namespace(pod).unwrap_or("default");
+    args.extend(c.command.iter().flatten().cloned());
+    args.extend(c.args.iter().flatten().cloned());
+    let ns = ns_of(pod);
     let config = GuestConfig {
         args,
         env,
@@ -202,11 +193,11 @@ pub(super) async fn make(
                 .serve()
                 .await
                 .map_err(|msg| ("RunContainerError", msg))?;
-            Ok(Made::Http(http, servers))
+            Ok(Made::Http(Box::new(http), servers))
         }
         Kind::Command => {
             created();
-            Ok(Made::Command(WasmCommand {
+            Ok(Made::Command(Box::new(WasmCommand {
                 shared: shared.clone(),
                 index: i,
                 name: cname,
@@ -214,7 +205,7 @@ pub(super) async fn make(
                 config,
                 logs: placed.logs.clone(),
                 runtime: ctx.runtime.clone(),
-            }))
+            })))
         }
     }
 }
@@ -250,7 +241,7 @@ pub(super) struct HttpContainer {
     /// The pod's network namespace, when it has OCI containers too: the listeners are made
     /// there, on every address of the pod (its containers reach them on localhost).
     pub(super) netns: Option<std::path::PathBuf>,
-    pub(super) container: Value,
+    pub(super) container: Container,
 }
 
 impl HttpContainer {
@@ -298,7 +289,8 @@ impl HttpContainer {
                 &format!("Started container {} (wasi:http, {how})", self.name),
             )
             .await;
-        let has_readiness = Probe::of(&self.container, "readinessProbe").is_some();
+        let has_readiness =
+            Probe::of(&self.container, self.container.readiness_probe.as_ref()).is_some();
         self.shared.started(
             self.index,
             format!("wasm://{}", self.name),
@@ -387,10 +379,10 @@ impl Probes {
         shared: Arc<Shared>,
         index: usize,
         ip: Ipv4Addr,
-        container: &Value,
+        container: &Container,
     ) -> Option<Probes> {
-        let readiness = Probe::of(container, "readinessProbe");
-        let liveness = Probe::of(container, "livenessProbe");
+        let readiness = Probe::of(container, container.readiness_probe.as_ref());
+        let liveness = Probe::of(container, container.liveness_probe.as_ref());
         if readiness.is_none() && liveness.is_none() {
             return None;
         }
@@ -637,7 +629,7 @@ pub(super) struct OciContainer {
     pub(super) oci: Arc<OciNode>,
     pub(super) logs: PodLogs,
     pub(super) ip: Ipv4Addr,
-    pub(super) container: Value,
+    pub(super) container: Container,
 }
 
 impl OciContainer {
@@ -737,7 +729,7 @@ impl Runnable for OciContainer {
                 &format!("Started container {name} ({what})"),
             )
             .await;
-        let readiness = Probe::of(&self.container, "readinessProbe");
+        let readiness = Probe::of(&self.container, self.container.readiness_probe.as_ref());
         self.shared.started(
             self.index,
             format!("runc://{}", self.id),
@@ -788,7 +780,7 @@ pub(super) async fn probe_loop(
     shared: Arc<Shared>,
     i: usize,
     ip: Ipv4Addr,
-    container: Value,
+    container: Container,
     oci: Arc<OciNode>,
     id: String,
 ) {
