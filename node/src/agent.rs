@@ -14,15 +14,15 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
-    NodeSystemInfo,
+    NodeSystemInfo, Pod,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
 use skiff_api::conditions::Condition;
-use skiff_api::{meta, Resource, OCI_CONDITION, OCI_NODE_LABEL, WASM_NODE_LABEL};
-use skiff_client::{Client, ClientError, Patch};
+use skiff_api::{Resource, OCI_CONDITION, OCI_NODE_LABEL, WASM_NODE_LABEL};
+use skiff_client::{Client, ClientError, DeleteParams, Event, ListParams, Patch};
 use skiff_wasm::artifact::{BlobCache, ImageIndex};
 use skiff_wasm::Runtime;
 use tokio::sync::watch;
@@ -474,17 +474,23 @@ fn cache_path(dir: &std::path::Path) -> PathBuf {
 #[derive(serde::Deserialize)]
 struct Cache {
     node: Node,
+    /// Each pod on its own: one that no longer decodes is skipped, not the whole cache.
     #[serde(default)]
     pods: Vec<Value>,
 }
 
-fn load_cache(dir: &std::path::Path) -> Option<(Node, Vec<Value>)> {
+fn load_cache(dir: &std::path::Path) -> Option<(Node, Vec<Pod>)> {
     let c: Cache = serde_json::from_slice(&std::fs::read(cache_path(dir)).ok()?).ok()?;
-    Some((c.node, c.pods))
+    let pods = c
+        .pods
+        .into_iter()
+        .filter_map(|p| serde_json::from_value(p).ok())
+        .collect();
+    Some((c.node, pods))
 }
 
-fn cache_body(node: &Node, pods: &HashMap<String, (PodWorker, Value)>) -> Vec<u8> {
-    let list: Vec<&Value> = pods.values().map(|(_, p)| p).collect();
+fn cache_body(node: &Node, pods: &HashMap<String, (PodWorker, Pod)>) -> Vec<u8> {
+    let list: Vec<&Pod> = pods.values().map(|(_, p)| p).collect();
     serde_json::to_vec(&json!({"node": node, "pods": list})).unwrap_or_default()
 }
 
@@ -532,7 +538,7 @@ impl CacheWriter {
         CacheWriter { tx, task }
     }
 
-    fn save(&self, node: &Node, pods: &HashMap<String, (PodWorker, Value)>) {
+    fn save(&self, node: &Node, pods: &HashMap<String, (PodWorker, Pod)>) {
         self.tx.send_replace(Some(cache_body(node, pods)));
     }
 
@@ -545,19 +551,19 @@ impl CacheWriter {
 
 /// Whether the pod cache holds pod `uid`, and at which pod IP.
 fn cached_address(
-    workers: &HashMap<String, (PodWorker, Value)>,
+    workers: &HashMap<String, (PodWorker, Pod)>,
     uid: &str,
 ) -> Option<Option<String>> {
     workers
         .get(uid)
-        .map(|(_, p)| pod::typed(p).status.and_then(|s| s.pod_ip))
+        .map(|(_, p)| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
 }
 
 /// How often what no pod uses is collected (also at every relist).
 const GC_EVERY: Duration = Duration::from_secs(600);
 
 /// The images of the pods this node runs.
-fn images_in_use(workers: &HashMap<String, (PodWorker, Value)>) -> HashSet<String> {
+fn images_in_use(workers: &HashMap<String, (PodWorker, Pod)>) -> HashSet<String> {
     workers.values().flat_map(|(_, p)| pod_images(p)).collect()
 }
 
@@ -766,8 +772,7 @@ enum Action {
     Ignore,
 }
 
-fn decide(pod: &Value, running: bool, stopping: bool) -> Action {
-    let pod = pod::typed(pod);
+fn decide(pod: &Pod, running: bool, stopping: bool) -> Action {
     let finished = matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded") | Some("Failed")
@@ -794,7 +799,7 @@ fn decide(pod: &Value, running: bool, stopping: bool) -> Action {
 /// The pods this agent runs, and those it is stopping.
 #[derive(Default)]
 struct Pods {
-    workers: HashMap<String, (PodWorker, Value)>,
+    workers: HashMap<String, (PodWorker, Pod)>,
     /// Pods being stopped (deleted, or bound here no more), by UID: until its stop is done, what
     /// such a pod holds (containers, namespace, address, files) is still its own.
     stopping: HashMap<String, tokio::task::JoinHandle<()>>,
@@ -817,12 +822,12 @@ impl Pods {
 
     /// Stops the pod's worker (if any) in the background; then, for a pod being deleted, its
     /// API object is deleted (retried until it is), and its files go.
-    fn stop(&mut self, ctx: &Arc<NodeContext>, pod: &Value, grace: Duration, delete: bool) {
-        let uid = meta::uid(pod).to_string();
+    fn stop(&mut self, ctx: &Arc<NodeContext>, pod: &Pod, grace: Duration, delete: bool) {
+        let uid = pod::uid_of(pod).to_string();
         let worker = self.workers.remove(&uid).map(|(w, _)| w);
         let ctx = ctx.clone();
         let pod = pod.clone();
-        tracing::info!(pod = %meta::name(&pod), ?grace, delete, running = worker.is_some(), "stopping a pod");
+        tracing::info!(pod = %pod::name_of(&pod), ?grace, delete, running = worker.is_some(), "stopping a pod");
         let h = tokio::spawn(async move {
             let began = Instant::now();
             if let Some(w) = worker {
@@ -831,21 +836,20 @@ impl Pods {
             if delete {
                 finish_deletion(&ctx, &pod).await;
             }
-            tracing::info!(pod = %meta::name(&pod), took = ?began.elapsed(), "pod stopped");
-            let pod = pod::typed(&pod);
+            tracing::info!(pod = %pod::name_of(&pod), took = ?began.elapsed(), "pod stopped");
             pod::forget_logs(&ctx, &pod);
             remove_pod_dir(&pod::pod_dir(&ctx.data_dir, &pod));
         });
         self.stopping.insert(uid, h);
     }
 
-    fn handle(&mut self, ctx: &Arc<NodeContext>, pod: Value) {
-        let uid = meta::uid(&pod).to_string();
+    fn handle(&mut self, ctx: &Arc<NodeContext>, pod: Pod) {
+        let uid = pod::uid_of(&pod).to_string();
         self.forget_stopped();
         let running = self.workers.contains_key(&uid);
         match decide(&pod, running, self.stopping.contains_key(&uid)) {
             Action::Start => {
-                let w = PodWorker::start(ctx.clone(), pod::typed(&pod));
+                let w = PodWorker::start(ctx.clone(), pod.clone());
                 self.workers.insert(uid, (w, pod));
             }
             Action::Update => {
@@ -855,7 +859,7 @@ impl Pods {
             }
             Action::Delete(grace) => self.stop(ctx, &pod, grace, true),
             Action::Ignore if !running && !self.stopping.contains_key(&uid) => {
-                pod::keep_logs(ctx, &pod::typed(&pod));
+                pod::keep_logs(ctx, &pod);
             }
             Action::Ignore => {}
         }
@@ -877,15 +881,13 @@ impl Pods {
 
 /// Deletes the API object of a pod whose containers have stopped, retrying with backoff
 /// until it is gone.
-async fn finish_deletion(ctx: &NodeContext, pod: &Value) {
-    let pods = Resource::lookup("pods").expect("pods");
-    let ns = meta::namespace(pod).unwrap_or("default");
-    let name = meta::name(pod);
+async fn finish_deletion(ctx: &NodeContext, pod: &Pod) {
+    let (ns, name) = (pod::ns_of(pod), pod::name_of(pod));
     let mut backoff = crate::backoff::Backoff::default();
     loop {
         match ctx
             .client
-            .delete_dyn(pods, Some(ns), name, None, Some(0))
+            .delete::<Pod>(Some(ns), name, &DeleteParams::now())
             .await
         {
             Ok(_) => return,
@@ -948,7 +950,7 @@ async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
     node: Node,
-    cached: Vec<Value>,
+    cached: Vec<Pod>,
     (listener, endpoint_tls): (tokio::net::TcpListener, Arc<rustls::ServerConfig>),
     logs: LogIndex,
     mut stop: watch::Receiver<bool>,
@@ -971,8 +973,7 @@ async fn run(
         crate::heartbeat::Heartbeat::new(hb_client, &config.name, oci_state, config.heartbeat)
             .run(stop.clone()),
     );
-    let pods_r = Resource::lookup("pods").expect("pods");
-    let selector = format!("spec.nodeName={}", config.name);
+    let selector = ListParams::fields(&format!("spec.nodeName={}", config.name));
     let mut relist = Relist::default();
     let mut cache = CacheWrites::default();
     let writer = CacheWriter::new(config.data_dir.clone());
@@ -989,11 +990,7 @@ async fn run(
         }
         first = false;
         // List, reconcile, then follow the watch.
-        let list = match ctx
-            .client
-            .list_dyn(pods_r, None, None, Some(&selector))
-            .await
-        {
+        let list = match ctx.client.list::<Pod>(None, &selector).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing this node's pods failed; retrying");
@@ -1005,9 +1002,10 @@ async fn run(
             }
         };
         cached = None;
-        let items = list["items"].as_array().cloned().unwrap_or_default();
-        let live: HashSet<String> = items.iter().map(|p| meta::uid(p).to_string()).collect();
-        let gone: Vec<Value> = pods
+        let rv = list.resource_version.unwrap_or_default();
+        let items = list.items;
+        let live: HashSet<String> = items.iter().map(|p| pod::uid_of(p).to_string()).collect();
+        let gone: Vec<Pod> = pods
             .workers
             .iter()
             .filter(|(u, _)| !live.contains(*u))
@@ -1030,15 +1028,7 @@ async fn run(
         if gc.as_ref().is_none_or(|h| h.is_finished()) {
             gc = Some(collect_garbage(&ctx, images_in_use(&pods.workers)));
         }
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        let mut stream = match ctx
-            .client
-            .watch_dyn(pods_r, None, Some(&rv), Some(&selector), None)
-            .await
-        {
+        let mut stream = match ctx.client.watch::<Pod>(None, &selector, Some(&rv)).await {
             Ok(s) => Box::pin(s),
             Err(e) => {
                 tracing::warn!(error = %e, "watching this node's pods failed; relisting");
@@ -1067,15 +1057,20 @@ async fn run(
                     Some(Ok(ev)) => {
                         // The watch works: the next failure starts the backoff over.
                         relist.reset();
-                        let uid = meta::uid(&ev.object).to_string();
+                        let (pod, deleted) = match ev {
+                            Event::Added(p) | Event::Modified(p) => (p, false),
+                            Event::Deleted(p) => (p, true),
+                            Event::Bookmark(_) => continue,
+                        };
+                        let uid = pod::uid_of(&pod).to_string();
                         let before = cached_address(&pods.workers, &uid);
-                        if ev.kind == "DELETED" {
+                        if deleted {
                             pods.forget_stopped();
-                            if !pods.stopping.contains_key(meta::uid(&ev.object)) {
-                                pods.stop(&ctx, &ev.object, Duration::from_secs(1), false);
+                            if !pods.stopping.contains_key(&uid) {
+                                pods.stop(&ctx, &pod, Duration::from_secs(1), false);
                             }
-                        } else if ev.kind != "BOOKMARK" {
-                            pods.handle(&ctx, ev.object);
+                        } else {
+                            pods.handle(&ctx, pod);
                         }
                         cache.changed();
                         // A pod bound here or gone, or given its address, is written at once
@@ -1110,12 +1105,11 @@ async fn run(
 }
 
 /// The images of a pod's containers.
-fn pod_images(pod: &Value) -> Vec<String> {
-    pod.pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c["image"].as_str().map(String::from))
+fn pod_images(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter_map(|c| c.image.clone())
         .collect()
 }
 
@@ -1123,14 +1117,14 @@ fn pod_images(pod: &Value) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn pod(uid: &str, phase: &str, deleting: Option<u64>) -> Value {
+    fn pod(uid: &str, phase: &str, deleting: Option<u64>) -> Pod {
         let mut p = json!({"metadata": {"name": "p", "namespace": "default", "uid": uid},
                            "status": {"phase": phase}});
         if let Some(grace) = deleting {
             p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
             p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
         }
-        p
+        pod::typed(&p)
     }
 
     #[test]
@@ -1246,13 +1240,10 @@ mod tests {
         let keep = pod("u-keep", "Running", None);
         let gone = pod("u-gone", "Running", None);
         for p in [&keep, &gone] {
-            std::fs::create_dir_all(
-                crate::pod::pod_dir(d.path(), &pod::typed(p)).join("volumes/data"),
-            )
-            .unwrap();
+            std::fs::create_dir_all(crate::pod::pod_dir(d.path(), p).join("volumes/data")).unwrap();
         }
         sweep_pod_dirs(d.path(), &HashSet::from(["u-keep".to_string()]));
-        assert!(crate::pod::pod_dir(d.path(), &pod::typed(&keep)).exists());
-        assert!(!crate::pod::pod_dir(d.path(), &pod::typed(&gone)).exists());
+        assert!(crate::pod::pod_dir(d.path(), &keep).exists());
+        assert!(!crate::pod::pod_dir(d.path(), &gone).exists());
     }
 }
