@@ -86,7 +86,7 @@ impl Ctx {
                 } else {
                     let (d, items) = self.deployment_and_replicasets(&name).await?;
                     println!("deployment.apps/{name}");
-                    verbs::history(&d, &items)
+                    verbs::history(&d, &items)?
                 };
                 let mut rows = vec![vec!["REVISION".to_string(), "CHANGE-CAUSE".to_string()]];
                 rows.extend(history.into_iter().map(|(r, c)| vec![r.to_string(), c]));
