@@ -95,6 +95,8 @@ pub(super) async fn not_made(
     !*stop.borrow()
 }
 
+/// Makes container `i` from its pulled image: its environment and volumes, then an OCI
+/// container or a wasm program (an HTTP component is serving when it is made).
 pub(super) async fn make(
     shared: &Arc<Shared>,
     placed: &Placed,
@@ -102,67 +104,102 @@ pub(super) async fn make(
     c: &Container,
     pulled: &Pulled,
 ) -> Result<Made, NotMade> {
-    let ctx = &shared.ctx;
-    let pod = &shared.pod;
-    let cname = c.name.clone();
-    let env = container_env(pod, c, Some(placed.ip), &ctx.node_name);
+    let env = container_env(&shared.pod, c, Some(placed.ip), &shared.ctx.node_name);
     let mounts = volumes(shared, c, &placed.pod_dir)
         .await
         .map_err(|msg| ("CreateContainerConfigError", msg))?;
-    let created_msg = format!("Created container {cname}");
-    let created = || shared.post_event("Normal", "Created", &created_msg);
-    let bytes = match pulled {
-        Pulled::Wasm(bytes) => bytes,
-        Pulled::Oci(image) => {
-            let sandbox = placed
-                .sandbox
-                .as_ref()
-                .expect("a pod with OCI containers has a sandbox");
-            let oci = ctx
-                .oci
-                .clone()
-                .expect("OCI images are only pulled with an OCI runtime");
-            let mut binds: Vec<skiff_oci::BindMount> = mounts
-                .into_iter()
-                .map(|m| skiff_oci::BindMount {
-                    source: m.host,
-                    destination: m.guest,
-                    read_only: m.read_only,
-                })
-                .collect();
-            binds.extend(placed.pod_files.iter().cloned());
-            let id = oci::container_id(uid_of(pod), &cname);
-            if let Some(e) = ctx.logs.lock().expect("logs").get_mut(&log_key(pod)) {
-                if !e.oci.contains(&cname) {
-                    e.oci.push(cname.clone());
-                }
-            }
-            let spec = oci::container_spec(pod, c, env, sandbox, binds, format!("/skiff/{id}"));
-            created();
-            return Ok(Made::Oci(Box::new(OciContainer {
-                shared: shared.clone(),
-                index: i,
-                name: cname,
-                id,
-                image: image.clone(),
-                spec,
-                oci,
-                logs: placed.logs.clone(),
-                ip: placed.ip,
-                container: c.clone(),
-            })));
-        }
+    let made = match pulled {
+        Pulled::Oci(image) => make_oci(shared, placed, i, c, image, env, mounts),
+        Pulled::Wasm(bytes) => make_wasm(shared, placed, i, c, bytes, env, mounts).await?,
     };
+    shared.post_event(
+        "Normal",
+        "Created",
+        &format!("Created container {}", c.name),
+    );
+    match made {
+        Made::Http(http, _) => {
+            let servers = http
+                .serve()
+                .await
+                .map_err(|msg| ("RunContainerError", msg))?;
+            Ok(Made::Http(http, servers))
+        }
+        other => Ok(other),
+    }
+}
+
+/// An OCI container: its runtime spec, with the pod's volumes and files bound in.
+fn make_oci(
+    shared: &Arc<Shared>,
+    placed: &Placed,
+    i: usize,
+    c: &Container,
+    image: &skiff_oci::Image,
+    env: Vec<(String, String)>,
+    mounts: Vec<Preopen>,
+) -> Made {
+    let (ctx, pod) = (&shared.ctx, &shared.pod);
+    let cname = c.name.clone();
+    let sandbox = placed
+        .sandbox
+        .as_ref()
+        .expect("a pod with OCI containers has a sandbox");
+    let oci = ctx
+        .oci
+        .clone()
+        .expect("OCI images are only pulled with an OCI runtime");
+    let mut binds: Vec<skiff_oci::BindMount> = mounts
+        .into_iter()
+        .map(|m| skiff_oci::BindMount {
+            source: m.host,
+            destination: m.guest,
+            read_only: m.read_only,
+        })
+        .collect();
+    binds.extend(placed.pod_files.iter().cloned());
+    let id = oci::container_id(uid_of(pod), &cname);
+    if let Some(e) = ctx.logs.lock().expect("logs").get_mut(&log_key(pod)) {
+        if !e.oci.contains(&cname) {
+            e.oci.push(cname.clone());
+        }
+    }
+    let spec = oci::container_spec(pod, c, env, sandbox, binds, format!("/skiff/{id}"));
+    Made::Oci(Box::new(OciContainer {
+        shared: shared.clone(),
+        index: i,
+        name: cname,
+        id,
+        image: Box::new(image.clone()),
+        spec,
+        oci,
+        logs: placed.logs.clone(),
+        ip: placed.ip,
+        container: c.clone(),
+    }))
+}
+
+/// A wasm program, compiled: an HTTP component (not serving yet) or a command.
+async fn make_wasm(
+    shared: &Arc<Shared>,
+    placed: &Placed,
+    i: usize,
+    c: &Container,
+    bytes: &[u8],
+    env: Vec<(String, String)>,
+    mounts: Vec<Preopen>,
+) -> Result<Made, NotMade> {
+    let ctx = &shared.ctx;
+    let cname = c.name.clone();
     let image = c.image.as_deref().unwrap_or("");
     let program = ctx
         .runtime
-        .load(bytes.as_slice())
+        .load(bytes)
         .await
         .map_err(|e| ("CreateContainerError", format!("cannot run {image}: {e}")))?;
     let mut args: Vec<String> = vec![cname.clone()];
     args.extend(c.command.iter().flatten().cloned());
     args.extend(c.args.iter().flatten().cloned());
-    let ns = ns_of(pod);
     let config = GuestConfig {
         args,
         env,
@@ -171,43 +208,41 @@ pub(super) async fn make(
         preopens: mounts,
         stdout: None,
         stderr: None,
-        resolver: resolver(ctx, ns, placed.sandbox.as_ref().map(|_| placed.ip)),
+        resolver: resolver(
+            ctx,
+            ns_of(&shared.pod),
+            placed.sandbox.as_ref().map(|_| placed.ip),
+        ),
     };
-    match program.kind {
+    Ok(match program.kind {
         Kind::Http => {
             let config = logged(&placed.logs, &cname, false, config)
                 .map_err(|msg| ("CreateContainerError", msg))?;
-            let http = HttpContainer {
-                shared: shared.clone(),
-                index: i,
-                name: cname,
-                program,
-                config,
-                ports: http_ports(c),
-                ip: placed.ip,
-                netns: placed.sandbox.as_ref().map(|s| s.path.clone()),
-                container: c.clone(),
-            };
-            created();
-            let servers = http
-                .serve()
-                .await
-                .map_err(|msg| ("RunContainerError", msg))?;
-            Ok(Made::Http(Box::new(http), servers))
+            Made::Http(
+                Box::new(HttpContainer {
+                    shared: shared.clone(),
+                    index: i,
+                    name: cname,
+                    program,
+                    config,
+                    ports: http_ports(c),
+                    ip: placed.ip,
+                    netns: placed.sandbox.as_ref().map(|s| s.path.clone()),
+                    container: c.clone(),
+                }),
+                Vec::new(),
+            )
         }
-        Kind::Command => {
-            created();
-            Ok(Made::Command(Box::new(WasmCommand {
-                shared: shared.clone(),
-                index: i,
-                name: cname,
-                program,
-                config,
-                logs: placed.logs.clone(),
-                runtime: ctx.runtime.clone(),
-            })))
-        }
-    }
+        Kind::Command => Made::Command(Box::new(WasmCommand {
+            shared: shared.clone(),
+            index: i,
+            name: cname,
+            program,
+            config,
+            logs: placed.logs.clone(),
+            runtime: ctx.runtime.clone(),
+        })),
+    })
 }
 
 /// `config` with the guest's stdout and stderr going to a new run of the container's log
