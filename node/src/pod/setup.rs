@@ -71,28 +71,10 @@ pub(super) async fn pull(
     policy: &str,
 ) -> Result<Pulled, String> {
     let ctx = &shared.ctx;
-    let present = |what: String| {
-        shared.post_event(
-            "Normal",
-            "Pulled",
-            &format!("Container image \"{image}\" already present on machine{what}"),
-        )
-    };
     // Present already: no registry round trip (IfNotPresent, Never), as the kubelet does.
     if policy != "Always" {
-        if let Some((manifest, layer)) = ctx.images.get(image) {
-            if let Some(bytes) = ctx.blobs.get(&layer) {
-                shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
-                present(String::new());
-                return Ok(Pulled::Wasm(bytes));
-            }
-        }
-        if let Some(oci) = &ctx.oci {
-            if let Some(img) = oci.store.get(image) {
-                shared.container(i, |c| c.image_id = img.id());
-                present(String::new());
-                return Ok(Pulled::Oci(Box::new(img)));
-            }
+        if let Some(pulled) = present(shared, i, image) {
+            return Ok(pulled);
         }
         if policy == "Never" {
             return Err(format!(
@@ -140,6 +122,33 @@ pub(super) async fn pull(
         ),
     );
     Ok(Pulled::Wasm(bytes))
+}
+
+/// The image of container `i` when this node has it already (a wasm component in the blob
+/// cache, or an OCI image in the store).
+fn present(shared: &Shared, i: usize, image: &str) -> Option<Pulled> {
+    let ctx = &shared.ctx;
+    let cached = ctx
+        .images
+        .get(image)
+        .and_then(|(manifest, layer)| Some((manifest, ctx.blobs.get(&layer)?)));
+    let pulled = match cached {
+        Some((manifest, bytes)) => {
+            shared.container(i, |c| c.image_id = format!("{image}@{manifest}"));
+            Pulled::Wasm(bytes)
+        }
+        None => {
+            let img = ctx.oci.as_ref()?.store.get(image)?;
+            shared.container(i, |c| c.image_id = img.id());
+            Pulled::Oci(Box::new(img))
+        }
+    };
+    shared.post_event(
+        "Normal",
+        "Pulled",
+        &format!("Container image \"{image}\" already present on machine"),
+    );
+    Some(pulled)
 }
 
 /// Pulls an OCI image into the node's layer store, with an Event per layer fetched.

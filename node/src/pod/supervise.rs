@@ -628,7 +628,7 @@ impl Runnable for WasmCommand {
             .event(
                 "Normal",
                 "Started",
-                &format!("Started container {name} ({what})"),
+                &format!("Started container {} ({what})", self.name),
             )
             .await;
         self.shared
@@ -731,9 +731,68 @@ impl OciContainer {
     }
 }
 
+impl OciContainer {
+    /// Records that the container runs (the Started event, its status) and starts its probes.
+    async fn running(
+        &self,
+        runs: u32,
+        adopted: bool,
+        started_at: &str,
+    ) -> tokio::task::JoinHandle<()> {
+        let what = if adopted {
+            "left running by an earlier agent run".to_string()
+        } else if runs > 0 {
+            format!("runc, restart {runs}")
+        } else {
+            "runc".to_string()
+        };
+        self.shared
+            .event(
+                "Normal",
+                "Started",
+                &format!("Started container {} ({what})", self.name),
+            )
+            .await;
+        let readiness = Probe::of(&self.container, self.container.readiness_probe.as_ref());
+        self.shared.started(
+            self.index,
+            format!("runc://{}", self.id),
+            readiness.is_none(),
+            started_at,
+        );
+        tokio::spawn(probe_loop(
+            self.shared.clone(),
+            self.index,
+            self.ip,
+            self.container.clone(),
+            self.oci.clone(),
+            self.id.clone(),
+        ))
+    }
+
+    /// How the container's exit reads in its status.
+    fn end(&self, exit: skiff_oci::Exit, started_at: String) -> RunEnd {
+        match exit {
+            skiff_oci::Exit::Code(code) => RunEnd {
+                code: code.into(),
+                reason: match code {
+                    0 => "Completed",
+                    137 if self.spec.memory_limit.is_some() => "OOMKilled",
+                    _ => "Error",
+                },
+                started_at,
+            },
+            skiff_oci::Exit::Unknown => RunEnd {
+                code: 137,
+                reason: "ContainerStatusUnknown",
+                started_at,
+            },
+        }
+    }
+}
+
 impl Runnable for OciContainer {
     async fn run_once(&mut self, runs: u32, mut stop: watch::Receiver<bool>) -> Run {
-        let name = self.name.clone();
         let (pid, started_at, adopted) = match self.start(runs).await {
             Ok(started) => started,
             Err(StartFailed::Create(msg)) => return Run::NotCreated("CreateContainerError", msg),
@@ -750,35 +809,7 @@ impl Runnable for OciContainer {
                 });
             }
         };
-        let what = if adopted {
-            "left running by an earlier agent run".to_string()
-        } else if runs > 0 {
-            format!("runc, restart {runs}")
-        } else {
-            "runc".to_string()
-        };
-        self.shared
-            .event(
-                "Normal",
-                "Started",
-                &format!("Started container {name} ({what})"),
-            )
-            .await;
-        let readiness = Probe::of(&self.container, self.container.readiness_probe.as_ref());
-        self.shared.started(
-            self.index,
-            format!("runc://{}", self.id),
-            readiness.is_none(),
-            &started_at,
-        );
-        let probes = tokio::spawn(probe_loop(
-            self.shared.clone(),
-            self.index,
-            self.ip,
-            self.container.clone(),
-            self.oci.clone(),
-            self.id.clone(),
-        ));
+        let probes = self.running(runs, adopted, &started_at).await;
         let mut exited = Box::pin(skiff_oci::runc::wait_child(pid));
         let exit = tokio::select! {
             exit = &mut exited => exit,
@@ -790,22 +821,7 @@ impl Runnable for OciContainer {
         };
         probes.abort();
         self.remove().await;
-        Run::Ended(match exit {
-            skiff_oci::Exit::Code(code) => RunEnd {
-                code: code.into(),
-                reason: match code {
-                    0 => "Completed",
-                    137 if self.spec.memory_limit.is_some() => "OOMKilled",
-                    _ => "Error",
-                },
-                started_at,
-            },
-            skiff_oci::Exit::Unknown => RunEnd {
-                code: 137,
-                reason: "ContainerStatusUnknown",
-                started_at,
-            },
-        })
+        Run::Ended(self.end(exit, started_at))
     }
 }
 
