@@ -1,5 +1,8 @@
 //! Running and operating the cluster: `server`, `up`, `agent`, `push`, `token`, `cordon`, `drain`.
 
+use skiff_api::k8s::api::core::v1::{Node, Pod};
+use skiff_client::{ListParams, Patch};
+
 use super::*;
 
 pub(super) fn host_name() -> String {
@@ -140,6 +143,15 @@ pub(super) async fn push(file: &Path, reference: &str, insecure: &[String]) -> R
     Ok(())
 }
 
+/// A pod's namespace and name.
+fn ns_name(p: &Pod) -> (&str, &str) {
+    let m = &p.metadata;
+    (
+        m.namespace.as_deref().unwrap_or("default"),
+        m.name.as_deref().unwrap_or_default(),
+    )
+}
+
 /// What `drain` may evict.
 #[derive(Debug, Clone, Default)]
 pub struct DrainOptions {
@@ -158,17 +170,22 @@ pub enum DrainAction {
     Refuse(String),
 }
 
-pub fn drain_action(pod: &Value, opts: &DrainOptions) -> DrainAction {
-    let phase = pod.pointer("/status/phase").and_then(Value::as_str);
-    if meta::is_deleting(pod) {
+pub(super) fn drain_action(pod: &Pod, opts: &DrainOptions) -> DrainAction {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if pod.metadata.deletion_timestamp.is_some() {
         return DrainAction::Evict;
     }
     if matches!(phase, Some("Succeeded" | "Failed")) {
         return DrainAction::Skip;
     }
-    let owner = meta::owners(pod).into_iter().find(|o| o.3);
-    match &owner {
-        Some(o) if o.1 == "DaemonSet" => {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true));
+    match owner {
+        Some(o) if o.kind == "DaemonSet" => {
             return if opts.ignore_daemonsets {
                 DrainAction::Skip
             } else {
@@ -186,9 +203,10 @@ pub fn drain_action(pod: &Value, opts: &DrainOptions) -> DrainAction {
         _ => {}
     }
     let empty_dir = pod
-        .pointer("/spec/volumes")
-        .and_then(Value::as_array)
-        .is_some_and(|vs| vs.iter().any(|v| v.get("emptyDir").is_some()));
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_ref())
+        .is_some_and(|vs| vs.iter().any(|v| v.empty_dir.is_some()));
     if empty_dir && !opts.delete_emptydir_data {
         return DrainAction::Refuse(
             "cannot delete Pods with local storage (use --delete-emptydir-data to override)".into(),
@@ -262,25 +280,16 @@ impl Ctx {
     }
 
     pub(super) async fn cordon(&self, node: &str, on: bool) -> Result<()> {
-        let nodes = resource("nodes")?;
-        let cur = self.client.get_dyn(nodes, None, node).await?;
-        let was = cur.pointer("/spec/unschedulable") == Some(&json!(true));
+        let cur = self.client.get::<Node>(None, node).await?;
+        let was = cur.spec.and_then(|s| s.unschedulable) == Some(true);
         let word = if on { "cordoned" } else { "uncordoned" };
         if was == on {
             println!("node/{node} already {word}");
             return Ok(());
         }
         let value = if on { json!(true) } else { Value::Null };
-        self.client
-            .patch_dyn(
-                nodes,
-                None,
-                node,
-                None,
-                MERGE,
-                &json!({"spec": {"unschedulable": value}}),
-            )
-            .await?;
+        let patch = Patch::Merge(json!({"spec": {"unschedulable": value}}));
+        self.client.patch::<Node>(None, node, &patch).await?;
         println!("node/{node} {word}");
         Ok(())
     }
@@ -292,27 +301,18 @@ impl Ctx {
         timeout: Duration,
     ) -> Result<()> {
         self.cordon(node, true).await?;
-        let pods_r = resource("pods")?;
-        let list = self
-            .client
-            .list_dyn(pods_r, None, None, Some(&format!("spec.nodeName={node}")))
-            .await?;
-        let pods = list["items"].as_array().cloned().unwrap_or_default();
+        let on_node = ListParams::fields(&format!("spec.nodeName={node}"));
+        let pods = self.client.list::<Pod>(None, &on_node).await?.items;
         let mut evict = Vec::new();
         let mut refused = Vec::new();
         for p in &pods {
-            let who = format!(
-                "{}/{}",
-                meta::namespace(p).unwrap_or("default"),
-                meta::name(p)
-            );
+            let (ns, name) = ns_name(p);
+            let who = format!("{ns}/{name}");
             match drain_action(p, opts) {
                 DrainAction::Evict => evict.push(p.clone()),
                 DrainAction::Skip => {
-                    if !matches!(
-                        p.pointer("/status/phase").and_then(Value::as_str),
-                        Some("Succeeded" | "Failed")
-                    ) {
+                    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                    if !matches!(phase, Some("Succeeded" | "Failed")) {
                         println!("Warning: ignoring DaemonSet-managed Pods: {who}");
                     }
                 }
@@ -330,7 +330,7 @@ impl Ctx {
             Ok(())
         };
         for p in &evict {
-            let (ns, name) = (meta::namespace(p).unwrap_or("default"), meta::name(p));
+            let (ns, name) = ns_name(p);
             println!("evicting pod {ns}/{name}");
             loop {
                 match self.client.evict(ns, name).await {
@@ -349,15 +349,11 @@ impl Ctx {
             }
         }
         for p in &evict {
-            let (ns, name, uid) = (
-                meta::namespace(p).unwrap_or("default"),
-                meta::name(p),
-                meta::uid(p),
-            );
+            let (ns, name) = ns_name(p);
             loop {
-                match self.client.get_dyn(pods_r, Some(ns), name).await {
+                match self.client.get::<Pod>(Some(ns), name).await {
                     Err(e) if e.code() == Some(404) => break,
-                    Ok(cur) if meta::uid(&cur) != uid => break,
+                    Ok(cur) if cur.metadata.uid != p.metadata.uid => break,
                     Ok(_) => {}
                     Err(e) => return Err(e.into()),
                 }
@@ -375,7 +371,11 @@ impl Ctx {
 mod drain_tests {
     use super::*;
 
-    fn pod(owner: Option<&str>, volumes: Value) -> Value {
+    fn pod(owner: Option<&str>, volumes: Value) -> Pod {
+        serde_json::from_value(pod_json(owner, volumes)).unwrap()
+    }
+
+    fn pod_json(owner: Option<&str>, volumes: Value) -> Value {
         let mut p = json!({"metadata": {"name": "p", "namespace": "default"},
             "spec": {"containers": [{"name": "c"}], "volumes": volumes}, "status": {"phase": "Running"}});
         if let Some(kind) = owner {
@@ -421,8 +421,9 @@ mod drain_tests {
             drain_action(&pod(Some("ReplicaSet"), scratch), &all),
             DrainAction::Evict
         );
-        let mut done = pod(None, json!([]));
+        let mut done = pod_json(None, json!([]));
         done["status"]["phase"] = json!("Succeeded");
+        let done: Pod = serde_json::from_value(done).unwrap();
         assert_eq!(drain_action(&done, &none), DrainAction::Skip);
     }
 }

@@ -1,38 +1,35 @@
 //! What `logs` and `exec` need besides the client: which pod a job's logs come from.
 
+use skiff_api::k8s::api::batch::v1::Job;
+use skiff_api::k8s::api::core::v1::Pod;
+use skiff_client::ListParams;
+
 use super::*;
 
 impl Ctx {
     /// The pod `logs job/NAME` reads, as kubectl picks it: among the Job's pods (by its
     /// selector), a running one before a finished one, then the oldest.
     pub(super) async fn first_pod_of_job(&self, job: &str) -> Result<String> {
-        let j = self
-            .client
-            .get_dyn(resource("jobs")?, Some(&self.ns), job)
-            .await?;
-        let labels = meta::string_map(j.pointer("/spec/selector/matchLabels"));
+        let j = self.client.get::<Job>(Some(&self.ns), job).await?;
+        let labels = j
+            .spec
+            .and_then(|s| s.selector)
+            .and_then(|s| s.match_labels)
+            .unwrap_or_default();
         let sel: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let list = self
+        let mut pods = self
             .client
-            .list_dyn(
-                resource("pods")?,
-                Some(&self.ns),
-                Some(&sel.join(",")),
-                None,
-            )
-            .await?;
-        let mut pods: Vec<&Value> = list["items"].as_array().into_iter().flatten().collect();
+            .list::<Pod>(Some(&self.ns), &ListParams::labels(&sel.join(",")))
+            .await?
+            .items;
         pods.sort_by_key(|p| {
             (
-                p.pointer("/status/phase").and_then(Value::as_str) != Some("Running"),
-                p.pointer("/metadata/creationTimestamp")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string(),
+                p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running"),
+                p.metadata.creation_timestamp.clone(),
             )
         });
-        match pods.first() {
-            Some(p) => Ok(meta::name(p).to_string()),
+        match pods.first().and_then(|p| p.metadata.name.clone()) {
+            Some(p) => Ok(p),
             None => bail!("no pods found for job {job}"),
         }
     }
