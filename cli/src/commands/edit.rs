@@ -1,5 +1,8 @@
 //! Changing objects in place: `scale`, `set image`, `label`, `taint`.
 
+use skiff_api::k8s::api::core::v1::{Node, Taint};
+use skiff_client::Patch;
+
 use super::*;
 
 impl Ctx {
@@ -99,50 +102,77 @@ impl Ctx {
         if r.kind != "Node" {
             bail!("taints apply to nodes only");
         }
-        let node = self.client.get_dyn(r, None, &name).await?;
-        let mut list = node
-            .pointer("/spec/taints")
-            .and_then(Value::as_array)
-            .cloned()
-            .unwrap_or_default();
-        for t in &taints {
-            if let Some(rm) = t.strip_suffix('-') {
-                let (key, effect) = rm
-                    .split_once(':')
-                    .map(|(k, e)| (k, Some(e)))
-                    .unwrap_or((rm, None));
-                let before = list.len();
-                list.retain(|x| !(x["key"] == key && effect.is_none_or(|e| x["effect"] == e)));
-                if list.len() == before {
-                    bail!("taint {rm:?} not found");
-                }
-            } else {
-                let (kv, effect) = t
-                    .split_once(':')
-                    .ok_or_else(|| anyhow!("invalid taint {t:?}: use key=value:Effect"))?;
-                if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
-                    bail!("invalid taint effect {effect:?}: use NoSchedule, PreferNoSchedule or NoExecute");
-                }
-                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                list.retain(|x| !(x["key"] == k && x["effect"] == effect));
-                let mut taint = json!({"key": k, "effect": effect});
-                if !v.is_empty() {
-                    taint["value"] = json!(v);
-                }
-                list.push(taint);
-            }
-        }
-        self.client
-            .patch_dyn(
-                r,
-                None,
-                &name,
-                None,
-                MERGE,
-                &json!({"spec": {"taints": list}}),
-            )
-            .await?;
+        let node = self.client.get::<Node>(None, &name).await?;
+        let current = node.spec.and_then(|s| s.taints).unwrap_or_default();
+        let list = apply_taints(current, &taints)?;
+        let patch = Patch::Merge(json!({"spec": {"taints": list}}));
+        self.client.patch::<Node>(None, &name, &patch).await?;
         println!("node/{name} tainted");
         Ok(())
+    }
+}
+
+/// `taint` arguments applied to a node's taints: `key=value:Effect` adds (or replaces the
+/// taint of that key and effect), `key:Effect-` or `key-` removes.
+fn apply_taints(mut list: Vec<Taint>, taints: &[String]) -> Result<Vec<Taint>> {
+    for t in taints {
+        if let Some(rm) = t.strip_suffix('-') {
+            let (key, effect) = rm
+                .split_once(':')
+                .map(|(k, e)| (k, Some(e)))
+                .unwrap_or((rm, None));
+            let before = list.len();
+            list.retain(|x| !(x.key == key && effect.is_none_or(|e| x.effect == e)));
+            if list.len() == before {
+                bail!("taint {rm:?} not found");
+            }
+        } else {
+            let (kv, effect) = t
+                .split_once(':')
+                .ok_or_else(|| anyhow!("invalid taint {t:?}: use key=value:Effect"))?;
+            if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+                bail!("invalid taint effect {effect:?}: use NoSchedule, PreferNoSchedule or NoExecute");
+            }
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            list.retain(|x| !(x.key == k && x.effect == effect));
+            list.push(Taint {
+                key: k.to_string(),
+                effect: effect.to_string(),
+                value: Some(v.to_string()).filter(|v| !v.is_empty()),
+                time_added: None,
+            });
+        }
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn taints_are_added_replaced_and_removed() {
+        let keys = |l: &[Taint]| -> Vec<String> {
+            l.iter()
+                .map(|t| {
+                    format!(
+                        "{}={}:{}",
+                        t.key,
+                        t.value.as_deref().unwrap_or(""),
+                        t.effect
+                    )
+                })
+                .collect()
+        };
+        let l = apply_taints(vec![], &["a=1:NoSchedule".into(), "b:NoExecute".into()]).unwrap();
+        assert_eq!(keys(&l), ["a=1:NoSchedule", "b=:NoExecute"]);
+        assert_eq!(l[1].value, None, "no value: none written");
+        let l = apply_taints(l, &["a=2:NoSchedule".into()]).unwrap();
+        assert_eq!(keys(&l), ["b=:NoExecute", "a=2:NoSchedule"]);
+        let l = apply_taints(l, &["a-".into(), "b:NoExecute-".into()]).unwrap();
+        assert!(l.is_empty());
+        assert!(apply_taints(vec![], &["a-".into()]).is_err());
+        assert!(apply_taints(vec![], &["a=1:Sometimes".into()]).is_err());
+        assert!(apply_taints(vec![], &["a=1".into()]).is_err());
     }
 }
