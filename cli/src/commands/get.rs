@@ -1,30 +1,199 @@
 //! `get`, `describe` and `get --watch`: reading objects and printing them.
 
+use std::collections::BTreeMap;
+
+use skiff_api::conditions::Condition;
+use skiff_api::k8s::api::apps::v1::{Deployment, ReplicaSet};
+use skiff_api::k8s::api::core::v1::{Node, Pod, PodSpec, Service};
+use skiff_api::k8s::apimachinery::pkg::api::resource::Quantity;
+use skiff_api::k8s::apimachinery::pkg::util::intstr::IntOrString;
+
 use super::*;
 
 /// The `Conditions:` block of `describe`: type and status, and the reason where kubectl
 /// shows one (workloads).
-pub(super) fn print_conditions(o: &Value, with_reason: bool) {
+pub(super) fn print_conditions<C: Condition>(conditions: &[C], with_reason: bool) {
     println!("Conditions:");
-    for c in o
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        let (ty, status) = (
-            c["type"].as_str().unwrap_or(""),
-            c["status"].as_str().unwrap_or(""),
-        );
+    for c in conditions {
+        let (ty, status) = (c.type_(), c.status());
         if with_reason {
-            println!(
-                "  {ty:<16}{status:<8}{}",
-                c["reason"].as_str().unwrap_or("")
-            );
+            println!("  {ty:<16}{status:<8}{}", c.reason());
         } else {
             println!("  {ty:<18}{status}");
         }
     }
+}
+
+/// One `Key:   value` line of `describe`.
+fn kv(k: &str, v: String) {
+    println!("{:<20}{}", format!("{k}:"), v)
+}
+
+/// An object the server sent, in its type.
+fn typed<K: skiff_client::Kind>(o: &Value) -> Result<K> {
+    Ok(serde_json::from_value(o.clone())?)
+}
+
+/// The selector column of `get`'s table for `kind`.
+fn table_selector(kind: &str, o: &Value) -> String {
+    skiff_api::table::row(kind, o, 0)
+        .last()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A number, or `<none>` as kubectl shows a field that is not set.
+fn or_none<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "<none>".into())
+}
+
+fn describe_pod(pod: &Pod, o: &Value) {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let status = pod.status.clone().unwrap_or_default();
+    kv("Node", or_none(spec.node_name));
+    kv("Status", skiff_api::table::pod_status(o));
+    kv("IP", or_none(status.pod_ip));
+    kv(
+        "Controlled By",
+        pod.metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|x| x.controller == Some(true))
+            .map(|x| format!("{}/{}", x.kind, x.name))
+            .unwrap_or_else(|| "<none>".into()),
+    );
+    println!("Containers:");
+    let statuses = status.container_statuses.unwrap_or_default();
+    for c in &spec.containers {
+        let n = &c.name;
+        println!("  {n}:");
+        println!("    Image:          {}", c.image.as_deref().unwrap_or(""));
+        let ports: Vec<String> = c
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                format!(
+                    "{}/{}",
+                    p.container_port,
+                    p.protocol.as_deref().unwrap_or("TCP")
+                )
+            })
+            .collect();
+        println!(
+            "    Port:           {}",
+            if ports.is_empty() {
+                "<none>".into()
+            } else {
+                ports.join(", ")
+            }
+        );
+        if let Some(st) = statuses.iter().find(|x| &x.name == n) {
+            let state = st.state.clone().unwrap_or_default();
+            let state = if state.running.is_some() {
+                "running"
+            } else if state.terminated.is_some() {
+                "terminated"
+            } else if state.waiting.is_some() {
+                "waiting"
+            } else {
+                ""
+            };
+            println!("    State:          {state}");
+            println!("    Ready:          {}", st.ready);
+            println!("    Restart Count:  {}", st.restart_count);
+        }
+    }
+    print_conditions(status.conditions.as_deref().unwrap_or_default(), false);
+}
+
+/// The body of `describe` for a Deployment or ReplicaSet; `counts` are desired, updated,
+/// total, available and unavailable replicas.
+fn describe_workload(
+    selector: &str,
+    counts: [Option<i32>; 5],
+    strategy: Option<String>,
+    pod: Option<&PodSpec>,
+) {
+    kv("Selector", selector.to_string());
+    let [desired, updated, total, available, unavailable] = counts.map(or_none);
+    kv(
+        "Replicas",
+        format!("{desired} desired | {updated} updated | {total} total | {available} available | {unavailable} unavailable"),
+    );
+    kv("StrategyType", or_none(strategy));
+    let images: Vec<String> = pod
+        .into_iter()
+        .flat_map(|p| p.containers.iter())
+        .map(|c| format!("{}: {}", c.name, c.image.as_deref().unwrap_or("")))
+        .collect();
+    kv("Containers", images.join(", "));
+}
+
+fn describe_service(svc: &Service, selector: &str) {
+    let spec = svc.spec.clone().unwrap_or_default();
+    kv("Selector", selector.to_string());
+    kv("Type", or_none(spec.type_));
+    kv("IP", or_none(spec.cluster_ip));
+    for p in spec.ports.iter().flatten() {
+        let name = p.name.as_deref().unwrap_or("<unset>");
+        kv(
+            "Port",
+            format!(
+                "{name} {}/{}",
+                p.port,
+                p.protocol.as_deref().unwrap_or("TCP")
+            ),
+        );
+        let target = match &p.target_port {
+            Some(IntOrString::Int(n)) => n.to_string(),
+            Some(IntOrString::String(s)) => s.clone(),
+            None => "null".into(),
+        };
+        kv("TargetPort", target);
+        if let Some(np) = p.node_port {
+            kv("NodePort", format!("{name} {np}/TCP"));
+        }
+    }
+}
+
+fn describe_node(node: &Node) {
+    let spec = node.spec.clone().unwrap_or_default();
+    let status = node.status.clone().unwrap_or_default();
+    kv(
+        "Addresses",
+        status
+            .addresses
+            .iter()
+            .flatten()
+            .map(|a| format!("{}={}", a.type_, a.address))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    kv("PodCIDR", or_none(spec.pod_cidr));
+    kv(
+        "Taints",
+        spec.taints
+            .iter()
+            .flatten()
+            .map(|t| {
+                format!(
+                    "{}={}:{}",
+                    t.key,
+                    t.value.as_deref().unwrap_or(""),
+                    t.effect
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    let json = |m: Option<BTreeMap<String, Quantity>>| {
+        m.and_then(|m| serde_json::to_string(&m).ok())
+            .unwrap_or_default()
+    };
+    kv("Capacity", json(status.capacity));
+    kv("Allocatable", json(status.allocatable));
 }
 
 impl Ctx {
@@ -198,7 +367,6 @@ impl Ctx {
         let r = resource(&kind)?;
         let ns = r.namespaced.then_some(self.ns.as_str());
         let o = self.client.get_dyn(r, ns, &name).await?;
-        let kv = |k: &str, v: String| println!("{:<20}{}", format!("{k}:"), v);
         let map = |m: std::collections::BTreeMap<String, String>| {
             if m.is_empty() {
                 "<none>".to_string()
@@ -226,202 +394,57 @@ impl Ctx {
                 .unwrap_or("")
                 .to_string(),
         );
-        let s = |p: &str| {
-            o.pointer(p)
-                .map(|v| {
-                    v.as_str()
-                        .map(String::from)
-                        .unwrap_or_else(|| v.to_string())
-                })
-                .unwrap_or_else(|| "<none>".into())
-        };
         match r.kind {
-            "Pod" => {
-                kv("Node", s("/spec/nodeName"));
-                kv("Status", skiff_api::table::pod_status(&o));
-                kv("IP", s("/status/podIP"));
-                kv(
-                    "Controlled By",
-                    meta::owners(&o)
-                        .iter()
-                        .find(|x| x.3)
-                        .map(|x| format!("{}/{}", x.1, x.2))
-                        .unwrap_or_else(|| "<none>".into()),
+            "Pod" => describe_pod(&typed(&o)?, &o),
+            "Deployment" => {
+                let d: Deployment = typed(&o)?;
+                let (spec, st) = (&d.spec, d.status.clone().unwrap_or_default());
+                describe_workload(
+                    &table_selector(r.kind, &o),
+                    [
+                        spec.replicas,
+                        st.updated_replicas,
+                        st.replicas,
+                        st.available_replicas,
+                        st.unavailable_replicas,
+                    ],
+                    spec.strategy.as_ref().and_then(|s| s.type_.clone()),
+                    spec.template.spec.as_ref(),
                 );
-                println!("Containers:");
-                let statuses = o
-                    .pointer("/status/containerStatuses")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                for c in o
-                    .pointer("/spec/containers")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    let n = c["name"].as_str().unwrap_or("");
-                    println!("  {n}:");
-                    println!("    Image:          {}", c["image"].as_str().unwrap_or(""));
-                    let ports: Vec<String> = c["ports"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|p| {
-                            format!(
-                                "{}/{}",
-                                p["containerPort"],
-                                p["protocol"].as_str().unwrap_or("TCP")
-                            )
-                        })
-                        .collect();
-                    println!(
-                        "    Port:           {}",
-                        if ports.is_empty() {
-                            "<none>".into()
-                        } else {
-                            ports.join(", ")
-                        }
-                    );
-                    if let Some(st) = statuses.iter().find(|x| x["name"] == n) {
-                        let state = st["state"]
-                            .as_object()
-                            .and_then(|m| m.keys().next().cloned())
-                            .unwrap_or_default();
-                        println!("    State:          {state}");
-                        println!("    Ready:          {}", st["ready"]);
-                        println!("    Restart Count:  {}", st["restartCount"]);
-                    }
-                }
-                print_conditions(&o, false);
+                print_conditions(st.conditions.as_deref().unwrap_or_default(), true);
             }
-            "Deployment" | "ReplicaSet" => {
-                kv(
-                    "Selector",
-                    skiff_api::table::row(r.kind, &o, 0)
-                        .last()
-                        .cloned()
-                        .unwrap_or_default(),
+            "ReplicaSet" => {
+                let rs: ReplicaSet = typed(&o)?;
+                let st = rs.status.clone();
+                describe_workload(
+                    &table_selector(r.kind, &o),
+                    [
+                        rs.spec.replicas,
+                        None,
+                        st.as_ref().map(|s| s.replicas),
+                        st.as_ref().and_then(|s| s.available_replicas),
+                        None,
+                    ],
+                    None,
+                    rs.spec.template.as_ref().and_then(|t| t.spec.as_ref()),
                 );
-                kv(
-                    "Replicas",
-                    format!(
-                        "{} desired | {} updated | {} total | {} available | {} unavailable",
-                        s("/spec/replicas"),
-                        s("/status/updatedReplicas"),
-                        s("/status/replicas"),
-                        s("/status/availableReplicas"),
-                        s("/status/unavailableReplicas")
-                    ),
-                );
-                kv("StrategyType", s("/spec/strategy/type"));
-                let images: Vec<String> = o
-                    .pointer("/spec/template/spec/containers")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .map(|c| {
-                        format!(
-                            "{}: {}",
-                            c["name"].as_str().unwrap_or(""),
-                            c["image"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect();
-                kv("Containers", images.join(", "));
-                print_conditions(&o, true);
+                let conditions = st.and_then(|s| s.conditions).unwrap_or_default();
+                print_conditions(&conditions, true);
             }
             "Service" => {
-                kv(
-                    "Selector",
-                    skiff_api::table::row("Service", &o, 0)
-                        .last()
-                        .cloned()
-                        .unwrap_or_default(),
-                );
-                kv("Type", s("/spec/type"));
-                kv("IP", s("/spec/clusterIP"));
-                for p in o
-                    .pointer("/spec/ports")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    kv(
-                        "Port",
-                        format!(
-                            "{} {}/{}",
-                            p["name"].as_str().unwrap_or("<unset>"),
-                            p["port"],
-                            p["protocol"].as_str().unwrap_or("TCP")
-                        ),
-                    );
-                    kv(
-                        "TargetPort",
-                        p["targetPort"].to_string().trim_matches('"').to_string(),
-                    );
-                    if let Some(np) = p.get("nodePort") {
-                        kv(
-                            "NodePort",
-                            format!("{} {np}/TCP", p["name"].as_str().unwrap_or("<unset>")),
-                        );
-                    }
-                }
+                let svc: Service = typed(&o)?;
+                describe_service(&svc, &table_selector("Service", &o));
                 let eps = match self.client.get_dyn(resource("endpoints")?, ns, &name).await {
                     Ok(ep) => skiff_api::table::row("Endpoints", &ep, 0)[1].clone(),
                     Err(_) => "<none>".into(),
                 };
                 kv("Endpoints", eps);
-                kv("Session Affinity", s("/spec/sessionAffinity"));
-            }
-            "Node" => {
                 kv(
-                    "Addresses",
-                    o.pointer("/status/addresses")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .map(|a| {
-                            format!(
-                                "{}={}",
-                                a["type"].as_str().unwrap_or(""),
-                                a["address"].as_str().unwrap_or("")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                );
-                kv("PodCIDR", s("/spec/podCIDR"));
-                kv(
-                    "Taints",
-                    o.pointer("/spec/taints")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                        .map(|t| {
-                            format!(
-                                "{}={}:{}",
-                                t["key"].as_str().unwrap_or(""),
-                                t["value"].as_str().unwrap_or(""),
-                                t["effect"].as_str().unwrap_or("")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                );
-                kv(
-                    "Capacity",
-                    o.pointer("/status/capacity")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
-                );
-                kv(
-                    "Allocatable",
-                    o.pointer("/status/allocatable")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
+                    "Session Affinity",
+                    or_none(svc.spec.and_then(|s| s.session_affinity)),
                 );
             }
+            "Node" => describe_node(&typed(&o)?),
             _ => {
                 if let Some(spec) = o.get("spec") {
                     println!(
