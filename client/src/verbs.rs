@@ -8,7 +8,8 @@ use skiff_api::conditions;
 use skiff_api::k8s::api::apps::v1::{
     ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
 };
-use skiff_api::k8s::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use skiff_api::k8s::api::batch::v1::{CronJob, Job};
+use skiff_api::k8s::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use skiff_api::{meta, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
 
 use crate::ClientError;
@@ -89,31 +90,29 @@ pub fn cronjob(name: &str, image: &str, schedule: &str, command: &[String]) -> V
 
 /// `create job NAME --from=cronjob/X`: a Job from the CronJob's job template, owned by it and
 /// annotated `cronjob.kubernetes.io/instantiate: manual`, as kubectl makes it.
-pub fn job_from_cronjob(name: &str, cj: &Value) -> Value {
-    let tmpl = cj
-        .pointer("/spec/jobTemplate")
-        .cloned()
-        .unwrap_or(json!({}));
-    let mut annotations = tmpl
-        .pointer("/metadata/annotations")
-        .cloned()
-        .filter(Value::is_object)
-        .unwrap_or(json!({}));
-    annotations["cronjob.kubernetes.io/instantiate"] = json!("manual");
-    json!({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {
-            "name": name,
-            "labels": tmpl.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
-            "annotations": annotations,
-            "ownerReferences": [{
-                "apiVersion": "batch/v1", "kind": "CronJob",
-                "name": cj.pointer("/metadata/name"), "uid": cj.pointer("/metadata/uid"),
-                "controller": true,
-            }],
+pub fn job_from_cronjob(name: &str, cj: &CronJob) -> Job {
+    let tmpl = cj.spec.job_template.clone();
+    let from = tmpl.metadata.unwrap_or_default();
+    let mut annotations = from.annotations.unwrap_or_default();
+    annotations.insert("cronjob.kubernetes.io/instantiate".into(), "manual".into());
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some(from.labels.unwrap_or_default()),
+            annotations: Some(annotations),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "batch/v1".into(),
+                kind: "CronJob".into(),
+                name: cj.metadata.name.clone().unwrap_or_default(),
+                uid: cj.metadata.uid.clone().unwrap_or_default(),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
         },
-        "spec": tmpl.get("spec").cloned().unwrap_or(json!({})),
-    })
+        spec: Some(tmpl.spec.unwrap_or_default()),
+        ..Default::default()
+    }
 }
 
 /// `run NAME --image [--restart] [--port] [-- args]`.
@@ -795,7 +794,8 @@ mod tests {
         assert!(tmpl["containers"][0].get("command").is_none());
         let mut stored = cj.clone();
         stored["metadata"]["uid"] = json!("u-1");
-        let m = job_from_cronjob("tick-manual", &stored);
+        let m = job_from_cronjob("tick-manual", &serde_json::from_value(stored).unwrap());
+        let m = serde_json::to_value(m).unwrap();
         assert_eq!(
             m["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"],
             "manual"

@@ -1,5 +1,7 @@
 //! `create`, `run` and `expose`: objects made from flags.
 
+use skiff_api::k8s::api::batch::v1::CronJob;
+
 use super::*;
 
 impl Ctx {
@@ -38,11 +40,8 @@ impl Ctx {
                         else {
                             bail!("from must be an existing cronjob: cronjob/NAME, not {from:?}");
                         };
-                        let cj = self
-                            .client
-                            .get_dyn(resource("cronjobs")?, Some(&self.ns), cj)
-                            .await?;
-                        verbs::job_from_cronjob(&name, &cj)
+                        let cj = self.client.get::<CronJob>(Some(&self.ns), cj).await?;
+                        serde_json::to_value(verbs::job_from_cronjob(&name, &cj))?
                     }
                     (Some(image), None) => verbs::job(&name, &image, &command),
                     (None, None) => bail!("--image or --from is required"),
