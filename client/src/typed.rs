@@ -286,6 +286,7 @@ impl Client {
                     "ADDED" => Event::Added(decode(&server, ev.object).ok()?),
                     "MODIFIED" => Event::Modified(decode(&server, ev.object).ok()?),
                     "DELETED" => Event::Deleted(decode(&server, ev.object).ok()?),
+                    // A bookmark carries only its resource version, not a whole object.
                     "BOOKMARK" => Event::Bookmark(
                         ev.object
                             .pointer("/metadata/resourceVersion")

@@ -191,6 +191,7 @@ pub fn expose(
     target_port: Option<&str>,
     node_port: Option<i32>,
 ) -> Result<Value, ClientError> {
+    // Any of six kinds, known only from the object: read as JSON.
     let kind = target["kind"].as_str().unwrap_or("");
     let selector = match kind {
         "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" => target

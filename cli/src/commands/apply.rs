@@ -84,6 +84,7 @@ impl Ctx {
         for d in docs {
             let av = d["apiVersion"].as_str().unwrap_or("");
             let kind = d["kind"].as_str().unwrap_or("");
+            // Manifests of any kind, known only from the document: handled as JSON.
             let r = Resource::by_kind(av, kind).ok_or_else(|| {
                 anyhow!("resource mapping not found for kind {kind:?} in version {av:?}")
             })?;

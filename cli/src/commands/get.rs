@@ -256,6 +256,7 @@ impl Ctx {
                     });
                 }
                 if watch {
+                    // A list of whatever RESOURCE names, so read as JSON.
                     return self
                         .watch(
                             r,
@@ -387,6 +388,7 @@ impl Ctx {
             .filter(|(k, _)| k != "kubectl.kubernetes.io/last-applied-configuration")
             .collect();
         kv("Annotations", map(ann));
+        // The header is the same for every kind: read from the object's JSON.
         kv(
             "CreationTimestamp",
             o.pointer("/metadata/creationTimestamp")

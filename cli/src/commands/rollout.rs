@@ -50,6 +50,7 @@ impl Ctx {
                     if done {
                         return Ok(());
                     }
+                    // A Deployment, DaemonSet or StatefulSet: read as JSON.
                     let rv = d["metadata"]["resourceVersion"]
                         .as_str()
                         .unwrap_or("")
