@@ -4,6 +4,7 @@
 
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
+use skiff_api::k8s::apimachinery::pkg::apis::meta::v1::Status;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
@@ -21,24 +22,23 @@ pub struct ExecOptions {
 
 /// The exit code a final status carries (0 for Success).
 pub fn exit_code(status: &Value) -> Result<i32, String> {
-    if status["status"] == "Success" {
+    let status: Status = serde_json::from_value(status.clone()).unwrap_or_default();
+    if status.status.as_deref() == Some("Success") {
         return Ok(0);
     }
-    if status["reason"] == "NonZeroExitCode" {
+    if status.reason.as_deref() == Some("NonZeroExitCode") {
         if let Some(code) = status
-            .pointer("/details/causes")
-            .and_then(Value::as_array)
-            .and_then(|c| c.iter().find(|c| c["reason"] == "ExitCode"))
-            .and_then(|c| c["message"].as_str())
-            .and_then(|m| m.parse().ok())
+            .details
+            .and_then(|d| d.causes)
+            .into_iter()
+            .flatten()
+            .find(|c| c.reason.as_deref() == Some("ExitCode"))
+            .and_then(|c| c.message?.parse().ok())
         {
             return Ok(code);
         }
     }
-    Err(status["message"]
-        .as_str()
-        .unwrap_or("exec failed")
-        .to_string())
+    Err(status.message.unwrap_or_else(|| "exec failed".into()))
 }
 
 impl Client {

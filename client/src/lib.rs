@@ -1,12 +1,16 @@
 //! skiff-client: talks to a skiff (or any Kubernetes) API server over HTTP.
 //!
 //! [`Client`] is the transport (kubeconfig, bearer token, `Status` errors, watch streams);
+//! [`typed`] its typed calls (`client.get::<Pod>(ns, name)`, `watch::<Service>`, …);
 //! [`verbs`] builds what the kubectl-like verbs send (deployments, services, rollbacks).
 
 pub mod exec;
 pub mod kubeconfig;
 pub mod token;
+pub mod typed;
 pub mod verbs;
+
+pub use typed::{DeleteParams, Event, Kind, ListParams, ObjectList, Patch};
 
 use std::sync::{Arc, RwLock};
 
@@ -251,7 +255,8 @@ impl Client {
         self.json(self.req(reqwest::Method::GET, path)).await
     }
 
-    pub async fn get(
+    /// One object of a kind known only at run time.
+    pub async fn get_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
@@ -260,7 +265,7 @@ impl Client {
         self.get_path(&path(r, ns, Some(name))).await
     }
 
-    pub async fn list(
+    pub async fn list_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
@@ -268,60 +273,63 @@ impl Client {
         field_selector: Option<&str>,
     ) -> Result<Value, ClientError> {
         let mut p = path(r, ns, None);
-        let mut q = Vec::new();
-        if let Some(l) = label_selector.filter(|s| !s.is_empty()) {
-            q.push(format!("labelSelector={}", encode_query(l)));
+        let q = typed::ListParams {
+            label_selector: label_selector.map(String::from),
+            field_selector: field_selector.map(String::from),
         }
-        if let Some(f) = field_selector.filter(|s| !s.is_empty()) {
-            q.push(format!("fieldSelector={}", encode_query(f)));
-        }
+        .query();
         if !q.is_empty() {
             p = format!("{p}?{}", q.join("&"));
         }
         self.get_path(&p).await
     }
 
-    pub async fn create(
+    pub async fn create_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
         obj: &Value,
     ) -> Result<Value, ClientError> {
-        self.json(
-            self.req(reqwest::Method::POST, &path(r, ns, None))
-                .json(obj),
-        )
-        .await
+        self.create_dyn_path(&path(r, ns, None), obj).await
     }
 
-    async fn put(&self, path: &str, obj: &Value) -> Result<Value, ClientError> {
+    async fn create_dyn_path<T: serde::Serialize + ?Sized>(
+        &self,
+        path: &str,
+        obj: &T,
+    ) -> Result<Value, ClientError> {
+        self.json(self.req(reqwest::Method::POST, path).json(obj))
+            .await
+    }
+
+    async fn put_value(&self, path: &str, obj: &Value) -> Result<Value, ClientError> {
         self.json(self.req(reqwest::Method::PUT, path).json(obj))
             .await
     }
 
-    pub async fn replace(
+    pub async fn replace_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
         name: &str,
         obj: &Value,
     ) -> Result<Value, ClientError> {
-        self.put(&path(r, ns, Some(name)), obj).await
+        self.put_value(&path(r, ns, Some(name)), obj).await
     }
 
-    pub async fn replace_status(
+    pub async fn replace_status_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
         name: &str,
         obj: &Value,
     ) -> Result<Value, ClientError> {
-        self.put(&format!("{}/status", path(r, ns, Some(name))), obj)
+        self.put_value(&format!("{}/status", path(r, ns, Some(name))), obj)
             .await
     }
 
     /// `content_type` is one of the patch media types (`application/merge-patch+json`, …).
-    pub async fn patch(
+    pub async fn patch_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
@@ -334,18 +342,42 @@ impl Client {
         if let Some(s) = sub {
             p = format!("{p}/{s}");
         }
+        self.patch_raw(&p, content_type, body).await
+    }
+
+    async fn patch_path(&self, path: &str, patch: &typed::Patch) -> Result<Value, ClientError> {
+        self.patch_raw(path, patch.content_type(), patch.body())
+            .await
+    }
+
+    async fn patch_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: &Value,
+    ) -> Result<Value, ClientError> {
         let rb = self
-            .req(reqwest::Method::PATCH, &p)
+            .req(reqwest::Method::PATCH, path)
             .header(reqwest::header::CONTENT_TYPE, content_type)
             .body(serde_json::to_vec(body).unwrap_or_default());
         self.json(rb).await
     }
 
-    pub async fn delete(
+    pub async fn delete_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
         name: &str,
+        propagation: Option<&str>,
+        grace: Option<i64>,
+    ) -> Result<Value, ClientError> {
+        self.delete_path(&path(r, ns, Some(name)), propagation, grace)
+            .await
+    }
+
+    async fn delete_path(
+        &self,
+        path: &str,
         propagation: Option<&str>,
         grace: Option<i64>,
     ) -> Result<Value, ClientError> {
@@ -356,11 +388,8 @@ impl Client {
         if let Some(g) = grace {
             body["gracePeriodSeconds"] = g.into();
         }
-        self.json(
-            self.req(reqwest::Method::DELETE, &path(r, ns, Some(name)))
-                .json(&body),
-        )
-        .await
+        self.json(self.req(reqwest::Method::DELETE, path).json(&body))
+            .await
     }
 
     /// Evicts a pod (`pods/NAME/eviction`, policy/v1): a graceful delete the API may refuse
@@ -385,7 +414,7 @@ impl Client {
     }
 
     /// Watches a collection from `resource_version` (all current objects first when None).
-    pub async fn watch(
+    pub async fn watch_dyn(
         &self,
         r: &Resource,
         ns: Option<&str>,
@@ -393,15 +422,29 @@ impl Client {
         field_selector: Option<&str>,
         label_selector: Option<&str>,
     ) -> Result<impl futures::Stream<Item = Result<WatchEvent, ClientError>>, ClientError> {
-        let mut p = format!("{}?watch=true", path(r, ns, None));
+        let mut q = Vec::new();
         if let Some(rv) = resource_version {
-            p.push_str(&format!("&resourceVersion={rv}"));
+            q.push(format!("resourceVersion={rv}"));
         }
         if let Some(f) = field_selector {
-            p.push_str(&format!("&fieldSelector={}", encode_query(f)));
+            q.push(format!("fieldSelector={}", encode_query(f)));
         }
         if let Some(l) = label_selector {
-            p.push_str(&format!("&labelSelector={}", encode_query(l)));
+            q.push(format!("labelSelector={}", encode_query(l)));
+        }
+        self.watch_path(&path(r, ns, None), &q).await
+    }
+
+    /// Watches the collection at `path` with `query` (`key=value`, already encoded).
+    async fn watch_path(
+        &self,
+        path: &str,
+        query: &[String],
+    ) -> Result<impl futures::Stream<Item = Result<WatchEvent, ClientError>>, ClientError> {
+        let mut p = format!("{path}?watch=true");
+        for q in query {
+            p.push('&');
+            p.push_str(q);
         }
         let resp = self.send(self.req(reqwest::Method::GET, &p)).await?;
         let server = self.server.clone();

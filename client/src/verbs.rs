@@ -4,7 +4,12 @@
 //! ControllerRevisions).
 
 use serde_json::{json, Value};
-use skiff_api::k8s::api::apps::v1::{ControllerRevision, DaemonSet};
+use skiff_api::conditions;
+use skiff_api::k8s::api::apps::v1::{
+    ControllerRevision, DaemonSet, Deployment, ReplicaSet, StatefulSet,
+};
+use skiff_api::k8s::api::batch::v1::{CronJob, Job};
+use skiff_api::k8s::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use skiff_api::{meta, POD_TEMPLATE_HASH, REVISION_ANNOTATION};
 
 use crate::ClientError;
@@ -85,31 +90,29 @@ pub fn cronjob(name: &str, image: &str, schedule: &str, command: &[String]) -> V
 
 /// `create job NAME --from=cronjob/X`: a Job from the CronJob's job template, owned by it and
 /// annotated `cronjob.kubernetes.io/instantiate: manual`, as kubectl makes it.
-pub fn job_from_cronjob(name: &str, cj: &Value) -> Value {
-    let tmpl = cj
-        .pointer("/spec/jobTemplate")
-        .cloned()
-        .unwrap_or(json!({}));
-    let mut annotations = tmpl
-        .pointer("/metadata/annotations")
-        .cloned()
-        .filter(Value::is_object)
-        .unwrap_or(json!({}));
-    annotations["cronjob.kubernetes.io/instantiate"] = json!("manual");
-    json!({
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {
-            "name": name,
-            "labels": tmpl.pointer("/metadata/labels").cloned().unwrap_or(json!({})),
-            "annotations": annotations,
-            "ownerReferences": [{
-                "apiVersion": "batch/v1", "kind": "CronJob",
-                "name": cj.pointer("/metadata/name"), "uid": cj.pointer("/metadata/uid"),
-                "controller": true,
-            }],
+pub fn job_from_cronjob(name: &str, cj: &CronJob) -> Job {
+    let tmpl = cj.spec.job_template.clone();
+    let from = tmpl.metadata.unwrap_or_default();
+    let mut annotations = from.annotations.unwrap_or_default();
+    annotations.insert("cronjob.kubernetes.io/instantiate".into(), "manual".into());
+    Job {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            labels: Some(from.labels.unwrap_or_default()),
+            annotations: Some(annotations),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "batch/v1".into(),
+                kind: "CronJob".into(),
+                name: cj.metadata.name.clone().unwrap_or_default(),
+                uid: cj.metadata.uid.clone().unwrap_or_default(),
+                controller: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
         },
-        "spec": tmpl.get("spec").cloned().unwrap_or(json!({})),
-    })
+        spec: Some(tmpl.spec.unwrap_or_default()),
+        ..Default::default()
+    }
 }
 
 /// `run NAME --image [--restart] [--port] [-- args]`.
@@ -188,6 +191,7 @@ pub fn expose(
     target_port: Option<&str>,
     node_port: Option<i32>,
 ) -> Result<Value, ClientError> {
+    // Any of six kinds, known only from the object: read as JSON.
     let kind = target["kind"].as_str().unwrap_or("");
     let selector = match kind {
         "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" => target
@@ -287,36 +291,51 @@ pub fn set_image_patch(obj: &Value, pairs: &[(String, String)]) -> Result<Value,
     })
 }
 
-fn revision_of(o: &Value) -> i64 {
-    meta::annotations(o)
-        .get(REVISION_ANNOTATION)
+fn revision_of(m: &ObjectMeta) -> i64 {
+    m.annotations
+        .as_ref()
+        .and_then(|a| a.get(REVISION_ANNOTATION))
         .and_then(|r| r.parse().ok())
         .unwrap_or(0)
 }
 
-/// The ReplicaSets a deployment owns, by revision.
-pub fn owned_replicasets<'a>(d: &Value, replicasets: &'a [Value]) -> Vec<&'a Value> {
-    let uid = meta::uid(d);
-    let mut out: Vec<&Value> = replicasets
+/// Whether `m` names `uid` as its controller.
+fn controlled_by(m: &ObjectMeta, uid: &str) -> bool {
+    m.owner_references
         .iter()
-        .filter(|rs| meta::controller_uid(rs).as_deref() == Some(uid))
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == uid)
+}
+
+/// The ReplicaSets a deployment owns, by revision.
+pub fn owned_replicasets(d: &Value, replicasets: &[Value]) -> Result<Vec<ReplicaSet>, ClientError> {
+    let d: Deployment = typed(d, "Deployment")?;
+    let uid = d.metadata.uid.unwrap_or_default();
+    let mut out: Vec<ReplicaSet> = replicasets
+        .iter()
+        .map(|rs| typed::<ReplicaSet>(rs, "ReplicaSet"))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|rs| controlled_by(&rs.metadata, &uid))
         .collect();
-    out.sort_by_key(|rs| revision_of(rs));
-    out
+    out.sort_by_key(|rs| revision_of(&rs.metadata));
+    Ok(out)
 }
 
 /// `rollout history`: (revision, change-cause) per revision.
-pub fn history(d: &Value, replicasets: &[Value]) -> Vec<(i64, String)> {
-    owned_replicasets(d, replicasets)
+pub fn history(d: &Value, replicasets: &[Value]) -> Result<Vec<(i64, String)>, ClientError> {
+    Ok(owned_replicasets(d, replicasets)?
         .into_iter()
         .map(|rs| {
-            let cause = meta::annotations(rs)
-                .get("kubernetes.io/change-cause")
-                .cloned()
+            let cause = rs
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("kubernetes.io/change-cause").cloned())
                 .unwrap_or_else(|| "<none>".into());
-            (revision_of(rs), cause)
+            (revision_of(&rs.metadata), cause)
         })
-        .collect()
+        .collect())
 }
 
 /// `rollout undo [--to-revision N]`: the JSON patch that puts an old template back, and the
@@ -326,75 +345,62 @@ pub fn rollback_patch(
     replicasets: &[Value],
     to_revision: Option<i64>,
 ) -> Result<(Value, i64), ClientError> {
-    let owned = owned_replicasets(d, replicasets);
-    let current = revision_of(d);
+    let owned = owned_replicasets(d, replicasets)?;
+    let current = revision_of(&typed::<Deployment>(d, "Deployment")?.metadata);
     let target = match to_revision.filter(|r| *r > 0) {
         Some(r) => owned
             .iter()
-            .find(|rs| revision_of(rs) == r)
-            .copied()
+            .find(|rs| revision_of(&rs.metadata) == r)
             .ok_or_else(|| {
                 ClientError::Usage(format!("unable to find specified revision {r} in history"))
             })?,
         None => owned
             .iter()
             .rev()
-            .find(|rs| revision_of(rs) != current)
-            .copied()
+            .find(|rs| revision_of(&rs.metadata) != current)
             .ok_or_else(|| {
                 ClientError::Usage("no rollout history found for the previous revision".into())
             })?,
     };
-    let mut template = target
-        .pointer("/spec/template")
-        .cloned()
-        .unwrap_or(json!({}));
-    if let Some(l) = template
-        .pointer_mut("/metadata/labels")
-        .and_then(Value::as_object_mut)
-    {
+    let mut template = target.spec.template.clone().unwrap_or_default();
+    if let Some(l) = template.metadata.as_mut().and_then(|m| m.labels.as_mut()) {
         l.remove(POD_TEMPLATE_HASH);
     }
     let patch = json!([{"op": "replace", "path": "/spec/template", "value": template}]);
-    Ok((patch, revision_of(target)))
+    Ok((patch, revision_of(&target.metadata)))
 }
 
 /// `rollout status` of a StatefulSet: (done, message), by kubectl's rules.
 pub fn statefulset_rollout_status(s: &Value) -> Result<(bool, String), ClientError> {
-    let i = |p: &str| s.pointer(p).and_then(Value::as_i64).unwrap_or(0);
-    let st = |p: &str| s.pointer(p).and_then(Value::as_str).unwrap_or("");
-    let strategy = s
-        .pointer("/spec/updateStrategy/type")
-        .and_then(Value::as_str)
-        .unwrap_or("RollingUpdate");
-    if strategy != "RollingUpdate" {
+    let s: StatefulSet = typed(s, "StatefulSet")?;
+    let spec = s.spec;
+    let status = s.status.unwrap_or_default();
+    let strategy = spec.update_strategy.unwrap_or_default();
+    if strategy.type_.as_deref().unwrap_or("RollingUpdate") != "RollingUpdate" {
         return Err(ClientError::Usage(
             "rollout status is only available for RollingUpdate strategy type".into(),
         ));
     }
-    let observed = i("/status/observedGeneration");
-    if observed == 0 || i("/metadata/generation") > observed {
+    let observed = status.observed_generation.unwrap_or(0);
+    if observed == 0 || s.metadata.generation.unwrap_or(0) > observed {
         return Ok((
             false,
             "Waiting for statefulset spec update to be observed...".into(),
         ));
     }
-    let replicas = s
-        .pointer("/spec/replicas")
-        .and_then(Value::as_i64)
-        .unwrap_or(1);
-    let ready = i("/status/readyReplicas");
+    let replicas = spec.replicas.unwrap_or(1);
+    let ready = status.ready_replicas.unwrap_or(0);
     if ready < replicas {
         return Ok((
             false,
             format!("Waiting for {} pods to be ready...", replicas - ready),
         ));
     }
-    let updated = i("/status/updatedReplicas");
+    let updated = status.updated_replicas.unwrap_or(0);
     // As kubectl: any `rollingUpdate` (the API defaults `partition: 0`) is a partitioned
     // roll out, complete once the ordinals at or above the partition are updated.
-    if let Some(ru) = s.pointer("/spec/updateStrategy/rollingUpdate") {
-        let partition = ru.get("partition").and_then(Value::as_i64).unwrap_or(0);
+    if let Some(ru) = strategy.rolling_update {
+        let partition = ru.partition.unwrap_or(0);
         if updated < replicas - partition {
             return Ok((false, format!("Waiting for partitioned roll out to finish: {updated} out of {} new pods have been updated...", replicas - partition)));
         }
@@ -403,7 +409,8 @@ pub fn statefulset_rollout_status(s: &Value) -> Result<(bool, String), ClientErr
             format!("partitioned roll out complete: {updated} new pods have been updated..."),
         ));
     }
-    let (current, update) = (st("/status/currentRevision"), st("/status/updateRevision"));
+    let current = status.current_revision.unwrap_or_default();
+    let update = status.update_revision.unwrap_or_default();
     if update != current {
         return Ok((false, format!("waiting for statefulset rolling update to complete {updated} pods at revision {update}...")));
     }
@@ -411,46 +418,37 @@ pub fn statefulset_rollout_status(s: &Value) -> Result<(bool, String), ClientErr
         true,
         format!(
             "statefulset rolling update complete {} pods at revision {current}...",
-            i("/status/currentReplicas")
+            status.current_replicas.unwrap_or(0)
         ),
     ))
 }
 
 /// `rollout status`: (done, message), by kubectl's rules.
 pub fn rollout_status(d: &Value) -> Result<(bool, String), ClientError> {
+    // Deployments and StatefulSets come here: the kind is only known from the object.
     if d.get("kind").and_then(Value::as_str) == Some("StatefulSet") {
         return statefulset_rollout_status(d);
     }
-    let name = meta::name(d);
-    let generation = d
-        .pointer("/metadata/generation")
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
-    let observed = d
-        .pointer("/status/observedGeneration")
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
-    if observed < generation {
+    let d: Deployment = typed(d, "Deployment")?;
+    let name = d.metadata.name.clone().unwrap_or_default();
+    let status = d.status.unwrap_or_default();
+    if status.observed_generation.unwrap_or(0) < d.metadata.generation.unwrap_or(0) {
         return Ok((
             false,
             "Waiting for deployment spec update to be observed...".into(),
         ));
     }
-    let progressing = d
-        .pointer("/status/conditions")
-        .and_then(Value::as_array)
-        .and_then(|cs| cs.iter().find(|c| c["type"] == "Progressing"));
-    if progressing.is_some_and(|c| c["reason"] == "ProgressDeadlineExceeded") {
+    let progressing = conditions::get(status.conditions.as_deref(), "Progressing");
+    if progressing.is_some_and(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded")) {
         return Err(ClientError::Usage(format!(
             "deployment \"{name}\" exceeded its progress deadline"
         )));
     }
-    let i = |p: &str| d.pointer(p).and_then(Value::as_i64).unwrap_or(0);
     let (want, updated, total, available) = (
-        i("/spec/replicas"),
-        i("/status/updatedReplicas"),
-        i("/status/replicas"),
-        i("/status/availableReplicas"),
+        d.spec.replicas.unwrap_or(0),
+        status.updated_replicas.unwrap_or(0),
+        status.replicas.unwrap_or(0),
+        status.available_replicas.unwrap_or(0),
     );
     if updated < want {
         return Ok((false, format!("Waiting for deployment \"{name}\" rollout to finish: {updated} out of {want} new replicas have been updated...")));
@@ -797,7 +795,8 @@ mod tests {
         assert!(tmpl["containers"][0].get("command").is_none());
         let mut stored = cj.clone();
         stored["metadata"]["uid"] = json!("u-1");
-        let m = job_from_cronjob("tick-manual", &stored);
+        let m = job_from_cronjob("tick-manual", &serde_json::from_value(stored).unwrap());
+        let m = serde_json::to_value(m).unwrap();
         assert_eq!(
             m["metadata"]["annotations"]["cronjob.kubernetes.io/instantiate"],
             "manual"

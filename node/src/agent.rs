@@ -10,9 +10,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    DaemonEndpoint, Node, NodeAddress, NodeCondition, NodeDaemonEndpoints, NodeSpec, NodeStatus,
+    NodeSystemInfo, Pod,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
 use serde_json::{json, Value};
-use skiff_api::{meta, Resource, OCI_CONDITION, OCI_NODE_LABEL, WASM_NODE_LABEL};
-use skiff_client::{Client, ClientError};
+use skiff_api::conditions::Condition;
+use skiff_api::{Resource, OCI_CONDITION, OCI_NODE_LABEL, WASM_NODE_LABEL};
+use skiff_client::{Client, ClientError, DeleteParams, Event, ListParams, Patch};
 use skiff_wasm::artifact::{BlobCache, ImageIndex};
 use skiff_wasm::Runtime;
 use tokio::sync::watch;
@@ -22,7 +32,7 @@ use crate::network::{IpCommand, NetError, Netlink, PodNetwork, ServiceAddresses}
 use crate::oci::OciNode;
 use crate::sandbox::Cni;
 
-use crate::pod::{self, now, NodeContext, PodWorker};
+use crate::pod::{self, NodeContext, PodWorker};
 use crate::services::LocalEndpoints;
 
 #[derive(Debug, Clone)]
@@ -139,7 +149,7 @@ fn machine_memory_kib() -> u64 {
 /// What the node says about its OCI runtime: the runc version, or why it has none.
 pub type OciState = Result<String, String>;
 
-fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
+fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Node {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
@@ -155,33 +165,70 @@ fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Value {
         .unwrap_or_default()
         .trim()
         .to_string();
-    let resources =
-        json!({"cpu": cpus.to_string(), "memory": mem, "pods": "1000", "ephemeral-storage": "0"});
-    json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": c.name, "labels": {
-            "kubernetes.io/hostname": c.name, "kubernetes.io/os": std::env::consts::OS, "kubernetes.io/arch": arch,
-            "beta.kubernetes.io/os": std::env::consts::OS, "beta.kubernetes.io/arch": arch,
-            WASM_NODE_LABEL: "true", OCI_NODE_LABEL: oci.is_ok().to_string(),
-        }},
-        "spec": {},
-        "status": {
-            "capacity": resources, "allocatable": resources,
-            "addresses": [{"type": "InternalIP", "address": c.node_ip.to_string()}, {"type": "Hostname", "address": c.name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": port}},
-            "conditions": conditions(oci),
-            "nodeInfo": {"kubeletVersion": concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")), "kubeProxyVersion": "", "osImage": "skiff",
-                         "kernelVersion": kernel, "containerRuntimeVersion": match oci {
-                             Ok(v) => format!("wasmtime://48.0.8, runc://{v}"),
-                             Err(_) => "wasmtime://48.0.8".to_string(),
-                         }, "operatingSystem": std::env::consts::OS,
-                         "architecture": arch, "machineID": "", "systemUUID": "", "bootID": ""},
-        }
-    })
+    let os = std::env::consts::OS;
+    let resources: BTreeMap<String, Quantity> = [
+        ("cpu", cpus.to_string()),
+        ("memory", mem),
+        ("pods", "1000".into()),
+        ("ephemeral-storage", "0".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), Quantity(v)))
+    .collect();
+    let labels = [
+        ("kubernetes.io/hostname", c.name.clone()),
+        ("kubernetes.io/os", os.into()),
+        ("kubernetes.io/arch", arch.into()),
+        ("beta.kubernetes.io/os", os.into()),
+        ("beta.kubernetes.io/arch", arch.into()),
+        (WASM_NODE_LABEL, "true".into()),
+        (OCI_NODE_LABEL, oci.is_ok().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let address = |ty: &str, a: String| NodeAddress {
+        type_: ty.into(),
+        address: a,
+    };
+    Node {
+        metadata: ObjectMeta {
+            name: Some(c.name.clone()),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        spec: Some(NodeSpec::default()),
+        status: Some(NodeStatus {
+            capacity: Some(resources.clone()),
+            allocatable: Some(resources),
+            addresses: Some(vec![
+                address("InternalIP", c.node_ip.to_string()),
+                address("Hostname", c.name.clone()),
+            ]),
+            daemon_endpoints: Some(NodeDaemonEndpoints {
+                kubelet_endpoint: Some(DaemonEndpoint { port: port.into() }),
+            }),
+            conditions: Some(conditions(oci)),
+            node_info: Some(NodeSystemInfo {
+                kubelet_version: concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")).into(),
+                os_image: "skiff".into(),
+                kernel_version: kernel,
+                container_runtime_version: match oci {
+                    Ok(v) => format!("wasmtime://48.0.8, runc://{v}"),
+                    Err(_) => "wasmtime://48.0.8".to_string(),
+                },
+                operating_system: os.into(),
+                architecture: arch.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
 }
 
-pub(crate) fn conditions(oci: &OciState) -> Value {
-    let t = now();
+/// The node's conditions as they stand now (transition and heartbeat times: now).
+pub(crate) fn conditions(oci: &OciState) -> Vec<NodeCondition> {
+    let t = time_now();
     let (oci_status, oci_reason, oci_message) = match oci {
         Ok(v) => ("True", "RuncFound", format!("runc {v} runs OCI containers")),
         Err(why) => (
@@ -190,40 +237,48 @@ pub(crate) fn conditions(oci: &OciState) -> Value {
             format!("OCI containers cannot run here: {why}"),
         ),
     };
-    json!([
-        {"type": OCI_CONDITION, "status": oci_status, "reason": oci_reason, "message": oci_message, "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "skiff agent is posting ready status", "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "DiskPressure", "status": "False", "reason": "KubeletHasNoDiskPressure", "lastHeartbeatTime": t, "lastTransitionTime": t},
-        {"type": "PIDPressure", "status": "False", "reason": "KubeletHasSufficientPID", "lastHeartbeatTime": t, "lastTransitionTime": t},
-    ])
+    [
+        (OCI_CONDITION, oci_status, oci_reason, oci_message.as_str()),
+        (
+            "Ready",
+            "True",
+            "KubeletReady",
+            "skiff agent is posting ready status",
+        ),
+        ("MemoryPressure", "False", "KubeletHasSufficientMemory", ""),
+        ("DiskPressure", "False", "KubeletHasNoDiskPressure", ""),
+        ("PIDPressure", "False", "KubeletHasSufficientPID", ""),
+    ]
+    .into_iter()
+    .map(|(ty, status, reason, message)| NodeCondition::new(ty, status, reason, message, &t))
+    .collect()
 }
 
-/// Creates or refreshes the Node; returns it as stored (with its pod CIDR).
+/// Now, to the second, as status times are written.
+pub(crate) fn time_now() -> Time {
+    Time(Timestamp::from_second(chrono::Utc::now().timestamp()).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// Creates or refreshes the Node; returns it as stored (with its pod CIDR). A Node that exists
+/// is patched, labels and status: what others wrote on it (taints, annotations, the pod CIDR)
+/// stays.
 async fn register(
     client: &Client,
     config: &AgentConfig,
     port: u16,
     oci: &OciState,
-) -> Result<Value, ClientError> {
-    let nodes = Resource::lookup("nodes").expect("nodes");
+) -> Result<Node, ClientError> {
     let want = node_object(config, port, oci);
-    match client.get(nodes, None, &config.name).await {
-        Ok(mut cur) => {
-            cur["status"] = want["status"].clone();
-            for (k, v) in want["metadata"]["labels"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default()
-            {
-                cur["metadata"]["labels"][k] = v;
-            }
-            let cur = client.replace(nodes, None, &config.name, &cur).await?;
-            let mut st = cur.clone();
-            st["status"] = want["status"].clone();
-            client.replace_status(nodes, None, &config.name, &st).await
+    match client.get::<Node>(None, &config.name).await {
+        Ok(_) => {
+            let labels = Patch::Merge(json!({"metadata": {"labels": want.metadata.labels}}));
+            client.patch::<Node>(None, &config.name, &labels).await?;
+            let status = Patch::Merge(json!({"status": want.status}));
+            client
+                .patch_status::<Node>(None, &config.name, &status)
+                .await
         }
-        Err(e) if e.code() == Some(404) => client.create(nodes, None, &want).await,
+        Err(e) if e.code() == Some(404) => client.create(None, &want).await,
         Err(e) => Err(e),
     }
 }
@@ -304,10 +359,10 @@ impl Agent {
             },
         };
         let cidr = node
-            .pointer("/spec/podCIDR")
-            .and_then(Value::as_str)
-            .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?
-            .to_string();
+            .spec
+            .as_ref()
+            .and_then(|s| s.pod_cidr.clone())
+            .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?;
         let net = PodNetwork::new(&cidr, &config.bridge, link)?;
         let oci = oci.ok().map(|mut o| {
             o.cni.gateway = net.gateway();
@@ -316,19 +371,10 @@ impl Agent {
         });
         // A node runs as many pods as its pod network has addresses.
         let pods = net.capacity().to_string();
-        let nodes = Resource::lookup("nodes").expect("nodes");
-        let cap = json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}});
-        if let Err(e) = client
-            .patch(
-                nodes,
-                None,
-                &config.name,
-                Some("status"),
-                "application/merge-patch+json",
-                &cap,
-            )
-            .await
-        {
+        let cap = Patch::Merge(
+            json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}}),
+        );
+        if let Err(e) = client.patch_status::<Node>(None, &config.name, &cap).await {
             tracing::warn!(error = %e, "could not publish the node's pod capacity");
         }
         let runtime = Runtime::new(config.data_dir.join("compiled"), 1000)?;
@@ -424,16 +470,27 @@ fn cache_path(dir: &std::path::Path) -> PathBuf {
     dir.join("pods.json")
 }
 
-fn load_cache(dir: &std::path::Path) -> Option<(Value, Vec<Value>)> {
-    let v: Value = serde_json::from_slice(&std::fs::read(cache_path(dir)).ok()?).ok()?;
-    Some((
-        v["node"].clone(),
-        v["pods"].as_array().cloned().unwrap_or_default(),
-    ))
+/// The pod cache on disk: the Node as last registered and the pods bound to it.
+#[derive(serde::Deserialize)]
+struct Cache {
+    node: Node,
+    /// Each pod on its own: one that no longer decodes is skipped, not the whole cache.
+    #[serde(default)]
+    pods: Vec<Value>,
 }
 
-fn cache_body(node: &Value, pods: &HashMap<String, (PodWorker, Value)>) -> Vec<u8> {
-    let list: Vec<&Value> = pods.values().map(|(_, p)| p).collect();
+fn load_cache(dir: &std::path::Path) -> Option<(Node, Vec<Pod>)> {
+    let c: Cache = serde_json::from_slice(&std::fs::read(cache_path(dir)).ok()?).ok()?;
+    let pods = c
+        .pods
+        .into_iter()
+        .filter_map(|p| serde_json::from_value(p).ok())
+        .collect();
+    Some((c.node, pods))
+}
+
+fn cache_body(node: &Node, pods: &HashMap<String, (PodWorker, Pod)>) -> Vec<u8> {
+    let list: Vec<&Pod> = pods.values().map(|(_, p)| p).collect();
     serde_json::to_vec(&json!({"node": node, "pods": list})).unwrap_or_default()
 }
 
@@ -481,7 +538,7 @@ impl CacheWriter {
         CacheWriter { tx, task }
     }
 
-    fn save(&self, node: &Value, pods: &HashMap<String, (PodWorker, Value)>) {
+    fn save(&self, node: &Node, pods: &HashMap<String, (PodWorker, Pod)>) {
         self.tx.send_replace(Some(cache_body(node, pods)));
     }
 
@@ -494,19 +551,19 @@ impl CacheWriter {
 
 /// Whether the pod cache holds pod `uid`, and at which pod IP.
 fn cached_address(
-    workers: &HashMap<String, (PodWorker, Value)>,
+    workers: &HashMap<String, (PodWorker, Pod)>,
     uid: &str,
 ) -> Option<Option<String>> {
     workers
         .get(uid)
-        .map(|(_, p)| pod::typed(p).status.and_then(|s| s.pod_ip))
+        .map(|(_, p)| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
 }
 
 /// How often what no pod uses is collected (also at every relist).
 const GC_EVERY: Duration = Duration::from_secs(600);
 
 /// The images of the pods this node runs.
-fn images_in_use(workers: &HashMap<String, (PodWorker, Value)>) -> HashSet<String> {
+fn images_in_use(workers: &HashMap<String, (PodWorker, Pod)>) -> HashSet<String> {
     workers.values().flat_map(|(_, p)| pod_images(p)).collect()
 }
 
@@ -715,8 +772,7 @@ enum Action {
     Ignore,
 }
 
-fn decide(pod: &Value, running: bool, stopping: bool) -> Action {
-    let pod = pod::typed(pod);
+fn decide(pod: &Pod, running: bool, stopping: bool) -> Action {
     let finished = matches!(
         pod.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded") | Some("Failed")
@@ -743,7 +799,7 @@ fn decide(pod: &Value, running: bool, stopping: bool) -> Action {
 /// The pods this agent runs, and those it is stopping.
 #[derive(Default)]
 struct Pods {
-    workers: HashMap<String, (PodWorker, Value)>,
+    workers: HashMap<String, (PodWorker, Pod)>,
     /// Pods being stopped (deleted, or bound here no more), by UID: until its stop is done, what
     /// such a pod holds (containers, namespace, address, files) is still its own.
     stopping: HashMap<String, tokio::task::JoinHandle<()>>,
@@ -766,12 +822,12 @@ impl Pods {
 
     /// Stops the pod's worker (if any) in the background; then, for a pod being deleted, its
     /// API object is deleted (retried until it is), and its files go.
-    fn stop(&mut self, ctx: &Arc<NodeContext>, pod: &Value, grace: Duration, delete: bool) {
-        let uid = meta::uid(pod).to_string();
+    fn stop(&mut self, ctx: &Arc<NodeContext>, pod: &Pod, grace: Duration, delete: bool) {
+        let uid = pod::uid_of(pod).to_string();
         let worker = self.workers.remove(&uid).map(|(w, _)| w);
         let ctx = ctx.clone();
         let pod = pod.clone();
-        tracing::info!(pod = %meta::name(&pod), ?grace, delete, running = worker.is_some(), "stopping a pod");
+        tracing::info!(pod = %pod::name_of(&pod), ?grace, delete, running = worker.is_some(), "stopping a pod");
         let h = tokio::spawn(async move {
             let began = Instant::now();
             if let Some(w) = worker {
@@ -780,15 +836,15 @@ impl Pods {
             if delete {
                 finish_deletion(&ctx, &pod).await;
             }
-            tracing::info!(pod = %meta::name(&pod), took = ?began.elapsed(), "pod stopped");
-            crate::pod::forget_logs(&ctx, &pod);
-            remove_pod_dir(&crate::pod::pod_dir(&ctx.data_dir, &pod));
+            tracing::info!(pod = %pod::name_of(&pod), took = ?began.elapsed(), "pod stopped");
+            pod::forget_logs(&ctx, &pod);
+            remove_pod_dir(&pod::pod_dir(&ctx.data_dir, &pod));
         });
         self.stopping.insert(uid, h);
     }
 
-    fn handle(&mut self, ctx: &Arc<NodeContext>, pod: Value) {
-        let uid = meta::uid(&pod).to_string();
+    fn handle(&mut self, ctx: &Arc<NodeContext>, pod: Pod) {
+        let uid = pod::uid_of(&pod).to_string();
         self.forget_stopped();
         let running = self.workers.contains_key(&uid);
         match decide(&pod, running, self.stopping.contains_key(&uid)) {
@@ -803,7 +859,7 @@ impl Pods {
             }
             Action::Delete(grace) => self.stop(ctx, &pod, grace, true),
             Action::Ignore if !running && !self.stopping.contains_key(&uid) => {
-                crate::pod::keep_logs(ctx, &pod);
+                pod::keep_logs(ctx, &pod);
             }
             Action::Ignore => {}
         }
@@ -825,13 +881,15 @@ impl Pods {
 
 /// Deletes the API object of a pod whose containers have stopped, retrying with backoff
 /// until it is gone.
-async fn finish_deletion(ctx: &NodeContext, pod: &Value) {
-    let pods = Resource::lookup("pods").expect("pods");
-    let ns = meta::namespace(pod).unwrap_or("default");
-    let name = meta::name(pod);
+async fn finish_deletion(ctx: &NodeContext, pod: &Pod) {
+    let (ns, name) = (pod::ns_of(pod), pod::name_of(pod));
     let mut backoff = crate::backoff::Backoff::default();
     loop {
-        match ctx.client.delete(pods, Some(ns), name, None, Some(0)).await {
+        match ctx
+            .client
+            .delete::<Pod>(Some(ns), name, &DeleteParams::now())
+            .await
+        {
             Ok(_) => return,
             Err(e) if e.code() == Some(404) => return,
             Err(e) => {
@@ -878,7 +936,7 @@ async fn sweep_volumes(ctx: &NodeContext) {
     let pvs = Resource::lookup("persistentvolumes").expect("pvs");
     for entry in rd.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
-        match ctx.client.get(pvs, None, &name).await {
+        match ctx.client.get_dyn(pvs, None, &name).await {
             Err(e) if e.code() == Some(404) => {
                 tracing::info!(volume = %name, "removing the directory of a deleted volume");
                 remove_pod_dir(&entry.path());
@@ -891,8 +949,8 @@ async fn sweep_volumes(ctx: &NodeContext) {
 async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
-    node: Value,
-    cached: Vec<Value>,
+    node: Node,
+    cached: Vec<Pod>,
     (listener, endpoint_tls): (tokio::net::TcpListener, Arc<rustls::ServerConfig>),
     logs: LogIndex,
     mut stop: watch::Receiver<bool>,
@@ -915,8 +973,7 @@ async fn run(
         crate::heartbeat::Heartbeat::new(hb_client, &config.name, oci_state, config.heartbeat)
             .run(stop.clone()),
     );
-    let pods_r = Resource::lookup("pods").expect("pods");
-    let selector = format!("spec.nodeName={}", config.name);
+    let selector = ListParams::fields(&format!("spec.nodeName={}", config.name));
     let mut relist = Relist::default();
     let mut cache = CacheWrites::default();
     let writer = CacheWriter::new(config.data_dir.clone());
@@ -933,7 +990,7 @@ async fn run(
         }
         first = false;
         // List, reconcile, then follow the watch.
-        let list = match ctx.client.list(pods_r, None, None, Some(&selector)).await {
+        let list = match ctx.client.list::<Pod>(None, &selector).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing this node's pods failed; retrying");
@@ -945,9 +1002,10 @@ async fn run(
             }
         };
         cached = None;
-        let items = list["items"].as_array().cloned().unwrap_or_default();
-        let live: HashSet<String> = items.iter().map(|p| meta::uid(p).to_string()).collect();
-        let gone: Vec<Value> = pods
+        let rv = list.resource_version.unwrap_or_default();
+        let items = list.items;
+        let live: HashSet<String> = items.iter().map(|p| pod::uid_of(p).to_string()).collect();
+        let gone: Vec<Pod> = pods
             .workers
             .iter()
             .filter(|(u, _)| !live.contains(*u))
@@ -970,15 +1028,7 @@ async fn run(
         if gc.as_ref().is_none_or(|h| h.is_finished()) {
             gc = Some(collect_garbage(&ctx, images_in_use(&pods.workers)));
         }
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        let mut stream = match ctx
-            .client
-            .watch(pods_r, None, Some(&rv), Some(&selector), None)
-            .await
-        {
+        let mut stream = match ctx.client.watch::<Pod>(None, &selector, Some(&rv)).await {
             Ok(s) => Box::pin(s),
             Err(e) => {
                 tracing::warn!(error = %e, "watching this node's pods failed; relisting");
@@ -1007,15 +1057,20 @@ async fn run(
                     Some(Ok(ev)) => {
                         // The watch works: the next failure starts the backoff over.
                         relist.reset();
-                        let uid = meta::uid(&ev.object).to_string();
+                        let (pod, deleted) = match ev {
+                            Event::Added(p) | Event::Modified(p) => (p, false),
+                            Event::Deleted(p) => (p, true),
+                            Event::Bookmark(_) => continue,
+                        };
+                        let uid = pod::uid_of(&pod).to_string();
                         let before = cached_address(&pods.workers, &uid);
-                        if ev.kind == "DELETED" {
+                        if deleted {
                             pods.forget_stopped();
-                            if !pods.stopping.contains_key(meta::uid(&ev.object)) {
-                                pods.stop(&ctx, &ev.object, Duration::from_secs(1), false);
+                            if !pods.stopping.contains_key(&uid) {
+                                pods.stop(&ctx, &pod, Duration::from_secs(1), false);
                             }
-                        } else if ev.kind != "BOOKMARK" {
-                            pods.handle(&ctx, ev.object);
+                        } else {
+                            pods.handle(&ctx, pod);
                         }
                         cache.changed();
                         // A pod bound here or gone, or given its address, is written at once
@@ -1050,12 +1105,11 @@ async fn run(
 }
 
 /// The images of a pod's containers.
-fn pod_images(pod: &Value) -> Vec<String> {
-    pod.pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|c| c["image"].as_str().map(String::from))
+fn pod_images(pod: &Pod) -> Vec<String> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .filter_map(|c| c.image.clone())
         .collect()
 }
 
@@ -1063,14 +1117,14 @@ fn pod_images(pod: &Value) -> Vec<String> {
 mod tests {
     use super::*;
 
-    fn pod(uid: &str, phase: &str, deleting: Option<u64>) -> Value {
+    fn pod(uid: &str, phase: &str, deleting: Option<u64>) -> Pod {
         let mut p = json!({"metadata": {"name": "p", "namespace": "default", "uid": uid},
                            "status": {"phase": phase}});
         if let Some(grace) = deleting {
             p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
             p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
         }
-        p
+        pod::typed(&p)
     }
 
     #[test]
@@ -1144,7 +1198,13 @@ mod tests {
     #[test]
     fn the_cache_is_replaced_whole() {
         let d = tempfile::tempdir().unwrap();
-        let node = json!({"metadata": {"name": "n"}});
+        let node = Node {
+            metadata: ObjectMeta {
+                name: Some("n".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
         write_cache(d.path(), &cache_body(&node, &HashMap::new()));
         let (n, pods) = load_cache(d.path()).unwrap();
         assert_eq!(n, node);

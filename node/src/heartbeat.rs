@@ -17,15 +17,14 @@
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
-use serde_json::{json, Value};
-use skiff_api::Resource;
-use skiff_client::{Client, ClientError};
+use serde_json::json;
+use skiff_client::{Client, ClientError, Patch};
 use tokio::sync::watch;
 
-use crate::agent::{conditions, OciState};
-use crate::pod::now;
+use crate::agent::{conditions, time_now, OciState};
 
 /// Where node Leases live.
 pub const NODE_LEASE_NAMESPACE: &str = "kube-node-lease";
@@ -60,17 +59,6 @@ fn micro_now() -> MicroTime {
         Timestamp::from_microsecond(chrono::Utc::now().timestamp_micros())
             .unwrap_or(Timestamp::UNIX_EPOCH),
     )
-}
-
-fn leases() -> &'static Resource {
-    Resource::lookup("leases").expect("leases")
-}
-
-fn to_value(l: &Lease) -> Value {
-    let mut v = serde_json::to_value(l).unwrap_or_default();
-    v["apiVersion"] = json!("coordination.k8s.io/v1");
-    v["kind"] = json!("Lease");
-    v
 }
 
 /// Whether the Node status is due: never posted, conditions changed, the API came back, or
@@ -120,20 +108,17 @@ impl Heartbeat {
         self.requests
     }
 
-    /// Renews (or creates) the Lease: one request while nobody else wrote it.
+    /// Renews (or creates) the Lease: one request while nobody else wrote it. The Lease is
+    /// this node's alone, so it is replaced whole.
     pub async fn renew(&mut self) -> Result<(), ClientError> {
         let ns = Some(NODE_LEASE_NAMESPACE);
         if let Some(mut l) = self.lease.take() {
             let spec = l.spec.get_or_insert_with(Default::default);
             spec.renew_time = Some(micro_now());
             self.requests += 1;
-            match self
-                .client
-                .replace(leases(), ns, &self.name, &to_value(&l))
-                .await
-            {
-                Ok(v) => {
-                    self.lease = serde_json::from_value(v).ok();
+            match self.client.replace(ns, &self.name, &l).await {
+                Ok(stored) => {
+                    self.lease = Some(stored);
                     return Ok(());
                 }
                 // Changed or removed by someone else: read it again below.
@@ -146,9 +131,8 @@ impl Heartbeat {
         }
         let seconds = self.timing.lease_duration.as_secs().max(1) as i32;
         self.requests += 2;
-        let stored = match self.client.get(leases(), ns, &self.name).await {
-            Ok(v) => {
-                let mut l: Lease = serde_json::from_value(v).unwrap_or_default();
+        let stored = match self.client.get::<Lease>(ns, &self.name).await {
+            Ok(mut l) => {
                 let spec = l.spec.get_or_insert_with(Default::default);
                 if spec.holder_identity.as_deref() != Some(self.name.as_str()) {
                     spec.holder_identity = Some(self.name.clone());
@@ -157,9 +141,7 @@ impl Heartbeat {
                 }
                 spec.lease_duration_seconds = Some(seconds);
                 spec.renew_time = Some(micro_now());
-                self.client
-                    .replace(leases(), ns, &self.name, &to_value(&l))
-                    .await?
+                self.client.replace(ns, &self.name, &l).await?
             }
             Err(e) if e.code() == Some(404) => {
                 let l = Lease {
@@ -176,45 +158,38 @@ impl Heartbeat {
                         ..Default::default()
                     }),
                 };
-                self.client.create(leases(), ns, &to_value(&l)).await?
+                self.client.create(ns, &l).await?
             }
             Err(e) => return Err(e),
         };
-        self.lease = serde_json::from_value(stored).ok();
+        self.lease = Some(stored);
         Ok(())
     }
 
     /// Posts the Node's conditions with fresh heartbeat times, keeping the transition times
     /// of those whose status did not change.
     pub async fn post_status(&mut self) -> Result<(), ClientError> {
-        let nodes = Resource::lookup("nodes").expect("nodes");
-        let t = now();
-        let mut conds = conditions(&self.oci);
+        let t = time_now();
         self.requests += 2;
-        let cur = self.client.get(nodes, None, &self.name).await?;
-        for c in conds.as_array_mut().into_iter().flatten() {
-            if let Some(old) = cur
-                .pointer("/status/conditions")
-                .and_then(Value::as_array)
-                .and_then(|cs| cs.iter().find(|o| o["type"] == c["type"]))
-            {
-                if old["status"] == c["status"] {
-                    c["lastTransitionTime"] = old["lastTransitionTime"].clone();
-                }
-            }
-            c["lastHeartbeatTime"] = json!(t);
+        let cur = self.client.get::<Node>(None, &self.name).await?;
+        let mut conds = cur.status.and_then(|s| s.conditions).unwrap_or_default();
+        let want = conditions(&self.oci);
+        for c in want.iter().cloned() {
+            skiff_api::conditions::set(&mut conds, c, &t);
         }
+        // Only the conditions this agent posts, in its order.
+        let conds: Vec<NodeCondition> = want
+            .iter()
+            .filter_map(|w| conds.iter().find(|c| c.type_ == w.type_).cloned())
+            .collect();
         self.client
-            .patch(
-                nodes,
+            .patch_status::<Node>(
                 None,
                 &self.name,
-                Some("status"),
-                "application/merge-patch+json",
-                &json!({"status": {"conditions": conds}}),
+                &Patch::Merge(json!({"status": {"conditions": conds}})),
             )
             .await?;
-        self.posted = Some(summary(&conditions(&self.oci)));
+        self.posted = Some(summary(&want));
         self.last_status = Some(Instant::now());
         Ok(())
     }
@@ -268,17 +243,10 @@ impl Heartbeat {
     }
 }
 
-fn summary(conds: &Value) -> Vec<(String, String)> {
+fn summary(conds: &[NodeCondition]) -> Vec<(String, String)> {
     conds
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|c| {
-            (
-                c["type"].as_str().unwrap_or("").to_string(),
-                c["status"].as_str().unwrap_or("").to_string(),
-            )
-        })
+        .iter()
+        .map(|c| (c.type_.clone(), c.status.clone()))
         .collect()
 }
 
@@ -316,7 +284,7 @@ mod tests {
                 ..Default::default()
             }),
         };
-        let v = to_value(&l);
+        let v = serde_json::to_value(&l).unwrap();
         assert_eq!(v["kind"], "Lease");
         assert_eq!(v["apiVersion"], "coordination.k8s.io/v1");
         assert_eq!(v["spec"]["renewTime"], "2026-01-01T00:00:01.500000Z");

@@ -2,11 +2,12 @@
 //! workers share, the container spec a pod's container maps to, and the cleanup of what an
 //! earlier agent run left.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use serde_json::Value;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use skiff_api::quantity;
 use skiff_oci::{BindMount, ContainerSpec, Containers, ImageStore, Runc};
 
@@ -168,74 +169,61 @@ pub fn pod_files(
         .collect())
 }
 
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|s| s.as_str().map(String::from))
-        .collect()
-}
-
 /// The runtime spec of one of a pod's containers (image aside).
 pub fn container_spec(
-    pod: &Value,
-    container: &Value,
+    pod: &Pod,
+    container: &Container,
     env: Vec<(String, String)>,
     sandbox: &Sandbox,
     mounts: Vec<BindMount>,
     cgroups_path: String,
 ) -> ContainerSpec {
-    let sc = |k: &str| {
-        container
-            .pointer(&format!("/securityContext/{k}"))
-            .or_else(|| pod.pointer(&format!("/spec/securityContext/{k}")))
+    let sc = container.security_context.clone().unwrap_or_default();
+    let pod_sc = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.security_context.clone())
+        .unwrap_or_default();
+    let id = |v: Option<i64>| v.and_then(|v| u32::try_from(v).ok());
+    let resources = container.resources.clone().unwrap_or_default();
+    let amount = |m: &Option<BTreeMap<String, Quantity>>, k: &str| {
+        m.as_ref().and_then(|m| m.get(k)).map(|q| q.0.clone())
     };
-    let res = |p: &str| container.pointer(p).and_then(Value::as_str);
+    let caps = sc.capabilities.clone().unwrap_or_default();
     ContainerSpec {
-        command: strings(container.get("command")),
-        args: strings(container.get("args")),
+        command: container.command.clone().unwrap_or_default(),
+        args: container.args.clone().unwrap_or_default(),
         env,
-        working_dir: container["workingDir"].as_str().map(String::from),
-        run_as_user: sc("runAsUser").and_then(Value::as_u64).map(|u| u as u32),
-        run_as_group: sc("runAsGroup").and_then(Value::as_u64).map(|g| g as u32),
+        working_dir: container.working_dir.clone(),
+        run_as_user: id(sc.run_as_user.or(pod_sc.run_as_user)),
+        run_as_group: id(sc.run_as_group.or(pod_sc.run_as_group)),
         hostname: crate::pod::hostname(pod).to_string(),
         netns: Some(sandbox.path.clone()),
-        read_only_root: container
-            .pointer("/securityContext/readOnlyRootFilesystem")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        read_only_root: sc.read_only_root_filesystem.unwrap_or(false),
         mounts,
-        memory_limit: res("/resources/limits/memory").and_then(quantity::bytes),
-        cpu_limit_millis: res("/resources/limits/cpu").and_then(quantity::cpu_millis),
-        cpu_request_millis: res("/resources/requests/cpu").and_then(quantity::cpu_millis),
+        memory_limit: amount(&resources.limits, "memory").and_then(|q| quantity::bytes(&q)),
+        cpu_limit_millis: amount(&resources.limits, "cpu").and_then(|q| quantity::cpu_millis(&q)),
+        cpu_request_millis: amount(&resources.requests, "cpu")
+            .and_then(|q| quantity::cpu_millis(&q)),
         pids_limit: Some(DEFAULT_PIDS_LIMIT),
         cgroups_path,
-        add_capabilities: strings(container.pointer("/securityContext/capabilities/add")),
-        drop_capabilities: strings(container.pointer("/securityContext/capabilities/drop")),
-        privileged: container
-            .pointer("/securityContext/privileged")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
+        add_capabilities: caps.add.unwrap_or_default(),
+        drop_capabilities: caps.drop.unwrap_or_default(),
+        privileged: sc.privileged.unwrap_or(false),
     }
 }
 
 /// The pod's `hostPort` mappings.
-pub fn host_ports(pod: &Value) -> Vec<sandbox::PortMapping> {
-    pod.pointer("/spec/containers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .flat_map(|c| {
-            c.get("ports")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default()
-        })
+pub fn host_ports(pod: &Pod) -> Vec<sandbox::PortMapping> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.containers.iter())
+        .flat_map(|c| c.ports.iter().flatten())
         .filter_map(|p| {
             Some(sandbox::PortMapping {
-                host_port: p["hostPort"].as_u64().filter(|h| *h > 0)? as u16,
-                container_port: p["containerPort"].as_u64()? as u16,
-                protocol: p["protocol"].as_str().unwrap_or("TCP").to_string(),
+                host_port: p.host_port.filter(|h| *h > 0)? as u16,
+                container_port: p.container_port as u16,
+                protocol: p.protocol.clone().unwrap_or_else(|| "TCP".into()),
             })
         })
         .collect()
@@ -259,6 +247,8 @@ mod tests {
             ip: Ipv4Addr::new(10, 88, 0, 5),
             ports: vec![],
         };
+        let pod = crate::pod::typed(&pod);
+        let c: Container = serde_json::from_value(c).unwrap();
         let s = container_spec(&pod, &c, vec![], &sb, vec![], "/skiff/u-a".into());
         assert_eq!(s.command, vec!["/bin/sh"]);
         assert_eq!(s.args, vec!["-c", "echo hi"]);

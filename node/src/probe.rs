@@ -3,7 +3,8 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use serde_json::Value;
+use k8s_openapi::api::core::v1::{self as v1, Container};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A container's probe, with Kubernetes' defaults.
@@ -24,55 +25,48 @@ pub enum Action {
 }
 
 /// A port given by number or by the name of one of the container's ports.
-fn port(v: &Value, container: &Value) -> Option<u16> {
+fn port(v: &IntOrString, container: &Container) -> Option<u16> {
     match v {
-        Value::Number(n) => n.as_u64().map(|p| p as u16),
-        Value::String(name) => name.parse().ok().or_else(|| {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => name.parse().ok().or_else(|| {
             container
-                .get("ports")
-                .and_then(Value::as_array)?
+                .ports
+                .as_ref()?
                 .iter()
-                .find(|p| p["name"] == name.as_str())
-                .and_then(|p| p["containerPort"].as_u64())
-                .map(|p| p as u16)
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok())
         }),
-        _ => None,
     }
 }
 
 impl Probe {
-    /// The probe `field` (`readinessProbe`, `livenessProbe`) of `container`, if it has one we run.
-    pub fn of(container: &Value, field: &str) -> Option<Probe> {
-        let p = container.get(field)?;
-        let action = if let Some(h) = p.get("httpGet") {
+    /// `probe` (the container's readiness or liveness probe), if it is one we run.
+    pub fn of(container: &Container, probe: Option<&v1::Probe>) -> Option<Probe> {
+        let p = probe?;
+        let action = if let Some(h) = &p.http_get {
             Action::HttpGet {
-                port: port(&h["port"], container)?,
-                path: h["path"].as_str().unwrap_or("/").to_string(),
+                port: port(&h.port, container)?,
+                path: h.path.clone().unwrap_or_else(|| "/".into()),
             }
-        } else if let Some(t) = p.get("tcpSocket") {
+        } else if let Some(t) = &p.tcp_socket {
             Action::TcpSocket {
-                port: port(&t["port"], container)?,
+                port: port(&t.port, container)?,
             }
         } else {
             return None;
         };
-        let secs =
-            |k: &str, d: u64| Duration::from_secs(p.get(k).and_then(Value::as_u64).unwrap_or(d));
+        let secs = |v: Option<i32>, d: u64| {
+            Duration::from_secs(v.and_then(|v| u64::try_from(v).ok()).unwrap_or(d))
+        };
+        let count =
+            |v: Option<i32>, d: u32| v.and_then(|v| u32::try_from(v).ok()).unwrap_or(d).max(1);
         Some(Probe {
             action,
-            initial_delay: secs("initialDelaySeconds", 0),
-            period: secs("periodSeconds", 10).max(Duration::from_secs(1)),
-            timeout: secs("timeoutSeconds", 1).max(Duration::from_secs(1)),
-            success_threshold: p
-                .get("successThreshold")
-                .and_then(Value::as_u64)
-                .unwrap_or(1)
-                .max(1) as u32,
-            failure_threshold: p
-                .get("failureThreshold")
-                .and_then(Value::as_u64)
-                .unwrap_or(3)
-                .max(1) as u32,
+            initial_delay: secs(p.initial_delay_seconds, 0),
+            period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+            timeout: secs(p.timeout_seconds, 1).max(Duration::from_secs(1)),
+            success_threshold: count(p.success_threshold, 1),
+            failure_threshold: count(p.failure_threshold, 3),
         })
     }
 
@@ -145,10 +139,11 @@ mod tests {
 
     #[test]
     fn parses_probes_with_named_ports() {
-        let c = json!({"ports": [{"name": "http", "containerPort": 8080}],
+        let c = json!({"name": "c", "ports": [{"name": "http", "containerPort": 8080}],
                        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 2},
                        "livenessProbe": {"tcpSocket": {"port": 8080}}});
-        let r = Probe::of(&c, "readinessProbe").unwrap();
+        let c: Container = serde_json::from_value(c).unwrap();
+        let r = Probe::of(&c, c.readiness_probe.as_ref()).unwrap();
         assert_eq!(
             r.action,
             Action::HttpGet {
@@ -158,10 +153,10 @@ mod tests {
         );
         assert_eq!(r.period, Duration::from_secs(2));
         assert_eq!(
-            Probe::of(&c, "livenessProbe").unwrap().action,
+            Probe::of(&c, c.liveness_probe.as_ref()).unwrap().action,
             Action::TcpSocket { port: 8080 }
         );
-        assert!(Probe::of(&c, "startupProbe").is_none());
+        assert!(Probe::of(&c, c.startup_probe.as_ref()).is_none());
     }
 
     #[test]

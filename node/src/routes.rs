@@ -26,9 +26,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
+use serde::Deserialize;
 use serde_json::{json, Value};
-use skiff_api::Resource;
-use skiff_client::Client;
+use skiff_client::{Client, Event, ListParams, Patch};
 use tokio::sync::watch;
 
 use crate::network::NetError;
@@ -136,14 +136,21 @@ pub fn peer(node: &Node) -> Option<Peer> {
         .annotations
         .as_ref()
         .and_then(|a| a.get(BACKEND_DATA_ANNOTATION))
-        .and_then(|d| serde_json::from_str::<Value>(d).ok())
-        .and_then(|d| d["VtepMAC"].as_str().map(str::to_lowercase));
+        .and_then(|d| serde_json::from_str::<BackendData>(d).ok())
+        .and_then(|d| d.vtep_mac.map(|m| m.to_lowercase()));
     Some(Peer {
         name,
         pod_cidr,
         node_ip,
         vtep_mac,
     })
+}
+
+/// What the agent reads of a Node's `flannel.alpha.coreos.com/backend-data` annotation.
+#[derive(Debug, Deserialize)]
+struct BackendData {
+    #[serde(rename = "VtepMAC")]
+    vtep_mac: Option<String>,
 }
 
 /// One piece of kernel state the agent owns.
@@ -332,18 +339,9 @@ pub async fn start(
                 msg: e.to_string(),
             })??
     };
-    let nodes = Resource::lookup("nodes").expect("nodes");
-    if let Err(e) = client
-        .patch(
-            nodes,
-            None,
-            &cfg.node,
-            None,
-            "application/merge-patch+json",
-            &json!({"metadata": {"annotations": annotations}}),
-        )
-        .await
-    {
+    // A merge patch: a null annotation (the other backend's data) is removed.
+    let patch = Patch::Merge(json!({"metadata": {"annotations": annotations}}));
+    if let Err(e) = client.patch::<Node>(None, &cfg.node, &patch).await {
         tracing::warn!(error = %e, "cannot publish the node's pod network backend");
     }
     tracing::info!(mode = %cfg.mode, pod_cidr = %cfg.pod_cidr, "pod network routes follow the nodes");
@@ -374,11 +372,10 @@ async fn follow(
     link: Arc<dyn RouteLink>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let r = Resource::lookup("nodes").expect("nodes");
-    let decode = |v: Value| serde_json::from_value::<Node>(v).ok();
+    let params = ListParams::default();
     loop {
         let list = tokio::select! {
-            l = client.list(r, None, None, None) => l,
+            l = client.list::<Node>(None, &params) => l,
             _ = stop.changed() => return,
         };
         let list = match list {
@@ -391,19 +388,14 @@ async fn follow(
                 }
             }
         };
-        let mut nodes: BTreeMap<String, Node> = list["items"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        let mut nodes: BTreeMap<String, Node> = list
+            .items
             .into_iter()
-            .filter_map(decode)
             .filter_map(|n| Some((n.metadata.name.clone()?, n)))
             .collect();
         sync_now(&link, &cfg, &nodes).await;
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .map(str::to_string);
-        let Ok(stream) = client.watch(r, None, rv.as_deref(), None, None).await else {
+        let rv = list.resource_version;
+        let Ok(stream) = client.watch::<Node>(None, &params, rv.as_deref()).await else {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
                 _ = stop.changed() => return,
@@ -416,20 +408,23 @@ async fn follow(
             tokio::select! {
                 ev = stream.next() => {
                     let Some(Ok(ev)) = ev else { break };
-                    let Some(node) = decode(ev.object) else { continue };
+                    let (node, deleted) = match ev {
+                        Event::Added(n) | Event::Modified(n) => (n, false),
+                        Event::Deleted(n) => (n, true),
+                        Event::Bookmark(_) => continue,
+                    };
                     let Some(name) = node.metadata.name.clone() else { continue };
-                    match ev.kind.as_str() {
-                        "ADDED" | "MODIFIED" => {
+                    match deleted {
+                        false => {
                             let same = nodes.get(&name).map(peer) == Some(peer(&node));
                             nodes.insert(name, node);
                             if same {
                                 continue;
                             }
                         }
-                        "DELETED" => {
+                        true => {
                             nodes.remove(&name);
                         }
-                        _ => continue,
                     }
                     sync_now(&link, &cfg, &nodes).await;
                 }
@@ -489,53 +484,86 @@ fn gone(r: Result<String, NetError>) -> Result<(), NetError> {
     }
 }
 
+/// What the agent reads of iproute2's JSON output (`ip -j …`, `bridge -j fdb`): every field
+/// optional, so an entry lacking one is skipped rather than failing the whole answer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct IpEntry {
+    dst: Option<String>,
+    gateway: Option<String>,
+    dev: Option<String>,
+    lladdr: Option<String>,
+    mac: Option<String>,
+    /// A list in `ip neigh`, one word in `bridge fdb`.
+    state: Option<States>,
+    address: Option<String>,
+    linkinfo: Option<LinkInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum States {
+    Many(Vec<String>),
+    One(String),
+}
+
+impl States {
+    fn has(&self, s: &str) -> bool {
+        match self {
+            States::Many(v) => v.iter().any(|x| x == s),
+            States::One(x) => x == s,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LinkInfo {
+    info_kind: Option<String>,
+    info_data: Option<VxlanInfo>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct VxlanInfo {
+    id: Option<u64>,
+    port: Option<u64>,
+    local: Option<String>,
+}
+
+fn ip_entries(out: &str) -> Vec<IpEntry> {
+    serde_json::from_str(out).unwrap_or_default()
+}
+
 /// `ip -j route show` lines: (dst, gateway, dev).
 fn parse_routes(out: &str) -> Vec<(Ipv4Net, Ipv4Addr, String)> {
-    let v: Vec<Value> = serde_json::from_str(out).unwrap_or_default();
-    v.iter()
+    ip_entries(out)
+        .into_iter()
         .filter_map(|r| {
-            let dst = r["dst"].as_str()?;
+            let dst = r.dst?;
             let dst: Ipv4Net = dst
                 .parse()
                 .or_else(|_| dst.parse::<Ipv4Addr>().map(Ipv4Net::from))
                 .ok()?;
-            Some((
-                dst,
-                r["gateway"].as_str()?.parse().ok()?,
-                r["dev"].as_str().unwrap_or("").to_string(),
-            ))
+            Some((dst, r.gateway?.parse().ok()?, r.dev.unwrap_or_default()))
         })
         .collect()
 }
 
 /// Permanent neighbours of `ip -j neigh show`: (ip, mac).
 fn parse_neighbours(out: &str) -> Vec<(Ipv4Addr, String)> {
-    let v: Vec<Value> = serde_json::from_str(out).unwrap_or_default();
-    v.iter()
-        .filter(|n| {
-            n["state"]
-                .as_array()
-                .is_some_and(|s| s.iter().any(|s| s == "PERMANENT"))
-        })
-        .filter_map(|n| {
-            Some((
-                n["dst"].as_str()?.parse().ok()?,
-                n["lladdr"].as_str()?.to_lowercase(),
-            ))
-        })
+    ip_entries(out)
+        .into_iter()
+        .filter(|n| n.state.as_ref().is_some_and(|s| s.has("PERMANENT")))
+        .filter_map(|n| Some((n.dst?.parse().ok()?, n.lladdr?.to_lowercase())))
         .collect()
 }
 
 /// Forwarding entries with a destination of `bridge -j fdb show`: (mac, dst).
 fn parse_fdb(out: &str) -> Vec<(String, Ipv4Addr)> {
-    let v: Vec<Value> = serde_json::from_str(out).unwrap_or_default();
-    v.iter()
-        .filter_map(|f| {
-            Some((
-                f["mac"].as_str()?.to_lowercase(),
-                f["dst"].as_str()?.parse().ok()?,
-            ))
-        })
+    ip_entries(out)
+        .into_iter()
+        .filter_map(|f| Some((f.mac?.to_lowercase(), f.dst?.parse().ok()?)))
         .collect()
 }
 
@@ -716,13 +744,14 @@ impl RouteLink for IpRoutes {
         let dev = vxlan.device.as_str();
         // An existing device is kept (its MAC stays what the other nodes know) if it matches.
         if let Ok(out) = ip(&["-j", "-d", "link", "show", dev]) {
-            let v: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
-            let info = v.first().map(|l| &l["linkinfo"]);
+            let link = ip_entries(&out).into_iter().next();
+            let info = link.and_then(|l| l.linkinfo);
             let same = info.is_some_and(|i| {
-                i["info_kind"] == "vxlan"
-                    && i["info_data"]["id"] == vxlan.vni
-                    && i["info_data"]["port"] == vxlan.port
-                    && i["info_data"]["local"] == local.to_string()
+                let d = i.info_data.unwrap_or_default();
+                i.info_kind.as_deref() == Some("vxlan")
+                    && d.id == Some(u64::from(vxlan.vni))
+                    && d.port == Some(u64::from(vxlan.port))
+                    && d.local == Some(local.to_string())
             });
             if !same {
                 ip(&["link", "del", dev])?;
@@ -763,10 +792,11 @@ impl RouteLink for IpRoutes {
         }
         ip(&["link", "set", dev, "up"])?;
         let out = ip(&["-j", "link", "show", dev])?;
-        let v: Vec<Value> = serde_json::from_str(&out).unwrap_or_default();
-        v.first()
-            .and_then(|l| l["address"].as_str())
-            .map(str::to_lowercase)
+        ip_entries(&out)
+            .into_iter()
+            .next()
+            .and_then(|l| l.address)
+            .map(|a| a.to_lowercase())
             .ok_or_else(|| NetError::Command {
                 cmd: format!("ip -j link show {dev}"),
                 msg: "no MAC address".into(),

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{rdata::A, rdata::SRV, Name, RData, Record, RecordType};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 
@@ -59,8 +58,8 @@ pub enum Lookup {
 
 impl Names {
     pub fn build(
-        services: &BTreeMap<String, Value>,
-        endpoints: &BTreeMap<String, Value>,
+        services: &BTreeMap<String, Service>,
+        endpoints: &BTreeMap<String, Endpoints>,
         domain: &str,
     ) -> Names {
         let mut out = HashMap::new();
@@ -71,15 +70,12 @@ impl Names {
             let Some((ns, name)) = k.split_once('/') else {
                 continue;
             };
-            let spec = serde_json::from_value::<Service>(svc.clone())
-                .ok()
-                .and_then(|s| s.spec)
-                .unwrap_or_default();
+            let no_spec = Default::default();
+            let spec = svc.spec.as_ref().unwrap_or(&no_spec);
             let headless = spec.cluster_ip.as_deref() == Some("None");
             let subsets = endpoints
                 .get(k)
-                .and_then(|e| serde_json::from_value::<Endpoints>(e.clone()).ok())
-                .and_then(|e| e.subsets)
+                .and_then(|e| e.subsets.as_deref())
                 .unwrap_or_default();
             // Each ready address with the subset (and so the ports) it belongs to.
             let ready: Vec<(&EndpointAddress, &EndpointSubset)> = subsets
@@ -429,20 +425,24 @@ mod tests {
     use hickory_proto::op::Query;
     use serde_json::json;
 
+    fn typed<K: serde::de::DeserializeOwned>(v: serde_json::Value) -> K {
+        serde_json::from_value(v).unwrap()
+    }
+
     fn names() -> Names {
         let mut services = BTreeMap::new();
         services.insert(
             "default/web".to_string(),
-            json!({"spec": {"clusterIP": "10.96.0.20"}}),
+            typed(json!({"spec": {"clusterIP": "10.96.0.20"}})),
         );
         services.insert(
             "shop/db".to_string(),
-            json!({"spec": {"clusterIP": "None"}}),
+            typed(json!({"spec": {"clusterIP": "None"}})),
         );
         let mut endpoints = BTreeMap::new();
         endpoints.insert(
             "shop/db".to_string(),
-            json!({"subsets": [{"addresses": [{"ip": "10.88.0.9"}, {"ip": "10.88.0.4"}]}]}),
+            typed(json!({"subsets": [{"addresses": [{"ip": "10.88.0.9"}, {"ip": "10.88.0.4"}]}]})),
         );
         Names::build(&services, &endpoints, DEFAULT_DOMAIN)
     }
@@ -479,17 +479,17 @@ mod tests {
         let mut services = BTreeMap::new();
         services.insert(
             "default/web".to_string(),
-            json!({"spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}),
+            typed(json!({"spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})),
         );
         services.insert(
             "default/api".to_string(),
-            json!({"spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "grpc", "port": 9000}]}}),
+            typed(json!({"spec": {"clusterIP": "10.96.0.30", "ports": [{"name": "grpc", "port": 9000}]}})),
         );
         let mut endpoints = BTreeMap::new();
         endpoints.insert(
             "default/web".to_string(),
-            json!({"subsets": [{"addresses": [{"ip": "10.88.0.5", "hostname": "web-0"}, {"ip": "10.88.0.6", "hostname": "web-1"}],
-                                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}]}),
+            typed(json!({"subsets": [{"addresses": [{"ip": "10.88.0.5", "hostname": "web-0"}, {"ip": "10.88.0.6", "hostname": "web-1"}],
+                                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}]})),
         );
         let n = Names::build(&services, &endpoints, DEFAULT_DOMAIN);
         assert_eq!(

@@ -31,9 +31,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde_json::Value;
-use skiff_api::Resource;
-use skiff_client::Client;
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use skiff_client::{Client, Event, Kind, ListParams};
 use tokio::sync::{mpsc, watch};
 
 use crate::balance::{Backend, Route};
@@ -83,43 +82,46 @@ impl Drop for Proxy {
     }
 }
 
+/// A change to one of the collections the proxy follows.
+enum Change<K> {
+    Reset(Vec<K>),
+    Upsert(Box<K>),
+    Delete(Box<K>),
+}
+
 enum Update {
-    Reset(&'static str, Vec<Value>),
-    Upsert(&'static str, Value),
-    Delete(&'static str, Value),
+    Services(Change<Service>),
+    Endpoints(Change<Endpoints>),
 }
 
 /// Lists, then follows the watch, of one collection; on any error starts over.
-async fn reflect(client: Client, resource: &'static str, tx: mpsc::Sender<Update>) {
-    let r = Resource::lookup(resource).expect("known resource");
+async fn reflect<K: Kind>(client: Client, wrap: fn(Change<K>) -> Update, tx: mpsc::Sender<Update>) {
+    let params = ListParams::default();
     loop {
-        let list = match client.list(r, None, None, None).await {
+        let list = match client.list::<K>(None, &params).await {
             Ok(l) => l,
             Err(e) => {
-                tracing::debug!(%resource, error = %e, "proxy list failed; retrying");
+                tracing::debug!(resource = K::URL_PATH_SEGMENT, error = %e, "proxy list failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        let items = list["items"].as_array().cloned().unwrap_or_default();
-        if tx.send(Update::Reset(resource, items)).await.is_err() {
+        if tx.send(wrap(Change::Reset(list.items))).await.is_err() {
             return;
         }
-        let rv = list["metadata"]["resourceVersion"]
-            .as_str()
-            .map(str::to_string);
-        let Ok(stream) = client.watch(r, None, rv.as_deref(), None, None).await else {
+        let rv = list.resource_version;
+        let Ok(stream) = client.watch::<K>(None, &params, rv.as_deref()).await else {
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         };
         let mut stream = Box::pin(stream);
         while let Some(Ok(ev)) = stream.next().await {
-            let u = match ev.kind.as_str() {
-                "ADDED" | "MODIFIED" => Update::Upsert(resource, ev.object),
-                "DELETED" => Update::Delete(resource, ev.object),
-                _ => continue,
+            let c = match ev {
+                Event::Added(o) | Event::Modified(o) => Change::Upsert(Box::new(o)),
+                Event::Deleted(o) => Change::Delete(Box::new(o)),
+                Event::Bookmark(_) => continue,
             };
-            if tx.send(u).await.is_err() {
+            if tx.send(wrap(c)).await.is_err() {
                 return;
             }
         }
@@ -146,8 +148,8 @@ struct Programmer {
     local: Arc<dyn LocalHttp>,
     link: Arc<dyn VipLink>,
     shared: Arc<Shared>,
-    services: BTreeMap<String, Value>,
-    endpoints: BTreeMap<String, Value>,
+    services: BTreeMap<String, Service>,
+    endpoints: BTreeMap<String, Endpoints>,
     listeners: HashMap<SocketAddr, Listening>,
     /// Addresses that could not be bound (tried again every [`RETRY_BIND`]).
     failed: HashSet<SocketAddr>,
@@ -319,26 +321,34 @@ impl Programmer {
         self.shared.synced.send_replace(self.generation);
     }
 
-    fn objects(&mut self, kind: &str) -> &mut BTreeMap<String, Value> {
-        if kind == "services" {
-            &mut self.services
-        } else {
-            &mut self.endpoints
-        }
-    }
-
     fn update(&mut self, u: Update) {
         match u {
-            Update::Reset(kind, items) => {
-                *self.objects(kind) = items.into_iter().map(|o| (table::key(&o), o)).collect();
-            }
-            Update::Upsert(kind, o) => {
-                self.objects(kind).insert(table::key(&o), o);
-            }
-            Update::Delete(kind, o) => {
-                self.objects(kind).remove(&table::key(&o));
-            }
+            Update::Services(c) => apply_change(&mut self.services, c),
+            Update::Endpoints(c) => apply_change(&mut self.endpoints, c),
         }
+    }
+}
+
+fn apply_change<K: Kind>(objects: &mut BTreeMap<String, K>, c: Change<K>) {
+    match c {
+        Change::Reset(items) => {
+            *objects = items.into_iter().map(|o| (table::key(&o), o)).collect();
+        }
+        Change::Upsert(o) => {
+            objects.insert(table::key(&*o), *o);
+        }
+        Change::Delete(o) => {
+            objects.remove(&table::key(&*o));
+        }
+    }
+}
+
+/// Which collection `u` lists in full, if it is a reset.
+fn reset_of(u: &Update) -> Option<&'static str> {
+    match u {
+        Update::Services(Change::Reset(_)) => Some("services"),
+        Update::Endpoints(Change::Reset(_)) => Some("endpoints"),
+        _ => None,
     }
 }
 
@@ -379,8 +389,8 @@ impl Proxy {
         let task = tokio::spawn(async move {
             let (tx, mut rx) = mpsc::channel(1024);
             let watchers = [
-                tokio::spawn(reflect(client.clone(), "services", tx.clone())),
-                tokio::spawn(reflect(client, "endpoints", tx)),
+                tokio::spawn(reflect(client.clone(), Update::Services, tx.clone())),
+                tokio::spawn(reflect(client, Update::Endpoints, tx)),
             ];
             let mut have = HashSet::new();
             loop {
@@ -392,15 +402,11 @@ impl Proxy {
                     }
                 };
                 let Some(u) = first else { break };
-                if let Update::Reset(kind, _) = &u {
-                    have.insert(*kind);
-                }
+                have.extend(reset_of(&u));
                 p.update(u);
                 // Take every update already queued before programming once.
                 while let Ok(u) = rx.try_recv() {
-                    if let Update::Reset(kind, _) = &u {
-                        have.insert(*kind);
-                    }
+                    have.extend(reset_of(&u));
                     p.update(u);
                 }
                 if have.len() == 2 {

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use serde_json::Value;
-use skiff_api::meta;
+use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::Metadata;
 
 /// How a frontend treats its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,24 +60,27 @@ impl Default for NodeAddresses {
 pub const DNS_SERVICE: (&str, &str) = ("kube-system", "kube-dns");
 
 /// `namespace/name` of an object.
-pub fn key(obj: &Value) -> String {
+pub fn key<K: Metadata<Ty = ObjectMeta>>(obj: &K) -> String {
+    let m = obj.metadata();
     format!(
         "{}/{}",
-        meta::namespace(obj).unwrap_or("default"),
-        meta::name(obj)
+        m.namespace.as_deref().unwrap_or("default"),
+        m.name.as_deref().unwrap_or("")
     )
 }
 
 /// The service's virtual IP, if it has one (not headless, not ExternalName).
-pub fn cluster_ip(svc: &Value) -> Option<Ipv4Addr> {
-    svc.pointer("/spec/clusterIP")
-        .and_then(Value::as_str)
+pub fn cluster_ip(svc: &Service) -> Option<Ipv4Addr> {
+    svc.spec
+        .as_ref()?
+        .cluster_ip
+        .as_deref()
         .and_then(|s| s.parse().ok())
 }
 
-fn mode(port: &Value) -> Mode {
-    let name = port["name"].as_str().unwrap_or("");
-    match port["appProtocol"].as_str() {
+fn mode(port: &ServicePort) -> Mode {
+    let name = port.name.as_deref().unwrap_or("");
+    match port.app_protocol.as_deref() {
         Some(p) if p.eq_ignore_ascii_case("http") => return Mode::Http,
         Some(_) => return Mode::Tcp,
         None => {}
@@ -92,25 +96,24 @@ fn mode(port: &Value) -> Mode {
 
 /// The ready backends of one service port: the endpoint port with the service port's name,
 /// in every subset.
-pub fn backends(endpoints: Option<&Value>, port_name: &str) -> Vec<SocketAddr> {
+pub fn backends(endpoints: Option<&Endpoints>, port_name: &str) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     for subset in endpoints
-        .and_then(|e| e["subsets"].as_array())
+        .and_then(|e| e.subsets.as_ref())
         .into_iter()
         .flatten()
     {
-        let Some(port) = subset["ports"]
-            .as_array()
-            .into_iter()
+        let Some(port) = subset
+            .ports
+            .iter()
             .flatten()
-            .find(|p| p["name"].as_str().unwrap_or("") == port_name)
-            .and_then(|p| p["port"].as_u64())
-            .and_then(|p| u16::try_from(p).ok())
+            .find(|p| p.name.as_deref().unwrap_or("") == port_name)
+            .and_then(|p| u16::try_from(p.port).ok())
         else {
             continue;
         };
-        for a in subset["addresses"].as_array().into_iter().flatten() {
-            if let Some(ip) = a["ip"].as_str().and_then(|s| s.parse::<IpAddr>().ok()) {
+        for a in subset.addresses.iter().flatten() {
+            if let Ok(ip) = a.ip.parse::<IpAddr>() {
                 out.push(SocketAddr::new(ip, port));
             }
         }
@@ -121,36 +124,46 @@ pub fn backends(endpoints: Option<&Value>, port_name: &str) -> Vec<SocketAddr> {
 }
 
 /// Every frontend a service asks of this node.
-pub fn frontends(svc: &Value, endpoints: Option<&Value>, node: &NodeAddresses) -> Vec<Frontend> {
-    let spec = &svc["spec"];
-    let ty = spec["type"].as_str().unwrap_or("ClusterIP");
+pub fn frontends(
+    svc: &Service,
+    endpoints: Option<&Endpoints>,
+    node: &NodeAddresses,
+) -> Vec<Frontend> {
+    let Some(spec) = &svc.spec else {
+        return Vec::new();
+    };
+    let ty = spec.type_.as_deref().unwrap_or("ClusterIP");
     if ty == "ExternalName" || key(svc) == format!("{}/{}", DNS_SERVICE.0, DNS_SERVICE.1) {
         return Vec::new();
     }
     let vip = cluster_ip(svc);
-    let affinity = (spec["sessionAffinity"].as_str() == Some("ClientIP")).then(|| {
-        Duration::from_secs(
-            spec.pointer("/sessionAffinityConfig/clientIP/timeoutSeconds")
-                .and_then(Value::as_u64)
-                .unwrap_or(10_800),
-        )
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        let timeout = spec
+            .session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u64::try_from(t).ok());
+        Duration::from_secs(timeout.unwrap_or(10_800))
     });
     let lb_ingress: Vec<IpAddr> = svc
-        .pointer("/status/loadBalancer/ingress")
-        .and_then(Value::as_array)
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
         .into_iter()
         .flatten()
-        .filter_map(|i| i["ip"].as_str().and_then(|s| s.parse().ok()))
+        .filter_map(|i| i.ip.as_deref().and_then(|s| s.parse().ok()))
         .collect();
     let mut out = Vec::new();
-    for port in spec["ports"].as_array().into_iter().flatten() {
-        if port["protocol"].as_str().unwrap_or("TCP") != "TCP" {
+    for port in spec.ports.iter().flatten() {
+        if port.protocol.as_deref().unwrap_or("TCP") != "TCP" {
             continue;
         }
-        let Some(number) = port["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
+        let Ok(number) = u16::try_from(port.port) else {
             continue;
         };
-        let name = port["name"].as_str().unwrap_or("");
+        let name = port.name.as_deref().unwrap_or("");
         let base = Frontend {
             addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             service: format!("{}:{name}", key(svc)),
@@ -170,10 +183,7 @@ pub fn frontends(svc: &Value, endpoints: Option<&Value>, node: &NodeAddresses) -
             at(SocketAddr::from((ip, number)), true);
         }
         if ty == "NodePort" || ty == "LoadBalancer" {
-            if let Some(np) = port["nodePort"]
-                .as_u64()
-                .and_then(|p| u16::try_from(p).ok())
-            {
+            if let Some(np) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
                 for ip in &node.nodeport {
                     at(SocketAddr::new(*ip, np), false);
                 }
@@ -190,8 +200,8 @@ pub fn frontends(svc: &Value, endpoints: Option<&Value>, node: &NodeAddresses) -
 /// first by name keeps it (the API server's allocators make this rare: only a LoadBalancer
 /// port equal to a node port can collide).
 pub fn build(
-    services: &BTreeMap<String, Value>,
-    endpoints: &BTreeMap<String, Value>,
+    services: &BTreeMap<String, Service>,
+    endpoints: &BTreeMap<String, Endpoints>,
     node: &NodeAddresses,
 ) -> BTreeMap<SocketAddr, Frontend> {
     let mut out = BTreeMap::new();
@@ -208,14 +218,24 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn svc(ty: &str, ports: Value) -> Value {
+    use serde_json::Value;
+
+    fn svc_json(ty: &str, ports: Value) -> Value {
         json!({"metadata": {"name": "web", "namespace": "default"},
                "spec": {"type": ty, "clusterIP": "10.96.0.7", "ports": ports}})
     }
 
-    fn eps(ports: Value, ips: &[&str]) -> Value {
-        json!({"metadata": {"name": "web", "namespace": "default"},
-               "subsets": [{"addresses": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>(), "ports": ports}]})
+    fn svc(ty: &str, ports: Value) -> Service {
+        typed(svc_json(ty, ports))
+    }
+
+    fn typed<K: serde::de::DeserializeOwned>(v: Value) -> K {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn eps(ports: Value, ips: &[&str]) -> Endpoints {
+        typed(json!({"metadata": {"name": "web", "namespace": "default"},
+               "subsets": [{"addresses": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>(), "ports": ports}]}))
     }
 
     #[test]
@@ -258,8 +278,9 @@ mod tests {
                 ("0.0.0.0:30001".to_string(), Mode::Http, false)
             ]
         );
-        let mut lb = svc("LoadBalancer", json!([{"port": 8080, "nodePort": 30002}]));
+        let mut lb = svc_json("LoadBalancer", json!([{"port": 8080, "nodePort": 30002}]));
         lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.168.1.5"}]}});
+        let lb: Service = typed(lb);
         let addrs: Vec<_> = frontends(&lb, None, &node)
             .into_iter()
             .map(|f| f.addr.to_string())
@@ -288,30 +309,30 @@ mod tests {
 
     #[test]
     fn affinity_headless_udp_and_dns_service() {
-        let mut s = svc(
+        let mut s = svc_json(
             "ClusterIP",
             json!([{"port": 80}, {"port": 53, "protocol": "UDP"}]),
         );
         s["spec"]["sessionAffinity"] = json!("ClientIP");
         s["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 60}});
-        let f = frontends(&s, None, &NodeAddresses::default());
+        let f = frontends(&typed(s.clone()), None, &NodeAddresses::default());
         assert_eq!(f.len(), 1, "UDP ports are not proxied");
         assert_eq!(f[0].affinity, Some(Duration::from_secs(60)));
         assert!(f[0].backends.is_empty());
 
         s["spec"]["clusterIP"] = json!("None");
-        assert!(frontends(&s, None, &NodeAddresses::default()).is_empty());
+        assert!(frontends(&typed(s), None, &NodeAddresses::default()).is_empty());
 
-        let mut dns = svc("ClusterIP", json!([{"port": 53}]));
+        let mut dns = svc_json("ClusterIP", json!([{"port": 53}]));
         dns["metadata"] = json!({"name": "kube-dns", "namespace": "kube-system"});
-        assert!(frontends(&dns, None, &NodeAddresses::default()).is_empty());
+        assert!(frontends(&typed(dns), None, &NodeAddresses::default()).is_empty());
     }
 
     #[test]
     fn not_ready_addresses_are_not_backends() {
-        let e = json!({"subsets": [{"addresses": [{"ip": "10.88.0.2"}],
+        let e: Endpoints = typed(json!({"subsets": [{"addresses": [{"ip": "10.88.0.2"}],
                                      "notReadyAddresses": [{"ip": "10.88.0.9"}],
-                                     "ports": [{"port": 8080}]}]});
+                                     "ports": [{"port": 8080}]}]}));
         assert_eq!(
             backends(Some(&e), ""),
             vec!["10.88.0.2:8080".parse().unwrap()]

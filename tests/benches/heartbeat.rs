@@ -81,7 +81,7 @@ async fn start_server() -> anyhow::Result<ServerProcess> {
                 false,
             )?;
             let ns = Resource::lookup("namespaces").expect("namespaces");
-            if c.get(ns, None, "kube-node-lease").await.is_ok() {
+            if c.get_dyn(ns, None, "kube-node-lease").await.is_ok() {
                 server.token = t.trim().to_string();
                 server.ca = ca;
                 return Ok(server);
@@ -190,7 +190,7 @@ async fn measure(timing: Timing, seconds: u64) -> anyhow::Result<Figures> {
             false,
         )?;
         let name = format!("sim-{i:03}");
-        client.create(nodes_r, None, &node(&name)).await?;
+        client.create_dyn(nodes_r, None, &node(&name)).await?;
         let count = count.clone();
         let stopped = stopped.clone();
         // Nodes start spread over one beat interval, as real nodes do.

@@ -61,7 +61,7 @@ async fn starts(
     let warm = format!("{prefix}-warm");
     let t = Instant::now();
     client
-        .create(pods, Some("default"), &pod(&warm, image))
+        .create_dyn(pods, Some("default"), &pod(&warm, image))
         .await?;
     within(
         Duration::from_secs(60),
@@ -75,7 +75,7 @@ async fn starts(
         let name = format!("{prefix}-{i}");
         let t = Instant::now();
         client
-            .create(pods, Some("default"), &pod(&name, image))
+            .create_dyn(pods, Some("default"), &pod(&name, image))
             .await?;
         within(
             Duration::from_secs(30),
@@ -114,7 +114,7 @@ fn cgroup_memory(id: &str) -> u64 {
 async fn first_200(http: &reqwest::Client, client: &Client, name: &str) -> anyhow::Result<()> {
     let pods = Resource::lookup("pods").unwrap();
     let ip = loop {
-        let p = client.get(pods, Some("default"), name).await?;
+        let p = client.get_dyn(pods, Some("default"), name).await?;
         if let Some(ip) = p["status"]["podIP"].as_str() {
             break ip.to_string();
         }
@@ -218,12 +218,12 @@ async fn inner(kubeconfig: &str, agent_pid: u32, data: &std::path::Path) -> anyh
         (layers * n) as f64 / (layers + uppers).max(1) as f64);
     // Out of the way before the density run.
     let pods = Resource::lookup("pods").unwrap();
-    let list = client.list(pods, Some("default"), None, None).await?;
+    let list = client.list_dyn(pods, Some("default"), None, None).await?;
     for p in list["items"].as_array().into_iter().flatten() {
         let name = p["metadata"]["name"].as_str().unwrap_or("");
         if name.starts_with("oci-") {
             client
-                .delete(pods, Some("default"), name, None, None)
+                .delete_dyn(pods, Some("default"), name, None, None)
                 .await?;
         }
     }
@@ -235,7 +235,7 @@ async fn inner(kubeconfig: &str, agent_pid: u32, data: &std::path::Path) -> anyh
         "spec": {"replicas": MORE, "selector": {"matchLabels": {"app": "density"}},
                  "template": {"metadata": {"labels": {"app": "density"}}, "spec": {"containers": [{"name": "web", "image": "127.0.0.1:5000/bootcamp:v1", "ports": [{"containerPort": 8080}]}]}}}});
     client
-        .create(
+        .create_dyn(
             Resource::lookup("deployments").unwrap(),
             Some("default"),
             &deploy,
@@ -244,7 +244,7 @@ async fn inner(kubeconfig: &str, agent_pid: u32, data: &std::path::Path) -> anyh
     let t = Instant::now();
     loop {
         let d = client
-            .get(
+            .get_dyn(
                 Resource::lookup("deployments").unwrap(),
                 Some("default"),
                 "density",

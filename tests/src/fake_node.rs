@@ -94,7 +94,7 @@ impl FakeNode {
         for (k, v) in &opts.labels {
             node["metadata"]["labels"][k] = json!(v);
         }
-        client.create(nodes, None, &node).await?;
+        client.create_dyn(nodes, None, &node).await?;
         let heartbeat = Arc::new(AtomicBool::new(true));
         let hb = heartbeat.clone();
         let name_s = name.to_string();
@@ -163,16 +163,16 @@ async fn renew_lease(client: &Client, node: &str) -> anyhow::Result<()> {
     let t = chrono::Utc::now()
         .format("%Y-%m-%dT%H:%M:%S%.6fZ")
         .to_string();
-    match client.get(leases, ns, node).await {
+    match client.get_dyn(leases, ns, node).await {
         Ok(mut l) => {
             l["spec"]["renewTime"] = json!(t);
-            client.replace(leases, ns, node, &l).await?;
+            client.replace_dyn(leases, ns, node, &l).await?;
         }
         Err(e) if e.code() == Some(404) => {
             let l = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                 "metadata": {"name": node, "namespace": "kube-node-lease"},
                 "spec": {"holderIdentity": node, "leaseDurationSeconds": 15, "acquireTime": t, "renewTime": t}});
-            client.create(leases, ns, &l).await?;
+            client.create_dyn(leases, ns, &l).await?;
         }
         Err(e) => return Err(e.into()),
     }
@@ -182,7 +182,7 @@ async fn renew_lease(client: &Client, node: &str) -> anyhow::Result<()> {
 /// Posts the Node's Ready=True condition with a fresh heartbeat.
 async fn post_ready(client: &Client, node: &str) -> anyhow::Result<()> {
     let nodes = Resource::lookup("nodes").expect("nodes");
-    let mut n = client.get(nodes, None, node).await?;
+    let mut n = client.get_dyn(nodes, None, node).await?;
     if let Some(c) = n
         .pointer_mut("/status/conditions")
         .and_then(Value::as_array_mut)
@@ -195,7 +195,7 @@ async fn post_ready(client: &Client, node: &str) -> anyhow::Result<()> {
         c["reason"] = json!("KubeletReady");
         c["lastHeartbeatTime"] = json!(now());
     }
-    client.replace_status(nodes, None, node, &n).await?;
+    client.replace_status_dyn(nodes, None, node, &n).await?;
     Ok(())
 }
 
@@ -217,7 +217,7 @@ async fn serve_pods(
     let delay = opts.start_delay;
     let pods = Resource::lookup("pods").expect("pods");
     let list = client
-        .list(pods, None, None, Some(&format!("spec.nodeName={node}")))
+        .list_dyn(pods, None, None, Some(&format!("spec.nodeName={node}")))
         .await?;
     for p in list["items"].as_array().cloned().unwrap_or_default() {
         let ns = meta::namespace(&p).unwrap_or("default").to_string();
@@ -229,7 +229,9 @@ async fn serve_pods(
                 .entry(uid.clone())
                 .or_insert_with(|| tokio::time::Instant::now() + opts.stop_delay);
             if tokio::time::Instant::now() >= due {
-                let _ = client.delete(pods, Some(&ns), &name, None, Some(0)).await;
+                let _ = client
+                    .delete_dyn(pods, Some(&ns), &name, None, Some(0))
+                    .await;
                 ready_at.remove(&uid);
                 gone_at.remove(&uid);
             }
@@ -289,7 +291,9 @@ async fn serve_pods(
             ],
             "containerStatuses": containers,
         });
-        let _ = client.replace_status(pods, Some(&ns), &name, &next).await;
+        let _ = client
+            .replace_status_dyn(pods, Some(&ns), &name, &next)
+            .await;
     }
     Ok(())
 }

@@ -134,7 +134,7 @@ pub async fn list_and_watch_pods(
     PodWatch,
 )> {
     let pods = skiff_api::Resource::lookup("pods").expect("pods");
-    let list = c.list(pods, Some(ns), Some(selector), None).await?;
+    let list = c.list_dyn(pods, Some(ns), Some(selector), None).await?;
     let rv = list["metadata"]["resourceVersion"]
         .as_str()
         .unwrap_or("")
@@ -147,7 +147,7 @@ pub async fn list_and_watch_pods(
         .map(|p| (skiff_api::meta::name(&p).to_string(), p))
         .collect();
     let stream = c
-        .watch(pods, Some(ns), Some(&rv), None, Some(selector))
+        .watch_dyn(pods, Some(ns), Some(&rv), None, Some(selector))
         .await?;
     Ok((by_name, Box::pin(stream)))
 }

@@ -17,7 +17,7 @@ async fn a_closed_pipe_ends_the_cli_quietly() -> anyhow::Result<()> {
     let big = "x".repeat(4096);
     for i in 0..64 {
         let cm = json!({"metadata": {"name": format!("cm-{i}")}, "data": {"v": big}});
-        cluster.client.create(cms, Some("default"), &cm).await?;
+        cluster.client.create_dyn(cms, Some("default"), &cm).await?;
     }
     let kubeconfig = cluster.kubeconfig();
     let out = tokio::task::spawn_blocking(move || -> anyhow::Result<std::process::Output> {

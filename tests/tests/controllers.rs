@@ -21,7 +21,7 @@ fn res(n: &str) -> &'static Resource {
 /// Ready, non-terminating pods of the deployment, by node.
 async fn ready_pods(c: &Client, app: &str) -> anyhow::Result<Vec<Value>> {
     let list = c
-        .list(
+        .list_dyn(
             res("pods"),
             Some("default"),
             Some(&format!("app={app}")),
@@ -49,7 +49,7 @@ fn pod_ready(p: &Value) -> bool {
 
 /// Sets the bootcamp deployment's replicas through its scale subresource.
 async fn scale(c: &Client, replicas: i64) -> anyhow::Result<()> {
-    c.patch(
+    c.patch_dyn(
         res("deployments"),
         Some("default"),
         "bootcamp",
@@ -66,14 +66,14 @@ async fn wait_rolled_out(c: &Client, name: &str, replicas: i64, image: &str) -> 
         &format!("deployment {name} rolled out to {replicas} x {image}"),
         Duration::from_secs(30),
         || async {
-            let d = c.get(res("deployments"), Some("default"), name).await?;
+            let d = c.get_dyn(res("deployments"), Some("default"), name).await?;
             let (done, _) = verbs::rollout_status(&d)?;
             let pods = ready_pods(c, name).await?;
             let right_image = pods
                 .iter()
                 .all(|p| p["spec"]["containers"][0]["image"] == image);
             let total = c
-                .list(
+                .list_dyn(
                     res("pods"),
                     Some("default"),
                     Some(&format!("app={name}")),
@@ -111,7 +111,8 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
         Some(8080),
         1,
     );
-    c.create(res("deployments"), Some("default"), &d).await?;
+    c.create_dyn(res("deployments"), Some("default"), &d)
+        .await?;
     wait_rolled_out(&c, "bootcamp", 1, "127.0.0.1:5000/bootcamp:v1").await?;
 
     // scale 1 → 4: replicas spread over both nodes
@@ -137,9 +138,9 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     let (mut pods, mut stream) =
         skiff_e2e::list_and_watch_pods(&c, "default", "app=bootcamp").await?;
     let d = c
-        .get(res("deployments"), Some("default"), "bootcamp")
+        .get_dyn(res("deployments"), Some("default"), "bootcamp")
         .await?;
-    c.patch(
+    c.patch_dyn(
         res("deployments"),
         Some("default"),
         "bootcamp",
@@ -191,18 +192,18 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     );
     wait_rolled_out(&c, "bootcamp", 2, "127.0.0.1:5000/bootcamp:v2").await?;
     let d = c
-        .get(res("deployments"), Some("default"), "bootcamp")
+        .get_dyn(res("deployments"), Some("default"), "bootcamp")
         .await?;
     assert_eq!(meta::annotations(&d)[skiff_api::REVISION_ANNOTATION], "2");
 
     // rollout undo → v1 again, as revision 3, reusing the first ReplicaSet
     let rss = c
-        .list(res("replicasets"), Some("default"), None, None)
+        .list_dyn(res("replicasets"), Some("default"), None, None)
         .await?;
     let items = rss["items"].as_array().cloned().unwrap_or_default();
     let (patch, to) = verbs::rollback_patch(&d, &items, None)?;
     assert_eq!(to, 1);
-    c.patch(
+    c.patch_dyn(
         res("deployments"),
         Some("default"),
         "bootcamp",
@@ -213,7 +214,7 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     .await?;
     wait_rolled_out(&c, "bootcamp", 2, "127.0.0.1:5000/bootcamp:v1").await?;
     let rss = c
-        .list(res("replicasets"), Some("default"), None, None)
+        .list_dyn(res("replicasets"), Some("default"), None, None)
         .await?;
     assert_eq!(
         rss["items"].as_array().map_or(0, Vec::len),
@@ -221,7 +222,7 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
         "rollback reuses the old ReplicaSet"
     );
     let d = c
-        .get(res("deployments"), Some("default"), "bootcamp")
+        .get_dyn(res("deployments"), Some("default"), "bootcamp")
         .await?;
     assert_eq!(meta::annotations(&d)[skiff_api::REVISION_ANNOTATION], "3");
 
@@ -234,7 +235,7 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     assert!(on_b > 0, "the test needs a pod on node-b");
     b.fail();
     eventually("node-b NotReady", Duration::from_secs(15), || async {
-        let n = c.get(res("nodes"), None, "node-b").await?;
+        let n = c.get_dyn(res("nodes"), None, "node-b").await?;
         let ready = n
             .pointer("/status/conditions")
             .and_then(Value::as_array)
@@ -257,7 +258,7 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     .await?;
 
     // delete: the deployment's ReplicaSets and pods are collected.
-    c.delete(
+    c.delete_dyn(
         res("deployments"),
         Some("default"),
         "bootcamp",
@@ -267,10 +268,10 @@ async fn reference_walk_with_fake_nodes() -> anyhow::Result<()> {
     .await?;
     eventually("dependents collected", Duration::from_secs(15), || async {
         let rs = c
-            .list(res("replicasets"), Some("default"), None, None)
+            .list_dyn(res("replicasets"), Some("default"), None, None)
             .await?;
         let pods = c
-            .list(res("pods"), Some("default"), Some("app=bootcamp"), None)
+            .list_dyn(res("pods"), Some("default"), Some("app=bootcamp"), None)
             .await?;
         let left: Vec<&Value> = pods["items"]
             .as_array()
@@ -293,7 +294,7 @@ async fn unschedulable_message(c: &Client, pod: &str) -> anyhow::Result<String> 
         &format!("PodScheduled=False on {pod}"),
         Duration::from_secs(10),
         || async {
-            let p = c.get(res("pods"), Some("default"), pod).await?;
+            let p = c.get_dyn(res("pods"), Some("default"), pod).await?;
             Ok(p.pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .and_then(|cs| {
@@ -311,20 +312,20 @@ async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|_| {}).await?;
     let c = cluster.client.clone();
     let pod = json!({"metadata": {"name": "big"}, "spec": {"containers": [{"name": "a", "image": "x:v1", "resources": {"requests": {"cpu": "2"}}}]}});
-    c.create(res("pods"), Some("default"), &pod).await?;
+    c.create_dyn(res("pods"), Some("default"), &pod).await?;
     let msg = unschedulable_message(&c, "big").await?;
     assert_eq!(msg, "no nodes available to schedule pods");
     // A node with 4 CPUs joins: the pod is retried and bound.
     let _small = FakeNode::start(c.clone(), "small", "127.0.0.4", Duration::ZERO).await?;
     eventually("big bound to small", Duration::from_secs(10), || async {
         Ok(
-            (c.get(res("pods"), Some("default"), "big").await?["spec"]["nodeName"] == "small")
+            (c.get_dyn(res("pods"), Some("default"), "big").await?["spec"]["nodeName"] == "small")
                 .then_some(()),
         )
     })
     .await?;
     let huge = json!({"metadata": {"name": "huge"}, "spec": {"containers": [{"name": "a", "image": "x:v1", "resources": {"requests": {"cpu": "64"}}}]}});
-    c.create(res("pods"), Some("default"), &huge).await?;
+    c.create_dyn(res("pods"), Some("default"), &huge).await?;
     let msg = unschedulable_message(&c, "huge").await?;
     assert_eq!(msg, "0/1 nodes are available: 1 Insufficient cpu.");
     eventually(
@@ -332,7 +333,7 @@ async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
         Duration::from_secs(5),
         || async {
             let events = c
-                .list(
+                .list_dyn(
                     res("events"),
                     Some("default"),
                     None,
@@ -352,7 +353,7 @@ async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
     let nodes = res("nodes");
     let mut n = json!({"metadata": {"name": "big-node"}, "status": {"allocatable": {"cpu": "128", "memory": "64Gi", "pods": "110"},
         "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string()}]}});
-    n = c.create(nodes, None, &n).await?;
+    n = c.create_dyn(nodes, None, &n).await?;
     assert!(
         n["spec"]["podCIDR"]
             .as_str()
@@ -365,7 +366,7 @@ async fn unschedulable_pod_says_why_and_is_retried() -> anyhow::Result<()> {
         Duration::from_secs(10),
         || async {
             Ok(
-                (c.get(res("pods"), Some("default"), "huge").await?["spec"]["nodeName"]
+                (c.get_dyn(res("pods"), Some("default"), "huge").await?["spec"]["nodeName"]
                     == "big-node")
                     .then_some(()),
             )

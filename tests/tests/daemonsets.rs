@@ -64,7 +64,7 @@ fn image_of(p: &Value) -> String {
 
 async fn live_pods(c: &Client, ds: &str) -> anyhow::Result<Vec<Value>> {
     let list = c
-        .list(
+        .list_dyn(
             res("pods"),
             Some("default"),
             Some(&format!("ds={ds}")),
@@ -110,7 +110,7 @@ async fn wait_status(c: &Client, ds: &str, want: Value) -> anyhow::Result<Value>
         &format!("status of {ds} to have {want}"),
         Duration::from_secs(30),
         || async {
-            let d = c.get(res("daemonsets"), Some("default"), ds).await?;
+            let d = c.get_dyn(res("daemonsets"), Some("default"), ds).await?;
             let st = &d["status"];
             let matches = want
                 .as_object()
@@ -125,7 +125,7 @@ async fn wait_status(c: &Client, ds: &str, want: Value) -> anyhow::Result<Value>
 }
 
 async fn patch_ds(c: &Client, ds: &str, body: Value) -> anyhow::Result<()> {
-    c.patch(res("daemonsets"), Some("default"), ds, None, MERGE, &body)
+    c.patch_dyn(res("daemonsets"), Some("default"), ds, None, MERGE, &body)
         .await?;
     Ok(())
 }
@@ -139,7 +139,7 @@ async fn one_pod_per_eligible_node_as_nodes_taints_and_selectors_change() -> any
     .await?;
     let c = &cluster.client;
     let mut fleet = nodes(c, &["n1", "n2", "n3", "tainted"], Duration::ZERO).await?;
-    c.patch(
+    c.patch_dyn(
         res("nodes"),
         None,
         "tainted",
@@ -148,7 +148,7 @@ async fn one_pod_per_eligible_node_as_nodes_taints_and_selectors_change() -> any
         &json!({"spec": {"taints": [{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]}}),
     )
     .await?;
-    c.create(
+    c.create_dyn(
         res("daemonsets"),
         Some("default"),
         &daemonset("agent", "img:v1"),
@@ -201,7 +201,7 @@ async fn one_pod_per_eligible_node_as_nodes_taints_and_selectors_change() -> any
     wait_placed(c, "agent", &["n1", "n2", "n3", "tainted"], "img:v1").await?;
 
     // A cordoned node keeps its daemon pod; a new node gets one.
-    c.patch(
+    c.patch_dyn(
         res("nodes"),
         None,
         "n1",
@@ -214,19 +214,19 @@ async fn one_pod_per_eligible_node_as_nodes_taints_and_selectors_change() -> any
     let placed = wait_placed(c, "agent", &["n1", "n2", "n3", "tainted", "n5"], "img:v1").await?;
     // The cordoned node's pod, deleted, is replaced there: the scheduler lets it on.
     let on_n1 = meta::name(&placed["n1"]).to_string();
-    c.delete(res("pods"), Some("default"), &on_n1, None, None)
+    c.delete_dyn(res("pods"), Some("default"), &on_n1, None, None)
         .await?;
     let placed = wait_placed(c, "agent", &["n1", "n2", "n3", "tainted", "n5"], "img:v1").await?;
     assert_ne!(meta::name(&placed["n1"]), on_n1);
 
     // A deleted node loses its pod.
     fleet.retain(|n| n.name != "n2");
-    c.delete(res("nodes"), None, "n2", None, None).await?;
+    c.delete_dyn(res("nodes"), None, "n2", None, None).await?;
     wait_placed(c, "agent", &["n1", "n3", "tainted", "n5"], "img:v1").await?;
 
     // A nodeSelector moves the pods to the nodes that match it.
     for n in ["n3", "n5"] {
-        c.patch(
+        c.patch_dyn(
             res("nodes"),
             None,
             n,
@@ -251,7 +251,7 @@ async fn one_pod_per_eligible_node_as_nodes_taints_and_selectors_change() -> any
     )
     .await?;
     // A node that stops matching loses its pod.
-    c.patch(
+    c.patch_dyn(
         res("nodes"),
         None,
         "n5",
@@ -263,17 +263,17 @@ async fn one_pod_per_eligible_node_as_nodes_taints_and_selectors_change() -> any
     wait_placed(c, "agent", &["n3"], "img:v1").await?;
 
     // Deleting the DaemonSet takes its pods and revisions.
-    c.delete(res("daemonsets"), Some("default"), "agent", None, None)
+    c.delete_dyn(res("daemonsets"), Some("default"), "agent", None, None)
         .await?;
     eventually(
         "pods and revisions of agent gone",
         Duration::from_secs(20),
         || async {
             let pods = c
-                .list(res("pods"), Some("default"), Some("ds=agent"), None)
+                .list_dyn(res("pods"), Some("default"), Some("ds=agent"), None)
                 .await?;
             let revs = c
-                .list(
+                .list_dyn(
                     res("controllerrevisions"),
                     Some("default"),
                     Some("ds=agent"),
@@ -341,7 +341,7 @@ async fn rolling_update_within_max_unavailable_surge_and_on_delete() -> anyhow::
     let c = &cluster.client;
     let names = ["r1", "r2", "r3", "r4"];
     let _fleet = nodes(c, &names, Duration::from_millis(300)).await?;
-    c.create(
+    c.create_dyn(
         res("daemonsets"),
         Some("default"),
         &daemonset("roll", "img:v1"),
@@ -436,7 +436,7 @@ async fn rolling_update_within_max_unavailable_surge_and_on_delete() -> anyhow::
         "{before:#?}"
     );
     let r2 = before.iter().find(|p| node_of(p) == "r2").unwrap();
-    c.delete(res("pods"), Some("default"), meta::name(r2), None, None)
+    c.delete_dyn(res("pods"), Some("default"), meta::name(r2), None, None)
         .await?;
     eventually(
         "r2's pod replaced with v5",
@@ -693,7 +693,7 @@ async fn failed_daemon_pods_are_replaced_with_backoff() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|_| {}).await?;
     let c = &cluster.client;
     let _fleet = nodes(c, &["f1", "f2"], Duration::ZERO).await?;
-    c.create(
+    c.create_dyn(
         res("daemonsets"),
         Some("default"),
         &daemonset("fail", "img:v1"),
@@ -707,7 +707,7 @@ async fn failed_daemon_pods_are_replaced_with_backoff() -> anyhow::Result<()> {
     for _ in 0..2 {
         let name = meta::name(&failed).to_string();
         failed["status"]["phase"] = json!("Failed");
-        c.replace_status(res("pods"), Some("default"), &name, &failed)
+        c.replace_status_dyn(res("pods"), Some("default"), &name, &failed)
             .await?;
         eventually(
             &format!("failed {name} deleted"),
@@ -735,7 +735,9 @@ async fn failed_daemon_pods_are_replaced_with_backoff() -> anyhow::Result<()> {
         gap >= Duration::from_millis(900),
         "failed pods on one node deleted {gap:?} apart"
     );
-    let events = c.list(res("events"), Some("default"), None, None).await?;
+    let events = c
+        .list_dyn(res("events"), Some("default"), None, None)
+        .await?;
     let found = events["items"]
         .as_array()
         .into_iter()
@@ -759,8 +761,8 @@ async fn matching_orphans_are_adopted_and_released_pods_let_go() -> anyhow::Resu
     // A pod that matches the selector, made before the DaemonSet, already on o1.
     let orphan = json!({"metadata": {"name": "orphan", "labels": {"ds": "adopt"}},
         "spec": {"nodeName": "o1", "containers": [{"name": "c", "image": "img:v0"}]}});
-    c.create(res("pods"), Some("default"), &orphan).await?;
-    c.create(
+    c.create_dyn(res("pods"), Some("default"), &orphan).await?;
+    c.create_dyn(
         res("daemonsets"),
         Some("default"),
         &daemonset("adopt", "img:v1"),
@@ -771,7 +773,7 @@ async fn matching_orphans_are_adopted_and_released_pods_let_go() -> anyhow::Resu
     assert_ne!(meta::name(&placed["o1"]), "orphan");
     // A pod relabelled out of the selector is released, and its node gets a new one.
     let name = meta::name(&placed["o2"]).to_string();
-    c.patch(
+    c.patch_dyn(
         res("pods"),
         Some("default"),
         &name,
@@ -784,7 +786,7 @@ async fn matching_orphans_are_adopted_and_released_pods_let_go() -> anyhow::Resu
         "the relabelled pod released",
         Duration::from_secs(20),
         || async {
-            let p = c.get(res("pods"), Some("default"), &name).await?;
+            let p = c.get_dyn(res("pods"), Some("default"), &name).await?;
             Ok(meta::controller_uid(&p).is_none().then_some(()))
         },
     )

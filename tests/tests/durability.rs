@@ -66,7 +66,7 @@ async fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
             for i in 0.. {
                 let name = format!("cm-{w}-{i}");
                 let cm = json!({"metadata": {"name": name}, "data": {"writer": w.to_string(), "i": i.to_string()}});
-                match c.create(cms, Some("default"), &cm).await {
+                match c.create_dyn(cms, Some("default"), &cm).await {
                     Ok(_) => acked.lock().unwrap().push(name),
                     Err(_) => return,
                 }
@@ -90,7 +90,7 @@ async fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
 
     let _server = start(dir.path(), port)?;
     let client = connect(dir.path()).await?;
-    let list = client.list(cms, Some("default"), None, None).await?;
+    let list = client.list_dyn(cms, Some("default"), None, None).await?;
     let present: std::collections::HashSet<String> = list["items"]
         .as_array()
         .unwrap()
@@ -107,7 +107,7 @@ async fn acknowledged_writes_survive_kill_9() -> anyhow::Result<()> {
     );
     // The store keeps working after recovery.
     client
-        .create(
+        .create_dyn(
             cms,
             Some("default"),
             &json!({"metadata": {"name": "after-restart"}}),

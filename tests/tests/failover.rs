@@ -68,7 +68,7 @@ fn spread_deployment(name: &str, replicas: i32) -> Value {
 /// Ready pods of `app` not being deleted, by node.
 async fn ready_by_node(c: &Client, app: &str) -> anyhow::Result<BTreeMap<String, usize>> {
     let list = c
-        .list(
+        .list_dyn(
             res("pods"),
             Some("default"),
             Some(&format!("app={app}")),
@@ -122,7 +122,7 @@ async fn a_dead_nodes_pods_move_within_the_default_failover_time() -> anyhow::Re
             FakeNode::start(c.clone(), n, &format!("127.0.0.{}", 20 + i), Duration::ZERO).await?,
         );
     }
-    c.create(
+    c.create_dyn(
         res("deployments"),
         Some("default"),
         &spread_deployment("web", 6),
@@ -140,7 +140,7 @@ async fn a_dead_nodes_pods_move_within_the_default_failover_time() -> anyhow::Re
     );
     // New pods carry the default tolerations of the two NoExecute taints.
     let pods = c
-        .list(res("pods"), Some("default"), Some("app=web"), None)
+        .list_dyn(res("pods"), Some("default"), Some("app=web"), None)
         .await?;
     let tolerations = &pods["items"][0]["spec"]["tolerations"];
     assert!(
@@ -156,14 +156,14 @@ async fn a_dead_nodes_pods_move_within_the_default_failover_time() -> anyhow::Re
         "spec": {"nodeSelector": {"kubernetes.io/hostname": "fo-c"},
                  "tolerations": [{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 3600}],
                  "containers": [{"name": "c", "image": "127.0.0.1:5000/bootcamp:v1"}]}});
-    c.create(res("pods"), Some("default"), &patient).await?;
+    c.create_dyn(res("pods"), Some("default"), &patient).await?;
     eventually("patient ready on fo-c", Duration::from_secs(20), || async {
         Ok((ready_by_node(&c, "patient").await?.get("fo-c") == Some(&1)).then_some(()))
     })
     .await?;
     // Every node holds its Lease.
     let lease = c
-        .get(res("leases"), Some("kube-node-lease"), "fo-a")
+        .get_dyn(res("leases"), Some("kube-node-lease"), "fo-a")
         .await?;
     assert_eq!(lease["spec"]["holderIdentity"], "fo-a");
 
@@ -174,7 +174,7 @@ async fn a_dead_nodes_pods_move_within_the_default_failover_time() -> anyhow::Re
         "fo-c Ready=Unknown and tainted unreachable",
         FAILOVER,
         || async {
-            let n = c.get(res("nodes"), None, "fo-c").await?;
+            let n = c.get_dyn(res("nodes"), None, "fo-c").await?;
             Ok(
                 (ready_status(&n) == "Unknown"
                     && taint_keys(&n).contains(&UNREACHABLE.to_string()))
@@ -202,7 +202,7 @@ async fn a_dead_nodes_pods_move_within_the_default_failover_time() -> anyhow::Re
         "{moved:?}"
     );
     // The hour-long toleration keeps its pod bound to the silent node.
-    let p = c.get(res("pods"), Some("default"), "patient").await?;
+    let p = c.get_dyn(res("pods"), Some("default"), "patient").await?;
     assert_eq!(p["spec"]["nodeName"], "fo-c");
     assert!(!meta::is_deleting(&p), "the tolerating pod was evicted");
 
@@ -212,7 +212,7 @@ async fn a_dead_nodes_pods_move_within_the_default_failover_time() -> anyhow::Re
         "fo-c Ready and untainted",
         Duration::from_secs(15),
         || async {
-            let n = c.get(res("nodes"), None, "fo-c").await?;
+            let n = c.get_dyn(res("nodes"), None, "fo-c").await?;
             Ok((ready_status(&n) == "True" && taint_keys(&n).is_empty()).then_some(()))
         },
     )
@@ -220,12 +220,12 @@ async fn a_dead_nodes_pods_move_within_the_default_failover_time() -> anyhow::Re
     // Its old pods are finished by its agent; the Deployment holds 6.
     eventually("old web pods gone", Duration::from_secs(15), || async {
         let pods = c
-            .list(res("pods"), Some("default"), Some("app=web"), None)
+            .list_dyn(res("pods"), Some("default"), Some("app=web"), None)
             .await?;
         Ok((pods["items"].as_array().map_or(0, Vec::len) == 6).then_some(()))
     })
     .await?;
-    let p = c.get(res("pods"), Some("default"), "patient").await?;
+    let p = c.get_dyn(res("pods"), Some("default"), "patient").await?;
     assert!(!meta::is_deleting(&p));
     Ok(())
 }
@@ -243,7 +243,8 @@ async fn kubectl_and_skiff_drain_move_pods_off_a_node() -> anyhow::Result<()> {
         Some(8080),
         4,
     );
-    c.create(res("deployments"), Some("default"), &d).await?;
+    c.create_dyn(res("deployments"), Some("default"), &d)
+        .await?;
     eventually(
         "4 pods ready over both nodes",
         Duration::from_secs(30),
@@ -268,7 +269,7 @@ async fn kubectl_and_skiff_drain_move_pods_off_a_node() -> anyhow::Result<()> {
     let pdb = json!({"apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
         "metadata": {"name": "drained"},
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": {"app": "drained"}}}});
-    c.create(res("pdb"), Some("default"), &pdb).await?;
+    c.create_dyn(res("pdb"), Some("default"), &pdb).await?;
     eventually(
         "the budget allows 1 disruption",
         Duration::from_secs(10),
@@ -342,12 +343,12 @@ async fn kubectl_and_skiff_drain_move_pods_off_a_node() -> anyhow::Result<()> {
         Ok((by.get("dr-a") == Some(&4) && by.len() == 1).then_some(()))
     })
     .await?;
-    let b = c.get(res("nodes"), None, "dr-b").await?;
+    let b = c.get_dyn(res("nodes"), None, "dr-b").await?;
     assert_eq!(b["spec"]["unschedulable"], true);
     // A pod no controller manages stops a drain without --force, with one clear line.
     let bare = json!({"metadata": {"name": "bare"},
         "spec": {"nodeName": "dr-a", "containers": [{"name": "c", "image": "127.0.0.1:5000/bootcamp:v1"}]}});
-    c.create(res("pods"), Some("default"), &bare).await?;
+    c.create_dyn(res("pods"), Some("default"), &bare).await?;
     let out = std::process::Command::new(skiff_e2e::skiff_binary()?)
         .arg("--kubeconfig")
         .arg(cluster.kubeconfig())

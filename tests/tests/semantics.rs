@@ -43,7 +43,7 @@ async fn wait_ready(c: &Client, name: &str) -> anyhow::Result<Value> {
         &format!("pod {name} ready"),
         Duration::from_secs(15),
         || async {
-            let p = c.get(res("pods"), Some("default"), name).await?;
+            let p = c.get_dyn(res("pods"), Some("default"), name).await?;
             Ok(is_ready(&p).then_some(p))
         },
     )
@@ -52,7 +52,7 @@ async fn wait_ready(c: &Client, name: &str) -> anyhow::Result<Value> {
 
 async fn pods_of(c: &Client, selector: &str) -> anyhow::Result<Vec<Value>> {
     let list = c
-        .list(res("pods"), Some("default"), Some(selector), None)
+        .list_dyn(res("pods"), Some("default"), Some(selector), None)
         .await?;
     Ok(list["items"].as_array().cloned().unwrap_or_default())
 }
@@ -60,7 +60,7 @@ async fn pods_of(c: &Client, selector: &str) -> anyhow::Result<Vec<Value>> {
 /// ReplicaSet sizes of a deployment, by image.
 async fn rs_sizes(c: &Client, app: &str) -> anyhow::Result<BTreeMap<String, i64>> {
     let list = c
-        .list(
+        .list_dyn(
             res("replicasets"),
             Some("default"),
             Some(&format!("app={app}")),
@@ -99,13 +99,13 @@ async fn wait_sizes(c: &Client, app: &str, want: &[(&str, i64)]) -> anyhow::Resu
 }
 
 async fn set_image(c: &Client, app: &str, image: &str) -> anyhow::Result<()> {
-    let d = c.get(res("deployments"), Some("default"), app).await?;
+    let d = c.get_dyn(res("deployments"), Some("default"), app).await?;
     let container = d["spec"]["template"]["spec"]["containers"][0]["name"]
         .as_str()
         .unwrap_or("")
         .to_string();
     let patch = verbs::set_image_patch(&d, &[(container, image.into())])?;
-    c.patch(res("deployments"), Some("default"), app, None, SMP, &patch)
+    c.patch_dyn(res("deployments"), Some("default"), app, None, SMP, &patch)
         .await?;
     Ok(())
 }
@@ -124,12 +124,12 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
         },
     )
     .await?;
-    c.create(res("pods"), Some("default"), &pod("p", "x:v1"))
+    c.create_dyn(res("pods"), Some("default"), &pod("p", "x:v1"))
         .await?;
     wait_ready(&c, "p").await?;
     cluster.kubectl_ok(&["delete", "pod", "p", "--wait=false"])?;
     // The kubelet's not-ready status write, a label edit: the pod stays, still terminating.
-    c.patch(
+    c.patch_dyn(
         res("pods"),
         Some("default"),
         "p",
@@ -139,7 +139,7 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
     )
     .await?;
     cluster.kubectl_ok(&["label", "pod", "p", "drained=yes"])?;
-    let p = c.get(res("pods"), Some("default"), "p").await?;
+    let p = c.get_dyn(res("pods"), Some("default"), "p").await?;
     assert!(
         meta::is_deleting(&p),
         "still terminating: {}",
@@ -148,7 +148,7 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
     assert_eq!(p["metadata"]["labels"]["drained"], "yes");
     // The node finishes the deletion once its containers stopped.
     eventually("p gone", Duration::from_secs(15), || async {
-        match c.get(res("pods"), Some("default"), "p").await {
+        match c.get_dyn(res("pods"), Some("default"), "p").await {
             Err(e) if e.code() == Some(404) => Ok(Some(())),
             Err(e) => Err(e.into()),
             Ok(_) => Ok(None),
@@ -158,7 +158,8 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
 
     // Foreground cascade: the pods wait for their node; so do their owners.
     let d = verbs::deployment("fg", &["x:v1".into()], None, 2);
-    c.create(res("deployments"), Some("default"), &d).await?;
+    c.create_dyn(res("deployments"), Some("default"), &d)
+        .await?;
     eventually("fg ready", Duration::from_secs(15), || async {
         let ps = pods_of(&c, "app=fg").await?;
         Ok((ps.len() == 2 && ps.iter().all(is_ready)).then_some(()))
@@ -187,13 +188,13 @@ async fn updates_to_a_terminating_pod_do_not_delete_it() -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        c.get(res("deployments"), Some("default"), "fg")
+        c.get_dyn(res("deployments"), Some("default"), "fg")
             .await
             .is_ok(),
         "the deployment waits for its dependents"
     );
     eventually("fg and its pods gone", Duration::from_secs(20), || async {
-        let gone = matches!(c.get(res("deployments"), Some("default"), "fg").await, Err(e) if e.code() == Some(404));
+        let gone = matches!(c.get_dyn(res("deployments"), Some("default"), "fg").await, Err(e) if e.code() == Some(404));
         Ok((gone && pods_of(&c, "app=fg").await?.is_empty()).then_some(()))
     })
     .await?;
@@ -216,7 +217,8 @@ async fn recreate_waits_until_old_pods_are_gone() -> anyhow::Result<()> {
     .await?;
     let mut d = verbs::deployment("rec", &["x:v1".into()], None, 2);
     d["spec"]["strategy"] = json!({"type": "Recreate"});
-    c.create(res("deployments"), Some("default"), &d).await?;
+    c.create_dyn(res("deployments"), Some("default"), &d)
+        .await?;
     eventually("rec ready", Duration::from_secs(15), || async {
         let ps = pods_of(&c, "app=rec").await?;
         Ok((ps.len() == 2 && ps.iter().all(is_ready)).then_some(()))
@@ -273,16 +275,16 @@ async fn terminating_pods_hold_their_node_slot() -> anyhow::Result<()> {
     )
     .await?;
     for p in ["a", "b"] {
-        c.create(res("pods"), Some("default"), &pod(p, "x:v1"))
+        c.create_dyn(res("pods"), Some("default"), &pod(p, "x:v1"))
             .await?;
         wait_ready(&c, p).await?;
     }
     cluster.kubectl_ok(&["delete", "pod", "a", "--wait=false"])?;
-    c.create(res("pods"), Some("default"), &pod("c", "x:v1"))
+    c.create_dyn(res("pods"), Some("default"), &pod("c", "x:v1"))
         .await?;
     // While a's containers stop, c does not fit.
     let why = eventually("c found unschedulable", Duration::from_secs(10), || async {
-        let p = c.get(res("pods"), Some("default"), "c").await?;
+        let p = c.get_dyn(res("pods"), Some("default"), "c").await?;
         anyhow::ensure!(
             p["spec"]["nodeName"].as_str().is_none_or(str::is_empty),
             "c was bound while a still terminated"
@@ -324,10 +326,10 @@ async fn services_keep_what_was_allocated_and_zero_means_allocate() -> anyhow::R
     std::fs::write(&file, SERVICE)?;
     let file = file.to_string_lossy().to_string();
     cluster.kubectl_ok(&["create", "-f", &file])?;
-    let before = c.get(res("services"), Some("default"), "keep").await?;
+    let before = c.get_dyn(res("services"), Some("default"), "keep").await?;
     // A PUT of the manifest as written: no clusterIP, no nodePorts.
     cluster.kubectl_ok(&["replace", "-f", &file])?;
-    let after = c.get(res("services"), Some("default"), "keep").await?;
+    let after = c.get_dyn(res("services"), Some("default"), "keep").await?;
     assert_eq!(after["spec"]["clusterIP"], before["spec"]["clusterIP"]);
     assert_eq!(after["spec"]["clusterIPs"], before["spec"]["clusterIPs"]);
     let node_ports = |s: &Value| {
@@ -344,7 +346,7 @@ async fn services_keep_what_was_allocated_and_zero_means_allocate() -> anyhow::R
     swapped["spec"]["ports"] = json!([{"name": "admin", "port": 81, "targetPort": 8081}, {"name": "http", "port": 80, "targetPort": 8080}]);
     swapped["spec"]["clusterIP"] = json!("");
     let stored = c
-        .replace(res("services"), Some("default"), "keep", &swapped)
+        .replace_dyn(res("services"), Some("default"), "keep", &swapped)
         .await?;
     assert_eq!(stored["spec"]["clusterIP"], before["spec"]["clusterIP"]);
     let mut want = node_ports(&before);
@@ -354,12 +356,12 @@ async fn services_keep_what_was_allocated_and_zero_means_allocate() -> anyhow::R
     // kubectl's protobuf carries nodePort: 0, which asks for an allocation.
     let out = cluster.kubectl_ok(&["create", "service", "nodeport", "np", "--tcp=80:8080"])?;
     assert!(out.contains("service/np created"), "{out}");
-    let np = c.get(res("services"), Some("default"), "np").await?;
+    let np = c.get_dyn(res("services"), Some("default"), "np").await?;
     let port = np["spec"]["ports"][0]["nodePort"].as_i64().unwrap_or(0);
     assert!((30000..=32767).contains(&port), "{}", np["spec"]);
     let out = cluster.kubectl_ok(&["create", "service", "clusterip", "cip", "--tcp=80:8080"])?;
     assert!(out.contains("service/cip created"), "{out}");
-    let cip = c.get(res("services"), Some("default"), "cip").await?;
+    let cip = c.get_dyn(res("services"), Some("default"), "cip").await?;
     assert!(
         cip["spec"]["ports"][0].get("nodePort").is_none(),
         "{}",
@@ -380,7 +382,8 @@ async fn scaling_mid_rollout_and_paused_is_proportional() -> anyhow::Result<()> 
     let mut d = verbs::deployment("prop", &["x:v1".into()], None, 4);
     d["spec"]["strategy"] =
         json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
-    c.create(res("deployments"), Some("default"), &d).await?;
+    c.create_dyn(res("deployments"), Some("default"), &d)
+        .await?;
     wait_sizes(&c, "prop", &[("x:v1", 4)]).await?;
     eventually("prop ready", Duration::from_secs(15), || async {
         let ps = pods_of(&c, "app=prop").await?;
@@ -402,7 +405,8 @@ async fn scaling_mid_rollout_and_paused_is_proportional() -> anyhow::Result<()> 
 
     // A paused deployment is scaled, and nothing is rolled out.
     let d = verbs::deployment("paused", &["x:v1".into()], None, 2);
-    c.create(res("deployments"), Some("default"), &d).await?;
+    c.create_dyn(res("deployments"), Some("default"), &d)
+        .await?;
     wait_sizes(&c, "paused", &[("x:v1", 2)]).await?;
     cluster.kubectl_ok(&["rollout", "pause", "deploy/paused"])?;
     cluster.kubectl_ok(&["scale", "deploy/paused", "--replicas=3"])?;
@@ -426,10 +430,12 @@ async fn pods_of_a_deleted_node_are_collected() -> anyhow::Result<()> {
     let c = cluster.client.clone();
     let n = node(&c, "doomed", FakeNodeOptions::default()).await?;
     cluster.kubectl_ok(&["create", "namespace", "short-lived"])?;
-    c.create(res("pods"), Some("short-lived"), &pod("orphan", "x:v1"))
+    c.create_dyn(res("pods"), Some("short-lived"), &pod("orphan", "x:v1"))
         .await?;
     eventually("orphan running", Duration::from_secs(15), || async {
-        let p = c.get(res("pods"), Some("short-lived"), "orphan").await?;
+        let p = c
+            .get_dyn(res("pods"), Some("short-lived"), "orphan")
+            .await?;
         Ok(is_ready(&p).then_some(()))
     })
     .await?;
@@ -439,7 +445,7 @@ async fn pods_of_a_deleted_node_are_collected() -> anyhow::Result<()> {
     // The namespace's deletion is not held up by a pod no kubelet will finish.
     cluster.kubectl_ok(&["delete", "namespace", "short-lived", "--wait=false"])?;
     eventually("namespace gone", Duration::from_secs(15), || async {
-        match c.get(res("namespaces"), None, "short-lived").await {
+        match c.get_dyn(res("namespaces"), None, "short-lived").await {
             Err(e) if e.code() == Some(404) => Ok(Some(())),
             Err(e) => Err(e.into()),
             Ok(_) => Ok(None),
@@ -471,11 +477,11 @@ async fn events_expire_by_age_and_by_count() -> anyhow::Result<()> {
                "firstTimestamp": last, "lastTimestamp": last, "count": 1})
     };
     // Two hours old: beyond the default TTL of one hour.
-    c.create(events, Some("default"), &event("stale", at(7200)))
+    c.create_dyn(events, Some("default"), &event("stale", at(7200)))
         .await?;
     // Eight recent ones, e0 the oldest; with the stale one gone, three more must go.
     for i in 0..8 {
-        c.create(
+        c.create_dyn(
             events,
             Some("default"),
             &event(&format!("e{i}"), at(600 - i * 10)),
@@ -486,7 +492,7 @@ async fn events_expire_by_age_and_by_count() -> anyhow::Result<()> {
         "events expired down to 5",
         Duration::from_secs(40),
         || async {
-            let list = c.list(events, Some("default"), None, None).await?;
+            let list = c.list_dyn(events, Some("default"), None, None).await?;
             let mut names: Vec<String> = list["items"]
                 .as_array()
                 .into_iter()

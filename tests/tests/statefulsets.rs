@@ -85,7 +85,9 @@ async fn wait_set(
     f: impl Fn(&Value) -> bool,
 ) -> anyhow::Result<Value> {
     eventually(what, Duration::from_secs(30), || async {
-        let s = c.get(res("statefulsets"), Some("default"), name).await?;
+        let s = c
+            .get_dyn(res("statefulsets"), Some("default"), name)
+            .await?;
         Ok(f(&s).then_some(s))
     })
     .await
@@ -102,7 +104,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     };
     let _node = FakeNode::start_with(c.clone(), "sts-node", "127.0.0.9", opts).await?;
     let (_, mut watch) = list_and_watch_pods(c, "default", "app=web").await?;
-    c.create(
+    c.create_dyn(
         res("statefulsets"),
         Some("default"),
         &set("web", 3, "OrderedReady"),
@@ -127,7 +129,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
             "{next} created before {prev} was Ready: {log:?}"
         );
     }
-    let p = c.get(res("pods"), Some("default"), "web-1").await?;
+    let p = c.get_dyn(res("pods"), Some("default"), "web-1").await?;
     assert_eq!(p["spec"]["hostname"], "web-1");
     assert_eq!(p["spec"]["subdomain"], "web");
     assert_eq!(
@@ -147,14 +149,14 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
             &format!("{name} bound"),
             Duration::from_secs(15),
             || async {
-                let pvc = c.get(res("pvc"), Some("default"), &name).await?;
+                let pvc = c.get_dyn(res("pvc"), Some("default"), &name).await?;
                 Ok((pvc["status"]["phase"] == "Bound").then_some(pvc))
             },
         )
         .await?;
         let vol = claim["spec"]["volumeName"].as_str().unwrap().to_string();
         assert_eq!(vol, format!("pvc-{}", meta::uid(&claim)));
-        let pv = c.get(res("pv"), None, &vol).await?;
+        let pv = c.get_dyn(res("pv"), None, &vol).await?;
         assert_eq!(
             pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
                 ["values"][0],
@@ -206,7 +208,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     );
     for i in 0..3 {
         let pvc = c
-            .get(res("pvc"), Some("default"), &format!("data-web-{i}"))
+            .get_dyn(res("pvc"), Some("default"), &format!("data-web-{i}"))
             .await?;
         assert_eq!(pvc["status"]["phase"], "Bound", "data-web-{i} kept");
     }
@@ -217,11 +219,11 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
         s["status"]["readyReplicas"] == 3 && s["status"]["replicas"] == 3
     })
     .await?;
-    let web0 = c.get(res("pods"), Some("default"), "web-0").await?;
+    let web0 = c.get_dyn(res("pods"), Some("default"), "web-0").await?;
     // A fresh watch: only what the update does.
     let (_, mut watch) = list_and_watch_pods(c, "default", "app=web").await?;
     let mut log = Vec::new();
-    c.patch(
+    c.patch_dyn(
         res("statefulsets"),
         Some("default"),
         "web",
@@ -257,7 +259,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
         after["status"]["updateRevision"],
         before["status"]["updateRevision"]
     );
-    let web0_now = c.get(res("pods"), Some("default"), "web-0").await?;
+    let web0_now = c.get_dyn(res("pods"), Some("default"), "web-0").await?;
     assert_eq!(meta::uid(&web0_now), meta::uid(&web0));
     let out = cluster.kubectl_ok(&["rollout", "status", "sts/web", "--timeout=20s"])?;
     assert!(
@@ -269,7 +271,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     let old_rev = meta::labels(&web0)["controller-revision-hash"].clone();
     cluster.kubectl_ok(&["delete", "pod", "web-0"])?;
     let back = eventually("web-0 back", Duration::from_secs(30), || async {
-        let p = c.get(res("pods"), Some("default"), "web-0").await.ok();
+        let p = c.get_dyn(res("pods"), Some("default"), "web-0").await.ok();
         Ok(p.filter(|p| meta::uid(p) != meta::uid(&web0) && is_ready(p)))
     })
     .await?;
@@ -280,7 +282,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     cluster.kubectl_ok(&["delete", "sts", "web"])?;
     eventually("web's pods gone", Duration::from_secs(30), || async {
         let list = c
-            .list(res("pods"), Some("default"), Some("app=web"), None)
+            .list_dyn(res("pods"), Some("default"), Some("app=web"), None)
             .await?;
         Ok(list["items"]
             .as_array()
@@ -289,7 +291,7 @@ async fn ordered_ready_scale_down_rolling_update_and_claims() -> anyhow::Result<
     })
     .await?;
     for i in 0..3 {
-        c.get(res("pvc"), Some("default"), &format!("data-web-{i}"))
+        c.get_dyn(res("pvc"), Some("default"), &format!("data-web-{i}"))
             .await?;
     }
     Ok(())
@@ -338,9 +340,9 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
     );
 
     // whenScaled: Delete — the claims of removed ordinals go, with their volumes.
-    let pvc2 = c.get(res("pvc"), Some("default"), "data-db-2").await?;
+    let pvc2 = c.get_dyn(res("pvc"), Some("default"), "data-db-2").await?;
     let vol2 = eventually("data-db-2 bound", Duration::from_secs(15), || async {
-        let p = c.get(res("pvc"), Some("default"), "data-db-2").await?;
+        let p = c.get_dyn(res("pvc"), Some("default"), "data-db-2").await?;
         Ok(p["spec"]["volumeName"].as_str().map(String::from))
     })
     .await?;
@@ -350,13 +352,13 @@ async fn parallel_creates_all_at_once_and_claims_go_when_scaled_down() -> anyhow
         "data-db-2 and its volume deleted",
         Duration::from_secs(30),
         || async {
-            let pvc = c.get(res("pvc"), Some("default"), "data-db-2").await;
-            let pv = c.get(res("pv"), None, &vol2).await;
+            let pvc = c.get_dyn(res("pvc"), Some("default"), "data-db-2").await;
+            let pv = c.get_dyn(res("pv"), None, &vol2).await;
             Ok((pvc.is_err() && pv.is_err()).then_some(()))
         },
     )
     .await?;
-    c.get(res("pvc"), Some("default"), "data-db-1").await?;
+    c.get_dyn(res("pvc"), Some("default"), "data-db-1").await?;
     Ok(())
 }
 
