@@ -1118,13 +1118,16 @@ mod tests {
     use super::*;
 
     fn pod(uid: &str, phase: &str, deleting: Option<u64>) -> Pod {
-        let mut p = json!({"metadata": {"name": "p", "namespace": "default", "uid": uid},
-                           "status": {"phase": phase}});
+        let mut p: Pod = pod::typed(
+            &json!({"metadata": {"name": "p", "namespace": "default", "uid": uid},
+                           "status": {"phase": phase}}),
+        );
         if let Some(grace) = deleting {
-            p["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-            p["metadata"]["deletionGracePeriodSeconds"] = json!(grace);
+            p.metadata.deletion_timestamp =
+                Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap());
+            p.metadata.deletion_grace_period_seconds = Some(grace as i64);
         }
-        pod::typed(&p)
+        p
     }
 
     #[test]

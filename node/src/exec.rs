@@ -382,11 +382,12 @@ mod tests {
     fn status_carries_the_exit_code() {
         let ok = status_message(Some(0), None);
         assert_eq!(ok[0], ERROR);
-        let v: serde_json::Value = serde_json::from_slice(&ok[1..]).unwrap();
-        assert_eq!(v["status"], "Success");
-        let bad: serde_json::Value =
-            serde_json::from_slice(&status_message(Some(3), None)[1..]).unwrap();
-        assert_eq!(bad["reason"], "NonZeroExitCode");
-        assert_eq!(bad["details"]["causes"][0]["message"], "3");
+        type Status = k8s_openapi::apimachinery::pkg::apis::meta::v1::Status;
+        let v: Status = serde_json::from_slice(&ok[1..]).unwrap();
+        assert_eq!(v.status.as_deref(), Some("Success"));
+        let bad: Status = serde_json::from_slice(&status_message(Some(3), None)[1..]).unwrap();
+        assert_eq!(bad.reason.as_deref(), Some("NonZeroExitCode"));
+        let causes = bad.details.and_then(|d| d.causes).unwrap();
+        assert_eq!(causes[0].message.as_deref(), Some("3"));
     }
 }

@@ -287,7 +287,12 @@ mod tests {
         let v = serde_json::to_value(&l).unwrap();
         assert_eq!(v["kind"], "Lease");
         assert_eq!(v["apiVersion"], "coordination.k8s.io/v1");
-        assert_eq!(v["spec"]["renewTime"], "2026-01-01T00:00:01.500000Z");
+        let renew = l.spec.as_ref().and_then(|s| s.renew_time.as_ref());
+        assert_eq!(
+            serde_json::to_value(renew).unwrap(),
+            json!("2026-01-01T00:00:01.500000Z"),
+            "a MicroTime is written with six digits, as the API server expects"
+        );
         let d = Timing::default();
         assert!(d.renew_every * 3 < d.lease_duration);
     }

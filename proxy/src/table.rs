@@ -278,9 +278,10 @@ mod tests {
                 ("0.0.0.0:30001".to_string(), Mode::Http, false)
             ]
         );
-        let mut lb = svc_json("LoadBalancer", json!([{"port": 8080, "nodePort": 30002}]));
-        lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.168.1.5"}]}});
-        let lb: Service = typed(lb);
+        let mut lb: Service = svc("LoadBalancer", json!([{"port": 8080, "nodePort": 30002}]));
+        lb.status = Some(typed(
+            json!({"loadBalancer": {"ingress": [{"ip": "192.168.1.5"}]}}),
+        ));
         let addrs: Vec<_> = frontends(&lb, None, &node)
             .into_iter()
             .map(|f| f.addr.to_string())
@@ -309,23 +310,25 @@ mod tests {
 
     #[test]
     fn affinity_headless_udp_and_dns_service() {
-        let mut s = svc_json(
+        let mut s: Service = svc(
             "ClusterIP",
             json!([{"port": 80}, {"port": 53, "protocol": "UDP"}]),
         );
-        s["spec"]["sessionAffinity"] = json!("ClientIP");
-        s["spec"]["sessionAffinityConfig"] = json!({"clientIP": {"timeoutSeconds": 60}});
-        let f = frontends(&typed(s.clone()), None, &NodeAddresses::default());
+        let spec = s.spec.as_mut().unwrap();
+        spec.session_affinity = Some("ClientIP".into());
+        spec.session_affinity_config = Some(typed(json!({"clientIP": {"timeoutSeconds": 60}})));
+        let f = frontends(&s, None, &NodeAddresses::default());
         assert_eq!(f.len(), 1, "UDP ports are not proxied");
         assert_eq!(f[0].affinity, Some(Duration::from_secs(60)));
         assert!(f[0].backends.is_empty());
 
-        s["spec"]["clusterIP"] = json!("None");
-        assert!(frontends(&typed(s), None, &NodeAddresses::default()).is_empty());
+        s.spec.as_mut().unwrap().cluster_ip = Some("None".into());
+        assert!(frontends(&s, None, &NodeAddresses::default()).is_empty());
 
-        let mut dns = svc_json("ClusterIP", json!([{"port": 53}]));
-        dns["metadata"] = json!({"name": "kube-dns", "namespace": "kube-system"});
-        assert!(frontends(&typed(dns), None, &NodeAddresses::default()).is_empty());
+        let mut dns: Service = svc("ClusterIP", json!([{"port": 53}]));
+        dns.metadata.name = Some("kube-dns".into());
+        dns.metadata.namespace = Some("kube-system".into());
+        assert!(frontends(&dns, None, &NodeAddresses::default()).is_empty());
     }
 
     #[test]

@@ -540,19 +540,20 @@ mod tests {
         );
         let cj: CronJob = serde_json::from_value(json!({"metadata": {"name": "hello", "namespace": "ns", "uid": "u1"},
             "spec": {"schedule": "* * * * *", "jobTemplate": {"metadata": {"labels": {"a": "b"}}, "spec": {"template": {}}}}})).unwrap();
-        let j = serde_json::to_value(job_from_template(&cj, at("2026-01-01T10:03:00Z"))).unwrap();
+        let j = job_from_template(&cj, at("2026-01-01T10:03:00Z")).metadata;
         assert_eq!(
-            j["metadata"]["annotations"][SCHEDULED_TIMESTAMP],
+            j.annotations.unwrap()[SCHEDULED_TIMESTAMP],
             "2026-01-01T10:03:00Z"
         );
-        assert_eq!(j["metadata"]["ownerReferences"][0]["kind"], "CronJob");
-        assert_eq!(j["metadata"]["labels"]["a"], "b");
+        assert_eq!(j.owner_references.unwrap()[0].kind, "CronJob");
+        assert_eq!(j.labels.unwrap()["a"], "b");
     }
 
     mod controller {
         use super::super::*;
-        use crate::registry::{ClusterConfig, Sub, WriteOptions};
+        use crate::registry::{ClusterConfig, WriteOptions};
         use crate::store::sled::SledStore;
+        use k8s_openapi::api::batch::v1::JobStatus;
         use serde_json::{json, Value};
         use skiff_api::{meta, Resource};
         use tokio::sync::watch;
@@ -595,37 +596,21 @@ mod tests {
         }
 
         impl World {
-            /// Creates CronJob `name` as last scheduled `ago` seconds before now.
+            /// Creates CronJob `name` (`extra` merged over its spec) as last scheduled `ago`
+            /// seconds before now.
             async fn cronjob(&self, name: &str, extra: Value, ago: i64) {
-                let mut cj = json!({"metadata": {"name": name, "namespace": "default"},
+                let base = json!({"metadata": {"name": name, "namespace": "default"},
                     "spec": {"schedule": "*/1 * * * *", "jobTemplate": {"spec": {"template": {"spec": {
                         "restartPolicy": "Never", "containers": [{"name": "c", "image": "x"}]}}}}}});
-                for (k, v) in extra.as_object().unwrap() {
-                    cj["spec"][k] = v.clone();
-                }
-                let opts = WriteOptions::default();
-                let mut o = self
-                    .reg
-                    .create(res("cronjobs"), Some("default"), cj, &opts)
-                    .unwrap();
+                let cj = skiff_api::patch::strategic_merge(&base, &json!({ "spec": extra }));
+                let cj: CronJob =
+                    api::create(&self.reg, Some("default"), &api::decode(cj).unwrap()).unwrap();
                 let last = (Utc::now() - chrono::Duration::seconds(ago))
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-                o["status"] = json!({"lastScheduleTime": last});
-                let o = self
-                    .reg
-                    .update(
-                        res("cronjobs"),
-                        Some("default"),
-                        name,
-                        o,
-                        Sub::Status,
-                        &opts,
-                    )
-                    .unwrap();
-                self.c
-                    .cronjobs
-                    .wait_for(meta::resource_version(&o).unwrap())
-                    .await;
+                let status: CronJobStatus =
+                    serde_json::from_value(json!({ "lastScheduleTime": last })).unwrap();
+                let o = api::update_status(&self.reg, &cj, &status).unwrap();
+                self.c.cronjobs.wait_for(api::revision(&o.metadata)).await;
             }
 
             async fn reconcile(&self, name: &str) {
@@ -656,39 +641,22 @@ mod tests {
                     .collect()
             }
 
-            async fn create_job(&self, j: Value) {
-                let o = self
-                    .reg
-                    .create(res("jobs"), Some("default"), j, &WriteOptions::default())
-                    .unwrap();
-                self.c
-                    .jobs
-                    .wait_for(meta::resource_version(&o).unwrap())
-                    .await;
+            async fn create_job(&self, j: &Job) {
+                let o = api::create(&self.reg, Some("default"), j).unwrap();
+                self.c.jobs.wait_for(api::revision(&o.metadata)).await;
             }
 
             /// Marks Job `name` finished (`Complete` or `Failed`).
             async fn finish(&self, name: &str, ty: &str, started: DateTime<Utc>) {
-                let mut j = self.reg.get(res("jobs"), Some("default"), name).unwrap();
+                let j: Job = api::get(&self.reg, Some("default"), name).unwrap().unwrap();
                 let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
                 let started = started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-                j["status"] = json!({"startTime": started, "completionTime": now,
-                    "conditions": [{"type": ty, "status": "True"}]});
-                let o = self
-                    .reg
-                    .update(
-                        res("jobs"),
-                        Some("default"),
-                        name,
-                        j,
-                        Sub::Status,
-                        &WriteOptions::default(),
-                    )
+                let status: JobStatus =
+                    serde_json::from_value(json!({"startTime": started, "completionTime": now,
+                    "conditions": [{"type": ty, "status": "True"}]}))
                     .unwrap();
-                self.c
-                    .jobs
-                    .wait_for(meta::resource_version(&o).unwrap())
-                    .await;
+                let o = api::update_status(&self.reg, &j, &status).unwrap();
+                self.c.jobs.wait_for(api::revision(&o.metadata)).await;
             }
         }
 
@@ -734,9 +702,7 @@ mod tests {
                 .unwrap(),
                 Utc::now() - chrono::Duration::seconds(600),
             );
-            let mut j = serde_json::to_value(j).unwrap();
-            j["spec"]["template"]["metadata"] = json!({});
-            w.create_job(j).await;
+            w.create_job(&j).await;
             w.reconcile("forbid").await;
             let forbid: Vec<Job> = w
                 .jobs()
@@ -757,9 +723,8 @@ mod tests {
                 .unwrap(),
                 Utc::now() - chrono::Duration::seconds(600),
             );
-            let old = serde_json::to_value(old).unwrap();
-            let old_name = old["metadata"]["name"].as_str().unwrap().to_string();
-            w.create_job(old).await;
+            let old_name = old.metadata.name.clone().unwrap();
+            w.create_job(&old).await;
             w.reconcile("replace").await;
             let names: Vec<String> = w
                 .jobs()
@@ -797,9 +762,8 @@ mod tests {
                     &serde_json::from_value(cj.clone()).unwrap(),
                     Utc::now() - chrono::Duration::minutes(i),
                 );
-                let j = serde_json::to_value(j).unwrap();
-                let name = j["metadata"]["name"].as_str().unwrap().to_string();
-                w.create_job(j).await;
+                let name = j.metadata.name.clone().unwrap();
+                w.create_job(&j).await;
                 w.finish(&name, ty, Utc::now() - chrono::Duration::minutes(i))
                     .await;
             }

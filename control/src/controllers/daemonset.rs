@@ -1001,10 +1001,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(target_node(&pod).as_deref(), Some("n1"));
-        let v = serde_json::to_value(&pod).unwrap();
+        let terms = &pod.spec.as_ref().unwrap().affinity.as_ref().unwrap();
+        let terms = terms.node_affinity.as_ref().unwrap();
+        let terms = &terms
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .unwrap()
+            .node_selector_terms;
         assert_eq!(
-            v.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms"),
-            Some(&json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]))
+            serde_json::to_value(terms).unwrap(),
+            json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}])
         );
         let req = PodRequest::from_pod(&pod);
         assert!(scheduler::node_matches(
@@ -1138,15 +1144,18 @@ mod tests {
             template_hash(&normalized(&t2))
         );
         // Zero values do not change the hash (protobuf and JSON clients agree).
-        let mut t1z = t1.clone();
-        t1z["spec"]["hostNetwork"] = json!(false);
+        let t1z = skiff_api::patch::strategic_merge(&t1, &json!({"spec": {"hostNetwork": false}}));
         assert_eq!(
             template_hash(&normalized(&t1)),
             template_hash(&normalized(&t1z))
         );
         // The data restores the template as a strategic merge patch, and reads back.
         let data = revision_data(&t1);
-        assert_eq!(data["spec"]["template"]["$patch"], "replace");
+        assert_eq!(
+            data.pointer("/spec/template/$patch"),
+            Some(&json!("replace")),
+            "a revision's data is free-form JSON: a strategic merge patch"
+        );
         let rev = ControllerRevision {
             data: RawExtension(data.clone()),
             ..Default::default()

@@ -719,8 +719,9 @@ mod tests {
 
     mod controller {
         use super::super::*;
-        use crate::registry::{ClusterConfig, Sub, WriteOptions};
+        use crate::registry::{ClusterConfig, WriteOptions};
         use crate::store::sled::SledStore;
+        use k8s_openapi::api::core::v1::PodStatus;
         use serde_json::{json, Value};
         use skiff_api::{meta, Resource};
         use tokio::sync::watch;
@@ -763,13 +764,12 @@ mod tests {
         }
 
         impl World {
+            /// Creates Job `name`; `spec` is merged over a one-container template.
             async fn job(&self, name: &str, spec: Value, restart: &str) {
-                let mut j = json!({"metadata": {"name": name, "namespace": "default"},
+                let base = json!({"metadata": {"name": name, "namespace": "default"},
                     "spec": {"template": {"spec": {"restartPolicy": restart,
                         "containers": [{"name": "c", "image": "x"}]}}}});
-                for (k, v) in spec.as_object().unwrap() {
-                    j["spec"][k] = v.clone();
-                }
+                let j = skiff_api::patch::strategic_merge(&base, &json!({ "spec": spec }));
                 let o = self
                     .reg
                     .create(res("jobs"), Some("default"), j, &WriteOptions::default())
@@ -803,36 +803,38 @@ mod tests {
                 j.status.unwrap_or_default()
             }
 
-            fn pods(&self) -> Vec<Value> {
+            fn pods(&self) -> Vec<Arc<Pod>> {
                 self.c
                     .pods
-                    .list_raw(Some("default"))
-                    .iter()
-                    .filter(|p| !meta::is_deleting(p))
-                    .map(|p| (**p).clone())
+                    .list(Some("default"))
+                    .into_iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
                     .collect()
             }
 
             /// Sets a pod's status as its node would.
-            async fn set_status(&self, pod: &str, status: Value) {
-                let mut p = self.reg.get(res("pods"), Some("default"), pod).unwrap();
-                p["status"] = status;
-                let o = self
-                    .reg
-                    .update(
-                        res("pods"),
-                        Some("default"),
-                        pod,
-                        p,
-                        Sub::Status,
-                        &WriteOptions::default(),
-                    )
-                    .unwrap();
-                self.c
-                    .pods
-                    .wait_for(meta::resource_version(&o).unwrap())
-                    .await;
+            async fn set_status(&self, pod: &Pod, status: Value) {
+                let name = pod.metadata.name.as_deref().unwrap();
+                let p: Pod = api::get(&self.reg, Some("default"), name).unwrap().unwrap();
+                let status: PodStatus = serde_json::from_value(status).unwrap();
+                let o = api::update_status(&self.reg, &p, &status).unwrap();
+                self.c.pods.wait_for(api::revision(&o.metadata)).await;
             }
+        }
+
+        fn index_of(p: &Pod) -> String {
+            p.metadata.annotations.as_ref().unwrap()[COMPLETION_INDEX].clone()
+        }
+
+        fn phase(p: &Pod) -> &str {
+            p.status
+                .as_ref()
+                .and_then(|s| s.phase.as_deref())
+                .unwrap_or("")
+        }
+
+        fn job_name(p: &Pod) -> &str {
+            p.metadata.labels.as_ref().unwrap()["job-name"].as_str()
         }
 
         fn finished(phase: &str, code: i32) -> Value {
@@ -855,48 +857,36 @@ mod tests {
             assert_eq!(pods.len(), 2, "parallelism 2");
             let mut ix: Vec<String> = Vec::new();
             for p in &pods {
-                let i = p["metadata"]["annotations"][COMPLETION_INDEX]
-                    .as_str()
-                    .unwrap()
-                    .to_string();
-                assert_eq!(p["metadata"]["labels"][COMPLETION_INDEX], i);
-                assert_eq!(p["spec"]["hostname"], format!("idx-{i}"));
+                let i = index_of(p);
+                let labels = p.metadata.labels.as_ref().unwrap();
+                assert_eq!(labels[COMPLETION_INDEX], i);
+                assert_eq!(labels[JOB_NAME_LABEL], "idx");
+                let spec = p.spec.as_ref().unwrap();
+                assert_eq!(spec.hostname.as_deref(), Some(&*format!("idx-{i}")));
+                let env = &spec.containers[0].env.as_ref().unwrap()[0];
                 assert_eq!(
-                    p["spec"]["containers"][0]["env"][0],
-                    json!({"name": "JOB_COMPLETION_INDEX", "value": i})
+                    (env.name.as_str(), env.value.as_deref()),
+                    ("JOB_COMPLETION_INDEX", Some(&*i))
                 );
-                assert_eq!(p["metadata"]["labels"][JOB_NAME_LABEL], "idx");
-                assert_eq!(
-                    p["metadata"]["ownerReferences"][0]["apiVersion"],
-                    "batch/v1"
-                );
+                let owner = &p.metadata.owner_references.as_ref().unwrap()[0];
+                assert_eq!(owner.api_version, "batch/v1");
                 ix.push(i);
             }
             ix.sort();
             assert_eq!(ix, ["0", "1"]);
             // Index 1 succeeds: index 2 starts, and 1 is never run again.
-            let one = pods
-                .iter()
-                .find(|p| p["metadata"]["annotations"][COMPLETION_INDEX] == "1")
-                .unwrap();
-            w.set_status(meta::name(one), finished("Succeeded", 0))
-                .await;
+            let one = pods.iter().find(|p| index_of(p) == "1").unwrap();
+            w.set_status(one, finished("Succeeded", 0)).await;
             w.reconcile("idx").await;
             let st = w.status("idx");
             assert_eq!(st.completed_indexes.as_deref(), Some("1"));
             assert_eq!(st.active, Some(1));
-            let running: Vec<String> = w
+            let mut running: Vec<String> = w
                 .pods()
                 .iter()
-                .filter(|p| p["status"]["phase"] != "Succeeded")
-                .map(|p| {
-                    p["metadata"]["annotations"][COMPLETION_INDEX]
-                        .as_str()
-                        .unwrap()
-                        .to_string()
-                })
+                .filter(|p| phase(p) != "Succeeded")
+                .map(|p| index_of(p))
                 .collect();
-            let mut running = running;
             running.sort();
             assert_eq!(running, ["0", "2"]);
         }
@@ -907,7 +897,7 @@ mod tests {
             w.job("never", json!({"backoffLimit": 3}), "Never").await;
             w.reconcile("never").await;
             let p = w.pods()[0].clone();
-            w.set_status(meta::name(&p), finished("Failed", 1)).await;
+            w.set_status(&p, finished("Failed", 1)).await;
             let a = w.reconcile("never").await;
             assert_eq!(w.status("never").failed, Some(1));
             assert_eq!(w.pods().len(), 1, "no new pod before the 10 s delay");
@@ -923,19 +913,19 @@ mod tests {
             let p = w
                 .pods()
                 .into_iter()
-                .find(|p| p["metadata"]["labels"]["job-name"] == "onfail")
+                .find(|p| job_name(p) == "onfail")
                 .unwrap();
             let running = |restarts: i32| {
                 json!({"phase": "Running", "containerStatuses": [{"name": "c", "image": "x",
                 "imageID": "", "ready": false, "restartCount": restarts, "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]})
             };
-            w.set_status(meta::name(&p), running(1)).await;
+            w.set_status(&p, running(1)).await;
             w.reconcile("onfail").await;
             assert!(
                 !is_finished(&w.status("onfail")),
                 "one restart is within backoffLimit 1"
             );
-            w.set_status(meta::name(&p), running(2)).await;
+            w.set_status(&p, running(2)).await;
             w.reconcile("onfail").await;
             let st = w.status("onfail");
             let failed = st
@@ -951,9 +941,7 @@ mod tests {
                 .flatten()
                 .any(|c| c.type_ == "FailureTarget"));
             assert!(
-                !w.pods()
-                    .iter()
-                    .any(|p| p["metadata"]["labels"]["job-name"] == "onfail"),
+                !w.pods().iter().any(|p| job_name(p) == "onfail"),
                 "the restarting pod is deleted"
             );
         }
@@ -972,7 +960,7 @@ mod tests {
             .await;
             w.reconcile("pfp").await;
             let p = w.pods()[0].clone();
-            w.set_status(meta::name(&p), finished("Failed", 137)).await;
+            w.set_status(&p, finished("Failed", 137)).await;
             w.reconcile("pfp").await;
             let st = w.status("pfp");
             assert!(
@@ -983,10 +971,9 @@ mod tests {
             let fresh = w
                 .pods()
                 .into_iter()
-                .find(|q| q["status"]["phase"] != "Failed")
+                .find(|q| phase(q) != "Failed")
                 .expect("a replacement pod at once");
-            w.set_status(meta::name(&fresh), finished("Failed", 42))
-                .await;
+            w.set_status(&fresh, finished("Failed", 42)).await;
             w.reconcile("pfp").await;
             let st = w.status("pfp");
             let failed = st

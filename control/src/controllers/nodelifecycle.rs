@@ -330,12 +330,11 @@ mod tests {
         api::update_status(reg, &n, &st).unwrap();
     }
 
-    /// The Ready condition of a stored node or pod.
-    fn raw_ready(obj: &Value) -> Option<&Value> {
-        obj.pointer("/status/conditions")?
-            .as_array()?
-            .iter()
-            .find(|c| c["type"] == "Ready")
+    /// The Ready condition of a stored node.
+    fn node_ready(n: &Value) -> NodeCondition {
+        let n: Node = serde_json::from_value(n.clone()).unwrap();
+        let conds = n.status.and_then(|s| s.conditions);
+        conditions::get(conds.as_deref(), "Ready").cloned().unwrap()
     }
     use crate::store::sled::SledStore;
 
@@ -343,11 +342,11 @@ mod tests {
         Resource::lookup(n).expect("resource")
     }
 
-    fn pod_ready(reg: &Registry) -> Value {
-        let p = reg.get(res("pods"), Some("default"), "p").expect("pod");
-        raw_ready(&p)
-            .map(|c| c["status"].clone())
-            .unwrap_or(Value::Null)
+    /// The status of pod `p`'s Ready condition, "" without one.
+    fn pod_ready(reg: &Registry) -> String {
+        let p: Pod = api::get(reg, Some("default"), "p").unwrap().expect("pod");
+        let conds = p.status.and_then(|s| s.conditions);
+        conditions::get(conds.as_deref(), "Ready").map_or(String::new(), |c| c.status.clone())
     }
 
     fn taint(key: &str) -> Taint {
@@ -546,16 +545,16 @@ mod tests {
         w.lc.check_at(t0 + Duration::from_secs(24)).unwrap();
         assert!(w.taint_keys().is_empty());
         assert_eq!(
-            raw_ready(&serde_json::to_value(w.node()).unwrap()).unwrap()["status"],
+            node_ready(&serde_json::to_value(w.node()).unwrap()).status,
             "True"
         );
         // Silent for longer than the grace period: Unknown and tainted unreachable at once.
         w.lc.check_at(t0 + Duration::from_secs(26)).unwrap();
         w.sync();
         let n = serde_json::to_value(w.node()).unwrap();
-        assert_eq!(raw_ready(&n).unwrap()["status"], "Unknown");
+        assert_eq!(node_ready(&n).status, "Unknown");
         assert_eq!(
-            raw_ready(&n).unwrap()["lastHeartbeatTime"],
+            serde_json::to_value(node_ready(&n).last_heartbeat_time).unwrap(),
             "2020-01-01T00:00:00Z",
             "the agent's last heartbeat is kept"
         );
@@ -638,7 +637,7 @@ mod tests {
         w.lc.check_at(t0).unwrap();
         w.lc.check_at(t0 + Duration::from_secs(16)).unwrap();
         let n1 = reg.get(res("nodes"), None, "n1").unwrap();
-        assert_eq!(raw_ready(&n1).unwrap()["status"], "Unknown");
+        assert_eq!(node_ready(&n1).status, "Unknown");
         assert_eq!(
             pod_ready(reg),
             "True",

@@ -219,6 +219,11 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    /// `v` with the merge patch `patch` applied: a fixture as the cache would see it.
+    fn merged(v: &Value, patch: Value) -> Value {
+        skiff_api::patch::apply(skiff_api::patch::PatchKind::Merge, v, &patch).unwrap()
+    }
+
     impl World {
         fn new() -> World {
             let dir = tempfile::tempdir().unwrap();
@@ -252,11 +257,9 @@ mod tests {
         /// A pod on `node` ("" for none), in `phase`, optionally being deleted gracefully
         /// (an unbound one is held by a finalizer, else it would go at once).
         fn pod(&self, name: &str, node: &str, phase: &str, deleting: bool) -> Value {
-            let mut spec = json!({"containers": [{"name": "c", "image": "x:1"}], "terminationGracePeriodSeconds": 30});
-            if !node.is_empty() {
-                spec["nodeName"] = json!(node);
-            }
-            let mut p = self
+            let spec = json!({"containers": [{"name": "c", "image": "x:1"}], "terminationGracePeriodSeconds": 30,
+                "nodeName": if node.is_empty() { Value::Null } else { json!(node) }});
+            let p = self
                 .reg
                 .create(
                     res("pods"),
@@ -265,7 +268,7 @@ mod tests {
                     &WriteOptions::default(),
                 )
                 .unwrap();
-            p["status"]["phase"] = json!(phase);
+            let p = merged(&p, json!({"status": {"phase": phase}}));
             let mut p = self
                 .reg
                 .update(
@@ -278,7 +281,10 @@ mod tests {
                 )
                 .unwrap();
             if deleting && node.is_empty() {
-                p["metadata"]["finalizers"] = json!(["example.com/hold"]);
+                p = merged(
+                    &p,
+                    json!({"metadata": {"finalizers": ["example.com/hold"]}}),
+                );
                 p = self
                     .reg
                     .update(
@@ -384,7 +390,8 @@ mod tests {
             .reg
             .get(res("pods"), Some("default"), "unscheduled")
             .unwrap();
-        assert_eq!(u["metadata"]["deletionGracePeriodSeconds"], 0);
+        let u: Pod = serde_json::from_value(u).unwrap();
+        assert_eq!(u.metadata.deletion_grace_period_seconds, Some(0));
         assert_eq!(
             w.left(),
             vec!["on-down", "on-ready", "running-on-out", "unscheduled"]
@@ -398,17 +405,16 @@ mod tests {
             json!([{"key": super::super::nodelifecycle::UNREACHABLE_TAINT, "effect": "NoExecute"}]);
         w.node("dark", false, unreachable);
         // Graceful deletions a minute old: one with 30 s of grace, one with an hour.
-        let mut short = w.pod("short", "dark", "Running", true);
-        short["metadata"]["deletionTimestamp"] = json!("2020-01-01T00:00:00Z");
-        w.pods.insert(short);
-        let mut long = w.pod("long", "dark", "Running", true);
-        long["metadata"]["deletionTimestamp"] = json!(crate::registry::now());
-        w.pods.insert(long);
-        let mut sts = w.pod("sts-0", "dark", "Running", true);
-        sts["metadata"]["deletionTimestamp"] = json!("2020-01-01T00:00:00Z");
-        sts["metadata"]["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet",
-            "name": "sts", "uid": "u1", "controller": true}]);
-        w.pods.insert(sts);
+        let long_ago = json!({"metadata": {"deletionTimestamp": "2020-01-01T00:00:00Z"}});
+        let short = w.pod("short", "dark", "Running", true);
+        w.pods.insert(merged(&short, long_ago.clone()));
+        let long = w.pod("long", "dark", "Running", true);
+        let now = json!({"metadata": {"deletionTimestamp": crate::registry::now()}});
+        w.pods.insert(merged(&long, now));
+        let sts = w.pod("sts-0", "dark", "Running", true);
+        let owned = json!({"metadata": {"ownerReferences": [{"apiVersion": "apps/v1",
+            "kind": "StatefulSet", "name": "sts", "uid": "u1", "controller": true}]}});
+        w.pods.insert(merged(&merged(&sts, long_ago), owned));
         w.pod("running", "dark", "Running", false);
         assert_eq!(w.gc(0, Duration::from_secs(3600)).check().unwrap(), 1);
         assert_eq!(w.left(), vec!["long", "running", "sts-0"]);
@@ -420,10 +426,13 @@ mod tests {
         w.node("n", true, json!([]));
         for i in 0..4 {
             let phase = if i % 2 == 0 { "Succeeded" } else { "Failed" };
-            let mut p = w.pod(&format!("done-{i}"), "n", phase, false);
+            let p = w.pod(&format!("done-{i}"), "n", phase, false);
             // Created a minute apart, as the cache sees them.
-            p["metadata"]["creationTimestamp"] = json!(format!("2024-01-01T00:0{i}:00Z"));
-            w.pods.insert(p);
+            let created = format!("2024-01-01T00:0{i}:00Z");
+            w.pods.insert(merged(
+                &p,
+                json!({"metadata": {"creationTimestamp": created}}),
+            ));
         }
         w.pod("running", "n", "Running", false);
         assert_eq!(

@@ -747,11 +747,10 @@ mod tests {
     }
 
     fn pod(cpu: &str, owner: Option<&str>) -> PodRequest {
-        let mut p = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}});
-        if let Some(o) = owner {
-            p["metadata"]["ownerReferences"] =
-                json!([{"uid": o, "controller": true, "kind": "ReplicaSet", "name": "rs"}]);
-        }
+        let owners = owner
+            .map(|o| json!([{"uid": o, "controller": true, "kind": "ReplicaSet", "name": "rs"}]));
+        let p = json!({"metadata": {"name": "p", "ownerReferences": owners},
+            "spec": {"containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}});
         PodRequest::from_pod(&typed(p))
     }
 
@@ -851,11 +850,10 @@ mod tests {
         let n = json!({"metadata": {"name": "a"}, "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "2"},
                        "conditions": [{"type": "Ready", "status": "True"}]}});
         let on_a = |phase: &str, deleting: bool| {
-            let mut p = json!({"metadata": {"name": "p"}, "spec": {"nodeName": "a", "containers": [{"name": "c", "resources": {"requests": {"cpu": "400m"}}}]},
-                               "status": {"phase": phase}});
-            if deleting {
-                p["metadata"]["deletionTimestamp"] = json!("2024-01-01T00:00:00Z");
-            }
+            let deleted = deleting.then_some("2024-01-01T00:00:00Z");
+            let p = json!({"metadata": {"name": "p", "deletionTimestamp": deleted},
+                "spec": {"nodeName": "a", "containers": [{"name": "c", "resources": {"requests": {"cpu": "400m"}}}]},
+                "status": {"phase": phase}});
             Arc::new(typed::<Pod>(p))
         };
         let infos = node_infos(
@@ -916,11 +914,9 @@ mod tests {
     }
 
     fn web(extra_spec: Value) -> PodRequest {
-        let mut p = json!({"metadata": {"name": "w", "namespace": "default", "labels": {"app": "web"}},
+        let p = json!({"metadata": {"name": "w", "namespace": "default", "labels": {"app": "web"}},
             "spec": {"containers": [{"name": "c"}]}});
-        for (k, v) in extra_spec.as_object().unwrap() {
-            p["spec"][k] = v.clone();
-        }
+        let p = skiff_api::patch::strategic_merge(&p, &json!({ "spec": extra_spec }));
         PodRequest::from_pod(&typed(p))
     }
 

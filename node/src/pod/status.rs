@@ -208,6 +208,14 @@ mod tests {
         serde_json::to_value(pod_status(s, Ipv4Addr::LOCALHOST)).unwrap()
     }
 
+    /// The Ready condition of the status written for `s`.
+    fn ready(s: &PodStatus) -> PodCondition {
+        let st = pod_status(s, Ipv4Addr::LOCALHOST);
+        skiff_api::conditions::get(st.conditions.as_deref(), "Ready")
+            .cloned()
+            .expect("a Ready condition")
+    }
+
     fn status(containers: Vec<ContainerStatus>) -> PodStatus {
         PodStatus {
             phase: "Pending",
@@ -243,16 +251,15 @@ mod tests {
         s.change(|s| s.phase = "Running");
         s.change(|s| s.containers[0].ready = true);
         let since = s.ready_since.clone().expect("ready since");
-        let st = json(&s);
-        assert_eq!(st["conditions"][3]["status"], "True");
-        assert_eq!(st["conditions"][3]["lastTransitionTime"], json!(since));
+        assert_eq!(ready(&s).status, "True");
+        assert_eq!(ready(&s).last_transition_time, Some(time(&since)));
         // Not ready again: the transition is recorded, and the status is stable.
         s.change(|s| s.containers[0].ready = false);
         let st = json(&s);
-        assert_eq!(st["conditions"][3]["status"], "False");
+        assert_eq!(ready(&s).status, "False");
         assert_eq!(
-            st["conditions"][3]["lastTransitionTime"],
-            json!(s.not_ready_since)
+            ready(&s).last_transition_time,
+            Some(time(&s.not_ready_since))
         );
         assert_ne!(s.not_ready_since, "2026-01-01T00:00:00Z");
         assert_eq!(st, json(&s));
@@ -281,10 +288,10 @@ mod tests {
             message: None,
             reason: None,
         };
-        let st = json(&s);
-        assert_eq!(st["conditions"][3]["status"], "False");
-        assert_eq!(st["podIP"], "10.88.0.2");
+        assert_eq!(ready(&s).status, "False");
+        let ip = pod_status(&s, Ipv4Addr::LOCALHOST).pod_ip;
+        assert_eq!(ip.as_deref(), Some("10.88.0.2"));
         s.containers[1].ready = true;
-        assert_eq!(json(&s)["conditions"][3]["status"], "True");
+        assert_eq!(ready(&s).status, "True");
     }
 }
