@@ -239,7 +239,39 @@ pub static RESOURCES: &[Resource] = &[
         has_status: false,
         has_scale: false,
     },
+    rbac("roles", "role", "Role", true),
+    rbac("rolebindings", "rolebinding", "RoleBinding", true),
+    rbac("clusterroles", "clusterrole", "ClusterRole", false),
+    rbac(
+        "clusterrolebindings",
+        "clusterrolebinding",
+        "ClusterRoleBinding",
+        false,
+    ),
 ];
+
+/// The API group of RBAC's roles and bindings.
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+
+/// An RBAC kind: no status, no scale.
+const fn rbac(
+    plural: &'static str,
+    singular: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+) -> Resource {
+    Resource {
+        group: RBAC_GROUP,
+        version: "v1",
+        plural,
+        singular,
+        kind,
+        namespaced,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+    }
+}
 
 /// The API groups other than core, with their one version each.
 pub fn groups() -> Vec<&'static str> {
@@ -295,7 +327,8 @@ mod tests {
                 "batch",
                 "policy",
                 "coordination.k8s.io",
-                "storage.k8s.io"
+                "storage.k8s.io",
+                "rbac.authorization.k8s.io"
             ]
         );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();
@@ -304,5 +337,12 @@ mod tests {
             "/registry/leases.coordination.k8s.io/kube-node-lease/n1"
         );
         assert_eq!(Resource::lookup("leases").unwrap().kind, "Lease");
+        let crb = Resource::lookup("clusterrolebindings.rbac.authorization.k8s.io").unwrap();
+        assert!(!crb.namespaced);
+        assert_eq!(
+            crb.key(None, "admin"),
+            "/registry/clusterrolebindings.rbac.authorization.k8s.io/admin"
+        );
+        assert!(Resource::lookup("role").unwrap().namespaced);
     }
 }
