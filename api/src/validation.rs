@@ -914,16 +914,14 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
             }
         }
         "Job" => immutable("/spec/template", "spec.template", &mut causes),
-        "RoleBinding" | "ClusterRoleBinding" => {
-            if old.get("roleRef") != new.get("roleRef") {
-                causes.push(Cause::invalid(
-                    "roleRef",
-                    new.get("roleRef")
-                        .map(|v| v.to_string())
-                        .unwrap_or_default(),
-                    "cannot change roleRef",
-                ));
-            }
+        "RoleBinding" | "ClusterRoleBinding" if old.get("roleRef") != new.get("roleRef") => {
+            causes.push(Cause::invalid(
+                "roleRef",
+                new.get("roleRef")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                "cannot change roleRef",
+            ));
         }
         _ => {}
     }

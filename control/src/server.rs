@@ -277,6 +277,11 @@ impl Server {
             addr,
         );
         state.node_cert_validity = config.node_cert_validity;
+        // The RBAC authorizer's roles and bindings, listed before the first request.
+        state
+            .rbac
+            .start(&registry, &stop.subscribe(), &mut ctl)
+            .await;
         let state = Arc::new(state);
         let task = tokio::spawn(async move {
             let shutdown = async move {

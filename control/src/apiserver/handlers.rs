@@ -162,6 +162,18 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             .get::<super::auth::UserInfo>()
             .and_then(|u| u.node_name())
             .map(String::from),
+        // Writes of roles and bindings are held to what their writer may grant.
+        admission: req
+            .extensions()
+            .get::<super::auth::UserInfo>()
+            .filter(|_| p.resource.group == skiff_api::resources::RBAC_GROUP)
+            .map(|u| {
+                Arc::new(super::rbac::Escalation {
+                    user: u.clone(),
+                    caches: state.rbac.clone(),
+                    authorizer: state.authorizer.clone(),
+                }) as Arc<dyn crate::registry::WriteAdmission>
+            }),
     };
     let reg = state.registry.clone();
     let ns = p.namespace.as_deref();

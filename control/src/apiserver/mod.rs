@@ -9,6 +9,7 @@ mod handlers;
 pub mod join;
 mod nodeproxy;
 pub mod path;
+pub mod rbac;
 
 use std::net::SocketAddr;
 
@@ -35,7 +36,10 @@ pub struct ApiState {
     /// Who a request comes from.
     pub authenticator: auth::Authenticator,
     /// What they may do.
-    pub authorizer: Box<dyn auth::Authorizer>,
+    pub authorizer: Arc<dyn auth::Authorizer>,
+    /// Roles and bindings, which the RBAC authorizer reads; [`rbac::RbacCaches::start`] keeps
+    /// them current.
+    pub rbac: Arc<rbac::RbacCaches>,
     /// The cluster CA: served at `/cacerts`, signs node client certificates.
     pub ca: Arc<crate::tls::ClusterCa>,
     /// Signs node agents' serving certificates.
@@ -59,8 +63,10 @@ impl ApiState {
         node_token_secret: Option<String>,
         advertise: SocketAddr,
     ) -> ApiState {
+        let rbac = rbac::RbacCaches::new();
         ApiState {
-            authorizer: Box::new(auth::default_authorizer(registry.clone())),
+            authorizer: Arc::new(auth::default_authorizer(registry.clone(), rbac.clone())),
+            rbac,
             registry,
             authenticator: auth::Authenticator {
                 admin_tokens,
