@@ -168,6 +168,18 @@ fn validate_meta(kind: &str, meta: &ObjectMeta, namespaced: bool, causes: &mut V
                 LABEL_MSG,
             ));
         }
+    } else if matches!(
+        kind,
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding"
+    ) {
+        // RBAC names are path segments (`system:basic-user`), as ValidateRBACName.
+        if name == "." || name == ".." || name.contains(['/', '%']) {
+            causes.push(Cause::invalid(
+                "metadata.name",
+                format!("{name:?}"),
+                "may not be '.' or '..' and may not contain '/' or '%'",
+            ));
+        }
     } else if !is_dns1123_subdomain(name) && kind != "Event" {
         causes.push(Cause::invalid(
             "metadata.name",

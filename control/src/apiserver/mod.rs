@@ -9,6 +9,7 @@ mod handlers;
 pub mod join;
 mod nodeproxy;
 pub mod path;
+pub mod policy;
 pub mod rbac;
 
 use std::net::SocketAddr;
