@@ -16,6 +16,8 @@ pub struct Resource {
     pub has_status: bool,
     /// Has a `/scale` subresource.
     pub has_scale: bool,
+    /// Only created, answered and never stored (access and identity reviews).
+    pub create_only: bool,
 }
 
 impl Resource {
@@ -103,6 +105,7 @@ const fn core(
         short_names,
         has_status,
         has_scale: false,
+        create_only: false,
     }
 }
 
@@ -124,6 +127,7 @@ const fn grouped(
         short_names,
         has_status: true,
         has_scale,
+        create_only: false,
     }
 }
 
@@ -180,6 +184,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &[],
         has_status: false,
         has_scale: false,
+        create_only: false,
     },
     grouped(
         "apps",
@@ -226,6 +231,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &[],
         has_status: false,
         has_scale: false,
+        create_only: false,
     },
     // Storage classes: cluster-wide, no status.
     Resource {
@@ -238,6 +244,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["sc"],
         has_status: false,
         has_scale: false,
+        create_only: false,
     },
     rbac("roles", "role", "Role", true),
     rbac("rolebindings", "rolebinding", "RoleBinding", true),
@@ -248,7 +255,64 @@ pub static RESOURCES: &[Resource] = &[
         "ClusterRoleBinding",
         false,
     ),
+    review(
+        "authorization.k8s.io",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview",
+        "SelfSubjectAccessReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        "selfsubjectrulesreviews",
+        "selfsubjectrulesreview",
+        "SelfSubjectRulesReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "subjectaccessreview",
+        "SubjectAccessReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        "localsubjectaccessreviews",
+        "localsubjectaccessreview",
+        "LocalSubjectAccessReview",
+        true,
+    ),
+    review(
+        "authentication.k8s.io",
+        "selfsubjectreviews",
+        "selfsubjectreview",
+        "SelfSubjectReview",
+        false,
+    ),
 ];
+
+/// An access or identity review: created, answered, never stored.
+const fn review(
+    group: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+) -> Resource {
+    Resource {
+        group,
+        version: "v1",
+        plural,
+        singular,
+        kind,
+        namespaced,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+        create_only: true,
+    }
+}
 
 /// The API group of RBAC's roles and bindings.
 pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
@@ -270,6 +334,7 @@ const fn rbac(
         short_names: &[],
         has_status: false,
         has_scale: false,
+        create_only: false,
     }
 }
 
@@ -328,7 +393,9 @@ mod tests {
                 "policy",
                 "coordination.k8s.io",
                 "storage.k8s.io",
-                "rbac.authorization.k8s.io"
+                "rbac.authorization.k8s.io",
+                "authorization.k8s.io",
+                "authentication.k8s.io"
             ]
         );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();

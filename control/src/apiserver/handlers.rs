@@ -179,6 +179,22 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     let ns = p.namespace.as_deref();
     let owned_ns = p.namespace.clone();
     let r = p.resource;
+    if r.create_only {
+        if p.name.is_some() || method != Method::POST {
+            return Err(ApiError::method_not_allowed("POST"));
+        }
+        let user = req
+            .extensions()
+            .get::<super::auth::UserInfo>()
+            .cloned()
+            .ok_or_else(ApiError::unauthorized)?;
+        let body = read_body(req).await?;
+        let (st, ns) = (state.clone(), owned_ns.clone());
+        // The authorizers may read pods (the node authorizer): off the async threads.
+        let answer =
+            blocking(move || super::review::answer(&st, &user, r, ns.as_deref(), &body)).await?;
+        return Ok(json_response(StatusCode::CREATED, &answer));
+    }
     match (p.name.as_deref(), p.sub.as_deref(), method.clone()) {
         (None, None, Method::GET) => {
             if q.get("watch").is_some_and(|v| v == "true" || v == "1") {

@@ -11,6 +11,7 @@ mod nodeproxy;
 pub mod path;
 pub mod policy;
 pub mod rbac;
+mod review;
 
 use std::net::SocketAddr;
 
@@ -158,6 +159,71 @@ async fn attributes(
     Ok((attrs, req))
 }
 
+/// Who a request asks to act as (`Impersonate-User`, `Impersonate-Group`).
+fn impersonation_request(
+    headers: &http::HeaderMap,
+) -> Result<Option<(String, Vec<String>)>, ApiError> {
+    let text = |v: &HeaderValue| v.to_str().ok().map(String::from);
+    let user = headers.get("impersonate-user").and_then(text);
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(text)
+        .collect();
+    let extra = headers
+        .keys()
+        .any(|k| k.as_str().starts_with("impersonate-extra-") || k.as_str() == "impersonate-uid");
+    match user.filter(|u| !u.is_empty()) {
+        Some(u) => Ok(Some((u, groups))),
+        None if !groups.is_empty() || extra => Err(ApiError::bad_request(
+            "requested impersonation of groups or extra fields without impersonating a user",
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The user `user` acts as, when it may `impersonate` that user (or ServiceAccount) and each
+/// group, as Kubernetes' impersonation filter decides; the 403 names what it may not.
+fn impersonate(
+    state: &ApiState,
+    user: &auth::UserInfo,
+    (name, groups): (String, Vec<String>),
+) -> Result<auth::UserInfo, ApiError> {
+    let check = |resource: &str, namespace: Option<&str>, target: &str| {
+        let attrs = auth::Attributes::Resource(auth::ResourceAttributes {
+            verb: "impersonate".into(),
+            group: String::new(),
+            resource: resource.into(),
+            subresource: None,
+            namespace: namespace.map(String::from),
+            name: Some(target.into()),
+        });
+        match state.authorizer.authorize(user, &attrs) {
+            auth::Decision::Allow => Ok(()),
+            auth::Decision::Deny(reason) => Err(auth::forbidden(user, &attrs, &reason)),
+            auth::Decision::NoOpinion => Err(auth::forbidden(user, &attrs, "")),
+        }
+    };
+    let service_account = name
+        .strip_prefix(rbac::SERVICE_ACCOUNT_PREFIX)
+        .and_then(|r| r.split_once(':'));
+    match service_account {
+        Some((ns, sa)) => check("serviceaccounts", Some(ns), sa)?,
+        None => check("users", None, &name)?,
+    }
+    for g in &groups {
+        check("groups", None, g)?;
+    }
+    let mut all = groups.clone();
+    if groups.is_empty() {
+        all.extend(rbac::service_account_groups(&name));
+    }
+    if name != "system:anonymous" && !all.iter().any(|g| g == auth::AUTHENTICATED) {
+        all.push(auth::AUTHENTICATED.into());
+    }
+    Ok(auth::UserInfo { name, groups: all })
+}
+
 async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, ApiError> {
     let bearer = req
         .headers()
@@ -171,6 +237,15 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
         state
             .authenticator
             .authenticate(&state.registry, bearer.as_deref(), peer.as_ref())?;
+    let user = match impersonation_request(req.headers())? {
+        None => user,
+        Some(wanted) => {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || impersonate(&state, &user, wanted))
+                .await
+                .map_err(|e| ApiError::internal(format!("impersonation failed: {e}")))??
+        }
+    };
     let (attrs, req) = attributes(req, &user).await?;
     let decision = if user.in_group(auth::MASTERS) {
         auth::Decision::Allow
