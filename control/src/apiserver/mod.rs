@@ -391,6 +391,8 @@ mod tests {
         http: reqwest::Client,
         stop: tokio::sync::oneshot::Sender<()>,
         server: tokio::task::JoinHandle<std::io::Result<()>>,
+        /// The RBAC caches' watches, ended when the test ends.
+        _rbac: (tokio::sync::watch::Sender<bool>, tokio::task::JoinSet<()>),
     }
 
     async fn start(dir: &std::path::Path) -> Api {
@@ -400,7 +402,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         crate::server::bootstrap(&registry, addr).unwrap();
         let tls = crate::tls::load_or_create(dir, &[addr.ip().to_string()]).unwrap();
-        let state = Arc::new(ApiState::new(registry, &tls, vec!["t".into()], None, addr));
+        let state = ApiState::new(registry.clone(), &tls, vec!["t".into()], None, addr);
+        let (rbac_stop, rbac_stopped) = tokio::sync::watch::channel(false);
+        let mut rbac_tasks = tokio::task::JoinSet::new();
+        state
+            .rbac
+            .start(&registry, &rbac_stopped, &mut rbac_tasks)
+            .await;
+        let state = Arc::new(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(state, listener, tls.server, async {
             let _ = stopped.await;
@@ -416,7 +425,74 @@ mod tests {
             http,
             stop,
             server,
+            _rbac: (rbac_stop, rbac_tasks),
         }
+    }
+
+    /// The admin acts as another user with `Impersonate-User` (and its groups with
+    /// `Impersonate-Group`); the reviews answer for the user acted as.
+    #[tokio::test]
+    async fn impersonated_requests_are_authorized_as_the_user_acted_as() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = start(dir.path()).await;
+        let base = format!("https://{}", api.addr);
+        let get = |path: &str, user: Option<&str>, group: Option<&str>| {
+            let mut req = api.http.get(format!("{base}{path}")).bearer_auth("t");
+            if let Some(u) = user {
+                req = req.header("Impersonate-User", u);
+            }
+            if let Some(g) = group {
+                req = req.header("Impersonate-Group", g);
+            }
+            req.send()
+        };
+        let pods = "/api/v1/namespaces/default/pods";
+        assert_eq!(get(pods, None, None).await.unwrap().status(), 200);
+        let resp = get(pods, Some("alice"), None).await.unwrap();
+        assert_eq!(resp.status(), 403);
+        let status: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            status["message"],
+            "pods is forbidden: User \"alice\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\""
+        );
+        let masters = get(pods, Some("alice"), Some(auth::MASTERS)).await.unwrap();
+        assert_eq!(masters.status(), 200);
+        // A group without a user is refused.
+        assert_eq!(get(pods, None, Some("g")).await.unwrap().status(), 400);
+        let review = api
+            .http
+            .post(format!(
+                "{base}/apis/authentication.k8s.io/v1/selfsubjectreviews"
+            ))
+            .bearer_auth("t")
+            .header("Impersonate-User", "system:serviceaccount:team:builder")
+            .json(&serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(review.status(), 201);
+        let review: serde_json::Value = review.json().await.unwrap();
+        assert_eq!(
+            review["status"]["userInfo"],
+            serde_json::json!({"username": "system:serviceaccount:team:builder",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:team", "system:authenticated"]})
+        );
+        let access = api
+            .http
+            .post(format!(
+                "{base}/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+            ))
+            .bearer_auth("t")
+            .header("Impersonate-User", "alice")
+            .json(&serde_json::json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                "spec": {"resourceAttributes": {"verb": "list", "resource": "pods", "namespace": "default"}}}))
+            .send()
+            .await
+            .unwrap();
+        let access: serde_json::Value = access.json().await.unwrap();
+        assert_eq!(access["status"]["allowed"], false);
+        let _ = api.stop.send(());
+        api.server.await.unwrap().unwrap();
     }
 
     /// A client that closes a watch releases it on the server, even when no event would have
@@ -460,6 +536,7 @@ mod tests {
             http,
             stop,
             server,
+            _rbac,
         } = start(dir.path()).await;
         // The next flush waits until the test has its answer (or 5 s passed).
         let released = Arc::new(AtomicBool::new(false));
