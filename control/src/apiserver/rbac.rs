@@ -311,8 +311,18 @@ impl RbacCaches {
             if !binds(b.subjects.as_deref(), user, ns) {
                 continue;
             }
-            let rules = self.role_ref_rules(&b.role_ref, ns).unwrap_or_default();
-            if rules.iter().any(&mut visit) {
+            let found = match b.role_ref.kind.as_str() {
+                "Role" => self
+                    .roles
+                    .get(&format!("{ns}/{}", b.role_ref.name))
+                    .is_some_and(|r| r.rules.iter().flatten().any(&mut visit)),
+                "ClusterRole" => self
+                    .cluster_roles
+                    .get(&b.role_ref.name)
+                    .is_some_and(|r| r.rules.iter().flatten().any(&mut visit)),
+                _ => false,
+            };
+            if found {
                 return true;
             }
         }
