@@ -50,7 +50,8 @@ impl Default for ClusterConfig {
 /// A check of the object a user's write would store, run after validation and before the
 /// store transaction (RBAC's escalation prevention): an error refuses the write.
 pub trait WriteAdmission: Send + Sync + std::fmt::Debug {
-    fn admit(&self, r: &Resource, obj: &Value) -> Result<(), ApiError>;
+    /// `old`: the stored object an update replaces (None on create).
+    fn admit(&self, r: &Resource, old: Option<&Value>, obj: &Value) -> Result<(), ApiError>;
 }
 
 /// Options of a write.
@@ -396,7 +397,7 @@ impl Registry {
         let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
         Self::node_restriction(r, None, &obj, opts)?;
         if let Some(a) = &opts.admission {
-            a.admit(r, &obj)?;
+            a.admit(r, None, &obj)?;
         }
         self.admit(r, None, &mut obj)?;
         if opts.dry_run {
@@ -584,7 +585,7 @@ impl Registry {
         let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
         Self::node_restriction(r, Some(old), &new, opts)?;
         if let Some(a) = &opts.admission {
-            a.admit(r, &new)?;
+            a.admit(r, Some(old), &new)?;
         }
         self.admit(r, Some(old), &mut new)?;
         if opts.dry_run {

@@ -428,9 +428,32 @@ fn forbidden_write(r: &Resource, name: &str, message: &str) -> ApiError {
     e
 }
 
+/// Whether an update changes only what the garbage collector writes (finalizers and owner
+/// references), which RBAC's storage lets through unchecked.
+fn only_gc_fields(old: &Value, new: &Value) -> bool {
+    let strip = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            for k in [
+                "finalizers",
+                "ownerReferences",
+                "resourceVersion",
+                "managedFields",
+            ] {
+                m.remove(k);
+            }
+        }
+        v
+    };
+    strip(old) == strip(new)
+}
+
 impl WriteAdmission for Escalation {
-    fn admit(&self, r: &Resource, obj: &Value) -> Result<(), ApiError> {
-        if r.group != RBAC_GROUP || self.user.in_group(MASTERS) {
+    fn admit(&self, r: &Resource, old: Option<&Value>, obj: &Value) -> Result<(), ApiError> {
+        if r.group != RBAC_GROUP
+            || self.user.in_group(MASTERS)
+            || old.is_some_and(|o| only_gc_fields(o, obj))
+        {
             return Ok(());
         }
         let name = skiff_api::meta::name(obj).to_string();
@@ -763,12 +786,14 @@ mod tests {
         alice
             .admit(
                 roles,
+                None,
                 &role(json!([{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}])),
             )
             .unwrap();
         let e = alice
             .admit(
                 roles,
+                None,
                 &role(json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}])),
             )
             .unwrap_err();
@@ -783,11 +808,11 @@ mod tests {
             "subjects": [{"apiGroup": RBAC_GROUP, "kind": "User", "name": "mallory"}]})
         };
         alice
-            .admit(bindings, &binding("Role", "pod-reader"))
+            .admit(bindings, None, &binding("Role", "pod-reader"))
             .unwrap();
         assert_eq!(
             alice
-                .admit(bindings, &binding("ClusterRole", "view"))
+                .admit(bindings, None, &binding("ClusterRole", "view"))
                 .unwrap_err()
                 .code,
             403
@@ -801,11 +826,11 @@ mod tests {
             "rules": [{"apiGroups": [RBAC_GROUP], "resources": ["clusterroles"], "resourceNames": ["view"], "verbs": ["bind"]},
                       {"apiGroups": [RBAC_GROUP], "resources": ["roles"], "verbs": ["escalate"]}]}));
         alice
-            .admit(bindings, &binding("ClusterRole", "view"))
+            .admit(bindings, None, &binding("ClusterRole", "view"))
             .unwrap();
         assert_eq!(
             alice
-                .admit(bindings, &binding("ClusterRole", "secret-writer"))
+                .admit(bindings, None, &binding("ClusterRole", "secret-writer"))
                 .unwrap_err()
                 .code,
             403
@@ -813,16 +838,29 @@ mod tests {
         alice
             .admit(
                 roles,
+                None,
                 &role(json!([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}])),
             )
             .unwrap();
         esc(user("root", &[MASTERS]))
-            .admit(bindings, &binding("ClusterRole", "secret-writer"))
+            .admit(bindings, None, &binding("ClusterRole", "secret-writer"))
             .unwrap();
         // An aggregated ClusterRole needs every right.
         let cluster_roles = Resource::lookup("clusterroles").unwrap();
         let dev = esc(user("bob", &["devs"]));
         let agg = json!({"metadata": {"name": "agg"}, "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"x": "y"}}]}});
-        assert_eq!(dev.admit(cluster_roles, &agg).unwrap_err().code, 403);
+        assert_eq!(dev.admit(cluster_roles, None, &agg).unwrap_err().code, 403);
+        // Finalizers and owner references alone may change, as the garbage collector's.
+        let mut owned = agg.clone();
+        owned["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+        dev.admit(cluster_roles, Some(&agg), &owned).unwrap();
+        let mut relabelled = agg.clone();
+        relabelled["metadata"]["labels"] = json!({"a": "b"});
+        assert_eq!(
+            dev.admit(cluster_roles, Some(&agg), &relabelled)
+                .unwrap_err()
+                .code,
+            403
+        );
     }
 }
