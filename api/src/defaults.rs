@@ -112,6 +112,28 @@ pub fn apply(kind: &str, obj: &mut Value) {
             set_default(obj, "reclaimPolicy", json!("Delete"));
             set_default(obj, "volumeBindingMode", json!("Immediate"));
         }
+        "RoleBinding" | "ClusterRoleBinding" => {
+            // Kubernetes' SetDefaults_Subject: users and groups are of the RBAC group.
+            for s in obj
+                .get_mut("subjects")
+                .and_then(Value::as_array_mut)
+                .into_iter()
+                .flatten()
+            {
+                let group = match s.get("kind").and_then(Value::as_str) {
+                    Some("User" | "Group") => "rbac.authorization.k8s.io",
+                    Some("ServiceAccount") => "",
+                    _ => continue,
+                };
+                if s.get("apiGroup")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .is_empty()
+                {
+                    s["apiGroup"] = json!(group);
+                }
+            }
+        }
         "Job" => job(obj),
         "CronJob" => {
             if let Some(spec) = child(obj, "spec") {

@@ -16,6 +16,8 @@ pub struct Resource {
     pub has_status: bool,
     /// Has a `/scale` subresource.
     pub has_scale: bool,
+    /// Only created, answered and never stored (access and identity reviews).
+    pub create_only: bool,
 }
 
 impl Resource {
@@ -103,6 +105,7 @@ const fn core(
         short_names,
         has_status,
         has_scale: false,
+        create_only: false,
     }
 }
 
@@ -124,6 +127,7 @@ const fn grouped(
         short_names,
         has_status: true,
         has_scale,
+        create_only: false,
     }
 }
 
@@ -180,6 +184,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &[],
         has_status: false,
         has_scale: false,
+        create_only: false,
     },
     grouped(
         "apps",
@@ -226,6 +231,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &[],
         has_status: false,
         has_scale: false,
+        create_only: false,
     },
     // Storage classes: cluster-wide, no status.
     Resource {
@@ -238,8 +244,99 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["sc"],
         has_status: false,
         has_scale: false,
+        create_only: false,
     },
+    rbac("roles", "role", "Role", true),
+    rbac("rolebindings", "rolebinding", "RoleBinding", true),
+    rbac("clusterroles", "clusterrole", "ClusterRole", false),
+    rbac(
+        "clusterrolebindings",
+        "clusterrolebinding",
+        "ClusterRoleBinding",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview",
+        "SelfSubjectAccessReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        "selfsubjectrulesreviews",
+        "selfsubjectrulesreview",
+        "SelfSubjectRulesReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "subjectaccessreview",
+        "SubjectAccessReview",
+        false,
+    ),
+    review(
+        "authorization.k8s.io",
+        "localsubjectaccessreviews",
+        "localsubjectaccessreview",
+        "LocalSubjectAccessReview",
+        true,
+    ),
+    review(
+        "authentication.k8s.io",
+        "selfsubjectreviews",
+        "selfsubjectreview",
+        "SelfSubjectReview",
+        false,
+    ),
 ];
+
+/// An access or identity review: created, answered, never stored.
+const fn review(
+    group: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+) -> Resource {
+    Resource {
+        group,
+        version: "v1",
+        plural,
+        singular,
+        kind,
+        namespaced,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+        create_only: true,
+    }
+}
+
+/// The API group of RBAC's roles and bindings.
+pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
+
+/// An RBAC kind: no status, no scale.
+const fn rbac(
+    plural: &'static str,
+    singular: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+) -> Resource {
+    Resource {
+        group: RBAC_GROUP,
+        version: "v1",
+        plural,
+        singular,
+        kind,
+        namespaced,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+        create_only: false,
+    }
+}
 
 /// The API groups other than core, with their one version each.
 pub fn groups() -> Vec<&'static str> {
@@ -295,7 +392,10 @@ mod tests {
                 "batch",
                 "policy",
                 "coordination.k8s.io",
-                "storage.k8s.io"
+                "storage.k8s.io",
+                "rbac.authorization.k8s.io",
+                "authorization.k8s.io",
+                "authentication.k8s.io"
             ]
         );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();
@@ -304,5 +404,12 @@ mod tests {
             "/registry/leases.coordination.k8s.io/kube-node-lease/n1"
         );
         assert_eq!(Resource::lookup("leases").unwrap().kind, "Lease");
+        let crb = Resource::lookup("clusterrolebindings.rbac.authorization.k8s.io").unwrap();
+        assert!(!crb.namespaced);
+        assert_eq!(
+            crb.key(None, "admin"),
+            "/registry/clusterrolebindings.rbac.authorization.k8s.io/admin"
+        );
+        assert!(Resource::lookup("role").unwrap().namespaced);
     }
 }

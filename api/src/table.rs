@@ -145,6 +145,15 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("ALLOWVOLUMEEXPANSION"),
             col("AGE"),
         ],
+        "Role" | "ClusterRole" => vec![col("NAME"), col("CREATED AT")],
+        "RoleBinding" | "ClusterRoleBinding" => vec![
+            col("NAME"),
+            col("ROLE"),
+            col("AGE"),
+            wide("USERS"),
+            wide("GROUPS"),
+            wide("SERVICEACCOUNTS"),
+        ],
         "Job" => vec![
             col("NAME"),
             col("STATUS"),
@@ -635,6 +644,37 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 age,
             ]
         }
+        "Role" | "ClusterRole" => vec![name, s(o.pointer("/metadata/creationTimestamp"))],
+        "RoleBinding" | "ClusterRoleBinding" => {
+            let subjects = o
+                .get("subjects")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let of = |kind: &str| {
+                subjects
+                    .iter()
+                    .filter(|x| x["kind"] == kind)
+                    .map(|x| match (kind, x["namespace"].as_str()) {
+                        ("ServiceAccount", Some(ns)) => format!("{ns}/{}", s(x.get("name"))),
+                        _ => s(x.get("name")),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            vec![
+                name,
+                format!(
+                    "{}/{}",
+                    s(o.pointer("/roleRef/kind")),
+                    s(o.pointer("/roleRef/name"))
+                ),
+                age,
+                of("User"),
+                of("Group"),
+                of("ServiceAccount"),
+            ]
+        }
         "PodDisruptionBudget" => {
             let or_na = |v: String| if v.is_empty() { "N/A".to_string() } else { v };
             vec![
@@ -805,6 +845,14 @@ mod tests {
         let r = row("ControllerRevision", &rev, 0);
         assert_eq!(r.len(), columns("ControllerRevision").len());
         assert_eq!(&r[..3], &["agent-5d8f", "daemonset.apps/agent", "2"]);
+        let rb = json!({"metadata": {"name": "read", "namespace": "a"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+            "subjects": [{"kind": "User", "name": "alice"}, {"kind": "Group", "name": "dev"},
+                         {"kind": "ServiceAccount", "name": "sa", "namespace": "a"}]});
+        let r = row("RoleBinding", &rb, 0);
+        assert_eq!(r.len(), columns("RoleBinding").len());
+        assert_eq!(r[1], "Role/reader");
+        assert_eq!(&r[3..], &["alice", "dev", "a/sa"]);
     }
 
     #[test]

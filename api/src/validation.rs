@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{
     apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    policy::v1 as policy,
+    policy::v1 as policy, rbac::v1 as rbac,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
@@ -44,6 +44,10 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "PersistentVolume" => check::<core::PersistentVolume>(obj, strict),
         "StorageClass" => check::<k8s_openapi::api::storage::v1::StorageClass>(obj, strict),
         "PodDisruptionBudget" => check::<policy::PodDisruptionBudget>(obj, strict),
+        "Role" => check::<rbac::Role>(obj, strict),
+        "ClusterRole" => check::<rbac::ClusterRole>(obj, strict),
+        "RoleBinding" => check::<rbac::RoleBinding>(obj, strict),
+        "ClusterRoleBinding" => check::<rbac::ClusterRoleBinding>(obj, strict),
         other => Err(ApiError::bad_request(format!(
             "no wire type for kind {other}"
         ))),
@@ -162,6 +166,18 @@ fn validate_meta(kind: &str, meta: &ObjectMeta, namespaced: bool, causes: &mut V
                 "metadata.name",
                 format!("{name:?}"),
                 LABEL_MSG,
+            ));
+        }
+    } else if matches!(
+        kind,
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding"
+    ) {
+        // RBAC names are path segments (`system:basic-user`), as ValidateRBACName.
+        if name == "." || name == ".." || name.contains(['/', '%']) {
+            causes.push(Cause::invalid(
+                "metadata.name",
+                format!("{name:?}"),
+                "may not be '.' or '..' and may not contain '/' or '%'",
             ));
         }
     } else if !is_dns1123_subdomain(name) && kind != "Event" {
@@ -390,6 +406,22 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                 ));
             }
         }
+        "Role" => {
+            let r: rbac::Role = typed(obj)?;
+            policy_rules(r.rules.as_deref().unwrap_or_default(), true, &mut causes);
+        }
+        "ClusterRole" => {
+            let r: rbac::ClusterRole = typed(obj)?;
+            policy_rules(r.rules.as_deref().unwrap_or_default(), false, &mut causes);
+        }
+        "RoleBinding" => {
+            let b: rbac::RoleBinding = typed(obj)?;
+            role_binding(&b.role_ref, b.subjects.as_deref(), true, &mut causes);
+        }
+        "ClusterRoleBinding" => {
+            let b: rbac::ClusterRoleBinding = typed(obj)?;
+            role_binding(&b.role_ref, b.subjects.as_deref(), false, &mut causes);
+        }
         _ => {}
     }
     if causes.is_empty() {
@@ -401,6 +433,116 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
             .or(meta.generate_name.clone())
             .unwrap_or_default();
         Err(ApiError::invalid(resource.kind, &name, causes))
+    }
+}
+
+/// Kubernetes' `ValidatePolicyRule`: verbs always; either resources (with API groups) or
+/// non-resource URLs (never in a namespaced Role), not both.
+fn policy_rules(rules: &[rbac::PolicyRule], namespaced: bool, causes: &mut Vec<Cause>) {
+    for (i, r) in rules.iter().enumerate() {
+        let at = format!("rules[{i}]");
+        if r.verbs.is_empty() {
+            causes.push(Cause::required(format!("{at}.verbs")));
+        }
+        let urls = r.non_resource_urls.as_deref().unwrap_or_default();
+        let resources = r.resources.as_deref().unwrap_or_default();
+        if !urls.is_empty() {
+            if namespaced {
+                causes.push(Cause::invalid(
+                    format!("{at}.nonResourceURLs"),
+                    urls.join(", "),
+                    "namespaced rules cannot apply to non-resource URLs",
+                ));
+            }
+            if !resources.is_empty()
+                || r.api_groups.as_ref().is_some_and(|g| !g.is_empty())
+                || r.resource_names.as_ref().is_some_and(|n| !n.is_empty())
+            {
+                causes.push(Cause::invalid(
+                    format!("{at}.nonResourceURLs"),
+                    urls.join(", "),
+                    "rules cannot apply to both regular resources and non-resource URLs",
+                ));
+            }
+            continue;
+        }
+        if r.api_groups.as_ref().is_none_or(|g| g.is_empty()) {
+            causes.push(Cause::required(format!("{at}.apiGroups")));
+        }
+        if resources.is_empty() {
+            causes.push(Cause::required(format!("{at}.resources")));
+        }
+    }
+}
+
+/// Kubernetes' binding validation: a role of this API group (a ClusterRoleBinding binds only
+/// ClusterRoles) and well-formed subjects.
+fn role_binding(
+    role: &rbac::RoleRef,
+    subjects: Option<&[rbac::Subject]>,
+    namespaced: bool,
+    causes: &mut Vec<Cause>,
+) {
+    if role.api_group.as_deref() != Some(crate::resources::RBAC_GROUP) {
+        causes.push(Cause::invalid(
+            "roleRef.apiGroup",
+            format!("{:?}", role.api_group.as_deref().unwrap_or("")),
+            "supported values: \"rbac.authorization.k8s.io\"",
+        ));
+    }
+    let kinds: &[&str] = if namespaced {
+        &["Role", "ClusterRole"]
+    } else {
+        &["ClusterRole"]
+    };
+    if !kinds.contains(&role.kind.as_str()) {
+        causes.push(Cause::invalid(
+            "roleRef.kind",
+            format!("{:?}", role.kind),
+            if namespaced {
+                "supported values: \"Role\", \"ClusterRole\""
+            } else {
+                "supported values: \"ClusterRole\""
+            },
+        ));
+    }
+    if role.name.is_empty() {
+        causes.push(Cause::required("roleRef.name"));
+    }
+    for (i, s) in subjects.unwrap_or_default().iter().enumerate() {
+        let at = format!("subjects[{i}]");
+        if s.name.is_empty() {
+            causes.push(Cause::required(format!("{at}.name")));
+        }
+        let group = s.api_group.as_deref().unwrap_or("");
+        match s.kind.as_str() {
+            "ServiceAccount" => {
+                if !group.is_empty() {
+                    causes.push(Cause::invalid(
+                        format!("{at}.apiGroup"),
+                        format!("{group:?}"),
+                        "supported values: \"\"",
+                    ));
+                }
+                if !namespaced && s.namespace.as_deref().unwrap_or("").is_empty() {
+                    causes.push(Cause::required(format!("{at}.namespace")));
+                }
+            }
+            "User" | "Group" => {
+                if group != crate::resources::RBAC_GROUP {
+                    causes.push(Cause::invalid(
+                        format!("{at}.apiGroup"),
+                        format!("{group:?}"),
+                        "supported values: \"rbac.authorization.k8s.io\"",
+                    ));
+                }
+            }
+            other => causes.push(Cause::invalid(
+                format!("{at}.kind"),
+                format!("{other:?}"),
+                "supported values: \"ServiceAccount\", \"User\", \"Group\"",
+            )),
+        }
     }
 }
 
@@ -784,6 +926,15 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
             }
         }
         "Job" => immutable("/spec/template", "spec.template", &mut causes),
+        "RoleBinding" | "ClusterRoleBinding" if old.get("roleRef") != new.get("roleRef") => {
+            causes.push(Cause::invalid(
+                "roleRef",
+                new.get("roleRef")
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                "cannot change roleRef",
+            ));
+        }
         _ => {}
     }
     if causes.is_empty() {
@@ -947,6 +1098,31 @@ mod tests {
         let mut unknown = lease;
         unknown["spec"]["holder"] = json!("n1");
         assert_eq!(decode(res("Lease"), &unknown, true).unwrap_err().code, 400);
+    }
+
+    #[test]
+    fn rbac_rules_and_bindings_are_checked() {
+        let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "r", "namespace": "a"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]},
+                      {"verbs": [], "nonResourceURLs": ["/healthz"]}]});
+        decode(res("Role"), &role, true).unwrap();
+        let e = validate(res("Role"), &role).unwrap_err();
+        let fields: Vec<_> = e.causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(fields, ["rules[1].verbs", "rules[1].nonResourceURLs"]);
+        let cr = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "r"}, "rules": [{"verbs": ["get"], "nonResourceURLs": ["/healthz"]}]});
+        validate(res("ClusterRole"), &cr).unwrap();
+        let crb = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "b"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "r"},
+            "subjects": [{"kind": "ServiceAccount", "name": "sa"}]});
+        let e = validate(res("ClusterRoleBinding"), &crb).unwrap_err();
+        let fields: Vec<_> = e.causes.iter().map(|c| c.field.as_str()).collect();
+        assert_eq!(fields, ["roleRef.kind", "subjects[0].namespace"]);
+        let mut changed = crb.clone();
+        changed["roleRef"]["name"] = json!("other");
+        assert!(validate_update(res("ClusterRoleBinding"), &crb, &changed).is_err());
     }
 
     #[test]

@@ -47,6 +47,13 @@ impl Default for ClusterConfig {
     }
 }
 
+/// A check of the object a user's write would store, run after validation and before the
+/// store transaction (RBAC's escalation prevention): an error refuses the write.
+pub trait WriteAdmission: Send + Sync + std::fmt::Debug {
+    /// `old`: the stored object an update replaces (None on create).
+    fn admit(&self, r: &Resource, old: Option<&Value>, obj: &Value) -> Result<(), ApiError>;
+}
+
 /// Options of a write.
 #[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
@@ -56,6 +63,8 @@ pub struct WriteOptions {
     /// The node (`system:node:NAME`) making the write: its own Node is held to
     /// NodeRestriction's rules ([`crate::apiserver::auth::admit_node_write`]).
     pub by_node: Option<String>,
+    /// The writer's admission check, if any.
+    pub admission: Option<Arc<dyn WriteAdmission>>,
 }
 
 /// Options of a delete (`DeleteOptions`).
@@ -387,6 +396,9 @@ impl Registry {
         // Only kinds that allocate need to be serialised with the writes of their kind.
         let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
         Self::node_restriction(r, None, &obj, opts)?;
+        if let Some(a) = &opts.admission {
+            a.admit(r, None, &obj)?;
+        }
         self.admit(r, None, &mut obj)?;
         if opts.dry_run {
             return Ok(obj);
@@ -572,6 +584,9 @@ impl Registry {
     ) -> Result<Value, ApiError> {
         let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
         Self::node_restriction(r, Some(old), &new, opts)?;
+        if let Some(a) = &opts.admission {
+            a.admit(r, Some(old), &new)?;
+        }
         self.admit(r, Some(old), &mut new)?;
         if opts.dry_run {
             return Ok(new);

@@ -157,7 +157,8 @@ pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
 }
 
 /// Creates `default`, `kube-system`, `kube-public`, `kube-node-lease`, the `kubernetes`
-/// Service with its Endpoints and the default StorageClass `local-path`, if missing.
+/// Service with its Endpoints, the default StorageClass `local-path` and the default RBAC
+/// roles and bindings, if missing.
 pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
     let ns = Resource::lookup("namespaces").expect("namespaces");
     let opts = WriteOptions::default();
@@ -224,7 +225,7 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
         }
         Some(_) => {}
     }
-    Ok(())
+    crate::apiserver::policy::bootstrap(reg)
 }
 
 impl Server {
@@ -277,6 +278,11 @@ impl Server {
             addr,
         );
         state.node_cert_validity = config.node_cert_validity;
+        // The RBAC authorizer's roles and bindings, listed before the first request.
+        state
+            .rbac
+            .start(&registry, &stop.subscribe(), &mut ctl)
+            .await;
         let state = Arc::new(state);
         let task = tokio::spawn(async move {
             let shutdown = async move {

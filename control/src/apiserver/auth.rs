@@ -9,7 +9,7 @@
 //! [`Authorizer`] decides what a user may do. [`default_authorizer`] chains the rules in use:
 //! `system:masters` may do anything, every user may read discovery, bootstrappers may only
 //! join, and nodes are held to [`NodeAuthorizer`] (Kubernetes' Node authorizer with the
-//! NodeRestriction admission rules folded in). An RBAC authorizer is one more link in the chain.
+//! NodeRestriction admission rules folded in), and everyone else to RBAC ([`super::rbac`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -133,6 +133,7 @@ impl Authenticator {
     ) -> Result<UserInfo, ApiError> {
         if let Some(p) = peer {
             let mut groups = p.organizations.clone();
+            groups.extend(super::rbac::service_account_groups(&p.common_name));
             groups.push(AUTHENTICATED.into());
             return Ok(UserInfo {
                 name: p.common_name.clone(),
@@ -528,13 +529,14 @@ impl Authorizer for NodeAuthorizer {
     }
 }
 
-/// The authorizers in use, in order.
-pub fn default_authorizer(graph: Arc<dyn NodeGraph>) -> Chain {
+/// The authorizers in use, in order; RBAC (over `rbac`'s roles and bindings) last.
+pub fn default_authorizer(graph: Arc<dyn NodeGraph>, rbac: Arc<super::rbac::RbacCaches>) -> Chain {
     Chain(vec![
         Box::new(Masters),
         Box::new(Discovery),
         Box::new(Bootstrappers),
         Box::new(NodeAuthorizer { graph }),
+        Box::new(super::rbac::Rbac(rbac)),
     ])
 }
 
@@ -756,7 +758,7 @@ mod tests {
                 json!({"volumes": [{"name": "v", "configMap": {"name": "cm-b"}}]}),
             ),
         ]));
-        default_authorizer(Arc::new(graph))
+        default_authorizer(Arc::new(graph), super::super::rbac::RbacCaches::new())
     }
 
     fn node(n: &str) -> UserInfo {

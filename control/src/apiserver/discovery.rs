@@ -69,9 +69,10 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     let rs = served(group, version)?;
     let mut out = Vec::new();
     for r in rs {
+        let verbs: &[&str] = if r.create_only { &["create"] } else { VERBS };
         let mut entry = json!({
             "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
-            "kind": r.kind, "verbs": VERBS,
+            "kind": r.kind, "verbs": verbs,
         });
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);
@@ -169,6 +170,13 @@ pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
             json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk,
                    "parameters": params, "responses": {"200": {"description": "OK"}}})
         };
+        if r.create_only {
+            paths.insert(
+                format!("{prefix}{scope}/{}", r.plural),
+                json!({"post": op("post", &write_params)}),
+            );
+            continue;
+        }
         paths.insert(
             format!("{prefix}{scope}/{}", r.plural),
             json!({"get": op("list", &json!([param("labelSelector"), param("fieldSelector"), param("watch"), param("resourceVersion")])),

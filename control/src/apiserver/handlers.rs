@@ -162,11 +162,39 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             .get::<super::auth::UserInfo>()
             .and_then(|u| u.node_name())
             .map(String::from),
+        // Writes of roles and bindings are held to what their writer may grant.
+        admission: req
+            .extensions()
+            .get::<super::auth::UserInfo>()
+            .filter(|_| p.resource.group == skiff_api::resources::RBAC_GROUP)
+            .map(|u| {
+                Arc::new(super::rbac::Escalation {
+                    user: u.clone(),
+                    caches: state.rbac.clone(),
+                    authorizer: state.authorizer.clone(),
+                }) as Arc<dyn crate::registry::WriteAdmission>
+            }),
     };
     let reg = state.registry.clone();
     let ns = p.namespace.as_deref();
     let owned_ns = p.namespace.clone();
     let r = p.resource;
+    if r.create_only {
+        if p.name.is_some() || method != Method::POST {
+            return Err(ApiError::method_not_allowed("POST"));
+        }
+        let user = req
+            .extensions()
+            .get::<super::auth::UserInfo>()
+            .cloned()
+            .ok_or_else(ApiError::unauthorized)?;
+        let body = read_body(req).await?;
+        let (st, ns) = (state.clone(), owned_ns.clone());
+        // The authorizers may read pods (the node authorizer): off the async threads.
+        let answer =
+            blocking(move || super::review::answer(&st, &user, r, ns.as_deref(), &body)).await?;
+        return Ok(json_response(StatusCode::CREATED, &answer));
+    }
     match (p.name.as_deref(), p.sub.as_deref(), method.clone()) {
         (None, None, Method::GET) => {
             if q.get("watch").is_some_and(|v| v == "true" || v == "1") {

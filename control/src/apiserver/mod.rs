@@ -9,6 +9,9 @@ mod handlers;
 pub mod join;
 mod nodeproxy;
 pub mod path;
+pub mod policy;
+pub mod rbac;
+mod review;
 
 use std::net::SocketAddr;
 
@@ -35,7 +38,10 @@ pub struct ApiState {
     /// Who a request comes from.
     pub authenticator: auth::Authenticator,
     /// What they may do.
-    pub authorizer: Box<dyn auth::Authorizer>,
+    pub authorizer: Arc<dyn auth::Authorizer>,
+    /// Roles and bindings, which the RBAC authorizer reads; [`rbac::RbacCaches::start`] keeps
+    /// them current.
+    pub rbac: Arc<rbac::RbacCaches>,
     /// The cluster CA: served at `/cacerts`, signs node client certificates.
     pub ca: Arc<crate::tls::ClusterCa>,
     /// Signs node agents' serving certificates.
@@ -59,8 +65,10 @@ impl ApiState {
         node_token_secret: Option<String>,
         advertise: SocketAddr,
     ) -> ApiState {
+        let rbac = rbac::RbacCaches::new();
         ApiState {
-            authorizer: Box::new(auth::default_authorizer(registry.clone())),
+            authorizer: Arc::new(auth::default_authorizer(registry.clone(), rbac.clone())),
+            rbac,
             registry,
             authenticator: auth::Authenticator {
                 admin_tokens,
@@ -151,6 +159,71 @@ async fn attributes(
     Ok((attrs, req))
 }
 
+/// Who a request asks to act as (`Impersonate-User`, `Impersonate-Group`).
+fn impersonation_request(
+    headers: &http::HeaderMap,
+) -> Result<Option<(String, Vec<String>)>, ApiError> {
+    let text = |v: &HeaderValue| v.to_str().ok().map(String::from);
+    let user = headers.get("impersonate-user").and_then(text);
+    let groups: Vec<String> = headers
+        .get_all("impersonate-group")
+        .iter()
+        .filter_map(text)
+        .collect();
+    let extra = headers
+        .keys()
+        .any(|k| k.as_str().starts_with("impersonate-extra-") || k.as_str() == "impersonate-uid");
+    match user.filter(|u| !u.is_empty()) {
+        Some(u) => Ok(Some((u, groups))),
+        None if !groups.is_empty() || extra => Err(ApiError::bad_request(
+            "requested impersonation of groups or extra fields without impersonating a user",
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The user `user` acts as, when it may `impersonate` that user (or ServiceAccount) and each
+/// group, as Kubernetes' impersonation filter decides; the 403 names what it may not.
+fn impersonate(
+    state: &ApiState,
+    user: &auth::UserInfo,
+    (name, groups): (String, Vec<String>),
+) -> Result<auth::UserInfo, ApiError> {
+    let check = |resource: &str, namespace: Option<&str>, target: &str| {
+        let attrs = auth::Attributes::Resource(auth::ResourceAttributes {
+            verb: "impersonate".into(),
+            group: String::new(),
+            resource: resource.into(),
+            subresource: None,
+            namespace: namespace.map(String::from),
+            name: Some(target.into()),
+        });
+        match state.authorizer.authorize(user, &attrs) {
+            auth::Decision::Allow => Ok(()),
+            auth::Decision::Deny(reason) => Err(auth::forbidden(user, &attrs, &reason)),
+            auth::Decision::NoOpinion => Err(auth::forbidden(user, &attrs, "")),
+        }
+    };
+    let service_account = name
+        .strip_prefix(rbac::SERVICE_ACCOUNT_PREFIX)
+        .and_then(|r| r.split_once(':'));
+    match service_account {
+        Some((ns, sa)) => check("serviceaccounts", Some(ns), sa)?,
+        None => check("users", None, &name)?,
+    }
+    for g in &groups {
+        check("groups", None, g)?;
+    }
+    let mut all = groups.clone();
+    if groups.is_empty() {
+        all.extend(rbac::service_account_groups(&name));
+    }
+    if name != "system:anonymous" && !all.iter().any(|g| g == auth::AUTHENTICATED) {
+        all.push(auth::AUTHENTICATED.into());
+    }
+    Ok(auth::UserInfo { name, groups: all })
+}
+
 async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, ApiError> {
     let bearer = req
         .headers()
@@ -164,6 +237,15 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
         state
             .authenticator
             .authenticate(&state.registry, bearer.as_deref(), peer.as_ref())?;
+    let user = match impersonation_request(req.headers())? {
+        None => user,
+        Some(wanted) => {
+            let state = state.clone();
+            tokio::task::spawn_blocking(move || impersonate(&state, &user, wanted))
+                .await
+                .map_err(|e| ApiError::internal(format!("impersonation failed: {e}")))??
+        }
+    };
     let (attrs, req) = attributes(req, &user).await?;
     let decision = if user.in_group(auth::MASTERS) {
         auth::Decision::Allow
@@ -309,6 +391,8 @@ mod tests {
         http: reqwest::Client,
         stop: tokio::sync::oneshot::Sender<()>,
         server: tokio::task::JoinHandle<std::io::Result<()>>,
+        /// The RBAC caches' watches, ended when the test ends.
+        _rbac: (tokio::sync::watch::Sender<bool>, tokio::task::JoinSet<()>),
     }
 
     async fn start(dir: &std::path::Path) -> Api {
@@ -318,7 +402,14 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         crate::server::bootstrap(&registry, addr).unwrap();
         let tls = crate::tls::load_or_create(dir, &[addr.ip().to_string()]).unwrap();
-        let state = Arc::new(ApiState::new(registry, &tls, vec!["t".into()], None, addr));
+        let state = ApiState::new(registry.clone(), &tls, vec!["t".into()], None, addr);
+        let (rbac_stop, rbac_stopped) = tokio::sync::watch::channel(false);
+        let mut rbac_tasks = tokio::task::JoinSet::new();
+        state
+            .rbac
+            .start(&registry, &rbac_stopped, &mut rbac_tasks)
+            .await;
+        let state = Arc::new(state);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve(state, listener, tls.server, async {
             let _ = stopped.await;
@@ -334,7 +425,74 @@ mod tests {
             http,
             stop,
             server,
+            _rbac: (rbac_stop, rbac_tasks),
         }
+    }
+
+    /// The admin acts as another user with `Impersonate-User` (and its groups with
+    /// `Impersonate-Group`); the reviews answer for the user acted as.
+    #[tokio::test]
+    async fn impersonated_requests_are_authorized_as_the_user_acted_as() {
+        let dir = tempfile::tempdir().unwrap();
+        let api = start(dir.path()).await;
+        let base = format!("https://{}", api.addr);
+        let get = |path: &str, user: Option<&str>, group: Option<&str>| {
+            let mut req = api.http.get(format!("{base}{path}")).bearer_auth("t");
+            if let Some(u) = user {
+                req = req.header("Impersonate-User", u);
+            }
+            if let Some(g) = group {
+                req = req.header("Impersonate-Group", g);
+            }
+            req.send()
+        };
+        let pods = "/api/v1/namespaces/default/pods";
+        assert_eq!(get(pods, None, None).await.unwrap().status(), 200);
+        let resp = get(pods, Some("alice"), None).await.unwrap();
+        assert_eq!(resp.status(), 403);
+        let status: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            status["message"],
+            "pods is forbidden: User \"alice\" cannot list resource \"pods\" in API group \"\" in the namespace \"default\""
+        );
+        let masters = get(pods, Some("alice"), Some(auth::MASTERS)).await.unwrap();
+        assert_eq!(masters.status(), 200);
+        // A group without a user is refused.
+        assert_eq!(get(pods, None, Some("g")).await.unwrap().status(), 400);
+        let review = api
+            .http
+            .post(format!(
+                "{base}/apis/authentication.k8s.io/v1/selfsubjectreviews"
+            ))
+            .bearer_auth("t")
+            .header("Impersonate-User", "system:serviceaccount:team:builder")
+            .json(&serde_json::json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(review.status(), 201);
+        let review: serde_json::Value = review.json().await.unwrap();
+        assert_eq!(
+            review["status"]["userInfo"],
+            serde_json::json!({"username": "system:serviceaccount:team:builder",
+                "groups": ["system:serviceaccounts", "system:serviceaccounts:team", "system:authenticated"]})
+        );
+        let access = api
+            .http
+            .post(format!(
+                "{base}/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
+            ))
+            .bearer_auth("t")
+            .header("Impersonate-User", "alice")
+            .json(&serde_json::json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+                "spec": {"resourceAttributes": {"verb": "list", "resource": "pods", "namespace": "default"}}}))
+            .send()
+            .await
+            .unwrap();
+        let access: serde_json::Value = access.json().await.unwrap();
+        assert_eq!(access["status"]["allowed"], false);
+        let _ = api.stop.send(());
+        api.server.await.unwrap().unwrap();
     }
 
     /// A client that closes a watch releases it on the server, even when no event would have
@@ -378,6 +536,7 @@ mod tests {
             http,
             stop,
             server,
+            _rbac,
         } = start(dir.path()).await;
         // The next flush waits until the test has its answer (or 5 s passed).
         let released = Arc::new(AtomicBool::new(false));

@@ -181,7 +181,7 @@ impl GarbageCollector {
             return Ok(Action::AwaitChange);
         }
         let mut left = 0;
-        for r in RESOURCES.iter().filter(|r| r.namespaced) {
+        for r in RESOURCES.iter().filter(|r| r.namespaced && !r.create_only) {
             let (items, _) = self.reg.list(
                 r,
                 Some(name),

@@ -2,6 +2,7 @@
 //! scheduler. [`start`] wires caches to queues and runs them all.
 
 pub mod api;
+pub mod clusterroles;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
@@ -33,6 +34,7 @@ use k8s_openapi::api::core::v1::{
     Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use skiff_api::meta;
@@ -148,7 +150,31 @@ pub fn start(
     let classes = Cache::<StorageClass>::new();
     let jobs = Cache::<Job>::new();
     let cronjobs = Cache::<CronJob>::new();
+    let cluster_roles = Cache::<ClusterRole>::new();
     let mut tasks = JoinSet::new();
+
+    // ClusterRole aggregation: any ClusterRole's change may change what the aggregated
+    // ones gather.
+    let (agg_q, agg_rx) = runtime::queue();
+    {
+        let q = agg_q.clone();
+        let roles = cluster_roles.clone();
+        cluster_roles.on_change(move |c| {
+            if c.object.aggregation_rule.is_some() {
+                q.add(key(&*c.object));
+            }
+            let labels_changed = c.prev.as_ref().is_none_or(|p| {
+                p.metadata.labels != c.object.metadata.labels || p.rules != c.object.rules
+            });
+            if labels_changed || c.kind == EventType::Deleted {
+                for r in roles.list(None) {
+                    if r.aggregation_rule.is_some() {
+                        q.add(key(&*r));
+                    }
+                }
+            }
+        });
+    }
 
     // ReplicaSets.
     let (rs_q, rs_rx) = runtime::queue();
@@ -383,6 +409,15 @@ pub fn start(
     tasks.spawn(classes.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(jobs.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(cronjobs.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(cluster_roles.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(runtime::run(
+        Arc::new(clusterroles::ClusterRoleAggregation {
+            reg: reg.clone(),
+            roles: cluster_roles.clone(),
+        }),
+        agg_rx,
+        stop.clone(),
+    ));
     tasks.spawn(runtime::run(
         Arc::new(job::JobController::new(
             reg.clone(),
