@@ -549,14 +549,20 @@ impl CacheWriter {
     }
 }
 
-/// Whether the pod cache holds pod `uid`, and at which pod IP.
+/// Whether the pod cache holds pod `uid`, and at which pod IP. A finished pod's address
+/// does not count: it is never run again, offline or not.
 fn cached_address(
     workers: &HashMap<String, (PodWorker, Pod)>,
     uid: &str,
 ) -> Option<Option<String>> {
-    workers
-        .get(uid)
-        .map(|(_, p)| p.status.as_ref().and_then(|s| s.pod_ip.clone()))
+    workers.get(uid).map(|(_, p)| {
+        let status = p.status.as_ref();
+        let finished = matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        );
+        status.filter(|_| !finished).and_then(|s| s.pod_ip.clone())
+    })
 }
 
 /// How often what no pod uses is collected (also at every relist).

@@ -192,6 +192,9 @@ pub struct PodNetwork {
     size: u32,
     prefix: u8,
     used: Mutex<BTreeSet<u32>>,
+    /// The reserved addresses put on the bridge ([`PodNetwork::bind_host`]): only these are
+    /// taken off it again.
+    bound: Mutex<BTreeSet<u32>>,
     /// Where the next search for a free address starts: addresses are handed out round-robin,
     /// as host-local IPAM does, so a just-released address is not reused at once.
     next: Mutex<u32>,
@@ -217,6 +220,7 @@ impl PodNetwork {
             size,
             prefix,
             used: Mutex::new(BTreeSet::new()),
+            bound: Mutex::new(BTreeSet::new()),
             next: Mutex::new(base + 2),
             link,
         };
@@ -257,8 +261,8 @@ impl PodNetwork {
     }
 
     /// Reserves `want` if it is free and in range (a pod coming back after a restart), else
-    /// the next free address. A wasm-only pod's address then goes on the node
-    /// ([`PodNetwork::bind_host`]); a sandboxed pod's goes in its namespace.
+    /// the next free address. A wasm-only pod's address goes on the node when one of its
+    /// containers listens ([`PodNetwork::bind_host`]); a sandboxed pod's goes in its namespace.
     pub fn allocate(&self, want: Option<Ipv4Addr>) -> Result<Ipv4Addr, NetError> {
         let ip = {
             let mut used = self.used.lock().expect("used");
@@ -284,13 +288,21 @@ impl PodNetwork {
         Ok(ip)
     }
 
-    /// Puts a reserved address on the node's bridge, for a wasm-only pod's listeners.
+    /// Puts a reserved address on the node's bridge, for a wasm-only pod's listeners (once:
+    /// a pod's second listener finds it there).
     pub fn bind_host(&self, ip: Ipv4Addr) -> Result<(), NetError> {
-        self.link.add_address(&self.bridge, ip)
+        let mut bound = self.bound.lock().expect("bound");
+        if !bound.contains(&u32::from(ip)) {
+            self.link.add_address(&self.bridge, ip)?;
+            bound.insert(u32::from(ip));
+        }
+        Ok(())
     }
 
+    /// Frees a reserved address, taking it off the bridge if it was put there.
     pub fn release(&self, ip: Ipv4Addr) {
-        if self.used.lock().expect("used").remove(&u32::from(ip)) {
+        let was_bound = self.bound.lock().expect("bound").remove(&u32::from(ip));
+        if self.used.lock().expect("used").remove(&u32::from(ip)) && was_bound {
             if let Err(e) = self.link.remove_address(&self.bridge, ip) {
                 tracing::warn!(%ip, error = %e, "could not remove a pod address");
             }
@@ -360,6 +372,26 @@ mod tests {
                 (Ipv4Addr::new(192, 168, 7, 7), 32)
             ]),
             "the gateway and the foreign address stay, the pod addresses go"
+        );
+    }
+
+    #[test]
+    fn only_addresses_put_on_the_bridge_are_taken_off_it() {
+        let fake = Fake::default();
+        let net = PodNetwork::new("10.88.3.0/24", "skiff0", Box::new(fake.clone())).unwrap();
+        // A pod of commands: an address, never on the bridge.
+        let quiet = net.allocate(None).unwrap();
+        // A pod that serves: on the bridge once, however many listeners it has.
+        let serving = net.allocate(None).unwrap();
+        net.bind_host(serving).unwrap();
+        net.bind_host(serving).unwrap();
+        net.release(quiet);
+        net.release(serving);
+        net.release(serving);
+        let calls = fake.0.lock().unwrap()[1..].to_vec();
+        assert_eq!(
+            calls,
+            vec![format!("add {serving}"), format!("del {serving}")]
         );
     }
 

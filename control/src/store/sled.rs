@@ -324,7 +324,7 @@ impl Store for SledStore {
     fn txn(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
         let committed = self.apply(ops)?;
         // Durable, visible and sent to watchers before it is acknowledged.
-        self.wait_durable(committed.revision)?;
+        blocking(|| self.wait_durable(committed.revision))?;
         Ok(committed)
     }
 
@@ -338,6 +338,18 @@ impl Store for SledStore {
 
     fn watchers(&self) -> usize {
         self.hub.watcher_count()
+    }
+}
+
+/// Runs `f`, which waits for the disk. Controllers write from their async reconciles: on a
+/// worker thread of a multi-threaded runtime, the thread's other tasks (API connections, watches,
+/// other controllers) move to another thread while it waits, instead of stalling behind a flush.
+/// Elsewhere (the blocking pool, a current-thread runtime, no runtime) `f` just runs.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

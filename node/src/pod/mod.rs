@@ -212,10 +212,13 @@ async fn run(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receiver<Option<D
     // writer too, so the pod's last status (not ready) is published while it drains.
     let (stop_containers, containers_stop) = watch::channel(false);
     let writer = tokio::spawn(status_writer(shared.clone(), containers_stop.clone()));
+    let began = Instant::now();
+    tracing::debug!(pod = %name_of(&pod), "pod worker starting");
     let Some(mut running) = start(&shared, &containers, containers_stop, &mut stop).await else {
         writer.abort();
         return;
     };
+    tracing::debug!(pod = %name_of(&pod), took = ?began.elapsed(), "pod started");
     let held = run_until_stopped(&shared, &mut running, &mut stop).await;
     let grace = stop.borrow().unwrap_or_default();
     if held {
@@ -364,6 +367,7 @@ async fn run_until_stopped(
                     let codes: Vec<i64> = shared.status.lock().expect("status").containers.iter()
                         .filter_map(|c| c.state.terminated.as_ref().map(|t| i64::from(t.exit_code))).collect();
                     shared.update(|s| s.phase = if codes.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" });
+                    tracing::debug!(pod = %name_of(&shared.pod), "pod finished");
                     running.trimmer.abort();
                     let placed = &running.placed;
                     release(&shared.ctx, &shared.pod, placed.ip, placed.sandbox.as_ref()).await;

@@ -169,28 +169,62 @@ pub(super) fn terminated(
     }
 }
 
-/// Writes the status whenever it changes (coalescing bursts).
+/// A change is written once the status has been quiet this long, so a burst is one write: a
+/// command that runs in a few milliseconds is written once, finished, instead of Pending first
+/// and Succeeded only after that write's round trip...
+const SETTLE: Duration = Duration::from_millis(10);
+/// ...and never later than this after the change that began the burst.
+const SETTLE_MAX: Duration = Duration::from_millis(100);
+
+/// Waits until the status has been quiet for [`SETTLE`] (at most [`SETTLE_MAX`]): true when
+/// the pod is being stopped meanwhile.
+async fn settle(shared: &Shared, stop: &mut watch::Receiver<bool>) -> bool {
+    let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+    loop {
+        tokio::select! {
+            _ = shared.changed.notified() => {}
+            _ = tokio::time::sleep(SETTLE) => return false,
+            _ = tokio::time::sleep_until(deadline) => return false,
+            _ = stop.changed() => return true,
+        }
+    }
+}
+
+/// Writes the status whenever it changes, a burst of changes at once; the last change before
+/// the pod stops is written too.
 pub(super) async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let ns = ns_of(&shared.pod).to_string();
     let name = name_of(&shared.pod).to_string();
     let mut last = None;
     loop {
+        let stopping = settle(&shared, &mut stop).await;
         let st = pod_status(&shared.status.lock().expect("status"), shared.ctx.node_ip);
         if last.as_ref() != Some(&st) {
+            let sent = Instant::now();
+            let phase = st.phase.clone();
             match shared
                 .ctx
                 .client
                 .patch_status::<Pod>(Some(&ns), &name, &Patch::Merge(json!({"status": st})))
                 .await
             {
-                Ok(_) => last = Some(st),
+                Ok(_) => {
+                    tracing::debug!(pod = %name, ?phase, took = ?sent.elapsed(), "status written");
+                    last = Some(st);
+                }
                 Err(e) if e.code() == Some(404) => return,
                 Err(e) => {
                     tracing::debug!(pod = %name, error = %e, "status update failed; retrying");
+                    if stopping {
+                        return;
+                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             }
+        }
+        if stopping {
+            return;
         }
         tokio::select! {
             _ = shared.changed.notified() => {}

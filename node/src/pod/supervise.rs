@@ -280,9 +280,18 @@ pub(super) struct HttpContainer {
 }
 
 impl HttpContainer {
+    /// A listener on the pod's address: on the node (the address put there first), or in the
+    /// pod's network namespace.
     pub(super) async fn listen(&self, port: u16) -> std::io::Result<tokio::net::TcpListener> {
         match &self.netns {
-            None => tokio::net::TcpListener::bind(SocketAddr::from((self.ip, port))).await,
+            None => {
+                self.shared
+                    .ctx
+                    .net
+                    .bind_host(self.ip)
+                    .map_err(std::io::Error::other)?;
+                tokio::net::TcpListener::bind(SocketAddr::from((self.ip, port))).await
+            }
             Some(ns) => {
                 let ns = ns.clone();
                 let l = tokio::task::spawn_blocking(move || {
