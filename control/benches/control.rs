@@ -425,8 +425,10 @@ async fn cache_bench() {
     let listed_rev = store.revision();
     let t = Instant::now();
     tokio::spawn(cache.clone().run(reg.clone(), stop.clone()));
+    // Woken by the cache's revision, not spinning: on a small machine a spinning waiter
+    // would hold a core the listing's decoding needs.
     while cache.revision() < listed_rev {
-        tokio::task::yield_now().await;
+        cache.wait_for(listed_rev).await;
     }
     let listed = t.elapsed();
     assert_eq!(cache.list(None).len(), PODS);

@@ -149,44 +149,73 @@ fn machine_memory_kib() -> u64 {
 /// What the node says about its OCI runtime: the runc version, or why it has none.
 pub type OciState = Result<String, String>;
 
-fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Node {
+/// The architecture as Kubernetes names it (`amd64`, `arm64`, or Rust's name otherwise).
+fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// What the node offers: every CPU, the machine's memory, and up to 1,000 pods (lowered to the
+/// pod network's size once the node has one).
+fn node_resources() -> BTreeMap<String, Quantity> {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let mem = format!("{}Ki", machine_memory_kib());
-    let arch = if std::env::consts::ARCH == "x86_64" {
-        "amd64"
-    } else if std::env::consts::ARCH == "aarch64" {
-        "arm64"
-    } else {
-        std::env::consts::ARCH
-    };
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
-    let os = std::env::consts::OS;
-    let resources: BTreeMap<String, Quantity> = [
+    [
         ("cpu", cpus.to_string()),
-        ("memory", mem),
+        ("memory", format!("{}Ki", machine_memory_kib())),
         ("pods", "1000".into()),
         ("ephemeral-storage", "0".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), Quantity(v)))
-    .collect();
-    let labels = [
+    .collect()
+}
+
+/// The well-known labels of the node, and whether it runs wasm and OCI pods.
+fn node_labels(c: &AgentConfig, oci: &OciState) -> BTreeMap<String, String> {
+    let os = std::env::consts::OS;
+    [
         ("kubernetes.io/hostname", c.name.clone()),
         ("kubernetes.io/os", os.into()),
-        ("kubernetes.io/arch", arch.into()),
+        ("kubernetes.io/arch", arch().into()),
         ("beta.kubernetes.io/os", os.into()),
-        ("beta.kubernetes.io/arch", arch.into()),
+        ("beta.kubernetes.io/arch", arch().into()),
         (WASM_NODE_LABEL, "true".into()),
         (OCI_NODE_LABEL, oci.is_ok().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    .collect()
+}
+
+/// The versions and platform the node reports.
+fn node_info(oci: &OciState) -> NodeSystemInfo {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    NodeSystemInfo {
+        kubelet_version: concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")).into(),
+        os_image: "skiff".into(),
+        kernel_version: kernel,
+        container_runtime_version: match oci {
+            Ok(v) => format!("wasmtime://48.0.8, runc://{v}"),
+            Err(_) => "wasmtime://48.0.8".to_string(),
+        },
+        operating_system: std::env::consts::OS.into(),
+        architecture: arch().into(),
+        ..Default::default()
+    }
+}
+
+/// The Node this agent registers: its labels, resources, addresses, agent port, conditions and
+/// versions.
+fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Node {
+    let resources = node_resources();
     let address = |ty: &str, a: String| NodeAddress {
         type_: ty.into(),
         address: a,
@@ -194,7 +223,7 @@ fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Node {
     Node {
         metadata: ObjectMeta {
             name: Some(c.name.clone()),
-            labels: Some(labels),
+            labels: Some(node_labels(c, oci)),
             ..Default::default()
         },
         spec: Some(NodeSpec::default()),
@@ -209,18 +238,7 @@ fn node_object(c: &AgentConfig, port: u16, oci: &OciState) -> Node {
                 kubelet_endpoint: Some(DaemonEndpoint { port: port.into() }),
             }),
             conditions: Some(conditions(oci)),
-            node_info: Some(NodeSystemInfo {
-                kubelet_version: concat!("v1.37.0+skiff-", env!("CARGO_PKG_VERSION")).into(),
-                os_image: "skiff".into(),
-                kernel_version: kernel,
-                container_runtime_version: match oci {
-                    Ok(v) => format!("wasmtime://48.0.8, runc://{v}"),
-                    Err(_) => "wasmtime://48.0.8".to_string(),
-                },
-                operating_system: os.into(),
-                architecture: arch.into(),
-                ..Default::default()
-            }),
+            node_info: Some(node_info(oci)),
             ..Default::default()
         }),
     }
@@ -296,152 +314,18 @@ impl Agent {
         link: Box<dyn Netlink>,
     ) -> Result<Agent, AgentError> {
         raise_open_files_limit();
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| AgentError::Listen {
-                addr: config.listen,
-                source: e,
-            })?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| AgentError::Listen {
-                addr: config.listen,
-                source: e,
-            })?
-            .port();
-        let oci = if config.oci {
-            OciNode::new(
-                &config.data_dir.join("oci"),
-                config.insecure_registries.clone(),
-                config.runc.as_deref(),
-                Cni {
-                    bin_dir: config.cni_bin_dir.clone(),
-                    bridge: config.bridge.clone(),
-                    gateway: Ipv4Addr::UNSPECIFIED,
-                    prefix: 24,
-                    state_dir: config.data_dir.join("oci/netns"),
-                },
-            )
-            .map_err(|e| e.0)
-        } else {
-            Err("disabled on this node".to_string())
-        };
-        let oci_state: OciState = oci
-            .as_ref()
-            .map(|o| o.runc.version.clone())
-            .map_err(Clone::clone);
-        if let Err(why) = &oci_state {
-            tracing::info!(%why, "this node runs wasm only");
-        }
-        // The endpoint's serving certificate (and the node's client certificate): kept in the
-        // data dir, asked for through `client` when missing or due.
-        let credential = crate::join::Pki::new(&config.data_dir)
-            .ensure(
-                &client,
-                &config.data_dir,
-                &config.name,
-                config.node_ip,
-                None,
-            )
-            .await?;
-        let serving = crate::join::ServingCert::new(&credential)?;
-        let endpoint_tls = credential.endpoint_tls(serving.clone())?;
+        let (listener, port) = bind_endpoint(config.listen).await?;
+        let (oci, oci_state) = open_oci(&config);
+        let (serving, endpoint_tls) = endpoint_credentials(&client, &config).await?;
         let cached = load_cache(&config.data_dir);
-        let node = match register(&client, &config, port, &oci_state).await {
-            Ok(n) => n,
-            Err(e) => match &cached {
-                // Offline: run what was bound here last time.
-                Some((node, _)) => {
-                    tracing::warn!(error = %e, "control plane unreachable; running the pods cached on disk");
-                    node.clone()
-                }
-                None => return Err(AgentError::Register(config.name.clone(), e)),
-            },
-        };
-        let cidr = node
-            .spec
-            .as_ref()
-            .and_then(|s| s.pod_cidr.clone())
-            .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?;
-        let net = PodNetwork::new(&cidr, &config.bridge, link)?;
-        let oci = oci.ok().map(|mut o| {
-            o.cni.gateway = net.gateway();
-            o.cni.prefix = net.prefix();
-            Arc::new(o)
-        });
-        // A node runs as many pods as its pod network has addresses.
-        let pods = net.capacity().to_string();
-        let cap = Patch::Merge(
-            json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}}),
-        );
-        if let Err(e) = client.patch_status::<Node>(None, &config.name, &cap).await {
-            tracing::warn!(error = %e, "could not publish the node's pod capacity");
-        }
-        let runtime = Runtime::new(config.data_dir.join("compiled"), 1000)?;
+        let cached_node = cached.as_ref().map(|(node, _)| node);
+        let node = register_or_cached(&client, &config, port, &oci_state, cached_node).await?;
+        let (net, cidr) = pod_network(&client, &config, &node, link).await?;
         let logs: LogIndex = Arc::default();
-        let local = Arc::new(LocalEndpoints::default());
-        let proxy = config.proxy.then(|| {
-            let pc = skiff_proxy::ProxyConfig {
-                node: skiff_proxy::table::NodeAddresses {
-                    nodeport: config.nodeport_addresses.clone(),
-                    node_ip: IpAddr::V4(config.node_ip),
-                },
-                ..Default::default()
-            };
-            Arc::new(skiff_proxy::Proxy::start(
-                client.clone(),
-                pc,
-                local.clone(),
-                Arc::new(ServiceAddresses::new(&config.service_interface)),
-            ))
-        });
-        let ctx = Arc::new(NodeContext {
-            client: client.clone(),
-            runtime,
-            blobs: BlobCache::new(config.data_dir.join("blobs")),
-            images: ImageIndex::open(config.data_dir.join("images.json")),
-            net,
-            node_name: config.name.clone(),
-            node_ip: config.node_ip,
-            data_dir: config.data_dir.clone(),
-            insecure_registries: config.insecure_registries.clone(),
-            logs: logs.clone(),
-            request_timeout: config.request_timeout,
-            proxy,
-            local,
-            oci,
-            no_oci: oci_state.as_ref().err().cloned(),
-        });
+        let ctx = node_context(&client, &config, net, oci, &oci_state, logs.clone())?;
         let (stop, stopped) = watch::channel(false);
-        // The certificates renewed while the agent runs: `client` and every clone of it, and
-        // the endpoint, take the new ones.
-        tokio::spawn(
-            crate::join::Renewal {
-                client: client.clone(),
-                serving,
-                data_dir: config.data_dir.clone(),
-                node: config.name.clone(),
-                ip: config.node_ip,
-                every: config.cert_check_every,
-            }
-            .run(stopped.clone()),
-        );
-        // Routes to the other nodes' pod networks, following the Nodes until the agent stops.
-        let route_config = crate::routes::RouteConfig {
-            node: config.name.clone(),
-            node_ip: config.node_ip,
-            pod_cidr: cidr.parse().map_err(|_| NetError::Cidr(cidr.clone()))?,
-            bridge: config.bridge.clone(),
-            mode: config.pod_network,
-            vxlan: config.vxlan.clone(),
-        };
-        crate::routes::start(
-            client.clone(),
-            route_config,
-            Arc::new(crate::routes::IpRoutes),
-            stopped.clone(),
-        )
-        .await?;
+        spawn_renewal(&client, &config, serving, stopped.clone());
+        start_routes(&client, &config, &cidr, stopped.clone()).await?;
         let task = tokio::spawn(run(
             ctx,
             config.clone(),
@@ -464,6 +348,211 @@ impl Agent {
         let _ = self.stop.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
     }
+}
+
+/// Binds the agent's endpoint; returns the listener and the port it got.
+async fn bind_endpoint(addr: SocketAddr) -> Result<(tokio::net::TcpListener, u16), AgentError> {
+    let failed = |e| AgentError::Listen { addr, source: e };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(failed)?;
+    let port = listener.local_addr().map_err(failed)?.port();
+    Ok((listener, port))
+}
+
+/// The node's OCI side (image store, runc, CNI), unless it is turned off or cannot run here;
+/// and what the node says about it. Its CNI gateway is set once the pod network is known.
+fn open_oci(config: &AgentConfig) -> (Option<OciNode>, OciState) {
+    let oci = if config.oci {
+        OciNode::new(
+            &config.data_dir.join("oci"),
+            config.insecure_registries.clone(),
+            config.runc.as_deref(),
+            Cni {
+                bin_dir: config.cni_bin_dir.clone(),
+                bridge: config.bridge.clone(),
+                gateway: Ipv4Addr::UNSPECIFIED,
+                prefix: 24,
+                state_dir: config.data_dir.join("oci/netns"),
+            },
+        )
+        .map_err(|e| e.0)
+    } else {
+        Err("disabled on this node".to_string())
+    };
+    let oci_state: OciState = oci
+        .as_ref()
+        .map(|o| o.runc.version.clone())
+        .map_err(Clone::clone);
+    if let Err(why) = &oci_state {
+        tracing::info!(%why, "this node runs wasm only");
+    }
+    (oci.ok(), oci_state)
+}
+
+/// The endpoint's serving certificate (and the node's client certificate): kept in the data
+/// dir, asked for through `client` when missing or due. Returns the serving certificate (which
+/// renewals replace) and the endpoint's TLS configuration that serves it.
+async fn endpoint_credentials(
+    client: &Client,
+    config: &AgentConfig,
+) -> Result<(Arc<crate::join::ServingCert>, Arc<rustls::ServerConfig>), AgentError> {
+    let credential = crate::join::Pki::new(&config.data_dir)
+        .ensure(client, &config.data_dir, &config.name, config.node_ip, None)
+        .await?;
+    let serving = crate::join::ServingCert::new(&credential)?;
+    let endpoint_tls = credential.endpoint_tls(serving.clone())?;
+    Ok((serving, endpoint_tls))
+}
+
+/// Registers the Node and returns it as stored; when the control plane is unreachable, the
+/// Node cached on disk stands in for it (the agent runs offline what was bound here last time).
+async fn register_or_cached(
+    client: &Client,
+    config: &AgentConfig,
+    port: u16,
+    oci_state: &OciState,
+    cached: Option<&Node>,
+) -> Result<Node, AgentError> {
+    match register(client, config, port, oci_state).await {
+        Ok(n) => Ok(n),
+        Err(e) => match cached {
+            Some(node) => {
+                tracing::warn!(error = %e, "control plane unreachable; running the pods cached on disk");
+                Ok(node.clone())
+            }
+            None => Err(AgentError::Register(config.name.clone(), e)),
+        },
+    }
+}
+
+/// The node's pod network on the pod CIDR the control plane gave it; returns it and the CIDR.
+/// A node runs as many pods as its pod network has addresses: that is published as its pod
+/// capacity.
+async fn pod_network(
+    client: &Client,
+    config: &AgentConfig,
+    node: &Node,
+    link: Box<dyn Netlink>,
+) -> Result<(PodNetwork, String), AgentError> {
+    let cidr = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.pod_cidr.clone())
+        .ok_or_else(|| AgentError::NoPodCidr(config.name.clone()))?;
+    let net = PodNetwork::new(&cidr, &config.bridge, link)?;
+    let pods = net.capacity().to_string();
+    let cap = Patch::Merge(
+        json!({"status": {"capacity": {"pods": pods}, "allocatable": {"pods": pods}}}),
+    );
+    if let Err(e) = client.patch_status::<Node>(None, &config.name, &cap).await {
+        tracing::warn!(error = %e, "could not publish the node's pod capacity");
+    }
+    Ok((net, cidr))
+}
+
+/// The node's service proxy (and cluster DNS), when the agent runs it.
+fn start_proxy(
+    client: &Client,
+    config: &AgentConfig,
+    local: &Arc<LocalEndpoints>,
+) -> Option<Arc<skiff_proxy::Proxy>> {
+    config.proxy.then(|| {
+        let pc = skiff_proxy::ProxyConfig {
+            node: skiff_proxy::table::NodeAddresses {
+                nodeport: config.nodeport_addresses.clone(),
+                node_ip: IpAddr::V4(config.node_ip),
+            },
+            ..Default::default()
+        };
+        Arc::new(skiff_proxy::Proxy::start(
+            client.clone(),
+            pc,
+            local.clone(),
+            Arc::new(ServiceAddresses::new(&config.service_interface)),
+        ))
+    })
+}
+
+/// What every pod worker of the node shares: the API client, the wasm runtime and its caches,
+/// the pod network, the service proxy and the OCI side (its CNI on the pod network's gateway).
+fn node_context(
+    client: &Client,
+    config: &AgentConfig,
+    net: PodNetwork,
+    oci: Option<OciNode>,
+    oci_state: &OciState,
+    logs: LogIndex,
+) -> Result<Arc<NodeContext>, AgentError> {
+    let oci = oci.map(|mut o| {
+        o.cni.gateway = net.gateway();
+        o.cni.prefix = net.prefix();
+        Arc::new(o)
+    });
+    let runtime = Runtime::new(config.data_dir.join("compiled"), 1000)?;
+    let local = Arc::new(LocalEndpoints::default());
+    let proxy = start_proxy(client, config, &local);
+    Ok(Arc::new(NodeContext {
+        client: client.clone(),
+        runtime,
+        blobs: BlobCache::new(config.data_dir.join("blobs")),
+        images: ImageIndex::open(config.data_dir.join("images.json")),
+        net,
+        node_name: config.name.clone(),
+        node_ip: config.node_ip,
+        data_dir: config.data_dir.clone(),
+        insecure_registries: config.insecure_registries.clone(),
+        logs,
+        request_timeout: config.request_timeout,
+        proxy,
+        local,
+        oci,
+        no_oci: oci_state.as_ref().err().cloned(),
+    }))
+}
+
+/// Renews the node's certificates while the agent runs: `client` and every clone of it, and
+/// the endpoint (through `serving`), take the new ones.
+fn spawn_renewal(
+    client: &Client,
+    config: &AgentConfig,
+    serving: Arc<crate::join::ServingCert>,
+    stopped: watch::Receiver<bool>,
+) {
+    tokio::spawn(
+        crate::join::Renewal {
+            client: client.clone(),
+            serving,
+            data_dir: config.data_dir.clone(),
+            node: config.name.clone(),
+            ip: config.node_ip,
+            every: config.cert_check_every,
+        }
+        .run(stopped),
+    );
+}
+
+/// Routes to the other nodes' pod networks, following the Nodes until the agent stops.
+async fn start_routes(
+    client: &Client,
+    config: &AgentConfig,
+    cidr: &str,
+    stopped: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let route_config = crate::routes::RouteConfig {
+        node: config.name.clone(),
+        node_ip: config.node_ip,
+        pod_cidr: cidr.parse().map_err(|_| NetError::Cidr(cidr.to_string()))?,
+        bridge: config.bridge.clone(),
+        mode: config.pod_network,
+        vxlan: config.vxlan.clone(),
+    };
+    crate::routes::start(
+        client.clone(),
+        route_config,
+        Arc::new(crate::routes::IpRoutes),
+        stopped,
+    )
+    .await?;
+    Ok(())
 }
 
 fn cache_path(dir: &std::path::Path) -> PathBuf {
@@ -952,6 +1041,177 @@ async fn sweep_volumes(ctx: &NodeContext) {
     }
 }
 
+/// How following the watch of the node's pods ended.
+#[derive(Debug, PartialEq)]
+enum Followed {
+    /// The agent stops.
+    Stopped,
+    /// The watch failed or ended: list again.
+    Ended,
+}
+
+/// What the agent's loop keeps between lists: the pods it runs, the pod cache on disk and
+/// its garbage collection.
+struct PodSync {
+    ctx: Arc<NodeContext>,
+    /// The Node as registered, written into the pod cache with the pods.
+    node: Node,
+    pods: Pods,
+    cache: CacheWrites,
+    writer: CacheWriter,
+    gc: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl PodSync {
+    fn new(ctx: Arc<NodeContext>, node: Node) -> PodSync {
+        let writer = CacheWriter::new(ctx.data_dir.clone());
+        PodSync {
+            ctx,
+            node,
+            pods: Pods::default(),
+            cache: CacheWrites::default(),
+            writer,
+            gc: None,
+        }
+    }
+
+    /// Starts collecting what no pod uses, unless a collection runs already.
+    fn collect_garbage(&mut self) {
+        if self.gc.as_ref().is_none_or(|h| h.is_finished()) {
+            self.gc = Some(collect_garbage(
+                &self.ctx,
+                images_in_use(&self.pods.workers),
+            ));
+        }
+    }
+
+    /// Runs the pods the cache on disk held (the control plane is unreachable).
+    fn run_offline(&mut self, cached: Vec<Pod>) {
+        for p in cached {
+            self.pods.handle(&self.ctx, p);
+        }
+    }
+
+    /// Makes the node run the pods of a fresh list: pods bound here no more are stopped, the
+    /// others started or updated; then the pod cache is written and what pods that are gone
+    /// left (files, OCI containers and namespaces, unused images) is removed.
+    async fn resync(&mut self, items: Vec<Pod>) {
+        let live: HashSet<String> = items.iter().map(|p| pod::uid_of(p).to_string()).collect();
+        let gone: Vec<Pod> = self
+            .pods
+            .workers
+            .iter()
+            .filter(|(u, _)| !live.contains(*u))
+            .map(|(_, (_, p))| p.clone())
+            .collect();
+        for p in gone {
+            self.pods.stop(&self.ctx, &p, Duration::from_secs(1), false);
+        }
+        for p in items {
+            self.pods.handle(&self.ctx, p);
+        }
+        self.writer.save(&self.node, &self.pods.workers);
+        let owned = self.pods.owned();
+        // Files of pods that are gone; those of finished pods stay while the pod exists.
+        sweep_pod_dirs(&self.ctx.data_dir, &live.union(&owned).cloned().collect());
+        if let Some(oci) = &self.ctx.oci {
+            // What an earlier run left for pods that are gone.
+            oci.sweep(&owned).await;
+        }
+        self.collect_garbage();
+    }
+
+    /// Follows the watch until it ends or the agent stops; meanwhile the pod cache is written
+    /// when due, and garbage and the volumes of deleted claims are collected.
+    async fn follow(
+        &mut self,
+        mut stream: impl futures::Stream<Item = Result<Event<Pod>, ClientError>> + Unpin,
+        relist: &mut Relist,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Followed {
+        let mut tick = tokio::time::interval(CACHE_EVERY);
+        let mut collect =
+            tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
+        let mut volumes = tokio::time::interval(VOLUME_SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.changed() => return Followed::Stopped,
+                _ = volumes.tick() => sweep_volumes(&self.ctx).await,
+                _ = collect.tick() => self.collect_garbage(),
+                _ = tick.tick() => {
+                    if self.cache.due(Instant::now()) {
+                        self.writer.save(&self.node, &self.pods.workers);
+                    }
+                }
+                ev = stream.next() => match ev {
+                    Some(Ok(ev)) => {
+                        // The watch works: the next failure starts the backoff over.
+                        relist.reset();
+                        self.on_event(ev);
+                    }
+                    _ => {
+                        self.flush();
+                        return Followed::Ended;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one watch event to the pods the node runs.
+    fn on_event(&mut self, ev: Event<Pod>) {
+        let (pod, deleted) = match ev {
+            Event::Added(p) | Event::Modified(p) => (p, false),
+            Event::Deleted(p) => (p, true),
+            Event::Bookmark(_) => return,
+        };
+        let uid = pod::uid_of(&pod).to_string();
+        let before = cached_address(&self.pods.workers, &uid);
+        if deleted {
+            self.pods.forget_stopped();
+            if !self.pods.stopping.contains_key(&uid) {
+                self.pods
+                    .stop(&self.ctx, &pod, Duration::from_secs(1), false);
+            }
+        } else {
+            self.pods.handle(&self.ctx, pod);
+        }
+        self.cache.changed();
+        // A pod bound here or gone, or given its address, is written at once (an agent killed
+        // right after must still run it offline, at the same address); other status changes
+        // are coalesced.
+        if cached_address(&self.pods.workers, &uid) != before {
+            self.cache.written(Instant::now());
+            self.writer.save(&self.node, &self.pods.workers);
+        }
+    }
+
+    /// Writes the pod cache if it is behind what the agent knows.
+    fn flush(&mut self) {
+        if self.cache.dirty {
+            self.writer.save(&self.node, &self.pods.workers);
+            self.cache.dirty = false;
+        }
+    }
+
+    /// Writes the pod cache (waiting until it is on disk), ends `tasks`, then stops garbage
+    /// collection and every pod.
+    async fn shutdown(mut self, tasks: [tokio::task::JoinHandle<()>; 2]) {
+        self.flush();
+        self.writer.close().await;
+        for t in tasks {
+            t.abort();
+        }
+        if let Some(gc) = self.gc {
+            gc.abort();
+        }
+        self.pods.shutdown().await;
+    }
+}
+
+/// The agent's loop: list the pods bound to this node and run them, follow the watch, and
+/// list again (with backoff) when it fails; until `stop`. If the first list fails, the pods
+/// cached on disk run until one succeeds.
 async fn run(
     ctx: Arc<NodeContext>,
     config: AgentConfig,
@@ -967,25 +1227,14 @@ async fn run(
         logs,
         ctx.oci.as_ref().map(|o| o.runc.clone()),
     );
-    let mut pods = Pods::default();
+    let beats = start_heartbeat(&ctx, &config, stop.clone());
+    let selector = ListParams::fields(&format!("spec.nodeName={}", config.name));
+    let mut sync = PodSync::new(ctx, node);
     // The cache is for running while the API is away: used only if the first list fails.
     let mut cached = Some(cached);
-    let hb_client = ctx.client.clone();
-    let oci_state: OciState = match (&ctx.oci, &ctx.no_oci) {
-        (Some(oci), _) => Ok(oci.runc.version.clone()),
-        (None, why) => Err(why.clone().unwrap_or_default()),
-    };
-    let beats = tokio::spawn(
-        crate::heartbeat::Heartbeat::new(hb_client, &config.name, oci_state, config.heartbeat)
-            .run(stop.clone()),
-    );
-    let selector = ListParams::fields(&format!("spec.nodeName={}", config.name));
     let mut relist = Relist::default();
-    let mut cache = CacheWrites::default();
-    let writer = CacheWriter::new(config.data_dir.clone());
-    let mut gc: Option<tokio::task::JoinHandle<()>> = None;
     let mut first = true;
-    'outer: loop {
+    loop {
         if !first {
             // Start over after a failed list or watch, with backoff.
             let delay = relist.next();
@@ -996,118 +1245,56 @@ async fn run(
         }
         first = false;
         // List, reconcile, then follow the watch.
-        let list = match ctx.client.list::<Pod>(None, &selector).await {
+        let list = match sync.ctx.client.list::<Pod>(None, &selector).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "listing this node's pods failed; retrying");
                 // Offline: run what was bound here last time.
-                for p in cached.take().into_iter().flatten() {
-                    pods.handle(&ctx, p);
-                }
+                sync.run_offline(cached.take().unwrap_or_default());
                 continue;
             }
         };
         cached = None;
         let rv = list.resource_version.unwrap_or_default();
-        let items = list.items;
-        let live: HashSet<String> = items.iter().map(|p| pod::uid_of(p).to_string()).collect();
-        let gone: Vec<Pod> = pods
-            .workers
-            .iter()
-            .filter(|(u, _)| !live.contains(*u))
-            .map(|(_, (_, p))| p.clone())
-            .collect();
-        for p in gone {
-            pods.stop(&ctx, &p, Duration::from_secs(1), false);
-        }
-        for p in items {
-            pods.handle(&ctx, p);
-        }
-        writer.save(&node, &pods.workers);
-        let owned = pods.owned();
-        // Files of pods that are gone; those of finished pods stay while the pod exists.
-        sweep_pod_dirs(&config.data_dir, &live.union(&owned).cloned().collect());
-        if let Some(oci) = &ctx.oci {
-            // What an earlier run left for pods that are gone.
-            oci.sweep(&owned).await;
-        }
-        if gc.as_ref().is_none_or(|h| h.is_finished()) {
-            gc = Some(collect_garbage(&ctx, images_in_use(&pods.workers)));
-        }
-        let mut stream = match ctx.client.watch::<Pod>(None, &selector, Some(&rv)).await {
+        sync.resync(list.items).await;
+        let stream = match sync
+            .ctx
+            .client
+            .watch::<Pod>(None, &selector, Some(&rv))
+            .await
+        {
             Ok(s) => Box::pin(s),
             Err(e) => {
                 tracing::warn!(error = %e, "watching this node's pods failed; relisting");
                 continue;
             }
         };
-        let mut tick = tokio::time::interval(CACHE_EVERY);
-        let mut collect =
-            tokio::time::interval_at(tokio::time::Instant::now() + GC_EVERY, GC_EVERY);
-        let mut volumes = tokio::time::interval(VOLUME_SWEEP_EVERY);
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break 'outer,
-                _ = volumes.tick() => sweep_volumes(&ctx).await,
-                _ = collect.tick() => {
-                    if gc.as_ref().is_none_or(|h| h.is_finished()) {
-                        gc = Some(collect_garbage(&ctx, images_in_use(&pods.workers)));
-                    }
-                }
-                _ = tick.tick() => {
-                    if cache.due(Instant::now()) {
-                        writer.save(&node, &pods.workers);
-                    }
-                }
-                ev = stream.next() => match ev {
-                    Some(Ok(ev)) => {
-                        // The watch works: the next failure starts the backoff over.
-                        relist.reset();
-                        let (pod, deleted) = match ev {
-                            Event::Added(p) | Event::Modified(p) => (p, false),
-                            Event::Deleted(p) => (p, true),
-                            Event::Bookmark(_) => continue,
-                        };
-                        let uid = pod::uid_of(&pod).to_string();
-                        let before = cached_address(&pods.workers, &uid);
-                        if deleted {
-                            pods.forget_stopped();
-                            if !pods.stopping.contains_key(&uid) {
-                                pods.stop(&ctx, &pod, Duration::from_secs(1), false);
-                            }
-                        } else {
-                            pods.handle(&ctx, pod);
-                        }
-                        cache.changed();
-                        // A pod bound here or gone, or given its address, is written at once
-                        // (an agent killed right after must still run it offline, at the same
-                        // address); other status changes are coalesced.
-                        if cached_address(&pods.workers, &uid) != before {
-                            cache.written(Instant::now());
-                            writer.save(&node, &pods.workers);
-                        }
-                    }
-                    _ => {
-                        if cache.dirty {
-                            writer.save(&node, &pods.workers);
-                            cache.dirty = false;
-                        }
-                        continue 'outer;
-                    }
-                }
-            }
+        if sync.follow(stream, &mut relist, &mut stop).await == Followed::Stopped {
+            break;
         }
     }
-    if cache.dirty {
-        writer.save(&node, &pods.workers);
-    }
-    writer.close().await;
-    beats.abort();
-    endpoint.abort();
-    if let Some(gc) = gc {
-        gc.abort();
-    }
-    pods.shutdown().await;
+    sync.shutdown([beats, endpoint]).await;
+}
+
+/// Heartbeats (Lease renewals and Node status posts) until `stop`.
+fn start_heartbeat(
+    ctx: &NodeContext,
+    config: &AgentConfig,
+    stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let oci_state: OciState = match (&ctx.oci, &ctx.no_oci) {
+        (Some(oci), _) => Ok(oci.runc.version.clone()),
+        (None, why) => Err(why.clone().unwrap_or_default()),
+    };
+    tokio::spawn(
+        crate::heartbeat::Heartbeat::new(
+            ctx.client.clone(),
+            &config.name,
+            oci_state,
+            config.heartbeat,
+        )
+        .run(stop),
+    )
 }
 
 /// The images of a pod's containers.

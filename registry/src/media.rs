@@ -31,6 +31,17 @@ pub fn is_wasm(manifest: &OciManifest) -> bool {
     wasm_layer && (WASM_CONFIG_TYPES.contains(&m.config.media_type.as_str()) || m.layers.len() == 1)
 }
 
+/// Whether `bytes` are a wasm component (`Some(true)`) or a core module (`Some(false)`), by
+/// the binary's header (`\0asm` with version 1 is a core module; layer 1 with version 0x0d a
+/// component); `None` for anything else.
+pub fn is_component(bytes: &[u8]) -> Option<bool> {
+    match bytes.get(0..8)? {
+        [0, b'a', b's', b'm', 1, 0, 0, 0] => Some(false),
+        [0, b'a', b's', b'm', _, 0, 1, 0] => Some(true),
+        _ => None,
+    }
+}
+
 /// What a reference resolves to.
 #[derive(Debug, Clone)]
 pub enum Resolved {
@@ -120,6 +131,14 @@ mod tests {
                 .collect(),
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn components_are_told_from_core_modules_by_their_header() {
+        assert_eq!(is_component(b"\0asm\x01\0\0\0"), Some(false));
+        assert_eq!(is_component(b"\0asm\x0d\0\x01\0rest"), Some(true));
+        assert_eq!(is_component(b"\0asm"), None);
+        assert_eq!(is_component(b"#!/bin/sh\n"), None);
     }
 
     #[test]

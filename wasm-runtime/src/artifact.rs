@@ -1,12 +1,12 @@
 //! Wasm artifacts in OCI registries: the wasm layer pulled (digest verified by
-//! `skiff-registry`) into a content-addressed cache, the tag → layer index for running
-//! offline, and push in the CNCF wasm layout.
+//! `skiff-registry`) into a content-addressed cache, and the tag → layer index for running
+//! offline. Pushing is `skiff_registry::push_wasm`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use skiff_registry::{auth, client_for, parse_reference, KeyedLocks, RegistryError};
+use skiff_registry::{client_for, parse_reference, KeyedLocks, RegistryError};
 
 use crate::{is_temp, lock, prune, sha256_digest, touch, CacheFile, GcBounds};
 
@@ -16,8 +16,6 @@ pub enum PullError {
     Reference(String, String),
     #[error("{0}")]
     Registry(String),
-    #[error("the image {0} is not a wasm artifact (config {1})")]
-    NotWasm(String, String),
     #[error("blob {expected} failed verification (got {actual})")]
     Digest { expected: String, actual: String },
     #[error("image cache {path}: {source}")]
@@ -35,10 +33,6 @@ impl From<RegistryError> for PullError {
             e => PullError::Registry(e.to_string()),
         }
     }
-}
-
-fn registry_err(e: impl std::fmt::Display) -> PullError {
-    PullError::Registry(e.to_string())
 }
 
 /// The content-addressed blob cache: `DIR/sha256/<hex>`.
@@ -138,24 +132,6 @@ pub async fn pull_wasm(
     })
     .await
     .map_err(|e| PullError::Registry(format!("the blob writer ended: {e}")))?
-}
-
-/// Pushes a wasm module or component to `image` in the CNCF wasm layout; returns the manifest URL.
-pub async fn push(bytes: Vec<u8>, image: &str, insecure: &[String]) -> Result<String, PullError> {
-    let reference = parse_reference(image)?;
-    let client = oci_wasm::WasmClient::new(client_for(&reference, insecure));
-    let is_component = crate::classify_bytes(&bytes)
-        .ok_or_else(|| PullError::NotWasm(image.to_string(), "the file is not wasm".into()))?;
-    let (config, layer) = if is_component {
-        oci_wasm::WasmConfig::from_raw_component(bytes, None).map_err(registry_err)?
-    } else {
-        oci_wasm::WasmConfig::from_raw_module(bytes, None).map_err(registry_err)?
-    };
-    let resp = client
-        .push(&reference, &auth(&reference), layer, config, None)
-        .await
-        .map_err(registry_err)?;
-    Ok(resp.manifest_url)
 }
 
 /// Which wasm layer a tag pointed to when it was last pulled: with `IfNotPresent` (or

@@ -227,15 +227,6 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// `\0asm` with version 1 is a core module; layer 1 with version 0x0d a component.
-fn classify_bytes(bytes: &[u8]) -> Option<bool> {
-    match bytes.get(0..8)? {
-        [0, b'a', b's', b'm', 1, 0, 0, 0] => Some(false),
-        [0, b'a', b's', b'm', _, 0, 1, 0] => Some(true),
-        _ => None,
-    }
-}
-
 impl Runtime {
     /// An engine with the pooling allocator sized for `max_instances` concurrent instances,
     /// caching compiled code under `cache_dir`.
@@ -324,7 +315,7 @@ impl Runtime {
     }
 
     fn load_blocking(&self, bytes: &[u8]) -> Result<Program, WasmError> {
-        let is_component = classify_bytes(bytes).ok_or(WasmError::NotWasm)?;
+        let is_component = skiff_registry::is_component(bytes).ok_or(WasmError::NotWasm)?;
         let digest = sha256_digest(bytes);
         let slot = {
             let mut loaded = lock(&self.loaded);

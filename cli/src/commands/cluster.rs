@@ -133,7 +133,7 @@ pub(super) async fn push(file: &Path, reference: &str, insecure: &[String]) -> R
         size / 1024
     ));
     bar.enable_steady_tick(Duration::from_millis(100));
-    let url = skiff_wasm::artifact::push(bytes, reference, insecure).await;
+    let url = skiff_registry::push_wasm(bytes, reference, insecure).await;
     bar.finish_and_clear();
     let url = url?;
     println!(

@@ -133,6 +133,25 @@ fn decode<K: Object>(v: &Value) -> Option<K> {
     }
 }
 
+/// An object of a listing: its key, its stored JSON, and its decoded form if the cache holds
+/// it unchanged.
+type Listed<K> = (String, Arc<Value>, Option<Arc<K>>);
+
+/// Below this many objects per core, a listing is decoded on one thread.
+const DECODE_SHARE_MIN: usize = 1000;
+
+/// The cache entries of listed objects, decoding those not decoded yet; an object that does
+/// not decode is left out.
+fn decode_all<K: Object>(listed: Vec<Listed<K>>) -> impl Iterator<Item = (String, Entry<K>)> {
+    listed.into_iter().filter_map(|(key, raw, kept)| {
+        let obj = match kept {
+            Some(obj) => obj,
+            None => Arc::new(decode::<K>(&raw)?),
+        };
+        Some((key, Entry { obj, raw }))
+    })
+}
+
 impl<K: Object> Cache<K> {
     pub fn new() -> Arc<Self> {
         let resource = Resource::lookup(K::URL_PATH_SEGMENT).expect("a served resource");
@@ -228,6 +247,51 @@ impl<K: Object> Cache<K> {
         }
     }
 
+    /// The entries of a listing. An object unchanged since the last listing keeps its decoded
+    /// form; the others are decoded, a share per core for a large listing. Blocking.
+    fn listed(&self, items: Vec<Arc<Value>>) -> BTreeMap<String, Entry<K>> {
+        let keyed: Vec<Listed<K>> = {
+            let old = self.objects.read().expect("cache");
+            items
+                .into_iter()
+                .map(|raw| {
+                    let key = key_of(&raw);
+                    let kept = match old.get(&key) {
+                        Some(e) if Arc::ptr_eq(&e.raw, &raw) => Some(e.obj.clone()),
+                        _ => None,
+                    };
+                    (key, raw, kept)
+                })
+                .collect()
+        };
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = cores.min(keyed.len() / DECODE_SHARE_MIN).max(1);
+        if threads == 1 {
+            return decode_all(keyed).collect();
+        }
+        let mut shares = Vec::with_capacity(threads);
+        let mut rest = keyed;
+        let size = rest.len().div_ceil(threads);
+        while rest.len() > size {
+            let tail = rest.split_off(size);
+            shares.push(std::mem::replace(&mut rest, tail));
+        }
+        std::thread::scope(|s| {
+            // This thread decodes the last share while the others decode theirs.
+            let others: Vec<_> = shares
+                .into_iter()
+                .map(|share| s.spawn(move || decode_all(share).collect::<Vec<_>>()))
+                .collect();
+            let last: Vec<_> = decode_all(rest).collect();
+            let mut entries: Vec<_> = others
+                .into_iter()
+                .flat_map(|h| h.join().expect("decoding thread"))
+                .collect();
+            entries.extend(last);
+            entries.into_iter().collect()
+        })
+    }
+
     /// Keeps the cache current until `stop`: list, then watch; re-list when the watch ends.
     pub async fn run(self: Arc<Self>, reg: Arc<Registry>, mut stop: watch::Receiver<bool>) {
         let prefix = self.resource.key_prefix();
@@ -240,21 +304,18 @@ impl<K: Object> Cache<K> {
                     continue;
                 }
             };
-            let fresh: BTreeMap<String, Entry<K>> = {
-                // An object unchanged since the last listing keeps its decoded form.
-                let old = self.objects.read().expect("cache");
-                items
-                    .into_iter()
-                    .filter_map(|raw| {
-                        let k = key_of(&raw);
-                        let obj = match old.get(&k) {
-                            Some(e) if Arc::ptr_eq(&e.raw, &raw) => e.obj.clone(),
-                            _ => Arc::new(decode::<K>(&raw)?),
-                        };
-                        Some((k, Entry { obj, raw }))
-                    })
-                    .collect()
+            // Decoding a listing of thousands of objects takes a while: it runs on the
+            // blocking pool, spread over the cores, not on the runtime's threads.
+            let this = self.clone();
+            let fresh = match tokio::task::spawn_blocking(move || this.listed(items)).await {
+                Ok(fresh) => fresh,
+                Err(e) => {
+                    tracing::warn!(resource = self.resource.plural, error = %e, "cache listing failed");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
             };
+            let added: Vec<Arc<K>> = fresh.values().map(|e| e.obj.clone()).collect();
             let gone: Vec<Arc<K>> = {
                 let mut objs = self.objects.write().expect("cache");
                 let gone = objs
@@ -262,7 +323,7 @@ impl<K: Object> Cache<K> {
                     .filter(|(k, _)| !fresh.contains_key(*k))
                     .map(|(_, v)| v.obj.clone())
                     .collect();
-                *objs = fresh.clone();
+                *objs = fresh;
                 gone
             };
             self.seen.send_replace(rev);
@@ -273,10 +334,10 @@ impl<K: Object> Cache<K> {
                     prev: None,
                 });
             }
-            for e in fresh.into_values() {
+            for object in added {
                 self.notify(&Change {
                     kind: EventType::Added,
-                    object: e.obj,
+                    object,
                     prev: None,
                 });
             }
