@@ -6,11 +6,12 @@
 #   - `skiff up` (server + agent + proxy + DNS in one process) in a network namespace;
 #   - `skiff agent` joined to a separate `skiff server` in a second namespace.
 # Every role is left idle for $IDLE_SECONDS (default 10) after it is ready. Needs root; run
-# from scripts/bench.sh (which builds first) or alone after `cargo build --release -p skiff`.
+# from scripts/bench.sh (which builds first) or alone after `cargo build --release -p skiff`
+# (or with SKIFF=path for another binary).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
-skiff=$PWD/target/release/skiff
+skiff=${SKIFF:-$PWD/target/release/skiff}
 idle=${IDLE_SECONDS:-10}
 
 . scripts/lib/netns-cluster.sh

@@ -227,6 +227,17 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// How many freed linear-memory slots may stay warm (affine to the program that used them,
+/// their resident pages kept for its next instance) before new instances reuse them instead of
+/// taking cold slots.
+const WARM_MEMORY_SLOTS: u32 = 16;
+/// Freed slots (memories, and stacks once zeroed) wait in a queue until this many regions are
+/// to be given back to the kernel, in one call; only then are they free (and warm) again.
+const DECOMMIT_BATCH: usize = 32;
+/// Bytes at the top of a freed async stack zeroed in place and kept resident; the rest of the
+/// stack is given back to the kernel.
+const STACK_KEEP_RESIDENT: usize = 64 << 10;
+
 impl Runtime {
     /// An engine with the pooling allocator sized for `max_instances` concurrent instances,
     /// caching compiled code under `cache_dir`.
@@ -250,14 +261,26 @@ impl Runtime {
             // Only the pages an instance dirtied are reset (one ioctl, Linux 6.7+), and what
             // must go back to the kernel goes in batches.
             .pagemap_scan(wasmtime::Enabled::Auto)
-            .decommit_batch_size(32);
+            .decommit_batch_size(DECOMMIT_BATCH)
+            // A memory slot is affine to the program that last used it, and while fewer than
+            // this many freed slots are warm a new program takes a cold slot rather than one
+            // of them: with wasmtime's default (100), every new program a node ran added its
+            // slots to the warm set, each keeping up to `linear_memory_keep_resident` of its
+            // pages resident. Past this bound, the least recently used warm slot is reused.
+            // (Tables and stacks have no affinity: their warm slots are always reused first.)
+            .max_unused_warm_slots(WARM_MEMORY_SLOTS)
+            .async_stack_keep_resident(STACK_KEEP_RESIDENT);
         let mut config = Config::new();
         config
             .wasm_component_model(true)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
             .memory_reservation(1 << 30)
-            .memory_guard_size(64 << 10);
+            .memory_guard_size(64 << 10)
+            // A freed async stack is zeroed: its top by memset (kept resident), the rest given
+            // back to the kernel. Without it, a pooled stack kept every page a guest ever
+            // touched for good (and what a guest left on it stayed there for the next one).
+            .async_stack_zeroing(true);
         let engine = Engine::new(&config).map_err(|e| WasmError::Compile(format!("{e:#}")))?;
         let ticker = engine.weak();
         std::thread::Builder::new()
@@ -504,13 +527,7 @@ impl Runtime {
         program: &Program,
         config: &GuestConfig,
     ) -> Result<i32, WasmError> {
-        let mut store = Store::new(
-            &self.engine,
-            host::Host::new(config, &host::Outputs::of(config)?, true)?,
-        );
-        store.limiter(|h| &mut h.limits);
-        // Commands run as long as they like, yielding to other tasks at every tick.
-        store.epoch_deadline_async_yield_and_update(1);
+        let mut store = self.command_store(config)?;
         let result = match &*program.inner {
             Inner::Command(pre) => {
                 let cmd = pre.instantiate_async(&mut store).await;
@@ -548,6 +565,18 @@ impl Runtime {
                 Ok(1)
             }
         }
+    }
+
+    /// The store of one run of a command: the guest's own host state, its memory limit, and no
+    /// CPU deadline (it runs as long as it likes, yielding to other tasks at every tick).
+    fn command_store(&self, config: &GuestConfig) -> Result<Store<host::Host>, WasmError> {
+        let mut store = Store::new(
+            &self.engine,
+            host::Host::new(config, &host::Outputs::of(config)?, true)?,
+        );
+        store.limiter(|h| &mut h.limits);
+        store.epoch_deadline_async_yield_and_update(1);
+        Ok(store)
     }
 
     pub fn engine(&self) -> &Engine {

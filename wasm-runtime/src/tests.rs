@@ -390,3 +390,74 @@ fn the_image_index_keeps_every_concurrent_put_across_a_reopen() {
         }
     }
 }
+
+/// A node that runs many programs one after another, several instances of each at once, keeps a
+/// bounded set of warm (resident) memory slots: once `WARM_MEMORY_SLOTS` freed slots are warm,
+/// a new program reuses them rather than taking cold ones. Freed async stacks keep only their
+/// top `STACK_KEEP_RESIDENT` bytes resident.
+#[tokio::test]
+async fn freed_slots_kept_warm_are_bounded_across_programs() {
+    const PROGRAMS: usize = 12;
+    const AT_ONCE: usize = 8;
+    // Slots freed but still in the decommit queue count as warm only once it is flushed.
+    const BOUND: usize = WARM_MEMORY_SLOTS as usize + AT_ONCE + DECOMMIT_BATCH;
+    let dir = tempfile::tempdir().unwrap();
+    // 126 memory slots: under 128 the pool is one shard with the whole warm budget, and
+    // PROGRAMS * AT_ONCE cold slots are there for the taking.
+    let rt = Runtime::new(dir.path().join("cache"), 63).unwrap();
+    let mut programs = Vec::new();
+    for i in 0..PROGRAMS {
+        // Distinct data, distinct programs; each writes to its one-page memory.
+        let wasm = wat::parse_str(format!(
+            r#"(module
+                (memory (export "memory") 1)
+                (data (i32.const 0) "program {i}")
+                (func (export "_start") (i32.store (i32.const 4096) (i32.const {i}))))"#
+        ))
+        .unwrap();
+        programs.push(rt.load(wasm).await.unwrap());
+    }
+    let metrics = rt.engine().pooling_allocator_metrics().unwrap();
+    for (i, p) in programs.iter().enumerate() {
+        // AT_ONCE instances of the program alive together, each run, then all freed.
+        let Inner::Core(pre) = &*p.inner else {
+            panic!("a core command")
+        };
+        let mut stores = Vec::new();
+        for _ in 0..AT_ONCE {
+            let mut store = rt.command_store(&GuestConfig::default()).unwrap();
+            let instance = pre.instantiate_async(&mut store).await.unwrap();
+            stores.push((store, instance));
+        }
+        assert_eq!(metrics.memories(), AT_ONCE);
+        for (store, instance) in &mut stores {
+            let start = instance
+                .get_typed_func::<(), ()>(&mut *store, "_start")
+                .unwrap();
+            start.call_async(&mut *store, ()).await.unwrap();
+        }
+        drop(stores);
+        assert_eq!(metrics.memories(), 0);
+        // Unbounded, every program's slots stay warm: (i + 1) * AT_ONCE of them, less those
+        // still queued.
+        let warm = metrics.unused_warm_memories() as usize;
+        assert!(
+            warm <= BOUND,
+            "{warm} warm memory slots after {} programs of {AT_ONCE} instances at once",
+            i + 1
+        );
+        assert!(
+            metrics.unused_memory_bytes_resident() <= warm * (64 << 10),
+            "{} bytes resident in {warm} warm one-page memory slots",
+            metrics.unused_memory_bytes_resident()
+        );
+        let stacks = metrics.unused_warm_stacks() as usize;
+        let stack_bytes = metrics
+            .unused_stack_bytes_resident()
+            .expect("freed stacks are zeroed");
+        assert!(
+            stack_bytes <= stacks * STACK_KEEP_RESIDENT,
+            "{stack_bytes} bytes resident in {stacks} warm stacks"
+        );
+    }
+}
