@@ -86,8 +86,8 @@ pub enum Sub {
     Scale,
 }
 
-/// How often a patch is re-applied to the newest object after losing a race with another
-/// writer before the conflict is returned.
+/// How often a patch (or a delete without preconditions) is re-applied to the newest object
+/// after losing a race with another writer before the conflict is returned.
 const PATCH_TRIES: u32 = 64;
 
 /// A watch event as the API sends it.
@@ -717,14 +717,16 @@ impl Registry {
     ) -> Result<Value, ApiError> {
         // As the Kubernetes API server does, a delete without preconditions is retried when
         // the object changed between its read and its write (a controller's status update).
+        // A retry starts from the newest applied version: the readers' view may still be
+        // waiting for the flush of the write that caused the conflict.
         let mut tries = 0;
         loop {
             tries += 1;
-            match self.delete_once(r, ns, name, opts) {
+            match self.delete_once(r, ns, name, opts, tries > 1) {
                 Err(e)
                     if e.code == 409
                         && e.reason == "Conflict"
-                        && tries < 5
+                        && tries < PATCH_TRIES
                         && opts.precondition_uid.is_none()
                         && opts.precondition_rv.is_none() =>
                 {
@@ -741,8 +743,16 @@ impl Registry {
         ns: Option<&str>,
         name: &str,
         opts: &DeleteOptions,
+        latest: bool,
     ) -> Result<Value, ApiError> {
-        let old = self.get(r, ns, name)?;
+        let old = if latest {
+            self.store
+                .get_latest(&r.key(ns, name))
+                .map_err(|e| store_err(r, name, e))?
+                .ok_or_else(|| ApiError::not_found(&r.qualified(), name))?
+        } else {
+            self.get(r, ns, name)?
+        };
         if let Some(uid) = &opts.precondition_uid {
             if uid != meta::uid(&old) {
                 return Err(ApiError::conflict(
@@ -1337,6 +1347,66 @@ mod tests {
         let reg = Registry::new(store.clone(), ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         (dir, store, reg)
+    }
+
+    /// Deletes racing a busy status writer all succeed: a retry starts from the newest write,
+    /// not from the readers' view that may still wait for that write's flush.
+    #[test]
+    fn deletes_racing_status_writes_all_succeed() {
+        let (_dir, _store, reg) = registry();
+        let deploy = Resource::lookup("deployments").unwrap();
+        const N: usize = 40;
+        for i in 0..N {
+            reg.create(
+                deploy,
+                Some("default"),
+                json!({"metadata": {"name": format!("web-{i}")}, "spec": {"replicas": 1,
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "template": {"metadata": {"labels": {"app": "web"}},
+                                 "spec": {"containers": [{"name": "c", "image": "x"}]}}}}),
+                &WriteOptions::default(),
+            )
+            .unwrap();
+        }
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (reg, stop) = (reg.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let _ = reg.patch(
+                        deploy,
+                        Some("default"),
+                        &format!("web-{}", i % N),
+                        PatchKind::Merge,
+                        &json!({"status": {"observedGeneration": i}}),
+                        Sub::Status,
+                        &WriteOptions::default(),
+                    );
+                }
+            })
+        };
+        let failed: Vec<String> = (0..N)
+            .filter_map(|i| {
+                reg.delete(
+                    deploy,
+                    Some("default"),
+                    &format!("web-{i}"),
+                    &DeleteOptions::default(),
+                )
+                .err()
+                .map(|e| e.message)
+            })
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} deletes failed: {:?}",
+            failed.len(),
+            failed.first()
+        );
     }
 
     /// A patch retried after a conflict starts from the newest write, not from the readers'
