@@ -425,6 +425,15 @@ async fn stop_containers_of(shared: &Shared, running: &mut Running, containers: 
 
 /// A pod object as the API handed it over, in its k8s-openapi type (the API validated it, so
 /// it decodes; one that does not reads as an empty pod).
+/// A pod whose containers run to completion (`restartPolicy` `Never` or `OnFailure`, a Job's
+/// pods) rather than serve until stopped (`Always`, the default).
+pub(super) fn runs_to_completion(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.restart_policy.as_deref())
+        .is_some_and(|p| p != "Always")
+}
+
 pub fn typed(pod: &Value) -> Pod {
     serde_json::from_value(pod.clone()).unwrap_or_default()
 }

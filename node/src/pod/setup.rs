@@ -496,10 +496,12 @@ pub(super) async fn force_remove(
 }
 
 /// Puts the pod's address where its containers listen: in a sandbox made with CNI (with the
-/// /etc files its OCI containers mount). A wasm-only pod's address goes on the node only when
-/// one of its containers listens ([`HttpContainer::listen`]): a pod of commands serves
-/// nothing, and starts without changing the node's network. On failure, the message and what
-/// was made so far.
+/// /etc files its OCI containers mount), or on the node for a wasm-only pod. A wasm-only pod
+/// that runs to completion (`restartPolicy` `Never` or `OnFailure`: a Job's) gets it on the node
+/// only when one of its containers listens ([`HttpContainer::listen`]): a pod of commands
+/// serves nothing and starts without changing the node's network. A long-running pod gets it
+/// now, so its address answers as soon as its status names it. On failure, the message and
+/// what was made so far.
 pub(super) async fn pod_network(
     ctx: &NodeContext,
     pod: &Pod,
@@ -508,6 +510,11 @@ pub(super) async fn pod_network(
     sandboxed: bool,
 ) -> Result<(Option<Sandbox>, Vec<skiff_oci::BindMount>), (String, Option<Sandbox>)> {
     if !sandboxed {
+        if !runs_to_completion(pod) {
+            ctx.net
+                .bind_host(ip)
+                .map_err(|e| (format!("cannot give the pod an address: {e}"), None))?;
+        }
         return Ok((None, vec![]));
     }
     let oci = ctx

@@ -190,14 +190,21 @@ async fn settle(shared: &Shared, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-/// Writes the status whenever it changes, a burst of changes at once; the last change before
-/// the pod stops is written too.
+/// Writes the status whenever it changes; the last change before the pod stops is written
+/// too. A pod that runs to completion has its burst of changes written at once (a command of a
+/// few milliseconds: finished, not Pending first); a serving pod's changes are written as they
+/// come, so its Ready is not held back.
 pub(super) async fn status_writer(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let ns = ns_of(&shared.pod).to_string();
     let name = name_of(&shared.pod).to_string();
+    let bursts = runs_to_completion(&shared.pod);
     let mut last = None;
     loop {
-        let stopping = settle(&shared, &mut stop).await;
+        let stopping = if bursts {
+            settle(&shared, &mut stop).await
+        } else {
+            *stop.borrow()
+        };
         let st = pod_status(&shared.status.lock().expect("status"), shared.ctx.node_ip);
         if last.as_ref() != Some(&st) {
             let sent = Instant::now();
