@@ -162,6 +162,24 @@ impl Registry {
             .ok_or_else(|| ApiError::not_found(&r.qualified(), name))
     }
 
+    /// The object as readers see it, or with `latest` the newest applied version (which may
+    /// still wait for its flush): what a write retried after a conflict starts from.
+    fn read(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        latest: bool,
+    ) -> Result<Option<Value>, ApiError> {
+        let key = r.key(ns, name);
+        let got = if latest {
+            self.store.get_latest(&key)
+        } else {
+            self.store.get(&key)
+        };
+        got.map_err(|e| store_err(r, name, e))
+    }
+
     pub fn try_get(
         &self,
         r: &Resource,
@@ -465,12 +483,7 @@ impl Registry {
             tries += 1;
             // A retry starts from the newest applied version: the readers' view may still be
             // waiting for the flush of the write that caused the conflict.
-            let read = if tries == 1 {
-                self.store.get(&r.key(ns, name))
-            } else {
-                self.store.get_latest(&r.key(ns, name))
-            };
-            let old = match read.map_err(|e| store_err(r, name, e))? {
+            let old = match self.read(r, ns, name, tries > 1)? {
                 Some(o) => o,
                 None if kind == PatchKind::Apply && sub == Sub::Main => {
                     let mut obj = body.clone();
@@ -745,14 +758,9 @@ impl Registry {
         opts: &DeleteOptions,
         latest: bool,
     ) -> Result<Value, ApiError> {
-        let old = if latest {
-            self.store
-                .get_latest(&r.key(ns, name))
-                .map_err(|e| store_err(r, name, e))?
-                .ok_or_else(|| ApiError::not_found(&r.qualified(), name))?
-        } else {
-            self.get(r, ns, name)?
-        };
+        let old = self
+            .read(r, ns, name, latest)?
+            .ok_or_else(|| ApiError::not_found(&r.qualified(), name))?;
         if let Some(uid) = &opts.precondition_uid {
             if uid != meta::uid(&old) {
                 return Err(ApiError::conflict(
@@ -1349,18 +1357,21 @@ mod tests {
         (dir, store, reg)
     }
 
-    /// Deletes racing a busy status writer all succeed: a retry starts from the newest write,
-    /// not from the readers' view that may still wait for that write's flush.
-    #[test]
-    fn deletes_racing_status_writes_all_succeed() {
-        let (_dir, _store, reg) = registry();
+    /// Creates Deployments `names` and starts a thread patching their status, round robin,
+    /// until the returned flag is set.
+    fn busy_status_writer(
+        reg: &Arc<Registry>,
+        names: Vec<String>,
+    ) -> (
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    ) {
         let deploy = Resource::lookup("deployments").unwrap();
-        const N: usize = 40;
-        for i in 0..N {
+        for name in &names {
             reg.create(
                 deploy,
                 Some("default"),
-                json!({"metadata": {"name": format!("web-{i}")}, "spec": {"replicas": 1,
+                json!({"metadata": {"name": name}, "spec": {"replicas": 1,
                     "selector": {"matchLabels": {"app": "web"}},
                     "template": {"metadata": {"labels": {"app": "web"}},
                                  "spec": {"containers": [{"name": "c", "image": "x"}]}}}}),
@@ -1378,7 +1389,7 @@ mod tests {
                     let _ = reg.patch(
                         deploy,
                         Some("default"),
-                        &format!("web-{}", i % N),
+                        &names[i % names.len()],
                         PatchKind::Merge,
                         &json!({"status": {"observedGeneration": i}}),
                         Sub::Status,
@@ -1387,16 +1398,23 @@ mod tests {
                 }
             })
         };
-        let failed: Vec<String> = (0..N)
-            .filter_map(|i| {
-                reg.delete(
-                    deploy,
-                    Some("default"),
-                    &format!("web-{i}"),
-                    &DeleteOptions::default(),
-                )
-                .err()
-                .map(|e| e.message)
+        (stop, writer)
+    }
+
+    /// Deletes racing a busy status writer all succeed: a retry starts from the newest write,
+    /// not from the readers' view that may still wait for that write's flush.
+    #[test]
+    fn deletes_racing_status_writes_all_succeed() {
+        let (_dir, _store, reg) = registry();
+        let deploy = Resource::lookup("deployments").unwrap();
+        let names: Vec<String> = (0..40).map(|i| format!("web-{i}")).collect();
+        let (stop, writer) = busy_status_writer(&reg, names.clone());
+        let failed: Vec<String> = names
+            .iter()
+            .filter_map(|name| {
+                reg.delete(deploy, Some("default"), name, &DeleteOptions::default())
+                    .err()
+                    .map(|e| e.message)
             })
             .collect();
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -1416,35 +1434,7 @@ mod tests {
     fn patches_racing_status_writes_all_succeed() {
         let (_dir, _store, reg) = registry();
         let deploy = Resource::lookup("deployments").unwrap();
-        reg.create(
-            deploy,
-            Some("default"),
-            json!({"metadata": {"name": "web"}, "spec": {"replicas": 1,
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {"metadata": {"labels": {"app": "web"}},
-                             "spec": {"containers": [{"name": "c", "image": "x"}]}}}}),
-            &WriteOptions::default(),
-        )
-        .unwrap();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = {
-            let (reg, stop) = (reg.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut i = 0;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    i += 1;
-                    let _ = reg.patch(
-                        deploy,
-                        Some("default"),
-                        "web",
-                        PatchKind::Merge,
-                        &json!({"status": {"observedGeneration": i}}),
-                        Sub::Status,
-                        &WriteOptions::default(),
-                    );
-                }
-            })
-        };
+        let (stop, writer) = busy_status_writer(&reg, vec!["web".to_string()]);
         let failed: Vec<String> = (0..100)
             .filter_map(|i| {
                 reg.patch(
