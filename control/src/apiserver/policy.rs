@@ -24,6 +24,16 @@ fn urls(paths: &[&str], verbs: &[&str]) -> Value {
 
 const READ: &[&str] = &["get", "list", "watch"];
 const WRITE: &[&str] = &["create", "delete", "deletecollection", "patch", "update"];
+const READ_WRITE: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
 
 fn metadata(name: &str, labels: &[(&str, &str)]) -> Value {
     let mut l = serde_json::Map::new();
@@ -79,20 +89,7 @@ pub fn cluster_roles() -> Vec<Value> {
                     &["localsubjectaccessreviews"],
                     &["create"],
                 ),
-                rule(
-                    &[RBAC_GROUP],
-                    &["rolebindings", "roles"],
-                    &[
-                        "create",
-                        "delete",
-                        "deletecollection",
-                        "get",
-                        "list",
-                        "patch",
-                        "update",
-                        "watch",
-                    ],
-                ),
+                rule(&[RBAC_GROUP], &["rolebindings", "roles"], READ_WRITE),
             ],
         ),
         cluster_role(
@@ -162,20 +159,7 @@ pub fn cluster_roles() -> Vec<Value> {
                     &["ingresses", "networkpolicies"],
                     WRITE,
                 ),
-                rule(
-                    &["coordination.k8s.io"],
-                    &["leases"],
-                    &[
-                        "create",
-                        "delete",
-                        "deletecollection",
-                        "get",
-                        "list",
-                        "patch",
-                        "update",
-                        "watch",
-                    ],
-                ),
+                rule(&["coordination.k8s.io"], &["leases"], READ_WRITE),
             ],
         ),
         cluster_role(
