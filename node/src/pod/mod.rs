@@ -126,6 +126,8 @@ struct Shared {
     grace: Mutex<Duration>,
     /// The pod's projected ServiceAccount token directory (None: not mounted), once made.
     token_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
+    /// The API Service's variables every container gets, once read.
+    api_env: tokio::sync::OnceCell<Vec<(String, String)>>,
     /// What keeps that token fresh; ended with the worker.
     token_refresh: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -271,6 +273,7 @@ fn new_shared(ctx: &Arc<NodeContext>, pod: &Pod, containers: &[Container]) -> Ar
         changed: Notify::new(),
         grace: Mutex::new(Duration::ZERO),
         token_dir: tokio::sync::OnceCell::new(),
+        api_env: tokio::sync::OnceCell::new(),
         token_refresh: Mutex::new(None),
         status: Mutex::new(PodStatus {
             phase: "Pending",

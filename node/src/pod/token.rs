@@ -4,12 +4,14 @@
 //! into the pod's `serviceaccount` directory, and every container sees that directory
 //! read-only at [`MOUNT_PATH`] — bind-mounted into OCI containers, preopened for wasm ones.
 //! The token is asked for again at 80% of its lifetime; each file is replaced by a rename, so
-//! a reader never sees half a token.
+//! a reader never sees half a token. Containers also get the API Service's variables
+//! (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`, ...): with the files, what
+//! in-cluster clients need.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use serde_json::json;
 use skiff_client::Client;
 
@@ -168,6 +170,77 @@ pub(super) async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<Pa
         old.abort();
     }
     Ok(Some(dir))
+}
+
+/// The variables the kubelet gives every container for the API's Service
+/// (`default/kubernetes`), which in-cluster clients read with the token files:
+/// `KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT` and the Docker-link style rest.
+async fn api_service_env(client: &Client) -> Result<Vec<(String, String)>, String> {
+    let svc = client
+        .get::<Service>(Some("default"), "kubernetes")
+        .await
+        .map_err(|e| e.to_string())?;
+    let spec = svc.spec.unwrap_or_default();
+    let ip = spec
+        .cluster_ip
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .ok_or("the kubernetes service has no cluster IP")?;
+    let mut env = vec![("KUBERNETES_SERVICE_HOST".to_string(), ip.clone())];
+    let ports = spec.ports.unwrap_or_default();
+    if let Some(first) = ports.first() {
+        env.push(("KUBERNETES_SERVICE_PORT".into(), first.port.to_string()));
+        let proto = first.protocol.as_deref().unwrap_or("TCP");
+        env.push((
+            "KUBERNETES_PORT".into(),
+            format!("{}://{ip}:{}", proto.to_lowercase(), first.port),
+        ));
+    }
+    for p in &ports {
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        if let Some(name) = p.name.as_deref().filter(|n| !n.is_empty()) {
+            env.push((
+                format!(
+                    "KUBERNETES_SERVICE_PORT_{}",
+                    name.to_uppercase().replace('-', "_")
+                ),
+                p.port.to_string(),
+            ));
+        }
+        let prefix = format!("KUBERNETES_PORT_{}_{}", p.port, proto.to_uppercase());
+        env.push((
+            prefix.clone(),
+            format!("{}://{ip}:{}", proto.to_lowercase(), p.port),
+        ));
+        env.push((format!("{prefix}_PROTO"), proto.to_lowercase()));
+        env.push((format!("{prefix}_PORT"), p.port.to_string()));
+        env.push((format!("{prefix}_ADDR"), ip.clone()));
+    }
+    Ok(env)
+}
+
+/// `env` (the container's own) after the API Service's variables, which it overrides. The
+/// variables are read once per pod; while the API cannot be reached they are left out.
+pub(super) async fn with_api_env(
+    shared: &Shared,
+    env: Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let api = match shared
+        .api_env
+        .get_or_try_init(|| api_service_env(&shared.ctx.client))
+        .await
+    {
+        Ok(v) => v.clone(),
+        Err(e) => {
+            tracing::debug!(pod = %name_of(&shared.pod), error = %e, "no API service variables");
+            Vec::new()
+        }
+    };
+    let mut out: Vec<(String, String)> = api
+        .into_iter()
+        .filter(|(k, _)| !env.iter().any(|(o, _)| o == k))
+        .collect();
+    out.extend(env);
+    out
 }
 
 #[cfg(test)]
