@@ -406,6 +406,8 @@ impl Registry {
                 self.config.default_not_ready_toleration_seconds,
                 self.config.default_unreachable_toleration_seconds,
             );
+            let ns = meta::namespace(&obj).unwrap_or("default").to_string();
+            crate::apiserver::tokens::admit_pod(self, &ns, &mut obj)?;
         }
         validation::validate(r, &obj)?;
         let ns = meta::namespace(&obj).map(String::from);

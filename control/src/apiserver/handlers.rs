@@ -355,6 +355,26 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                 &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
             ))
         }
+        (Some(name), Some("token"), Method::POST) if r.kind == "ServiceAccount" => {
+            let user = req
+                .extensions()
+                .get::<super::auth::UserInfo>()
+                .cloned()
+                .ok_or_else(ApiError::unauthorized)?;
+            let body = read_body(req).await?;
+            let (st, ns, name) = (
+                state.clone(),
+                owned_ns.unwrap_or_default(),
+                name.to_string(),
+            );
+            let answer = blocking(move || {
+                st.authenticator
+                    .tokens
+                    .request(&st.registry, &user, &ns, &name, &body)
+            })
+            .await?;
+            Ok(json_response(StatusCode::CREATED, &answer))
+        }
         (Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward")), _)
             if r.kind == "Pod" =>
         {

@@ -12,6 +12,7 @@ pub mod path;
 pub mod policy;
 pub mod rbac;
 mod review;
+pub mod tokens;
 
 use std::net::SocketAddr;
 
@@ -73,6 +74,7 @@ impl ApiState {
             authenticator: auth::Authenticator {
                 admin_tokens,
                 node_token_secret,
+                tokens: Arc::new(tokens::TokenIssuer::new(tls.service_account_key.clone())),
             },
             ca: tls.ca.clone(),
             node_serving_ca: tls.node_serving_ca.clone(),
@@ -284,6 +286,25 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
             StatusCode::OK,
             &serde_json::to_value(answer).unwrap_or_default(),
         ));
+    }
+    // The service account issuer's public keys (authorized as discovery is).
+    match req.uri().path() {
+        tokens::JWKS_PATH => {
+            let mut r = json_response(StatusCode::OK, &state.authenticator.tokens.key.jwks());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/jwk-set+json"),
+            );
+            return Ok(r);
+        }
+        tokens::OPENID_CONFIGURATION_PATH => {
+            let doc = state
+                .authenticator
+                .tokens
+                .openid_configuration(&state.advertise.to_string());
+            return Ok(json_response(StatusCode::OK, &doc));
+        }
+        _ => {}
     }
     // Who writes, for the admission rules that depend on it (NodeRestriction).
     let mut req = req;
