@@ -232,11 +232,17 @@ impl Server {
     /// Opens the store under `config.data_dir`, binds the API address and starts everything.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| ServerError::DataDir {
-            path: dir.clone(),
-            source: e,
-        })?;
-        let store: DynStore = Arc::new(SledStore::open(&dir.join("store"))?);
+        // Owner only: the store holds every Secret, and the CA's key and tokens lie beside it.
+        crate::private_files::private_dir(dir)
+            .and_then(|()| crate::private_files::restrict_tree(dir))
+            .map_err(|e| ServerError::DataDir {
+                path: dir.clone(),
+                source: e,
+            })?;
+        let store: DynStore = Arc::new(SledStore::open_with_key(
+            &dir.join("store"),
+            &dir.join("encryption.key"),
+        )?);
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
             .map_err(|e| ServerError::Listen {
