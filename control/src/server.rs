@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub tls_sans: Vec<String>,
     /// How long node certificates are valid (365 days; tests make it seconds).
     pub node_cert_validity: Duration,
+    /// The audit log, if requests are to be recorded.
+    pub audit: Option<crate::apiserver::audit::AuditConfig>,
 }
 
 impl ServerConfig {
@@ -37,6 +39,7 @@ impl ServerConfig {
             controllers: ControllerConfig::default(),
             tls_sans: Vec::new(),
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
+            audit: None,
         }
     }
 }
@@ -284,6 +287,15 @@ impl Server {
             addr,
         );
         state.node_cert_validity = config.node_cert_validity;
+        if let Some(audit) = &config.audit {
+            let log = crate::apiserver::audit::AuditLog::open(audit.clone()).map_err(|e| {
+                ServerError::DataDir {
+                    path: audit.path.clone(),
+                    source: e,
+                }
+            })?;
+            state.audit = Some(Arc::new(log));
+        }
         // The RBAC authorizer's roles and bindings, listed before the first request.
         state
             .rbac
