@@ -241,7 +241,7 @@ impl YamlScan<'_> {
 
     fn run(&mut self) -> Result<(), ApiError> {
         loop {
-            self.to_next_token();
+            self.skip_to_next_token();
             if self.key.is_some_and(|(line, _)| line < self.c.line) {
                 self.key = None;
             }
@@ -354,7 +354,7 @@ impl YamlScan<'_> {
     }
 
     /// Skips spaces, comments and line breaks (tabs too, except where they would indent).
-    fn to_next_token(&mut self) {
+    fn skip_to_next_token(&mut self) {
         loop {
             while self.c.is(0, b' ')
                 || ((self.flow > 0 || !self.simple_key_allowed) && self.c.is(0, b'\t'))
