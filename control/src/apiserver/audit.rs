@@ -36,6 +36,10 @@ impl AuditConfig {
     }
 }
 
+/// The name of the object a create made, which the handler leaves on its response.
+#[derive(Debug, Clone)]
+pub struct CreatedName(pub String);
+
 /// One line of the log.
 #[derive(Debug, Serialize)]
 pub struct Entry<'a> {

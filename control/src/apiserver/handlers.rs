@@ -263,7 +263,11 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         (None, None, Method::POST) => {
             let body = read_body(req).await?;
             let created = blocking(move || reg.create(r, owned_ns.as_deref(), body, &opts)).await?;
-            Ok(json_response(StatusCode::CREATED, &created))
+            let mut resp = json_response(StatusCode::CREATED, &created);
+            // The audit log names what was created (a generated name is known only now).
+            resp.extensions_mut()
+                .insert(super::audit::CreatedName(meta::name(&created).to_string()));
+            Ok(resp)
         }
         (None, None, Method::DELETE) => {
             // deletecollection

@@ -321,7 +321,11 @@ async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> 
                 Err(e) => error_response(&e),
             };
             if let (Some(log), Some((user, attrs))) = (&state.audit, &asked) {
-                log.record(&audit::Entry::new(user, attrs, resp.status().as_u16()));
+                let mut entry = audit::Entry::new(user, attrs, resp.status().as_u16());
+                if let Some(created) = resp.extensions().get::<audit::CreatedName>() {
+                    entry.name = entry.name.or(Some(created.0.as_str()));
+                }
+                log.record(&entry);
             }
             resp
         }
