@@ -79,6 +79,12 @@ pub fn check_json_depth(bytes: &[u8]) -> Result<(), ApiError> {
 /// Refuses a YAML text nested deeper than [`MAX_DEPTH`] (flow collections and block
 /// collections counted together), or one in an encoding other than UTF-8.
 ///
+/// What is counted are the tokenizer's levels — open flow collections and indentation
+/// levels — which are what libyaml's time grows with. Two structures nest without a level of
+/// their own (a single-pair mapping inside a flow sequence, `[a: b]`, and a sequence at its
+/// key's indentation), so a parsed value can be up to twice as deep as the count; the decoder's
+/// own limit (128) refuses those, in time linear in their size.
+///
 /// The scan follows libyaml's scanner (which `serde_yaml` runs) closely enough to find the
 /// same token boundaries — quoted, plain and block scalars, comments, anchors and tags, the
 /// indentation that ends a block scalar or continues a plain one — so brackets inside scalars
@@ -641,8 +647,9 @@ spec:
 
     proptest::proptest! {
         #![proptest_config(proptest::test_runner::Config::with_cases(3000))]
-        /// Whatever libyaml (through `serde_yaml`) makes of a text, the scan finds at least its
-        /// depth: no arrangement of quotes, comments, block scalars and indentation hides
+        /// Whatever libyaml (through `serde_yaml`) makes of a text, the scan finds at least half
+        /// its depth (see [`check_yaml_depth`] for the two structures that nest without a
+        /// level): no arrangement of quotes, comments, block scalars and indentation hides
         /// nesting from it. (Aliases are left out: they repeat what is already counted.)
         #[test]
         fn yaml_scan_never_sees_less_than_the_parser(
@@ -655,7 +662,7 @@ spec:
             let text: String = doc.concat();
             if let Ok(v) = serde_yaml::from_str::<serde_json::Value>(&text) {
                 let seen = yaml_depth(text.as_bytes(), usize::MAX).unwrap();
-                proptest::prop_assert!(seen >= value_depth(&v), "{text:?}: scan {seen}, parsed {}", value_depth(&v));
+                proptest::prop_assert!(2 * seen >= value_depth(&v), "{text:?}: scan {seen}, parsed {}", value_depth(&v));
             }
         }
 
