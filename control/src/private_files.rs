@@ -1,7 +1,8 @@
 //! The server's data dir is readable by its owner only: the store holds every Secret, and
 //! beside it lie the CA's key, the admin token and the kubeconfig. Directories are made
 //! `0700` and files `0600` (or written so, see [`crate::server::write_private`]); what an
-//! older version left more open is closed again at start.
+//! older version left more open is closed again at start: the data dir itself, the files in
+//! it and the whole store.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -17,8 +18,19 @@ pub fn private_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Takes group and other permissions off everything under `dir` (symbolic links are not
-/// followed); returns how many entries it changed.
+/// followed); returns how many entries it changed. For directories that are the server's
+/// alone, such as the store's.
 pub fn restrict_tree(dir: &Path) -> io::Result<usize> {
+    restrict(dir, true)
+}
+
+/// As [`restrict_tree`], but only the files directly in `dir`: the server's own files in a
+/// data dir someone may also have put other things in, which are left as they are.
+pub fn restrict_files(dir: &Path) -> io::Result<usize> {
+    restrict(dir, false)
+}
+
+fn restrict(dir: &Path, recursive: bool) -> io::Result<usize> {
     let mut changed = 0;
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -30,7 +42,7 @@ pub fn restrict_tree(dir: &Path) -> io::Result<usize> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            if meta.file_type().is_symlink() {
+            if meta.file_type().is_symlink() || (!recursive && meta.is_dir()) {
                 continue;
             }
             let mode = meta.permissions().mode() & 0o7777;
@@ -103,6 +115,24 @@ mod tests {
         assert_eq!(mode(""), 0o700);
         assert_eq!(mode("store"), 0o700);
         assert_eq!(mode("store/db"), 0o600);
+        // Only the files directly in a directory, when asked so.
+        let other = tmp.path().join("other");
+        std::fs::create_dir_all(other.join("sub")).unwrap();
+        std::fs::write(other.join("f"), b"x").unwrap();
+        std::fs::write(other.join("sub/g"), b"x").unwrap();
+        for p in ["f", "sub/g"] {
+            std::fs::set_permissions(other.join(p), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        assert_eq!(restrict_files(&other).unwrap(), 1);
+        assert_eq!(
+            std::fs::metadata(other.join("sub/g"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o644
+        );
         // A new directory is made private from the start.
         let fresh = tmp.path().join("a/b");
         private_dir(&fresh).unwrap();

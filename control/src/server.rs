@@ -237,7 +237,7 @@ impl Server {
         let dir = &config.data_dir;
         // Owner only: the store holds every Secret, and the CA's key and tokens lie beside it.
         crate::private_files::private_dir(dir)
-            .and_then(|()| crate::private_files::restrict_tree(dir))
+            .and_then(|()| crate::private_files::restrict_files(dir))
             .map_err(|e| ServerError::DataDir {
                 path: dir.clone(),
                 source: e,
