@@ -204,6 +204,51 @@ fn hostile_input_is_refused_cheaply() -> anyhow::Result<()> {
     let r = s.curl("POST", cms, Some("application/json"), Some(&big))?;
     refused(&s, "8 MB body", r, (413, "RequestEntityTooLarge"), fast)?;
 
+    // Every path that reads a body: a patch, a subresource, a delete's options; and a body
+    // sent in chunks, without a Content-Length, is cut off once past the limit.
+    for (method, path, ct) in [
+        (
+            "PATCH",
+            format!("{cms}/any"),
+            "application/merge-patch+json",
+        ),
+        (
+            "PUT",
+            "/apis/apps/v1/namespaces/default/deployments/any/status".to_string(),
+            "application/json",
+        ),
+        ("DELETE", format!("{cms}/any"), "application/json"),
+    ] {
+        let r = s.curl(&method, &path, Some(ct), Some(&big))?;
+        refused(
+            &s,
+            &format!("8 MB {method}"),
+            r,
+            (413, "RequestEntityTooLarge"),
+            fast,
+        )?;
+    }
+    let chunked = {
+        let out_file = work.join("chunked.out");
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                out_file.to_str().unwrap(),
+                "-w",
+                "%{http_code}",
+            ])
+            .args(["--cacert", s.dir.join("ca.crt").to_str().unwrap()])
+            .args(["-H", &format!("Authorization: Bearer {}", s.token)])
+            .args(["-H", "Content-Type: application/json"])
+            .args(["-H", "Transfer-Encoding: chunked"])
+            .args(["--data-binary", &format!("@{}", big.display())])
+            .arg(format!("{}{cms}", s.base))
+            .output()?;
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    anyhow::ensure!(chunked == "413", "a chunked 8 MB body: {chunked}");
+
     // 200,000 deep: JSON, and YAML (whose scanner would spend minutes on it), four at once.
     let n = 200_000;
     let deep_json = file(
