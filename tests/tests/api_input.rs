@@ -219,7 +219,7 @@ fn hostile_input_is_refused_cheaply() -> anyhow::Result<()> {
         ),
         ("DELETE", format!("{cms}/any"), "application/json"),
     ] {
-        let r = s.curl(&method, &path, Some(ct), Some(&big))?;
+        let r = s.curl(method, &path, Some(ct), Some(&big))?;
         refused(
             &s,
             &format!("8 MB {method}"),
