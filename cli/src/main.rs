@@ -62,6 +62,16 @@ pub struct ServerArgs {
     /// Prefix length of each node's pod network, cut from 10.88.0.0/16 (24: 253 pods a node).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(16..=28))]
     pub node_cidr_mask_size: u8,
+    /// Record every authenticated request in this file, a JSON line each (time, user, groups,
+    /// verb, resource, namespace, name, code).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Megabytes the audit log may hold before it is rotated to `PATH.1`.
+    #[arg(long, default_value_t = 100)]
+    pub audit_log_maxsize: u64,
+    /// Rotated audit logs kept.
+    #[arg(long, default_value_t = 3)]
+    pub audit_log_maxbackup: usize,
 }
 
 #[derive(Args, Clone)]

@@ -118,6 +118,7 @@ pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
         StoreError::Expired { requested, oldest } => ApiError::gone(format!(
             "too old resource version: {requested} ({oldest})"
         )),
+        StoreError::TooLarge { .. } => skiff_api::limits::object_too_large(),
         StoreError::Backend(m) => ApiError::internal(format!("storage error: {m}")),
     }
 }

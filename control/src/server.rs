@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub tls_sans: Vec<String>,
     /// How long node certificates are valid (365 days; tests make it seconds).
     pub node_cert_validity: Duration,
+    /// The audit log, if requests are to be recorded.
+    pub audit: Option<crate::apiserver::audit::AuditConfig>,
 }
 
 impl ServerConfig {
@@ -37,6 +39,7 @@ impl ServerConfig {
             controllers: ControllerConfig::default(),
             tls_sans: Vec::new(),
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
+            audit: None,
         }
     }
 }
@@ -232,11 +235,17 @@ impl Server {
     /// Opens the store under `config.data_dir`, binds the API address and starts everything.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| ServerError::DataDir {
-            path: dir.clone(),
-            source: e,
-        })?;
-        let store: DynStore = Arc::new(SledStore::open(&dir.join("store"))?);
+        // Owner only: the store holds every Secret, and the CA's key and tokens lie beside it.
+        crate::private_files::private_dir(dir)
+            .and_then(|()| crate::private_files::restrict_files(dir))
+            .map_err(|e| ServerError::DataDir {
+                path: dir.clone(),
+                source: e,
+            })?;
+        let store: DynStore = Arc::new(SledStore::open_with_key(
+            &dir.join("store"),
+            &dir.join("encryption.key"),
+        )?);
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
             .map_err(|e| ServerError::Listen {
@@ -278,6 +287,15 @@ impl Server {
             addr,
         );
         state.node_cert_validity = config.node_cert_validity;
+        if let Some(audit) = &config.audit {
+            let log = crate::apiserver::audit::AuditLog::open(audit.clone()).map_err(|e| {
+                ServerError::DataDir {
+                    path: audit.path.clone(),
+                    source: e,
+                }
+            })?;
+            state.audit = Some(Arc::new(log));
+        }
         // The RBAC authorizer's roles and bindings, listed before the first request.
         state
             .rbac

@@ -65,6 +65,13 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
     config.controllers.max_events = args.max_events;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
     config.node_cert_validity = args.node_cert_validity;
+    config.audit = args
+        .audit_log
+        .map(|path| skiff_control::apiserver::audit::AuditConfig {
+            path,
+            max_bytes: args.audit_log_maxsize << 20,
+            max_backups: args.audit_log_maxbackup,
+        });
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());
     }

@@ -3,6 +3,7 @@
 //! Paths are parsed by hand ([`path::ApiPath`]) because Kubernetes' URL space (namespaces being
 //! both a resource and a scope) does not fit a route table well.
 
+pub mod audit;
 pub mod auth;
 mod discovery;
 mod handlers;
@@ -54,6 +55,8 @@ pub struct ApiState {
     pub advertise: SocketAddr,
     /// How long the node certificates it signs are valid.
     pub node_cert_validity: std::time::Duration,
+    /// Where each authenticated request is recorded, if anywhere (`--audit-log`).
+    pub audit: Option<Arc<audit::AuditLog>>,
 }
 
 impl ApiState {
@@ -81,6 +84,7 @@ impl ApiState {
             kubelet_client: tls.kubelet_client.clone(),
             advertise,
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
+            audit: None,
         }
     }
 }
@@ -226,7 +230,13 @@ fn impersonate(
     Ok(auth::UserInfo { name, groups: all })
 }
 
-async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, ApiError> {
+/// Authenticates, authorizes and answers `req`; `audit` gets who asked for what as soon as
+/// that is known.
+async fn authenticated(
+    state: &Shared,
+    req: Request<Body>,
+    audit: &mut Option<(auth::UserInfo, auth::Attributes)>,
+) -> Result<Response, ApiError> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -249,6 +259,9 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
         }
     };
     let (attrs, req) = attributes(req, &user).await?;
+    if state.audit.is_some() {
+        *audit = Some((user.clone(), attrs.clone()));
+    }
     let decision = if user.in_group(auth::MASTERS) {
         auth::Decision::Allow
     } else {
@@ -322,10 +335,21 @@ async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> 
         }
         // The CA, to anyone: a joining agent checks it against its token's hash.
         "/cacerts" => text_response(StatusCode::OK, state.ca.pem.clone()),
-        _ => match authenticated(&state, req).await {
-            Ok(r) => r,
-            Err(e) => error_response(&e),
-        },
+        _ => {
+            let mut asked = None;
+            let resp = match authenticated(&state, req, &mut asked).await {
+                Ok(r) => r,
+                Err(e) => error_response(&e),
+            };
+            if let (Some(log), Some((user, attrs))) = (&state.audit, &asked) {
+                let mut entry = audit::Entry::new(user, attrs, resp.status().as_u16());
+                if let Some(created) = resp.extensions().get::<audit::CreatedName>() {
+                    entry.name = entry.name.or(Some(created.0.as_str()));
+                }
+                log.record(&entry);
+            }
+            resp
+        }
     };
     tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     resp
