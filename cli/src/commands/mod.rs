@@ -1,7 +1,8 @@
 //! The verbs: each turns parsed arguments into API calls through `skiff_client`. This module
 //! dispatches; the verbs live by family: [`get`] (get, describe, watch), [`apply`] (apply,
-//! create/delete -f), [`rollout`], [`logs_exec`], [`cluster`] (server, agent, push, token,
-//! cordon, drain).
+//! create/delete -f), [`create`] (create, run, expose), [`edit`] (scale, set, label, taint),
+//! [`rollout`], [`logs_exec`], [`cluster`] (server, up, agent, push, reset, token, cordon,
+//! drain, cluster-info, version).
 
 mod apply;
 mod cluster;
