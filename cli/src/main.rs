@@ -141,26 +141,7 @@ pub enum Command {
         node: NodeArgs,
     },
     /// Run a node agent that joins a control plane.
-    Agent {
-        /// The API server's URL.
-        #[arg(long, env = "SKIFF_SERVER")]
-        server: String,
-        /// The join token: the server's `DATA/node-token`, or one from `skiff token create`
-        /// (`K10<CA hash>::<credential>`). The agent checks the server's CA against the hash
-        /// before sending it, then runs with a node certificate of its own. With --ca-cert it
-        /// may also be a plain admin token.
-        #[arg(long, env = "SKIFF_TOKEN")]
-        token: String,
-        /// The cluster CA certificate (PEM), from the server's data dir (instead of fetching
-        /// it from the server and checking it against the token's hash).
-        #[arg(long)]
-        ca_cert: Option<PathBuf>,
-        /// Where the agent keeps images, compiled code, logs and its pod cache.
-        #[arg(long, env = "SKIFF_DATA_DIR")]
-        data_dir: Option<PathBuf>,
-        #[command(flatten)]
-        node: NodeArgs,
-    },
+    Agent(AgentArgs),
     /// Stop every OCI container a stopped node agent (or `skiff up`) left running, and remove
     /// their root filesystems and pod networks. Containers outlive their agent, as with any
     /// kubelet; this is the clean-up for a node taken out of service.
@@ -178,22 +159,7 @@ pub enum Command {
         insecure_registries: Vec<String>,
     },
     /// Display one or many resources (TYPE[,TYPE...] [NAME]).
-    Get {
-        types: String,
-        names: Vec<String>,
-        #[arg(short = 'o', long)]
-        output: Option<String>,
-        #[arg(short = 'l', long)]
-        selector: Option<String>,
-        #[arg(long)]
-        field_selector: Option<String>,
-        #[arg(short = 'A', long)]
-        all_namespaces: bool,
-        #[arg(short = 'w', long)]
-        watch: bool,
-        #[arg(long)]
-        show_labels: bool,
-    },
+    Get(GetArgs),
     /// Show details of a resource, with its events.
     Describe { kind: String, name: String },
     /// Create a resource from a file or with a generator.
@@ -204,35 +170,9 @@ pub enum Command {
         filename: Vec<String>,
     },
     /// Run a pod.
-    Run {
-        name: String,
-        #[arg(long)]
-        image: String,
-        #[arg(long, default_value = "Always")]
-        restart: String,
-        #[arg(long)]
-        port: Option<i32>,
-        /// Treat the arguments after -- as the command, not args.
-        #[arg(long)]
-        command: bool,
-        #[arg(last = true)]
-        args: Vec<String>,
-    },
+    Run(RunArgs),
     /// Expose a deployment, pod or service as a new Service.
-    Expose {
-        /// TYPE/NAME or TYPE NAME.
-        target: Vec<String>,
-        #[arg(long = "type", default_value = "ClusterIP")]
-        service_type: String,
-        #[arg(long)]
-        port: Option<i32>,
-        #[arg(long)]
-        target_port: Option<String>,
-        #[arg(long)]
-        node_port: Option<i32>,
-        #[arg(long)]
-        name: Option<String>,
-    },
+    Expose(ExposeArgs),
     /// Set the replicas of a deployment or replica set.
     Scale {
         target: Vec<String>,
@@ -255,17 +195,7 @@ pub enum Command {
         filename: Vec<String>,
     },
     /// Delete resources by type and name, or from files.
-    Delete {
-        args: Vec<String>,
-        #[arg(short = 'f', long)]
-        filename: Vec<String>,
-        #[arg(long)]
-        cascade: Option<String>,
-        #[arg(long)]
-        grace_period: Option<i64>,
-        #[arg(long)]
-        ignore_not_found: bool,
-    },
+    Delete(DeleteArgs),
     /// Add, change (--overwrite) or remove (key-) labels.
     Label {
         kind: String,
@@ -286,49 +216,13 @@ pub enum Command {
     /// Mark a node schedulable again.
     Uncordon { node: String },
     /// Cordon a node and evict its pods (through the eviction API), waiting until they are gone.
-    Drain {
-        node: String,
-        /// Leave DaemonSet pods (they would come back at once).
-        #[arg(long)]
-        ignore_daemonsets: bool,
-        /// Evict pods with emptyDir volumes too (their data is lost).
-        #[arg(long)]
-        delete_emptydir_data: bool,
-        /// Evict pods no controller will replace too.
-        #[arg(long)]
-        force: bool,
-        /// Give up after this long (`0s`: wait for ever).
-        #[arg(long, default_value = "0s", value_parser = parse_duration)]
-        timeout: std::time::Duration,
-    },
+    Drain(DrainArgs),
     /// Print a pod's container logs (served by the node through the API server); `job/NAME`
     /// prints those of the Job's first pod.
-    Logs {
-        pod: String,
-        #[arg(short = 'c', long)]
-        container: Option<String>,
-        #[arg(short = 'f', long)]
-        follow: bool,
-        #[arg(long)]
-        tail: Option<i64>,
-        #[arg(short = 'p', long)]
-        previous: bool,
-    },
+    Logs(LogsArgs),
     /// Run a command in a pod's OCI container: `skiff exec POD [-c C] [-i] [-t] -- CMD [ARG...]`.
     /// Exits with the command's exit code.
-    Exec {
-        pod: String,
-        #[arg(short = 'c', long)]
-        container: Option<String>,
-        /// Pass standard input to the command.
-        #[arg(short = 'i', long)]
-        stdin: bool,
-        /// Run the command on a terminal.
-        #[arg(short = 't', long)]
-        tty: bool,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    Exec(ExecArgs),
     /// Manage join tokens (what `skiff agent --token` takes).
     Token {
         #[command(subcommand)]
@@ -340,6 +234,139 @@ pub enum Command {
     Version,
     /// Print a shell completion script.
     Completion { shell: clap_complete::Shell },
+}
+
+// The arguments of the subcommands that take many; the help text of each subcommand is the
+// doc comment of its `Command` variant.
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// The API server's URL.
+    #[arg(long, env = "SKIFF_SERVER")]
+    pub server: String,
+    /// The join token: the server's `DATA/node-token`, or one from `skiff token create`
+    /// (`K10<CA hash>::<credential>`). The agent checks the server's CA against the hash
+    /// before sending it, then runs with a node certificate of its own. With --ca-cert it
+    /// may also be a plain admin token.
+    #[arg(long, env = "SKIFF_TOKEN")]
+    pub token: String,
+    /// The cluster CA certificate (PEM), from the server's data dir (instead of fetching
+    /// it from the server and checking it against the token's hash).
+    #[arg(long)]
+    pub ca_cert: Option<PathBuf>,
+    /// Where the agent keeps images, compiled code, logs and its pod cache.
+    #[arg(long, env = "SKIFF_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+#[derive(Args)]
+pub struct GetArgs {
+    pub types: String,
+    pub names: Vec<String>,
+    #[arg(short = 'o', long)]
+    pub output: Option<String>,
+    #[arg(short = 'l', long)]
+    pub selector: Option<String>,
+    #[arg(long)]
+    pub field_selector: Option<String>,
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+    #[arg(short = 'w', long)]
+    pub watch: bool,
+    #[arg(long)]
+    pub show_labels: bool,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    pub name: String,
+    #[arg(long)]
+    pub image: String,
+    #[arg(long, default_value = "Always")]
+    pub restart: String,
+    #[arg(long)]
+    pub port: Option<i32>,
+    /// Treat the arguments after -- as the command, not args.
+    #[arg(long)]
+    pub command: bool,
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct ExposeArgs {
+    /// TYPE/NAME or TYPE NAME.
+    pub target: Vec<String>,
+    #[arg(long = "type", default_value = "ClusterIP")]
+    pub service_type: String,
+    #[arg(long)]
+    pub port: Option<i32>,
+    #[arg(long)]
+    pub target_port: Option<String>,
+    #[arg(long)]
+    pub node_port: Option<i32>,
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Args)]
+pub struct DeleteArgs {
+    pub args: Vec<String>,
+    #[arg(short = 'f', long)]
+    pub filename: Vec<String>,
+    #[arg(long)]
+    pub cascade: Option<String>,
+    #[arg(long)]
+    pub grace_period: Option<i64>,
+    #[arg(long)]
+    pub ignore_not_found: bool,
+}
+
+#[derive(Args)]
+pub struct DrainArgs {
+    pub node: String,
+    /// Leave DaemonSet pods (they would come back at once).
+    #[arg(long)]
+    pub ignore_daemonsets: bool,
+    /// Evict pods with emptyDir volumes too (their data is lost).
+    #[arg(long)]
+    pub delete_emptydir_data: bool,
+    /// Evict pods no controller will replace too.
+    #[arg(long)]
+    pub force: bool,
+    /// Give up after this long (`0s`: wait for ever).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    pub pod: String,
+    #[arg(short = 'c', long)]
+    pub container: Option<String>,
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    #[arg(long)]
+    pub tail: Option<i64>,
+    #[arg(short = 'p', long)]
+    pub previous: bool,
+}
+
+#[derive(Args)]
+pub struct ExecArgs {
+    pub pod: String,
+    #[arg(short = 'c', long)]
+    pub container: Option<String>,
+    /// Pass standard input to the command.
+    #[arg(short = 'i', long)]
+    pub stdin: bool,
+    /// Run the command on a terminal.
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -495,7 +522,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.command,
-        Command::Server(_) | Command::Up { .. } | Command::Agent { .. }
+        Command::Server(_) | Command::Up { .. } | Command::Agent(_)
     ) {
         init_tracing();
     } else {

@@ -148,14 +148,14 @@ impl Ctx {
 
 impl Ctx {
     /// `delete TYPE NAME…`, `delete TYPE/NAME…` or `delete -f`.
-    pub(super) async fn delete(
-        &self,
-        args: Vec<String>,
-        filename: Vec<String>,
-        cascade: Option<String>,
-        grace_period: Option<i64>,
-        ignore_not_found: bool,
-    ) -> Result<()> {
+    pub(super) async fn delete(&self, args: DeleteArgs) -> Result<()> {
+        let DeleteArgs {
+            args,
+            filename,
+            cascade,
+            grace_period,
+            ignore_not_found,
+        } = args;
         let propagation = match cascade.as_deref() {
             None | Some("background") | Some("true") => "Background",
             Some("foreground") => "Foreground",

@@ -122,7 +122,32 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
     Ok(())
 }
 
-pub(super) async fn agent(client: Client, dir: std::path::PathBuf, node: NodeArgs) -> Result<()> {
+/// `skiff agent`: joins the control plane with the token, then runs the node until a signal.
+pub(super) async fn join_and_run_agent(args: AgentArgs) -> Result<()> {
+    let ca = match &args.ca_cert {
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let dir = args
+        .data_dir
+        .unwrap_or_else(|| default_data_dir().join("agent"));
+    let name = args.node.name.clone().unwrap_or_else(host_name);
+    // The CA is checked against the token before the token is sent anywhere.
+    let client = skiff_node::join::join(
+        &args.server,
+        &args.token,
+        ca,
+        &dir,
+        &name,
+        args.node.node_ip,
+    )
+    .await?;
+    agent(client, dir, args.node).await
+}
+
+async fn agent(client: Client, dir: std::path::PathBuf, node: NodeArgs) -> Result<()> {
     let a = skiff_node::Agent::start(client, agent_config(dir, &node)).await?;
     eprintln!("skiff node {} ready", a.name);
     until_signal().await?;
@@ -150,6 +175,20 @@ pub(super) async fn push(file: &Path, reference: &str, insecure: &[String]) -> R
     Ok(())
 }
 
+/// `skiff reset`: stops and removes the OCI containers an agent (or `skiff up`) left behind.
+pub(super) async fn reset(data_dir: Option<std::path::PathBuf>) -> Result<()> {
+    let dir = data_dir.unwrap_or_else(default_data_dir);
+    let mut stopped = 0;
+    // An agent's own dir, or the one `skiff up` keeps its agent in.
+    for d in [dir.clone(), dir.join("agent")] {
+        stopped += skiff_node::oci::reset(&d)
+            .await
+            .map_err(|e| anyhow::anyhow!("reset {}: {e}", d.display()))?;
+    }
+    println!("{stopped} container(s) stopped and removed");
+    Ok(())
+}
+
 /// A pod's namespace and name.
 fn ns_name(p: &Pod) -> (&str, &str) {
     let m = &p.metadata;
@@ -157,6 +196,17 @@ fn ns_name(p: &Pod) -> (&str, &str) {
         m.namespace.as_deref().unwrap_or("default"),
         m.name.as_deref().unwrap_or_default(),
     )
+}
+
+impl DrainArgs {
+    /// What `drain` may evict, from its flags.
+    pub(super) fn options(&self) -> DrainOptions {
+        DrainOptions {
+            ignore_daemonsets: self.ignore_daemonsets,
+            delete_emptydir_data: self.delete_emptydir_data,
+            force: self.force,
+        }
+    }
 }
 
 /// What `drain` may evict.
@@ -283,6 +333,27 @@ impl Ctx {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `skiff cluster-info`.
+    pub(super) async fn cluster_info(&self) -> Result<()> {
+        self.client.get_path("/version").await?;
+        println!(
+            "Kubernetes control plane is running at {}",
+            self.client.server
+        );
+        Ok(())
+    }
+
+    /// `skiff version`: this binary's and the server's.
+    pub(super) async fn version(&self) -> Result<()> {
+        println!("Client Version: v{}", env!("CARGO_PKG_VERSION"));
+        let v = self.client.get_path("/version").await?;
+        println!(
+            "Server Version: {}",
+            v["gitVersion"].as_str().unwrap_or("unknown")
+        );
         Ok(())
     }
 

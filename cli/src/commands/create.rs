@@ -97,15 +97,15 @@ impl Ctx {
     }
 
     /// `run NAME --image …`: one pod.
-    pub(super) async fn run_pod(
-        &self,
-        name: String,
-        image: String,
-        restart: String,
-        port: Option<i32>,
-        command: bool,
-        args: Vec<String>,
-    ) -> Result<()> {
+    pub(super) async fn run_pod(&self, args: RunArgs) -> Result<()> {
+        let RunArgs {
+            name,
+            image,
+            restart,
+            port,
+            command,
+            args,
+        } = args;
         let p = verbs::pod(&name, &image, &restart, port, &args, command);
         self.client
             .create_dyn(resource("pods")?, Some(&self.ns), &p)
@@ -115,15 +115,15 @@ impl Ctx {
     }
 
     /// `expose TYPE/NAME`: a Service selecting what the target selects.
-    pub(super) async fn expose(
-        &self,
-        t: Vec<String>,
-        service_type: String,
-        port: Option<i32>,
-        target_port: Option<String>,
-        node_port: Option<i32>,
-        name: Option<String>,
-    ) -> Result<()> {
+    pub(super) async fn expose(&self, args: ExposeArgs) -> Result<()> {
+        let ExposeArgs {
+            target: t,
+            service_type,
+            port,
+            target_port,
+            node_port,
+            name,
+        } = args;
         let (r, n) = target(&t)?;
         let obj = self.client.get_dyn(r, Some(&self.ns), &n).await?;
         let svc = verbs::expose(

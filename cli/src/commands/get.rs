@@ -196,119 +196,199 @@ fn describe_node(node: &Node) {
     kv("Allocatable", json(status.allocatable));
 }
 
+/// The header of `describe`, the same for every kind: read from the object's JSON.
+fn describe_header(name: &str, o: &Value) {
+    let map = |m: BTreeMap<String, String>| {
+        if m.is_empty() {
+            "<none>".to_string()
+        } else {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("\n                    ")
+        }
+    };
+    kv("Name", name.to_string());
+    if let Some(n) = meta::namespace(o) {
+        kv("Namespace", n.to_string());
+    }
+    kv("Labels", map(meta::labels(o)));
+    let mut annotations = meta::annotations(o);
+    annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
+    kv("Annotations", map(annotations));
+    kv(
+        "CreationTimestamp",
+        o.pointer("/metadata/creationTimestamp")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+    );
+}
+
+fn describe_deployment(d: &Deployment, selector: &str) {
+    let (spec, st) = (&d.spec, d.status.clone().unwrap_or_default());
+    describe_workload(
+        selector,
+        [
+            spec.replicas,
+            st.updated_replicas,
+            st.replicas,
+            st.available_replicas,
+            st.unavailable_replicas,
+        ],
+        spec.strategy.as_ref().and_then(|s| s.type_.clone()),
+        spec.template.spec.as_ref(),
+    );
+    print_conditions(st.conditions.as_deref().unwrap_or_default(), true);
+}
+
+fn describe_replicaset(rs: &ReplicaSet, selector: &str) {
+    let st = rs.status.as_ref();
+    describe_workload(
+        selector,
+        [
+            rs.spec.replicas,
+            None,
+            st.map(|s| s.replicas),
+            st.and_then(|s| s.available_replicas),
+            None,
+        ],
+        None,
+        rs.spec.template.as_ref().and_then(|t| t.spec.as_ref()),
+    );
+    let conditions = st.and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+    print_conditions(conditions, true);
+}
+
+/// The body of `describe` for kinds without one of their own: the spec as YAML.
+fn describe_spec(o: &Value) -> Result<()> {
+    if let Some(spec) = o.get("spec") {
+        println!(
+            "Spec:\n{}",
+            serde_yaml::to_string(spec)?
+                .lines()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// `TYPE[,TYPE...] [NAME...]` or `TYPE/NAME [NAME...]`: the resources (`all` is pods,
+/// services, deployments and replica sets) and the names.
+fn resources_and_names(
+    types: &str,
+    names: &[String],
+) -> Result<(Vec<&'static Resource>, Vec<String>)> {
+    let (types, names) = match types.split_once('/') {
+        Some((t, n)) => (
+            t,
+            std::iter::once(n.to_string())
+                .chain(names.iter().cloned())
+                .collect(),
+        ),
+        None => (types, names.to_vec()),
+    };
+    let mut rs = Vec::new();
+    for t in types.split(',') {
+        if t == "all" {
+            for all in ["pods", "services", "deployments", "replicasets"] {
+                rs.push(resource(all)?);
+            }
+        } else {
+            rs.push(resource(t)?);
+        }
+    }
+    Ok((rs, names))
+}
+
+/// Events oldest first, as kubectl lists them.
+fn sort_events(items: &mut [Value]) {
+    items.sort_by(|a, b| {
+        a["lastTimestamp"]
+            .as_str()
+            .cmp(&b["lastTimestamp"].as_str())
+    });
+}
+
 impl Ctx {
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn get(
-        &self,
-        types: &str,
-        names: &[String],
-        fmt: Format,
-        sel: Option<&str>,
-        fsel: Option<&str>,
-        all_ns: bool,
-        watch: bool,
-        show_labels: bool,
-    ) -> Result<()> {
-        let (types, names): (String, Vec<String>) = match types.split_once('/') {
-            Some((t, n)) => (
-                t.to_string(),
-                std::iter::once(n.to_string())
-                    .chain(names.iter().cloned())
-                    .collect(),
-            ),
-            None => (types.to_string(), names.to_vec()),
-        };
-        let rs: Vec<&'static Resource> = types
-            .split(',')
-            .map(|t| {
-                if t == "all" {
-                    Ok(vec![
-                        resource("pods")?,
-                        resource("services")?,
-                        resource("deployments")?,
-                        resource("replicasets")?,
-                    ])
-                } else {
-                    resource(t).map(|r| vec![r])
-                }
-            })
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect();
+    /// `get`: each resource's objects (listed, or the named ones) in the chosen format; with
+    /// `--watch`, the first resource's list and then its changes, until the stream ends.
+    pub(super) async fn get(&self, args: GetArgs) -> Result<()> {
+        let fmt = Format::parse(args.output.as_deref())?;
+        let (rs, names) = resources_and_names(&args.types, &args.names)?;
+        let (sel, fsel) = (args.selector.as_deref(), args.field_selector.as_deref());
         let several = rs.len() > 1;
         let mut structured = Vec::new();
         let mut first = true;
         for r in &rs {
-            let ns = if all_ns || !r.namespaced {
-                None
-            } else {
-                Some(self.ns.as_str())
-            };
-            let objs: Vec<Value> = if names.is_empty() {
-                let list = self.client.list_dyn(r, ns, sel, fsel).await?;
-                let mut items = list["items"].as_array().cloned().unwrap_or_default();
-                if r.kind == "Event" {
-                    items.sort_by(|a, b| {
-                        a["lastTimestamp"]
-                            .as_str()
-                            .cmp(&b["lastTimestamp"].as_str())
-                    });
-                }
-                if watch {
-                    // A list of whatever RESOURCE names, so read as JSON.
-                    return self
-                        .watch(
-                            r,
-                            ns,
-                            list["metadata"]["resourceVersion"].as_str().unwrap_or(""),
-                            items,
-                            fmt,
-                            all_ns,
-                            sel,
-                            fsel,
-                        )
-                        .await;
-                }
-                items
-            } else {
+            let ns = (!args.all_namespaces && r.namespaced).then_some(self.ns.as_str());
+            let objs = if !names.is_empty() {
                 let mut v = Vec::new();
                 for n in &names {
                     v.push(self.client.get_dyn(r, ns, n).await?);
                 }
                 v
+            } else if args.watch {
+                // A list of whatever RESOURCE names, so read as JSON.
+                let (items, rv) = self.list(r, ns, sel, fsel).await?;
+                let all_ns = args.all_namespaces;
+                return self.watch(r, ns, &rv, items, fmt, all_ns, sel, fsel).await;
+            } else {
+                self.list(r, ns, sel, fsel).await?.0
             };
             match fmt {
                 Format::Yaml | Format::Json => structured.extend(objs),
                 Format::Name => objs
                     .iter()
                     .for_each(|o| println!("{}", print::name_of(r, o))),
-                Format::Table | Format::Wide => {
-                    if objs.is_empty() {
-                        if !several {
-                            match ns {
-                                Some(n) => eprintln!("No resources found in {n} namespace."),
-                                None => eprintln!("No resources found"),
-                            }
+                Format::Table | Format::Wide if objs.is_empty() => {
+                    if !several {
+                        match ns {
+                            Some(n) => eprintln!("No resources found in {n} namespace."),
+                            None => eprintln!("No resources found"),
                         }
-                        continue;
                     }
+                }
+                Format::Table | Format::Wide => {
                     if !first {
                         println!();
                     }
                     first = false;
-                    print::table(r, &objs, fmt, all_ns, several, show_labels);
+                    print::table(
+                        r,
+                        &objs,
+                        fmt,
+                        args.all_namespaces,
+                        several,
+                        args.show_labels,
+                    );
                 }
             }
         }
         if matches!(fmt, Format::Yaml | Format::Json) {
-            print::structured(
-                &structured,
-                !names.is_empty() && rs.len() == 1 && names.len() == 1,
-                fmt,
-            )?;
+            let single = rs.len() == 1 && names.len() == 1;
+            print::structured(&structured, single, fmt)?;
         }
         Ok(())
+    }
+
+    /// The objects of `r` (events oldest first) and the list's resource version.
+    async fn list(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        sel: Option<&str>,
+        fsel: Option<&str>,
+    ) -> Result<(Vec<Value>, String)> {
+        let list = self.client.list_dyn(r, ns, sel, fsel).await?;
+        let mut items = list["items"].as_array().cloned().unwrap_or_default();
+        if r.kind == "Event" {
+            sort_events(&mut items);
+        }
+        let rv = list["metadata"]["resourceVersion"].as_str().unwrap_or("");
+        Ok((items, rv.to_string()))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -360,83 +440,25 @@ impl Ctx {
         Ok(())
     }
 
+    /// `describe TYPE NAME` (or `TYPE/NAME`): the header every kind has, the kind's own
+    /// block, then the object's events.
     pub(super) async fn describe(&self, kind: &str, name: &str) -> Result<()> {
         let (kind, name) = match kind.split_once('/') {
-            Some((k, n)) if name.is_empty() => (k.to_string(), n.to_string()),
-            _ => (kind.to_string(), name.to_string()),
+            Some((k, n)) if name.is_empty() => (k, n),
+            _ => (kind, name),
         };
-        let r = resource(&kind)?;
+        let r = resource(kind)?;
         let ns = r.namespaced.then_some(self.ns.as_str());
-        let o = self.client.get_dyn(r, ns, &name).await?;
-        let map = |m: std::collections::BTreeMap<String, String>| {
-            if m.is_empty() {
-                "<none>".to_string()
-            } else {
-                m.iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join("\n                    ")
-            }
-        };
-        kv("Name", name.clone());
-        if let Some(n) = meta::namespace(&o) {
-            kv("Namespace", n.to_string());
-        }
-        kv("Labels", map(meta::labels(&o)));
-        let ann: std::collections::BTreeMap<String, String> = meta::annotations(&o)
-            .into_iter()
-            .filter(|(k, _)| k != "kubectl.kubernetes.io/last-applied-configuration")
-            .collect();
-        kv("Annotations", map(ann));
-        // The header is the same for every kind: read from the object's JSON.
-        kv(
-            "CreationTimestamp",
-            o.pointer("/metadata/creationTimestamp")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-        );
+        let o = self.client.get_dyn(r, ns, name).await?;
+        describe_header(name, &o);
         match r.kind {
             "Pod" => describe_pod(&typed(&o)?, &o),
-            "Deployment" => {
-                let d: Deployment = typed(&o)?;
-                let (spec, st) = (&d.spec, d.status.clone().unwrap_or_default());
-                describe_workload(
-                    &table_selector(r.kind, &o),
-                    [
-                        spec.replicas,
-                        st.updated_replicas,
-                        st.replicas,
-                        st.available_replicas,
-                        st.unavailable_replicas,
-                    ],
-                    spec.strategy.as_ref().and_then(|s| s.type_.clone()),
-                    spec.template.spec.as_ref(),
-                );
-                print_conditions(st.conditions.as_deref().unwrap_or_default(), true);
-            }
-            "ReplicaSet" => {
-                let rs: ReplicaSet = typed(&o)?;
-                let st = rs.status.clone();
-                describe_workload(
-                    &table_selector(r.kind, &o),
-                    [
-                        rs.spec.replicas,
-                        None,
-                        st.as_ref().map(|s| s.replicas),
-                        st.as_ref().and_then(|s| s.available_replicas),
-                        None,
-                    ],
-                    None,
-                    rs.spec.template.as_ref().and_then(|t| t.spec.as_ref()),
-                );
-                let conditions = st.and_then(|s| s.conditions).unwrap_or_default();
-                print_conditions(&conditions, true);
-            }
+            "Deployment" => describe_deployment(&typed(&o)?, &table_selector(r.kind, &o)),
+            "ReplicaSet" => describe_replicaset(&typed(&o)?, &table_selector(r.kind, &o)),
             "Service" => {
                 let svc: Service = typed(&o)?;
-                describe_service(&svc, &table_selector("Service", &o));
-                let eps = match self.client.get_dyn(resource("endpoints")?, ns, &name).await {
+                describe_service(&svc, &table_selector(r.kind, &o));
+                let eps = match self.client.get_dyn(resource("endpoints")?, ns, name).await {
                     Ok(ep) => skiff_api::table::row("Endpoints", &ep, 0)[1].clone(),
                     Err(_) => "<none>".into(),
                 };
@@ -447,66 +469,42 @@ impl Ctx {
                 );
             }
             "Node" => describe_node(&typed(&o)?),
-            _ => {
-                if let Some(spec) = o.get("spec") {
-                    println!(
-                        "Spec:\n{}",
-                        serde_yaml::to_string(spec)?
-                            .lines()
-                            .map(|l| format!("  {l}"))
-                            .collect::<Vec<_>>()
-                            .join("\n")
-                    );
-                }
-            }
+            _ => describe_spec(&o)?,
         }
-        let evs = self
-            .client
-            .list_dyn(
-                resource("events")?,
-                meta::namespace(&o).or(Some("default")),
-                None,
-                Some(&format!(
-                    "involvedObject.name={name},involvedObject.kind={}",
-                    r.kind
-                )),
-            )
+        self.describe_events(r, name, meta::namespace(&o)).await
+    }
+
+    /// The `Events:` block of `describe`: the object's events, oldest first.
+    async fn describe_events(&self, r: &Resource, name: &str, ns: Option<&str>) -> Result<()> {
+        let involved = format!("involvedObject.name={name},involvedObject.kind={}", r.kind);
+        let events = resource("events")?;
+        let (items, _) = self
+            .list(events, ns.or(Some("default")), None, Some(&involved))
             .await?;
-        let mut items = evs["items"].as_array().cloned().unwrap_or_default();
-        items.sort_by(|a, b| {
-            a["lastTimestamp"]
-                .as_str()
-                .cmp(&b["lastTimestamp"].as_str())
-        });
         if items.is_empty() {
             println!("Events:           <none>");
-        } else {
-            println!("Events:");
-            let mut rows = vec![vec![
-                "  Type".to_string(),
-                "Reason".into(),
-                "Age".into(),
-                "From".into(),
-                "Message".into(),
-            ]];
-            for e in items {
-                let age = skiff_api::table::age(e["lastTimestamp"].as_str(), print::now());
-                let count = e["count"].as_i64().unwrap_or(1);
-                let age = if count > 1 {
-                    format!("{age} (x{count})")
-                } else {
-                    age
-                };
-                rows.push(vec![
-                    format!("  {}", e["type"].as_str().unwrap_or("")),
-                    e["reason"].as_str().unwrap_or("").into(),
-                    age,
-                    e["source"]["component"].as_str().unwrap_or("").into(),
-                    e["message"].as_str().unwrap_or("").into(),
-                ]);
-            }
-            print::print_rows(&rows);
+            return Ok(());
         }
+        println!("Events:");
+        let mut rows = vec![["  Type", "Reason", "Age", "From", "Message"]
+            .map(String::from)
+            .to_vec()];
+        for e in items {
+            let age = skiff_api::table::age(e["lastTimestamp"].as_str(), print::now());
+            let age = match e["count"].as_i64().unwrap_or(1) {
+                count if count > 1 => format!("{age} (x{count})"),
+                _ => age,
+            };
+            let text = |v: &Value| v.as_str().unwrap_or("").to_string();
+            rows.push(vec![
+                format!("  {}", text(&e["type"])),
+                text(&e["reason"]),
+                age,
+                text(&e["source"]["component"]),
+                text(&e["message"]),
+            ]);
+        }
+        print::print_rows(&rows);
         Ok(())
     }
 }

@@ -37,14 +37,14 @@ impl Ctx {
 
 impl Ctx {
     /// `exec POD -- COMMAND`: exits with the command's code.
-    pub(super) async fn exec(
-        &self,
-        pod: String,
-        container: Option<String>,
-        stdin: bool,
-        tty: bool,
-        command: Vec<String>,
-    ) -> Result<()> {
+    pub(super) async fn exec(&self, args: ExecArgs) -> Result<()> {
+        let ExecArgs {
+            pod,
+            container,
+            stdin,
+            tty,
+            command,
+        } = args;
         let opts = skiff_client::exec::ExecOptions {
             container,
             command,
@@ -69,14 +69,14 @@ impl Ctx {
     }
 
     /// `logs POD|job/NAME`, streamed to stdout.
-    pub(super) async fn logs(
-        &self,
-        pod: String,
-        container: Option<String>,
-        follow: bool,
-        tail: Option<i64>,
-        previous: bool,
-    ) -> Result<()> {
+    pub(super) async fn logs(&self, args: LogsArgs) -> Result<()> {
+        let LogsArgs {
+            pod,
+            container,
+            follow,
+            tail,
+            previous,
+        } = args;
         let mut q = Vec::new();
         if let Some(c) = container {
             q.push(format!("container={c}"));
