@@ -518,6 +518,26 @@ fn end_quietly_on_closed_stdout() {
     }
 }
 
+/// Threads of the blocking pool (store work, request authorization, flush waits) at most.
+/// Every thread that ever allocated keeps allocator pages of its own, and an idle one gives
+/// back nothing: a burst of pods grew tokio's default pool (512) to over a hundred threads
+/// that the periodic work of an idle node then kept alive, and the memory they held stayed
+/// in the RSS after the pods were gone.
+const MAX_BLOCKING_THREADS: usize = 32;
+
+/// An idle blocking thread exits after this long (tokio's default is 10 s), and the
+/// allocator pages it held go with it.
+const BLOCKING_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The process's runtime: the default multi-threaded one with the blocking pool bounded.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .build()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
@@ -528,10 +548,7 @@ fn main() -> ExitCode {
     } else {
         end_quietly_on_closed_stdout();
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -551,7 +568,39 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::parse_duration;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
+
+    /// A burst of blocking work runs on at most `MAX_BLOCKING_THREADS` threads; the rest
+    /// waits its turn instead of growing the pool.
+    #[test]
+    fn blocking_pool_is_bounded() {
+        let rt = super::runtime().unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..3 * super::MAX_BLOCKING_THREADS)
+                .map(|_| {
+                    let (running, most) = (running.clone(), most.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(now, Ordering::SeqCst);
+                        std::thread::sleep(Duration::from_millis(20));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let most = most.load(Ordering::SeqCst);
+        assert!(
+            most <= super::MAX_BLOCKING_THREADS,
+            "{most} blocking tasks ran at once"
+        );
+    }
 
     #[test]
     fn durations_as_kubernetes_flags_take_them() {
