@@ -347,11 +347,9 @@ async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> 
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let started = std::time::Instant::now();
-    // Open paths count against their caller here; the others once it is authenticated.
-    let open = matches!(
-        path.as_str(),
-        "/healthz" | "/livez" | "/readyz" | "/version" | "/cacerts"
-    );
+    // Open paths count against their caller here, the others once it is authenticated;
+    // health probes are exempt, as Kubernetes' `probes` flow schema makes them.
+    let open = matches!(path.as_str(), "/version" | "/cacerts");
     let admitted = match open {
         true => state
             .fairness
