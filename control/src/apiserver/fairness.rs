@@ -471,4 +471,29 @@ mod tests {
         f.admit_at(&user("new", &[]), true, later).unwrap();
         assert_eq!(f.buckets.lock().unwrap().len(), 1);
     }
+
+    /// Figures, not a check: what admitting a request costs.
+    /// `cargo test -p skiff-control --release --lib admit_cost -- --ignored --nocapture`
+    #[test]
+    #[ignore = "prints figures"]
+    fn admit_cost() {
+        let f = Fairness::new(FairnessConfig {
+            client_qps: 1e12,
+            client_burst: u32::MAX,
+            ..FairnessConfig::default()
+        });
+        let clients: Vec<Client> = (0..1000)
+            .map(|i| user(&format!("u{i}"), &["dev"]))
+            .collect();
+        const N: usize = 1_000_000;
+        let t = Instant::now();
+        for i in 0..N {
+            drop(f.admit(&clients[i % clients.len()], false).unwrap());
+        }
+        eprintln!(
+            "admit: {:?} a request ({} clients)",
+            t.elapsed() / N as u32,
+            clients.len()
+        );
+    }
 }
