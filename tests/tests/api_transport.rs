@@ -2,8 +2,8 @@
 //! timeouts: thousands of idle connections (TCP only, and TLS kept alive) are closed once their
 //! handshake or idle timeout passes while another client is served at once; headers or a body
 //! trickled a byte at a time are cut; a client flooding the API is answered 429 with
-//! `Retry-After` while other users and nodes are served; and failing `accept`s (the server out
-//! of file descriptors) neither spin nor fill the log.
+//! `Retry-After` while other users and nodes are served, and its open watches are capped; and
+//! failing `accept`s (the server out of file descriptors) neither spin nor fill the log.
 //!
 //! Clients come from several loopback addresses (127.0.0.N) so per-address caps apply to each
 //! on its own. The tests run one at a time: they measure latencies on a shared machine.
@@ -544,6 +544,36 @@ async fn a_flooding_client_gets_429_while_other_users_and_nodes_are_served() -> 
             worst(took)
         );
     }
+    // A client's open watches are capped: the node may hold 100 at once, not 101, and one
+    // more once another ends.
+    let watch = server.url("/api/v1/pods?watch=true&fieldSelector=spec.nodeName%3Dn1");
+    let mut watches = Vec::new();
+    for _ in 0..100 {
+        let r = node.get(&watch).send().await?;
+        anyhow::ensure!(r.status().is_success(), "watch: {}", r.status());
+        watches.push(r);
+    }
+    let r = node.get(&watch).send().await?;
+    anyhow::ensure!(
+        r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS
+            && r.headers().contains_key(reqwest::header::RETRY_AFTER),
+        "the 101st watch: {}",
+        r.status()
+    );
+    watches.pop();
+    eventually(
+        "a watch once another ended",
+        Duration::from_secs(10),
+        || {
+            let (node, watch) = (node.clone(), watch.clone());
+            async move {
+                let r = node.get(&watch).send().await?;
+                Ok(r.status().is_success().then_some(r))
+            }
+        },
+    )
+    .await?;
+    drop(watches);
     // The flood is not logged request by request.
     let logged = server.log_bytes() - log_before;
     anyhow::ensure!(logged < 16 * 1024, "{logged} bytes logged during the flood");
