@@ -267,16 +267,15 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
         }
     };
     let (attrs, req) = attributes(req, &user).await?;
+    // Counted against the authenticated user, whomever it acts as; a watch also takes one of
+    // its open-watch places until it ends.
     let is_watch = matches!(&attrs, auth::Attributes::Resource(r) if r.verb == "watch");
-    let (_admitted, watch_slot) = match state.fairness.admit(&client, is_watch).and_then(|a| {
-        let slot = if is_watch {
-            state.fairness.watch(&client)?
-        } else {
-            None
-        };
-        Ok((a, slot))
-    }) {
-        Ok(x) => x,
+    let _admitted = match state.fairness.admit(&client, is_watch) {
+        Ok(a) => a,
+        Err(refused) => return Ok(refused.response()),
+    };
+    let watch_slot = match is_watch.then(|| state.fairness.watch(&client)).transpose() {
+        Ok(slot) => slot.flatten(),
         Err(refused) => return Ok(refused.response()),
     };
     let decision = if user.in_group(auth::MASTERS) {
