@@ -41,6 +41,14 @@ impl Cause {
             message: "unknown field".into(),
         }
     }
+    /// A value (or, with the field `[]`, the whole object) longer than `max` bytes.
+    pub fn too_long(field: impl Into<String>, max: usize) -> Self {
+        Cause {
+            reason: "FieldValueTooLong".into(),
+            field: field.into(),
+            message: format!("Too long: must have at most {max} bytes"),
+        }
+    }
     pub fn duplicate(field: impl Into<String>, value: impl std::fmt::Display) -> Self {
         Cause {
             reason: "FieldValueDuplicate".into(),

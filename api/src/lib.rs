@@ -4,6 +4,7 @@
 //! - [`resources`]: the table of served resources (group, version, plural, kind, scope);
 //! - [`selector`] and [`fields`]: label and field selectors;
 //! - [`validation`] and [`defaults`]: what a well-formed object is, and what is filled in;
+//! - [`limits`]: what a request may carry, checked before anything is parsed;
 //! - [`patch`]: JSON merge patch, JSON patch and strategic merge patch;
 //! - [`error`]: [`ApiError`], rendered as a Kubernetes `Status`;
 //! - [`conditions`]: setting status conditions of any kind by Kubernetes' rule;
@@ -16,6 +17,7 @@ pub mod defaults;
 pub mod disruption;
 pub mod error;
 pub mod fields;
+pub mod limits;
 pub mod meta;
 pub mod patch;
 pub mod protobuf;

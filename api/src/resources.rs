@@ -290,6 +290,13 @@ pub static RESOURCES: &[Resource] = &[
         "SelfSubjectReview",
         false,
     ),
+    review(
+        "authentication.k8s.io",
+        "tokenreviews",
+        "tokenreview",
+        "TokenReview",
+        false,
+    ),
 ];
 
 /// An access or identity review: created, answered, never stored.

@@ -16,8 +16,8 @@ use crate::error::{ApiError, Cause};
 use crate::resources::Resource;
 use crate::selector::Selector;
 
-/// Largest accepted request body, as the Kubernetes API server's default limit (3 MiB).
-pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+pub use crate::limits::MAX_BODY_BYTES;
+use crate::limits::MAX_DATA_BYTES;
 
 /// Decodes `obj` into its wire type. A wrong type is a 400 naming the field;
 /// with `strict`, so is a field the type does not have.
@@ -375,6 +375,39 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                 {
                     causes.push(Cause::invalid("data", format!("{k:?}"), "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"));
                 }
+            }
+            let total: usize = cm
+                .data
+                .iter()
+                .flatten()
+                .map(|(_, v)| v.len())
+                .sum::<usize>()
+                + cm.binary_data
+                    .iter()
+                    .flatten()
+                    .map(|(_, v)| v.0.len())
+                    .sum::<usize>();
+            if total > MAX_DATA_BYTES {
+                // `[]`: the whole object, as Kubernetes names it.
+                causes.push(Cause::too_long("[]", MAX_DATA_BYTES));
+            }
+        }
+        "Secret" => {
+            let secret: core::Secret = typed(obj)?;
+            let total: usize = secret
+                .data
+                .iter()
+                .flatten()
+                .map(|(_, v)| v.0.len())
+                .sum::<usize>()
+                + secret
+                    .string_data
+                    .iter()
+                    .flatten()
+                    .map(|(_, v)| v.len())
+                    .sum::<usize>();
+            if total > MAX_DATA_BYTES {
+                causes.push(Cause::too_long("data", MAX_DATA_BYTES));
             }
         }
         "PodDisruptionBudget" => {
@@ -966,6 +999,49 @@ mod tests {
             .iter()
             .find(|r| r.kind == kind)
             .unwrap()
+    }
+
+    /// ConfigMaps and Secrets hold at most 1 MiB of data, counted decoded, as Kubernetes.
+    #[test]
+    fn configmap_and_secret_data_is_at_most_a_mebibyte() {
+        let meta = json!({"name": "big", "namespace": "default"});
+        let half = "x".repeat(MAX_DATA_BYTES / 2);
+        let cm = json!({"metadata": meta, "data": {"a": half, "b": half}});
+        validate(res("ConfigMap"), &cm).unwrap();
+        let cm = json!({"metadata": meta, "data": {"a": half, "b": half, "c": "x"}});
+        let e = validate(res("ConfigMap"), &cm).unwrap_err();
+        assert_eq!(e.code, 422);
+        assert_eq!(
+            e.message,
+            "ConfigMap \"big\" is invalid: []: Too long: must have at most 1048576 bytes"
+        );
+        // Binary data counts decoded: 1 MiB of it is about 1.33 MiB of base64.
+        use base64_of as b64;
+        let bin = json!({"metadata": meta, "binaryData": {"a": b64(MAX_DATA_BYTES)}});
+        validate(res("ConfigMap"), &bin).unwrap();
+        let secret = json!({"metadata": meta, "data": {"a": b64(MAX_DATA_BYTES)}});
+        validate(res("Secret"), &secret).unwrap();
+        let secret =
+            json!({"metadata": meta, "data": {"a": b64(MAX_DATA_BYTES)}, "stringData": {"b": "x"}});
+        let e = validate(res("Secret"), &secret).unwrap_err();
+        assert_eq!(e.code, 422);
+        assert!(
+            e.message
+                .ends_with("data: Too long: must have at most 1048576 bytes"),
+            "{}",
+            e.message
+        );
+    }
+
+    /// `n` zero bytes in base64.
+    fn base64_of(n: usize) -> String {
+        let mut s = "AAAA".repeat(n / 3);
+        match n % 3 {
+            1 => s.push_str("AA=="),
+            2 => s.push_str("AAA="),
+            _ => {}
+        }
+        s
     }
 
     #[test]

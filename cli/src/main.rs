@@ -90,6 +90,16 @@ pub struct ServerArgs {
     /// How long a kept-alive connection may wait for its next request (default 90s).
     #[arg(long, value_parser = parse_duration, hide = true)]
     pub idle_connection_timeout: Option<std::time::Duration>,
+    /// Record every authenticated request in this file, a JSON line each (time, user, groups,
+    /// verb, resource, namespace, name, code).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// Megabytes the audit log may hold before it is rotated to `PATH.1`.
+    #[arg(long, default_value_t = 100)]
+    pub audit_log_maxsize: u64,
+    /// Rotated audit logs kept.
+    #[arg(long, default_value_t = 3)]
+    pub audit_log_maxbackup: usize,
 }
 
 #[derive(Args, Clone)]

@@ -10,6 +10,7 @@
 pub mod apiserver;
 pub mod controllers;
 pub mod httpfwd;
+pub mod private_files;
 pub mod registry;
 pub mod server;
 pub mod store;

@@ -118,6 +118,7 @@ pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
         StoreError::Expired { requested, oldest } => ApiError::gone(format!(
             "too old resource version: {requested} ({oldest})"
         )),
+        StoreError::TooLarge { .. } => skiff_api::limits::object_too_large(),
         StoreError::Backend(m) => ApiError::internal(format!("storage error: {m}")),
     }
 }
@@ -406,6 +407,8 @@ impl Registry {
                 self.config.default_not_ready_toleration_seconds,
                 self.config.default_unreachable_toleration_seconds,
             );
+            let ns = meta::namespace(&obj).unwrap_or("default").to_string();
+            crate::apiserver::tokens::admit_pod(self, &ns, &mut obj)?;
         }
         validation::validate(r, &obj)?;
         let ns = meta::namespace(&obj).map(String::from);

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     pub transport: crate::apiserver::transport::TransportConfig,
     /// Each client's share of requests and watches.
     pub fairness: crate::apiserver::fairness::FairnessConfig,
+    /// The audit log, if requests are to be recorded.
+    pub audit: Option<crate::apiserver::audit::AuditConfig>,
 }
 
 impl ServerConfig {
@@ -43,6 +45,7 @@ impl ServerConfig {
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
             transport: Default::default(),
             fairness: Default::default(),
+            audit: None,
         }
     }
 }
@@ -238,11 +241,17 @@ impl Server {
     /// Opens the store under `config.data_dir`, binds the API address and starts everything.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
         let dir = &config.data_dir;
-        std::fs::create_dir_all(dir).map_err(|e| ServerError::DataDir {
-            path: dir.clone(),
-            source: e,
-        })?;
-        let store: DynStore = Arc::new(SledStore::open(&dir.join("store"))?);
+        // Owner only: the store holds every Secret, and the CA's key and tokens lie beside it.
+        crate::private_files::private_dir(dir)
+            .and_then(|()| crate::private_files::restrict_files(dir))
+            .map_err(|e| ServerError::DataDir {
+                path: dir.clone(),
+                source: e,
+            })?;
+        let store: DynStore = Arc::new(SledStore::open_with_key(
+            &dir.join("store"),
+            &dir.join("encryption.key"),
+        )?);
         let listener = tokio::net::TcpListener::bind(config.api_addr)
             .await
             .map_err(|e| ServerError::Listen {
@@ -286,6 +295,15 @@ impl Server {
         state.node_cert_validity = config.node_cert_validity;
         state.transport = config.transport.clone();
         state.fairness = crate::apiserver::fairness::Fairness::new(config.fairness.clone());
+        if let Some(audit) = &config.audit {
+            let log = crate::apiserver::audit::AuditLog::open(audit.clone()).map_err(|e| {
+                ServerError::DataDir {
+                    path: audit.path.clone(),
+                    source: e,
+                }
+            })?;
+            state.audit = Some(Arc::new(log));
+        }
         // The RBAC authorizer's roles and bindings, listed before the first request.
         state
             .rbac

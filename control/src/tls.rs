@@ -41,6 +41,8 @@ pub enum TlsError {
         path: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ServiceAccountKey(#[from] crate::apiserver::tokens::TokenKeyError),
 }
 
 /// Who a certificate is issued to, and for what.
@@ -93,6 +95,8 @@ pub struct TlsMaterial {
     /// The API server's client configuration towards node agents: it trusts only the node
     /// serving CA and presents the `skiff-apiserver-kubelet-client` certificate.
     pub kubelet_client: Arc<rustls::ClientConfig>,
+    /// Signs and checks ServiceAccount tokens (`sa.key`).
+    pub service_account_key: Arc<crate::apiserver::tokens::TokenKey>,
 }
 
 fn ca_params(common_name: &str) -> CertificateParams {
@@ -314,7 +318,9 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
         .with_safe_default_protocol_versions()?
         .with_root_certificates(node_serving_ca.roots())
         .with_client_auth_cert(vec![client_cert], client_key)?;
+    let service_account_key = Arc::new(crate::apiserver::tokens::TokenKey::load_or_create(dir)?);
     Ok(TlsMaterial {
+        service_account_key,
         ca_pem: ca.pem.clone(),
         ca,
         node_serving_ca,

@@ -15,8 +15,19 @@ use skiff_e2e::netns::{Netns, SkiffUp};
 
 const ROLLOUT: Duration = Duration::from_secs(90);
 
+/// GET `url` from inside `ns`, retried for up to 20 s: a pod without a readiness probe is Ready
+/// once its containers run, which may be before its app listens.
 fn curl(ns: &Netns, url: &str) -> anyhow::Result<String> {
-    ns.run(&["curl", "-sf", "--max-time", "5", url])
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match ns.run(&["curl", "-sf", "--max-time", "5", url]) {
+            Ok(body) => return Ok(body),
+            Err(e) if std::time::Instant::now() >= deadline => {
+                return Err(e.context(format!("no answer from {url} within 20 s")))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
 }
 
 /// The node's OCI label and its OCI runtime condition.

@@ -85,6 +85,13 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
     config.fairness.client_qps = args.client_qps;
     config.fairness.client_burst = args.client_burst;
     config.fairness.max_watches_per_client = args.max_watches_per_client;
+    config.audit = args
+        .audit_log
+        .map(|path| skiff_control::apiserver::audit::AuditConfig {
+            path,
+            max_bytes: args.audit_log_maxsize << 20,
+            max_backups: args.audit_log_maxbackup,
+        });
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());
     }

@@ -2,7 +2,8 @@
 //!
 //! [`Authenticator`] turns a request's credentials into a [`UserInfo`]: the admin token
 //! (`system:admin`, group `system:masters`), a client certificate signed by the cluster CA
-//! (CN the user, O the groups: nodes are `system:node:NAME` in `system:nodes`), or a join
+//! (CN the user, O the groups: nodes are `system:node:NAME` in `system:nodes`), a
+//! ServiceAccount token ([`super::tokens`]: `system:serviceaccount:NS:NAME`), or a join
 //! token (a bootstrap identity in `system:bootstrappers` that may only join). Anything else
 //! is 401.
 //!
@@ -104,6 +105,8 @@ pub struct Authenticator {
     pub admin_tokens: Vec<String>,
     /// The secret of the server's own `node-token` (`K10…::node:<secret>`).
     pub node_token_secret: Option<String>,
+    /// Issues and checks ServiceAccount tokens.
+    pub tokens: Arc<super::tokens::TokenIssuer>,
 }
 
 fn data_field(secret: &serde_json::Value, key: &str) -> Option<String> {
@@ -148,6 +151,17 @@ impl Authenticator {
                 name: "system:admin".into(),
                 groups: vec![MASTERS.into(), AUTHENTICATED.into()],
             });
+        }
+        if super::tokens::looks_like_jwt(token) {
+            let audiences = &self.tokens.api_audiences;
+            return match self.tokens.authenticate(registry, token, audiences) {
+                Ok(t) => Ok(t.user),
+                Err(e) => {
+                    // Why, in the server's log only: the client is told `Unauthorized`.
+                    tracing::debug!(reason = %e.message, "service account token refused");
+                    Err(ApiError::unauthorized())
+                }
+            };
         }
         let bootstrap = |id: &str| UserInfo {
             name: format!("system:bootstrap:{id}"),
@@ -281,7 +295,15 @@ impl Authorizer for Discovery {
         };
         let public = matches!(
             path.as_str(),
-            "/api" | "/apis" | "/version" | "/healthz" | "/livez" | "/readyz" | "/openapi/v3"
+            "/api"
+                | "/apis"
+                | "/version"
+                | "/healthz"
+                | "/livez"
+                | "/readyz"
+                | "/openapi/v3"
+                | super::tokens::JWKS_PATH
+                | super::tokens::OPENID_CONFIGURATION_PATH
         ) || path.starts_with("/api/")
             || path.starts_with("/apis/")
             || path.starts_with("/openapi/");
@@ -459,6 +481,24 @@ impl NodeAuthorizer {
                     }
                 });
                 if referenced {
+                    Decision::Allow
+                } else {
+                    no_relation()
+                }
+            }
+            // The ServiceAccounts its pods run as, and tokens for them (the token request
+            // itself must be bound to one of its pods: `tokens::TokenIssuer::request`).
+            ("", "serviceaccounts")
+                if (a.verb == "get" && sub.is_none())
+                    || (a.verb == "create" && sub == Some("token")) =>
+            {
+                let ns = a.namespace.as_deref().unwrap_or("");
+                let runs_as = self
+                    .graph
+                    .pods_on(node, ns)
+                    .iter()
+                    .any(|p| super::tokens::pod_service_account(p) == name);
+                if runs_as {
                     Decision::Allow
                 } else {
                     no_relation()
@@ -854,9 +894,11 @@ mod tests {
             )
             .unwrap();
         }
+        let key = super::super::tokens::TokenKey::load_or_create(dir.path()).unwrap();
         let authn = Authenticator {
             admin_tokens: vec!["admin-t".into()],
             node_token_secret: Some("nodesecret".into()),
+            tokens: Arc::new(super::super::tokens::TokenIssuer::new(Arc::new(key))),
         };
         let hash = "f".repeat(64);
         let user = |t: &str| authn.authenticate(&reg, Some(t), None);
@@ -950,6 +992,51 @@ mod tests {
             res("get", "secrets", None, Some("kube-system"), Some("sec-a")),
             res("update", "configmaps", None, ns, Some("cm-a")),
             res("get", "deployments.apps", None, ns, Some("x")),
+        ] {
+            assert!(
+                matches!(a.authorize(&n1, &attrs), Decision::Deny(_)),
+                "{attrs:?}"
+            );
+        }
+        // The ServiceAccount its pods run as, and tokens for it.
+        assert_eq!(
+            a.authorize(
+                &n1,
+                &res("get", "serviceaccounts", None, ns, Some("default"))
+            ),
+            Decision::Allow
+        );
+        assert_eq!(
+            a.authorize(
+                &n1,
+                &res(
+                    "create",
+                    "serviceaccounts",
+                    Some("token"),
+                    ns,
+                    Some("default")
+                )
+            ),
+            Decision::Allow
+        );
+        for attrs in [
+            res("get", "serviceaccounts", None, ns, Some("builder")),
+            res(
+                "create",
+                "serviceaccounts",
+                Some("token"),
+                ns,
+                Some("builder"),
+            ),
+            res("update", "serviceaccounts", None, ns, Some("default")),
+            res("list", "serviceaccounts", None, ns, None),
+            res(
+                "create",
+                "serviceaccounts",
+                Some("token"),
+                Some("kube-system"),
+                Some("default"),
+            ),
         ] {
             assert!(
                 matches!(a.authorize(&n1, &attrs), Decision::Deny(_)),

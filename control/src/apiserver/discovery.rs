@@ -99,6 +99,10 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             out.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
                             "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
         }
+        if r.kind == "ServiceAccount" {
+            out.push(json!({"name": "serviceaccounts/token", "singularName": "", "namespaced": true,
+                            "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
+        }
         if r.kind == "Pod" {
             for (sub, kind, verbs) in [
                 ("log", "Pod", &["get"][..]),

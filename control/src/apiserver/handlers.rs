@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde_json::{json, Value};
 use skiff_api::fields::FieldSelector;
+use skiff_api::limits::{self, MAX_BODY_BYTES};
 use skiff_api::patch::PatchKind;
 use skiff_api::selector::Selector;
-use skiff_api::validation::MAX_BODY_BYTES;
 use skiff_api::{meta, table, ApiError, Resource};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -83,6 +83,55 @@ pub async fn dispatch(state: Shared, req: Request<Body>) -> Response {
     }
 }
 
+/// The request's body, refused with 413 past [`MAX_BODY_BYTES`] — at once when its
+/// `Content-Length` says so, else as soon as that much has arrived.
+async fn body_bytes(req: Request<Body>) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::too_large(format!(
+            "the request body is larger than {MAX_BODY_BYTES} bytes"
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_large())
+}
+
+/// How a body is written, from its `Content-Type`.
+#[derive(Clone, Copy)]
+enum Format {
+    Json,
+    Yaml,
+    Protobuf,
+}
+
+/// Decodes a body on the blocking pool (a large one takes a while), after checking its
+/// nesting depth without parsing it: a deeply nested text costs the YAML scanner time in
+/// proportion to the square of its depth, so it must be refused before any parser runs.
+async fn decode_body(bytes: Bytes, format: Format, what: &'static str) -> Result<Value, ApiError> {
+    blocking(move || match format {
+        Format::Yaml => {
+            limits::check_yaml_depth(&bytes)?;
+            serde_yaml::from_slice::<Value>(&bytes)
+                .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
+        }
+        Format::Json => {
+            limits::check_json_depth(&bytes)?;
+            serde_json::from_slice::<Value>(&bytes)
+                .map_err(|e| ApiError::bad_request(format!("error decoding {what}: {e}")))
+        }
+        Format::Protobuf => skiff_api::protobuf::decode_object(&bytes),
+    })
+    .await
+}
+
 async fn read_body(req: Request<Body>) -> Result<Value, ApiError> {
     let ct = req
         .headers()
@@ -90,29 +139,22 @@ async fn read_body(req: Request<Body>) -> Result<Value, ApiError> {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_string();
-    let bytes: Bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-        .await
-        .map_err(|_| {
-            ApiError::too_large(format!(
-                "the request body is larger than {MAX_BODY_BYTES} bytes"
-            ))
-        })?;
+    let format = if ct.contains("yaml") {
+        Format::Yaml
+    } else if ct.contains("json") || ct.is_empty() {
+        Format::Json
+    } else if ct.contains("protobuf") {
+        Format::Protobuf
+    } else {
+        return Err(ApiError::unsupported_media(format!(
+            "unsupported media type {ct:?}"
+        )));
+    };
+    let bytes = body_bytes(req).await?;
     if bytes.is_empty() {
         return Err(ApiError::bad_request("the request body is empty"));
     }
-    if ct.contains("yaml") {
-        serde_yaml::from_slice::<Value>(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")))
-    } else if ct.contains("json") || ct.is_empty() {
-        serde_json::from_slice::<Value>(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("error decoding JSON: {e}")))
-    } else if ct.contains("protobuf") {
-        skiff_api::protobuf::decode_object(&bytes)
-    } else {
-        Err(ApiError::unsupported_media(format!(
-            "unsupported media type {ct:?}"
-        )))
-    }
+    decode_body(bytes, format, "JSON").await
 }
 
 async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError> {
@@ -221,7 +263,11 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         (None, None, Method::POST) => {
             let body = read_body(req).await?;
             let created = blocking(move || reg.create(r, owned_ns.as_deref(), body, &opts)).await?;
-            Ok(json_response(StatusCode::CREATED, &created))
+            let mut resp = json_response(StatusCode::CREATED, &created);
+            // The audit log names what was created (a generated name is known only now).
+            resp.extensions_mut()
+                .insert(super::audit::CreatedName(meta::name(&created).to_string()));
+            Ok(resp)
         }
         (None, None, Method::DELETE) => {
             // deletecollection
@@ -285,13 +331,10 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             )
         }
         (Some(name), None, Method::DELETE) => {
-            let body = match axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES).await {
-                Ok(b) if !b.is_empty() => {
-                    Some(serde_json::from_slice::<Value>(&b).map_err(|e| {
-                        ApiError::bad_request(format!("error decoding DeleteOptions: {e}"))
-                    })?)
-                }
-                _ => None,
+            let bytes = body_bytes(req).await?;
+            let body = match bytes.is_empty() {
+                true => None,
+                false => Some(decode_body(bytes, Format::Json, "DeleteOptions").await?),
             };
             let dopts = delete_options(&q, body.as_ref());
             let (after, marked) = {
@@ -355,6 +398,26 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                 &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),
             ))
         }
+        (Some(name), Some("token"), Method::POST) if r.kind == "ServiceAccount" => {
+            let user = req
+                .extensions()
+                .get::<super::auth::UserInfo>()
+                .cloned()
+                .ok_or_else(ApiError::unauthorized)?;
+            let body = read_body(req).await?;
+            let (st, ns, name) = (
+                state.clone(),
+                owned_ns.unwrap_or_default(),
+                name.to_string(),
+            );
+            let answer = blocking(move || {
+                st.authenticator
+                    .tokens
+                    .request(&st.registry, &user, &ns, &name, &body)
+            })
+            .await?;
+            Ok(json_response(StatusCode::CREATED, &answer))
+        }
         (Some(name), Some(sub @ ("log" | "exec" | "attach" | "portforward")), _)
             if r.kind == "Pod" =>
         {
@@ -367,22 +430,11 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
 }
 
 async fn read_body_as(req: Request<Body>, kind: PatchKind) -> Result<Value, ApiError> {
+    let bytes = body_bytes(req).await?;
     if kind == PatchKind::Apply {
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-            .await
-            .map_err(|_| ApiError::too_large("the request body is too large"))?;
-        return serde_yaml::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("error decoding YAML: {e}")));
+        return decode_body(bytes, Format::Yaml, "YAML").await;
     }
-    let bytes = axum::body::to_bytes(req.into_body(), MAX_BODY_BYTES)
-        .await
-        .map_err(|_| {
-            ApiError::too_large(format!(
-                "the request body is larger than {MAX_BODY_BYTES} bytes"
-            ))
-        })?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))
+    decode_body(bytes, Format::Json, "patch").await
 }
 
 fn subresource(r: &Resource, sub: Option<&str>) -> Result<Sub, ApiError> {

@@ -3,6 +3,7 @@
 //! Paths are parsed by hand ([`path::ApiPath`]) because Kubernetes' URL space (namespaces being
 //! both a resource and a scope) does not fit a route table well.
 
+pub mod audit;
 pub mod auth;
 mod discovery;
 pub mod fairness;
@@ -13,6 +14,7 @@ pub mod path;
 pub mod policy;
 pub mod rbac;
 mod review;
+pub mod tokens;
 pub mod transport;
 
 use std::net::SocketAddr;
@@ -59,6 +61,8 @@ pub struct ApiState {
     pub transport: transport::TransportConfig,
     /// Each client's share of requests and watches.
     pub fairness: Arc<fairness::Fairness>,
+    /// Where each authenticated request is recorded, if anywhere (`--audit-log`).
+    pub audit: Option<Arc<audit::AuditLog>>,
 }
 
 impl ApiState {
@@ -79,6 +83,7 @@ impl ApiState {
             authenticator: auth::Authenticator {
                 admin_tokens,
                 node_token_secret,
+                tokens: Arc::new(tokens::TokenIssuer::new(tls.service_account_key.clone())),
             },
             ca: tls.ca.clone(),
             node_serving_ca: tls.node_serving_ca.clone(),
@@ -87,6 +92,7 @@ impl ApiState {
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
             transport: transport::TransportConfig::default(),
             fairness: fairness::Fairness::new(fairness::FairnessConfig::default()),
+            audit: None,
         }
     }
 }
@@ -232,7 +238,13 @@ fn impersonate(
     Ok(auth::UserInfo { name, groups: all })
 }
 
-async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, ApiError> {
+/// Authenticates, authorizes and answers `req`; `audit` gets who asked for what as soon as
+/// that is known.
+async fn authenticated(
+    state: &Shared,
+    req: Request<Body>,
+    audit: &mut Option<(auth::UserInfo, auth::Attributes)>,
+) -> Result<Response, ApiError> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -267,6 +279,9 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
         }
     };
     let (attrs, req) = attributes(req, &user).await?;
+    if state.audit.is_some() {
+        *audit = Some((user.clone(), attrs.clone()));
+    }
     // Counted against the authenticated user, whomever it acts as; a watch also takes one of
     // its open-watch places until it ends.
     let is_watch = matches!(&attrs, auth::Attributes::Resource(r) if r.verb == "watch");
@@ -316,6 +331,25 @@ async fn authenticated(state: &Shared, req: Request<Body>) -> Result<Response, A
             &serde_json::to_value(answer).unwrap_or_default(),
         ));
     }
+    // The service account issuer's public keys (authorized as discovery is).
+    match req.uri().path() {
+        tokens::JWKS_PATH => {
+            let mut r = json_response(StatusCode::OK, &state.authenticator.tokens.key.jwks());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/jwk-set+json"),
+            );
+            return Ok(r);
+        }
+        tokens::OPENID_CONFIGURATION_PATH => {
+            let doc = state
+                .authenticator
+                .tokens
+                .openid_configuration(&state.advertise.to_string());
+            return Ok(json_response(StatusCode::OK, &doc));
+        }
+        _ => {}
+    }
     // Who writes, for the admission rules that depend on it (NodeRestriction).
     let mut req = req;
     req.extensions_mut().insert(user);
@@ -363,10 +397,21 @@ async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> 
         }
         // The CA, to anyone: a joining agent checks it against its token's hash.
         (Ok(_seat), "/cacerts") => text_response(StatusCode::OK, state.ca.pem.clone()),
-        (Ok(_), _) => match authenticated(&state, req).await {
-            Ok(r) => r,
-            Err(e) => error_response(&e),
-        },
+        (Ok(_), _) => {
+            let mut asked = None;
+            let resp = match authenticated(&state, req, &mut asked).await {
+                Ok(r) => r,
+                Err(e) => error_response(&e),
+            };
+            if let (Some(log), Some((user, attrs))) = (&state.audit, &asked) {
+                let mut entry = audit::Entry::new(user, attrs, resp.status().as_u16());
+                if let Some(created) = resp.extensions().get::<audit::CreatedName>() {
+                    entry.name = entry.name.or(Some(created.0.as_str()));
+                }
+                log.record(&entry);
+            }
+            resp
+        }
     };
     tracing::debug!(%method, %path, status = resp.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "request");
     resp

@@ -1,7 +1,8 @@
 //! Access and identity reviews, answered and never stored: `authorization.k8s.io/v1`
 //! SelfSubjectAccessReview (`kubectl auth can-i`), SubjectAccessReview,
 //! LocalSubjectAccessReview and SelfSubjectRulesReview (`kubectl auth can-i --list`), and
-//! `authentication.k8s.io/v1` SelfSubjectReview (`kubectl auth whoami`).
+//! `authentication.k8s.io/v1` SelfSubjectReview (`kubectl auth whoami`) and TokenReview
+//! (answered by [`super::tokens`]).
 
 use k8s_openapi::api::authentication::v1::{SelfSubjectReview, SelfSubjectReviewStatus};
 use k8s_openapi::api::authorization::v1::{
@@ -81,6 +82,7 @@ pub fn answer(
             });
             encode(&review)
         }
+        "TokenReview" => state.authenticator.tokens.review(&state.registry, body),
         other => Err(ApiError::bad_request(format!("no review of kind {other}"))),
     }
 }

@@ -18,6 +18,7 @@ pub mod pods;
 pub mod replicaset;
 pub mod runtime;
 pub mod scheduler;
+pub mod serviceaccounts;
 pub mod statefulset;
 pub mod tainteviction;
 pub mod volumes;
@@ -32,6 +33,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
     Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
+    ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
@@ -151,7 +153,29 @@ pub fn start(
     let jobs = Cache::<Job>::new();
     let cronjobs = Cache::<CronJob>::new();
     let cluster_roles = Cache::<ClusterRole>::new();
+    let accounts = Cache::<ServiceAccount>::new();
     let mut tasks = JoinSet::new();
+
+    // Every namespace's `default` ServiceAccount: made as the namespace appears, and again
+    // when deleted.
+    let (sa_q, sa_rx) = runtime::queue();
+    {
+        let q = sa_q.clone();
+        namespaces.on_change(move |c| {
+            if c.kind != EventType::Deleted {
+                q.add(key(&*c.object));
+            }
+        });
+        let q = sa_q.clone();
+        accounts.on_change(move |c| {
+            let m = &c.object.metadata;
+            if c.kind == EventType::Deleted
+                && m.name.as_deref() == Some(serviceaccounts::DEFAULT_SERVICE_ACCOUNT)
+            {
+                q.add(m.namespace.clone().unwrap_or_default());
+            }
+        });
+    }
 
     // ClusterRole aggregation: any ClusterRole's change may change what the aggregated
     // ones gather.
@@ -410,6 +434,16 @@ pub fn start(
     tasks.spawn(jobs.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(cronjobs.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(cluster_roles.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(accounts.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(runtime::run(
+        Arc::new(serviceaccounts::ServiceAccountController {
+            reg: reg.clone(),
+            namespaces: namespaces.clone(),
+            accounts: accounts.clone(),
+        }),
+        sa_rx,
+        stop.clone(),
+    ));
     tasks.spawn(runtime::run(
         Arc::new(clusterroles::ClusterRoleAggregation {
             reg: reg.clone(),

@@ -4,6 +4,7 @@
 //! [`Store`] is the seam for back ends: [`sled::SledStore`] is the embedded default. The event
 //! window and fan-out ([`hub::Hub`]) are shared by back ends that do not have a watch of their own.
 
+pub mod encryption;
 pub mod hub;
 pub mod sled;
 
@@ -28,6 +29,13 @@ pub enum StoreError {
     },
     #[error("revision {requested} is too old (oldest kept: {oldest})")]
     Expired { requested: u64, oldest: u64 },
+    /// The object is larger than the store keeps ([`skiff_api::limits::MAX_OBJECT_BYTES`]).
+    #[error("key {key} would hold {size} bytes, more than {max}")]
+    TooLarge {
+        key: String,
+        size: usize,
+        max: usize,
+    },
     #[error("storage: {0}")]
     Backend(String),
 }

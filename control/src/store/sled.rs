@@ -16,8 +16,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use serde_json::Value;
+use std::time::{Duration, Instant};
 
+use serde_json::Value;
+use skiff_api::limits::MAX_OBJECT_BYTES;
+
+use super::encryption::{self, Encryption};
 use super::hub::{Event, EventType, Hub, WatchStream};
 use super::{stamp, Committed, Op, Store, StoreError};
 
@@ -41,6 +45,13 @@ pub struct SledStore {
     /// What readers see: the durable objects and their revision.
     view: RwLock<View>,
     hub: Hub,
+    /// The store's directory, and when its files' permissions were last checked: sled makes
+    /// new files (blobs of large values, snapshots) with the process' default mode, inside
+    /// the directory only the owner may enter; they are closed too, at most a second later.
+    dir: std::path::PathBuf,
+    restricted: Mutex<Instant>,
+    /// Seals Secrets before they are written, opens them when read.
+    encryption: Encryption,
     #[cfg(test)]
     flush_hook: Mutex<Option<Arc<FlushHook>>>,
 }
@@ -65,12 +76,43 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(e.to_string())
 }
 
+/// Refuses an object larger than the store keeps, as etcd refuses a request past its limit.
+fn check_size(key: &str, size: usize) -> Result<(), StoreError> {
+    if size > MAX_OBJECT_BYTES {
+        return Err(StoreError::TooLarge {
+            key: key.to_string(),
+            size,
+            max: MAX_OBJECT_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// The file of the key that encrypts Secrets, when the store is opened without one named.
+pub const KEY_FILE: &str = "encryption.key";
+
+/// How often at most the store's files are checked for permissions sled gave new ones.
+const RESTRICT_EVERY: Duration = Duration::from_secs(1);
+
 impl SledStore {
+    /// Opens the store in `dir`, with the key that encrypts Secrets in `dir` too.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         Self::open_with_window(dir, DEFAULT_WINDOW)
     }
 
     pub fn open_with_window(dir: &Path, window: usize) -> Result<Self, StoreError> {
+        Self::open_with(dir, window, &dir.join(KEY_FILE))
+    }
+
+    /// Opens the store in `dir`, encrypting Secrets with the key in `key_file` (made there if
+    /// there is none).
+    pub fn open_with_key(dir: &Path, key_file: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, DEFAULT_WINDOW, key_file)
+    }
+
+    fn open_with(dir: &Path, window: usize, key_file: &Path) -> Result<Self, StoreError> {
+        crate::private_files::private_dir(dir).map_err(backend)?;
+        let encryption = Encryption::load_or_create(key_file)?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(8 * 1024 * 1024)
@@ -85,8 +127,13 @@ impl SledStore {
         for kv in tree.scan_prefix(b"/") {
             let (k, v) = kv.map_err(backend)?;
             let key = String::from_utf8(k.to_vec()).map_err(backend)?;
-            objects.insert(key, Arc::new(serde_json::from_slice(&v).map_err(backend)?));
+            let plain = encryption.open(&v)?;
+            objects.insert(
+                key,
+                Arc::new(serde_json::from_slice(&plain).map_err(backend)?),
+            );
         }
+        crate::private_files::restrict_tree(dir).map_err(backend)?;
         Ok(SledStore {
             db,
             tree,
@@ -100,6 +147,9 @@ impl SledStore {
             flushed: Condvar::new(),
             view: RwLock::new(View { objects, revision }),
             hub: Hub::new(revision, window, DEFAULT_WINDOW_BYTES),
+            dir: dir.to_path_buf(),
+            restricted: Mutex::new(Instant::now()),
+            encryption,
             #[cfg(test)]
             flush_hook: Mutex::new(None),
         })
@@ -108,7 +158,9 @@ impl SledStore {
     /// The object at `key` as the last applied transaction left it (writers' view).
     fn read_applied(&self, key: &str) -> Result<Option<Value>, StoreError> {
         match self.tree.get(key.as_bytes()).map_err(backend)? {
-            Some(b) => Ok(Some(serde_json::from_slice(&b).map_err(backend)?)),
+            Some(b) => Ok(Some(
+                serde_json::from_slice(&self.encryption.open(&b)?).map_err(backend)?,
+            )),
             None => Ok(None),
         }
     }
@@ -156,7 +208,8 @@ impl SledStore {
                     stamp(&mut value, rev);
                     let bytes = serde_json::to_vec(&value).map_err(backend)?;
                     let size = bytes.len();
-                    batch.insert(key.as_bytes(), bytes);
+                    check_size(&key, size)?;
+                    batch.insert(key.as_bytes(), self.sealed(&key, bytes)?);
                     events.push(Event {
                         revision: rev,
                         kind: EventType::Added,
@@ -175,7 +228,8 @@ impl SledStore {
                     stamp(&mut value, rev);
                     let bytes = serde_json::to_vec(&value).map_err(backend)?;
                     let size = bytes.len();
-                    batch.insert(key.as_bytes(), bytes);
+                    check_size(&key, size)?;
+                    batch.insert(key.as_bytes(), self.sealed(&key, bytes)?);
                     // `prev` is filled in at the flush from the view: the same allocation.
                     events.push(Event {
                         revision: rev,
@@ -252,6 +306,7 @@ impl SledStore {
             }
         }
         self.db.flush().map_err(backend)?;
+        self.restrict_files();
         let mut done: Vec<Event> = Vec::new();
         {
             let mut pending = self.pending.lock().expect("pending lock");
@@ -280,6 +335,30 @@ impl SledStore {
         }
         self.hub.publish(done);
         Ok(())
+    }
+}
+
+impl SledStore {
+    /// What is written for `key`: a Secret's JSON encrypted, anything else as it is.
+    fn sealed(&self, key: &str, json: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+        match encryption::applies(key) {
+            true => self.encryption.seal(&json),
+            false => Ok(json),
+        }
+    }
+
+    /// Closes what sled made since the last check to others (at most once a second).
+    fn restrict_files(&self) {
+        {
+            let mut last = self.restricted.lock().expect("restricted lock");
+            if last.elapsed() < RESTRICT_EVERY {
+                return;
+            }
+            *last = Instant::now();
+        }
+        if let Err(e) = crate::private_files::restrict_tree(&self.dir) {
+            tracing::warn!(error = %e, dir = %self.dir.display(), "cannot restrict the store's files");
+        }
     }
 }
 
@@ -360,6 +439,140 @@ mod tests {
 
     fn obj(name: &str) -> Value {
         json!({"metadata": {"name": name}})
+    }
+
+    /// Every file the store holds, as bytes.
+    fn raw_files(dir: &Path) -> Vec<u8> {
+        let mut all = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    all.extend(std::fs::read(&p).unwrap_or_default());
+                }
+            }
+        }
+        all
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// A Secret's value never reaches the disk in the clear; one written in the clear (before
+    /// encryption) is still read, and is encrypted when next written.
+    #[test]
+    fn secrets_are_encrypted_at_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "/registry/secrets/default/s";
+        let secret = |v: &str| json!({"metadata": {"name": "s"}, "data": {"password": v}});
+        {
+            let s = SledStore::open(dir.path()).unwrap();
+            // As an older version wrote it: plain JSON.
+            s.tree
+                .insert(
+                    key,
+                    serde_json::to_vec(&secret("cGxhaW4tb2xkLXZhbHVl")).unwrap(),
+                )
+                .unwrap();
+            s.tree
+                .insert(
+                    "/registry/configmaps/default/c",
+                    &b"{\"data\":{\"k\":\"visible\"}}"[..],
+                )
+                .unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.get(key).unwrap().unwrap()["data"]["password"],
+            "cGxhaW4tb2xkLXZhbHVl"
+        );
+        s.txn(vec![Op::Update {
+            key: key.into(),
+            value: secret("dG9wLXNlY3JldC12YWx1ZQ"),
+            expect: None,
+        }])
+        .unwrap();
+        s.txn(vec![Op::Create {
+            key: "/registry/secrets/default/t".into(),
+            value: json!({"metadata": {"name": "t"}, "stringData": {"token": "a-very-secret-token"}}),
+        }])
+        .unwrap();
+        drop(s);
+        let raw = raw_files(dir.path());
+        assert!(contains(&raw, PREFIX_FOR_TESTS));
+        assert!(!contains(&raw, b"dG9wLXNlY3JldC12YWx1ZQ"));
+        assert!(!contains(&raw, b"a-very-secret-token"));
+        // Reopened, both read back; other kinds are stored as they are.
+        let s = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            s.get(key).unwrap().unwrap()["data"]["password"],
+            "dG9wLXNlY3JldC12YWx1ZQ"
+        );
+        assert_eq!(
+            s.get("/registry/secrets/default/t").unwrap().unwrap()["stringData"]["token"],
+            "a-very-secret-token"
+        );
+        assert!(contains(&raw, b"visible"));
+        // Without its key the store cannot be read.
+        drop(s);
+        std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
+        assert!(SledStore::open(dir.path()).is_err());
+    }
+
+    const PREFIX_FOR_TESTS: &[u8] = encryption::PREFIX;
+
+    /// An object larger than the store keeps is refused, as etcd refuses it, and changes nothing.
+    #[test]
+    fn objects_past_the_size_limit_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SledStore::open(dir.path()).unwrap();
+        let big = |n: usize| json!({"metadata": {"name": "big"}, "data": {"a": "x".repeat(n)}});
+        let key = "/registry/configmaps/default/big";
+        let before = s.revision();
+        let e = s
+            .txn(vec![Op::Create {
+                key: key.into(),
+                value: big(MAX_OBJECT_BYTES),
+            }])
+            .unwrap_err();
+        assert!(matches!(e, StoreError::TooLarge { .. }), "{e}");
+        assert_eq!(s.revision(), before);
+        assert!(s.get(key).unwrap().is_none());
+        s.txn(vec![Op::Create {
+            key: key.into(),
+            value: big(MAX_OBJECT_BYTES - 1000),
+        }])
+        .unwrap();
+    }
+
+    /// The store's directory and files are the owner's only, also those sled makes later.
+    #[test]
+    fn the_store_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = SledStore::open(&path).unwrap();
+        // A large value goes to a blob file of its own.
+        s.txn(vec![Op::Create {
+            key: "/registry/configmaps/default/big".into(),
+            value: json!({"data": {"a": "x".repeat(1 << 20)}}),
+        }])
+        .unwrap();
+        *s.restricted.lock().unwrap() = Instant::now() - RESTRICT_EVERY;
+        s.txn(create("/registry/configmaps/default/c")).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let open = crate::private_files::open_to_others(&path).unwrap();
+        assert!(open.is_empty(), "{open:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 mod setup;
 mod status;
 mod supervise;
+mod token;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -123,6 +124,20 @@ struct Shared {
     changed: Notify,
     /// How long the containers have between TERM and KILL when the pod stops.
     grace: Mutex<Duration>,
+    /// The pod's projected ServiceAccount token directory (None: not mounted), once made.
+    token_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
+    /// The API Service's variables every container gets, once read.
+    api_env: tokio::sync::OnceCell<Vec<(String, String)>>,
+    /// What keeps that token fresh; ended with the worker.
+    token_refresh: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn stop_token_refresh(&self) {
+        if let Some(t) = self.token_refresh.lock().expect("token refresh").take() {
+            t.abort();
+        }
+    }
 }
 
 impl Shared {
@@ -216,6 +231,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receiver<Option<D
     tracing::debug!(pod = %name_of(&pod), "pod worker starting");
     let Some(mut running) = start(&shared, &containers, containers_stop, &mut stop).await else {
         writer.abort();
+        shared.stop_token_refresh();
         return;
     };
     tracing::debug!(pod = %name_of(&pod), took = ?began.elapsed(), "pod started");
@@ -231,6 +247,7 @@ async fn run(ctx: Arc<NodeContext>, pod: Pod, mut stop: watch::Receiver<Option<D
         release(&ctx, &pod, placed.ip, placed.sandbox.as_ref()).await;
     }
     writer.abort();
+    shared.stop_token_refresh();
     forget_logs(&ctx, &pod);
 }
 
@@ -255,6 +272,9 @@ fn new_shared(ctx: &Arc<NodeContext>, pod: &Pod, containers: &[Container]) -> Ar
         pod: pod.clone(),
         changed: Notify::new(),
         grace: Mutex::new(Duration::ZERO),
+        token_dir: tokio::sync::OnceCell::new(),
+        api_env: tokio::sync::OnceCell::new(),
+        token_refresh: Mutex::new(None),
         status: Mutex::new(PodStatus {
             phase: "Pending",
             pod_ip: None,

@@ -257,7 +257,8 @@ pub(super) fn memory_limit(container: &Container) -> Option<usize> {
 
 /// The container's volume mounts as WASI preopens: `emptyDir` (a directory of the pod's),
 /// `hostPath`, `configMap` (its keys written as files, always read-only) and
-/// `persistentVolumeClaim` (`DATA/storage/VOLUME` once the claim is bound).
+/// `persistentVolumeClaim` (`DATA/storage/VOLUME` once the claim is bound); and the pod's
+/// ServiceAccount token directory, read-only (see [`super::token`]).
 pub(super) async fn volumes(
     shared: &Shared,
     container: &Container,
@@ -281,6 +282,23 @@ pub(super) async fn volumes(
             guest: m.mount_path.clone(),
             read_only,
         });
+    }
+    // The ServiceAccount token, unless the container mounts something of its own there.
+    if !out
+        .iter()
+        .any(|p| p.guest.trim_end_matches('/') == super::token::MOUNT_PATH)
+    {
+        let projected = shared
+            .token_dir
+            .get_or_try_init(|| super::token::project(shared, pod_dir))
+            .await?;
+        if let Some(dir) = projected {
+            out.push(Preopen {
+                host: dir.clone(),
+                guest: super::token::MOUNT_PATH.into(),
+                read_only: true,
+            });
+        }
     }
     Ok(out)
 }

@@ -105,6 +105,7 @@ pub(super) async fn make(
     pulled: &Pulled,
 ) -> Result<Made, NotMade> {
     let env = container_env(&shared.pod, c, Some(placed.ip), &shared.ctx.node_name);
+    let env = super::token::with_api_env(shared, env).await;
     let mounts = volumes(shared, c, &placed.pod_dir)
         .await
         .map_err(|msg| ("CreateContainerConfigError", msg))?;

@@ -1,0 +1,289 @@
+//! A pod's ServiceAccount token, as the kubelet projects it: unless the pod (or its
+//! ServiceAccount) says `automountServiceAccountToken: false`, the agent asks for a token
+//! bound to the pod (TokenRequest), writes `token` (0600), `ca.crt` and `namespace` (0644)
+//! into the pod's `serviceaccount` directory, and every container sees that directory
+//! read-only at [`MOUNT_PATH`] — bind-mounted into OCI containers, preopened for wasm ones.
+//! The token is asked for again at 80% of its lifetime; each file is replaced by a rename, so
+//! a reader never sees half a token. Containers also get the API Service's variables
+//! (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`, ...): with the files, what
+//! in-cluster clients need.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use serde_json::json;
+use skiff_client::Client;
+
+use super::{name_of, ns_of, uid_of, Shared};
+
+/// Where containers find the token, the cluster CA and their namespace.
+pub const MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The lifetime asked for (the kubelet's default).
+const LIFETIME_SECONDS: i64 = 3600;
+/// How soon a failed refresh is tried again.
+const RETRY: Duration = Duration::from_secs(10);
+
+/// The ServiceAccount a pod runs as (`default` when it names none).
+pub fn service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| {
+            s.service_account_name
+                .as_deref()
+                .or(s.service_account.as_deref())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default")
+}
+
+/// The pod's own say on mounting its token, if it has one.
+pub fn pod_automount(pod: &Pod) -> Option<bool> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.automount_service_account_token)
+}
+
+/// The directory of the pod's projected token files.
+pub fn dir(pod_dir: &Path) -> PathBuf {
+    pod_dir.join("serviceaccount")
+}
+
+/// A token and how long it lives, in seconds.
+struct Issued {
+    token: String,
+    lifetime: Duration,
+}
+
+/// Asks the API for a token of the pod's ServiceAccount bound to the pod.
+async fn request(client: &Client, pod: &Pod) -> Result<Issued, String> {
+    let (ns, sa) = (ns_of(pod), service_account(pod));
+    let path = format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token");
+    let body = json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"expirationSeconds": LIFETIME_SECONDS,
+                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
+                                    "name": name_of(pod), "uid": uid_of(pod)}},
+    });
+    let answer = client
+        .post_path(&path, &body)
+        .await
+        .map_err(|e| format!("cannot get a token for service account {ns}/{sa}: {e}"))?;
+    let token = answer["status"]["token"]
+        .as_str()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| {
+            format!("the token request for service account {ns}/{sa} returned no token")
+        })?
+        .to_string();
+    let seconds = answer["spec"]["expirationSeconds"]
+        .as_i64()
+        .unwrap_or(LIFETIME_SECONDS)
+        .max(1);
+    Ok(Issued {
+        token,
+        lifetime: Duration::from_secs(seconds as u64),
+    })
+}
+
+/// Replaces `dir/name` with `bytes` at `mode`, by a rename.
+fn write_file(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let tmp = dir.join(format!(".tmp-{name}"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+fn write_token(dir: &Path, token: &str) -> Result<(), String> {
+    write_file(dir, "token", token.as_bytes(), 0o600)
+        .map_err(|e| format!("cannot write the service account token: {e}"))
+}
+
+/// Projects the pod's token into `pod_dir` and keeps it fresh: the directory to mount, or
+/// None when the pod does not mount one. A token left by an earlier run of the agent is used
+/// while the API cannot be reached (and renewed once it can).
+pub(super) async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<PathBuf>, String> {
+    let (ctx, pod) = (&shared.ctx, &shared.pod);
+    let dir = dir(pod_dir);
+    let automount = match pod_automount(pod) {
+        Some(a) => a,
+        None => {
+            let (ns, sa) = (ns_of(pod), service_account(pod));
+            match ctx.client.get::<ServiceAccount>(Some(ns), sa).await {
+                Ok(sa) => sa.automount_service_account_token != Some(false),
+                // Offline with a token from before: the pod mounted one then.
+                Err(_) if dir.join("token").is_file() => true,
+                Err(e) => return Err(format!("cannot read service account {ns}/{sa}: {e}")),
+            }
+        }
+    };
+    if !automount {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let ca = std::fs::read(ctx.data_dir.join("pki").join("ca.crt"))
+        .map_err(|e| format!("cannot read the cluster CA: {e}"))?;
+    let namespace = ns_of(pod).as_bytes();
+    write_file(&dir, "ca.crt", &ca, 0o644)
+        .and_then(|_| write_file(&dir, "namespace", namespace, 0o644))
+        .map_err(|e| format!("cannot write the service account files: {e}"))?;
+    let first = match request(&ctx.client, pod).await {
+        Ok(issued) => {
+            write_token(&dir, &issued.token)?;
+            issued.lifetime.mul_f64(0.8)
+        }
+        Err(_) if dir.join("token").is_file() => RETRY,
+        Err(e) => return Err(e),
+    };
+    let (client, pod, refreshed) = (ctx.client.clone(), pod.clone(), dir.clone());
+    let task = tokio::spawn(async move {
+        let mut wait = first;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = match request(&client, &pod).await.and_then(|issued| {
+                write_token(&refreshed, &issued.token)?;
+                Ok(issued.lifetime.mul_f64(0.8))
+            }) {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(pod = %name_of(&pod), error = %e, "service account token not refreshed");
+                    RETRY
+                }
+            };
+        }
+    });
+    if let Some(old) = shared
+        .token_refresh
+        .lock()
+        .expect("token refresh")
+        .replace(task)
+    {
+        old.abort();
+    }
+    Ok(Some(dir))
+}
+
+/// The variables the kubelet gives every container for the API's Service
+/// (`default/kubernetes`), which in-cluster clients read with the token files:
+/// `KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT` and the Docker-link style rest.
+async fn api_service_env(client: &Client) -> Result<Vec<(String, String)>, String> {
+    let svc = client
+        .get::<Service>(Some("default"), "kubernetes")
+        .await
+        .map_err(|e| e.to_string())?;
+    let spec = svc.spec.unwrap_or_default();
+    let ip = spec
+        .cluster_ip
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .ok_or("the kubernetes service has no cluster IP")?;
+    let mut env = vec![("KUBERNETES_SERVICE_HOST".to_string(), ip.clone())];
+    let ports = spec.ports.unwrap_or_default();
+    if let Some(first) = ports.first() {
+        env.push(("KUBERNETES_SERVICE_PORT".into(), first.port.to_string()));
+        let proto = first.protocol.as_deref().unwrap_or("TCP");
+        env.push((
+            "KUBERNETES_PORT".into(),
+            format!("{}://{ip}:{}", proto.to_lowercase(), first.port),
+        ));
+    }
+    for p in &ports {
+        let proto = p.protocol.as_deref().unwrap_or("TCP");
+        if let Some(name) = p.name.as_deref().filter(|n| !n.is_empty()) {
+            env.push((
+                format!(
+                    "KUBERNETES_SERVICE_PORT_{}",
+                    name.to_uppercase().replace('-', "_")
+                ),
+                p.port.to_string(),
+            ));
+        }
+        let prefix = format!("KUBERNETES_PORT_{}_{}", p.port, proto.to_uppercase());
+        env.push((
+            prefix.clone(),
+            format!("{}://{ip}:{}", proto.to_lowercase(), p.port),
+        ));
+        env.push((format!("{prefix}_PROTO"), proto.to_lowercase()));
+        env.push((format!("{prefix}_PORT"), p.port.to_string()));
+        env.push((format!("{prefix}_ADDR"), ip.clone()));
+    }
+    Ok(env)
+}
+
+/// `env` (the container's own) after the API Service's variables, which it overrides. The
+/// variables are read once per pod; while the API cannot be reached they are left out.
+pub(super) async fn with_api_env(
+    shared: &Shared,
+    env: Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let api = match shared
+        .api_env
+        .get_or_try_init(|| api_service_env(&shared.ctx.client))
+        .await
+    {
+        Ok(v) => v.clone(),
+        Err(e) => {
+            tracing::debug!(pod = %name_of(&shared.pod), error = %e, "no API service variables");
+            Vec::new()
+        }
+    };
+    let mut out: Vec<(String, String)> = api
+        .into_iter()
+        .filter(|(k, _)| !env.iter().any(|(o, _)| o == k))
+        .collect();
+    out.extend(env);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_replaced_whole_with_their_modes() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        write_token(d.path(), "a").unwrap();
+        write_token(d.path(), "bb").unwrap();
+        write_file(d.path(), "namespace", b"team", 0o644).unwrap();
+        let mode = |n: &str| {
+            std::fs::metadata(d.path().join(n))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("token")).unwrap(),
+            "bb"
+        );
+        assert_eq!(mode("token"), 0o600);
+        assert_eq!(mode("namespace"), 0o644);
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn pods_run_as_their_service_account_or_default() {
+        let pod = |spec: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": "p"}, "spec": spec})).unwrap()
+        };
+        let c = json!([{"name": "c", "image": "i"}]);
+        assert_eq!(service_account(&pod(json!({"containers": c}))), "default");
+        let p = pod(json!({"containers": c, "serviceAccountName": "bot",
+                           "automountServiceAccountToken": false}));
+        assert_eq!(service_account(&p), "bot");
+        assert_eq!(pod_automount(&p), Some(false));
+    }
+}
