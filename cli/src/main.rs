@@ -62,6 +62,34 @@ pub struct ServerArgs {
     /// Prefix length of each node's pod network, cut from 10.88.0.0/16 (24: 253 pods a node).
     #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(u8).range(16..=28))]
     pub node_cidr_mask_size: u8,
+    /// Open API connections at most (default: 10000, or less to stay below the open-file limit).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Open API connections at most from one client address.
+    #[arg(long, default_value_t = skiff_control::apiserver::transport::MAX_CONNECTIONS_PER_CLIENT)]
+    pub max_connections_per_client: usize,
+    /// Requests per second one client (user, else address) may keep up before it is answered
+    /// 429; `system:masters` is exempt and nodes have their own share.
+    #[arg(long, default_value_t = skiff_control::apiserver::fairness::CLIENT_QPS)]
+    pub client_qps: f64,
+    /// Requests one client may send at once after a quiet spell.
+    #[arg(long, default_value_t = skiff_control::apiserver::fairness::CLIENT_BURST)]
+    pub client_burst: u32,
+    /// Watches one client may hold open at once.
+    #[arg(long, default_value_t = skiff_control::apiserver::fairness::MAX_WATCHES_PER_CLIENT)]
+    pub max_watches_per_client: usize,
+    /// How long a client has to complete the TLS handshake (default 10s; tests: short).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    pub tls_handshake_timeout: Option<std::time::Duration>,
+    /// How long a client has to send a request's headers (default 32s).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    pub request_header_timeout: Option<std::time::Duration>,
+    /// How long a client has to send a request's body (default 60s).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    pub request_body_timeout: Option<std::time::Duration>,
+    /// How long a kept-alive connection may wait for its next request (default 90s).
+    #[arg(long, value_parser = parse_duration, hide = true)]
+    pub idle_connection_timeout: Option<std::time::Duration>,
     /// Record every authenticated request in this file, a JSON line each (time, user, groups,
     /// verb, resource, namespace, name, code).
     #[arg(long)]

@@ -26,6 +26,10 @@ pub struct ServerConfig {
     pub tls_sans: Vec<String>,
     /// How long node certificates are valid (365 days; tests make it seconds).
     pub node_cert_validity: Duration,
+    /// The API's timeouts and connection caps.
+    pub transport: crate::apiserver::transport::TransportConfig,
+    /// Each client's share of requests and watches.
+    pub fairness: crate::apiserver::fairness::FairnessConfig,
     /// The audit log, if requests are to be recorded.
     pub audit: Option<crate::apiserver::audit::AuditConfig>,
 }
@@ -39,6 +43,8 @@ impl ServerConfig {
             controllers: ControllerConfig::default(),
             tls_sans: Vec::new(),
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
+            transport: Default::default(),
+            fairness: Default::default(),
             audit: None,
         }
     }
@@ -287,6 +293,8 @@ impl Server {
             addr,
         );
         state.node_cert_validity = config.node_cert_validity;
+        state.transport = config.transport.clone();
+        state.fairness = crate::apiserver::fairness::Fairness::new(config.fairness.clone());
         if let Some(audit) = &config.audit {
             let log = crate::apiserver::audit::AuditLog::open(audit.clone()).map_err(|e| {
                 ServerError::DataDir {

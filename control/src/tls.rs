@@ -307,7 +307,9 @@ pub fn load_or_create(dir: &Path, sans: &[String]) -> Result<TlsMaterial, TlsErr
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let (client_cert, client_key) = ca.issue(&Subject {
         common_name: KUBELET_CLIENT_CN.into(),
-        organizations: vec!["system:masters".into()],
+        // Agents check the name only; no group, so the certificate is no admin credential
+        // towards this API server either.
+        organizations: Vec::new(),
         sans: Vec::new(),
         usage: Usage::Client,
         validity: std::time::Duration::from_secs(100 * 365 * 86_400),

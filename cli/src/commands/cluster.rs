@@ -65,6 +65,26 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
     config.controllers.max_events = args.max_events;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
     config.node_cert_validity = args.node_cert_validity;
+    {
+        use skiff_control::apiserver::transport as t;
+        config.transport = t::TransportConfig {
+            tls_handshake_timeout: args
+                .tls_handshake_timeout
+                .unwrap_or(t::TLS_HANDSHAKE_TIMEOUT),
+            request_header_timeout: args
+                .request_header_timeout
+                .unwrap_or(t::REQUEST_HEADER_TIMEOUT),
+            request_body_timeout: args.request_body_timeout.unwrap_or(t::REQUEST_BODY_TIMEOUT),
+            idle_timeout: args
+                .idle_connection_timeout
+                .unwrap_or(t::IDLE_CONNECTION_TIMEOUT),
+            max_connections: args.max_connections,
+            max_connections_per_client: args.max_connections_per_client,
+        };
+    }
+    config.fairness.client_qps = args.client_qps;
+    config.fairness.client_burst = args.client_burst;
+    config.fairness.max_watches_per_client = args.max_watches_per_client;
     config.audit = args
         .audit_log
         .map(|path| skiff_control::apiserver::audit::AuditConfig {

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod auth;
 mod discovery;
+pub mod fairness;
 mod handlers;
 pub mod join;
 mod nodeproxy;
@@ -14,6 +15,7 @@ pub mod policy;
 pub mod rbac;
 mod review;
 pub mod tokens;
+pub mod transport;
 
 use std::net::SocketAddr;
 
@@ -55,6 +57,10 @@ pub struct ApiState {
     pub advertise: SocketAddr,
     /// How long the node certificates it signs are valid.
     pub node_cert_validity: std::time::Duration,
+    /// Timeouts and connection caps.
+    pub transport: transport::TransportConfig,
+    /// Each client's share of requests and watches.
+    pub fairness: Arc<fairness::Fairness>,
     /// Where each authenticated request is recorded, if anywhere (`--audit-log`).
     pub audit: Option<Arc<audit::AuditLog>>,
 }
@@ -84,6 +90,8 @@ impl ApiState {
             kubelet_client: tls.kubelet_client.clone(),
             advertise,
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
+            transport: transport::TransportConfig::default(),
+            fairness: fairness::Fairness::new(fairness::FairnessConfig::default()),
             audit: None,
         }
     }
@@ -246,9 +254,21 @@ async fn authenticated(
     let peer = req.extensions().get::<auth::PeerCertificate>().cloned();
     // Reads of the in-memory store only (a join token's Secret): no disk wait.
     let user =
-        state
+        match state
             .authenticator
-            .authenticate(&state.registry, bearer.as_deref(), peer.as_ref())?;
+            .authenticate(&state.registry, bearer.as_deref(), peer.as_ref())
+        {
+            Ok(u) => u,
+            Err(e) => {
+                // Failed attempts count against the address they come from.
+                let client = fairness::Client::address(peer_ip(&req));
+                if let Err(refused) = state.fairness.admit(&client, false) {
+                    return Ok(refused.response());
+                }
+                return Err(e);
+            }
+        };
+    let client = fairness::Client::user(&user);
     let user = match impersonation_request(req.headers())? {
         None => user,
         Some(wanted) => {
@@ -262,6 +282,17 @@ async fn authenticated(
     if state.audit.is_some() {
         *audit = Some((user.clone(), attrs.clone()));
     }
+    // Counted against the authenticated user, whomever it acts as; a watch also takes one of
+    // its open-watch places until it ends.
+    let is_watch = matches!(&attrs, auth::Attributes::Resource(r) if r.verb == "watch");
+    let _admitted = match state.fairness.admit(&client, is_watch) {
+        Ok(a) => a,
+        Err(refused) => return Ok(refused.response()),
+    };
+    let watch_slot = match is_watch.then(|| state.fairness.watch(&client)).transpose() {
+        Ok(slot) => slot.flatten(),
+        Err(refused) => return Ok(refused.response()),
+    };
     let decision = if user.in_group(auth::MASTERS) {
         auth::Decision::Allow
     } else {
@@ -322,20 +353,51 @@ async fn authenticated(
     // Who writes, for the admission rules that depend on it (NodeRestriction).
     let mut req = req;
     req.extensions_mut().insert(user);
-    Ok(handlers::dispatch(state.clone(), req).await)
+    let resp = handlers::dispatch(state.clone(), req).await;
+    Ok(fairness::hold_until_done(resp, watch_slot))
+}
+
+/// The address a request comes from (unspecified when served without [`transport::serve`]).
+fn peer_ip(req: &Request<Body>) -> std::net::IpAddr {
+    req.extensions()
+        .get::<transport::PeerAddr>()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |p| p.0.ip())
+}
+
+/// The share an unauthenticated path's request is counted against: the user of its client
+/// certificate, else its address.
+fn open_path_client(req: &Request<Body>) -> fairness::Client {
+    match req.extensions().get::<auth::PeerCertificate>() {
+        Some(p) => fairness::Client::user(&auth::UserInfo {
+            name: p.common_name.clone(),
+            groups: p.organizations.clone(),
+        }),
+        None => fairness::Client::address(peer_ip(req)),
+    }
 }
 
 async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> Response {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let started = std::time::Instant::now();
-    let resp = match path.as_str() {
-        "/healthz" | "/livez" | "/readyz" | "/version" => {
+    // Open paths count against their caller here, the others once it is authenticated;
+    // health probes are exempt, as Kubernetes' `probes` flow schema makes them.
+    let open = matches!(path.as_str(), "/version" | "/cacerts");
+    let admitted = match open {
+        true => state
+            .fairness
+            .admit(&open_path_client(&req), false)
+            .map(Some),
+        false => Ok(None),
+    };
+    let resp = match (admitted, path.as_str()) {
+        (Err(refused), _) => refused.response(),
+        (Ok(_seat), "/healthz" | "/livez" | "/readyz" | "/version") => {
             handlers::dispatch(state.clone(), req).await
         }
         // The CA, to anyone: a joining agent checks it against its token's hash.
-        "/cacerts" => text_response(StatusCode::OK, state.ca.pem.clone()),
-        _ => {
+        (Ok(_seat), "/cacerts") => text_response(StatusCode::OK, state.ca.pem.clone()),
+        (Ok(_), _) => {
             let mut asked = None;
             let resp = match authenticated(&state, req, &mut asked).await {
                 Ok(r) => r,
@@ -360,64 +422,16 @@ pub fn router(state: Shared) -> Router {
     Router::new().fallback(auth_then_dispatch).with_state(state)
 }
 
-/// Serves the API over TLS on `listener` until `shutdown` resolves; open connections
-/// (watches included) are closed then.
+/// Serves the API over TLS on `listener` until `shutdown` resolves, with the timeouts and
+/// connection caps of `state.transport`; open connections (watches included) are closed then.
 pub async fn serve(
     state: Shared,
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use tower::ServiceExt;
-    let app = router(state);
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let mut conns = tokio::task::JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-        };
-        let _ = tcp.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let app = app.clone();
-        conns.spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
-                return;
-            };
-            // The verifier checked the chain to the cluster CA; the subject names the user.
-            let peer = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(|c| crate::tls::subject_of(c))
-                .map(|(common_name, organizations)| auth::PeerCertificate {
-                    common_name,
-                    organizations,
-                });
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let mut req = req.map(Body::new);
-                if let Some(p) = &peer {
-                    req.extensions_mut().insert(p.clone());
-                }
-                app.clone().oneshot(req)
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .with_upgrades()
-                .await;
-        });
-        while conns.try_join_next().is_some() {}
-    }
-    conns.abort_all();
-    Ok(())
+    let config = state.transport.clone();
+    transport::serve(router(state), listener, tls, config, shutdown).await
 }
 
 #[cfg(test)]
