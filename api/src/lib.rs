@@ -43,3 +43,19 @@ pub const WASM_NODE_LABEL: &str = "skiff.dev/wasm";
 pub const OCI_NODE_LABEL: &str = "skiff.dev/oci";
 /// Node condition saying whether OCI containers run there, and if not, why.
 pub const OCI_CONDITION: &str = "OCIRuntimeReady";
+/// The name of the ServiceAccount every namespace has, and pods use unless they name another.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+/// The ServiceAccount a pod runs as: `serviceAccountName` (or the deprecated
+/// `serviceAccount`), `default` when it names none.
+pub fn pod_service_account(pod: &k8s_openapi::api::core::v1::Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| {
+            s.service_account_name
+                .as_deref()
+                .or(s.service_account.as_deref())
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
+}

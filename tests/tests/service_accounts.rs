@@ -60,6 +60,28 @@ fn refused(ns: &Netns, dir: &Path, kubeconfig: &Path, args: &[&str]) -> anyhow::
     Ok(String::from_utf8_lossy(&out.stderr).to_string())
 }
 
+/// A TokenReview of `token`, created by the admin: the server's answer.
+fn token_review(ns: &Netns, dir: &Path, admin: &Path, token: &str) -> anyhow::Result<Value> {
+    let f = dir.join("review.json");
+    std::fs::write(
+        &f,
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "spec": {"token": token}})
+        .to_string(),
+    )?;
+    // Reviews are create-only: no PATCH in the OpenAPI document for kubectl's field
+    // validation check to find.
+    let args = [
+        "create",
+        "--validate=false",
+        "-f",
+        f.to_str().unwrap(),
+        "-o",
+        "json",
+    ];
+    Ok(serde_json::from_str(&ok(ns, dir, admin, &args)?)?)
+}
+
 /// A kubeconfig that presents `token` (and no certificate) to the cluster of `up`.
 fn token_kubeconfig(up: &SkiffUp, dir: &Path, name: &str, token: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(format!("kubeconfig-{name}"));
@@ -278,30 +300,7 @@ async fn service_account_tokens_authenticate_until_revoked_and_rbac_bounds_them(
     );
 
     // TokenReview: the token is authenticated as the ServiceAccount; nonsense is not.
-    let review = |t: &str| -> anyhow::Result<Value> {
-        let f = d.join("review.json");
-        std::fs::write(
-            &f,
-            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                   "spec": {"token": t}})
-            .to_string(),
-        )?;
-        Ok(serde_json::from_str(&ok(
-            &ns,
-            d,
-            &admin,
-            // Reviews are create-only: no PATCH in the OpenAPI document for kubectl's
-            // field validation check to find.
-            &[
-                "create",
-                "--validate=false",
-                "-f",
-                f.to_str().unwrap(),
-                "-o",
-                "json",
-            ],
-        )?)?)
-    };
+    let review = |t: &str| token_review(&ns, d, &admin, t);
     let r = review(&token)?;
     assert_eq!(r["status"]["authenticated"], true, "{r}");
     assert_eq!(
@@ -446,30 +445,7 @@ async fn wasm_and_oci_pods_see_their_token_unless_they_opt_out() -> anyhow::Resu
     up.push_images(&ns, &[("bootcamp-oci:v1", "bootcamp-oci:v1")])?;
     let admin = up.dir.join("kubeconfig");
     let ca = std::fs::read_to_string(up.dir.join("server").join("ca.crt"))?;
-    let review = |t: &str| -> anyhow::Result<Value> {
-        let f = d.join("review.json");
-        std::fs::write(
-            &f,
-            json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                   "spec": {"token": t}})
-            .to_string(),
-        )?;
-        Ok(serde_json::from_str(&ok(
-            &ns,
-            d,
-            &admin,
-            // Reviews are create-only: no PATCH in the OpenAPI document for kubectl's
-            // field validation check to find.
-            &[
-                "create",
-                "--validate=false",
-                "-f",
-                f.to_str().unwrap(),
-                "-o",
-                "json",
-            ],
-        )?)?)
-    };
+    let review = |t: &str| token_review(&ns, d, &admin, t);
 
     // A pod naming a ServiceAccount that does not exist is refused.
     let mut ghost = wasm_reader("ghost", None);

@@ -496,18 +496,7 @@ fn get<K: serde::de::DeserializeOwned + k8s_openapi::Resource>(
         .transpose()
 }
 
-/// The ServiceAccount a pod runs as (`default` when it names none).
-pub fn pod_service_account(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| {
-            s.service_account_name
-                .as_deref()
-                .or(s.service_account.as_deref())
-        })
-        .filter(|n| !n.is_empty())
-        .unwrap_or(DEFAULT_SERVICE_ACCOUNT)
-}
+pub use skiff_api::pod_service_account;
 
 /// The ServiceAccount admission of a new pod (`obj`, in namespace `ns`): `serviceAccountName`
 /// (and its deprecated twin `serviceAccount`) default to `default`, and a pod naming a

@@ -12,8 +12,7 @@ use super::api;
 use super::runtime::{Action, Cache, Reconciler};
 use crate::registry::Registry;
 
-/// The name of the ServiceAccount every namespace has, and pods use unless they name another.
-pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+pub use skiff_api::DEFAULT_SERVICE_ACCOUNT;
 
 pub struct ServiceAccountController {
     pub reg: Arc<Registry>,

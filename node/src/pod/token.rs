@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use serde_json::json;
+use skiff_api::pod_service_account as service_account;
 use skiff_client::Client;
 
 use super::{name_of, ns_of, uid_of, Shared};
@@ -23,19 +24,6 @@ pub const MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 const LIFETIME_SECONDS: i64 = 3600;
 /// How soon a failed refresh is tried again.
 const RETRY: Duration = Duration::from_secs(10);
-
-/// The ServiceAccount a pod runs as (`default` when it names none).
-pub fn service_account(pod: &Pod) -> &str {
-    pod.spec
-        .as_ref()
-        .and_then(|s| {
-            s.service_account_name
-                .as_deref()
-                .or(s.service_account.as_deref())
-        })
-        .filter(|n| !n.is_empty())
-        .unwrap_or("default")
-}
 
 /// The pod's own say on mounting its token, if it has one.
 pub fn pod_automount(pod: &Pod) -> Option<bool> {
