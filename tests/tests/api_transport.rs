@@ -661,17 +661,25 @@ async fn failing_accepts_back_off_and_keep_the_log_small() -> anyhow::Result<()>
     Ok(())
 }
 
-/// Figures, not a check: the latency of a GET as a user the limiter counts (RBAC `view`),
-/// with the limiter in the path and without it, over one kept-alive connection, in-process.
-/// `cargo test -p skiff-e2e --release --test api_transport -- --ignored --nocapture`
+/// Figures, not a check: GET of one ConfigMap and LIST of 100, over one kept-alive connection,
+/// in-process, as the admin (token, `system:masters`: neither RBAC nor the limiter in its path),
+/// as a `system:masters` client certificate (the certificate's cost without RBAC) and as a
+/// client-certificate user allowed by RBAC (`view` through a group binding, beside 200 other
+/// bindings), with the limiter off and on.
+/// `cargo test -p skiff-e2e --test api_transport -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints figures"]
-async fn api_get_latency_with_and_without_the_limiter() -> anyhow::Result<()> {
+async fn api_latency_of_the_admin_and_of_an_rbac_user() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
-    const N: usize = 5_000;
+    const N: usize = 2_000;
     let mut figures = Vec::new();
     for round in 0..2 {
-        for enabled in [false, true] {
+        for (who, enabled) in [
+            ("admin", true),
+            ("masters cert", true),
+            ("RBAC user", false),
+            ("RBAC user", true),
+        ] {
             let cluster = skiff_e2e::TestCluster::start(|c| {
                 c.fairness.enabled = enabled;
                 // The bench measures the cost of the path, not refusals.
@@ -680,23 +688,32 @@ async fn api_get_latency_with_and_without_the_limiter() -> anyhow::Result<()> {
             })
             .await?;
             let url = |p: &str| format!("https://{}{p}", cluster.server.addr);
+            let ca = reqwest::Certificate::from_pem(cluster.server.ca_pem.as_bytes())?;
             let admin = reqwest::Client::builder()
-                .add_root_certificate(reqwest::Certificate::from_pem(
-                    cluster.server.ca_pem.as_bytes(),
-                )?)
+                .add_root_certificate(ca.clone())
                 .build()?;
-            for (path, body) in [
-                (
+            let binding = |name: String, group: &str| {
+                serde_json::json!({"metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]})
+            };
+            let mut writes = vec![(
+                "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+                binding("bench-view".into(), "bench"),
+            )];
+            for i in 0..200 {
+                writes.push((
                     "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
-                    serde_json::json!({"metadata": {"name": "bench-view"},
-                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
-                    "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "bench"}]}),
-                ),
-                (
+                    binding(format!("other-{i}"), &format!("other-{i}")),
+                ));
+            }
+            for i in 0..100 {
+                writes.push((
                     "/api/v1/namespaces/default/configmaps",
-                    serde_json::json!({"metadata": {"name": "bench"}, "data": {"k": "v"}}),
-                ),
-            ] {
+                    serde_json::json!({"metadata": {"name": format!("bench-{i}")}, "data": {"k": "v"}}),
+                ));
+            }
+            for (path, body) in writes {
                 let r = admin
                     .post(url(path))
                     .bearer_auth(&cluster.server.token)
@@ -705,46 +722,57 @@ async fn api_get_latency_with_and_without_the_limiter() -> anyhow::Result<()> {
                     .await?;
                 anyhow::ensure!(r.status().is_success(), "{path}: {}", r.status());
             }
-            let user = reqwest::Client::builder()
-                .add_root_certificate(reqwest::Certificate::from_pem(
-                    cluster.server.ca_pem.as_bytes(),
-                )?)
-                .identity(reqwest::Identity::from_pem(
-                    identity(cluster.dir.path(), "bench-user", &["bench"])?.as_bytes(),
-                )?)
-                .build()?;
-            let get = url("/api/v1/namespaces/default/configmaps/bench");
+            // A certificate in `system:masters` pays for the certificate but skips RBAC.
+            let group = if who == "masters cert" {
+                "system:masters"
+            } else {
+                "bench"
+            };
+            let client = if who == "admin" {
+                admin.clone()
+            } else {
+                reqwest::Client::builder()
+                    .add_root_certificate(ca)
+                    .identity(reqwest::Identity::from_pem(
+                        identity(cluster.dir.path(), "bench-user", &[group])?.as_bytes(),
+                    )?)
+                    .build()?
+            };
+            let token = (who == "admin").then(|| cluster.server.token.clone());
+            let request = |path: &str| {
+                let r = client.get(url(path));
+                match &token {
+                    Some(t) => r.bearer_auth(t),
+                    None => r,
+                }
+            };
+            let get = "/api/v1/namespaces/default/configmaps/bench-0";
+            let list = "/api/v1/namespaces/default/configmaps";
             eventually(
                 "the binding in the RBAC cache",
                 Duration::from_secs(10),
                 || {
-                    let (user, get) = (user.clone(), get.clone());
-                    async move {
-                        Ok(user
-                            .get(&get)
-                            .send()
-                            .await?
-                            .status()
-                            .is_success()
-                            .then_some(()))
-                    }
+                    let r = request(list);
+                    async move { Ok(r.send().await?.status().is_success().then_some(())) }
                 },
             )
             .await?;
-            let mut took = Vec::with_capacity(N);
-            for _ in 0..N {
-                let t = Instant::now();
-                let r = user.get(&get).send().await?;
-                anyhow::ensure!(r.status().is_success(), "get: {}", r.status());
-                r.bytes().await?;
-                took.push(t.elapsed());
+            for (what, path) in [("get", get), ("list", list)] {
+                let mut took = Vec::with_capacity(N);
+                for _ in 0..N {
+                    let t = Instant::now();
+                    let r = request(path).send().await?;
+                    anyhow::ensure!(r.status().is_success(), "{what}: {}", r.status());
+                    r.bytes().await?;
+                    took.push(t.elapsed());
+                }
+                took.sort();
+                let (p50, p99) = (took[N / 2], took[N * 99 / 100]);
+                figures.push(format!(
+                    "round {round}, {who:12}, limiter {}, {what:4}: p50 {p50:?}, p99 {p99:?}",
+                    if enabled { "on " } else { "off" }
+                ));
             }
-            took.sort();
-            let (p50, p99) = (took[N / 2], took[N * 99 / 100]);
-            figures.push(format!(
-                "round {round}, limiter {}: p50 {p50:?}, p99 {p99:?}",
-                if enabled { "on " } else { "off" }
-            ));
             cluster.server.shutdown().await?;
         }
     }
