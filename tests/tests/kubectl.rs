@@ -204,22 +204,29 @@ async fn kubectl_drives_skiff() -> anyhow::Result<()> {
         &["rollout", "undo", "deployments/kubernetes-bootcamp"],
     )?;
     rolled_out(&cluster, "60s")?;
-    let images = ok(
-        &cluster,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=kubernetes-bootcamp",
-            "-o",
-            "jsonpath={.items[*].spec.containers[0].image}",
-        ],
-    )?;
-    assert!(
-        images.split_whitespace().count() == 4
-            && images.split_whitespace().all(|i| i.ends_with(":v1")),
-        "{images}"
-    );
+    // The rollout is complete once the new pods are available; the old ones may still be
+    // terminating for a moment, as in Kubernetes.
+    eventually(
+        "only the 4 pods of the v1 template",
+        Duration::from_secs(30),
+        || async {
+            let images = ok(
+                &cluster,
+                &[
+                    "get",
+                    "pods",
+                    "-l",
+                    "app=kubernetes-bootcamp",
+                    "-o",
+                    "jsonpath={.items[*].spec.containers[0].image}",
+                ],
+            )?;
+            Ok((images.split_whitespace().count() == 4
+                && images.split_whitespace().all(|i| i.ends_with(":v1")))
+            .then_some(()))
+        },
+    )
+    .await?;
     ok(&cluster, &["describe", "deployment", "kubernetes-bootcamp"])?;
 
     // apply -f / delete -f of a Deployment + Service.
