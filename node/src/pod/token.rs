@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
-use serde_json::json;
 use skiff_api::pod_service_account as service_account;
 use skiff_client::Client;
 
@@ -47,25 +47,36 @@ struct Issued {
 async fn request(client: &Client, pod: &Pod) -> Result<Issued, String> {
     let (ns, sa) = (ns_of(pod), service_account(pod));
     let path = format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token");
-    let body = json!({
-        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"expirationSeconds": LIFETIME_SECONDS,
-                 "boundObjectRef": {"kind": "Pod", "apiVersion": "v1",
-                                    "name": name_of(pod), "uid": uid_of(pod)}},
-    });
+    let body = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(LIFETIME_SECONDS),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Pod".into()),
+                name: Some(name_of(pod).to_string()),
+                uid: Some(uid_of(pod).to_string()),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let body = serde_json::to_value(&body).map_err(|e| e.to_string())?;
     let answer = client
         .post_path(&path, &body)
         .await
         .map_err(|e| format!("cannot get a token for service account {ns}/{sa}: {e}"))?;
-    let token = answer["status"]["token"]
-        .as_str()
+    let answer: TokenRequest = serde_json::from_value(answer)
+        .map_err(|e| format!("the token request for service account {ns}/{sa} returned {e}"))?;
+    let token = answer
+        .status
+        .and_then(|s| s.token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
             format!("the token request for service account {ns}/{sa} returned no token")
-        })?
-        .to_string();
-    let seconds = answer["spec"]["expirationSeconds"]
-        .as_i64()
+        })?;
+    let seconds = answer
+        .spec
+        .and_then(|s| s.expiration_seconds)
         .unwrap_or(LIFETIME_SECONDS)
         .max(1);
     Ok(Issued {
@@ -234,6 +245,7 @@ pub(super) async fn with_api_env(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn files_are_replaced_whole_with_their_modes() {
