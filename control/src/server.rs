@@ -156,6 +156,18 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
+/// Binds the API's listening socket with a backlog for bursts of clients: a burst larger than
+/// the kernel's queue would otherwise be accepted out of order, after SYN retransmits.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// The kubeconfig both kubectl and the skiff CLI read.
 pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
     use base64::Engine;
@@ -252,12 +264,10 @@ impl Server {
             &dir.join("store"),
             &dir.join("encryption.key"),
         )?);
-        let listener = tokio::net::TcpListener::bind(config.api_addr)
-            .await
-            .map_err(|e| ServerError::Listen {
-                addr: config.api_addr,
-                source: e,
-            })?;
+        let listener = listen(config.api_addr).map_err(|e| ServerError::Listen {
+            addr: config.api_addr,
+            source: e,
+        })?;
         let addr = listener.local_addr().map_err(|e| ServerError::Listen {
             addr: config.api_addr,
             source: e,

@@ -246,19 +246,22 @@ async fn idle_connections_are_closed_after_their_timeouts_while_others_are_serve
     .await?;
     let addr = server.addr;
     let mut held = tokio::task::JoinSet::new();
-    // 4000 connections that never start TLS, from four addresses: each at its cap.
+    // 4000 connections that never start TLS, from four addresses: each at its cap, and one more
+    // from the first address, which is over its cap. The kernel may hand connections to the
+    // server out of order, so which of that address's 1001 is refused is not known; exactly one
+    // must be, at once, and the other 1000 kept until their timeout.
     for a in 2..6u8 {
-        for _ in 0..PER_ADDRESS {
+        let n = if a == 2 { PER_ADDRESS + 1 } else { PER_ADDRESS };
+        for _ in 0..n {
             let s = connect_from(loopback(a), addr).await?;
             let opened = Instant::now();
             held.spawn(closed(s, opened));
         }
     }
-    // One more from a full address is refused at once.
-    let refused = connect_from(loopback(2), addr).await?;
-    let refused_in = tokio::time::timeout(Duration::from_secs(5), closed(refused, Instant::now()))
+    let refused_in = tokio::time::timeout(TIMEOUT, held.join_next())
         .await
-        .map_err(|_| anyhow::anyhow!("a connection over the per-client cap was kept"))?;
+        .map_err(|_| anyhow::anyhow!("no connection over the per-client cap was refused"))?
+        .expect("connections held")?;
     // 1000 TLS connections that send one request and then stay idle, kept alive.
     let tls = server.tls()?;
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
@@ -300,8 +303,8 @@ async fn idle_connections_are_closed_after_their_timeouts_while_others_are_serve
         "another client waited {served_in:?}"
     );
     anyhow::ensure!(
-        refused_in < Duration::from_secs(1),
-        "refused after {refused_in:?}"
+        refused_in < TIMEOUT / 2,
+        "the connection over the cap was closed after {refused_in:?}, by a timeout, not refused"
     );
     // Every held connection is closed by the server once its timeout passed, not before.
     let deadline = TIMEOUT + Duration::from_secs(20);
