@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -92,6 +93,9 @@ pub struct Cache<K> {
     pub resource: &'static Resource,
     objects: RwLock<BTreeMap<String, Entry<K>>>,
     seen: watch::Sender<u64>,
+    /// Bumped after every change to `objects`: readers that derive an index from the cache
+    /// rebuild it when this moved.
+    generation: AtomicU64,
     handlers: RwLock<Vec<Handler<K>>>,
 }
 
@@ -159,6 +163,7 @@ impl<K: Object> Cache<K> {
             resource,
             objects: RwLock::new(BTreeMap::new()),
             seen: watch::channel(0).0,
+            generation: AtomicU64::new(0),
             handlers: RwLock::new(Vec::new()),
         })
     }
@@ -235,6 +240,13 @@ impl<K: Object> Cache<K> {
                 raw: Arc::new(obj),
             },
         );
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Moves on after every change to the cached objects. Read it before reading the objects:
+    /// an index built from them is current while this has not moved since.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn revision(&self) -> u64 {
@@ -326,6 +338,7 @@ impl<K: Object> Cache<K> {
                 *objs = fresh;
                 gone
             };
+            self.generation.fetch_add(1, Ordering::Release);
             self.seen.send_replace(rev);
             for o in gone {
                 self.notify(&Change {
@@ -364,6 +377,7 @@ impl<K: Object> Cache<K> {
                                 _ => objs.remove(&key),
                             }
                         };
+                        self.generation.fetch_add(1, Ordering::Release);
                         self.seen.send_replace(ev.revision);
                         let prev = match ev.prev.as_deref() {
                             None => None,
