@@ -506,7 +506,23 @@ fn node_context(
         local,
         oci,
         no_oci: oci_state.as_ref().err().cloned(),
+        guest_tls: guest_tls(&config.data_dir),
     }))
+}
+
+/// What wasm guests' outgoing HTTPS trusts: the public roots and the cluster CA, so a pod
+/// calls the API server at `https://kubernetes.default.svc` as a container would with its
+/// mounted `ca.crt`.
+fn guest_tls(data_dir: &std::path::Path) -> Option<skiff_wasm::TlsRoots> {
+    let path = data_dir.join("pki").join("ca.crt");
+    let pem = std::fs::read(&path).ok()?;
+    match skiff_wasm::TlsRoots::with_pem(&pem) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "wasm guests will not trust the cluster CA");
+            None
+        }
+    }
 }
 
 /// Renews the node's certificates while the agent runs: `client` and every clone of it, and

@@ -2,6 +2,10 @@
 // with the status and body of `GET $UPSTREAM` (for example
 // UPSTREAM=http://kubernetes-bootcamp:8080/, a service name resolved by the cluster):
 //   fetched http://kubernetes-bootcamp:8080/ from <HOSTNAME>: 200 Hello Kubernetes ...
+// With TOKEN_FILE set, the request carries `Authorization: Bearer <the file's content>`: with
+// UPSTREAM=https://kubernetes.default.svc/api/v1/namespaces/NS/pods and
+// TOKEN_FILE=/var/run/secrets/kubernetes.io/serviceaccount/token the pod calls the API server
+// as its ServiceAccount (the node trusts the cluster CA for its guests' HTTPS).
 // Errors are answered 502 with the wasi:http error code.
 #include <stdio.h>
 #include <string.h>
@@ -24,11 +28,18 @@ static void getenv_into(const char *key, char *out, size_t cap) {
     fetch_list_tuple2_string_string_free(&env);
 }
 
-// Splits http://AUTHORITY/PATH. Returns 0 when the URL is not plain http.
-static int split_url(const char *url, char *authority, size_t acap, char *path, size_t pcap) {
+// Splits http(s)://AUTHORITY/PATH; sets *https. Returns 0 when the URL is neither.
+static int split_url(const char *url, int *https, char *authority, size_t acap, char *path, size_t pcap) {
     const char *p = url;
-    if (strncmp(p, "http://", 7) != 0) return 0;
-    p += 7;
+    if (strncmp(p, "http://", 7) == 0) {
+        *https = 0;
+        p += 7;
+    } else if (strncmp(p, "https://", 8) == 0) {
+        *https = 1;
+        p += 8;
+    } else {
+        return 0;
+    }
     const char *slash = strchr(p, '/');
     size_t alen = slash ? (size_t)(slash - p) : strlen(p);
     if (alen == 0 || alen >= acap) return 0;
@@ -38,18 +49,43 @@ static int split_url(const char *url, char *authority, size_t acap, char *path, 
     return 1;
 }
 
+// The headers of the call: `Authorization: Bearer TOKEN` when token_file names a readable
+// file. Returns 0 (and says why in out) when it names one that cannot be read.
+static int headers(const char *token_file, wasi_http_types_own_fields_t *fields, char *out, size_t cap) {
+    *fields = wasi_http_types_constructor_fields();
+    if (!token_file[0]) return 1;
+    FILE *f = fopen(token_file, "r");
+    if (!f) {
+        snprintf(out, cap, "cannot read TOKEN_FILE %s", token_file);
+        return 0;
+    }
+    static char value[8192];
+    size_t n = (size_t)snprintf(value, sizeof value, "Bearer ");
+    n += fread(value + n, 1, sizeof value - 1 - n, f);
+    fclose(f);
+    while (n > 7 && (value[n - 1] == '\n' || value[n - 1] == '\r' || value[n - 1] == ' ')) n--;
+    fetch_string_t name;
+    fetch_string_set(&name, "authorization");
+    wasi_http_types_field_value_t v = {(uint8_t *)value, n};
+    wasi_http_types_header_error_t err;
+    wasi_http_types_method_fields_append(wasi_http_types_borrow_fields(*fields), &name, &v, &err);
+    return 1;
+}
+
 // GET url; writes "STATUS BODY" or an error into out. Returns the HTTP status to answer with.
-static int get(const char *url, char *out, size_t cap) {
+static int get(const char *url, const char *token_file, char *out, size_t cap) {
     char authority[256], path[512];
-    if (!split_url(url, authority, sizeof authority, path, sizeof path)) {
-        snprintf(out, cap, "UPSTREAM must be an http:// URL, got \"%s\"", url);
+    int https = 0;
+    if (!split_url(url, &https, authority, sizeof authority, path, sizeof path)) {
+        snprintf(out, cap, "UPSTREAM must be an http:// or https:// URL, got \"%s\"", url);
         return 500;
     }
-    wasi_http_types_own_outgoing_request_t req =
-        wasi_http_types_constructor_outgoing_request(wasi_http_types_constructor_fields());
+    wasi_http_types_own_fields_t fields;
+    if (!headers(token_file, &fields, out, cap)) return 500;
+    wasi_http_types_own_outgoing_request_t req = wasi_http_types_constructor_outgoing_request(fields);
     wasi_http_types_borrow_outgoing_request_t breq = wasi_http_types_borrow_outgoing_request(req);
     wasi_http_types_method_t method = {.tag = WASI_HTTP_TYPES_METHOD_GET};
-    wasi_http_types_scheme_t scheme = {.tag = WASI_HTTP_TYPES_SCHEME_HTTP};
+    wasi_http_types_scheme_t scheme = {.tag = https ? WASI_HTTP_TYPES_SCHEME_HTTPS : WASI_HTTP_TYPES_SCHEME_HTTP};
     fetch_string_t a, pq;
     fetch_string_set(&a, authority);
     fetch_string_set(&pq, path);
@@ -109,10 +145,11 @@ static int get(const char *url, char *out, size_t cap) {
 void exports_wasi_http_incoming_handler_handle(
     exports_wasi_http_incoming_handler_own_incoming_request_t request,
     exports_wasi_http_incoming_handler_own_response_outparam_t response_out) {
-    char upstream[512], host[256], fetched[2048], body[3072];
+    char upstream[512], host[256], token_file[512], fetched[2048], body[3072];
     getenv_into("UPSTREAM", upstream, sizeof upstream);
     getenv_into("HOSTNAME", host, sizeof host);
-    int status = get(upstream, fetched, sizeof fetched);
+    getenv_into("TOKEN_FILE", token_file, sizeof token_file);
+    int status = get(upstream, token_file, fetched, sizeof fetched);
     int len = snprintf(body, sizeof body, "fetched %s from %s: %s", upstream, host, fetched);
     if (len > (int)sizeof body - 1) len = sizeof body - 1;
 

@@ -573,3 +573,81 @@ async fn wasm_and_oci_pods_see_their_token_unless_they_opt_out() -> anyhow::Resu
     assert!(out.contains("KUBERNETES_SERVICE_PORT=443\n"), "{out}");
     Ok(())
 }
+
+/// A wasm pod calling the API server at `https://kubernetes.default.svc` with its mounted token
+/// (the `fetch` sample with `TOKEN_FILE`): refused with a 403 naming its ServiceAccount until a
+/// RoleBinding lets that account view the namespace, then answered with the pod list. The
+/// node's guests trust the cluster CA, and the certificate is checked for the service's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wasm_pod_calls_the_api_as_its_service_account() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (ns, up) = SkiffUp::in_new_netns(d, &[]).await?;
+    up.push_samples(&ns, &[("fetch.wasm", "fetch:v1")])?;
+    let admin = up.dir.join("kubeconfig");
+    let url = "https://kubernetes.default.svc/api/v1/namespaces/default/pods";
+    let caller = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "api-caller"},
+        "spec": {"containers": [{"name": "fetch", "image": "127.0.0.1:5000/fetch:v1",
+            "ports": [{"containerPort": 8080}],
+            "env": [{"name": "UPSTREAM", "value": url},
+                    {"name": "TOKEN_FILE", "value": format!("{MOUNT}/token")}]}]}});
+    apply(&up, &ns, d, "caller.json", &caller)?;
+    wait_phase(&up, &ns, "api-caller", "Running").await?;
+    let ip = up.json(&ns, &["get", "pod", "api-caller"])?["status"]["podIP"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let call = || {
+        ns.run(&[
+            "curl",
+            "-s",
+            "--max-time",
+            "10",
+            &format!("http://{ip}:8080/"),
+        ])
+    };
+    let prefix = format!("fetched {url} from api-caller: ");
+    // The token authenticates; RBAC gives the default ServiceAccount nothing yet.
+    let denied = eventually(
+        "the pod's call answered",
+        Duration::from_secs(30),
+        || async { Ok(call().ok().filter(|b| b.starts_with(&prefix))) },
+    )
+    .await?;
+    assert!(denied.starts_with(&format!("{prefix}403 ")), "{denied}");
+    assert!(
+        denied.contains(
+            r#"User \"system:serviceaccount:default:default\" cannot list resource \"pods\""#
+        ),
+        "{denied}"
+    );
+    ok(
+        &ns,
+        d,
+        &admin,
+        &[
+            "create",
+            "rolebinding",
+            "default-view",
+            "--clusterrole=view",
+            "--serviceaccount=default:default",
+        ],
+    )?;
+    let listed = eventually(
+        "the pod list for the pod",
+        Duration::from_secs(30),
+        || async {
+            Ok(call()
+                .ok()
+                .filter(|b| b.starts_with(&format!("{prefix}200 "))))
+        },
+    )
+    .await?;
+    // The body is cut at 2 KiB: the list's first item is the caller itself.
+    assert!(
+        listed.contains(r#""items":[{"apiVersion":"v1","kind":"Pod""#),
+        "{listed}"
+    );
+    assert!(listed.contains(r#""name":"api-caller""#), "{listed}");
+    Ok(())
+}

@@ -18,6 +18,7 @@ use wasmtime_wasi_http::{
     WasiHttpView,
 };
 
+use crate::outgoing::{Pending, TlsRoots};
 use crate::WasmError;
 
 /// A host directory the guest sees (a volume).
@@ -44,6 +45,9 @@ pub struct GuestConfig {
     /// Resolves host names of the guest's outgoing HTTP requests before the system resolver
     /// (cluster service names).
     pub resolver: Option<Resolver>,
+    /// What the guest's outgoing HTTPS trusts beyond the public roots (the cluster CA); the
+    /// server's certificate is then checked for the name the guest asked for.
+    pub tls: Option<TlsRoots>,
 }
 
 /// Maps a host name to an address, or None to leave it to the system resolver.
@@ -63,9 +67,8 @@ impl std::fmt::Debug for Resolver {
 #[derive(Default)]
 pub(crate) struct Hooks {
     resolver: Option<Resolver>,
+    tls: Option<TlsRoots>,
 }
-
-type Pending = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
 
 impl WasiHttpHooks for Hooks {
     fn send_request(
@@ -76,6 +79,17 @@ impl WasiHttpHooks for Hooks {
     ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, Pending), HttpError>> + Send>
     {
         drop(fut);
+        let https = request.uri().scheme() == Some(&http::uri::Scheme::HTTPS);
+        // The name the certificate must be for, taken before the address replaces it.
+        let tls = self.tls.as_ref().filter(|_| https).and_then(|t| {
+            let host = request
+                .uri()
+                .host()?
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let name = rustls::pki_types::ServerName::try_from(host.to_string()).ok()?;
+            Some((name, t.0.clone()))
+        });
         if let Some(r) = &self.resolver {
             let uri = request.uri().clone();
             if let Some(auth) = uri.authority() {
@@ -96,6 +110,9 @@ impl WasiHttpHooks for Hooks {
         }
         Box::new(async move {
             use http_body_util::BodyExt;
+            if let Some((name, config)) = tls {
+                return crate::outgoing::send_tls(request, options, name, config).await;
+            }
             let (res, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             Ok((res.map(BodyExt::boxed_unsync), Box::new(io) as Pending))
         })
@@ -172,6 +189,7 @@ impl Host {
             limits: limits.trap_on_grow_failure(true).build(),
             hooks: Hooks {
                 resolver: config.resolver.clone(),
+                tls: config.tls.clone(),
             },
             stderr: config.stderr.clone(),
         })

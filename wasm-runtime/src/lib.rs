@@ -14,6 +14,7 @@
 pub mod artifact;
 mod host;
 mod http;
+mod outgoing;
 mod workers;
 
 use std::collections::{HashMap, HashSet};
@@ -31,6 +32,7 @@ use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 pub use host::{GuestConfig, Preopen, Resolver};
 pub use http::{Handler, HttpServer};
+pub use outgoing::TlsRoots;
 
 /// How often the epoch ticks: the granularity of CPU deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);

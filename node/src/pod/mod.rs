@@ -59,6 +59,8 @@ pub struct NodeContext {
     pub oci: Option<Arc<OciNode>>,
     /// …and then why.
     pub no_oci: Option<String>,
+    /// What wasm guests' outgoing HTTPS trusts beyond the public roots (the cluster CA).
+    pub guest_tls: Option<skiff_wasm::TlsRoots>,
 }
 
 impl NodeContext {

@@ -214,6 +214,7 @@ async fn make_wasm(
             ns_of(&shared.pod),
             placed.sandbox.as_ref().map(|_| placed.ip),
         ),
+        tls: ctx.guest_tls.clone(),
     };
     Ok(match program.kind {
         Kind::Http => {
