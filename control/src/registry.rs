@@ -1348,13 +1348,13 @@ fn scheduled(pod: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sled::SledStore;
+    use crate::store::sqlite::SqliteStore;
     use crate::store::Store;
     use std::time::Duration;
 
-    fn registry() -> (tempfile::TempDir, Arc<SledStore>, Arc<Registry>) {
+    fn registry() -> (tempfile::TempDir, Arc<SqliteStore>, Arc<Registry>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let reg = Registry::new(store.clone(), ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         (dir, store, reg)
