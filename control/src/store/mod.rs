@@ -90,13 +90,13 @@ pub trait Store: Send + Sync + 'static {
     fn list_shared(&self, prefix: &str) -> Result<(Vec<Arc<Value>>, u64), StoreError>;
     /// Applies all ops atomically under one new revision, or none of them.
     fn txn(&self, ops: Vec<Op>) -> Result<Committed, StoreError>;
-    /// As `txn`, for async callers: a back end that can waits for durability without holding
-    /// a thread (this default blocks in `txn`).
-    fn txn_async(
-        &self,
-        ops: Vec<Op>,
-    ) -> futures::future::BoxFuture<'_, Result<Committed, StoreError>> {
-        Box::pin(async move { self.txn(ops) })
+    /// Applies `ops` as `txn` does, but returns before they are durable, with a future that
+    /// resolves once they are (and are visible and sent to watchers), or fails if they could
+    /// not be made so: the write must not be acknowledged before. A back end that can waits
+    /// there without holding a thread; this default waits in `txn`.
+    fn txn_deferred(&self, ops: Vec<Op>) -> Result<(Committed, Durable), StoreError> {
+        let committed = self.txn(ops)?;
+        Ok((committed, Box::pin(std::future::ready(Ok(())))))
     }
     fn revision(&self) -> u64;
     /// Events under `prefix` after revision `from`.
@@ -106,6 +106,9 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type DynStore = Arc<dyn Store>;
+
+/// Resolves once a transaction applied by [`Store::txn_deferred`] is durable.
+pub type Durable = futures::future::BoxFuture<'static, Result<(), StoreError>>;
 
 /// Sets `metadata.resourceVersion` on an object.
 pub(crate) fn stamp(value: &mut Value, revision: u64) {

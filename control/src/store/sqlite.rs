@@ -9,7 +9,7 @@
 //! writes everything queued so far in one SQLite transaction with one fsync. Only after that
 //! commit are the transactions acknowledged, made visible to readers and sent to watchers:
 //! nothing anyone saw can be lost to a crash. A writer waits for its acknowledgement on a
-//! channel — blocking (`txn`) or as a future (`txn_async`), which holds no thread meanwhile.
+//! channel — blocking (`txn`) or as a future (`txn_deferred`), which holds no thread meanwhile.
 //! If a commit fails, every queued transaction fails with it and the overlay is dropped, so the
 //! store goes on from what is durable.
 //!
@@ -25,7 +25,6 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::Value;
 use skiff_api::limits::MAX_OBJECT_BYTES;
@@ -33,7 +32,7 @@ use tokio::sync::oneshot;
 
 use super::encryption::{self, Encryption};
 use super::hub::{Event, EventType, Hub, WatchStream};
-use super::{stamp, Committed, Op, Store, StoreError};
+use super::{stamp, Committed, Durable, Op, Store, StoreError};
 
 /// Events kept for watches to resume from: at most this many...
 pub const DEFAULT_WINDOW: usize = 10_000;
@@ -656,13 +655,9 @@ impl Store for SqliteStore {
         Ok(committed)
     }
 
-    fn txn_async(&self, ops: Vec<Op>) -> BoxFuture<'_, Result<Committed, StoreError>> {
-        let applied = self.shared.apply(ops);
-        Box::pin(async move {
-            let (committed, wait) = applied?;
-            acknowledged(wait.await)?;
-            Ok(committed)
-        })
+    fn txn_deferred(&self, ops: Vec<Op>) -> Result<(Committed, Durable), StoreError> {
+        let (committed, wait) = self.shared.apply(ops)?;
+        Ok((committed, Box::pin(async move { acknowledged(wait.await) })))
     }
 
     fn revision(&self) -> u64 {
@@ -1113,10 +1108,11 @@ mod tests {
         let writes = (0..WRITERS).map(|i| {
             let s = s.clone();
             async move {
-                s.txn_async(create(&format!("/registry/pods/default/p{i}")))
-                    .await
-                    .unwrap()
-                    .revision
+                let (c, durable) = s
+                    .txn_deferred(create(&format!("/registry/pods/default/p{i}")))
+                    .unwrap();
+                durable.await.unwrap();
+                c.revision
             }
         });
         let mut revs = futures::future::join_all(writes).await;
