@@ -52,13 +52,15 @@ pub fn deferring<T>(f: impl FnOnce() -> T) -> (T, Durable) {
 }
 
 /// A held registry lock whose section's writes are durable before it is released.
-struct Serialised<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, ()>);
+struct Serialised<'a> {
+    _guard: std::sync::MutexGuard<'a, ()>,
+}
 
 impl<'a> Serialised<'a> {
     fn lock(m: &'a Mutex<()>) -> Self {
         let g = m.lock().expect("registry lock");
         SERIALISED.with(|n| n.set(n.get() + 1));
-        Serialised(g)
+        Serialised { _guard: g }
     }
 }
 
@@ -1620,6 +1622,67 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Under `deferring`, a write returns once applied, its durability a future to await; a
+    /// write that allocates (a Service's cluster IP) still returns only once durable.
+    #[test]
+    fn deferred_writes_return_before_their_commit() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (_dir, store, reg) = registry();
+        let hold = Arc::new(AtomicBool::new(true));
+        {
+            let hold = hold.clone();
+            store.set_flush_hook(move |_, _| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while hold.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        let cms = Resource::lookup("configmaps").unwrap();
+        let (created, durable) = deferring(|| {
+            reg.create(
+                cms,
+                Some("default"),
+                json!({"metadata": {"name": "d"}}),
+                &WriteOptions::default(),
+            )
+        });
+        let created = created.unwrap();
+        let key = "/registry/configmaps/default/d";
+        // Applied but held before its commit: readers do not see it yet.
+        assert!(store.get(key).unwrap().is_none());
+        hold.store(false, Ordering::SeqCst);
+        futures::executor::block_on(durable).unwrap();
+        assert_eq!(
+            store.get(key).unwrap().unwrap()["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+        // An allocating write waits for its commit inside the allocation lock.
+        hold.store(true, Ordering::SeqCst);
+        let release = {
+            let hold = hold.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                hold.store(false, Ordering::SeqCst);
+            })
+        };
+        let svcs = Resource::lookup("services").unwrap();
+        let (created, _durable) = deferring(|| {
+            reg.create(
+                svcs,
+                Some("default"),
+                json!({"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}}),
+                &WriteOptions::default(),
+            )
+        });
+        created.unwrap();
+        assert!(store
+            .get(&svcs.key(Some("default"), "s"))
+            .unwrap()
+            .is_some());
+        release.join().unwrap();
     }
 
     #[test]

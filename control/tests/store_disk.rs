@@ -145,7 +145,7 @@ fn churn(dir: &Path, updates: usize, writers: usize) -> Report {
                     assert!(store.get(&key).unwrap().is_some());
                     get.push(t.elapsed());
                     let global = n * writers + w;
-                    if global % large_every == 0 {
+                    if global.is_multiple_of(large_every) {
                         let l = (global / large_every) % LARGE;
                         store
                             .txn(vec![Op::Update {
@@ -269,4 +269,88 @@ fn store_disk_report() {
         env("STORE_WRITERS", 16),
     );
     assert_bounded(&r);
+}
+
+/// sled, the earlier back end, under the same churn with its own settings
+/// (`SLED_SEGMENT` bytes per segment; `SLED_EXPORT=1` to export and import into a new directory
+/// at the end, as a compaction on start would):
+/// how far its own knobs hold its disk use.
+#[test]
+#[ignore]
+fn sled_settings_report() {
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let updates = env("STORE_UPDATES").unwrap_or(20_000) as usize;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sled");
+    let mut config = sled::Config::new().path(&dir).cache_capacity(8 << 20);
+    if let Some(s) = env("SLED_SEGMENT") {
+        config = config.segment_size(s as usize);
+    }
+    let db = config.open().unwrap();
+    let tree = db.open_tree("registry").unwrap();
+    let key = |i: usize| format!("/registry/configmaps/default/small-{i}");
+    for i in 0..1000 {
+        tree.insert(key(i), serde_json::to_vec(&small(i, 0)).unwrap())
+            .unwrap();
+    }
+    for i in 0..4 {
+        tree.insert(
+            format!("/registry/configmaps/default/large-{i}"),
+            serde_json::to_vec(&large(i, 0)).unwrap(),
+        )
+        .unwrap();
+    }
+    db.flush().unwrap();
+    let t0 = Instant::now();
+    for n in 0..updates {
+        tree.insert(
+            key(n % 1000),
+            serde_json::to_vec(&small(n % 1000, n + 1)).unwrap(),
+        )
+        .unwrap();
+        if n.is_multiple_of((updates / 20).max(1)) {
+            let l = (n / (updates / 20).max(1)) % 4;
+            tree.insert(
+                format!("/registry/configmaps/default/large-{l}"),
+                serde_json::to_vec(&large(l, n + 1)).unwrap(),
+            )
+            .unwrap();
+        }
+        // One flush per 16 updates: the group commit of 16 concurrent writers.
+        if n % 16 == 15 {
+            db.flush().unwrap();
+        }
+    }
+    db.flush().unwrap();
+    let live: u64 = tree.iter().map(|kv| kv.unwrap().1.len() as u64).sum();
+    println!(
+        "sled {updates} updates in {:.1}s: live {:.1} MiB, disk {:.1} MiB",
+        t0.elapsed().as_secs_f64(),
+        live as f64 / MB,
+        disk_use(&dir) as f64 / MB
+    );
+    for i in 0..4 {
+        tree.remove(format!("/registry/configmaps/default/large-{i}"))
+            .unwrap();
+    }
+    db.flush().unwrap();
+    println!("large deleted: disk {:.1} MiB", disk_use(&dir) as f64 / MB);
+    if env("SLED_EXPORT") == Some(1) {
+        let export = db.export();
+        let fresh = sled::Config::new()
+            .path(tmp.path().join("fresh"))
+            .open()
+            .unwrap();
+        fresh.import(export);
+        fresh.flush().unwrap();
+        println!(
+            "exported into a new directory: disk {:.1} MiB",
+            disk_use(&tmp.path().join("fresh")) as f64 / MB
+        );
+    }
+    drop(tree);
+    drop(db);
+    let db = sled::Config::new().path(&dir).open().unwrap();
+    drop(db);
+    println!("restarted: disk {:.1} MiB", disk_use(&dir) as f64 / MB);
 }
