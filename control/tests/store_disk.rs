@@ -272,7 +272,8 @@ fn store_disk_report() {
 }
 
 /// sled, the earlier back end, under the same churn with its own settings
-/// (`SLED_SEGMENT` bytes per segment; `SLED_EXPORT=1` to export and import into a new directory
+/// (`SLED_WRITERS` concurrent writers, each applying a batch and flushing as the sled store did;
+/// `SLED_SEGMENT` bytes per segment; `SLED_EXPORT=1` to export and import into a new directory
 /// at the end, as a compaction on start would):
 /// how far its own knobs hold its disk use.
 #[test]
@@ -302,25 +303,34 @@ fn sled_settings_report() {
     }
     db.flush().unwrap();
     let t0 = Instant::now();
-    for n in 0..updates {
-        tree.insert(
-            key(n % 1000),
-            serde_json::to_vec(&small(n % 1000, n + 1)).unwrap(),
-        )
-        .unwrap();
-        if n.is_multiple_of((updates / 20).max(1)) {
-            let l = (n / (updates / 20).max(1)) % 4;
-            tree.insert(
-                format!("/registry/configmaps/default/large-{l}"),
-                serde_json::to_vec(&large(l, n + 1)).unwrap(),
-            )
-            .unwrap();
+    // As the sled store wrote: each writer applied a batch (its object and the revision) and
+    // flushed; `SLED_WRITERS` of them at once.
+    let writers = env("SLED_WRITERS").unwrap_or(1) as usize;
+    let large_every = (updates / 20).max(1);
+    std::thread::scope(|scope| {
+        for w in 0..writers {
+            let (db, tree) = (&db, &tree);
+            scope.spawn(move || {
+                for n in (w..updates).step_by(writers) {
+                    let mut batch = sled::Batch::default();
+                    batch.insert(
+                        key(n % 1000).as_bytes(),
+                        serde_json::to_vec(&small(n % 1000, n + 1)).unwrap(),
+                    );
+                    if n.is_multiple_of(large_every) {
+                        let l = (n / large_every) % 4;
+                        batch.insert(
+                            format!("/registry/configmaps/default/large-{l}").as_bytes(),
+                            serde_json::to_vec(&large(l, n + 1)).unwrap(),
+                        );
+                    }
+                    batch.insert(&b"\0revision"[..], &(n as u64).to_be_bytes());
+                    tree.apply_batch(batch).unwrap();
+                    db.flush().unwrap();
+                }
+            });
         }
-        // One flush per 16 updates: the group commit of 16 concurrent writers.
-        if n % 16 == 15 {
-            db.flush().unwrap();
-        }
-    }
+    });
     db.flush().unwrap();
     let live: u64 = tree.iter().map(|kv| kv.unwrap().1.len() as u64).sum();
     println!(
@@ -350,7 +360,10 @@ fn sled_settings_report() {
     }
     drop(tree);
     drop(db);
-    let db = sled::Config::new().path(&dir).open().unwrap();
-    drop(db);
+    let mut config = sled::Config::new().path(&dir);
+    if let Some(s) = env("SLED_SEGMENT") {
+        config = config.segment_size(s as usize);
+    }
+    drop(config.open().unwrap());
     println!("restarted: disk {:.1} MiB", disk_use(&dir) as f64 / MB);
 }
