@@ -25,7 +25,7 @@ use skiff_control::controllers::runtime::Cache;
 use skiff_control::controllers::scheduler::{self, NodeInfo, PodRequest};
 use skiff_control::registry::{ClusterConfig, Registry, WriteOptions};
 use skiff_control::server::{Server, ServerConfig};
-use skiff_control::store::{sled::SledStore, DynStore, Op, Store};
+use skiff_control::store::{sqlite::SqliteStore, DynStore, Op, Store};
 
 fn node(i: usize) -> Value {
     json!({"metadata": {"name": format!("node-{i:04}"), "labels": {"zone": format!("z{}", i % 3)}},
@@ -81,7 +81,7 @@ fn scheduler_bench() {
 
     // End to end: pods in the store, scheduled and bound in store transactions.
     let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(SledStore::open(dir.path()).unwrap());
+    let store: DynStore = Arc::new(SqliteStore::open(dir.path()).unwrap());
     let reg = Registry::new(store.clone(), ClusterConfig::default());
     let pods_r = Resource::lookup("pods").unwrap();
     for chunk in (0..PODS).collect::<Vec<_>>().chunks(1000) {
@@ -183,7 +183,7 @@ async fn api_bench() {
     }
     // Baseline: the store alone, same data dir kind.
     let sdir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(sdir.path()).unwrap();
+    let store = SqliteStore::open(sdir.path()).unwrap();
     let mut screates = Vec::with_capacity(N);
     let mut sgets = Vec::with_capacity(N);
     for i in 0..N {
@@ -222,7 +222,7 @@ async fn watch_bench() {
     const WATCHERS: usize = 100;
     const WRITES: usize = 1000;
     let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(SledStore::open(dir.path()).unwrap());
+    let store: DynStore = Arc::new(SqliteStore::open(dir.path()).unwrap());
     let reg = Registry::new(store.clone(), ClusterConfig::default());
     skiff_control::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
     let cms = Resource::lookup("configmaps").unwrap();
@@ -404,7 +404,7 @@ async fn cache_bench() {
     const PODS: usize = 10_000;
     const UPDATES: usize = 2000;
     let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(SledStore::open(dir.path()).unwrap());
+    let store: DynStore = Arc::new(SqliteStore::open(dir.path()).unwrap());
     let reg = Registry::new(store.clone(), ClusterConfig::default());
     let pods_r = Resource::lookup("pods").unwrap();
     for chunk in (0..PODS).collect::<Vec<_>>().chunks(1000) {

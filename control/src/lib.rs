@@ -1,6 +1,6 @@
 //! skiff-control: the control plane.
 //!
-//! - [`store`]: objects, revisions, watches (sled by default);
+//! - [`store`]: objects, revisions, watches (SQLite by default);
 //! - [`registry`]: the API's semantics over the store (validation, defaulting, allocation, deletion);
 //! - [`apiserver`]: the Kubernetes-compatible HTTP API;
 //! - [`controllers`]: level-triggered reconcilers (deployments, replica sets, endpoints, GC, nodes)

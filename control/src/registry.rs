@@ -15,7 +15,60 @@ use skiff_api::selector::Selector;
 use skiff_api::{defaults, meta, validation, ApiError, Cause, Resource};
 use tokio::sync::mpsc;
 
-use crate::store::{DynStore, EventType, Op, StoreError};
+use crate::store::{Committed, Durable, DynStore, EventType, Op, StoreError};
+
+thread_local! {
+    /// Set by [`deferring`]: the durability of the writes this thread committed meanwhile.
+    static DEFERRED: std::cell::RefCell<Option<Vec<Durable>>> = const { std::cell::RefCell::new(None) };
+    /// How many of the registry's serialised sections (see [`Serialised`]) this thread is in.
+    static SERIALISED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f`, registry calls on this thread, so that their writes return once applied instead of
+/// once durable; returns `f`'s result and a future that resolves once every one of them is
+/// durable (or fails if one cannot be made so). Whoever acknowledges the writes awaits it
+/// first, without holding a thread meanwhile. Writes in a serialised section (allocations,
+/// evictions) still wait for durability there: the next writer reads what they wrote from the
+/// readers' view. A registry call that reads its own write back must not run under this.
+pub fn deferring<T>(f: impl FnOnce() -> T) -> (T, Durable) {
+    struct Restore(Option<Vec<Durable>>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let outer = self.0.take();
+            DEFERRED.with(|d| *d.borrow_mut() = outer);
+        }
+    }
+    let restore = Restore(DEFERRED.with(|d| d.borrow_mut().replace(Vec::new())));
+    let out = f();
+    let pending = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+    drop(restore);
+    let durable: Durable = Box::pin(async move {
+        for p in pending {
+            p.await?;
+        }
+        Ok(())
+    });
+    (out, durable)
+}
+
+/// A held registry lock whose section's writes are durable before it is released.
+struct Serialised<'a> {
+    _guard: std::sync::MutexGuard<'a, ()>,
+}
+
+impl<'a> Serialised<'a> {
+    fn lock(m: &'a Mutex<()>) -> Self {
+        let g = m.lock().expect("registry lock");
+        SERIALISED.with(|n| n.set(n.get() + 1));
+        Serialised { _guard: g }
+    }
+}
+
+impl Drop for Serialised<'_> {
+    fn drop(&mut self) {
+        SERIALISED.with(|n| n.set(n.get() - 1));
+    }
+}
 
 /// Cluster-wide settings the registry allocates from.
 #[derive(Debug, Clone)]
@@ -415,7 +468,7 @@ impl Registry {
         let name = meta::name(&obj).to_string();
         self.ensure_namespace(r, ns.as_deref())?;
         // Only kinds that allocate need to be serialised with the writes of their kind.
-        let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
+        let _g = Self::allocates(r).then(|| Serialised::lock(&self.alloc));
         Self::node_restriction(r, None, &obj, opts)?;
         if let Some(a) = &opts.admission {
             a.admit(r, None, &obj)?;
@@ -598,7 +651,7 @@ impl Registry {
         expect: Option<u64>,
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
-        let _g = Self::allocates(r).then(|| self.alloc.lock().expect("alloc lock"));
+        let _g = Self::allocates(r).then(|| Serialised::lock(&self.alloc));
         Self::node_restriction(r, Some(old), &new, opts)?;
         if let Some(a) = &opts.admission {
             a.admit(r, Some(old), &new)?;
@@ -674,7 +727,7 @@ impl Registry {
         use k8s_openapi::api::policy::v1::PodDisruptionBudget;
         let pods_r = Resource::lookup("pods").expect("pods");
         let pdbs_r = Resource::lookup("poddisruptionbudgets").expect("pdbs");
-        let _g = self.evictions.lock().expect("evictions lock");
+        let _g = Serialised::lock(&self.evictions);
         let obj = self.get(pods_r, Some(ns), name)?;
         let pod: Pod = validation::typed(&obj)?;
         let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -881,14 +934,14 @@ impl Registry {
             key: r.key(r.namespaced.then_some(ns.as_str()), name),
             expect: Some(*rv),
         };
-        match self.store.txn(seen.iter().map(op).collect()) {
+        match self.commit(seen.iter().map(op).collect()) {
             Ok(_) => return Ok(seen.len()),
             Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
             Err(e) => return Err(store_err(r, "", e)),
         }
         let mut deleted = 0;
         for s in seen {
-            match self.store.txn(vec![op(s)]) {
+            match self.commit(vec![op(s)]) {
                 Ok(_) => deleted += 1,
                 Err(StoreError::Conflict { .. } | StoreError::NotFound(_)) => {}
                 Err(e) => return Err(store_err(r, &s.1, e)),
@@ -897,11 +950,24 @@ impl Registry {
         Ok(deleted)
     }
 
+    /// The one way the registry writes the store: durable when it returns, unless under
+    /// [`deferring`] and outside a serialised section.
+    fn commit(&self, ops: Vec<Op>) -> Result<Committed, StoreError> {
+        let defer = SERIALISED.with(|n| n.get() == 0) && DEFERRED.with(|d| d.borrow().is_some());
+        if !defer {
+            return self.store.txn(ops);
+        }
+        let (committed, durable) = self.store.txn_deferred(ops)?;
+        DEFERRED.with(|d| {
+            if let Some(pending) = d.borrow_mut().as_mut() {
+                pending.push(durable);
+            }
+        });
+        Ok(committed)
+    }
+
     fn commit_one(&self, r: &Resource, name: &str, op: Op) -> Result<Value, ApiError> {
-        let c = self
-            .store
-            .txn(vec![op])
-            .map_err(|e| store_err(r, name, e))?;
+        let c = self.commit(vec![op]).map_err(|e| store_err(r, name, e))?;
         Ok(c.objects.into_iter().next().expect("one op, one object"))
     }
 
@@ -957,8 +1023,7 @@ impl Registry {
         if ops.is_empty() {
             return Ok(self.store.revision());
         }
-        self.store
-            .txn(ops)
+        self.commit(ops)
             .map(|c| c.revision)
             .map_err(|e| store_err(pods, "", e))
     }
@@ -1348,13 +1413,13 @@ fn scheduled(pod: &mut Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sled::SledStore;
+    use crate::store::sqlite::SqliteStore;
     use crate::store::Store;
     use std::time::Duration;
 
-    fn registry() -> (tempfile::TempDir, Arc<SledStore>, Arc<Registry>) {
+    fn registry() -> (tempfile::TempDir, Arc<SqliteStore>, Arc<Registry>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let reg = Registry::new(store.clone(), ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         (dir, store, reg)
@@ -1557,6 +1622,67 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Under `deferring`, a write returns once applied, its durability a future to await; a
+    /// write that allocates (a Service's cluster IP) still returns only once durable.
+    #[test]
+    fn deferred_writes_return_before_their_commit() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (_dir, store, reg) = registry();
+        let hold = Arc::new(AtomicBool::new(true));
+        {
+            let hold = hold.clone();
+            store.set_flush_hook(move |_, _| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while hold.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+        }
+        let cms = Resource::lookup("configmaps").unwrap();
+        let (created, durable) = deferring(|| {
+            reg.create(
+                cms,
+                Some("default"),
+                json!({"metadata": {"name": "d"}}),
+                &WriteOptions::default(),
+            )
+        });
+        let created = created.unwrap();
+        let key = "/registry/configmaps/default/d";
+        // Applied but held before its commit: readers do not see it yet.
+        assert!(store.get(key).unwrap().is_none());
+        hold.store(false, Ordering::SeqCst);
+        futures::executor::block_on(durable).unwrap();
+        assert_eq!(
+            store.get(key).unwrap().unwrap()["metadata"]["resourceVersion"],
+            created["metadata"]["resourceVersion"]
+        );
+        // An allocating write waits for its commit inside the allocation lock.
+        hold.store(true, Ordering::SeqCst);
+        let release = {
+            let hold = hold.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                hold.store(false, Ordering::SeqCst);
+            })
+        };
+        let svcs = Resource::lookup("services").unwrap();
+        let (created, _durable) = deferring(|| {
+            reg.create(
+                svcs,
+                Some("default"),
+                json!({"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}}),
+                &WriteOptions::default(),
+            )
+        });
+        created.unwrap();
+        assert!(store
+            .get(&svcs.key(Some("default"), "s"))
+            .unwrap()
+            .is_some());
+        release.join().unwrap();
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::apiserver::{self, ApiState};
 use crate::controllers::{self, ControllerConfig};
 use crate::registry::{ClusterConfig, Registry, WriteOptions};
-use crate::store::{sled::SledStore, DynStore};
+use crate::store::{sqlite::SqliteStore, DynStore};
 
 /// Everything `skiff server` is configured with.
 #[derive(Debug, Clone)]
@@ -260,7 +260,7 @@ impl Server {
                 path: dir.clone(),
                 source: e,
             })?;
-        let store: DynStore = Arc::new(SledStore::open_with_key(
+        let store: DynStore = Arc::new(SqliteStore::open_with_key(
             &dir.join("store"),
             &dir.join("encryption.key"),
         )?);

@@ -871,10 +871,10 @@ mod tests {
     #[test]
     fn join_tokens_authenticate_as_bootstrappers_until_they_expire() {
         use crate::registry::{ClusterConfig, WriteOptions};
-        use crate::store::sled::SledStore;
+        use crate::store::sqlite::SqliteStore;
         use base64::Engine;
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        let store = Arc::new(SqliteStore::open(&dir.path().join("store")).unwrap());
         let reg = Registry::new(store, ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);

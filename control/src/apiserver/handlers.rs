@@ -76,6 +76,18 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::internal(format!("request handler failed: {e}")))?
 }
 
+/// As [`blocking`] for a registry write: the blocking thread is given back once the write is
+/// applied, and its durability is awaited here, holding no thread, before it is answered.
+async fn write<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let (out, durable) = blocking(move || Ok(crate::registry::deferring(f))).await?;
+    durable
+        .await
+        .map_err(|e| ApiError::internal(format!("storage error: {e}")))?;
+    out
+}
+
 pub async fn dispatch(state: Shared, req: Request<Body>) -> Response {
     match handle(state, req).await {
         Ok(r) => r,
@@ -262,7 +274,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         }
         (None, None, Method::POST) => {
             let body = read_body(req).await?;
-            let created = blocking(move || reg.create(r, owned_ns.as_deref(), body, &opts)).await?;
+            let created = write(move || reg.create(r, owned_ns.as_deref(), body, &opts)).await?;
             let mut resp = json_response(StatusCode::CREATED, &created);
             // The audit log names what was created (a generated name is known only now).
             resp.extensions_mut()
@@ -309,10 +321,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             let sub = subresource(r, sub)?;
             let body = read_body(req).await?;
             let name = name.to_string();
-            ok(
-                blocking(move || reg.update(r, owned_ns.as_deref(), &name, body, sub, &opts))
-                    .await?,
-            )
+            ok(write(move || reg.update(r, owned_ns.as_deref(), &name, body, sub, &opts)).await?)
         }
         (Some(name), sub, Method::PATCH) => {
             let sub = subresource(r, sub)?;
@@ -326,7 +335,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             let body = read_body_as(req, kind).await?;
             let name = name.to_string();
             ok(
-                blocking(move || reg.patch(r, owned_ns.as_deref(), &name, kind, &body, sub, &opts))
+                write(move || reg.patch(r, owned_ns.as_deref(), &name, kind, &body, sub, &opts))
                     .await?,
             )
         }
@@ -383,7 +392,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                 ));
             }
             let node = node.to_string();
-            blocking(move || reg.bind_all(vec![(pod, node)])).await?;
+            write(move || reg.bind_all(vec![(pod, node)])).await?;
             Ok(json_response(
                 StatusCode::CREATED,
                 &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "metadata": {}}),

@@ -234,10 +234,10 @@ mod tests {
     #[test]
     fn a_second_join_with_another_password_is_refused() {
         use crate::registry::ClusterConfig;
-        use crate::store::sled::SledStore;
+        use crate::store::sqlite::SqliteStore;
         use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        let store = Arc::new(SqliteStore::open(&dir.path().join("store")).unwrap());
         let reg = Registry::new(store, ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         let ca = ClusterCa::load_or_create(dir.path()).unwrap();

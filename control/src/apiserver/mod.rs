@@ -442,14 +442,14 @@ pub async fn serve(
 mod tests {
     use super::*;
     use crate::registry::ClusterConfig;
-    use crate::store::sled::SledStore;
+    use crate::store::sqlite::SqliteStore;
     use crate::store::Store;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
     /// An API server over a fresh store in `dir`, and an HTTPS client of it (token `t`).
     struct Api {
-        store: Arc<SledStore>,
+        store: Arc<SqliteStore>,
         addr: SocketAddr,
         http: reqwest::Client,
         stop: tokio::sync::oneshot::Sender<()>,
@@ -459,7 +459,7 @@ mod tests {
     }
 
     async fn start(dir: &std::path::Path) -> Api {
-        let store = Arc::new(SledStore::open(&dir.join("store")).unwrap());
+        let store = Arc::new(SqliteStore::open(&dir.join("store")).unwrap());
         let registry = Registry::new(store.clone(), ClusterConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -538,10 +538,10 @@ pub fn admit_pod(registry: &Registry, ns: &str, obj: &mut Value) -> Result<(), A
 mod tests {
     use super::*;
     use crate::registry::{ClusterConfig, WriteOptions};
-    use crate::store::sled::SledStore;
+    use crate::store::sqlite::SqliteStore;
 
     fn registry(dir: &Path) -> Arc<Registry> {
-        let store = Arc::new(SledStore::open(&dir.join("store")).unwrap());
+        let store = Arc::new(SqliteStore::open(&dir.join("store")).unwrap());
         let reg = Registry::new(store, ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         reg

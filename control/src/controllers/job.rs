@@ -720,7 +720,7 @@ mod tests {
     mod controller {
         use super::super::*;
         use crate::registry::{ClusterConfig, WriteOptions};
-        use crate::store::sled::SledStore;
+        use crate::store::sqlite::SqliteStore;
         use k8s_openapi::api::core::v1::PodStatus;
         use serde_json::{json, Value};
         use skiff_api::{meta, Resource};
@@ -739,7 +739,7 @@ mod tests {
 
         async fn world() -> World {
             let dir = tempfile::tempdir().unwrap();
-            let store = Arc::new(SledStore::open(dir.path()).unwrap());
+            let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
             let reg = Registry::new(store, ClusterConfig::default());
             let opts = WriteOptions::default();
             reg.create(

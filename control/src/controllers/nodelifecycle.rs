@@ -336,7 +336,7 @@ mod tests {
         let conds = n.status.and_then(|s| s.conditions);
         conditions::get(conds.as_deref(), "Ready").cloned().unwrap()
     }
-    use crate::store::sled::SledStore;
+    use crate::store::sqlite::SqliteStore;
 
     fn res(n: &str) -> &'static Resource {
         Resource::lookup(n).expect("resource")
@@ -438,7 +438,7 @@ mod tests {
 
     fn world() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
         let reg = Registry::new(store, ClusterConfig::default());
         for ns in ["default", NODE_LEASE_NAMESPACE] {
             reg.create(

@@ -204,7 +204,7 @@ impl PodGc {
 mod tests {
     use super::*;
     use crate::registry::{ClusterConfig, WriteOptions};
-    use crate::store::sled::SledStore;
+    use crate::store::sqlite::SqliteStore;
     use serde_json::{json, Value};
     use skiff_api::{meta, Resource};
 
@@ -227,7 +227,7 @@ mod tests {
     impl World {
         fn new() -> World {
             let dir = tempfile::tempdir().unwrap();
-            let store = Arc::new(SledStore::open(dir.path()).unwrap());
+            let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
             let reg = Registry::new(store, ClusterConfig::default());
             reg.create(
                 res("namespaces"),

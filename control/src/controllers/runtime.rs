@@ -593,13 +593,13 @@ mod tests {
     #[tokio::test]
     async fn a_cache_holds_typed_objects_and_hands_handlers_the_one_before() {
         use crate::registry::{ClusterConfig, WriteOptions};
-        use crate::store::sled::SledStore;
+        use crate::store::sqlite::SqliteStore;
         use k8s_openapi::api::core::v1::ConfigMap;
         use serde_json::json;
 
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::new(
-            Arc::new(SledStore::open(dir.path()).unwrap()),
+            Arc::new(SqliteStore::open(dir.path()).unwrap()),
             ClusterConfig::default(),
         );
         let opts = WriteOptions::default();

@@ -1,12 +1,14 @@
 //! The store: objects under `/registry/{resource}/{namespace}/{name}`, one monotonic revision
 //! counter that stamps every write, and watches that resume from a revision they have seen.
 //!
-//! [`Store`] is the seam for back ends: [`sled::SledStore`] is the embedded default. The event
-//! window and fan-out ([`hub::Hub`]) are shared by back ends that do not have a watch of their own.
+//! [`Store`] is the seam for back ends: [`sqlite::SqliteStore`] is the embedded default (a sled
+//! store left by an older version is moved into it on open, [`sled`]). The event window and
+//! fan-out ([`hub::Hub`]) are shared by back ends that do not have a watch of their own.
 
 pub mod encryption;
 pub mod hub;
 pub mod sled;
+pub mod sqlite;
 
 use std::sync::Arc;
 
@@ -88,6 +90,14 @@ pub trait Store: Send + Sync + 'static {
     fn list_shared(&self, prefix: &str) -> Result<(Vec<Arc<Value>>, u64), StoreError>;
     /// Applies all ops atomically under one new revision, or none of them.
     fn txn(&self, ops: Vec<Op>) -> Result<Committed, StoreError>;
+    /// Applies `ops` as `txn` does, but returns before they are durable, with a future that
+    /// resolves once they are (and are visible and sent to watchers), or fails if they could
+    /// not be made so: the write must not be acknowledged before. A back end that can waits
+    /// there without holding a thread; this default waits in `txn`.
+    fn txn_deferred(&self, ops: Vec<Op>) -> Result<(Committed, Durable), StoreError> {
+        let committed = self.txn(ops)?;
+        Ok((committed, Box::pin(std::future::ready(Ok(())))))
+    }
     fn revision(&self) -> u64;
     /// Events under `prefix` after revision `from`.
     fn watch(&self, prefix: &str, from: u64) -> Result<WatchStream, StoreError>;
@@ -96,6 +106,9 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type DynStore = Arc<dyn Store>;
+
+/// Resolves once a transaction applied by [`Store::txn_deferred`] is durable.
+pub type Durable = futures::future::BoxFuture<'static, Result<(), StoreError>>;
 
 /// Sets `metadata.resourceVersion` on an object.
 pub(crate) fn stamp(value: &mut Value, revision: u64) {
