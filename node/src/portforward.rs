@@ -66,7 +66,7 @@ impl Target {
                 // A thread of its own enters the namespace and ends with the connection made,
                 // so no pooled thread is left in the pod's namespace.
                 std::thread::spawn(move || {
-                    let r = (|| {
+                    let r = (|| -> std::io::Result<std::net::TcpStream> {
                         let f = std::fs::File::open(&ns)?;
                         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(
                             |e| std::io::Error::other(format!("setns {}: {e}", ns.display())),
@@ -512,9 +512,10 @@ async fn forward(
         };
         // The pod's side ending ends the forward; the client's only half-closes it.
         tokio::pin!(up);
+        tokio::pin!(down);
         tokio::select! {
-            _ = down => {}
-            _ = &mut up => down.await,
+            _ = &mut down => {}
+            _ = &mut up => (&mut down).await,
         }
     };
     tokio::select! {
@@ -586,9 +587,10 @@ where
                 }
             };
             tokio::pin!(up);
+            tokio::pin!(down);
             tokio::select! {
-                _ = down => {}
-                _ = &mut up => down.await,
+                _ = &mut down => {}
+                _ = &mut up => (&mut down).await,
             }
         }));
     }
@@ -839,7 +841,7 @@ mod tests {
         let (ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
         let (mut tx, mut rx) = ws.split();
         let mut firsts = HashMap::new();
-        let (mut data, mut errors) = (Vec::new(), String::new());
+        let (mut data, mut errors) = (Vec::<u8>::new(), String::new());
         let mut sent = false;
         while let Some(Ok(m)) = tokio::time::timeout(Duration::from_secs(10), rx.next())
             .await

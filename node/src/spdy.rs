@@ -229,7 +229,7 @@ impl Decoder {
 
 fn parse_block(b: &[u8]) -> Result<Headers, SpdyError> {
     let mut at = 0usize;
-    let mut word = |at: &mut usize| -> Result<usize, SpdyError> {
+    let word = |at: &mut usize| -> Result<usize, SpdyError> {
         let w = b
             .get(*at..*at + 4)
             .ok_or(SpdyError::Malformed("header block too short"))?;
@@ -239,7 +239,7 @@ fn parse_block(b: &[u8]) -> Result<Headers, SpdyError> {
     let count = word(&mut at)?;
     let mut headers = Vec::with_capacity(count.min(64));
     for _ in 0..count {
-        let mut text = |at: &mut usize| -> Result<String, SpdyError> {
+        let text = |at: &mut usize| -> Result<String, SpdyError> {
             let n = word(at)?;
             let s = b
                 .get(*at..*at + n)
