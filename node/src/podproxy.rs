@@ -58,8 +58,7 @@ pub async fn serve(target: Target, req: Request<hyper::body::Incoming>) -> Respo
             )
         }
     };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(conn)).await
-    {
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(conn)).await {
         Ok(x) => x,
         Err(e) => return failure(StatusCode::BAD_GATEWAY, &format!("pod connection: {e}")),
     };
@@ -95,8 +94,8 @@ pub async fn serve(target: Target, req: Request<hyper::body::Incoming>) -> Respo
         let pod_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             if let (Ok(c), Ok(p)) = (client_upgrade.await, pod_upgrade.await) {
-                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(p))
-                    .await;
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(p)).await;
             }
         });
     }
@@ -124,8 +123,14 @@ mod tests {
             split_path("/pods/default/web/proxy/8080/a/b/"),
             Some((8080, "/a/b/".into()))
         );
-        assert_eq!(split_path("/pods/default/web/proxy/80"), Some((80, "/".into())));
-        assert_eq!(split_path("/pods/default/web/proxy/80/"), Some((80, "/".into())));
+        assert_eq!(
+            split_path("/pods/default/web/proxy/80"),
+            Some((80, "/".into()))
+        );
+        assert_eq!(
+            split_path("/pods/default/web/proxy/80/"),
+            Some((80, "/".into()))
+        );
         assert_eq!(split_path("/pods/default/web/proxy/http"), None);
         assert_eq!(split_path("/pods/default/web/log"), None);
     }

@@ -149,7 +149,10 @@ pub fn serve(target: Target, mut req: Request<hyper::body::Incoming>) -> Respons
         .to_ascii_lowercase();
     if upgrade_to.contains("websocket") {
         let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
-            return reply(StatusCode::BAD_REQUEST, "a WebSocket upgrade needs Sec-WebSocket-Key");
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "a WebSocket upgrade needs Sec-WebSocket-Key",
+            );
         };
         let offered = offered_protocols(&req);
         let tunnel = offered.iter().any(|p| p == TUNNEL_PROTOCOL);
@@ -224,7 +227,9 @@ pub fn serve(target: Target, mut req: Request<hyper::body::Incoming>) -> Respons
         if !offered.is_empty() && !offered.iter().any(|p| p == PROTOCOL) {
             return reply(
                 StatusCode::FORBIDDEN,
-                &format!("none of the offered stream protocols {offered:?} is supported ({PROTOCOL})"),
+                &format!(
+                    "none of the offered stream protocols {offered:?} is supported ({PROTOCOL})"
+                ),
             );
         }
         let upgrade = hyper::upgrade::on(&mut req);
@@ -379,7 +384,11 @@ where
                 let request = spdy::header(&headers, "requestid")
                     .map(String::from)
                     .unwrap_or_else(|| {
-                        let base = if kind == "data" { id.saturating_sub(2) } else { id };
+                        let base = if kind == "data" {
+                            id.saturating_sub(2)
+                        } else {
+                            id
+                        };
                         format!("stream-{base}")
                     });
                 let _ = out
@@ -535,8 +544,11 @@ async fn forward(
 
 /// The WebSocket channel protocol: one connection per requested port, for as long as the
 /// WebSocket lasts or until every port's connection has ended.
-async fn serve_channels<S>(ws: tokio_tungstenite::WebSocketStream<S>, target: Target, ports: Vec<u16>)
-where
+async fn serve_channels<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    target: Target,
+    ports: Vec<u16>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut ws_tx, mut ws_rx) = ws.split();
@@ -727,21 +739,49 @@ mod tests {
                     ("port".to_string(), port.to_string()),
                     ("requestID".to_string(), i.to_string()),
                 ];
-                enc.encode(&Frame::SynStream { id: sid, fin: false, headers }, &mut wire)
-                    .unwrap();
+                enc.encode(
+                    &Frame::SynStream {
+                        id: sid,
+                        fin: false,
+                        headers,
+                    },
+                    &mut wire,
+                )
+                .unwrap();
             }
             // The client writes nothing on the error stream.
-            enc.encode(&Frame::Data { id, fin: true, data: Bytes::new() }, &mut wire)
-                .unwrap();
+            enc.encode(
+                &Frame::Data {
+                    id,
+                    fin: true,
+                    data: Bytes::new(),
+                },
+                &mut wire,
+            )
+            .unwrap();
             if let Some(p) = payloads.get(i) {
                 for chunk in p.chunks(32 * 1024) {
                     let data = Bytes::copy_from_slice(chunk);
-                    enc.encode(&Frame::Data { id: id + 2, fin: false, data }, &mut wire)
-                        .unwrap();
+                    enc.encode(
+                        &Frame::Data {
+                            id: id + 2,
+                            fin: false,
+                            data,
+                        },
+                        &mut wire,
+                    )
+                    .unwrap();
                 }
             }
-            enc.encode(&Frame::Data { id: id + 2, fin: true, data: Bytes::new() }, &mut wire)
-                .unwrap();
+            enc.encode(
+                &Frame::Data {
+                    id: id + 2,
+                    fin: true,
+                    data: Bytes::new(),
+                },
+                &mut wire,
+            )
+            .unwrap();
         }
         enc.encode(&Frame::Ping(1), &mut wire).unwrap();
         wr.write_all(&wire).await.unwrap();
@@ -782,7 +822,9 @@ mod tests {
         }
         let err = String::from_utf8_lossy(&data[&13]).to_string();
         assert!(
-            err.starts_with(&format!("error forwarding port {refused} to pod default/web, uid u-1: ")),
+            err.starts_with(&format!(
+                "error forwarding port {refused} to pod default/web, uid u-1: "
+            )),
             "{err}"
         );
         assert!(err.to_lowercase().contains("connection refused"), "{err}");
@@ -792,10 +834,11 @@ mod tests {
     async fn spdy_tunnelled_in_a_websocket_as_kubectl_sends_it() {
         let addr = endpoint().await;
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            format!("ws://{addr}/pods/default/web/portforward"),
-        )
-        .unwrap();
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://{addr}/pods/default/web/portforward"),
+            )
+            .unwrap();
         req.headers_mut()
             .insert("sec-websocket-protocol", TUNNEL_PROTOCOL.parse().unwrap());
         let (ws, resp) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
@@ -823,7 +866,10 @@ mod tests {
         }
         let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
         assert!(head.starts_with("http/1.1 101"), "{head}");
-        assert!(head.contains("x-stream-protocol-version: portforward.k8s.io"), "{head}");
+        assert!(
+            head.contains("x-stream-protocol-version: portforward.k8s.io"),
+            "{head}"
+        );
         forward_as_kubectl(tcp).await;
     }
 
@@ -832,10 +878,11 @@ mod tests {
         let addr = endpoint().await;
         let (good, refused) = (answer_once_port().await, closed_port().await);
         let tcp = TcpStream::connect(addr).await.unwrap();
-        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            format!("ws://{addr}/pods/default/web/portforward?ports={good}&ports={refused}"),
-        )
-        .unwrap();
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                format!("ws://{addr}/pods/default/web/portforward?ports={good}&ports={refused}"),
+            )
+            .unwrap();
         req.headers_mut()
             .insert("sec-websocket-protocol", CHANNEL_PROTOCOL.parse().unwrap());
         let (ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
@@ -857,7 +904,9 @@ mod tests {
                 errors.push_str(&String::from_utf8_lossy(&b[1..]));
             }
             if firsts.len() == 4 && !sent {
-                tx.send(Message::binary(b"\x00ping".to_vec())).await.unwrap();
+                tx.send(Message::binary(b"\x00ping".to_vec()))
+                    .await
+                    .unwrap();
                 sent = true;
             }
         }
@@ -867,7 +916,10 @@ mod tests {
             firsts,
             HashMap::from([(0, good), (1, good), (2, refused), (3, refused)])
         );
-        assert!(errors.contains(&format!("error forwarding port {refused}")), "{errors}");
+        assert!(
+            errors.contains(&format!("error forwarding port {refused}")),
+            "{errors}"
+        );
     }
 
     #[test]

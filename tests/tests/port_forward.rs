@@ -33,9 +33,7 @@ fn spawn_kubectl(ns: &mut Netns, up: &SkiffUp, rest: &[&str], log: &Path) -> any
 
 /// GET `url` inside the namespace once: its body, or None.
 fn get(ns: &Netns, url: &str) -> Option<String> {
-    let out = ns
-        .output(&["curl", "-sf", "--max-time", "5", url])
-        .ok()?;
+    let out = ns.output(&["curl", "-sf", "--max-time", "5", url]).ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).to_string())
@@ -43,9 +41,11 @@ fn get(ns: &Netns, url: &str) -> Option<String> {
 
 /// GET `url` until it answers (a forward is ready once kubectl listens), within 20 s.
 async fn answer(ns: &Netns, url: &str) -> anyhow::Result<String> {
-    eventually(&format!("an answer from {url}"), Duration::from_secs(20), || async {
-        Ok(get(ns, url))
-    })
+    eventually(
+        &format!("an answer from {url}"),
+        Duration::from_secs(20),
+        || async { Ok(get(ns, url)) },
+    )
     .await
 }
 
@@ -97,7 +97,10 @@ async fn kubectl_port_forward_and_proxy_reach_pods_and_services() -> anyhow::Res
         &["port-forward", &format!("pod/{wasm_pod}"), "18080:8080"],
         &log,
     )?;
-    assert_eq!(answer(&ns, "http://127.0.0.1:18080/").await?, bootcamp(&wasm_pod));
+    assert_eq!(
+        answer(&ns, "http://127.0.0.1:18080/").await?,
+        bootcamp(&wasm_pod)
+    );
     let many = ns.run(&[
         "sh",
         "-c",
@@ -115,7 +118,10 @@ async fn kubectl_port_forward_and_proxy_reach_pods_and_services() -> anyhow::Res
         &["port-forward", "pod/oci", "18081:8080"],
         &dir.path().join("pf-oci.log"),
     )?;
-    assert_eq!(answer(&ns, "http://127.0.0.1:18081/").await?, bootcamp("oci"));
+    assert_eq!(
+        answer(&ns, "http://127.0.0.1:18081/").await?,
+        bootcamp("oci")
+    );
 
     // svc/NAME and deploy/NAME: kubectl picks a pod and the target port itself.
     spawn_kubectl(
@@ -124,14 +130,20 @@ async fn kubectl_port_forward_and_proxy_reach_pods_and_services() -> anyhow::Res
         &["port-forward", "svc/kubernetes-bootcamp", "18082:80"],
         &dir.path().join("pf-svc.log"),
     )?;
-    assert_eq!(answer(&ns, "http://127.0.0.1:18082/").await?, bootcamp(&wasm_pod));
+    assert_eq!(
+        answer(&ns, "http://127.0.0.1:18082/").await?,
+        bootcamp(&wasm_pod)
+    );
     spawn_kubectl(
         &mut ns,
         &up,
         &["port-forward", "deploy/kubernetes-bootcamp", "18083:8080"],
         &dir.path().join("pf-deploy.log"),
     )?;
-    assert_eq!(answer(&ns, "http://127.0.0.1:18083/").await?, bootcamp(&wasm_pod));
+    assert_eq!(
+        answer(&ns, "http://127.0.0.1:18083/").await?,
+        bootcamp(&wasm_pod)
+    );
 
     // A port nothing listens on: kubectl prints the node's error. The other forwards of the
     // cluster keep serving.
@@ -154,8 +166,14 @@ async fn kubectl_port_forward_and_proxy_reach_pods_and_services() -> anyhow::Res
         Ok(s.contains("error forwarding port 9999").then_some(s))
     })
     .await?;
-    assert!(said.contains("connection refused") || said.contains("Connection refused"), "{said}");
-    assert_eq!(get(&ns, "http://127.0.0.1:18081/").as_deref(), Some(bootcamp("oci").as_str()));
+    assert!(
+        said.contains("connection refused") || said.contains("Connection refused"),
+        "{said}"
+    );
+    assert_eq!(
+        get(&ns, "http://127.0.0.1:18081/").as_deref(),
+        Some(bootcamp("oci").as_str())
+    );
     assert_eq!(
         get(&ns, "http://127.0.0.1:18080/").as_deref(),
         Some(bootcamp(&wasm_pod).as_str())
@@ -170,11 +188,19 @@ async fn kubectl_port_forward_and_proxy_reach_pods_and_services() -> anyhow::Res
     )?;
     let base = "http://127.0.0.1:18090/api/v1/namespaces/default";
     assert_eq!(
-        answer(&ns, &format!("{base}/services/kubernetes-bootcamp:80/proxy/")).await?,
+        answer(
+            &ns,
+            &format!("{base}/services/kubernetes-bootcamp:80/proxy/")
+        )
+        .await?,
         bootcamp(&wasm_pod)
     );
     assert_eq!(
-        answer(&ns, &format!("{base}/services/http:kubernetes-bootcamp:/proxy/some/path?x=1")).await?,
+        answer(
+            &ns,
+            &format!("{base}/services/http:kubernetes-bootcamp:/proxy/some/path?x=1")
+        )
+        .await?,
         bootcamp(&wasm_pod)
     );
     assert_eq!(

@@ -103,8 +103,10 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
                             "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
         }
         if r.kind == "Service" {
-            out.push(json!({"name": "services/proxy", "singularName": "", "namespaced": true,
-                            "kind": "ServiceProxyOptions", "verbs": PROXY_VERBS}));
+            out.push(
+                json!({"name": "services/proxy", "singularName": "", "namespaced": true,
+                            "kind": "ServiceProxyOptions", "verbs": PROXY_VERBS}),
+            );
         }
         if r.kind == "ServiceAccount" {
             out.push(json!({"name": "serviceaccounts/token", "singularName": "", "namespaced": true,
@@ -114,7 +116,11 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             for (sub, kind, verbs) in [
                 ("log", "Pod", &["get"][..]),
                 ("exec", "PodExecOptions", &["create", "get"][..]),
-                ("portforward", "PodPortForwardOptions", &["create", "get"][..]),
+                (
+                    "portforward",
+                    "PodPortForwardOptions",
+                    &["create", "get"][..],
+                ),
                 ("proxy", "PodProxyOptions", PROXY_VERBS),
                 ("binding", "Binding", &["create"][..]),
                 ("eviction", "Eviction", &["create"][..]),

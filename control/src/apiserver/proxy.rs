@@ -49,7 +49,11 @@ fn decode<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<T, Api
     serde_json::from_value(v).map_err(|e| ApiError::internal(format!("stored object: {e}")))
 }
 
-pub async fn forward(state: &Shared, p: &ApiPath, req: Request<Body>) -> Result<Response, ApiError> {
+pub async fn forward(
+    state: &Shared,
+    p: &ApiPath,
+    req: Request<Body>,
+) -> Result<Response, ApiError> {
     let ns = p.namespace.clone().unwrap_or_else(|| "default".into());
     let id = p.name.clone().unwrap_or_default();
     let (scheme, name, port) = split_name(&id)?;
@@ -64,10 +68,11 @@ pub async fn forward(state: &Shared, p: &ApiPath, req: Request<Body>) -> Result<
             let pods = Resource::lookup("pods").expect("pods");
             let reg = state.registry.clone();
             let (ns2, name2) = (ns.clone(), name.to_string());
-            let pod: Pod =
-                decode(tokio::task::spawn_blocking(move || reg.get(pods, Some(&ns2), &name2))
+            let pod: Pod = decode(
+                tokio::task::spawn_blocking(move || reg.get(pods, Some(&ns2), &name2))
                     .await
-                    .map_err(|e| ApiError::internal(e.to_string()))??)?;
+                    .map_err(|e| ApiError::internal(e.to_string()))??,
+            )?;
             let port = pod_port(&pod, port)?;
             super::nodeproxy::forward(state, &ns, name, &format!("proxy/{port}{below}"), req).await
         }
@@ -90,8 +95,14 @@ pub async fn forward(state: &Shared, p: &ApiPath, req: Request<Body>) -> Result<
             let (ip, port, pod) = endpoint(&svc, eps.as_ref(), port)?;
             match pod {
                 Some(pod) => {
-                    super::nodeproxy::forward(state, &ns, &pod, &format!("proxy/{port}{below}"), req)
-                        .await
+                    super::nodeproxy::forward(
+                        state,
+                        &ns,
+                        &pod,
+                        &format!("proxy/{port}{below}"),
+                        req,
+                    )
+                    .await
                 }
                 None => {
                     let query = req
@@ -202,7 +213,10 @@ mod tests {
     fn names_split_as_kubernetes() {
         assert_eq!(split_name("web").unwrap(), ("", "web", ""));
         assert_eq!(split_name("web:80").unwrap(), ("", "web", "80"));
-        assert_eq!(split_name("http:web:http").unwrap(), ("http", "web", "http"));
+        assert_eq!(
+            split_name("http:web:http").unwrap(),
+            ("http", "web", "http")
+        );
         assert_eq!(split_name("https:web:").unwrap(), ("https", "web", ""));
         assert!(split_name("ftp:web:21").is_err());
         assert!(split_name("a:b:c:d").is_err());
