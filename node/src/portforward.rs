@@ -283,14 +283,13 @@ where
         };
         let from_ws = async {
             while let Some(Ok(msg)) = ws_rx.next().await {
-                match msg {
-                    Message::Binary(b) => {
-                        if wr.write_all(&b).await.is_err() {
-                            break;
-                        }
-                    }
-                    Message::Close(_) => break,
-                    _ => {}
+                let written = match msg {
+                    Message::Binary(b) => wr.write_all(&b).await.is_ok(),
+                    Message::Close(_) => false,
+                    _ => true,
+                };
+                if !written {
+                    break;
                 }
             }
             let _ = wr.shutdown().await;
@@ -629,7 +628,7 @@ async fn serve_channels<S>(
             msg = ws_rx.next() => match msg {
                 Some(Ok(Message::Binary(b))) if !b.is_empty() => {
                     let ch = b[0] as usize;
-                    if ch % 2 == 0 {
+                    if ch.is_multiple_of(2) {
                         if let Some(slot) = to_pods.get_mut(ch / 2) {
                             if let Some(tx) = slot {
                                 if tx.send(b.slice(1..)).await.is_err() {
