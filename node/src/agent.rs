@@ -781,8 +781,9 @@ fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// The agent's endpoint the API server forwards to: `pods/{ns}/{name}/log` and
-/// `pods/{ns}/{name}/exec` (OCI containers, when the node runs them). It is HTTPS with the
+/// The agent's endpoint the API server forwards to: `pods/{ns}/{name}/log`,
+/// `pods/{ns}/{name}/exec` (OCI containers, when the node runs them), `portforward` and
+/// `proxy/{port}/{path}`. It is HTTPS with the
 /// node's serving certificate, and answers only the API server: a client certificate signed by
 /// the cluster CA with the API server's common name.
 fn serve_endpoint(
@@ -848,6 +849,32 @@ async fn endpoint(
 ) -> Result<hyper::Response<crate::logs::Body>, std::convert::Infallible> {
     let path = req.uri().path().trim_matches('/').to_string();
     let parts: Vec<&str> = path.split('/').collect();
+    if let ["pods", ns, name, sub, ..] = parts[..] {
+        if sub == "portforward" || sub == "proxy" {
+            let entry = logs
+                .lock()
+                .expect("log index")
+                .get(&format!("{ns}/{name}"))
+                .cloned();
+            let Some(entry) = entry.filter(|e| e.ip.is_some()) else {
+                return Ok(crate::exec::reject(
+                    http::StatusCode::NOT_FOUND,
+                    &format!("pod {ns}/{name} does not run on this node"),
+                ));
+            };
+            let target = crate::portforward::Target {
+                namespace: ns.to_string(),
+                name: name.to_string(),
+                uid: entry.uid,
+                ip: entry.ip,
+                netns: entry.netns,
+            };
+            if sub == "portforward" {
+                return Ok(crate::portforward::serve(target, req));
+            }
+            return Ok(crate::podproxy::serve(target, req).await);
+        }
+    }
     let ["pods", ns, name, "exec"] = parts[..] else {
         return crate::logs::serve(logs, req).await;
     };

@@ -20,9 +20,12 @@ pub mod logs;
 pub mod network;
 pub mod oci;
 pub mod pod;
+pub mod podproxy;
+pub mod portforward;
 pub mod probe;
 pub mod routes;
 pub mod sandbox;
 pub mod services;
+pub mod spdy;
 
 pub use agent::{Agent, AgentConfig};

@@ -114,6 +114,10 @@ pub struct PodEntry {
     pub containers: Vec<String>,
     /// …and those that are OCI containers (exec runs there).
     pub oci: Vec<String>,
+    /// The pod's address, once it has one (port-forward reaches its listeners there)…
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// …or inside its network namespace, when it has one.
+    pub netns: Option<std::path::PathBuf>,
 }
 
 /// Pods this node serves logs and exec for, by `namespace/name`.

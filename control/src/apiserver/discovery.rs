@@ -4,6 +4,9 @@ use serde_json::{json, Value};
 use skiff_api::resources::{groups, RESOURCES};
 use skiff_api::Resource;
 
+/// The verbs of the proxy subresources: one per HTTP method forwarded.
+const PROXY_VERBS: &[&str] = &["create", "delete", "get", "patch", "update"];
+
 pub fn version() -> Value {
     json!({
         "major": "1",
@@ -99,6 +102,12 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             out.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
                             "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
         }
+        if r.kind == "Service" {
+            out.push(
+                json!({"name": "services/proxy", "singularName": "", "namespaced": true,
+                            "kind": "ServiceProxyOptions", "verbs": PROXY_VERBS}),
+            );
+        }
         if r.kind == "ServiceAccount" {
             out.push(json!({"name": "serviceaccounts/token", "singularName": "", "namespaced": true,
                             "group": "authentication.k8s.io", "version": "v1", "kind": "TokenRequest", "verbs": ["create"]}));
@@ -107,6 +116,12 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             for (sub, kind, verbs) in [
                 ("log", "Pod", &["get"][..]),
                 ("exec", "PodExecOptions", &["create", "get"][..]),
+                (
+                    "portforward",
+                    "PodPortForwardOptions",
+                    &["create", "get"][..],
+                ),
+                ("proxy", "PodProxyOptions", PROXY_VERBS),
                 ("binding", "Binding", &["create"][..]),
                 ("eviction", "Eviction", &["create"][..]),
             ] {

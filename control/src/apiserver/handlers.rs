@@ -203,6 +203,9 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     let Some(p) = path::parse(&uri_path)? else {
         return Err(ApiError::not_found_path(&uri_path));
     };
+    if p.sub.as_deref() == Some("proxy") {
+        return super::proxy::forward(&state, &p, req).await;
+    }
     let q = query(&req);
     let headers = req.headers().clone();
     let opts = WriteOptions {

@@ -12,6 +12,7 @@ pub mod join;
 mod nodeproxy;
 pub mod path;
 pub mod policy;
+mod proxy;
 pub mod rbac;
 mod review;
 pub mod tokens;
@@ -148,7 +149,17 @@ async fn attributes(
     let watch = handlers::query(&req)
         .get("watch")
         .is_some_and(|v| v == "true" || v == "1");
-    let verb = auth::verb(req.method(), p.name.is_some(), watch);
+    // A proxied request's query is the backend's, never a watch of the API's.
+    let watch = watch && p.sub.as_deref() != Some("proxy");
+    let verb = match (
+        auth::verb(req.method(), p.name.is_some(), watch),
+        p.sub.as_deref(),
+    ) {
+        // Streams opened with a WebSocket upgrade are GETs; as Kubernetes, they need `create`
+        // like the POST they stand for.
+        ("get", Some("exec" | "attach" | "portforward")) => "create",
+        (v, _) => v,
+    };
     let mut name = p.name.clone();
     let mut req = req;
     // Only a node's creates need the body's name (its own Node, its own Lease).

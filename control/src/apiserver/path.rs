@@ -28,7 +28,8 @@ pub fn parse(path: &str) -> Result<Option<ApiPath>, ApiError> {
     };
     // What follows the resource: nothing (a collection), a name, or a name and a subresource.
     let at = |resource, namespace: Option<&str>, tail: &[&str]| {
-        if tail.len() > 2 {
+        // Only the proxy subresource has a path of its own below it.
+        if tail.len() > 2 && tail[1] != "proxy" {
             return Err(ApiError::not_found_path(path));
         }
         Ok(ApiPath {
@@ -94,5 +95,18 @@ mod tests {
         assert_eq!(parse("/api/v1/widgets").unwrap_err().code, 404);
         assert_eq!(parse("/apis/apps/v1/pods").unwrap_err().code, 404);
         assert!(parse("/api/v1").unwrap().is_none());
+        let p = parse("/api/v1/namespaces/default/services/web:80/proxy/a/b")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p.resource.plural, p.name.as_deref(), p.sub.as_deref()),
+            ("services", Some("web:80"), Some("proxy"))
+        );
+        assert_eq!(
+            parse("/api/v1/namespaces/default/pods/p/log/x")
+                .unwrap_err()
+                .code,
+            404
+        );
     }
 }

@@ -329,6 +329,8 @@ async fn start(
             logs: placed.logs.clone(),
             containers: containers.iter().map(|c| c.name.clone()).collect(),
             oci: vec![],
+            ip: Some(placed.ip),
+            netns: placed.sandbox.as_ref().map(|s| s.path.clone()),
         },
     );
     // Published only now: a client that has the address finds the pod there.

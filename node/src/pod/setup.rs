@@ -391,6 +391,8 @@ pub fn keep_logs(ctx: &NodeContext, pod: &Pod) {
             logs: PodLogs { dir },
             containers,
             oci: vec![],
+            ip: None,
+            netns: None,
         });
 }
 
