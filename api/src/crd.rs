@@ -184,6 +184,26 @@ impl Definition {
         format!("{}.{}", self.crd.spec.names.kind, self.crd.spec.group)
     }
 
+    /// With strict field validation, a field the version's schema does not know is a 400
+    /// (as for built-in kinds); otherwise it is pruned.
+    pub fn check_unknown(&self, version: &str, obj: &Value) -> Result<(), ApiError> {
+        let Some(s) = self.schema(version) else {
+            return Ok(());
+        };
+        let unknown = schema::unknown_fields(s, obj);
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let list: Vec<String> = unknown
+            .iter()
+            .map(|f| format!("unknown field {f:?}"))
+            .collect();
+        Err(ApiError::bad_request(format!(
+            "strict decoding error: {}",
+            list.join(", ")
+        )))
+    }
+
     /// Prunes, defaults and validates a custom object written through `version`.
     pub fn admit(&self, version: &str, obj: &mut Value, namespaced: bool) -> Result<(), ApiError> {
         if let Some(s) = self.schema(version) {

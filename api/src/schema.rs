@@ -45,10 +45,18 @@ fn preserves(s: &Schema) -> bool {
 /// Removes the fields the schema does not specify, in place. At the root (and in embedded
 /// resources) `apiVersion`, `kind` and `metadata` are kept.
 pub fn prune(schema: &Schema, v: &mut Value) {
-    prune_at(schema, v, true);
+    prune_at(schema, v, true, "", &mut Vec::new());
 }
 
-fn prune_at(s: &Schema, v: &mut Value, resource: bool) {
+/// The paths of the fields pruning would remove (`spec.bogus`), as strict field
+/// validation reports them.
+pub fn unknown_fields(schema: &Schema, v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    prune_at(schema, &mut v.clone(), true, "", &mut out);
+    out
+}
+
+fn prune_at(s: &Schema, v: &mut Value, resource: bool, path: &str, removed: &mut Vec<String>) {
     match v {
         Value::Object(m) => {
             let embedded = resource || s.x_kubernetes_embedded_resource == Some(true);
@@ -58,30 +66,32 @@ fn prune_at(s: &Schema, v: &mut Value, resource: bool) {
                 if embedded && matches!(k.as_str(), "apiVersion" | "kind" | "metadata") {
                     continue;
                 }
+                let at = child(path, &k);
                 if let Some(ps) = props.and_then(|p| p.get(&k)) {
                     if let Some(x) = m.get_mut(&k) {
-                        prune_at(ps, x, false);
+                        prune_at(ps, x, false, &at, removed);
                     }
                     continue;
                 }
                 match additional(s) {
                     Some(JSONSchemaPropsOrBool::Schema(a)) => {
                         if let Some(x) = m.get_mut(&k) {
-                            prune_at(a, x, false);
+                            prune_at(a, x, false, &at, removed);
                         }
                     }
                     Some(JSONSchemaPropsOrBool::Bool(true)) => {}
                     _ if preserves(s) => {}
                     _ => {
                         m.remove(&k);
+                        removed.push(at);
                     }
                 }
             }
         }
         Value::Array(items) => {
             if let Some(is) = item_schema(s) {
-                for x in items {
-                    prune_at(is, x, false);
+                for (i, x) in items.iter_mut().enumerate() {
+                    prune_at(is, x, false, &format!("{path}[{i}]"), removed);
                 }
             }
         }
@@ -503,7 +513,7 @@ fn structural(s: &Schema, path: &str, root: bool, out: &mut Vec<Cause>) {
     }
     if let Some(d) = &s.default {
         let mut pruned = d.0.clone();
-        prune_at(s, &mut pruned, false);
+        prune_at(s, &mut pruned, false, "", &mut Vec::new());
         if pruned != d.0 {
             out.push(Cause::invalid(
                 format!("{path}.default"),
@@ -559,6 +569,7 @@ mod tests {
             "spec": {"size": "small", "bogus": 1, "free": {"any": {"thing": 1}},
                      "labels": {"a": "b"}},
             "extra": true});
+        assert_eq!(unknown_fields(&s, &o), ["extra", "spec.bogus"]);
         prune(&s, &mut o);
         apply_defaults(&s, &mut o);
         assert_eq!(
