@@ -189,6 +189,30 @@ impl Registry {
         Resource::by_kind(api_version, kind).or_else(|| self.custom().by_kind(api_version, kind))
     }
 
+    /// A resource by its qualified plural (`pods`, `deployments.apps`, `widgets.example.com`);
+    /// a custom one in its preferred version.
+    pub fn resource_by_qualified(&self, qualified: &str) -> Option<&'static Resource> {
+        let (plural, group) = qualified.split_once('.').unwrap_or((qualified, ""));
+        let same = |r: &&'static Resource| r.plural == plural && r.group == group;
+        skiff_api::RESOURCES
+            .iter()
+            .find(same)
+            .or_else(|| self.custom().resources().find(same))
+    }
+
+    /// The resource a stored object belongs to, from its `apiVersion`'s group and `kind`
+    /// (a custom one in its preferred version, whatever version it is stored in).
+    pub fn resource_of_object(&self, obj: &Value) -> Option<&'static Resource> {
+        let av = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+        let group = av.rsplit_once('/').map_or("", |(g, _)| g);
+        let same = |r: &&'static Resource| r.group == group && r.kind == kind && !r.create_only;
+        skiff_api::RESOURCES
+            .iter()
+            .find(same)
+            .or_else(|| self.custom().resources().find(same))
+    }
+
     /// A resource by any name a user types (`pods`, `deploy`, `widgets.example.com`).
     pub fn resource_lookup(&self, name: &str) -> Option<&'static Resource> {
         Resource::lookup(name).or_else(|| self.custom().lookup(name))
