@@ -548,8 +548,8 @@ pub fn apply_defaults(obj: &mut Value) {
                 .into_iter()
                 .flatten()
             {
-                if c.get("priority").is_none() {
-                    c["priority"] = json!(0);
+                if let Some(c) = c.as_object_mut() {
+                    c.entry("priority").or_insert(json!(0));
                 }
             }
         }

@@ -226,10 +226,8 @@ fn format_ok(format: &str, s: &str) -> bool {
 
 /// Checks `v` against `s`; `path` is `v`'s field path (`spec.replicas`, `""` for the root).
 pub fn validate(s: &Schema, v: &Value, path: &str, causes: &mut Vec<Cause>) {
-    if v.is_null() {
-        if s.nullable == Some(true) || s.type_.is_none() {
-            return;
-        }
+    if v.is_null() && (s.nullable == Some(true) || s.type_.is_none()) {
+        return;
     }
     let at = if path.is_empty() { "body" } else { path };
     if s.x_kubernetes_int_or_string == Some(true) {
