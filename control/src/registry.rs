@@ -1901,6 +1901,70 @@ mod tests {
         }
     }
 
+    fn widget_definition(name: &str, plural: &str, kind: &str, scope: &str) -> Value {
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": name},
+            "spec": {"group": "example.com", "scope": scope,
+                "names": {"plural": plural, "kind": kind, "shortNames": ["wg"]},
+                "versions": [
+                    {"name": "v1", "served": true, "storage": true,
+                     "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                        "spec": {"type": "object", "properties": {
+                            "size": {"type": "string", "default": "small"}}}}}}},
+                    {"name": "v2", "served": true, "storage": false,
+                     "schema": {"openAPIV3Schema": {"type": "object",
+                        "x-kubernetes-preserve-unknown-fields": true}}}]}})
+    }
+
+    #[test]
+    fn definitions_serve_custom_objects_in_every_version() {
+        let (_dir, store, reg) = registry();
+        let crds = Resource::lookup("crds").unwrap();
+        let opts = WriteOptions::default();
+        let crd = reg
+            .create(crds, None, widget_definition("widgets.example.com", "widgets", "Widget", "Namespaced"), &opts)
+            .unwrap();
+        assert_eq!(crd["status"]["acceptedNames"]["kind"], "Widget");
+        assert_eq!(crd["spec"]["names"]["singular"], "widget");
+        let v1 = reg.resource_by_path("example.com", "v1", "widgets").unwrap();
+        let v2 = reg.resource_by_path("example.com", "v2", "widgets").unwrap();
+        assert!(v1.namespaced && !v1.is_builtin());
+        // Created through v2, stored in v1, shown in the version asked for.
+        let made = reg
+            .create(v2, Some("default"), json!({"apiVersion": "example.com/v2", "kind": "Widget",
+                "metadata": {"name": "a"}, "spec": {"extra": 1}}), &WriteOptions { lenient: true, ..Default::default() })
+            .unwrap();
+        assert_eq!(made["apiVersion"], "example.com/v2");
+        let stored = store.get(&v1.key(Some("default"), "a")).unwrap().unwrap();
+        assert_eq!(stored["apiVersion"], "example.com/v1");
+        assert_eq!(reg.get(v1, Some("default"), "a").unwrap()["apiVersion"], "example.com/v1");
+        // A patch through v1 starts from the object in v1.
+        let patched = reg
+            .patch(v1, Some("default"), "a", PatchKind::Merge, &json!({"spec": {"size": "large"}}), Sub::Main, &WriteOptions { lenient: true, ..Default::default() })
+            .unwrap();
+        assert_eq!(patched["spec"]["size"], "large");
+        // A cluster-scoped definition whose names another one uses is not served.
+        let clash = reg
+            .create(crds, None, widget_definition("gadgets.example.com", "gadgets", "Gadget", "Cluster"), &opts)
+            .unwrap();
+        assert_eq!(clash["status"]["conditions"][0]["status"], "False", "{clash}");
+        assert!(reg.resource_by_path("example.com", "v1", "gadgets").is_none());
+        let mut fixed = widget_definition("things.example.com", "things", "Thing", "Cluster");
+        fixed["spec"]["names"]["shortNames"] = json!([]);
+        reg.create(crds, None, fixed, &opts).unwrap();
+        let things = reg.resource_by_path("example.com", "v1", "things").unwrap();
+        assert!(!things.namespaced);
+        reg.create(things, None, json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t"}}), &opts)
+            .unwrap();
+        // Deleting a definition waits for its objects (the collector's work).
+        let deleting = reg.delete(crds, None, "widgets.example.com", &DeleteOptions::default()).unwrap();
+        assert!(meta::finalizers(&deleting).contains(&skiff_api::crd::CLEANUP_FINALIZER.to_string()));
+        let e = reg
+            .create(v1, Some("default"), json!({"metadata": {"name": "b"}}), &opts)
+            .unwrap_err();
+        assert_eq!(e.code, 405, "{e}");
+    }
+
     #[test]
     fn concurrent_creates_share_a_flush() {
         use std::sync::atomic::{AtomicUsize, Ordering};
