@@ -9,10 +9,10 @@ use k8s_openapi::api::apps::v1::{
     DaemonSetCondition, DeploymentCondition, ReplicaSetCondition, StatefulSetCondition,
 };
 use k8s_openapi::api::batch::v1::JobCondition;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionCondition;
 use k8s_openapi::api::core::v1::{
     NodeCondition, PersistentVolumeClaimCondition, PodCondition, ReplicationControllerCondition,
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionCondition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition as MetaCondition, Time};
 
 /// A status condition: a type, a status ("True", "False", "Unknown"), why, and since when.

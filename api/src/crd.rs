@@ -53,7 +53,10 @@ fn intern(r: Resource) -> &'static Resource {
 fn intern_names(names: &[String]) -> &'static [&'static str] {
     static SLICES: OnceLock<Mutex<Vec<&'static [&'static str]>>> = OnceLock::new();
     let v: Vec<&'static str> = names.iter().map(|n| intern_str(n)).collect();
-    let mut all = SLICES.get_or_init(Default::default).lock().expect("interned");
+    let mut all = SLICES
+        .get_or_init(Default::default)
+        .lock()
+        .expect("interned");
     if let Some(found) = all.iter().find(|x| **x == v.as_slice()) {
         return found;
     }
@@ -83,9 +86,7 @@ pub fn compare_versions(a: &str, b: &str) -> Ordering {
         None
     }
     match (parse(a), parse(b)) {
-        (Some((ma, ra, na)), Some((mb, rb, nb))) => {
-            rb.cmp(&ra).then(mb.cmp(&ma)).then(nb.cmp(&na))
-        }
+        (Some((ma, ra, na)), Some((mb, rb, nb))) => rb.cmp(&ra).then(mb.cmp(&ma)).then(nb.cmp(&na)),
         (Some(_), None) => Ordering::Less,
         (None, Some(_)) => Ordering::Greater,
         (None, None) => a.cmp(b),
@@ -167,7 +168,11 @@ impl Definition {
 
     /// The `openAPIV3Schema` of a version.
     pub fn schema(&self, v: &str) -> Option<&JSONSchemaProps> {
-        self.version(v)?.schema.as_ref()?.open_api_v3_schema.as_ref()
+        self.version(v)?
+            .schema
+            .as_ref()?
+            .open_api_v3_schema
+            .as_ref()
     }
 
     /// The `scale` subresource of a version, if it has one.
@@ -400,7 +405,10 @@ pub struct CustomResources {
 impl CustomResources {
     pub fn new(crds: Vec<CustomResourceDefinition>) -> Self {
         CustomResources {
-            defs: crds.into_iter().map(|c| Arc::new(Definition::new(c))).collect(),
+            defs: crds
+                .into_iter()
+                .map(|c| Arc::new(Definition::new(c)))
+                .collect(),
         }
     }
 
@@ -654,7 +662,14 @@ pub fn validate_definition(crd: &CustomResourceDefinition, builtin_groups: &[&st
     if !spec.versions.is_empty() && storage != 1 {
         c.push(Cause::invalid(
             "spec.versions",
-            format!("[{}]", spec.versions.iter().map(|v| v.name.as_str()).collect::<Vec<_>>().join(" ")),
+            format!(
+                "[{}]",
+                spec.versions
+                    .iter()
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
             "must have exactly one version marked as storage version",
         ));
     }
@@ -675,9 +690,16 @@ pub fn validate_definition(crd: &CustomResourceDefinition, builtin_groups: &[&st
             ));
         }
         if spec.versions[..i].iter().any(|o| o.name == v.name) {
-            c.push(Cause::duplicate(format!("{at}.name"), format!("{:?}", v.name)));
+            c.push(Cause::duplicate(
+                format!("{at}.name"),
+                format!("{:?}", v.name),
+            ));
         }
-        match v.schema.as_ref().and_then(|s| s.open_api_v3_schema.as_ref()) {
+        match v
+            .schema
+            .as_ref()
+            .and_then(|s| s.open_api_v3_schema.as_ref())
+        {
             None => c.push(Cause {
                 reason: "FieldValueRequired".into(),
                 field: format!("{at}.schema.openAPIV3Schema"),
@@ -690,8 +712,16 @@ pub fn validate_definition(crd: &CustomResourceDefinition, builtin_groups: &[&st
         }
         if let Some(scale) = v.subresources.as_ref().and_then(|s| s.scale.as_ref()) {
             let paths = [
-                ("specReplicasPath", Some(&scale.spec_replicas_path), ".spec."),
-                ("statusReplicasPath", Some(&scale.status_replicas_path), ".status."),
+                (
+                    "specReplicasPath",
+                    Some(&scale.spec_replicas_path),
+                    ".spec.",
+                ),
+                (
+                    "statusReplicasPath",
+                    Some(&scale.status_replicas_path),
+                    ".status.",
+                ),
                 ("labelSelectorPath", scale.label_selector_path.as_ref(), ""),
             ];
             for (field, p, prefix) in paths {
@@ -703,7 +733,11 @@ pub fn validate_definition(crd: &CustomResourceDefinition, builtin_groups: &[&st
                         format!("{p:?}"),
                         &format!(
                             "should be a json path under {}",
-                            if prefix.is_empty() { ".spec or .status" } else { prefix.trim_end_matches('.') }
+                            if prefix.is_empty() {
+                                ".spec or .status"
+                            } else {
+                                prefix.trim_end_matches('.')
+                            }
                         ),
                     ));
                 }
@@ -771,7 +805,8 @@ mod tests {
     }
 
     fn widgets() -> CustomResourceDefinition {
-        crd(json!({"metadata": {"name": "widgets.example.com"}, "spec": {
+        crd(
+            json!({"metadata": {"name": "widgets.example.com"}, "spec": {
             "group": "example.com", "scope": "Namespaced",
             "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": ["wg"]},
             "versions": [
@@ -784,7 +819,8 @@ mod tests {
                     {"name": "Ready", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Ready\")].status"}],
                  "schema": {"openAPIV3Schema": {"type": "object", "properties": {
                     "spec": {"type": "object", "properties": {"replicas": {"type": "integer"}}},
-                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]}}))
+                    "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}}}]}}),
+        )
     }
 
     #[test]
@@ -808,7 +844,10 @@ mod tests {
     fn versions_sort_as_kubernetes_does() {
         let mut v = vec!["v1alpha1", "v2", "foo", "v1beta2", "v1", "v1beta1", "v10"];
         v.sort_by(|a, b| compare_versions(a, b));
-        assert_eq!(v, ["v10", "v2", "v1", "v1beta2", "v1beta1", "v1alpha1", "foo"]);
+        assert_eq!(
+            v,
+            ["v10", "v2", "v1", "v1beta2", "v1beta1", "v1alpha1", "foo"]
+        );
     }
 
     #[test]
@@ -837,7 +876,13 @@ mod tests {
             .into_iter()
             .map(|c| c.field)
             .collect();
-        for f in ["metadata.name", "spec.group", "spec.scope", "spec.versions", "spec.versions[0].schema.openAPIV3Schema"] {
+        for f in [
+            "metadata.name",
+            "spec.group",
+            "spec.scope",
+            "spec.versions",
+            "spec.versions[0].schema.openAPIV3Schema",
+        ] {
             assert!(fields.iter().any(|x| x == f), "{f} not in {fields:?}");
         }
         let set = CustomResources::new(vec![widgets()]);
@@ -846,7 +891,10 @@ mod tests {
         other.spec.names.plural = "gadgets".into();
         other.spec.names.singular = Some("gadget".into());
         other.spec.names.kind = "Gadget".into();
-        assert_eq!(set.name_conflict(&other).unwrap(), "\"wg\" is already in use");
+        assert_eq!(
+            set.name_conflict(&other).unwrap(),
+            "\"wg\" is already in use"
+        );
         other.spec.names.short_names = None;
         assert!(set.name_conflict(&other).is_none());
     }

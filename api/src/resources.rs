@@ -54,7 +54,9 @@ impl Resource {
 
     /// Whether this is one of the built-in resources of [`RESOURCES`] (not a custom one).
     pub fn is_builtin(&self) -> bool {
-        RESOURCES.as_ptr_range().contains(&(self as *const Resource))
+        RESOURCES
+            .as_ptr_range()
+            .contains(&(self as *const Resource))
             || RESOURCES.iter().any(|r| r == self)
     }
 

@@ -235,7 +235,10 @@ pub fn validate(s: &Schema, v: &Value, path: &str, causes: &mut Vec<Cause>) {
             causes.push(Cause::invalid(
                 at,
                 format!("{:?}", type_name(v)),
-                &format!("{at} in body must be of type integer,string: {:?}", type_name(v)),
+                &format!(
+                    "{at} in body must be of type integer,string: {:?}",
+                    type_name(v)
+                ),
             ));
             return;
         }
@@ -270,7 +273,11 @@ pub fn validate(s: &Schema, v: &Value, path: &str, causes: &mut Vec<Cause>) {
             if let Some(min) = s.minimum {
                 let ex = s.exclusive_minimum == Some(true);
                 if x < min || (ex && x == min) {
-                    let rel = if ex { "greater than" } else { "greater than or equal to" };
+                    let rel = if ex {
+                        "greater than"
+                    } else {
+                        "greater than or equal to"
+                    };
                     causes.push(Cause::invalid(
                         at,
                         shown(v),
@@ -281,7 +288,11 @@ pub fn validate(s: &Schema, v: &Value, path: &str, causes: &mut Vec<Cause>) {
             if let Some(max) = s.maximum {
                 let ex = s.exclusive_maximum == Some(true);
                 if x > max || (ex && x == max) {
-                    let rel = if ex { "less than" } else { "less than or equal to" };
+                    let rel = if ex {
+                        "less than"
+                    } else {
+                        "less than or equal to"
+                    };
                     causes.push(Cause::invalid(
                         at,
                         shown(v),
@@ -314,8 +325,7 @@ pub fn validate(s: &Schema, v: &Value, path: &str, causes: &mut Vec<Cause>) {
                     &format!("{at} in body should have at least {min} items"),
                 ));
             }
-            if s.unique_items == Some(true) || s.x_kubernetes_list_type.as_deref() == Some("set")
-            {
+            if s.unique_items == Some(true) || s.x_kubernetes_list_type.as_deref() == Some("set") {
                 for (i, x) in items.iter().enumerate() {
                     if items[..i].contains(x) {
                         causes.push(Cause::duplicate(format!("{path}[{i}]"), shown(x)));
@@ -460,11 +470,7 @@ pub fn structural_errors(s: &Schema, path: &str) -> Vec<Cause> {
 
 fn structural(s: &Schema, path: &str, root: bool, out: &mut Vec<Cause>) {
     let typeless = s.type_.as_deref().is_none_or(str::is_empty);
-    if typeless
-        && !root
-        && s.x_kubernetes_int_or_string != Some(true)
-        && !preserves(s)
-    {
+    if typeless && !root && s.x_kubernetes_int_or_string != Some(true) && !preserves(s) {
         out.push(Cause {
             reason: "FieldValueRequired".into(),
             field: format!("{path}.type"),
@@ -616,9 +622,18 @@ mod tests {
             .into_iter()
             .map(|c| c.field)
             .collect();
-        assert!(fields.contains(&"schema.properties[spec].type".to_string()), "{fields:?}");
-        assert!(fields.contains(&"schema.properties[spec].properties[a].items".to_string()), "{fields:?}");
-        assert!(fields.contains(&"schema.properties[bad].default".to_string()), "{fields:?}");
+        assert!(
+            fields.contains(&"schema.properties[spec].type".to_string()),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&"schema.properties[spec].properties[a].items".to_string()),
+            "{fields:?}"
+        );
+        assert!(
+            fields.contains(&"schema.properties[bad].default".to_string()),
+            "{fields:?}"
+        );
         assert!(structural_errors(&widget(), "schema").is_empty());
     }
 }

@@ -979,12 +979,10 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
             }
         }
         "Job" => immutable("/spec/template", "spec.template", &mut causes),
-        "CustomResourceDefinition" => {
-            causes.extend(crate::crd::validate_definition_update(
-                &typed(old)?,
-                &typed(new)?,
-            ))
-        }
+        "CustomResourceDefinition" => causes.extend(crate::crd::validate_definition_update(
+            &typed(old)?,
+            &typed(new)?,
+        )),
         "RoleBinding" | "ClusterRoleBinding" if old.get("roleRef") != new.get("roleRef") => {
             causes.push(Cause::invalid(
                 "roleRef",

@@ -9,10 +9,10 @@ use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::{json, Value};
+use skiff_api::crd::{CustomResources, Definition};
 use skiff_api::fields::FieldSelector;
 use skiff_api::patch::{self, PatchKind};
 use skiff_api::selector::Selector;
-use skiff_api::crd::{CustomResources, Definition};
 use skiff_api::{defaults, meta, validation, ApiError, Cause, Resource};
 use tokio::sync::mpsc;
 
@@ -225,7 +225,12 @@ impl Registry {
         skiff_api::RESOURCES
             .iter()
             .filter(|r| !r.create_only)
-            .chain(custom.definitions().iter().filter_map(|d| d.resources().first().copied()))
+            .chain(
+                custom
+                    .definitions()
+                    .iter()
+                    .filter_map(|d| d.resources().first().copied()),
+            )
             .collect()
     }
 
@@ -255,7 +260,9 @@ impl Registry {
 
     /// A custom object as served through `r`'s version (stored in the storage version).
     fn present(&self, r: &Resource, mut obj: Value) -> Value {
-        if !r.is_builtin() && obj.get("apiVersion").and_then(Value::as_str) != Some(&r.api_version()) {
+        if !r.is_builtin()
+            && obj.get("apiVersion").and_then(Value::as_str) != Some(&r.api_version())
+        {
             obj["apiVersion"] = json!(r.api_version());
         }
         obj
@@ -410,11 +417,7 @@ impl Registry {
                     }
                     _ => ev.object.clone(),
                 };
-                if tx
-                    .send(WatchEvent { kind, object })
-                    .await
-                    .is_err()
-                {
+                if tx.send(WatchEvent { kind, object }).await.is_err() {
                     return;
                 }
             }
@@ -839,7 +842,10 @@ impl Registry {
         let mut new = old.clone();
         let spec_path = self
             .definition(r)
-            .and_then(|d| d.scale(r.version).map(|s| pointer_of(&s.spec_replicas_path)))
+            .and_then(|d| {
+                d.scale(r.version)
+                    .map(|s| pointer_of(&s.spec_replicas_path))
+            })
             .unwrap_or_else(|| "/spec/replicas".into());
         set_at(&mut new, &spec_path, json!(replicas));
         let new = self.prepare_update(r, &old, new, Sub::Main)?;
@@ -1255,7 +1261,13 @@ impl Registry {
                 status.accepted_names = Some(crd.spec.names.clone());
                 conditions::set(
                     &mut conds,
-                    Cond::new("NamesAccepted", "True", "NoConflicts", "no conflicts found", &now),
+                    Cond::new(
+                        "NamesAccepted",
+                        "True",
+                        "NoConflicts",
+                        "no conflicts found",
+                        &now,
+                    ),
                     &now,
                 );
                 conditions::set(
@@ -1922,45 +1934,100 @@ mod tests {
         let crds = Resource::lookup("crds").unwrap();
         let opts = WriteOptions::default();
         let crd = reg
-            .create(crds, None, widget_definition("widgets.example.com", "widgets", "Widget", "Namespaced"), &opts)
+            .create(
+                crds,
+                None,
+                widget_definition("widgets.example.com", "widgets", "Widget", "Namespaced"),
+                &opts,
+            )
             .unwrap();
         assert_eq!(crd["status"]["acceptedNames"]["kind"], "Widget");
         assert_eq!(crd["spec"]["names"]["singular"], "widget");
-        let v1 = reg.resource_by_path("example.com", "v1", "widgets").unwrap();
-        let v2 = reg.resource_by_path("example.com", "v2", "widgets").unwrap();
+        let v1 = reg
+            .resource_by_path("example.com", "v1", "widgets")
+            .unwrap();
+        let v2 = reg
+            .resource_by_path("example.com", "v2", "widgets")
+            .unwrap();
         assert!(v1.namespaced && !v1.is_builtin());
         // Created through v2, stored in v1, shown in the version asked for.
         let made = reg
-            .create(v2, Some("default"), json!({"apiVersion": "example.com/v2", "kind": "Widget",
-                "metadata": {"name": "a"}, "spec": {"extra": 1}}), &WriteOptions { lenient: true, ..Default::default() })
+            .create(
+                v2,
+                Some("default"),
+                json!({"apiVersion": "example.com/v2", "kind": "Widget",
+                "metadata": {"name": "a"}, "spec": {"extra": 1}}),
+                &WriteOptions {
+                    lenient: true,
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert_eq!(made["apiVersion"], "example.com/v2");
         let stored = store.get(&v1.key(Some("default"), "a")).unwrap().unwrap();
         assert_eq!(stored["apiVersion"], "example.com/v1");
-        assert_eq!(reg.get(v1, Some("default"), "a").unwrap()["apiVersion"], "example.com/v1");
+        assert_eq!(
+            reg.get(v1, Some("default"), "a").unwrap()["apiVersion"],
+            "example.com/v1"
+        );
         // A patch through v1 starts from the object in v1.
         let patched = reg
-            .patch(v1, Some("default"), "a", PatchKind::Merge, &json!({"spec": {"size": "large"}}), Sub::Main, &WriteOptions { lenient: true, ..Default::default() })
+            .patch(
+                v1,
+                Some("default"),
+                "a",
+                PatchKind::Merge,
+                &json!({"spec": {"size": "large"}}),
+                Sub::Main,
+                &WriteOptions {
+                    lenient: true,
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert_eq!(patched["spec"]["size"], "large");
         // A cluster-scoped definition whose names another one uses is not served.
         let clash = reg
-            .create(crds, None, widget_definition("gadgets.example.com", "gadgets", "Gadget", "Cluster"), &opts)
+            .create(
+                crds,
+                None,
+                widget_definition("gadgets.example.com", "gadgets", "Gadget", "Cluster"),
+                &opts,
+            )
             .unwrap();
-        assert_eq!(clash["status"]["conditions"][0]["status"], "False", "{clash}");
-        assert!(reg.resource_by_path("example.com", "v1", "gadgets").is_none());
+        assert_eq!(
+            clash["status"]["conditions"][0]["status"], "False",
+            "{clash}"
+        );
+        assert!(reg
+            .resource_by_path("example.com", "v1", "gadgets")
+            .is_none());
         let mut fixed = widget_definition("things.example.com", "things", "Thing", "Cluster");
         fixed["spec"]["names"]["shortNames"] = json!([]);
         reg.create(crds, None, fixed, &opts).unwrap();
         let things = reg.resource_by_path("example.com", "v1", "things").unwrap();
         assert!(!things.namespaced);
-        reg.create(things, None, json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t"}}), &opts)
-            .unwrap();
+        reg.create(
+            things,
+            None,
+            json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t"}}),
+            &opts,
+        )
+        .unwrap();
         // Deleting a definition waits for its objects (the collector's work).
-        let deleting = reg.delete(crds, None, "widgets.example.com", &DeleteOptions::default()).unwrap();
-        assert!(meta::finalizers(&deleting).contains(&skiff_api::crd::CLEANUP_FINALIZER.to_string()));
+        let deleting = reg
+            .delete(crds, None, "widgets.example.com", &DeleteOptions::default())
+            .unwrap();
+        assert!(
+            meta::finalizers(&deleting).contains(&skiff_api::crd::CLEANUP_FINALIZER.to_string())
+        );
         let e = reg
-            .create(v1, Some("default"), json!({"metadata": {"name": "b"}}), &opts)
+            .create(
+                v1,
+                Some("default"),
+                json!({"metadata": {"name": "b"}}),
+                &opts,
+            )
             .unwrap_err();
         assert_eq!(e.code, 405, "{e}");
     }

@@ -165,13 +165,30 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
 
     // Printer columns.
     let table = c.kubectl_ok(&["get", "widgets"])?;
-    let header: Vec<&str> = table.lines().next().unwrap_or("").split_whitespace().collect();
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     assert_eq!(header, ["NAME", "SIZE", "REPLICAS", "AGE"], "{table}");
-    let row: Vec<&str> = table.lines().nth(1).unwrap_or("").split_whitespace().collect();
+    let row: Vec<&str> = table
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
     assert_eq!(&row[..3], ["w1", "small", "2"], "{table}");
 
     // Patch, scale and status.
-    c.kubectl_ok(&["patch", "widget", "w1", "--type=merge", "-p", r#"{"spec":{"size":"large"}}"#])?;
+    c.kubectl_ok(&[
+        "patch",
+        "widget",
+        "w1",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"size":"large"}}"#,
+    ])?;
     c.kubectl_ok(&["scale", "widget", "w1", "--replicas=5"])?;
     c.kubectl_ok(&[
         "patch",
@@ -185,7 +202,10 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
     let w1: serde_json::Value =
         serde_json::from_str(&c.kubectl_ok(&["get", "widget", "w1", "-o", "json"])?)?;
     assert_eq!(w1["spec"]["replicas"], 5, "{w1}");
-    assert_eq!(w1["spec"]["size"], "large", "a status write changes only status: {w1}");
+    assert_eq!(
+        w1["spec"]["size"], "large",
+        "a status write changes only status: {w1}"
+    );
     assert_eq!(w1["status"]["replicas"], 5, "{w1}");
     assert_eq!(w1["metadata"]["generation"], 3, "{w1}");
     let scale: serde_json::Value = serde_json::from_str(&c.kubectl_ok(&[
@@ -193,10 +213,22 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
         "--raw",
         "/apis/example.com/v1/namespaces/default/widgets/w1/scale",
     ])?)?;
-    assert_eq!((scale["spec"]["replicas"].as_i64(), scale["status"]["replicas"].as_i64()), (Some(5), Some(5)));
+    assert_eq!(
+        (
+            scale["spec"]["replicas"].as_i64(),
+            scale["status"]["replicas"].as_i64()
+        ),
+        (Some(5), Some(5))
+    );
 
     // Read through the other version: the same object, shown in that version.
-    let beta = c.kubectl_ok(&["get", "widgets.v1beta1.example.com", "w1", "-o", "jsonpath={.apiVersion} {.spec.size}"])?;
+    let beta = c.kubectl_ok(&[
+        "get",
+        "widgets.v1beta1.example.com",
+        "w1",
+        "-o",
+        "jsonpath={.apiVersion} {.spec.size}",
+    ])?;
     assert_eq!(beta, "example.com/v1beta1 large");
 
     // The watch saw it added and modified.
@@ -211,7 +243,11 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
         anyhow::Ok(seen)
     })
     .await??;
-    assert_eq!(seen.first().map(String::as_str), Some("w1 small"), "{seen:?}");
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("w1 small"),
+        "{seen:?}"
+    );
     watch.kill().await?;
 
     // An invalid object: 422 with Kubernetes' field paths and messages.
@@ -219,18 +255,33 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("is invalid"), "{err}");
-    assert!(err.contains(r#"spec.size: Unsupported value: "huge": supported values: "small", "large""#), "{err}");
+    assert!(
+        err.contains(r#"spec.size: Unsupported value: "huge": supported values: "small", "large""#),
+        "{err}"
+    );
     assert!(err.contains("spec.replicas: Invalid value: 11: spec.replicas in body should be less than or equal to 10"), "{err}");
 
     // Garbage collection of any kind: a ConfigMap owned by a ConfigMap, one by a Widget.
-    apply_ok(&c, "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: parent}\n", &[])?;
+    apply_ok(
+        &c,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: parent}\n",
+        &[],
+    )?;
     let parent_uid = c.kubectl_ok(&["get", "cm", "parent", "-o", "jsonpath={.metadata.uid}"])?;
     let w1_uid = c.kubectl_ok(&["get", "widget", "w1", "-o", "jsonpath={.metadata.uid}"])?;
     let owned = |name: &str, api: &str, kind: &str, owner: &str, uid: &str| {
         format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  ownerReferences:\n  - {{apiVersion: {api}, kind: {kind}, name: {owner}, uid: {uid}}}\n")
     };
-    apply_ok(&c, &owned("child", "v1", "ConfigMap", "parent", &parent_uid), &[])?;
-    apply_ok(&c, &owned("of-widget", "example.com/v1", "Widget", "w1", &w1_uid), &[])?;
+    apply_ok(
+        &c,
+        &owned("child", "v1", "ConfigMap", "parent", &parent_uid),
+        &[],
+    )?;
+    apply_ok(
+        &c,
+        &owned("of-widget", "example.com/v1", "Widget", "w1", &w1_uid),
+        &[],
+    )?;
     c.kubectl_ok(&["delete", "cm", "parent"])?;
     let gone = |name: &'static str| {
         let c = &c;
@@ -239,12 +290,22 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
             Ok((!out.status.success()).then_some(()))
         }
     };
-    eventually("the ConfigMap owned by a deleted ConfigMap to go", Duration::from_secs(10), gone("child")).await?;
+    eventually(
+        "the ConfigMap owned by a deleted ConfigMap to go",
+        Duration::from_secs(10),
+        gone("child"),
+    )
+    .await?;
     assert!(c.kubectl(&["get", "cm", "of-widget"])?.status.success());
 
     // Deleting the definition deletes its objects (and so what they own).
     c.kubectl_ok(&["delete", "crd", "widgets.example.com", "--timeout=20s"])?;
-    eventually("the ConfigMap owned by a deleted Widget to go", Duration::from_secs(10), gone("of-widget")).await?;
+    eventually(
+        "the ConfigMap owned by a deleted Widget to go",
+        Duration::from_secs(10),
+        gone("of-widget"),
+    )
+    .await?;
     let out = c.kubectl(&["get", "widgets"])?;
     assert!(!out.status.success(), "widgets are still served");
     // Defined again, it starts empty.

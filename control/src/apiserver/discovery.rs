@@ -1,8 +1,8 @@
 //! Discovery documents: `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}`, `/version`.
 
 use serde_json::{json, Value};
-use skiff_api::resources::{groups, RESOURCES};
 use skiff_api::crd::CustomResources;
+use skiff_api::resources::{groups, RESOURCES};
 use skiff_api::Resource;
 
 pub fn version() -> Value {
@@ -231,7 +231,10 @@ pub fn custom_api_group(custom: &CustomResources, group: &str) -> Option<Value> 
 pub fn custom_resource_list(custom: &CustomResources, group: &str, version: &str) -> Option<Value> {
     let mut out = Vec::new();
     for d in custom.definitions() {
-        let Some(r) = d.resources().iter().find(|r| r.group == group && r.version == version)
+        let Some(r) = d
+            .resources()
+            .iter()
+            .find(|r| r.group == group && r.version == version)
         else {
             continue;
         };
@@ -242,7 +245,14 @@ pub fn custom_resource_list(custom: &CustomResources, group: &str, version: &str
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);
         }
-        if let Some(c) = d.crd.spec.names.categories.as_ref().filter(|c| !c.is_empty()) {
+        if let Some(c) = d
+            .crd
+            .spec
+            .names
+            .categories
+            .as_ref()
+            .filter(|c| !c.is_empty())
+        {
             entry["categories"] = json!(c);
         }
         out.push(entry);
@@ -285,12 +295,20 @@ pub fn custom_openapi_v3(custom: &CustomResources, group: &str, version: &str) -
         return None;
     }
     let param = |n: &str| json!({"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
-    let write_params = json!([param("dryRun"), param("fieldManager"), param("fieldValidation")]);
+    let write_params = json!([
+        param("dryRun"),
+        param("fieldManager"),
+        param("fieldValidation")
+    ]);
     let mut paths = serde_json::Map::new();
     let mut schemas = serde_json::Map::new();
     for (r, schema) in kinds {
         let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let scope = if r.namespaced { "/namespaces/{namespace}" } else { "" };
+        let scope = if r.namespaced {
+            "/namespaces/{namespace}"
+        } else {
+            ""
+        };
         let op = |action: &str, params: &Value| {
             json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk,
                    "parameters": params, "responses": {"200": {"description": "OK"}}})
@@ -309,8 +327,13 @@ pub fn custom_openapi_v3(custom: &CustomResources, group: &str, version: &str) -
         let mut s = serde_json::to_value(schema).unwrap_or(json!({}));
         s["x-kubernetes-group-version-kind"] = json!([gvk]);
         let reversed: Vec<&str> = r.group.split('.').rev().collect();
-        schemas.insert(format!("{}.{}.{}", reversed.join("."), r.version, r.kind), s);
+        schemas.insert(
+            format!("{}.{}.{}", reversed.join("."), r.version, r.kind),
+            s,
+        );
     }
-    Some(json!({"openapi": "3.0.0", "info": {"title": "Kubernetes CRD Swagger", "version": "v0.1.0"},
-                "paths": paths, "components": {"schemas": schemas}}))
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes CRD Swagger", "version": "v0.1.0"},
+                "paths": paths, "components": {"schemas": schemas}}),
+    )
 }

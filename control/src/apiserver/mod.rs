@@ -279,7 +279,7 @@ async fn authenticated(
                 .map_err(|e| ApiError::internal(format!("impersonation failed: {e}")))??
         }
     };
-    let (attrs, req) = attributes(&state, req, &user).await?;
+    let (attrs, req) = attributes(state, req, &user).await?;
     if state.audit.is_some() {
         *audit = Some((user.clone(), attrs.clone()));
     }

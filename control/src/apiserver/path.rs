@@ -26,8 +26,7 @@ pub fn parse(path: &str, custom: &CustomResources) -> Result<Option<ApiPath>, Ap
         return Ok(None);
     }
     let resolve = |plural: &str| {
-        Resource::by_path(group, version, plural)
-            .or_else(|| custom.by_path(group, version, plural))
+        Resource::by_path(group, version, plural).or_else(|| custom.by_path(group, version, plural))
     };
     let find = |plural: &str| resolve(plural).ok_or_else(|| ApiError::not_found_path(path));
     // What follows the resource: nothing (a collection), a name, or a name and a subresource.
@@ -43,9 +42,7 @@ pub fn parse(path: &str, custom: &CustomResources) -> Result<Option<ApiPath>, Ap
         })
     };
     let p = match rest {
-        ["namespaces", ns, plural, tail @ ..]
-            if resolve(plural).is_some_and(|r| r.namespaced) =>
-        {
+        ["namespaces", ns, plural, tail @ ..] if resolve(plural).is_some_and(|r| r.namespaced) => {
             at(find(plural)?, Some(ns), tail)?
         }
         [plural, tail @ ..] => {
@@ -87,12 +84,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(p.resource.kind, "Deployment");
-        let p = parse_builtin("/api/v1/namespaces/kube-system").unwrap().unwrap();
+        let p = parse_builtin("/api/v1/namespaces/kube-system")
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (p.resource.plural, p.name.as_deref()),
             ("namespaces", Some("kube-system"))
         );
-        let p = parse_builtin("/api/v1/namespaces/x/status").unwrap().unwrap();
+        let p = parse_builtin("/api/v1/namespaces/x/status")
+            .unwrap()
+            .unwrap();
         assert_eq!(
             (p.resource.plural, p.sub.as_deref()),
             ("namespaces", Some("status"))

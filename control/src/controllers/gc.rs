@@ -61,7 +61,10 @@ impl Graph {
             }
         }
         for o in &owners {
-            g.dependents.entry(o.clone()).or_default().insert(id.to_string());
+            g.dependents
+                .entry(o.clone())
+                .or_default()
+                .insert(id.to_string());
         }
         let changed = !owners.is_empty() || before.is_some_and(|b| !b.is_empty());
         g.nodes.insert(id.to_string(), (uid.to_string(), owners));
