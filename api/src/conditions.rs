@@ -12,6 +12,7 @@ use k8s_openapi::api::batch::v1::JobCondition;
 use k8s_openapi::api::core::v1::{
     NodeCondition, PersistentVolumeClaimCondition, PodCondition, ReplicationControllerCondition,
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinitionCondition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition as MetaCondition, Time};
 
 /// A status condition: a type, a status ("True", "False", "Unknown"), why, and since when.
@@ -139,6 +140,7 @@ optional_condition!(DaemonSetCondition);
 optional_condition!(StatefulSetCondition);
 optional_condition!(ReplicationControllerCondition);
 optional_condition!(PersistentVolumeClaimCondition, last_probe_time);
+optional_condition!(CustomResourceDefinitionCondition);
 
 impl Condition for MetaCondition {
     fn new(ty: &str, status: &str, reason: &str, message: &str, now: &Time) -> Self {

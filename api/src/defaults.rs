@@ -27,6 +27,7 @@ fn child<'a>(obj: &'a mut Value, key: &str) -> Option<&'a mut Value> {
 /// Defaults for an object of `kind`, in place.
 pub fn apply(kind: &str, obj: &mut Value) {
     match kind {
+        "CustomResourceDefinition" => crate::crd::apply_defaults(obj),
         "Pod" => {
             if let Some(spec) = child(obj, "spec") {
                 pod_spec(spec);

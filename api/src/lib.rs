@@ -4,6 +4,8 @@
 //! - [`resources`]: the table of served resources (group, version, plural, kind, scope);
 //! - [`selector`] and [`fields`]: label and field selectors;
 //! - [`validation`] and [`defaults`]: what a well-formed object is, and what is filled in;
+//! - [`crd`] and [`schema`]: CustomResourceDefinitions, the custom resources they serve, and
+//!   custom objects pruned, defaulted and validated against their `openAPIV3Schema`;
 //! - [`limits`]: what a request may carry, checked before anything is parsed;
 //! - [`patch`]: JSON merge patch, JSON patch and strategic merge patch;
 //! - [`error`]: [`ApiError`], rendered as a Kubernetes `Status`;
@@ -13,6 +15,7 @@
 //! Wire types come from `k8s-openapi`, re-exported as [`k8s`].
 
 pub mod conditions;
+pub mod crd;
 pub mod defaults;
 pub mod disruption;
 pub mod error;
@@ -25,6 +28,7 @@ pub mod protobuf;
 pub mod protobuf_schema;
 pub mod quantity;
 pub mod resources;
+pub mod schema;
 pub mod selector;
 pub mod table;
 pub mod validation;

@@ -52,6 +52,14 @@ impl Resource {
         }
     }
 
+    /// Whether this is one of the built-in resources of [`RESOURCES`] (not a custom one).
+    pub fn is_builtin(&self) -> bool {
+        RESOURCES
+            .as_ptr_range()
+            .contains(&(self as *const Resource))
+            || RESOURCES.iter().any(|r| r == self)
+    }
+
     /// Resolves a name a user typed: plural, singular, kind or short name,
     /// optionally qualified with the group (`deployments.apps`).
     pub fn lookup(name: &str) -> Option<&'static Resource> {
@@ -255,6 +263,19 @@ pub static RESOURCES: &[Resource] = &[
         "ClusterRoleBinding",
         false,
     ),
+    // Custom resources are served from these (see `crd.rs`).
+    Resource {
+        group: crate::crd::GROUP,
+        version: "v1",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        kind: "CustomResourceDefinition",
+        namespaced: false,
+        short_names: &["crd", "crds"],
+        has_status: true,
+        has_scale: false,
+        create_only: false,
+    },
     review(
         "authorization.k8s.io",
         "selfsubjectaccessreviews",
@@ -401,6 +422,7 @@ mod tests {
                 "coordination.k8s.io",
                 "storage.k8s.io",
                 "rbac.authorization.k8s.io",
+                "apiextensions.k8s.io",
                 "authorization.k8s.io",
                 "authentication.k8s.io"
             ]

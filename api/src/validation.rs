@@ -7,6 +7,7 @@ use k8s_openapi::api::{
     apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
     policy::v1 as policy, rbac::v1 as rbac,
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition as Crd;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -48,6 +49,7 @@ pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiE
         "ClusterRole" => check::<rbac::ClusterRole>(obj, strict),
         "RoleBinding" => check::<rbac::RoleBinding>(obj, strict),
         "ClusterRoleBinding" => check::<rbac::ClusterRoleBinding>(obj, strict),
+        "CustomResourceDefinition" => check::<Crd>(obj, strict),
         other => Err(ApiError::bad_request(format!(
             "no wire type for kind {other}"
         ))),
@@ -208,6 +210,17 @@ fn validate_meta(kind: &str, meta: &ObjectMeta, namespaced: bool, causes: &mut V
     }
 }
 
+/// The checks of `metadata` every object gets (names, labels, annotations), for kinds with
+/// no checks of their own (custom resources).
+pub fn validate_metadata(obj: &Value, namespaced: bool) -> Vec<Cause> {
+    let mut causes = Vec::new();
+    match typed::<ObjectMeta>(obj.get("metadata").unwrap_or(&Value::Null)) {
+        Ok(meta) => validate_meta("", &meta, namespaced, &mut causes),
+        Err(e) => causes.push(Cause::invalid("metadata", "", &e.message)),
+    }
+    causes
+}
+
 // ---- semantic validation -----------------------------------------------------------------
 
 /// Semantic checks of a (defaulted) object. A failure is a 422 listing every bad field.
@@ -223,6 +236,13 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
     }
     validate_meta(resource.kind, &meta, resource.namespaced, &mut causes);
     match resource.kind {
+        "CustomResourceDefinition" => {
+            let c: Crd = typed(obj)?;
+            causes.extend(crate::crd::validate_definition(
+                &c,
+                &crate::resources::groups(),
+            ));
+        }
         "Pod" => {
             let pod: core::Pod = typed(obj)?;
             match &pod.spec {
@@ -959,6 +979,10 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
             }
         }
         "Job" => immutable("/spec/template", "spec.template", &mut causes),
+        "CustomResourceDefinition" => causes.extend(crate::crd::validate_definition_update(
+            &typed(old)?,
+            &typed(new)?,
+        )),
         "RoleBinding" | "ClusterRoleBinding" if old.get("roleRef") != new.get("roleRef") => {
             causes.push(Cause::invalid(
                 "roleRef",

@@ -6,9 +6,10 @@
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::{json, Value};
+use skiff_api::crd::{CustomResources, Definition};
 use skiff_api::fields::FieldSelector;
 use skiff_api::patch::{self, PatchKind};
 use skiff_api::selector::Selector;
@@ -157,6 +158,11 @@ pub struct Registry {
     alloc: Mutex<()>,
     /// Serialises evictions, so two cannot both spend a budget's last disruption.
     evictions: Mutex<()>,
+    /// The custom resources served now, swapped whole when a definition changes; a request
+    /// for a built-in resource never reads it.
+    custom: RwLock<Arc<CustomResources>>,
+    /// Serialises rebuilds of `custom`, so the last one swapped in read the newest definitions.
+    custom_rebuild: Mutex<()>,
 }
 
 pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
@@ -191,12 +197,148 @@ fn random_suffix(n: usize) -> String {
 
 impl Registry {
     pub fn new(store: DynStore, config: ClusterConfig) -> Arc<Self> {
-        Arc::new(Registry {
+        let reg = Arc::new(Registry {
             store,
             config,
             alloc: Mutex::new(()),
             evictions: Mutex::new(()),
-        })
+            custom: RwLock::new(Arc::default()),
+            custom_rebuild: Mutex::new(()),
+        });
+        if let Err(e) = reg.refresh_custom() {
+            tracing::warn!(error = %e, "cannot read the custom resource definitions");
+        }
+        reg
+    }
+
+    // ---- custom resources ----------------------------------------------------------------
+
+    /// The custom resources served now.
+    pub fn custom(&self) -> Arc<CustomResources> {
+        self.custom.read().expect("custom resources").clone()
+    }
+
+    /// The definition serving `r`, when `r` is a custom resource.
+    pub fn definition(&self, r: &Resource) -> Option<Arc<Definition>> {
+        if r.is_builtin() {
+            return None;
+        }
+        self.custom().definition(r).cloned()
+    }
+
+    /// The resource served under `group/version` with this plural, built-in or custom.
+    pub fn resource_by_path(
+        &self,
+        group: &str,
+        version: &str,
+        plural: &str,
+    ) -> Option<&'static Resource> {
+        Resource::by_path(group, version, plural)
+            .or_else(|| self.custom().by_path(group, version, plural))
+    }
+
+    /// The resource of an object's `apiVersion` and `kind`, built-in or custom.
+    pub fn resource_by_kind(&self, api_version: &str, kind: &str) -> Option<&'static Resource> {
+        Resource::by_kind(api_version, kind).or_else(|| self.custom().by_kind(api_version, kind))
+    }
+
+    /// A resource by its qualified plural (`pods`, `deployments.apps`, `widgets.example.com`);
+    /// a custom one in its preferred version.
+    pub fn resource_by_qualified(&self, qualified: &str) -> Option<&'static Resource> {
+        let (plural, group) = qualified.split_once('.').unwrap_or((qualified, ""));
+        let same = |r: &&'static Resource| r.plural == plural && r.group == group;
+        skiff_api::RESOURCES
+            .iter()
+            .find(same)
+            .or_else(|| self.custom().resources().find(same))
+    }
+
+    /// The resource a stored object belongs to, from its `apiVersion`'s group and `kind`
+    /// (a custom one in its preferred version, whatever version it is stored in).
+    pub fn resource_of_object(&self, obj: &Value) -> Option<&'static Resource> {
+        let av = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+        let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+        let group = av.rsplit_once('/').map_or("", |(g, _)| g);
+        let same = |r: &&'static Resource| r.group == group && r.kind == kind && !r.create_only;
+        skiff_api::RESOURCES
+            .iter()
+            .find(same)
+            .or_else(|| self.custom().resources().find(same))
+    }
+
+    /// A resource by any name a user types (`pods`, `deploy`, `widgets.example.com`).
+    pub fn resource_lookup(&self, name: &str) -> Option<&'static Resource> {
+        Resource::lookup(name).or_else(|| self.custom().lookup(name))
+    }
+
+    /// Every served resource that stores objects, one per stored kind (a custom resource
+    /// in its preferred version).
+    pub fn stored_resources(&self) -> Vec<&'static Resource> {
+        let custom = self.custom();
+        skiff_api::RESOURCES
+            .iter()
+            .filter(|r| !r.create_only)
+            .chain(
+                custom
+                    .definitions()
+                    .iter()
+                    .filter_map(|d| d.resources().first().copied()),
+            )
+            .collect()
+    }
+
+    /// Rebuilds the served custom resources from the stored definitions whose names are
+    /// accepted.
+    pub fn refresh_custom(&self) -> Result<(), ApiError> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let _g = self.custom_rebuild.lock().expect("custom rebuild");
+        let crds = Resource::lookup("customresourcedefinitions").expect("crds");
+        let (items, _) = self
+            .store
+            .list(&crds.key_prefix())
+            .map_err(|e| store_err(crds, "", e))?;
+        let accepted: Vec<CustomResourceDefinition> = items
+            .iter()
+            .filter_map(|o| validation::typed::<CustomResourceDefinition>(o).ok())
+            .filter(|c| {
+                skiff_api::conditions::is_true(
+                    c.status.as_ref().and_then(|s| s.conditions.as_deref()),
+                    "NamesAccepted",
+                )
+            })
+            .collect();
+        *self.custom.write().expect("custom resources") = Arc::new(CustomResources::new(accepted));
+        Ok(())
+    }
+
+    /// A custom object as served through `r`'s version (stored in the storage version).
+    fn present(&self, r: &Resource, mut obj: Value) -> Value {
+        if !r.is_builtin()
+            && obj.get("apiVersion").and_then(Value::as_str) != Some(&r.api_version())
+        {
+            obj["apiVersion"] = json!(r.api_version());
+        }
+        obj
+    }
+
+    /// Decodes a built-in object into its type, or checks a custom one's fields against its
+    /// schema: with strict field validation, an unknown field is an error.
+    fn decode(&self, r: &Resource, obj: &Value, opts: &WriteOptions) -> Result<(), ApiError> {
+        match self.definition(r) {
+            Some(d) if !opts.lenient => d.check_unknown(r.version, obj),
+            Some(_) => Ok(()),
+            None => validation::decode(r, obj, !opts.lenient),
+        }
+    }
+
+    /// The kind whose built-in rules apply to `r`: none for a custom resource, whatever
+    /// its kind is called.
+    fn builtin_kind(r: &Resource) -> &'static str {
+        if r.is_builtin() {
+            r.kind
+        } else {
+            ""
+        }
     }
 
     pub fn store(&self) -> &DynStore {
@@ -210,9 +352,7 @@ impl Registry {
     // ---- reads ---------------------------------------------------------------------------
 
     pub fn get(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
-        self.store
-            .get(&r.key(ns, name))
-            .map_err(|e| store_err(r, name, e))?
+        self.try_get(r, ns, name)?
             .ok_or_else(|| ApiError::not_found(&r.qualified(), name))
     }
 
@@ -231,7 +371,9 @@ impl Registry {
         } else {
             self.store.get(&key)
         };
-        got.map_err(|e| store_err(r, name, e))
+        Ok(got
+            .map_err(|e| store_err(r, name, e))?
+            .map(|o| self.present(r, o)))
     }
 
     pub fn try_get(
@@ -240,9 +382,11 @@ impl Registry {
         ns: Option<&str>,
         name: &str,
     ) -> Result<Option<Value>, ApiError> {
-        self.store
+        Ok(self
+            .store
             .get(&r.key(ns, name))
-            .map_err(|e| store_err(r, name, e))
+            .map_err(|e| store_err(r, name, e))?
+            .map(|o| self.present(r, o)))
     }
 
     fn prefix(r: &Resource, ns: Option<&str>) -> String {
@@ -268,6 +412,7 @@ impl Registry {
         let items = items
             .into_iter()
             .filter(|o| labels.matches(&meta::labels(o)) && fields.matches(o))
+            .map(|o| self.present(r, o))
             .collect();
         Ok((items, rev))
     }
@@ -289,6 +434,8 @@ impl Registry {
         let (tx, rx) = mpsc::channel(256);
         let key_prefix = r.key_prefix();
         let namespaced = r.namespaced;
+        // Custom objects are shown in the version watched.
+        let served_as = (!r.is_builtin()).then(|| r.api_version());
         tokio::spawn(async move {
             let sel = |o: &Value| labels.matches(&meta::labels(o)) && fields.matches(o);
             loop {
@@ -315,14 +462,15 @@ impl Registry {
                     EventType::Deleted if before || now => "DELETED",
                     _ => continue,
                 };
-                if tx
-                    .send(WatchEvent {
-                        kind,
-                        object: ev.object.clone(),
-                    })
-                    .await
-                    .is_err()
-                {
+                let object = match &served_as {
+                    Some(av) if ev.object.get("apiVersion").and_then(Value::as_str) != Some(av) => {
+                        let mut o = Value::clone(&ev.object);
+                        o["apiVersion"] = json!(av);
+                        Arc::new(o)
+                    }
+                    _ => ev.object.clone(),
+                };
+                if tx.send(WatchEvent { kind, object }).await.is_err() {
                     return;
                 }
             }
@@ -395,7 +543,19 @@ impl Registry {
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
         Self::check_kind(r, &mut obj)?;
-        validation::decode(r, &obj, !opts.lenient)?;
+        let def = self.definition(r);
+        let kind = Self::builtin_kind(r);
+        match &def {
+            Some(d) if d.is_terminating() => {
+                return Err(ApiError::method_not_allowed(&format!(
+                    "create: the custom resource definition {} is terminating",
+                    d.name()
+                )))
+            }
+            Some(d) if !opts.lenient => d.check_unknown(r.version, &obj)?,
+            Some(_) => {}
+            None => validation::decode(r, &obj, !opts.lenient)?,
+        }
         {
             let m = meta::metadata_mut(&mut obj);
             if r.namespaced {
@@ -433,17 +593,17 @@ impl Registry {
             m.remove("deletionTimestamp");
             m.remove("deletionGracePeriodSeconds");
             m.remove("managedFields");
-            if r.has_status || r.has_scale {
+            if r.has_status || r.has_scale || def.is_some() {
                 m.insert("generation".into(), json!(1));
             }
         }
-        if r.has_status && r.kind != "Node" {
+        if r.has_status && kind != "Node" {
             if let Some(o) = obj.as_object_mut() {
                 o.remove("status");
             }
         }
-        defaults::apply(r.kind, &mut obj);
-        if r.kind == "Node" {
+        defaults::apply(kind, &mut obj);
+        if kind == "Node" {
             // Topology spread and anti-affinity by host need it; agents set it, bare Node
             // objects get their name.
             let name = meta::name(&obj).to_string();
@@ -454,7 +614,7 @@ impl Registry {
                 l.entry("kubernetes.io/hostname").or_insert(json!(name));
             }
         }
-        if r.kind == "Pod" {
+        if kind == "Pod" {
             defaults::default_toleration_seconds(
                 &mut obj,
                 self.config.default_not_ready_toleration_seconds,
@@ -463,7 +623,10 @@ impl Registry {
             let ns = meta::namespace(&obj).unwrap_or("default").to_string();
             crate::apiserver::tokens::admit_pod(self, &ns, &mut obj)?;
         }
-        validation::validate(r, &obj)?;
+        match &def {
+            Some(d) => d.admit(r.version, &mut obj, r.namespaced)?,
+            None => validation::validate(r, &obj)?,
+        }
         let ns = meta::namespace(&obj).map(String::from);
         let name = meta::name(&obj).to_string();
         self.ensure_namespace(r, ns.as_deref())?;
@@ -495,7 +658,7 @@ impl Registry {
             return self.write_scale(r, ns, name, obj, opts);
         }
         Self::check_kind(r, &mut obj)?;
-        validation::decode(r, &obj, !opts.lenient)?;
+        self.decode(r, &obj, opts)?;
         if !meta::name(&obj).is_empty() && meta::name(&obj) != name {
             return Err(ApiError::bad_request(format!(
                 "the name of the object ({}) does not match the name on the URL ({name})",
@@ -549,14 +712,14 @@ impl Registry {
                 None => return Err(ApiError::not_found(&r.qualified(), name)),
             };
             let result = if sub == Sub::Scale {
-                let scale = scale_of(r, &old);
+                let scale = self.scale_for(r, &old);
                 let patched = patch::apply(kind, &scale, body)?;
                 self.write_scale(r, ns, name, patched, opts)
             } else {
                 let patched = patch::apply(kind, &old, body)?;
                 let mut patched = patched;
                 Self::check_kind(r, &mut patched)?;
-                validation::decode(r, &patched, !opts.lenient)?;
+                self.decode(r, &patched, opts)?;
                 let expect = match patched.pointer("/metadata/resourceVersion")
                     != old.pointer("/metadata/resourceVersion")
                 {
@@ -588,10 +751,15 @@ impl Registry {
         mut new: Value,
         sub: Sub,
     ) -> Result<Value, ApiError> {
+        let def = self.definition(r);
+        let kind = Self::builtin_kind(r);
         if sub == Sub::Status {
             // Only status (and, for conditions the agent owns, nothing else) changes.
             let mut out = old.clone();
             out["status"] = new.get("status").cloned().unwrap_or(json!({}));
+            if let Some(d) = &def {
+                d.admit(r.version, &mut out, r.namespaced)?;
+            }
             return Ok(out);
         }
         // Server-owned metadata is kept.
@@ -617,7 +785,7 @@ impl Registry {
                 }
             }
         }
-        if r.has_status && r.kind != "Namespace" {
+        if r.has_status && kind != "Namespace" {
             match old.get("status") {
                 Some(s) => new["status"] = s.clone(),
                 None => {
@@ -627,7 +795,28 @@ impl Registry {
                 }
             }
         }
-        defaults::apply(r.kind, &mut new);
+        if let Some(d) = &def {
+            d.admit(r.version, &mut new, r.namespaced)?;
+            // A custom object's generation counts changes of anything but metadata and status.
+            let body = |o: &Value| {
+                let mut o = o.clone();
+                if let Some(m) = o.as_object_mut() {
+                    for k in ["metadata", "status", "apiVersion", "kind"] {
+                        m.remove(k);
+                    }
+                }
+                o
+            };
+            if body(old) != body(&new) {
+                let g = old
+                    .pointer("/metadata/generation")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(1);
+                meta::metadata_mut(&mut new).insert("generation".into(), json!(g + 1));
+            }
+            return Ok(new);
+        }
+        defaults::apply(kind, &mut new);
         validation::validate(r, &new)?;
         validation::validate_update(r, old, &new)?;
         if (r.has_status || r.has_scale) && old.get("spec") != new.get("spec") {
@@ -704,17 +893,51 @@ impl Registry {
         let old = self.get(r, ns, name)?;
         let expect = meta::resource_version(&scale).or(meta::resource_version(&old));
         let mut new = old.clone();
-        new["spec"]["replicas"] = json!(replicas);
+        let spec_path = self
+            .definition(r)
+            .and_then(|d| {
+                d.scale(r.version)
+                    .map(|s| pointer_of(&s.spec_replicas_path))
+            })
+            .unwrap_or_else(|| "/spec/replicas".into());
+        set_at(&mut new, &spec_path, json!(replicas));
         let new = self.prepare_update(r, &old, new, Sub::Main)?;
         let stored = self.commit_update(r, ns, name, &old, new, expect, opts)?;
-        Ok(scale_of(r, &stored))
+        Ok(self.scale_for(r, &stored))
     }
 
     pub fn get_scale(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
         if !r.has_scale {
             return Err(ApiError::not_found_path(&format!("{}/scale", r.plural)));
         }
-        Ok(scale_of(r, &self.get(r, ns, name)?))
+        Ok(self.scale_for(r, &self.get(r, ns, name)?))
+    }
+
+    /// The Scale of an object: from `spec.replicas` for the built-in kinds, from the paths
+    /// a custom resource's `scale` subresource names for a custom one.
+    fn scale_for(&self, r: &Resource, obj: &Value) -> Value {
+        let Some(def) = self.definition(r) else {
+            return scale_of(r, obj);
+        };
+        let Some(sc) = def.scale(r.version) else {
+            return scale_of(r, obj);
+        };
+        let mut scale = scale_of(r, obj);
+        scale["spec"]["replicas"] = obj
+            .pointer(&pointer_of(&sc.spec_replicas_path))
+            .cloned()
+            .unwrap_or(json!(0));
+        scale["status"]["replicas"] = obj
+            .pointer(&pointer_of(&sc.status_replicas_path))
+            .cloned()
+            .unwrap_or(json!(0));
+        scale["status"]["selector"] = sc
+            .label_selector_path
+            .as_deref()
+            .and_then(|p| obj.pointer(&pointer_of(p)))
+            .cloned()
+            .unwrap_or(json!(""));
+        scale
     }
 
     /// Deletes an object, honouring finalizers, graceful pod termination and propagation.
@@ -846,11 +1069,15 @@ impl Registry {
         match opts.propagation.as_deref() {
             Some("Foreground") => finalizers.push("foregroundDeletion".into()),
             Some("Orphan") => finalizers.push("orphan".into()),
-            None if r.kind == "ReplicaSet" || r.kind == "Deployment" => {}
             _ => {}
         }
-        if r.kind == "Namespace" {
+        let kind = Self::builtin_kind(r);
+        if kind == "Namespace" {
             finalizers.push("kubernetes".into());
+        }
+        // A definition's objects go before it does (the garbage collector's work).
+        if kind == "CustomResourceDefinition" {
+            finalizers.push(skiff_api::crd::CLEANUP_FINALIZER.into());
         }
         let grace = opts
             .grace_period_seconds
@@ -860,7 +1087,7 @@ impl Registry {
             })
             .unwrap_or(0);
         // A pod running on a node is stopped by its agent first; the agent then deletes it.
-        let graceful = r.kind == "Pod"
+        let graceful = kind == "Pod"
             && grace > 0
             && old
                 .pointer("/spec/nodeName")
@@ -903,7 +1130,7 @@ impl Registry {
                 );
             }
         }
-        if r.kind == "Namespace" {
+        if kind == "Namespace" {
             new["status"]["phase"] = json!("Terminating");
         }
         if opts.dry_run {
@@ -966,9 +1193,28 @@ impl Registry {
         Ok(committed)
     }
 
-    fn commit_one(&self, r: &Resource, name: &str, op: Op) -> Result<Value, ApiError> {
-        let c = self.commit(vec![op]).map_err(|e| store_err(r, name, e))?;
-        Ok(c.objects.into_iter().next().expect("one op, one object"))
+    fn commit_one(&self, r: &Resource, name: &str, mut op: Op) -> Result<Value, ApiError> {
+        // A custom object is stored in its definition's storage version.
+        if let Some(def) = self.definition(r) {
+            let av = format!("{}/{}", r.group, def.storage_version());
+            if let Op::Create { value, .. } | Op::Update { value, .. } = &mut op {
+                value["apiVersion"] = json!(av);
+            }
+        }
+        let definition = r.is_builtin() && r.group == skiff_api::crd::GROUP;
+        // A definition's write is durable before the served resources are rebuilt from the
+        // store's durable view.
+        let c = if definition {
+            self.store.txn(vec![op])
+        } else {
+            self.commit(vec![op])
+        }
+        .map_err(|e| store_err(r, name, e))?;
+        let obj = c.objects.into_iter().next().expect("one op, one object");
+        if definition {
+            self.refresh_custom()?;
+        }
+        Ok(self.present(r, obj))
     }
 
     /// Removes a finalizer from an object; when it was the last one of an object being
@@ -1033,7 +1279,7 @@ impl Registry {
     /// Whether admitting `r` allocates from a shared range (service IPs and node ports, pod
     /// CIDRs): such writes hold `alloc` until they are committed, so two never take the same.
     fn allocates(r: &Resource) -> bool {
-        matches!(r.kind, "Service" | "Node")
+        matches!(Self::builtin_kind(r), "Service" | "Node")
     }
 
     /// A node writing its own Node: the labels and taints it may not change.
@@ -1043,7 +1289,11 @@ impl Registry {
         new: &Value,
         opts: &WriteOptions,
     ) -> Result<(), ApiError> {
-        let Some(node) = opts.by_node.as_deref().filter(|_| r.kind == "Node") else {
+        let Some(node) = opts
+            .by_node
+            .as_deref()
+            .filter(|_| Self::builtin_kind(r) == "Node")
+        else {
             return Ok(());
         };
         let typed = |v: &Value| {
@@ -1055,11 +1305,99 @@ impl Registry {
     }
 
     fn admit(&self, r: &Resource, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
-        match r.kind {
+        match Self::builtin_kind(r) {
             "Service" => self.admit_service(old, obj),
             "Node" if old.is_none() => self.admit_node(obj),
+            "CustomResourceDefinition" => self.admit_definition(obj),
             _ => Ok(()),
         }
+    }
+
+    /// A definition's status, as Kubernetes' controllers keep it: the names accepted (or
+    /// the name another definition already uses), `NamesAccepted` and `Established`, the
+    /// versions objects were stored in, and `Terminating` once it is being deleted.
+    fn admit_definition(&self, obj: &mut Value) -> Result<(), ApiError> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+            CustomResourceDefinition, CustomResourceDefinitionCondition as Cond,
+        };
+        use skiff_api::conditions::{self, Condition};
+        let mut crd: CustomResourceDefinition = validation::typed(obj)?;
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(chrono::Utc::now().timestamp())
+                .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        );
+        let conflict = self.custom().name_conflict(&crd);
+        let mut status = crd.status.take().unwrap_or_default();
+        let mut conds = status.conditions.take().unwrap_or_default();
+        match conflict {
+            None => {
+                status.accepted_names = Some(crd.spec.names.clone());
+                conditions::set(
+                    &mut conds,
+                    Cond::new(
+                        "NamesAccepted",
+                        "True",
+                        "NoConflicts",
+                        "no conflicts found",
+                        &now,
+                    ),
+                    &now,
+                );
+                conditions::set(
+                    &mut conds,
+                    Cond::new(
+                        "Established",
+                        "True",
+                        "InitialNamesAccepted",
+                        "the initial names have been accepted",
+                        &now,
+                    ),
+                    &now,
+                );
+            }
+            Some(why) => {
+                conditions::set(
+                    &mut conds,
+                    Cond::new("NamesAccepted", "False", "NameConflict", &why, &now),
+                    &now,
+                );
+                conditions::set(
+                    &mut conds,
+                    Cond::new(
+                        "Established",
+                        "False",
+                        "NotAccepted",
+                        "not all names are accepted",
+                        &now,
+                    ),
+                    &now,
+                );
+            }
+        }
+        if crd.metadata.deletion_timestamp.is_some() {
+            conditions::set(
+                &mut conds,
+                Cond::new(
+                    "Terminating",
+                    "True",
+                    "InstanceDeletionInProgress",
+                    "CustomResource deletion is in progress",
+                    &now,
+                ),
+                &now,
+            );
+        }
+        status.conditions = Some(conds);
+        let mut stored = status.stored_versions.take().unwrap_or_default();
+        if let Some(v) = crd.spec.versions.iter().find(|v| v.storage) {
+            if !stored.contains(&v.name) {
+                stored.push(v.name.clone());
+            }
+        }
+        status.stored_versions = Some(stored);
+        obj["status"] = serde_json::to_value(status)
+            .map_err(|e| ApiError::internal(format!("definition status: {e}")))?;
+        Ok(())
     }
 
     fn admit_service(&self, old: Option<&Value>, obj: &mut Value) -> Result<(), ApiError> {
@@ -1324,6 +1662,30 @@ fn patch_allocated_values(old: &Value, new: &mut Value) {
         {
             new["spec"]["healthCheckNodePort"] = hc.clone();
         }
+    }
+}
+
+/// `.spec.replicas` → `/spec/replicas`: a simple JSONPath as a JSON pointer.
+fn pointer_of(path: &str) -> String {
+    path.split('.')
+        .filter(|s| !s.is_empty())
+        .fold(String::new(), |acc, s| format!("{acc}/{s}"))
+}
+
+/// Sets the value at a JSON pointer, making the objects on the way.
+fn set_at(obj: &mut Value, pointer: &str, v: Value) {
+    let mut cur = obj;
+    let parts: Vec<&str> = pointer.split('/').skip(1).collect();
+    for (i, p) in parts.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = json!({});
+        }
+        let m = cur.as_object_mut().expect("an object");
+        if i + 1 == parts.len() {
+            m.insert(p.to_string(), v);
+            return;
+        }
+        cur = m.entry(p.to_string()).or_insert_with(|| json!({}));
     }
 }
 
@@ -1683,6 +2045,125 @@ mod tests {
             .unwrap()
             .is_some());
         release.join().unwrap();
+    }
+
+    fn widget_definition(name: &str, plural: &str, kind: &str, scope: &str) -> Value {
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": name},
+            "spec": {"group": "example.com", "scope": scope,
+                "names": {"plural": plural, "kind": kind, "shortNames": ["wg"]},
+                "versions": [
+                    {"name": "v1", "served": true, "storage": true,
+                     "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                        "spec": {"type": "object", "properties": {
+                            "size": {"type": "string", "default": "small"}}}}}}},
+                    {"name": "v2", "served": true, "storage": false,
+                     "schema": {"openAPIV3Schema": {"type": "object",
+                        "x-kubernetes-preserve-unknown-fields": true}}}]}})
+    }
+
+    #[test]
+    fn definitions_serve_custom_objects_in_every_version() {
+        let (_dir, store, reg) = registry();
+        let crds = Resource::lookup("crds").unwrap();
+        let opts = WriteOptions::default();
+        let crd = reg
+            .create(
+                crds,
+                None,
+                widget_definition("widgets.example.com", "widgets", "Widget", "Namespaced"),
+                &opts,
+            )
+            .unwrap();
+        assert_eq!(crd["status"]["acceptedNames"]["kind"], "Widget");
+        assert_eq!(crd["spec"]["names"]["singular"], "widget");
+        let v1 = reg
+            .resource_by_path("example.com", "v1", "widgets")
+            .unwrap();
+        let v2 = reg
+            .resource_by_path("example.com", "v2", "widgets")
+            .unwrap();
+        assert!(v1.namespaced && !v1.is_builtin());
+        // Created through v2, stored in v1, shown in the version asked for.
+        let made = reg
+            .create(
+                v2,
+                Some("default"),
+                json!({"apiVersion": "example.com/v2", "kind": "Widget",
+                "metadata": {"name": "a"}, "spec": {"extra": 1}}),
+                &WriteOptions {
+                    lenient: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(made["apiVersion"], "example.com/v2");
+        let stored = store.get(&v1.key(Some("default"), "a")).unwrap().unwrap();
+        assert_eq!(stored["apiVersion"], "example.com/v1");
+        assert_eq!(
+            reg.get(v1, Some("default"), "a").unwrap()["apiVersion"],
+            "example.com/v1"
+        );
+        // A patch through v1 starts from the object in v1.
+        let patched = reg
+            .patch(
+                v1,
+                Some("default"),
+                "a",
+                PatchKind::Merge,
+                &json!({"spec": {"size": "large"}}),
+                Sub::Main,
+                &WriteOptions {
+                    lenient: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(patched["spec"]["size"], "large");
+        // A cluster-scoped definition whose names another one uses is not served.
+        let clash = reg
+            .create(
+                crds,
+                None,
+                widget_definition("gadgets.example.com", "gadgets", "Gadget", "Cluster"),
+                &opts,
+            )
+            .unwrap();
+        assert_eq!(
+            clash["status"]["conditions"][0]["status"], "False",
+            "{clash}"
+        );
+        assert!(reg
+            .resource_by_path("example.com", "v1", "gadgets")
+            .is_none());
+        let mut fixed = widget_definition("things.example.com", "things", "Thing", "Cluster");
+        fixed["spec"]["names"]["shortNames"] = json!([]);
+        reg.create(crds, None, fixed, &opts).unwrap();
+        let things = reg.resource_by_path("example.com", "v1", "things").unwrap();
+        assert!(!things.namespaced);
+        reg.create(
+            things,
+            None,
+            json!({"apiVersion": "example.com/v1", "kind": "Thing", "metadata": {"name": "t"}}),
+            &opts,
+        )
+        .unwrap();
+        // Deleting a definition waits for its objects (the collector's work).
+        let deleting = reg
+            .delete(crds, None, "widgets.example.com", &DeleteOptions::default())
+            .unwrap();
+        assert!(
+            meta::finalizers(&deleting).contains(&skiff_api::crd::CLEANUP_FINALIZER.to_string())
+        );
+        let e = reg
+            .create(
+                v1,
+                Some("default"),
+                json!({"metadata": {"name": "b"}}),
+                &opts,
+            )
+            .unwrap_err();
+        assert_eq!(e.code, 405, "{e}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Discovery documents: `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}`, `/version`.
 
 use serde_json::{json, Value};
+use skiff_api::crd::CustomResources;
 use skiff_api::resources::{groups, RESOURCES};
 use skiff_api::Resource;
 
@@ -209,5 +210,145 @@ pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
     }
     Some(
         json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.37.0"}, "paths": paths, "components": {"schemas": {}}}),
+    )
+}
+
+// ---- custom resources ---------------------------------------------------------------------
+
+/// The `APIGroup` entries of the groups custom resources are served in.
+pub fn custom_api_groups(custom: &CustomResources) -> Vec<Value> {
+    custom
+        .groups()
+        .into_iter()
+        .map(|(g, vs)| custom_group_entry(g, &vs))
+        .collect()
+}
+
+fn custom_group_entry(group: &str, versions: &[&str]) -> Value {
+    let vs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
+    json!({"name": group, "versions": vs, "preferredVersion": vs.first().cloned().unwrap_or(json!({}))})
+}
+
+/// `/apis/{group}` of a custom group.
+pub fn custom_api_group(custom: &CustomResources, group: &str) -> Option<Value> {
+    let groups = custom.groups();
+    let vs = groups.get(group)?;
+    let mut doc = custom_group_entry(group, vs);
+    doc["kind"] = json!("APIGroup");
+    doc["apiVersion"] = json!("v1");
+    Some(doc)
+}
+
+/// `/apis/{group}/{version}` of a custom group version.
+pub fn custom_resource_list(custom: &CustomResources, group: &str, version: &str) -> Option<Value> {
+    let mut out = Vec::new();
+    for d in custom.definitions() {
+        let Some(r) = d
+            .resources()
+            .iter()
+            .find(|r| r.group == group && r.version == version)
+        else {
+            continue;
+        };
+        let mut entry = json!({
+            "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced,
+            "kind": r.kind, "verbs": VERBS,
+        });
+        if !r.short_names.is_empty() {
+            entry["shortNames"] = json!(r.short_names);
+        }
+        if let Some(c) = d
+            .crd
+            .spec
+            .names
+            .categories
+            .as_ref()
+            .filter(|c| !c.is_empty())
+        {
+            entry["categories"] = json!(c);
+        }
+        out.push(entry);
+        if r.has_status {
+            out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
+                            "kind": r.kind, "verbs": ["get", "patch", "update"]}));
+        }
+        if r.has_scale {
+            out.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
+                            "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
+        }
+    }
+    (!out.is_empty()).then(|| {
+        json!({"kind": "APIResourceList", "apiVersion": "v1",
+               "groupVersion": format!("{group}/{version}"), "resources": out})
+    })
+}
+
+/// The `/openapi/v3` index entries of custom group versions.
+pub fn custom_openapi_v3_paths(custom: &CustomResources) -> Vec<(String, Value)> {
+    custom
+        .groups()
+        .into_iter()
+        .flat_map(|(g, vs)| {
+            vs.into_iter().map(move |v| {
+                (
+                    format!("apis/{g}/{v}"),
+                    json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/{v}")}),
+                )
+            })
+        })
+        .collect()
+}
+
+/// A minimal OpenAPI v3 document of a custom group version: the operations kubectl looks
+/// at, and each kind's `openAPIV3Schema` (from [`CustomResources::openapi_v3_schemas`]).
+pub fn custom_openapi_v3(custom: &CustomResources, group: &str, version: &str) -> Option<Value> {
+    let kinds = custom.openapi_v3_schemas(group, version);
+    if kinds.is_empty() {
+        return None;
+    }
+    let param = |n: &str| json!({"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+    let write_params = json!([
+        param("dryRun"),
+        param("fieldManager"),
+        param("fieldValidation")
+    ]);
+    let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
+    for (r, schema) in kinds {
+        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
+        let scope = if r.namespaced {
+            "/namespaces/{namespace}"
+        } else {
+            ""
+        };
+        let op = |action: &str, params: &Value| {
+            json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk,
+                   "parameters": params, "responses": {"200": {"description": "OK"}}})
+        };
+        let base = format!("/apis/{group}/{version}{scope}/{}", r.plural);
+        paths.insert(
+            base.clone(),
+            json!({"get": op("list", &json!([param("labelSelector"), param("fieldSelector"), param("watch")])),
+                   "post": op("post", &write_params)}),
+        );
+        paths.insert(
+            format!("{base}/{{name}}"),
+            json!({"get": op("get", &json!([])), "put": op("put", &write_params),
+                   "patch": op("patch", &write_params), "delete": op("delete", &json!([]))}),
+        );
+        let mut s = serde_json::to_value(schema).unwrap_or(json!({}));
+        s["x-kubernetes-group-version-kind"] = json!([gvk]);
+        let reversed: Vec<&str> = r.group.split('.').rev().collect();
+        schemas.insert(
+            format!("{}.{}.{}", reversed.join("."), r.version, r.kind),
+            s,
+        );
+    }
+    Some(
+        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes CRD Swagger", "version": "v0.1.0"},
+                "paths": paths, "components": {"schemas": schemas}}),
     )
 }

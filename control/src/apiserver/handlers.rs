@@ -178,9 +178,22 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         "/healthz" | "/livez" | "/readyz" => return Ok((StatusCode::OK, "ok").into_response()),
         "/version" => return ok(discovery::version()),
         "/api" => return ok(discovery::api_versions(&state.advertise.to_string())),
-        "/apis" => return ok(discovery::api_groups()),
+        "/apis" => {
+            let mut doc = discovery::api_groups();
+            let custom = discovery::custom_api_groups(&state.registry.custom());
+            if let Some(gs) = doc["groups"].as_array_mut() {
+                gs.extend(custom);
+            }
+            return ok(doc);
+        }
         "/api/v1" => return ok(discovery::resource_list("", "v1").expect("core")),
-        "/openapi/v3" => return ok(discovery::openapi_v3_index()),
+        "/openapi/v3" => {
+            let mut doc = discovery::openapi_v3_index();
+            for (k, v) in discovery::custom_openapi_v3_paths(&state.registry.custom()) {
+                doc["paths"][k] = v;
+            }
+            return ok(doc);
+        }
         "/openapi/v3/api/v1" => return ok(discovery::openapi_v3("", "v1").expect("core")),
         _ => {}
     }
@@ -188,19 +201,22 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     match segs.as_slice() {
         ["openapi", "v3", "apis", g, v] => {
             return discovery::openapi_v3(g, v)
+                .or_else(|| discovery::custom_openapi_v3(&state.registry.custom(), g, v))
                 .map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
         }
         ["apis", g] => {
             return discovery::api_group(g)
+                .or_else(|| discovery::custom_api_group(&state.registry.custom(), g))
                 .map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
         }
         ["apis", g, v] => {
             return discovery::resource_list(g, v)
+                .or_else(|| discovery::custom_resource_list(&state.registry.custom(), g, v))
                 .map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
         }
         _ => {}
     }
-    let Some(p) = path::parse(&uri_path)? else {
+    let Some(p) = path::parse(&uri_path, &state.registry.custom())? else {
         return Err(ApiError::not_found_path(&uri_path));
     };
     if p.sub.as_deref() == Some("proxy") {
@@ -263,12 +279,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             let (items, rev) =
                 blocking(move || reg.list(r, owned_ns.as_deref(), &labels, &fields)).await?;
             if wants_table(&headers) {
-                return ok(table::to_table(
-                    r.kind,
-                    &items,
-                    &rev.to_string(),
-                    now_unix(),
-                ));
+                return ok(to_table(&state, r, &items, &rev.to_string()));
             }
             ok(
                 json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
@@ -316,7 +327,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                     .and_then(Value::as_str)
                     .unwrap_or("")
                     .to_string();
-                return ok(table::to_table(r.kind, &[obj], &rv, now_unix()));
+                return ok(to_table(&state, r, &[obj], &rv));
             }
             ok(obj)
         }
@@ -510,6 +521,7 @@ fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Respon
             .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?
     };
     let kind = r.kind;
+    let table_state = state.clone();
     let encode = move |ty: &str, obj: Arc<Value>| -> Bytes {
         let obj = if as_table && ty != "BOOKMARK" && ty != "ERROR" {
             let rv = obj
@@ -518,12 +530,7 @@ fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Respon
                 .unwrap_or("")
                 .to_string();
             let row = Arc::unwrap_or_clone(obj);
-            Arc::new(table::to_table(
-                kind,
-                &[row],
-                &rv,
-                chrono::Utc::now().timestamp(),
-            ))
+            Arc::new(to_table(&table_state, r, &[row], &rv))
         } else {
             obj
         };
@@ -565,6 +572,14 @@ fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Respon
         .take_until(tokio::time::sleep(Duration::from_secs(timeout)))
         .map(Ok::<Bytes, std::io::Error>);
     Ok(stream_response(Body::from_stream(stream)))
+}
+
+/// A Table of objects of `r`: a custom resource's printer columns, or a built-in kind's.
+fn to_table(state: &Shared, r: &'static Resource, objects: &[Value], rv: &str) -> Value {
+    match state.registry.definition(r) {
+        Some(d) => d.table(r.version, objects, rv, now_unix()),
+        None => table::to_table(r.kind, objects, rv, now_unix()),
+    }
 }
 
 fn stream_response(body: Body) -> Response {

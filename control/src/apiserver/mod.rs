@@ -127,11 +127,12 @@ fn text_response(code: StatusCode, body: String) -> Response {
 /// What the request asks to do, for the authorizer; for a create, the name is read from the
 /// body (which is then put back), as NodeRestriction checks the object a node creates.
 async fn attributes(
+    state: &Shared,
     req: Request<Body>,
     user: &auth::UserInfo,
 ) -> Result<(auth::Attributes, Request<Body>), ApiError> {
     let uri_path = req.uri().path().trim_end_matches('/').to_string();
-    let Some(p) = path::parse(&uri_path)? else {
+    let Some(p) = path::parse(&uri_path, &state.registry.custom())? else {
         let verb = match *req.method() {
             http::Method::GET | http::Method::HEAD => "get",
             http::Method::POST => "create",
@@ -289,7 +290,7 @@ async fn authenticated(
                 .map_err(|e| ApiError::internal(format!("impersonation failed: {e}")))??
         }
     };
-    let (attrs, req) = attributes(req, &user).await?;
+    let (attrs, req) = attributes(state, req, &user).await?;
     if state.audit.is_some() {
         *audit = Some((user.clone(), attrs.clone()));
     }

@@ -39,13 +39,12 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use skiff_api::meta;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
 use crate::registry::Registry;
 use crate::store::EventType;
-use runtime::{key, AnyCache, Cache, Object, Queue};
+use runtime::{key, Cache};
 
 /// Timings of the controllers.
 #[derive(Debug, Clone)]
@@ -93,40 +92,6 @@ fn owner_key(m: &ObjectMeta, kind: &str) -> Option<String> {
         .iter()
         .find(|o| o.controller == Some(true) && o.kind == kind)
         .map(|o| format!("{}/{}", m.namespace.as_deref().unwrap_or("default"), o.name))
-}
-
-/// Queues for the garbage collector what a change of an object in `c` may concern: the
-/// dependents of a deleted owner, an owner deleted in the foreground or orphaning, a new
-/// dependent.
-fn collect_garbage_of<K: Object>(c: &Cache<K>, deps: Vec<Arc<dyn AnyCache>>, q: Queue) {
-    let r = c.resource;
-    c.on_change(move |ch| {
-        let m = ch.object.metadata();
-        let ns = m.namespace.as_deref();
-        let owned = m.owner_references.as_ref().is_some_and(|o| !o.is_empty());
-        if ch.kind == EventType::Deleted {
-            let uid = m.uid.as_deref().unwrap_or("");
-            for d in &deps {
-                for dep in d.list_raw(ns) {
-                    if meta::owners(&dep).iter().any(|ow| ow.0 == uid) {
-                        q.add(gc::dep_key(d.resource(), &runtime::key_of(&dep)));
-                    }
-                }
-            }
-            return;
-        }
-        if m.deletion_timestamp.is_some()
-            && m.finalizers
-                .iter()
-                .flatten()
-                .any(|f| f == "foregroundDeletion" || f == "orphan")
-        {
-            q.add(gc::owner_key(r, &key(&*ch.object)));
-        }
-        if ch.kind == EventType::Added && owned && ch.prev.is_none() {
-            q.add(gc::dep_key(r, &key(&*ch.object)));
-        }
-    });
 }
 
 /// Starts every controller and the scheduler; they stop when `stop` turns true.
@@ -371,25 +336,16 @@ pub fn start(
             }
         });
     }
-    // Garbage collection and namespaces.
+    // Garbage collection of every kind (one watch of the whole store), and namespaces.
     let (gc_q, gc_rx) = runtime::queue();
-    let dependents: Vec<Arc<dyn AnyCache>> = vec![
-        pods.clone(),
-        replicasets.clone(),
-        revisions.clone(),
-        claims.clone(),
-        jobs.clone(),
-    ];
+    let gc_graph = Arc::new(gc::Graph::default());
+    tasks.spawn(gc::follow(
+        reg.clone(),
+        gc_graph.clone(),
+        gc_q.clone(),
+        stop.clone(),
+    ));
     {
-        collect_garbage_of(&pods, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&replicasets, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&deployments, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&daemonsets, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&revisions, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&statefulsets, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&claims, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&jobs, dependents.clone(), gc_q.clone());
-        collect_garbage_of(&cronjobs, dependents.clone(), gc_q.clone());
         let q = gc_q.clone();
         namespaces.on_change(move |c| {
             if c.object.metadata.deletion_timestamp.is_some() {
@@ -535,7 +491,7 @@ pub fn start(
     tasks.spawn(runtime::run(
         Arc::new(gc::GarbageCollector {
             reg: reg.clone(),
-            dependents,
+            graph: gc_graph,
         }),
         gc_rx,
         stop.clone(),

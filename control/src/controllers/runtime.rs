@@ -400,23 +400,6 @@ impl<K: Object> Cache<K> {
     }
 }
 
-/// What kind-agnostic code (the garbage collector) reads of a cache of any kind: the stored
-/// JSON, since it reads only `metadata`, which every kind has.
-pub trait AnyCache: Send + Sync {
-    fn resource(&self) -> &'static Resource;
-    /// The stored objects in `ns` (all when None).
-    fn list_raw(&self, ns: Option<&str>) -> Vec<Arc<Value>>;
-}
-
-impl<K: Object> AnyCache for Cache<K> {
-    fn resource(&self) -> &'static Resource {
-        self.resource
-    }
-    fn list_raw(&self, ns: Option<&str>) -> Vec<Arc<Value>> {
-        Cache::list_raw(self, ns)
-    }
-}
-
 /// Sends keys to a controller's queue.
 #[derive(Clone)]
 pub struct Queue {
