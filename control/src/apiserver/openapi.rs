@@ -17,8 +17,11 @@ use serde_json::json;
 use sha2::{Digest, Sha512};
 use skiff_api::openapi::{self, CustomKind};
 
-/// The media type of the protobuf `/openapi/v2`.
+/// The media type clients ask the protobuf `/openapi/v2` for.
 pub const V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
+/// The one it is answered as: a `@` is not allowed in a media type Go parses, so Kubernetes
+/// answers with this spelling.
+pub const V2_PROTOBUF_ANSWERED: &str = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf";
 
 /// One serialised document and its hash (upper-case hex SHA-512, as Kubernetes computes it).
 struct Doc {
@@ -139,7 +142,7 @@ impl OpenApi {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let (doc, ct) = if accept.contains("protobuf") {
-                (&built.v2_proto, V2_PROTOBUF)
+                (&built.v2_proto, V2_PROTOBUF_ANSWERED)
             } else {
                 (&built.v2_json, "application/json")
             };
@@ -239,6 +242,6 @@ mod tests {
         let mut pb = HeaderMap::new();
         pb.insert(header::ACCEPT, HeaderValue::from_static(V2_PROTOBUF));
         let v2 = api.serve("/openapi/v2", None, &pb).await.unwrap();
-        assert_eq!(v2.headers()[header::CONTENT_TYPE], V2_PROTOBUF);
+        assert_eq!(v2.headers()[header::CONTENT_TYPE], V2_PROTOBUF_ANSWERED);
     }
 }

@@ -83,14 +83,16 @@ struct Token {
 
 fn encode_token(rv: i64, start: &str) -> String {
     let raw = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": start}).to_string();
-    base64::engine::general_purpose::URL_SAFE.encode(raw)
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
 fn decode_token(s: &str) -> Result<Token, ApiError> {
     let bad = |why: &str| ApiError::bad_request(format!("invalid continue token: {why}"));
-    let raw = base64::engine::general_purpose::URL_SAFE
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+    let raw = URL_SAFE_NO_PAD
         .decode(s)
-        .or_else(|_| base64::engine::general_purpose::STANDARD.decode(s))
+        .or_else(|_| URL_SAFE.decode(s))
+        .or_else(|_| STANDARD.decode(s))
         .map_err(|_| bad("continue key is not valid: illegal base64 data"))?;
     let v: Value = serde_json::from_slice(&raw).map_err(|_| bad("continue key is not valid"))?;
     if v.get("v").and_then(Value::as_str) != Some("meta.k8s.io/v1") {
@@ -296,6 +298,16 @@ impl Snapshots {
                 if let Some(w) = wanted {
                     wait_for_revision(reg, w)?;
                 }
+                if req.limit.is_none_or(|l| l == 0) && !exact {
+                    // The whole list, now: no snapshot to key and keep.
+                    let (items, rev) = reg.list(r, ns, labels, fields)?;
+                    return Ok(Page {
+                        items,
+                        resource_version: rev,
+                        continue_token: None,
+                        remaining: None,
+                    });
+                }
                 let (items, rev) = self.listing(reg, r, ns)?;
                 match wanted {
                     Some(w) if exact && w != rev => match self.get(&prefix, w) {
@@ -402,6 +414,72 @@ mod tests {
             "ResourceVersionTooLarge"
         );
         assert_eq!(t["details"]["retryAfterSeconds"], 1);
+    }
+
+    #[test]
+    fn pages_come_from_one_snapshot() {
+        use crate::registry::{ClusterConfig, WriteOptions};
+        use crate::store::sled::SledStore;
+
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new(
+            Arc::new(SledStore::open(dir.path()).unwrap()),
+            ClusterConfig::default(),
+        );
+        let opts = WriteOptions::default();
+        let res = |p: &str| Resource::lookup(p).unwrap();
+        reg.create(
+            res("namespaces"),
+            None,
+            json!({"metadata": {"name": "a"}}),
+            &opts,
+        )
+        .unwrap();
+        let cms = res("configmaps");
+        for i in 0..5 {
+            let cm = json!({"metadata": {"name": format!("cm-{i}")}});
+            reg.create(cms, Some("a"), cm, &opts).unwrap();
+        }
+        let snaps = Snapshots::new();
+        let (all, none) = (Selector::default(), FieldSelector::default());
+        let mut req = ListRequest {
+            limit: Some(2),
+            ..Default::default()
+        };
+        let first = snaps.list(&reg, cms, Some("a"), &all, &none, &req).unwrap();
+        assert_eq!(first.items.len(), 2);
+        assert_eq!(first.remaining, Some(3));
+        // Changes after the first page are not seen by the next ones.
+        reg.create(cms, Some("a"), json!({"metadata": {"name": "cm-9"}}), &opts)
+            .unwrap();
+        reg.delete(cms, Some("a"), "cm-3", &Default::default())
+            .unwrap();
+        let mut names: Vec<String> = first
+            .items
+            .iter()
+            .map(|o| meta::name(o).to_string())
+            .collect();
+        let mut token = first.continue_token.clone();
+        while let Some(t) = token {
+            req.continue_token = Some(t);
+            let page = snaps.list(&reg, cms, Some("a"), &all, &none, &req).unwrap();
+            assert_eq!(page.resource_version, first.resource_version);
+            names.extend(page.items.iter().map(|o| meta::name(o).to_string()));
+            token = page.continue_token;
+        }
+        assert_eq!(names, ["cm-0", "cm-1", "cm-2", "cm-3", "cm-4"]);
+        // A token whose snapshot is gone: 410 with a token that goes on from the latest state.
+        snaps.kept.lock().unwrap().clear();
+        req.continue_token = first.continue_token.clone();
+        let Err(ListError::Status(410, status)) =
+            snaps.list(&reg, cms, Some("a"), &all, &none, &req)
+        else {
+            panic!("an expired token is 410");
+        };
+        req.continue_token = status["metadata"]["continue"].as_str().map(String::from);
+        let rest = snaps.list(&reg, cms, Some("a"), &all, &none, &req).unwrap();
+        let rest: Vec<&str> = rest.items.iter().map(|o| meta::name(o)).collect();
+        assert_eq!(rest, ["cm-2", "cm-4"]);
     }
 
     #[test]
