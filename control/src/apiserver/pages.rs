@@ -478,7 +478,7 @@ mod tests {
         };
         req.continue_token = status["metadata"]["continue"].as_str().map(String::from);
         let rest = snaps.list(&reg, cms, Some("a"), &all, &none, &req).unwrap();
-        let rest: Vec<&str> = rest.items.iter().map(|o| meta::name(o)).collect();
+        let rest: Vec<&str> = rest.items.iter().map(meta::name).collect();
         assert_eq!(rest, ["cm-2", "cm-4"]);
     }
 
