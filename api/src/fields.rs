@@ -32,6 +32,27 @@ impl FieldSelector {
         Ok(FieldSelector { terms })
     }
 
+    /// Checks every field against those Kubernetes lets clients select `kind` on (all kinds:
+    /// `metadata.name` and `metadata.namespace`), answering 400 `field label not supported`
+    /// for any other, as the API server does. Event's `source` selects `source.component`.
+    pub fn supported_for(mut self, kind: &str) -> Result<Self, ApiError> {
+        for (path, _, _) in &mut self.terms {
+            if kind == "Event" && path == "source" {
+                *path = "source.component".into();
+            }
+            let p = path.as_str();
+            let ok = matches!(p, "metadata.name" | "metadata.namespace")
+                || kind_fields(kind).contains(&p)
+                || (kind == "Event" && p == "source.component");
+            if !ok {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {p}"
+                )));
+            }
+        }
+        Ok(self)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.terms.is_empty()
     }
@@ -49,6 +70,42 @@ impl FieldSelector {
             let got = lookup(obj, path);
             (got == *want) == *eq
         })
+    }
+}
+
+/// The fields beyond `metadata.name`/`metadata.namespace` a kind may be selected on, as the
+/// Kubernetes API server registers them.
+fn kind_fields(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Pod" => &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "spec.hostNetwork",
+            "status.phase",
+            "status.podIP",
+            "status.podIPs",
+            "status.nominatedNodeName",
+        ],
+        "Event" => &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "type",
+        ],
+        "Secret" => &["type"],
+        "Namespace" => &["status.phase"],
+        "Node" => &["spec.unschedulable"],
+        "ReplicaSet" | "ReplicationController" => &["status.replicas"],
+        "Job" => &["status.successful"],
+        _ => &[],
     }
 }
 
@@ -96,5 +153,17 @@ mod tests {
                 .equals("metadata.name"),
             Some("a")
         );
+    }
+
+    #[test]
+    fn only_the_fields_kubernetes_selects_on_are_supported() {
+        let s = |q: &str, kind: &str| FieldSelector::parse(q).unwrap().supported_for(kind);
+        assert!(s("metadata.name=a,spec.nodeName=n", "Pod").is_ok());
+        assert!(s("involvedObject.name=p,type=Warning", "Event").is_ok());
+        let e = s("spec.nodeName=n", "Deployment").unwrap_err();
+        assert_eq!(e.code, 400);
+        assert_eq!(e.message, "field label not supported: spec.nodeName");
+        let ev = json!({"source": {"component": "kubelet"}});
+        assert!(s("source=kubelet", "Event").unwrap().matches(&ev));
     }
 }

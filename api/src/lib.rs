@@ -8,6 +8,7 @@
 //!   custom objects pruned, defaulted and validated against their `openAPIV3Schema`;
 //! - [`limits`]: what a request may carry, checked before anything is parsed;
 //! - [`patch`]: JSON merge patch, JSON patch and strategic merge patch;
+//! - [`openapi`]: the OpenAPI v2 and v3 documents, from k8s-openapi's schemas;
 //! - [`error`]: [`ApiError`], rendered as a Kubernetes `Status`;
 //! - [`conditions`]: setting status conditions of any kind by Kubernetes' rule;
 //! - [`meta`]: small accessors over untyped objects (`serde_json::Value`).
@@ -22,6 +23,8 @@ pub mod error;
 pub mod fields;
 pub mod limits;
 pub mod meta;
+pub mod openapi;
+pub mod openapi_proto;
 pub mod patch;
 pub mod protobuf;
 #[rustfmt::skip]

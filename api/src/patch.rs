@@ -205,7 +205,10 @@ fn strip_directives(mut m: Map<String, Value>) -> Map<String, Value> {
 }
 
 /// The merge key of a list field, as the Kubernetes types declare it (`patchMergeKey`).
-fn merge_key(field: &str, sample: &Value) -> Option<&'static str> {
+/// `sample` is an element of the list (or any object with the element's field names): it
+/// tells container ports from service ports. The OpenAPI documents take their
+/// `x-kubernetes-patch-merge-key` from here, so kubectl's patches and this merge agree.
+pub fn merge_key(field: &str, sample: &Value) -> Option<&'static str> {
     Some(match field {
         "containers"
         | "initContainers"
@@ -228,7 +231,7 @@ fn merge_key(field: &str, sample: &Value) -> Option<&'static str> {
 }
 
 /// Lists of scalars that merge as sets (`patchStrategy: merge` on a primitive list).
-fn is_set_list(field: &str) -> bool {
+pub fn is_set_list(field: &str) -> bool {
     field == "finalizers"
 }
 

@@ -290,11 +290,9 @@ impl Server {
         })?;
         let tls_ca = tls.ca_pem.clone();
         let (stop, mut stopped) = watch::channel(false);
-        let mut ctl = controllers::start(
-            registry.clone(),
-            config.controllers.clone(),
-            stop.subscribe(),
-        );
+        let mut controller_config = config.controllers.clone();
+        controller_config.root_ca_pem = tls_ca.clone();
+        let mut ctl = controllers::start(registry.clone(), controller_config, stop.subscribe());
         let mut state = ApiState::new(
             registry.clone(),
             &tls,

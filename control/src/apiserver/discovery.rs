@@ -1,4 +1,5 @@
 //! Discovery documents: `/api`, `/apis`, `/api/v1`, `/apis/{group}/{version}`, `/version`.
+//! The OpenAPI documents are [`super::openapi`]'s.
 
 use serde_json::{json, Value};
 use skiff_api::crd::CustomResources;
@@ -146,73 +147,6 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     )
 }
 
-/// `/openapi/v3`: the group versions that have a document.
-pub fn openapi_v3_index() -> Value {
-    let mut paths = serde_json::Map::new();
-    paths.insert(
-        "api/v1".into(),
-        json!({"serverRelativeURL": "/openapi/v3/api/v1"}),
-    );
-    for g in groups() {
-        paths.insert(
-            format!("apis/{g}/v1"),
-            json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/v1")}),
-        );
-    }
-    json!({"paths": paths})
-}
-
-/// A minimal OpenAPI v3 document for one group version: the operations of every resource,
-/// with the query parameters skiff honours. kubectl reads it to learn that the server
-/// validates fields itself (`fieldValidation`).
-pub fn openapi_v3(group: &str, version: &str) -> Option<Value> {
-    let rs = served(group, version)?;
-    let param = |n: &str| json!({"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
-    let write_params = json!([
-        param("dryRun"),
-        param("fieldManager"),
-        param("fieldValidation")
-    ]);
-    let mut paths = serde_json::Map::new();
-    for r in rs {
-        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let prefix = if group.is_empty() {
-            format!("/api/{version}")
-        } else {
-            format!("/apis/{group}/{version}")
-        };
-        let scope = if r.namespaced {
-            "/namespaces/{namespace}"
-        } else {
-            ""
-        };
-        let op = |action: &str, params: &Value| {
-            json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk,
-                   "parameters": params, "responses": {"200": {"description": "OK"}}})
-        };
-        if r.create_only {
-            paths.insert(
-                format!("{prefix}{scope}/{}", r.plural),
-                json!({"post": op("post", &write_params)}),
-            );
-            continue;
-        }
-        paths.insert(
-            format!("{prefix}{scope}/{}", r.plural),
-            json!({"get": op("list", &json!([param("labelSelector"), param("fieldSelector"), param("watch"), param("resourceVersion")])),
-                   "post": op("post", &write_params)}),
-        );
-        paths.insert(
-            format!("{prefix}{scope}/{}/{{name}}", r.plural),
-            json!({"get": op("get", &json!([])), "put": op("put", &write_params),
-                   "patch": op("patch", &write_params), "delete": op("delete", &json!([param("gracePeriodSeconds"), param("propagationPolicy")]))}),
-        );
-    }
-    Some(
-        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.37.0"}, "paths": paths, "components": {"schemas": {}}}),
-    )
-}
-
 // ---- custom resources ---------------------------------------------------------------------
 
 /// The `APIGroup` entries of the groups custom resources are served in.
@@ -284,71 +218,4 @@ pub fn custom_resource_list(custom: &CustomResources, group: &str, version: &str
         json!({"kind": "APIResourceList", "apiVersion": "v1",
                "groupVersion": format!("{group}/{version}"), "resources": out})
     })
-}
-
-/// The `/openapi/v3` index entries of custom group versions.
-pub fn custom_openapi_v3_paths(custom: &CustomResources) -> Vec<(String, Value)> {
-    custom
-        .groups()
-        .into_iter()
-        .flat_map(|(g, vs)| {
-            vs.into_iter().map(move |v| {
-                (
-                    format!("apis/{g}/{v}"),
-                    json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/{v}")}),
-                )
-            })
-        })
-        .collect()
-}
-
-/// A minimal OpenAPI v3 document of a custom group version: the operations kubectl looks
-/// at, and each kind's `openAPIV3Schema` (from [`CustomResources::openapi_v3_schemas`]).
-pub fn custom_openapi_v3(custom: &CustomResources, group: &str, version: &str) -> Option<Value> {
-    let kinds = custom.openapi_v3_schemas(group, version);
-    if kinds.is_empty() {
-        return None;
-    }
-    let param = |n: &str| json!({"name": n, "in": "query", "schema": {"type": "string", "uniqueItems": true}});
-    let write_params = json!([
-        param("dryRun"),
-        param("fieldManager"),
-        param("fieldValidation")
-    ]);
-    let mut paths = serde_json::Map::new();
-    let mut schemas = serde_json::Map::new();
-    for (r, schema) in kinds {
-        let gvk = json!({"group": r.group, "version": r.version, "kind": r.kind});
-        let scope = if r.namespaced {
-            "/namespaces/{namespace}"
-        } else {
-            ""
-        };
-        let op = |action: &str, params: &Value| {
-            json!({"x-kubernetes-action": action, "x-kubernetes-group-version-kind": gvk,
-                   "parameters": params, "responses": {"200": {"description": "OK"}}})
-        };
-        let base = format!("/apis/{group}/{version}{scope}/{}", r.plural);
-        paths.insert(
-            base.clone(),
-            json!({"get": op("list", &json!([param("labelSelector"), param("fieldSelector"), param("watch")])),
-                   "post": op("post", &write_params)}),
-        );
-        paths.insert(
-            format!("{base}/{{name}}"),
-            json!({"get": op("get", &json!([])), "put": op("put", &write_params),
-                   "patch": op("patch", &write_params), "delete": op("delete", &json!([]))}),
-        );
-        let mut s = serde_json::to_value(schema).unwrap_or(json!({}));
-        s["x-kubernetes-group-version-kind"] = json!([gvk]);
-        let reversed: Vec<&str> = r.group.split('.').rev().collect();
-        schemas.insert(
-            format!("{}.{}.{}", reversed.join("."), r.version, r.kind),
-            s,
-        );
-    }
-    Some(
-        json!({"openapi": "3.0.0", "info": {"title": "Kubernetes CRD Swagger", "version": "v0.1.0"},
-                "paths": paths, "components": {"schemas": schemas}}),
-    )
 }

@@ -17,6 +17,7 @@ use skiff_api::selector::Selector;
 use skiff_api::{meta, table, ApiError, Resource};
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::pages::{self, ListError, ListRequest};
 use super::path::{self, ApiPath};
 use super::{discovery, error_response, json_response, Shared};
 use crate::registry::{DeleteOptions, Sub, WriteOptions};
@@ -55,11 +56,59 @@ fn decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn wants_table(headers: &HeaderMap) -> bool {
-    headers
+/// The form an answer takes, from the request's `Accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// The objects themselves.
+    Object,
+    /// A `meta.k8s.io/v1` Table (`as=Table`).
+    Table,
+    /// Metadata only: `PartialObjectMetadata`, or `PartialObjectMetadataList` for a list.
+    Partial,
+}
+
+/// Picks the first form of `Accept` this server produces. `list` is whether the answer is a
+/// list (which is asked for `as=PartialObjectMetadataList`; a get or a watch event is asked
+/// for `as=PartialObjectMetadata`). 406 when every alternative asks for a form it does not.
+fn output(headers: &HeaderMap, list: bool) -> Result<Output, ApiError> {
+    let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("as=Table"))
+        .unwrap_or("");
+    if accept.trim().is_empty() {
+        return Ok(Output::Object);
+    }
+    for alt in accept.split(',') {
+        let as_ = alt
+            .split(';')
+            .skip(1)
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim() == "as")
+            .map(|(_, v)| v.trim());
+        match as_ {
+            None => return Ok(Output::Object),
+            Some("Table") => return Ok(Output::Table),
+            Some("PartialObjectMetadataList") if list => return Ok(Output::Partial),
+            Some("PartialObjectMetadata") if !list => return Ok(Output::Partial),
+            Some(_) => {}
+        }
+    }
+    Err(ApiError::not_acceptable(format!(
+        "only the following media types are accepted: application/json, application/yaml, application/vnd.kubernetes.protobuf, not {accept:?}"
+    )))
+}
+
+/// An object's metadata as a `PartialObjectMetadata`.
+fn partial(obj: &Value) -> Value {
+    json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+           "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({}))})
+}
+
+/// The `fieldSelector` of a request, refused (400) when it names a field Kubernetes does not
+/// let clients select this kind on.
+fn field_selector(q: &Query, r: &Resource) -> Result<FieldSelector, ApiError> {
+    FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?
+        .supported_for(r.kind)
 }
 
 fn now_unix() -> i64 {
@@ -187,23 +236,19 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             return ok(doc);
         }
         "/api/v1" => return ok(discovery::resource_list("", "v1").expect("core")),
-        "/openapi/v3" => {
-            let mut doc = discovery::openapi_v3_index();
-            for (k, v) in discovery::custom_openapi_v3_paths(&state.registry.custom()) {
-                doc["paths"][k] = v;
-            }
-            return ok(doc);
-        }
-        "/openapi/v3/api/v1" => return ok(discovery::openapi_v3("", "v1").expect("core")),
         _ => {}
+    }
+    if uri_path == "/openapi/v2" || uri_path.starts_with("/openapi/v3") {
+        let q = query(&req);
+        let hash = q.get("hash").map(String::as_str);
+        state.openapi.follow_custom(&state.registry.custom());
+        return match state.openapi.serve(&uri_path, hash, req.headers()).await {
+            Some(r) => Ok(r),
+            None => Err(ApiError::not_found_path(&uri_path)),
+        };
     }
     let segs: Vec<&str> = uri_path.trim_start_matches('/').split('/').collect();
     match segs.as_slice() {
-        ["openapi", "v3", "apis", g, v] => {
-            return discovery::openapi_v3(g, v)
-                .or_else(|| discovery::custom_openapi_v3(&state.registry.custom(), g, v))
-                .map_or_else(|| Err(ApiError::not_found_path(&uri_path)), ok)
-        }
         ["apis", g] => {
             return discovery::api_group(g)
                 .or_else(|| discovery::custom_api_group(&state.registry.custom(), g))
@@ -271,20 +316,54 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     match (p.name.as_deref(), p.sub.as_deref(), method.clone()) {
         (None, None, Method::GET) => {
             if q.get("watch").is_some_and(|v| v == "true" || v == "1") {
-                return watch(state, &p, &q, wants_table(&headers));
+                return watch(state, &p, &q, output(&headers, false)?);
             }
+            let out = output(&headers, true)?;
             let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields =
-                FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
-            let (items, rev) =
-                blocking(move || reg.list(r, owned_ns.as_deref(), &labels, &fields)).await?;
-            if wants_table(&headers) {
-                return ok(to_table(&state, r, &items, &rev.to_string()));
+            let fields = field_selector(&q, r)?;
+            let req = ListRequest {
+                limit: match q.get("limit").filter(|l| !l.is_empty()) {
+                    Some(l) => Some(
+                        l.parse()
+                            .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+                    ),
+                    None => None,
+                },
+                continue_token: q.get("continue").cloned(),
+                resource_version: q.get("resourceVersion").cloned(),
+                resource_version_match: q.get("resourceVersionMatch").cloned(),
+            };
+            let pages = state.pages.clone();
+            let page = tokio::task::spawn_blocking(move || {
+                pages.list(&reg, r, owned_ns.as_deref(), &labels, &fields, &req)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("request handler failed: {e}")))?;
+            let page = match page {
+                Ok(page) => page,
+                Err(ListError::Api(e)) => return Err(e),
+                Err(ListError::Status(code, body)) => {
+                    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::GONE);
+                    return Ok(json_response(code, &body));
+                }
+            };
+            let list_meta = page.list_meta();
+            match out {
+                Output::Table => {
+                    let mut t =
+                        to_table(&state, r, &page.items, &page.resource_version.to_string());
+                    t["metadata"] = list_meta;
+                    ok(t)
+                }
+                Output::Partial => ok(
+                    json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                          "metadata": list_meta, "items": page.items.iter().map(partial).collect::<Vec<_>>()}),
+                ),
+                Output::Object => ok(
+                    json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
+                          "metadata": list_meta, "items": page.items}),
+                ),
             }
-            ok(
-                json!({"kind": format!("{}List", r.kind), "apiVersion": r.api_version(),
-                      "metadata": {"resourceVersion": rev.to_string()}, "items": items}),
-            )
         }
         (None, None, Method::POST) => {
             let body = read_body(req).await?;
@@ -298,8 +377,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
         (None, None, Method::DELETE) => {
             // deletecollection
             let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-            let fields =
-                FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+            let fields = field_selector(&q, r)?;
             let dopts = delete_options(&q, None);
             let (out, rev) = blocking(move || {
                 let (items, rev) = reg.list(r, owned_ns.as_deref(), &labels, &fields)?;
@@ -320,16 +398,41 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             )
         }
         (Some(name), None, Method::GET) => {
-            let obj = reg.get(r, ns, name)?;
-            if wants_table(&headers) {
-                let rv = obj
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-                    .to_string();
-                return ok(to_table(&state, r, &[obj], &rv));
+            let out = output(&headers, false)?;
+            // A resourceVersion the store has not reached yet: wait a while, then 504.
+            if let Some(rv) = q
+                .get("resourceVersion")
+                .filter(|v| !v.is_empty() && *v != "0")
+            {
+                let wanted = pages::parse_rv(rv)?;
+                let reg = reg.clone();
+                let waited =
+                    tokio::task::spawn_blocking(move || pages::wait_for_revision(&reg, wanted))
+                        .await
+                        .map_err(|e| ApiError::internal(format!("request handler failed: {e}")))?;
+                match waited {
+                    Ok(()) => {}
+                    Err(ListError::Api(e)) => return Err(e),
+                    Err(ListError::Status(code, body)) => {
+                        let code =
+                            StatusCode::from_u16(code).unwrap_or(StatusCode::GATEWAY_TIMEOUT);
+                        return Ok(json_response(code, &body));
+                    }
+                }
             }
-            ok(obj)
+            let obj = reg.get(r, ns, name)?;
+            match out {
+                Output::Table => {
+                    let rv = obj
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string();
+                    ok(to_table(&state, r, &[obj], &rv))
+                }
+                Output::Partial => ok(partial(&obj)),
+                Output::Object => ok(obj),
+            }
         }
         (Some(name), sub, Method::PUT) => {
             let sub = subresource(r, sub)?;
@@ -500,11 +603,11 @@ fn delete_options(q: &Query, body: Option<&Value>) -> DeleteOptions {
 
 /// A watch: newline-delimited JSON events, starting with the current objects when no
 /// resourceVersion (or `sendInitialEvents=true`) is given.
-fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Response, ApiError> {
+fn watch(state: Shared, p: &ApiPath, q: &Query, out: Output) -> Result<Response, ApiError> {
     let reg = state.registry.clone();
     let r = p.resource;
     let labels = Selector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))?;
-    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))?;
+    let fields = field_selector(q, r)?;
     let rv = q.get("resourceVersion").map(String::as_str).unwrap_or("");
     let send_initial = q.get("sendInitialEvents").is_some_and(|v| v == "true");
     let timeout = q
@@ -523,7 +626,9 @@ fn watch(state: Shared, p: &ApiPath, q: &Query, as_table: bool) -> Result<Respon
     let kind = r.kind;
     let table_state = state.clone();
     let encode = move |ty: &str, obj: Arc<Value>| -> Bytes {
-        let obj = if as_table && ty != "BOOKMARK" && ty != "ERROR" {
+        let obj = if out == Output::Partial && ty != "ERROR" {
+            Arc::new(partial(&obj))
+        } else if out == Output::Table && ty != "BOOKMARK" && ty != "ERROR" {
             let rv = obj
                 .pointer("/metadata/resourceVersion")
                 .and_then(Value::as_str)

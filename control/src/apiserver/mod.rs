@@ -10,6 +10,8 @@ pub mod fairness;
 mod handlers;
 pub mod join;
 mod nodeproxy;
+pub mod openapi;
+mod pages;
 pub mod path;
 pub mod policy;
 mod proxy;
@@ -64,6 +66,11 @@ pub struct ApiState {
     pub fairness: Arc<fairness::Fairness>,
     /// Where each authenticated request is recorded, if anywhere (`--audit-log`).
     pub audit: Option<Arc<audit::AuditLog>>,
+    /// The OpenAPI documents, built once; schemas beyond the built-in kinds join them
+    /// through [`openapi::OpenApi::set_custom_kinds`].
+    pub openapi: Arc<openapi::OpenApi>,
+    /// List snapshots that `limit`/`continue` pages are cut from.
+    pub pages: Arc<pages::Snapshots>,
 }
 
 impl ApiState {
@@ -94,6 +101,8 @@ impl ApiState {
             transport: transport::TransportConfig::default(),
             fairness: fairness::Fairness::new(fairness::FairnessConfig::default()),
             audit: None,
+            openapi: openapi::OpenApi::new(),
+            pages: pages::Snapshots::new(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod nodelifecycle;
 pub mod podgc;
 pub mod pods;
 pub mod replicaset;
+pub mod rootca;
 pub mod runtime;
 pub mod scheduler;
 pub mod serviceaccounts;
@@ -32,7 +33,7 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{
-    Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
+    ConfigMap, Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
     ServiceAccount,
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -67,6 +68,9 @@ pub struct ControllerConfig {
     pub event_ttl: Duration,
     /// Events kept at most, the oldest deleted first; 0: no limit (`--max-events`).
     pub max_events: usize,
+    /// The cluster CA (PEM) published in every namespace as the `kube-root-ca.crt`
+    /// ConfigMap; empty: none is published.
+    pub root_ca_pem: String,
 }
 
 impl Default for ControllerConfig {
@@ -81,6 +85,7 @@ impl Default for ControllerConfig {
             orphan_pod_quarantine: Duration::from_secs(40),
             event_ttl: Duration::from_secs(3600),
             max_events: 5000,
+            root_ca_pem: String::new(),
         }
     }
 }
@@ -119,7 +124,27 @@ pub fn start(
     let cronjobs = Cache::<CronJob>::new();
     let cluster_roles = Cache::<ClusterRole>::new();
     let accounts = Cache::<ServiceAccount>::new();
+    let configmaps = Cache::<ConfigMap>::new();
     let mut tasks = JoinSet::new();
+
+    // Every namespace's `kube-root-ca.crt` ConfigMap: made as the namespace appears, and
+    // again when deleted or changed.
+    let (ca_q, ca_rx) = runtime::queue();
+    {
+        let q = ca_q.clone();
+        namespaces.on_change(move |c| {
+            if c.kind != EventType::Deleted {
+                q.add(key(&*c.object));
+            }
+        });
+        let q = ca_q.clone();
+        configmaps.on_change(move |c| {
+            let m = &c.object.metadata;
+            if m.name.as_deref() == Some(rootca::ROOT_CA_CONFIGMAP) {
+                q.add(m.namespace.clone().unwrap_or_default());
+            }
+        });
+    }
 
     // Every namespace's `default` ServiceAccount: made as the namespace appears, and again
     // when deleted.
@@ -391,6 +416,19 @@ pub fn start(
     tasks.spawn(cronjobs.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(cluster_roles.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(accounts.clone().run(reg.clone(), stop.clone()));
+    if !config.root_ca_pem.is_empty() {
+        tasks.spawn(configmaps.clone().run(reg.clone(), stop.clone()));
+        tasks.spawn(runtime::run(
+            Arc::new(rootca::RootCaPublisher {
+                reg: reg.clone(),
+                namespaces: namespaces.clone(),
+                configmaps: configmaps.clone(),
+                ca_pem: config.root_ca_pem.clone(),
+            }),
+            ca_rx,
+            stop.clone(),
+        ));
+    }
     tasks.spawn(runtime::run(
         Arc::new(serviceaccounts::ServiceAccountController {
             reg: reg.clone(),
