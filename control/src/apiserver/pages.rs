@@ -419,11 +419,11 @@ mod tests {
     #[test]
     fn pages_come_from_one_snapshot() {
         use crate::registry::{ClusterConfig, WriteOptions};
-        use crate::store::sled::SledStore;
+        use crate::store::sqlite::SqliteStore;
 
         let dir = tempfile::tempdir().unwrap();
         let reg = Registry::new(
-            Arc::new(SledStore::open(dir.path()).unwrap()),
+            Arc::new(SqliteStore::open(dir.path()).unwrap()),
             ClusterConfig::default(),
         );
         let opts = WriteOptions::default();
