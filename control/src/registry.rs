@@ -17,6 +17,11 @@ use tokio::sync::mpsc;
 
 use crate::store::{DynStore, EventType, Op, StoreError};
 
+/// Where the allocation ranges' claim keys live (one per kind that allocates): every write
+/// that may allocate updates its kind's key with a compare on its revision, so two servers
+/// allocating at once cannot both commit the same address or port.
+pub const RANGE_PREFIX: &str = "/registry/ranges/";
+
 /// Cluster-wide settings the registry allocates from.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -420,12 +425,83 @@ impl Registry {
         if let Some(a) = &opts.admission {
             a.admit(r, None, &obj)?;
         }
-        self.admit(r, None, &mut obj)?;
-        if opts.dry_run {
-            return Ok(obj);
-        }
         let key = r.key(ns.as_deref(), &name);
-        self.commit_one(r, &name, Op::Create { key, value: obj })
+        // Another server may allocate at the same time: the claim of the range makes one of
+        // two such writes fail, and it is admitted again from what the other wrote.
+        for attempt in 0.. {
+            let claim = self.range_claim(r, None)?;
+            let mut obj = obj.clone();
+            self.admit(r, None, &mut obj)?;
+            if opts.dry_run {
+                return Ok(obj);
+            }
+            let op = Op::Create {
+                key: key.clone(),
+                value: obj,
+            };
+            match self.commit_claimed(r, &name, op, claim, attempt)? {
+                Some(created) => return Ok(created),
+                None => continue,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// How many times a write that allocates is admitted again after another server's
+    /// allocation raced it.
+    const ALLOCATION_ATTEMPTS: usize = 20;
+
+    /// The op that claims `r`'s allocation range for one write that may allocate (a Service's
+    /// write, a Node's creation): the range key's revision is read before the admission
+    /// lists what is taken, and the write commits only if no other allocation came between.
+    /// None for writes that allocate nothing.
+    fn range_claim(&self, r: &Resource, old: Option<&Value>) -> Result<Option<Op>, ApiError> {
+        let claims = match r.kind {
+            "Service" => true,
+            "Node" => old.is_none(),
+            _ => false,
+        };
+        if !claims {
+            return Ok(None);
+        }
+        let key = format!("{RANGE_PREFIX}{}", r.plural);
+        let value = json!({"metadata": {"name": r.plural}});
+        let cur = self
+            .store
+            .get_latest(&key)
+            .map_err(|e| store_err(r, "", e))?;
+        Ok(Some(match cur {
+            Some(cur) => Op::Update {
+                key,
+                value,
+                expect: meta::resource_version(&cur),
+            },
+            None => Op::Create { key, value },
+        }))
+    }
+
+    /// Commits `op` with its range claim; None when the claim lost to another allocation
+    /// (the caller admits the object again).
+    fn commit_claimed(
+        &self,
+        r: &Resource,
+        name: &str,
+        op: Op,
+        claim: Option<Op>,
+        attempt: usize,
+    ) -> Result<Option<Value>, ApiError> {
+        let Some(claim) = claim else {
+            return self.commit_one(r, name, op).map(Some);
+        };
+        match self.store.txn(vec![op, claim]) {
+            Ok(c) => Ok(c.objects.into_iter().next()),
+            Err(StoreError::Conflict { key, .. } | StoreError::AlreadyExists(key))
+                if key.starts_with(RANGE_PREFIX) && attempt + 1 < Self::ALLOCATION_ATTEMPTS =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(store_err(r, name, e)),
+        }
     }
 
     /// Replaces an object (PUT). `sub` says whether spec or status is written.
@@ -603,21 +679,31 @@ impl Registry {
         if let Some(a) = &opts.admission {
             a.admit(r, Some(old), &new)?;
         }
-        self.admit(r, Some(old), &mut new)?;
-        if opts.dry_run {
-            return Ok(new);
-        }
         let key = r.key(ns, name);
-        let op = if empties_finalizers(old, &new) {
-            Op::Delete { key, expect }
-        } else {
-            Op::Update {
-                key,
-                value: new,
-                expect,
+        for attempt in 0.. {
+            let claim = self.range_claim(r, Some(old))?;
+            let mut new = new.clone();
+            self.admit(r, Some(old), &mut new)?;
+            if opts.dry_run {
+                return Ok(new);
             }
-        };
-        self.commit_one(r, name, op)
+            let op = if empties_finalizers(old, &new) {
+                Op::Delete {
+                    key: key.clone(),
+                    expect,
+                }
+            } else {
+                Op::Update {
+                    key: key.clone(),
+                    value: new,
+                    expect,
+                }
+            };
+            if let Some(written) = self.commit_claimed(r, name, op, claim, attempt)? {
+                return Ok(written);
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     fn write_scale(
