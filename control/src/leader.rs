@@ -189,7 +189,7 @@ pub async fn run<F>(
                 break;
             }
             tokio::select! {
-                _ = stop.changed() => {}
+                changed = stop.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(config.retry_period) => {}
             }
         }

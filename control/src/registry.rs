@@ -670,7 +670,7 @@ impl Registry {
         ns: Option<&str>,
         name: &str,
         old: &Value,
-        mut new: Value,
+        new: Value,
         expect: Option<u64>,
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
@@ -1444,6 +1444,54 @@ mod tests {
         let reg = Registry::new(store.clone(), ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         (dir, store, reg)
+    }
+
+    /// Two registries on one store (two API servers on one datastore) creating Services and
+    /// NodePorts at once never hand out the same cluster IP or node port.
+    #[test]
+    fn two_servers_allocating_at_once_never_collide() {
+        let (_dir, store, first) = registry();
+        let second = Registry::new(store.clone(), ClusterConfig::default());
+        let svc = Resource::lookup("services").unwrap();
+        let writers: Vec<_> = [first, second]
+            .into_iter()
+            .enumerate()
+            .flat_map(|(r, reg)| {
+                (0..2).map(move |t| {
+                    let reg = reg.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..10 {
+                            reg.create(
+                                svc,
+                                Some("default"),
+                                json!({"metadata": {"name": format!("s{r}-{t}-{i}")},
+                                       "spec": {"type": "NodePort", "ports": [{"port": 80}]}}),
+                                &WriteOptions::default(),
+                            )
+                            .unwrap();
+                        }
+                    })
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let (all, _) = store.list(&svc.key_prefix()).unwrap();
+        let ips = strings_at(&all, "/spec/clusterIP");
+        let mut ports: Vec<i64> = all
+            .iter()
+            .filter_map(|s| s.pointer("/spec/ports/0/nodePort").and_then(Value::as_i64))
+            .collect();
+        assert_eq!(ips.len(), all.len(), "two services share a cluster IP");
+        let made = ports.len();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(
+            (made, ports.len()),
+            (40, 40),
+            "two services share a node port"
+        );
     }
 
     /// Creates Deployments `names` and starts a thread patching their status, round robin,

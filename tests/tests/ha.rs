@@ -230,8 +230,14 @@ async fn two_servers_serve_one_cluster() -> anyhow::Result<()> {
         made["metadata"]["resourceVersion"]
     );
     // A watch on a, from that version, sees what b writes.
-    let rv = made["metadata"]["resourceVersion"].as_str().unwrap().to_string();
-    let mut watch = Box::pin(a.watch_dyn(cms, Some("default"), Some(&rv), None, None).await?);
+    let rv = made["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut watch = Box::pin(
+        a.watch_dyn(cms, Some("default"), Some(&rv), None, None)
+            .await?,
+    );
     b.create_dyn(
         cms,
         Some("default"),
@@ -250,7 +256,12 @@ async fn two_servers_serve_one_cluster() -> anyhow::Result<()> {
         .args(["server", "--data-dir"])
         .arg(&dir)
         .args(["--api-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--datastore-endpoint", &c.etcd.endpoints(), "--token", "wrong"])
+        .args([
+            "--datastore-endpoint",
+            &c.etcd.endpoints(),
+            "--token",
+            "wrong",
+        ])
         .output()?;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -271,7 +282,10 @@ async fn leader(c: &Cluster) -> anyhow::Result<usize> {
         else {
             return Ok(None);
         };
-        let holder = lease["spec"]["holderIdentity"].as_str().unwrap_or("").to_string();
+        let holder = lease["spec"]["holderIdentity"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         for i in 0..2 {
             let log = std::fs::read_to_string(c.tmp.path().join(format!("s{i}.log")))?;
             if !holder.is_empty() && log.contains(&holder) {
@@ -308,10 +322,16 @@ async fn the_other_server_takes_over_when_the_leader_dies() -> anyhow::Result<()
                                           "spec": {"containers": [{"name": "web", "image": "example/web:1"}]}}}}),
         )
         .await?;
-    eventually("the survivor's controllers make the pods", Duration::from_secs(60), || async {
-        let list = client.list_dyn(pods, Some("default"), Some("app=web"), None).await?;
-        Ok((list["items"].as_array().map_or(0, Vec::len) == 2).then_some(()))
-    })
+    eventually(
+        "the survivor's controllers make the pods",
+        Duration::from_secs(60),
+        || async {
+            let list = client
+                .list_dyn(pods, Some("default"), Some("app=web"), None)
+                .await?;
+            Ok((list["items"].as_array().map_or(0, Vec::len) == 2).then_some(()))
+        },
+    )
     .await?;
     let leases = Resource::lookup("leases").unwrap();
     let lease = client
@@ -346,42 +366,133 @@ async fn writes_follow_the_etcd_quorum() -> anyhow::Result<()> {
         }
     };
     c.etcd.kill(2);
-    eventually("a write with one member down", Duration::from_secs(30), || async {
-        match write("one-down").await {
-            Ok(_) => Ok(Some(())),
-            Err(e) if e.code() == Some(409) => Ok(Some(())),
-            Err(_) => Ok(None),
-        }
-    })
+    eventually(
+        "a write with one member down",
+        Duration::from_secs(30),
+        || async {
+            match write("one-down").await {
+                Ok(_) => Ok(Some(())),
+                Err(e) if e.code() == Some(409) => Ok(Some(())),
+                Err(_) => Ok(None),
+            }
+        },
+    )
     .await?;
     c.etcd.kill(1);
     // The last member notices it has no leader within its election timeout (1 s); until then
     // a write may still be taken and be in doubt, so the refused write is one after that.
-    let status = eventually("a write refused without a quorum", Duration::from_secs(30), || async {
-        match write("no-quorum").await {
-            Err(e) if e.code().is_some_and(|c| c >= 500) => Ok(Some(e.code().unwrap())),
-            _ => Ok(None),
-        }
-    })
+    let status = eventually(
+        "a write refused without a quorum",
+        Duration::from_secs(30),
+        || async {
+            match write("no-quorum").await {
+                Err(e) if e.code().is_some_and(|c| c >= 500) => Ok(Some(e.code().unwrap())),
+                _ => Ok(None),
+            }
+        },
+    )
     .await?;
     assert!(status >= 500);
     c.etcd.restart(1);
     c.etcd.restart(2);
-    eventually("writes once the quorum is back", Duration::from_secs(60), || async {
-        match write("after").await {
-            Ok(_) => Ok(Some(())),
-            Err(e) if e.code() == Some(409) => Ok(Some(())),
-            Err(_) => Ok(None),
-        }
-    })
+    eventually(
+        "writes once the quorum is back",
+        Duration::from_secs(60),
+        || async {
+            match write("after").await {
+                Ok(_) => Ok(Some(())),
+                Err(e) if e.code() == Some(409) => Ok(Some(())),
+                Err(_) => Ok(None),
+            }
+        },
+    )
     .await?;
-    let list = c.clients[1].list_dyn(cms, Some("default"), None, None).await?;
+    let list = c.clients[1]
+        .list_dyn(cms, Some("default"), None, None)
+        .await?;
     let names: Vec<&str> = list["items"]
         .as_array()
         .unwrap()
         .iter()
         .filter_map(|o| o["metadata"]["name"].as_str())
         .collect();
-    assert!(names.contains(&"one-down") && names.contains(&"after"), "{names:?}");
+    assert!(
+        names.contains(&"one-down") && names.contains(&"after"),
+        "{names:?}"
+    );
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+/// Sequential creates then gets of small ConfigMaps through `client`: (create p50, p99, get
+/// p50, p99) in milliseconds.
+async fn latencies(client: &Client, n: usize) -> anyhow::Result<[f64; 4]> {
+    let cms = Resource::lookup("configmaps").unwrap();
+    let (mut creates, mut gets) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let t = Instant::now();
+        client
+            .create_dyn(
+                cms,
+                Some("default"),
+                &json!({"metadata": {"name": format!("bench-{i}")}, "data": {"k": "v"}}),
+            )
+            .await?;
+        creates.push(t.elapsed());
+    }
+    for i in 0..n {
+        let t = Instant::now();
+        client
+            .get_dyn(cms, Some("default"), &format!("bench-{i}"))
+            .await?;
+        gets.push(t.elapsed());
+    }
+    creates.sort();
+    gets.sort();
+    Ok([
+        percentile(&creates, 0.5),
+        percentile(&creates, 0.99),
+        percentile(&gets, 0.5),
+        percentile(&gets, 0.99),
+    ])
+}
+
+/// Figures, not a check: API create/get latency on the embedded store against a 3-member etcd,
+/// in the same run (`cargo test -p skiff-e2e --test ha -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn api_latency_sled_against_etcd() -> anyhow::Result<()> {
+    let Some(c) = cluster().await? else {
+        return Ok(());
+    };
+    let dir = c.tmp.path().join("sled");
+    let port = free_port();
+    let log = std::fs::File::create(c.tmp.path().join("sled.log"))?;
+    let _sled = Proc(Some(
+        Command::new(skiff_binary()?)
+            .args(["server", "--data-dir"])
+            .arg(&dir)
+            .args(["--api-addr", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?,
+    ));
+    let sled = connect(&dir.join("kubeconfig")).await?;
+    const N: usize = 500;
+    let s = latencies(&sled, N).await?;
+    let e = latencies(&c.clients[0], N).await?;
+    eprintln!("API latency, {N} sequential small ConfigMaps (ms)   create p50  create p99  get p50  get p99");
+    eprintln!(
+        "  embedded sled                                   {:>9.2}  {:>10.2}  {:>7.2}  {:>7.2}",
+        s[0], s[1], s[2], s[3]
+    );
+    eprintln!(
+        "  etcd, 3 members (2 servers up)                  {:>9.2}  {:>10.2}  {:>7.2}  {:>7.2}",
+        e[0], e[1], e[2], e[3]
+    );
     Ok(())
 }
