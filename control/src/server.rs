@@ -73,7 +73,7 @@ pub enum ServerError {
     },
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
-    #[error("{0}")]
+    #[error(transparent)]
     SharedState(#[from] crate::shared_state::SharedStateError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
