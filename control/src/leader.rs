@@ -225,7 +225,8 @@ mod tests {
 
     fn config(id: &str) -> LeaderElectionConfig {
         LeaderElectionConfig {
-            lease_duration: Duration::from_millis(1500),
+            // The Lease holds whole seconds.
+            lease_duration: Duration::from_secs(2),
             renew_deadline: Duration::from_secs(1),
             retry_period: Duration::from_millis(200),
             identity: id.into(),
@@ -254,7 +255,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
         }
         assert!(
-            seen.elapsed() >= Duration::from_millis(1400),
+            seen.elapsed() >= Duration::from_millis(1900),
             "{:?}",
             seen.elapsed()
         );

@@ -466,10 +466,9 @@ impl Registry {
         }
         let key = format!("{RANGE_PREFIX}{}", r.plural);
         let value = json!({"metadata": {"name": r.plural}});
-        let cur = self
-            .store
-            .get_latest(&key)
-            .map_err(|e| store_err(r, "", e))?;
+        // Read as the admission's listing reads (a back end may apply a write before readers
+        // see it): a claim newer than the listing would let a stale listing commit.
+        let cur = self.store.get(&key).map_err(|e| store_err(r, "", e))?;
         Ok(Some(match cur {
             Some(cur) => Op::Update {
                 key,
@@ -498,6 +497,8 @@ impl Registry {
             Err(StoreError::Conflict { key, .. } | StoreError::AlreadyExists(key))
                 if key.starts_with(RANGE_PREFIX) && attempt + 1 < Self::ALLOCATION_ATTEMPTS =>
             {
+                // The other write may not be visible to readers yet: give it a moment.
+                std::thread::sleep(std::time::Duration::from_millis(1 + attempt as u64));
                 Ok(None)
             }
             Err(e) => Err(store_err(r, name, e)),
