@@ -100,6 +100,13 @@ pub struct ServerArgs {
     /// Rotated audit logs kept.
     #[arg(long, default_value_t = 3)]
     pub audit_log_maxbackup: usize,
+    /// An etcd datastore shared by several servers, and the leader election among them.
+    #[command(flatten)]
+    pub datastore: Box<DatastoreArgs>,
+}
+
+#[derive(Args, Clone)]
+pub struct DatastoreArgs {
     /// etcd client URLs, comma-separated (`http://10.0.0.1:2379,http://10.0.0.2:2379`): the
     /// store several servers share. Without it the embedded store in the data dir is used.
     #[arg(long, env = "SKIFF_DATASTORE_ENDPOINT", value_delimiter = ',')]
