@@ -100,6 +100,40 @@ pub struct ServerArgs {
     /// Rotated audit logs kept.
     #[arg(long, default_value_t = 3)]
     pub audit_log_maxbackup: usize,
+    /// An etcd datastore shared by several servers, and the leader election among them.
+    #[command(flatten)]
+    pub datastore: Box<DatastoreArgs>,
+}
+
+#[derive(Args, Clone)]
+pub struct DatastoreArgs {
+    /// etcd client URLs, comma-separated (`http://10.0.0.1:2379,http://10.0.0.2:2379`): the
+    /// store several servers share. Without it the embedded store in the data dir is used.
+    #[arg(long, env = "SKIFF_DATASTORE_ENDPOINT", value_delimiter = ',')]
+    pub datastore_endpoint: Vec<String>,
+    /// CA certificate (PEM) that signed etcd's serving certificates.
+    #[arg(long, env = "SKIFF_DATASTORE_CAFILE")]
+    pub datastore_cafile: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd.
+    #[arg(long, env = "SKIFF_DATASTORE_CERTFILE")]
+    pub datastore_certfile: Option<PathBuf>,
+    /// Client key (PEM) for etcd.
+    #[arg(long, env = "SKIFF_DATASTORE_KEYFILE")]
+    pub datastore_keyfile: Option<PathBuf>,
+    /// The cluster token, the same on every server of a datastore: it seals the CA, the
+    /// signing keys and the admin credentials the first server stores there.
+    #[arg(long, env = "SKIFF_CLUSTER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// With --datastore-endpoint: how long the controllers' Lease holds without renewal
+    /// before another server takes it (Kubernetes' `--leader-elect-lease-duration`).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pub leader_elect_lease_duration: std::time::Duration,
+    /// How long the leader keeps trying to renew before it stops its controllers.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub leader_elect_renew_deadline: std::time::Duration,
+    /// How often candidates try to take the Lease, and the leader renews it.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub leader_elect_retry_period: std::time::Duration,
 }
 
 #[derive(Args, Clone)]

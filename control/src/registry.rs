@@ -71,6 +71,11 @@ impl Drop for Serialised<'_> {
     }
 }
 
+/// Where the allocation ranges' claim keys live (one per kind that allocates): every write
+/// that may allocate updates its kind's key with a compare on its revision, so two servers
+/// allocating at once cannot both commit the same address or port.
+pub const RANGE_PREFIX: &str = "/registry/ranges/";
+
 /// Cluster-wide settings the registry allocates from.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
@@ -636,12 +641,84 @@ impl Registry {
         if let Some(a) = &opts.admission {
             a.admit(r, None, &obj)?;
         }
-        self.admit(r, None, &mut obj)?;
-        if opts.dry_run {
-            return Ok(obj);
-        }
         let key = r.key(ns.as_deref(), &name);
-        self.commit_one(r, &name, Op::Create { key, value: obj })
+        // Another server may allocate at the same time: the claim of the range makes one of
+        // two such writes fail, and it is admitted again from what the other wrote.
+        for attempt in 0.. {
+            let claim = self.range_claim(r, None)?;
+            let mut obj = obj.clone();
+            self.admit(r, None, &mut obj)?;
+            if opts.dry_run {
+                return Ok(obj);
+            }
+            let op = Op::Create {
+                key: key.clone(),
+                value: obj,
+            };
+            match self.commit_claimed(r, &name, op, claim, attempt)? {
+                Some(created) => return Ok(created),
+                None => continue,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// How many times a write that allocates is admitted again after another server's
+    /// allocation raced it.
+    const ALLOCATION_ATTEMPTS: usize = 20;
+
+    /// The op that claims `r`'s allocation range for one write that may allocate (a Service's
+    /// write, a Node's creation): the range key's revision is read before the admission
+    /// lists what is taken, and the write commits only if no other allocation came between.
+    /// None for writes that allocate nothing.
+    fn range_claim(&self, r: &Resource, old: Option<&Value>) -> Result<Option<Op>, ApiError> {
+        let claims = match r.kind {
+            "Service" => true,
+            "Node" => old.is_none(),
+            _ => false,
+        };
+        if !claims {
+            return Ok(None);
+        }
+        let key = format!("{RANGE_PREFIX}{}", r.plural);
+        let value = json!({"metadata": {"name": r.plural}});
+        // Read as the admission's listing reads (a back end may apply a write before readers
+        // see it): a claim newer than the listing would let a stale listing commit.
+        let cur = self.store.get(&key).map_err(|e| store_err(r, "", e))?;
+        Ok(Some(match cur {
+            Some(cur) => Op::Update {
+                key,
+                value,
+                expect: meta::resource_version(&cur),
+            },
+            None => Op::Create { key, value },
+        }))
+    }
+
+    /// Commits `op` with its range claim; None when the claim lost to another allocation
+    /// (the caller admits the object again).
+    fn commit_claimed(
+        &self,
+        r: &Resource,
+        name: &str,
+        op: Op,
+        claim: Option<Op>,
+        attempt: usize,
+    ) -> Result<Option<Value>, ApiError> {
+        let Some(claim) = claim else {
+            return self.commit_one(r, name, op).map(Some);
+        };
+        match self.store.txn(vec![op, claim]) {
+            Ok(c) => Ok(c.objects.into_iter().next()),
+            Err(StoreError::Conflict { key, .. } | StoreError::AlreadyExists(key))
+                if key.starts_with(RANGE_PREFIX) && attempt + 1 < Self::ALLOCATION_ATTEMPTS =>
+            {
+                // The other write may not be visible to readers yet: give it a moment.
+                std::thread::sleep(std::time::Duration::from_millis(1 + attempt as u64));
+                Ok(None)
+            }
+            Err(e) => Err(store_err(r, name, e)),
+        }
     }
 
     /// Replaces an object (PUT). `sub` says whether spec or status is written.
@@ -836,7 +913,7 @@ impl Registry {
         ns: Option<&str>,
         name: &str,
         old: &Value,
-        mut new: Value,
+        new: Value,
         expect: Option<u64>,
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
@@ -845,21 +922,31 @@ impl Registry {
         if let Some(a) = &opts.admission {
             a.admit(r, Some(old), &new)?;
         }
-        self.admit(r, Some(old), &mut new)?;
-        if opts.dry_run {
-            return Ok(new);
-        }
         let key = r.key(ns, name);
-        let op = if empties_finalizers(old, &new) {
-            Op::Delete { key, expect }
-        } else {
-            Op::Update {
-                key,
-                value: new,
-                expect,
+        for attempt in 0.. {
+            let claim = self.range_claim(r, Some(old))?;
+            let mut new = new.clone();
+            self.admit(r, Some(old), &mut new)?;
+            if opts.dry_run {
+                return Ok(new);
             }
-        };
-        self.commit_one(r, name, op)
+            let op = if empties_finalizers(old, &new) {
+                Op::Delete {
+                    key: key.clone(),
+                    expect,
+                }
+            } else {
+                Op::Update {
+                    key: key.clone(),
+                    value: new,
+                    expect,
+                }
+            };
+            if let Some(written) = self.commit_claimed(r, name, op, claim, attempt)? {
+                return Ok(written);
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     fn write_scale(
@@ -1785,6 +1872,54 @@ mod tests {
         let reg = Registry::new(store.clone(), ClusterConfig::default());
         crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
         (dir, store, reg)
+    }
+
+    /// Two registries on one store (two API servers on one datastore) creating Services and
+    /// NodePorts at once never hand out the same cluster IP or node port.
+    #[test]
+    fn two_servers_allocating_at_once_never_collide() {
+        let (_dir, store, first) = registry();
+        let second = Registry::new(store.clone(), ClusterConfig::default());
+        let svc = Resource::lookup("services").unwrap();
+        let writers: Vec<_> = [first, second]
+            .into_iter()
+            .enumerate()
+            .flat_map(|(r, reg)| {
+                (0..2).map(move |t| {
+                    let reg = reg.clone();
+                    std::thread::spawn(move || {
+                        for i in 0..10 {
+                            reg.create(
+                                svc,
+                                Some("default"),
+                                json!({"metadata": {"name": format!("s{r}-{t}-{i}")},
+                                       "spec": {"type": "NodePort", "ports": [{"port": 80}]}}),
+                                &WriteOptions::default(),
+                            )
+                            .unwrap();
+                        }
+                    })
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        let (all, _) = store.list(&svc.key_prefix()).unwrap();
+        let ips = strings_at(&all, "/spec/clusterIP");
+        let mut ports: Vec<i64> = all
+            .iter()
+            .filter_map(|s| s.pointer("/spec/ports/0/nodePort").and_then(Value::as_i64))
+            .collect();
+        assert_eq!(ips.len(), all.len(), "two services share a cluster IP");
+        let made = ports.len();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(
+            (made, ports.len()),
+            (40, 40),
+            "two services share a node port"
+        );
     }
 
     /// Creates Deployments `names` and starts a thread patching their status, round robin,

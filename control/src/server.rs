@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use crate::apiserver::{self, ApiState};
 use crate::controllers::{self, ControllerConfig};
 use crate::registry::{ClusterConfig, Registry, WriteOptions};
-use crate::store::{sqlite::SqliteStore, DynStore};
+use crate::store::{etcd::EtcdStore, sqlite::SqliteStore, DynStore};
 
 /// Everything `skiff server` is configured with.
 #[derive(Debug, Clone)]
@@ -32,6 +32,18 @@ pub struct ServerConfig {
     pub fairness: crate::apiserver::fairness::FairnessConfig,
     /// The audit log, if requests are to be recorded.
     pub audit: Option<crate::apiserver::audit::AuditConfig>,
+    /// An external datastore shared with other servers (None: the embedded store in the data dir).
+    pub datastore: Option<DatastoreConfig>,
+    /// With a datastore: the Lease that elects the one server running the controllers.
+    pub leader_election: crate::leader::LeaderElectionConfig,
+}
+
+/// An etcd cluster several servers share, and the token that seals what they must share.
+#[derive(Debug, Clone)]
+pub struct DatastoreConfig {
+    pub etcd: crate::store::etcd::EtcdConfig,
+    /// The cluster token: every server of the cluster is started with the same one.
+    pub token: String,
 }
 
 impl ServerConfig {
@@ -46,6 +58,8 @@ impl ServerConfig {
             transport: Default::default(),
             fairness: Default::default(),
             audit: None,
+            datastore: None,
+            leader_election: Default::default(),
         }
     }
 }
@@ -59,6 +73,8 @@ pub enum ServerError {
     },
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    SharedState(#[from] crate::shared_state::SharedStateError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -88,7 +104,7 @@ pub struct Server {
 }
 
 /// The bearer token of this data dir: made once, kept in `DIR/token`.
-fn load_or_make_token(dir: &Path) -> Result<String, ServerError> {
+pub(crate) fn load_or_make_token(dir: &Path) -> Result<String, ServerError> {
     let path = dir.join("token");
     let io = |e| ServerError::DataDir {
         path: path.clone(),
@@ -107,7 +123,10 @@ fn load_or_make_token(dir: &Path) -> Result<String, ServerError> {
 /// The join token of this data dir, `K10<CA hash>::node:<secret>`: the secret is made once and
 /// kept in `DIR/node-token` (mode 0600) with the hash of the current CA. Returns the token and
 /// its secret.
-fn load_or_make_node_token(dir: &Path, ca_hash: &str) -> Result<(String, String), ServerError> {
+pub(crate) fn load_or_make_node_token(
+    dir: &Path,
+    ca_hash: &str,
+) -> Result<(String, String), ServerError> {
     let path = dir.join("node-token");
     let secret = std::fs::read_to_string(&path)
         .ok()
@@ -249,6 +268,23 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
     crate::apiserver::policy::bootstrap(reg)
 }
 
+/// The embedded store in `dir`, or the datastore's, after the cluster's shared files were
+/// brought into `dir` (see [`crate::shared_state`]).
+fn open_store(dir: &Path, datastore: Option<&DatastoreConfig>) -> Result<DynStore, ServerError> {
+    let key_file = dir.join("encryption.key");
+    let Some(ds) = datastore else {
+        return Ok(Arc::new(SqliteStore::open_with_key(
+            &dir.join("store"),
+            &key_file,
+        )?));
+    };
+    let store = EtcdStore::connect(&ds.etcd)?;
+    crate::shared_state::sync(dir, &store, &ds.token)?;
+    let encryption = crate::store::encryption::Encryption::load_or_create(&key_file)?;
+    tracing::info!(endpoints = ?ds.etcd.endpoints, "using the etcd datastore");
+    Ok(Arc::new(store.with_encryption(encryption)))
+}
+
 impl Server {
     /// Opens the store under `config.data_dir`, binds the API address and starts everything.
     pub async fn start(config: ServerConfig) -> Result<Server, ServerError> {
@@ -260,10 +296,7 @@ impl Server {
                 path: dir.clone(),
                 source: e,
             })?;
-        let store: DynStore = Arc::new(SqliteStore::open_with_key(
-            &dir.join("store"),
-            &dir.join("encryption.key"),
-        )?);
+        let store = open_store(dir, config.datastore.as_ref())?;
         let listener = listen(config.api_addr).map_err(|e| ServerError::Listen {
             addr: config.api_addr,
             source: e,
@@ -292,7 +325,20 @@ impl Server {
         let (stop, mut stopped) = watch::channel(false);
         let mut controller_config = config.controllers.clone();
         controller_config.root_ca_pem = tls_ca.clone();
-        let mut ctl = controllers::start(registry.clone(), controller_config, stop.subscribe());
+        let mut ctl = if config.datastore.is_some() {
+            // Several servers share the datastore: only the Lease holder runs the controllers.
+            let mut set = tokio::task::JoinSet::new();
+            let reg = registry.clone();
+            set.spawn(crate::leader::run(
+                registry.clone(),
+                config.leader_election.clone(),
+                stop.subscribe(),
+                move |led| controllers::start(reg.clone(), controller_config.clone(), led),
+            ));
+            set
+        } else {
+            controllers::start(registry.clone(), controller_config, stop.subscribe())
+        };
         let mut state = ApiState::new(
             registry.clone(),
             &tls,

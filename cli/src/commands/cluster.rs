@@ -95,6 +95,22 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
     if let Some(n) = &node {
         config.tls_sans.push(n.node_ip.to_string());
     }
+    let ds = *args.datastore;
+    if !ds.datastore_endpoint.is_empty() {
+        let Some(token) = ds.token.filter(|t| !t.is_empty()) else {
+            anyhow::bail!(
+                "--datastore-endpoint needs --token: the cluster token every server shares"
+            );
+        };
+        let mut etcd = skiff_control::store::etcd::EtcdConfig::new(ds.datastore_endpoint.clone());
+        etcd.ca_file = ds.datastore_cafile;
+        etcd.cert_file = ds.datastore_certfile;
+        etcd.key_file = ds.datastore_keyfile;
+        config.datastore = Some(skiff_control::server::DatastoreConfig { etcd, token });
+        config.leader_election.lease_duration = ds.leader_elect_lease_duration;
+        config.leader_election.renew_deadline = ds.leader_elect_renew_deadline;
+        config.leader_election.retry_period = ds.leader_elect_retry_period;
+    }
     let mut server = skiff_control::server::Server::start(config).await?;
     if node.is_some() {
         // The kubeconfig also at the top of the data dir, where users look for it.

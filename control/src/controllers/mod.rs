@@ -728,7 +728,7 @@ pub fn schedule_once(
         return Ok(None);
     }
     let mut last = 0;
-    for chunk in binds.chunks(1000) {
+    for chunk in binds.chunks(reg.store().max_txn_ops().min(1000)) {
         match reg.bind_all(chunk.to_vec()) {
             Ok(rev) => last = rev,
             // One pod changed under us: bind the rest one by one.

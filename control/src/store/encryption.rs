@@ -68,6 +68,13 @@ impl Encryption {
         })
     }
 
+    /// The cipher of a 32-byte key given (one derived from a secret).
+    pub fn from_key(key: &[u8; 32]) -> Self {
+        Encryption {
+            cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(key)),
+        }
+    }
+
     /// The stored form of `plain`.
     pub fn seal(&self, plain: &[u8]) -> Result<Vec<u8>, StoreError> {
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);

@@ -5,7 +5,10 @@
 //! store left by an older version is moved into it on open, [`sled`]). The event window and
 //! fan-out ([`hub::Hub`]) are shared by back ends that do not have a watch of their own.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 pub mod encryption;
+pub mod etcd;
 pub mod hub;
 pub mod sled;
 pub mod sqlite;
@@ -103,6 +106,10 @@ pub trait Store: Send + Sync + 'static {
     fn watch(&self, prefix: &str, from: u64) -> Result<WatchStream, StoreError>;
     /// How many watches are subscribed (closed ones are not counted).
     fn watchers(&self) -> usize;
+    /// Ops one transaction may hold (etcd refuses more than its `--max-txn-ops`).
+    fn max_txn_ops(&self) -> usize {
+        usize::MAX
+    }
 }
 
 pub type DynStore = Arc<dyn Store>;
@@ -116,4 +123,15 @@ pub(crate) fn stamp(value: &mut Value, revision: u64) {
         "resourceVersion".into(),
         Value::String(revision.to_string()),
     );
+}
+
+/// Runs `f`, which waits (for the disk or the network). On a worker thread of a multi-threaded
+/// runtime, the thread's other tasks move to another thread while it waits; elsewhere (the
+/// blocking pool, a current-thread runtime, no runtime) `f` just runs.
+pub(crate) fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
