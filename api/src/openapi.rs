@@ -225,6 +225,7 @@ fn builtin() -> &'static Builtin {
         g.subschema_for::<k8s_openapi::api::autoscaling::v1::Scale>();
         let mut definitions = g.take_definitions(true);
         annotate_patch_strategies(&mut definitions);
+        metadata_not_required(&mut definitions);
         for (kind, name) in &kinds {
             if let Some(Value::Object(def)) = definitions.get_mut(name) {
                 def.insert(
@@ -241,6 +242,23 @@ fn builtin() -> &'static Builtin {
         }
         Builtin { kinds, definitions }
     })
+}
+
+/// k8s-openapi's types hold `metadata` as a plain `ObjectMeta`, so their schemas require it;
+/// Kubernetes' never do (a TokenReview or SubjectAccessReview is sent without one), and
+/// kubectl's client-side validation would refuse such objects.
+fn metadata_not_required(defs: &mut Map<String, Value>) {
+    for def in defs.values_mut() {
+        let Some(Value::Array(required)) = def.get_mut("required") else {
+            continue;
+        };
+        required.retain(|f| f != "metadata");
+        if required.is_empty() {
+            if let Value::Object(d) = def {
+                d.remove("required");
+            }
+        }
+    }
 }
 
 /// The definition name a `$ref` points to.
@@ -699,6 +717,10 @@ mod tests {
             let n = r.strip_prefix(V3_PREFIX).expect("a components reference");
             assert!(schemas.get(n).is_some(), "{n} is missing");
         });
+        // No kind requires `metadata`, as in Kubernetes' documents; what does require stays.
+        let review = &docs.v3["apis/authentication.k8s.io/v1"]["components"]["schemas"]
+            ["io.k8s.api.authentication.v1.TokenReview"];
+        assert_eq!(review["required"], json!(["spec"]), "{review}");
         // Containers merge by name, as the strategic merge patch does.
         let pod_spec = &schemas["io.k8s.api.core.v1.PodSpec"]["properties"]["containers"];
         assert_eq!(pod_spec["x-kubernetes-patch-merge-key"], "name");

@@ -12,12 +12,19 @@ use skiff_api::Resource;
 use skiff_client::Client;
 use skiff_e2e::{eventually, skiff_binary};
 
+/// A loopback port no one listens on, below the ephemeral range: a port the kernel handed out
+/// (`bind` to 0) could be taken as the source port of another test's outgoing connection
+/// before etcd or the server binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + ((std::process::id() * 131 + n * 7) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn etcd_installed() -> bool {
@@ -106,6 +113,31 @@ impl Etcd {
         Proc(Some(child))
     }
 
+    /// Waits until every member answers healthy: a server started before the quorum is up
+    /// exits, saying it cannot reach the datastore.
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
+        let http = reqwest::Client::new();
+        for (client, _) in &self.ports {
+            let url = format!("http://127.0.0.1:{client}/health");
+            eventually(
+                &format!("etcd at {url} healthy"),
+                Duration::from_secs(60),
+                || {
+                    let (http, url) = (http.clone(), url.clone());
+                    async move {
+                        let Ok(r) = http.get(&url).send().await else {
+                            return Ok(None);
+                        };
+                        let body = r.text().await.unwrap_or_default();
+                        Ok(body.contains("\"health\":\"true\"").then_some(()))
+                    }
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     fn endpoints(&self) -> String {
         self.ports
             .iter()
@@ -163,13 +195,26 @@ fn kubeconfig_for(dir: &Path, from_port: u16, to_port: u16, out: &Path) -> PathB
 }
 
 async fn connect(kubeconfig: &Path) -> anyhow::Result<Client> {
-    eventually("the API server", Duration::from_secs(60), || async {
+    // A debug server derives its key from the token (PBKDF2) before it answers: slow on a
+    // loaded machine.
+    let answered = eventually("the API server", Duration::from_secs(120), || async {
         let Ok(c) = Client::from_kubeconfig(Some(kubeconfig)) else {
             return Ok(None);
         };
         Ok(c.get_path("/version").await.ok().map(|_| c))
     })
-    .await
+    .await;
+    answered.map_err(|e| {
+        // The server's own account of why, when the kubeconfig is in its data dir.
+        let log = kubeconfig
+            .parent()
+            .map(|d| d.with_extension("log"))
+            .and_then(|l| std::fs::read_to_string(l).ok())
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        anyhow::anyhow!("{e}\n--- server log (last lines):\n{}", tail.join("\n"))
+    })
 }
 
 struct Cluster {
@@ -187,6 +232,7 @@ async fn cluster() -> anyhow::Result<Option<Cluster>> {
     }
     let tmp = tempfile::tempdir()?;
     let etcd = Etcd::start(tmp.path());
+    etcd.wait_healthy().await?;
     let endpoints = etcd.endpoints();
     let ports = vec![free_port(), free_port()];
     let dirs: Vec<PathBuf> = (0..2).map(|i| tmp.path().join(format!("s{i}"))).collect();
