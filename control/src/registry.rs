@@ -146,8 +146,17 @@ pub enum Sub {
 }
 
 /// How often a patch (or a delete without preconditions) is re-applied to the newest object
-/// after losing a race with another writer before the conflict is returned.
+/// after losing a race with another writer before the conflict is returned…
 const PATCH_TRIES: u32 = 64;
+/// …unless it has been retrying for less than this: on a loaded machine a thread preempted
+/// between its read and its write loses to a busy writer many times in a row. (Kubernetes'
+/// storage retries such an update until it lands.)
+const PATCH_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a write that lost a race `tries` times since `started` is tried again.
+fn retry_conflict(tries: u32, started: std::time::Instant) -> bool {
+    tries < PATCH_TRIES || started.elapsed() < PATCH_RETRY_FOR
+}
 
 /// A watch event as the API sends it.
 #[derive(Debug, Clone)]
@@ -774,7 +783,7 @@ impl Registry {
         sub: Sub,
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
-        let mut tries = 0;
+        let (mut tries, started) = (0, std::time::Instant::now());
         loop {
             tries += 1;
             // A retry starts from the newest applied version: the readers' view may still be
@@ -810,7 +819,7 @@ impl Registry {
                 Err(e)
                     if e.code == 409
                         && e.reason == "Conflict"
-                        && tries < PATCH_TRIES
+                        && retry_conflict(tries, started)
                         && !body_has_rv(body) =>
                 {
                     continue
@@ -1098,14 +1107,14 @@ impl Registry {
         // the object changed between its read and its write (a controller's status update).
         // A retry starts from the newest applied version: the readers' view may still be
         // waiting for the flush of the write that caused the conflict.
-        let mut tries = 0;
+        let (mut tries, started) = (0, std::time::Instant::now());
         loop {
             tries += 1;
             match self.delete_once(r, ns, name, opts, tries > 1) {
                 Err(e)
                     if e.code == 409
                         && e.reason == "Conflict"
-                        && tries < PATCH_TRIES
+                        && retry_conflict(tries, started)
                         && opts.precondition_uid.is_none()
                         && opts.precondition_rv.is_none() =>
                 {
