@@ -96,14 +96,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
             entry["categories"] = json!(["all"]);
         }
         out.push(entry);
-        if r.has_status {
-            out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
-                            "kind": r.kind, "verbs": ["get", "patch", "update"]}));
-        }
-        if r.has_scale {
-            out.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
-                            "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
-        }
+        out.extend(status_and_scale(r));
         if r.kind == "Service" {
             out.push(
                 json!({"name": "services/proxy", "singularName": "", "namespaced": true,
@@ -205,17 +198,23 @@ pub fn custom_resource_list(custom: &CustomResources, group: &str, version: &str
             entry["categories"] = json!(c);
         }
         out.push(entry);
-        if r.has_status {
-            out.push(json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
-                            "kind": r.kind, "verbs": ["get", "patch", "update"]}));
-        }
-        if r.has_scale {
-            out.push(json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
-                            "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]}));
-        }
+        out.extend(status_and_scale(r));
     }
     (!out.is_empty()).then(|| {
         json!({"kind": "APIResourceList", "apiVersion": "v1",
                "groupVersion": format!("{group}/{version}"), "resources": out})
     })
+}
+
+/// The `status` and `scale` subresource entries of `r`, the ones it has.
+fn status_and_scale(r: &Resource) -> impl Iterator<Item = Value> + '_ {
+    let status = r.has_status.then(|| {
+        json!({"name": format!("{}/status", r.plural), "singularName": "", "namespaced": r.namespaced,
+               "kind": r.kind, "verbs": ["get", "patch", "update"]})
+    });
+    let scale = r.has_scale.then(|| {
+        json!({"name": format!("{}/scale", r.plural), "singularName": "", "namespaced": r.namespaced,
+               "group": "autoscaling", "version": "v1", "kind": "Scale", "verbs": ["get", "patch", "update"]})
+    });
+    status.into_iter().chain(scale)
 }
