@@ -9,7 +9,7 @@ export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts")
 need_apt=()
 for pkg in curl iproute2 iptables docker-registry dnsutils wrk nginx-light \
            runc containernetworking-plugins umoci skopeo busybox-static gcc libc6-dev \
-           etcd-server protobuf-compiler; do
+           etcd-server protobuf-compiler libprotobuf-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if [ "${#need_apt[@]}" -gt 0 ]; then
