@@ -132,6 +132,7 @@ impl Definition {
                     has_status: sub.is_some_and(|s| s.status.is_some()),
                     has_scale: sub.is_some_and(|s| s.scale.is_some()),
                     create_only: false,
+                    wire: None,
                 })
             })
             .collect();
