@@ -382,7 +382,13 @@ mod tests {
                 "rbac.authorization.k8s.io",
                 "apiextensions.k8s.io",
                 "authorization.k8s.io",
-                "authentication.k8s.io"
+                "authentication.k8s.io",
+                "networking.k8s.io",
+                "autoscaling",
+                "admissionregistration.k8s.io",
+                "scheduling.k8s.io",
+                "node.k8s.io",
+                "certificates.k8s.io"
             ]
         );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();

@@ -506,7 +506,7 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         }
         "HorizontalPodAutoscaler" => {
             let h: autoscaling::HorizontalPodAutoscaler = typed(obj)?;
-            let spec = h.spec.unwrap_or_default();
+            let spec = h.spec;
             let min = spec.min_replicas.unwrap_or(1);
             if min < 1 {
                 causes.push(Cause::invalid(
@@ -538,12 +538,13 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
         }
         "PriorityClass" => {
             let pc: scheduling::PriorityClass = typed(obj)?;
+            let value = pc.value.unwrap_or(0);
             let name = meta.name.as_deref().unwrap_or("");
             if name.starts_with(SYSTEM_PRIORITY_PREFIX) {
-                if let Err(why) = known_system_priority_class(name, pc.value, pc.global_default) {
+                if let Err(why) = known_system_priority_class(name, value, pc.global_default) {
                     causes.push(Cause::forbidden("metadata.name", &format!("priority class names with '{SYSTEM_PRIORITY_PREFIX}' prefix are reserved for system use only. error: {why}")));
                 }
-            } else if pc.value > HIGHEST_USER_PRIORITY {
+            } else if value > HIGHEST_USER_PRIORITY {
                 causes.push(Cause::forbidden(
                     "value",
                     &format!("maximum allowed value of a user defined priority is {HIGHEST_USER_PRIORITY}"),

@@ -46,7 +46,7 @@ fn default_class(registry: &Registry) -> Result<Option<PriorityClass>, ApiError>
         .iter()
         .filter_map(|v| skiff_api::validation::typed::<PriorityClass>(v).ok())
         .filter(|c| c.global_default == Some(true))
-        .min_by_key(|c| c.value))
+        .min_by_key(|c| c.value.unwrap_or(0)))
 }
 
 fn priority(registry: &Registry, pod: &mut Value) -> Result<(), ApiError> {
@@ -57,7 +57,7 @@ fn priority(registry: &Registry, pod: &mut Value) -> Result<(), ApiError> {
         .map(String::from);
     let (name, value, policy) = match asked {
         Some(name) => match class::<PriorityClass>(registry, &name)? {
-            Some(c) => (Some(name), c.value, c.preemption_policy),
+            Some(c) => (Some(name), c.value.unwrap_or(0), c.preemption_policy),
             None => {
                 return Err(forbidden(
                     pod,
@@ -66,7 +66,7 @@ fn priority(registry: &Registry, pod: &mut Value) -> Result<(), ApiError> {
             }
         },
         None => match default_class(registry)? {
-            Some(c) => (c.metadata.name, c.value, c.preemption_policy),
+            Some(c) => (c.metadata.name, c.value.unwrap_or(0), c.preemption_policy),
             None => (None, 0, None),
         },
     };
@@ -157,4 +157,117 @@ fn runtime_class(registry: &Registry, pod: &mut Value) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::registry::{ClusterConfig, WriteOptions};
+    use crate::store::sqlite::SqliteStore;
+
+    fn registry(dir: &std::path::Path) -> Arc<Registry> {
+        let store = Arc::new(SqliteStore::open(&dir.join("store")).unwrap());
+        let reg = Registry::new(store, ClusterConfig::default());
+        crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
+        reg
+    }
+
+    fn create(reg: &Registry, plural: &str, obj: Value) -> Result<Value, ApiError> {
+        let r = Resource::lookup(plural).unwrap();
+        let ns = r.namespaced.then_some("default");
+        reg.create(r, ns, obj, &WriteOptions::default())
+    }
+
+    fn pod(name: &str, extra: Value) -> Value {
+        let mut spec = json!({"containers": [{"name": "c", "image": "example.com/a:v1"}]});
+        for (k, v) in extra.as_object().unwrap() {
+            spec[k] = v.clone();
+        }
+        json!({"metadata": {"name": name}, "spec": spec})
+    }
+
+    #[test]
+    fn priority_classes_resolve_at_admission() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path());
+        let p = create(&reg, "pods", pod("a", json!({}))).unwrap();
+        assert_eq!(p["spec"]["priority"], 0);
+        assert_eq!(p["spec"]["preemptionPolicy"], "PreemptLowerPriority");
+        let p = create(
+            &reg,
+            "pods",
+            pod("b", json!({"priorityClassName": "system-node-critical"})),
+        )
+        .unwrap();
+        assert_eq!(p["spec"]["priority"], 2_000_001_000);
+        let e = create(&reg, "pods", pod("c", json!({"priorityClassName": "nope"}))).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                403,
+                "pods \"c\" is forbidden: no PriorityClass with name nope was found"
+            )
+        );
+        // A priority other than the class's is refused; the global default class applies to
+        // pods that name none.
+        let e = create(
+            &reg,
+            "pods",
+            pod("d", json!({"priorityClassName": "system-node-critical", "priority": 5})),
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 403, "{}", e.message);
+        create(
+            &reg,
+            "priorityclasses",
+            json!({"metadata": {"name": "batch"}, "value": 100, "globalDefault": true,
+                   "preemptionPolicy": "Never"}),
+        )
+        .unwrap();
+        let p = create(&reg, "pods", pod("e", json!({}))).unwrap();
+        assert_eq!(
+            (&p["spec"]["priorityClassName"], &p["spec"]["priority"], &p["spec"]["preemptionPolicy"]),
+            (&json!("batch"), &json!(100), &json!("Never"))
+        );
+    }
+
+    #[test]
+    fn runtime_classes_must_exist_and_bring_their_scheduling() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path());
+        create(&reg, "pods", pod("a", json!({"runtimeClassName": "runc"}))).unwrap();
+        let e = create(&reg, "pods", pod("b", json!({"runtimeClassName": "gvisor"}))).unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (
+                403,
+                "pods \"b\" is forbidden: pod rejected: RuntimeClass \"gvisor\" not found"
+            )
+        );
+        create(
+            &reg,
+            "runtimeclasses",
+            json!({"metadata": {"name": "edge"}, "handler": "wasmtime",
+                   "overhead": {"podFixed": {"memory": "10Mi"}},
+                   "scheduling": {"nodeSelector": {"zone": "edge"},
+                                  "tolerations": [{"key": "edge", "operator": "Exists"}]}}),
+        )
+        .unwrap();
+        let p = create(&reg, "pods", pod("c", json!({"runtimeClassName": "edge"}))).unwrap();
+        assert_eq!(p["spec"]["nodeSelector"], json!({"zone": "edge"}));
+        assert_eq!(p["spec"]["overhead"], json!({"memory": "10Mi"}));
+        assert!(p["spec"]["tolerations"]
+            .as_array()
+            .unwrap()
+            .contains(&json!({"key": "edge", "operator": "Exists"})));
+        let e = create(
+            &reg,
+            "pods",
+            pod("d", json!({"runtimeClassName": "edge", "nodeSelector": {"zone": "core"}})),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("conflict: runtimeClass.scheduling.nodeSelector[zone] = edge; pod.spec.nodeSelector[zone] = core"), "{}", e.message);
+    }
 }
