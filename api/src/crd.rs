@@ -549,20 +549,6 @@ pub fn apply_defaults(obj: &mut Value) {
             names["listKind"] = json!(format!("{kind}List"));
         }
     }
-    if let Some(vs) = spec.get_mut("versions").and_then(Value::as_array_mut) {
-        for v in vs {
-            for c in v
-                .get_mut("additionalPrinterColumns")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(c) = c.as_object_mut() {
-                    c.entry("priority").or_insert(json!(0));
-                }
-            }
-        }
-    }
 }
 
 fn is_dns1035_label(s: &str) -> bool {

@@ -121,9 +121,9 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 .into_iter()
                 .flatten()
             {
+                // A ServiceAccount's group is "", which Kubernetes leaves out of the object.
                 let group = match s.get("kind").and_then(Value::as_str) {
                     Some("User" | "Group") => "rbac.authorization.k8s.io",
-                    Some("ServiceAccount") => "",
                     _ => continue,
                 };
                 if s.get("apiGroup")
@@ -210,7 +210,11 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 // egress rules.
                 if spec.get("policyTypes").is_none_or(Value::is_null) {
                     let mut types = vec![json!("Ingress")];
-                    if spec.get("egress").and_then(Value::as_array).is_some_and(|e| !e.is_empty()) {
+                    if spec
+                        .get("egress")
+                        .and_then(Value::as_array)
+                        .is_some_and(|e| !e.is_empty())
+                    {
                         types.push(json!("Egress"));
                     }
                     spec["policyTypes"] = Value::Array(types);
@@ -218,14 +222,21 @@ pub fn apply(kind: &str, obj: &mut Value) {
             }
         }
         "IngressClass" => {
-            if let Some(p) = obj.pointer_mut("/spec/parameters").filter(|p| p.is_object()) {
+            if let Some(p) = obj
+                .pointer_mut("/spec/parameters")
+                .filter(|p| p.is_object())
+            {
                 set_default(p, "scope", json!("Cluster"));
             }
         }
         "HorizontalPodAutoscaler" => {
             if let Some(spec) = child(obj, "spec") {
                 set_default(spec, "minReplicas", json!(1));
-                if spec.get("metrics").and_then(Value::as_array).is_none_or(|m| m.is_empty()) {
+                if spec
+                    .get("metrics")
+                    .and_then(Value::as_array)
+                    .is_none_or(|m| m.is_empty())
+                {
                     spec["metrics"] = json!([{"type": "Resource", "resource": {"name": "cpu",
                         "target": {"type": "Utilization", "averageUtilization": 80}}}]);
                 }
@@ -235,16 +246,24 @@ pub fn apply(kind: &str, obj: &mut Value) {
                     if let Some(up) = child(b, "scaleUp") {
                         set_default(up, "stabilizationWindowSeconds", json!(0));
                         set_default(up, "selectPolicy", json!("Max"));
-                        set_default(up, "policies", json!([
+                        set_default(
+                            up,
+                            "policies",
+                            json!([
                             {"type": "Pods", "value": 4, "periodSeconds": 15},
-                            {"type": "Percent", "value": 100, "periodSeconds": 15}]));
+                            {"type": "Percent", "value": 100, "periodSeconds": 15}]),
+                        );
                     }
                     set_default(b, "scaleDown", json!({}));
                     if let Some(down) = child(b, "scaleDown") {
                         set_default(down, "stabilizationWindowSeconds", json!(300));
                         set_default(down, "selectPolicy", json!("Max"));
-                        set_default(down, "policies", json!([
-                            {"type": "Percent", "value": 100, "periodSeconds": 15}]));
+                        set_default(
+                            down,
+                            "policies",
+                            json!([
+                            {"type": "Percent", "value": 100, "periodSeconds": 15}]),
+                        );
                     }
                 }
             }
@@ -264,7 +283,10 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 for r in each(w.get_mut("rules")) {
                     set_default(r, "scope", json!("*"));
                 }
-                if let Some(svc) = w.pointer_mut("/clientConfig/service").filter(|s| s.is_object()) {
+                if let Some(svc) = w
+                    .pointer_mut("/clientConfig/service")
+                    .filter(|s| s.is_object())
+                {
                     set_default(svc, "port", json!(443));
                 }
             }
@@ -278,7 +300,10 @@ pub fn apply(kind: &str, obj: &mut Value) {
             }
         }
         "ValidatingAdmissionPolicyBinding" => {
-            if let Some(m) = obj.pointer_mut("/spec/matchResources").filter(|m| m.is_object()) {
+            if let Some(m) = obj
+                .pointer_mut("/spec/matchResources")
+                .filter(|m| m.is_object())
+            {
                 match_resources(m);
             }
         }
@@ -372,13 +397,21 @@ fn each(v: Option<&mut Value>) -> impl Iterator<Item = &mut Value> {
 fn replication_controller(obj: &mut Value) {
     let labels = obj.pointer("/spec/template/metadata/labels").cloned();
     if let (Some(l), Some(meta)) = (labels.clone(), child(obj, "metadata")) {
-        if meta.get("labels").and_then(Value::as_object).is_none_or(|m| m.is_empty()) {
+        if meta
+            .get("labels")
+            .and_then(Value::as_object)
+            .is_none_or(|m| m.is_empty())
+        {
             meta["labels"] = l;
         }
     }
     if let Some(spec) = child(obj, "spec") {
         if let Some(l) = labels {
-            if spec.get("selector").and_then(Value::as_object).is_none_or(|m| m.is_empty()) {
+            if spec
+                .get("selector")
+                .and_then(Value::as_object)
+                .is_none_or(|m| m.is_empty())
+            {
                 spec["selector"] = l;
             }
         }
@@ -393,7 +426,12 @@ fn limit_range_item(item: &mut Value) {
     if item.get("type").and_then(Value::as_str) != Some("Container") {
         return;
     }
-    let get = |item: &Value, k: &str| item.get(k).and_then(Value::as_object).cloned().unwrap_or_default();
+    let get = |item: &Value, k: &str| {
+        item.get(k)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
     let (max, min) = (get(item, "max"), get(item, "min"));
     let mut default = get(item, "default");
     for (k, v) in &max {

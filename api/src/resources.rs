@@ -256,7 +256,9 @@ pub static RESOURCES: &[Resource] = &[
     kind::<apps::Deployment>("deployment")
         .short(&["deploy"])
         .scale(),
-    kind::<apps::ReplicaSet>("replicaset").short(&["rs"]).scale(),
+    kind::<apps::ReplicaSet>("replicaset")
+        .short(&["rs"])
+        .scale(),
     kind::<apps::DaemonSet>("daemonset").short(&["ds"]).status(),
     // A workload's template versions (DaemonSet and StatefulSet history): no status.
     kind::<apps::ControllerRevision>("controllerrevision"),
@@ -291,7 +293,9 @@ pub static RESOURCES: &[Resource] = &[
     kind::<authn::SelfSubjectReview>("selfsubjectreview").create_only(),
     kind::<authn::TokenReview>("tokenreview").create_only(),
     // Stored only: no ingress controller reads them, no policy is enforced.
-    kind::<networking::Ingress>("ingress").short(&["ing"]).status(),
+    kind::<networking::Ingress>("ingress")
+        .short(&["ing"])
+        .status(),
     kind::<networking::IngressClass>("ingressclass"),
     kind::<networking::NetworkPolicy>("networkpolicy").short(&["netpol"]),
     // Stored only: nothing scales on metrics. Served at autoscaling/v2 only.

@@ -178,7 +178,12 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("PORTS"),
             col("AGE"),
         ],
-        "IngressClass" => vec![col("NAME"), col("CONTROLLER"), col("PARAMETERS"), col("AGE")],
+        "IngressClass" => vec![
+            col("NAME"),
+            col("CONTROLLER"),
+            col("PARAMETERS"),
+            col("AGE"),
+        ],
         "NetworkPolicy" => vec![col("NAME"), col("POD-SELECTOR"), col("AGE")],
         "HorizontalPodAutoscaler" => vec![
             col("NAME"),
@@ -206,12 +211,9 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("PARAMKIND"),
             col("AGE"),
         ],
-        "ValidatingAdmissionPolicyBinding" => vec![
-            col("NAME"),
-            col("POLICYNAME"),
-            col("PARAMREF"),
-            col("AGE"),
-        ],
+        "ValidatingAdmissionPolicyBinding" => {
+            vec![col("NAME"), col("POLICYNAME"), col("PARAMREF"), col("AGE")]
+        }
         "CSIDriver" => vec![
             col("NAME"),
             col("ATTACHREQUIRED"),
@@ -906,11 +908,7 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             };
             vec![name, s(o.pointer("/spec/controller")), parameters, age]
         }
-        "NetworkPolicy" => vec![
-            name,
-            selector_string(o.pointer("/spec/podSelector")),
-            age,
-        ],
+        "NetworkPolicy" => vec![name, selector_string(o.pointer("/spec/podSelector")), age],
         "HorizontalPodAutoscaler" => {
             let target = format!(
                 "{}/{}",
@@ -955,7 +953,10 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
         ],
         "RuntimeClass" => vec![name, s(o.get("handler")), age],
         "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration" => {
-            let n = o.get("webhooks").and_then(Value::as_array).map_or(0, Vec::len);
+            let n = o
+                .get("webhooks")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
             vec![name, n.to_string(), age]
         }
         "ValidatingAdmissionPolicy" => {
@@ -980,7 +981,9 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             vec![name, s(o.pointer("/spec/policyName")), param, age]
         }
         "CSIDriver" => {
-            let b = |k: &str| (o.pointer(&format!("/spec/{k}")) == Some(&Value::Bool(true))).to_string();
+            let b = |k: &str| {
+                (o.pointer(&format!("/spec/{k}")) == Some(&Value::Bool(true))).to_string()
+            };
             let tokens: Vec<String> = o
                 .pointer("/spec/tokenRequests")
                 .and_then(Value::as_array)
@@ -1076,7 +1079,9 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             let duration = o
                 .pointer("/spec/expirationSeconds")
                 .and_then(Value::as_i64)
-                .map_or("<none>".into(), |d| self::age(Some("1970-01-01T00:00:00Z"), d));
+                .map_or("<none>".into(), |d| {
+                    self::age(Some("1970-01-01T00:00:00Z"), d)
+                });
             vec![
                 name,
                 age,
@@ -1115,7 +1120,9 @@ fn hpa_target(m: &Value, current: Option<&Value>) -> String {
         "Object" => "object",
         _ => "external",
     };
-    let cur = current.and_then(|c| c.get(key)).and_then(|c| c.get("current"));
+    let cur = current
+        .and_then(|c| c.get(key))
+        .and_then(|c| c.get("current"));
     let target = source.get("target");
     let (want, have) = match target.and_then(|t| t.get("averageUtilization")) {
         Some(u) => (
@@ -1140,7 +1147,12 @@ fn hpa_target(m: &Value, current: Option<&Value>) -> String {
         .get("name")
         .and_then(Value::as_str)
         .map(String::from)
-        .or_else(|| source.pointer("/metric/name").and_then(Value::as_str).map(String::from))
+        .or_else(|| {
+            source
+                .pointer("/metric/name")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
         .unwrap_or_default();
     format!("{label}: {have}/{want}")
 }

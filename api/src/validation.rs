@@ -74,7 +74,10 @@ pub fn typed<T: DeserializeOwned>(obj: &Value) -> Result<T, ApiError> {
     })
 }
 
-pub(crate) fn check<T: DeserializeOwned + Serialize>(obj: &Value, strict: bool) -> Result<(), ApiError> {
+pub(crate) fn check<T: DeserializeOwned + Serialize>(
+    obj: &Value,
+    strict: bool,
+) -> Result<(), ApiError> {
     let t: T = typed(obj)?;
     if strict {
         let back = serde_json::to_value(&t).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -499,7 +502,9 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                     causes.push(Cause {
                         reason: "FieldValueNotSupported".into(),
                         field: format!("spec.policyTypes[{i}]"),
-                        message: format!("Unsupported value: {t:?}: supported values: \"Ingress\", \"Egress\""),
+                        message: format!(
+                            "Unsupported value: {t:?}: supported values: \"Ingress\", \"Egress\""
+                        ),
                     });
                 }
             }
@@ -782,7 +787,9 @@ fn known_system_priority_class(
         return Err(format!("value of {name:?} PriorityClass must be {v}"));
     }
     if global_default == Some(true) {
-        return Err(format!("globalDefault of {name:?} PriorityClass must be false"));
+        return Err(format!(
+            "globalDefault of {name:?} PriorityClass must be false"
+        ));
     }
     Ok(())
 }
@@ -801,7 +808,8 @@ fn ingress(ing: &networking::Ingress, causes: &mut Vec<Cause>) {
         return;
     };
     let backend = |at: &str, b: &networking::IngressBackend, causes: &mut Vec<Cause>| match (
-        &b.service, &b.resource,
+        &b.service,
+        &b.resource,
     ) {
         (Some(_), Some(_)) => causes.push(Cause::invalid(
             at,
@@ -855,12 +863,7 @@ fn ingress(ing: &networking::Ingress, causes: &mut Vec<Cause>) {
                 ));
             }
         }
-        for (j, path) in rule
-            .http
-            .iter()
-            .flat_map(|h| &h.paths)
-            .enumerate()
-        {
+        for (j, path) in rule.http.iter().flat_map(|h| &h.paths).enumerate() {
             let at = format!("spec.rules[{i}].http.paths[{j}]");
             let p = path.path.as_deref().unwrap_or("");
             match path.path_type.as_str() {
@@ -1319,12 +1322,17 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
         "Job" => immutable("/spec/template", "spec.template", &mut causes),
         "PriorityClass" => {
             if old.get("value") != new.get("value") {
-                causes.push(Cause::forbidden("value", "may not be changed in an update."));
+                causes.push(Cause::forbidden(
+                    "value",
+                    "may not be changed in an update.",
+                ));
             }
             if old.get("preemptionPolicy") != new.get("preemptionPolicy") {
                 causes.push(Cause::invalid(
                     "preemptionPolicy",
-                    new.get("preemptionPolicy").map(|v| v.to_string()).unwrap_or_default(),
+                    new.get("preemptionPolicy")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
                     "field is immutable",
                 ));
             }

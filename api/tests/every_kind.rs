@@ -154,7 +154,10 @@ fn rows() -> Vec<Row> {
             vec![
                 ("/spec/revisionHistoryLimit", json!(10)),
                 ("/spec/updateStrategy/type", json!("RollingUpdate")),
-                ("/spec/updateStrategy/rollingUpdate/maxUnavailable", json!(1)),
+                (
+                    "/spec/updateStrategy/rollingUpdate/maxUnavailable",
+                    json!(1),
+                ),
                 ("/spec/updateStrategy/rollingUpdate/maxSurge", json!(0)),
             ],
         ),
@@ -260,13 +263,17 @@ fn rows() -> Vec<Row> {
                    "kind": "Role", "name": "r"}, "subjects": [{"kind": "User", "name": "u"}]}),
             vec![("/subjects/0/apiGroup", json!("rbac.authorization.k8s.io"))],
         ),
-        ("ClusterRole", json!({"metadata": cluster, "rules": []}), vec![]),
+        (
+            "ClusterRole",
+            json!({"metadata": cluster, "rules": []}),
+            vec![],
+        ),
         (
             "ClusterRoleBinding",
             json!({"metadata": cluster, "roleRef": {"apiGroup": "rbac.authorization.k8s.io",
                    "kind": "ClusterRole", "name": "r"},
                    "subjects": [{"kind": "ServiceAccount", "name": "s", "namespace": "default"}]}),
-            vec![("/subjects/0/apiGroup", json!(""))],
+            vec![("/subjects/0/apiGroup", Value::Null)],
         ),
         (
             "CustomResourceDefinition",
@@ -309,7 +316,10 @@ fn rows() -> Vec<Row> {
             vec![
                 ("/spec/minReplicas", json!(1)),
                 ("/spec/metrics/0/resource/name", json!("cpu")),
-                ("/spec/metrics/0/resource/target/averageUtilization", json!(80)),
+                (
+                    "/spec/metrics/0/resource/target/averageUtilization",
+                    json!(80),
+                ),
                 ("/spec/behavior", Value::Null),
             ],
         ),
@@ -493,8 +503,10 @@ fn new_kinds_refuse_what_kubernetes_refuses() {
             .expect_err(kind);
         assert_eq!(e.code, 422, "{kind}: {}", e.message);
         assert!(
-            e.message
-                .starts_with(&format!("{kind} \"{}\" is invalid: ", obj["metadata"]["name"].as_str().unwrap())),
+            e.message.starts_with(&format!(
+                "{kind} \"{}\" is invalid: ",
+                obj["metadata"]["name"].as_str().unwrap()
+            )),
             "{}",
             e.message
         );

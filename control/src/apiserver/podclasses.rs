@@ -128,7 +128,10 @@ fn runtime_class(registry: &Registry, pod: &mut Value) -> Result<(), ApiError> {
     // tolerations are added to the pod's.
     for (k, v) in scheduling.node_selector.unwrap_or_default() {
         match pod
-            .pointer(&format!("/spec/nodeSelector/{}", k.replace('~', "~0").replace('/', "~1")))
+            .pointer(&format!(
+                "/spec/nodeSelector/{}",
+                k.replace('~', "~0").replace('/', "~1")
+            ))
             .and_then(Value::as_str)
         {
             Some(have) if have != v => {
@@ -215,7 +218,10 @@ mod tests {
         let e = create(
             &reg,
             "pods",
-            pod("d", json!({"priorityClassName": "system-node-critical", "priority": 5})),
+            pod(
+                "d",
+                json!({"priorityClassName": "system-node-critical", "priority": 5}),
+            ),
         )
         .unwrap_err();
         assert_eq!(e.code, 403, "{}", e.message);
@@ -228,7 +234,11 @@ mod tests {
         .unwrap();
         let p = create(&reg, "pods", pod("e", json!({}))).unwrap();
         assert_eq!(
-            (&p["spec"]["priorityClassName"], &p["spec"]["priority"], &p["spec"]["preemptionPolicy"]),
+            (
+                &p["spec"]["priorityClassName"],
+                &p["spec"]["priority"],
+                &p["spec"]["preemptionPolicy"]
+            ),
             (&json!("batch"), &json!(100), &json!("Never"))
         );
     }
@@ -238,7 +248,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let reg = registry(dir.path());
         create(&reg, "pods", pod("a", json!({"runtimeClassName": "runc"}))).unwrap();
-        let e = create(&reg, "pods", pod("b", json!({"runtimeClassName": "gvisor"}))).unwrap_err();
+        let e = create(
+            &reg,
+            "pods",
+            pod("b", json!({"runtimeClassName": "gvisor"})),
+        )
+        .unwrap_err();
         assert_eq!(
             (e.code, e.message.as_str()),
             (
@@ -265,7 +280,10 @@ mod tests {
         let e = create(
             &reg,
             "pods",
-            pod("d", json!({"runtimeClassName": "edge", "nodeSelector": {"zone": "core"}})),
+            pod(
+                "d",
+                json!({"runtimeClassName": "edge", "nodeSelector": {"zone": "core"}}),
+            ),
         )
         .unwrap_err();
         assert!(e.message.contains("conflict: runtimeClass.scheduling.nodeSelector[zone] = edge; pod.spec.nodeSelector[zone] = core"), "{}", e.message);
