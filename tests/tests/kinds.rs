@@ -214,6 +214,23 @@ async fn new_kinds_with_kubectl() -> anyhow::Result<()> {
         );
     }
 
+    // Their OpenAPI schemas: what `kubectl explain` reads.
+    for (what, field) in [
+        ("ingress.spec.rules.http.paths.pathType", "pathType"),
+        ("hpa.spec.maxReplicas", "maxReplicas"),
+        ("priorityclass.value", "value"),
+        (
+            "validatingwebhookconfiguration.webhooks.sideEffects",
+            "sideEffects",
+        ),
+    ] {
+        let out = c.kubectl_ok(&["explain", what])?;
+        anyhow::ensure!(
+            out.contains(&format!("FIELD: {field}")),
+            "explain {what}:\n{out}"
+        );
+    }
+
     // Built in at start, as Kubernetes: the system priority classes, and a runtime class
     // per runtime.
     let pcs = c.kubectl_ok(&["get", "priorityclass"])?;
