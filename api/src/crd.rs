@@ -132,6 +132,7 @@ impl Definition {
                     has_status: sub.is_some_and(|s| s.status.is_some()),
                     has_scale: sub.is_some_and(|s| s.scale.is_some()),
                     create_only: false,
+                    wire: None,
                 })
             })
             .collect();
@@ -546,20 +547,6 @@ pub fn apply_defaults(obj: &mut Value) {
         }
         if names.get("listKind").is_none() && !kind.is_empty() {
             names["listKind"] = json!(format!("{kind}List"));
-        }
-    }
-    if let Some(vs) = spec.get_mut("versions").and_then(Value::as_array_mut) {
-        for v in vs {
-            for c in v
-                .get_mut("additionalPrinterColumns")
-                .and_then(Value::as_array_mut)
-                .into_iter()
-                .flatten()
-            {
-                if let Some(c) = c.as_object_mut() {
-                    c.entry("priority").or_insert(json!(0));
-                }
-            }
         }
     }
 }

@@ -121,9 +121,9 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 .into_iter()
                 .flatten()
             {
+                // A ServiceAccount's group is "", which Kubernetes leaves out of the object.
                 let group = match s.get("kind").and_then(Value::as_str) {
                     Some("User" | "Group") => "rbac.authorization.k8s.io",
-                    Some("ServiceAccount") => "",
                     _ => continue,
                 };
                 if s.get("apiGroup")
@@ -165,6 +165,9 @@ pub fn apply(kind: &str, obj: &mut Value) {
                 drop_if(spec, "healthCheckNodePort", &json!(0));
                 set_default(spec, "type", json!("ClusterIP"));
                 set_default(spec, "sessionAffinity", json!("None"));
+                if spec["type"] != "ExternalName" {
+                    set_default(spec, "internalTrafficPolicy", json!("Cluster"));
+                }
                 if spec["type"] == "NodePort" || spec["type"] == "LoadBalancer" {
                     set_default(spec, "externalTrafficPolicy", json!("Cluster"));
                 }
@@ -177,6 +180,142 @@ pub fn apply(kind: &str, obj: &mut Value) {
                         }
                     }
                 }
+            }
+        }
+        "Secret" => set_default(obj, "type", json!("Opaque")),
+        "Endpoints" => {
+            for sub in each(obj.get_mut("subsets")) {
+                for p in each(sub.get_mut("ports")) {
+                    set_default(p, "protocol", json!("TCP"));
+                }
+            }
+        }
+        "ReplicationController" => replication_controller(obj),
+        "PodTemplate" => template(obj),
+        "LimitRange" => {
+            for item in each(obj.pointer_mut("/spec/limits")) {
+                limit_range_item(item);
+            }
+        }
+        "NetworkPolicy" => {
+            if let Some(spec) = child(obj, "spec") {
+                for dir in ["ingress", "egress"] {
+                    for rule in each(spec.get_mut(dir)) {
+                        for p in each(rule.get_mut("ports")) {
+                            set_default(p, "protocol", json!("TCP"));
+                        }
+                    }
+                }
+                // Kubernetes' SetDefaults_NetworkPolicy: Ingress always, Egress when it has
+                // egress rules.
+                if spec.get("policyTypes").is_none_or(Value::is_null) {
+                    let mut types = vec![json!("Ingress")];
+                    if spec
+                        .get("egress")
+                        .and_then(Value::as_array)
+                        .is_some_and(|e| !e.is_empty())
+                    {
+                        types.push(json!("Egress"));
+                    }
+                    spec["policyTypes"] = Value::Array(types);
+                }
+            }
+        }
+        "IngressClass" => {
+            if let Some(p) = obj
+                .pointer_mut("/spec/parameters")
+                .filter(|p| p.is_object())
+            {
+                set_default(p, "scope", json!("Cluster"));
+            }
+        }
+        "HorizontalPodAutoscaler" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "minReplicas", json!(1));
+                if spec
+                    .get("metrics")
+                    .and_then(Value::as_array)
+                    .is_none_or(|m| m.is_empty())
+                {
+                    spec["metrics"] = json!([{"type": "Resource", "resource": {"name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 80}}}]);
+                }
+                // With a behavior, its rules are filled in (GenerateHPAScale{Up,Down}Rules).
+                if let Some(b) = child(spec, "behavior") {
+                    set_default(b, "scaleUp", json!({}));
+                    if let Some(up) = child(b, "scaleUp") {
+                        set_default(up, "stabilizationWindowSeconds", json!(0));
+                        set_default(up, "selectPolicy", json!("Max"));
+                        set_default(
+                            up,
+                            "policies",
+                            json!([
+                            {"type": "Pods", "value": 4, "periodSeconds": 15},
+                            {"type": "Percent", "value": 100, "periodSeconds": 15}]),
+                        );
+                    }
+                    set_default(b, "scaleDown", json!({}));
+                    if let Some(down) = child(b, "scaleDown") {
+                        set_default(down, "stabilizationWindowSeconds", json!(300));
+                        set_default(down, "selectPolicy", json!("Max"));
+                        set_default(
+                            down,
+                            "policies",
+                            json!([
+                            {"type": "Percent", "value": 100, "periodSeconds": 15}]),
+                        );
+                    }
+                }
+            }
+        }
+        "PriorityClass" => set_default(obj, "preemptionPolicy", json!("PreemptLowerPriority")),
+        "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration" => {
+            let mutating = kind == "MutatingWebhookConfiguration";
+            for w in each(obj.get_mut("webhooks")) {
+                set_default(w, "failurePolicy", json!("Fail"));
+                set_default(w, "matchPolicy", json!("Equivalent"));
+                set_default(w, "namespaceSelector", json!({}));
+                set_default(w, "objectSelector", json!({}));
+                set_default(w, "timeoutSeconds", json!(10));
+                if mutating {
+                    set_default(w, "reinvocationPolicy", json!("Never"));
+                }
+                for r in each(w.get_mut("rules")) {
+                    set_default(r, "scope", json!("*"));
+                }
+                if let Some(svc) = w
+                    .pointer_mut("/clientConfig/service")
+                    .filter(|s| s.is_object())
+                {
+                    set_default(svc, "port", json!(443));
+                }
+            }
+        }
+        "ValidatingAdmissionPolicy" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "failurePolicy", json!("Fail"));
+                if let Some(m) = child(spec, "matchConstraints") {
+                    match_resources(m);
+                }
+            }
+        }
+        "ValidatingAdmissionPolicyBinding" => {
+            if let Some(m) = obj
+                .pointer_mut("/spec/matchResources")
+                .filter(|m| m.is_object())
+            {
+                match_resources(m);
+            }
+        }
+        "CSIDriver" => {
+            if let Some(spec) = child(obj, "spec") {
+                set_default(spec, "attachRequired", json!(true));
+                set_default(spec, "podInfoOnMount", json!(false));
+                set_default(spec, "storageCapacity", json!(false));
+                set_default(spec, "fsGroupPolicy", json!("ReadWriteOnceWithFSType"));
+                set_default(spec, "volumeLifecycleModes", json!(["Persistent"]));
+                set_default(spec, "requiresRepublish", json!(false));
+                set_default(spec, "seLinuxMount", json!(false));
             }
         }
         "Namespace" => {
@@ -244,6 +383,81 @@ fn job_spec(spec: &mut Value) {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The elements of an array field, none when it is absent or not an array.
+fn each(v: Option<&mut Value>) -> impl Iterator<Item = &mut Value> {
+    v.and_then(Value::as_array_mut).into_iter().flatten()
+}
+
+/// Kubernetes' SetDefaults_ReplicationController: the selector and the labels are the
+/// template's labels when not given; one replica.
+fn replication_controller(obj: &mut Value) {
+    let labels = obj.pointer("/spec/template/metadata/labels").cloned();
+    if let (Some(l), Some(meta)) = (labels.clone(), child(obj, "metadata")) {
+        if meta
+            .get("labels")
+            .and_then(Value::as_object)
+            .is_none_or(|m| m.is_empty())
+        {
+            meta["labels"] = l;
+        }
+    }
+    if let Some(spec) = child(obj, "spec") {
+        if let Some(l) = labels {
+            if spec
+                .get("selector")
+                .and_then(Value::as_object)
+                .is_none_or(|m| m.is_empty())
+            {
+                spec["selector"] = l;
+            }
+        }
+        set_default(spec, "replicas", json!(1));
+        template(spec);
+    }
+}
+
+/// Kubernetes' SetDefaults_LimitRangeItem: a container's default limit is its max, its
+/// default request the default limit, else the min.
+fn limit_range_item(item: &mut Value) {
+    if item.get("type").and_then(Value::as_str) != Some("Container") {
+        return;
+    }
+    let get = |item: &Value, k: &str| {
+        item.get(k)
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (max, min) = (get(item, "max"), get(item, "min"));
+    let mut default = get(item, "default");
+    for (k, v) in &max {
+        default.entry(k.clone()).or_insert(v.clone());
+    }
+    let mut request = get(item, "defaultRequest");
+    for (k, v) in default.iter().chain(&min) {
+        request.entry(k.clone()).or_insert(v.clone());
+    }
+    // Empty maps are left out, as Go's `omitempty` does.
+    if !default.is_empty() {
+        item["default"] = Value::Object(default);
+    }
+    if !request.is_empty() {
+        item["defaultRequest"] = Value::Object(request);
+    }
+}
+
+/// An admission policy's or webhook's match defaults (SetDefaults_MatchResources, _Rule).
+fn match_resources(m: &mut Value) {
+    set_default(m, "matchPolicy", json!("Equivalent"));
+    set_default(m, "namespaceSelector", json!({}));
+    set_default(m, "objectSelector", json!({}));
+    for key in ["resourceRules", "excludeResourceRules"] {
+        for r in each(m.get_mut(key)) {
+            set_default(r, "scope", json!("*"));
         }
     }
 }

@@ -127,63 +127,10 @@ pub fn custom_definition_name(group: &str, version: &str, kind: &str) -> String 
     format!("{}.{version}.{kind}", reversed.join("."))
 }
 
-/// The schema of a built-in kind, from its k8s-openapi type; `None` for a kind this table
-/// does not know (a test holds every entry of [`RESOURCES`] to having one).
+/// The schema of a built-in kind, from its k8s-openapi type (the row of [`RESOURCES`] names
+/// it); `None` for a custom resource.
 pub fn builtin_schema(r: &Resource, g: &mut SchemaGenerator) -> Option<schemars::Schema> {
-    use k8s_openapi::api::{
-        apps, authentication, authorization, batch, coordination, core, policy, rbac, storage,
-    };
-    Some(match (r.group, r.kind) {
-        ("", "Namespace") => g.subschema_for::<core::v1::Namespace>(),
-        ("", "Node") => g.subschema_for::<core::v1::Node>(),
-        ("", "Pod") => g.subschema_for::<core::v1::Pod>(),
-        ("", "Service") => g.subschema_for::<core::v1::Service>(),
-        ("", "Endpoints") => g.subschema_for::<core::v1::Endpoints>(),
-        ("", "Event") => g.subschema_for::<core::v1::Event>(),
-        ("", "ConfigMap") => g.subschema_for::<core::v1::ConfigMap>(),
-        ("", "Secret") => g.subschema_for::<core::v1::Secret>(),
-        ("", "ServiceAccount") => g.subschema_for::<core::v1::ServiceAccount>(),
-        ("", "PersistentVolumeClaim") => g.subschema_for::<core::v1::PersistentVolumeClaim>(),
-        ("", "PersistentVolume") => g.subschema_for::<core::v1::PersistentVolume>(),
-        ("apps", "Deployment") => g.subschema_for::<apps::v1::Deployment>(),
-        ("apps", "ReplicaSet") => g.subschema_for::<apps::v1::ReplicaSet>(),
-        ("apps", "DaemonSet") => g.subschema_for::<apps::v1::DaemonSet>(),
-        ("apps", "StatefulSet") => g.subschema_for::<apps::v1::StatefulSet>(),
-        ("apps", "ControllerRevision") => g.subschema_for::<apps::v1::ControllerRevision>(),
-        ("batch", "Job") => g.subschema_for::<batch::v1::Job>(),
-        ("batch", "CronJob") => g.subschema_for::<batch::v1::CronJob>(),
-        ("policy", "PodDisruptionBudget") => g.subschema_for::<policy::v1::PodDisruptionBudget>(),
-        ("coordination.k8s.io", "Lease") => g.subschema_for::<coordination::v1::Lease>(),
-        ("storage.k8s.io", "StorageClass") => g.subschema_for::<storage::v1::StorageClass>(),
-        ("rbac.authorization.k8s.io", "Role") => g.subschema_for::<rbac::v1::Role>(),
-        ("rbac.authorization.k8s.io", "RoleBinding") => g.subschema_for::<rbac::v1::RoleBinding>(),
-        ("rbac.authorization.k8s.io", "ClusterRole") => g.subschema_for::<rbac::v1::ClusterRole>(),
-        ("rbac.authorization.k8s.io", "ClusterRoleBinding") => {
-            g.subschema_for::<rbac::v1::ClusterRoleBinding>()
-        }
-        ("authorization.k8s.io", "SelfSubjectAccessReview") => {
-            g.subschema_for::<authorization::v1::SelfSubjectAccessReview>()
-        }
-        ("authorization.k8s.io", "SelfSubjectRulesReview") => {
-            g.subschema_for::<authorization::v1::SelfSubjectRulesReview>()
-        }
-        ("authorization.k8s.io", "SubjectAccessReview") => {
-            g.subschema_for::<authorization::v1::SubjectAccessReview>()
-        }
-        ("authorization.k8s.io", "LocalSubjectAccessReview") => {
-            g.subschema_for::<authorization::v1::LocalSubjectAccessReview>()
-        }
-        ("authentication.k8s.io", "SelfSubjectReview") => {
-            g.subschema_for::<authentication::v1::SelfSubjectReview>()
-        }
-        ("authentication.k8s.io", "TokenReview") => {
-            g.subschema_for::<authentication::v1::TokenReview>()
-        }
-        ("apiextensions.k8s.io", "CustomResourceDefinition") => g.subschema_for::<
-            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
-        >(),
-        _ => return None,
-    })
+    r.wire.map(|w| (w.schema)(g))
 }
 
 /// Names of the shared definitions every document may refer to.

@@ -215,7 +215,8 @@ pub fn merge_key(field: &str, sample: &Value) -> Option<&'static str> {
         | "ephemeralContainers"
         | "volumes"
         | "env"
-        | "imagePullSecrets" => "name",
+        | "imagePullSecrets"
+        | "webhooks" => "name",
         "volumeMounts" => "mountPath",
         "volumeDevices" => "devicePath",
         "conditions" | "addresses" => "type",

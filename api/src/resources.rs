@@ -1,7 +1,30 @@
 //! The resources skiff serves, as the Kubernetes discovery documents describe them.
 
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::ApiError;
+
+/// A built-in kind's wire type (its k8s-openapi type), as the functions that need it: decoding
+/// a body into it, and its OpenAPI schema. Custom resources have none.
+#[derive(Clone, Copy)]
+pub struct WireType {
+    /// Decodes an object into the type; with `strict`, a field the type lacks is an error.
+    pub decode: fn(&Value, bool) -> Result<(), ApiError>,
+    /// The type's schema, registered in the generator's definitions.
+    pub schema: fn(&mut SchemaGenerator) -> Schema,
+}
+
+impl std::fmt::Debug for WireType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WireType")
+    }
+}
+
 /// One served resource.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct Resource {
     /// API group; `""` is the core group.
     pub group: &'static str,
@@ -18,7 +41,30 @@ pub struct Resource {
     pub has_scale: bool,
     /// Only created, answered and never stored (access and identity reviews).
     pub create_only: bool,
+    /// The k8s-openapi type of a built-in kind; None for a custom resource.
+    pub wire: Option<WireType>,
 }
+
+/// Resources are the same when they serve the same thing (the wire type follows from it).
+impl PartialEq for Resource {
+    fn eq(&self, o: &Self) -> bool {
+        let fields = |r: &Self| {
+            (
+                r.group,
+                r.version,
+                r.plural,
+                r.singular,
+                r.kind,
+                r.namespaced,
+                r.short_names,
+                (r.has_status, r.has_scale, r.create_only),
+            )
+        };
+        fields(self) == fields(o)
+    }
+}
+
+impl Eq for Resource {}
 
 impl Resource {
     /// `v1` or `apps/v1`.
@@ -95,286 +141,202 @@ impl Resource {
     }
 }
 
-const fn core(
-    plural: &'static str,
-    singular: &'static str,
-    kind: &'static str,
-    namespaced: bool,
-    short_names: &'static [&'static str],
-    has_status: bool,
-) -> Resource {
+/// Whether a k8s-openapi scope is namespaced.
+pub trait Scope {
+    const NAMESPACED: bool;
+}
+
+impl Scope for k8s_openapi::NamespaceResourceScope {
+    const NAMESPACED: bool = true;
+}
+
+impl Scope for k8s_openapi::ClusterResourceScope {
+    const NAMESPACED: bool = false;
+}
+
+/// What a k8s-openapi type must be to be served.
+pub trait Wire: k8s_openapi::Resource + DeserializeOwned + Serialize + JsonSchema {}
+
+impl<T: k8s_openapi::Resource + DeserializeOwned + Serialize + JsonSchema> Wire for T {}
+
+fn schema_of<T: JsonSchema>(g: &mut SchemaGenerator) -> Schema {
+    g.subschema_for::<T>()
+}
+
+/// The row of a built-in kind: group, version, plural, kind and scope come from its
+/// k8s-openapi type `T`; the singular is the kind in lower case, as Kubernetes has it.
+/// No short names and no subresources until the builder methods below add them.
+const fn kind<T: Wire>(singular: &'static str) -> Resource
+where
+    T::Scope: Scope,
+{
     Resource {
-        group: "",
-        version: "v1",
-        plural,
+        group: T::GROUP,
+        version: T::VERSION,
+        plural: T::URL_PATH_SEGMENT,
         singular,
-        kind,
-        namespaced,
-        short_names,
-        has_status,
+        kind: T::KIND,
+        namespaced: <T::Scope as Scope>::NAMESPACED,
+        short_names: &[],
+        has_status: false,
         has_scale: false,
         create_only: false,
+        wire: Some(WireType {
+            decode: crate::validation::check::<T>,
+            schema: schema_of::<T>,
+        }),
     }
 }
 
-const fn grouped(
-    group: &'static str,
-    plural: &'static str,
-    singular: &'static str,
-    kind: &'static str,
-    short_names: &'static [&'static str],
-    has_scale: bool,
-) -> Resource {
-    Resource {
-        group,
-        version: "v1",
-        plural,
-        singular,
-        kind,
-        namespaced: true,
-        short_names,
-        has_status: true,
-        has_scale,
-        create_only: false,
+impl Resource {
+    /// The names `kubectl get` also accepts (`po`, `deploy`).
+    const fn short(mut self, names: &'static [&'static str]) -> Self {
+        self.short_names = names;
+        self
+    }
+
+    /// With a `/status` subresource.
+    const fn status(mut self) -> Self {
+        self.has_status = true;
+        self
+    }
+
+    /// With `/status` and `/scale` subresources.
+    const fn scale(mut self) -> Self {
+        self.has_status = true;
+        self.has_scale = true;
+        self
+    }
+
+    /// Created and answered, never stored (access and identity reviews).
+    const fn create_only(mut self) -> Self {
+        self.create_only = true;
+        self
     }
 }
 
-/// Every resource skiff serves.
+use k8s_openapi::api::{
+    admissionregistration::v1 as admission, apps::v1 as apps, authentication::v1 as authn,
+    authorization::v1 as authz, autoscaling::v2 as autoscaling, batch::v1 as batch,
+    certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core,
+    networking::v1 as networking, node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
+    scheduling::v1 as scheduling, storage::v1 as storage,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
+
+/// Every resource skiff serves, one row each; a group's rows are together. Adding a built-in
+/// kind is a row here, plus its checks in `validation.rs`, its defaults in `defaults.rs` and
+/// its columns in `table.rs` where it has any.
 pub static RESOURCES: &[Resource] = &[
-    core("namespaces", "namespace", "Namespace", false, &["ns"], true),
-    core("nodes", "node", "Node", false, &["no"], true),
-    core("pods", "pod", "Pod", true, &["po"], true),
-    core("services", "service", "Service", true, &["svc"], true),
-    core("endpoints", "endpoints", "Endpoints", true, &["ep"], false),
-    core("events", "event", "Event", true, &["ev"], false),
-    core("configmaps", "configmap", "ConfigMap", true, &["cm"], false),
-    core("secrets", "secret", "Secret", true, &[], false),
-    core(
-        "serviceaccounts",
-        "serviceaccount",
-        "ServiceAccount",
-        true,
-        &["sa"],
-        false,
-    ),
-    grouped(
-        "apps",
-        "deployments",
-        "deployment",
-        "Deployment",
-        &["deploy"],
-        true,
-    ),
-    grouped(
-        "apps",
-        "replicasets",
-        "replicaset",
-        "ReplicaSet",
-        &["rs"],
-        true,
-    ),
-    grouped(
-        "apps",
-        "daemonsets",
-        "daemonset",
-        "DaemonSet",
-        &["ds"],
-        false,
-    ),
+    kind::<core::Namespace>("namespace").short(&["ns"]).status(),
+    kind::<core::Node>("node").short(&["no"]).status(),
+    kind::<core::Pod>("pod").short(&["po"]).status(),
+    kind::<core::Service>("service").short(&["svc"]).status(),
+    kind::<core::Endpoints>("endpoints").short(&["ep"]),
+    kind::<core::Event>("event").short(&["ev"]),
+    kind::<core::ConfigMap>("configmap").short(&["cm"]),
+    kind::<core::Secret>("secret"),
+    kind::<core::ServiceAccount>("serviceaccount").short(&["sa"]),
+    kind::<core::PersistentVolumeClaim>("persistentvolumeclaim")
+        .short(&["pvc"])
+        .status(),
+    kind::<core::PersistentVolume>("persistentvolume")
+        .short(&["pv"])
+        .status(),
+    // Stored only: quotas are not enforced nor their usage counted, limits not applied.
+    kind::<core::ResourceQuota>("resourcequota")
+        .short(&["quota"])
+        .status(),
+    kind::<core::LimitRange>("limitrange").short(&["limits"]),
+    kind::<core::PodTemplate>("podtemplate"),
+    // Stored only: no controller makes a ReplicationController's pods.
+    kind::<core::ReplicationController>("replicationcontroller")
+        .short(&["rc"])
+        .status(),
+    kind::<apps::Deployment>("deployment")
+        .short(&["deploy"])
+        .scale(),
+    kind::<apps::ReplicaSet>("replicaset")
+        .short(&["rs"])
+        .scale(),
+    kind::<apps::DaemonSet>("daemonset").short(&["ds"]).status(),
     // A workload's template versions (DaemonSet and StatefulSet history): no status.
-    Resource {
-        group: "apps",
-        version: "v1",
-        plural: "controllerrevisions",
-        singular: "controllerrevision",
-        kind: "ControllerRevision",
-        namespaced: true,
-        short_names: &[],
-        has_status: false,
-        has_scale: false,
-        create_only: false,
-    },
-    grouped(
-        "apps",
-        "statefulsets",
-        "statefulset",
-        "StatefulSet",
-        &["sts"],
-        true,
-    ),
-    core(
-        "persistentvolumeclaims",
-        "persistentvolumeclaim",
-        "PersistentVolumeClaim",
-        true,
-        &["pvc"],
-        true,
-    ),
-    core(
-        "persistentvolumes",
-        "persistentvolume",
-        "PersistentVolume",
-        false,
-        &["pv"],
-        true,
-    ),
-    grouped("batch", "jobs", "job", "Job", &[], false),
-    grouped("batch", "cronjobs", "cronjob", "CronJob", &["cj"], false),
-    grouped(
-        "policy",
-        "poddisruptionbudgets",
-        "poddisruptionbudget",
-        "PodDisruptionBudget",
-        &["pdb"],
-        false,
-    ),
+    kind::<apps::ControllerRevision>("controllerrevision"),
+    kind::<apps::StatefulSet>("statefulset")
+        .short(&["sts"])
+        .scale(),
+    kind::<batch::Job>("job").status(),
+    kind::<batch::CronJob>("cronjob").short(&["cj"]).status(),
+    kind::<policy::PodDisruptionBudget>("poddisruptionbudget")
+        .short(&["pdb"])
+        .status(),
     // Node heartbeats (`kube-node-lease/NODE`) and leader election: spec only, no status.
-    Resource {
-        group: "coordination.k8s.io",
-        version: "v1",
-        plural: "leases",
-        singular: "lease",
-        kind: "Lease",
-        namespaced: true,
-        short_names: &[],
-        has_status: false,
-        has_scale: false,
-        create_only: false,
-    },
-    // Storage classes: cluster-wide, no status.
-    Resource {
-        group: "storage.k8s.io",
-        version: "v1",
-        plural: "storageclasses",
-        singular: "storageclass",
-        kind: "StorageClass",
-        namespaced: false,
-        short_names: &["sc"],
-        has_status: false,
-        has_scale: false,
-        create_only: false,
-    },
-    rbac("roles", "role", "Role", true),
-    rbac("rolebindings", "rolebinding", "RoleBinding", true),
-    rbac("clusterroles", "clusterrole", "ClusterRole", false),
-    rbac(
-        "clusterrolebindings",
-        "clusterrolebinding",
-        "ClusterRoleBinding",
-        false,
-    ),
+    kind::<coordination::Lease>("lease"),
+    kind::<storage::StorageClass>("storageclass").short(&["sc"]),
+    // Stored only: no CSI driver is called.
+    kind::<storage::CSIDriver>("csidriver"),
+    kind::<storage::CSINode>("csinode"),
+    kind::<storage::VolumeAttachment>("volumeattachment").status(),
+    kind::<storage::CSIStorageCapacity>("csistoragecapacity"),
+    kind::<rbac::Role>("role"),
+    kind::<rbac::RoleBinding>("rolebinding"),
+    kind::<rbac::ClusterRole>("clusterrole"),
+    kind::<rbac::ClusterRoleBinding>("clusterrolebinding"),
     // Custom resources are served from these (see `crd.rs`).
-    Resource {
-        group: crate::crd::GROUP,
-        version: "v1",
-        plural: "customresourcedefinitions",
-        singular: "customresourcedefinition",
-        kind: "CustomResourceDefinition",
-        namespaced: false,
-        short_names: &["crd", "crds"],
-        has_status: true,
-        has_scale: false,
-        create_only: false,
-    },
-    review(
-        "authorization.k8s.io",
-        "selfsubjectaccessreviews",
-        "selfsubjectaccessreview",
-        "SelfSubjectAccessReview",
-        false,
-    ),
-    review(
-        "authorization.k8s.io",
-        "selfsubjectrulesreviews",
-        "selfsubjectrulesreview",
-        "SelfSubjectRulesReview",
-        false,
-    ),
-    review(
-        "authorization.k8s.io",
-        "subjectaccessreviews",
-        "subjectaccessreview",
-        "SubjectAccessReview",
-        false,
-    ),
-    review(
-        "authorization.k8s.io",
-        "localsubjectaccessreviews",
-        "localsubjectaccessreview",
-        "LocalSubjectAccessReview",
-        true,
-    ),
-    review(
-        "authentication.k8s.io",
-        "selfsubjectreviews",
-        "selfsubjectreview",
-        "SelfSubjectReview",
-        false,
-    ),
-    review(
-        "authentication.k8s.io",
-        "tokenreviews",
-        "tokenreview",
-        "TokenReview",
-        false,
-    ),
+    kind::<apiextensions::CustomResourceDefinition>("customresourcedefinition")
+        .short(&["crd", "crds"])
+        .status(),
+    kind::<authz::SelfSubjectAccessReview>("selfsubjectaccessreview").create_only(),
+    kind::<authz::SelfSubjectRulesReview>("selfsubjectrulesreview").create_only(),
+    kind::<authz::SubjectAccessReview>("subjectaccessreview").create_only(),
+    kind::<authz::LocalSubjectAccessReview>("localsubjectaccessreview").create_only(),
+    kind::<authn::SelfSubjectReview>("selfsubjectreview").create_only(),
+    kind::<authn::TokenReview>("tokenreview").create_only(),
+    // Stored only: no ingress controller reads them, no policy is enforced.
+    kind::<networking::Ingress>("ingress")
+        .short(&["ing"])
+        .status(),
+    kind::<networking::IngressClass>("ingressclass"),
+    kind::<networking::NetworkPolicy>("networkpolicy").short(&["netpol"]),
+    // Stored only: nothing scales on metrics. Served at autoscaling/v2 only.
+    kind::<autoscaling::HorizontalPodAutoscaler>("horizontalpodautoscaler")
+        .short(&["hpa"])
+        .status(),
+    // Stored only: webhooks are not called, policies not evaluated.
+    kind::<admission::ValidatingWebhookConfiguration>("validatingwebhookconfiguration"),
+    kind::<admission::MutatingWebhookConfiguration>("mutatingwebhookconfiguration"),
+    kind::<admission::ValidatingAdmissionPolicy>("validatingadmissionpolicy").status(),
+    kind::<admission::ValidatingAdmissionPolicyBinding>("validatingadmissionpolicybinding"),
+    // A pod's `priorityClassName` is resolved to its `priority` when it is created.
+    kind::<scheduling::PriorityClass>("priorityclass").short(&["pc"]),
+    // A pod's `runtimeClassName` must name one; `runc` and `wasmtime` say where it can run.
+    kind::<node::RuntimeClass>("runtimeclass"),
+    // Stored only: nothing signs or approves them.
+    kind::<certificates::CertificateSigningRequest>("certificatesigningrequest")
+        .short(&["csr"])
+        .status(),
 ];
-
-/// An access or identity review: created, answered, never stored.
-const fn review(
-    group: &'static str,
-    plural: &'static str,
-    singular: &'static str,
-    kind: &'static str,
-    namespaced: bool,
-) -> Resource {
-    Resource {
-        group,
-        version: "v1",
-        plural,
-        singular,
-        kind,
-        namespaced,
-        short_names: &[],
-        has_status: false,
-        has_scale: false,
-        create_only: true,
-    }
-}
 
 /// The API group of RBAC's roles and bindings.
 pub const RBAC_GROUP: &str = "rbac.authorization.k8s.io";
 
-/// An RBAC kind: no status, no scale.
-const fn rbac(
-    plural: &'static str,
-    singular: &'static str,
-    kind: &'static str,
-    namespaced: bool,
-) -> Resource {
-    Resource {
-        group: RBAC_GROUP,
-        version: "v1",
-        plural,
-        singular,
-        kind,
-        namespaced,
-        short_names: &[],
-        has_status: false,
-        has_scale: false,
-        create_only: false,
+/// The API groups other than core, each once, in the order of [`RESOURCES`].
+pub fn groups() -> Vec<&'static str> {
+    let mut g: Vec<&'static str> = Vec::new();
+    for r in RESOURCES {
+        if !r.group.is_empty() && !g.contains(&r.group) {
+            g.push(r.group);
+        }
     }
+    g
 }
 
-/// The API groups other than core, with their one version each.
-pub fn groups() -> Vec<&'static str> {
-    let mut g: Vec<&'static str> = RESOURCES
+/// The one version a built-in group is served at (`v1`; `v2` for `autoscaling`).
+pub fn group_version(group: &str) -> Option<&'static str> {
+    RESOURCES
         .iter()
-        .map(|r| r.group)
-        .filter(|g| !g.is_empty())
-        .collect();
-    g.dedup();
-    g
+        .find(|r| r.group == group)
+        .map(|r| r.version)
 }
 
 #[cfg(test)]
@@ -424,7 +386,13 @@ mod tests {
                 "rbac.authorization.k8s.io",
                 "apiextensions.k8s.io",
                 "authorization.k8s.io",
-                "authentication.k8s.io"
+                "authentication.k8s.io",
+                "networking.k8s.io",
+                "autoscaling",
+                "admissionregistration.k8s.io",
+                "scheduling.k8s.io",
+                "node.k8s.io",
+                "certificates.k8s.io"
             ]
         );
         let leases = Resource::by_path("coordination.k8s.io", "v1", "leases").unwrap();

@@ -170,6 +170,101 @@ pub fn columns(kind: &str) -> Vec<Column> {
             col("LAST SCHEDULE"),
             col("AGE"),
         ],
+        "Ingress" => vec![
+            col("NAME"),
+            col("CLASS"),
+            col("HOSTS"),
+            col("ADDRESS"),
+            col("PORTS"),
+            col("AGE"),
+        ],
+        "IngressClass" => vec![
+            col("NAME"),
+            col("CONTROLLER"),
+            col("PARAMETERS"),
+            col("AGE"),
+        ],
+        "NetworkPolicy" => vec![col("NAME"), col("POD-SELECTOR"), col("AGE")],
+        "HorizontalPodAutoscaler" => vec![
+            col("NAME"),
+            col("REFERENCE"),
+            col("TARGETS"),
+            col("MINPODS"),
+            col("MAXPODS"),
+            col("REPLICAS"),
+            col("AGE"),
+        ],
+        "PriorityClass" => vec![
+            col("NAME"),
+            col("VALUE"),
+            col("GLOBAL-DEFAULT"),
+            col("AGE"),
+            col("PREEMPTIONPOLICY"),
+        ],
+        "RuntimeClass" => vec![col("NAME"), col("HANDLER"), col("AGE")],
+        "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration" => {
+            vec![col("NAME"), col("WEBHOOKS"), col("AGE")]
+        }
+        "ValidatingAdmissionPolicy" => vec![
+            col("NAME"),
+            col("VALIDATIONS"),
+            col("PARAMKIND"),
+            col("AGE"),
+        ],
+        "ValidatingAdmissionPolicyBinding" => {
+            vec![col("NAME"), col("POLICYNAME"), col("PARAMREF"), col("AGE")]
+        }
+        "CSIDriver" => vec![
+            col("NAME"),
+            col("ATTACHREQUIRED"),
+            col("PODINFOONMOUNT"),
+            col("STORAGECAPACITY"),
+            col("TOKENREQUESTS"),
+            col("REQUIRESREPUBLISH"),
+            col("MODES"),
+            col("AGE"),
+        ],
+        "CSINode" => vec![col("NAME"), col("DRIVERS"), col("AGE")],
+        "VolumeAttachment" => vec![
+            col("NAME"),
+            col("ATTACHER"),
+            col("PV"),
+            col("NODE"),
+            col("ATTACHED"),
+            col("AGE"),
+        ],
+        "CSIStorageCapacity" => vec![
+            col("NAME"),
+            col("STORAGECLASSNAME"),
+            col("CAPACITY"),
+            col("AGE"),
+        ],
+        "ResourceQuota" => vec![col("NAME"), col("AGE"), col("REQUEST"), col("LIMIT")],
+        "LimitRange" => vec![col("NAME"), col("CREATED AT")],
+        "PodTemplate" => vec![
+            col("NAME"),
+            col("CONTAINERS"),
+            col("IMAGES"),
+            col("POD LABELS"),
+        ],
+        "ReplicationController" => vec![
+            col("NAME"),
+            col("DESIRED"),
+            col("CURRENT"),
+            col("READY"),
+            col("AGE"),
+            wide("CONTAINERS"),
+            wide("IMAGES"),
+            wide("SELECTOR"),
+        ],
+        "CertificateSigningRequest" => vec![
+            col("NAME"),
+            col("AGE"),
+            col("SIGNERNAME"),
+            col("REQUESTOR"),
+            col("REQUESTEDDURATION"),
+            col("CONDITION"),
+        ],
         _ => vec![col("NAME"), col("AGE")],
     }
 }
@@ -759,8 +854,307 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 age,
             ]
         }
+        "Ingress" => {
+            let rules = o.pointer("/spec/rules").and_then(Value::as_array);
+            let hosts: Vec<String> = rules
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r.get("host").and_then(Value::as_str))
+                .map(String::from)
+                .collect();
+            let address: Vec<String> = o
+                .pointer("/status/loadBalancer/ingress")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|g| {
+                    let ip = s(g.get("ip"));
+                    if ip.is_empty() {
+                        s(g.get("hostname"))
+                    } else {
+                        ip
+                    }
+                })
+                .collect();
+            let tls = o
+                .pointer("/spec/tls")
+                .and_then(Value::as_array)
+                .is_some_and(|t| !t.is_empty());
+            vec![
+                name,
+                or_none(s(o.pointer("/spec/ingressClassName"))),
+                if hosts.is_empty() {
+                    "*".into()
+                } else {
+                    hosts.join(",")
+                },
+                address.join(","),
+                if tls { "80, 443" } else { "80" }.into(),
+                age,
+            ]
+        }
+        "IngressClass" => {
+            let parameters = match o.pointer("/spec/parameters") {
+                Some(p) => {
+                    let group = s(p.get("apiGroup"));
+                    let kind = if group.is_empty() {
+                        s(p.get("kind"))
+                    } else {
+                        format!("{}.{group}", s(p.get("kind")))
+                    };
+                    format!("{kind}/{}", s(p.get("name")))
+                }
+                None => "<none>".into(),
+            };
+            vec![name, s(o.pointer("/spec/controller")), parameters, age]
+        }
+        "NetworkPolicy" => vec![name, selector_string(o.pointer("/spec/podSelector")), age],
+        "HorizontalPodAutoscaler" => {
+            let target = format!(
+                "{}/{}",
+                s(o.pointer("/spec/scaleTargetRef/kind")),
+                s(o.pointer("/spec/scaleTargetRef/name"))
+            );
+            let current = o
+                .pointer("/status/currentMetrics")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let targets: Vec<String> = o
+                .pointer("/spec/metrics")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .enumerate()
+                .map(|(n, m)| hpa_target(m, current.get(n)))
+                .collect();
+            vec![
+                name,
+                target,
+                if targets.is_empty() {
+                    "<none>".into()
+                } else {
+                    targets.join(", ")
+                },
+                o.pointer("/spec/minReplicas")
+                    .and_then(Value::as_i64)
+                    .map_or("<unset>".into(), |m| m.to_string()),
+                i(o.pointer("/spec/maxReplicas")).to_string(),
+                i(o.pointer("/status/currentReplicas")).to_string(),
+                age,
+            ]
+        }
+        "PriorityClass" => vec![
+            name,
+            i(o.get("value")).to_string(),
+            (o.get("globalDefault") == Some(&Value::Bool(true))).to_string(),
+            age,
+            s(o.get("preemptionPolicy")),
+        ],
+        "RuntimeClass" => vec![name, s(o.get("handler")), age],
+        "ValidatingWebhookConfiguration" | "MutatingWebhookConfiguration" => {
+            let n = o
+                .get("webhooks")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            vec![name, n.to_string(), age]
+        }
+        "ValidatingAdmissionPolicy" => {
+            let n = o
+                .pointer("/spec/validations")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            let param = match o.pointer("/spec/paramKind") {
+                Some(p) => format!("{}/{}", s(p.get("apiVersion")), s(p.get("kind"))),
+                None => "<unset>".into(),
+            };
+            vec![name, n.to_string(), param, age]
+        }
+        "ValidatingAdmissionPolicyBinding" => {
+            let param = match o.pointer("/spec/paramRef") {
+                Some(p) if p.get("namespace").is_some() => {
+                    format!("{}/{}", s(p.get("namespace")), s(p.get("name")))
+                }
+                Some(p) => or_unset(s(p.get("name"))),
+                None => "<unset>".into(),
+            };
+            vec![name, s(o.pointer("/spec/policyName")), param, age]
+        }
+        "CSIDriver" => {
+            let b = |k: &str| {
+                (o.pointer(&format!("/spec/{k}")) == Some(&Value::Bool(true))).to_string()
+            };
+            let tokens: Vec<String> = o
+                .pointer("/spec/tokenRequests")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|t| s(t.get("audience")))
+                .collect();
+            let modes: Vec<String> = o
+                .pointer("/spec/volumeLifecycleModes")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|m| s(Some(m)))
+                .collect();
+            vec![
+                name,
+                b("attachRequired"),
+                b("podInfoOnMount"),
+                b("storageCapacity"),
+                or_unset(tokens.join(",")),
+                b("requiresRepublish"),
+                modes.join(","),
+                age,
+            ]
+        }
+        "CSINode" => {
+            let n = o
+                .pointer("/spec/drivers")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            vec![name, n.to_string(), age]
+        }
+        "VolumeAttachment" => vec![
+            name,
+            s(o.pointer("/spec/attacher")),
+            s(o.pointer("/spec/source/persistentVolumeName")),
+            s(o.pointer("/spec/nodeName")),
+            (o.pointer("/status/attached") == Some(&Value::Bool(true))).to_string(),
+            age,
+        ],
+        "CSIStorageCapacity" => vec![
+            name,
+            s(o.get("storageClassName")),
+            s(o.get("capacity")),
+            age,
+        ],
+        "ResourceQuota" => {
+            // As kubectl: `resource: used/hard`, limits apart from the rest.
+            let hard = meta::string_map(o.pointer("/status/hard").or(o.pointer("/spec/hard")));
+            let used = meta::string_map(o.pointer("/status/used"));
+            let (mut request, mut limit) = (Vec::new(), Vec::new());
+            for (k, h) in &hard {
+                let u = used.get(k).map_or("0", String::as_str);
+                let cell = format!("{k}: {u}/{h}");
+                if k.starts_with("limits.") {
+                    limit.push(cell);
+                } else {
+                    request.push(cell);
+                }
+            }
+            vec![name, age, request.join(", "), limit.join(", ")]
+        }
+        "LimitRange" => vec![name, s(o.pointer("/metadata/creationTimestamp"))],
+        "PodTemplate" => {
+            let (c, im) = containers_and_images(o.pointer("/template/spec"));
+            let labels: Vec<String> = meta::string_map(o.pointer("/template/metadata/labels"))
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            vec![name, c, im, or_none(labels.join(","))]
+        }
+        "ReplicationController" => {
+            let (c, im) = containers_and_images(o.pointer("/spec/template/spec"));
+            vec![
+                name,
+                i(o.pointer("/spec/replicas")).to_string(),
+                i(o.pointer("/status/replicas")).to_string(),
+                i(o.pointer("/status/readyReplicas")).to_string(),
+                age,
+                c,
+                im,
+                selector_string(o.pointer("/spec/selector")),
+            ]
+        }
+        "CertificateSigningRequest" => {
+            let conds: Vec<String> = o
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|c| s(c.get("type")))
+                .collect();
+            let duration = o
+                .pointer("/spec/expirationSeconds")
+                .and_then(Value::as_i64)
+                .map_or("<none>".into(), |d| {
+                    self::age(Some("1970-01-01T00:00:00Z"), d)
+                });
+            vec![
+                name,
+                age,
+                s(o.pointer("/spec/signerName")),
+                s(o.pointer("/spec/username")),
+                duration,
+                if conds.is_empty() {
+                    "Pending".into()
+                } else {
+                    conds.join(",")
+                },
+            ]
+        }
         _ => vec![name, age],
     }
+}
+
+/// One metric of an HPA's TARGETS column: `cpu: 40%/80%`, `<unknown>` before it is measured.
+fn hpa_target(m: &Value, current: Option<&Value>) -> String {
+    let ty = s(m.get("type"));
+    let source = match ty.as_str() {
+        "Resource" => m.get("resource"),
+        "ContainerResource" => m.get("containerResource"),
+        "Pods" => m.get("pods"),
+        "Object" => m.get("object"),
+        "External" => m.get("external"),
+        _ => None,
+    };
+    let Some(source) = source else {
+        return "<unknown>".into();
+    };
+    let key = match ty.as_str() {
+        "Resource" => "resource",
+        "ContainerResource" => "containerResource",
+        "Pods" => "pods",
+        "Object" => "object",
+        _ => "external",
+    };
+    let cur = current
+        .and_then(|c| c.get(key))
+        .and_then(|c| c.get("current"));
+    let target = source.get("target");
+    let (want, have) = match target.and_then(|t| t.get("averageUtilization")) {
+        Some(u) => (
+            format!("{u}%"),
+            cur.and_then(|c| c.get("averageUtilization"))
+                .map_or("<unknown>".into(), |c| format!("{c}%")),
+        ),
+        None => {
+            let field = if target.and_then(|t| t.get("averageValue")).is_some() {
+                "averageValue"
+            } else {
+                "value"
+            };
+            (
+                s(target.and_then(|t| t.get(field))),
+                cur.and_then(|c| c.get(field))
+                    .map_or("<unknown>".into(), |c| s(Some(c))),
+            )
+        }
+    };
+    let label = source
+        .get("name")
+        .and_then(Value::as_str)
+        .map(String::from)
+        .or_else(|| {
+            source
+                .pointer("/metric/name")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    format!("{label}: {have}/{want}")
 }
 
 /// A `meta.k8s.io/v1` Table of `objects` (each row carries its full object).

@@ -4,8 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::{
-    apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
-    policy::v1 as policy, rbac::v1 as rbac,
+    admissionregistration::v1 as admission, apps::v1 as apps, autoscaling::v2 as autoscaling,
+    batch::v1 as batch, certificates::v1 as certificates, coordination::v1 as coordination,
+    core::v1 as core, networking::v1 as networking, node::v1 as node, policy::v1 as policy,
+    rbac::v1 as rbac, scheduling::v1 as scheduling,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition as Crd;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -23,37 +25,45 @@ use crate::limits::MAX_DATA_BYTES;
 /// Decodes `obj` into its wire type. A wrong type is a 400 naming the field;
 /// with `strict`, so is a field the type does not have.
 pub fn decode(resource: &Resource, obj: &Value, strict: bool) -> Result<(), ApiError> {
-    match resource.kind {
-        "Namespace" => check::<core::Namespace>(obj, strict),
-        "Node" => check::<core::Node>(obj, strict),
-        "Pod" => check::<core::Pod>(obj, strict),
-        "Service" => check::<core::Service>(obj, strict),
-        "Endpoints" => check::<core::Endpoints>(obj, strict),
-        "Event" => check::<core::Event>(obj, strict),
-        "ConfigMap" => check::<core::ConfigMap>(obj, strict),
-        "Secret" => check::<core::Secret>(obj, strict),
-        "ServiceAccount" => check::<core::ServiceAccount>(obj, strict),
-        "Deployment" => check::<apps::Deployment>(obj, strict),
-        "ReplicaSet" => check::<apps::ReplicaSet>(obj, strict),
-        "DaemonSet" => check::<apps::DaemonSet>(obj, strict),
-        "ControllerRevision" => check::<apps::ControllerRevision>(obj, strict),
-        "StatefulSet" => check::<apps::StatefulSet>(obj, strict),
-        "Job" => check::<batch::Job>(obj, strict),
-        "CronJob" => check::<batch::CronJob>(obj, strict),
-        "Lease" => check::<coordination::Lease>(obj, strict),
-        "PersistentVolumeClaim" => check::<core::PersistentVolumeClaim>(obj, strict),
-        "PersistentVolume" => check::<core::PersistentVolume>(obj, strict),
-        "StorageClass" => check::<k8s_openapi::api::storage::v1::StorageClass>(obj, strict),
-        "PodDisruptionBudget" => check::<policy::PodDisruptionBudget>(obj, strict),
-        "Role" => check::<rbac::Role>(obj, strict),
-        "ClusterRole" => check::<rbac::ClusterRole>(obj, strict),
-        "RoleBinding" => check::<rbac::RoleBinding>(obj, strict),
-        "ClusterRoleBinding" => check::<rbac::ClusterRoleBinding>(obj, strict),
-        "CustomResourceDefinition" => check::<Crd>(obj, strict),
-        other => Err(ApiError::bad_request(format!(
-            "no wire type for kind {other}"
+    before_decode(resource, obj)?;
+    match resource.wire {
+        Some(w) => (w.decode)(obj, strict),
+        None => Err(ApiError::bad_request(format!(
+            "no wire type for kind {}",
+            resource.kind
         ))),
     }
+}
+
+/// Fields Kubernetes' Go types leave optional, and then refuses as 422, but k8s-openapi's
+/// types require: checked before decoding, so the answer is Kubernetes' and not a 400.
+fn before_decode(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
+    let mut causes = Vec::new();
+    if resource.kind == "Ingress" {
+        for (i, rule) in array(obj.pointer("/spec/rules")).iter().enumerate() {
+            for (j, path) in array(rule.pointer("/http/paths")).iter().enumerate() {
+                if path.get("pathType").is_none_or(Value::is_null) {
+                    causes.push(Cause {
+                        message: "Required value: pathType must be specified".into(),
+                        ..Cause::required(format!("spec.rules[{i}].http.paths[{j}].pathType"))
+                    });
+                }
+            }
+        }
+    }
+    if causes.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            resource.kind,
+            crate::meta::name(obj),
+            causes,
+        ))
+    }
+}
+
+fn array(v: Option<&Value>) -> &[Value] {
+    v.and_then(Value::as_array).map_or(&[], Vec::as_slice)
 }
 
 /// Decodes into `T`. Errors as the Kubernetes API server words them.
@@ -64,7 +74,10 @@ pub fn typed<T: DeserializeOwned>(obj: &Value) -> Result<T, ApiError> {
     })
 }
 
-fn check<T: DeserializeOwned + Serialize>(obj: &Value, strict: bool) -> Result<(), ApiError> {
+pub(crate) fn check<T: DeserializeOwned + Serialize>(
+    obj: &Value,
+    strict: bool,
+) -> Result<(), ApiError> {
     let t: T = typed(obj)?;
     if strict {
         let back = serde_json::to_value(&t).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -459,6 +472,158 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                 ));
             }
         }
+        "Ingress" => {
+            let ing: networking::Ingress = typed(obj)?;
+            ingress(&ing, &mut causes);
+        }
+        "IngressClass" => {
+            let c: networking::IngressClass = typed(obj)?;
+            let spec = c.spec.unwrap_or_default();
+            if let Some(ctl) = spec.controller.as_deref() {
+                if !is_qualified_path(ctl) {
+                    causes.push(Cause::invalid(
+                        "spec.controller",
+                        format!("{ctl:?}"),
+                        "must be a domain-prefixed path (such as \"acme.io/foo\")",
+                    ));
+                }
+            }
+        }
+        "NetworkPolicy" => {
+            let np: networking::NetworkPolicy = typed(obj)?;
+            for (i, t) in np
+                .spec
+                .and_then(|s| s.policy_types)
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                if t != "Ingress" && t != "Egress" {
+                    causes.push(Cause {
+                        reason: "FieldValueNotSupported".into(),
+                        field: format!("spec.policyTypes[{i}]"),
+                        message: format!(
+                            "Unsupported value: {t:?}: supported values: \"Ingress\", \"Egress\""
+                        ),
+                    });
+                }
+            }
+        }
+        "HorizontalPodAutoscaler" => {
+            let h: autoscaling::HorizontalPodAutoscaler = typed(obj)?;
+            let spec = h.spec;
+            let min = spec.min_replicas.unwrap_or(1);
+            if min < 1 {
+                causes.push(Cause::invalid(
+                    "spec.minReplicas",
+                    min,
+                    "must be greater than or equal to 1",
+                ));
+            }
+            if spec.max_replicas < 1 {
+                causes.push(Cause::invalid(
+                    "spec.maxReplicas",
+                    spec.max_replicas,
+                    "must be greater than 0",
+                ));
+            } else if spec.max_replicas < min {
+                causes.push(Cause::invalid(
+                    "spec.maxReplicas",
+                    spec.max_replicas,
+                    "must be greater than or equal to `minReplicas`",
+                ));
+            }
+            let target = &spec.scale_target_ref;
+            if target.kind.is_empty() {
+                causes.push(Cause::required("spec.scaleTargetRef.kind"));
+            }
+            if target.name.is_empty() {
+                causes.push(Cause::required("spec.scaleTargetRef.name"));
+            }
+        }
+        "PriorityClass" => {
+            let pc: scheduling::PriorityClass = typed(obj)?;
+            let value = pc.value.unwrap_or(0);
+            let name = meta.name.as_deref().unwrap_or("");
+            if name.starts_with(SYSTEM_PRIORITY_PREFIX) {
+                if let Err(why) = known_system_priority_class(name, value, pc.global_default) {
+                    causes.push(Cause::forbidden("metadata.name", &format!("priority class names with '{SYSTEM_PRIORITY_PREFIX}' prefix are reserved for system use only. error: {why}")));
+                }
+            } else if value > HIGHEST_USER_PRIORITY {
+                causes.push(Cause::forbidden(
+                    "value",
+                    &format!("maximum allowed value of a user defined priority is {HIGHEST_USER_PRIORITY}"),
+                ));
+            }
+            if let Some(p) = pc.preemption_policy.as_deref() {
+                if p != "PreemptLowerPriority" && p != "Never" {
+                    causes.push(Cause {
+                        reason: "FieldValueNotSupported".into(),
+                        field: "preemptionPolicy".into(),
+                        message: format!("Unsupported value: {p:?}: supported values: \"Never\", \"PreemptLowerPriority\""),
+                    });
+                }
+            }
+        }
+        "RuntimeClass" => {
+            let rc: node::RuntimeClass = typed(obj)?;
+            if rc.handler.is_empty() {
+                causes.push(Cause::required("handler"));
+            } else if !is_dns1123_label(&rc.handler) {
+                causes.push(Cause::invalid(
+                    "handler",
+                    format!("{:?}", rc.handler),
+                    LABEL_MSG,
+                ));
+            }
+        }
+        "ValidatingWebhookConfiguration" => {
+            let c: admission::ValidatingWebhookConfiguration = typed(obj)?;
+            for (i, w) in c.webhooks.unwrap_or_default().iter().enumerate() {
+                webhook(
+                    &format!("webhooks[{i}]"),
+                    &w.name,
+                    &w.client_config,
+                    &w.admission_review_versions,
+                    &w.side_effects,
+                    &mut causes,
+                );
+            }
+        }
+        "MutatingWebhookConfiguration" => {
+            let c: admission::MutatingWebhookConfiguration = typed(obj)?;
+            for (i, w) in c.webhooks.unwrap_or_default().iter().enumerate() {
+                webhook(
+                    &format!("webhooks[{i}]"),
+                    &w.name,
+                    &w.client_config,
+                    &w.admission_review_versions,
+                    &w.side_effects,
+                    &mut causes,
+                );
+            }
+        }
+        "LimitRange" => {
+            let l: core::LimitRange = typed(obj)?;
+            for (i, item) in l.spec.unwrap_or_default().limits.iter().enumerate() {
+                if !["Pod", "Container", "PersistentVolumeClaim"].contains(&item.type_.as_str()) {
+                    causes.push(Cause {
+                        reason: "FieldValueNotSupported".into(),
+                        field: format!("spec.limits[{i}].type"),
+                        message: format!("Unsupported value: {:?}: supported values: \"Container\", \"PersistentVolumeClaim\", \"Pod\"", item.type_),
+                    });
+                }
+            }
+        }
+        "CertificateSigningRequest" => {
+            let c: certificates::CertificateSigningRequest = typed(obj)?;
+            if c.spec.signer_name.is_empty() {
+                causes.push(Cause::required("spec.signerName"));
+            }
+            if c.spec.request.0.is_empty() {
+                causes.push(Cause::required("spec.request"));
+            }
+        }
         "Role" => {
             let r: rbac::Role = typed(obj)?;
             policy_rules(r.rules.as_deref().unwrap_or_default(), true, &mut causes);
@@ -596,6 +761,182 @@ fn role_binding(
                 "supported values: \"ServiceAccount\", \"User\", \"Group\"",
             )),
         }
+    }
+}
+
+/// Priority class names with this prefix are the system's.
+pub const SYSTEM_PRIORITY_PREFIX: &str = "system-";
+/// The highest priority a user-defined class may have.
+pub const HIGHEST_USER_PRIORITY: i32 = 1_000_000_000;
+/// The system's priority classes, as Kubernetes creates them at start: name and value.
+pub const SYSTEM_PRIORITY_CLASSES: [(&str, i32); 2] = [
+    ("system-node-critical", 2_000_001_000),
+    ("system-cluster-critical", 2_000_000_000),
+];
+
+/// Kubernetes' `IsKnownSystemPriorityClass`.
+fn known_system_priority_class(
+    name: &str,
+    value: i32,
+    global_default: Option<bool>,
+) -> Result<(), String> {
+    let Some((_, v)) = SYSTEM_PRIORITY_CLASSES.iter().find(|(n, _)| *n == name) else {
+        return Err(format!("{name:?} is not a known system priority class"));
+    };
+    if *v != value {
+        return Err(format!("value of {name:?} PriorityClass must be {v}"));
+    }
+    if global_default == Some(true) {
+        return Err(format!(
+            "globalDefault of {name:?} PriorityClass must be false"
+        ));
+    }
+    Ok(())
+}
+
+/// A domain-prefixed path (`example.com/ingress-controller`), as an IngressClass controller.
+fn is_qualified_path(s: &str) -> bool {
+    s.split_once('/')
+        .is_some_and(|(domain, path)| is_dns1123_subdomain(domain) && !path.is_empty())
+        && s.len() <= 250
+}
+
+/// Kubernetes' Ingress validation: backends, rules, paths (`pathType` is checked before
+/// decoding, see [`before_decode`]).
+fn ingress(ing: &networking::Ingress, causes: &mut Vec<Cause>) {
+    let Some(spec) = &ing.spec else {
+        return;
+    };
+    let backend = |at: &str, b: &networking::IngressBackend, causes: &mut Vec<Cause>| match (
+        &b.service,
+        &b.resource,
+    ) {
+        (Some(_), Some(_)) => causes.push(Cause::invalid(
+            at,
+            "",
+            "cannot set both resource and service backends",
+        )),
+        (None, None) => causes.push(Cause::invalid(
+            at,
+            "",
+            "resource or service backend is required",
+        )),
+        (Some(svc), None) => {
+            if svc.name.is_empty() {
+                causes.push(Cause::required(format!("{at}.service.name")));
+            }
+            match &svc.port {
+                None => causes.push(Cause::required(format!("{at}.service.port"))),
+                Some(p) if p.name.is_some() && p.number.is_some() => causes.push(Cause::invalid(
+                    format!("{at}.service.port"),
+                    "",
+                    "cannot set both port name & port number",
+                )),
+                Some(p) if p.name.is_none() && p.number.is_none() => causes.push(Cause::invalid(
+                    format!("{at}.service.port"),
+                    "",
+                    "port name or number is required",
+                )),
+                Some(_) => {}
+            }
+        }
+        (None, Some(_)) => {}
+    };
+    if let Some(b) = &spec.default_backend {
+        backend("spec.defaultBackend", b, causes);
+    }
+    if spec.rules.as_ref().is_none_or(|r| r.is_empty()) && spec.default_backend.is_none() {
+        causes.push(Cause::invalid(
+            "spec",
+            "[]",
+            "either `defaultBackend` or `rules` must be specified",
+        ));
+    }
+    for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        if let Some(host) = rule.host.as_deref() {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if !is_dns1123_subdomain(bare) {
+                causes.push(Cause::invalid(
+                    format!("spec.rules[{i}].host"),
+                    format!("{host:?}"),
+                    SUBDOMAIN_MSG,
+                ));
+            }
+        }
+        for (j, path) in rule.http.iter().flat_map(|h| &h.paths).enumerate() {
+            let at = format!("spec.rules[{i}].http.paths[{j}]");
+            let p = path.path.as_deref().unwrap_or("");
+            match path.path_type.as_str() {
+                "Exact" | "Prefix" => {
+                    if !p.starts_with('/') {
+                        causes.push(Cause::invalid(
+                            format!("{at}.path"),
+                            format!("{p:?}"),
+                            "must be an absolute path",
+                        ));
+                    }
+                }
+                "ImplementationSpecific" => {
+                    if !p.is_empty() && !p.starts_with('/') {
+                        causes.push(Cause::invalid(
+                            format!("{at}.path"),
+                            format!("{p:?}"),
+                            "must be an absolute path",
+                        ));
+                    }
+                }
+                other => causes.push(Cause {
+                    reason: "FieldValueNotSupported".into(),
+                    field: format!("{at}.pathType"),
+                    message: format!("Unsupported value: {other:?}: supported values: \"Exact\", \"ImplementationSpecific\", \"Prefix\""),
+                }),
+            }
+            backend(&format!("{at}.backend"), &path.backend, causes);
+        }
+    }
+}
+
+/// The checks of one admission webhook (of either configuration).
+fn webhook(
+    at: &str,
+    name: &str,
+    client: &admission::WebhookClientConfig,
+    review_versions: &[String],
+    side_effects: &str,
+    causes: &mut Vec<Cause>,
+) {
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() < 3 || !is_dns1123_subdomain(name) {
+        causes.push(Cause::invalid(
+            format!("{at}.name"),
+            format!("{name:?}"),
+            "should be a domain with at least three segments separated by dots",
+        ));
+    }
+    match (&client.url, &client.service) {
+        (Some(_), Some(_)) | (None, None) => causes.push(Cause {
+            message: "Required value: exactly one of url or service is required".into(),
+            ..Cause::required(format!("{at}.clientConfig"))
+        }),
+        _ => {}
+    }
+    if review_versions.is_empty() {
+        causes.push(Cause::required(format!("{at}.admissionReviewVersions")));
+    } else if !review_versions.iter().any(|v| v == "v1" || v == "v1beta1") {
+        causes.push(Cause::invalid(
+            format!("{at}.admissionReviewVersions"),
+            format!("{review_versions:?}"),
+            "must include at least one of v1, v1beta1",
+        ));
+    }
+    if !["None", "NoneOnDryRun"].contains(&side_effects) {
+        causes.push(Cause {
+            reason: "FieldValueNotSupported".into(),
+            field: format!("{at}.sideEffects"),
+            message: format!(
+                "Unsupported value: {side_effects:?}: supported values: \"None\", \"NoneOnDryRun\""
+            ),
+        });
     }
 }
 
@@ -979,6 +1320,25 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
             }
         }
         "Job" => immutable("/spec/template", "spec.template", &mut causes),
+        "PriorityClass" => {
+            if old.get("value") != new.get("value") {
+                causes.push(Cause::forbidden(
+                    "value",
+                    "may not be changed in an update.",
+                ));
+            }
+            if old.get("preemptionPolicy") != new.get("preemptionPolicy") {
+                causes.push(Cause::invalid(
+                    "preemptionPolicy",
+                    new.get("preemptionPolicy")
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                    "field is immutable",
+                ));
+            }
+        }
+        "RuntimeClass" => immutable("/handler", "handler", &mut causes),
+        "IngressClass" => immutable("/spec/controller", "spec.controller", &mut causes),
         "CustomResourceDefinition" => causes.extend(crate::crd::validate_definition_update(
             &typed(old)?,
             &typed(new)?,

@@ -636,6 +636,7 @@ impl Registry {
             );
             let ns = meta::namespace(&obj).unwrap_or("default").to_string();
             crate::apiserver::tokens::admit_pod(self, &ns, &mut obj)?;
+            crate::apiserver::podclasses::admit_pod(self, &mut obj)?;
         }
         match &def {
             Some(d) => d.admit(r.version, &mut obj, r.namespaced)?,
@@ -903,6 +904,17 @@ impl Registry {
             return Ok(new);
         }
         defaults::apply(kind, &mut new);
+        if kind == "Pod" {
+            // What admission set at creation stays, as Kubernetes' Priority plugin keeps it.
+            for k in ["priority", "preemptionPolicy"] {
+                if let (Some(v), Some(spec)) = (
+                    old.pointer(&format!("/spec/{k}")),
+                    new.get_mut("spec").and_then(Value::as_object_mut),
+                ) {
+                    spec.entry(k).or_insert_with(|| v.clone());
+                }
+            }
+        }
         validation::validate(r, &new)?;
         validation::validate_update(r, old, &new)?;
         if (r.has_status || r.has_scale) && old.get("spec") != new.get("spec") {

@@ -197,8 +197,9 @@ pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
 }
 
 /// Creates `default`, `kube-system`, `kube-public`, `kube-node-lease`, the `kubernetes`
-/// Service with its Endpoints, the default StorageClass `local-path` and the default RBAC
-/// roles and bindings, if missing.
+/// Service with its Endpoints, the default StorageClass `local-path`, the system priority
+/// classes, the `wasmtime` and `runc` runtime classes and the default RBAC roles and
+/// bindings, if missing.
 pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
     let ns = Resource::lookup("namespaces").expect("namespaces");
     let opts = WriteOptions::default();
@@ -244,6 +245,29 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
             &opts,
         )?;
     }
+    // The system's priority classes, as Kubernetes creates them at start.
+    let pc = Resource::lookup("priorityclasses").expect("priorityclasses");
+    for (name, value) in skiff_api::validation::SYSTEM_PRIORITY_CLASSES {
+        let description = if name == "system-node-critical" {
+            "Used for system critical pods that must not be moved from their current node."
+        } else {
+            "Used for system critical pods that must run in the cluster, but can be moved to another node if necessary."
+        };
+        create_missing(
+            reg,
+            pc,
+            json!({"metadata": {"name": name}, "value": value, "description": description}),
+        )?;
+    }
+    // A runtime class per runtime the agents have: `runtimeClassName` picks one.
+    let rc = Resource::lookup("runtimeclasses").expect("runtimeclasses");
+    for handler in ["wasmtime", "runc"] {
+        create_missing(
+            reg,
+            rc,
+            json!({"metadata": {"name": handler}, "handler": handler}),
+        )?;
+    }
     let ep = Resource::lookup("endpoints").expect("endpoints");
     let want = json!({"metadata": {"name": "kubernetes", "namespace": "default", "labels": {"endpointslice.kubernetes.io/skip-mirror": "true"}},
                       "subsets": [{"addresses": [{"ip": api_addr.ip().to_string()}], "ports": [{"name": "https", "port": api_addr.port(), "protocol": "TCP"}]}]});
@@ -266,6 +290,19 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
         Some(_) => {}
     }
     crate::apiserver::policy::bootstrap(reg)
+}
+
+/// Creates a cluster-wide object unless one of its name exists (another server may have
+/// created it first).
+fn create_missing(reg: &Registry, r: &Resource, obj: serde_json::Value) -> Result<(), ApiError> {
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    if reg.try_get(r, None, name)?.is_some() {
+        return Ok(());
+    }
+    match reg.create(r, None, obj, &WriteOptions::default()) {
+        Err(e) if e.code == 409 => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 /// The embedded store in `dir`, or the datastore's, after the cluster's shared files were

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use skiff_api::crd::CustomResources;
-use skiff_api::resources::{groups, RESOURCES};
+use skiff_api::resources::{group_version, groups, RESOURCES};
 use skiff_api::Resource;
 
 /// The verbs of the proxy subresources: one per HTTP method forwarded.
@@ -32,22 +32,22 @@ pub fn api_versions(addr: &str) -> Value {
 }
 
 pub fn api_groups() -> Value {
-    let gs: Vec<Value> = groups()
-        .into_iter()
-        .map(|g| {
-            json!({"name": g, "versions": [{"groupVersion": format!("{g}/v1"), "version": "v1"}],
-                   "preferredVersion": {"groupVersion": format!("{g}/v1"), "version": "v1"}})
-        })
-        .collect();
+    let gs: Vec<Value> = groups().into_iter().filter_map(group_entry).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs})
 }
 
+/// A built-in group's entry: its one version, preferred.
+fn group_entry(group: &str) -> Option<Value> {
+    let v = group_version(group)?;
+    let gv = json!({"groupVersion": format!("{group}/{v}"), "version": v});
+    Some(json!({"name": group, "versions": [gv.clone()], "preferredVersion": gv}))
+}
+
 pub fn api_group(group: &str) -> Option<Value> {
-    groups().contains(&group).then(|| {
-        json!({"kind": "APIGroup", "apiVersion": "v1", "name": group,
-               "versions": [{"groupVersion": format!("{group}/v1"), "version": "v1"}],
-               "preferredVersion": {"groupVersion": format!("{group}/v1"), "version": "v1"}})
-    })
+    let mut doc = group_entry(group)?;
+    doc["kind"] = json!("APIGroup");
+    doc["apiVersion"] = json!("v1");
+    Some(doc)
 }
 
 const VERBS: &[&str] = &[
@@ -82,17 +82,20 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         if !r.short_names.is_empty() {
             entry["shortNames"] = json!(r.short_names);
         }
-        if r.kind == "Deployment"
-            || r.kind == "Pod"
-            || r.kind == "Service"
-            || r.kind == "DaemonSet"
-            || r.kind == "StatefulSet"
-            || r.kind == "Job"
-            || r.kind == "CronJob"
-        {
-            entry["categories"] = json!(["all"]);
-        }
-        if r.kind == "ReplicaSet" {
+        // Kubernetes' `all` category.
+        if matches!(
+            r.kind,
+            "Pod"
+                | "ReplicationController"
+                | "Service"
+                | "DaemonSet"
+                | "Deployment"
+                | "ReplicaSet"
+                | "StatefulSet"
+                | "HorizontalPodAutoscaler"
+                | "Job"
+                | "CronJob"
+        ) {
             entry["categories"] = json!(["all"]);
         }
         out.push(entry);

@@ -13,6 +13,7 @@ mod nodeproxy;
 pub mod openapi;
 mod pages;
 pub mod path;
+pub mod podclasses;
 pub mod policy;
 mod proxy;
 pub mod rbac;
