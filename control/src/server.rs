@@ -259,13 +259,14 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
             json!({"metadata": {"name": name}, "value": value, "description": description}),
         )?;
     }
-    // A runtime class per runtime the agents have: `runtimeClassName` picks one.
+    // A runtime class per runtime the agents have: `runtimeClassName` picks one. `wasm` is the
+    // name manifests written for earlier releases use for wasmtime.
     let rc = Resource::lookup("runtimeclasses").expect("runtimeclasses");
-    for handler in ["wasmtime", "runc"] {
+    for (name, handler) in [("wasmtime", "wasmtime"), ("runc", "runc"), ("wasm", "wasmtime")] {
         create_missing(
             reg,
             rc,
-            json!({"metadata": {"name": handler}, "handler": handler}),
+            json!({"metadata": {"name": name}, "handler": handler}),
         )?;
     }
     let ep = Resource::lookup("endpoints").expect("endpoints");
