@@ -175,10 +175,7 @@ mod tests {
         assert_eq!(backoff(0), Duration::ZERO);
         for (n, base) in [(1, 0.5), (2, 1.0), (3, 2.0), (7, 30.0), (40, 30.0)] {
             let d = backoff(n).as_secs_f64();
-            assert!(
-                d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9,
-                "{n}: {d}"
-            );
+            assert!(d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9, "{n}: {d}");
         }
     }
 }

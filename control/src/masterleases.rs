@@ -302,7 +302,9 @@ pub async fn run(
         Ok(Err(e)) => {
             tracing::warn!(error = %e.message, "taking this server out of the kubernetes Service's endpoints")
         }
-        Err(e) => tracing::warn!(error = %e, "taking this server out of the kubernetes Service's endpoints"),
+        Err(e) => {
+            tracing::warn!(error = %e, "taking this server out of the kubernetes Service's endpoints")
+        }
     }
 }
 
@@ -329,7 +331,12 @@ mod tests {
 
     #[test]
     fn subsets_group_servers_by_port() {
-        let s: BTreeSet<SocketAddr> = [addr("10.0.0.2:6443"), addr("10.0.0.1:6443"), addr("10.0.0.1:6444")].into();
+        let s: BTreeSet<SocketAddr> = [
+            addr("10.0.0.2:6443"),
+            addr("10.0.0.1:6443"),
+            addr("10.0.0.1:6444"),
+        ]
+        .into();
         assert_eq!(
             subsets(&s),
             json!([{"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}], "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]},
@@ -357,11 +364,18 @@ mod tests {
         // b goes silent: a keeps it for the TTL, then drops it.
         let silent = Instant::now();
         while listed(&reg) != subsets(&[a].into()) {
-            assert!(silent.elapsed() < Duration::from_secs(10), "b never dropped out");
+            assert!(
+                silent.elapsed() < Duration::from_secs(10),
+                "b never dropped out"
+            );
             std::thread::sleep(Duration::from_millis(50));
             ra.reconcile(&reg).unwrap();
         }
-        assert!(silent.elapsed() >= Duration::from_millis(900), "{:?}", silent.elapsed());
+        assert!(
+            silent.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            silent.elapsed()
+        );
         // b is back; then a shuts down cleanly and leaves at once.
         rb.reconcile(&reg).unwrap();
         assert_eq!(listed(&reg), subsets(&[a, b].into()));

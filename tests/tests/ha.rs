@@ -830,9 +830,11 @@ async fn acknowledged_writes_survive_a_killed_server() -> anyhow::Result<()> {
             .filter(|(_, a)| *a == after)
             .count()
     };
-    eventually("100 acknowledged creates", Duration::from_secs(60), || async {
-        Ok((count(false) >= 100).then_some(()))
-    })
+    eventually(
+        "100 acknowledged creates",
+        Duration::from_secs(60),
+        || async { Ok((count(false) >= 100).then_some(())) },
+    )
     .await?;
     // The writers talk to the first server: it dies in the middle of the burst.
     c.servers[0].kill();
@@ -927,15 +929,22 @@ async fn an_agent_fails_over_to_a_live_server() -> anyhow::Result<()> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         servers.push(ns.spawn(&args, &d.with_extension("log"))?);
         let url = format!("https://127.0.0.1:{port}/version");
-        eventually(&format!("the server at {url}"), Duration::from_secs(120), || async {
-            Ok(ns
-                .run(&["curl", "-sfk", "--max-time", "2", &url])
-                .ok()
-                .map(|_| ()))
-        })
+        eventually(
+            &format!("the server at {url}"),
+            Duration::from_secs(120),
+            || async {
+                Ok(ns
+                    .run(&["curl", "-sfk", "--max-time", "2", &url])
+                    .ok()
+                    .map(|_| ()))
+            },
+        )
         .await?;
     }
-    let list = format!("https://127.0.0.1:{},https://127.0.0.1:{}", ports[0], ports[1]);
+    let list = format!(
+        "https://127.0.0.1:{},https://127.0.0.1:{}",
+        ports[0], ports[1]
+    );
     let token = std::fs::read_to_string(dirs[0].join("node-token"))?;
     let agent_dir = dir.join("agent");
     ns.reset_on_drop(&agent_dir);
@@ -984,7 +993,10 @@ async fn an_agent_fails_over_to_a_live_server() -> anyhow::Result<()> {
             .any(|c| c["type"] == "Ready" && c["status"] == "True")
     };
     eventually("node edge-1 Ready", Duration::from_secs(60), || async {
-        Ok(cli_json(&["get", "node", "edge-1"]).ok().filter(ready).map(|_| ()))
+        Ok(cli_json(&["get", "node", "edge-1"])
+            .ok()
+            .filter(ready)
+            .map(|_| ()))
     })
     .await?;
     up.push_samples(&ns, &[("bootcamp-v1.wasm", "bootcamp:v1")])?;
@@ -993,8 +1005,14 @@ async fn an_agent_fails_over_to_a_live_server() -> anyhow::Result<()> {
     let before = up.pod_ips(&ns, "app=kubernetes-bootcamp")?;
     assert_eq!(before.len(), 1);
     let answers = |(name, ip): &(String, String)| {
-        ns.run(&["curl", "-sf", "--max-time", "2", &format!("http://{ip}:8080/")])
-            .is_ok_and(|b| b.contains(&format!("Running on: {name} |")))
+        ns.run(&[
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+            &format!("http://{ip}:8080/"),
+        ])
+        .is_ok_and(|b| b.contains(&format!("Running on: {name} |")))
     };
     eventually("the pod answering", Duration::from_secs(30), || async {
         Ok(answers(&before[0]).then_some(()))
@@ -1029,12 +1047,19 @@ async fn an_agent_fails_over_to_a_live_server() -> anyhow::Result<()> {
         },
     )
     .await?;
-    assert!(connected(&ns, agent_pid, ports[1]), "the agent is connected to the second server");
+    assert!(
+        connected(&ns, agent_pid, ports[1]),
+        "the agent is connected to the second server"
+    );
     // Longer than the node grace period (15 s) and the controllers' failover: the node stays
     // Ready and untainted, and the pod keeps answering, at every look.
     while killed.elapsed() < Duration::from_secs(30) {
         let node = cli_json(&["get", "node", "edge-1"])?;
-        assert!(ready(&node), "edge-1 not Ready after the kill: {}", node["status"]);
+        assert!(
+            ready(&node),
+            "edge-1 not Ready after the kill: {}",
+            node["status"]
+        );
         let tainted = node["spec"]["taints"]
             .as_array()
             .into_iter()
@@ -1046,27 +1071,28 @@ async fn an_agent_fails_over_to_a_live_server() -> anyhow::Result<()> {
     }
     // A pod scheduled now (by the surviving server's controllers) starts on the node.
     cli(&["scale", "deployment/kubernetes-bootcamp", "--replicas", "2"])?;
-    let after = eventually("a second pod answering", Duration::from_secs(90), || async {
-        let v = cli_json(&["get", "pods", "-l", "app=kubernetes-bootcamp"])?;
-        let running: Vec<(String, String)> = v["items"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"] == "edge-1")
-            .filter_map(|p| {
-                Some((
-                    p["metadata"]["name"].as_str()?.to_string(),
-                    p["status"]["podIP"].as_str()?.to_string(),
-                ))
-            })
-            .collect();
-        Ok((running.len() == 2 && running.iter().all(answers)).then_some(running))
-    })
+    let after = eventually(
+        "a second pod answering",
+        Duration::from_secs(90),
+        || async {
+            let v = cli_json(&["get", "pods", "-l", "app=kubernetes-bootcamp"])?;
+            let running: Vec<(String, String)> = v["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["status"]["phase"] == "Running" && p["spec"]["nodeName"] == "edge-1")
+                .filter_map(|p| {
+                    Some((
+                        p["metadata"]["name"].as_str()?.to_string(),
+                        p["status"]["podIP"].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
+            Ok((running.len() == 2 && running.iter().all(answers)).then_some(running))
+        },
+    )
     .await?;
-    let new = after
-        .iter()
-        .find(|p| **p != before[0])
-        .expect("a new pod");
+    let new = after.iter().find(|p| **p != before[0]).expect("a new pod");
     // Its logs come from the node through the surviving server.
     eventually("the new pod's logs", Duration::from_secs(30), || async {
         Ok(cli(&["logs", &new.0]).ok().map(|_| ()))
@@ -1152,7 +1178,10 @@ async fn scheduler_end_to_end_embedded_against_etcd() -> anyhow::Result<()> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
     };
-    let (nodes, pods) = (size("SKIFF_BENCH_NODES", 1000), size("SKIFF_BENCH_PODS", 10_000));
+    let (nodes, pods) = (
+        size("SKIFF_BENCH_NODES", 1000),
+        size("SKIFF_BENCH_PODS", 10_000),
+    );
     let dir = c.tmp.path().join("embedded-store");
     let embedded: skiff_control::store::DynStore =
         std::sync::Arc::new(skiff_control::store::sqlite::SqliteStore::open(&dir)?);

@@ -174,15 +174,8 @@ pub(super) async fn join_and_run_agent(server: &str, args: AgentArgs) -> Result<
         .unwrap_or_else(|| default_data_dir().join("agent"));
     let name = args.node.name.clone().unwrap_or_else(host_name);
     // The CA is checked against the token before the token is sent anywhere.
-    let client = skiff_node::join::join(
-        server,
-        &args.token,
-        ca,
-        &dir,
-        &name,
-        args.node.node_ip,
-    )
-    .await?;
+    let client =
+        skiff_node::join::join(server, &args.token, ca, &dir, &name, args.node.node_ip).await?;
     agent(client, dir, args.node).await
 }
 
