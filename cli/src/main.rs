@@ -208,7 +208,7 @@ pub enum Command {
     /// Run the control plane and a node agent in one process: a single-node cluster.
     Up {
         #[command(flatten)]
-        server: ServerArgs,
+        server: Box<ServerArgs>,
         #[command(flatten)]
         node: NodeArgs,
     },

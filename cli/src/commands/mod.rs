@@ -61,7 +61,7 @@ fn default_data_dir() -> std::path::PathBuf {
 pub async fn run(cli: Cli) -> Result<()> {
     let command = match cli.command {
         Command::Server(args) => return server(args, None).await,
-        Command::Up { server: s, node } => return server(s, Some(node)).await,
+        Command::Up { server: s, node } => return server(*s, Some(node)).await,
         Command::Agent(args) => {
             let Some(server) = cli.server.filter(|s| !s.trim().is_empty()) else {
                 bail!("skiff agent needs --server URL[,URL...] (or SKIFF_SERVER): the API servers to join");
