@@ -1026,13 +1026,14 @@ async fn an_agent_fails_over_to_a_live_server() -> anyhow::Result<()> {
     )
     .await?;
 
-    let killed_at = chrono::Utc::now();
     let killed = Instant::now();
     // By its PID (the namespace's handle is borrowed by the helpers above).
     let status = Command::new("kill")
         .args(["-9", &s0_pid.to_string()])
         .status()?;
     assert!(status.success());
+    // Renewals written after this went through the other server.
+    let killed_at = chrono::Utc::now();
     // Its heartbeats reach the other server: the node's Lease is renewed after the kill.
     eventually(
         "a node Lease renewal after the kill",
@@ -1047,6 +1048,10 @@ async fn an_agent_fails_over_to_a_live_server() -> anyhow::Result<()> {
         },
     )
     .await?;
+    eprintln!(
+        "the agent's Lease renewed through the other server {:.1} s after the kill (heartbeat every 2 s)",
+        killed.elapsed().as_secs_f64()
+    );
     assert!(
         connected(&ns, agent_pid, ports[1]),
         "the agent is connected to the second server"
