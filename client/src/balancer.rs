@@ -130,8 +130,11 @@ impl Servers {
                 .unwrap_or((i + 1) % n);
             st.current = next;
         }
-        if n > 1 {
-            tracing::warn!(server = %self.urls[i], failures = st.failures[i], retry_in = ?pause, "API server unreachable; trying the next one");
+        // One line when a server stops answering, not one for every request while it is down.
+        if n > 1 && st.failures[i] == 1 {
+            tracing::warn!(server = %self.urls[i], "API server unreachable; requests go to the next one");
+        } else if n > 1 {
+            tracing::debug!(server = %self.urls[i], failures = st.failures[i], retry_in = ?pause, "API server still unreachable");
         }
     }
 }
