@@ -24,6 +24,11 @@ pub struct Cli {
     /// Namespace (else the context's).
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
+    /// The API server's URL, or the URLs of several servers of one cluster separated by commas
+    /// (tried in turn, the next one when the current one cannot be reached): for the verbs,
+    /// instead of the kubeconfig's; for `agent`, the servers it joins and runs against.
+    #[arg(short = 's', long, global = true, env = "SKIFF_SERVER")]
+    pub server: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -111,6 +116,11 @@ pub struct DatastoreArgs {
     /// store several servers share. Without it the embedded store in the data dir is used.
     #[arg(long, env = "SKIFF_DATASTORE_ENDPOINT", value_delimiter = ',')]
     pub datastore_endpoint: Vec<String>,
+    /// How long to wait for the datastore at start (its members starting, no quorum yet)
+    /// before giving up (`5m`); without it the server waits as long as it takes, retrying
+    /// with backoff and logging a line every few seconds.
+    #[arg(long, value_parser = parse_duration)]
+    pub datastore_wait_timeout: Option<std::time::Duration>,
     /// CA certificate (PEM) that signed etcd's serving certificates.
     #[arg(long, env = "SKIFF_DATASTORE_CAFILE")]
     pub datastore_cafile: Option<PathBuf>,
@@ -198,7 +208,7 @@ pub enum Command {
     /// Run the control plane and a node agent in one process: a single-node cluster.
     Up {
         #[command(flatten)]
-        server: ServerArgs,
+        server: Box<ServerArgs>,
         #[command(flatten)]
         node: NodeArgs,
     },
@@ -303,9 +313,6 @@ pub enum Command {
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// The API server's URL.
-    #[arg(long, env = "SKIFF_SERVER")]
-    pub server: String,
     /// The join token: the server's `DATA/node-token`, or one from `skiff token create`
     /// (`K10<CA hash>::<credential>`). The agent checks the server's CA against the hash
     /// before sending it, then runs with a node certificate of its own. With --ca-cert it

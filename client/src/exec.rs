@@ -77,7 +77,7 @@ impl Client {
             .header("sec-websocket-protocol", "v5.channel.k8s.io");
         let resp = self.send(rb).await?;
         let transport = |reason: String| ClientError::Transport {
-            url: self.server.clone(),
+            url: self.server(),
             reason,
         };
         let upgraded = resp.upgrade().await.map_err(|e| transport(e.to_string()))?;

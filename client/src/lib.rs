@@ -4,6 +4,7 @@
 //! [`typed`] its typed calls (`client.get::<Pod>(ns, name)`, `watch::<Service>`, …);
 //! [`verbs`] builds what the kubectl-like verbs send (deployments, services, rollbacks).
 
+pub mod balancer;
 pub mod exec;
 pub mod kubeconfig;
 pub mod token;
@@ -49,13 +50,15 @@ pub struct WatchEvent {
 
 /// A client and every clone of it share one transport: [`Client::set_identity`] swaps the
 /// client certificate for all of them (a node renewing its certificate while it runs), and
-/// requests from then on go out with the new one.
+/// requests from then on go out with the new one. They also share the API servers they may
+/// talk to ([`balancer::Servers`]): when the current one cannot be reached, a request goes to
+/// the next, and every clone follows.
 #[derive(Clone)]
 pub struct Client {
     http: Arc<RwLock<reqwest::Client>>,
     /// What the transport is built from, kept to rebuild it with another identity.
     tls: Arc<TlsSettings>,
-    pub server: String,
+    servers: Arc<balancer::Servers>,
     token: Option<String>,
     /// The namespace of the current context.
     pub namespace: String,
@@ -125,7 +128,8 @@ pub fn encode_query(s: &str) -> String {
 }
 
 impl Client {
-    /// A client for `server`; `ca_pem` is the CA its certificate must chain to.
+    /// A client for `server` (one URL, or several separated by commas: the servers of one
+    /// cluster, tried in turn); `ca_pem` is the CA their certificates must chain to.
     pub fn new(
         server: &str,
         token: Option<String>,
@@ -170,7 +174,7 @@ impl Client {
         Ok(Client {
             http: Arc::new(RwLock::new(http)),
             tls: Arc::new(tls),
-            server: server.trim_end_matches('/').to_string(),
+            servers: Arc::new(balancer::Servers::parse(server)?),
             token,
             namespace: namespace.to_string(),
         })
@@ -187,7 +191,19 @@ impl Client {
 
     /// From a kubeconfig file (see [`kubeconfig::load`]).
     pub fn from_kubeconfig(path: Option<&std::path::Path>) -> Result<Self, ClientError> {
-        let kc = kubeconfig::load(path)?;
+        Self::from_kubeconfig_at(path, None)
+    }
+
+    /// From a kubeconfig file, talking to `servers` (one URL or a comma-separated list, as
+    /// kubectl's `--server`) instead of the kubeconfig's `server:` when given.
+    pub fn from_kubeconfig_at(
+        path: Option<&std::path::Path>,
+        servers: Option<&str>,
+    ) -> Result<Self, ClientError> {
+        let mut kc = kubeconfig::load(path)?;
+        if let Some(s) = servers.filter(|s| !s.trim().is_empty()) {
+            kc.server = s.to_string();
+        }
         let identity = match (&kc.client_cert_pem, &kc.client_key_pem) {
             (Some(c), Some(k)) => Some(format!("{}\n{}", c.trim_end(), k)),
             _ => None,
@@ -202,6 +218,16 @@ impl Client {
         )
     }
 
+    /// The API server requests go to now.
+    pub fn server(&self) -> String {
+        self.servers.current().to_string()
+    }
+
+    /// Every API server this client may talk to, in the order given.
+    pub fn servers(&self) -> &[String] {
+        self.servers.urls()
+    }
+
     /// The bearer token this client presents.
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()
@@ -209,18 +235,66 @@ impl Client {
 
     fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut r = http.request(method, format!("{}{path}", self.server));
+        let mut r = http.request(method, format!("{}{path}", self.servers.current()));
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
         }
         r
     }
 
+    /// Sends a request to the current server, or, when it cannot be reached, to the others in
+    /// turn ([`balancer::Servers::candidates`]). A request that may have reached a server
+    /// (the connection broke after it was sent) is sent again elsewhere only when it is a read.
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let resp = rb.send().await.map_err(|e| ClientError::Transport {
-            url: self.server.clone(),
+        let (http, req) = rb.build_split();
+        let req = req.map_err(|e| ClientError::Transport {
+            url: self.server(),
             reason: root_cause(&e),
         })?;
+        let tail = match req.url().query() {
+            Some(q) => format!("{}?{q}", req.url().path()),
+            None => req.url().path().to_string(),
+        };
+        let read = *req.method() == reqwest::Method::GET || *req.method() == reqwest::Method::HEAD;
+        let urls = self.servers.urls();
+        let mut tried = Vec::new();
+        let mut pending = Some(req);
+        let mut last_error = String::new();
+        let candidates = self.servers.candidates();
+        for (k, &i) in candidates.iter().enumerate() {
+            let Some(base) = pending.take() else { break };
+            // A copy for the next server, while this one is tried (bodies here are bytes).
+            if k + 1 < candidates.len() {
+                pending = base.try_clone();
+            }
+            let mut r = base;
+            let url = format!("{}{tail}", urls[i]);
+            *r.url_mut() = reqwest::Url::parse(&url).map_err(|e| ClientError::Transport {
+                url: urls[i].clone(),
+                reason: e.to_string(),
+            })?;
+            tried.push(urls[i].as_str());
+            match http.execute(r).await {
+                Ok(resp) => {
+                    self.servers.succeeded(i);
+                    return self.answer(resp).await;
+                }
+                Err(e) => {
+                    self.servers.failed(i);
+                    last_error = root_cause(&e);
+                    if !(e.is_connect() || read) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(ClientError::Transport {
+            url: tried.join(", "),
+            reason: last_error,
+        })
+    }
+
+    async fn answer(&self, resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
         if resp.status().is_success() || resp.status() == reqwest::StatusCode::SWITCHING_PROTOCOLS {
             return Ok(resp);
         }
@@ -240,7 +314,7 @@ impl Client {
     async fn json(&self, rb: reqwest::RequestBuilder) -> Result<Value, ClientError> {
         let resp = self.send(rb).await?;
         resp.json().await.map_err(|e| ClientError::Transport {
-            url: self.server.clone(),
+            url: self.server(),
             reason: e.to_string(),
         })
     }
@@ -447,7 +521,7 @@ impl Client {
             p.push_str(q);
         }
         let resp = self.send(self.req(reqwest::Method::GET, &p)).await?;
-        let server = self.server.clone();
+        let server = self.server();
         let mut buf = Vec::<u8>::new();
         let bytes = resp.bytes_stream();
         Ok(bytes
@@ -491,7 +565,18 @@ impl Client {
 /// server's certificate: the caller must check what it got (against a join token's hash) before
 /// trusting it or sending any secret.
 pub async fn fetch_ca_unverified(server: &str) -> Result<String, ClientError> {
-    let server = server.trim_end_matches('/');
+    let servers = balancer::Servers::parse(server)?;
+    let mut last = None;
+    for url in servers.urls() {
+        match fetch_ca_from(url).await {
+            Ok(ca) => return Ok(ca),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| ClientError::Config("no API server URL given".into())))
+}
+
+async fn fetch_ca_from(server: &str) -> Result<String, ClientError> {
     let transport = |reason: String| ClientError::Transport {
         url: server.to_string(),
         reason,

@@ -180,7 +180,7 @@ impl Client {
     /// One object of kind `K`.
     pub async fn get<K: Kind>(&self, ns: Option<&str>, name: &str) -> Result<K, ClientError> {
         let v = self.get_path(&path_of::<K>(ns, Some(name))).await?;
-        decode(&self.server, v)
+        decode(&self.server(), v)
     }
 
     /// Objects of kind `K` in `ns` (every namespace when None).
@@ -194,7 +194,7 @@ impl Client {
         if !q.is_empty() {
             p = format!("{p}?{}", q.join("&"));
         }
-        let raw: RawList<K> = decode(&self.server, self.get_path(&p).await?)?;
+        let raw: RawList<K> = decode(&self.server(), self.get_path(&p).await?)?;
         Ok(ObjectList {
             items: raw.items.unwrap_or_default(),
             resource_version: raw.metadata.resource_version,
@@ -204,7 +204,7 @@ impl Client {
     /// Creates `obj` in `ns`; the server's copy is returned.
     pub async fn create<K: Kind>(&self, ns: Option<&str>, obj: &K) -> Result<K, ClientError> {
         let v = self.create_dyn_path(&path_of::<K>(ns, None), obj).await?;
-        decode(&self.server, v)
+        decode(&self.server(), v)
     }
 
     /// Replaces the whole object. Only for objects this caller owns entirely: a typed struct
@@ -218,7 +218,7 @@ impl Client {
         let v = self
             .put_value(&path_of::<K>(ns, Some(name)), &to_value(obj)?)
             .await?;
-        decode(&self.server, v)
+        decode(&self.server(), v)
     }
 
     pub async fn patch<K: Kind>(
@@ -230,7 +230,7 @@ impl Client {
         let v = self
             .patch_path(&path_of::<K>(ns, Some(name)), patch)
             .await?;
-        decode(&self.server, v)
+        decode(&self.server(), v)
     }
 
     /// Patches the `status` subresource.
@@ -242,7 +242,7 @@ impl Client {
     ) -> Result<K, ClientError> {
         let p = format!("{}/status", path_of::<K>(ns, Some(name)));
         let v = self.patch_path(&p, patch).await?;
-        decode(&self.server, v)
+        decode(&self.server(), v)
     }
 
     /// Deletes one object; what the server answered (the object, while finalizers or a grace
@@ -274,7 +274,7 @@ impl Client {
             q.insert(0, format!("resourceVersion={rv}"));
         }
         let stream = self.watch_path(&path_of::<K>(ns, None), &q).await?;
-        let server = self.server.clone();
+        let server = self.server();
         Ok(stream.filter_map(move |ev| {
             let server = server.clone();
             async move {

@@ -1,7 +1,8 @@
 //! Control-plane benchmarks. Prints figures, each with a baseline measured in the same run:
 //!
 //! - scheduler throughput, 1,000 nodes × 10,000 pending pods: the filter/score pipeline alone,
-//!   and end to end with the binds written to the store (baseline: scoring every node);
+//!   and end to end with the binds written to the store (baseline: scoring every node); the
+//!   store is the embedded one, or etcd when `SKIFF_BENCH_ETCD` holds its client URLs;
 //! - API create/get latency over HTTPS (baseline: the same operation on the store directly);
 //! - watch fan-out: 1,000 writes delivered to 100 watchers;
 //! - write throughput over HTTPS: creates/s with 1, 8 and 32 concurrent clients, and GET
@@ -79,12 +80,26 @@ fn scheduler_bench() {
     }
     let exhaustive = t.elapsed();
 
-    // End to end: pods in the store, scheduled and bound in store transactions.
+    // End to end: pods in the store, scheduled and bound in store transactions; on etcd when
+    // SKIFF_BENCH_ETCD names its client URLs (comma-separated), else on the embedded store.
     let dir = tempfile::tempdir().unwrap();
-    let store: DynStore = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let (store, backend): (DynStore, &str) = match std::env::var("SKIFF_BENCH_ETCD") {
+        Ok(urls) if !urls.is_empty() => {
+            let mut config = skiff_control::store::etcd::EtcdConfig::new(
+                urls.split(',').map(String::from).collect(),
+            );
+            config.prefix = format!("/bench-{}", std::process::id());
+            (
+                Arc::new(skiff_control::store::etcd::EtcdStore::connect(&config).unwrap()),
+                "etcd",
+            )
+        }
+        _ => (Arc::new(SqliteStore::open(dir.path()).unwrap()), "embedded"),
+    };
+    let batch = store.max_txn_ops().min(1000);
     let reg = Registry::new(store.clone(), ClusterConfig::default());
     let pods_r = Resource::lookup("pods").unwrap();
-    for chunk in (0..PODS).collect::<Vec<_>>().chunks(1000) {
+    for chunk in (0..PODS).collect::<Vec<_>>().chunks(batch) {
         store
             .txn(
                 chunk
@@ -112,7 +127,7 @@ fn scheduler_bench() {
         .zip(placed)
         .map(|(p, r)| (p, ns[r.unwrap()].name.clone()))
         .collect();
-    for chunk in binds.chunks(1000) {
+    for chunk in binds.chunks(batch) {
         reg.bind_all(chunk.to_vec()).unwrap();
     }
     let e2e = t.elapsed();
@@ -130,7 +145,7 @@ fn scheduler_bench() {
         exhaustive.as_secs_f64() / sampled.as_secs_f64()
     );
     println!(
-        "  end to end with store binds:  {:>9.0} pods/s  ({:?})  target >= 5000 pods/s",
+        "  end to end with store binds ({backend}): {:>9.0} pods/s  ({:?})  target >= 5000 pods/s",
         rate(e2e),
         e2e
     );

@@ -12,6 +12,7 @@ pub mod apiserver;
 pub mod controllers;
 pub mod httpfwd;
 pub mod leader;
+pub mod masterleases;
 pub mod private_files;
 pub mod registry;
 pub mod server;

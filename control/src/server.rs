@@ -44,6 +44,22 @@ pub struct DatastoreConfig {
     pub etcd: crate::store::etcd::EtcdConfig,
     /// The cluster token: every server of the cluster is started with the same one.
     pub token: String,
+    /// How long a server waits for the datastore (no quorum yet, no member up) before it
+    /// gives up; None: it waits as long as it takes, retrying with backoff and saying so.
+    pub wait_timeout: Option<Duration>,
+    /// The renewal of this server's endpoint lease (the `kubernetes` Service's Endpoints).
+    pub endpoint_leases: crate::masterleases::RenewConfig,
+}
+
+impl DatastoreConfig {
+    pub fn new(etcd: crate::store::etcd::EtcdConfig, token: String) -> Self {
+        DatastoreConfig {
+            etcd,
+            token,
+            wait_timeout: None,
+            endpoint_leases: Default::default(),
+        }
+    }
 }
 
 impl ServerConfig {
@@ -73,6 +89,8 @@ pub enum ServerError {
     },
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("the datastore did not answer within {waited:?}: {last}")]
+    DatastoreTimeout { waited: Duration, last: String },
     #[error(transparent)]
     SharedState(#[from] crate::shared_state::SharedStateError),
     #[error("cannot listen on {addr}: {source}")]
@@ -101,6 +119,9 @@ pub struct Server {
     pub ca_pem: String,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
+    /// With a datastore: the renewal of this server's endpoint lease, which takes the server
+    /// out of the `kubernetes` Endpoints when it stops.
+    endpoints: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// The bearer token of this data dir: made once, kept in `DIR/token`.
@@ -201,6 +222,13 @@ pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
 /// classes, the `wasmtime` and `runc` runtime classes and the default RBAC roles and
 /// bindings, if missing.
 pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
+    bootstrap_with(reg, api_addr, false)
+}
+
+/// As [`bootstrap`]; with `shared` (several servers on one datastore) the `kubernetes`
+/// Endpoints are only made when missing: [`crate::masterleases`] keeps them listing every
+/// live server.
+pub fn bootstrap_with(reg: &Registry, api_addr: SocketAddr, shared: bool) -> Result<(), ApiError> {
     let ns = Resource::lookup("namespaces").expect("namespaces");
     let opts = WriteOptions::default();
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -276,7 +304,7 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
         None => {
             reg.create(ep, Some("default"), want, &opts)?;
         }
-        Some(cur) if cur.get("subsets") != want.get("subsets") => {
+        Some(cur) if !shared && cur.get("subsets") != want.get("subsets") => {
             let mut next = want;
             next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
             reg.update(
@@ -307,8 +335,13 @@ fn create_missing(reg: &Registry, r: &Resource, obj: serde_json::Value) -> Resul
 }
 
 /// The embedded store in `dir`, or the datastore's, after the cluster's shared files were
-/// brought into `dir` (see [`crate::shared_state`]).
-fn open_store(dir: &Path, datastore: Option<&DatastoreConfig>) -> Result<DynStore, ServerError> {
+/// brought into `dir` (see [`crate::shared_state`]). A datastore that does not answer yet (its
+/// members starting, no quorum) is waited for, as k3s does: tried again with backoff, a log
+/// line every few seconds, until it answers or `wait_timeout` has passed.
+async fn open_store(
+    dir: &Path,
+    datastore: Option<&DatastoreConfig>,
+) -> Result<DynStore, ServerError> {
     let key_file = dir.join("encryption.key");
     let Some(ds) = datastore else {
         return Ok(Arc::new(SqliteStore::open_with_key(
@@ -316,11 +349,87 @@ fn open_store(dir: &Path, datastore: Option<&DatastoreConfig>) -> Result<DynStor
             &key_file,
         )?));
     };
-    let store = EtcdStore::connect(&ds.etcd)?;
-    crate::shared_state::sync(dir, &store, &ds.token)?;
+    let started = std::time::Instant::now();
+    let mut failures = 0u32;
+    let mut said: Option<std::time::Instant> = None;
+    let store = loop {
+        let (d, etcd, token) = (dir.to_path_buf(), ds.etcd.clone(), ds.token.clone());
+        let attempt = tokio::task::spawn_blocking(move || -> Result<EtcdStore, ServerError> {
+            let store = EtcdStore::connect(&etcd)?;
+            crate::shared_state::sync(&d, &store, &token)?;
+            Ok(store)
+        })
+        .await
+        .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
+        let error = match attempt {
+            Ok(store) => break store,
+            // Unreachable or without a quorum: wait. Anything else (a wrong token) is final.
+            Err(
+                e @ (ServerError::Store(_)
+                | ServerError::SharedState(crate::shared_state::SharedStateError::Store(_))),
+            ) => e,
+            Err(e) => return Err(e),
+        };
+        let waited = started.elapsed();
+        if ds.wait_timeout.is_some_and(|limit| waited >= limit) {
+            return Err(ServerError::DatastoreTimeout {
+                waited,
+                last: error.to_string(),
+            });
+        }
+        if said.is_none_or(|t| t.elapsed() >= DATASTORE_LOG_EVERY) {
+            tracing::warn!(%error, waited = ?Duration::from_secs(waited.as_secs()), endpoints = ?ds.etcd.endpoints, "waiting for the datastore (etcd starting or without a quorum); retrying");
+            said = Some(std::time::Instant::now());
+        }
+        failures += 1;
+        let mut pause = datastore_backoff(failures);
+        if let Some(limit) = ds.wait_timeout {
+            pause = pause.min(limit.saturating_sub(waited));
+        }
+        tokio::time::sleep(pause).await;
+    };
+    if failures > 0 {
+        tracing::info!(waited = ?started.elapsed(), "the datastore answers");
+    }
     let encryption = crate::store::encryption::Encryption::load_or_create(&key_file)?;
     tracing::info!(endpoints = ?ds.etcd.endpoints, "using the etcd datastore");
     Ok(Arc::new(store.with_encryption(encryption)))
+}
+
+/// [`bootstrap_with`] on the blocking pool; with a datastore, retried while the datastore
+/// fails (a quorum that came and went again) with the same pauses as [`open_store`].
+async fn bootstrap_shared(
+    reg: &Arc<Registry>,
+    addr: SocketAddr,
+    shared: bool,
+) -> Result<(), ServerError> {
+    let mut failures = 0u32;
+    loop {
+        let r = reg.clone();
+        let result = tokio::task::spawn_blocking(move || bootstrap_with(&r, addr, shared))
+            .await
+            .map_err(|e| ServerError::Serve(std::io::Error::other(e)))?;
+        match result {
+            Err(e) if shared && e.code >= 500 && failures < 60 => {
+                failures += 1;
+                tracing::warn!(error = %e.message, "bootstrapping the cluster objects failed; retrying");
+                tokio::time::sleep(datastore_backoff(failures)).await;
+            }
+            other => return other.map_err(Into::into),
+        }
+    }
+}
+
+/// How often a server waiting for its datastore says so.
+const DATASTORE_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// The pause before the next attempt to reach the datastore: 250 ms doubling to 5 s, ±20 %.
+fn datastore_backoff(failures: u32) -> Duration {
+    use rand::Rng;
+    Duration::from_millis(250)
+        .saturating_mul(1 << failures.saturating_sub(1).min(5))
+        .min(Duration::from_secs(5))
+        .mul_f64(rand::thread_rng().gen_range(0.8..1.2))
 }
 
 impl Server {
@@ -334,7 +443,7 @@ impl Server {
                 path: dir.clone(),
                 source: e,
             })?;
-        let store = open_store(dir, config.datastore.as_ref())?;
+        let store = open_store(dir, config.datastore.as_ref()).await?;
         let listener = listen(config.api_addr).map_err(|e| ServerError::Listen {
             addr: config.api_addr,
             source: e,
@@ -344,7 +453,7 @@ impl Server {
             source: e,
         })?;
         let registry = Registry::new(store, config.cluster.clone());
-        bootstrap(&registry, addr)?;
+        bootstrap_shared(&registry, addr, config.datastore.is_some()).await?;
         let token = load_or_make_token(dir)?;
         let mut sans = vec![addr.ip().to_string()];
         sans.extend(config.tls_sans.iter().cloned());
@@ -361,6 +470,14 @@ impl Server {
         })?;
         let tls_ca = tls.ca_pem.clone();
         let (stop, mut stopped) = watch::channel(false);
+        let endpoints = config.datastore.as_ref().map(|ds| {
+            tokio::spawn(crate::masterleases::run(
+                registry.clone(),
+                addr,
+                ds.endpoint_leases.clone(),
+                stop.subscribe(),
+            ))
+        });
         let mut controller_config = config.controllers.clone();
         controller_config.root_ca_pem = tls_ca.clone();
         let mut ctl = if config.datastore.is_some() {
@@ -423,12 +540,17 @@ impl Server {
             ca_pem,
             stop,
             task,
+            endpoints,
         })
     }
 
     /// Stops serving and the controllers; waits up to 5 s for open requests.
     pub async fn shutdown(self) -> Result<(), ServerError> {
         let _ = self.stop.send(true);
+        if let Some(endpoints) = self.endpoints {
+            // Out of the kubernetes Endpoints before the API stops answering.
+            let _ = tokio::time::timeout(Duration::from_secs(5), endpoints).await;
+        }
         match tokio::time::timeout(Duration::from_secs(5), self.task).await {
             Ok(Ok(r)) => r,
             _ => Ok(()),

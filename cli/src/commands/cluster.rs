@@ -106,7 +106,9 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
         etcd.ca_file = ds.datastore_cafile;
         etcd.cert_file = ds.datastore_certfile;
         etcd.key_file = ds.datastore_keyfile;
-        config.datastore = Some(skiff_control::server::DatastoreConfig { etcd, token });
+        let mut datastore = skiff_control::server::DatastoreConfig::new(etcd, token);
+        datastore.wait_timeout = ds.datastore_wait_timeout;
+        config.datastore = Some(datastore);
         config.leader_election.lease_duration = ds.leader_elect_lease_duration;
         config.leader_election.renew_deadline = ds.leader_elect_renew_deadline;
         config.leader_election.retry_period = ds.leader_elect_retry_period;
@@ -158,8 +160,9 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
     Ok(())
 }
 
-/// `skiff agent`: joins the control plane with the token, then runs the node until a signal.
-pub(super) async fn join_and_run_agent(args: AgentArgs) -> Result<()> {
+/// `skiff agent`: joins the control plane (`server`: one URL or several, comma-separated) with
+/// the token, then runs the node until a signal.
+pub(super) async fn join_and_run_agent(server: &str, args: AgentArgs) -> Result<()> {
     let ca = match &args.ca_cert {
         Some(p) => {
             Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?)
@@ -171,15 +174,8 @@ pub(super) async fn join_and_run_agent(args: AgentArgs) -> Result<()> {
         .unwrap_or_else(|| default_data_dir().join("agent"));
     let name = args.node.name.clone().unwrap_or_else(host_name);
     // The CA is checked against the token before the token is sent anywhere.
-    let client = skiff_node::join::join(
-        &args.server,
-        &args.token,
-        ca,
-        &dir,
-        &name,
-        args.node.node_ip,
-    )
-    .await?;
+    let client =
+        skiff_node::join::join(server, &args.token, ca, &dir, &name, args.node.node_ip).await?;
     agent(client, dir, args.node).await
 }
 
@@ -377,7 +373,7 @@ impl Ctx {
         self.client.get_path("/version").await?;
         println!(
             "Kubernetes control plane is running at {}",
-            self.client.server
+            self.client.server()
         );
         Ok(())
     }

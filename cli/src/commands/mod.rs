@@ -61,8 +61,13 @@ fn default_data_dir() -> std::path::PathBuf {
 pub async fn run(cli: Cli) -> Result<()> {
     let command = match cli.command {
         Command::Server(args) => return server(args, None).await,
-        Command::Up { server: s, node } => return server(s, Some(node)).await,
-        Command::Agent(args) => return join_and_run_agent(args).await,
+        Command::Up { server: s, node } => return server(*s, Some(node)).await,
+        Command::Agent(args) => {
+            let Some(server) = cli.server.filter(|s| !s.trim().is_empty()) else {
+                bail!("skiff agent needs --server URL[,URL...] (or SKIFF_SERVER): the API servers to join");
+            };
+            return join_and_run_agent(&server, args).await;
+        }
         Command::Push {
             file,
             reference,
@@ -76,7 +81,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
         verb => verb,
     };
-    let client = Client::from_kubeconfig(cli.kubeconfig.as_deref())?;
+    let client = Client::from_kubeconfig_at(cli.kubeconfig.as_deref(), cli.server.as_deref())?;
     let ns = cli.namespace.unwrap_or_else(|| client.namespace.clone());
     Ctx { client, ns }.verb(command).await
 }
