@@ -11,6 +11,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::{json, Value};
 use skiff_api::crd::{CustomResources, Definition};
 use skiff_api::fields::FieldSelector;
+use skiff_api::managed::{
+    self, BuiltinShape, ManagedFields, SchemaShape, Scope, Shape, Writer,
+};
 use skiff_api::patch::{self, PatchKind};
 use skiff_api::selector::Selector;
 use skiff_api::{defaults, meta, validation, ApiError, Cause, Resource};
@@ -124,6 +127,20 @@ pub struct WriteOptions {
     pub by_node: Option<String>,
     /// The writer's admission check, if any.
     pub admission: Option<Arc<dyn WriteAdmission>>,
+    /// The manager the write's fields are recorded under (`fieldManager`, or derived from
+    /// the client's `User-Agent`); None: the server's own controllers.
+    pub field_manager: Option<String>,
+    /// An apply takes the fields it conflicts on (`force=true`).
+    pub force: bool,
+}
+
+/// The manager the in-process controllers' writes are recorded under.
+pub const CONTROLLER_MANAGER: &str = "skiff-controller-manager";
+
+impl WriteOptions {
+    fn manager(&self) -> &str {
+        self.field_manager.as_deref().unwrap_or(CONTROLLER_MANAGER)
+    }
 }
 
 /// Options of a delete (`DeleteOptions`).
@@ -193,6 +210,25 @@ pub(crate) fn store_err(r: &Resource, name: &str, e: StoreError) -> ApiError {
         )),
         StoreError::TooLarge { .. } => skiff_api::limits::object_too_large(),
         StoreError::Backend(m) => ApiError::internal(format!("storage error: {m}")),
+    }
+}
+
+/// The managed fields a write sets itself (a client clearing or moving them, as kubectl
+/// does when it moves from client-side to server-side apply): None when it sends none or
+/// the stored ones unchanged.
+fn sent_managed_fields(old: &Value, new: &Value) -> Result<Option<ManagedFields>, ApiError> {
+    let sent = new.pointer("/metadata/managedFields");
+    match sent {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) if a.is_empty() => Ok(None),
+        Some(s) if Some(s) == old.pointer("/metadata/managedFields") => Ok(None),
+        Some(s) => ManagedFields::decode(s).map(Some).map_err(|e| {
+            ApiError::invalid(
+                "Object",
+                meta::name(old),
+                vec![Cause::invalid("metadata.managedFields", "", &e)],
+            )
+        }),
     }
 }
 
@@ -553,8 +589,21 @@ impl Registry {
         &self,
         r: &Resource,
         ns: Option<&str>,
+        obj: Value,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        self.create_managed(r, ns, obj, opts, None)
+    }
+
+    /// Creates an object; `managed`: the fields an apply that creates it recorded (None: the
+    /// writer's `Update` of everything it set).
+    fn create_managed(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
         mut obj: Value,
         opts: &WriteOptions,
+        managed: Option<ManagedFields>,
     ) -> Result<Value, ApiError> {
         Self::check_kind(r, &mut obj)?;
         let def = self.definition(r);
@@ -640,6 +689,14 @@ impl Registry {
         match &def {
             Some(d) => d.admit(r.version, &mut obj, r.namespaced)?,
             None => validation::validate(r, &obj)?,
+        }
+        match managed {
+            Some(m) => m.store(&mut obj),
+            None => {
+                let mut m = ManagedFields::default();
+                self.record_update(r, &json!({}), &obj, &mut m, Sub::Main, opts);
+                m.store(&mut obj);
+            }
         }
         let ns = meta::namespace(&obj).map(String::from);
         let name = meta::name(&obj).to_string();
@@ -765,7 +822,9 @@ impl Registry {
             }
             None => meta::resource_version(&old),
         };
-        let new = self.prepare_update(r, &old, obj, sub)?;
+        let sent = sent_managed_fields(&old, &obj)?;
+        let mut new = self.prepare_update(r, &old, obj, sub)?;
+        self.track_update(r, &old, &mut new, sent, sub, opts);
         self.commit_update(r, ns, name, &old, new, expect, opts)
     }
 
@@ -791,9 +850,10 @@ impl Registry {
             let old = match self.read(r, ns, name, tries > 1)? {
                 Some(o) => o,
                 None if kind == PatchKind::Apply && sub == Sub::Main => {
-                    let mut obj = body.clone();
+                    let mut managed = ManagedFields::default();
+                    let mut obj = self.apply_config(r, &json!({}), body, &mut managed, sub, opts)?;
                     meta::metadata_mut(&mut obj).insert("name".into(), json!(name));
-                    return self.create(r, ns, obj, opts);
+                    return self.create_managed(r, ns, obj, opts, Some(managed));
                 }
                 None => return Err(ApiError::not_found(&r.qualified(), name)),
             };
@@ -801,9 +861,9 @@ impl Registry {
                 let scale = self.scale_for(r, &old);
                 let patched = patch::apply(kind, &scale, body)?;
                 self.write_scale(r, ns, name, patched, opts)
-            } else {
-                let patched = patch::apply(kind, &old, body)?;
-                let mut patched = patched;
+            } else if kind == PatchKind::Apply {
+                let mut managed = ManagedFields::of(&old).unwrap_or_default();
+                let mut patched = self.apply_config(r, &old, body, &mut managed, sub, opts)?;
                 Self::check_kind(r, &mut patched)?;
                 self.decode(r, &patched, opts)?;
                 let expect = match patched.pointer("/metadata/resourceVersion")
@@ -812,7 +872,23 @@ impl Registry {
                     true => meta::resource_version(&patched),
                     false => meta::resource_version(&old),
                 };
-                let new = self.prepare_update(r, &old, patched, sub)?;
+                let mut new = self.prepare_update(r, &old, patched, sub)?;
+                managed.store(&mut new);
+                self.commit_update(r, ns, name, &old, new, expect, opts)
+            } else {
+                let patched = patch::apply(kind, &old, body)?;
+                let mut patched = patched;
+                let sent = sent_managed_fields(&old, &patched)?;
+                Self::check_kind(r, &mut patched)?;
+                self.decode(r, &patched, opts)?;
+                let expect = match patched.pointer("/metadata/resourceVersion")
+                    != old.pointer("/metadata/resourceVersion")
+                {
+                    true => meta::resource_version(&patched),
+                    false => meta::resource_version(&old),
+                };
+                let mut new = self.prepare_update(r, &old, patched, sub)?;
+                self.track_update(r, &old, &mut new, sent, sub, opts);
                 self.commit_update(r, ns, name, &old, new, expect, opts)
             };
             match result {
@@ -827,6 +903,122 @@ impl Registry {
                 other => return other,
             }
         }
+    }
+
+    // ---- field ownership ---------------------------------------------------------------
+
+    /// Runs `f` with the shape `r`'s lists and maps merge by.
+    fn with_shape<T>(&self, r: &Resource, f: impl FnOnce(&dyn Shape) -> T) -> T {
+        match self.definition(r) {
+            Some(d) => f(&SchemaShape {
+                schema: d.schema(r.version),
+            }),
+            None => f(&BuiltinShape),
+        }
+    }
+
+    fn writer<'a>(r: &Resource, sub: Sub, opts: &'a WriteOptions, av: &'a str, now: &'a str) -> Writer<'a> {
+        Writer {
+            manager: opts.manager(),
+            api_version: av,
+            subresource: match sub {
+                Sub::Main => "",
+                Sub::Status => "status",
+                Sub::Scale => "scale",
+            },
+            scope: match sub {
+                Sub::Status => Scope::Status,
+                _ if r.has_status => Scope::Main,
+                _ => Scope::All,
+            },
+            now,
+        }
+    }
+
+    /// Records in `managed` the fields a write from `old` to `new` changed.
+    fn record_update(
+        &self,
+        r: &Resource,
+        old: &Value,
+        new: &Value,
+        managed: &mut ManagedFields,
+        sub: Sub,
+        opts: &WriteOptions,
+    ) {
+        let (av, now) = (r.api_version(), now());
+        let w = Self::writer(r, sub, opts, &av, &now);
+        self.with_shape(r, |s| managed.update(old, new, &w, s));
+    }
+
+    /// The managed fields of an update's result: those the writer sent when it changed
+    /// them (`sent`), else the stored ones with the write's fields recorded. An object that
+    /// has none is left untracked until its first apply, as Kubernetes does.
+    fn track_update(
+        &self,
+        r: &Resource,
+        old: &Value,
+        new: &mut Value,
+        sent: Option<ManagedFields>,
+        sub: Sub,
+        opts: &WriteOptions,
+    ) {
+        let mut managed = match sent {
+            Some(m) => m,
+            None => match ManagedFields::of(old) {
+                Ok(m) if !m.entries.is_empty() => m,
+                _ => {
+                    if let Some(m) = new.get_mut("metadata").and_then(Value::as_object_mut) {
+                        m.remove("managedFields");
+                    }
+                    return;
+                }
+            },
+        };
+        self.record_update(r, old, new, &mut managed, sub, opts);
+        managed.store(new);
+    }
+
+    /// Server-side apply of `config` to `live`: the merged object, with `managed` updated,
+    /// or 409 with the fields other managers own.
+    fn apply_config(
+        &self,
+        r: &Resource,
+        live: &Value,
+        config: &Value,
+        managed: &mut ManagedFields,
+        sub: Sub,
+        opts: &WriteOptions,
+    ) -> Result<Value, ApiError> {
+        if !config.is_object() {
+            return Err(ApiError::bad_request("an apply configuration must be an object"));
+        }
+        if config
+            .pointer("/metadata/managedFields")
+            .is_some_and(|m| !m.is_null())
+        {
+            return Err(ApiError::bad_request("metadata.managedFields must be nil"));
+        }
+        let (av, now) = (r.api_version(), now());
+        let w = Self::writer(r, sub, opts, &av, &now);
+        let merged = self
+            .with_shape(r, |s| managed.apply(live, config, &w, opts.force, s))
+            .map_err(|conflicts| {
+                ApiError::apply_conflict(
+                    managed::conflict_message(&conflicts),
+                    conflicts
+                        .into_iter()
+                        .map(|c| Cause {
+                            reason: "FieldManagerConflict".into(),
+                            message: format!("conflict with {}", c.manager),
+                            field: c.path,
+                        })
+                        .collect(),
+                )
+            })?;
+        if skiff_api::patch::json_size_over(&merged, skiff_api::limits::MAX_OBJECT_BYTES) {
+            return Err(skiff_api::limits::object_too_large());
+        }
+        Ok(merged)
     }
 
     /// Builds the object to store from the old one and the proposed one.
@@ -997,7 +1189,8 @@ impl Registry {
             })
             .unwrap_or_else(|| "/spec/replicas".into());
         set_at(&mut new, &spec_path, json!(replicas));
-        let new = self.prepare_update(r, &old, new, Sub::Main)?;
+        let mut new = self.prepare_update(r, &old, new, Sub::Main)?;
+        self.track_update(r, &old, &mut new, None, Sub::Scale, opts);
         let stored = self.commit_update(r, ns, name, &old, new, expect, opts)?;
         Ok(self.scale_for(r, &stored))
     }
