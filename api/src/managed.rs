@@ -361,7 +361,7 @@ struct Walker<'s> {
 
 impl Walker<'_> {
     /// The fields of `v`, at `path`, into `out` (the node of `v`).
-    fn value_set(&self, v: &Value, path: &mut Vec<Seg<'_>>, out: &mut FieldSet) {
+    fn value_set<'v>(&self, v: &'v Value, path: &mut Vec<Seg<'v>>, out: &mut FieldSet) {
         match v {
             Value::Object(m) if !m.is_empty() && !self.shape.atomic_map(path) => {
                 for (k, cv) in m {
@@ -393,7 +393,13 @@ impl Walker<'_> {
     }
 
     /// The fields added, changed and removed from `old` to `new`.
-    fn compare(&self, old: &Value, new: &Value, path: &mut Vec<Seg<'_>>, c: &mut Comparison) {
+    fn compare<'v>(
+        &self,
+        old: &'v Value,
+        new: &'v Value,
+        path: &mut Vec<Seg<'v>>,
+        c: &mut Comparison,
+    ) {
         match (old, new) {
             (Value::Object(o), Value::Object(n)) if !self.shape.atomic_map(path) => {
                 for (k, nv) in n {
@@ -483,30 +489,25 @@ impl Walker<'_> {
         }
     }
 
-    /// `config` merged into `live`.
-    fn merge(&self, live: &Value, config: &Value, path: &mut Vec<Seg<'_>>) -> Value {
+    /// `config` merged into `live` (None: nothing there yet).
+    fn merge<'v>(&self, live: Option<&'v Value>, config: &'v Value, path: &mut Vec<Seg<'v>>) -> Value {
         match (live, config) {
-            (Value::Object(l), Value::Object(c)) if !self.shape.atomic_map(path) => {
-                let mut out = l.clone();
+            (Some(Value::Object(_)) | None, Value::Object(c)) if !self.shape.atomic_map(path) => {
+                let l = live.and_then(Value::as_object);
+                let mut out = l.cloned().unwrap_or_default();
                 for (k, cv) in c {
                     if cv.is_null() {
                         out.remove(k);
                         continue;
                     }
                     path.push(Seg::Field(k));
-                    let merged = match l.get(k) {
-                        Some(lv) => self.merge(lv, cv, path),
-                        None => self.merge(&Value::Null, cv, path),
-                    };
+                    let merged = self.merge(l.and_then(|l| l.get(k)), cv, path);
                     path.pop();
                     out.insert(k.clone(), merged);
                 }
                 Value::Object(out)
             }
-            (Value::Null, Value::Object(c)) if !self.shape.atomic_map(path) => {
-                self.merge(&Value::Object(Map::new()), &Value::Object(c.clone()), path)
-            }
-            (Value::Array(l), Value::Array(c)) => {
+            (Some(Value::Array(l)), Value::Array(c)) => {
                 let lt = self.shape.list_type(path, if c.is_empty() { l } else { c });
                 let (Some(lpe), Some(cpe)) = (item_elements(&lt, l), item_elements(&lt, c)) else {
                     return config.clone();
@@ -517,13 +518,19 @@ impl Walker<'_> {
                 path.push(Seg::Item);
                 for (pe, item) in cpe.into_iter().zip(c) {
                     match index.get(&pe) {
-                        Some(&i) => out[i] = self.merge(&l[i], item, path),
+                        Some(&i) => out[i] = self.merge(l.get(i), item, path),
                         None => {
                             index.insert(pe, out.len());
-                            out.push(self.merge(&Value::Null, item, path));
+                            out.push(self.merge(None, item, path));
                         }
                     }
                 }
+                path.pop();
+                Value::Array(out)
+            }
+            (None, Value::Array(c)) => {
+                path.push(Seg::Item);
+                let out = c.iter().map(|item| self.merge(None, item, path)).collect();
                 path.pop();
                 Value::Array(out)
             }
@@ -533,7 +540,13 @@ impl Walker<'_> {
 
     /// Removes from `v` the members of `remove` that nobody keeps (`keep`), and within
     /// kept nodes, recursively, the parts of them in `remove` and not in `keep`.
-    fn prune(&self, v: &mut Value, remove: &FieldSet, keep: Option<&FieldSet>, path: &mut Vec<Seg<'_>>) {
+    fn prune<'r>(
+        &self,
+        v: &mut Value,
+        remove: &'r FieldSet,
+        keep: Option<&'r FieldSet>,
+        path: &mut Vec<Seg<'r>>,
+    ) {
         match v {
             Value::Object(m) => {
                 for (pe, r) in &remove.children {
@@ -919,7 +932,7 @@ impl ManagedFields {
                 fields,
             );
         }
-        let mut merged = walker.merge(live, &config, &mut Vec::new());
+        let mut merged = walker.merge(Some(live), &config, &mut Vec::new());
         let mut applied = FieldSet::default();
         walker.value_set(&config, &mut Vec::new(), &mut applied);
         let me = self.position(w, Operation::Apply);
