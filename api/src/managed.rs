@@ -56,9 +56,9 @@ pub enum ListType {
 /// What the ownership engine needs to know of a kind's shape.
 pub trait Shape {
     /// The type of the list at `path`; `items` are its elements (or those of the other side).
-    fn list_type(&self, path: &[Seg], items: &[Value]) -> ListType;
+    fn list_type(&self, path: &[Seg<'_>], items: &[Value]) -> ListType;
     /// Whether the object at `path` is replaced whole (`x-kubernetes-map-type: atomic`).
-    fn atomic_map(&self, path: &[Seg]) -> bool;
+    fn atomic_map(&self, path: &[Seg<'_>]) -> bool;
 }
 
 /// The built-in kinds: list keys from the strategic merge patch's merge keys.
@@ -66,7 +66,7 @@ pub trait Shape {
 pub struct BuiltinShape;
 
 impl Shape for BuiltinShape {
-    fn list_type(&self, path: &[Seg], items: &[Value]) -> ListType {
+    fn list_type(&self, path: &[Seg<'_>], items: &[Value]) -> ListType {
         let Some(Seg::Field(field)) = path.last() else {
             return ListType::Atomic;
         };
@@ -83,7 +83,7 @@ impl Shape for BuiltinShape {
         }
     }
 
-    fn atomic_map(&self, path: &[Seg]) -> bool {
+    fn atomic_map(&self, path: &[Seg<'_>]) -> bool {
         // Label selectors (`+structType=atomic`) and selector maps (`+mapType=atomic`).
         matches!(
             path.last(),
@@ -101,7 +101,7 @@ pub struct SchemaShape<'a> {
 }
 
 impl SchemaShape<'_> {
-    fn at(&self, path: &[Seg]) -> Option<&JSONSchemaProps> {
+    fn at(&self, path: &[Seg<'_>]) -> Option<&JSONSchemaProps> {
         let mut s = self.schema?;
         for seg in path {
             s = match seg {
@@ -123,7 +123,7 @@ impl SchemaShape<'_> {
 }
 
 impl Shape for SchemaShape<'_> {
-    fn list_type(&self, path: &[Seg], items: &[Value]) -> ListType {
+    fn list_type(&self, path: &[Seg<'_>], items: &[Value]) -> ListType {
         if path.first() == Some(&Seg::Field("metadata")) {
             return BuiltinShape.list_type(path, items);
         }
@@ -137,7 +137,7 @@ impl Shape for SchemaShape<'_> {
         }
     }
 
-    fn atomic_map(&self, path: &[Seg]) -> bool {
+    fn atomic_map(&self, path: &[Seg<'_>]) -> bool {
         if path.first() == Some(&Seg::Field("metadata")) {
             return BuiltinShape.atomic_map(path);
         }
@@ -329,7 +329,7 @@ pub enum Scope {
 }
 
 /// Fields nobody owns: the type, the identity and what the server sets.
-fn skipped(path: &[Seg], key: &str, scope: Scope) -> bool {
+fn skipped(path: &[Seg<'_>], key: &str, scope: Scope) -> bool {
     match path {
         [] => match key {
             "apiVersion" | "kind" => true,
@@ -840,7 +840,7 @@ impl ManagedFields {
         }
     }
 
-    fn position(&self, w: &Writer, op: Operation) -> Option<usize> {
+    fn position(&self, w: &Writer<'_>, op: Operation) -> Option<usize> {
         self.entries.iter().position(|e| {
             e.manager == w.manager
                 && e.operation == op
@@ -850,7 +850,7 @@ impl ManagedFields {
     }
 
     /// Sets the fields of `w`'s entry; its time changes only when its fields do.
-    fn set(&mut self, w: &Writer, op: Operation, fields: FieldSet) {
+    fn set(&mut self, w: &Writer<'_>, op: Operation, fields: FieldSet) {
         match self.position(w, op) {
             Some(i) => {
                 let e = &mut self.entries[i];
@@ -874,7 +874,7 @@ impl ManagedFields {
 
     /// Records a write from `old` (`{}` for a create) to `new` by `w`: the fields it added
     /// or changed become its own and no one else's; those it removed no one's.
-    pub fn update(&mut self, old: &Value, new: &Value, w: &Writer, shape: &dyn Shape) {
+    pub fn update(&mut self, old: &Value, new: &Value, w: &Writer<'_>, shape: &dyn Shape) {
         let walker = Walker {
             shape,
             scope: w.scope,
@@ -907,7 +907,7 @@ impl ManagedFields {
         &mut self,
         live: &Value,
         config: &Value,
-        w: &Writer,
+        w: &Writer<'_>,
         force: bool,
         shape: &dyn Shape,
     ) -> Result<Value, Vec<Conflict>> {
@@ -967,7 +967,9 @@ impl ManagedFields {
                 taken.push((j, clash));
             }
         }
-        if !conflicts.is_empty() && !force && !allowed_by_last_applied(live, &conflicts, &walker)
+        if !conflicts.is_empty()
+            && !force
+            && !(w.manager == "kubectl" && allowed_by_last_applied(live, &conflicts, &walker))
         {
             return Err(conflicts);
         }
@@ -995,9 +997,10 @@ impl ManagedFields {
     }
 }
 
-/// An apply that conflicts only on fields of the configuration kubectl's client-side apply
-/// recorded may take them: kubectl moving from client-side to server-side apply.
-fn allowed_by_last_applied(live: &Value, conflicts: &[Conflict], walker: &Walker) -> bool {
+/// kubectl's apply that conflicts only on fields of the configuration its client-side apply
+/// recorded, still holding the values recorded there, may take them: kubectl moving from
+/// client-side to server-side apply.
+fn allowed_by_last_applied(live: &Value, conflicts: &[Conflict], walker: &Walker<'_>) -> bool {
     let Some(last) = live
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(LAST_APPLIED))
@@ -1008,6 +1011,9 @@ fn allowed_by_last_applied(live: &Value, conflicts: &[Conflict], walker: &Walker
     };
     let mut set = FieldSet::default();
     walker.value_set(&last, &mut Vec::new(), &mut set);
+    let mut c = Comparison::default();
+    walker.compare(&last, live, &mut Vec::new(), &mut c);
+    let set = set.difference(&c.modified);
     let paths: HashSet<String> = set.paths().into_iter().collect();
     conflicts.iter().all(|c| paths.contains(&c.path))
 }

@@ -2734,7 +2734,7 @@ mod tests {
         let mut cleared = reg.get(deploy, ns, "d0").unwrap();
         cleared["metadata"]["managedFields"] = json!([{}]);
         reg.update(deploy, ns, "d0", cleared, Sub::Main, &opts).unwrap();
-        let mut per = |name: &str, sub: Sub| {
+        let per = |name: &str, sub: Sub| {
             let t = Instant::now();
             for i in 0..n {
                 let p = match sub {
