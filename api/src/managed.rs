@@ -373,8 +373,7 @@ impl Walker<'_> {
                     path.pop();
                 }
             }
-            Value::Array(items) => match item_elements(&self.shape.list_type(path, items), items)
-            {
+            Value::Array(items) => match item_elements(&self.shape.list_type(path, items), items) {
                 None => out.member = true,
                 Some(pes) => {
                     path.push(Seg::Item);
@@ -490,7 +489,12 @@ impl Walker<'_> {
     }
 
     /// `config` merged into `live` (None: nothing there yet).
-    fn merge<'v>(&self, live: Option<&'v Value>, config: &'v Value, path: &mut Vec<Seg<'v>>) -> Value {
+    fn merge<'v>(
+        &self,
+        live: Option<&'v Value>,
+        config: &'v Value,
+        path: &mut Vec<Seg<'v>>,
+    ) -> Value {
         match (live, config) {
             (Some(Value::Object(_)) | None, Value::Object(c)) if !self.shape.atomic_map(path) => {
                 let l = live.and_then(Value::as_object);
@@ -767,9 +771,7 @@ impl ManagedFields {
                 }
             };
             if w.fields_type.as_deref().is_some_and(|t| t != "FieldsV1") {
-                return Err(format!(
-                    "managedFields[{i}]: fieldsType must be FieldsV1"
-                ));
+                return Err(format!("managedFields[{i}]: fieldsType must be FieldsV1"));
             }
             let fields = match &w.fields_v1 {
                 Some(f) => FieldSet::from_fields_v1(f)
@@ -796,13 +798,20 @@ impl ManagedFields {
             .filter(|e| !e.fields.is_empty())
             .collect();
         entries.sort_by(|a, b| {
-            (a.operation, &a.time, &a.manager, &a.api_version, &a.subresource).cmp(&(
-                b.operation,
-                &b.time,
-                &b.manager,
-                &b.api_version,
-                &b.subresource,
-            ))
+            (
+                a.operation,
+                &a.time,
+                &a.manager,
+                &a.api_version,
+                &a.subresource,
+            )
+                .cmp(&(
+                    b.operation,
+                    &b.time,
+                    &b.manager,
+                    &b.api_version,
+                    &b.subresource,
+                ))
         });
         Value::Array(
             entries
@@ -828,7 +837,10 @@ impl ManagedFields {
         let encoded = self.encode();
         let Some(m) = obj
             .as_object_mut()
-            .map(|o| o.entry("metadata").or_insert_with(|| Value::Object(Map::new())))
+            .map(|o| {
+                o.entry("metadata")
+                    .or_insert_with(|| Value::Object(Map::new()))
+            })
             .and_then(Value::as_object_mut)
         else {
             return;
@@ -1059,7 +1071,13 @@ mod tests {
     fn fields_v1_round_trip_in_kubernetes_encoding() {
         let mut m = ManagedFields::default();
         let out = m
-            .apply(&json!({}), &deployment(2, "a:1"), &writer("a"), false, &BuiltinShape)
+            .apply(
+                &json!({}),
+                &deployment(2, "a:1"),
+                &writer("a"),
+                false,
+                &BuiltinShape,
+            )
             .unwrap();
         assert_eq!(out["spec"]["replicas"], 2);
         let enc = m.encode();
@@ -1089,7 +1107,13 @@ mod tests {
     fn a_change_of_another_managers_field_conflicts_unless_forced() {
         let mut m = ManagedFields::default();
         let live = m
-            .apply(&json!({}), &deployment(2, "a:1"), &writer("a"), false, &BuiltinShape)
+            .apply(
+                &json!({}),
+                &deployment(2, "a:1"),
+                &writer("a"),
+                false,
+                &BuiltinShape,
+            )
             .unwrap();
         let b = json!({"apiVersion": "apps/v1", "kind": "Deployment",
                        "metadata": {"name": "web"}, "spec": {"replicas": 5}});
@@ -1124,10 +1148,18 @@ mod tests {
     fn the_same_value_shares_ownership() {
         let mut m = ManagedFields::default();
         let live = m
-            .apply(&json!({}), &deployment(2, "a:1"), &writer("a"), false, &BuiltinShape)
+            .apply(
+                &json!({}),
+                &deployment(2, "a:1"),
+                &writer("a"),
+                false,
+                &BuiltinShape,
+            )
             .unwrap();
         let b = json!({"spec": {"replicas": 2}});
-        let out = m.apply(&live, &b, &writer("b"), false, &BuiltinShape).unwrap();
+        let out = m
+            .apply(&live, &b, &writer("b"), false, &BuiltinShape)
+            .unwrap();
         assert_eq!(out, live);
         let mut o = owners(&m, ".spec.replicas");
         o.sort();
@@ -1135,7 +1167,9 @@ mod tests {
         // Now a stops applying replicas: b still owns it, so it stays.
         let mut a2 = deployment(2, "a:1");
         a2["spec"].as_object_mut().unwrap().remove("replicas");
-        let out = m.apply(&out, &a2, &writer("a"), false, &BuiltinShape).unwrap();
+        let out = m
+            .apply(&out, &a2, &writer("a"), false, &BuiltinShape)
+            .unwrap();
         assert_eq!(out["spec"]["replicas"], 2);
         assert_eq!(owners(&m, ".spec.replicas"), vec!["b"]);
     }
@@ -1158,11 +1192,19 @@ mod tests {
         m.update(&live, &upd, &writer("kubectl-label"), &BuiltinShape);
         assert_eq!(owners(&m, ".metadata.labels.owner"), vec!["kubectl-label"]);
         let out = m
-            .apply(&upd, &deployment(2, "a:1"), &writer("a"), false, &BuiltinShape)
+            .apply(
+                &upd,
+                &deployment(2, "a:1"),
+                &writer("a"),
+                false,
+                &BuiltinShape,
+            )
             .unwrap();
         assert!(out["metadata"]["labels"].get("tier").is_none(), "{out}");
         assert_eq!(out["metadata"]["labels"]["owner"], "ops");
-        let cs = out["spec"]["template"]["spec"]["containers"].as_array().unwrap();
+        let cs = out["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap();
         assert_eq!(cs.len(), 1, "{out}");
         assert!(owners(&m, ".metadata.labels.tier").is_empty());
     }
@@ -1177,11 +1219,18 @@ mod tests {
         let cfg = json!({"spec": {"containers": [
             {"name": "b", "image": "b:2"},
             {"name": "a", "env": [{"name": "Y", "value": "2"}]}]}});
-        let err = m.apply(&live, &cfg, &writer("x"), false, &BuiltinShape).unwrap_err();
+        let err = m
+            .apply(&live, &cfg, &writer("x"), false, &BuiltinShape)
+            .unwrap_err();
         assert_eq!(err.len(), 1);
         assert_eq!(err[0].path, ".spec.containers[name=\"b\"].image");
-        assert_eq!(err[0].manager, "\"creator\" using apps/v1 at 2026-01-01T00:00:00Z");
-        let out = m.apply(&live, &cfg, &writer("x"), true, &BuiltinShape).unwrap();
+        assert_eq!(
+            err[0].manager,
+            "\"creator\" using apps/v1 at 2026-01-01T00:00:00Z"
+        );
+        let out = m
+            .apply(&live, &cfg, &writer("x"), true, &BuiltinShape)
+            .unwrap();
         assert_eq!(
             out,
             json!({"spec": {"containers": [
@@ -1197,10 +1246,14 @@ mod tests {
         let mut m = ManagedFields::default();
         let cfg = json!({"metadata": {"finalizers": ["b"]},
                          "spec": {"containers": [{"name": "c", "args": ["3"]}]}});
-        let out = m.apply(&live, &cfg, &writer("x"), false, &BuiltinShape).unwrap_err();
+        let out = m
+            .apply(&live, &cfg, &writer("x"), false, &BuiltinShape)
+            .unwrap_err();
         // `before-first-apply` owns what the object had.
         assert_eq!(out[0].path, ".spec.containers[name=\"c\"].args");
-        let out = m.apply(&live, &cfg, &writer("x"), true, &BuiltinShape).unwrap();
+        let out = m
+            .apply(&live, &cfg, &writer("x"), true, &BuiltinShape)
+            .unwrap();
         assert_eq!(out["metadata"]["finalizers"], json!(["a", "b"]));
         assert_eq!(out["spec"]["containers"][0]["args"], json!(["3"]));
         let enc = m.encode();
@@ -1210,7 +1263,10 @@ mod tests {
             .iter()
             .find(|e| e["manager"] == "x")
             .unwrap();
-        assert_eq!(x["fieldsV1"]["f:metadata"]["f:finalizers"]["v:\"b\""], json!({}));
+        assert_eq!(
+            x["fieldsV1"]["f:metadata"]["f:finalizers"]["v:\"b\""],
+            json!({})
+        );
         assert!(owners(&m, ".metadata.finalizers[=\"a\"]") == vec![BEFORE_FIRST_APPLY]);
     }
 
@@ -1226,7 +1282,9 @@ mod tests {
                 "plain": {"type": "array", "items": {"type": "string"}},
                 "sel": {"type": "object", "x-kubernetes-map-type": "atomic"}}}}}))
         .unwrap();
-        let shape = SchemaShape { schema: Some(&schema) };
+        let shape = SchemaShape {
+            schema: Some(&schema),
+        };
         let live = json!({"spec": {"items": [{"id": 1, "v": "a"}], "tags": ["x"], "plain": ["p"],
                                    "sel": {"a": "1", "b": "2"}}});
         let mut m = ManagedFields::default();
@@ -1246,7 +1304,13 @@ mod tests {
     fn updates_take_the_fields_they_change_and_keep_the_time_otherwise() {
         let mut m = ManagedFields::default();
         let live = m
-            .apply(&json!({}), &deployment(2, "a:1"), &writer("a"), false, &BuiltinShape)
+            .apply(
+                &json!({}),
+                &deployment(2, "a:1"),
+                &writer("a"),
+                false,
+                &BuiltinShape,
+            )
             .unwrap();
         let mut edited = live.clone();
         edited["spec"]["replicas"] = json!(3);
@@ -1273,7 +1337,11 @@ mod tests {
             ..writer("controller")
         };
         m.update(&edited, &st, &w, &BuiltinShape);
-        let e = m.entries.iter().find(|e| e.manager == "controller").unwrap();
+        let e = m
+            .entries
+            .iter()
+            .find(|e| e.manager == "controller")
+            .unwrap();
         assert_eq!(e.fields.paths(), vec![".status.replicas"]);
         let enc = m.encode();
         let c = enc
@@ -1291,20 +1359,39 @@ mod tests {
         let last = deployment(2, "a:1").to_string();
         live["metadata"]["annotations"] = json!({ LAST_APPLIED: last });
         let mut m = ManagedFields::default();
-        m.update(&json!({}), &live, &writer("kubectl-client-side-apply"), &BuiltinShape);
+        m.update(
+            &json!({}),
+            &live,
+            &writer("kubectl-client-side-apply"),
+            &BuiltinShape,
+        );
         let out = m
-            .apply(&live, &deployment(4, "a:1"), &writer("kubectl"), false, &BuiltinShape)
+            .apply(
+                &live,
+                &deployment(4, "a:1"),
+                &writer("kubectl"),
+                false,
+                &BuiltinShape,
+            )
             .unwrap();
         assert_eq!(out["spec"]["replicas"], 4);
         assert_eq!(owners(&m, ".spec.replicas"), vec!["kubectl"]);
         let rec: Value = serde_json::from_str(
-            out["metadata"]["annotations"][LAST_APPLIED].as_str().unwrap(),
+            out["metadata"]["annotations"][LAST_APPLIED]
+                .as_str()
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(rec["spec"]["replicas"], 4);
         // Another manager has no such record to lean on.
         let err = m
-            .apply(&out, &json!({"spec": {"replicas": 1}}), &writer("z"), false, &BuiltinShape)
+            .apply(
+                &out,
+                &json!({"spec": {"replicas": 1}}),
+                &writer("z"),
+                false,
+                &BuiltinShape,
+            )
             .unwrap_err();
         assert_eq!(err[0].manager, "\"kubectl\"");
     }
@@ -1316,7 +1403,13 @@ mod tests {
             &json!([{"manager": "a", "operation": "Apply", "fieldsV1": {"x:y": {}}}])
         )
         .is_err());
-        assert_eq!(ManagedFields::decode(&json!([{}])).unwrap().entries.len(), 0);
-        assert_eq!(manager_from_user_agent("kubectl/v1.31.0 (linux/amd64)"), "kubectl");
+        assert_eq!(
+            ManagedFields::decode(&json!([{}])).unwrap().entries.len(),
+            0
+        );
+        assert_eq!(
+            manager_from_user_agent("kubectl/v1.31.0 (linux/amd64)"),
+            "kubectl"
+        );
     }
 }

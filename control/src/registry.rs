@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde_json::{json, Value};
 use skiff_api::crd::{CustomResources, Definition};
 use skiff_api::fields::FieldSelector;
-use skiff_api::managed::{
-    BuiltinShape, ManagedFields, SchemaShape, Scope, Shape, Writer,
-};
+use skiff_api::managed::{BuiltinShape, ManagedFields, SchemaShape, Scope, Shape, Writer};
 use skiff_api::patch::{self, PatchKind};
 use skiff_api::selector::Selector;
 use skiff_api::{defaults, meta, validation, ApiError, Cause, Resource};
@@ -851,7 +849,8 @@ impl Registry {
                 Some(o) => o,
                 None if kind == PatchKind::Apply && sub == Sub::Main => {
                     let mut managed = ManagedFields::default();
-                    let mut obj = self.apply_config(r, &json!({}), body, &mut managed, sub, opts)?;
+                    let mut obj =
+                        self.apply_config(r, &json!({}), body, &mut managed, sub, opts)?;
                     meta::metadata_mut(&mut obj).insert("name".into(), json!(name));
                     return self.create_managed(r, ns, obj, opts, Some(managed));
                 }
@@ -917,7 +916,13 @@ impl Registry {
         }
     }
 
-    fn writer<'a>(r: &Resource, sub: Sub, opts: &'a WriteOptions, av: &'a str, now: &'a str) -> Writer<'a> {
+    fn writer<'a>(
+        r: &Resource,
+        sub: Sub,
+        opts: &'a WriteOptions,
+        av: &'a str,
+        now: &'a str,
+    ) -> Writer<'a> {
         Writer {
             manager: opts.manager(),
             api_version: av,
@@ -990,7 +995,9 @@ impl Registry {
         opts: &WriteOptions,
     ) -> Result<Value, ApiError> {
         if !config.is_object() {
-            return Err(ApiError::bad_request("an apply configuration must be an object"));
+            return Err(ApiError::bad_request(
+                "an apply configuration must be an object",
+            ));
         }
         if config
             .pointer("/metadata/managedFields")
@@ -2688,7 +2695,14 @@ mod tests {
         let mut cleared = reg.get(deploy, ns, "web").unwrap();
         cleared["metadata"]["managedFields"] = json!([{}]);
         let out = reg
-            .update(deploy, ns, "web", cleared, Sub::Main, &WriteOptions::default())
+            .update(
+                deploy,
+                ns,
+                "web",
+                cleared,
+                Sub::Main,
+                &WriteOptions::default(),
+            )
             .unwrap();
         assert!(out["metadata"].get("managedFields").is_none(), "{out}");
         let mut bad = reg.get(deploy, ns, "web").unwrap();
@@ -2733,7 +2747,8 @@ mod tests {
         // d1 keeps its managed fields, d0 has none (untracked).
         let mut cleared = reg.get(deploy, ns, "d0").unwrap();
         cleared["metadata"]["managedFields"] = json!([{}]);
-        reg.update(deploy, ns, "d0", cleared, Sub::Main, &opts).unwrap();
+        reg.update(deploy, ns, "d0", cleared, Sub::Main, &opts)
+            .unwrap();
         // Alternated, so both see the same store and machine.
         let per = |sub: Sub| {
             let (mut tracked, mut plain) = (Duration::ZERO, Duration::ZERO);

@@ -77,14 +77,27 @@ async fn server_side_apply_with_kubectl_and_python() -> anyhow::Result<()> {
     cluster.kubectl_ok(
         &[
             &ssa[..],
-            &["--field-manager", "b", "--force-conflicts", "--dry-run=server", "-f", &b],
+            &[
+                "--field-manager",
+                "b",
+                "--force-conflicts",
+                "--dry-run=server",
+                "-f",
+                &b,
+            ],
         ]
         .concat(),
     )?;
     assert_eq!(get(&cluster, "web", &[])?["spec"]["replicas"], 2);
 
     // Forced, b takes the field.
-    cluster.kubectl_ok(&[&ssa[..], &["--field-manager", "b", "--force-conflicts", "-f", &b]].concat())?;
+    cluster.kubectl_ok(
+        &[
+            &ssa[..],
+            &["--field-manager", "b", "--force-conflicts", "-f", &b],
+        ]
+        .concat(),
+    )?;
     assert_eq!(get(&cluster, "web", &[])?["spec"]["replicas"], 5);
 
     // a drops the `tier` label and the replicas from its manifest: the label (a's alone)
@@ -97,14 +110,30 @@ async fn server_side_apply_with_kubectl_and_python() -> anyhow::Result<()> {
     assert_eq!(d["spec"]["replicas"], 5);
 
     // Both managers are shown with --show-managed-fields, and hidden without it.
-    let yaml = cluster.kubectl_ok(&["get", "deployment", "web", "-o", "yaml", "--show-managed-fields"])?;
-    for want in ["manager: a", "manager: b", "operation: Apply", "f:replicas: {}", "fieldsType: FieldsV1"] {
+    let yaml = cluster.kubectl_ok(&[
+        "get",
+        "deployment",
+        "web",
+        "-o",
+        "yaml",
+        "--show-managed-fields",
+    ])?;
+    for want in [
+        "manager: a",
+        "manager: b",
+        "operation: Apply",
+        "f:replicas: {}",
+        "fieldsType: FieldsV1",
+    ] {
         assert!(yaml.contains(want), "{want:?} not in\n{yaml}");
     }
     let plain = cluster.kubectl_ok(&["get", "deployment", "web", "-o", "yaml"])?;
     assert!(!plain.contains("managedFields"), "{plain}");
     let d = get(&cluster, "web", &["--show-managed-fields"])?;
-    let entries = d["metadata"]["managedFields"].as_array().cloned().unwrap_or_default();
+    let entries = d["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let owns = |m: &str, f: &str| {
         entries
             .iter()
@@ -124,9 +153,9 @@ async fn server_side_apply_with_kubectl_and_python() -> anyhow::Result<()> {
     cluster.kubectl_ok(&["apply", "-f", &c1])?;
     let d = get(&cluster, "csa", &["--show-managed-fields"])?;
     assert!(
-        d["metadata"]["managedFields"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|e| e["manager"] == "kubectl-client-side-apply")),
+        d["metadata"]["managedFields"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["manager"] == "kubectl-client-side-apply")),
         "{d}"
     );
     let c2 = write(&cluster, "c2.yaml", &manifest("csa", Some(3), ""))?;
@@ -135,11 +164,9 @@ async fn server_side_apply_with_kubectl_and_python() -> anyhow::Result<()> {
     assert_eq!(d["spec"]["replicas"], 3, "{d}");
     assert!(d["metadata"]["labels"].get("tier").is_none(), "{d}");
     assert!(
-        d["metadata"]["managedFields"]
-            .as_array()
-            .is_some_and(|a| a
-                .iter()
-                .any(|e| e["manager"] == "kubectl" && e["operation"] == "Apply")),
+        d["metadata"]["managedFields"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["manager"] == "kubectl" && e["operation"] == "Apply")),
         "{d}"
     );
     // And a client-side apply still works afterwards.
