@@ -979,10 +979,9 @@ impl ManagedFields {
                 taken.push((j, clash));
             }
         }
-        if !conflicts.is_empty()
-            && !force
-            && !(w.manager == "kubectl" && allowed_by_last_applied(live, &conflicts, &walker))
-        {
+        let allowed =
+            force || (w.manager == "kubectl" && allowed_by_last_applied(live, &conflicts, &walker));
+        if !conflicts.is_empty() && !allowed {
             return Err(conflicts);
         }
         for (j, clash) in taken {
