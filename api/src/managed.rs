@@ -32,6 +32,11 @@ pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration
 /// The manager that owns the fields of an object that had no managed fields before its
 /// first apply.
 pub const BEFORE_FIRST_APPLY: &str = "before-first-apply";
+/// How many `Update` entries an object keeps; older ones are merged into
+/// [`ANCIENT_CHANGES`].
+pub const MAX_UPDATE_MANAGERS: usize = 10;
+/// The entry the oldest `Update`s beyond [`MAX_UPDATE_MANAGERS`] are merged into.
+pub const ANCIENT_CHANGES: &str = "ancient-changes";
 /// The longest manager name Kubernetes accepts.
 pub const MAX_MANAGER_LEN: usize = 128;
 
@@ -751,8 +756,7 @@ impl ManagedFields {
     /// Reads a `managedFields` list. An entry with nothing in it is dropped (a list of one
     /// empty entry is how a client clears them).
     pub fn decode(v: &Value) -> Result<Self, String> {
-        let wire: Vec<WireEntry> =
-            serde_json::from_value(v.clone()).map_err(|e| format!("managedFields: {e}"))?;
+        let wire = Vec::<WireEntry>::deserialize(v).map_err(|e| format!("managedFields: {e}"))?;
         let mut entries = Vec::new();
         for (i, w) in wire.into_iter().enumerate() {
             let Some(manager) = w.manager.clone() else {
@@ -882,6 +886,46 @@ impl ManagedFields {
             }),
         }
         self.entries.retain(|e| !e.fields.is_empty());
+        self.cap_updates(w);
+    }
+
+    /// At most [`MAX_UPDATE_MANAGERS`] `Update` entries: the oldest are merged into
+    /// `ancient-changes`, as Kubernetes keeps them.
+    fn cap_updates(&mut self, w: &Writer<'_>) {
+        let updates = |m: &Self| {
+            m.entries
+                .iter()
+                .filter(|e| e.operation == Operation::Update)
+                .count()
+        };
+        while updates(self) > MAX_UPDATE_MANAGERS {
+            let Some(oldest) = self
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.operation == Operation::Update && e.manager != ANCIENT_CHANGES)
+                .min_by(|(_, a), (_, b)| a.time.cmp(&b.time))
+                .map(|(i, _)| i)
+            else {
+                return;
+            };
+            let gone = self.entries.remove(oldest);
+            match self
+                .entries
+                .iter_mut()
+                .find(|e| e.manager == ANCIENT_CHANGES && e.operation == Operation::Update)
+            {
+                Some(a) => a.fields.union(&gone.fields),
+                None => self.entries.push(Entry {
+                    manager: ANCIENT_CHANGES.into(),
+                    operation: Operation::Update,
+                    api_version: gone.api_version,
+                    time: Some(w.now.to_string()),
+                    subresource: String::new(),
+                    fields: gone.fields,
+                }),
+            }
+        }
     }
 
     /// Records a write from `old` (`{}` for a create) to `new` by `w`: the fields it added
@@ -1393,6 +1437,27 @@ mod tests {
             )
             .unwrap_err();
         assert_eq!(err[0].manager, "\"kubectl\"");
+    }
+
+    #[test]
+    fn update_managers_are_capped() {
+        let mut m = ManagedFields::default();
+        let mut obj = json!({"data": {}});
+        for i in 0..12 {
+            let mut next = obj.clone();
+            next["data"][format!("k{i}")] = json!("v");
+            let (name, now) = (format!("m{i:02}"), format!("2026-01-01T00:00:{i:02}Z"));
+            let w = Writer {
+                now: &now,
+                ..writer(&name)
+            };
+            m.update(&obj, &next, &w, &BuiltinShape);
+            obj = next;
+        }
+        assert_eq!(m.entries.len(), MAX_UPDATE_MANAGERS);
+        assert_eq!(owners(&m, ".data.k0"), vec![ANCIENT_CHANGES]);
+        assert_eq!(owners(&m, ".data.k2"), vec![ANCIENT_CHANGES]);
+        assert_eq!(owners(&m, ".data.k3"), vec!["m03"]);
     }
 
     #[test]
