@@ -37,6 +37,49 @@ metadata:
     )
 }
 
+/// A custom resource whose `rules` are a map keyed by `name` and `tags` a set.
+const CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: routes.ssa.example.com
+spec:
+  group: ssa.example.com
+  scope: Namespaced
+  names: {plural: routes, singular: route, kind: Route}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            properties:
+              rules:
+                type: array
+                x-kubernetes-list-type: map
+                x-kubernetes-list-map-keys: [name]
+                items:
+                  type: object
+                  required: [name]
+                  properties:
+                    name: {type: string}
+                    to: {type: string}
+              tags:
+                type: array
+                x-kubernetes-list-type: set
+                items: {type: string}
+"#;
+
+/// A Route with one rule and one tag.
+fn route(rule: &str, tag: &str) -> String {
+    format!(
+        "apiVersion: ssa.example.com/v1\nkind: Route\nmetadata:\n  name: r\nspec:\n  rules:\n  - name: {rule}\n    to: svc-{rule}\n  tags: [{tag}]\n"
+    )
+}
+
 fn replicas_only(name: &str, replicas: u32) -> String {
     format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n"
@@ -173,6 +216,37 @@ async fn server_side_apply_with_kubectl_and_python() -> anyhow::Result<()> {
     let c3 = write(&cluster, "c3.yaml", &manifest("csa", Some(2), ""))?;
     cluster.kubectl_ok(&["apply", "-f", &c3])?;
     assert_eq!(get(&cluster, "csa", &[])?["spec"]["replicas"], 2);
+
+    // A custom resource's lists merge as its schema says: rules by name, tags as a set.
+    let crd = write(&cluster, "crd.yaml", CRD)?;
+    cluster.kubectl_ok(&["apply", "-f", &crd])?;
+    let ra = write(&cluster, "ra.yaml", &route("a", "t1"))?;
+    let rb = write(&cluster, "rb.yaml", &route("b", "t2"))?;
+    cluster.kubectl_ok(&[&ssa[..], &["--field-manager", "a", "-f", &ra]].concat())?;
+    cluster.kubectl_ok(&[&ssa[..], &["--field-manager", "b", "-f", &rb]].concat())?;
+    let r: serde_json::Value =
+        serde_json::from_str(&cluster.kubectl_ok(&["get", "route", "r", "-o", "json"])?)?;
+    let names: Vec<&str> = r["spec"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["name"].as_str())
+        .collect();
+    assert_eq!(names, ["a", "b"], "{r}");
+    assert_eq!(r["spec"]["tags"], serde_json::json!(["t1", "t2"]), "{r}");
+    // a applies another rule instead of its own: its old rule and tag go, b's stay.
+    let ra2 = write(&cluster, "ra2.yaml", &route("c", "t3"))?;
+    cluster.kubectl_ok(&[&ssa[..], &["--field-manager", "a", "-f", &ra2]].concat())?;
+    let r: serde_json::Value =
+        serde_json::from_str(&cluster.kubectl_ok(&["get", "route", "r", "-o", "json"])?)?;
+    let names: Vec<&str> = r["spec"]["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x["name"].as_str())
+        .collect();
+    assert_eq!(names, ["b", "c"], "{r}");
+    assert_eq!(r["spec"]["tags"], serde_json::json!(["t2", "t3"]), "{r}");
 
     // The official Python client.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/server_side_apply.py");
