@@ -1,7 +1,8 @@
 //! Server-side apply as kubectl and the official Python client drive it: two field managers,
 //! a conflict on a field another owns (exit code and message), `--force-conflicts` taking it,
 //! a field removed from a manifest leaving the object, `managedFields` shown with
-//! `--show-managed-fields`, `--dry-run=server`, and a client-side apply moved to server-side.
+//! `--show-managed-fields`, `--dry-run=server`, a client-side apply moved to server-side, and
+//! a custom resource's lists merged as its schema's `x-kubernetes-list-type` says.
 
 use skiff_e2e::TestCluster;
 
