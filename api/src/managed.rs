@@ -865,12 +865,14 @@ impl ManagedFields {
         })
     }
 
-    /// Sets the fields of `w`'s entry; its time changes only when its fields do.
-    fn set(&mut self, w: &Writer<'_>, op: Operation, fields: FieldSet) {
+    /// Sets the fields of `w`'s entry. Its time is the write's when the write `changed`
+    /// the object or the entry's fields, as Kubernetes keeps it: a write that changes
+    /// nothing leaves the entry as it was.
+    fn set(&mut self, w: &Writer<'_>, op: Operation, fields: FieldSet, changed: bool) {
         match self.position(w, op) {
             Some(i) => {
                 let e = &mut self.entries[i];
-                if e.fields != fields || e.api_version != w.api_version {
+                if changed || e.fields != fields || e.api_version != w.api_version {
                     e.fields = fields;
                     e.api_version = w.api_version.to_string();
                     e.time = Some(w.now.to_string());
@@ -954,7 +956,7 @@ impl ManagedFields {
             .unwrap_or_default();
         mine.union(&changed);
         let mine = mine.difference(&c.removed);
-        self.set(w, Operation::Update, mine);
+        self.set(w, Operation::Update, mine, true);
     }
 
     /// Applies `config` by `w` to `live`: the merged object, or the conflicts with other
@@ -986,6 +988,7 @@ impl ManagedFields {
                 },
                 Operation::Update,
                 fields,
+                true,
             );
         }
         let mut merged = walker.merge(Some(live), &config, &mut Vec::new());
@@ -1037,7 +1040,8 @@ impl ManagedFields {
                 e.fields = e.fields.difference(&c.removed);
             }
         }
-        self.set(w, Operation::Apply, applied);
+        let changed = !c.changed().is_empty() || !c.removed.is_empty();
+        self.set(w, Operation::Apply, applied, changed);
         // kubectl's server-side apply keeps a client-side apply's record up to date.
         if w.manager == "kubectl" {
             if let Some(a) = merged
@@ -1370,6 +1374,21 @@ mod tests {
         };
         m.update(&edited, &edited, &w, &BuiltinShape);
         assert_eq!(m, before, "a write that changes nothing changes no entry");
+        // A new value of a field it owns already: same fields, the write's time.
+        let mut again = edited.clone();
+        again["spec"]["replicas"] = json!(4);
+        let w = Writer {
+            now: "2026-01-04T00:00:00Z",
+            ..writer("kubectl-edit")
+        };
+        m.update(&edited, &again, &w, &BuiltinShape);
+        let e = m
+            .entries
+            .iter()
+            .find(|e| e.manager == "kubectl-edit")
+            .unwrap();
+        assert_eq!(e.time.as_deref(), Some("2026-01-04T00:00:00Z"));
+        let edited = again;
         // The status scope sees only the status.
         let mut st = edited.clone();
         st["status"] = json!({"replicas": 3});
