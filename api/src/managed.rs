@@ -78,8 +78,8 @@ impl Shape for BuiltinShape {
         if crate::patch::is_set_list(field) {
             return ListType::Set;
         }
-        let sample = items.first().cloned().unwrap_or(Value::Null);
-        match crate::patch::merge_key(field, &sample) {
+        static NONE: Value = Value::Null;
+        match crate::patch::merge_key(field, items.first().unwrap_or(&NONE)) {
             Some(key @ ("containerPort" | "port")) => {
                 ListType::Map(vec![key.to_string(), "protocol".to_string()])
             }
