@@ -140,6 +140,12 @@ impl ApiError {
         e.name = Some(name.to_string());
         e
     }
+    /// 409 for an apply that would change fields other managers own; a cause per field.
+    pub fn apply_conflict(message: impl Into<String>, causes: Vec<Cause>) -> Self {
+        let mut e = Self::new(409, "Conflict", message);
+        e.causes = causes;
+        e
+    }
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }

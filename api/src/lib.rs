@@ -22,6 +22,7 @@ pub mod disruption;
 pub mod error;
 pub mod fields;
 pub mod limits;
+pub mod managed;
 pub mod meta;
 pub mod openapi;
 pub mod openapi_proto;

@@ -72,7 +72,9 @@ struct TlsSettings {
 
 impl TlsSettings {
     fn transport(&self, identity_pem: Option<&str>) -> Result<reqwest::Client, ClientError> {
+        // The API server records the fields a write sets under this name (`skiff`).
         let mut b = reqwest::Client::builder()
+            .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .use_rustls_tls();
         if let Some(ca) = &self.ca_pem {

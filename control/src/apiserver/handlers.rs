@@ -14,7 +14,7 @@ use skiff_api::fields::FieldSelector;
 use skiff_api::limits::{self, MAX_BODY_BYTES};
 use skiff_api::patch::PatchKind;
 use skiff_api::selector::Selector;
-use skiff_api::{meta, table, ApiError, Resource};
+use skiff_api::{managed, meta, table, ApiError, Cause, Resource};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::pages::{self, ListError, ListRequest};
@@ -269,6 +269,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
     }
     let q = query(&req);
     let headers = req.headers().clone();
+    let field_manager = field_manager(&q, &headers, &method)?;
     let opts = WriteOptions {
         dry_run: q.get("dryRun").is_some_and(|v| v == "All"),
         lenient: matches!(
@@ -292,6 +293,8 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
                     authorizer: state.authorizer.clone(),
                 }) as Arc<dyn crate::registry::WriteAdmission>
             }),
+        field_manager: Some(field_manager),
+        force: q.get("force").is_some_and(|v| v == "true"),
     };
     let reg = state.registry.clone();
     let ns = p.namespace.as_deref();
@@ -449,6 +452,7 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             let kind = PatchKind::from_content_type(ct).ok_or_else(|| {
                 ApiError::unsupported_media(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json (got {ct:?})"))
             })?;
+            check_patch_options(&q, kind)?;
             let body = read_body_as(req, kind).await?;
             let name = name.to_string();
             ok(
@@ -553,6 +557,56 @@ async fn handle(state: Shared, req: Request<Body>) -> Result<Response, ApiError>
             "{method} {uri_path}"
         ))),
     }
+}
+
+/// The manager a write's fields are recorded under: `fieldManager`, else the client's
+/// `User-Agent` up to its first `/`, as Kubernetes derives it; held to 128 characters.
+fn field_manager(q: &Query, headers: &HeaderMap, method: &Method) -> Result<String, ApiError> {
+    match q.get("fieldManager").filter(|m| !m.is_empty()) {
+        Some(m) if m.chars().count() > managed::MAX_MANAGER_LEN => {
+            let options = match *method {
+                Method::POST => "CreateOptions",
+                Method::PUT => "UpdateOptions",
+                _ => "PatchOptions",
+            };
+            Err(options_invalid(
+                options,
+                Cause::too_long("fieldManager", managed::MAX_MANAGER_LEN),
+            ))
+        }
+        Some(m) => Ok(m.clone()),
+        None => Ok(managed::manager_from_user_agent(
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+        )),
+    }
+}
+
+/// An apply names its manager; only an apply may be forced.
+fn check_patch_options(q: &Query, kind: PatchKind) -> Result<(), ApiError> {
+    let named = q.get("fieldManager").is_some_and(|m| !m.is_empty());
+    if kind == PatchKind::Apply && !named {
+        let mut c = Cause::required("fieldManager");
+        c.message = "Required value: is required for apply patch".into();
+        return Err(options_invalid("PatchOptions", c));
+    }
+    if kind != PatchKind::Apply && q.contains_key("force") {
+        return Err(options_invalid(
+            "PatchOptions",
+            Cause::forbidden("force", "may not be specified for non-apply patch"),
+        ));
+    }
+    Ok(())
+}
+
+/// 422 about a request's options (`PatchOptions.meta.k8s.io "" is invalid: ...`).
+fn options_invalid(kind: &str, cause: Cause) -> ApiError {
+    let mut e = ApiError::invalid(&format!("{kind}.meta.k8s.io"), "", vec![cause]);
+    e.kind = Some(kind.to_string());
+    e.group = Some("meta.k8s.io".into());
+    e
 }
 
 async fn read_body_as(req: Request<Body>, kind: PatchKind) -> Result<Value, ApiError> {
