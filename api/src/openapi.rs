@@ -131,7 +131,8 @@ pub fn custom_definition_name(group: &str, version: &str, kind: &str) -> String 
 /// does not know (a test holds every entry of [`RESOURCES`] to having one).
 pub fn builtin_schema(r: &Resource, g: &mut SchemaGenerator) -> Option<schemars::Schema> {
     use k8s_openapi::api::{
-        apps, authentication, authorization, batch, coordination, core, policy, rbac, storage,
+        apps, authentication, authorization, batch, coordination, core, discovery, events,
+        policy, rbac, storage,
     };
     Some(match (r.group, r.kind) {
         ("", "Namespace") => g.subschema_for::<core::v1::Namespace>(),
@@ -154,6 +155,8 @@ pub fn builtin_schema(r: &Resource, g: &mut SchemaGenerator) -> Option<schemars:
         ("batch", "CronJob") => g.subschema_for::<batch::v1::CronJob>(),
         ("policy", "PodDisruptionBudget") => g.subschema_for::<policy::v1::PodDisruptionBudget>(),
         ("coordination.k8s.io", "Lease") => g.subschema_for::<coordination::v1::Lease>(),
+        ("discovery.k8s.io", "EndpointSlice") => g.subschema_for::<discovery::v1::EndpointSlice>(),
+        ("events.k8s.io", "Event") => g.subschema_for::<events::v1::Event>(),
         ("storage.k8s.io", "StorageClass") => g.subschema_for::<storage::v1::StorageClass>(),
         ("rbac.authorization.k8s.io", "Role") => g.subschema_for::<rbac::v1::Role>(),
         ("rbac.authorization.k8s.io", "RoleBinding") => g.subschema_for::<rbac::v1::RoleBinding>(),

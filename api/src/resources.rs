@@ -41,6 +41,10 @@ impl Resource {
 
     /// The store key prefix for this resource, `/registry/{plural}/`.
     pub fn key_prefix(&self) -> String {
+        // events.k8s.io's Events are the core ones, as in Kubernetes' `/registry/events/`.
+        if crate::events::is_events_v1(self) {
+            return "/registry/events/".into();
+        }
         format!("/registry/{}/", self.qualified())
     }
 
@@ -241,6 +245,32 @@ pub static RESOURCES: &[Resource] = &[
         has_scale: false,
         create_only: false,
     },
+    // The endpoints of Services in slices of at most 100 (the EndpointSlice controller's).
+    Resource {
+        group: "discovery.k8s.io",
+        version: "v1",
+        plural: "endpointslices",
+        singular: "endpointslice",
+        kind: "EndpointSlice",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+        create_only: false,
+    },
+    // The core Events seen in events.k8s.io's shape: one storage (see `events.rs`).
+    Resource {
+        group: crate::events::GROUP,
+        version: "v1",
+        plural: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &[],
+        has_status: false,
+        has_scale: false,
+        create_only: false,
+    },
     // Storage classes: cluster-wide, no status.
     Resource {
         group: "storage.k8s.io",
@@ -420,6 +450,8 @@ mod tests {
                 "batch",
                 "policy",
                 "coordination.k8s.io",
+                "discovery.k8s.io",
+                "events.k8s.io",
                 "storage.k8s.io",
                 "rbac.authorization.k8s.io",
                 "apiextensions.k8s.io",

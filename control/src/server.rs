@@ -197,7 +197,7 @@ pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
 }
 
 /// Creates `default`, `kube-system`, `kube-public`, `kube-node-lease`, the `kubernetes`
-/// Service with its Endpoints, the default StorageClass `local-path` and the default RBAC
+/// Service with its Endpoints and EndpointSlice, the default StorageClass `local-path` and the default RBAC
 /// roles and bindings, if missing.
 pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
     let ns = Resource::lookup("namespaces").expect("namespaces");
@@ -256,6 +256,35 @@ pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
             next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
             reg.update(
                 ep,
+                Some("default"),
+                "kubernetes",
+                next,
+                crate::registry::Sub::Main,
+                &opts,
+            )?;
+        }
+        Some(_) => {}
+    }
+    // Its EndpointSlice, as the kube-apiserver's endpoints reconciler writes it beside the
+    // Endpoints: named after the Service, labelled with it, no manager.
+    let slices = Resource::lookup("endpointslices").expect("endpointslices");
+    let want = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                      "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"kubernetes.io/service-name": "kubernetes"}},
+                      "addressType": "IPv4",
+                      "endpoints": [{"addresses": [api_addr.ip().to_string()], "conditions": {"ready": true}}],
+                      "ports": [{"name": "https", "port": api_addr.port(), "protocol": "TCP"}]});
+    match reg.try_get(slices, Some("default"), "kubernetes")? {
+        None => {
+            reg.create(slices, Some("default"), want, &opts)?;
+        }
+        Some(cur)
+            if cur.get("endpoints") != want.get("endpoints")
+                || cur.get("ports") != want.get("ports") =>
+        {
+            let mut next = want;
+            next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+            reg.update(
+                slices,
                 Some("default"),
                 "kubernetes",
                 next,

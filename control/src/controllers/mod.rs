@@ -8,6 +8,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod endpointslice;
 pub mod events;
 pub mod eventttl;
 pub mod gc;
@@ -36,6 +37,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
     ServiceAccount,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -109,6 +111,7 @@ pub fn start(
     let nodes = Cache::<Node>::new();
     let services = Cache::<Service>::new();
     let endpoints = Cache::<Endpoints>::new();
+    let slices = Cache::<EndpointSlice>::new();
     let deployments = Cache::<Deployment>::new();
     let replicasets = Cache::<ReplicaSet>::new();
     let namespaces = Cache::<Namespace>::new();
@@ -323,14 +326,25 @@ pub fn start(
             }
         });
     }
-    // Endpoints and LoadBalancer status.
+    // Endpoints and LoadBalancer status, and EndpointSlices.
     let (ep_q, ep_rx) = runtime::queue();
+    let (slice_q, slice_rx) = runtime::queue();
     {
         let q = ep_q.clone();
         services.on_change(move |c| q.add(key(&*c.object)));
+        let q = slice_q.clone();
+        services.on_change(move |c| q.add(key(&*c.object)));
         let q = ep_q.clone();
         endpoints.on_change(move |c| q.add(key(&*c.object)));
+        let q = slice_q.clone();
+        slices.on_change(move |c| {
+            let m = &c.object.metadata;
+            if let Some(svc) = m.labels.as_ref().and_then(|l| l.get(endpointslice::SERVICE_NAME)) {
+                q.add(format!("{}/{svc}", m.namespace.as_deref().unwrap_or("default")));
+            }
+        });
         let q = ep_q.clone();
+        let sq = slice_q.clone();
         let svc_cache = services.clone();
         pods.on_change(move |c| {
             let ns = c.object.metadata.namespace.as_deref();
@@ -348,6 +362,7 @@ pub fn start(
                 };
                 if m(labels) || prev_labels.is_some_and(m) {
                     q.add(key(&*s));
+                    sq.add(key(&*s));
                 }
             }
         });
@@ -401,6 +416,7 @@ pub fn start(
     tasks.spawn(nodes.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(services.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(endpoints.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(slices.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(deployments.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(replicasets.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(namespaces.clone().run(reg.clone(), stop.clone()));
@@ -524,6 +540,16 @@ pub fn start(
             nodes: nodes.clone(),
         }),
         ep_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
+        Arc::new(endpointslice::EndpointSliceController::new(
+            reg.clone(),
+            services.clone(),
+            pods.clone(),
+            slices.clone(),
+        )),
+        slice_rx,
         stop.clone(),
     ));
     tasks.spawn(runtime::run(
