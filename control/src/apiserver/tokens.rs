@@ -265,6 +265,7 @@ impl TokenIssuer {
             user: UserInfo {
                 name: c.sub,
                 groups,
+                ..Default::default()
             },
             uid: k.serviceaccount.uid.clone(),
             pod: k.pod.clone(),
@@ -557,6 +558,7 @@ mod tests {
         UserInfo {
             name: "system:admin".into(),
             groups: vec!["system:masters".into()],
+            ..Default::default()
         }
     }
 
@@ -692,6 +694,7 @@ mod tests {
         let node = |n: &str| UserInfo {
             name: format!("system:node:{n}"),
             groups: vec![super::super::auth::NODES.into()],
+            ..Default::default()
         };
         let answer = issuer
             .request(&reg, &node("n1"), "default", "default", &bound)
