@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub tls_sans: Vec<String>,
     /// How long node certificates are valid (365 days; tests make it seconds).
     pub node_cert_validity: Duration,
+    /// The longest lifetime of a requested ServiceAccount token
+    /// (`--service-account-max-token-expiration`); None: no cap below 2^32 seconds.
+    pub service_account_max_token_expiration: Option<Duration>,
     /// The API's timeouts and connection caps.
     pub transport: crate::apiserver::transport::TransportConfig,
     /// Each client's share of requests and watches.
@@ -55,6 +58,7 @@ impl ServerConfig {
             controllers: ControllerConfig::default(),
             tls_sans: Vec::new(),
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
+            service_account_max_token_expiration: None,
             transport: Default::default(),
             fairness: Default::default(),
             audit: None,
@@ -376,6 +380,12 @@ impl Server {
             addr,
         );
         state.node_cert_validity = config.node_cert_validity;
+        if let Some(max) = config.service_account_max_token_expiration {
+            state.authenticator.tokens = Arc::new(crate::apiserver::tokens::TokenIssuer {
+                max_expiration_seconds: Some(i64::try_from(max.as_secs()).unwrap_or(i64::MAX)),
+                ..crate::apiserver::tokens::TokenIssuer::new(tls.service_account_key.clone())
+            });
+        }
         state.transport = config.transport.clone();
         state.fairness = crate::apiserver::fairness::Fairness::new(config.fairness.clone());
         if let Some(audit) = &config.audit {
