@@ -355,23 +355,6 @@ impl Server {
             source: e,
         })?;
         let tls_ca = tls.ca_pem.clone();
-        let (stop, mut stopped) = watch::channel(false);
-        let mut controller_config = config.controllers.clone();
-        controller_config.root_ca_pem = tls_ca.clone();
-        let mut ctl = if config.datastore.is_some() {
-            // Several servers share the datastore: only the Lease holder runs the controllers.
-            let mut set = tokio::task::JoinSet::new();
-            let reg = registry.clone();
-            set.spawn(crate::leader::run(
-                registry.clone(),
-                config.leader_election.clone(),
-                stop.subscribe(),
-                move |led| controllers::start(reg.clone(), controller_config.clone(), led),
-            ));
-            set
-        } else {
-            controllers::start(registry.clone(), controller_config, stop.subscribe())
-        };
         let mut state = ApiState::new(
             registry.clone(),
             &tls,
@@ -397,6 +380,37 @@ impl Server {
             })?;
             state.audit = Some(Arc::new(log));
         }
+        let (stop, mut stopped) = watch::channel(false);
+        let mut controller_config = config.controllers.clone();
+        controller_config.root_ca_pem = tls_ca.clone();
+        let mut ctl = if config.datastore.is_some() {
+            // Several servers share the datastore: only the Lease holder runs the controllers.
+            let mut set = tokio::task::JoinSet::new();
+            let reg = registry.clone();
+            let roles = state.rbac.cluster_roles.clone();
+            set.spawn(crate::leader::run(
+                registry.clone(),
+                config.leader_election.clone(),
+                stop.subscribe(),
+                move |led| {
+                    controllers::start_sharing(
+                        reg.clone(),
+                        controller_config.clone(),
+                        led,
+                        Some(roles.clone()),
+                    )
+                },
+            ));
+            set
+        } else {
+            // The RBAC authorizer's cache of ClusterRoles is the aggregation controller's too.
+            controllers::start_sharing(
+                registry.clone(),
+                controller_config,
+                stop.subscribe(),
+                Some(state.rbac.cluster_roles.clone()),
+            )
+        };
         // The RBAC authorizer's roles and bindings, listed before the first request.
         state
             .rbac

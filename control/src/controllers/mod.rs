@@ -107,6 +107,17 @@ pub fn start(
     config: ControllerConfig,
     stop: watch::Receiver<bool>,
 ) -> JoinSet<()> {
+    start_sharing(reg, config, stop, None)
+}
+
+/// As [`start`], reading ClusterRoles from `cluster_roles` when given: a cache someone else
+/// keeps current (the API server's RBAC caches), so the roles are watched once.
+pub fn start_sharing(
+    reg: Arc<Registry>,
+    config: ControllerConfig,
+    stop: watch::Receiver<bool>,
+    cluster_roles: Option<Arc<Cache<ClusterRole>>>,
+) -> JoinSet<()> {
     let pods = Cache::<Pod>::new();
     let nodes = Cache::<Node>::new();
     let services = Cache::<Service>::new();
@@ -125,7 +136,10 @@ pub fn start(
     let classes = Cache::<StorageClass>::new();
     let jobs = Cache::<Job>::new();
     let cronjobs = Cache::<CronJob>::new();
-    let cluster_roles = Cache::<ClusterRole>::new();
+    let (cluster_roles, own_cluster_roles) = match cluster_roles {
+        Some(shared) => (shared, false),
+        None => (Cache::<ClusterRole>::new(), true),
+    };
     let accounts = Cache::<ServiceAccount>::new();
     let configmaps = Cache::<ConfigMap>::new();
     let mut tasks = JoinSet::new();
@@ -191,6 +205,12 @@ pub fn start(
                 }
             }
         });
+        // A shared cache may have listed already: its roles are not announced again.
+        for r in cluster_roles.list(None) {
+            if r.aggregation_rule.is_some() {
+                agg_q.add(key(&*r));
+            }
+        }
     }
 
     // ReplicaSets.
@@ -430,7 +450,9 @@ pub fn start(
     tasks.spawn(classes.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(jobs.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(cronjobs.clone().run(reg.clone(), stop.clone()));
-    tasks.spawn(cluster_roles.clone().run(reg.clone(), stop.clone()));
+    if own_cluster_roles {
+        tasks.spawn(cluster_roles.clone().run(reg.clone(), stop.clone()));
+    }
     tasks.spawn(accounts.clone().run(reg.clone(), stop.clone()));
     if !config.root_ca_pem.is_empty() {
         tasks.spawn(configmaps.clone().run(reg.clone(), stop.clone()));
