@@ -180,7 +180,7 @@ impl Programmer {
     async fn apply(&mut self) {
         let by_service = table::slices_by_service(&self.slices);
         let want = table::build(&self.services, &by_service, &self.config.node);
-        let endpoints = by_service
+        let endpoints: BTreeMap<String, k8s_openapi::api::core::v1::Endpoints> = by_service
             .iter()
             .map(|(k, s)| (k.clone(), table::as_endpoints(s)))
             .collect();

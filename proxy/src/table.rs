@@ -319,7 +319,7 @@ mod tests {
     }
 
     fn eps(ports: Value, ips: &[&str]) -> EndpointSlice {
-        typed(json!({"metadata": {"name": "web-abcde", "namespace": "default", "labels": {SERVICE_NAME: "web"}},
+        typed(json!({"metadata": {"name": "web-abcde", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
                "addressType": "IPv4", "ports": ports,
                "endpoints": ips.iter().map(|i| json!({"addresses": [i], "conditions": {"ready": true}})).collect::<Vec<_>>()}))
     }
@@ -422,7 +422,7 @@ mod tests {
     }
 
     fn slice(name: &str, endpoints: Vec<Value>) -> EndpointSlice {
-        typed(json!({"metadata": {"name": name, "namespace": "default", "labels": {SERVICE_NAME: "web"}},
+        typed(json!({"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
                      "addressType": "IPv4", "ports": [{"name": "", "port": 8080}], "endpoints": endpoints}))
     }
 

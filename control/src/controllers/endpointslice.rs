@@ -248,7 +248,8 @@ impl Reconciler for EndpointSliceController {
                 Some(i) => {
                     used[i] = true;
                     let s = &existing[i];
-                    let owned = s.metadata.owner_references.as_deref() == Some(&[owner.clone()]);
+                    let owned = s.metadata.owner_references.as_deref()
+                        == Some(std::slice::from_ref(&owner));
                     if s.metadata.labels.as_ref() != Some(&labels) || !owned {
                         let mut next = (**s).clone();
                         next.metadata.labels = Some(labels.clone());
@@ -309,12 +310,13 @@ mod tests {
     use serde_json::json;
 
     fn pod(i: usize, ready: bool) -> Arc<Pod> {
+        let st = if ready { "True" } else { "False" };
         Arc::new(
             serde_json::from_value(json!({
                 "metadata": {"name": format!("web-{i}"), "namespace": "default", "uid": format!("u{i}")},
                 "spec": {"nodeName": "n1", "containers": [{"name": "c", "ports": [{"name": "http", "containerPort": 8080}]}]},
                 "status": {"phase": "Running", "podIP": format!("10.88.{}.{}", i / 200, i % 200 + 2),
-                           "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"}}]}
+                           "conditions": [{"type": "Ready", "status": st}]}
             }))
             .unwrap(),
         )
