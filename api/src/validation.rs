@@ -947,14 +947,15 @@ fn endpoint_slice(es: &discovery::EndpointSlice, causes: &mut Vec<Cause>) {
             ),
         });
     }
-    if es.endpoints.len() > 1000 {
+    let endpoints = es.endpoints.as_deref().unwrap_or_default();
+    if endpoints.len() > 1000 {
         causes.push(Cause {
             reason: "FieldValueTooMany".into(),
             field: "endpoints".into(),
-            message: format!("Too many: {}: must have at most 1000 items", es.endpoints.len()),
+            message: format!("Too many: {}: must have at most 1000 items", endpoints.len()),
         });
     }
-    for (i, ep) in es.endpoints.iter().enumerate() {
+    for (i, ep) in endpoints.iter().enumerate() {
         if ep.addresses.is_empty() || ep.addresses.len() > 100 {
             causes.push(Cause::invalid(
                 format!("endpoints[{i}].addresses"),

@@ -146,7 +146,7 @@ pub fn backends(slices: &[&EndpointSlice], port_name: &str) -> Vec<SocketAddr> {
         else {
             continue;
         };
-        for e in &s.endpoints {
+        for e in s.endpoints.iter().flatten() {
             let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
                 continue;
             };
@@ -171,7 +171,7 @@ pub fn as_endpoints(slices: &[&EndpointSlice]) -> Endpoints {
         .filter(|s| s.address_type == "IPv4")
         .map(|s| {
             let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
-            for e in &s.endpoints {
+            for e in s.endpoints.iter().flatten() {
                 let Some(ip) = e.addresses.first() else {
                     continue;
                 };

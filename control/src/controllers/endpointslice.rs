@@ -134,7 +134,7 @@ pub fn desired(svc: &Service, pods: &[Arc<Pod>], max: usize) -> Vec<Content> {
 fn content_of(s: &EndpointSlice) -> Content {
     Content {
         ports: s.ports.clone().unwrap_or_default(),
-        endpoints: s.endpoints.clone(),
+        endpoints: s.endpoints.clone().unwrap_or_default(),
     }
 }
 
@@ -272,7 +272,7 @@ impl Reconciler for EndpointSliceController {
                     next.metadata.owner_references = Some(vec![owner.clone()]);
                     next.address_type = "IPv4".into();
                     next.ports = Some(c.ports);
-                    next.endpoints = c.endpoints;
+                    next.endpoints = Some(c.endpoints);
                     api::update(&self.reg, &next)?
                 }
                 None => api::create(
@@ -288,7 +288,7 @@ impl Reconciler for EndpointSliceController {
                         },
                         address_type: "IPv4".into(),
                         ports: Some(c.ports),
-                        endpoints: c.endpoints,
+                        endpoints: Some(c.endpoints),
                     },
                 )?,
             };
