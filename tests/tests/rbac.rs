@@ -476,7 +476,7 @@ async fn rbac_with_kubectl() -> anyhow::Result<()> {
     let e = refused(
         &cluster,
         &alice,
-        &["--as=carol", "--as-uid=7", "auth", "whoami"],
+        &["--as=carol", "--as-uid=7", "get", "pods", "-n", "team-a"],
     )?;
     assert!(
         e.contains(r#"cannot impersonate resource "uids" in API group "authentication.k8s.io""#),
