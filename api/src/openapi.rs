@@ -131,8 +131,8 @@ pub fn custom_definition_name(group: &str, version: &str, kind: &str) -> String 
 /// does not know (a test holds every entry of [`RESOURCES`] to having one).
 pub fn builtin_schema(r: &Resource, g: &mut SchemaGenerator) -> Option<schemars::Schema> {
     use k8s_openapi::api::{
-        apps, authentication, authorization, batch, coordination, core, discovery, events,
-        policy, rbac, storage,
+        apps, authentication, authorization, batch, coordination, core, discovery, events, policy,
+        rbac, storage,
     };
     Some(match (r.group, r.kind) {
         ("", "Namespace") => g.subschema_for::<core::v1::Namespace>(),

@@ -518,13 +518,7 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 .flat_map(|e| arr(e.get("addresses")))
                 .map(|a| s(Some(&a)))
                 .collect();
-            vec![
-                name,
-                s(o.get("addressType")),
-                list(ports),
-                list(addrs),
-                age,
-            ]
+            vec![name, s(o.get("addressType")), list(ports), list(addrs), age]
         }
         "Node" => {
             let ready = o
@@ -585,9 +579,11 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 s(o.get("reason")),
                 format!(
                     "{}/{}",
-                    s(o.pointer("/involvedObject/kind").or(o.pointer("/regarding/kind")))
-                        .to_lowercase(),
-                    s(o.pointer("/involvedObject/name").or(o.pointer("/regarding/name")))
+                    s(o.pointer("/involvedObject/kind")
+                        .or(o.pointer("/regarding/kind")))
+                    .to_lowercase(),
+                    s(o.pointer("/involvedObject/name")
+                        .or(o.pointer("/regarding/name")))
                 ),
                 s(o.get("message").or(o.get("note"))),
             ]

@@ -952,7 +952,10 @@ fn endpoint_slice(es: &discovery::EndpointSlice, causes: &mut Vec<Cause>) {
         causes.push(Cause {
             reason: "FieldValueTooMany".into(),
             field: "endpoints".into(),
-            message: format!("Too many: {}: must have at most 1000 items", endpoints.len()),
+            message: format!(
+                "Too many: {}: must have at most 1000 items",
+                endpoints.len()
+            ),
         });
     }
     for (i, ep) in endpoints.iter().enumerate() {
@@ -990,7 +993,10 @@ fn endpoint_slice(es: &discovery::EndpointSlice, causes: &mut Vec<Cause>) {
     for (i, p) in ports.iter().enumerate() {
         let name = p.name.as_deref().unwrap_or("");
         if !names.insert(name) {
-            causes.push(Cause::duplicate(format!("ports[{i}].name"), format!("{name:?}")));
+            causes.push(Cause::duplicate(
+                format!("ports[{i}].name"),
+                format!("{name:?}"),
+            ));
         }
         if let Some(n) = p.port.filter(|n| !(0..=65535).contains(n)) {
             causes.push(Cause::invalid(

@@ -822,7 +822,8 @@ impl Registry {
                 // read is the one expected unless the patch names another.
                 let mut patched = patch::apply(kind, &old, body)?;
                 if patched.pointer("/metadata/resourceVersion").is_none() {
-                    patched["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+                    patched["metadata"]["resourceVersion"] =
+                        old["metadata"]["resourceVersion"].clone();
                 }
                 self.update(r, ns, name, patched, sub, opts)
             } else if sub == Sub::Scale {

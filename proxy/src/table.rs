@@ -319,15 +319,20 @@ mod tests {
     }
 
     fn eps(ports: Value, ips: &[&str]) -> EndpointSlice {
-        typed(json!({"metadata": {"name": "web-abcde", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+        typed(
+            json!({"metadata": {"name": "web-abcde", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
                "addressType": "IPv4", "ports": ports,
-               "endpoints": ips.iter().map(|i| json!({"addresses": [i], "conditions": {"ready": true}})).collect::<Vec<_>>()}))
+               "endpoints": ips.iter().map(|i| json!({"addresses": [i], "conditions": {"ready": true}})).collect::<Vec<_>>()}),
+        )
     }
 
     #[test]
     fn cluster_ip_maps_port_to_ready_endpoints() {
         let s = svc("ClusterIP", json!([{"port": 80, "targetPort": 8080}]));
-        let e = eps(json!([{"name": "", "port": 8080}]), &["10.88.0.3", "10.88.0.2"]);
+        let e = eps(
+            json!([{"name": "", "port": 8080}]),
+            &["10.88.0.3", "10.88.0.2"],
+        );
         let f = frontends(&s, &[&e], &NodeAddresses::default());
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].addr, "10.96.0.7:80".parse().unwrap());
@@ -422,8 +427,10 @@ mod tests {
     }
 
     fn slice(name: &str, endpoints: Vec<Value>) -> EndpointSlice {
-        typed(json!({"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
-                     "addressType": "IPv4", "ports": [{"name": "", "port": 8080}], "endpoints": endpoints}))
+        typed(
+            json!({"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+                     "addressType": "IPv4", "ports": [{"name": "", "port": 8080}], "endpoints": endpoints}),
+        )
     }
 
     #[test]

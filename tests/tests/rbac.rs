@@ -458,7 +458,13 @@ async fn rbac_with_kubectl() -> anyhow::Result<()> {
     ok(
         &cluster,
         &admin,
-        &["create", "clusterrole", "impersonator", "--verb=impersonate", "--resource=users"],
+        &[
+            "create",
+            "clusterrole",
+            "impersonator",
+            "--verb=impersonate",
+            "--resource=users",
+        ],
     )?;
     ok(
         &cluster,

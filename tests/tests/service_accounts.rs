@@ -374,7 +374,10 @@ async fn service_account_tokens_authenticate_until_revoked_and_rbac_bounds_them(
         &["create", "token", "bot", "-n", "team", "--duration", "24h"],
     )?;
     let lc = claims(long.trim())?;
-    assert_eq!(lc["exp"].as_i64().unwrap() - lc["iat"].as_i64().unwrap(), 7200);
+    assert_eq!(
+        lc["exp"].as_i64().unwrap() - lc["iat"].as_i64().unwrap(),
+        7200
+    );
 
     // A token bound to a Secret works until the Secret goes.
     ok(
@@ -403,7 +406,12 @@ async fn service_account_tokens_authenticate_until_revoked_and_rbac_bounds_them(
     .to_string();
     assert_eq!(claims(&bound)?["kubernetes.io"]["secret"]["name"], "holder");
     assert_eq!(review(&bound)?["status"]["authenticated"], true);
-    ok(&ns, d, &admin, &["delete", "secret", "holder", "-n", "team"])?;
+    ok(
+        &ns,
+        d,
+        &admin,
+        &["delete", "secret", "holder", "-n", "team"],
+    )?;
     let r = review(&bound)?;
     assert_eq!(r["status"]["authenticated"], false, "{r}");
     unauthorized("secret deleted", &bound)?;

@@ -102,7 +102,13 @@ async fn a_services_slices_list_its_pods() -> anyhow::Result<()> {
         "--replicas=105",
         "--port=8080",
     ])?;
-    cluster.kubectl_ok(&["expose", "deployment", "web", "--port=80", "--target-port=8080"])?;
+    cluster.kubectl_ok(&[
+        "expose",
+        "deployment",
+        "web",
+        "--port=80",
+        "--target-port=8080",
+    ])?;
     let (split, want) = eventually(
         "105 ready endpoints in slices of 100 and 5",
         Duration::from_secs(120),
@@ -120,7 +126,12 @@ async fn a_services_slices_list_its_pods() -> anyhow::Result<()> {
     // The slice's labels, owner and port, as Kubernetes' controller writes them.
     let list = json(
         &cluster,
-        &["get", "endpointslices", "-l", "kubernetes.io/service-name=web"],
+        &[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+        ],
     )?;
     let s = &list["items"][0];
     assert_eq!(
@@ -132,7 +143,12 @@ async fn a_services_slices_list_its_pods() -> anyhow::Result<()> {
     assert_eq!(s["ports"][0]["port"], 8080);
     assert_eq!(s["endpoints"][0]["nodeName"], "n1");
     // kubectl's table of slices.
-    let table = cluster.kubectl_ok(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web"])?;
+    let table = cluster.kubectl_ok(&[
+        "get",
+        "endpointslices",
+        "-l",
+        "kubernetes.io/service-name=web",
+    ])?;
     assert!(
         table.contains("ADDRESSTYPE") && table.contains("IPv4") && table.contains("more..."),
         "{table}"
@@ -147,17 +163,21 @@ async fn a_services_slices_list_its_pods() -> anyhow::Result<()> {
         || async {
             let want = pods(&cluster)?;
             let got = slices(&cluster)?;
-            Ok((want.len() == 3 && got.len() == 1 && got[0].0 == 3 && got[0].1 == want)
-                .then_some(()))
+            Ok(
+                (want.len() == 3 && got.len() == 1 && got[0].0 == 3 && got[0].1 == want)
+                    .then_some(()),
+            )
         },
     )
     .await?;
 
     // The Service deleted: its slices go with it.
     cluster.kubectl_ok(&["delete", "service", "web"])?;
-    eventually("no slices of a deleted Service", Duration::from_secs(30), || async {
-        Ok(slices(&cluster)?.is_empty().then_some(()))
-    })
+    eventually(
+        "no slices of a deleted Service",
+        Duration::from_secs(30),
+        || async { Ok(slices(&cluster)?.is_empty().then_some(())) },
+    )
     .await?;
     Ok(())
 }
@@ -227,7 +247,10 @@ async fn events_are_one_storage_in_two_shapes() -> anyhow::Result<()> {
         table.contains("scaled web to 3") && table.contains("deployment/web"),
         "{table}"
     );
-    assert!(table.contains("back-off restarting failed container"), "{table}");
+    assert!(
+        table.contains("back-off restarting failed container"),
+        "{table}"
+    );
     let events = cluster.kubectl_ok(&["events"])?;
     assert!(
         events.contains("ScaledUp") && events.contains("BackOff"),

@@ -242,21 +242,22 @@ fn impersonate(
     user: &auth::UserInfo,
     wanted: auth::UserInfo,
 ) -> Result<auth::UserInfo, ApiError> {
-    let check = |group: &str, resource: &str, sub: Option<&str>, namespace: Option<&str>, target: &str| {
-        let attrs = auth::Attributes::Resource(auth::ResourceAttributes {
-            verb: "impersonate".into(),
-            group: group.into(),
-            resource: resource.into(),
-            subresource: sub.map(String::from),
-            namespace: namespace.map(String::from),
-            name: Some(target.into()),
-        });
-        match authorizer.authorize(user, &attrs) {
-            auth::Decision::Allow => Ok(()),
-            auth::Decision::Deny(reason) => Err(auth::forbidden(user, &attrs, &reason)),
-            auth::Decision::NoOpinion => Err(auth::forbidden(user, &attrs, "")),
-        }
-    };
+    let check =
+        |group: &str, resource: &str, sub: Option<&str>, namespace: Option<&str>, target: &str| {
+            let attrs = auth::Attributes::Resource(auth::ResourceAttributes {
+                verb: "impersonate".into(),
+                group: group.into(),
+                resource: resource.into(),
+                subresource: sub.map(String::from),
+                namespace: namespace.map(String::from),
+                name: Some(target.into()),
+            });
+            match authorizer.authorize(user, &attrs) {
+                auth::Decision::Allow => Ok(()),
+                auth::Decision::Deny(reason) => Err(auth::forbidden(user, &attrs, &reason)),
+                auth::Decision::NoOpinion => Err(auth::forbidden(user, &attrs, "")),
+            }
+        };
     let auth::UserInfo {
         name,
         groups,

@@ -346,8 +346,10 @@ pub fn reconcile_role(existing: &ClusterRole, expected: &ClusterRole) -> Option<
     }
     let mut out = existing.clone();
     out.metadata.labels = merged(&expected.metadata.labels, &existing.metadata.labels);
-    out.metadata.annotations =
-        merged(&expected.metadata.annotations, &existing.metadata.annotations);
+    out.metadata.annotations = merged(
+        &expected.metadata.annotations,
+        &existing.metadata.annotations,
+    );
     let have = existing.rules.as_deref().unwrap_or_default();
     let (_, missing) = super::rbac::covers(have, expected.rules.as_deref().unwrap_or_default());
     if !missing.is_empty() {
@@ -399,8 +401,10 @@ pub fn reconcile_binding(
     }
     let mut out = existing.clone();
     out.metadata.labels = merged(&expected.metadata.labels, &existing.metadata.labels);
-    out.metadata.annotations =
-        merged(&expected.metadata.annotations, &existing.metadata.annotations);
+    out.metadata.annotations = merged(
+        &expected.metadata.annotations,
+        &existing.metadata.annotations,
+    );
     let have = existing.subjects.clone().unwrap_or_default();
     let missing: Vec<_> = expected
         .subjects
@@ -453,7 +457,10 @@ fn bootstrap_once(reg: &Registry) -> Result<(), ApiError> {
         .expect("clusterrolebindings");
     let opts = WriteOptions::default();
     for obj in cluster_roles() {
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let Some(existing) = reg.try_get(roles, None, &name)? else {
             reg.create(roles, None, obj, &opts)?;
             continue;
@@ -465,7 +472,10 @@ fn bootstrap_once(reg: &Registry) -> Result<(), ApiError> {
         }
     }
     for obj in cluster_role_bindings() {
-        let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let Some(existing) = reg.try_get(bindings, None, &name)? else {
             reg.create(bindings, None, obj, &opts)?;
             continue;
@@ -501,8 +511,15 @@ mod tests {
 
     fn put(reg: &Registry, resource: &str, name: &str, obj: &impl serde::Serialize) {
         let r = Resource::lookup(resource).unwrap();
-        reg.update(r, None, name, encode(obj).unwrap(), Sub::Main, &Default::default())
-            .unwrap();
+        reg.update(
+            r,
+            None,
+            name,
+            encode(obj).unwrap(),
+            Sub::Main,
+            &Default::default(),
+        )
+        .unwrap();
     }
 
     /// A default role that lost a rule or a label gets it back at the next start, and keeps
@@ -520,8 +537,9 @@ mod tests {
         let mut changed = original.clone();
         let mut rules = changed.rules.clone().unwrap();
         rules.remove(0);
-        let extra = typed(json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}))
-            .unwrap();
+        let extra =
+            typed(json!({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}))
+                .unwrap();
         rules.push(extra);
         changed.rules = Some(rules);
         changed.metadata.labels.as_mut().unwrap().clear();
@@ -534,7 +552,11 @@ mod tests {
         );
         assert!(covers, "the missing rule is back: {:?}", now.rules);
         assert!(
-            now.rules.as_ref().unwrap().iter().any(|r| r.resources.as_deref() == Some(&["configmaps".to_string()][..])),
+            now.rules
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|r| r.resources.as_deref() == Some(&["configmaps".to_string()][..])),
             "the added rule is kept"
         );
         assert_eq!(
@@ -562,7 +584,8 @@ mod tests {
 
         // A binding's subjects.
         let r = Resource::lookup("clusterrolebindings").unwrap();
-        let mut b: ClusterRoleBinding = typed(reg.get(r, None, "system:discovery").unwrap()).unwrap();
+        let mut b: ClusterRoleBinding =
+            typed(reg.get(r, None, "system:discovery").unwrap()).unwrap();
         let want = b.subjects.clone();
         b.subjects = Some(vec![]);
         put(&reg, "clusterrolebindings", "system:discovery", &b);

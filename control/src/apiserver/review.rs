@@ -100,7 +100,11 @@ fn subject(user: &Option<String>, groups: &Option<Vec<String>>) -> Result<UserIn
             "spec.user: Invalid value: \"\": at least one of user or group must be specified",
         ));
     }
-    Ok(UserInfo { name, groups, ..Default::default() })
+    Ok(UserInfo {
+        name,
+        groups,
+        ..Default::default()
+    })
 }
 
 /// The request a review asks about.

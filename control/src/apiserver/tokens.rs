@@ -847,14 +847,22 @@ mod tests {
     fn secret_and_node_bound_tokens_end_with_their_object_and_lifetimes_are_capped() {
         let dir = tempfile::tempdir().unwrap();
         let reg = registry(dir.path());
-        let mut issuer =
-            TokenIssuer::new(Arc::new(TokenKey::load_or_create(dir.path()).unwrap()));
+        let mut issuer = TokenIssuer::new(Arc::new(TokenKey::load_or_create(dir.path()).unwrap()));
         issuer.max_expiration_seconds = Some(7200);
-        create(&reg, "serviceaccounts", json!({"metadata": {"name": "bot"}}));
+        create(
+            &reg,
+            "serviceaccounts",
+            json!({"metadata": {"name": "bot"}}),
+        );
         let secret = create(&reg, "secrets", json!({"metadata": {"name": "s"}}));
         let nodes = Resource::lookup("nodes").unwrap();
         let node = reg
-            .create(nodes, None, json!({"metadata": {"name": "n1"}}), &WriteOptions::default())
+            .create(
+                nodes,
+                None,
+                json!({"metadata": {"name": "n1"}}),
+                &WriteOptions::default(),
+            )
             .unwrap();
         let aud = issuer.api_audiences.clone();
         let ask = |kind: &str, name: &str, uid: Option<&str>, seconds: i64| {
@@ -874,8 +882,12 @@ mod tests {
             to_node["spec"]["expirationSeconds"], 7200,
             "shortened to the maximum"
         );
-        issuer.authenticate(&reg, &token_of(&to_secret), &aud).unwrap();
-        let who = issuer.authenticate(&reg, &token_of(&to_node), &aud).unwrap();
+        issuer
+            .authenticate(&reg, &token_of(&to_secret), &aud)
+            .unwrap();
+        let who = issuer
+            .authenticate(&reg, &token_of(&to_node), &aud)
+            .unwrap();
         assert_eq!(who.node.as_ref().unwrap().name, "n1");
         let review = issuer
             .review(&reg, &json!({"spec": {"token": token_of(&to_node)}}))
@@ -885,7 +897,10 @@ mod tests {
             json!(["n1"])
         );
         // A wrong uid, an unknown kind.
-        assert_eq!(ask("Secret", "s", Some("other"), 3600).unwrap_err().code, 409);
+        assert_eq!(
+            ask("Secret", "s", Some("other"), 3600).unwrap_err().code,
+            409
+        );
         assert_eq!(ask("ConfigMap", "c", None, 3600).unwrap_err().code, 400);
         assert_eq!(ask("Secret", "missing", None, 3600).unwrap_err().code, 404);
         // Deleting the object revokes its tokens.
@@ -895,12 +910,20 @@ mod tests {
         let e = issuer
             .authenticate(&reg, &token_of(&to_secret), &aud)
             .unwrap_err();
-        assert!(e.message.contains("secret default/s has been deleted"), "{}", e.message);
+        assert!(
+            e.message.contains("secret default/s has been deleted"),
+            "{}",
+            e.message
+        );
         reg.delete(nodes, None, "n1", &Default::default()).unwrap();
         let e = issuer
             .authenticate(&reg, &token_of(&to_node), &aud)
             .unwrap_err();
-        assert!(e.message.contains("node n1 has been deleted"), "{}", e.message);
+        assert!(
+            e.message.contains("node n1 has been deleted"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -379,7 +379,10 @@ mod tests {
             ]
         );
         // No pods: one empty slice.
-        assert_eq!(desired(&svc(), &[], MAX_ENDPOINTS), vec![Content::default()]);
+        assert_eq!(
+            desired(&svc(), &[], MAX_ENDPOINTS),
+            vec![Content::default()]
+        );
         let l = labels(&svc());
         assert_eq!(l[SERVICE_NAME], "web");
         assert_eq!(l[MANAGED_BY], CONTROLLER);

@@ -359,8 +359,15 @@ pub fn start_sharing(
         let q = slice_q.clone();
         slices.on_change(move |c| {
             let m = &c.object.metadata;
-            if let Some(svc) = m.labels.as_ref().and_then(|l| l.get(endpointslice::SERVICE_NAME)) {
-                q.add(format!("{}/{svc}", m.namespace.as_deref().unwrap_or("default")));
+            if let Some(svc) = m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(endpointslice::SERVICE_NAME))
+            {
+                q.add(format!(
+                    "{}/{svc}",
+                    m.namespace.as_deref().unwrap_or("default")
+                ));
             }
         });
         let q = ep_q.clone();
