@@ -195,6 +195,8 @@ pub struct NodeArgs {
     pub cert_check_seconds: u64,
 }
 
+// Parsed once per process: the size of the server's and agent's flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the control plane (API server, store, scheduler, controllers).
