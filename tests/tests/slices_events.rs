@@ -1,6 +1,7 @@
 //! EndpointSlices and events.k8s.io with the real kubectl against an in-process server and a
 //! fake node: a Service's slices list its pods (split at 100 endpoints, merged back when the
-//! Deployment shrinks), the `kubernetes` Service has its slice, and an Event created through
+//! Deployment shrinks), a selectorless Service's Endpoints are mirrored, the `kubernetes`
+//! Service has its slice, and an Event created through
 //! either API is read through the other, by `kubectl get events`, `kubectl get
 //! events.events.k8s.io` and `kubectl events`.
 
@@ -171,6 +172,33 @@ async fn a_services_slices_list_its_pods() -> anyhow::Result<()> {
     )
     .await?;
 
+    // A Service without a selector: its hand-written Endpoints are mirrored into a slice.
+    let f = write(&cluster, "db.yaml", SELECTORLESS)?;
+    cluster.kubectl_ok(&["apply", "-f", &f])?;
+    eventually(
+        "the Endpoints of db mirrored into a slice",
+        Duration::from_secs(30),
+        || async {
+            let list = json(
+                &cluster,
+                &[
+                    "get",
+                    "endpointslices",
+                    "-l",
+                    "kubernetes.io/service-name=db",
+                ],
+            )?;
+            let items = list["items"].as_array().cloned().unwrap_or_default();
+            Ok((items.len() == 1
+                && items[0]["endpoints"][0]["addresses"][0] == "192.168.1.5"
+                && items[0]["ports"][0]["port"] == 5432
+                && items[0]["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"]
+                    == "endpointslicemirroring-controller.k8s.io")
+                .then_some(()))
+        },
+    )
+    .await?;
+
     // The Service deleted: its slices go with it.
     cluster.kubectl_ok(&["delete", "service", "web"])?;
     eventually(
@@ -182,12 +210,34 @@ async fn a_services_slices_list_its_pods() -> anyhow::Result<()> {
     Ok(())
 }
 
+const SELECTORLESS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata:
+  name: db
+spec:
+  ports:
+  - name: pg
+    port: 5432
+---
+apiVersion: v1
+kind: Endpoints
+metadata:
+  name: db
+subsets:
+- addresses:
+  - ip: 192.168.1.5
+  ports:
+  - name: pg
+    port: 5432
+"#;
+
 const NEW_STYLE: &str = r#"
 apiVersion: events.k8s.io/v1
 kind: Event
 metadata:
   name: web.scaled
-eventTime: "2026-12-03T10:00:00.000000Z"
+eventTime: "EVENT_TIME"
 reportingController: example.com/operator
 reportingInstance: operator-1
 action: Scaling
@@ -221,8 +271,13 @@ source:
 async fn events_are_one_storage_in_two_shapes() -> anyhow::Result<()> {
     let cluster = TestCluster::start(|_| {}).await?;
 
-    // Created through events.k8s.io, read through v1.
-    let f = write(&cluster, "new.yaml", NEW_STYLE)?;
+    // Created through events.k8s.io, read through v1. Its time is now: an Event that last
+    // happened over an hour ago is deleted by the Event TTL controller.
+    let now = chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
+    let new_style = NEW_STYLE.replace("EVENT_TIME", &now);
+    let f = write(&cluster, "new.yaml", &new_style)?;
     cluster.kubectl_ok(&["create", "-f", &f])?;
     let core = json(&cluster, &["get", "events", "web.scaled"])?;
     assert_eq!(core["apiVersion"], "v1");
@@ -273,7 +328,7 @@ async fn events_are_one_storage_in_two_shapes() -> anyhow::Result<()> {
     let bad = write(
         &cluster,
         "bad.yaml",
-        &NEW_STYLE
+        &new_style
             .replace("web.scaled", "web.bad")
             .replace("reportingController: example.com/operator\n", ""),
     )?;

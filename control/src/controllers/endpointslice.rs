@@ -3,12 +3,15 @@
 //! resolved port set, as Kubernetes' endpointslice controller keeps them: labelled
 //! `kubernetes.io/service-name` and `endpointslice.kubernetes.io/managed-by`, owned by the
 //! Service, each endpoint with `ready`/`serving`/`terminating`, its node, hostname and pod.
-//! A Service with no endpoints has one empty slice. The Endpoints controller runs beside it.
+//! A Service with no endpoints has one empty slice. A Service without a selector gets its
+//! hand-written Endpoints mirrored into slices (managed by
+//! `endpointslicemirroring-controller.k8s.io`, owned by the Endpoints), as Kubernetes'
+//! mirroring controller does. The Endpoints controller runs beside it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Endpoints, ObjectReference, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use skiff_api::selector::Selector;
@@ -26,6 +29,10 @@ pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
 pub const MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 /// This controller's name in [`MANAGED_BY`], as Kubernetes'.
 pub const CONTROLLER: &str = "endpointslice-controller.k8s.io";
+/// The manager of slices mirrored from a selectorless Service's Endpoints.
+pub const MIRRORING: &str = "endpointslicemirroring-controller.k8s.io";
+/// The label on Endpoints that are not to be mirrored.
+pub const SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
 /// Endpoints per slice (`--max-endpoints-per-slice`'s default).
 pub const MAX_ENDPOINTS: usize = 100;
 
@@ -33,6 +40,7 @@ pub struct EndpointSliceController {
     pub reg: Arc<Registry>,
     pub services: Arc<Cache<Service>>,
     pub pods: Arc<Cache<Pod>>,
+    pub endpoints: Arc<Cache<Endpoints>>,
     pub slices: Arc<Cache<EndpointSlice>>,
     pub expect: Expectations,
 }
@@ -154,24 +162,72 @@ fn labels(svc: &Service) -> BTreeMap<String, String> {
     l
 }
 
+/// A selectorless Service's hand-written Endpoints as slices, as Kubernetes'
+/// endpointslicemirroring controller makes them: a slice per subset (cut at 100), ready
+/// addresses ready, not-ready ones not.
+pub fn mirrored(ep: &Endpoints, max: usize) -> Vec<Content> {
+    let mut out = Vec::new();
+    for subset in ep.subsets.iter().flatten() {
+        let ports: Vec<EndpointPort> = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| EndpointPort {
+                port: Some(p.port),
+                protocol: Some(p.protocol.clone().unwrap_or_else(|| "TCP".into())),
+                name: Some(p.name.clone().unwrap_or_default()),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for (ready, addrs) in [
+            (true, subset.addresses.iter().flatten()),
+            (false, subset.not_ready_addresses.iter().flatten()),
+        ] {
+            for a in addrs.filter(|a| a.ip.parse::<std::net::Ipv4Addr>().is_ok()) {
+                endpoints.push(Endpoint {
+                    addresses: vec![a.ip.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(ready),
+                        ..Default::default()
+                    }),
+                    hostname: a.hostname.clone(),
+                    node_name: a.node_name.clone(),
+                    target_ref: a.target_ref.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        for chunk in endpoints.chunks(max.max(1)) {
+            out.push(Content {
+                ports: ports.clone(),
+                endpoints: chunk.to_vec(),
+            });
+        }
+    }
+    out
+}
+
 impl EndpointSliceController {
     pub fn new(
         reg: Arc<Registry>,
         services: Arc<Cache<Service>>,
         pods: Arc<Cache<Pod>>,
+        endpoints: Arc<Cache<Endpoints>>,
         slices: Arc<Cache<EndpointSlice>>,
     ) -> Self {
         EndpointSliceController {
             reg,
             services,
             pods,
+            endpoints,
             slices,
             expect: Expectations::default(),
         }
     }
 
-    /// The slices this controller made for the Service `ns/name`, by name.
-    fn owned(&self, ns: Option<&str>, name: &str) -> Vec<Arc<EndpointSlice>> {
+    /// The slices `manager` made for the Service `ns/name`, by name.
+    fn owned(&self, ns: Option<&str>, name: &str, manager: &str) -> Vec<Arc<EndpointSlice>> {
         let mut out: Vec<_> = self
             .slices
             .list(ns)
@@ -179,7 +235,7 @@ impl EndpointSliceController {
             .filter(|s| {
                 let l = s.metadata.labels.as_ref();
                 l.and_then(|l| l.get(SERVICE_NAME)).map(String::as_str) == Some(name)
-                    && l.and_then(|l| l.get(MANAGED_BY)).map(String::as_str) == Some(CONTROLLER)
+                    && l.and_then(|l| l.get(MANAGED_BY)).map(String::as_str) == Some(manager)
             })
             .collect();
         out.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
@@ -199,48 +255,29 @@ impl EndpointSliceController {
             Err(e) => Err(e),
         }
     }
-}
 
-impl Reconciler for EndpointSliceController {
-    fn name(&self) -> &'static str {
-        "endpointslice"
+    /// Deletes every slice `manager` made for `ns/name`; the revision of the last write.
+    fn delete_all(&self, ns: Option<&str>, name: &str, manager: &str) -> Result<u64, ApiError> {
+        let mut last = 0;
+        for s in self.owned(ns, name, manager) {
+            last = last.max(self.delete(&s)?);
+        }
+        Ok(last)
     }
 
-    async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
-        self.expect.settle(key, &self.slices).await;
-        let (ns, name) = split_key(key);
+    /// Makes `existing` hold `want`: slices already holding a wanted content stay, the rest
+    /// are rewritten, new ones made and leftovers deleted. The revision of the last write.
+    fn sync(
+        &self,
+        ns: Option<&str>,
+        name: &str,
+        existing: &[Arc<EndpointSlice>],
+        want: Vec<Content>,
+        labels: &BTreeMap<String, String>,
+        owner: &OwnerReference,
+    ) -> Result<u64, ApiError> {
         let mut last = 0;
-        let Some(svc) = self.services.get(key) else {
-            // The Service is gone: so are its slices (the garbage collector would also
-            // take them, by their owner).
-            for s in self.owned(ns, name) {
-                last = last.max(self.delete(&s)?);
-            }
-            self.expect.wrote(key, last);
-            return Ok(Action::AwaitChange);
-        };
-        let Some(sel_map) = svc
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.as_ref())
-            .filter(|m| !m.is_empty())
-        else {
-            // No selector: the slices are whoever writes them, as in Kubernetes.
-            return Ok(Action::AwaitChange);
-        };
-        let pods = self.pods.select(ns, &Selector::from_map(sel_map));
-        let want = desired(&svc, &pods, MAX_ENDPOINTS);
-        let labels = labels(&svc);
-        let owner = OwnerReference {
-            api_version: "v1".into(),
-            kind: "Service".into(),
-            name: name.to_string(),
-            uid: svc.metadata.uid.clone().unwrap_or_default(),
-            controller: Some(true),
-            block_owner_deletion: Some(true),
-        };
-        let existing = self.owned(ns, name);
-        // Slices already holding a wanted content stay as they are.
+        let owners = std::slice::from_ref(owner);
         let mut used = vec![false; existing.len()];
         let mut todo = Vec::new();
         for c in want {
@@ -248,12 +285,12 @@ impl Reconciler for EndpointSliceController {
                 Some(i) => {
                     used[i] = true;
                     let s = &existing[i];
-                    let owned = s.metadata.owner_references.as_deref()
-                        == Some(std::slice::from_ref(&owner));
-                    if s.metadata.labels.as_ref() != Some(&labels) || !owned {
+                    if s.metadata.labels.as_ref() != Some(labels)
+                        || s.metadata.owner_references.as_deref() != Some(owners)
+                    {
                         let mut next = (**s).clone();
                         next.metadata.labels = Some(labels.clone());
-                        next.metadata.owner_references = Some(vec![owner.clone()]);
+                        next.metadata.owner_references = Some(owners.to_vec());
                         let out = api::update(&self.reg, &next)?;
                         last = last.max(api::revision(&out.metadata));
                     }
@@ -261,7 +298,6 @@ impl Reconciler for EndpointSliceController {
                 None => todo.push(c),
             }
         }
-        // The rest rewrite the slices left over, and new slices are made when there are none.
         for c in todo {
             let slot = (0..existing.len()).find(|&i| !used[i]);
             let out = match slot {
@@ -269,7 +305,7 @@ impl Reconciler for EndpointSliceController {
                     used[i] = true;
                     let mut next = (*existing[i]).clone();
                     next.metadata.labels = Some(labels.clone());
-                    next.metadata.owner_references = Some(vec![owner.clone()]);
+                    next.metadata.owner_references = Some(owners.to_vec());
                     next.address_type = "IPv4".into();
                     next.ports = Some(c.ports);
                     next.endpoints = Some(c.endpoints);
@@ -283,7 +319,7 @@ impl Reconciler for EndpointSliceController {
                             generate_name: Some(format!("{name}-")),
                             namespace: ns.map(String::from),
                             labels: Some(labels.clone()),
-                            owner_references: Some(vec![owner.clone()]),
+                            owner_references: Some(owners.to_vec()),
                             ..Default::default()
                         },
                         address_type: "IPv4".into(),
@@ -299,6 +335,89 @@ impl Reconciler for EndpointSliceController {
                 last = last.max(self.delete(s)?);
             }
         }
+        Ok(last)
+    }
+
+    /// A selectorless Service's slices mirror its Endpoints, unless they are marked
+    /// `endpointslice.kubernetes.io/skip-mirror` (the `kubernetes` Service's are).
+    fn mirror(&self, key: &str) -> Result<u64, ApiError> {
+        let (ns, name) = split_key(key);
+        let ep = self.endpoints.get(key).filter(|ep| {
+            ep.metadata
+                .labels
+                .as_ref()
+                .is_none_or(|l| l.get(SKIP_MIRROR).map(String::as_str) != Some("true"))
+        });
+        let Some(ep) = ep else {
+            return self.delete_all(ns, name, MIRRORING);
+        };
+        let mut labels = ep.metadata.labels.clone().unwrap_or_default();
+        labels.insert(SERVICE_NAME.into(), name.to_string());
+        labels.insert(MANAGED_BY.into(), MIRRORING.into());
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Endpoints".into(),
+            name: name.to_string(),
+            uid: ep.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let existing = self.owned(ns, name, MIRRORING);
+        self.sync(
+            ns,
+            name,
+            &existing,
+            mirrored(&ep, MAX_ENDPOINTS),
+            &labels,
+            &owner,
+        )
+    }
+}
+
+impl Reconciler for EndpointSliceController {
+    fn name(&self) -> &'static str {
+        "endpointslice"
+    }
+
+    async fn reconcile(&self, key: &str) -> Result<Action, ApiError> {
+        self.expect.settle(key, &self.slices).await;
+        let (ns, name) = split_key(key);
+        let Some(svc) = self.services.get(key) else {
+            // The Service is gone: so are its slices (the garbage collector would also
+            // take them, by their owner).
+            let last = self
+                .delete_all(ns, name, CONTROLLER)?
+                .max(self.delete_all(ns, name, MIRRORING)?);
+            self.expect.wrote(key, last);
+            return Ok(Action::AwaitChange);
+        };
+        let Some(sel_map) = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .filter(|m| !m.is_empty())
+        else {
+            // No selector: its Endpoints are someone else's, mirrored into slices.
+            let last = self
+                .delete_all(ns, name, CONTROLLER)?
+                .max(self.mirror(key)?);
+            self.expect.wrote(key, last);
+            return Ok(Action::AwaitChange);
+        };
+        let pods = self.pods.select(ns, &Selector::from_map(sel_map));
+        let want = desired(&svc, &pods, MAX_ENDPOINTS);
+        let owner = OwnerReference {
+            api_version: "v1".into(),
+            kind: "Service".into(),
+            name: name.to_string(),
+            uid: svc.metadata.uid.clone().unwrap_or_default(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        };
+        let existing = self.owned(ns, name, CONTROLLER);
+        let last = self
+            .sync(ns, name, &existing, want, &labels(&svc), &owner)?
+            .max(self.delete_all(ns, name, MIRRORING)?);
         self.expect.wrote(key, last);
         Ok(Action::AwaitChange)
     }
@@ -353,6 +472,34 @@ mod tests {
         assert_eq!(
             e.target_ref.as_ref().and_then(|r| r.kind.as_deref()),
             Some("Pod")
+        );
+    }
+
+    #[test]
+    fn hand_written_endpoints_are_mirrored() {
+        let ep: Endpoints = serde_json::from_value(json!({
+            "metadata": {"name": "db", "namespace": "default"},
+            "subsets": [{"addresses": [{"ip": "192.168.1.5"}], "notReadyAddresses": [{"ip": "192.168.1.6"}],
+                         "ports": [{"name": "pg", "port": 5432}]}]
+        }))
+        .unwrap();
+        let m = mirrored(&ep, MAX_ENDPOINTS);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].ports[0].port, Some(5432));
+        assert_eq!(m[0].ports[0].protocol.as_deref(), Some("TCP"));
+        let ready: Vec<_> = m[0]
+            .endpoints
+            .iter()
+            .map(|e| {
+                (
+                    e.addresses[0].as_str(),
+                    e.conditions.as_ref().unwrap().ready,
+                )
+            })
+            .collect();
+        assert_eq!(
+            ready,
+            vec![("192.168.1.5", Some(true)), ("192.168.1.6", Some(false))]
         );
     }
 

@@ -357,6 +357,8 @@ pub fn start_sharing(
         let q = ep_q.clone();
         endpoints.on_change(move |c| q.add(key(&*c.object)));
         let q = slice_q.clone();
+        endpoints.on_change(move |c| q.add(key(&*c.object)));
+        let q = slice_q.clone();
         slices.on_change(move |c| {
             let m = &c.object.metadata;
             if let Some(svc) = m
@@ -576,6 +578,7 @@ pub fn start_sharing(
             reg.clone(),
             services.clone(),
             pods.clone(),
+            endpoints.clone(),
             slices.clone(),
         )),
         slice_rx,
