@@ -28,6 +28,15 @@ fn child<'a>(obj: &'a mut Value, key: &str) -> Option<&'a mut Value> {
 pub fn apply(kind: &str, obj: &mut Value) {
     match kind {
         "CustomResourceDefinition" => crate::crd::apply_defaults(obj),
+        // As Kubernetes' `SetDefaults_EndpointPort`: a port's name is "" and protocol TCP.
+        "EndpointSlice" => {
+            if let Some(ports) = obj.get_mut("ports").and_then(Value::as_array_mut) {
+                for p in ports.iter_mut().filter(|p| p.is_object()) {
+                    set_default(p, "name", json!(""));
+                    set_default(p, "protocol", json!("TCP"));
+                }
+            }
+        }
         "Pod" => {
             if let Some(spec) = child(obj, "spec") {
                 pod_spec(spec);

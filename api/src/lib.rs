@@ -20,6 +20,7 @@ pub mod crd;
 pub mod defaults;
 pub mod disruption;
 pub mod error;
+pub mod events;
 pub mod fields;
 pub mod limits;
 pub mod managed;

@@ -87,6 +87,10 @@ impl Resource {
 
     /// The store key prefix for this resource, `/registry/{plural}/`.
     pub fn key_prefix(&self) -> String {
+        // events.k8s.io's Events are the core ones, as in Kubernetes' `/registry/events/`.
+        if crate::events::is_events_v1(self) {
+            return "/registry/events/".into();
+        }
         format!("/registry/{}/", self.qualified())
     }
 
@@ -219,8 +223,9 @@ use k8s_openapi::api::{
     admissionregistration::v1 as admission, apps::v1 as apps, authentication::v1 as authn,
     authorization::v1 as authz, autoscaling::v2 as autoscaling, batch::v1 as batch,
     certificates::v1 as certificates, coordination::v1 as coordination, core::v1 as core,
-    networking::v1 as networking, node::v1 as node, policy::v1 as policy, rbac::v1 as rbac,
-    scheduling::v1 as scheduling, storage::v1 as storage,
+    discovery::v1 as discovery, events::v1 as events, networking::v1 as networking,
+    node::v1 as node, policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling,
+    storage::v1 as storage,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiextensions;
 
@@ -272,6 +277,10 @@ pub static RESOURCES: &[Resource] = &[
         .status(),
     // Node heartbeats (`kube-node-lease/NODE`) and leader election: spec only, no status.
     kind::<coordination::Lease>("lease"),
+    // The endpoints of Services in slices of at most 100 (the EndpointSlice controller's).
+    kind::<discovery::EndpointSlice>("endpointslice"),
+    // The core Events seen in events.k8s.io's shape: one storage (see `events.rs`).
+    kind::<events::Event>("event"),
     kind::<storage::StorageClass>("storageclass").short(&["sc"]),
     // Stored only: no CSI driver is called.
     kind::<storage::CSIDriver>("csidriver"),
@@ -382,6 +391,8 @@ mod tests {
                 "batch",
                 "policy",
                 "coordination.k8s.io",
+                "discovery.k8s.io",
+                "events.k8s.io",
                 "storage.k8s.io",
                 "rbac.authorization.k8s.io",
                 "apiextensions.k8s.io",

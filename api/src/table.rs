@@ -77,6 +77,13 @@ pub fn columns(kind: &str) -> Vec<Column> {
             wide("SELECTOR"),
         ],
         "Endpoints" => vec![col("NAME"), col("ENDPOINTS"), col("AGE")],
+        "EndpointSlice" => vec![
+            col("NAME"),
+            col("ADDRESSTYPE"),
+            col("PORTS"),
+            col("ENDPOINTS"),
+            col("AGE"),
+        ],
         "Node" => vec![
             col("NAME"),
             col("STATUS"),
@@ -586,6 +593,28 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
             };
             vec![name, or_none(shown), age]
         }
+        "EndpointSlice" => {
+            // As kubectl's printer: at most three, then a count of the rest.
+            let list = |items: Vec<String>| match items.len() {
+                0 => "<unset>".to_string(),
+                n if n > 3 => format!("{} + {} more...", items[..3].join(","), n - 3),
+                _ => items.join(","),
+            };
+            let arr = |v: Option<&Value>| v.and_then(Value::as_array).cloned().unwrap_or_default();
+            let ports = arr(o.get("ports"))
+                .iter()
+                .map(|p| match p.get("port") {
+                    Some(n) => n.to_string(),
+                    None => "<unset>".into(),
+                })
+                .collect();
+            let addrs = arr(o.get("endpoints"))
+                .iter()
+                .flat_map(|e| arr(e.get("addresses")))
+                .map(|a| s(Some(&a)))
+                .collect();
+            vec![name, s(o.get("addressType")), list(ports), list(addrs), age]
+        }
         "Node" => {
             let ready = o
                 .pointer("/status/conditions")
@@ -630,8 +659,10 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
         }
         "Namespace" => vec![name, s(o.pointer("/status/phase")), age],
         "Event" => {
+            // The core shape, or events.k8s.io's (`deprecatedLastTimestamp`, `regarding`, `note`).
             let last = o
                 .get("lastTimestamp")
+                .or(o.get("deprecatedLastTimestamp"))
                 .and_then(Value::as_str)
                 .or(o.get("eventTime").and_then(Value::as_str))
                 .or(o
@@ -643,10 +674,13 @@ pub fn row(kind: &str, o: &Value, now_unix: i64) -> Vec<String> {
                 s(o.get("reason")),
                 format!(
                     "{}/{}",
-                    s(o.pointer("/involvedObject/kind")).to_lowercase(),
-                    s(o.pointer("/involvedObject/name"))
+                    s(o.pointer("/involvedObject/kind")
+                        .or(o.pointer("/regarding/kind")))
+                    .to_lowercase(),
+                    s(o.pointer("/involvedObject/name")
+                        .or(o.pointer("/regarding/name")))
                 ),
-                s(o.get("message")),
+                s(o.get("message").or(o.get("note"))),
             ]
         }
         "ConfigMap" => {

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::{
     admissionregistration::v1 as admission, apps::v1 as apps, autoscaling::v2 as autoscaling,
     batch::v1 as batch, certificates::v1 as certificates, coordination::v1 as coordination,
-    core::v1 as core, networking::v1 as networking, node::v1 as node, policy::v1 as policy,
-    rbac::v1 as rbac, scheduling::v1 as scheduling,
+    core::v1 as core, discovery::v1 as discovery, networking::v1 as networking, node::v1 as node,
+    policy::v1 as policy, rbac::v1 as rbac, scheduling::v1 as scheduling,
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition as Crd;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -453,6 +453,10 @@ pub fn validate(resource: &Resource, obj: &Value) -> Result<(), ApiError> {
                     "minAvailable and maxUnavailable cannot be both set",
                 ));
             }
+        }
+        "EndpointSlice" => {
+            let es: discovery::EndpointSlice = typed(obj)?;
+            endpoint_slice(&es, &mut causes);
         }
         "Lease" => {
             let l: coordination::Lease = typed(obj)?;
@@ -1267,6 +1271,80 @@ fn service(s: &core::Service, causes: &mut Vec<Cause>) {
 }
 
 /// What an update may not change. `old` and `new` are the stored and the proposed object.
+/// An EndpointSlice as Kubernetes' `ValidateEndpointSlice` has it: a known address type, at
+/// most 1000 endpoints of 1 to 100 addresses of that type, at most 100 ports with unique names.
+fn endpoint_slice(es: &discovery::EndpointSlice, causes: &mut Vec<Cause>) {
+    let ty = es.address_type.as_str();
+    if !["IPv4", "IPv6", "FQDN"].contains(&ty) {
+        causes.push(Cause {
+            reason: "FieldValueNotSupported".into(),
+            field: "addressType".into(),
+            message: format!(
+                "Unsupported value: {ty:?}: supported values: \"FQDN\", \"IPv4\", \"IPv6\""
+            ),
+        });
+    }
+    let endpoints = es.endpoints.as_deref().unwrap_or_default();
+    if endpoints.len() > 1000 {
+        causes.push(Cause {
+            reason: "FieldValueTooMany".into(),
+            field: "endpoints".into(),
+            message: format!(
+                "Too many: {}: must have at most 1000 items",
+                endpoints.len()
+            ),
+        });
+    }
+    for (i, ep) in endpoints.iter().enumerate() {
+        if ep.addresses.is_empty() || ep.addresses.len() > 100 {
+            causes.push(Cause::invalid(
+                format!("endpoints[{i}].addresses"),
+                ep.addresses.len(),
+                "must contain at least 1 and at most 100 addresses",
+            ));
+        }
+        for (j, a) in ep.addresses.iter().enumerate() {
+            let ok = match ty {
+                "IPv4" => a.parse::<std::net::Ipv4Addr>().is_ok(),
+                "IPv6" => a.parse::<std::net::Ipv6Addr>().is_ok(),
+                _ => is_dns1123_subdomain(a),
+            };
+            if !ok {
+                causes.push(Cause::invalid(
+                    format!("endpoints[{i}].addresses[{j}]"),
+                    format!("{a:?}"),
+                    &format!("must be a valid {ty} address"),
+                ));
+            }
+        }
+    }
+    let ports = es.ports.as_deref().unwrap_or_default();
+    if ports.len() > 100 {
+        causes.push(Cause {
+            reason: "FieldValueTooMany".into(),
+            field: "ports".into(),
+            message: format!("Too many: {}: must have at most 100 items", ports.len()),
+        });
+    }
+    let mut names = BTreeSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let name = p.name.as_deref().unwrap_or("");
+        if !names.insert(name) {
+            causes.push(Cause::duplicate(
+                format!("ports[{i}].name"),
+                format!("{name:?}"),
+            ));
+        }
+        if let Some(n) = p.port.filter(|n| !(0..=65535).contains(n)) {
+            causes.push(Cause::invalid(
+                format!("ports[{i}].port"),
+                n,
+                "must be between 0 and 65535, inclusive",
+            ));
+        }
+    }
+}
+
 pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<(), ApiError> {
     let mut causes = Vec::new();
     let immutable = |path: &str, field: &str, causes: &mut Vec<Cause>| {
@@ -1283,6 +1361,7 @@ pub fn validate_update(resource: &Resource, old: &Value, new: &Value) -> Result<
         "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet" => {
             immutable("/spec/selector", "spec.selector", &mut causes)
         }
+        "EndpointSlice" => immutable("/addressType", "addressType", &mut causes),
         "Service" => {
             let a = old.pointer("/spec/clusterIP");
             let b = new.pointer("/spec/clusterIP");

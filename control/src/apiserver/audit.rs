@@ -174,6 +174,7 @@ mod tests {
         UserInfo {
             name: "alice".into(),
             groups: vec!["dev".into(), "system:authenticated".into()],
+            ..Default::default()
         }
     }
 

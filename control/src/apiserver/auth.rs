@@ -31,10 +31,14 @@ pub const TOKEN_NAMESPACE: &str = "kube-system";
 pub const BOOTSTRAP_TOKEN_TYPE: &str = "bootstrap.kubernetes.io/token";
 
 /// Who made a request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserInfo {
     pub name: String,
     pub groups: Vec<String>,
+    /// The user's uid, when the request names one (`Impersonate-Uid`).
+    pub uid: Option<String>,
+    /// Extra attributes (`Impersonate-Extra-KEY`), by key.
+    pub extra: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 impl UserInfo {
@@ -141,6 +145,7 @@ impl Authenticator {
             return Ok(UserInfo {
                 name: p.common_name.clone(),
                 groups,
+                ..Default::default()
             });
         }
         let Some(token) = bearer.map(str::trim).filter(|t| !t.is_empty()) else {
@@ -150,6 +155,7 @@ impl Authenticator {
             return Ok(UserInfo {
                 name: "system:admin".into(),
                 groups: vec![MASTERS.into(), AUTHENTICATED.into()],
+                ..Default::default()
             });
         }
         if super::tokens::looks_like_jwt(token) {
@@ -166,6 +172,7 @@ impl Authenticator {
         let bootstrap = |id: &str| UserInfo {
             name: format!("system:bootstrap:{id}"),
             groups: vec![BOOTSTRAPPERS.into(), AUTHENTICATED.into()],
+            ..Default::default()
         };
         match parse_join_credential(token) {
             Some(JoinCredential::Node(secret)) => match &self.node_token_secret {
@@ -805,6 +812,7 @@ mod tests {
         UserInfo {
             name: format!("system:node:{n}"),
             groups: vec![NODES.into(), AUTHENTICATED.into()],
+            ..Default::default()
         }
     }
 
@@ -1081,6 +1089,7 @@ mod tests {
         let admin = UserInfo {
             name: "system:admin".into(),
             groups: vec![MASTERS.into()],
+            ..Default::default()
         };
         assert_eq!(
             a.authorize(&admin, &res("list", "secrets", None, None, None)),
@@ -1089,6 +1098,7 @@ mod tests {
         let boot = UserInfo {
             name: "system:bootstrap:abcdef".into(),
             groups: vec![BOOTSTRAPPERS.into(), AUTHENTICATED.into()],
+            ..Default::default()
         };
         let join = Attributes::NonResource {
             verb: "create".into(),
@@ -1116,6 +1126,7 @@ mod tests {
         let stranger = UserInfo {
             name: "system:node:n1".into(),
             groups: vec![AUTHENTICATED.into()],
+            ..Default::default()
         };
         assert_eq!(
             a.authorize(&stranger, &res("get", "pods", None, None, Some("a"))),

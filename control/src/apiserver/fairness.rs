@@ -356,6 +356,7 @@ mod tests {
         Client::user(&UserInfo {
             name: name.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
+            ..Default::default()
         })
     }
 

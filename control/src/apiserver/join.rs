@@ -258,6 +258,7 @@ mod tests {
         let boot = UserInfo {
             name: "system:bootstrap:abcdef".into(),
             groups: vec![BOOTSTRAPPERS.into()],
+            ..Default::default()
         };
         let first = "first-host-password-0123456789";
         let answer = node_credential(
@@ -296,6 +297,7 @@ mod tests {
         let n2 = UserInfo {
             name: "system:node:n2".into(),
             groups: vec![NODES.into()],
+            ..Default::default()
         };
         assert_eq!(
             node_credential(&reg, (&ca, &serving), NODE_CERT_VALIDITY, &n2, &body(first))
@@ -306,6 +308,7 @@ mod tests {
         let admin = UserInfo {
             name: "system:admin".into(),
             groups: vec![MASTERS.into()],
+            ..Default::default()
         };
         let second = "another-host-password-0123";
         node_credential(

@@ -195,10 +195,11 @@ async fn attributes(
     Ok((attrs, req))
 }
 
-/// Who a request asks to act as (`Impersonate-User`, `Impersonate-Group`).
-fn impersonation_request(
-    headers: &http::HeaderMap,
-) -> Result<Option<(String, Vec<String>)>, ApiError> {
+/// Who a request asks to act as: `Impersonate-User`, `Impersonate-Group`, `Impersonate-Uid`
+/// and `Impersonate-Extra-KEY` (the key percent-decoded and lower-cased, as Kubernetes reads
+/// it), in [`auth::UserInfo`]'s form.
+fn impersonation_request(headers: &http::HeaderMap) -> Result<Option<auth::UserInfo>, ApiError> {
+    const EXTRA: &str = "impersonate-extra-";
     let text = |v: &HeaderValue| v.to_str().ok().map(String::from);
     let user = headers.get("impersonate-user").and_then(text);
     let groups: Vec<String> = headers
@@ -206,49 +207,82 @@ fn impersonation_request(
         .iter()
         .filter_map(text)
         .collect();
-    let extra = headers
-        .keys()
-        .any(|k| k.as_str().starts_with("impersonate-extra-") || k.as_str() == "impersonate-uid");
+    let uid = headers.get("impersonate-uid").and_then(text);
+    let mut extra: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (k, v) in headers {
+        let Some(key) = k.as_str().strip_prefix(EXTRA) else {
+            continue;
+        };
+        let key = percent_encoding::percent_decode_str(key)
+            .decode_utf8_lossy()
+            .to_lowercase();
+        extra.entry(key).or_default().extend(text(v));
+    }
     match user.filter(|u| !u.is_empty()) {
-        Some(u) => Ok(Some((u, groups))),
-        None if !groups.is_empty() || extra => Err(ApiError::bad_request(
-            "requested impersonation of groups or extra fields without impersonating a user",
-        )),
+        Some(name) => Ok(Some(auth::UserInfo {
+            name,
+            groups,
+            uid,
+            extra,
+        })),
+        None if !groups.is_empty() || uid.is_some() || !extra.is_empty() => {
+            Err(ApiError::bad_request(
+                "requested impersonation of groups, a uid or extra fields without impersonating a user",
+            ))
+        }
         None => Ok(None),
     }
 }
 
-/// The user `user` acts as, when it may `impersonate` that user (or ServiceAccount) and each
-/// group, as Kubernetes' impersonation filter decides; the 403 names what it may not.
+/// The user `user` acts as, when it may `impersonate` that user (or ServiceAccount), each
+/// group, the uid (`uids`) and each extra value (`userextras/KEY` in
+/// `authentication.k8s.io`), as Kubernetes' impersonation filter decides; the 403 names
+/// what it may not.
 fn impersonate(
-    state: &ApiState,
+    authorizer: &dyn auth::Authorizer,
     user: &auth::UserInfo,
-    (name, groups): (String, Vec<String>),
+    wanted: auth::UserInfo,
 ) -> Result<auth::UserInfo, ApiError> {
-    let check = |resource: &str, namespace: Option<&str>, target: &str| {
-        let attrs = auth::Attributes::Resource(auth::ResourceAttributes {
-            verb: "impersonate".into(),
-            group: String::new(),
-            resource: resource.into(),
-            subresource: None,
-            namespace: namespace.map(String::from),
-            name: Some(target.into()),
-        });
-        match state.authorizer.authorize(user, &attrs) {
-            auth::Decision::Allow => Ok(()),
-            auth::Decision::Deny(reason) => Err(auth::forbidden(user, &attrs, &reason)),
-            auth::Decision::NoOpinion => Err(auth::forbidden(user, &attrs, "")),
-        }
-    };
+    let check =
+        |group: &str, resource: &str, sub: Option<&str>, namespace: Option<&str>, target: &str| {
+            let attrs = auth::Attributes::Resource(auth::ResourceAttributes {
+                verb: "impersonate".into(),
+                group: group.into(),
+                resource: resource.into(),
+                subresource: sub.map(String::from),
+                namespace: namespace.map(String::from),
+                name: Some(target.into()),
+            });
+            match authorizer.authorize(user, &attrs) {
+                auth::Decision::Allow => Ok(()),
+                auth::Decision::Deny(reason) => Err(auth::forbidden(user, &attrs, &reason)),
+                auth::Decision::NoOpinion => Err(auth::forbidden(user, &attrs, "")),
+            }
+        };
+    let auth::UserInfo {
+        name,
+        groups,
+        uid,
+        extra,
+    } = wanted;
     let service_account = name
         .strip_prefix(rbac::SERVICE_ACCOUNT_PREFIX)
         .and_then(|r| r.split_once(':'));
     match service_account {
-        Some((ns, sa)) => check("serviceaccounts", Some(ns), sa)?,
-        None => check("users", None, &name)?,
+        Some((ns, sa)) => check("", "serviceaccounts", None, Some(ns), sa)?,
+        None => check("", "users", None, None, &name)?,
     }
     for g in &groups {
-        check("groups", None, g)?;
+        check("", "groups", None, None, g)?;
+    }
+    const AUTHN: &str = "authentication.k8s.io";
+    if let Some(u) = &uid {
+        check(AUTHN, "uids", None, None, u)?;
+    }
+    for (key, values) in &extra {
+        for v in values {
+            check(AUTHN, "userextras", Some(key), None, v)?;
+        }
     }
     let mut all = groups.clone();
     if groups.is_empty() {
@@ -257,7 +291,12 @@ fn impersonate(
     if name != "system:anonymous" && !all.iter().any(|g| g == auth::AUTHENTICATED) {
         all.push(auth::AUTHENTICATED.into());
     }
-    Ok(auth::UserInfo { name, groups: all })
+    Ok(auth::UserInfo {
+        name,
+        groups: all,
+        uid,
+        extra,
+    })
 }
 
 /// Authenticates, authorizes and answers `req`; `audit` gets who asked for what as soon as
@@ -295,7 +334,7 @@ async fn authenticated(
         None => user,
         Some(wanted) => {
             let state = state.clone();
-            tokio::task::spawn_blocking(move || impersonate(&state, &user, wanted))
+            tokio::task::spawn_blocking(move || impersonate(&*state.authorizer, &user, wanted))
                 .await
                 .map_err(|e| ApiError::internal(format!("impersonation failed: {e}")))??
         }
@@ -397,6 +436,7 @@ fn open_path_client(req: &Request<Body>) -> fairness::Client {
         Some(p) => fairness::Client::user(&auth::UserInfo {
             name: p.common_name.clone(),
             groups: p.organizations.clone(),
+            ..Default::default()
         }),
         None => fairness::Client::address(peer_ip(req)),
     }
@@ -578,6 +618,86 @@ mod tests {
         assert_eq!(access["status"]["allowed"], false);
         let _ = api.stop.send(());
         api.server.await.unwrap().unwrap();
+    }
+
+    /// An authorizer allowing only the `impersonate` requests listed, as (resource,
+    /// subresource, name).
+    struct Allow(Vec<(&'static str, Option<&'static str>, &'static str)>);
+
+    impl auth::Authorizer for Allow {
+        fn authorize(&self, _: &auth::UserInfo, attrs: &auth::Attributes) -> auth::Decision {
+            let auth::Attributes::Resource(r) = attrs else {
+                return auth::Decision::NoOpinion;
+            };
+            let group_ok = match r.resource.as_str() {
+                "uids" | "userextras" => r.group == "authentication.k8s.io",
+                _ => r.group.is_empty(),
+            };
+            let listed = self.0.iter().any(|(res, sub, name)| {
+                r.resource == *res
+                    && r.subresource.as_deref() == *sub
+                    && r.name.as_deref() == Some(*name)
+            });
+            if r.verb == "impersonate" && group_ok && listed {
+                auth::Decision::Allow
+            } else {
+                auth::Decision::NoOpinion
+            }
+        }
+    }
+
+    /// `Impersonate-Uid` and `Impersonate-Extra-KEY` need `impersonate` on `uids` and on
+    /// `userextras/KEY` (each value), as Kubernetes; without a user they are refused.
+    #[test]
+    fn uids_and_extras_are_impersonated_only_when_allowed() {
+        let mut h = http::HeaderMap::new();
+        h.insert("impersonate-user", HeaderValue::from_static("alice"));
+        h.insert("impersonate-uid", HeaderValue::from_static("1234"));
+        h.append("impersonate-extra-scopes", HeaderValue::from_static("view"));
+        h.append("impersonate-extra-scopes", HeaderValue::from_static("edit"));
+        h.insert(
+            "impersonate-extra-example.com%2fteam",
+            HeaderValue::from_static("blue"),
+        );
+        let wanted = impersonation_request(&h).unwrap().unwrap();
+        assert_eq!(wanted.uid.as_deref(), Some("1234"));
+        assert_eq!(wanted.extra["scopes"], vec!["view", "edit"]);
+        assert_eq!(wanted.extra["example.com/team"], vec!["blue"]);
+        let me = auth::UserInfo {
+            name: "bob".into(),
+            ..Default::default()
+        };
+        let all = vec![
+            ("users", None, "alice"),
+            ("uids", None, "1234"),
+            ("userextras", Some("scopes"), "view"),
+            ("userextras", Some("scopes"), "edit"),
+            ("userextras", Some("example.com/team"), "blue"),
+        ];
+        let acted = impersonate(&Allow(all.clone()), &me, wanted.clone()).unwrap();
+        assert_eq!(acted.name, "alice");
+        assert_eq!(acted.uid.as_deref(), Some("1234"));
+        assert_eq!(acted.extra, wanted.extra);
+        assert!(acted.groups.iter().any(|g| g == auth::AUTHENTICATED));
+        // Each of them missing is a 403 naming it.
+        for missing in 0..all.len() {
+            let mut some = all.clone();
+            let (res, sub, _) = some.remove(missing);
+            let e = impersonate(&Allow(some), &me, wanted.clone()).unwrap_err();
+            assert_eq!(e.code, 403);
+            let what = match sub {
+                Some(s) => format!("{res}/{s}"),
+                None => res.to_string(),
+            };
+            assert!(e.message.contains(&what), "{what}: {}", e.message);
+        }
+        // A uid or an extra without a user.
+        let mut h = http::HeaderMap::new();
+        h.insert("impersonate-uid", HeaderValue::from_static("1234"));
+        assert_eq!(impersonation_request(&h).unwrap_err().code, 400);
+        let mut h = http::HeaderMap::new();
+        h.insert("impersonate-extra-scopes", HeaderValue::from_static("x"));
+        assert_eq!(impersonation_request(&h).unwrap_err().code, 400);
     }
 
     /// A client that closes a watch releases it on the server, even when no event would have

@@ -77,7 +77,8 @@ pub fn answer(
                 user_info: Some(k8s_openapi::api::authentication::v1::UserInfo {
                     username: Some(user.name.clone()),
                     groups: Some(user.groups.clone()),
-                    ..Default::default()
+                    uid: user.uid.clone(),
+                    extra: (!user.extra.is_empty()).then(|| user.extra.clone()),
                 }),
             });
             encode(&review)
@@ -99,7 +100,11 @@ fn subject(user: &Option<String>, groups: &Option<Vec<String>>) -> Result<UserIn
             "spec.user: Invalid value: \"\": at least one of user or group must be specified",
         ));
     }
-    Ok(UserInfo { name, groups })
+    Ok(UserInfo {
+        name,
+        groups,
+        ..Default::default()
+    })
 }
 
 /// The request a review asks about.

@@ -3,9 +3,11 @@
 //! [`TokenKey`] is the signing key (ECDSA P-256, `DATA/sa.key`, 0600), made on first start.
 //! [`TokenIssuer`] signs TokenRequest's JWTs (ES256) with Kubernetes' claims — `iss`, `sub`
 //! `system:serviceaccount:NS:NAME`, `aud`, `exp`, `iat`, `nbf`, `jti` and the
-//! `kubernetes.io` claim naming the namespace, the ServiceAccount and the Pod the token is
-//! bound to — and authenticates them: signature, time, audience, and the ServiceAccount (and
-//! bound Pod) still there with the uid the token names, so deleting either revokes the token.
+//! `kubernetes.io` claim naming the namespace, the ServiceAccount and the Pod, Secret or Node
+//! the token is bound to — and authenticates them: signature, time, audience, and the
+//! ServiceAccount (and the bound object) still there with the uid the token names, so
+//! deleting either revokes the token. A requested lifetime beyond
+//! `--service-account-max-token-expiration` is shortened to it.
 //! It also answers TokenReview and publishes its public key (`/openid/v1/jwks`, with
 //! `/.well-known/openid-configuration` pointing at it).
 //!
@@ -20,7 +22,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use k8s_openapi::api::authentication::v1::{
     TokenRequest, TokenRequestStatus, TokenReview, TokenReviewStatus, UserInfo as ReviewUser,
 };
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret, ServiceAccount};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use skiff_api::validation::typed;
@@ -136,6 +138,8 @@ pub struct KubernetesClaim {
     pub pod: Option<ObjectRef>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<ObjectRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<ObjectRef>,
 }
 
 /// The claims of a ServiceAccount token.
@@ -160,6 +164,8 @@ pub struct TokenUser {
     pub uid: String,
     /// The bound pod, if any (the `authentication.kubernetes.io/pod-name`/`pod-uid` extras).
     pub pod: Option<ObjectRef>,
+    /// The bound node, if any (the `authentication.kubernetes.io/node-name`/`node-uid` extras).
+    pub node: Option<ObjectRef>,
     /// The token's ID (the `authentication.kubernetes.io/credential-id` extra).
     pub jti: String,
 }
@@ -176,6 +182,9 @@ pub struct TokenIssuer {
     /// The API server's audiences: a token must name one of them to be accepted as a
     /// credential (`--api-audiences`, by default the issuer).
     pub api_audiences: Vec<String>,
+    /// The longest lifetime a TokenRequest gets; a longer one asked for is shortened
+    /// (`--service-account-max-token-expiration`; None: only Kubernetes' 2^32 s bound).
+    pub max_expiration_seconds: Option<i64>,
 }
 
 fn unauthorized(message: impl Into<String>) -> ApiError {
@@ -190,6 +199,7 @@ impl TokenIssuer {
             key,
             issuer: ISSUER.into(),
             api_audiences: vec![ISSUER.into()],
+            max_expiration_seconds: None,
         }
     }
 
@@ -247,17 +257,31 @@ impl TokenIssuer {
                 k.serviceaccount.uid
             )));
         }
-        if let Some(p) = &k.pod {
-            let pod = get::<Pod>(registry, &k.namespace, &p.name)?.ok_or_else(|| {
-                unauthorized(format!("pod {}/{} has been deleted", k.namespace, p.name))
-            })?;
-            if pod.metadata.uid.as_deref() != Some(p.uid.as_str()) {
+        // The bound object, if any, must still be there with the uid the token names.
+        let bound = |kind: &str, what: &str, r: &ObjectRef, found: Option<Option<String>>| {
+            let Some(uid) = found else {
+                return Err(unauthorized(format!("{kind} {what} has been deleted")));
+            };
+            if uid.as_deref() != Some(r.uid.as_str()) {
                 return Err(unauthorized(format!(
-                    "pod UID ({}) does not match claim ({})",
-                    pod.metadata.uid.as_deref().unwrap_or(""),
-                    p.uid
+                    "{kind} UID ({}) does not match claim ({})",
+                    uid.as_deref().unwrap_or(""),
+                    r.uid
                 )));
             }
+            Ok(())
+        };
+        if let Some(p) = &k.pod {
+            let found = get::<Pod>(registry, &k.namespace, &p.name)?.map(|o| o.metadata.uid);
+            bound("pod", &format!("{}/{}", k.namespace, p.name), p, found)?;
+        }
+        if let Some(s) = &k.secret {
+            let found = get::<Secret>(registry, &k.namespace, &s.name)?.map(|o| o.metadata.uid);
+            bound("secret", &format!("{}/{}", k.namespace, s.name), s, found)?;
+        }
+        if let Some(n) = &k.node {
+            let found = get_node(registry, &n.name)?.map(|o| o.metadata.uid);
+            bound("node", &n.name, n, found)?;
         }
         let mut groups = service_account_groups(&c.sub);
         groups.push(AUTHENTICATED.into());
@@ -265,16 +289,18 @@ impl TokenIssuer {
             user: UserInfo {
                 name: c.sub,
                 groups,
+                ..Default::default()
             },
             uid: k.serviceaccount.uid.clone(),
             pod: k.pod.clone(),
+            node: k.node.clone(),
             jti: c.jti,
         })
     }
 
     /// Answers a TokenRequest (`POST .../serviceaccounts/NAME/token`) by `user`: a token for
-    /// the ServiceAccount `ns/name`, bound to a Pod when the request says so. A node may ask
-    /// only for tokens bound to pods bound to it (NodeRestriction).
+    /// the ServiceAccount `ns/name`, bound to a Pod, a Secret or a Node when the request says
+    /// so. A node may ask only for tokens bound to pods bound to it (NodeRestriction).
     pub fn request(
         &self,
         registry: &Registry,
@@ -295,7 +321,7 @@ impl TokenIssuer {
                 vec![skiff_api::Cause::invalid(field, value, why)],
             )
         };
-        let seconds = spec
+        let mut seconds = spec
             .expiration_seconds
             .unwrap_or(DEFAULT_EXPIRATION_SECONDS);
         if seconds < MIN_EXPIRATION_SECONDS {
@@ -312,23 +338,61 @@ impl TokenIssuer {
                 "may not specify a duration larger than 2^32 seconds",
             ));
         }
-        let mut pod_ref = None;
+        if let Some(max) = self.max_expiration_seconds.filter(|m| *m > 0) {
+            // As Kubernetes: shortened, not refused.
+            seconds = seconds.min(max);
+        }
+        let (mut pod_ref, mut secret_ref, mut node_ref) = (None, None, None);
         if let Some(b) = &spec.bound_object_ref {
             let kind = b.kind.as_deref().unwrap_or("");
             let bname = b.name.as_deref().unwrap_or("");
-            if kind != "Pod" {
-                return Err(invalid(
-                    "spec.boundObjectRef.kind",
-                    format!("{kind:?}"),
-                    "supported values: \"Pod\"",
+            let api_version = b.api_version.as_deref().unwrap_or("v1");
+            if user.node_name().is_some() && kind != "Pod" {
+                return Err(node_forbidden(
+                    name,
+                    "node requested token not bound to a pod",
                 ));
             }
-            let pod = get::<Pod>(registry, ns, bname)?
-                .ok_or_else(|| ApiError::not_found("pods", bname))?;
-            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            let (uid, plural) = match (api_version, kind) {
+                ("v1", "Pod") => {
+                    let pod = get::<Pod>(registry, ns, bname)?
+                        .ok_or_else(|| ApiError::not_found("pods", bname))?;
+                    let pod_sa = pod_service_account(&pod);
+                    if pod_sa != name {
+                        return Err(ApiError::bad_request(format!(
+                            "cannot bind token for serviceaccount \"{name}\" to pod running with different serviceaccount name."
+                        )));
+                    }
+                    if let Some(node) = user.node_name() {
+                        let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                        if on != Some(node) {
+                            return Err(node_forbidden(
+                                name,
+                                &format!("node requested token bound to a pod scheduled on a different node ({})", on.unwrap_or("")),
+                            ));
+                        }
+                    }
+                    (pod.metadata.uid.unwrap_or_default(), "pods")
+                }
+                ("v1", "Secret") => {
+                    let secret = get::<Secret>(registry, ns, bname)?
+                        .ok_or_else(|| ApiError::not_found("secrets", bname))?;
+                    (secret.metadata.uid.unwrap_or_default(), "secrets")
+                }
+                ("v1", "Node") => {
+                    let node = get_node(registry, bname)?
+                        .ok_or_else(|| ApiError::not_found("nodes", bname))?;
+                    (node.metadata.uid.unwrap_or_default(), "nodes")
+                }
+                _ => {
+                    return Err(ApiError::bad_request(format!(
+                        "cannot bind token to object of type {api_version}, Kind={kind}"
+                    )))
+                }
+            };
             if b.uid.as_deref().is_some_and(|u| !u.is_empty() && u != uid) {
                 return Err(ApiError::conflict(
-                    "pods",
+                    plural,
                     bname,
                     &format!(
                         "the UID in the bound object reference ({}) does not match the UID in record ({uid}). The object might have been deleted and then recreated",
@@ -336,25 +400,15 @@ impl TokenIssuer {
                     ),
                 ));
             }
-            let pod_sa = pod_service_account(&pod);
-            if pod_sa != name {
-                return Err(ApiError::bad_request(format!(
-                    "cannot bind token for serviceaccount \"{name}\" to pod running with different serviceaccount name."
-                )));
-            }
-            if let Some(node) = user.node_name() {
-                let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
-                if on != Some(node) {
-                    return Err(node_forbidden(
-                        name,
-                        &format!("node requested token bound to a pod scheduled on a different node ({})", on.unwrap_or("")),
-                    ));
-                }
-            }
-            pod_ref = Some(ObjectRef {
+            let r = Some(ObjectRef {
                 name: bname.to_string(),
                 uid,
             });
+            match kind {
+                "Pod" => pod_ref = r,
+                "Secret" => secret_ref = r,
+                _ => node_ref = r,
+            }
         } else if user.node_name().is_some() {
             return Err(node_forbidden(
                 name,
@@ -383,7 +437,8 @@ impl TokenIssuer {
                     uid: sa.metadata.uid.clone().unwrap_or_default(),
                 },
                 pod: pod_ref,
-                node: None,
+                node: node_ref,
+                secret: secret_ref,
             },
         };
         let token = self.key.sign(&claims)?;
@@ -428,15 +483,17 @@ impl TokenIssuer {
                         "authentication.kubernetes.io/credential-id".to_string(),
                         vec![format!("JTI={}", t.jti)],
                     );
-                    if let Some(p) = &t.pod {
-                        extra.insert(
-                            "authentication.kubernetes.io/pod-name".to_string(),
-                            vec![p.name.clone()],
-                        );
-                        extra.insert(
-                            "authentication.kubernetes.io/pod-uid".to_string(),
-                            vec![p.uid.clone()],
-                        );
+                    for (what, r) in [("pod", &t.pod), ("node", &t.node)] {
+                        if let Some(r) = r {
+                            extra.insert(
+                                format!("authentication.kubernetes.io/{what}-name"),
+                                vec![r.name.clone()],
+                            );
+                            extra.insert(
+                                format!("authentication.kubernetes.io/{what}-uid"),
+                                vec![r.uid.clone()],
+                            );
+                        }
                     }
                     TokenReviewStatus {
                         authenticated: Some(true),
@@ -492,6 +549,17 @@ fn get<K: serde::de::DeserializeOwned + k8s_openapi::Resource>(
         .map(|v| {
             serde_json::from_value(v)
                 .map_err(|e| ApiError::internal(format!("decode {}: {e}", K::KIND)))
+        })
+        .transpose()
+}
+
+/// A Node by name (cluster-scoped), if it exists.
+fn get_node(registry: &Registry, name: &str) -> Result<Option<Node>, ApiError> {
+    let r = Resource::lookup("nodes").expect("nodes");
+    registry
+        .try_get(r, None, name)?
+        .map(|v| {
+            serde_json::from_value(v).map_err(|e| ApiError::internal(format!("decode Node: {e}")))
         })
         .transpose()
 }
@@ -557,6 +625,7 @@ mod tests {
         UserInfo {
             name: "system:admin".into(),
             groups: vec!["system:masters".into()],
+            ..Default::default()
         }
     }
 
@@ -692,6 +761,7 @@ mod tests {
         let node = |n: &str| UserInfo {
             name: format!("system:node:{n}"),
             groups: vec![super::super::auth::NODES.into()],
+            ..Default::default()
         };
         let answer = issuer
             .request(&reg, &node("n1"), "default", "default", &bound)
@@ -769,6 +839,91 @@ mod tests {
             .review(&reg, &json!({"spec": {"token": "nonsense"}}))
             .unwrap();
         assert_eq!(review["status"]["authenticated"], false);
+    }
+
+    /// Tokens bound to a Secret or a Node end with it; other kinds are refused; a lifetime
+    /// beyond the server's maximum is shortened to it.
+    #[test]
+    fn secret_and_node_bound_tokens_end_with_their_object_and_lifetimes_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = registry(dir.path());
+        let mut issuer = TokenIssuer::new(Arc::new(TokenKey::load_or_create(dir.path()).unwrap()));
+        issuer.max_expiration_seconds = Some(7200);
+        create(
+            &reg,
+            "serviceaccounts",
+            json!({"metadata": {"name": "bot"}}),
+        );
+        let secret = create(&reg, "secrets", json!({"metadata": {"name": "s"}}));
+        let nodes = Resource::lookup("nodes").unwrap();
+        let node = reg
+            .create(
+                nodes,
+                None,
+                json!({"metadata": {"name": "n1"}}),
+                &WriteOptions::default(),
+            )
+            .unwrap();
+        let aud = issuer.api_audiences.clone();
+        let ask = |kind: &str, name: &str, uid: Option<&str>, seconds: i64| {
+            issuer.request(
+                &reg,
+                &admin(),
+                "default",
+                "bot",
+                &json!({"spec": {"expirationSeconds": seconds,
+                    "boundObjectRef": {"kind": kind, "apiVersion": "v1", "name": name, "uid": uid}}}),
+            )
+        };
+        let to_secret = ask("Secret", "s", secret["metadata"]["uid"].as_str(), 3600).unwrap();
+        assert_eq!(to_secret["spec"]["expirationSeconds"], 3600);
+        let to_node = ask("Node", "n1", node["metadata"]["uid"].as_str(), 86400).unwrap();
+        assert_eq!(
+            to_node["spec"]["expirationSeconds"], 7200,
+            "shortened to the maximum"
+        );
+        issuer
+            .authenticate(&reg, &token_of(&to_secret), &aud)
+            .unwrap();
+        let who = issuer
+            .authenticate(&reg, &token_of(&to_node), &aud)
+            .unwrap();
+        assert_eq!(who.node.as_ref().unwrap().name, "n1");
+        let review = issuer
+            .review(&reg, &json!({"spec": {"token": token_of(&to_node)}}))
+            .unwrap();
+        assert_eq!(
+            review["status"]["user"]["extra"]["authentication.kubernetes.io/node-name"],
+            json!(["n1"])
+        );
+        // A wrong uid, an unknown kind.
+        assert_eq!(
+            ask("Secret", "s", Some("other"), 3600).unwrap_err().code,
+            409
+        );
+        assert_eq!(ask("ConfigMap", "c", None, 3600).unwrap_err().code, 400);
+        assert_eq!(ask("Secret", "missing", None, 3600).unwrap_err().code, 404);
+        // Deleting the object revokes its tokens.
+        let secrets = Resource::lookup("secrets").unwrap();
+        reg.delete(secrets, Some("default"), "s", &Default::default())
+            .unwrap();
+        let e = issuer
+            .authenticate(&reg, &token_of(&to_secret), &aud)
+            .unwrap_err();
+        assert!(
+            e.message.contains("secret default/s has been deleted"),
+            "{}",
+            e.message
+        );
+        reg.delete(nodes, None, "n1", &Default::default()).unwrap();
+        let e = issuer
+            .authenticate(&reg, &token_of(&to_node), &aud)
+            .unwrap_err();
+        assert!(
+            e.message.contains("node n1 has been deleted"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

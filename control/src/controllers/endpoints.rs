@@ -30,7 +30,7 @@ pub struct EndpointsController {
 }
 
 /// The port a service port targets on one pod: a number, or a container port by name.
-fn target_port(svc_port: &ServicePort, pod: &Pod) -> Option<i32> {
+pub(crate) fn target_port(svc_port: &ServicePort, pod: &Pod) -> Option<i32> {
     match &svc_port.target_port {
         Some(IntOrString::Int(n)) => Some(*n),
         Some(IntOrString::String(name)) => {

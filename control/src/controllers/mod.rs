@@ -8,6 +8,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod endpointslice;
 pub mod events;
 pub mod eventttl;
 pub mod gc;
@@ -36,6 +37,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Endpoints, Namespace, Node, PersistentVolume, PersistentVolumeClaim, Pod, Service,
     ServiceAccount,
 };
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -105,10 +107,22 @@ pub fn start(
     config: ControllerConfig,
     stop: watch::Receiver<bool>,
 ) -> JoinSet<()> {
+    start_sharing(reg, config, stop, None)
+}
+
+/// As [`start`], reading ClusterRoles from `cluster_roles` when given: a cache someone else
+/// keeps current (the API server's RBAC caches), so the roles are watched once.
+pub fn start_sharing(
+    reg: Arc<Registry>,
+    config: ControllerConfig,
+    stop: watch::Receiver<bool>,
+    cluster_roles: Option<Arc<Cache<ClusterRole>>>,
+) -> JoinSet<()> {
     let pods = Cache::<Pod>::new();
     let nodes = Cache::<Node>::new();
     let services = Cache::<Service>::new();
     let endpoints = Cache::<Endpoints>::new();
+    let slices = Cache::<EndpointSlice>::new();
     let deployments = Cache::<Deployment>::new();
     let replicasets = Cache::<ReplicaSet>::new();
     let namespaces = Cache::<Namespace>::new();
@@ -122,7 +136,10 @@ pub fn start(
     let classes = Cache::<StorageClass>::new();
     let jobs = Cache::<Job>::new();
     let cronjobs = Cache::<CronJob>::new();
-    let cluster_roles = Cache::<ClusterRole>::new();
+    let (cluster_roles, own_cluster_roles) = match cluster_roles {
+        Some(shared) => (shared, false),
+        None => (Cache::<ClusterRole>::new(), true),
+    };
     let accounts = Cache::<ServiceAccount>::new();
     let configmaps = Cache::<ConfigMap>::new();
     let mut tasks = JoinSet::new();
@@ -188,6 +205,12 @@ pub fn start(
                 }
             }
         });
+        // A shared cache may have listed already: its roles are not announced again.
+        for r in cluster_roles.list(None) {
+            if r.aggregation_rule.is_some() {
+                agg_q.add(key(&*r));
+            }
+        }
     }
 
     // ReplicaSets.
@@ -323,14 +346,34 @@ pub fn start(
             }
         });
     }
-    // Endpoints and LoadBalancer status.
+    // Endpoints and LoadBalancer status, and EndpointSlices.
     let (ep_q, ep_rx) = runtime::queue();
+    let (slice_q, slice_rx) = runtime::queue();
     {
         let q = ep_q.clone();
         services.on_change(move |c| q.add(key(&*c.object)));
+        let q = slice_q.clone();
+        services.on_change(move |c| q.add(key(&*c.object)));
         let q = ep_q.clone();
         endpoints.on_change(move |c| q.add(key(&*c.object)));
+        let q = slice_q.clone();
+        endpoints.on_change(move |c| q.add(key(&*c.object)));
+        let q = slice_q.clone();
+        slices.on_change(move |c| {
+            let m = &c.object.metadata;
+            if let Some(svc) = m
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(endpointslice::SERVICE_NAME))
+            {
+                q.add(format!(
+                    "{}/{svc}",
+                    m.namespace.as_deref().unwrap_or("default")
+                ));
+            }
+        });
         let q = ep_q.clone();
+        let sq = slice_q.clone();
         let svc_cache = services.clone();
         pods.on_change(move |c| {
             let ns = c.object.metadata.namespace.as_deref();
@@ -348,6 +391,7 @@ pub fn start(
                 };
                 if m(labels) || prev_labels.is_some_and(m) {
                     q.add(key(&*s));
+                    sq.add(key(&*s));
                 }
             }
         });
@@ -401,6 +445,7 @@ pub fn start(
     tasks.spawn(nodes.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(services.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(endpoints.clone().run(reg.clone(), stop.clone()));
+    tasks.spawn(slices.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(deployments.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(replicasets.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(namespaces.clone().run(reg.clone(), stop.clone()));
@@ -414,7 +459,9 @@ pub fn start(
     tasks.spawn(classes.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(jobs.clone().run(reg.clone(), stop.clone()));
     tasks.spawn(cronjobs.clone().run(reg.clone(), stop.clone()));
-    tasks.spawn(cluster_roles.clone().run(reg.clone(), stop.clone()));
+    if own_cluster_roles {
+        tasks.spawn(cluster_roles.clone().run(reg.clone(), stop.clone()));
+    }
     tasks.spawn(accounts.clone().run(reg.clone(), stop.clone()));
     if !config.root_ca_pem.is_empty() {
         tasks.spawn(configmaps.clone().run(reg.clone(), stop.clone()));
@@ -524,6 +571,17 @@ pub fn start(
             nodes: nodes.clone(),
         }),
         ep_rx,
+        stop.clone(),
+    ));
+    tasks.spawn(runtime::run(
+        Arc::new(endpointslice::EndpointSliceController::new(
+            reg.clone(),
+            services.clone(),
+            pods.clone(),
+            endpoints.clone(),
+            slices.clone(),
+        )),
+        slice_rx,
         stop.clone(),
     ));
     tasks.spawn(runtime::run(
