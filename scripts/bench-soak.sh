@@ -5,9 +5,10 @@
 # then everything deleted. The node's resources are read after a warm-up round (images pulled
 # and compiled) and again once the churn ends and the node is empty; a node that runs for months
 # must come back to where it started:
-#   open files and RSS of the skiff process, /32 host addresses on the pod bridge, pod network
-#   namespaces, OCI containers known to runc, and the size of the agent's data dir
-#   (the image and compile caches excepted: they are measured apart).
+#   open files and RSS of the skiff process (also after $SOAK_SETTLE_SECONDS, default 90, of
+#   idling), /32 host addresses on the pod bridge, pod network namespaces, OCI containers known
+#   to runc, and the size of the agent's data dir (the image and compile caches excepted: they
+#   are measured apart).
 # Needs root; run from scripts/bench.sh or alone after `cargo build --release -p skiff` and
 # samples/build.sh.
 set -euo pipefail
@@ -90,10 +91,16 @@ elapsed=$((SECONDS - start))
 back() { read -r fds rss addrs nets ctrs size < <(sample); [ "$addrs" -le "$b_addrs" ] && [ "$nets" -le "$b_nets" ] && [ "$ctrs" -le "$b_ctrs" ]; }
 wait_for 60 "the node's addresses, namespaces and containers back to their level before the churn" back || true
 read -r a_fds a_rss a_addrs a_nets a_ctrs a_size < <(sample)
+# What stays once the node has been idle longer than the store's watch window (75 s): the
+# window's old events go, and the allocator gives back what they held.
+settle=${SOAK_SETTLE_SECONDS:-90}
+sleep "$settle"   # idle on purpose: this measures an idle node
+read -r i_fds i_rss _ < <(sample)
 echo "  $rounds rounds in ${elapsed}s ($((rounds * (wasm_n + oci_n + jobs_n))) pods created and deleted)"
 printf '  %-44s %10s %10s\n' "" "before" "after"
 printf '  %-44s %10s %10s\n' "open files of skiff up" "$b_fds" "$a_fds"
 printf '  %-44s %10s %10s\n' "RSS of skiff up (KiB)" "$b_rss" "$a_rss"
+printf '  %-44s %10s %10s\n' "open files, RSS (KiB) after ${settle}s idle" "" "$i_fds $i_rss"
 printf '  %-44s %10s %10s\n' "/32 addresses on skiff0" "$b_addrs" "$a_addrs"
 printf '  %-44s %10s %10s\n' "pod network namespaces" "$b_nets" "$a_nets"
 printf '  %-44s %10s %10s\n' "OCI containers known to runc" "$b_ctrs" "$a_ctrs"

@@ -121,7 +121,6 @@ pub fn serve(
     exec: ExecRequest,
     mut req: Request<hyper::body::Incoming>,
 ) -> Response<Body> {
-    use http_body_util::BodyExt;
     let h = req.headers();
     let Some(key) = h.get("sec-websocket-key").map(|k| k.as_bytes().to_vec()) else {
         return error(
@@ -129,12 +128,7 @@ pub fn serve(
             "exec needs a WebSocket upgrade (protocol v4.channel.k8s.io or v5.channel.k8s.io)",
         );
     };
-    let offered: Vec<String> = h
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-        .collect();
+    let offered = offered_protocols(&req);
     let Some(protocol) = PROTOCOLS.iter().find(|p| offered.iter().any(|o| o == *p)) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -145,7 +139,42 @@ pub fn serve(
         return error(StatusCode::BAD_REQUEST, "exec needs a command");
     }
     let v5 = *protocol == "v5.channel.k8s.io";
-    let upgrade = hyper::upgrade::on(&mut req);
+    upgrade_to_websocket(&mut req, &key, Some(protocol), move |ws| {
+        run(ws, runc, id, exec, v5)
+    })
+}
+
+/// The subprotocols a WebSocket upgrade offers (`Sec-WebSocket-Protocol`, repeated or
+/// comma-separated).
+pub(crate) fn offered_protocols<B>(req: &Request<B>) -> Vec<String> {
+    req.headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+        .filter(|p| !p.is_empty())
+        .collect()
+}
+
+/// The WebSocket a request's connection becomes once it is answered `101`.
+pub(crate) type Upgraded =
+    tokio_tungstenite::WebSocketStream<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Answers a WebSocket upgrade (`key` is its `Sec-WebSocket-Key`, `protocol` the subprotocol
+/// chosen, if any) with `101 Switching Protocols`, and runs `serve` on the WebSocket once the
+/// client has it.
+pub(crate) fn upgrade_to_websocket<F, Fut>(
+    req: &mut Request<hyper::body::Incoming>,
+    key: &[u8],
+    protocol: Option<&str>,
+    serve: F,
+) -> Response<Body>
+where
+    F: FnOnce(Upgraded) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    use http_body_util::BodyExt;
+    let upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = upgrade.await else {
             return;
@@ -156,15 +185,17 @@ pub fn serve(
             None,
         )
         .await;
-        run(ws, runc, id, exec, v5).await;
+        serve(ws).await;
     });
-    Response::builder()
+    let mut resp = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header("connection", "Upgrade")
         .header("upgrade", "websocket")
-        .header("sec-websocket-accept", derive_accept_key(&key))
-        .header("sec-websocket-protocol", *protocol)
-        .body(Full::new(bytes::Bytes::new()).boxed())
+        .header("sec-websocket-accept", derive_accept_key(key));
+    if let Some(p) = protocol {
+        resp = resp.header("sec-websocket-protocol", p);
+    }
+    resp.body(Full::new(bytes::Bytes::new()).boxed())
         .expect("response")
 }
 

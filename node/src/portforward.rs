@@ -28,8 +28,6 @@ use hyper::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::logs::Body;
@@ -112,16 +110,6 @@ fn reply(code: StatusCode, msg: &str) -> Response<Body> {
     crate::exec::reject(code, msg)
 }
 
-fn offered_protocols(req: &Request<hyper::body::Incoming>) -> Vec<String> {
-    req.headers()
-        .get_all("sec-websocket-protocol")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
-        .filter(|p| !p.is_empty())
-        .collect()
-}
-
 /// The ports of a `ports` query (repeated, or comma-separated).
 pub fn query_ports(query: &str) -> Result<Vec<u16>, String> {
     let mut ports = Vec::new();
@@ -154,7 +142,7 @@ pub fn serve(target: Target, mut req: Request<hyper::body::Incoming>) -> Respons
                 "a WebSocket upgrade needs Sec-WebSocket-Key",
             );
         };
-        let offered = offered_protocols(&req);
+        let offered = crate::exec::offered_protocols(&req);
         let tunnel = offered.iter().any(|p| p == TUNNEL_PROTOCOL);
         let chosen = if tunnel {
             Some(TUNNEL_PROTOCOL)
@@ -187,34 +175,18 @@ pub fn serve(target: Target, mut req: Request<hyper::body::Incoming>) -> Respons
                 Err(e) => return reply(StatusCode::BAD_REQUEST, &e),
             }
         };
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(upgraded) = upgrade.await else {
-                return;
-            };
-            let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                hyper_util::rt::TokioIo::new(upgraded),
-                Role::Server,
-                None,
-            )
-            .await;
-            if tunnel {
-                serve_spdy(unwrap_websocket(ws), target).await;
-            } else {
-                serve_channels(ws, target, ports).await;
-            }
-        });
-        let mut resp = Response::builder()
-            .status(StatusCode::SWITCHING_PROTOCOLS)
-            .header("connection", "Upgrade")
-            .header("upgrade", "websocket")
-            .header("sec-websocket-accept", derive_accept_key(key.as_bytes()));
-        if let Some(p) = chosen {
-            resp = resp.header("sec-websocket-protocol", p);
-        }
-        return resp
-            .body(Full::new(Bytes::new()).boxed())
-            .expect("response");
+        return crate::exec::upgrade_to_websocket(
+            &mut req,
+            key.as_bytes(),
+            chosen,
+            move |ws| async move {
+                if tunnel {
+                    serve_spdy(unwrap_websocket(ws), target).await;
+                } else {
+                    serve_channels(ws, target, ports).await;
+                }
+            },
+        );
     }
     if upgrade_to.contains("spdy/3.1") {
         let offered: Vec<String> = req
@@ -463,6 +435,45 @@ where
     let _ = writer.await;
 }
 
+/// Copies what the client sends into the pod's connection, and what the pod answers to `out`,
+/// a read at a time (at most `spdy::MAX_DATA` bytes) in the message `wrap` makes of it. The
+/// pod's side ending ends the relay; the client's only half-closes the connection.
+async fn relay<T: Send>(
+    conn: TcpStream,
+    mut from_client: mpsc::Receiver<Bytes>,
+    out: &mpsc::Sender<T>,
+    wrap: impl Fn(&[u8]) -> T,
+) {
+    let (mut r, mut w) = conn.into_split();
+    let up = async move {
+        while let Some(b) = from_client.recv().await {
+            if w.write_all(&b).await.is_err() {
+                return;
+            }
+        }
+        let _ = w.shutdown().await;
+    };
+    let down = async {
+        let mut buf = vec![0u8; spdy::MAX_DATA];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if out.send(wrap(&buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::pin!(up);
+    tokio::pin!(down);
+    tokio::select! {
+        _ = &mut down => {}
+        _ = &mut up => (&mut down).await,
+    }
+}
+
 /// One forwarded connection: the pod's port to the data stream and back; a failure to
 /// connect is written to the error stream. Both streams are closed at the end, so the
 /// client's wait for the error stream ends.
@@ -472,7 +483,7 @@ async fn forward(
     error_id: u32,
     data_id: u32,
     out: mpsc::Sender<Frame>,
-    mut from_client: mpsc::Receiver<Bytes>,
+    from_client: mpsc::Receiver<Bytes>,
     mut cancelled: oneshot::Receiver<()>,
 ) {
     let work = async {
@@ -491,40 +502,12 @@ async fn forward(
                 return;
             }
         };
-        let (mut r, mut w) = conn.into_split();
-        let up = async move {
-            while let Some(b) = from_client.recv().await {
-                if w.write_all(&b).await.is_err() {
-                    return;
-                }
-            }
-            let _ = w.shutdown().await;
-        };
-        let down = async {
-            let mut buf = vec![0u8; spdy::MAX_DATA];
-            loop {
-                match r.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let frame = Frame::Data {
-                            id: data_id,
-                            fin: false,
-                            data: Bytes::copy_from_slice(&buf[..n]),
-                        };
-                        if out.send(frame).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        };
-        // The pod's side ending ends the forward; the client's only half-closes it.
-        tokio::pin!(up);
-        tokio::pin!(down);
-        tokio::select! {
-            _ = &mut down => {}
-            _ = &mut up => (&mut down).await,
-        }
+        relay(conn, from_client, &out, |data| Frame::Data {
+            id: data_id,
+            fin: false,
+            data: Bytes::copy_from_slice(data),
+        })
+        .await;
     };
     tokio::select! {
         _ = work => {}
@@ -561,7 +544,7 @@ async fn serve_channels<S>(
             m.extend(port.to_le_bytes());
             let _ = out.send(m).await;
         }
-        let (tx, mut from_client) = mpsc::channel::<Bytes>(8);
+        let (tx, from_client) = mpsc::channel::<Bytes>(8);
         to_pods.push(Some(tx));
         let (target, out, port) = (target.clone(), out.clone(), *port);
         tasks.push(tokio::spawn(async move {
@@ -574,35 +557,13 @@ async fn serve_channels<S>(
                     return;
                 }
             };
-            let (mut r, mut w) = conn.into_split();
-            let up = async move {
-                while let Some(b) = from_client.recv().await {
-                    if w.write_all(&b).await.is_err() {
-                        return;
-                    }
-                }
-                let _ = w.shutdown().await;
-            };
-            let down = async {
-                let mut buf = vec![0u8; spdy::MAX_DATA + 1];
-                loop {
-                    match r.read(&mut buf[1..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            buf[0] = data_ch;
-                            if out.send(buf[..n + 1].to_vec()).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                }
-            };
-            tokio::pin!(up);
-            tokio::pin!(down);
-            tokio::select! {
-                _ = &mut down => {}
-                _ = &mut up => (&mut down).await,
-            }
+            relay(conn, from_client, &out, |data| {
+                let mut m = Vec::with_capacity(data.len() + 1);
+                m.push(data_ch);
+                m.extend_from_slice(data);
+                m
+            })
+            .await;
         }));
     }
     drop(out);

@@ -115,6 +115,45 @@ pub fn skiff_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// A `skiff server` process on a data dir and a loopback port, its output discarded; killed
+/// and reaped when dropped.
+pub struct ServerProcess(pub std::process::Child);
+
+impl ServerProcess {
+    pub fn start(dir: &std::path::Path, port: u16) -> anyhow::Result<ServerProcess> {
+        let child = std::process::Command::new(skiff_binary()?)
+            .args([
+                "server",
+                "--data-dir",
+                dir.to_str().expect("a UTF-8 data dir"),
+                "--api-addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        Ok(ServerProcess(child))
+    }
+
+    /// A client of the server whose data dir is `dir`, once it answers `/version`.
+    pub async fn client(dir: &std::path::Path, within: Duration) -> anyhow::Result<Client> {
+        eventually("the API server", within, || async {
+            let Ok(c) = Client::from_kubeconfig(Some(&dir.join("kubeconfig"))) else {
+                return Ok(None);
+            };
+            Ok(c.get_path("/version").await.ok().map(|_| c))
+        })
+        .await
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A watch of pods, boxed so a test can hold it beside other state.
 pub type PodWatch = std::pin::Pin<
     Box<

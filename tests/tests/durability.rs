@@ -1,14 +1,14 @@
 //! Durability: `kill -9` the server during a burst of writes, restart it on the same data dir,
 //! and find every write it acknowledged.
 
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
 use skiff_api::Resource;
 use skiff_client::Client;
-use skiff_e2e::{eventually, skiff_binary};
+use skiff_e2e::{eventually, ServerProcess};
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -16,38 +16,12 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start(dir: &Path, port: u16) -> anyhow::Result<ServerProcess> {
+    ServerProcess::start(dir, port)
 }
 
-fn start(dir: &std::path::Path, port: u16) -> anyhow::Result<Proc> {
-    let child = Command::new(skiff_binary()?)
-        .args([
-            "server",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--api-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    Ok(Proc(child))
-}
-
-async fn connect(dir: &std::path::Path) -> anyhow::Result<Client> {
-    eventually("the API server", Duration::from_secs(20), || async {
-        let Ok(c) = Client::from_kubeconfig(Some(&dir.join("kubeconfig"))) else {
-            return Ok(None);
-        };
-        Ok(c.get_path("/version").await.ok().map(|_| c))
-    })
-    .await
+async fn connect(dir: &Path) -> anyhow::Result<Client> {
+    ServerProcess::client(dir, Duration::from_secs(20)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -8,46 +8,19 @@
 //! ```
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use skiff_api::Resource;
 use skiff_client::Client;
-use skiff_e2e::{eventually, skiff_binary};
+use skiff_e2e::ServerProcess;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &Path, port: u16) -> anyhow::Result<Proc> {
-    let child = Command::new(skiff_binary()?)
-        .args([
-            "server",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--api-addr",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    Ok(Proc(child))
+fn start(dir: &Path, port: u16) -> anyhow::Result<ServerProcess> {
+    ServerProcess::start(dir, port)
 }
 
 async fn connect(dir: &Path) -> anyhow::Result<Client> {
-    eventually("the API server", Duration::from_secs(30), || async {
-        let Ok(c) = Client::from_kubeconfig(Some(&dir.join("kubeconfig"))) else {
-            return Ok(None);
-        };
-        Ok(c.get_path("/version").await.ok().map(|_| c))
-    })
-    .await
+    ServerProcess::client(dir, Duration::from_secs(30)).await
 }
 
 /// Bytes the files under `dir` take on disk, as `du` counts them.

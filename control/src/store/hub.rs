@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -52,7 +53,8 @@ struct Watcher {
 }
 
 struct Inner {
-    window: VecDeque<Arc<Event>>,
+    /// The events, oldest first, each with when it was published.
+    window: VecDeque<(Instant, Arc<Event>)>,
     /// Sum of `size` over the window (an update counts twice: it keeps its `prev` alive).
     bytes: usize,
     /// Revision before the first event in the window: a watch may resume from here on.
@@ -60,13 +62,17 @@ struct Inner {
     watchers: Vec<Watcher>,
 }
 
-/// Keeps the last events, at most `capacity` of them and `max_bytes` of their objects, and
-/// fans them out. The byte bound keeps a burst of large objects (thousands of pods created
-/// and deleted) from holding hundreds of megabytes: a watcher further behind re-lists.
+/// Keeps the last events, at most `capacity` of them and `max_bytes` of their objects, none
+/// older than `max_age`, and fans them out. The byte bound keeps a burst of large objects
+/// (thousands of pods created and deleted) from holding hundreds of megabytes: a watcher
+/// further behind re-lists. The age bound gives that memory back once the burst is over, as
+/// Kubernetes' watch cache shrinks to the events of its last 75 s: an object deleted long ago
+/// is held by nothing else, and decoded it takes several times the bytes it was counted at.
 pub struct Hub {
     inner: Mutex<Inner>,
     capacity: usize,
     max_bytes: usize,
+    max_age: Duration,
     per_watcher: usize,
 }
 
@@ -78,9 +84,28 @@ fn weight(ev: &Event) -> usize {
     }
 }
 
+impl Inner {
+    /// Drops the oldest events while the window is past a bound: more events than `capacity`,
+    /// more bytes than `max_bytes` (the newest event stays whatever its size), or published
+    /// before `oldest`.
+    fn trim(&mut self, capacity: usize, max_bytes: usize, oldest: Option<Instant>) {
+        while let Some((at, first)) = self.window.front() {
+            let over = self.window.len() > capacity
+                || (self.bytes > max_bytes && self.window.len() > 1)
+                || oldest.is_some_and(|t| *at < t);
+            if !over {
+                break;
+            }
+            self.bytes -= weight(first);
+            self.floor = first.revision;
+            self.window.pop_front();
+        }
+    }
+}
+
 impl Hub {
     /// `start` is the store's revision when the hub was created: resuming from before it is 410.
-    pub fn new(start: u64, capacity: usize, max_bytes: usize) -> Self {
+    pub fn new(start: u64, capacity: usize, max_bytes: usize, max_age: Duration) -> Self {
         Hub {
             inner: Mutex::new(Inner {
                 window: VecDeque::new(),
@@ -90,6 +115,7 @@ impl Hub {
             }),
             capacity,
             max_bytes,
+            max_age,
             per_watcher: 4096,
         }
     }
@@ -97,20 +123,14 @@ impl Hub {
     /// Records committed events. Called in revision order, once they are durable; never
     /// blocks (a watcher whose channel is full is dropped).
     pub fn publish(&self, events: Vec<Event>) {
+        let now = Instant::now();
         let mut inner = self.inner.lock().expect("hub lock");
+        inner.trim(self.capacity, self.max_bytes, now.checked_sub(self.max_age));
         for ev in events {
             let ev = Arc::new(ev);
             inner.bytes += weight(&ev);
-            inner.window.push_back(ev.clone());
-            while inner.window.len() > self.capacity
-                || (inner.bytes > self.max_bytes && inner.window.len() > 1)
-            {
-                let Some(old) = inner.window.pop_front() else {
-                    break;
-                };
-                inner.bytes -= weight(&old);
-                inner.floor = old.revision;
-            }
+            inner.window.push_back((now, ev.clone()));
+            inner.trim(self.capacity, self.max_bytes, None);
             // A watcher that is full or gone is dropped: its stream ends and it re-lists.
             inner.watchers.retain(|w| {
                 if ev.revision <= w.after || !ev.key.starts_with(&w.prefix) {
@@ -121,11 +141,29 @@ impl Hub {
         }
     }
 
+    /// Drops the events older than the window's age as of `now`. Publishing does it too; a
+    /// store with nothing to publish calls this now and then, so an idle window empties.
+    pub fn prune(&self, now: Instant) {
+        let mut inner = self.inner.lock().expect("hub lock");
+        inner.trim(self.capacity, self.max_bytes, now.checked_sub(self.max_age));
+    }
+
+    /// Events in the window.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner.lock().expect("hub lock").window.len()
+    }
+
     /// Subscribes to events under `prefix` after `from`; `current` is the store's revision.
     /// Events up to `from` that are published later (a listing may run ahead of the hub)
     /// are not sent.
     pub fn watch(&self, prefix: &str, from: u64, current: u64) -> Result<WatchStream, StoreError> {
         let mut inner = self.inner.lock().expect("hub lock");
+        inner.trim(
+            self.capacity,
+            self.max_bytes,
+            Instant::now().checked_sub(self.max_age),
+        );
         // Watches that were closed go now, not at the next event they would have received.
         inner.watchers.retain(|w| !w.tx.is_closed());
         if from < inner.floor && from < current {
@@ -137,6 +175,7 @@ impl Hub {
         let backlog: Vec<Arc<Event>> = inner
             .window
             .iter()
+            .map(|(_, e)| e)
             .filter(|e| e.revision > from && e.key.starts_with(prefix))
             .cloned()
             .collect();
@@ -184,7 +223,7 @@ mod tests {
     #[tokio::test]
     async fn the_window_is_bounded_by_bytes_as_well_as_events() {
         // Room for 100 events but only 10 KB: ten 1 KB creations, or five 1 KB updates.
-        let hub = Hub::new(0, 100, 10_000);
+        let hub = Hub::new(0, 100, 10_000, Duration::from_secs(3600));
         hub.publish((1..=20).map(|r| event(r, 1_000, false)).collect());
         assert!(matches!(
             hub.watch("/registry/pods/", 9, 20),
@@ -200,5 +239,26 @@ mod tests {
         // One event larger than the bound is still kept: the newest can always be resumed from.
         hub.publish(vec![event(31, 50_000, false)]);
         assert!(hub.watch("/registry/pods/", 30, 31).is_ok());
+    }
+
+    #[tokio::test]
+    async fn events_older_than_the_window_age_go_even_when_nothing_is_published() {
+        let age = Duration::from_secs(75);
+        let hub = Hub::new(0, 100, 1 << 20, age);
+        hub.publish((1..=10).map(|r| event(r, 1_000, r > 1)).collect());
+        let published = Instant::now();
+        hub.prune(published + age / 2);
+        assert_eq!(hub.len(), 10, "events younger than the age stay");
+        assert!(hub.watch("/registry/pods/", 0, 10).is_ok());
+        hub.prune(published + age + Duration::from_secs(1));
+        assert_eq!(hub.len(), 0, "events older than the age are dropped");
+        assert!(matches!(
+            hub.watch("/registry/pods/", 5, 10),
+            Err(StoreError::Expired { oldest: 10, .. })
+        ));
+        // The newest revision can still be watched from.
+        let mut w = hub.watch("/registry/pods/", 10, 10).unwrap();
+        hub.publish(vec![event(11, 1_000, false)]);
+        assert_eq!(w.recv().await.unwrap().revision, 11);
     }
 }

@@ -36,8 +36,13 @@ use super::{stamp, Committed, Durable, Op, Store, StoreError};
 
 /// Events kept for watches to resume from: at most this many...
 pub const DEFAULT_WINDOW: usize = 10_000;
-/// ...holding at most this many bytes of objects (as JSON; in memory a few times more).
+/// ...holding at most this many bytes of objects (as JSON; in memory a few times more)...
 pub const DEFAULT_WINDOW_BYTES: usize = 8 << 20;
+/// ...none older than this (Kubernetes' watch cache keeps its last 75 s of events); a watch
+/// resumed from before that is answered 410 and re-lists.
+pub const DEFAULT_WINDOW_AGE: Duration = Duration::from_secs(75);
+/// How often an idle flusher lets the window drop its old events.
+const PRUNE_EVERY: Duration = Duration::from_secs(15);
 
 /// The database file in the store's directory.
 pub const DB_FILE: &str = "state.db";
@@ -291,7 +296,7 @@ impl SqliteStore {
             }),
             queued: Condvar::new(),
             view: RwLock::new(View { objects, revision }),
-            hub: Hub::new(revision, window, DEFAULT_WINDOW_BYTES),
+            hub: Hub::new(revision, window, DEFAULT_WINDOW_BYTES, DEFAULT_WINDOW_AGE),
             dir: dir.to_path_buf(),
             restricted: Mutex::new(Instant::now()),
             encryption,
@@ -490,7 +495,15 @@ impl Shared {
                     if q.closed {
                         return;
                     }
-                    q = self.queued.wait(q).expect("queue lock");
+                    let (next, waited) = self
+                        .queued
+                        .wait_timeout(q, PRUNE_EVERY)
+                        .expect("queue lock");
+                    q = next;
+                    if waited.timed_out() {
+                        // Nothing was written for a while: old events still go.
+                        self.hub.prune(Instant::now());
+                    }
                 }
                 q.txns.drain(..).collect()
             };
