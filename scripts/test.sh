@@ -14,7 +14,7 @@ scripts/setup.sh
 # The wasm samples are fixtures built from source, never checked in.
 samples/build.sh
 cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
+cargo clippy --workspace --all-targets -- -D warnings
 # The end-to-end tests start the skiff binary itself.
 cargo build -p skiff
 # Every test binary runs even when one fails, so a red run shows all that failed.

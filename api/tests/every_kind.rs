@@ -221,6 +221,15 @@ fn rows() -> Vec<Row> {
         ),
         ("Lease", json!({"metadata": meta, "spec": {}}), vec![]),
         (
+            "EndpointSlice",
+            json!({"metadata": meta, "addressType": "IPv4",
+                   "endpoints": [{"addresses": ["10.42.0.5"]}], "ports": [{"port": 80}]}),
+            vec![
+                ("/ports/0/protocol", json!("TCP")),
+                ("/ports/0/name", json!("")),
+            ],
+        ),
+        (
             "StorageClass",
             json!({"metadata": cluster, "provisioner": "example.com/p"}),
             vec![
