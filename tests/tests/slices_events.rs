@@ -24,8 +24,11 @@ fn json(cluster: &TestCluster, args: &[&str]) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&cluster.kubectl_ok(&a)?)?)
 }
 
-/// Each slice of the Service `web` as (number of endpoints, set of (pod, address)).
-fn slices(cluster: &TestCluster) -> anyhow::Result<Vec<(usize, BTreeSet<(String, String)>)>> {
+/// A slice as (number of endpoints, set of (pod, address)).
+type Slice = (usize, BTreeSet<(String, String)>);
+
+/// Each slice of the Service `web`.
+fn slices(cluster: &TestCluster) -> anyhow::Result<Vec<Slice>> {
     let list = json(
         cluster,
         &[
