@@ -8,7 +8,7 @@
 //! resource each time, so redefining a kind does not grow memory.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 
 use crate::error::{ApiError, Cause};
 use crate::resources::Resource;
-use crate::{meta, schema, table, validation};
+use crate::{cel, meta, schema, table, validation};
 
 /// The API group of CustomResourceDefinitions.
 pub const GROUP: &str = "apiextensions.k8s.io";
@@ -102,6 +102,8 @@ pub struct Definition {
     storage: String,
     /// One per served version, in priority order.
     resources: Vec<&'static Resource>,
+    /// The compiled `x-kubernetes-validations` of each version's schema.
+    rules: HashMap<String, cel::Rules>,
 }
 
 impl Definition {
@@ -142,10 +144,19 @@ impl Definition {
             .find(|v| v.storage)
             .map(|v| v.name.clone())
             .unwrap_or_default();
+        let rules = spec
+            .versions
+            .iter()
+            .filter_map(|v| {
+                let s = v.schema.as_ref()?.open_api_v3_schema.as_ref()?;
+                Some((v.name.clone(), cel::Rules::compile(s)))
+            })
+            .collect();
         Definition {
             crd,
             storage,
             resources,
+            rules,
         }
     }
 
@@ -210,8 +221,15 @@ impl Definition {
         )))
     }
 
-    /// Prunes, defaults and validates a custom object written through `version`.
-    pub fn admit(&self, version: &str, obj: &mut Value, namespaced: bool) -> Result<(), ApiError> {
+    /// Prunes, defaults and validates a custom object written through `version`; `old` is
+    /// the stored object on updates (for transition rules).
+    pub fn admit(
+        &self,
+        version: &str,
+        obj: &mut Value,
+        old: Option<&Value>,
+        namespaced: bool,
+    ) -> Result<(), ApiError> {
         if let Some(s) = self.schema(version) {
             schema::prune(s, obj);
             schema::apply_defaults(s, obj);
@@ -219,6 +237,12 @@ impl Definition {
         let mut causes = validation::validate_metadata(obj, namespaced);
         if let Some(s) = self.schema(version) {
             schema::validate(s, obj, "", &mut causes);
+            // As Kubernetes, rules run only on objects the schema accepts.
+            if causes.is_empty() {
+                if let Some(r) = self.rules.get(version) {
+                    r.validate(s, obj, old, &mut causes);
+                }
+            }
         }
         if causes.is_empty() {
             return Ok(());
@@ -692,10 +716,11 @@ pub fn validate_definition(crd: &CustomResourceDefinition, builtin_groups: &[&st
                 field: format!("{at}.schema.openAPIV3Schema"),
                 message: "Required value: schemas are required".into(),
             }),
-            Some(s) => c.extend(schema::structural_errors(
-                s,
-                &format!("{at}.schema.openAPIV3Schema"),
-            )),
+            Some(s) => {
+                let path = format!("{at}.schema.openAPIV3Schema");
+                c.extend(schema::structural_errors(s, &path));
+                c.extend(cel::compile_errors(s, &path));
+            }
         }
         if let Some(scale) = v.subresources.as_ref().and_then(|s| s.scale.as_ref()) {
             let paths = [

@@ -15,6 +15,7 @@
 //!
 //! Wire types come from `k8s-openapi`, re-exported as [`k8s`].
 
+pub mod cel;
 pub mod conditions;
 pub mod crd;
 pub mod defaults;

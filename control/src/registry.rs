@@ -701,7 +701,7 @@ impl Registry {
             crate::apiserver::podclasses::admit_pod(self, &mut obj)?;
         }
         match &def {
-            Some(d) => d.admit(r.version, &mut obj, r.namespaced)?,
+            Some(d) => d.admit(r.version, &mut obj, None, r.namespaced)?,
             None => validation::validate(r, &obj)?,
         }
         match managed {
@@ -1073,7 +1073,7 @@ impl Registry {
             let mut out = old.clone();
             out["status"] = new.get("status").cloned().unwrap_or(json!({}));
             if let Some(d) = &def {
-                d.admit(r.version, &mut out, r.namespaced)?;
+                d.admit(r.version, &mut out, Some(old), r.namespaced)?;
             }
             return Ok(out);
         }
@@ -1111,7 +1111,7 @@ impl Registry {
             }
         }
         if let Some(d) = &def {
-            d.admit(r.version, &mut new, r.namespaced)?;
+            d.admit(r.version, &mut new, Some(old), r.namespaced)?;
             // A custom object's generation counts changes of anything but metadata and status.
             let body = |o: &Value| {
                 let mut o = o.clone();
