@@ -3,7 +3,8 @@
 //! `api-resources`), its objects created, listed with their columns, patched, scaled and
 //! watched; an invalid object is refused with 422, an unknown field pruned and a default
 //! filled in; ConfigMaps owned by a deleted ConfigMap and by a custom object are collected;
-//! deleting the definition deletes its objects.
+//! deleting the definition deletes its objects. CEL validation rules (`x-kubernetes-validations`)
+//! refuse violating objects and updates, and a definition whose rule does not compile.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -312,5 +313,88 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
     apply_ok(&c, CRD, &[])?;
     let left = c.kubectl_ok(&["get", "widgets", "-o", "name"])?;
     assert_eq!(left.trim(), "", "objects outlived their definition");
+    Ok(())
+}
+
+const GADGETS: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: gadgets.example.com
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: gadgets, singular: gadget, kind: Gadget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        x-kubernetes-validations:
+        - rule: self.spec.replicas <= self.spec.max
+        properties:
+          spec:
+            type: object
+            properties:
+              replicas: {type: integer}
+              max: {type: integer}
+              owner:
+                type: string
+                x-kubernetes-validations:
+                - {rule: self == oldSelf, message: owner is immutable}
+"#;
+
+fn gadget(replicas: i64, owner: &str) -> String {
+    format!(
+        "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g1\n\
+         spec:\n  replicas: {replicas}\n  max: 3\n  owner: {owner}\n"
+    )
+}
+
+fn refused(out: &std::process::Output, want: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted; wanted {want:?}");
+    assert!(err.contains(want), "wanted {want:?} in: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn validation_rules_with_kubectl() -> anyhow::Result<()> {
+    let c = TestCluster::start(|_| {}).await?;
+    // A rule that does not compile refuses the definition.
+    let broken = GADGETS.replace(
+        "self.spec.replicas <= self.spec.max",
+        "self.spec.replicas <=",
+    );
+    refused(&apply(&c, &broken, &[])?, "compilation failed");
+    apply_ok(&c, GADGETS, &[])?;
+
+    // The rule on the root is checked on create, with Kubernetes' message.
+    refused(
+        &apply(&c, &gadget(5, "ann"), &[])?,
+        r#"<nil>: Invalid value: "object": failed rule: self.spec.replicas <= self.spec.max"#,
+    );
+    assert!(!c.kubectl(&["get", "gadget", "g1"])?.status.success());
+    apply_ok(&c, &gadget(2, "ann"), &[])?;
+
+    // On update: the transition rule holds the owner, the other rules still apply.
+    refused(
+        &apply(&c, &gadget(2, "bob"), &[])?,
+        r#"spec.owner: Invalid value: "string": owner is immutable"#,
+    );
+    refused(
+        &apply(&c, &gadget(4, "ann"), &[])?,
+        "failed rule: self.spec.replicas <= self.spec.max",
+    );
+    apply_ok(&c, &gadget(3, "ann"), &[])?;
+    let stored = c.kubectl_ok(&[
+        "get",
+        "gadget",
+        "g1",
+        "-o",
+        "jsonpath={.spec.replicas} {.spec.owner}",
+    ])?;
+    assert_eq!(stored, "3 ann");
     Ok(())
 }
