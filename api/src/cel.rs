@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use ::cel::{Context, Program, Value as Cel};
+use ::cel::common::ast::{EntryExpr, Expr, IdedEntryExpr};
+use ::cel::{Context, IdedExpr, Program, Value as Cel};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     JSONSchemaProps as Schema, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool, ValidationRule,
 };
@@ -58,17 +59,66 @@ fn compile(source: &str) -> Result<Program, String> {
     let program = catch_unwind(|| Program::compile(source))
         .map_err(|_| "the expression could not be parsed".to_string())?
         .map_err(|e| e.to_string())?;
-    let refs = program.references();
-    let mut unknown: Vec<&str> = refs
-        .variables()
-        .into_iter()
-        .filter(|v| !VARIABLES.contains(v))
-        .collect();
-    unknown.sort_unstable();
-    if let Some(v) = unknown.first() {
+    let mut free = Vec::new();
+    free_variables(program.expression(), &mut Vec::new(), &mut free);
+    free.retain(|v| !VARIABLES.contains(&v.as_str()));
+    free.sort_unstable();
+    if let Some(v) = free.first() {
         return Err(format!("undeclared reference to '{v}'"));
     }
     Ok(program)
+}
+
+/// The identifiers `e` reads that no enclosing macro binds (`x` in `l.all(x, x > 0)` is bound).
+fn free_variables(e: &IdedExpr, bound: &mut Vec<String>, out: &mut Vec<String>) {
+    match &e.expr {
+        Expr::Unspecified | Expr::Literal(_) => {}
+        Expr::Ident(name) => {
+            if !name.starts_with('@') && !bound.contains(name) && !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+        Expr::Call(call) => {
+            if let Some(t) = &call.target {
+                free_variables(t, bound, out);
+            }
+            for a in &call.args {
+                free_variables(a, bound, out);
+            }
+        }
+        Expr::Comprehension(c) => {
+            free_variables(&c.iter_range, bound, out);
+            free_variables(&c.accu_init, bound, out);
+            let before = bound.len();
+            bound.push(c.iter_var.clone());
+            bound.extend(c.iter_var2.clone());
+            bound.push(c.accu_var.clone());
+            free_variables(&c.loop_cond, bound, out);
+            free_variables(&c.loop_step, bound, out);
+            free_variables(&c.result, bound, out);
+            bound.truncate(before);
+        }
+        Expr::List(l) => {
+            for x in &l.elements {
+                free_variables(x, bound, out);
+            }
+        }
+        Expr::Select(s) => free_variables(&s.operand, bound, out),
+        Expr::Map(m) => entries(&m.entries, bound, out),
+        Expr::Struct(s) => entries(&s.entries, bound, out),
+    }
+}
+
+fn entries(list: &[IdedEntryExpr], bound: &mut Vec<String>, out: &mut Vec<String>) {
+    for entry in list {
+        match &entry.expr {
+            EntryExpr::StructField(f) => free_variables(&f.value, bound, out),
+            EntryExpr::MapEntry(m) => {
+                free_variables(&m.key, bound, out);
+                free_variables(&m.value, bound, out);
+            }
+        }
+    }
 }
 
 /// The problems of the rules of a schema, with `path` the schema's own field path in the
@@ -583,5 +633,45 @@ mod tests {
             "{c:?}"
         );
         assert_eq!(c[2].reason, "FieldValueRequired");
+    }
+
+    #[test]
+    fn the_standard_functions_and_macros_work() {
+        let s = schema(
+            json!({"type": "object", "properties": {"spec": {"type": "object",
+            "properties": {
+                "name": {"type": "string"},
+                "ratio": {"type": "number"},
+                "tags": {"type": "array", "items": {"type": "string"}},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            }}}}),
+        );
+        let v = json!({"spec": {"name": "web-1", "ratio": 1, "tags": ["a", "bb"],
+            "labels": {"app": "web"}}});
+        let rules = [
+            "has(self.spec.name) && !has(self.spec.other)",
+            "size(self.spec.tags) == 2 && self.spec.tags.size() == 2",
+            "self.spec.name.matches('^[a-z]+-[0-9]$')",
+            "self.spec.name.startsWith('web') && self.spec.name.endsWith('-1')",
+            "self.spec.name.contains('b-')",
+            "self.spec.tags.all(t, size(t) <= 2) && self.spec.tags.exists(t, t == 'bb')",
+            "self.spec.tags.exists_one(t, t == 'a')",
+            "self.spec.tags.map(t, t + '!') == ['a!', 'bb!']",
+            "self.spec.tags.filter(t, t != 'a') == ['bb']",
+            "'app' in self.spec.labels && 'a' in self.spec.tags",
+            "self.spec.ratio == 1.0 && int(self.spec.ratio) == 1 && string(2) == '2'",
+            "timestamp('2024-01-01T00:00:00Z') + duration('1h') > timestamp('2024-01-01T00:00:00Z')",
+        ];
+        for rule in rules {
+            let mut with = s.clone();
+            with.x_kubernetes_validations = Some(vec![ValidationRule {
+                rule: rule.into(),
+                ..Default::default()
+            }]);
+            assert!(compile_errors(&with, "schema").is_empty(), "{rule}");
+            let mut c = Vec::new();
+            Rules::compile(&with).validate(&with, &v, None, &mut c);
+            assert!(c.is_empty(), "{rule}: {c:?}");
+        }
     }
 }

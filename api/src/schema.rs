@@ -4,7 +4,7 @@
 //! fields — with Kubernetes' field paths and messages. Also the structural-schema rules a
 //! CustomResourceDefinition's schemas must keep.
 //!
-//! CEL rules (`x-kubernetes-validations`) are not evaluated.
+//! CEL rules (`x-kubernetes-validations`) are evaluated in `crate::cel`.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
