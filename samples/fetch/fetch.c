@@ -145,7 +145,7 @@ static int get(const char *url, const char *token_file, char *out, size_t cap) {
 void exports_wasi_http_incoming_handler_handle(
     exports_wasi_http_incoming_handler_own_incoming_request_t request,
     exports_wasi_http_incoming_handler_own_response_outparam_t response_out) {
-    char upstream[512], host[256], token_file[512], fetched[2048], body[3072];
+    char upstream[512], host[256], token_file[512], fetched[8192], body[9216];
     getenv_into("UPSTREAM", upstream, sizeof upstream);
     getenv_into("HOSTNAME", host, sizeof host);
     getenv_into("TOKEN_FILE", token_file, sizeof token_file);
