@@ -1179,6 +1179,14 @@ impl Registry {
             if opts.dry_run {
                 return Ok(new);
             }
+            // A write that changes nothing is not made, as Kubernetes' storage skips it: the
+            // object keeps its resourceVersion and no watcher hears of it. A stale
+            // resourceVersion is still a conflict.
+            if expect.is_none_or(|rv| Some(rv) == meta::resource_version(old))
+                && same_but_version(old, &new)
+            {
+                return Ok(old.clone());
+            }
             let op = if empties_finalizers(old, &new) {
                 Op::Delete {
                     key: key.clone(),
@@ -1921,6 +1929,32 @@ impl Registry {
     }
 }
 
+/// Whether `new` is `old` but perhaps for `metadata.resourceVersion`: an update that would
+/// store nothing new.
+fn same_but_version(old: &Value, new: &Value) -> bool {
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return old == new;
+    };
+    o.len() == n.len()
+        && o.iter().all(|(k, v)| match (k.as_str(), n.get(k)) {
+            ("metadata", Some(nm)) => match (v.as_object(), nm.as_object()) {
+                (Some(om), Some(nm)) => {
+                    let rest = |m: &serde_json::Map<String, Value>| {
+                        m.iter().filter(|(k, _)| *k != "resourceVersion").count()
+                    };
+                    rest(om) == rest(nm)
+                        && om
+                            .iter()
+                            .filter(|(k, _)| *k != "resourceVersion")
+                            .all(|(k, v)| nm.get(k) == Some(v))
+                }
+                _ => v == nm,
+            },
+            (_, Some(nv)) => v == nv,
+            (_, None) => false,
+        })
+}
+
 /// Whether an update from `old` to `new` finishes a deletion, as Kubernetes' store decides it
 /// (`shouldDeleteDuringUpdate`): the object is being deleted, the update removes its last
 /// finalizer, and no grace period is pending (a pod on a node has one until its kubelet
@@ -2177,6 +2211,64 @@ mod tests {
             (40, 40),
             "two services share a node port"
         );
+    }
+
+    /// An update or patch that changes nothing keeps the resourceVersion and is not written,
+    /// as in Kubernetes; a stale resourceVersion is still a conflict, and a
+    /// real change still writes.
+    #[test]
+    fn writes_that_change_nothing_keep_the_version() {
+        let (_dir, _store, reg) = registry();
+        let cm = Resource::lookup("configmaps").unwrap();
+        let opts = WriteOptions::default();
+        let made = reg
+            .create(
+                cm,
+                Some("default"),
+                json!({"metadata": {"name": "c", "labels": {"a": "1"}}, "data": {"k": "v"}}),
+                &opts,
+            )
+            .unwrap();
+        let rv = meta::resource_version(&made);
+        let same = reg
+            .update(cm, Some("default"), "c", made.clone(), Sub::Main, &opts)
+            .unwrap();
+        assert_eq!(meta::resource_version(&same), rv, "a no-op update wrote");
+        let patched = reg
+            .patch(
+                cm,
+                Some("default"),
+                "c",
+                PatchKind::Merge,
+                &json!({"data": {"k": "v"}}),
+                Sub::Main,
+                &opts,
+            )
+            .unwrap();
+        assert_eq!(meta::resource_version(&patched), rv, "a no-op patch wrote");
+        let mut stale = made.clone();
+        stale["metadata"]["resourceVersion"] = json!("1");
+        let err = reg
+            .update(cm, Some("default"), "c", stale, Sub::Main, &opts)
+            .unwrap_err();
+        assert_eq!(err.code, 409, "a stale no-op update: {}", err.message);
+        let changed = reg
+            .patch(
+                cm,
+                Some("default"),
+                "c",
+                PatchKind::Merge,
+                &json!({"data": {"k": "w"}}),
+                Sub::Main,
+                &opts,
+            )
+            .unwrap();
+        assert_ne!(
+            meta::resource_version(&changed),
+            rv,
+            "a change was not written"
+        );
+        assert_eq!(changed.pointer("/data/k"), Some(&json!("w")));
     }
 
     /// Creates Deployments `names` and starts a thread patching their status, round robin,
