@@ -164,9 +164,15 @@ void exports_wasi_http_incoming_handler_handle(
 
     wasi_http_types_own_output_stream_t stream;
     if (wasi_http_types_method_outgoing_body_write(wasi_http_types_borrow_outgoing_body(out_body), &stream)) {
-        fetch_list_u8_t bytes = {(uint8_t *)body, (size_t)len};
-        wasi_io_streams_stream_error_t err;
-        wasi_io_streams_method_output_stream_blocking_write_and_flush(wasi_io_streams_borrow_output_stream(stream), &bytes, &err);
+        // blocking-write-and-flush takes at most 4096 bytes a call.
+        for (int off = 0; off < len; off += 4096) {
+            int part = len - off < 4096 ? len - off : 4096;
+            fetch_list_u8_t bytes = {(uint8_t *)body + off, (size_t)part};
+            wasi_io_streams_stream_error_t err;
+            if (!wasi_io_streams_method_output_stream_blocking_write_and_flush(
+                    wasi_io_streams_borrow_output_stream(stream), &bytes, &err))
+                break;
+        }
         wasi_io_streams_output_stream_drop_own(stream);
     }
     wasi_http_types_error_code_t ferr;
