@@ -145,7 +145,7 @@ static int get(const char *url, const char *token_file, char *out, size_t cap) {
 void exports_wasi_http_incoming_handler_handle(
     exports_wasi_http_incoming_handler_own_incoming_request_t request,
     exports_wasi_http_incoming_handler_own_response_outparam_t response_out) {
-    char upstream[512], host[256], token_file[512], fetched[2048], body[3072];
+    char upstream[512], host[256], token_file[512], fetched[8192], body[9216];
     getenv_into("UPSTREAM", upstream, sizeof upstream);
     getenv_into("HOSTNAME", host, sizeof host);
     getenv_into("TOKEN_FILE", token_file, sizeof token_file);
@@ -164,9 +164,15 @@ void exports_wasi_http_incoming_handler_handle(
 
     wasi_http_types_own_output_stream_t stream;
     if (wasi_http_types_method_outgoing_body_write(wasi_http_types_borrow_outgoing_body(out_body), &stream)) {
-        fetch_list_u8_t bytes = {(uint8_t *)body, (size_t)len};
-        wasi_io_streams_stream_error_t err;
-        wasi_io_streams_method_output_stream_blocking_write_and_flush(wasi_io_streams_borrow_output_stream(stream), &bytes, &err);
+        // blocking-write-and-flush takes at most 4096 bytes a call.
+        for (int off = 0; off < len; off += 4096) {
+            int part = len - off < 4096 ? len - off : 4096;
+            fetch_list_u8_t bytes = {(uint8_t *)body + off, (size_t)part};
+            wasi_io_streams_stream_error_t err;
+            if (!wasi_io_streams_method_output_stream_blocking_write_and_flush(
+                    wasi_io_streams_borrow_output_stream(stream), &bytes, &err))
+                break;
+        }
         wasi_io_streams_output_stream_drop_own(stream);
     }
     wasi_http_types_error_code_t ferr;

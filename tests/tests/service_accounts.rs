@@ -694,7 +694,7 @@ async fn a_wasm_pod_calls_the_api_as_its_service_account() -> anyhow::Result<()>
         },
     )
     .await?;
-    // The body is cut at 2 KiB: the list's first item is the caller itself.
+    // The body is cut at 8 KiB: the list's first item, managed fields and all, is the caller.
     assert!(
         listed.contains(r#""items":[{"apiVersion":"v1","kind":"Pod""#),
         "{listed}"
