@@ -464,9 +464,11 @@ async fn cert_manager_release_applies_and_deletes() -> anyhow::Result<()> {
             .collect();
         anyhow::ensure!(
             !conflicts.is_empty()
-                && conflicts.iter().all(|l| l.contains("kubectl-client-side-apply")
-                    && l.contains("webhooks[name=")
-                    && l.ends_with("].rules")),
+                && conflicts
+                    .iter()
+                    .all(|l| l.contains("kubectl-client-side-apply")
+                        && l.contains("webhooks[name=")
+                        && l.ends_with("].rules")),
             "server-side apply over client-side apply failed otherwise:\n{err}"
         );
     }
