@@ -478,6 +478,19 @@ fn the_data_dir_is_private_and_secrets_are_encrypted() -> anyhow::Result<()> {
     let open = skiff_control::private_files::open_to_others(&data)?;
     anyhow::ensure!(open.is_empty(), "open to others: {open:?}");
 
+    // A forged token is refused, and the attempt recorded as Kubernetes does: no user.
+    let forged = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["--cacert", s.dir.join("ca.crt").to_str().unwrap()])
+        .args(["-H", "Authorization: Bearer forged"])
+        .arg(format!("{}/api/v1/namespaces/default/secrets/s", s.base))
+        .output()?;
+    anyhow::ensure!(
+        forged.stdout == b"401",
+        "a forged token got {}",
+        String::from_utf8_lossy(&forged.stdout)
+    );
+
     // The audit log has the Secret's creation, by whom, and the answer.
     let log = std::fs::read_to_string(&audit)?;
     let lines: Vec<Value> = log
@@ -502,6 +515,14 @@ fn the_data_dir_is_private_and_secrets_are_encrypted() -> anyhow::Result<()> {
             .iter()
             .any(|l| l["verb"] == "get" && l["name"] == "s" && l["code"] == 200),
         "no read of the Secret in the audit log:\n{log}"
+    );
+    anyhow::ensure!(
+        lines.iter().any(|l| l["verb"] == "get"
+            && l["name"] == "s"
+            && l["code"] == 401
+            && l["user"] == ""
+            && l["source_ip"] == "127.0.0.1"),
+        "no refused read of the Secret in the audit log:\n{log}"
     );
     anyhow::ensure!(
         std::fs::metadata(&audit)?.permissions().mode() & 0o777 == 0o600,

@@ -1,6 +1,10 @@
 //! The audit log (`--audit-log PATH`): one JSON line per request the API server answered after
-//! telling who sent it — time, user, groups, verb, resource, namespace, name and the status
-//! code — like the Kubernetes API server's log backend at the `Metadata` level (no bodies).
+//! telling who sent it — time, user, groups, verb, resource, namespace, name, the client's
+//! address and the status code — like the Kubernetes API server's log backend at the
+//! `Metadata` level (no bodies). A request whose credentials fail is recorded too, with an
+//! empty user and code 401, as Kubernetes' `WithFailedAuthenticationAudit` records it; those
+//! are written at the rate the client address's request bucket admits (the attempts refused
+//! beyond it with 429 are not), so a flood of bad tokens grows the log no faster than that.
 //!
 //! The file is the owner's only (`0600`) and bounded: once it would pass its size limit it
 //! is renamed to `PATH.1` (the older ones to `PATH.2`, …, the oldest beyond the kept number
@@ -53,6 +57,9 @@ pub struct Entry<'a> {
     pub namespace: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<&'a str>,
+    /// The address the request came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<std::net::IpAddr>,
     pub code: u16,
 }
 
@@ -84,6 +91,7 @@ impl<'a> Entry<'a> {
             resource,
             namespace,
             name,
+            source_ip: None,
             code,
         }
     }
@@ -236,6 +244,42 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// However many refused requests arrive, the files on disk never hold more than the
+    /// rotation keeps: (backups + 1) × the size limit.
+    #[test]
+    fn a_flood_of_failed_authentications_stays_within_the_rotation_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let (max_bytes, max_backups) = (4096, 2);
+        let log = AuditLog::open(AuditConfig {
+            path: dir.path().join("audit.log"),
+            max_bytes,
+            max_backups,
+        })
+        .unwrap();
+        let nobody = UserInfo::default();
+        let attrs = get_pod("web");
+        let mut written = 0u64;
+        for _ in 0..5000 {
+            let mut entry = Entry::new(&nobody, &attrs, 401);
+            entry.source_ip = Some("192.0.2.7".parse().unwrap());
+            written += serde_json::to_vec(&entry).unwrap().len() as u64 + 1;
+            log.record(&entry);
+        }
+        let sizes: Vec<u64> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        assert_eq!(sizes.len(), max_backups + 1);
+        assert!(sizes.iter().all(|s| *s <= max_bytes), "{sizes:?}");
+        let total: u64 = sizes.iter().sum();
+        assert!(written > 50 * total, "{written} written, {total} kept");
+        let last = std::fs::read_to_string(dir.path().join("audit.log")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+        assert_eq!(line["user"], "");
+        assert_eq!(line["source_ip"], "192.0.2.7");
+        assert_eq!(line["code"], 401);
     }
 
     #[test]

@@ -65,7 +65,8 @@ pub struct ApiState {
     pub transport: transport::TransportConfig,
     /// Each client's share of requests and watches.
     pub fairness: Arc<fairness::Fairness>,
-    /// Where each authenticated request is recorded, if anywhere (`--audit-log`).
+    /// Where each request is recorded, if anywhere (`--audit-log`): authenticated ones, and
+    /// those whose credentials fail.
     pub audit: Option<Arc<audit::AuditLog>>,
     /// The OpenAPI documents, built once; schemas beyond the built-in kinds join them
     /// through [`openapi::OpenApi::set_custom_kinds`].
@@ -300,7 +301,7 @@ fn impersonate(
 }
 
 /// Authenticates, authorizes and answers `req`; `audit` gets who asked for what as soon as
-/// that is known.
+/// that is known (no one, for a request whose credentials fail).
 async fn authenticated(
     state: &Shared,
     req: Request<Body>,
@@ -313,6 +314,7 @@ async fn authenticated(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let peer = req.extensions().get::<auth::PeerCertificate>().cloned();
+    let path = req.uri().path().to_string();
     // Reads of the in-memory store only (a join token's Secret): no disk wait.
     let user =
         match state
@@ -325,6 +327,20 @@ async fn authenticated(
                 let client = fairness::Client::address(peer_ip(&req));
                 if let Err(refused) = state.fairness.admit(&client, false) {
                     return Ok(refused.response());
+                }
+                // Recorded with no user, as Kubernetes' `WithFailedAuthenticationAudit`: at
+                // the rate the address's bucket admits them, so a flood of bad credentials
+                // is seen without its 429s washing the log's bounded files out.
+                if state.audit.is_some() {
+                    let nobody = auth::UserInfo::default();
+                    let attrs = match attributes(state, req, &nobody).await {
+                        Ok((attrs, _)) => attrs,
+                        Err(_) => auth::Attributes::NonResource {
+                            verb: String::new(),
+                            path: path.to_string(),
+                        },
+                    };
+                    *audit = Some((nobody, attrs));
                 }
                 return Err(e);
             }
@@ -465,12 +481,17 @@ async fn auth_then_dispatch(State(state): State<Shared>, req: Request<Body>) -> 
         (Ok(_seat), "/cacerts") => text_response(StatusCode::OK, state.ca.pem.clone()),
         (Ok(_), _) => {
             let mut asked = None;
+            let source = req
+                .extensions()
+                .get::<transport::PeerAddr>()
+                .map(|p| p.0.ip());
             let resp = match authenticated(&state, req, &mut asked).await {
                 Ok(r) => r,
                 Err(e) => error_response(&e),
             };
             if let (Some(log), Some((user, attrs))) = (&state.audit, &asked) {
                 let mut entry = audit::Entry::new(user, attrs, resp.status().as_u16());
+                entry.source_ip = source;
                 if let Some(created) = resp.extensions().get::<audit::CreatedName>() {
                     entry.name = entry.name.or(Some(created.0.as_str()));
                 }
@@ -521,13 +542,19 @@ mod tests {
     }
 
     async fn start(dir: &std::path::Path) -> Api {
+        start_with(dir, |_| {}).await
+    }
+
+    /// As [`start`], with the state changed by `adjust` first.
+    async fn start_with(dir: &std::path::Path, adjust: impl FnOnce(&mut ApiState)) -> Api {
         let store = Arc::new(SqliteStore::open(&dir.join("store")).unwrap());
         let registry = Registry::new(store.clone(), ClusterConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         crate::server::bootstrap(&registry, addr).unwrap();
         let tls = crate::tls::load_or_create(dir, &[addr.ip().to_string()]).unwrap();
-        let state = ApiState::new(registry.clone(), &tls, vec!["t".into()], None, addr);
+        let mut state = ApiState::new(registry.clone(), &tls, vec!["t".into()], None, addr);
+        adjust(&mut state);
         let (rbac_stop, rbac_stopped) = tokio::sync::watch::channel(false);
         let mut rbac_tasks = tokio::task::JoinSet::new();
         state
@@ -616,6 +643,83 @@ mod tests {
             .unwrap();
         let access: serde_json::Value = access.json().await.unwrap();
         assert_eq!(access["status"]["allowed"], false);
+        let _ = api.stop.send(());
+        api.server.await.unwrap().unwrap();
+    }
+
+    /// Requests whose credentials fail are in the audit log as Kubernetes records them: no
+    /// user, what was asked, the client's address, 401. Beyond the address's request bucket
+    /// they are refused with 429 and not recorded, so a flood cannot outgrow the bucket's rate.
+    #[tokio::test]
+    async fn failed_authentication_is_audited_at_the_rate_its_address_is_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let log_path = dir.path().join("audit.log");
+        let config = audit::AuditConfig::new(&log_path);
+        let api = start_with(dir.path(), |state| {
+            state.audit = Some(Arc::new(audit::AuditLog::open(config).unwrap()));
+            state.fairness = fairness::Fairness::new(fairness::FairnessConfig {
+                client_qps: 0.01,
+                client_burst: 5,
+                ..Default::default()
+            });
+        })
+        .await;
+        let url = format!("https://{}/api/v1/namespaces/default/pods", api.addr);
+        let ok = api.http.get(&url).bearer_auth("t").send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+        let wrong = api.http.get(&url).bearer_auth("nope").send().await.unwrap();
+        assert_eq!(wrong.status(), 401);
+        let none = api.http.get(&url).send().await.unwrap();
+        assert_eq!(none.status(), 401);
+        let secret = format!(
+            "https://{}/api/v1/namespaces/kube-system/secrets/x",
+            api.addr
+        );
+        let del = api.http.delete(&secret).bearer_auth("nope").send().await;
+        assert_eq!(del.unwrap().status(), 401);
+        let version = format!("https://{}/apis", api.addr);
+        let other = api.http.get(&version).bearer_auth("nope").send().await;
+        assert_eq!(other.unwrap().status(), 401);
+        // Once the address's burst of 5 is spent, more bad tokens are 429 and left out.
+        let mut codes = Vec::new();
+        for _ in 0..20 {
+            let r = api.http.get(&url).bearer_auth("nope").send().await.unwrap();
+            codes.push(r.status().as_u16());
+        }
+        assert_eq!(codes[0], 401, "{codes:?}");
+        assert!(codes[1..].iter().all(|c| *c == 429), "{codes:?}");
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert_eq!(lines[0]["user"], "system:admin", "{}", lines[0]);
+        assert_eq!(lines[0]["code"], 200);
+        for l in &lines[1..] {
+            assert_eq!(l["user"], "", "{l}");
+            assert_eq!(l["groups"], serde_json::json!([]), "{l}");
+            assert_eq!(l["code"], 401, "{l}");
+            assert_eq!(l["source_ip"], "127.0.0.1", "{l}");
+        }
+        assert_eq!(
+            (
+                &lines[1]["verb"],
+                &lines[1]["resource"],
+                &lines[1]["namespace"]
+            ),
+            (&"list".into(), &"pods".into(), &"default".into())
+        );
+        assert_eq!(lines[2]["verb"], "list");
+        assert_eq!(
+            (&lines[3]["verb"], &lines[3]["resource"], &lines[3]["name"]),
+            (&"delete".into(), &"secrets".into(), &"x".into())
+        );
+        assert_eq!(lines[3]["namespace"], "kube-system");
+        assert_eq!(
+            (&lines[4]["verb"], &lines[4]["resource"]),
+            (&"get".into(), &"/apis".into())
+        );
         let _ = api.stop.send(());
         api.server.await.unwrap().unwrap();
     }
