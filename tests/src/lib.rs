@@ -71,6 +71,53 @@ impl TestCluster {
         );
         Ok(stdout)
     }
+
+    /// `kubectl apply -f -` of `yaml` given on stdin, with `extra` arguments, whatever its exit
+    /// status.
+    pub fn kubectl_apply(
+        &self,
+        yaml: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<std::process::Output> {
+        use std::io::Write;
+        let mut child = std::process::Command::new("kubectl")
+            .args(["apply", "-f", "-"])
+            .args(extra)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(yaml.as_bytes())?;
+        Ok(child.wait_with_output()?)
+    }
+
+    /// Runs `tests/python/SCRIPT` with the official Python client (`pip install kubernetes`)
+    /// against this cluster in namespace `ns`; it must print `ok`.
+    pub async fn python_client(&self, script: &str, ns: &str) -> anyhow::Result<()> {
+        let script = format!("{}/python/{script}", env!("CARGO_MANIFEST_DIR"));
+        let (kubeconfig, ns) = (self.kubeconfig(), ns.to_string());
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("python3")
+                .arg(script)
+                .arg(&kubeconfig)
+                .arg(ns)
+                .output()
+        })
+        .await??;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            out.status.success() && stdout.trim() == "ok",
+            "the Python client (pip install kubernetes): {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    }
 }
 
 /// Polls `check` every 50 ms until it returns Some, or fails after `within`.

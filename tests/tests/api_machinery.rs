@@ -170,22 +170,9 @@ async fn api_machinery_as_clients_use_it() -> anyhow::Result<()> {
     .await?;
 
     // The official Python client: pages, a watch, the dynamic client.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/api_machinery.py");
-    let kubeconfig = cluster.kubeconfig();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .arg(&kubeconfig)
-            .arg("python-client")
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.trim() == "ok",
-        "the Python client (pip install kubernetes): {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster
+        .python_client("api_machinery.py", "python-client")
+        .await?;
     let in_new_ns =
         cluster.kubectl_ok(&["get", "configmaps", "-n", "python-client", "-o", "name"])?;
     assert!(

@@ -83,28 +83,8 @@ spec:
   replicas: 11
 "#;
 
-/// Applies a manifest given on stdin.
-fn apply(c: &TestCluster, yaml: &str, extra: &[&str]) -> anyhow::Result<std::process::Output> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("kubectl")
-        .args(["apply", "-f", "-"])
-        .args(extra)
-        .env("KUBECONFIG", c.kubeconfig())
-        .env("HOME", c.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())?;
-    Ok(child.wait_with_output()?)
-}
-
 fn apply_ok(c: &TestCluster, yaml: &str, extra: &[&str]) -> anyhow::Result<String> {
-    let out = apply(c, yaml, extra)?;
+    let out = c.kubectl_apply(yaml, extra)?;
     anyhow::ensure!(
         out.status.success(),
         "kubectl apply failed: {}",
@@ -156,7 +136,7 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
     assert!(w1["spec"].get("bogus").is_none(), "{w1}");
     assert_eq!(w1["apiVersion"], "example.com/v1");
     // With strict validation the unknown field is an error, as for built-in kinds.
-    let strict = apply(&c, &WIDGET.replace("w1", "w3"), &[])?;
+    let strict = c.kubectl_apply(&WIDGET.replace("w1", "w3"), &[])?;
     assert!(!strict.status.success());
     assert!(
         String::from_utf8_lossy(&strict.stderr).contains("unknown field \"spec.bogus\""),
@@ -252,7 +232,7 @@ async fn custom_resources_with_kubectl() -> anyhow::Result<()> {
     watch.kill().await?;
 
     // An invalid object: 422 with Kubernetes' field paths and messages.
-    let out = apply(&c, INVALID, &[])?;
+    let out = c.kubectl_apply(INVALID, &[])?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("is invalid"), "{err}");
@@ -367,12 +347,12 @@ async fn validation_rules_with_kubectl() -> anyhow::Result<()> {
         "self.spec.replicas <= self.spec.max",
         "self.spec.replicas <=",
     );
-    refused(&apply(&c, &broken, &[])?, "compilation failed");
+    refused(&c.kubectl_apply(&broken, &[])?, "compilation failed");
     apply_ok(&c, GADGETS, &[])?;
 
     // The rule on the root is checked on create, with Kubernetes' message.
     refused(
-        &apply(&c, &gadget(5, "ann"), &[])?,
+        &c.kubectl_apply(&gadget(5, "ann"), &[])?,
         r#"<nil>: Invalid value: "object": failed rule: self.spec.replicas <= self.spec.max"#,
     );
     assert!(!c.kubectl(&["get", "gadget", "g1"])?.status.success());
@@ -380,11 +360,11 @@ async fn validation_rules_with_kubectl() -> anyhow::Result<()> {
 
     // On update: the transition rule holds the owner, the other rules still apply.
     refused(
-        &apply(&c, &gadget(2, "bob"), &[])?,
+        &c.kubectl_apply(&gadget(2, "bob"), &[])?,
         r#"spec.owner: Invalid value: "string": owner is immutable"#,
     );
     refused(
-        &apply(&c, &gadget(4, "ann"), &[])?,
+        &c.kubectl_apply(&gadget(4, "ann"), &[])?,
         "failed rule: self.spec.replicas <= self.spec.max",
     );
     apply_ok(&c, &gadget(3, "ann"), &[])?;

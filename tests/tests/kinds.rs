@@ -5,33 +5,12 @@
 //! serves its custom resources and deletes cleanly.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use skiff_e2e::{eventually, TestCluster};
 
-/// Applies a manifest given on stdin: kubectl's output.
-fn apply(c: &TestCluster, yaml: &str, extra: &[&str]) -> anyhow::Result<std::process::Output> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("kubectl")
-        .args(["apply", "-f", "-"])
-        .args(extra)
-        .env("KUBECONFIG", c.kubeconfig())
-        .env("HOME", c.dir.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(yaml.as_bytes())?;
-    Ok(child.wait_with_output()?)
-}
-
 fn apply_ok(c: &TestCluster, yaml: &str) -> anyhow::Result<String> {
-    let out = apply(c, yaml, &[])?;
+    let out = c.kubectl_apply(yaml, &[])?;
     anyhow::ensure!(
         out.status.success(),
         "kubectl apply failed: {}",
@@ -42,7 +21,7 @@ fn apply_ok(c: &TestCluster, yaml: &str) -> anyhow::Result<String> {
 
 /// kubectl's stderr for a manifest it must refuse.
 fn apply_refused(c: &TestCluster, yaml: &str) -> anyhow::Result<String> {
-    let out = apply(c, yaml, &[])?;
+    let out = c.kubectl_apply(yaml, &[])?;
     anyhow::ensure!(
         !out.status.success(),
         "kubectl apply accepted what it should refuse: {}",

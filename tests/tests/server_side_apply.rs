@@ -250,21 +250,8 @@ async fn server_side_apply_with_kubectl_and_python() -> anyhow::Result<()> {
     assert_eq!(r["spec"]["tags"], serde_json::json!(["t2", "t3"]), "{r}");
 
     // The official Python client.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/server_side_apply.py");
-    let kubeconfig = cluster.kubeconfig();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .arg(script)
-            .arg(&kubeconfig)
-            .arg("python-ssa")
-            .output()
-    })
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.trim() == "ok",
-        "the Python client (pip install kubernetes): {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cluster
+        .python_client("server_side_apply.py", "python-ssa")
+        .await?;
     Ok(())
 }
