@@ -669,7 +669,7 @@ async fn failing_accepts_back_off_and_keep_the_log_small() -> anyhow::Result<()>
 /// as a `system:masters` client certificate (the certificate's cost without RBAC) and as a
 /// client-certificate user allowed by RBAC (`view` through a group binding, beside 200 other
 /// bindings), with the limiter off and on.
-/// `cargo test -p skiff-e2e --test api_transport -- --ignored --nocapture`
+/// `cargo test --workspace --test e2e -- --ignored --nocapture api_transport::`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "prints figures"]
 async fn api_latency_of_the_admin_and_of_an_rbac_user() -> anyhow::Result<()> {

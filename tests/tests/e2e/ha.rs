@@ -629,7 +629,7 @@ async fn latencies(client: &Client, n: usize) -> anyhow::Result<[f64; 4]> {
 }
 
 /// Figures, not a check: API create/get latency on the embedded store against a 3-member etcd,
-/// in the same run (`cargo test --workspace --test ha -- --ignored --nocapture api_latency`).
+/// in the same run (`cargo test --workspace --test e2e -- --ignored --nocapture ha::api_latency`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn api_latency_embedded_against_etcd() -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo build -p skiff
-//! STORE_PATCHES=100000 cargo test -p skiff-e2e --test store_disk -- --ignored --nocapture
+//! STORE_PATCHES=100000 cargo test --workspace --test e2e -- --ignored --nocapture store_disk::
 //! ```
 
 use std::path::Path;
