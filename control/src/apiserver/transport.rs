@@ -502,20 +502,26 @@ async fn serve_connection(
             }))
         }
     });
-    let conn = http
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
+    let (back, mut closed) = tokio::sync::oneshot::channel();
+    let stream = Linger {
+        inner: Some(stream),
+        shut: false,
+        back: Some(back),
+    };
+    let mut conn = Box::pin(
+        http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+            .with_upgrades(),
+    );
     loop {
         // Busy: wait for a request to end (a permit is stored if one ended meanwhile). Idle:
         // wait for the idle timeout, then close unless a request came since.
         match activity.idle_deadline(config.idle_timeout) {
             None => tokio::select! {
-                _ = &mut conn => return,
+                _ = &mut conn => break,
                 _ = activity.done.notified() => {}
             },
             Some(at) => tokio::select! {
-                _ = &mut conn => return,
+                _ = &mut conn => break,
                 _ = tokio::time::sleep_until(at) => {
                     if activity
                         .idle_deadline(config.idle_timeout)
@@ -526,6 +532,107 @@ async fn serve_connection(
                 }
             },
         }
+    }
+    // Dropping the connection drops the stream in it, unless an upgrade (exec, a watch over
+    // a websocket) took it on.
+    drop(conn);
+    if let Ok(stream) = closed.try_recv() {
+        linger(stream).await;
+    }
+}
+
+/// How long a connection hyper closed after its last response is read from before it is
+/// closed: Go's `net/http` waits 500 ms (`rstAvoidanceDelay`) for the same reason.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The client may still be sending a request the server answered without reading it all (a
+/// 413 for a body past the limit). Closing a socket with unread data sends a reset, and a
+/// reset can reach the client before it has read the answer, which is then lost (curl reports
+/// the `100 Continue` it had). The writing side is already shut (TLS `close_notify`, TCP
+/// `FIN`), so the client sees the answer's end; what it still sends is read and dropped until
+/// it closes too, or for [`LINGER`] at most.
+async fn linger(stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
+    use tokio::io::AsyncReadExt;
+    let (mut tcp, _) = stream.into_inner();
+    let mut buf = vec![0u8; 16 * 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while let Ok(n) = tcp.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// The connection's stream as hyper uses it. Once hyper has shut down the writing side (its
+/// last response sent), dropping it hands the stream back to [`serve_connection`] to
+/// [`linger`]; a stream dropped unshut (a timeout cut the connection) just closes.
+struct Linger<S> {
+    inner: Option<S>,
+    shut: bool,
+    back: Option<tokio::sync::oneshot::Sender<S>>,
+}
+
+impl<S: Unpin> Linger<S> {
+    fn inner(&mut self) -> Pin<&mut S> {
+        Pin::new(
+            self.inner
+                .as_mut()
+                .expect("the stream is only taken on drop"),
+        )
+    }
+}
+
+impl<S> Drop for Linger<S> {
+    fn drop(&mut self) {
+        if let (true, Some(s), Some(back)) = (self.shut, self.inner.take(), self.back.take()) {
+            let _ = back.send(s);
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Linger<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.inner().poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Linger<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        self.inner().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|s| s.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.inner().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = self.inner().poll_shutdown(cx);
+        if r.is_ready() {
+            self.shut = true;
+        }
+        r
     }
 }
 
