@@ -146,8 +146,15 @@ where
     }
 }
 
-/// The `skiff` binary next to the test executable (`cargo build` puts it there).
+/// The `skiff` binary next to the test executable (`cargo build` puts it there), or the one
+/// `SKIFF_BIN` names.
 pub fn skiff_binary() -> anyhow::Result<PathBuf> {
+    // Another build under test (e.g. an older release measured by the same bench harness).
+    if let Some(bin) = std::env::var_os("SKIFF_BIN") {
+        let bin = PathBuf::from(bin);
+        anyhow::ensure!(bin.exists(), "SKIFF_BIN={} does not exist", bin.display());
+        return Ok(bin);
+    }
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
