@@ -10,6 +10,9 @@ export PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts")
 # A one-off build (CI) keeps no incremental state: a GB less on disk, and no slower.
 if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
 
+# A build needs about 5 GB free (the debug target dir peaks near 4 GB): say what there is, so a
+# run that fills the disk is recognised at once.
+echo "disk: $(df -h . | awk 'NR==2 {print $4 " free on " $6}')"
 scripts/setup.sh
 # The wasm samples are fixtures built from source, never checked in.
 samples/build.sh
