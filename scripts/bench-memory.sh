@@ -5,14 +5,24 @@
 #   - `skiff server` alone (control plane, embedded store);
 #   - `skiff up` (server + agent + proxy + DNS in one process) in a network namespace;
 #   - `skiff agent` joined to a separate `skiff server` in a second namespace.
-# Every role is left idle for $IDLE_SECONDS (default 10) after it is ready. Needs root; run
-# from scripts/bench.sh (which builds first) or alone after `cargo build --release -p skiff`
-# (or with SKIFF=path for another binary).
+# Every role is left idle for $IDLE_SECONDS (default 45) after it is ready. The whole is run
+# twice: first with SKIFF_KEEP_PAGES=1, the baseline, where a role keeps every page of its
+# executable that start-up touched; then as shipped, where each role gives those back 20 s
+# after it starts (cli/src/trim.rs), so the second table shows what idling itself uses.
+# Needs root; run from scripts/bench.sh (which builds first) or alone after
+# `cargo build --release -p skiff` (or with SKIFF=path for another binary).
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 skiff=${SKIFF:-$PWD/target/release/skiff}
-idle=${IDLE_SECONDS:-10}
+idle=${IDLE_SECONDS:-45}
+if [ -z "${SKIFF_BENCH_MEMORY_PASS:-}" ]; then
+  echo "== baseline: start-up's pages kept (SKIFF_KEEP_PAGES=1)"
+  SKIFF_BENCH_MEMORY_PASS=kept SKIFF_KEEP_PAGES=1 bash scripts/bench-memory.sh
+  echo "== as shipped: start-up's pages given back"
+  SKIFF_BENCH_MEMORY_PASS=shipped bash scripts/bench-memory.sh
+  exit
+fi
 
 . scripts/lib/netns-cluster.sh
 start_netns_cluster "skiff-bench-mem-$$" mem-up

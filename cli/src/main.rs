@@ -4,6 +4,7 @@
 mod alloc;
 mod commands;
 mod print;
+mod trim;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -59,6 +59,13 @@ fn default_data_dir() -> std::path::PathBuf {
 /// Runs `cli`'s command: the roles and the host tools here, the verbs through the API server
 /// as the kubeconfig's user.
 pub async fn run(cli: Cli) -> Result<()> {
+    if matches!(
+        cli.command,
+        Command::Server(_) | Command::Up { .. } | Command::Agent(_)
+    ) {
+        // A role runs for months: what only start-up used is given back.
+        crate::trim::spawn();
+    }
     let command = match cli.command {
         Command::Server(args) => return server(args, None).await,
         Command::Up { server: s, node } => return server(*s, Some(node)).await,
