@@ -2,7 +2,7 @@
 # Idle memory of each skiff role, split into anonymous memory (the heap: what skiff itself
 # holds) and file-backed memory (the binary's pages the kernel maps in, shared and reclaimable),
 # each next to a baseline process (`sleep`) measured the same way:
-#   - `skiff server` alone (control plane, embedded store);
+#   - `skiff server` (control plane, embedded store), alone and with one agent joined;
 #   - `skiff up` (server + agent + proxy + DNS in one process) in a network namespace;
 #   - `skiff agent` joined to a separate `skiff server` in a second namespace.
 # Every role is left idle for $IDLE_SECONDS (default 45) after it is ready. The whole is run
@@ -38,6 +38,11 @@ trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "$
 nsenter --net="/run/netns/$ns2" "$skiff" server --data-dir "$work/server" --api-addr 127.0.0.1:6443 >"$work/server.log" 2>&1 &
 server_pid=$!
 pids+=("$server_pid")
+# And a server no node joins: the control plane by itself.
+nsenter --net="/run/netns/$ns2" "$skiff" server --data-dir "$work/server-alone" --api-addr 127.0.0.1:6444 >"$work/server-alone.log" 2>&1 &
+alone_pid=$!
+pids+=("$alone_pid")
+wait_for 30 "the second skiff server to write its token (log: $work/server-alone.log)" test -s "$work/server-alone/token"
 wait_for 30 "skiff server to write its token (log: $work/server.log)" test -s "$work/server/token"
 nsenter --net="/run/netns/$ns2" "$skiff" agent --server https://127.0.0.1:6443 --token "$(cat "$work/server/token")" \
   --ca-cert "$work/server/ca.crt" --data-dir "$work/agent" --name mem-agent >"$work/agent.log" 2>&1 &
@@ -60,6 +65,7 @@ row() {
   printf '  %-28s RSS %6.1f MiB = anonymous %6.1f + file-backed %6.1f%s\n' "$1" "$t" "$a" "$f" "${3:-}"
 }
 echo "idle memory after ${idle}s (baseline process \`sleep\`: RSS $b_t MiB = anonymous $b_a + file-backed $b_f)"
-row "skiff server" "$server_pid" "   (goal <= 15 MiB; a k3s server idles above 500 MB)"
+row "skiff server, no node" "$alone_pid" "   (goal <= 15 MiB; a k3s server idles above 500 MB)"
+row "skiff server, one node" "$server_pid"
 row "skiff agent (wasm + OCI)" "$agent_pid"
 row "skiff up (server + agent)" "$up_pid"

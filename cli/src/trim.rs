@@ -5,6 +5,9 @@
 //! touches stays mapped: counted in the process's RSS, and given extra time on the kernel's
 //! active list before reclaim (vmscan keeps referenced, mapped executable pages so that code
 //! stays in memory under pressure), though an idle role never runs that code again.
+//! `scripts/bench-memory.sh`, release build: an idle `skiff server` with no node held 27.1
+//! MiB of file-backed memory with those pages kept, 8.8 MiB once given back; one serving a
+//! node 28.7 and 21.7 (its heartbeats run the API's whole write path every few seconds).
 //!
 //! So every `INTERVAL`, from `FIRST` after start, a role tells the kernel it does not need
 //! the clean pages of its own executable (`madvise(MADV_DONTNEED)` on the executable's
