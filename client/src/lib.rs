@@ -447,22 +447,24 @@ impl Client {
         propagation: Option<&str>,
         grace: Option<i64>,
     ) -> Result<Value, ClientError> {
-        self.delete_path(&path(r, ns, Some(name)), propagation, grace)
-            .await
+        let params = DeleteParams {
+            propagation: propagation.map(str::to_string),
+            grace_period_seconds: grace,
+            precondition_uid: None,
+        };
+        self.delete_path(&path(r, ns, Some(name)), &params).await
     }
 
-    async fn delete_path(
-        &self,
-        path: &str,
-        propagation: Option<&str>,
-        grace: Option<i64>,
-    ) -> Result<Value, ClientError> {
+    async fn delete_path(&self, path: &str, params: &DeleteParams) -> Result<Value, ClientError> {
         let mut body = serde_json::json!({"kind": "DeleteOptions", "apiVersion": "v1"});
-        if let Some(p) = propagation {
-            body["propagationPolicy"] = p.into();
+        if let Some(p) = &params.propagation {
+            body["propagationPolicy"] = p.as_str().into();
         }
-        if let Some(g) = grace {
+        if let Some(g) = params.grace_period_seconds {
             body["gracePeriodSeconds"] = g.into();
+        }
+        if let Some(uid) = &params.precondition_uid {
+            body["preconditions"] = serde_json::json!({ "uid": uid });
         }
         self.json(self.req(reqwest::Method::DELETE, path).json(&body))
             .await

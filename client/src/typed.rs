@@ -147,6 +147,9 @@ pub struct DeleteParams {
     /// `Foreground`, `Background` or `Orphan`.
     pub propagation: Option<String>,
     pub grace_period_seconds: Option<i64>,
+    /// Delete only the object with this UID (`preconditions.uid`): 409 if the name now
+    /// belongs to another.
+    pub precondition_uid: Option<String>,
 }
 
 impl DeleteParams {
@@ -253,13 +256,9 @@ impl Client {
         name: &str,
         params: &DeleteParams,
     ) -> Result<(), ClientError> {
-        self.delete_path(
-            &path_of::<K>(ns, Some(name)),
-            params.propagation.as_deref(),
-            params.grace_period_seconds,
-        )
-        .await
-        .map(drop)
+        self.delete_path(&path_of::<K>(ns, Some(name)), params)
+            .await
+            .map(drop)
     }
 
     /// Watches `K` from `resource_version` (every current object first when None).

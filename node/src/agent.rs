@@ -972,7 +972,7 @@ impl Pods {
                 w.stop(grace).await;
             }
             if delete {
-                finish_deletion(&ctx, &pod).await;
+                finish_deletion(&ctx.client, &pod).await;
             }
             tracing::info!(pod = %pod::name_of(&pod), took = ?began.elapsed(), "pod stopped");
             pod::forget_logs(&ctx, &pod);
@@ -1018,24 +1018,39 @@ impl Pods {
 }
 
 /// Deletes the API object of a pod whose containers have stopped, retrying with backoff
-/// until it is gone.
-async fn finish_deletion(ctx: &NodeContext, pod: &Pod) {
-    let (ns, name) = (pod::ns_of(pod), pod::name_of(pod));
+/// until it is gone. Only this pod's object is deleted (a UID precondition), never a new pod
+/// given the same name; and once the object is gone — removed meanwhile by someone else, its
+/// name perhaps taken by another pod — the work is done: the Node authorizer answers a node's
+/// delete of a pod no longer bound to it with 403, and that is not retried for ever.
+async fn finish_deletion(client: &Client, pod: &Pod) {
+    let (ns, name, uid) = (pod::ns_of(pod), pod::name_of(pod), pod::uid_of(pod));
+    let params = DeleteParams {
+        grace_period_seconds: Some(0),
+        precondition_uid: Some(uid.to_string()),
+        ..Default::default()
+    };
     let mut backoff = crate::backoff::Backoff::default();
     loop {
-        match ctx
-            .client
-            .delete::<Pod>(Some(ns), name, &DeleteParams::now())
-            .await
-        {
+        let e = match client.delete::<Pod>(Some(ns), name, &params).await {
             Ok(_) => return,
             Err(e) if e.code() == Some(404) => return,
-            Err(e) => {
-                let delay = backoff.next(Duration::ZERO);
-                tracing::warn!(pod = %name, error = %e, ?delay, "finishing the pod's deletion failed; retrying");
-                tokio::time::sleep(delay).await;
-            }
+            Err(e) => e,
+        };
+        if matches!(e.code(), Some(403 | 409)) && object_gone(client, ns, name, uid).await {
+            return;
         }
+        let delay = backoff.next(Duration::ZERO);
+        tracing::warn!(pod = %name, error = %e, ?delay, "finishing the pod's deletion failed; retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Whether the pod object `ns/name` with `uid` no longer exists (a read that fails otherwise
+/// says nothing).
+async fn object_gone(client: &Client, ns: &str, name: &str, uid: &str) -> bool {
+    match client.get::<Pod>(Some(ns), name).await {
+        Ok(p) => p.metadata.uid.as_deref() != Some(uid),
+        Err(e) => e.code() == Some(404),
     }
 }
 
@@ -1396,6 +1411,109 @@ mod tests {
         );
         // Seen again (its status written while it stops, or a relist): its stop runs already.
         assert_eq!(decide(&p, false, true), Action::Ignore);
+    }
+
+    /// A fake API server on loopback for `finish_deletion`: a DELETE is answered `delete`, a
+    /// GET `get` (200: the pod with UID `other-uid`). Returns its URL and the requests seen.
+    async fn fake_api(delete: u16, get: u16) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // The head, then as much body as it announces.
+                let head_end = loop {
+                    let n = conn.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break None;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break Some(i + 4);
+                    }
+                };
+                let Some(head_end) = head_end else { continue };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap_or(0))
+                    })
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    let n = conn.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let method = head.split(' ').next().unwrap_or("").to_string();
+                let body = String::from_utf8_lossy(&buf[head_end..]).to_string();
+                log.lock().unwrap().push(format!("{method} {body}"));
+                let code = if method == "DELETE" { delete } else { get };
+                let answer = if code == 200 {
+                    json!({"apiVersion": "v1", "kind": "Pod",
+                        "metadata": {"name": "p", "namespace": "default", "uid": "other-uid"}})
+                } else {
+                    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                        "code": code, "message": "fake"})
+                };
+                let answer = answer.to_string();
+                let reply = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            }
+        });
+        (url, seen)
+    }
+
+    /// The agent's last delete of a pod whose object someone else removed: the Node
+    /// authorizer refuses it (403), a read finds the object gone (404) or the name taken by
+    /// another pod, and the deletion is done; the delete carries the pod's UID as a
+    /// precondition, so another pod of that name is never deleted.
+    #[tokio::test]
+    async fn a_pod_already_gone_ends_its_deletion() {
+        let p = pod("u-1", "Running", Some(0));
+        for get in [404, 200] {
+            let (url, seen) = fake_api(403, get).await;
+            let client = Client::new(&url, Some("t".into()), "default", None, true).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), finish_deletion(&client, &p))
+                .await
+                .unwrap_or_else(|_| panic!("still retrying with the object gone (GET {get})"));
+            let seen = seen.lock().unwrap().clone();
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            assert!(
+                seen[0].starts_with("DELETE ")
+                    && seen[0].contains(r#""preconditions":{"uid":"u-1"}"#),
+                "{seen:?}"
+            );
+            assert!(seen[1].starts_with("GET "), "{seen:?}");
+        }
+    }
+
+    /// A refused delete of a pod still there (its object with the same UID) is retried.
+    #[tokio::test]
+    async fn a_refused_delete_of_a_pod_still_there_is_retried() {
+        let mut p = pod("u-1", "Running", Some(0));
+        p.metadata.uid = Some("other-uid".into());
+        let (url, seen) = fake_api(403, 200).await;
+        let client = Client::new(&url, Some("t".into()), "default", None, true).unwrap();
+        let done =
+            tokio::time::timeout(Duration::from_millis(500), finish_deletion(&client, &p)).await;
+        assert!(done.is_err(), "gave up on a pod still there");
+        assert_eq!(
+            seen.lock().unwrap().len(),
+            2,
+            "a delete and a read, then the backoff"
+        );
     }
 
     #[tokio::test]
