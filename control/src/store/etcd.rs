@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType as EtcdEvent,
-    GetOptions, Identity, KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    GetOptions, GetResponse, Identity, KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use serde_json::Value;
 use skiff_api::limits::MAX_OBJECT_BYTES;
@@ -194,10 +195,13 @@ impl EtcdStore {
     fn current_revision(&self) -> Result<u64, StoreError> {
         let key = self.full_key("/registry/");
         let rev = self.run(move |mut c| async move {
-            let r = c
-                .get(key, Some(GetOptions::new().with_count_only()))
-                .await
-                .map_err(backend)?;
+            let r = get_retrying(
+                &mut c,
+                key.into_bytes(),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(backend)?;
             Ok(r.header().map_or(0, |h| h.revision()))
         })?;
         self.seen(rev);
@@ -208,7 +212,9 @@ impl EtcdStore {
     pub fn raw_get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let key = self.full_key(key);
         self.run(move |mut c| async move {
-            let mut r = c.get(key, None).await.map_err(backend)?;
+            let mut r = get_retrying(&mut c, key.into_bytes(), None)
+                .await
+                .map_err(backend)?;
             Ok(r.take_kvs()
                 .into_iter()
                 .next()
@@ -334,7 +340,9 @@ impl Store for EtcdStore {
         let enc = self.encryption.clone();
         let latest = self.latest.clone();
         self.run(move |mut c| async move {
-            let mut r = c.get(full, None).await.map_err(backend)?;
+            let mut r = get_retrying(&mut c, full.into_bytes(), None)
+                .await
+                .map_err(backend)?;
             if let Some(h) = r.header() {
                 latest.fetch_max(h.revision().max(0) as u64, Ordering::SeqCst);
             }
@@ -520,6 +528,37 @@ fn why_failed(ops: &[Op], answers: &[TxnOpResponse]) -> StoreError {
     backend("a transaction's compare failed but no key differs")
 }
 
+/// A read, sent again while the member the client picked cannot be reached (killed, or
+/// restarting): the client's next pick may be a live member, as Go's etcd client moves reads
+/// to another endpoint. 50 ms doubling to 400 ms between tries; the request's deadline
+/// ([`wait`]) ends it. Reads are safe to repeat; writes are never sent twice.
+async fn get_retrying(
+    c: &mut Client,
+    key: Vec<u8>,
+    opts: Option<GetOptions>,
+) -> Result<GetResponse, etcd_client::Error> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match c.get(key.clone(), opts.clone()).await {
+            Err(e) if unreachable(&e) => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(400));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Whether an error says the member could not be reached, rather than answering.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        // gRPC's UNAVAILABLE (14): no connection could be made, or it broke.
+        etcd_client::Error::GRpcStatus(s) => s.code() as i32 == 14,
+        _ => false,
+    }
+}
+
 /// Every object under `full` at one revision, a page at a time.
 async fn list_pages(
     mut c: Client,
@@ -537,7 +576,9 @@ async fn list_pages(
         if at > 0 {
             opts = opts.with_revision(at);
         }
-        let mut r = c.get(from.clone(), Some(opts)).await.map_err(backend)?;
+        let mut r = get_retrying(&mut c, from.clone(), Some(opts))
+            .await
+            .map_err(backend)?;
         if at == 0 {
             at = r.header().map_or(0, |h| h.revision());
         }
