@@ -314,7 +314,6 @@ async fn authenticated(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let peer = req.extensions().get::<auth::PeerCertificate>().cloned();
-    let path = req.uri().path().to_string();
     // Reads of the in-memory store only (a join token's Secret): no disk wait.
     let user =
         match state
@@ -333,11 +332,12 @@ async fn authenticated(
                 // is seen without its 429s washing the log's bounded files out.
                 if state.audit.is_some() {
                     let nobody = auth::UserInfo::default();
+                    let path = req.uri().path().to_string();
                     let attrs = match attributes(state, req, &nobody).await {
                         Ok((attrs, _)) => attrs,
                         Err(_) => auth::Attributes::NonResource {
                             verb: String::new(),
-                            path: path.to_string(),
+                            path,
                         },
                     };
                     *audit = Some((nobody, attrs));
