@@ -815,10 +815,11 @@ fn serve_endpoint(
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|c| crate::join::common_name(c));
-                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
-                    let (logs, runc, caller) = (logs.clone(), runc.clone(), caller.clone());
-                    async move {
-                        match caller.as_deref() {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (logs, runc, caller) = (logs.clone(), runc.clone(), caller.clone());
+                        async move {
+                            match caller.as_deref() {
                             Some(crate::join::API_SERVER_CLIENT_CN) => {
                                 endpoint(logs, runc, req).await
                             }
@@ -831,8 +832,9 @@ fn serve_endpoint(
                                 "the agent serves logs and exec to the API server only: present its client certificate",
                             )),
                         }
-                    }
-                });
+                        }
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .with_upgrades()
@@ -1025,9 +1027,8 @@ impl Pods {
 async fn finish_deletion(client: &Client, pod: &Pod) {
     let (ns, name, uid) = (pod::ns_of(pod), pod::name_of(pod), pod::uid_of(pod));
     let params = DeleteParams {
-        grace_period_seconds: Some(0),
         precondition_uid: Some(uid.to_string()),
-        ..Default::default()
+        ..DeleteParams::now()
     };
     let mut backoff = crate::backoff::Backoff::default();
     loop {
@@ -1414,62 +1415,49 @@ mod tests {
     }
 
     /// A fake API server on loopback for `finish_deletion`: a DELETE is answered `delete`, a
-    /// GET `get` (200: the pod with UID `other-uid`). Returns its URL and the requests seen.
+    /// GET `get` (200: the pod with UID `other-uid`). Returns its URL and the requests seen,
+    /// each as its method and body.
     async fn fake_api(delete: u16, get: u16) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use http_body_util::BodyExt;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = seen.clone();
         tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                // The head, then as much body as it announces.
-                let head_end = loop {
-                    let n = conn.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        break None;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        break Some(i + 4);
-                    }
-                };
-                let Some(head_end) = head_end else { continue };
-                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                let length: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        l.to_ascii_lowercase()
-                            .strip_prefix("content-length:")
-                            .map(|v| v.trim().parse().unwrap_or(0))
-                    })
-                    .unwrap_or(0);
-                while buf.len() < head_end + length {
-                    let n = conn.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let method = head.split(' ').next().unwrap_or("").to_string();
-                let body = String::from_utf8_lossy(&buf[head_end..]).to_string();
-                log.lock().unwrap().push(format!("{method} {body}"));
-                let code = if method == "DELETE" { delete } else { get };
-                let answer = if code == 200 {
-                    json!({"apiVersion": "v1", "kind": "Pod",
-                        "metadata": {"name": "p", "namespace": "default", "uid": "other-uid"}})
-                } else {
-                    json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                        "code": code, "message": "fake"})
-                };
-                let answer = answer.to_string();
-                let reply = format!(
-                    "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
-                    answer.len()
+            while let Ok((conn, _)) = listener.accept().await {
+                let log = log.clone();
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let method = req.method().to_string();
+                            let body = req.into_body().collect().await?.to_bytes();
+                            log.lock()
+                                .unwrap()
+                                .push(format!("{method} {}", String::from_utf8_lossy(&body)));
+                            let code = if method == "DELETE" { delete } else { get };
+                            let answer = if code == 200 {
+                                json!({"apiVersion": "v1", "kind": "Pod",
+                                "metadata": {"name": "p", "namespace": "default", "uid": "other-uid"}})
+                            } else {
+                                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
+                                "code": code, "message": "fake"})
+                            };
+                            let answer = bytes::Bytes::from(answer.to_string());
+                            Ok::<_, hyper::Error>(
+                                hyper::Response::builder()
+                                    .status(code)
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(answer))
+                                    .expect("a valid response"),
+                            )
+                        }
+                    },
                 );
-                let _ = conn.write_all(reply.as_bytes()).await;
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc),
+                );
             }
         });
         (url, seen)
