@@ -189,7 +189,8 @@ Anonymous:             0 kB
             after < before,
             "file-backed memory {before} KiB -> {after} KiB"
         );
-        // Code and read-only data read back from the file as they were.
+        // What the pass gave back reads from the file as it was: this test's read-only data
+        // (the constant) and code (the parser) give the same answer as before it.
         let got = clean_read_only_mappings(SMAPS, "/usr/bin/skiff");
         assert_eq!(got.len(), 2);
     }
