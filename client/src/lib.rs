@@ -14,6 +14,7 @@ pub mod verbs;
 pub use typed::{DeleteParams, Event, Kind, ListParams, ObjectList, Patch};
 
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
@@ -75,7 +76,7 @@ impl TlsSettings {
         // The API server records the fields a write sets under this name (`skiff`).
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("skiff/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(std::time::Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30))
             .use_rustls_tls();
         if let Some(ca) = &self.ca_pem {
             let cert = reqwest::Certificate::from_pem(ca.as_bytes())
@@ -244,15 +245,42 @@ impl Client {
         r
     }
 
-    /// Sends a request to the current server, or, when it cannot be reached, to the others in
-    /// turn ([`balancer::Servers::candidates`]). A request that may have reached a server
-    /// (the connection broke after it was sent) is sent again elsewhere only when it is a read.
+    /// Sends a request ([`Client::send_once`]); one the server turned away for now (429 with
+    /// `Retry-After`: its share of the API is spent) is sent again after the wait it names,
+    /// at most [`THROTTLED_TRIES`] times, as client-go does. A 429 without `Retry-After` (an
+    /// eviction a disruption budget forbids) is the caller's to handle.
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
         let (http, req) = rb.build_split();
-        let req = req.map_err(|e| ClientError::Transport {
+        let mut req = req.map_err(|e| ClientError::Transport {
             url: self.server(),
             reason: root_cause(&e),
         })?;
+        let mut throttled = 0;
+        loop {
+            let again = (throttled < THROTTLED_TRIES)
+                .then(|| req.try_clone())
+                .flatten();
+            let resp = self.send_once(&http, req).await?;
+            match (again, retry_after(&resp)) {
+                (Some(next), Some(wait)) => {
+                    throttled += 1;
+                    tracing::debug!(url = %resp.url(), ?wait, throttled, "the API server asked to try again later");
+                    tokio::time::sleep(wait).await;
+                    req = next;
+                }
+                _ => return self.answer(resp).await,
+            }
+        }
+    }
+
+    /// Sends a request to the current server, or, when it cannot be reached, to the others in
+    /// turn ([`balancer::Servers::candidates`]). A request that may have reached a server
+    /// (the connection broke after it was sent) is sent again elsewhere only when it is a read.
+    async fn send_once(
+        &self,
+        http: &reqwest::Client,
+        req: reqwest::Request,
+    ) -> Result<reqwest::Response, ClientError> {
         let tail = match req.url().query() {
             Some(q) => format!("{}?{q}", req.url().path()),
             None => req.url().path().to_string(),
@@ -279,7 +307,7 @@ impl Client {
             match http.execute(r).await {
                 Ok(resp) => {
                     self.servers.succeeded(i);
-                    return self.answer(resp).await;
+                    return Ok(resp);
                 }
                 Err(e) => {
                     self.servers.failed(i);
@@ -565,6 +593,29 @@ impl Client {
     }
 }
 
+/// How many times a request the server turned away for now is sent again.
+pub const THROTTLED_TRIES: u32 = 10;
+/// The longest wait taken from a `Retry-After`, whatever the server names.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(30);
+
+/// The wait a 429 answer asks for (`Retry-After` in seconds, capped at [`RETRY_AFTER_MAX`],
+/// up to a fifth more so clients turned away together do not come back together).
+fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    if resp.status() != reqwest::StatusCode::TOO_MANY_REQUESTS {
+        return None;
+    }
+    let secs: u64 = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let wait = Duration::from_secs(secs.max(1)).min(RETRY_AFTER_MAX);
+    Some(wait.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 1.0..1.2)))
+}
+
 /// The CA certificate (PEM) a server hands out at `GET /cacerts`, fetched WITHOUT checking the
 /// server's certificate: the caller must check what it got (against a join token's hash) before
 /// trusting it or sending any secret.
@@ -588,7 +639,7 @@ async fn fetch_ca_from(server: &str) -> Result<String, ClientError> {
     let http = reqwest::Client::builder()
         .use_rustls_tls()
         .danger_accept_invalid_certs(true)
-        .timeout(std::time::Duration::from_secs(30))
+        .timeout(Duration::from_secs(30))
         .build()
         .map_err(|e| ClientError::Config(e.to_string()))?;
     let resp = http
@@ -613,4 +664,98 @@ fn root_cause(e: &reqwest::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A fake API server on loopback that answers the first `throttle` requests 429 (with
+    /// `Retry-After: 1` when `retry_after`), the rest 201 with the body it was sent. Returns
+    /// its URL and the bodies seen.
+    async fn fake_api(throttle: usize, retry_after: bool) -> (String, Arc<Mutex<Vec<String>>>) {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let log = log.clone();
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let log = log.clone();
+                        async move {
+                            let body = req.into_body().collect().await?.to_bytes();
+                            let n = {
+                                let mut log = log.lock().unwrap();
+                                log.push(String::from_utf8_lossy(&body).into_owned());
+                                log.len()
+                            };
+                            let mut answer = hyper::Response::builder();
+                            let body = if n <= throttle {
+                                answer = answer.status(429);
+                                if retry_after {
+                                    answer = answer.header("retry-after", "1");
+                                }
+                                serde_json::json!({"kind": "Status", "status": "Failure",
+                                    "reason": "TooManyRequests", "code": 429,
+                                    "message": "too many requests"})
+                                .to_string()
+                                .into()
+                            } else {
+                                answer = answer.status(201);
+                                body
+                            };
+                            Ok::<_, hyper::Error>(
+                                answer
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(body))
+                                    .expect("a valid response"),
+                            )
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc),
+                );
+            }
+        });
+        (url, seen)
+    }
+
+    /// A write the server turned away with `Retry-After` is sent again, whole, after the wait
+    /// it named, and its answer is the caller's.
+    #[tokio::test]
+    async fn a_throttled_request_is_sent_again_after_the_wait_named() {
+        let (url, seen) = fake_api(2, true).await;
+        let client = Client::new(&url, None, "default", None, false).unwrap();
+        let body = serde_json::json!({"kind": "TokenRequest", "n": 7});
+        let t = std::time::Instant::now();
+        let answer = client.post_path("/api/v1/x", &body).await.unwrap();
+        assert_eq!(answer, body);
+        assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert!(seen.iter().all(|b| *b == body.to_string()), "{seen:?}");
+    }
+
+    /// A 429 without `Retry-After` (an eviction a disruption budget forbids) is answered to
+    /// the caller at once.
+    #[tokio::test]
+    async fn a_429_without_retry_after_is_the_callers() {
+        let (url, seen) = fake_api(1, false).await;
+        let client = Client::new(&url, None, "default", None, false).unwrap();
+        let err = client
+            .post_path("/api/v1/x", &serde_json::json!({}))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Api(ref e) if e.code == 429),
+            "{err}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
 }

@@ -507,6 +507,7 @@ fn node_context(
         oci,
         no_oci: oci_state.as_ref().err().cloned(),
         guest_tls: guest_tls(&config.data_dir),
+        api_facts: Default::default(),
     }))
 }
 

@@ -36,6 +36,7 @@ use setup::*;
 pub use setup::{container_env, forget_logs, hostname, keep_logs, pod_dir, pod_dir_uid};
 use status::*;
 use supervise::*;
+pub use token::ApiFacts;
 
 /// What every pod worker on a node shares.
 pub struct NodeContext {
@@ -61,6 +62,8 @@ pub struct NodeContext {
     pub no_oci: Option<String>,
     /// What wasm guests' outgoing HTTPS trusts beyond the public roots (the cluster CA).
     pub guest_tls: Option<skiff_wasm::TlsRoots>,
+    /// What pod starts read from the API that seldom changes, kept a few seconds.
+    pub api_facts: ApiFacts,
 }
 
 impl NodeContext {
@@ -129,7 +132,7 @@ struct Shared {
     /// The pod's projected ServiceAccount token directory (None: not mounted), once made.
     token_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
     /// The API Service's variables every container gets, once read.
-    api_env: tokio::sync::OnceCell<Vec<(String, String)>>,
+    api_env: tokio::sync::OnceCell<std::sync::Arc<Vec<(String, String)>>>,
     /// What keeps that token fresh; ended with the worker.
     token_refresh: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }

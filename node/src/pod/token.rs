@@ -7,9 +7,15 @@
 //! a reader never sees half a token. Containers also get the API Service's variables
 //! (`KUBERNETES_SERVICE_HOST`, `KUBERNETES_SERVICE_PORT`, ...): with the files, what
 //! in-cluster clients need.
+//!
+//! The ServiceAccount's `automountServiceAccountToken` and the API Service are read through
+//! the node's [`ApiFacts`], which keeps each for a few seconds: a wave of pod starts costs
+//! the API one read of each, not one per pod, and each pod start only its TokenRequest.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
@@ -24,6 +30,59 @@ pub const MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 const LIFETIME_SECONDS: i64 = 3600;
 /// How soon a failed refresh is tried again.
 const RETRY: Duration = Duration::from_secs(10);
+
+/// How long a ServiceAccount's `automountServiceAccountToken` read from the API is used: a
+/// change to it reaches the pods a node starts within this, as a change reaches the
+/// Kubernetes API server's admission through its informer.
+const AUTOMOUNT_FRESH: Duration = Duration::from_secs(5);
+/// How long the API Service's variables read from the API are used (its cluster IP and
+/// ports are fixed when the cluster is made).
+const API_ENV_FRESH: Duration = Duration::from_secs(30);
+
+/// What pod starts read from the API that seldom changes, shared by a node's pod workers and
+/// kept for a short while. Concurrent starts that find nothing fresh wait for one read.
+#[derive(Default)]
+pub struct ApiFacts {
+    /// (namespace, ServiceAccount) → whether its pods mount a token, and when read.
+    automount: tokio::sync::Mutex<HashMap<(String, String), (Instant, bool)>>,
+    /// The API Service's variables, and when read.
+    api_env: tokio::sync::Mutex<Option<(Instant, Arc<Vec<(String, String)>>)>>,
+}
+
+impl ApiFacts {
+    /// Whether pods of ServiceAccount `ns/sa` mount a token when they do not say.
+    async fn automount(&self, client: &Client, ns: &str, sa: &str) -> Result<bool, String> {
+        let mut known = self.automount.lock().await;
+        let key = (ns.to_string(), sa.to_string());
+        if let Some((at, v)) = known.get(&key) {
+            if at.elapsed() < AUTOMOUNT_FRESH {
+                return Ok(*v);
+            }
+        }
+        let account = client
+            .get::<ServiceAccount>(Some(ns), sa)
+            .await
+            .map_err(|e| format!("cannot read service account {ns}/{sa}: {e}"))?;
+        let v = account.automount_service_account_token != Some(false);
+        let now = Instant::now();
+        known.retain(|_, (at, _)| at.elapsed() < AUTOMOUNT_FRESH);
+        known.insert(key, (now, v));
+        Ok(v)
+    }
+
+    /// The API Service's variables ([`api_service_env`]).
+    async fn api_env(&self, client: &Client) -> Result<Arc<Vec<(String, String)>>, String> {
+        let mut known = self.api_env.lock().await;
+        if let Some((at, v)) = known.as_ref() {
+            if at.elapsed() < API_ENV_FRESH {
+                return Ok(v.clone());
+            }
+        }
+        let v = Arc::new(api_service_env(client).await?);
+        *known = Some((Instant::now(), v.clone()));
+        Ok(v)
+    }
+}
 
 /// The pod's own say on mounting its token, if it has one.
 pub fn pod_automount(pod: &Pod) -> Option<bool> {
@@ -117,11 +176,11 @@ pub(super) async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<Pa
         Some(a) => a,
         None => {
             let (ns, sa) = (ns_of(pod), service_account(pod));
-            match ctx.client.get::<ServiceAccount>(Some(ns), sa).await {
-                Ok(sa) => sa.automount_service_account_token != Some(false),
+            match ctx.api_facts.automount(&ctx.client, ns, sa).await {
+                Ok(a) => a,
                 // Offline with a token from before: the pod mounted one then.
                 Err(_) if dir.join("token").is_file() => true,
-                Err(e) => return Err(format!("cannot read service account {ns}/{sa}: {e}")),
+                Err(e) => return Err(e),
             }
         }
     };
@@ -218,17 +277,17 @@ async fn api_service_env(client: &Client) -> Result<Vec<(String, String)>, Strin
 }
 
 /// `env` (the container's own) after the API Service's variables, which it overrides. The
-/// variables are read once per pod; while the API cannot be reached they are left out.
+/// variables are fixed once per pod; while the API cannot be reached they are left out.
 pub(super) async fn with_api_env(
     shared: &Shared,
     env: Vec<(String, String)>,
 ) -> Vec<(String, String)> {
     let api = match shared
         .api_env
-        .get_or_try_init(|| api_service_env(&shared.ctx.client))
+        .get_or_try_init(|| shared.ctx.api_facts.api_env(&shared.ctx.client))
         .await
     {
-        Ok(v) => v.clone(),
+        Ok(v) => v.to_vec(),
         Err(e) => {
             tracing::debug!(pod = %name_of(&shared.pod), error = %e, "no API service variables");
             Vec::new()
