@@ -133,13 +133,38 @@ struct Shared {
     token_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
     /// The API Service's variables every container gets, once read.
     api_env: tokio::sync::OnceCell<std::sync::Arc<Vec<(String, String)>>>,
-    /// What keeps that token fresh; ended with the worker.
-    token_refresh: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The tasks that project the token and keep it fresh; ended with the worker.
+    token_tasks: Mutex<TokenTasks>,
+}
+
+/// A pod's token tasks: its first projection, begun as the pod starts, and its refresh.
+#[derive(Default)]
+struct TokenTasks {
+    prefetch: Option<tokio::task::JoinHandle<()>>,
+    refresh: Option<tokio::task::JoinHandle<()>>,
+    /// The worker has ended: a refresh begun after that is ended at once.
+    ended: bool,
 }
 
 impl Shared {
+    /// Keeps `refresh` as the task refreshing the pod's token (ending the one before), or
+    /// ends it when the worker has ended.
+    fn keep_token_refresh(&self, refresh: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.token_tasks.lock().expect("token tasks");
+        if tasks.ended {
+            refresh.abort();
+        } else if let Some(old) = tasks.refresh.replace(refresh) {
+            old.abort();
+        }
+    }
+
     fn stop_token_refresh(&self) {
-        if let Some(t) = self.token_refresh.lock().expect("token refresh").take() {
+        let mut tasks = self.token_tasks.lock().expect("token tasks");
+        tasks.ended = true;
+        for t in [tasks.prefetch.take(), tasks.refresh.take()]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
     }
@@ -279,7 +304,7 @@ fn new_shared(ctx: &Arc<NodeContext>, pod: &Pod, containers: &[Container]) -> Ar
         grace: Mutex::new(Duration::ZERO),
         token_dir: tokio::sync::OnceCell::new(),
         api_env: tokio::sync::OnceCell::new(),
-        token_refresh: Mutex::new(None),
+        token_tasks: Mutex::default(),
         status: Mutex::new(PodStatus {
             phase: "Pending",
             pod_ip: None,
@@ -315,6 +340,16 @@ async fn start(
     stop: &mut watch::Receiver<Option<Duration>>,
 ) -> Option<Running> {
     let (ctx, pod) = (&shared.ctx, &shared.pod);
+    let pod_dir = pod_dir(&ctx.data_dir, pod);
+    // The ServiceAccount token is asked for while the images are made ready and the pod
+    // placed, not after; the containers' setup waits for it, and reports a failure.
+    if containers.iter().any(token::wants_token) {
+        let (worker, dir) = (shared.clone(), pod_dir.clone());
+        let prefetch = tokio::spawn(async move {
+            let _ = token::pod_dir_once(&worker, &dir).await;
+        });
+        shared.token_tasks.lock().expect("token tasks").prefetch = Some(prefetch);
+    }
     // Images first: whether any container is an OCI image decides where the pod lives.
     let mut pulled = Vec::new();
     for (i, c) in containers.iter().enumerate() {
@@ -323,7 +358,6 @@ async fn start(
     // A pod with an OCI container gets a network namespace on the bridge, and its wasm
     // containers listen inside it; a wasm-only pod's address goes on the node itself.
     let sandboxed = pulled.iter().any(|p| matches!(p, Pulled::Oci(_)));
-    let pod_dir = pod_dir(&ctx.data_dir, pod);
     let placed = Arc::new(place(shared, &pod_dir, sandboxed, stop).await?);
     ctx.logs.lock().expect("logs").insert(
         log_key(pod),

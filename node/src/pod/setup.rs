@@ -284,15 +284,8 @@ pub(super) async fn volumes(
         });
     }
     // The ServiceAccount token, unless the container mounts something of its own there.
-    if !out
-        .iter()
-        .any(|p| p.guest.trim_end_matches('/') == super::token::MOUNT_PATH)
-    {
-        let projected = shared
-            .token_dir
-            .get_or_try_init(|| super::token::project(shared, pod_dir))
-            .await?;
-        if let Some(dir) = projected {
+    if super::token::wants_token(container) {
+        if let Some(dir) = super::token::pod_dir_once(shared, pod_dir).await? {
             out.push(Preopen {
                 host: dir.clone(),
                 guest: super::token::MOUNT_PATH.into(),

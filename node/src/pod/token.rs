@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, Pod, Service, ServiceAccount};
 use skiff_api::pod_service_account as service_account;
 use skiff_client::Client;
 
@@ -166,10 +166,32 @@ fn write_token(dir: &Path, token: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot write the service account token: {e}"))
 }
 
+/// Whether `container` sees the pod's token: unless it mounts a volume of its own at
+/// [`MOUNT_PATH`].
+pub(super) fn wants_token(container: &Container) -> bool {
+    !container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .any(|m| m.mount_path.trim_end_matches('/') == MOUNT_PATH)
+}
+
+/// The pod's token directory ([`project`]ed once per pod; tried again after a failure).
+pub(super) async fn pod_dir_once(
+    shared: &Shared,
+    pod_dir: &Path,
+) -> Result<Option<PathBuf>, String> {
+    shared
+        .token_dir
+        .get_or_try_init(|| project(shared, pod_dir))
+        .await
+        .cloned()
+}
+
 /// Projects the pod's token into `pod_dir` and keeps it fresh: the directory to mount, or
 /// None when the pod does not mount one. A token left by an earlier run of the agent is used
 /// while the API cannot be reached (and renewed once it can).
-pub(super) async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<PathBuf>, String> {
+async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<PathBuf>, String> {
     let (ctx, pod) = (&shared.ctx, &shared.pod);
     let dir = dir(pod_dir);
     let automount = match pod_automount(pod) {
@@ -219,14 +241,7 @@ pub(super) async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<Pa
             };
         }
     });
-    if let Some(old) = shared
-        .token_refresh
-        .lock()
-        .expect("token refresh")
-        .replace(task)
-    {
-        old.abort();
-    }
+    shared.keep_token_refresh(task);
     Ok(Some(dir))
 }
 
