@@ -1417,51 +1417,21 @@ mod tests {
 
     /// A fake API server on loopback for `finish_deletion`: a DELETE is answered `delete`, a
     /// GET `get` (200: the pod with UID `other-uid`). Returns its URL and the requests seen,
-    /// each as its method and body.
-    async fn fake_api(delete: u16, get: u16) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
-        use http_body_util::BodyExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let log = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
-                let log = log.clone();
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let log = log.clone();
-                        async move {
-                            let method = req.method().to_string();
-                            let body = req.into_body().collect().await?.to_bytes();
-                            log.lock()
-                                .unwrap()
-                                .push(format!("{method} {}", String::from_utf8_lossy(&body)));
-                            let code = if method == "DELETE" { delete } else { get };
-                            let answer = if code == 200 {
-                                json!({"apiVersion": "v1", "kind": "Pod",
-                                "metadata": {"name": "p", "namespace": "default", "uid": "other-uid"}})
-                            } else {
-                                json!({"apiVersion": "v1", "kind": "Status", "status": "Failure",
-                                "code": code, "message": "fake"})
-                            };
-                            let answer = bytes::Bytes::from(answer.to_string());
-                            Ok::<_, hyper::Error>(
-                                hyper::Response::builder()
-                                    .status(code)
-                                    .header("content-type", "application/json")
-                                    .body(http_body_util::Full::new(answer))
-                                    .expect("a valid response"),
-                            )
-                        }
-                    },
-                );
-                tokio::spawn(
-                    hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc),
-                );
+    /// each as its method, path and body.
+    async fn fake_api(delete: u16, get: u16) -> (String, crate::fake_api::Seen) {
+        crate::fake_api::serve(move |method, _| {
+            let code = if method == "DELETE" { delete } else { get };
+            if code == 200 {
+                (
+                    code,
+                    json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "p", "namespace": "default", "uid": "other-uid"}}),
+                )
+            } else {
+                (code, crate::fake_api::status(code))
             }
-        });
-        (url, seen)
+        })
+        .await
     }
 
     /// The agent's last delete of a pod whose object someone else removed: the Node

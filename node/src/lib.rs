@@ -14,6 +14,8 @@
 pub mod agent;
 pub mod backoff;
 pub mod exec;
+#[cfg(test)]
+mod fake_api;
 pub mod heartbeat;
 pub mod join;
 pub mod logs;

@@ -348,6 +348,58 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
+    /// A wave of pod starts reads a ServiceAccount and the API Service once each; what
+    /// could not be read is asked for again by the next start.
+    #[tokio::test]
+    async fn pod_starts_share_one_read_of_each_fact() {
+        let (url, seen) = crate::fake_api::serve(|_, path| match path {
+            "/api/v1/namespaces/default/serviceaccounts/quiet" => (
+                200,
+                json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                       "metadata": {"name": "quiet"}, "automountServiceAccountToken": false}),
+            ),
+            "/api/v1/namespaces/team/serviceaccounts/default" => (
+                200,
+                json!({"apiVersion": "v1", "kind": "ServiceAccount",
+                       "metadata": {"name": "default"}}),
+            ),
+            "/api/v1/namespaces/default/services/kubernetes" => (
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kubernetes"},
+                       "spec": {"clusterIP": "10.96.0.1",
+                                "ports": [{"name": "https", "port": 443, "protocol": "TCP"}]}}),
+            ),
+            _ => (500, crate::fake_api::status(500)),
+        })
+        .await;
+        let client = Client::new(&url, None, "default", None, false).unwrap();
+        let facts = ApiFacts::default();
+        let starts = (0..20).map(|_| facts.automount(&client, "default", "quiet"));
+        let all = futures::future::join_all(starts).await;
+        assert!(all.iter().all(|a| *a == Ok(false)), "{all:?}");
+        assert_eq!(facts.automount(&client, "team", "default").await, Ok(true));
+        let env = futures::future::join_all((0..20).map(|_| facts.api_env(&client))).await;
+        let env = env[19].as_ref().unwrap();
+        assert!(env.contains(&("KUBERNETES_SERVICE_HOST".into(), "10.96.0.1".into())));
+        assert!(env.contains(&("KUBERNETES_SERVICE_PORT_HTTPS".into(), "443".into())));
+        for _ in 0..2 {
+            let e = facts.automount(&client, "default", "broken").await;
+            assert!(e.unwrap_err().contains("service account default/broken"));
+        }
+        let seen = seen.lock().unwrap().clone();
+        let paths: Vec<_> = seen.iter().map(|r| r.split(' ').nth(1).unwrap()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/api/v1/namespaces/default/serviceaccounts/quiet",
+                "/api/v1/namespaces/team/serviceaccounts/default",
+                "/api/v1/namespaces/default/services/kubernetes",
+                "/api/v1/namespaces/default/serviceaccounts/broken",
+                "/api/v1/namespaces/default/serviceaccounts/broken",
+            ]
+        );
+    }
+
     #[test]
     fn pods_run_as_their_service_account_or_default() {
         let pod = |spec: serde_json::Value| -> Pod {
