@@ -739,7 +739,8 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3, "{seen:?}");
-        assert!(seen.iter().all(|b| *b == body.to_string()), "{seen:?}");
+        let sent = body.to_string();
+        assert!(seen.iter().all(|b| *b == sent), "{seen:?}");
     }
 
     /// A 429 without `Retry-After` (an eviction a disruption budget forbids) is answered to

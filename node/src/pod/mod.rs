@@ -132,7 +132,7 @@ struct Shared {
     /// The pod's projected ServiceAccount token directory (None: not mounted), once made.
     token_dir: tokio::sync::OnceCell<Option<std::path::PathBuf>>,
     /// The API Service's variables every container gets, once read.
-    api_env: tokio::sync::OnceCell<std::sync::Arc<Vec<(String, String)>>>,
+    api_env: tokio::sync::OnceCell<Arc<token::Env>>,
     /// The tasks that project the token and keep it fresh; ended with the worker.
     token_tasks: Mutex<TokenTasks>,
 }

@@ -46,8 +46,11 @@ pub struct ApiFacts {
     /// (namespace, ServiceAccount) → whether its pods mount a token, and when read.
     automount: tokio::sync::Mutex<HashMap<(String, String), (Instant, bool)>>,
     /// The API Service's variables, and when read.
-    api_env: tokio::sync::Mutex<Option<(Instant, Arc<Vec<(String, String)>>)>>,
+    api_env: tokio::sync::Mutex<Option<(Instant, Arc<Env>)>>,
 }
+
+/// Environment variables, in order.
+pub(super) type Env = Vec<(String, String)>;
 
 impl ApiFacts {
     /// Whether pods of ServiceAccount `ns/sa` mount a token when they do not say.
@@ -71,7 +74,7 @@ impl ApiFacts {
     }
 
     /// The API Service's variables ([`api_service_env`]).
-    async fn api_env(&self, client: &Client) -> Result<Arc<Vec<(String, String)>>, String> {
+    async fn api_env(&self, client: &Client) -> Result<Arc<Env>, String> {
         let mut known = self.api_env.lock().await;
         if let Some((at, v)) = known.as_ref() {
             if at.elapsed() < API_ENV_FRESH {
