@@ -553,6 +553,8 @@ impl Server {
             .rbac
             .start(&registry, &stop.subscribe(), &mut ctl)
             .await;
+        // The node authorizer's graph of pods.
+        ctl.spawn(state.graph.clone().run(stop.subscribe()));
         let state = Arc::new(state);
         let task = tokio::spawn(async move {
             let shutdown = async move {

@@ -595,8 +595,8 @@ fn load_cache(dir: &std::path::Path) -> Option<(Node, Vec<Pod>)> {
     Some((c.node, pods))
 }
 
-fn cache_body(node: &Node, pods: &HashMap<String, (PodWorker, Pod)>) -> Vec<u8> {
-    let list: Vec<&Pod> = pods.values().map(|(_, p)| p).collect();
+fn cache_body(node: &Node, pods: &[Arc<Pod>]) -> Vec<u8> {
+    let list: Vec<&Pod> = pods.iter().map(|p| &**p).collect();
     serde_json::to_vec(&json!({"node": node, "pods": list})).unwrap_or_default()
 }
 
@@ -621,31 +621,39 @@ fn write_cache(dir: &std::path::Path, body: &[u8]) {
     }
 }
 
-/// Writes the pod cache off the agent's loop, which only hands over the newest content: a
-/// task writes it on a blocking thread, one write at a time, in order; what is handed over
-/// while a write runs is coalesced into the newest. The loop never waits for a disk sync.
+/// What the pod cache is written from: the Node and the pods it runs, shared, not copied.
+type CacheSnapshot = (Node, Vec<Arc<Pod>>);
+
+/// Writes the pod cache off the agent's loop, which only hands over the newest snapshot: a
+/// task encodes and writes it on a blocking thread, one write at a time, in order; what is
+/// handed over while a write runs is coalesced into the newest. The loop neither encodes the
+/// pods nor waits for a disk sync, so a change costs it one pointer per pod, however many.
 struct CacheWriter {
-    tx: watch::Sender<Option<Vec<u8>>>,
+    tx: watch::Sender<Option<CacheSnapshot>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl CacheWriter {
     fn new(dir: PathBuf) -> CacheWriter {
-        let (tx, mut rx) = watch::channel(None::<Vec<u8>>);
+        let (tx, mut rx) = watch::channel(None::<CacheSnapshot>);
         let task = tokio::spawn(async move {
             while rx.changed().await.is_ok() {
-                let Some(body) = rx.borrow_and_update().clone() else {
+                let Some((node, pods)) = rx.borrow_and_update().clone() else {
                     continue;
                 };
                 let dir = dir.clone();
-                let _ = tokio::task::spawn_blocking(move || write_cache(&dir, &body)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    write_cache(&dir, &cache_body(&node, &pods))
+                })
+                .await;
             }
         });
         CacheWriter { tx, task }
     }
 
-    fn save(&self, node: &Node, pods: &HashMap<String, (PodWorker, Pod)>) {
-        self.tx.send_replace(Some(cache_body(node, pods)));
+    fn save(&self, node: &Node, pods: &HashMap<String, (PodWorker, Arc<Pod>)>) {
+        let pods = pods.values().map(|(_, p)| p.clone()).collect();
+        self.tx.send_replace(Some((node.clone(), pods)));
     }
 
     /// Waits until what was handed over is on disk.
@@ -658,7 +666,7 @@ impl CacheWriter {
 /// Whether the pod cache holds pod `uid`, and at which pod IP. A finished pod's address
 /// does not count: it is never run again, offline or not.
 fn cached_address(
-    workers: &HashMap<String, (PodWorker, Pod)>,
+    workers: &HashMap<String, (PodWorker, Arc<Pod>)>,
     uid: &str,
 ) -> Option<Option<String>> {
     workers.get(uid).map(|(_, p)| {
@@ -675,7 +683,7 @@ fn cached_address(
 const GC_EVERY: Duration = Duration::from_secs(600);
 
 /// The images of the pods this node runs.
-fn images_in_use(workers: &HashMap<String, (PodWorker, Pod)>) -> HashSet<String> {
+fn images_in_use(workers: &HashMap<String, (PodWorker, Arc<Pod>)>) -> HashSet<String> {
     workers.values().flat_map(|(_, p)| pod_images(p)).collect()
 }
 
@@ -940,7 +948,7 @@ fn decide(pod: &Pod, running: bool, stopping: bool) -> Action {
 /// The pods this agent runs, and those it is stopping.
 #[derive(Default)]
 struct Pods {
-    workers: HashMap<String, (PodWorker, Pod)>,
+    workers: HashMap<String, (PodWorker, Arc<Pod>)>,
     /// Pods being stopped (deleted, or bound here no more), by UID: until its stop is done, what
     /// such a pod holds (containers, namespace, address, files) is still its own.
     stopping: HashMap<String, tokio::task::JoinHandle<()>>,
@@ -991,11 +999,11 @@ impl Pods {
         match decide(&pod, running, self.stopping.contains_key(&uid)) {
             Action::Start => {
                 let w = PodWorker::start(ctx.clone(), pod.clone());
-                self.workers.insert(uid, (w, pod));
+                self.workers.insert(uid, (w, Arc::new(pod)));
             }
             Action::Update => {
                 if let Some((_, cur)) = self.workers.get_mut(&uid) {
-                    *cur = pod;
+                    *cur = Arc::new(pod);
                 }
             }
             Action::Delete(grace) => self.stop(ctx, &pod, grace, true),
@@ -1157,7 +1165,7 @@ impl PodSync {
     /// left (files, OCI containers and namespaces, unused images) is removed.
     async fn resync(&mut self, items: Vec<Pod>) {
         let live: HashSet<String> = items.iter().map(|p| pod::uid_of(p).to_string()).collect();
-        let gone: Vec<Pod> = self
+        let gone: Vec<Arc<Pod>> = self
             .pods
             .workers
             .iter()
@@ -1521,7 +1529,7 @@ mod tests {
             },
             ..Default::default()
         };
-        write_cache(d.path(), &cache_body(&node, &HashMap::new()));
+        write_cache(d.path(), &cache_body(&node, &[]));
         let (n, pods) = load_cache(d.path()).unwrap();
         assert_eq!(n, node);
         assert!(pods.is_empty());

@@ -341,23 +341,37 @@ impl Authorizer for Bootstrappers {
     }
 }
 
-/// What the node authorizer needs to know about the cluster: pods and where they are bound.
-pub trait NodeGraph: Send + Sync {
-    /// The node the pod `ns/name` is bound to (None: no such pod, or not bound).
-    fn pod_node(&self, ns: &str, name: &str) -> Option<String>;
-    /// The pods in `ns` bound to `node`.
-    fn pods_on(&self, node: &str, ns: &str) -> Vec<Pod>;
+/// An object a node may read because one of its pods refers to it.
+#[derive(Debug, Clone, Copy)]
+pub enum Ref<'a> {
+    ServiceAccount(&'a str),
+    ConfigMap(&'a str),
+    Secret(&'a str),
+    Claim(&'a str),
 }
 
+/// What the node authorizer needs to know about the cluster: pods, where they are bound and
+/// what they refer to ([`super::nodegraph::PodGraph`] keeps it from a watch).
+pub trait NodeGraph: Send + Sync {
+    /// Whether the pod `ns/name` is bound to `node`.
+    fn pod_on(&self, node: &str, ns: &str, name: &str) -> bool;
+    /// Whether a pod in `ns` bound to `node` refers to `r`.
+    fn refers(&self, node: &str, ns: &str, r: Ref<'_>) -> bool;
+}
+
+/// The registry answers by reading the store: a pod, or every pod of a namespace.
 impl NodeGraph for Registry {
-    fn pod_node(&self, ns: &str, name: &str) -> Option<String> {
+    fn pod_on(&self, node: &str, ns: &str, name: &str) -> bool {
         let pods = Resource::lookup("pods").expect("pods");
-        let p = self.try_get(pods, Some(ns), name).ok()??;
-        let pod: Pod = serde_json::from_value(p).ok()?;
-        pod.spec?.node_name.filter(|n| !n.is_empty())
+        let Ok(Some(p)) = self.try_get(pods, Some(ns), name) else {
+            return false;
+        };
+        p.pointer("/spec/nodeName")
+            .and_then(serde_json::Value::as_str)
+            == Some(node)
     }
 
-    fn pods_on(&self, node: &str, ns: &str) -> Vec<Pod> {
+    fn refers(&self, node: &str, ns: &str, r: Ref<'_>) -> bool {
         let pods = Resource::lookup("pods").expect("pods");
         let Ok((items, _)) = self.list(
             pods,
@@ -366,13 +380,13 @@ impl NodeGraph for Registry {
             &skiff_api::fields::FieldSelector::parse(&format!("spec.nodeName={node}"))
                 .unwrap_or_default(),
         ) else {
-            return Vec::new();
+            return false;
         };
         items
             .into_iter()
             .filter_map(|v| serde_json::from_value::<Pod>(v).ok())
-            .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-            .collect()
+            .filter_map(|p| super::nodegraph::PodRefs::of(&p))
+            .any(|p| p.node == node && p.has(r))
     }
 }
 
@@ -465,9 +479,10 @@ impl NodeAuthorizer {
                 (_, None) if read => Decision::Allow,
                 ("update" | "patch", Some("status")) | ("delete", None) => {
                     let ns = a.namespace.as_deref().unwrap_or("");
-                    match self.graph.pod_node(ns, name) {
-                        Some(n) if n == node => Decision::Allow,
-                        _ => no_relation(),
+                    if self.graph.pod_on(node, ns, name) {
+                        Decision::Allow
+                    } else {
+                        no_relation()
                     }
                 }
                 _ => no_relation(),
@@ -479,14 +494,12 @@ impl NodeAuthorizer {
             }
             ("", kind @ ("configmaps" | "secrets")) if a.verb == "get" && sub.is_none() => {
                 let ns = a.namespace.as_deref().unwrap_or("");
-                let referenced = self.graph.pods_on(node, ns).iter().any(|p| {
-                    let (cms, secrets) = pod_references(p);
-                    if kind == "configmaps" {
-                        cms.contains(name)
-                    } else {
-                        secrets.contains(name)
-                    }
-                });
+                let r = if kind == "configmaps" {
+                    Ref::ConfigMap(name)
+                } else {
+                    Ref::Secret(name)
+                };
+                let referenced = self.graph.refers(node, ns, r);
                 if referenced {
                     Decision::Allow
                 } else {
@@ -500,11 +513,7 @@ impl NodeAuthorizer {
                     || (a.verb == "create" && sub == Some("token")) =>
             {
                 let ns = a.namespace.as_deref().unwrap_or("");
-                let runs_as = self
-                    .graph
-                    .pods_on(node, ns)
-                    .iter()
-                    .any(|p| super::tokens::pod_service_account(p) == name);
+                let runs_as = self.graph.refers(node, ns, Ref::ServiceAccount(name));
                 if runs_as {
                     Decision::Allow
                 } else {
@@ -516,16 +525,7 @@ impl NodeAuthorizer {
             // The claims its pods use (to find their volumes).
             ("", "persistentvolumeclaims") if a.verb == "get" && sub.is_none() => {
                 let ns = a.namespace.as_deref().unwrap_or("");
-                let referenced = self.graph.pods_on(node, ns).iter().any(|p| {
-                    p.spec
-                        .iter()
-                        .flat_map(|s| s.volumes.iter().flatten())
-                        .any(|v| {
-                            v.persistent_volume_claim
-                                .as_ref()
-                                .is_some_and(|c| c.claim_name == name)
-                        })
-                });
+                let referenced = self.graph.refers(node, ns, Ref::Claim(name));
                 if referenced {
                     Decision::Allow
                 } else {
@@ -758,22 +758,18 @@ mod tests {
     struct FakeGraph(HashMap<(String, String), Pod>);
 
     impl NodeGraph for FakeGraph {
-        fn pod_node(&self, ns: &str, name: &str) -> Option<String> {
+        fn pod_on(&self, node: &str, ns: &str, name: &str) -> bool {
             self.0
-                .get(&(ns.to_string(), name.to_string()))?
-                .spec
-                .as_ref()?
-                .node_name
-                .clone()
+                .get(&(ns.to_string(), name.to_string()))
+                .and_then(super::super::nodegraph::PodRefs::of)
+                .is_some_and(|p| p.node == node)
         }
-        fn pods_on(&self, node: &str, ns: &str) -> Vec<Pod> {
+        fn refers(&self, node: &str, ns: &str, r: Ref<'_>) -> bool {
             self.0
                 .iter()
-                .filter(|((n, _), p)| {
-                    n == ns && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-                })
-                .map(|(_, p)| p.clone())
-                .collect()
+                .filter(|((n, _), _)| n == ns)
+                .filter_map(|(_, p)| super::super::nodegraph::PodRefs::of(p))
+                .any(|p| p.node == node && p.has(r))
         }
     }
 

@@ -9,6 +9,7 @@ mod discovery;
 pub mod fairness;
 mod handlers;
 pub mod join;
+pub mod nodegraph;
 mod nodeproxy;
 pub mod openapi;
 mod pages;
@@ -50,6 +51,9 @@ pub struct ApiState {
     /// Roles and bindings, which the RBAC authorizer reads; [`rbac::RbacCaches::start`] keeps
     /// them current.
     pub rbac: Arc<rbac::RbacCaches>,
+    /// Pods and what they refer to, which the node authorizer reads; [`nodegraph::PodGraph::run`]
+    /// keeps it current (without it the authorizer reads the store).
+    pub graph: Arc<nodegraph::PodGraph>,
     /// The cluster CA: served at `/cacerts`, signs node client certificates.
     pub ca: Arc<crate::tls::ClusterCa>,
     /// Signs node agents' serving certificates.
@@ -86,9 +90,11 @@ impl ApiState {
         advertise: SocketAddr,
     ) -> ApiState {
         let rbac = rbac::RbacCaches::new();
+        let graph = nodegraph::PodGraph::new(registry.clone());
         ApiState {
-            authorizer: Arc::new(auth::default_authorizer(registry.clone(), rbac.clone())),
+            authorizer: Arc::new(auth::default_authorizer(graph.clone(), rbac.clone())),
             rbac,
+            graph,
             registry,
             authenticator: auth::Authenticator {
                 admin_tokens,
