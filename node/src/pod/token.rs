@@ -105,36 +105,57 @@ struct Issued {
     lifetime: Duration,
 }
 
-/// Asks the API for a token of the pod's ServiceAccount bound to the pod.
-async fn request(client: &Client, pod: &Pod) -> Result<Issued, String> {
-    let (ns, sa) = (ns_of(pod), service_account(pod));
-    let path = format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token");
-    let body = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(LIFETIME_SECONDS),
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(name_of(pod).to_string()),
-                uid: Some(uid_of(pod).to_string()),
+/// A pod's request for a token of its ServiceAccount bound to it: all the refresh task keeps
+/// of the pod.
+struct TokenAsk {
+    /// `ns/name` of the pod, for the log.
+    pod: String,
+    /// `ns/sa`, for errors.
+    account: String,
+    path: String,
+    body: serde_json::Value,
+}
+
+impl TokenAsk {
+    fn for_pod(pod: &Pod) -> Result<TokenAsk, String> {
+        let (ns, sa) = (ns_of(pod), service_account(pod));
+        let body = TokenRequest {
+            spec: Some(TokenRequestSpec {
+                expiration_seconds: Some(LIFETIME_SECONDS),
+                bound_object_ref: Some(BoundObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(name_of(pod).to_string()),
+                    uid: Some(uid_of(pod).to_string()),
+                }),
+                ..Default::default()
             }),
             ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let body = serde_json::to_value(&body).map_err(|e| e.to_string())?;
+        };
+        Ok(TokenAsk {
+            pod: format!("{ns}/{}", name_of(pod)),
+            account: format!("{ns}/{sa}"),
+            path: format!("/api/v1/namespaces/{ns}/serviceaccounts/{sa}/token"),
+            body: serde_json::to_value(&body).map_err(|e| e.to_string())?,
+        })
+    }
+}
+
+/// Asks the API for a token.
+async fn request(client: &Client, ask: &TokenAsk) -> Result<Issued, String> {
+    let account = &ask.account;
     let answer = client
-        .post_path(&path, &body)
+        .post_path(&ask.path, &ask.body)
         .await
-        .map_err(|e| format!("cannot get a token for service account {ns}/{sa}: {e}"))?;
+        .map_err(|e| format!("cannot get a token for service account {account}: {e}"))?;
     let answer: TokenRequest = serde_json::from_value(answer)
-        .map_err(|e| format!("the token request for service account {ns}/{sa} returned {e}"))?;
+        .map_err(|e| format!("the token request for service account {account} returned {e}"))?;
     let token = answer
         .status
         .and_then(|s| s.token)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            format!("the token request for service account {ns}/{sa} returned no token")
+            format!("the token request for service account {account} returned no token")
         })?;
     let seconds = answer
         .spec
@@ -219,7 +240,8 @@ async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<PathBuf>, Str
     write_file(&dir, "ca.crt", &ca, 0o644)
         .and_then(|_| write_file(&dir, "namespace", namespace, 0o644))
         .map_err(|e| format!("cannot write the service account files: {e}"))?;
-    let first = match request(&ctx.client, pod).await {
+    let ask = TokenAsk::for_pod(pod)?;
+    let first = match request(&ctx.client, &ask).await {
         Ok(issued) => {
             write_token(&dir, &issued.token)?;
             issued.lifetime.mul_f64(0.8)
@@ -227,18 +249,18 @@ async fn project(shared: &Shared, pod_dir: &Path) -> Result<Option<PathBuf>, Str
         Err(_) if dir.join("token").is_file() => RETRY,
         Err(e) => return Err(e),
     };
-    let (client, pod, refreshed) = (ctx.client.clone(), pod.clone(), dir.clone());
+    let (client, refreshed) = (ctx.client.clone(), dir.clone());
     let task = tokio::spawn(async move {
         let mut wait = first;
         loop {
             tokio::time::sleep(wait).await;
-            wait = match request(&client, &pod).await.and_then(|issued| {
+            wait = match request(&client, &ask).await.and_then(|issued| {
                 write_token(&refreshed, &issued.token)?;
                 Ok(issued.lifetime.mul_f64(0.8))
             }) {
                 Ok(next) => next,
                 Err(e) => {
-                    tracing::warn!(pod = %name_of(&pod), error = %e, "service account token not refreshed");
+                    tracing::warn!(pod = %ask.pod, error = %e, "service account token not refreshed");
                     RETRY
                 }
             };
