@@ -945,6 +945,12 @@ fn decide(pod: &Pod, running: bool, stopping: bool) -> Action {
     }
 }
 
+/// Drops what the agent never reads from a pod it keeps: its managed fields, often the
+/// largest part of a pod (the kubelet's informers drop them likewise).
+fn trim(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+}
+
 /// The pods this agent runs, and those it is stopping.
 #[derive(Default)]
 struct Pods {
@@ -1163,7 +1169,8 @@ impl PodSync {
     /// Makes the node run the pods of a fresh list: pods bound here no more are stopped, the
     /// others started or updated; then the pod cache is written and what pods that are gone
     /// left (files, OCI containers and namespaces, unused images) is removed.
-    async fn resync(&mut self, items: Vec<Pod>) {
+    async fn resync(&mut self, mut items: Vec<Pod>) {
+        items.iter_mut().for_each(trim);
         let live: HashSet<String> = items.iter().map(|p| pod::uid_of(p).to_string()).collect();
         let gone: Vec<Arc<Pod>> = self
             .pods
@@ -1228,11 +1235,12 @@ impl PodSync {
 
     /// Applies one watch event to the pods the node runs.
     fn on_event(&mut self, ev: Event<Pod>) {
-        let (pod, deleted) = match ev {
+        let (mut pod, deleted) = match ev {
             Event::Added(p) | Event::Modified(p) => (p, false),
             Event::Deleted(p) => (p, true),
             Event::Bookmark(_) => return,
         };
+        trim(&mut pod);
         let uid = pod::uid_of(&pod).to_string();
         let before = cached_address(&self.pods.workers, &uid);
         if deleted {

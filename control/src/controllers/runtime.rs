@@ -126,10 +126,16 @@ pub fn split_key(key: &str) -> (Option<&str>, &str) {
 }
 
 /// Decodes a stored object into its type. A stored object always passed validation against
-/// its type, so a failure is logged and the object left out rather than guessed at.
+/// its type, so a failure is logged and the object left out rather than guessed at. Its
+/// managed fields are dropped, as Kubernetes' controllers drop them from their informers'
+/// objects: no controller reads them, they are often the largest part of an object, and a
+/// write that sends none keeps the stored ones.
 fn decode<K: Object>(v: &Value) -> Option<K> {
     match K::deserialize(v) {
-        Ok(k) => Some(k),
+        Ok(mut k) => {
+            k.metadata_mut().managed_fields = None;
+            Some(k)
+        }
         Err(e) => {
             tracing::warn!(kind = K::KIND, key = %key_of(v), error = %e, "cache cannot decode object");
             None
