@@ -204,12 +204,21 @@ impl PodGraph {
                     continue;
                 }
             };
-            let mut fresh = Index::default();
-            for raw in &items {
-                if let Some((ns, name, refs)) = decode(raw) {
-                    fresh.put(&ns, &name, refs);
+            // Decoding a listing of thousands of pods takes a while: not on the runtime's threads.
+            let fresh = tokio::task::spawn_blocking(move || {
+                let mut fresh = Index::default();
+                for raw in &items {
+                    if let Some((ns, name, refs)) = decode(raw) {
+                        fresh.put(&ns, &name, refs);
+                    }
                 }
-            }
+                fresh
+            })
+            .await;
+            let Ok(fresh) = fresh else {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            };
             *self.index.write().expect("node graph") = fresh;
             let Ok(mut rx) = self.registry.store().watch(&prefix, rev) else {
                 continue;
@@ -268,6 +277,69 @@ mod tests {
         spec["nodeName"] = json!(node);
         spec["containers"] = json!([{"name": "c", "image": "i"}]);
         json!({"metadata": {"name": name, "namespace": "default"}, "spec": spec})
+    }
+
+    /// The graph fed by its watch of a real store: a pod bound to a node is soon known
+    /// without the store (the registry is not asked), and a deleted one is forgotten.
+    #[tokio::test]
+    async fn the_graph_follows_the_store() {
+        use crate::registry::{ClusterConfig, DeleteOptions, WriteOptions};
+        use crate::store::sqlite::SqliteStore;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SqliteStore::open(dir.path()).unwrap());
+        let reg = Registry::new(store, ClusterConfig::default());
+        crate::server::bootstrap(&reg, "127.0.0.1:6443".parse().unwrap()).unwrap();
+        let graph = PodGraph::new(reg.clone());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(graph.clone().run(stopped));
+        let (pods, sas) = (
+            Resource::lookup("pods").unwrap(),
+            Resource::lookup("serviceaccounts").unwrap(),
+        );
+        let opts = WriteOptions::default();
+        reg.create(
+            sas,
+            Some("default"),
+            json!({"metadata": {"name": "bot"}}),
+            &opts,
+        )
+        .unwrap();
+        let mut pod = stored(
+            "p",
+            "n1",
+            json!({"serviceAccountName": "bot",
+            "volumes": [{"name": "s", "secret": {"secretName": "creds"}}]}),
+        );
+        pod["metadata"].as_object_mut().unwrap().remove("namespace");
+        reg.create(pods, Some("default"), pod, &opts).unwrap();
+        let known = |r: Ref<'_>| graph.index.read().unwrap().refers("n1", "default", r);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !(known(Ref::ServiceAccount("bot")) && known(Ref::Secret("creds"))) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the graph never saw pod p"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(graph.refers("n1", "default", Ref::Secret("creds")));
+        assert!(!graph.refers("n2", "default", Ref::Secret("creds")));
+        assert!(graph.pod_on("n1", "default", "p"));
+        let now = DeleteOptions {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        reg.delete(pods, Some("default"), "p", &now).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while known(Ref::ServiceAccount("bot")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the graph kept a deleted pod"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!graph.refers("n1", "default", Ref::ServiceAccount("bot")));
+        let _ = stop.send(true);
+        task.await.unwrap();
     }
 
     /// Pods come, move and go; the graph answers for each node what its pods refer to now,
