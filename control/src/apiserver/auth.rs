@@ -383,9 +383,9 @@ impl NodeGraph for Registry {
             return false;
         };
         items
-            .into_iter()
-            .filter_map(|v| serde_json::from_value::<Pod>(v).ok())
-            .filter_map(|p| super::nodegraph::PodRefs::of(&p))
+            .iter()
+            .filter_map(super::nodegraph::decode)
+            .filter_map(|(_, _, refs)| refs)
             .any(|p| p.node == node && p.has(r))
     }
 }

@@ -170,8 +170,9 @@ struct StoredMeta {
     name: String,
 }
 
-/// (namespace, name, what it refers to) of a stored pod; None when it does not decode.
-fn decode(raw: &Value) -> Option<(String, String, Option<PodRefs>)> {
+/// (namespace, name, what it refers to) of a stored pod, decoding only its metadata and
+/// spec; None when they do not decode.
+pub(super) fn decode(raw: &Value) -> Option<(String, String, Option<PodRefs>)> {
     let stored = Stored::deserialize(raw).ok()?;
     let pod = Pod {
         spec: stored.spec,
@@ -324,6 +325,10 @@ mod tests {
         assert!(graph.refers("n1", "default", Ref::Secret("creds")));
         assert!(!graph.refers("n2", "default", Ref::Secret("creds")));
         assert!(graph.pod_on("n1", "default", "p"));
+        // The store's own answers, which the graph falls back on, agree.
+        assert!(reg.refers("n1", "default", Ref::Secret("creds")));
+        assert!(!reg.refers("n1", "default", Ref::ConfigMap("creds")));
+        assert!(reg.pod_on("n1", "default", "p"));
         let now = DeleteOptions {
             grace_period_seconds: Some(0),
             ..Default::default()
